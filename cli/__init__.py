@@ -1,0 +1,1 @@
+"""cli: `linkctl`, presence probes, fetch, sessions, runs and the one-command local stack."""

@@ -1,0 +1,1 @@
+"""linkd: the desktop link daemon (credentials, session lifecycle, tunnel routes, runners)."""

@@ -1,0 +1,1 @@
+"""studio_gateway: the aiohttp service that mints link sessions, probes presence and dispatches runs."""
