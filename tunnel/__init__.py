@@ -1,0 +1,79 @@
+"""tunnel: fetch-style streaming HTTP over core NATS subjects.
+
+Call a desktop::
+
+    async with await tunnel.fetch(nc, "tunnel://desk.example/api/links/status") as resp:
+        print(resp.status, await resp.json())
+
+Serve one::
+
+    async def handler(request: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [("content-type", "text/plain")], b"hello")
+
+    server = await tunnel.serve(nc, "desk.example", handler)
+
+Wire protocol: the reference ``tunnel.v1`` JSON frames, plus negotiated
+extensions (binary data frames, credit-based flow control, heartbeats).
+"""
+
+from ._config import (
+    DEFAULT_FIRST_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_UNREACHABLE_GRACE,
+    DEFAULT_WINDOW,
+    Timeouts,
+)
+from ._errors import (
+    DeadlineExceeded,
+    ErrorCode,
+    IdleTimeout,
+    LocalProtocolError,
+    NoFirstFrameTimeout,
+    RemoteError,
+    RemoteProtocolError,
+    TunnelAborted,
+    TunnelConnectionError,
+    TunnelError,
+    TunnelTimeout,
+    TunnelUnreachable,
+)
+from ._handler import Handler, Request, Response
+from ._natsio.client import FetchResponse, TunnelClient, client_for, fetch, parse_tunnel_url
+from ._natsio.server import ServerStats, TunnelServer, serve
+from ._subjects import DEFAULT_PREFIX, HostSubjects, host_token
+
+__all__ = [
+    "DEFAULT_FIRST_FRAME_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CHUNK",
+    "DEFAULT_PREFIX",
+    "DEFAULT_UNREACHABLE_GRACE",
+    "DEFAULT_WINDOW",
+    "DeadlineExceeded",
+    "ErrorCode",
+    "FetchResponse",
+    "Handler",
+    "HostSubjects",
+    "IdleTimeout",
+    "LocalProtocolError",
+    "NoFirstFrameTimeout",
+    "RemoteError",
+    "RemoteProtocolError",
+    "Request",
+    "Response",
+    "ServerStats",
+    "Timeouts",
+    "TunnelAborted",
+    "TunnelClient",
+    "TunnelConnectionError",
+    "TunnelError",
+    "TunnelServer",
+    "TunnelTimeout",
+    "TunnelUnreachable",
+    "client_for",
+    "fetch",
+    "host_token",
+    "parse_tunnel_url",
+    "serve",
+]

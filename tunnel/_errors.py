@@ -1,0 +1,157 @@
+"""Typed tunnel errors with stable codes.
+
+Every error carries a stable ``code`` (part of the public API, safe to match on
+and to put in logs or JSON) and the HTTP status a gateway should answer when
+it surfaces the error to its own caller.
+
+The tree::
+
+    TunnelError                      code: varies           status: 502
+    ├── LocalProtocolError           tunnel_bad_request     400  (we misused the API:
+    │                                                              bad URL, header, hostname)
+    ├── TunnelUnreachable            tunnel_unreachable     503  (nobody serves the host)
+    ├── TunnelTimeout                                       504
+    │   ├── NoFirstFrameTimeout      tunnel_no_first_frame
+    │   ├── IdleTimeout              tunnel_idle_timeout
+    │   └── DeadlineExceeded         tunnel_timeout
+    ├── TunnelAborted                tunnel_aborted         499  (cancelled by a peer or by us)
+    ├── RemoteProtocolError          tunnel_protocol_error  502  (the peer broke the protocol:
+    │                                                              gap, duplicate, bad frame)
+    ├── RemoteError                  code sent by the peer  502  (response.error / request.error,
+    │                                                              e.g. tunnel_handler_error)
+    └── TunnelConnectionError        tunnel_connection_closed 502 (our NATS connection failed)
+
+``LocalProtocolError`` versus ``RemoteProtocolError`` follows h11: the first is a
+bug or bad input on our side, the second is the other end's fault.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class ErrorCode:
+    """Stable error codes; the string values travel on the wire and in logs."""
+
+    BAD_REQUEST: Final = "tunnel_bad_request"
+    UNREACHABLE: Final = "tunnel_unreachable"
+    NO_FIRST_FRAME: Final = "tunnel_no_first_frame"
+    IDLE_TIMEOUT: Final = "tunnel_idle_timeout"
+    TIMEOUT: Final = "tunnel_timeout"
+    ABORTED: Final = "tunnel_aborted"
+    PROTOCOL_ERROR: Final = "tunnel_protocol_error"
+    HANDLER_ERROR: Final = "tunnel_handler_error"
+    CONNECTION_CLOSED: Final = "tunnel_connection_closed"
+    SERVER_CLOSING: Final = "tunnel_server_closing"
+    BODY_ERROR: Final = "tunnel_body_error"
+    OVERLOADED: Final = "tunnel_overloaded"
+
+
+class TunnelError(Exception):
+    """Base of every tunnel error; ``code`` is stable, ``message`` is for humans."""
+
+    code: str = ErrorCode.PROTOCOL_ERROR
+    http_status: int = 502
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class LocalProtocolError(TunnelError):
+    """We were asked to do something the protocol cannot express (caller's mistake)."""
+
+    code = ErrorCode.BAD_REQUEST
+    http_status = 400
+
+
+class TunnelUnreachable(TunnelError):
+    """No server is subscribed for the host (NATS no-responders), after the grace retries."""
+
+    code = ErrorCode.UNREACHABLE
+    http_status = 503
+
+
+class TunnelTimeout(TunnelError):
+    """Base of the three separate timeouts."""
+
+    code = ErrorCode.TIMEOUT
+    http_status = 504
+
+
+class NoFirstFrameTimeout(TunnelTimeout):
+    """A server took the request start but never answered with any frame."""
+
+    code = ErrorCode.NO_FIRST_FRAME
+
+
+class IdleTimeout(TunnelTimeout):
+    """No frame (data or heartbeat) arrived within the idle timeout: the peer is gone."""
+
+    code = ErrorCode.IDLE_TIMEOUT
+
+
+class DeadlineExceeded(TunnelTimeout):
+    """The overall deadline passed."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class TunnelAborted(TunnelError):
+    """The request was cancelled (by the caller, the server, or an abort frame)."""
+
+    code = ErrorCode.ABORTED
+    http_status = 499
+
+
+class RemoteProtocolError(TunnelError):
+    """The peer sent something the protocol forbids (gap, duplicate, malformed frame)."""
+
+    code = ErrorCode.PROTOCOL_ERROR
+    http_status = 502
+
+
+class RemoteError(TunnelError):
+    """The peer reported an error frame; ``code`` is the code it sent."""
+
+    code = ErrorCode.HANDLER_ERROR
+    http_status = 502
+
+
+class TunnelConnectionError(TunnelError):
+    """Our NATS connection is closed or failed while the request was in flight."""
+
+    code = ErrorCode.CONNECTION_CLOSED
+    http_status = 502
+
+
+_BY_CODE: dict[str, type[TunnelError]] = {
+    ErrorCode.BAD_REQUEST: LocalProtocolError,
+    ErrorCode.UNREACHABLE: TunnelUnreachable,
+    ErrorCode.NO_FIRST_FRAME: NoFirstFrameTimeout,
+    ErrorCode.IDLE_TIMEOUT: IdleTimeout,
+    ErrorCode.TIMEOUT: DeadlineExceeded,
+    ErrorCode.ABORTED: TunnelAborted,
+    ErrorCode.PROTOCOL_ERROR: RemoteProtocolError,
+}
+
+
+def error_from_remote(code: str, message: str) -> TunnelError:
+    """Map an error frame from the peer to the matching typed error.
+
+    Codes we know keep their class (a server reporting ``tunnel_timeout`` is a
+    timeout to the caller too); anything else is a ``RemoteError`` with that code.
+    """
+    cls = _BY_CODE.get(code, RemoteError)
+    if cls is LocalProtocolError:
+        # The *peer* judged our request bad: still a remote verdict, not our local misuse.
+        cls = RemoteError
+    return cls(message, code=code)

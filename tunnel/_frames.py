@@ -1,0 +1,546 @@
+"""Frame codec (sans-IO): the reference ``tunnel.v1`` JSON frames plus our extensions.
+
+Control frames are UTF-8 JSON objects with a ``type`` field, exactly as the
+reference protocol shapes them. Extensions:
+
+- ``extensions`` objects in ``request.start`` and ``response.ack`` negotiate the
+  rest (a v1-only peer ignores unknown fields and never echoes them);
+- binary data frames: ``0x00 kind seq:u64be data`` where kind is 1 for
+  ``request.chunk`` and 2 for ``response.chunk``. JSON always starts with ``{``,
+  so the first byte tells the encodings apart. The request id comes from the subject;
+- ``request.credit`` / ``response.credit`` grant flow-control bytes to the peer;
+- ``response.heartbeat`` proves the server is alive while nothing else flows.
+
+Every decoded frame is validated; anything malformed raises ``FrameError``
+(never a KeyError, TypeError or a crash) so the I/O layer can drop or answer it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._subjects import is_valid_request_id
+
+PROTOCOL: Final = "tunnel.v1"
+
+BINARY_MAGIC: Final = 0x00
+KIND_REQUEST_CHUNK: Final = 0x01
+KIND_RESPONSE_CHUNK: Final = 0x02
+_BINARY_HEADER: Final = struct.Struct(">BBQ")
+BINARY_HEADER_SIZE: Final = _BINARY_HEADER.size
+
+# Headers: bounded so a hostile frame cannot make us build huge lists.
+MAX_HEADER_COUNT: Final = 512
+MAX_HEADER_NAME_LENGTH: Final = 1024
+MAX_HEADER_VALUE_LENGTH: Final = 64 * 1024
+# Error messages from the network are for humans; cap what we keep of them.
+MAX_ERROR_MESSAGE_LENGTH: Final = 4096
+MAX_ERROR_CODE_LENGTH: Final = 128
+# JSON integers above this lose precision in JavaScript peers.
+MAX_SAFE_INT: Final = 2**53 - 1
+# Only plausible methods: an HTTP token, bounded.
+_METHOD_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$")
+_HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_VALUE_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
+_CODE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+Headers = list[tuple[str, str]]
+
+
+class FrameError(RemoteProtocolError):
+    """A frame from the network is malformed; ``request_id`` is set when it was readable."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class StartExtensions:
+    """What the caller offers in ``request.start``."""
+
+    binary: bool = True
+    window: int | None = None  # caller's initial credit for the response body, bytes
+    heartbeat_ms: int | None = None  # how often the caller wants proof of life
+    max_frame: int | None = None  # largest NATS payload the caller's connection accepts
+
+
+@dataclass(frozen=True, slots=True)
+class AckExtensions:
+    """What the server accepts in ``response.ack`` (absent: plain v1)."""
+
+    binary: bool = True
+    window: int | None = None  # server's initial credit for the request body, bytes
+    heartbeat_ms: int | None = None
+    max_frame: int | None = None
+    up_subject: str | None = None  # where body and credit frames go to reach this server
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStart:
+    request_id: str
+    method: str
+    url: str
+    headers: Headers
+    reply_subject: str
+    abort_subject: str
+    body_subject: str | None = None
+    deadline_unix_ms: int | None = None
+    extensions: StartExtensions | None = None
+    type: str = field(default="request.start", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestChunk:
+    request_id: str
+    seq: int
+    data: bytes
+    type: str = field(default="request.chunk", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnd:
+    request_id: str
+    seq: int
+    type: str = field(default="request.end", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError:
+    request_id: str
+    code: str
+    message: str
+    type: str = field(default="request.error", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCredit:
+    request_id: str
+    bytes: int
+    type: str = field(default="request.credit", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseAck:
+    request_id: str
+    extensions: AckExtensions | None = None
+    type: str = field(default="response.ack", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStart:
+    request_id: str
+    status: int
+    headers: Headers
+    status_text: str | None = None
+    type: str = field(default="response.start", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseChunk:
+    request_id: str
+    seq: int
+    data: bytes
+    type: str = field(default="response.chunk", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEnd:
+    request_id: str
+    seq: int
+    type: str = field(default="response.end", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseError:
+    request_id: str
+    code: str
+    message: str
+    type: str = field(default="response.error", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCredit:
+    request_id: str
+    bytes: int
+    type: str = field(default="response.credit", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHeartbeat:
+    request_id: str
+    type: str = field(default="response.heartbeat", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+    reason: str | None = None
+    type: str = field(default="abort", init=False)
+
+
+Frame = (
+    RequestStart
+    | RequestChunk
+    | RequestEnd
+    | RequestError
+    | RequestCredit
+    | ResponseAck
+    | ResponseStart
+    | ResponseChunk
+    | ResponseEnd
+    | ResponseError
+    | ResponseCredit
+    | ResponseHeartbeat
+    | Abort
+)
+ChunkFrame = RequestChunk | ResponseChunk
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    if "=" in text:
+        text = text.rstrip("=")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FrameError("data is not valid base64url") from exc
+
+
+def validate_method(method: str) -> str:
+    if not isinstance(method, str) or not _METHOD_RE.match(method):
+        raise LocalProtocolError(f"invalid HTTP method {method!r}")
+    return method.upper()
+
+
+def validate_url(url: str) -> str:
+    """The path+query that travels: must start with '/' and hold no whitespace or controls."""
+    if not isinstance(url, str) or not url.startswith("/") or len(url) > 64 * 1024:
+        raise LocalProtocolError(f"invalid request target {url!r}: must start with '/'")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise LocalProtocolError("request target contains whitespace or control characters")
+    return url
+
+
+def validate_headers(headers: Any, error: type[Exception] = LocalProtocolError) -> Headers:
+    """Check a header list: names are HTTP tokens, values hold no CR, LF or NUL."""
+    if not isinstance(headers, list | tuple):
+        raise error("headers must be a list of [name, value] pairs")
+    if len(headers) > MAX_HEADER_COUNT:
+        raise error(f"more than {MAX_HEADER_COUNT} headers")
+    out: Headers = []
+    for pair in headers:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise error("each header must be a [name, value] pair")
+        name, value = pair
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise error("header names and values must be strings")
+        if len(name) > MAX_HEADER_NAME_LENGTH or not _HEADER_NAME_RE.match(name):
+            raise error(f"invalid header name {name[:64]!r}")
+        if len(value) > MAX_HEADER_VALUE_LENGTH or _HEADER_VALUE_FORBIDDEN.search(value):
+            raise error(f"invalid value for header {name!r}")
+        out.append((name, value))
+    return out
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], rid: str | None) -> Any:
+    value = obj.get(key)
+    if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise FrameError(f"field {key!r} missing or of the wrong type", rid)
+    return value
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type, rid: str | None) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise FrameError(f"field {key!r} of the wrong type", rid)
+    return value
+
+
+def _seq(obj: dict[str, Any], rid: str) -> int:
+    seq = _require(obj, "seq", int, rid)
+    if not 0 <= seq <= MAX_SAFE_INT:
+        raise FrameError("seq out of range", rid)
+    return int(seq)
+
+
+def _positive_int(obj: dict[str, Any], key: str, rid: str | None) -> int | None:
+    value = _optional(obj, key, int, rid)
+    if value is not None and not 0 < value <= MAX_SAFE_INT:
+        raise FrameError(f"field {key!r} out of range", rid)
+    return value
+
+
+def _code_and_message(obj: dict[str, Any], rid: str) -> tuple[str, str]:
+    code = _require(obj, "code", str, rid)
+    if len(code) > MAX_ERROR_CODE_LENGTH or not _CODE_RE.match(code):
+        code = "tunnel_unknown_error"
+    message = _optional(obj, "message", str, rid) or ""
+    return code, message[:MAX_ERROR_MESSAGE_LENGTH]
+
+
+def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise FrameError("extensions must be an object", rid)
+    return StartExtensions(
+        binary=raw.get("binaryData") is True,
+        window=_positive_int(raw, "window", rid),
+        heartbeat_ms=_positive_int(raw, "heartbeatMs", rid),
+        max_frame=_positive_int(raw, "maxFrame", rid),
+    )
+
+
+def _ack_extensions(raw: Any, rid: str) -> AckExtensions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise FrameError("extensions must be an object", rid)
+    return AckExtensions(
+        binary=raw.get("binaryData") is True,
+        window=_positive_int(raw, "window", rid),
+        heartbeat_ms=_positive_int(raw, "heartbeatMs", rid),
+        max_frame=_positive_int(raw, "maxFrame", rid),
+        up_subject=_optional(raw, "upSubject", str, rid),
+    )
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode_frame(payload: bytes, subject_request_id: str | None = None) -> Frame:
+    """Decode one NATS payload into a frame, validating every field.
+
+    ``subject_request_id`` is the id read from the subject (required for binary
+    frames, and must match ``requestId`` in JSON frames when given).
+    """
+    if not payload:
+        raise FrameError("empty frame", subject_request_id)
+    if payload[0] == BINARY_MAGIC:
+        return _decode_binary(payload, subject_request_id)
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("frame is not valid UTF-8 JSON", subject_request_id) from exc
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a JSON object", subject_request_id)
+    rid = obj.get("requestId")
+    if not is_valid_request_id(rid):
+        raise FrameError("missing or invalid requestId", subject_request_id)
+    assert isinstance(rid, str)
+    if subject_request_id is not None and rid != subject_request_id:
+        raise FrameError("requestId does not match the subject", subject_request_id)
+    kind = obj.get("type")
+    decoder = _JSON_DECODERS.get(kind) if isinstance(kind, str) else None
+    if decoder is None:
+        raise FrameError(f"unknown frame type {str(kind)[:64]!r}", rid)
+    return decoder(obj, rid)
+
+
+def _decode_binary(payload: bytes, rid: str | None) -> Frame:
+    if rid is None:
+        raise FrameError("binary frame on a subject without a request id")
+    if len(payload) < BINARY_HEADER_SIZE:
+        raise FrameError("truncated binary frame", rid)
+    _, kind, seq = _BINARY_HEADER.unpack_from(payload)
+    if seq > MAX_SAFE_INT:
+        raise FrameError("seq out of range", rid)
+    data = payload[BINARY_HEADER_SIZE:]
+    if kind == KIND_RESPONSE_CHUNK:
+        return ResponseChunk(rid, seq, data)
+    if kind == KIND_REQUEST_CHUNK:
+        return RequestChunk(rid, seq, data)
+    raise FrameError(f"unknown binary frame kind {kind}", rid)
+
+
+def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
+    if o.get("protocol") != PROTOCOL:
+        raise FrameError("unsupported protocol", rid)
+    try:
+        method = validate_method(_require(o, "method", str, rid))
+        url = validate_url(_require(o, "url", str, rid))
+        headers = validate_headers(_require(o, "headers", list, rid), FrameError)
+    except LocalProtocolError as exc:
+        raise FrameError(exc.message, rid) from exc
+    deadline = _optional(o, "deadlineUnixMs", int, rid)
+    if deadline is not None and not 0 <= deadline <= MAX_SAFE_INT:
+        raise FrameError("deadlineUnixMs out of range", rid)
+    return RequestStart(
+        request_id=rid,
+        method=method,
+        url=url,
+        headers=headers,
+        reply_subject=_require(o, "replySubject", str, rid),
+        abort_subject=_require(o, "abortSubject", str, rid),
+        body_subject=_optional(o, "bodySubject", str, rid),
+        deadline_unix_ms=deadline,
+        extensions=_start_extensions(o.get("extensions"), rid),
+    )
+
+
+def _d_chunk(o: dict[str, Any], rid: str) -> Frame:
+    data = b64url_decode(_require(o, "data", str, rid))
+    cls = RequestChunk if o["type"] == "request.chunk" else ResponseChunk
+    return cls(rid, _seq(o, rid), data)
+
+
+def _d_request_end(o: dict[str, Any], rid: str) -> Frame:
+    return RequestEnd(rid, _seq(o, rid))
+
+
+def _d_response_end(o: dict[str, Any], rid: str) -> Frame:
+    return ResponseEnd(rid, _seq(o, rid))
+
+
+def _d_request_error(o: dict[str, Any], rid: str) -> Frame:
+    return RequestError(rid, *_code_and_message(o, rid))
+
+
+def _d_response_error(o: dict[str, Any], rid: str) -> Frame:
+    return ResponseError(rid, *_code_and_message(o, rid))
+
+
+def _d_credit(o: dict[str, Any], rid: str) -> Frame:
+    amount = _require(o, "bytes", int, rid)
+    if not 0 < amount <= MAX_SAFE_INT:
+        raise FrameError("credit out of range", rid)
+    cls = RequestCredit if o["type"] == "request.credit" else ResponseCredit
+    return cls(rid, amount)
+
+
+def _d_response_ack(o: dict[str, Any], rid: str) -> Frame:
+    return ResponseAck(rid, _ack_extensions(o.get("extensions"), rid))
+
+
+def _d_response_start(o: dict[str, Any], rid: str) -> Frame:
+    status = _require(o, "status", int, rid)
+    if not 100 <= status <= 599:
+        raise FrameError("status out of range", rid)
+    status_text = _optional(o, "statusText", str, rid)
+    if status_text is not None and (len(status_text) > 1024 or _HEADER_VALUE_FORBIDDEN.search(status_text)):
+        raise FrameError("invalid statusText", rid)
+    headers = validate_headers(_require(o, "headers", list, rid), FrameError)
+    return ResponseStart(rid, status, headers, status_text)
+
+
+def _d_heartbeat(o: dict[str, Any], rid: str) -> Frame:
+    return ResponseHeartbeat(rid)
+
+
+def _d_abort(o: dict[str, Any], rid: str) -> Frame:
+    reason = _optional(o, "reason", str, rid)
+    return Abort(rid, reason[:MAX_ERROR_MESSAGE_LENGTH] if reason else reason)
+
+
+_JSON_DECODERS: Final[dict[str, Any]] = {
+    "request.start": _d_request_start,
+    "request.chunk": _d_chunk,
+    "request.end": _d_request_end,
+    "request.error": _d_request_error,
+    "request.credit": _d_credit,
+    "response.ack": _d_response_ack,
+    "response.start": _d_response_start,
+    "response.chunk": _d_chunk,
+    "response.end": _d_response_end,
+    "response.error": _d_response_error,
+    "response.credit": _d_credit,
+    "response.heartbeat": _d_heartbeat,
+    "abort": _d_abort,
+}
+
+# --------------------------------------------------------------------------- encode
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:
+    """Encode a data frame: raw bytes behind a 10-byte header, or v1 JSON+base64url."""
+    if binary:
+        kind = KIND_REQUEST_CHUNK if isinstance(frame, RequestChunk) else KIND_RESPONSE_CHUNK
+        return _BINARY_HEADER.pack(BINARY_MAGIC, kind, frame.seq) + frame.data
+    return _dumps(
+        {"type": frame.type, "requestId": frame.request_id, "seq": frame.seq, "data": b64url_encode(frame.data)}
+    )
+
+
+def encode_frame(frame: Frame, binary: bool = False) -> bytes:
+    """Encode any frame; ``binary`` only changes how chunks are written."""
+    if isinstance(frame, RequestChunk | ResponseChunk):
+        return encode_chunk(frame, binary)
+    obj: dict[str, Any] = {"type": frame.type, "requestId": frame.request_id}
+    if isinstance(frame, RequestStart):
+        obj.update(
+            protocol=PROTOCOL,
+            method=frame.method,
+            url=frame.url,
+            headers=[[n, v] for n, v in frame.headers],
+            replySubject=frame.reply_subject,
+            abortSubject=frame.abort_subject,
+        )
+        if frame.body_subject is not None:
+            obj["bodySubject"] = frame.body_subject
+        if frame.deadline_unix_ms is not None:
+            obj["deadlineUnixMs"] = frame.deadline_unix_ms
+        if frame.extensions is not None:
+            obj["extensions"] = _ext_to_json(frame.extensions)
+    elif isinstance(frame, ResponseAck):
+        if frame.extensions is not None:
+            obj["extensions"] = _ext_to_json(frame.extensions)
+    elif isinstance(frame, ResponseStart):
+        obj["status"] = frame.status
+        if frame.status_text is not None:
+            obj["statusText"] = frame.status_text
+        obj["headers"] = [[n, v] for n, v in frame.headers]
+    elif isinstance(frame, RequestEnd | ResponseEnd):
+        obj["seq"] = frame.seq
+    elif isinstance(frame, RequestError | ResponseError):
+        obj["code"] = frame.code
+        obj["message"] = frame.message
+    elif isinstance(frame, RequestCredit | ResponseCredit):
+        obj["bytes"] = frame.bytes
+    elif isinstance(frame, Abort):
+        if frame.reason is not None:
+            obj["reason"] = frame.reason
+    return _dumps(obj)
+
+
+def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
+    out: dict[str, Any] = {"binaryData": ext.binary}
+    if ext.window is not None:
+        out["window"] = ext.window
+    if ext.heartbeat_ms is not None:
+        out["heartbeatMs"] = ext.heartbeat_ms
+    if ext.max_frame is not None:
+        out["maxFrame"] = ext.max_frame
+    if isinstance(ext, AckExtensions) and ext.up_subject is not None:
+        out["upSubject"] = ext.up_subject
+    return out
+
+
+def max_chunk_data(max_payload: int, binary: bool, request_id_length: int = 32) -> int:
+    """Largest data slice that fits one frame of ``max_payload`` bytes."""
+    if binary:
+        return max_payload - BINARY_HEADER_SIZE
+    # JSON envelope: type, requestId, seq and quotes; base64 grows data by 4/3.
+    envelope = 64 + request_id_length + 20
+    return max(1, (max_payload - envelope) * 3 // 4)

@@ -1,0 +1,565 @@
+"""The caller: ``TunnelClient.fetch`` and the streaming ``FetchResponse``.
+
+One wildcard subscription per client receives the frames of every request it
+has in flight (``<prefix>.host.*.req.*.reply.<clientId>``) and hands them to
+the request's sans-IO ``CallerStream`` by request id: no per-request SUB/UNSUB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from .. import _frames as f
+from .._config import (
+    DEFAULT_FIRST_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_REPUBLISH_INTERVAL,
+    DEFAULT_UNREACHABLE_GRACE,
+    DEFAULT_WINDOW,
+    heartbeat_interval_for,
+)
+from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
+from .._stream import (
+    Acked,
+    BodyEnded,
+    CallerOptions,
+    CallerStream,
+    CreditGranted,
+    DataReceived,
+    PeerFailed,
+    ResponseHead,
+)
+from .._subjects import (
+    DEFAULT_PREFIX,
+    HostSubjects,
+    client_reply_wildcard,
+    new_endpoint_id,
+    new_request_id,
+    normalize_hostname,
+    parse_request_subject,
+    validate_prefix,
+)
+from .common import LazyTimer, Publisher, WireTap, log, map_nats_error, status_of
+
+Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
+HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
+
+_UNSET: Any = object()
+
+
+def parse_tunnel_url(url: str) -> tuple[str, str]:
+    """``tunnel://host/path?query`` -> (hostname, "/path?query")."""
+    parts = urlsplit(url)
+    if parts.scheme != "tunnel":
+        raise LocalProtocolError(f"not a tunnel:// URL: {url!r}")
+    if not parts.hostname:
+        raise LocalProtocolError(f"tunnel URL has no host: {url!r}")
+    if parts.port is not None or parts.username or parts.password:
+        raise LocalProtocolError("tunnel URLs carry no port or credentials")
+    # urlsplit lowercases .hostname; keep the netloc spelling out of the subject.
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return normalize_hostname(parts.hostname), f.validate_url(target)
+
+
+def _normalize_headers(headers: HeadersArg) -> f.Headers:
+    if headers is None:
+        return []
+    items = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    return f.validate_headers(items)
+
+
+class FetchResponse:
+    """A streaming response. Read the body once (``aiter_bytes``/``read``), then it closes.
+
+    Leaving early (``aclose`` or the ``async with`` block) aborts the server side.
+    """
+
+    def __init__(self, request: _ClientRequest, head: ResponseHead) -> None:
+        self._request = request
+        self.status = head.status
+        self.reason = head.status_text or ""
+        self.headers: list[tuple[str, str]] = head.headers
+        self.request_id = request.stream.request_id
+        self.hostname = request.hostname
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 400
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+    def header_values(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [value for key, value in self.headers if key.lower() == lname]
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        async for chunk in self._request.iter_body():
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self._request.iter_body()])
+
+    async def text(self, encoding: str = "utf-8") -> str:
+        return (await self.read()).decode(encoding)
+
+    async def json(self) -> Any:
+        return json.loads(await self.read())
+
+    async def aclose(self) -> None:
+        await self._request.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._request.released
+
+    async def __aenter__(self) -> FetchResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<FetchResponse {self.status} tunnel://{self.hostname} id={self.request_id}>"
+
+
+class _ClientRequest:
+    """The I/O side of one request: buffers, wakeups, the upload task and the timer."""
+
+    def __init__(self, client: TunnelClient, stream: CallerStream, hostname: str, body: Body) -> None:
+        self.client = client
+        self.stream = stream
+        self.hostname = hostname
+        self.body = body
+        loop = asyncio.get_running_loop()
+        self.head: asyncio.Future[ResponseHead] = loop.create_future()
+        self.chunks: deque[bytes] = deque()
+        self.ended = False
+        self.error: TunnelError | None = None
+        self.released = False
+        self._reader: asyncio.Future[None] | None = None
+        self._credit: asyncio.Future[None] | None = None
+        self._upload: asyncio.Task[None] | None = None
+        self._iterated = False
+        self.timer = LazyTimer(loop, self._on_timer)
+
+    # -- frames from the demultiplexer ------------------------------------------
+
+    async def on_frame(self, frame: f.Frame) -> None:
+        try:
+            event = self.stream.receive(frame)
+        except TunnelError as exc:
+            await self._abort_with(exc)
+            return
+        if event is None:
+            return
+        if isinstance(event, DataReceived):
+            self.chunks.append(event.data)
+            self._wake_reader()
+        elif isinstance(event, ResponseHead):
+            if not event.has_body:
+                self.ended = True
+                self.release()
+            if not self.head.done():
+                self.head.set_result(event)
+        elif isinstance(event, BodyEnded):
+            self.ended = True
+            self._wake_reader()
+            self.release()
+        elif isinstance(event, CreditGranted):
+            self._wake_credit()
+        elif isinstance(event, Acked):
+            if self.body is not None:
+                self._upload = asyncio.get_running_loop().create_task(self._send_body())
+            self.timer.arm(self.stream.next_deadline())
+        elif isinstance(event, PeerFailed):
+            self._set_error(event.error)
+            self.release()
+
+    def on_no_responders(self) -> None:
+        try:
+            self.stream.no_responders()
+        except TunnelError as exc:
+            self._set_error(exc)
+            self.release()
+            return
+        self.timer.arm(self.stream.next_deadline())
+
+    def _on_timer(self) -> float | None:
+        if self.released:
+            return None
+        try:
+            self.client.publisher.send_soon(self.stream.poll())
+        except TunnelError as exc:
+            self._fail_and_abort_soon(exc)
+            return None
+        return self.stream.next_deadline()
+
+    # -- failure paths ------------------------------------------------------------
+
+    def _set_error(self, exc: TunnelError) -> None:
+        if self.error is None:
+            self.error = exc
+        if not self.head.done():
+            self.head.set_exception(exc)
+            self.head.exception()  # retrieved: no "never retrieved" warning if nobody awaits
+        self._wake_reader()
+        self._wake_credit()
+
+    def _fail_and_abort_soon(self, exc: TunnelError) -> None:
+        self.stream.fail(exc)
+        self._set_error(exc)
+        abort = self.stream.abort(exc.code)
+        if abort is not None:
+            self.client.publisher.send_soon([abort])
+        self.release()
+
+    async def _abort_with(self, exc: TunnelError) -> None:
+        self.stream.fail(exc)
+        self._set_error(exc)
+        abort = self.stream.abort(exc.code)
+        self.release()
+        if abort is not None:
+            try:
+                await self.client.publisher.send(abort)
+            except TunnelError:
+                pass
+
+    # -- request body -----------------------------------------------------------------
+
+    async def _send_body(self) -> None:
+        try:
+            async for piece in _iter_body(self.body):
+                view = memoryview(piece)
+                while view:
+                    if self.error is not None:
+                        return
+                    frames, taken = self.stream.send_body(view)
+                    await self.client.publisher.send_all(frames)
+                    view = view[taken:]
+                    if view:
+                        await self._wait_credit()
+            if self.error is None:
+                await self.client.publisher.send(self.stream.end_body())
+        except asyncio.CancelledError:
+            raise
+        except TunnelError as exc:
+            if self.error is None:
+                await self._abort_with(exc)
+        except Exception as exc:  # the caller's body iterator failed
+            err = TunnelAborted(f"request body failed: {type(exc).__name__}: {exc}", code=ErrorCode.BODY_ERROR)
+            fail = self.stream.fail_body(ErrorCode.BODY_ERROR, f"caller's request body failed: {type(exc).__name__}")
+            if fail is not None:
+                try:
+                    await self.client.publisher.send(fail)
+                except TunnelError:
+                    pass
+            await self._abort_with(err)
+
+    async def _wait_credit(self) -> None:
+        if self.stream.send.available() > 0 or self.error is not None:
+            return
+        self._credit = asyncio.get_running_loop().create_future()
+        try:
+            await self._credit
+        finally:
+            self._credit = None
+
+    def _wake_credit(self) -> None:
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
+
+    # -- response body -----------------------------------------------------------------
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        if self._iterated:
+            raise RuntimeError("response body already consumed")
+        self._iterated = True
+        try:
+            while True:
+                if self.chunks:
+                    chunk = self.chunks.popleft()
+                    credit = self.stream.consumed(len(chunk))
+                    if credit is not None and not self.released:
+                        await self.client.publisher.send(credit)
+                    yield chunk
+                    continue
+                if self.error is not None:
+                    raise self.error
+                if self.ended:
+                    return
+                self._reader = asyncio.get_running_loop().create_future()
+                try:
+                    await self._reader
+                finally:
+                    self._reader = None
+        finally:
+            if not self.ended:
+                await self.close()
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Leave early: abort the server side (if still running) and release everything."""
+        if not self.released:
+            abort = self.stream.abort("caller closed the response")
+            self._set_error(TunnelAborted("response closed by the caller"))
+            self.release()
+            if abort is not None:
+                try:
+                    await self.client.publisher.send(abort)
+                except TunnelError:
+                    pass
+        elif self.error is None and not self.ended:
+            self._set_error(TunnelAborted("response closed by the caller"))
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.timer.cancel()
+        self.client._streams.pop(self.stream.request_id, None)
+        # Once the response is over, a still-running upload has nobody to read it.
+        if self._upload is not None and not self._upload.done() and self._upload is not asyncio.current_task():
+            self._upload.cancel()
+
+
+async def _iter_body(body: Body) -> AsyncIterator[bytes]:
+    if body is None:
+        return
+    if isinstance(body, str):
+        yield body.encode("utf-8")
+    elif isinstance(body, bytes | bytearray | memoryview):
+        yield bytes(body)
+    elif isinstance(body, AsyncIterable):
+        async for piece in body:
+            if piece:
+                yield bytes(piece)
+    else:
+        for piece in body:
+            if piece:
+                yield bytes(piece)
+
+
+class TunnelClient:
+    """Calls ``tunnel://`` URLs over one NATS connection; holds defaults for every fetch.
+
+    Cheap to keep for the life of the connection: it owns one wildcard subscription.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float | None = None,
+        first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        unreachable_grace: float = DEFAULT_UNREACHABLE_GRACE,
+        republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
+        window: int = DEFAULT_WINDOW,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        fast_path: bool = True,
+        wire_tap: WireTap | None = None,
+    ) -> None:
+        if window <= 0 or max_chunk <= 0:
+            raise ValueError("window and max_chunk must be positive")
+        self.nc = nc
+        self.prefix = validate_prefix(prefix)
+        self.timeout = timeout
+        self.first_frame_timeout = first_frame_timeout
+        self.idle_timeout = idle_timeout
+        self.unreachable_grace = unreachable_grace
+        self.republish_interval = republish_interval
+        self.window = window
+        self.max_chunk = max_chunk
+        self.fast_path = fast_path
+        self.client_id = new_endpoint_id()
+        self.publisher = Publisher(nc, wire_tap)
+        self._streams: dict[str, _ClientRequest] = {}
+        self._sub: Subscription | None = None
+        self._sub_lock = asyncio.Lock()
+        self.protocol_errors = 0  # frames we could not decode or attribute
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def _ensure_subscribed(self) -> None:
+        if self._sub is not None:
+            return
+        async with self._sub_lock:
+            if self._sub is None:
+                try:
+                    self._sub = await self.nc.subscribe(
+                        client_reply_wildcard(self.prefix, self.client_id), cb=self._on_message
+                    )
+                except (NatsError, OSError) as exc:
+                    raise map_nats_error(exc) from exc
+
+    async def _on_message(self, msg: Msg) -> None:
+        parsed = parse_request_subject(msg.subject, self.prefix)
+        if parsed is None:
+            return
+        token, request_id, _ = parsed
+        req = self._streams.get(request_id)
+        if req is None:
+            return  # late frame of a finished request
+        if token != req.stream.subjects.token:
+            # Only host H may publish under H's prefix: a frame from elsewhere is forged.
+            self.protocol_errors += 1
+            log.warning("dropped a frame for request %s from the wrong host token %s", request_id, token)
+            return
+        if status_of(msg) == "503" and not msg.data:
+            req.on_no_responders()
+            return
+        try:
+            frame = f.decode_frame(msg.data, request_id)
+        except f.FrameError as exc:
+            self.protocol_errors += 1
+            await req._abort_with(RemoteProtocolError(f"malformed frame from server: {exc.message}"))
+            return
+        await req.on_frame(frame)
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: HeadersArg = None,
+        body: Body = None,
+        timeout: float | None = _UNSET,
+        first_frame_timeout: float | None = _UNSET,
+        idle_timeout: float | None = _UNSET,
+    ) -> FetchResponse:
+        """Send one request; returns once the response head arrived.
+
+        The body streams from ``FetchResponse.aiter_bytes()``. Raises a ``TunnelError``
+        subclass on failure: ``TunnelUnreachable`` within milliseconds when nobody
+        serves the host, a ``TunnelTimeout`` per the three timeouts, and so on.
+        """
+        hostname, target = parse_tunnel_url(url)
+        method = f.validate_method(method)
+        header_list = _normalize_headers(headers)
+        total = self.timeout if timeout is _UNSET else timeout
+        first = self.first_frame_timeout if first_frame_timeout is _UNSET else first_frame_timeout
+        idle = self.idle_timeout if idle_timeout is _UNSET else idle_timeout
+        if isinstance(body, str | bytes | bytearray | memoryview) and len(body) == 0:
+            body = None
+        await self._ensure_subscribed()
+        loop = asyncio.get_running_loop()
+        subjects = HostSubjects.for_host(hostname, self.prefix)
+        request_id = new_request_id()
+        options = CallerOptions(
+            first_frame_timeout=first,
+            idle_timeout=idle,
+            total_timeout=total,
+            republish_interval=self.republish_interval,
+            unreachable_grace=self.unreachable_grace,
+            window=self.window,
+            max_chunk=self.max_chunk,
+            max_payload=self.nc.max_payload,
+            heartbeat_interval=heartbeat_interval_for(idle),
+            fast_path=self.fast_path,
+        )
+        deadline_ms = int((time.time() + total) * 1000) if total else None
+        stream = CallerStream(
+            request_id=request_id,
+            subjects=subjects,
+            reply_subject=subjects.client_reply(request_id, self.client_id),
+            method=method,
+            url=target,
+            headers=header_list,
+            has_body=body is not None,
+            options=options,
+            clock=loop.time,
+            deadline_unix_ms=deadline_ms,
+        )
+        req = _ClientRequest(self, stream, hostname, body)
+        self._streams[request_id] = req
+        try:
+            await self.publisher.send(stream.start())
+            req.timer.arm(stream.next_deadline())
+            head = await req.head
+        except BaseException as exc:
+            if isinstance(exc, TunnelError):
+                req.stream.fail(exc)
+            await req.close()
+            raise
+        return FetchResponse(req, head)
+
+    async def aclose(self) -> None:
+        """Abort everything in flight and drop the subscription."""
+        for req in list(self._streams.values()):
+            await req.close()
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except (NatsError, OSError):
+                pass
+
+    async def __aenter__(self) -> TunnelClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+_clients: weakref.WeakKeyDictionary[NATS, dict[str, TunnelClient]] = weakref.WeakKeyDictionary()
+
+
+def client_for(nc: NATS, prefix: str = DEFAULT_PREFIX) -> TunnelClient:
+    """The shared default client of a connection (one subscription per connection and prefix)."""
+    per_nc = _clients.setdefault(nc, {})
+    client = per_nc.get(prefix)
+    if client is None:
+        client = per_nc[prefix] = TunnelClient(nc, prefix=prefix)
+    return client
+
+
+async def fetch(
+    nc: NATS,
+    url: str,
+    *,
+    method: str = "GET",
+    headers: HeadersArg = None,
+    body: Body = None,
+    timeout: float | None = None,
+    first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    prefix: str = DEFAULT_PREFIX,
+) -> FetchResponse:
+    """Fetch ``tunnel://host/path`` over ``nc`` with the connection's shared client."""
+    return await client_for(nc, prefix).fetch(
+        url,
+        method=method,
+        headers=headers,
+        body=body,
+        timeout=timeout,
+        first_frame_timeout=first_frame_timeout,
+        idle_timeout=idle_timeout,
+    )

@@ -1,0 +1,517 @@
+"""The server: ``serve(nc, hostname, handler)``.
+
+Subscriptions per server: ``P.request`` in the host's queue group (several
+servers share load), ``P.req.*.abort`` (every server hears aborts), and
+``P.req.*.up.<serverId>`` for body and credit frames of the requests this
+server acked. A plain v1 caller sends its body on ``P.req.<id>.body``, which
+gets a per-request subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from .. import _frames as f
+from .._config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_STALL_TIMEOUT,
+    DEFAULT_WINDOW,
+    EARLY_ABORT_TTL,
+    SEEN_REQUEST_LIMIT,
+    SEEN_REQUEST_TTL,
+)
+from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
+from .._handler import Handler, Request, Response
+from .._stream import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish, ServerOptions, ServerStream
+from .._subjects import DEFAULT_PREFIX, HostSubjects, is_valid_request_id, new_endpoint_id, parse_request_subject
+from .common import LazyTimer, Publisher, WireTap, map_nats_error
+
+log = logging.getLogger("tunnel.server")
+
+# Warn about malformed frames at most this often; count all of them.
+MALFORMED_LOG_INTERVAL = 1.0
+
+
+@dataclass
+class ServerStats:
+    """Counters for diagnostics (the gateway exposes them as metrics later)."""
+
+    requests: int = 0
+    completed: int = 0
+    handler_errors: int = 0
+    aborted: int = 0
+    timeouts: int = 0
+    protocol_errors: int = 0
+    malformed_frames: int = 0
+    repeated_starts: int = 0
+    overloaded: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class _ServerRequest:
+    """The I/O side of one request: the handler task, flow control waits, the timer."""
+
+    def __init__(self, server: TunnelServer, stream: ServerStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.request = Request(
+            request_id=stream.request_id,
+            hostname=server.hostname,
+            method=stream.start_frame.method,
+            url=stream.start_frame.url,
+            headers=stream.start_frame.headers,
+            has_body=stream.start_frame.body_subject is not None,
+            deadline=stream.deadline,
+            on_consumed=self._on_consumed,
+        )
+        self.task: asyncio.Task[None] | None = None
+        self.body_sub: Subscription | None = None
+        self._credit: asyncio.Future[None] | None = None
+        self.timer = LazyTimer(asyncio.get_running_loop(), self._on_timer)
+        self.released = False
+
+    async def _on_consumed(self, n: int) -> None:
+        grant = self.stream.consumed(n)
+        if grant is not None:
+            await self.server.publisher.send(grant)
+
+    async def on_frame(self, frame: f.Frame) -> None:
+        try:
+            event = self.stream.receive(frame)
+        except TunnelError as exc:
+            self.server.stats.protocol_errors += 1
+            await self.fail(exc, notify=True)
+            return
+        if isinstance(event, DataReceived):
+            self.server.stats.bytes_in += len(event.data)
+            self.request._feed(event.data)
+        elif isinstance(event, BodyEnded):
+            self.request._end()
+        elif isinstance(event, CreditGranted):
+            if self._credit is not None and not self._credit.done():
+                self._credit.set_result(None)
+        elif isinstance(event, PeerFailed):
+            self.server.stats.aborted += 1
+            await self.fail(event.error, notify=False)
+
+    def _on_timer(self) -> float | None:
+        if self.released:
+            return None
+        try:
+            self.server.publisher.send_soon(self.stream.poll())
+        except TunnelError as exc:
+            self.server.stats.timeouts += 1
+            asyncio.get_running_loop().create_task(self.fail(exc, notify=True))
+            return None
+        return self.stream.next_deadline()
+
+    async def fail(self, error: TunnelError, *, notify: bool) -> None:
+        """Stop the handler; tell the caller unless it is the one who left."""
+        self.stream.fail(error)
+        self.request._fail(error)
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_exception(error)
+            self._credit.exception()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        if notify:
+            pub = self.stream.error_response(error.code, error.message)
+            if pub is not None:
+                with contextlib.suppress(TunnelError):
+                    await self.server.publisher.send(pub)
+        await self.release()
+
+    async def run(self, handler: Handler) -> None:
+        """Run the handler and stream its response with flow control."""
+        stats = self.server.stats
+        try:
+            response = await handler(self.request)
+            if not isinstance(response, Response):
+                raise TypeError(f"handler returned {type(response).__name__}, not tunnel.Response")
+            try:
+                start = self.stream.start_response(response.status, response.headers, response.status_text)
+            except LocalProtocolError as exc:
+                raise TypeError(f"handler returned an invalid response: {exc.message}") from exc
+            await self.server.publisher.send(start)
+            await self._send_body(response.body)
+            if not self.stream.finished:
+                await self.server.publisher.send(self.stream.end_response())
+                stats.completed += 1
+        except asyncio.CancelledError:
+            pass  # aborted, timed out or server closing: fail() already told whoever needed telling
+        except TunnelError as exc:
+            await self.fail(exc, notify=True)
+        except Exception as exc:
+            stats.handler_errors += 1
+            log.exception("handler for %s %s failed", self.request.method, self.request.path)
+            message = f"handler raised {type(exc).__name__}"
+            await self.fail(TunnelError(message, code=ErrorCode.HANDLER_ERROR), notify=True)
+        finally:
+            await self.release()
+
+    async def _send_body(self, body: object) -> None:
+        if body is None:
+            return
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if isinstance(body, bytes | bytearray | memoryview):
+            await self._send_bytes(memoryview(body))
+        elif isinstance(body, AsyncIterable):
+            async for piece in body:
+                await self._send_bytes(memoryview(_as_bytes(piece)))
+        elif isinstance(body, Iterable):
+            for piece in body:
+                await self._send_bytes(memoryview(_as_bytes(piece)))
+        else:
+            raise TypeError(f"unsupported response body type {type(body).__name__}")
+
+    async def _send_bytes(self, view: memoryview) -> None:
+        while view:
+            if self.stream.finished:
+                raise self.stream.error or TunnelAborted("request ended")
+            frames, taken = self.stream.send_body(view)
+            for frame in frames:
+                self.server.stats.bytes_out += len(frame.payload)
+            await self.server.publisher.send_all(frames)
+            view = view[taken:]
+            if view:
+                self.timer.arm(self.stream.next_deadline())  # credit-stall deadline
+                await self._wait_credit()
+
+    async def _wait_credit(self) -> None:
+        if self.stream.send.available() > 0:
+            return
+        self._credit = asyncio.get_running_loop().create_future()
+        try:
+            await self._credit
+        finally:
+            self._credit = None
+
+    async def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.timer.cancel()
+        self.server._forget(self.stream.request_id)
+        if self.body_sub is not None:
+            sub, self.body_sub = self.body_sub, None
+            with contextlib.suppress(NatsError, OSError):
+                await sub.unsubscribe()
+
+
+def _as_bytes(piece: object) -> bytes | bytearray | memoryview:
+    if isinstance(piece, str):
+        return piece.encode("utf-8")
+    if isinstance(piece, bytes | bytearray | memoryview):
+        return piece
+    raise TypeError(f"response body yielded {type(piece).__name__}, not bytes")
+
+
+class _RecentIds:
+    """Ids with an expiry, bounded in size (oldest dropped first)."""
+
+    def __init__(self, ttl: float, limit: int) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._items: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, key: str, now: float) -> None:
+        self._items[key] = now + self.ttl
+        self._items.move_to_end(key)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        expiry = self._items.get(key)
+        return expiry is not None and expiry > time.monotonic()
+
+    def pop(self, key: str) -> bool:
+        return self._items.pop(key, None) is not None
+
+    def prune(self, now: float) -> None:
+        while self._items:
+            key, expiry = next(iter(self._items.items()))
+            if expiry > now:
+                break
+            self._items.popitem(last=False)
+
+
+class TunnelServer:
+    """Serves one hostname over one NATS connection. Use :func:`serve` to create and start one."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        hostname: str,
+        handler: Handler,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        window: int = DEFAULT_WINDOW,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        fast_path: bool = True,
+        wire_tap: WireTap | None = None,
+    ) -> None:
+        self.nc = nc
+        self.subjects = HostSubjects.for_host(hostname, prefix)
+        self.hostname = hostname.strip().lower()
+        self.handler = handler
+        self.window = window
+        self.max_chunk = max_chunk
+        self.stall_timeout = stall_timeout
+        self.max_concurrent = max_concurrent
+        self.fast_path = fast_path
+        self.server_id = new_endpoint_id()
+        self.publisher = Publisher(nc, wire_tap)
+        self.stats = ServerStats()
+        self._active: dict[str, _ServerRequest] = {}
+        self._seen = _RecentIds(SEEN_REQUEST_TTL, SEEN_REQUEST_LIMIT)
+        self._early_aborts = _RecentIds(EARLY_ABORT_TTL, SEEN_REQUEST_LIMIT)
+        self._subs: list[Subscription] = []
+        self._request_sub: Subscription | None = None
+        self._closing = False
+        self._last_malformed_log = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def start(self) -> None:
+        """Subscribe; when this returns, the NATS server knows about us (callers will not get no-responders)."""
+        try:
+            self._request_sub = await self.nc.subscribe(
+                self.subjects.request, queue=self.subjects.queue_group, cb=self._on_start
+            )
+            self._subs = [
+                self._request_sub,
+                await self.nc.subscribe(self.subjects.all_aborts, cb=self._on_abort),
+                await self.nc.subscribe(self.subjects.all_server_up(self.server_id), cb=self._on_up),
+            ]
+            # A flush right after SUB can be overtaken by its PING: yield first, then flush.
+            await asyncio.sleep(0)
+            await self.nc.flush()
+        except (NatsError, OSError) as exc:
+            raise map_nats_error(exc) from exc
+
+    async def close(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+        """Stop taking requests, let in-flight ones finish for up to ``timeout`` s, then cancel the rest."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._request_sub is not None:
+            with contextlib.suppress(NatsError, OSError):
+                await self._request_sub.unsubscribe()
+        tasks = [r.task for r in self._active.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for req in list(self._active.values()):
+            await req.fail(TunnelError("server is shutting down", code=ErrorCode.SERVER_CLOSING), notify=True)
+        for sub in self._subs[1:]:
+            with contextlib.suppress(NatsError, OSError):
+                await sub.unsubscribe()
+        self._subs = []
+
+    async def __aenter__(self) -> TunnelServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- diagnostics -----------------------------------------------------------------
+
+    def _malformed(self, subject: str, problem: str) -> None:
+        self.stats.malformed_frames += 1
+        now = time.monotonic()
+        level = logging.WARNING if now - self._last_malformed_log >= MALFORMED_LOG_INTERVAL else logging.DEBUG
+        if level == logging.WARNING:
+            self._last_malformed_log = now
+        log.log(level, "dropped malformed frame on %s: %s (%d so far)", subject, problem, self.stats.malformed_frames)
+
+    # -- message handlers --------------------------------------------------------------
+
+    async def _on_start(self, msg: Msg) -> None:
+        try:
+            frame = f.decode_frame(msg.data)
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)
+            await self._reject_malformed_start(msg, exc)
+            return
+        if not isinstance(frame, f.RequestStart):
+            self._malformed(msg.subject, f"{frame.type} on the request subject")
+            return
+        rid = frame.request_id
+        active = self._active.get(rid)
+        if active is not None:
+            self.stats.repeated_starts += 1
+            await self._send_quietly(active.stream.ack())
+            return
+        if rid in self._seen:
+            self.stats.repeated_starts += 1
+            return  # already answered in full: a late repeat needs nothing
+        if self._early_aborts.pop(rid) or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if frame.deadline_unix_ms is not None:
+            deadline = loop.time() + (frame.deadline_unix_ms / 1000.0 - time.time())
+        try:
+            stream = ServerStream(
+                frame,
+                subjects=self.subjects,
+                server_id=self.server_id,
+                options=ServerOptions(
+                    window=self.window,
+                    max_chunk=self.max_chunk,
+                    max_payload=self.nc.max_payload,
+                    stall_timeout=self.stall_timeout,
+                    fast_path=self.fast_path,
+                ),
+                clock=loop.time,
+                deadline=deadline,
+            )
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)  # subjects outside the host: never publish there
+            return
+        self.stats.requests += 1
+        now = time.monotonic()
+        self._seen.prune(now)
+        self._seen.add(rid, now)
+        if len(self._active) >= self.max_concurrent:
+            self.stats.overloaded += 1
+            pub = stream.error_response(ErrorCode.OVERLOADED, "server is at its concurrent request limit")
+            if pub is not None:
+                await self._send_quietly(pub)
+            return
+        if deadline is not None and deadline <= loop.time():
+            self.stats.timeouts += 1
+            pub = stream.error_response(ErrorCode.TIMEOUT, "deadline passed before the request arrived")
+            if pub is not None:
+                await self._send_quietly(pub)
+            return
+        req = _ServerRequest(self, stream)
+        self._active[rid] = req
+        try:
+            if frame.body_subject is not None and stream.up_subject is None:
+                req.body_sub = await self.nc.subscribe(frame.body_subject, cb=self._on_v1_body)
+            await self.publisher.send(stream.ack())
+        except (NatsError, OSError, TunnelError) as exc:
+            log.warning("could not accept request %s: %s", rid, exc)
+            await req.release()
+            return
+        req.timer.arm(stream.next_deadline())
+        req.task = loop.create_task(req.run(self.handler), name=f"tunnel-handler-{rid}")
+
+    async def _reject_malformed_start(self, msg: Msg, exc: f.FrameError) -> None:
+        """Tell a caller its start was unusable, when we can safely tell who it is."""
+        rid = exc.request_id
+        if rid is None:
+            with contextlib.suppress(ValueError, RecursionError, AttributeError, TypeError):
+                candidate = json.loads(msg.data).get("requestId")
+                rid = candidate if is_valid_request_id(candidate) else None
+        if rid is None or not msg.reply or not self.subjects.owns(msg.reply):
+            return
+        frame = f.ResponseError(rid, ErrorCode.PROTOCOL_ERROR, f"malformed request.start: {exc.message}")
+        await self._send_quietly(Publish(msg.reply, f.encode_frame(frame)))
+
+    async def _on_abort(self, msg: Msg) -> None:
+        parsed = parse_request_subject(msg.subject, self.subjects.prefix)
+        if parsed is None or not is_valid_request_id(parsed[1]):
+            self._malformed(msg.subject, "abort on an unexpected subject")
+            return
+        rid = parsed[1]
+        try:
+            frame = f.decode_frame(msg.data, rid)
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)
+            frame = f.Abort(rid, "malformed abort")  # an abort is an abort, however badly written
+        if not isinstance(frame, f.Abort):
+            self._malformed(msg.subject, f"{frame.type} on an abort subject")
+            return
+        req = self._active.get(rid)
+        if req is None:
+            if rid not in self._seen:
+                self._early_aborts.add(rid, time.monotonic())
+            return
+        await req.on_frame(frame)
+
+    async def _on_up(self, msg: Msg) -> None:
+        await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit))
+
+    async def _on_v1_body(self, msg: Msg) -> None:
+        await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError))
+
+    async def _on_request_frame(self, msg: Msg, allowed: tuple[type, ...]) -> None:
+        parsed = parse_request_subject(msg.subject, self.subjects.prefix)
+        if parsed is None:
+            self._malformed(msg.subject, "unexpected subject")
+            return
+        rid = parsed[1]
+        req = self._active.get(rid)
+        if req is None:
+            return  # late frame for a finished request
+        try:
+            frame = f.decode_frame(msg.data, rid)
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)
+            self.stats.protocol_errors += 1
+            await req.fail(exc, notify=True)
+            return
+        if not isinstance(frame, allowed):
+            self._malformed(msg.subject, f"{frame.type} on a body subject")
+            self.stats.protocol_errors += 1
+            await req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
+            return
+        await req.on_frame(frame)
+
+    async def _send_quietly(self, pub: Publish) -> None:
+        with contextlib.suppress(TunnelError):
+            await self.publisher.send(pub)
+
+    def _forget(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+
+
+async def serve(
+    nc: NATS,
+    hostname: str,
+    handler: Handler,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    window: int = DEFAULT_WINDOW,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    fast_path: bool = True,
+    wire_tap: WireTap | None = None,
+) -> TunnelServer:
+    """Start serving ``hostname``; returns the running server (``await server.close()`` to stop)."""
+    server = TunnelServer(
+        nc,
+        hostname,
+        handler,
+        prefix=prefix,
+        window=window,
+        max_chunk=max_chunk,
+        stall_timeout=stall_timeout,
+        max_concurrent=max_concurrent,
+        fast_path=fast_path,
+        wire_tap=wire_tap,
+    )
+    await server.start()
+    return server

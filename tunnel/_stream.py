@@ -1,0 +1,657 @@
+"""Per-request stream state machines for both ends (sans-IO).
+
+Frames in, events out; every method that must put something on the wire returns
+``Publish`` values for the I/O layer to send. Time comes from an injected clock
+and timers are plain numbers (``next_deadline()`` / ``poll()``), so everything
+here runs in unit tests with a fake clock and no event loop.
+
+Each end's lifecycle is a transition table keyed by (phase, their frame type);
+a frame the table does not allow is a ``RemoteProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from . import _frames as f
+from ._config import MIN_HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, UNREACHABLE_RETRY_INTERVAL
+from ._errors import (
+    DeadlineExceeded,
+    ErrorCode,
+    IdleTimeout,
+    LocalProtocolError,
+    NoFirstFrameTimeout,
+    RemoteProtocolError,
+    TunnelAborted,
+    TunnelError,
+    TunnelTimeout,
+    TunnelUnreachable,
+    error_from_remote,
+)
+from ._flow import ReceiveWindow, SendCredit
+from ._subjects import HostSubjects
+
+Clock = Callable[[], float]
+
+# Responses that never carry a body (RFC 9110): the caller does not wait for one.
+NO_BODY_STATUSES: Final = frozenset({204, 205, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One NATS message to send."""
+
+    subject: str
+    payload: bytes
+    reply: str = ""
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """A server took the request; the request body may flow now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    status_text: str | None
+    headers: f.Headers
+    has_body: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyEnded:
+    """The peer's body is complete (every frame arrived, in order)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreditGranted:
+    """We may send more body bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFailed:
+    """The peer ended the stream with an error frame or an abort."""
+
+    error: TunnelError
+
+
+Event = Acked | ResponseHead | DataReceived | BodyEnded | CreditGranted | PeerFailed
+
+
+# ----------------------------------------------------------------------------- caller
+
+
+class CallerPhase(enum.Enum):
+    STARTING = "starting"  # start published, no frame from a server yet
+    ACKED = "acked"  # a server answered: request body may flow, response not started
+    RESPONDING = "responding"  # response.start received, body flowing
+    DONE = "done"  # response complete
+    FAILED = "failed"  # error, timeout or abort; nothing more flows
+
+
+_S, _A, _R, _D = CallerPhase.STARTING, CallerPhase.ACKED, CallerPhase.RESPONDING, CallerPhase.DONE
+# (phase, frame type) -> next phase. Repeated acks are normal (we republish the start).
+CALLER_TRANSITIONS: Final[dict[tuple[CallerPhase, str], CallerPhase]] = {
+    (_S, "response.ack"): _A,
+    (_S, "response.heartbeat"): _A,
+    (_S, "response.start"): _R,
+    (_A, "response.ack"): _A,
+    (_A, "response.heartbeat"): _A,
+    (_A, "response.credit"): _A,
+    (_A, "response.start"): _R,
+    (_R, "response.ack"): _R,
+    (_R, "response.heartbeat"): _R,
+    (_R, "response.credit"): _R,
+    (_R, "response.chunk"): _R,
+    (_R, "response.end"): _D,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CallerOptions:
+    first_frame_timeout: float | None
+    idle_timeout: float | None
+    total_timeout: float | None
+    republish_interval: float
+    unreachable_grace: float
+    window: int
+    max_chunk: int
+    max_payload: int
+    heartbeat_interval: float
+    fast_path: bool = True
+
+
+class CallerStream:
+    """One request as the caller sees it."""
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        subjects: HostSubjects,
+        reply_subject: str,
+        method: str,
+        url: str,
+        headers: f.Headers,
+        has_body: bool,
+        options: CallerOptions,
+        clock: Clock,
+        deadline_unix_ms: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.subjects = subjects
+        self.options = options
+        self.clock = clock
+        self.phase = CallerPhase.STARTING
+        self.method = method
+        self.has_body = has_body
+        self.reply_subject = reply_subject
+        self.error: TunnelError | None = None
+        self._abort_sent = False
+        self._body_subject = subjects.body(request_id) if has_body else None
+        offer = (
+            f.StartExtensions(
+                binary=True,
+                window=options.window,
+                heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
+                max_frame=options.max_payload,
+            )
+            if options.fast_path
+            else None
+        )
+        self._start_payload = f.encode_frame(
+            f.RequestStart(
+                request_id=request_id,
+                method=method,
+                url=url,
+                headers=headers,
+                reply_subject=reply_subject,
+                abort_subject=subjects.abort(request_id),
+                body_subject=self._body_subject,
+                deadline_unix_ms=deadline_unix_ms,
+                extensions=offer,
+            )
+        )
+        if len(self._start_payload) > options.max_payload:
+            raise LocalProtocolError(
+                f"request head is {len(self._start_payload)} bytes, over the connection's "
+                f"max_payload of {options.max_payload}: send fewer or shorter headers"
+            )
+        # Negotiated after the first frame.
+        self.binary = False
+        self.heartbeats = False
+        self.up_subject: str | None = None
+        self.send = SendCredit(None)
+        self.receive_window = ReceiveWindow(None)
+        self.chunk_limit = 0
+        # Timers, as data.
+        now = clock()
+        self.started_at = now
+        self._last_publish_at = now
+        self._last_frame_at = now
+        self._retry_at: float | None = None
+        self._first_frame_deadline = now + options.first_frame_timeout if options.first_frame_timeout else None
+        self._total_deadline = now + options.total_timeout if options.total_timeout else None
+
+    # -- outgoing ---------------------------------------------------------------
+
+    def start(self) -> Publish:
+        """The start frame; published with a NATS reply so no-responders reaches us."""
+        return Publish(self.subjects.request, self._start_payload, self.reply_subject)
+
+    @property
+    def can_send_body(self) -> bool:
+        return self.phase in (CallerPhase.ACKED, CallerPhase.RESPONDING)
+
+    def send_body(self, data: bytes | memoryview) -> tuple[list[Publish], int]:
+        """Frames for as much of ``data`` as credit allows; returns (frames, bytes taken)."""
+        if not self.can_send_body:
+            raise LocalProtocolError(f"cannot send body in phase {self.phase.value}")
+        frames: list[Publish] = []
+        taken = 0
+        total = len(data)
+        subject = self.up_subject or self._body_subject
+        assert subject is not None, "request declared without a body"
+        while taken < total:
+            n = min(total - taken, self.chunk_limit, self.send.available())
+            if n <= 0:
+                break
+            piece = bytes(data[taken : taken + n])
+            seq = self.send.spend(n)
+            frames.append(Publish(subject, f.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary)))
+            taken += n
+        return frames, taken
+
+    def end_body(self) -> Publish:
+        subject = self.up_subject or self._body_subject
+        assert subject is not None, "request declared without a body"
+        return Publish(subject, f.encode_frame(f.RequestEnd(self.request_id, self.send.next_seq)))
+
+    def fail_body(self, code: str, message: str) -> Publish | None:
+        """Tell the server our request body failed (our iterator raised)."""
+        subject = self.up_subject or self._body_subject
+        if subject is None or self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+            return None
+        return Publish(subject, f.encode_frame(f.RequestError(self.request_id, code, message)))
+
+    def consumed(self, n: int) -> Publish | None:
+        """The application read ``n`` response bytes; maybe grant the server more credit."""
+        grant = self.receive_window.on_consumed(n)
+        if grant is None or self.up_subject is None or self.phase is not CallerPhase.RESPONDING:
+            return None
+        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, grant)))
+
+    def abort(self, reason: str = ErrorCode.ABORTED) -> Publish | None:
+        """Stop the server side: returns the abort frame unless the stream already ended cleanly."""
+        if self.phase is CallerPhase.DONE or self._abort_sent:
+            return None
+        if self.phase is not CallerPhase.FAILED:
+            self._fail(TunnelAborted(f"request aborted: {reason}"))
+        elif self.error is not None and self.error.code == ErrorCode.UNREACHABLE:
+            return None  # nobody to tell
+        self._abort_sent = True
+        return Publish(self.subjects.abort(self.request_id), f.encode_frame(f.Abort(self.request_id, reason)))
+
+    # -- incoming ---------------------------------------------------------------
+
+    def receive(self, frame: f.Frame) -> Event | None:
+        """Apply one frame from the server; returns what the application should see."""
+        if self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+            return None  # late frames (heartbeats, re-acks, an end after HEAD) are harmless
+        if frame.request_id != self.request_id:
+            raise self._fail(RemoteProtocolError("frame for another request"))
+        if isinstance(frame, f.ResponseError):
+            return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
+        nxt = CALLER_TRANSITIONS.get((self.phase, frame.type))
+        if nxt is None:
+            raise self._fail(RemoteProtocolError(f"unexpected {frame.type} while {self.phase.value}"))
+        self._last_frame_at = self.clock()
+        first = self.phase is CallerPhase.STARTING
+        self.phase = nxt
+        if first:
+            self._first_frame(frame)
+        if isinstance(frame, f.ResponseStart):
+            return self._on_response_start(frame)
+        if isinstance(frame, f.ResponseChunk):
+            try:
+                self.receive_window.on_chunk(frame.seq, len(frame.data))
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+            return DataReceived(frame.data)
+        if isinstance(frame, f.ResponseEnd):
+            try:
+                self.receive_window.on_end(frame.seq)
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+            return BodyEnded()
+        if isinstance(frame, f.ResponseCredit):
+            self.send.grant(frame.bytes)
+            return CreditGranted()
+        if first:
+            return Acked()
+        return None
+
+    def _first_frame(self, frame: f.Frame) -> None:
+        """Negotiate from the server's first frame; a plain v1 server sends no extensions."""
+        self._retry_at = None
+        ext = frame.extensions if isinstance(frame, f.ResponseAck) else None
+        opts = self.options
+        if ext is not None and opts.fast_path:
+            up = ext.up_subject
+            if up is not None and not (
+                self.subjects.owns(up) and up.startswith(self.subjects.base + f".req.{self.request_id}.up.")
+            ):
+                raise self._fail(RemoteProtocolError("server named an up subject outside its request"))
+            self.up_subject = up
+            self.binary = ext.binary and up is not None
+            self.heartbeats = ext.heartbeat_ms is not None
+            self.send = SendCredit(ext.window if up is not None else None)
+            self.receive_window = ReceiveWindow(opts.window if up is not None else None)
+            peer_max = ext.max_frame or opts.max_payload
+            frame_limit = min(opts.max_payload, peer_max)
+        else:
+            frame_limit = opts.max_payload
+        self.chunk_limit = max(1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary)))
+        if self.send.credit is not None:
+            self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
+
+    def _on_response_start(self, frame: f.ResponseStart) -> ResponseHead:
+        has_body = not (self.method == "HEAD" or frame.status in NO_BODY_STATUSES or 100 <= frame.status < 200)
+        if not has_body:
+            self.phase = CallerPhase.DONE
+        return ResponseHead(frame.status, frame.status_text, frame.headers, has_body)
+
+    def no_responders(self) -> Publish | None:
+        """NATS said nobody is subscribed: retry within the grace period, else fail."""
+        if self.phase is not CallerPhase.STARTING:
+            return None
+        now = self.clock()
+        if now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace:
+            self._retry_at = now + UNREACHABLE_RETRY_INTERVAL
+            return None
+        raise self._fail(TunnelUnreachable(f"no server is serving host token {self.subjects.token}"))
+
+    # -- timers -----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When ``poll`` next has something to do (monotonic seconds)."""
+        if self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+            return None
+        candidates = [self._total_deadline]
+        if self.phase is CallerPhase.STARTING:
+            candidates.append(self._first_frame_deadline)
+            candidates.append(self._retry_at or self._last_publish_at + self.options.republish_interval)
+        elif self._idle_applies():
+            assert self.options.idle_timeout is not None
+            candidates.append(self._last_frame_at + self.options.idle_timeout)
+        due = [t for t in candidates if t is not None]
+        return min(due) if due else None
+
+    def _idle_applies(self) -> bool:
+        if self.options.idle_timeout is None:
+            return False
+        # Without heartbeats (plain v1 server) silence before the response is normal.
+        return self.heartbeats or self.phase is CallerPhase.RESPONDING
+
+    def poll(self) -> list[Publish]:
+        """Fire due timers: republish the start, or fail with the timeout that expired."""
+        if self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+            return []
+        now = self.clock()
+        if self._total_deadline is not None and now >= self._total_deadline:
+            raise self._fail(DeadlineExceeded(f"no complete response within {self.options.total_timeout:g} s"))
+        if self.phase is CallerPhase.STARTING:
+            if self._first_frame_deadline is not None and now >= self._first_frame_deadline:
+                raise self._fail(
+                    NoFirstFrameTimeout(f"no frame from the server within {self.options.first_frame_timeout:g} s")
+                )
+            due = self._retry_at or self._last_publish_at + self.options.republish_interval
+            if now >= due:
+                self._retry_at = None
+                self._last_publish_at = now
+                return [self.start()]
+        elif self._idle_applies():
+            assert self.options.idle_timeout is not None
+            if now - self._last_frame_at >= self.options.idle_timeout:
+                raise self._fail(
+                    IdleTimeout(f"server silent for {self.options.idle_timeout:g} s (no data, no heartbeat)")
+                )
+        return []
+
+    def fail(self, error: TunnelError) -> TunnelError:
+        """Mark the stream failed from outside (connection lost, body iterator error)."""
+        if self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+            return self.error or error
+        return self._fail(error)
+
+    def _fail(self, error: TunnelError) -> TunnelError:
+        self.phase = CallerPhase.FAILED
+        self.error = error
+        return error
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (CallerPhase.DONE, CallerPhase.FAILED)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class ServerPhase(enum.Enum):
+    ACKED = "acked"  # ack sent, handler running, response not started
+    RESPONDING = "responding"  # response.start sent
+    DONE = "done"  # response.end or an error sent
+    FAILED = "failed"  # caller aborted or broke the protocol
+
+
+class BodyPhase(enum.Enum):
+    NONE = "none"  # request has no body
+    OPEN = "open"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    window: int
+    max_chunk: int
+    max_payload: int
+    stall_timeout: float | None
+    fast_path: bool = True
+
+
+class ServerStream:
+    """One request as the server sees it."""
+
+    def __init__(
+        self,
+        start: f.RequestStart,
+        *,
+        subjects: HostSubjects,
+        server_id: str,
+        options: ServerOptions,
+        clock: Clock,
+        deadline: float | None = None,
+    ) -> None:
+        self.request_id = start.request_id
+        self.start_frame = start
+        self.subjects = subjects
+        self.options = options
+        self.clock = clock
+        self.phase = ServerPhase.ACKED
+        self.body_phase = BodyPhase.OPEN if start.body_subject is not None else BodyPhase.NONE
+        self.error: TunnelError | None = None
+        self.caller_gone = False  # the caller aborted or failed its body: nobody to answer
+        self.deadline = deadline
+        for subject in (start.reply_subject, start.abort_subject, start.body_subject):
+            if subject is not None and not subjects.owns(subject):
+                raise f.FrameError("request names a subject outside its host", start.request_id)
+        offer = start.extensions if options.fast_path else None
+        self.extended = offer is not None
+        self.reply_subject = start.reply_subject
+        self.response_has_body = True
+        if offer is not None:
+            self.binary = offer.binary
+            self.up_subject: str | None = subjects.server_up(self.request_id, server_id)
+            self.send = SendCredit(offer.window)
+            self.receive_window = ReceiveWindow(options.window)
+            self.heartbeat_interval: float | None = min(
+                MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, (offer.heartbeat_ms or 10_000) / 1000)
+            )
+            frame_limit = min(options.max_payload, offer.max_frame or options.max_payload)
+        else:
+            self.binary = False
+            self.up_subject = None
+            self.send = SendCredit(None)
+            self.receive_window = ReceiveWindow(None)
+            self.heartbeat_interval = None
+            frame_limit = options.max_payload
+        self.chunk_limit = max(1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary)))
+        if self.send.credit is not None:
+            self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
+        now = clock()
+        self._last_sent_at = now
+        self._last_received_at = now
+        self._credit_blocked_since: float | None = None
+
+    # -- outgoing ---------------------------------------------------------------
+
+    def ack(self) -> Publish:
+        """The ack (sent first, and again for every repeated start)."""
+        ext = None
+        if self.extended:
+            ext = f.AckExtensions(
+                binary=self.binary,
+                window=self.options.window,
+                heartbeat_ms=int(self.heartbeat_interval * 1000) if self.heartbeat_interval else None,
+                max_frame=self.options.max_payload,
+                up_subject=self.up_subject,
+            )
+        return self._out(f.ResponseAck(self.request_id, ext))
+
+    def start_response(self, status: int, headers: f.Headers, status_text: str | None = None) -> Publish:
+        if self.phase is not ServerPhase.ACKED:
+            raise LocalProtocolError(f"response already started ({self.phase.value})")
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise LocalProtocolError(f"invalid status {status!r}")
+        headers = f.validate_headers(headers)
+        if status_text is not None and (len(status_text) > 1024 or "\r" in status_text or "\n" in status_text):
+            raise LocalProtocolError("invalid status text")
+        self.phase = ServerPhase.RESPONDING
+        self.response_has_body = not (
+            self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200
+        )
+        return self._out(f.ResponseStart(self.request_id, status, headers, status_text))
+
+    def send_body(self, data: bytes | memoryview) -> tuple[list[Publish], int]:
+        """Frames for as much of ``data`` as credit allows; returns (frames, bytes taken)."""
+        if self.phase is not ServerPhase.RESPONDING:
+            raise LocalProtocolError(f"cannot send body in phase {self.phase.value}")
+        if not self.response_has_body:
+            return [], len(data)  # HEAD / 204 / 304: bytes are dropped, as HTTP requires
+        frames: list[Publish] = []
+        taken = 0
+        total = len(data)
+        while taken < total:
+            n = min(total - taken, self.chunk_limit, self.send.available())
+            if n <= 0:
+                break
+            piece = bytes(data[taken : taken + n])
+            seq = self.send.spend(n)
+            frames.append(
+                Publish(self.reply_subject, f.encode_chunk(f.ResponseChunk(self.request_id, seq, piece), self.binary))
+            )
+            taken += n
+        now = self.clock()
+        if frames:
+            self._last_sent_at = now
+        if taken < total:
+            if self._credit_blocked_since is None:
+                self._credit_blocked_since = now
+        else:
+            self._credit_blocked_since = None
+        return frames, taken
+
+    def end_response(self) -> Publish:
+        if self.phase is not ServerPhase.RESPONDING:
+            raise LocalProtocolError(f"cannot end response in phase {self.phase.value}")
+        self.phase = ServerPhase.DONE
+        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq))
+
+    def error_response(self, code: str, message: str) -> Publish | None:
+        """An error frame for the caller, unless the response ended or the caller is gone."""
+        if self.phase is ServerPhase.DONE or self.caller_gone:
+            return None
+        if self.phase is not ServerPhase.FAILED:
+            self.phase = ServerPhase.DONE
+        return self._out(f.ResponseError(self.request_id, code, message))
+
+    def consumed(self, n: int) -> Publish | None:
+        """The handler read ``n`` request-body bytes; maybe grant the caller more credit."""
+        grant = self.receive_window.on_consumed(n)
+        if grant is None or not self.extended or self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return None
+        return self._out(f.ResponseCredit(self.request_id, grant))
+
+    def _out(self, frame: f.Frame) -> Publish:
+        self._last_sent_at = self.clock()
+        return Publish(self.reply_subject, f.encode_frame(frame, self.binary))
+
+    # -- incoming ---------------------------------------------------------------
+
+    def receive(self, frame: f.Frame) -> Event | None:
+        if self.phase is ServerPhase.FAILED or self.caller_gone:
+            return None
+        self._last_received_at = self.clock()
+        if isinstance(frame, f.Abort):
+            self.caller_gone = True
+            return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
+        if isinstance(frame, f.RequestCredit):
+            self.send.grant(frame.bytes)
+            return CreditGranted()
+        if isinstance(frame, f.RequestStart):
+            return None  # repeats are answered by the dispatcher with another ack
+        if self.body_phase is not BodyPhase.OPEN:
+            if self.body_phase is BodyPhase.NONE or not isinstance(frame, f.RequestChunk | f.RequestEnd):
+                raise self._fail(RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})"))
+            raise self._fail(RemoteProtocolError(f"{frame.type} after the request body ended"))
+        if isinstance(frame, f.RequestChunk):
+            try:
+                self.receive_window.on_chunk(frame.seq, len(frame.data))
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+            return DataReceived(frame.data)
+        if isinstance(frame, f.RequestEnd):
+            try:
+                self.receive_window.on_end(frame.seq)
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+            self.body_phase = BodyPhase.ENDED
+            return BodyEnded()
+        if isinstance(frame, f.RequestError):
+            self.body_phase = BodyPhase.FAILED
+            self.caller_gone = True
+            return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
+        raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
+
+    # -- timers -----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return None
+        due = [self.deadline]
+        if self.heartbeat_interval is not None:
+            due.append(self._last_sent_at + self.heartbeat_interval)
+        stall = self.options.stall_timeout
+        if stall is not None:
+            if self._credit_blocked_since is not None:
+                due.append(self._credit_blocked_since + stall)
+            if self.body_phase is BodyPhase.OPEN:
+                due.append(self._last_received_at + stall)
+        times = [t for t in due if t is not None]
+        return min(times) if times else None
+
+    def poll(self) -> list[Publish]:
+        """Send a heartbeat if one is due; raise when the deadline or a stall expired."""
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return []
+        now = self.clock()
+        if self.deadline is not None and now >= self.deadline:
+            raise self._fail(DeadlineExceeded("the caller's deadline passed"))
+        stall = self.options.stall_timeout
+        if stall is not None:
+            if self._credit_blocked_since is not None and now - self._credit_blocked_since >= stall:
+                raise self._fail(TunnelTimeout(f"caller granted no flow-control credit for {stall:g} s"))
+            if self.body_phase is BodyPhase.OPEN and now - self._last_received_at >= stall:
+                raise self._fail(IdleTimeout(f"request body stalled for {stall:g} s"))
+        if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:
+            return [self._out(f.ResponseHeartbeat(self.request_id))]
+        return []
+
+    def fail(self, error: TunnelError) -> TunnelError:
+        if self.phase is ServerPhase.FAILED:
+            return self.error or error
+        return self._fail(error)
+
+    def _fail(self, error: TunnelError) -> TunnelError:
+        self.phase = ServerPhase.FAILED
+        self.error = error
+        if self.body_phase is BodyPhase.OPEN:
+            self.body_phase = BodyPhase.FAILED
+        return error
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (ServerPhase.DONE, ServerPhase.FAILED)
