@@ -42,7 +42,9 @@ def heartbeat_interval_for(idle_timeout: float | None) -> float:
     """The heartbeat interval a caller asks for, given its idle timeout."""
     if idle_timeout is None:
         return MAX_HEARTBEAT_INTERVAL
-    return min(MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, idle_timeout / HEARTBEATS_PER_IDLE_TIMEOUT))
+    return min(
+        MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, idle_timeout / HEARTBEATS_PER_IDLE_TIMEOUT)
+    )
 
 
 @dataclass(frozen=True, slots=True)

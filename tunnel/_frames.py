@@ -22,6 +22,7 @@ import binascii
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -285,7 +286,7 @@ def _positive_int(obj: dict[str, Any], key: str, rid: str | None) -> int | None:
     value = _optional(obj, key, int, rid)
     if value is not None and not 0 < value <= MAX_SAFE_INT:
         raise FrameError(f"field {key!r} out of range", rid)
-    return value
+    return None if value is None else int(value)
 
 
 def _code_and_message(obj: dict[str, Any], rid: str) -> tuple[str, str]:
@@ -352,7 +353,8 @@ def decode_frame(payload: bytes, subject_request_id: str | None = None) -> Frame
     decoder = _JSON_DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise FrameError(f"unknown frame type {str(kind)[:64]!r}", rid)
-    return decoder(obj, rid)
+    frame: Frame = decoder(obj, rid)
+    return frame
 
 
 def _decode_binary(payload: bytes, rid: str | None) -> Frame:
@@ -450,7 +452,7 @@ def _d_abort(o: dict[str, Any], rid: str) -> Frame:
     return Abort(rid, reason[:MAX_ERROR_MESSAGE_LENGTH] if reason else reason)
 
 
-_JSON_DECODERS: Final[dict[str, Any]] = {
+_JSON_DECODERS: Final[dict[str, Callable[[dict[str, Any], str], Frame]]] = {
     "request.start": _d_request_start,
     "request.chunk": _d_chunk,
     "request.end": _d_request_end,
@@ -479,7 +481,12 @@ def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:
         kind = KIND_REQUEST_CHUNK if isinstance(frame, RequestChunk) else KIND_RESPONSE_CHUNK
         return _BINARY_HEADER.pack(BINARY_MAGIC, kind, frame.seq) + frame.data
     return _dumps(
-        {"type": frame.type, "requestId": frame.request_id, "seq": frame.seq, "data": b64url_encode(frame.data)}
+        {
+            "type": frame.type,
+            "requestId": frame.request_id,
+            "seq": frame.seq,
+            "data": b64url_encode(frame.data),
+        }
     )
 
 
@@ -518,9 +525,8 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["message"] = frame.message
     elif isinstance(frame, RequestCredit | ResponseCredit):
         obj["bytes"] = frame.bytes
-    elif isinstance(frame, Abort):
-        if frame.reason is not None:
-            obj["reason"] = frame.reason
+    elif isinstance(frame, Abort) and frame.reason is not None:
+        obj["reason"] = frame.reason
     return _dumps(obj)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import _frames as f
-from ._config import MIN_HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, UNREACHABLE_RETRY_INTERVAL
+from ._config import MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL, UNREACHABLE_RETRY_INTERVAL
 from ._errors import (
     DeadlineExceeded,
     ErrorCode,
@@ -202,7 +202,9 @@ class CallerStream:
         self._last_publish_at = now
         self._last_frame_at = now
         self._retry_at: float | None = None
-        self._first_frame_deadline = now + options.first_frame_timeout if options.first_frame_timeout else None
+        self._first_frame_deadline = (
+            now + options.first_frame_timeout if options.first_frame_timeout else None
+        )
         self._total_deadline = now + options.total_timeout if options.total_timeout else None
 
     # -- outgoing ---------------------------------------------------------------
@@ -230,7 +232,9 @@ class CallerStream:
                 break
             piece = bytes(data[taken : taken + n])
             seq = self.send.spend(n)
-            frames.append(Publish(subject, f.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary)))
+            frames.append(
+                Publish(subject, f.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary))
+            )
             taken += n
         return frames, taken
 
@@ -328,7 +332,9 @@ class CallerStream:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
 
     def _on_response_start(self, frame: f.ResponseStart) -> ResponseHead:
-        has_body = not (self.method == "HEAD" or frame.status in NO_BODY_STATUSES or 100 <= frame.status < 200)
+        has_body = not (
+            self.method == "HEAD" or frame.status in NO_BODY_STATUSES or 100 <= frame.status < 200
+        )
         if not has_body:
             self.phase = CallerPhase.DONE
         return ResponseHead(frame.status, frame.status_text, frame.headers, has_body)
@@ -371,11 +377,15 @@ class CallerStream:
             return []
         now = self.clock()
         if self._total_deadline is not None and now >= self._total_deadline:
-            raise self._fail(DeadlineExceeded(f"no complete response within {self.options.total_timeout:g} s"))
+            raise self._fail(
+                DeadlineExceeded(f"no complete response within {self.options.total_timeout:g} s")
+            )
         if self.phase is CallerPhase.STARTING:
             if self._first_frame_deadline is not None and now >= self._first_frame_deadline:
                 raise self._fail(
-                    NoFirstFrameTimeout(f"no frame from the server within {self.options.first_frame_timeout:g} s")
+                    NoFirstFrameTimeout(
+                        f"no frame from the server within {self.options.first_frame_timeout:g} s"
+                    )
                 )
             due = self._retry_at or self._last_publish_at + self.options.republish_interval
             if now >= due:
@@ -507,7 +517,9 @@ class ServerStream:
         if not isinstance(status, int) or not 100 <= status <= 599:
             raise LocalProtocolError(f"invalid status {status!r}")
         headers = f.validate_headers(headers)
-        if status_text is not None and (len(status_text) > 1024 or "\r" in status_text or "\n" in status_text):
+        if status_text is not None and (
+            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
+        ):
             raise LocalProtocolError("invalid status text")
         self.phase = ServerPhase.RESPONDING
         self.response_has_body = not (
@@ -531,7 +543,10 @@ class ServerStream:
             piece = bytes(data[taken : taken + n])
             seq = self.send.spend(n)
             frames.append(
-                Publish(self.reply_subject, f.encode_chunk(f.ResponseChunk(self.request_id, seq, piece), self.binary))
+                Publish(
+                    self.reply_subject,
+                    f.encode_chunk(f.ResponseChunk(self.request_id, seq, piece), self.binary),
+                )
             )
             taken += n
         now = self.clock()
@@ -585,7 +600,9 @@ class ServerStream:
             return None  # repeats are answered by the dispatcher with another ack
         if self.body_phase is not BodyPhase.OPEN:
             if self.body_phase is BodyPhase.NONE or not isinstance(frame, f.RequestChunk | f.RequestEnd):
-                raise self._fail(RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})"))
+                raise self._fail(
+                    RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
+                )
             raise self._fail(RemoteProtocolError(f"{frame.type} after the request body ended"))
         if isinstance(frame, f.RequestChunk):
             try:

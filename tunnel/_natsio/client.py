@@ -8,6 +8,7 @@ the request's sans-IO ``CallerStream`` by request id: no per-request SUB/UNSUB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import weakref
@@ -239,10 +240,8 @@ class _ClientRequest:
         abort = self.stream.abort(exc.code)
         self.release()
         if abort is not None:
-            try:
+            with contextlib.suppress(TunnelError):
                 await self.client.publisher.send(abort)
-            except TunnelError:
-                pass
 
     # -- request body -----------------------------------------------------------------
 
@@ -266,13 +265,15 @@ class _ClientRequest:
             if self.error is None:
                 await self._abort_with(exc)
         except Exception as exc:  # the caller's body iterator failed
-            err = TunnelAborted(f"request body failed: {type(exc).__name__}: {exc}", code=ErrorCode.BODY_ERROR)
-            fail = self.stream.fail_body(ErrorCode.BODY_ERROR, f"caller's request body failed: {type(exc).__name__}")
+            err = TunnelAborted(
+                f"request body failed: {type(exc).__name__}: {exc}", code=ErrorCode.BODY_ERROR
+            )
+            fail = self.stream.fail_body(
+                ErrorCode.BODY_ERROR, f"caller's request body failed: {type(exc).__name__}"
+            )
             if fail is not None:
-                try:
+                with contextlib.suppress(TunnelError):
                     await self.client.publisher.send(fail)
-                except TunnelError:
-                    pass
             await self._abort_with(err)
 
     async def _wait_credit(self) -> None:
@@ -329,10 +330,8 @@ class _ClientRequest:
             self._set_error(TunnelAborted("response closed by the caller"))
             self.release()
             if abort is not None:
-                try:
+                with contextlib.suppress(TunnelError):
                     await self.client.publisher.send(abort)
-                except TunnelError:
-                    pass
         elif self.error is None and not self.ended:
             self._set_error(TunnelAborted("response closed by the caller"))
 
@@ -343,7 +342,11 @@ class _ClientRequest:
         self.timer.cancel()
         self.client._streams.pop(self.stream.request_id, None)
         # Once the response is over, a still-running upload has nobody to read it.
-        if self._upload is not None and not self._upload.done() and self._upload is not asyncio.current_task():
+        if (
+            self._upload is not None
+            and not self._upload.done()
+            and self._upload is not asyncio.current_task()
+        ):
             self._upload.cancel()
 
 
@@ -517,10 +520,8 @@ class TunnelClient:
             await req.close()
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            try:
+            with contextlib.suppress(NatsError, OSError):
                 await sub.unsubscribe()
-            except (NatsError, OSError):
-                pass
 
     async def __aenter__(self) -> TunnelClient:
         return self

@@ -37,7 +37,13 @@ from .._config import (
 from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
 from .._handler import Handler, Request, Response
 from .._stream import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish, ServerOptions, ServerStream
-from .._subjects import DEFAULT_PREFIX, HostSubjects, is_valid_request_id, new_endpoint_id, parse_request_subject
+from .._subjects import (
+    DEFAULT_PREFIX,
+    HostSubjects,
+    is_valid_request_id,
+    new_endpoint_id,
+    parse_request_subject,
+)
 from .common import LazyTimer, Publisher, WireTap, map_nats_error
 
 log = logging.getLogger("tunnel.server")
@@ -245,7 +251,7 @@ class _RecentIds:
 
     def prune(self, now: float) -> None:
         while self._items:
-            key, expiry = next(iter(self._items.items()))
+            _, expiry = next(iter(self._items.items()))
             if expiry > now:
                 break
             self._items.popitem(last=False)
@@ -293,7 +299,7 @@ class TunnelServer:
         return len(self._active)
 
     async def start(self) -> None:
-        """Subscribe; when this returns, the NATS server knows about us (callers will not get no-responders)."""
+        """Subscribe; on return the NATS server knows us, so callers never see no-responders."""
         try:
             self._request_sub = await self.nc.subscribe(
                 self.subjects.request, queue=self.subjects.queue_group, cb=self._on_start
@@ -341,7 +347,13 @@ class TunnelServer:
         level = logging.WARNING if now - self._last_malformed_log >= MALFORMED_LOG_INTERVAL else logging.DEBUG
         if level == logging.WARNING:
             self._last_malformed_log = now
-        log.log(level, "dropped malformed frame on %s: %s (%d so far)", subject, problem, self.stats.malformed_frames)
+        log.log(
+            level,
+            "dropped malformed frame on %s: %s (%d so far)",
+            subject,
+            problem,
+            self.stats.malformed_frames,
+        )
 
     # -- message handlers --------------------------------------------------------------
 
@@ -451,7 +463,9 @@ class TunnelServer:
         await req.on_frame(frame)
 
     async def _on_up(self, msg: Msg) -> None:
-        await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit))
+        await self._on_request_frame(
+            msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
+        )
 
     async def _on_v1_body(self, msg: Msg) -> None:
         await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError))
