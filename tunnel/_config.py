@@ -25,6 +25,9 @@ DEFAULT_MAX_CHUNK: Final = 256 * 1024
 HEARTBEATS_PER_IDLE_TIMEOUT: Final = 3
 MIN_HEARTBEAT_INTERVAL: Final = 0.05
 MAX_HEARTBEAT_INTERVAL: Final = 10.0
+# Server: a body-less request answered within this long needs no separate ack (one
+# message instead of two); slower handlers still ack long before the 1 s republish.
+DEFERRED_ACK_DELAY: Final = 0.02
 # Server: how long a request may wait for credit or body bytes before the caller is presumed gone.
 DEFAULT_STALL_TIMEOUT: Final = 60.0
 # Server: time-limited graceful drain on close().

@@ -9,7 +9,10 @@ reference protocol shapes them. Extensions:
   ``request.chunk`` and 2 for ``response.chunk``. JSON always starts with ``{``,
   so the first byte tells the encodings apart. The request id comes from the subject;
 - ``request.credit`` / ``response.credit`` grant flow-control bytes to the peer;
-- ``response.heartbeat`` proves the server is alive while nothing else flows.
+- ``response.heartbeat`` proves the server is alive while nothing else flows;
+- ``response.whole`` (binary kind 3: ``0x00 0x03 seq:u64be(=0) headLen:u32be
+  head-json data``) is ``response.start`` + one chunk + ``response.end`` in one
+  message, so a small response costs one NATS message, like plain request/reply.
 
 Every decoded frame is validated; anything malformed raises ``FrameError``
 (never a KeyError, TypeError or a crash) so the I/O layer can drop or answer it.
@@ -34,6 +37,8 @@ PROTOCOL: Final = "tunnel.v1"
 BINARY_MAGIC: Final = 0x00
 KIND_REQUEST_CHUNK: Final = 0x01
 KIND_RESPONSE_CHUNK: Final = 0x02
+KIND_RESPONSE_WHOLE: Final = 0x03
+_WHOLE_HEAD_LENGTH: Final = struct.Struct(">I")
 _BINARY_HEADER: Final = struct.Struct(">BBQ")
 BINARY_HEADER_SIZE: Final = _BINARY_HEADER.size
 
@@ -74,6 +79,7 @@ class StartExtensions:
     window: int | None = None  # caller's initial credit for the response body, bytes
     heartbeat_ms: int | None = None  # how often the caller wants proof of life
     max_frame: int | None = None  # largest NATS payload the caller's connection accepts
+    whole: bool = False  # caller accepts response.whole frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +150,19 @@ class ResponseStart:
     status: int
     headers: Headers
     status_text: str | None = None
+    # Negotiation, when the server answers before (instead of) a separate ack.
+    extensions: AckExtensions | None = None
     type: str = field(default="response.start", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseWhole:
+    """A complete small response in one message (extension, binary only)."""
+
+    request_id: str
+    start: ResponseStart
+    data: bytes
+    type: str = field(default="response.whole", init=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +217,7 @@ Frame = (
     | ResponseAck
     | ResponseStart
     | ResponseChunk
+    | ResponseWhole
     | ResponseEnd
     | ResponseError
     | ResponseCredit
@@ -307,6 +326,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         window=_positive_int(raw, "window", rid),
         heartbeat_ms=_positive_int(raw, "heartbeatMs", rid),
         max_frame=_positive_int(raw, "maxFrame", rid),
+        whole=raw.get("wholeResponse") is True,
     )
 
 
@@ -370,7 +390,27 @@ def _decode_binary(payload: bytes, rid: str | None) -> Frame:
         return ResponseChunk(rid, seq, data)
     if kind == KIND_REQUEST_CHUNK:
         return RequestChunk(rid, seq, data)
+    if kind == KIND_RESPONSE_WHOLE:
+        return _decode_whole(data, rid)
     raise FrameError(f"unknown binary frame kind {kind}", rid)
+
+
+def _decode_whole(rest: bytes, rid: str) -> Frame:
+    if len(rest) < _WHOLE_HEAD_LENGTH.size:
+        raise FrameError("truncated response.whole frame", rid)
+    (head_length,) = _WHOLE_HEAD_LENGTH.unpack_from(rest)
+    head_end = _WHOLE_HEAD_LENGTH.size + head_length
+    if head_end > len(rest):
+        raise FrameError("response.whole head longer than the frame", rid)
+    try:
+        head = json.loads(rest[_WHOLE_HEAD_LENGTH.size : head_end])
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("response.whole head is not valid JSON", rid) from exc
+    if not isinstance(head, dict) or head.get("type") != "response.start" or head.get("requestId") != rid:
+        raise FrameError("response.whole head is not this request's response.start", rid)
+    start = _d_response_start(head, rid)
+    assert isinstance(start, ResponseStart)
+    return ResponseWhole(rid, start, rest[head_end:])
 
 
 def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
@@ -440,7 +480,7 @@ def _d_response_start(o: dict[str, Any], rid: str) -> Frame:
     if status_text is not None and (len(status_text) > 1024 or _HEADER_VALUE_FORBIDDEN.search(status_text)):
         raise FrameError("invalid statusText", rid)
     headers = validate_headers(_require(o, "headers", list, rid), FrameError)
-    return ResponseStart(rid, status, headers, status_text)
+    return ResponseStart(rid, status, headers, status_text, _ack_extensions(o.get("extensions"), rid))
 
 
 def _d_heartbeat(o: dict[str, Any], rid: str) -> Frame:
@@ -494,6 +534,12 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
     """Encode any frame; ``binary`` only changes how chunks are written."""
     if isinstance(frame, RequestChunk | ResponseChunk):
         return encode_chunk(frame, binary)
+    if isinstance(frame, ResponseWhole):
+        head = encode_frame(frame.start)
+        prefix = _BINARY_HEADER.pack(BINARY_MAGIC, KIND_RESPONSE_WHOLE, 0) + _WHOLE_HEAD_LENGTH.pack(
+            len(head)
+        )
+        return prefix + head + frame.data
     obj: dict[str, Any] = {"type": frame.type, "requestId": frame.request_id}
     if isinstance(frame, RequestStart):
         obj.update(
@@ -518,6 +564,8 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         if frame.status_text is not None:
             obj["statusText"] = frame.status_text
         obj["headers"] = [[n, v] for n, v in frame.headers]
+        if frame.extensions is not None:
+            obj["extensions"] = _ext_to_json(frame.extensions)
     elif isinstance(frame, RequestEnd | ResponseEnd):
         obj["seq"] = frame.seq
     elif isinstance(frame, RequestError | ResponseError):
@@ -540,7 +588,14 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
         out["maxFrame"] = ext.max_frame
     if isinstance(ext, AckExtensions) and ext.up_subject is not None:
         out["upSubject"] = ext.up_subject
+    if isinstance(ext, StartExtensions) and ext.whole:
+        out["wholeResponse"] = True
     return out
+
+
+def whole_overhead(head: bytes) -> int:
+    """Bytes a response.whole frame adds around its data."""
+    return BINARY_HEADER_SIZE + _WHOLE_HEAD_LENGTH.size + len(head)
 
 
 def max_chunk_data(max_payload: int, binary: bool, request_id_length: int = 32) -> int:

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import _frames as f
-from ._config import MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL, UNREACHABLE_RETRY_INTERVAL
+from ._config import (
+    DEFERRED_ACK_DELAY,
+    MAX_HEARTBEAT_INTERVAL,
+    MIN_HEARTBEAT_INTERVAL,
+    UNREACHABLE_RETRY_INTERVAL,
+)
 from ._errors import (
     DeadlineExceeded,
     ErrorCode,
@@ -63,6 +68,7 @@ class ResponseHead:
     status_text: str | None
     headers: f.Headers
     has_body: bool
+    complete_body: bytes | None = None  # set when the whole body came with the head
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +113,12 @@ CALLER_TRANSITIONS: Final[dict[tuple[CallerPhase, str], CallerPhase]] = {
     (_S, "response.ack"): _A,
     (_S, "response.heartbeat"): _A,
     (_S, "response.start"): _R,
+    (_S, "response.whole"): _D,
     (_A, "response.ack"): _A,
     (_A, "response.heartbeat"): _A,
     (_A, "response.credit"): _A,
     (_A, "response.start"): _R,
+    (_A, "response.whole"): _D,
     (_R, "response.ack"): _R,
     (_R, "response.heartbeat"): _R,
     (_R, "response.credit"): _R,
@@ -167,6 +175,7 @@ class CallerStream:
                 window=options.window,
                 heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
                 max_frame=options.max_payload,
+                whole=True,
             )
             if options.fast_path
             else None
@@ -288,6 +297,8 @@ class CallerStream:
             self._first_frame(frame)
         if isinstance(frame, f.ResponseStart):
             return self._on_response_start(frame)
+        if isinstance(frame, f.ResponseWhole):
+            return self._on_whole(frame)
         if isinstance(frame, f.ResponseChunk):
             try:
                 self.receive_window.on_chunk(frame.seq, len(frame.data))
@@ -310,7 +321,11 @@ class CallerStream:
     def _first_frame(self, frame: f.Frame) -> None:
         """Negotiate from the server's first frame; a plain v1 server sends no extensions."""
         self._retry_at = None
-        ext = frame.extensions if isinstance(frame, f.ResponseAck) else None
+        ext = None
+        if isinstance(frame, f.ResponseAck | f.ResponseStart):
+            ext = frame.extensions
+        elif isinstance(frame, f.ResponseWhole):
+            ext = frame.start.extensions
         opts = self.options
         if ext is not None and opts.fast_path:
             up = ext.up_subject
@@ -338,6 +353,15 @@ class CallerStream:
         if not has_body:
             self.phase = CallerPhase.DONE
         return ResponseHead(frame.status, frame.status_text, frame.headers, has_body)
+
+    def _on_whole(self, frame: f.ResponseWhole) -> ResponseHead:
+        if not self.options.fast_path:
+            raise self._fail(RemoteProtocolError("response.whole from a server we did not offer it to"))
+        if len(frame.data) > self.options.window:
+            raise self._fail(RemoteProtocolError("response.whole larger than our flow-control window"))
+        head = self._on_response_start(frame.start)
+        self.phase = CallerPhase.DONE
+        return ResponseHead(head.status, head.status_text, head.headers, head.has_body, frame.data)
 
     def no_responders(self) -> Publish | None:
         """NATS said nobody is subscribed: retry within the grace period, else fail."""
@@ -488,28 +512,45 @@ class ServerStream:
             self.receive_window = ReceiveWindow(None)
             self.heartbeat_interval = None
             frame_limit = options.max_payload
+        self.frame_limit = frame_limit
         self.chunk_limit = max(1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary)))
         if self.send.credit is not None:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
+        self.offers_whole = offer is not None and offer.whole and offer.binary
+        self.acked = False
         now = clock()
+        # A body-less request from an extended caller is acked only if the handler is slow:
+        # otherwise response.start (or response.whole) is the first frame.
+        self.ack_due: float | None = (
+            now + DEFERRED_ACK_DELAY if self.extended and start.body_subject is None else None
+        )
         self._last_sent_at = now
         self._last_received_at = now
         self._credit_blocked_since: float | None = None
 
     # -- outgoing ---------------------------------------------------------------
 
+    @property
+    def ack_now(self) -> bool:
+        """Must the ack go out at once? (v1 callers and request bodies need it first.)"""
+        return self.ack_due is None
+
+    def _ack_extensions(self) -> f.AckExtensions | None:
+        if not self.extended:
+            return None
+        return f.AckExtensions(
+            binary=self.binary,
+            window=self.options.window,
+            heartbeat_ms=int(self.heartbeat_interval * 1000) if self.heartbeat_interval else None,
+            max_frame=self.options.max_payload,
+            up_subject=self.up_subject,
+        )
+
     def ack(self) -> Publish:
         """The ack (sent first, and again for every repeated start)."""
-        ext = None
-        if self.extended:
-            ext = f.AckExtensions(
-                binary=self.binary,
-                window=self.options.window,
-                heartbeat_ms=int(self.heartbeat_interval * 1000) if self.heartbeat_interval else None,
-                max_frame=self.options.max_payload,
-                up_subject=self.up_subject,
-            )
-        return self._out(f.ResponseAck(self.request_id, ext))
+        self.acked = True
+        self.ack_due = None
+        return self._out(f.ResponseAck(self.request_id, self._ack_extensions()))
 
     def start_response(self, status: int, headers: f.Headers, status_text: str | None = None) -> Publish:
         if self.phase is not ServerPhase.ACKED:
@@ -522,10 +563,41 @@ class ServerStream:
         ):
             raise LocalProtocolError("invalid status text")
         self.phase = ServerPhase.RESPONDING
-        self.response_has_body = not (
-            self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200
-        )
-        return self._out(f.ResponseStart(self.request_id, status, headers, status_text))
+        self.response_has_body = self._allows_body(status)
+        ext = None if self.acked else self._ack_extensions()
+        self.acked = True
+        self.ack_due = None
+        return self._out(f.ResponseStart(self.request_id, status, headers, status_text, ext))
+
+    def _allows_body(self, status: int) -> bool:
+        return not (self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
+
+    def whole_response(
+        self, status: int, headers: f.Headers, status_text: str | None, data: bytes | bytearray | memoryview
+    ) -> Publish | None:
+        """The complete response as one message, when the caller offered it and it fits; else None."""
+        if not self.offers_whole or self.phase is not ServerPhase.ACKED:
+            return None
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise LocalProtocolError(f"invalid status {status!r}")
+        if not self._allows_body(status):
+            data = b""
+        if len(data) > self.send.available() or len(data) > self.frame_limit:
+            return None
+        headers = f.validate_headers(headers)
+        if status_text is not None and (
+            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
+        ):
+            raise LocalProtocolError("invalid status text")
+        start = f.ResponseStart(self.request_id, status, headers, status_text)
+        payload = f.encode_frame(f.ResponseWhole(self.request_id, start, bytes(data)))
+        if len(payload) > self.frame_limit:
+            return None
+        self.phase = ServerPhase.DONE
+        self.acked = True
+        self.ack_due = None
+        self._last_sent_at = self.clock()
+        return Publish(self.reply_subject, payload)
 
     def send_body(self, data: bytes | memoryview) -> tuple[list[Publish], int]:
         """Frames for as much of ``data`` as credit allows; returns (frames, bytes taken)."""
@@ -628,7 +700,7 @@ class ServerStream:
     def next_deadline(self) -> float | None:
         if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
             return None
-        due = [self.deadline]
+        due = [self.deadline, self.ack_due]
         if self.heartbeat_interval is not None:
             due.append(self._last_sent_at + self.heartbeat_interval)
         stall = self.options.stall_timeout
@@ -653,6 +725,8 @@ class ServerStream:
                 raise self._fail(TunnelTimeout(f"caller granted no flow-control credit for {stall:g} s"))
             if self.body_phase is BodyPhase.OPEN and now - self._last_received_at >= stall:
                 raise self._fail(IdleTimeout(f"request body stalled for {stall:g} s"))
+        if self.ack_due is not None and now >= self.ack_due:
+            return [self.ack()]
         if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:
             return [self._out(f.ResponseHeartbeat(self.request_id))]
         return []

@@ -177,7 +177,9 @@ class _ClientRequest:
             self.chunks.append(event.data)
             self._wake_reader()
         elif isinstance(event, ResponseHead):
-            if not event.has_body:
+            if event.complete_body and event.has_body:
+                self.chunks.append(event.complete_body)
+            if not event.has_body or event.complete_body is not None:
                 self.ended = True
                 self.release()
             if not self.head.done():

@@ -15,8 +15,9 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -122,7 +123,7 @@ class _ServerRequest:
             self.server.publisher.send_soon(self.stream.poll())
         except TunnelError as exc:
             self.server.stats.timeouts += 1
-            asyncio.get_running_loop().create_task(self.fail(exc, notify=True))
+            self.server._spawn(self.fail(exc, notify=True))
             return None
         return self.stream.next_deadline()
 
@@ -149,12 +150,25 @@ class _ServerRequest:
             response = await handler(self.request)
             if not isinstance(response, Response):
                 raise TypeError(f"handler returned {type(response).__name__}, not tunnel.Response")
+            body = response.body
+            if isinstance(body, str):
+                body = body.encode("utf-8")
             try:
+                whole = None
+                if body is None or isinstance(body, bytes | bytearray | memoryview):
+                    whole = self.stream.whole_response(
+                        response.status, response.headers, response.status_text, body or b""
+                    )
+                if whole is not None:
+                    stats.bytes_out += len(whole.payload)
+                    await self.server.publisher.send(whole)
+                    stats.completed += 1
+                    return
                 start = self.stream.start_response(response.status, response.headers, response.status_text)
             except LocalProtocolError as exc:
                 raise TypeError(f"handler returned an invalid response: {exc.message}") from exc
             await self.server.publisher.send(start)
-            await self._send_body(response.body)
+            await self._send_body(body)
             if not self.stream.finished:
                 await self.server.publisher.send(self.stream.end_response())
                 stats.completed += 1
@@ -293,6 +307,7 @@ class TunnelServer:
         self._request_sub: Subscription | None = None
         self._closing = False
         self._last_malformed_log = 0.0
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -421,7 +436,8 @@ class TunnelServer:
         try:
             if frame.body_subject is not None and stream.up_subject is None:
                 req.body_sub = await self.nc.subscribe(frame.body_subject, cb=self._on_v1_body)
-            await self.publisher.send(stream.ack())
+            if stream.ack_now:
+                await self.publisher.send(stream.ack())
         except (NatsError, OSError, TunnelError) as exc:
             log.warning("could not accept request %s: %s", rid, exc)
             await req.release()
@@ -496,6 +512,12 @@ class TunnelServer:
     async def _send_quietly(self, pub: Publish) -> None:
         with contextlib.suppress(TunnelError):
             await self.publisher.send(pub)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine from synchronous code, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)
