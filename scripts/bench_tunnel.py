@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""Benchmark the tunnel against raw nats-py on one local nats-server.
+
+Why this exists: the tunnel adds framing, flow control and a per-request state
+machine on top of core NATS. The only honest way to say what that costs is to
+measure the same traffic shapes both ways, on the same server, with the same
+process topology, and report the ratio:
+
+- small request/reply: raw ``nc.request`` vs a tunnel ``GET`` (sequential p50/p99
+  latency, then 32 concurrent workers for requests per second);
+- bulk bytes: raw publish->subscribe of 64 KiB messages vs a tunnel download
+  (the handler streams the body) and a tunnel upload (the handler consumes it).
+
+The requester runs here; the responder (raw subscriptions *and* the tunnel
+server) runs in a separate process started from this same file with
+``--role responder``, so each side gets its own core and its own event loop,
+exactly as a desktop and a gateway would. Every measurement is repeated over
+several rounds (raw and tunnel interleaved, so drift hits both alike) and the
+median is reported. MB/s means 10**6 bytes per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+import tunnel
+from cli.nats_server import NatsServer, NatsServerConfig, NatsServerError
+
+# --------------------------------------------------------------------------- shapes and settings
+
+# "Small" request/response body: a typical JSON status answer.
+SMALL_BYTES = 100
+# Bulk message size for raw pub/sub, and the piece size the tunnel handler/uploader
+# yields, so both sides move the same-sized messages through nats-server.
+BULK_MESSAGE_BYTES = 64 * 1024
+TUNNEL_HOST = "bench.local"
+SUBJECT_ECHO = "bench.raw.echo"
+SUBJECT_SINK = "bench.raw.sink.data"
+SUBJECT_SINK_RESET = "bench.raw.sink.reset"
+SUBJECT_SINK_DONE = "bench.raw.sink.done"
+READY_LINE = b"READY"
+# Generous: a loaded 2-core machine may stall a few seconds, but never this long.
+REQUEST_TIMEOUT = 10.0
+TRANSFER_TIMEOUT = 120.0
+RESPONDER_READY_TIMEOUT = 20.0
+RESPONDER_EXIT_TIMEOUT = 5.0
+MB = 1_000_000
+# Untimed transfer per bulk shape before round 1 (socket buffers, allocator, code paths).
+WARMUP_TRANSFER_BYTES = 8 * 1024 * 1024
+SCRIPT = Path(__file__).resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work one run does; ``--quick`` trades precision for a ~15 s smoke run."""
+
+    rounds: int
+    warmup: int
+    latency_requests: int
+    concurrency: int
+    concurrent_seconds: float
+    transfer_bytes: int
+
+
+FULL = Settings(
+    rounds=5,
+    warmup=300,
+    latency_requests=2000,
+    concurrency=32,
+    concurrent_seconds=2.0,
+    transfer_bytes=64 * 1024 * 1024,
+)
+QUICK = Settings(
+    rounds=3,
+    warmup=100,
+    latency_requests=500,
+    concurrency=32,
+    concurrent_seconds=1.0,
+    transfer_bytes=16 * 1024 * 1024,
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+    side: str  # "raw" or "tunnel"
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("raw_req_p50_ms", "raw request p50", "ms", "raw"),
+    Figure("raw_req_p99_ms", "raw request p99", "ms", "raw"),
+    Figure("raw_req_concurrent_rps", "raw request, concurrent", "req/s", "raw"),
+    Figure("raw_pubsub_mbps", "raw pub->sub 64 KiB msgs", "MB/s", "raw"),
+    Figure("tunnel_get_p50_ms", "tunnel GET p50", "ms", "tunnel"),
+    Figure("tunnel_get_p99_ms", "tunnel GET p99", "ms", "tunnel"),
+    Figure("tunnel_get_concurrent_rps", "tunnel GET, concurrent", "req/s", "tunnel"),
+    Figure("tunnel_download_mbps", "tunnel download", "MB/s", "tunnel"),
+    Figure("tunnel_upload_mbps", "tunnel upload", "MB/s", "tunnel"),
+)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tunnel/raw ratio and its target (``None``: reported, no target)."""
+
+    key: str
+    label: str
+    tunnel: str
+    raw: str
+    target: float | None
+    higher_is_better: bool
+
+    def met(self, ratio: float) -> bool | None:
+        if self.target is None:
+            return None
+        return ratio >= self.target if self.higher_is_better else ratio <= self.target
+
+
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison(
+        "ratio_get_p50", "small request p50 latency", "tunnel_get_p50_ms", "raw_req_p50_ms", 2.0, False
+    ),
+    Comparison(
+        "ratio_get_p99", "small request p99 latency", "tunnel_get_p99_ms", "raw_req_p99_ms", None, False
+    ),
+    Comparison(
+        "ratio_concurrent_rps",
+        "concurrent small requests",
+        "tunnel_get_concurrent_rps",
+        "raw_req_concurrent_rps",
+        0.40,
+        True,
+    ),
+    Comparison("ratio_download", "bulk download", "tunnel_download_mbps", "raw_pubsub_mbps", 0.60, True),
+    Comparison("ratio_upload", "bulk upload", "tunnel_upload_mbps", "raw_pubsub_mbps", 0.60, True),
+)
+
+
+class BenchError(RuntimeError):
+    """Something in the setup or a sanity check failed: the figures would be meaningless."""
+
+
+#: Set on Ctrl-C / SIGTERM. A terminal's Ctrl-C also kills nats-server (same process group),
+#: so errors that follow it are the interruption, not a benchmark failure.
+INTERRUPTED = threading.Event()
+
+
+async def _quiet_error(exc: Exception) -> None:
+    """nats-py logs every connection error with a traceback; the benchmark reports its own."""
+
+
+async def connect(url: str, name: str) -> NATS:
+    """One connection per process; no reconnects: a lost server ends the run, it must not skew it."""
+    return await nats.connect(url, name=name, allow_reconnect=False, error_cb=_quiet_error)
+
+
+def _cancel_on_signals() -> None:
+    """Ctrl-C / SIGTERM cancel the benchmark task, so every ``finally`` tears down in order."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def interrupt() -> None:
+        INTERRUPTED.set()
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so ``--json`` keeps stdout to the one JSON object."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- responder process
+
+
+class RawSink:
+    """Counts pub/sub bytes and announces when the expected total arrived (the completion ack)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.expected = 0
+        self.received = 0
+
+    async def on_reset(self, msg: Msg) -> None:
+        self.expected = int(msg.data)
+        self.received = 0
+        await msg.respond(b"ok")
+
+    async def on_data(self, msg: Msg) -> None:
+        self.received += len(msg.data)
+        if self.expected and self.received >= self.expected:
+            self.expected = 0
+            await self.nc.publish(SUBJECT_SINK_DONE, str(self.received).encode())
+
+
+async def _stream_bytes(total: int) -> AsyncIterator[bytes]:
+    """The download body: ``total`` bytes in bulk-message-sized pieces, no copies."""
+    piece = bytes(BULK_MESSAGE_BYTES)
+    full, rest = divmod(total, BULK_MESSAGE_BYTES)
+    for _ in range(full):
+        yield piece
+    if rest:
+        yield piece[:rest]
+
+
+async def tunnel_handler(req: tunnel.Request) -> tunnel.Response:
+    """/small answers 100 bytes, /download?bytes=N streams N bytes, /upload counts the body."""
+    if req.path == "/small":
+        return tunnel.Response(200, [("content-type", "application/octet-stream")], bytes(SMALL_BYTES))
+    if req.path == "/download":
+        total = int(dict(req.query).get("bytes", "0"))
+        return tunnel.Response(200, [("content-type", "application/octet-stream")], _stream_bytes(total))
+    if req.path == "/upload":
+        received = 0
+        async for chunk in req.stream():
+            received += len(chunk)
+        return tunnel.Response(200, [("content-type", "text/plain")], str(received))
+    return tunnel.Response(404, body="not found")
+
+
+def _stop_on_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The parent closes our stdin to stop us; EOF also means the parent died, so we never linger."""
+
+    def watch() -> None:
+        # os.read on the raw fd: a thread blocked in the buffered reader aborts interpreter shutdown.
+        with contextlib.suppress(OSError):
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        with contextlib.suppress(RuntimeError):  # the loop may already be closed
+            loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch, name="stdin-eof-watch", daemon=True).start()
+
+
+async def run_responder(url: str) -> None:
+    """Serve the raw subjects and the tunnel host on one connection until told to stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # Ctrl-C reaches the whole process group
+    _stop_on_stdin_eof(loop, stop)
+    nc = await connect(url, "bench-responder")
+    small = bytes(SMALL_BYTES)
+
+    async def on_echo(msg: Msg) -> None:
+        await msg.respond(small)
+
+    sink = RawSink(nc)
+    await nc.subscribe(SUBJECT_ECHO, cb=on_echo)
+    await nc.subscribe(SUBJECT_SINK, cb=sink.on_data)
+    await nc.subscribe(SUBJECT_SINK_RESET, cb=sink.on_reset)
+    server = await tunnel.serve(nc, TUNNEL_HOST, tunnel_handler)
+    await nc.flush()
+    sys.stdout.buffer.write(READY_LINE + b"\n")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        await server.close(timeout=1.0)
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator[None]:
+    """Start ``--role responder`` in its own process, wait for READY, stop it on the way out."""
+    cmd = [sys.executable, str(SCRIPT), "--role", "responder", "--url", url]
+    if profile_dir is not None:
+        cmd += ["--profile", str(profile_dir)]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), RESPONDER_READY_TIMEOUT)
+        except TimeoutError:
+            raise BenchError(f"responder not ready after {RESPONDER_READY_TIMEOUT:g} s") from None
+        if line.strip() != READY_LINE:
+            raise BenchError(f"responder failed to start (exit code {await proc.wait()})")
+        yield
+    finally:
+        proc.stdin.close()  # EOF: the responder closes its tunnel server and connection
+        try:
+            await asyncio.wait_for(proc.wait(), RESPONDER_EXIT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+# --------------------------------------------------------------------------- requester measurements
+
+
+def percentile(sorted_samples: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 2000 samples is a real sample)."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_samples)))
+    return sorted_samples[rank - 1]
+
+
+class Requester:
+    """The calling side: one connection, one tunnel client, one method per traffic shape."""
+
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.client = tunnel.TunnelClient(nc)
+        self.small = bytes(SMALL_BYTES)
+        self.bulk = bytes(BULK_MESSAGE_BYTES)
+        self.small_url = f"tunnel://{TUNNEL_HOST}/small"
+
+    # -- one operation of each shape ----------------------------------------------------
+
+    async def raw_request(self) -> None:
+        msg = await self.nc.request(SUBJECT_ECHO, self.small, timeout=REQUEST_TIMEOUT)
+        if len(msg.data) != SMALL_BYTES:
+            raise BenchError(f"raw echo answered {len(msg.data)} bytes")
+
+    async def tunnel_get(self) -> None:
+        resp = await self.client.fetch(self.small_url, timeout=REQUEST_TIMEOUT)
+        body = await resp.read()
+        if resp.status != 200 or len(body) != SMALL_BYTES:
+            raise BenchError(f"tunnel GET answered {resp.status} with {len(body)} bytes")
+
+    # -- shapes ----------------------------------------------------------------------
+
+    async def latency(self, op: Callable[[], Awaitable[None]], prefix: str) -> dict[str, float]:
+        """Sequential round trips after a warm-up: p50 and p99 in milliseconds."""
+        for _ in range(self.settings.warmup):
+            await op()
+        samples: list[float] = []
+        clock = time.perf_counter
+        for _ in range(self.settings.latency_requests):
+            t0 = clock()
+            await op()
+            samples.append(clock() - t0)
+        samples.sort()
+        return {
+            f"{prefix}_p50_ms": percentile(samples, 50) * 1000,
+            f"{prefix}_p99_ms": percentile(samples, 99) * 1000,
+        }
+
+    async def concurrent_rate(self, op: Callable[[], Awaitable[None]], key: str) -> dict[str, float]:
+        """N workers loop over ``op`` for a fixed duration: completed requests per second."""
+        workers = self.settings.concurrency
+        await asyncio.gather(*(op() for _ in range(workers)))  # warm: every worker's first call
+        done = 0
+        clock = time.perf_counter
+        stop_at = clock() + self.settings.concurrent_seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while clock() < stop_at:
+                await op()
+                done += 1
+
+        t0 = clock()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return {key: done / (clock() - t0)}
+
+    async def raw_pubsub(self, total: int | None = None) -> dict[str, float]:
+        """Publish the transfer in 64 KiB messages; stop the clock when the subscriber has all."""
+        total = total or self.settings.transfer_bytes
+        count, rest = divmod(total, BULK_MESSAGE_BYTES)
+        if rest:
+            raise BenchError("transfer size must be a multiple of the bulk message size")
+        done_sub = await self.nc.subscribe(SUBJECT_SINK_DONE)
+        try:
+            await self.nc.request(SUBJECT_SINK_RESET, str(total).encode(), timeout=REQUEST_TIMEOUT)
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await self.nc.publish(SUBJECT_SINK, self.bulk)
+            done = await done_sub.next_msg(timeout=TRANSFER_TIMEOUT)
+            elapsed = time.perf_counter() - t0
+        finally:
+            await done_sub.unsubscribe()
+        if int(done.data) != total:
+            raise BenchError(f"subscriber counted {int(done.data)} of {total} bytes")
+        return {"raw_pubsub_mbps": total / MB / elapsed}
+
+    async def tunnel_download(self, total: int | None = None) -> dict[str, float]:
+        """The handler streams the transfer; stop the clock when the last byte was read."""
+        total = total or self.settings.transfer_bytes
+        t0 = time.perf_counter()
+        resp = await self.client.fetch(
+            f"tunnel://{TUNNEL_HOST}/download?bytes={total}", timeout=TRANSFER_TIMEOUT
+        )
+        received = 0
+        async for chunk in resp.aiter_bytes():
+            received += len(chunk)
+        elapsed = time.perf_counter() - t0
+        if resp.status != 200 or received != total:
+            raise BenchError(f"tunnel download answered {resp.status} with {received} of {total} bytes")
+        return {"tunnel_download_mbps": total / MB / elapsed}
+
+    async def tunnel_upload(self, total: int | None = None) -> dict[str, float]:
+        """Stream the transfer up; stop the clock when the handler's byte count came back."""
+        total = total or self.settings.transfer_bytes
+        piece = self.bulk
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(total // BULK_MESSAGE_BYTES):
+                yield piece
+
+        t0 = time.perf_counter()
+        resp = await self.client.fetch(
+            f"tunnel://{TUNNEL_HOST}/upload", method="POST", body=body(), timeout=TRANSFER_TIMEOUT
+        )
+        counted = await resp.read()
+        elapsed = time.perf_counter() - t0
+        if resp.status != 200 or int(counted) != total:
+            raise BenchError(f"tunnel upload answered {resp.status}, handler counted {counted!r} of {total}")
+        return {"tunnel_upload_mbps": total / MB / elapsed}
+
+    async def warm_up_bulk(self, only: str) -> None:
+        """One small untimed transfer per bulk shape: the first MiBs on a fresh connection are slow."""
+        if only != "tunnel":
+            await self.raw_pubsub(WARMUP_TRANSFER_BYTES)
+        if only != "raw":
+            await self.tunnel_download(WARMUP_TRANSFER_BYTES)
+            await self.tunnel_upload(WARMUP_TRANSFER_BYTES)
+
+    def round_plan(self, only: str) -> list[Callable[[], Awaitable[dict[str, float]]]]:
+        """One round: raw and tunnel alternate per shape so machine drift hits both alike."""
+        raw: list[Callable[[], Awaitable[dict[str, float]]]] = [
+            lambda: self.latency(self.raw_request, "raw_req"),
+            lambda: self.concurrent_rate(self.raw_request, "raw_req_concurrent_rps"),
+            self.raw_pubsub,
+        ]
+        tun: list[Callable[[], Awaitable[dict[str, float]]]] = [
+            lambda: self.latency(self.tunnel_get, "tunnel_get"),
+            lambda: self.concurrent_rate(self.tunnel_get, "tunnel_get_concurrent_rps"),
+            self.tunnel_download,
+            self.tunnel_upload,
+        ]
+        if only == "raw":
+            return raw
+        if only == "tunnel":
+            return tun
+        return [raw[0], tun[0], raw[1], tun[1], raw[2], tun[2], tun[3]]
+
+
+async def run_benchmark(
+    url: str, settings: Settings, only: str, profile_dir: Path | None
+) -> tuple[dict[str, list[float]], str]:
+    """All rounds against a fresh responder; returns per-figure samples and the server version."""
+    samples: dict[str, list[float]] = {}
+    _cancel_on_signals()
+    async with responder_process(url, profile_dir):
+        nc = await connect(url, "bench-requester")
+        requester = Requester(nc, settings)
+        profiler = cProfile.Profile() if profile_dir is not None else None
+        try:
+            if profiler is not None:
+                profiler.enable()
+            await requester.warm_up_bulk(only)
+            for round_no in range(1, settings.rounds + 1):
+                started = time.perf_counter()
+                for measure in requester.round_plan(only):
+                    for key, value in (await measure()).items():
+                        samples.setdefault(key, []).append(value)
+                log(f"round {round_no}/{settings.rounds} done in {time.perf_counter() - started:.1f} s")
+        finally:
+            if profiler is not None and profile_dir is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_dir / "requester.prof")
+            await requester.client.aclose()
+            v = nc.connected_server_version
+            version = f"{v.major}.{v.minor}.{v.patch}"
+            await nc.close()
+    return samples, version
+
+
+# --------------------------------------------------------------------------- results
+
+
+def summarize(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians per figure, then ratios (of medians) and whether each target is met."""
+    result: dict[str, Any] = {key: statistics.median(values) for key, values in samples.items()}
+    for cmp in COMPARISONS:
+        if cmp.tunnel in result and cmp.raw in result:
+            ratio = result[cmp.tunnel] / result[cmp.raw]
+            result[cmp.key] = ratio
+            met = cmp.met(ratio)
+            if met is not None:
+                result[f"{cmp.key}_target_met"] = met
+    return result
+
+
+def format_value(value: float, unit: str) -> str:
+    digits = 3 if unit == "ms" else (0 if unit == "req/s" else 1)
+    return f"{value:,.{digits}f} {unit}"
+
+
+def print_report(result: dict[str, Any], samples: dict[str, list[float]], header: str) -> None:
+    """Human-readable table: every figure with units, then each ratio against its target."""
+    print(header)
+    print()
+    for fig in FIGURES:
+        if fig.key not in result:
+            continue
+        spread = ", ".join(format_value(v, fig.unit).removesuffix(" " + fig.unit) for v in samples[fig.key])
+        print(f"  {fig.label:<30} {format_value(result[fig.key], fig.unit):>16}   (rounds: {spread})")
+    print()
+    for cmp in COMPARISONS:
+        if cmp.key not in result:
+            continue
+        ratio = result[cmp.key]
+        if cmp.target is None:
+            verdict = "(no target)"
+        else:
+            sign = ">=" if cmp.higher_is_better else "<="
+            ok = "met" if result[f"{cmp.key}_target_met"] else "MISSED"
+            verdict = f"target {sign} {cmp.target:.2f}: {ok}"
+        print(f"  tunnel/raw {cmp.label:<28} {ratio:6.2f}   {verdict}")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the tunnel against raw nats-py request/reply and pub/sub "
+        "on a nats-server it starts itself (loopback, free port).",
+        epilog="MB/s = 10**6 bytes/s. Figures are medians over the rounds; progress goes to stderr.",
+    )
+    parser.add_argument("--quick", action="store_true", help="few iterations (~15 s): a smoke check")
+    parser.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
+    parser.add_argument("--rounds", type=int, help="repeat every measurement this often (default 5, quick 2)")
+    parser.add_argument(
+        "--only", choices=("all", "raw", "tunnel"), default="all", help="measure one side only (no ratios)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="write cProfile stats of both processes to DIR/requester.prof and DIR/responder.prof",
+    )
+    parser.add_argument("--role", choices=("main", "responder"), default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.role == "responder" and not args.url:
+        parser.error("--role responder needs --url")
+    return args
+
+
+def responder_main(url: str, profile_dir: Path | None) -> int:
+    profiler = cProfile.Profile() if profile_dir is not None else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        asyncio.run(run_responder(url))
+    finally:
+        if profiler is not None and profile_dir is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_dir / "responder.prof")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    if args.role == "responder":
+        return responder_main(args.url, args.profile)
+    settings = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        settings = Settings(**{**settings.__dict__, "rounds": args.rounds})
+    server: NatsServer | None = None
+    try:
+        server = NatsServer(NatsServerConfig(monitor_port=None))
+        server.start()
+        log(f"nats-server on {server.url}; {settings.rounds} rounds; responder in a separate process")
+        samples, version = asyncio.run(run_benchmark(server.url, settings, args.only, args.profile))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("bench_tunnel: interrupted")
+        return 130
+    except (NatsServerError, BenchError, tunnel.TunnelError, nats.errors.Error, OSError) as exc:
+        if INTERRUPTED.is_set():  # the server died of the same Ctrl-C: not a failure
+            log("bench_tunnel: interrupted")
+            return 130
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log(f"bench_tunnel: failed: {first_line}")
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+    result = summarize(samples)
+    if args.json:
+        meta = {
+            "nats_server_version": version,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "rounds": settings.rounds,
+            "quick": args.quick,
+            "transfer_bytes": settings.transfer_bytes,
+            "bulk_message_bytes": BULK_MESSAGE_BYTES,
+            "small_bytes": SMALL_BYTES,
+            "concurrency": settings.concurrency,
+            "latency_requests": settings.latency_requests,
+            "samples": samples,
+        }
+        print(json.dumps({**result, **meta}))
+    else:
+        mib = settings.transfer_bytes // (1024 * 1024)
+        print_report(
+            result,
+            samples,
+            f"tunnel vs raw nats-py - nats-server {version}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs, median of {settings.rounds} rounds; {settings.latency_requests} "
+            f"sequential requests, {settings.concurrency} workers x {settings.concurrent_seconds:g} s, "
+            f"{mib} MiB transfers",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Smoke test of scripts/bench_tunnel.py: it runs end to end and reports every figure.
+
+No assertion on the ratios or absolute speeds: timing on a shared 2-core machine is noise.
+What can fail here is the plumbing: the responder process, the server lifecycle, a
+measurement that silently produced nothing, or stray output breaking ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_tunnel.py"
+RUN_TIMEOUT = 120.0
+
+FIGURE_KEYS = (
+    "raw_req_p50_ms",
+    "raw_req_p99_ms",
+    "raw_req_concurrent_rps",
+    "raw_pubsub_mbps",
+    "tunnel_get_p50_ms",
+    "tunnel_get_p99_ms",
+    "tunnel_get_concurrent_rps",
+    "tunnel_download_mbps",
+    "tunnel_upload_mbps",
+)
+RATIO_KEYS = ("ratio_get_p50", "ratio_get_p99", "ratio_concurrent_rps", "ratio_download", "ratio_upload")
+TARGET_KEYS = (
+    "ratio_get_p50_target_met",
+    "ratio_concurrent_rps_target_met",
+    "ratio_download_target_met",
+    "ratio_upload_target_met",
+)
+
+
+def _is_positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_quick_json_run_reports_every_figure_as_one_json_object() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, f"bench failed (rc {proc.returncode}):\n{proc.stderr}"
+    # --json: stdout is exactly one JSON object (json.loads rejects anything around it).
+    result = json.loads(proc.stdout)
+    assert isinstance(result, dict)
+    for key in (*FIGURE_KEYS, *RATIO_KEYS):
+        assert _is_positive_number(result.get(key)), f"{key} = {result.get(key)!r}"
+    for key in TARGET_KEYS:
+        assert isinstance(result.get(key), bool), f"{key} = {result.get(key)!r}"
+    assert result["quick"] is True
+    # Every figure is a median over several rounds, each of which measured something.
+    rounds = result["rounds"]
+    assert isinstance(rounds, int) and rounds >= 2
+    for key in FIGURE_KEYS:
+        samples = result["samples"][key]
+        assert len(samples) == rounds and all(_is_positive_number(v) for v in samples), key
+    # The ratios are computed from the reported medians, not from something else.
+    assert result["ratio_get_p50"] == pytest.approx(result["tunnel_get_p50_ms"] / result["raw_req_p50_ms"])
+    assert result["ratio_download"] == pytest.approx(
+        result["tunnel_download_mbps"] / result["raw_pubsub_mbps"]
+    )
+
+
+def test_help_describes_the_benchmark_without_starting_anything() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0
+    assert "--quick" in proc.stdout and "--json" in proc.stdout
+    assert "--role" not in proc.stdout  # internal flag stays hidden
