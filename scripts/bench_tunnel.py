@@ -72,7 +72,7 @@ SCRIPT = Path(__file__).resolve()
 
 @dataclass(frozen=True)
 class Settings:
-    """How much work one run does; ``--quick`` trades precision for a ~15 s smoke run."""
+    """How much work one run does; ``--quick`` trades precision for a ~10 s smoke run."""
 
     rounds: int
     warmup: int
@@ -547,9 +547,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on a nats-server it starts itself (loopback, free port).",
         epilog="MB/s = 10**6 bytes/s. Figures are medians over the rounds; progress goes to stderr.",
     )
-    parser.add_argument("--quick", action="store_true", help="few iterations (~15 s): a smoke check")
+    parser.add_argument("--quick", action="store_true", help="few iterations (~10 s): a smoke check only")
     parser.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
-    parser.add_argument("--rounds", type=int, help="repeat every measurement this often (default 5, quick 2)")
+    parser.add_argument("--rounds", type=int, help="repeat every measurement this often (default 5, quick 3)")
     parser.add_argument(
         "--only", choices=("all", "raw", "tunnel"), default="all", help="measure one side only (no ratios)"
     )
