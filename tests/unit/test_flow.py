@@ -1,0 +1,204 @@
+"""Credit-based flow control and sequence checking (sans-IO)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunnel._errors import LocalProtocolError, RemoteProtocolError
+from tunnel._flow import GRANT_THRESHOLD_FRACTION, MAX_CREDIT, ReceiveWindow, SendCredit
+
+# --------------------------------------------------------------------------- SendCredit
+
+
+def test_send_credit_counts_down_and_numbers_frames_from_zero() -> None:
+    credit = SendCredit(100)
+    assert not credit.unlimited
+    assert credit.available() == 100
+    assert credit.spend(30) == 0
+    assert credit.spend(0) == 1
+    assert credit.spend(70) == 2
+    assert credit.available() == 0
+    assert credit.sent_bytes == 100
+    assert credit.next_seq == 3
+
+
+def test_send_credit_never_allows_spending_over_credit() -> None:
+    credit = SendCredit(100)
+    credit.spend(60)
+    with pytest.raises(LocalProtocolError):
+        credit.spend(41)
+    # A refused spend changes nothing.
+    assert credit.available() == 40
+    assert credit.next_seq == 1
+    assert credit.sent_bytes == 60
+    assert credit.spend(40) == 1
+    with pytest.raises(LocalProtocolError):
+        credit.spend(1)
+
+
+def test_grants_accumulate() -> None:
+    credit = SendCredit(10)
+    credit.spend(10)
+    credit.grant(5)
+    credit.grant(7)
+    assert credit.available() == 12
+    credit.spend(12)
+    assert credit.available() == 0
+
+
+def test_accumulated_credit_is_bounded() -> None:
+    credit = SendCredit(MAX_CREDIT - 1)
+    credit.grant(MAX_CREDIT)
+    credit.grant(MAX_CREDIT)
+    assert credit.available() == MAX_CREDIT
+
+
+def test_no_flow_control_means_unlimited_and_ignores_grants() -> None:
+    credit = SendCredit(None)
+    assert credit.unlimited
+    assert credit.available() >= 2**53 - 1
+    credit.grant(10)
+    assert credit.unlimited
+    assert credit.spend(10**12) == 0
+    assert credit.spend(10**12) == 1
+    assert credit.sent_bytes == 2 * 10**12
+
+
+# --------------------------------------------------------------------------- ReceiveWindow
+
+
+def test_contiguous_chunks_within_the_window_are_accepted() -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 40)
+    window.on_chunk(1, 0)
+    window.on_chunk(2, 60)
+    window.on_end(3)
+    assert window.received_bytes == 100
+    assert window.buffered == 100
+
+
+def test_gap_is_detected() -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 10)
+    with pytest.raises(RemoteProtocolError, match="missing"):
+        window.on_chunk(2, 10)
+
+
+def test_first_chunk_must_be_seq_zero() -> None:
+    with pytest.raises(RemoteProtocolError):
+        ReceiveWindow(100).on_chunk(1, 10)
+
+
+def test_duplicate_is_detected() -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 10)
+    window.on_chunk(1, 10)
+    with pytest.raises(RemoteProtocolError, match="duplicate"):
+        window.on_chunk(1, 10)
+    with pytest.raises(RemoteProtocolError):
+        window.on_chunk(0, 10)
+
+
+def test_sequence_is_checked_even_without_flow_control() -> None:
+    window = ReceiveWindow(None)
+    window.on_chunk(0, 10**9)
+    with pytest.raises(RemoteProtocolError):
+        window.on_chunk(0, 1)
+    with pytest.raises(RemoteProtocolError):
+        window.on_chunk(5, 1)
+
+
+def test_overrun_of_granted_credit_is_detected() -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 100)
+    with pytest.raises(RemoteProtocolError, match="credit"):
+        window.on_chunk(1, 1)
+    fresh = ReceiveWindow(100)
+    with pytest.raises(RemoteProtocolError):
+        fresh.on_chunk(0, 101)
+
+
+def test_no_overrun_check_without_flow_control() -> None:
+    window = ReceiveWindow(None)
+    window.on_chunk(0, 10**12)
+    assert window.on_consumed(10**12) is None
+
+
+@pytest.mark.parametrize("end_seq", [0, 1, 3, 100])
+def test_end_seq_must_equal_the_number_of_chunks(end_seq: int) -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 1)
+    window.on_chunk(1, 1)
+    with pytest.raises(RemoteProtocolError):
+        window.on_end(end_seq)
+    window.on_end(2)
+
+
+def test_empty_body_ends_at_seq_zero() -> None:
+    window = ReceiveWindow(100)
+    window.on_end(0)
+    with pytest.raises(RemoteProtocolError):
+        ReceiveWindow(100).on_end(1)
+
+
+def test_grant_comes_once_half_the_window_is_consumed() -> None:
+    assert GRANT_THRESHOLD_FRACTION == 0.5
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 100)
+    assert window.on_consumed(20) is None
+    assert window.on_consumed(29) is None
+    assert window.on_consumed(1) == 50  # 50 consumed since the last grant
+    assert window.on_consumed(30) is None
+    assert window.on_consumed(20) == 50
+    assert window.granted == 200
+
+
+def test_a_grant_lets_exactly_that_much_more_data_in() -> None:
+    window = ReceiveWindow(100)
+    window.on_chunk(0, 100)
+    grant = window.on_consumed(60)
+    assert grant == 60
+    window.on_chunk(1, 60)
+    with pytest.raises(RemoteProtocolError):
+        window.on_chunk(2, 1)
+
+
+def test_buffered_bytes_track_received_minus_consumed() -> None:
+    window = ReceiveWindow(1000)
+    window.on_chunk(0, 300)
+    window.on_chunk(1, 200)
+    assert window.buffered == 500
+    window.on_consumed(120)
+    assert window.buffered == 380
+    window.on_chunk(2, 100)
+    assert window.buffered == 480
+    window.on_consumed(480)
+    assert window.buffered == 0
+    assert window.received_bytes == 600
+
+
+def test_sender_and_receiver_agree_over_a_long_transfer() -> None:
+    """A sender that obeys its credit never overruns a receiver that grants as it consumes."""
+    window_size = 1000
+    send = SendCredit(window_size)
+    receive = ReceiveWindow(window_size)
+    to_send = 25_000
+    pending: list[int] = []
+    delivered = 0
+    while delivered < to_send:
+        sent_in_round = 0
+        while send.available() > 0 and delivered + sum(pending) < to_send:
+            n = min(300, send.available(), to_send - delivered - sum(pending))
+            seq = send.spend(n)
+            receive.on_chunk(seq, n)
+            pending.append(n)
+            sent_in_round += n
+        assert receive.buffered <= window_size
+        # The application reads one frame at a time; grants flow back.
+        n = pending.pop(0)
+        delivered += n
+        grant = receive.on_consumed(n)
+        if grant is not None:
+            send.grant(grant)
+    receive.on_end(send.next_seq)
+    assert receive.received_bytes == to_send == send.sent_bytes

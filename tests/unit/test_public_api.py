@@ -1,0 +1,81 @@
+"""The public surface of ``tunnel``: ``__all__`` is exact, and everything in it is importable."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import tunnel
+
+EXPECTED_PUBLIC_NAMES = {
+    "DEFAULT_FIRST_FRAME_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CHUNK",
+    "DEFAULT_PREFIX",
+    "DEFAULT_UNREACHABLE_GRACE",
+    "DEFAULT_WINDOW",
+    "DeadlineExceeded",
+    "ErrorCode",
+    "FetchResponse",
+    "Handler",
+    "HostSubjects",
+    "IdleTimeout",
+    "LocalProtocolError",
+    "NoFirstFrameTimeout",
+    "RemoteError",
+    "RemoteProtocolError",
+    "Request",
+    "Response",
+    "ServerStats",
+    "Timeouts",
+    "TunnelAborted",
+    "TunnelClient",
+    "TunnelConnectionError",
+    "TunnelError",
+    "TunnelServer",
+    "TunnelTimeout",
+    "TunnelUnreachable",
+    "client_for",
+    "fetch",
+    "host_token",
+    "parse_tunnel_url",
+    "serve",
+}
+
+
+def test_all_is_exactly_the_public_names() -> None:
+    assert set(tunnel.__all__) == EXPECTED_PUBLIC_NAMES
+    assert len(tunnel.__all__) == len(set(tunnel.__all__)), "duplicate names in __all__"
+
+
+def test_every_name_in_all_is_importable() -> None:
+    module = importlib.import_module("tunnel")
+    for name in tunnel.__all__:
+        assert getattr(module, name, None) is not None, name
+    namespace: dict[str, object] = {}
+    exec("from tunnel import *", namespace)
+    assert set(namespace) - {"__builtins__"} == EXPECTED_PUBLIC_NAMES
+
+
+def test_no_public_name_is_exported_without_being_in_all() -> None:
+    public = {
+        name
+        for name, value in vars(tunnel).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(tunnel.__all__)
+
+
+def test_implementation_modules_are_private() -> None:
+    submodules = {name for name, value in vars(tunnel).items() if isinstance(value, types.ModuleType)}
+    assert all(name.startswith("_") for name in submodules), submodules
+
+
+def test_every_public_error_carries_a_stable_code_and_http_status() -> None:
+    errors = [getattr(tunnel, name) for name in tunnel.__all__]
+    errors = [e for e in errors if isinstance(e, type) and issubclass(e, tunnel.TunnelError)]
+    assert len(errors) == 11
+    for cls in errors:
+        err = cls("message")
+        assert isinstance(err.code, str) and err.code.startswith("tunnel_")
+        assert 400 <= err.http_status <= 599
