@@ -54,7 +54,9 @@ MAX_SAFE_INT: Final = 2**53 - 1
 # Only plausible methods: an HTTP token, bounded.
 _METHOD_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_HEADER_VALUE_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
+# CR/LF/NUL would split or truncate HTTP headers; lone surrogates cannot be encoded as UTF-8.
+_HEADER_VALUE_FORBIDDEN: Final = re.compile("[\r\n\x00\ud800-\udfff]")
+_URL_FORBIDDEN: Final = re.compile("[\x00-\x20\x7f\ud800-\udfff]")
 _CODE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 Headers = list[tuple[str, str]]
@@ -242,17 +244,23 @@ def b64url_decode(text: str) -> bytes:
         raise FrameError("data is not valid base64url") from exc
 
 
+# Like the fetch standard: these are normalised to upper case, other methods keep their case
+# (HTTP methods are case-sensitive).
+_NORMALISED_METHODS: Final = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"})
+
+
 def validate_method(method: str) -> str:
-    if not isinstance(method, str) or not _METHOD_RE.match(method):
+    if not isinstance(method, str) or not _METHOD_RE.fullmatch(method):
         raise LocalProtocolError(f"invalid HTTP method {method!r}")
-    return method.upper()
+    upper = method.upper()
+    return upper if upper in _NORMALISED_METHODS else method
 
 
 def validate_url(url: str) -> str:
     """The path+query that travels: must start with '/' and hold no whitespace or controls."""
     if not isinstance(url, str) or not url.startswith("/") or len(url) > 64 * 1024:
         raise LocalProtocolError(f"invalid request target {url!r}: must start with '/'")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+    if _URL_FORBIDDEN.search(url):
         raise LocalProtocolError("request target contains whitespace or control characters")
     return url
 
@@ -270,7 +278,7 @@ def validate_headers(headers: Any, error: type[Exception] = LocalProtocolError) 
         name, value = pair
         if not isinstance(name, str) or not isinstance(value, str):
             raise error("header names and values must be strings")
-        if len(name) > MAX_HEADER_NAME_LENGTH or not _HEADER_NAME_RE.match(name):
+        if len(name) > MAX_HEADER_NAME_LENGTH or not _HEADER_NAME_RE.fullmatch(name):
             raise error(f"invalid header name {name[:64]!r}")
         if len(value) > MAX_HEADER_VALUE_LENGTH or _HEADER_VALUE_FORBIDDEN.search(value):
             raise error(f"invalid value for header {name!r}")
@@ -310,7 +318,7 @@ def _positive_int(obj: dict[str, Any], key: str, rid: str | None) -> int | None:
 
 def _code_and_message(obj: dict[str, Any], rid: str) -> tuple[str, str]:
     code = _require(obj, "code", str, rid)
-    if len(code) > MAX_ERROR_CODE_LENGTH or not _CODE_RE.match(code):
+    if len(code) > MAX_ERROR_CODE_LENGTH or not _CODE_RE.fullmatch(code):
         code = "tunnel_unknown_error"
     message = _optional(obj, "message", str, rid) or ""
     return code, message[:MAX_ERROR_MESSAGE_LENGTH]
@@ -512,7 +520,8 @@ _JSON_DECODERS: Final[dict[str, Callable[[dict[str, Any], str], Frame]]] = {
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII-only JSON: non-ASCII text travels as \\u escapes, so no string can fail to encode.
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:

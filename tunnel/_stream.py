@@ -111,7 +111,8 @@ _S, _A, _R, _D = CallerPhase.STARTING, CallerPhase.ACKED, CallerPhase.RESPONDING
 # (phase, frame type) -> next phase. Repeated acks are normal (we republish the start).
 CALLER_TRANSITIONS: Final[dict[tuple[CallerPhase, str], CallerPhase]] = {
     (_S, "response.ack"): _A,
-    (_S, "response.heartbeat"): _A,
+    # A heartbeat first means our ack was lost: keep republishing until one carries the negotiation.
+    (_S, "response.heartbeat"): _S,
     (_S, "response.start"): _R,
     (_S, "response.whole"): _D,
     (_A, "response.ack"): _A,
@@ -291,7 +292,7 @@ class CallerStream:
         if nxt is None:
             raise self._fail(RemoteProtocolError(f"unexpected {frame.type} while {self.phase.value}"))
         self._last_frame_at = self.clock()
-        first = self.phase is CallerPhase.STARTING
+        first = self.phase is CallerPhase.STARTING and nxt is not CallerPhase.STARTING
         self.phase = nxt
         if first:
             self._first_frame(frame)
@@ -342,7 +343,9 @@ class CallerStream:
             frame_limit = min(opts.max_payload, peer_max)
         else:
             frame_limit = opts.max_payload
-        self.chunk_limit = max(1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary)))
+        self.chunk_limit = max(
+            1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
+        )
         if self.send.credit is not None:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
 
@@ -489,9 +492,13 @@ class ServerStream:
         self.error: TunnelError | None = None
         self.caller_gone = False  # the caller aborted or failed its body: nobody to answer
         self.deadline = deadline
-        for subject in (start.reply_subject, start.abort_subject, start.body_subject):
-            if subject is not None and not subjects.owns(subject):
-                raise f.FrameError("request names a subject outside its host", start.request_id)
+        rid = start.request_id
+        if (
+            not subjects.request_subject_ok(start.reply_subject, rid)
+            or start.abort_subject != subjects.abort(rid)
+            or (start.body_subject is not None and start.body_subject != subjects.body(rid))
+        ):
+            raise f.FrameError("request names subjects that are not its own", rid)
         offer = start.extensions if options.fast_path else None
         self.extended = offer is not None
         self.reply_subject = start.reply_subject
@@ -513,7 +520,9 @@ class ServerStream:
             self.heartbeat_interval = None
             frame_limit = options.max_payload
         self.frame_limit = frame_limit
-        self.chunk_limit = max(1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary)))
+        self.chunk_limit = max(
+            1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
+        )
         if self.send.credit is not None:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
         self.offers_whole = offer is not None and offer.whole and offer.binary
@@ -564,7 +573,8 @@ class ServerStream:
             raise LocalProtocolError("invalid status text")
         self.phase = ServerPhase.RESPONDING
         self.response_has_body = self._allows_body(status)
-        ext = None if self.acked else self._ack_extensions()
+        # Always repeat the negotiation: if the ack was lost, this is the caller's first frame.
+        ext = self._ack_extensions()
         self.acked = True
         self.ack_due = None
         return self._out(f.ResponseStart(self.request_id, status, headers, status_text, ext))
@@ -667,6 +677,8 @@ class ServerStream:
             return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
         if isinstance(frame, f.RequestCredit):
             self.send.grant(frame.bytes)
+            if self._credit_blocked_since is not None:
+                self._credit_blocked_since = self._last_received_at  # the stall clock restarts
             return CreditGranted()
         if isinstance(frame, f.RequestStart):
             return None  # repeats are answered by the dispatcher with another ack

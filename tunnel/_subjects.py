@@ -68,7 +68,7 @@ def hostname_from_token(token: str) -> str:
 def validate_prefix(prefix: str) -> str:
     """A prefix is one or more dot-separated subject tokens without wildcards."""
     tokens = prefix.split(".")
-    if not prefix or not all(_PREFIX_TOKEN_RE.match(t) for t in tokens):
+    if not prefix or not all(_PREFIX_TOKEN_RE.fullmatch(t) for t in tokens):
         raise LocalProtocolError(f"invalid subject prefix {prefix!r}")
     return prefix
 
@@ -77,7 +77,7 @@ def is_valid_request_id(request_id: object) -> bool:
     return (
         isinstance(request_id, str)
         and 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH
-        and _ID_RE.match(request_id) is not None
+        and _ID_RE.fullmatch(request_id) is not None
     )
 
 
@@ -140,6 +140,14 @@ class HostSubjects:
 
     def all_server_up(self, server_id: str) -> str:
         return f"{self.base}.req.*.up.{server_id}"
+
+    def request_subject_ok(self, subject: str, request_id: str) -> bool:
+        """A literal subject of this request (``P.req.<id>.<token>[.<token>]``), nothing else."""
+        head = f"{self.base}.req.{request_id}."
+        if not subject.startswith(head):
+            return False
+        rest = subject[len(head) :].split(".")
+        return 1 <= len(rest) <= 2 and all(_PREFIX_TOKEN_RE.fullmatch(t) for t in rest)
 
     def owns(self, subject: str) -> bool:
         """True when ``subject`` lies under this host's prefix."""

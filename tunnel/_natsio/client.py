@@ -34,9 +34,9 @@ from .._config import (
 )
 from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
 from .._stream import (
-    Acked,
     BodyEnded,
     CallerOptions,
+    CallerPhase,
     CallerStream,
     CreditGranted,
     DataReceived,
@@ -166,11 +166,17 @@ class _ClientRequest:
     # -- frames from the demultiplexer ------------------------------------------
 
     async def on_frame(self, frame: f.Frame) -> None:
+        was_starting = self.stream.phase is CallerPhase.STARTING
         try:
             event = self.stream.receive(frame)
         except TunnelError as exc:
             await self._abort_with(exc)
             return
+        if was_starting and self.stream.phase is not CallerPhase.STARTING:
+            # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
+            if self.body is not None and not self.stream.finished:
+                self._upload = asyncio.get_running_loop().create_task(self._send_body())
+            self.timer.arm(self.stream.next_deadline())
         if event is None:
             return
         if isinstance(event, DataReceived):
@@ -190,10 +196,6 @@ class _ClientRequest:
             self.release()
         elif isinstance(event, CreditGranted):
             self._wake_credit()
-        elif isinstance(event, Acked):
-            if self.body is not None:
-                self._upload = asyncio.get_running_loop().create_task(self._send_body())
-            self.timer.arm(self.stream.next_deadline())
         elif isinstance(event, PeerFailed):
             self._set_error(event.error)
             self.release()

@@ -187,6 +187,14 @@ class _ServerRequest:
     async def _send_body(self, body: object) -> None:
         if body is None:
             return
+        if not self.stream.response_has_body:
+            # HEAD / 204 / 304: never drain a (possibly endless) body nobody will read.
+            aclose = getattr(body, "aclose", None) or getattr(body, "close", None)
+            if callable(aclose):
+                result = aclose()
+                if asyncio.iscoroutine(result):
+                    await result
+            return
         if isinstance(body, str):
             body = body.encode("utf-8")
         if isinstance(body, bytes | bytearray | memoryview):
