@@ -56,8 +56,8 @@ class Request:
         self.has_body = has_body
         #: Monotonic (event loop) time by which the caller wants the answer, or None.
         self.deadline = deadline
-        #: Set when the caller aborted, the deadline passed or the server is closing.
-        self.cancelled = asyncio.Event()
+        self._cancelled: asyncio.Event | None = None  # created on first use: most handlers never look
+        self._is_cancelled = False
         self._chunks: deque[bytes] = deque()
         self._ended = not has_body
         self._error: TunnelError | None = None
@@ -86,7 +86,16 @@ class Request:
 
     @property
     def is_cancelled(self) -> bool:
-        return self.cancelled.is_set()
+        return self._is_cancelled
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when the caller aborted, the deadline passed or the server is closing."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+            if self._is_cancelled:
+                self._cancelled.set()
+        return self._cancelled
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield request body chunks as they arrive (granting the caller credit as we go)."""
@@ -128,7 +137,9 @@ class Request:
     def _fail(self, error: TunnelError) -> None:
         if self._error is None and not self._ended:
             self._error = error
-        self.cancelled.set()
+        self._is_cancelled = True
+        if self._cancelled is not None:
+            self._cancelled.set()
         self._wake()
 
     def _wake(self) -> None:

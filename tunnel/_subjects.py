@@ -33,6 +33,7 @@ MAX_REQUEST_ID_LENGTH: Final = 128
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_REQUEST_TAIL_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?")
 _HOST_FORBIDDEN_RE: Final = re.compile(r"[\s\x00-\x1f\x7f/?#@]")
 
 
@@ -144,10 +145,7 @@ class HostSubjects:
     def request_subject_ok(self, subject: str, request_id: str) -> bool:
         """A literal subject of this request (``P.req.<id>.<token>[.<token>]``), nothing else."""
         head = f"{self.base}.req.{request_id}."
-        if not subject.startswith(head):
-            return False
-        rest = subject[len(head) :].split(".")
-        return 1 <= len(rest) <= 2 and all(_PREFIX_TOKEN_RE.fullmatch(t) for t in rest)
+        return subject.startswith(head) and _REQUEST_TAIL_RE.fullmatch(subject, len(head)) is not None
 
     def owns(self, subject: str) -> bool:
         """True when ``subject`` lies under this host's prefix."""

@@ -480,22 +480,29 @@ def drop_whole_responses(pub: Publish) -> Iterable[Publish]:
     return [] if pub.payload[:2] == b"\x00\x03" else [pub]
 
 
-async def test_lost_one_message_response_gives_a_timeout_not_hang(
+async def test_lost_one_message_response_is_reported_at_the_first_republish_not_a_hang(
     server_nc: Client, client_nc: Client
 ) -> None:
-    """A small answer travels as one response.whole frame (no ack first); losing it is a timeout."""
-    first_frame = 2.0
+    """A small answer travels as one response.whole frame (no ack first); if it is lost, the
+    caller's republished start is answered with a typed error at once, not after the
+    first-frame timeout."""
+    first_frame = 10.0
+    republish = 0.3
 
     async def handler(req: tunnel.Request) -> tunnel.Response:
         return tunnel.Response(200, [], b"small")
 
     loop = asyncio.get_running_loop()
     async with serving(server_nc, "lost-whole.test", handler, wire_tap=drop_whole_responses) as server:
-        client = tunnel.TunnelClient(client_nc, idle_timeout=0.5, first_frame_timeout=first_frame)
+        client = tunnel.TunnelClient(
+            client_nc, idle_timeout=0.5, first_frame_timeout=first_frame, republish_interval=republish
+        )
         began = loop.time()
-        with pytest.raises(tunnel.TunnelTimeout):
+        with pytest.raises(tunnel.RemoteProtocolError) as caught:
             await client.fetch("tunnel://lost-whole.test/small")
         waited = loop.time() - began
+        assert caught.value.code == "tunnel_protocol_error"
         assert server.stats.completed == 1  # the answer was produced, and lost
-    assert waited <= first_frame + DEAD_PEER_SLACK
+        assert server.stats.repeated_starts >= 1
+    assert waited <= republish + DEAD_PEER_SLACK
     assert client.in_flight == 0

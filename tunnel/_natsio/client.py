@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import weakref
 from collections import deque
@@ -53,16 +54,37 @@ from .._subjects import (
     parse_request_subject,
     validate_prefix,
 )
-from .common import LazyTimer, Publisher, WireTap, log, map_nats_error, status_of
+from .common import LazyTimer, Publisher, TimerHub, WireTap, log, map_nats_error, status_of
 
 Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
 HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
 
 _UNSET: Any = object()
+# Per-client caches of host subjects and option objects; cleared when full (cheap, bounded).
+HOST_CACHE_SIZE = 4096
+
+
+_PLAIN_HOST_RE = re.compile(r"[a-z0-9][a-z0-9.-]*", re.ASCII)
 
 
 def parse_tunnel_url(url: str) -> tuple[str, str]:
     """``tunnel://host/path?query`` -> (hostname, "/path?query")."""
+    if url.startswith("tunnel://"):
+        # Fast path for the common shape; anything unusual goes through urlsplit below.
+        rest = url[9:]
+        cut = len(rest)
+        for sep in "/?#":
+            i = rest.find(sep)
+            if i != -1 and i < cut:
+                cut = i
+        host = rest[:cut].lower()
+        if _PLAIN_HOST_RE.fullmatch(host):
+            target = rest[cut:].partition("#")[0]
+            if not target.startswith("/"):
+                target = "/" + target
+            if target.endswith("?"):
+                target = target[:-1]
+            return host, f.validate_url(target)
     parts = urlsplit(url)
     if parts.scheme != "tunnel":
         raise LocalProtocolError(f"not a tunnel:// URL: {url!r}")
@@ -118,7 +140,15 @@ class FetchResponse:
             yield chunk
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self._request.iter_body()])
+        request = self._request
+        if request.ended and not request._iterated and request.error is None:
+            # Everything already arrived (e.g. one response.whole): no generator needed.
+            request._iterated = True
+            chunks = request.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            return data
+        return b"".join([chunk async for chunk in request.iter_body()])
 
     async def text(self, encoding: str = "utf-8") -> str:
         return (await self.read()).decode(encoding)
@@ -172,9 +202,9 @@ class _ClientRequest:
         except TunnelError as exc:
             await self._abort_with(exc)
             return
-        if was_starting and self.stream.phase is not CallerPhase.STARTING:
-            # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
-            if self.body is not None and not self.stream.finished:
+        # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
+        if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
+            if self.body is not None:
                 self._upload = asyncio.get_running_loop().create_task(self._send_body())
             self.timer.arm(self.stream.next_deadline())
         if event is None:
@@ -409,6 +439,9 @@ class TunnelClient:
         self._streams: dict[str, _ClientRequest] = {}
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
+        self._hosts: dict[str, HostSubjects] = {}
+        self._timers: TimerHub | None = None
+        self._options: dict[tuple[float | None, float | None, float | None, int], CallerOptions] = {}
         self.protocol_errors = 0  # frames we could not decode or attribute
 
     @property
@@ -470,28 +503,20 @@ class TunnelClient:
         """
         hostname, target = parse_tunnel_url(url)
         method = f.validate_method(method)
-        header_list = _normalize_headers(headers)
+        header_list = _normalize_headers(headers) if headers else []
         total = self.timeout if timeout is _UNSET else timeout
         first = self.first_frame_timeout if first_frame_timeout is _UNSET else first_frame_timeout
         idle = self.idle_timeout if idle_timeout is _UNSET else idle_timeout
         if isinstance(body, str | bytes | bytearray | memoryview) and len(body) == 0:
             body = None
-        await self._ensure_subscribed()
+        if self._sub is None:
+            await self._ensure_subscribed()
         loop = asyncio.get_running_loop()
-        subjects = HostSubjects.for_host(hostname, self.prefix)
+        if self._timers is None:
+            self._timers = TimerHub(loop)
+        subjects = self._subjects_for(hostname)
         request_id = new_request_id()
-        options = CallerOptions(
-            first_frame_timeout=first,
-            idle_timeout=idle,
-            total_timeout=total,
-            republish_interval=self.republish_interval,
-            unreachable_grace=self.unreachable_grace,
-            window=self.window,
-            max_chunk=self.max_chunk,
-            max_payload=self.nc.max_payload,
-            heartbeat_interval=heartbeat_interval_for(idle),
-            fast_path=self.fast_path,
-        )
+        options = self._options_for(first, idle, total)
         deadline_ms = int((time.time() + total) * 1000) if total else None
         stream = CallerStream(
             request_id=request_id,
@@ -509,7 +534,7 @@ class TunnelClient:
         self._streams[request_id] = req
         try:
             await self.publisher.send(stream.start())
-            req.timer.arm(stream.next_deadline())
+            self._timers.add(req.timer, stream.next_deadline())
             head = await req.head
         except BaseException as exc:
             if isinstance(exc, TunnelError):
@@ -517,6 +542,34 @@ class TunnelClient:
             await req.close()
             raise
         return FetchResponse(req, head)
+
+    def _subjects_for(self, hostname: str) -> HostSubjects:
+        subjects = self._hosts.get(hostname)
+        if subjects is None:
+            if len(self._hosts) >= HOST_CACHE_SIZE:
+                self._hosts.clear()
+            subjects = self._hosts[hostname] = HostSubjects.for_host(hostname, self.prefix)
+        return subjects
+
+    def _options_for(self, first: float | None, idle: float | None, total: float | None) -> CallerOptions:
+        key = (first, idle, total, self.nc.max_payload)
+        options = self._options.get(key)
+        if options is None:
+            if len(self._options) >= HOST_CACHE_SIZE:
+                self._options.clear()
+            options = self._options[key] = CallerOptions(
+                first_frame_timeout=first,
+                idle_timeout=idle,
+                total_timeout=total,
+                republish_interval=self.republish_interval,
+                unreachable_grace=self.unreachable_grace,
+                window=self.window,
+                max_chunk=self.max_chunk,
+                max_payload=self.nc.max_payload,
+                heartbeat_interval=heartbeat_interval_for(idle),
+                fast_path=self.fast_path,
+            )
+        return options
 
     async def aclose(self) -> None:
         """Abort everything in flight and drop the subscription."""

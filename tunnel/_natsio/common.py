@@ -34,10 +34,12 @@ class Publisher:
         self._background: set[asyncio.Task[None]] = set()
 
     async def send(self, pub: Publish) -> None:
-        pubs: Iterable[Publish] = (pub,) if self.tap is None else self.tap(pub)
         try:
-            for p in pubs:
-                await self.nc.publish(p.subject, p.payload, reply=p.reply)
+            if self.tap is None:
+                await self.nc.publish(pub.subject, pub.payload, reply=pub.reply)
+            else:
+                for p in self.tap(pub):
+                    await self.nc.publish(p.subject, p.payload, reply=p.reply)
         except (NatsError, OSError) as exc:
             raise map_nats_error(exc) from exc
 
@@ -61,6 +63,36 @@ class Publisher:
             log.debug("background publish failed: %s", exc)
 
 
+# Granularity of the shared tick that arms per-stream timers: requests that finish
+# within one tick (most small requests) never touch the event loop's timer heap.
+TIMER_TICK = 0.01
+
+
+class TimerHub:
+    """Defers arming new streams' timers by up to one tick (costs each request a list append)."""
+
+    __slots__ = ("_handle", "_loop", "_young")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._young: list[tuple[LazyTimer, float]] = []
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, timer: LazyTimer, when: float | None) -> None:
+        if when is None:
+            return
+        self._young.append((timer, when))
+        if self._handle is None:
+            self._handle = self._loop.call_later(TIMER_TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        young, self._young = self._young, []
+        for timer, when in young:
+            if not timer.cancelled:
+                timer.arm(when)
+
+
 class LazyTimer:
     """One event-loop timer per stream.
 
@@ -69,16 +101,17 @@ class LazyTimer:
     returns the next deadline, and the timer re-arms itself there.
     """
 
-    __slots__ = ("_handle", "_loop", "_on_fire")
+    __slots__ = ("_handle", "_loop", "_on_fire", "cancelled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_fire: Callable[[], float | None]) -> None:
         self._loop = loop
         self._on_fire = on_fire
         self._handle: asyncio.TimerHandle | None = None
+        self.cancelled = False
 
     def arm(self, when: float | None) -> None:
         """Make sure the timer fires no later than ``when``."""
-        if when is None:
+        if when is None or self.cancelled:
             return
         if self._handle is not None:
             if self._handle.when() <= when:
@@ -87,6 +120,7 @@ class LazyTimer:
         self._handle = self._loop.call_at(when, self._fire)
 
     def cancel(self) -> None:
+        self.cancelled = True
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

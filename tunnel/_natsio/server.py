@@ -16,7 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -45,10 +45,12 @@ from .._subjects import (
     new_endpoint_id,
     parse_request_subject,
 )
-from .common import LazyTimer, Publisher, WireTap, map_nats_error
+from .common import LazyTimer, Publisher, TimerHub, WireTap, map_nats_error
 
 log = logging.getLogger("tunnel.server")
 
+# Expired ids are swept every this many additions (membership checks the expiry anyway).
+PRUNE_EVERY = 256
 # Warn about malformed frames at most this often; count all of them.
 MALFORMED_LOG_INTERVAL = 1.0
 
@@ -182,7 +184,10 @@ class _ServerRequest:
             message = f"handler raised {type(exc).__name__}"
             await self.fail(TunnelError(message, code=ErrorCode.HANDLER_ERROR), notify=True)
         finally:
-            await self.release()
+            if self.body_sub is None:
+                self.release_now()
+            else:
+                await self.release()
 
     async def _send_body(self, body: object) -> None:
         if body is None:
@@ -230,12 +235,15 @@ class _ServerRequest:
         finally:
             self._credit = None
 
+    def release_now(self) -> None:
+        """The synchronous part of releasing (everything but unsubscribing a v1 body)."""
+        if not self.released:
+            self.released = True
+            self.timer.cancel()
+            self.server._active.pop(self.stream.request_id, None)
+
     async def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        self.timer.cancel()
-        self.server._forget(self.stream.request_id)
+        self.release_now()
         if self.body_sub is not None:
             sub, self.body_sub = self.body_sub, None
             with contextlib.suppress(NatsError, OSError):
@@ -257,12 +265,18 @@ class _RecentIds:
         self.ttl = ttl
         self.limit = limit
         self._items: OrderedDict[str, float] = OrderedDict()
+        self._adds = 0
 
     def add(self, key: str, now: float) -> None:
-        self._items[key] = now + self.ttl
-        self._items.move_to_end(key)
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
+        items = self._items
+        if key in items:
+            items.move_to_end(key)
+        items[key] = now + self.ttl
+        if len(items) > self.limit:
+            items.popitem(last=False)
+        self._adds += 1
+        if self._adds % PRUNE_EVERY == 0:
+            self.prune(now)
 
     def __contains__(self, key: str) -> bool:
         expiry = self._items.get(key)
@@ -316,6 +330,14 @@ class TunnelServer:
         self._closing = False
         self._last_malformed_log = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        self._options = ServerOptions(
+            window=window,
+            max_chunk=max_chunk,
+            max_payload=nc.max_payload,
+            stall_timeout=stall_timeout,
+            fast_path=fast_path,
+        )
+        self._timers: TimerHub | None = None
 
     @property
     def in_flight(self) -> int:
@@ -323,6 +345,7 @@ class TunnelServer:
 
     async def start(self) -> None:
         """Subscribe; on return the NATS server knows us, so callers never see no-responders."""
+        self._timers = TimerHub(asyncio.get_running_loop())
         try:
             self._request_sub = await self.nc.subscribe(
                 self.subjects.request, queue=self.subjects.queue_group, cb=self._on_start
@@ -398,25 +421,23 @@ class TunnelServer:
             return
         if rid in self._seen:
             self.stats.repeated_starts += 1
-            return  # already answered in full: a late repeat needs nothing
+            await self._answer_finished_repeat(frame)
+            return
         if self._early_aborts.pop(rid) or self._closing:
             return
         loop = asyncio.get_running_loop()
         deadline = None
         if frame.deadline_unix_ms is not None:
             deadline = loop.time() + (frame.deadline_unix_ms / 1000.0 - time.time())
+        options = self._options
+        if options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
+            options = self._options = replace(options, max_payload=self.nc.max_payload)
         try:
             stream = ServerStream(
                 frame,
                 subjects=self.subjects,
                 server_id=self.server_id,
-                options=ServerOptions(
-                    window=self.window,
-                    max_chunk=self.max_chunk,
-                    max_payload=self.nc.max_payload,
-                    stall_timeout=self.stall_timeout,
-                    fast_path=self.fast_path,
-                ),
+                options=options,
                 clock=loop.time,
                 deadline=deadline,
             )
@@ -424,9 +445,7 @@ class TunnelServer:
             self._malformed(msg.subject, exc.message)  # subjects outside the host: never publish there
             return
         self.stats.requests += 1
-        now = time.monotonic()
-        self._seen.prune(now)
-        self._seen.add(rid, now)
+        self._seen.add(rid, time.monotonic())
         if len(self._active) >= self.max_concurrent:
             self.stats.overloaded += 1
             pub = stream.error_response(ErrorCode.OVERLOADED, "server is at its concurrent request limit")
@@ -450,8 +469,27 @@ class TunnelServer:
             log.warning("could not accept request %s: %s", rid, exc)
             await req.release()
             return
-        req.timer.arm(stream.next_deadline())
-        req.task = loop.create_task(req.run(self.handler), name=f"tunnel-handler-{rid}")
+        if self._timers is None:
+            self._timers = TimerHub(loop)
+        self._timers.add(req.timer, stream.next_deadline())
+        req.task = loop.create_task(req.run(self.handler))
+
+    async def _answer_finished_repeat(self, frame: f.RequestStart) -> None:
+        """A start repeated after we answered in full: our answer was lost on the way.
+
+        An extended caller is told so at once (instead of waiting for its first-frame
+        timeout); a plain v1 caller gets what the reference server sends, another ack.
+        """
+        rid = frame.request_id
+        if not self.subjects.request_subject_ok(frame.reply_subject, rid):
+            return
+        if frame.extensions is not None and self.fast_path:
+            reply: f.Frame = f.ResponseError(
+                rid, ErrorCode.PROTOCOL_ERROR, "the response was already sent and did not arrive; retry"
+            )
+        else:
+            reply = f.ResponseAck(rid)
+        await self._send_quietly(Publish(frame.reply_subject, f.encode_frame(reply)))
 
     async def _reject_malformed_start(self, msg: Msg, exc: f.FrameError) -> None:
         """Tell a caller its start was unusable, when we can safely tell who it is."""
@@ -526,9 +564,6 @@ class TunnelServer:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _forget(self, request_id: str) -> None:
-        self._active.pop(request_id, None)
 
 
 async def serve(
