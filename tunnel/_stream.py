@@ -12,6 +12,7 @@ a frame the table does not allow is a ``RemoteProtocolError``.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -142,6 +143,31 @@ class CallerOptions:
     fast_path: bool = True
 
 
+@functools.lru_cache(maxsize=256)
+def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
+    """The extensions a caller offers: the same for every request with the same options."""
+    if not options.fast_path:
+        return None
+    return f.StartExtensions(
+        binary=True,
+        window=options.window,
+        heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
+        max_frame=options.max_payload,
+        whole=True,
+    )
+
+
+class _Unnegotiated(SendCredit):
+    """Placeholder flow state before the first frame (shared; never mutated, never used to send)."""
+
+    def spend(self, n: int) -> int:
+        raise LocalProtocolError("no body may be sent before the server answered")
+
+
+_NO_CREDIT_LIMIT: Final = _Unnegotiated(None)
+_NO_WINDOW: Final = ReceiveWindow(None)
+
+
 class CallerStream:
     """One request as the caller sees it."""
 
@@ -170,17 +196,7 @@ class CallerStream:
         self.error: TunnelError | None = None
         self._abort_sent = False
         self._body_subject = subjects.body(request_id) if has_body else None
-        offer = (
-            f.StartExtensions(
-                binary=True,
-                window=options.window,
-                heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
-                max_frame=options.max_payload,
-                whole=True,
-            )
-            if options.fast_path
-            else None
-        )
+        offer = _offer_for(options)
         self._start_payload = f.encode_frame(
             f.RequestStart(
                 request_id=request_id,
@@ -203,8 +219,8 @@ class CallerStream:
         self.binary = False
         self.heartbeats = False
         self.up_subject: str | None = None
-        self.send = SendCredit(None)
-        self.receive_window = ReceiveWindow(None)
+        self.send: SendCredit = _NO_CREDIT_LIMIT
+        self.receive_window: ReceiveWindow = _NO_WINDOW
         self.chunk_limit = 0
         # Timers, as data.
         now = clock()
@@ -342,6 +358,8 @@ class CallerStream:
             peer_max = ext.max_frame or opts.max_payload
             frame_limit = min(opts.max_payload, peer_max)
         else:
+            self.send = SendCredit(None)
+            self.receive_window = ReceiveWindow(None)
             frame_limit = opts.max_payload
         self.chunk_limit = max(
             1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
