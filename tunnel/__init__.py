@@ -25,6 +25,7 @@ from ._config import (
     Timeouts,
 )
 from ._errors import (
+    BufferLimitExceeded,
     DeadlineExceeded,
     ErrorCode,
     IdleTimeout,
@@ -50,6 +51,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_UNREACHABLE_GRACE",
     "DEFAULT_WINDOW",
+    "BufferLimitExceeded",
     "DeadlineExceeded",
     "ErrorCode",
     "FetchResponse",

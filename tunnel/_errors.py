@@ -19,6 +19,8 @@ The tree::
     │                                                              gap, duplicate, bad frame)
     ├── RemoteError                  code sent by the peer  502  (response.error / request.error,
     │                                                              e.g. tunnel_handler_error)
+    ├── BufferLimitExceeded          tunnel_buffer_limit    502  (a plain v1 peer, which has no
+    │                                                              flow control, ran too far ahead)
     └── TunnelConnectionError        tunnel_connection_closed 502 (our NATS connection failed)
 
 ``LocalProtocolError`` versus ``RemoteProtocolError`` follows h11: the first is a
@@ -45,6 +47,7 @@ class ErrorCode:
     SERVER_CLOSING: Final = "tunnel_server_closing"
     BODY_ERROR: Final = "tunnel_body_error"
     OVERLOADED: Final = "tunnel_overloaded"
+    BUFFER_LIMIT: Final = "tunnel_buffer_limit"
 
 
 class TunnelError(Exception):
@@ -123,6 +126,13 @@ class RemoteError(TunnelError):
     """The peer reported an error frame; ``code`` is the code it sent."""
 
     code = ErrorCode.HANDLER_ERROR
+    http_status = 502
+
+
+class BufferLimitExceeded(TunnelError):
+    """A peer without flow control sent more unread bytes than we are willing to hold."""
+
+    code = ErrorCode.BUFFER_LIMIT
     http_status = 502
 
 

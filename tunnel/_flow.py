@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import Final
 
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import BufferLimitExceeded, LocalProtocolError, RemoteProtocolError
 
 # Grant again once half the window is consumed: few credit frames, no stalls.
 GRANT_THRESHOLD_FRACTION: Final = 0.5
 # Bounds accumulated credit so a hostile peer cannot overflow our counters.
 MAX_CREDIT: Final = 2**53 - 1
+# Without flow control (plain v1 peer) we still refuse to hold more unread bytes than this.
+UNFLOWED_BUFFER_LIMIT: Final = 64 * 1024 * 1024
 
 
 class SendCredit:
@@ -57,10 +59,19 @@ class SendCredit:
 class ReceiveWindow:
     """Sequence checks and credit accounting for data we receive."""
 
-    __slots__ = ("buffered", "consumed_since_grant", "expected_seq", "granted", "received_bytes", "window")
+    __slots__ = (
+        "buffer_limit",
+        "buffered",
+        "consumed_since_grant",
+        "expected_seq",
+        "granted",
+        "received_bytes",
+        "window",
+    )
 
-    def __init__(self, window: int | None) -> None:
+    def __init__(self, window: int | None, buffer_limit: int = UNFLOWED_BUFFER_LIMIT) -> None:
         self.window = window
+        self.buffer_limit = buffer_limit
         self.expected_seq = 0
         self.received_bytes = 0
         self.buffered = 0  # received but not yet consumed by the application
@@ -77,6 +88,11 @@ class ReceiveWindow:
         if self.granted is not None and self.received_bytes + n > self.granted:
             raise RemoteProtocolError(
                 f"peer overran its flow-control credit ({self.received_bytes + n} > {self.granted} bytes)"
+            )
+        if self.granted is None and self.buffered + n > self.buffer_limit:
+            raise BufferLimitExceeded(
+                f"peer without flow control is {self.buffered + n} bytes ahead of the reader "
+                f"(limit {self.buffer_limit})"
             )
         self.expected_seq += 1
         self.received_bytes += n

@@ -319,13 +319,13 @@ class CallerStream:
         if isinstance(frame, f.ResponseChunk):
             try:
                 self.receive_window.on_chunk(frame.seq, len(frame.data))
-            except RemoteProtocolError as exc:
+            except TunnelError as exc:
                 raise self._fail(exc) from None
             return DataReceived(frame.data)
         if isinstance(frame, f.ResponseEnd):
             try:
                 self.receive_window.on_end(frame.seq)
-            except RemoteProtocolError as exc:
+            except TunnelError as exc:
                 raise self._fail(exc) from None
             return BodyEnded()
         if isinstance(frame, f.ResponseCredit):
@@ -709,13 +709,13 @@ class ServerStream:
         if isinstance(frame, f.RequestChunk):
             try:
                 self.receive_window.on_chunk(frame.seq, len(frame.data))
-            except RemoteProtocolError as exc:
+            except TunnelError as exc:
                 raise self._fail(exc) from None
             return DataReceived(frame.data)
         if isinstance(frame, f.RequestEnd):
             try:
                 self.receive_window.on_end(frame.seq)
-            except RemoteProtocolError as exc:
+            except TunnelError as exc:
                 raise self._fail(exc) from None
             self.body_phase = BodyPhase.ENDED
             return BodyEnded()

@@ -710,3 +710,34 @@ async def test_plain_v1_frames_work_for_get_and_a_1mib_post_echo(
         assert "extensions" not in json.loads(pub.payload)
     assert "request.chunk" in caller_wire.types() and "response.chunk" in server_wire.types()
     assert p.errors == []
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["extended", "v1"])
+async def test_reference_reply_subjects_with_one_subscription_per_request(
+    nats_server: NatsServer, fast_path: bool
+) -> None:
+    """``shared_replies=False`` uses exactly ``P.req.<id>.reply`` (what a v1 daemon may be allowed
+    to publish to) and cleans its per-request subscription up afterwards."""
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], await req.read() if req.method == "POST" else b"ok")
+
+    server_wire = WireLog()
+    body = bytes(range(256)) * 4096  # 1 MiB
+    async with (
+        connect_peers(nats_server) as p,
+        serving(p.server_nc, HOST, handler, wire_tap=server_wire) as server,
+    ):
+        client = tunnel.TunnelClient(p.caller_nc, shared_replies=False, fast_path=fast_path)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            async with await client.fetch(f"tunnel://{HOST}/g") as resp:
+                assert await resp.read() == b"ok"
+            async with await client.fetch(f"tunnel://{HOST}/p", method="POST", body=body) as resp:
+                assert await resp.read() == body
+        reply_subjects = {pub.subject for pub in server_wire.published}
+        base = server.subjects.base
+        assert reply_subjects and all(
+            s.startswith(base + ".req.") and s.endswith(".reply") for s in reply_subjects
+        ), reply_subjects
+        await wait_until(lambda: len(p.caller_nc._subs) == 0, message="per-request subscriptions leaked")
+    assert p.errors == []

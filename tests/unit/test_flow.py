@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunnel._errors import LocalProtocolError, RemoteProtocolError
+from tunnel._errors import BufferLimitExceeded, LocalProtocolError, RemoteProtocolError
 from tunnel._flow import GRANT_THRESHOLD_FRACTION, MAX_CREDIT, ReceiveWindow, SendCredit
 
 # --------------------------------------------------------------------------- SendCredit
@@ -100,7 +100,7 @@ def test_duplicate_is_detected() -> None:
 
 
 def test_sequence_is_checked_even_without_flow_control() -> None:
-    window = ReceiveWindow(None)
+    window = ReceiveWindow(None, buffer_limit=10**12)
     window.on_chunk(0, 10**9)
     with pytest.raises(RemoteProtocolError):
         window.on_chunk(0, 1)
@@ -118,10 +118,20 @@ def test_overrun_of_granted_credit_is_detected() -> None:
         fresh.on_chunk(0, 101)
 
 
-def test_no_overrun_check_without_flow_control() -> None:
-    window = ReceiveWindow(None)
+def test_no_credit_check_without_flow_control_only_a_buffer_limit() -> None:
+    window = ReceiveWindow(None, buffer_limit=10**12)
     window.on_chunk(0, 10**12)
     assert window.on_consumed(10**12) is None
+    window.on_chunk(1, 10**12)  # consumed bytes no longer count against the limit
+
+
+def test_a_peer_without_flow_control_cannot_outrun_the_reader_past_the_buffer_limit() -> None:
+    window = ReceiveWindow(None, buffer_limit=1000)
+    window.on_chunk(0, 600)
+    with pytest.raises(BufferLimitExceeded):
+        window.on_chunk(1, 600)
+    window.on_consumed(600)
+    window.on_chunk(1, 600)
 
 
 @pytest.mark.parametrize("end_seq", [0, 1, 3, 100])

@@ -191,6 +191,7 @@ class _ClientRequest:
         self._credit: asyncio.Future[None] | None = None
         self._upload: asyncio.Task[None] | None = None
         self._iterated = False
+        self.sub: Subscription | None = None  # only without shared replies
         self.timer = LazyTimer(loop, self._on_timer)
 
     # -- frames from the demultiplexer ------------------------------------------
@@ -375,6 +376,9 @@ class _ClientRequest:
         self.released = True
         self.timer.cancel()
         self.client._streams.pop(self.stream.request_id, None)
+        if self.sub is not None:
+            self.client._unsubscribe_soon(self.sub)
+            self.sub = None
         # Once the response is over, a still-running upload has nobody to read it.
         if (
             self._upload is not None
@@ -420,6 +424,7 @@ class TunnelClient:
         window: int = DEFAULT_WINDOW,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         fast_path: bool = True,
+        shared_replies: bool = True,
         wire_tap: WireTap | None = None,
     ) -> None:
         if window <= 0 or max_chunk <= 0:
@@ -434,12 +439,16 @@ class TunnelClient:
         self.window = window
         self.max_chunk = max_chunk
         self.fast_path = fast_path
+        # False: the reference reply subject P.req.<id>.reply with a subscription per request,
+        # for v1 daemons whose publish permission allows exactly that subject.
+        self.shared_replies = shared_replies
         self.client_id = new_endpoint_id()
         self.publisher = Publisher(nc, wire_tap)
         self._streams: dict[str, _ClientRequest] = {}
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
         self._hosts: dict[str, HostSubjects] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
         self._options: dict[tuple[float | None, float | None, float | None, int], CallerOptions] = {}
         self.protocol_errors = 0  # frames we could not decode or attribute
@@ -509,7 +518,7 @@ class TunnelClient:
         idle = self.idle_timeout if idle_timeout is _UNSET else idle_timeout
         if isinstance(body, str | bytes | bytearray | memoryview) and len(body) == 0:
             body = None
-        if self._sub is None:
+        if self._sub is None and self.shared_replies:
             await self._ensure_subscribed()
         loop = asyncio.get_running_loop()
         if self._timers is None:
@@ -521,7 +530,11 @@ class TunnelClient:
         stream = CallerStream(
             request_id=request_id,
             subjects=subjects,
-            reply_subject=subjects.client_reply(request_id, self.client_id),
+            reply_subject=(
+                subjects.client_reply(request_id, self.client_id)
+                if self.shared_replies
+                else subjects.reply(request_id)
+            ),
             method=method,
             url=target,
             headers=header_list,
@@ -533,6 +546,12 @@ class TunnelClient:
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req
         try:
+            if not self.shared_replies:
+                try:
+                    # Same connection: NATS sees this SUB before the start we publish next.
+                    req.sub = await self.nc.subscribe(stream.reply_subject, cb=self._on_message)
+                except (NatsError, OSError) as exc:
+                    raise map_nats_error(exc) from exc
             await self.publisher.send(stream.start())
             self._timers.add(req.timer, stream.next_deadline())
             head = await req.head
@@ -542,6 +561,15 @@ class TunnelClient:
             await req.close()
             raise
         return FetchResponse(req, head)
+
+    def _unsubscribe_soon(self, sub: Subscription) -> None:
+        async def unsubscribe() -> None:
+            with contextlib.suppress(NatsError, OSError):
+                await sub.unsubscribe()
+
+        task = asyncio.get_running_loop().create_task(unsubscribe())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _subjects_for(self, hostname: str) -> HostSubjects:
         subjects = self._hosts.get(hostname)
