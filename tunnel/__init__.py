@@ -24,6 +24,7 @@ from ._config import (
     DEFAULT_WINDOW,
     Timeouts,
 )
+from ._diagnostics import EventHook, TunnelCounters, TunnelEvent, logging_hook
 from ._errors import (
     BufferLimitExceeded,
     DeadlineExceeded,
@@ -54,6 +55,7 @@ __all__ = [
     "BufferLimitExceeded",
     "DeadlineExceeded",
     "ErrorCode",
+    "EventHook",
     "FetchResponse",
     "Handler",
     "HostSubjects",
@@ -69,13 +71,16 @@ __all__ = [
     "TunnelAborted",
     "TunnelClient",
     "TunnelConnectionError",
+    "TunnelCounters",
     "TunnelError",
+    "TunnelEvent",
     "TunnelServer",
     "TunnelTimeout",
     "TunnelUnreachable",
     "client_for",
     "fetch",
     "host_token",
+    "logging_hook",
     "parse_tunnel_url",
     "serve",
 ]

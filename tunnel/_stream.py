@@ -624,6 +624,7 @@ class ServerStream:
         self.phase = ServerPhase.DONE
         self.acked = True
         self.ack_due = None
+        self.send.sent_bytes += len(data)
         self._last_sent_at = self.clock()
         return Publish(self.reply_subject, payload)
 

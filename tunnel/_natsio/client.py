@@ -33,6 +33,15 @@ from .._config import (
     DEFAULT_WINDOW,
     heartbeat_interval_for,
 )
+from .._diagnostics import (
+    OUTCOME_OK,
+    REQUEST_ENDED,
+    REQUEST_STARTED,
+    EventHook,
+    TunnelCounters,
+    TunnelEvent,
+    emit,
+)
 from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
 from .._stream import (
     BodyEnded,
@@ -192,6 +201,7 @@ class _ClientRequest:
         self._upload: asyncio.Task[None] | None = None
         self._iterated = False
         self.sub: Subscription | None = None  # only without shared replies
+        self.status: int | None = None
         self.timer = LazyTimer(loop, self._on_timer)
 
     # -- frames from the demultiplexer ------------------------------------------
@@ -214,8 +224,10 @@ class _ClientRequest:
             self.chunks.append(event.data)
             self._wake_reader()
         elif isinstance(event, ResponseHead):
+            self.status = event.status
             if event.complete_body and event.has_body:
                 self.chunks.append(event.complete_body)
+                self.stream.receive_window.received_bytes += len(event.complete_body)
             if not event.has_body or event.complete_body is not None:
                 self.ended = True
                 self.release()
@@ -375,7 +387,34 @@ class _ClientRequest:
             return
         self.released = True
         self.timer.cancel()
-        self.client._streams.pop(self.stream.request_id, None)
+        client = self.client
+        client._streams.pop(self.stream.request_id, None)
+        stream = self.stream
+        stats = client.stats
+        stats.active = len(client._streams)
+        error = stream.error if stream.phase is CallerPhase.FAILED else None
+        outcome = OUTCOME_OK if error is None else error.code
+        stats.outcomes[outcome] += 1
+        received = stream.receive_window.received_bytes
+        stats.bytes_in += received
+        stats.bytes_out += stream.send.sent_bytes
+        if client.on_event is not None:
+            emit(
+                client.on_event,
+                TunnelEvent(
+                    REQUEST_ENDED,
+                    "client",
+                    self.hostname,
+                    stream.request_id,
+                    stream.method,
+                    None,
+                    self.status,
+                    outcome,
+                    stream.clock() - stream.started_at,
+                    received,
+                    stream.send.sent_bytes,
+                ),
+            )
         if self.sub is not None:
             self.client._unsubscribe_soon(self.sub)
             self.sub = None
@@ -426,6 +465,7 @@ class TunnelClient:
         fast_path: bool = True,
         shared_replies: bool = True,
         wire_tap: WireTap | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         if window <= 0 or max_chunk <= 0:
             raise ValueError("window and max_chunk must be positive")
@@ -451,11 +491,17 @@ class TunnelClient:
         self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
         self._options: dict[tuple[float | None, float | None, float | None, int], CallerOptions] = {}
-        self.protocol_errors = 0  # frames we could not decode or attribute
+        self.on_event = on_event
+        self.stats = TunnelCounters()
 
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def protocol_errors(self) -> int:
+        """Frames we could not decode or attribute (dropped)."""
+        return self.stats.frames_dropped
 
     async def _ensure_subscribed(self) -> None:
         if self._sub is not None:
@@ -479,7 +525,7 @@ class TunnelClient:
             return  # late frame of a finished request
         if token != req.stream.subjects.token:
             # Only host H may publish under H's prefix: a frame from elsewhere is forged.
-            self.protocol_errors += 1
+            self.stats.frames_dropped += 1
             log.warning("dropped a frame for request %s from the wrong host token %s", request_id, token)
             return
         if status_of(msg) == "503" and not msg.data:
@@ -488,7 +534,7 @@ class TunnelClient:
         try:
             frame = f.decode_frame(msg.data, request_id)
         except f.FrameError as exc:
-            self.protocol_errors += 1
+            self.stats.frames_dropped += 1
             await req._abort_with(RemoteProtocolError(f"malformed frame from server: {exc.message}"))
             return
         await req.on_frame(frame)
@@ -545,6 +591,11 @@ class TunnelClient:
         )
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req
+        stats = self.stats
+        stats.requests += 1
+        stats.active = len(self._streams)
+        if self.on_event is not None:
+            emit(self.on_event, TunnelEvent(REQUEST_STARTED, "client", hostname, request_id, method, target))
         try:
             if not self.shared_replies:
                 try:

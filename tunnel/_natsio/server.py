@@ -35,6 +35,16 @@ from .._config import (
     SEEN_REQUEST_LIMIT,
     SEEN_REQUEST_TTL,
 )
+from .._diagnostics import (
+    FRAME_DROPPED,
+    OUTCOME_OK,
+    REQUEST_ENDED,
+    REQUEST_STARTED,
+    EventHook,
+    TunnelCounters,
+    TunnelEvent,
+    emit,
+)
 from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
 from .._handler import Handler, Request, Response
 from .._stream import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish, ServerOptions, ServerStream
@@ -56,10 +66,9 @@ MALFORMED_LOG_INTERVAL = 1.0
 
 
 @dataclass
-class ServerStats:
-    """Counters for diagnostics (the gateway exposes them as metrics later)."""
+class ServerStats(TunnelCounters):
+    """Counters for diagnostics and metrics (the common ones, plus server specifics)."""
 
-    requests: int = 0
     completed: int = 0
     handler_errors: int = 0
     aborted: int = 0
@@ -68,8 +77,6 @@ class ServerStats:
     malformed_frames: int = 0
     repeated_starts: int = 0
     overloaded: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
 
 
 class _ServerRequest:
@@ -91,8 +98,11 @@ class _ServerRequest:
         self.task: asyncio.Task[None] | None = None
         self.body_sub: Subscription | None = None
         self._credit: asyncio.Future[None] | None = None
-        self.timer = LazyTimer(asyncio.get_running_loop(), self._on_timer)
+        loop = asyncio.get_running_loop()
+        self.timer = LazyTimer(loop, self._on_timer)
         self.released = False
+        self.status: int | None = None
+        self.started_at = loop.time()
 
     async def _on_consumed(self, n: int) -> None:
         grant = self.stream.consumed(n)
@@ -162,6 +172,7 @@ class _ServerRequest:
                         response.status, response.headers, response.status_text, body or b""
                     )
                 if whole is not None:
+                    self.status = response.status
                     stats.bytes_out += len(whole.payload)
                     await self.server.publisher.send(whole)
                     stats.completed += 1
@@ -169,6 +180,7 @@ class _ServerRequest:
                 start = self.stream.start_response(response.status, response.headers, response.status_text)
             except LocalProtocolError as exc:
                 raise TypeError(f"handler returned an invalid response: {exc.message}") from exc
+            self.status = response.status
             await self.server.publisher.send(start)
             await self._send_body(body)
             if not self.stream.finished:
@@ -240,7 +252,31 @@ class _ServerRequest:
         if not self.released:
             self.released = True
             self.timer.cancel()
-            self.server._active.pop(self.stream.request_id, None)
+            server = self.server
+            server._active.pop(self.stream.request_id, None)
+            stats = server.stats
+            stats.active = len(server._active)
+            error = self.stream.error
+            outcome = OUTCOME_OK if error is None else error.code
+            stats.outcomes[outcome] += 1
+            if server.on_event is not None:
+                stream = self.stream
+                emit(
+                    server.on_event,
+                    TunnelEvent(
+                        REQUEST_ENDED,
+                        "server",
+                        server.hostname,
+                        stream.request_id,
+                        self.request.method,
+                        self.request.path,
+                        self.status,
+                        outcome,
+                        asyncio.get_running_loop().time() - self.started_at,
+                        stream.receive_window.received_bytes,
+                        stream.send.sent_bytes,
+                    ),
+                )
 
     async def release(self) -> None:
         self.release_now()
@@ -309,8 +345,10 @@ class TunnelServer:
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         fast_path: bool = True,
         wire_tap: WireTap | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         self.nc = nc
+        self.on_event = on_event
         self.subjects = HostSubjects.for_host(hostname, prefix)
         self.hostname = hostname.strip().lower()
         self.handler = handler
@@ -389,6 +427,10 @@ class TunnelServer:
 
     def _malformed(self, subject: str, problem: str) -> None:
         self.stats.malformed_frames += 1
+        self.stats.frames_dropped += 1
+        emit(
+            self.on_event, TunnelEvent(FRAME_DROPPED, "server", self.hostname, detail=f"{subject}: {problem}")
+        )
         now = time.monotonic()
         level = logging.WARNING if now - self._last_malformed_log >= MALFORMED_LOG_INTERVAL else logging.DEBUG
         if level == logging.WARNING:
@@ -448,18 +490,26 @@ class TunnelServer:
         self._seen.add(rid, time.monotonic())
         if len(self._active) >= self.max_concurrent:
             self.stats.overloaded += 1
+            self.stats.outcomes[ErrorCode.OVERLOADED] += 1
             pub = stream.error_response(ErrorCode.OVERLOADED, "server is at its concurrent request limit")
             if pub is not None:
                 await self._send_quietly(pub)
             return
         if deadline is not None and deadline <= loop.time():
             self.stats.timeouts += 1
+            self.stats.outcomes[ErrorCode.TIMEOUT] += 1
             pub = stream.error_response(ErrorCode.TIMEOUT, "deadline passed before the request arrived")
             if pub is not None:
                 await self._send_quietly(pub)
             return
         req = _ServerRequest(self, stream)
         self._active[rid] = req
+        self.stats.active = len(self._active)
+        if self.on_event is not None:
+            emit(
+                self.on_event,
+                TunnelEvent(REQUEST_STARTED, "server", self.hostname, rid, frame.method, req.request.path),
+            )
         try:
             if frame.body_subject is not None and stream.up_subject is None:
                 req.body_sub = await self.nc.subscribe(frame.body_subject, cb=self._on_v1_body)
@@ -578,6 +628,7 @@ async def serve(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     fast_path: bool = True,
     wire_tap: WireTap | None = None,
+    on_event: EventHook | None = None,
 ) -> TunnelServer:
     """Start serving ``hostname``; returns the running server (``await server.close()`` to stop)."""
     server = TunnelServer(
@@ -591,6 +642,7 @@ async def serve(
         max_concurrent=max_concurrent,
         fast_path=fast_path,
         wire_tap=wire_tap,
+        on_event=on_event,
     )
     await server.start()
     return server
