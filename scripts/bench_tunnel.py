@@ -54,6 +54,9 @@ SMALL_BYTES = 100
 # yields, so both sides move the same-sized messages through nats-server.
 BULK_MESSAGE_BYTES = 64 * 1024
 TUNNEL_HOST = "bench.local"
+# The same handler, served with our extensions switched off: plain v1 JSON frames (base64 bodies,
+# no credit, no heartbeats, no one-message responses), to show what the fast path gains.
+V1_HOST = "bench-v1.local"
 SUBJECT_ECHO = "bench.raw.echo"
 SUBJECT_SINK = "bench.raw.sink.data"
 SUBJECT_SINK_RESET = "bench.raw.sink.reset"
@@ -105,7 +108,7 @@ class Figure:
     key: str
     label: str
     unit: str
-    side: str  # "raw" or "tunnel"
+    side: str  # "raw", "tunnel" or "v1" (the tunnel forced to plain v1 frames)
 
 
 FIGURES: tuple[Figure, ...] = (
@@ -118,12 +121,17 @@ FIGURES: tuple[Figure, ...] = (
     Figure("tunnel_get_concurrent_rps", "tunnel GET, concurrent", "req/s", "tunnel"),
     Figure("tunnel_download_mbps", "tunnel download", "MB/s", "tunnel"),
     Figure("tunnel_upload_mbps", "tunnel upload", "MB/s", "tunnel"),
+    Figure("v1_get_p50_ms", "tunnel v1-mode GET p50", "ms", "v1"),
+    Figure("v1_get_p99_ms", "tunnel v1-mode GET p99", "ms", "v1"),
+    Figure("v1_get_concurrent_rps", "tunnel v1-mode GET, concurrent", "req/s", "v1"),
+    Figure("v1_download_mbps", "tunnel v1-mode download", "MB/s", "v1"),
+    Figure("v1_upload_mbps", "tunnel v1-mode upload", "MB/s", "v1"),
 )
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One tunnel/raw ratio and its target (``None``: reported, no target)."""
+    """One ratio (tunnel/raw, or fast path/v1 mode) and its target (``None``: reported, no target)."""
 
     key: str
     label: str
@@ -140,21 +148,45 @@ class Comparison:
 
 COMPARISONS: tuple[Comparison, ...] = (
     Comparison(
-        "ratio_get_p50", "small request p50 latency", "tunnel_get_p50_ms", "raw_req_p50_ms", 2.0, False
+        "ratio_get_p50",
+        "tunnel/raw small request p50 latency",
+        "tunnel_get_p50_ms",
+        "raw_req_p50_ms",
+        2.0,
+        False,
     ),
     Comparison(
-        "ratio_get_p99", "small request p99 latency", "tunnel_get_p99_ms", "raw_req_p99_ms", None, False
+        "ratio_get_p99",
+        "tunnel/raw small request p99 latency",
+        "tunnel_get_p99_ms",
+        "raw_req_p99_ms",
+        None,
+        False,
     ),
     Comparison(
         "ratio_concurrent_rps",
-        "concurrent small requests",
+        "tunnel/raw concurrent small requests",
         "tunnel_get_concurrent_rps",
         "raw_req_concurrent_rps",
         0.40,
         True,
     ),
-    Comparison("ratio_download", "bulk download", "tunnel_download_mbps", "raw_pubsub_mbps", 0.60, True),
-    Comparison("ratio_upload", "bulk upload", "tunnel_upload_mbps", "raw_pubsub_mbps", 0.60, True),
+    Comparison(
+        "ratio_download", "tunnel/raw bulk download", "tunnel_download_mbps", "raw_pubsub_mbps", 0.60, True
+    ),
+    Comparison("ratio_upload", "tunnel/raw bulk upload", "tunnel_upload_mbps", "raw_pubsub_mbps", 0.60, True),
+    # Fast path against plain v1 frames: > 1 means the extensions pay (latency: < 1).
+    Comparison("gain_get_p50", "fast/v1 GET p50 latency", "tunnel_get_p50_ms", "v1_get_p50_ms", None, False),
+    Comparison(
+        "gain_concurrent_rps",
+        "fast/v1 concurrent GET",
+        "tunnel_get_concurrent_rps",
+        "v1_get_concurrent_rps",
+        None,
+        True,
+    ),
+    Comparison("gain_download", "fast/v1 download", "tunnel_download_mbps", "v1_download_mbps", None, True),
+    Comparison("gain_upload", "fast/v1 upload", "tunnel_upload_mbps", "v1_upload_mbps", None, True),
 )
 
 
@@ -275,6 +307,7 @@ async def run_responder(url: str) -> None:
     await nc.subscribe(SUBJECT_SINK, cb=sink.on_data)
     await nc.subscribe(SUBJECT_SINK_RESET, cb=sink.on_reset)
     server = await tunnel.serve(nc, TUNNEL_HOST, tunnel_handler)
+    v1_server = await tunnel.serve(nc, V1_HOST, tunnel_handler, fast_path=False)
     await nc.flush()
     sys.stdout.buffer.write(READY_LINE + b"\n")
     sys.stdout.flush()
@@ -282,6 +315,7 @@ async def run_responder(url: str) -> None:
         await stop.wait()
     finally:
         await server.close(timeout=1.0)
+        await v1_server.close(timeout=1.0)
         await nc.close()
 
 
@@ -328,9 +362,11 @@ class Requester:
         self.nc = nc
         self.settings = settings
         self.client = tunnel.TunnelClient(nc)
+        self.v1_client = tunnel.TunnelClient(nc, fast_path=False)
         self.small = bytes(SMALL_BYTES)
         self.bulk = bytes(BULK_MESSAGE_BYTES)
         self.small_url = f"tunnel://{TUNNEL_HOST}/small"
+        self.v1_small_url = f"tunnel://{V1_HOST}/small"
 
     # -- one operation of each shape ----------------------------------------------------
 
@@ -344,6 +380,12 @@ class Requester:
         body = await resp.read()
         if resp.status != 200 or len(body) != SMALL_BYTES:
             raise BenchError(f"tunnel GET answered {resp.status} with {len(body)} bytes")
+
+    async def v1_get(self) -> None:
+        resp = await self.v1_client.fetch(self.v1_small_url, timeout=REQUEST_TIMEOUT)
+        body = await resp.read()
+        if resp.status != 200 or len(body) != SMALL_BYTES:
+            raise BenchError(f"v1-mode GET answered {resp.status} with {len(body)} bytes")
 
     # -- shapes ----------------------------------------------------------------------
 
@@ -401,24 +443,24 @@ class Requester:
             raise BenchError(f"subscriber counted {int(done.data)} of {total} bytes")
         return {"raw_pubsub_mbps": total / MB / elapsed}
 
-    async def tunnel_download(self, total: int | None = None) -> dict[str, float]:
+    async def tunnel_download(self, total: int | None = None, v1: bool = False) -> dict[str, float]:
         """The handler streams the transfer; stop the clock when the last byte was read."""
         total = total or self.settings.transfer_bytes
+        client, host = (self.v1_client, V1_HOST) if v1 else (self.client, TUNNEL_HOST)
         t0 = time.perf_counter()
-        resp = await self.client.fetch(
-            f"tunnel://{TUNNEL_HOST}/download?bytes={total}", timeout=TRANSFER_TIMEOUT
-        )
+        resp = await client.fetch(f"tunnel://{host}/download?bytes={total}", timeout=TRANSFER_TIMEOUT)
         received = 0
         async for chunk in resp.aiter_bytes():
             received += len(chunk)
         elapsed = time.perf_counter() - t0
         if resp.status != 200 or received != total:
             raise BenchError(f"tunnel download answered {resp.status} with {received} of {total} bytes")
-        return {"tunnel_download_mbps": total / MB / elapsed}
+        return {("v1" if v1 else "tunnel") + "_download_mbps": total / MB / elapsed}
 
-    async def tunnel_upload(self, total: int | None = None) -> dict[str, float]:
+    async def tunnel_upload(self, total: int | None = None, v1: bool = False) -> dict[str, float]:
         """Stream the transfer up; stop the clock when the handler's byte count came back."""
         total = total or self.settings.transfer_bytes
+        client, host = (self.v1_client, V1_HOST) if v1 else (self.client, TUNNEL_HOST)
         piece = self.bulk
 
         async def body() -> AsyncIterator[bytes]:
@@ -426,14 +468,14 @@ class Requester:
                 yield piece
 
         t0 = time.perf_counter()
-        resp = await self.client.fetch(
-            f"tunnel://{TUNNEL_HOST}/upload", method="POST", body=body(), timeout=TRANSFER_TIMEOUT
+        resp = await client.fetch(
+            f"tunnel://{host}/upload", method="POST", body=body(), timeout=TRANSFER_TIMEOUT
         )
         counted = await resp.read()
         elapsed = time.perf_counter() - t0
         if resp.status != 200 or int(counted) != total:
             raise BenchError(f"tunnel upload answered {resp.status}, handler counted {counted!r} of {total}")
-        return {"tunnel_upload_mbps": total / MB / elapsed}
+        return {("v1" if v1 else "tunnel") + "_upload_mbps": total / MB / elapsed}
 
     async def warm_up_bulk(self, only: str) -> None:
         """One small untimed transfer per bulk shape: the first MiBs on a fresh connection are slow."""
@@ -442,6 +484,8 @@ class Requester:
         if only != "raw":
             await self.tunnel_download(WARMUP_TRANSFER_BYTES)
             await self.tunnel_upload(WARMUP_TRANSFER_BYTES)
+            await self.tunnel_download(WARMUP_TRANSFER_BYTES, v1=True)
+            await self.tunnel_upload(WARMUP_TRANSFER_BYTES, v1=True)
 
     def round_plan(self, only: str) -> list[Callable[[], Awaitable[dict[str, float]]]]:
         """One round: raw and tunnel alternate per shape so machine drift hits both alike."""
@@ -455,12 +499,16 @@ class Requester:
             lambda: self.concurrent_rate(self.tunnel_get, "tunnel_get_concurrent_rps"),
             self.tunnel_download,
             self.tunnel_upload,
+            lambda: self.latency(self.v1_get, "v1_get"),
+            lambda: self.concurrent_rate(self.v1_get, "v1_get_concurrent_rps"),
+            lambda: self.tunnel_download(v1=True),
+            lambda: self.tunnel_upload(v1=True),
         ]
         if only == "raw":
             return raw
         if only == "tunnel":
             return tun
-        return [raw[0], tun[0], raw[1], tun[1], raw[2], tun[2], tun[3]]
+        return [raw[0], tun[0], tun[4], raw[1], tun[1], tun[5], raw[2], tun[2], tun[6], tun[3], tun[7]]
 
 
 async def run_benchmark(
@@ -488,6 +536,7 @@ async def run_benchmark(
                 profiler.disable()
                 profiler.dump_stats(profile_dir / "requester.prof")
             await requester.client.aclose()
+            await requester.v1_client.aclose()
             v = nc.connected_server_version
             version = f"{v.major}.{v.minor}.{v.patch}"
             await nc.close()
@@ -535,7 +584,7 @@ def print_report(result: dict[str, Any], samples: dict[str, list[float]], header
             sign = ">=" if cmp.higher_is_better else "<="
             ok = "met" if result[f"{cmp.key}_target_met"] else "MISSED"
             verdict = f"target {sign} {cmp.target:.2f}: {ok}"
-        print(f"  tunnel/raw {cmp.label:<28} {ratio:6.2f}   {verdict}")
+        print(f"  {cmp.label:<39} {ratio:6.2f}   {verdict}")
 
 
 # --------------------------------------------------------------------------- entry points
