@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ._errors import TunnelError
+from ._headers import all_headers, first_header
 
 Headers = list[tuple[str, str]]
 ResponseBody = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
@@ -74,15 +75,10 @@ class Request:
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """First value of a header (case-insensitive)."""
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return default
+        return first_header(self.headers, name, default)
 
     def header_values(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [value for key, value in self.headers if key.lower() == lname]
+        return all_headers(self.headers, name)
 
     @property
     def is_cancelled(self) -> bool:

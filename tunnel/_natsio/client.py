@@ -43,6 +43,7 @@ from .._diagnostics import (
     emit,
 )
 from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
+from .._headers import all_headers, first_header
 from .._stream import (
     BodyEnded,
     CallerOptions,
@@ -134,15 +135,10 @@ class FetchResponse:
         return 200 <= self.status < 400
 
     def header(self, name: str, default: str | None = None) -> str | None:
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return default
+        return first_header(self.headers, name, default)
 
     def header_values(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [value for key, value in self.headers if key.lower() == lname]
+        return all_headers(self.headers, name)
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         async for chunk in self._request.iter_body():
