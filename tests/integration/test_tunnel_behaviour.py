@@ -31,6 +31,32 @@ from tunnel._subjects import parse_request_subject
 
 HOST = "desk.example"
 
+
+# Every test here runs twice: with our extensions negotiated ("fast"), and with both ends forced to
+# plain reference v1 frames ("v1"): the HTTP promises hold either way. A test that checks the
+# extensions themselves is marked ``fast_path_only``.
+@pytest.fixture(params=["fast", "v1"], autouse=True)
+def wire_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    mode: str = request.param
+    if mode == "fast":
+        return mode
+    if request.node.get_closest_marker("fast_path_only"):
+        pytest.skip("checks the negotiated extensions")
+    real_client_init = tunnel.TunnelClient.__init__
+    real_serve = tunnel.serve
+
+    def client_init(self: tunnel.TunnelClient, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("fast_path", False)
+        real_client_init(self, *args, **kwargs)
+
+    async def serve(*args: Any, **kwargs: Any) -> tunnel.TunnelServer:
+        kwargs.setdefault("fast_path", False)
+        return await real_serve(*args, **kwargs)
+
+    monkeypatch.setattr(tunnel.TunnelClient, "__init__", client_init)
+    monkeypatch.setattr(tunnel, "serve", serve)
+    return mode
+
 # -------------------------------------------------------------------- request line, headers
 
 
