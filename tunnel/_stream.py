@@ -42,6 +42,9 @@ from ._subjects import HostSubjects
 
 Clock = Callable[[], float]
 
+# Plain v1 JSON chunks carry at most what the reference caller sends (64 KiB of data), so a
+# v1 peer never sees a frame larger than it would produce itself.
+V1_MAX_CHUNK: Final = 64 * 1024
 # Responses that never carry a body (RFC 9110): the caller does not wait for one.
 NO_BODY_STATUSES: Final = frozenset({204, 205, 304})
 
@@ -364,6 +367,8 @@ class CallerStream:
         self.chunk_limit = max(
             1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
         )
+        if not self.binary:
+            self.chunk_limit = min(self.chunk_limit, V1_MAX_CHUNK)
         if self.send.credit is not None:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
 
@@ -541,6 +546,8 @@ class ServerStream:
         self.chunk_limit = max(
             1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
         )
+        if not self.binary:
+            self.chunk_limit = min(self.chunk_limit, V1_MAX_CHUNK)
         if self.send.credit is not None:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
         self.offers_whole = offer is not None and offer.whole and offer.binary

@@ -351,6 +351,13 @@ class TunnelServer:
         self.on_event = on_event
         self.subjects = HostSubjects.for_host(hostname, prefix)
         self.hostname = hostname.strip().lower()
+        if self.hostname != hostname.strip():
+            log.warning(
+                "serving %r as %r: hostnames are case-insensitive here, but reference v1 callers "
+                "must then use the lower-case name",
+                hostname,
+                self.hostname,
+            )
         self.handler = handler
         self.window = window
         self.max_chunk = max_chunk
