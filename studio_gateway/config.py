@@ -1,0 +1,351 @@
+"""Gateway configuration: one frozen value object, built from the environment and checked at start-up.
+
+Why validate here: a bad public URL or a signing key that does not belong to the
+account would otherwise surface much later, as a daemon's "Authorization
+Violation" with the real reason only in the nats-server log. Every problem is a
+:class:`ConfigError` that names the variable to fix.
+
+Credential modes for link sessions (what ``POST /api/links/session`` hands out):
+
+- operator: ``NATS_OPERATOR_JWT`` + ``NATS_ACCOUNT_JWT`` + ``NATS_ACCOUNT_SIGNING_KEY`` all set;
+- token: ``NATS_TOKEN`` set (dev servers with ``authorization { token }``);
+- none: neither; sessions answer 503 (the gateway itself may still use a plain server).
+
+Values that hold a secret or a JWT may be given inline or as a path to a file holding it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+import tunnel
+
+from . import nats_jwt
+
+__all__ = [
+    "DEFAULT_GATEWAY_HOST",
+    "DEFAULT_GATEWAY_PORT",
+    "DEFAULT_JWT_AUDIENCE",
+    "DEFAULT_NATS_URL",
+    "DEFAULT_SESSION_TTL_SECONDS",
+    "AuthConfig",
+    "ConfigError",
+    "CredentialMode",
+    "GatewayConfig",
+    "OperatorKeys",
+    "allowed_connection_types",
+]
+
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+# One hour: short enough that a leaked credential is soon useless, long enough that
+# a daemon refreshes rarely (it asks for a new session before expiry).
+DEFAULT_SESSION_TTL_SECONDS: Final = 3600
+# A NATS credential living longer than a month defeats the point of short-lived credentials.
+MAX_SESSION_TTL_SECONDS: Final = 30 * 24 * 3600
+DEFAULT_JWT_AUDIENCE: Final = "studio-gateway"
+DEFAULT_GATEWAY_HOST: Final = "127.0.0.1"
+DEFAULT_GATEWAY_PORT: Final = 8080
+# Presence probe: a daemon that is connected answers its status route in milliseconds;
+# 2 s without a first frame means it is wedged, and fail-fast covers "not connected".
+DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT: Final = 2.0
+# Hard cap on one probe, so /api/links/me never hangs a browser.
+DEFAULT_PRESENCE_TIMEOUT: Final = 5.0
+
+_HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+_PUBLIC_KEY_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_NATS_SCHEMES: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET", "wss": "WEBSOCKET"}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; ``variable`` names the environment variable."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+        self.message = message
+
+
+class CredentialMode(enum.Enum):
+    OPERATOR = "operator"
+    TOKEN = "token"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class OperatorKeys:
+    """The account the gateway mints users for, checked against the operator at start-up."""
+
+    operator_jwt: str
+    account_jwt: str
+    signing_key_seed: str = field(repr=False)
+    operator_public_key: str
+    account_public_key: str
+    signing_public_key: str
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How the gateway checks its own API's bearer tokens (not NATS credentials)."""
+
+    secret: str | None = field(default=None, repr=False)
+    public_key: str | None = None
+    algorithms: tuple[str, ...] = ("HS256",)
+    audience: str = DEFAULT_JWT_AUDIENCE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AuthConfig:
+        secret = _read_value(environ, "GATEWAY_JWT_SECRET")
+        public_key = _read_value(environ, "GATEWAY_JWT_PUBLIC_KEY")
+        if secret and public_key:
+            raise ConfigError("GATEWAY_JWT_SECRET", "set either it or GATEWAY_JWT_PUBLIC_KEY, not both")
+        if not secret and not public_key:
+            raise ConfigError(
+                "GATEWAY_JWT_SECRET",
+                "not set: the gateway needs GATEWAY_JWT_SECRET (HS256) or GATEWAY_JWT_PUBLIC_KEY (RS/ES)",
+            )
+        raw_algorithms = environ.get("GATEWAY_JWT_ALGORITHMS", "").strip()
+        if raw_algorithms:
+            algorithms = tuple(a.strip() for a in raw_algorithms.split(",") if a.strip())
+        else:
+            algorithms = ("HS256",) if secret else ("RS256", "ES256")
+        allowed = _HMAC_ALGORITHMS if secret else _PUBLIC_KEY_ALGORITHMS
+        # Never mix families: accepting HS256 with a public key lets anyone forge tokens with it.
+        bad = [a for a in algorithms if a not in allowed]
+        if not algorithms or bad:
+            kind = "a shared secret" if secret else "a public key"
+            raise ConfigError(
+                "GATEWAY_JWT_ALGORITHMS",
+                f"{', '.join(bad) or 'empty'} cannot be used with {kind}; choose from {sorted(allowed)}",
+            )
+        if secret is not None and len(secret.encode()) < 32:
+            raise ConfigError("GATEWAY_JWT_SECRET", "too short: use at least 32 bytes of random data")
+        if public_key is not None and "-----BEGIN" not in public_key:
+            raise ConfigError("GATEWAY_JWT_PUBLIC_KEY", "not a PEM public key (or a path to one)")
+        audience = environ.get("GATEWAY_JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE).strip()
+        if not audience:
+            raise ConfigError("GATEWAY_JWT_AUDIENCE", "must not be empty")
+        return cls(secret=secret, public_key=public_key, algorithms=algorithms, audience=audience)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``create_app`` needs. Build it with :meth:`from_env` (the CLI overlays its flags)."""
+
+    auth: AuthConfig
+    nats_urls: tuple[str, ...] = (DEFAULT_NATS_URL,)
+    nats_creds: str | None = None
+    nats_token: str | None = field(default=None, repr=False)
+    public_urls: tuple[str, ...] = ()
+    tunnel_public_enabled: bool = True
+    session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS
+    operator: OperatorKeys | None = None
+    tunnel_prefix: str = tunnel.DEFAULT_PREFIX
+    host: str = DEFAULT_GATEWAY_HOST
+    port: int = DEFAULT_GATEWAY_PORT
+    presence_first_frame_timeout: float = DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT
+    presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
+
+    @property
+    def credential_mode(self) -> CredentialMode:
+        if self.operator is not None:
+            return CredentialMode.OPERATOR
+        if self.nats_token is not None:
+            return CredentialMode.TOKEN
+        return CredentialMode.NONE
+
+    @property
+    def allowed_connection_types(self) -> tuple[str, ...]:
+        return allowed_connection_types(self.public_urls)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> GatewayConfig:
+        """Read and validate every setting; :class:`ConfigError` names the first bad variable."""
+        auth = AuthConfig.from_env(environ)
+        nats_urls = _url_list(environ, "NATS_URL", required=False) or (DEFAULT_NATS_URL,)
+        public_urls = _url_list(environ, "NATS_PUBLIC_URL", required=False)
+        nats_creds = environ.get("NATS_CREDS", "").strip() or None
+        nats_token = _read_value(environ, "NATS_TOKEN")
+        operator = _operator_keys(environ)
+        if operator is not None and nats_token is not None:
+            raise ConfigError(
+                "NATS_TOKEN", "set either NATS_TOKEN (token mode) or the operator keys, not both"
+            )
+        if nats_creds is not None and nats_token is not None:
+            raise ConfigError("NATS_CREDS", "set either NATS_CREDS or NATS_TOKEN, not both")
+        if nats_creds is not None and "-----BEGIN" not in nats_creds and not Path(nats_creds).is_file():
+            raise ConfigError("NATS_CREDS", f"no such credentials file: {nats_creds}")
+        prefix = environ.get("TUNNEL_PREFIX", tunnel.DEFAULT_PREFIX).strip()
+        try:
+            tunnel.HostSubjects.for_host("probe", prefix)
+        except tunnel.LocalProtocolError:
+            raise ConfigError("TUNNEL_PREFIX", f"{prefix!r} is not a dot-separated subject prefix") from None
+        return cls(
+            auth=auth,
+            nats_urls=nats_urls,
+            nats_creds=nats_creds,
+            nats_token=nats_token,
+            public_urls=public_urls,
+            tunnel_public_enabled=_bool(environ, "NATS_TUNNEL_PUBLIC_ENABLED", default=True),
+            session_ttl_seconds=_int(
+                environ,
+                "NATS_TUNNEL_SESSION_TTL_SECONDS",
+                default=DEFAULT_SESSION_TTL_SECONDS,
+                low=1,
+                high=MAX_SESSION_TTL_SECONDS,
+            ),
+            operator=operator,
+            tunnel_prefix=prefix,
+            host=environ.get("GATEWAY_HOST", DEFAULT_GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
+            port=_int(environ, "GATEWAY_PORT", default=DEFAULT_GATEWAY_PORT, low=0, high=65535),
+        )
+
+
+def allowed_connection_types(public_urls: tuple[str, ...]) -> tuple[str, ...]:
+    """``wss://``/``ws://`` only -> WEBSOCKET; any ``nats://``/``tls://`` -> STANDARD and WEBSOCKET.
+
+    A daemon told to use only websocket URLs has no business opening a plain NATS
+    connection with the same credential, so the credential forbids it.
+    """
+    kinds = {_NATS_SCHEMES[urlsplit(u).scheme] for u in public_urls}
+    if not kinds:
+        return ()
+    return ("STANDARD", "WEBSOCKET") if "STANDARD" in kinds else ("WEBSOCKET",)
+
+
+# ------------------------------------------------------------------------------ parsing helpers
+
+
+def _read_value(environ: Mapping[str, str], name: str) -> str | None:
+    """An inline value, or the content of the file it names (for secrets mounted as files)."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    if raw.startswith(("/", "./", "~/")) and "\n" not in raw:
+        path = Path(raw).expanduser()
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {path}: {exc.strerror}") from None
+    return raw
+
+
+def _url_list(environ: Mapping[str, str], name: str, *, required: bool) -> tuple[str, ...]:
+    raw = environ.get(name, "")
+    urls = tuple(u.strip() for u in raw.split(",") if u.strip())
+    if required and not urls:
+        raise ConfigError(name, "not set")
+    for url in urls:
+        _check_nats_url(name, url)
+    return urls
+
+
+def _check_nats_url(name: str, url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(name, f"{url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in _NATS_SCHEMES:
+        raise ConfigError(
+            name, f"{url!r}: scheme must be one of nats://, tls://, ws://, wss:// (got {parts.scheme!r})"
+        )
+    if not parts.hostname:
+        raise ConfigError(name, f"{url!r} has no host")
+    if port == 0:
+        raise ConfigError(name, f"{url!r} has port 0")
+
+
+def _bool(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean (use true/false)")
+
+
+def _int(environ: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
+    return value
+
+
+def _operator_keys(environ: Mapping[str, str]) -> OperatorKeys | None:
+    names = ("NATS_OPERATOR_JWT", "NATS_ACCOUNT_JWT", "NATS_ACCOUNT_SIGNING_KEY")
+    values = {name: _read_value(environ, name) for name in names}
+    missing = [name for name, value in values.items() if value is None]
+    if len(missing) == len(names):
+        return None
+    if missing:
+        raise ConfigError(missing[0], "operator mode needs all of " + ", ".join(names))
+    operator_jwt, account_jwt, seed = (values[name] or "" for name in names)
+    try:
+        operator = nats_jwt.decode_jwt(operator_jwt)
+    except nats_jwt.JwtError as exc:
+        raise ConfigError("NATS_OPERATOR_JWT", str(exc)) from None
+    if operator["nats"].get("type") != "operator" or operator.get("iss") != operator.get("sub"):
+        raise ConfigError("NATS_OPERATOR_JWT", "not a self-signed operator JWT")
+    try:
+        account = nats_jwt.decode_jwt(account_jwt)
+    except nats_jwt.JwtError as exc:
+        raise ConfigError("NATS_ACCOUNT_JWT", str(exc)) from None
+    operator_keys = {operator["sub"], *_signing_keys(operator)}
+    if account["nats"].get("type") != "account" or account.get("iss") not in operator_keys:
+        raise ConfigError("NATS_ACCOUNT_JWT", "not an account JWT issued by the configured operator")
+    try:
+        signing_public = nats_jwt.keypair_from_seed(seed).public_key.decode("ascii")
+    except nats_jwt.JwtError as exc:
+        raise ConfigError("NATS_ACCOUNT_SIGNING_KEY", str(exc)) from None
+    if not nats_jwt.is_public_key(signing_public, nats_jwt.KeyKind.ACCOUNT):
+        raise ConfigError("NATS_ACCOUNT_SIGNING_KEY", "not an account seed (SA...)")
+    account_keys = {account["sub"], *_signing_keys(account)}
+    if signing_public not in account_keys:
+        raise ConfigError("NATS_ACCOUNT_SIGNING_KEY", "this key is not a signing key of NATS_ACCOUNT_JWT")
+    if signing_public in _signing_keys(account, scoped=True):
+        # nats-server applies a scoped key's template instead of the permissions we sign,
+        # which would silently undo the per-host confinement.
+        raise ConfigError(
+            "NATS_ACCOUNT_SIGNING_KEY", "is a scoped signing key; use an unscoped one (per-host permissions)"
+        )
+    return OperatorKeys(
+        operator_jwt=operator_jwt,
+        account_jwt=account_jwt,
+        signing_key_seed=seed,
+        operator_public_key=operator["sub"],
+        account_public_key=account["sub"],
+        signing_public_key=signing_public,
+    )
+
+
+def _signing_keys(claims: Mapping[str, object], *, scoped: bool | None = None) -> list[str]:
+    """Signing keys of an operator/account JWT: plain strings, or scoped ones (``{"key": ...}``).
+
+    ``scoped``: None for all, True for scoped ones only.
+    """
+    nats = claims.get("nats")
+    entries = nats.get("signing_keys", []) if isinstance(nats, dict) else []
+    keys: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        is_scoped = isinstance(entry, dict)
+        key = entry.get("key") if is_scoped else entry
+        if isinstance(key, str) and (scoped is None or scoped == is_scoped):
+            keys.append(key)
+    return keys

@@ -1,0 +1,408 @@
+"""A small encoder for NATS decentralized-auth JWTs, built on ``nkeys``.
+
+Why our own: a NATS JWT is three base64url parts and an ed25519 signature by an
+nkey, which ``nkeys`` already does; the PyPI NATS-JWT helpers mis-encode ``resp``
+and timestamps, and a few dozen lines we test against a real nats-server are
+easier to trust than a dependency we would have to patch around.
+
+Shape (what nats-server and the Go ``jwt`` library expect)::
+
+    b64url({"typ":"JWT","alg":"ed25519-nkey"}) . b64url(claims) . b64url(ed25519(first two parts))
+
+no padding; ``claims`` carry ``jti``, ``iat``, ``iss``, ``sub``, ``name``, optional
+``exp`` (Unix seconds) and ``nats`` with ``type`` and ``"version": 2``.
+
+:class:`OperatorSetup` makes a complete operator + account + account signing key
+and the matching server config (``operator``, ``resolver: MEMORY``,
+``resolver_preload``), for tests and the one-command local stack.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import nkeys
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+__all__ = [
+    "ACCOUNT_JETSTREAM_UNLIMITED",
+    "ACCOUNT_LIMITS_UNLIMITED",
+    "CONNECTION_TYPE_STANDARD",
+    "CONNECTION_TYPE_WEBSOCKET",
+    "JWT_HEADER",
+    "JwtError",
+    "KeyKind",
+    "NKey",
+    "OperatorSetup",
+    "account_claims",
+    "creds_text",
+    "decode_jwt",
+    "decode_public_key",
+    "encode_jwt",
+    "is_public_key",
+    "keypair_from_seed",
+    "new_key",
+    "operator_claims",
+    "user_claims",
+]
+
+JWT_HEADER: Final = {"typ": "JWT", "alg": "ed25519-nkey"}
+# Claims format understood by nats-server >= 2.2 (v1 JWTs are long deprecated).
+CLAIMS_VERSION: Final = 2
+CONNECTION_TYPE_STANDARD: Final = "STANDARD"
+CONNECTION_TYPE_WEBSOCKET: Final = "WEBSOCKET"
+# -1 means unlimited. Omitted limits mean 0 to nats-server ("maximum subscriptions
+# exceeded" at connect), so every limit we rely on is spelled out.
+ACCOUNT_LIMITS_UNLIMITED: Final[Mapping[str, Any]] = {
+    "subs": -1,
+    "data": -1,
+    "payload": -1,
+    "imports": -1,
+    "exports": -1,
+    "wildcards": True,
+    "conn": -1,
+    "leaf": -1,
+}
+# JetStream enabled for the account without quotas, so run streams (a later issue) can use it.
+ACCOUNT_JETSTREAM_UNLIMITED: Final[Mapping[str, Any]] = {
+    "mem_storage": -1,
+    "disk_storage": -1,
+    "streams": -1,
+    "consumer": -1,
+}
+USER_LIMITS_UNLIMITED: Final[Mapping[str, Any]] = {"subs": -1, "data": -1, "payload": -1}
+
+# Public nkeys: 1 prefix byte + 32 key bytes + 2 CRC bytes, base32 without padding.
+_PUBLIC_KEY_RAW_LENGTH: Final = 35
+_PUBLIC_KEY_LENGTH: Final = 56
+
+_CREDS_TEMPLATE: Final = """-----BEGIN NATS USER JWT-----
+{jwt}
+------END NATS USER JWT------
+
+************************* IMPORTANT *************************
+NKEY Seed printed below can be used to sign and prove identity.
+NKEYs are sensitive and should be treated as secrets.
+
+-----BEGIN USER NKEY SEED-----
+{seed}
+------END USER NKEY SEED------
+
+*************************************************************
+"""
+
+
+class JwtError(ValueError):
+    """A JWT or key that is malformed, wrongly signed, or of the wrong kind."""
+
+
+class KeyKind:
+    """The nkey roles we use, as ``nkeys`` prefix bytes (public keys start with O/A/U)."""
+
+    OPERATOR: Final = nkeys.PREFIX_BYTE_OPERATOR
+    ACCOUNT: Final = nkeys.PREFIX_BYTE_ACCOUNT
+    USER: Final = nkeys.PREFIX_BYTE_USER
+
+
+_KIND_LETTER: Final = {KeyKind.OPERATOR: "O", KeyKind.ACCOUNT: "A", KeyKind.USER: "U"}
+
+
+@dataclass(frozen=True, slots=True)
+class NKey:
+    """An nkey as strings: the secret ``seed`` (``SO…``/``SA…``/``SU…``) and its ``public_key``."""
+
+    seed: str
+    public_key: str
+
+    def keypair(self) -> Any:
+        return keypair_from_seed(self.seed)
+
+    def __repr__(self) -> str:  # never print the seed by accident
+        return f"NKey(public_key={self.public_key!r})"
+
+
+def new_key(kind: int) -> NKey:
+    """A fresh random nkey of ``kind`` (a :class:`KeyKind` value)."""
+    seed = nkeys.encode_seed(os.urandom(32), kind)
+    keypair = nkeys.from_seed(bytearray(seed))
+    return NKey(seed.decode("ascii"), keypair.public_key.decode("ascii"))
+
+
+def keypair_from_seed(seed: str) -> Any:
+    """An ``nkeys.KeyPair`` from a seed string; :class:`JwtError` when it is not a seed."""
+    try:
+        return nkeys.from_seed(bytearray(seed.strip().encode("ascii")))
+    except (nkeys.NkeysError, ValueError, UnicodeError, binascii.Error) as exc:
+        raise JwtError(f"not a valid nkey seed ({type(exc).__name__})") from None
+
+
+def decode_public_key(key: str, kind: int) -> bytes:
+    """The 32 raw ed25519 bytes of a public nkey of ``kind``; :class:`JwtError` otherwise.
+
+    Checks length, alphabet, role prefix and CRC, so a typo or a seed pasted by
+    mistake is refused before we sign anything for it.
+    """
+    letter = _KIND_LETTER.get(kind, "?")
+    if not isinstance(key, str) or len(key) != _PUBLIC_KEY_LENGTH or not key.isascii():
+        raise JwtError(f"not a public {letter}... nkey (expected {_PUBLIC_KEY_LENGTH} characters)")
+    try:
+        raw = base64.b32decode(key.encode("ascii"))  # 56 characters = 35 bytes, no padding
+    except (binascii.Error, ValueError):
+        raise JwtError(f"not a public {letter}... nkey (bad base32)") from None
+    if len(raw) != _PUBLIC_KEY_RAW_LENGTH or raw[0] != kind:
+        raise JwtError(f"not a public {letter}... nkey (wrong key type)")
+    body, crc = raw[:-2], raw[-2:]
+    if nkeys.crc16(bytearray(body)) != int.from_bytes(crc, "little"):
+        raise JwtError(f"not a public {letter}... nkey (checksum mismatch)")
+    return bytes(body[1:])
+
+
+def is_public_key(key: object, kind: int) -> bool:
+    try:
+        decode_public_key(key, kind)  # type: ignore[arg-type]
+    except JwtError:
+        return False
+    return True
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _compact_json(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def encode_jwt(claims: Mapping[str, Any], signing_kp: Any) -> str:
+    """Sign ``claims`` with an nkeys ``KeyPair``; ``iss`` is always the signer's public key.
+
+    ``iat`` defaults to now; ``jti`` to a hash of the claims (as the Go library does),
+    so every distinct claim set gets its own id.
+    """
+    body: dict[str, Any] = dict(claims)
+    body["iss"] = signing_kp.public_key.decode("ascii")
+    body.setdefault("iat", int(time.time()))
+    if "sub" not in body or "nats" not in body:
+        raise JwtError("NATS JWT claims need 'sub' and 'nats'")
+    body.pop("jti", None)
+    digest = hashlib.sha256(_compact_json(body)).digest()
+    body = {"jti": base64.b32encode(digest).rstrip(b"=").decode("ascii"), **body}
+    signing_input = f"{_b64(_compact_json(JWT_HEADER))}.{_b64(_compact_json(body))}"
+    signature = signing_kp.sign(signing_input.encode("ascii"))
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def decode_jwt(token: str, *, verify: bool = True) -> dict[str, Any]:
+    """The claims of a NATS JWT; with ``verify`` the signature must match ``iss``.
+
+    Does not judge expiry or trust (whether ``iss`` is an operator or account you
+    accept): that is the caller's policy.
+    """
+    parts = token.strip().split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        raise JwtError("not a JWT (expected three dot-separated parts)")
+    try:
+        header = json.loads(_unb64(parts[0]))
+        claims = json.loads(_unb64(parts[1]))
+        signature = _unb64(parts[2])
+    except (binascii.Error, ValueError, UnicodeError):
+        raise JwtError("not a JWT (bad base64url or JSON)") from None
+    if not isinstance(header, dict) or header.get("alg") != JWT_HEADER["alg"]:
+        raise JwtError("not a NATS JWT (header alg is not ed25519-nkey)")
+    if not isinstance(claims, dict) or not isinstance(claims.get("nats"), dict):
+        raise JwtError("not a NATS JWT (no 'nats' claims)")
+    if verify:
+        issuer = claims.get("iss")
+        raw_key = None
+        for kind in (KeyKind.OPERATOR, KeyKind.ACCOUNT):
+            if is_public_key(issuer, kind):
+                raw_key = decode_public_key(issuer, kind)  # type: ignore[arg-type]
+        if raw_key is None:
+            raise JwtError("NATS JWT issuer is not an operator or account public key")
+        try:
+            VerifyKey(raw_key).verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+        except (BadSignatureError, ValueError):
+            raise JwtError("NATS JWT signature does not match its issuer") from None
+    return claims
+
+
+def operator_claims(
+    operator_public_key: str,
+    name: str,
+    *,
+    signing_keys: Sequence[str] = (),
+    system_account: str | None = None,
+) -> dict[str, Any]:
+    """Claims of a self-signed operator JWT."""
+    decode_public_key(operator_public_key, KeyKind.OPERATOR)
+    nats: dict[str, Any] = {"type": "operator", "version": CLAIMS_VERSION}
+    if signing_keys:
+        nats["signing_keys"] = list(signing_keys)
+    if system_account is not None:
+        decode_public_key(system_account, KeyKind.ACCOUNT)
+        nats["system_account"] = system_account
+    return {"sub": operator_public_key, "name": name, "nats": nats}
+
+
+def account_claims(
+    account_public_key: str,
+    name: str,
+    *,
+    signing_keys: Sequence[str] = (),
+    limits: Mapping[str, Any] = ACCOUNT_LIMITS_UNLIMITED,
+    jetstream: Mapping[str, Any] | None = ACCOUNT_JETSTREAM_UNLIMITED,
+) -> dict[str, Any]:
+    """Claims of an account JWT (signed by the operator), with explicit limits."""
+    decode_public_key(account_public_key, KeyKind.ACCOUNT)
+    for key in signing_keys:
+        decode_public_key(key, KeyKind.ACCOUNT)
+    all_limits = dict(limits)
+    if jetstream is not None:
+        all_limits.update(jetstream)
+    return {
+        "sub": account_public_key,
+        "name": name,
+        "nats": {
+            "limits": all_limits,
+            "signing_keys": list(signing_keys),
+            "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account",
+            "version": CLAIMS_VERSION,
+        },
+    }
+
+
+def user_claims(
+    user_public_key: str,
+    name: str,
+    *,
+    issuer_account: str | None = None,
+    permissions: Mapping[str, Any] | None = None,
+    expires_at: int | None = None,
+    allowed_connection_types: Sequence[str] | None = None,
+    tags: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Claims of a user JWT.
+
+    ``issuer_account`` is required when a signing key (not the account key itself)
+    signs. ``permissions`` is ``{"pub": {"allow": [...]}, "sub": {"allow": [...]}}``
+    (``None``: everything in the account). ``expires_at`` is Unix seconds.
+    """
+    decode_public_key(user_public_key, KeyKind.USER)
+    nats: dict[str, Any] = dict(permissions) if permissions is not None else {"pub": {}, "sub": {}}
+    nats.update(USER_LIMITS_UNLIMITED)
+    if issuer_account is not None:
+        decode_public_key(issuer_account, KeyKind.ACCOUNT)
+        nats["issuer_account"] = issuer_account
+    if allowed_connection_types:
+        nats["allowed_connection_types"] = list(allowed_connection_types)
+    if tags:
+        nats["tags"] = list(tags)
+    nats["type"] = "user"
+    nats["version"] = CLAIMS_VERSION
+    claims: dict[str, Any] = {"sub": user_public_key, "name": name, "nats": nats}
+    if expires_at is not None:
+        claims["exp"] = int(expires_at)
+    return claims
+
+
+def creds_text(jwt: str, seed: str) -> str:
+    """The ``.creds`` file content nats-py and the nats CLI read (JWT block, then seed block)."""
+    if not seed.startswith("SU"):
+        raise JwtError("creds files hold a user seed (SU...)")
+    return _CREDS_TEMPLATE.format(jwt=jwt, seed=seed)
+
+
+@dataclass(frozen=True)
+class OperatorSetup:
+    """One operator, one account with a signing key, and their JWTs: a self-contained trust chain.
+
+    Plus a system account (``SYS``), which nats-server wants in operator mode for its
+    own monitoring subjects. ``server_conf()`` is the nats-server config snippet that
+    trusts it all; ``gateway_env()`` the settings the gateway needs to mint users.
+    """
+
+    operator: NKey
+    operator_jwt: str
+    account: NKey
+    account_signing: NKey
+    account_jwt: str
+    system_account: NKey
+    system_account_jwt: str
+
+    @classmethod
+    def generate(cls, operator_name: str = "natslink", account_name: str = "LINKS") -> OperatorSetup:
+        operator = new_key(KeyKind.OPERATOR)
+        account = new_key(KeyKind.ACCOUNT)
+        signing = new_key(KeyKind.ACCOUNT)
+        system = new_key(KeyKind.ACCOUNT)
+        op_kp = operator.keypair()
+        operator_jwt = encode_jwt(
+            operator_claims(operator.public_key, operator_name, system_account=system.public_key), op_kp
+        )
+        account_jwt = encode_jwt(
+            account_claims(account.public_key, account_name, signing_keys=[signing.public_key]), op_kp
+        )
+        system_jwt = encode_jwt(account_claims(system.public_key, "SYS", jetstream=None), op_kp)
+        return cls(operator, operator_jwt, account, signing, account_jwt, system, system_jwt)
+
+    def server_conf(self) -> str:
+        """``operator``, ``system_account``, ``resolver: MEMORY`` and ``resolver_preload`` for nats-server."""
+        return (
+            f"operator: {json.dumps(self.operator_jwt)}\n"
+            f"system_account: {self.system_account.public_key}\n"
+            "resolver: MEMORY\n"
+            "resolver_preload: {\n"
+            f"  {self.account.public_key}: {json.dumps(self.account_jwt)}\n"
+            f"  {self.system_account.public_key}: {json.dumps(self.system_account_jwt)}\n"
+            "}\n"
+        )
+
+    def gateway_env(self) -> dict[str, str]:
+        """``NATS_OPERATOR_JWT``/``NATS_ACCOUNT_JWT``/``NATS_ACCOUNT_SIGNING_KEY`` for this account."""
+        return {
+            "NATS_OPERATOR_JWT": self.operator_jwt,
+            "NATS_ACCOUNT_JWT": self.account_jwt,
+            "NATS_ACCOUNT_SIGNING_KEY": self.account_signing.seed,
+        }
+
+    def user_jwt(
+        self,
+        user_public_key: str,
+        name: str,
+        *,
+        permissions: Mapping[str, Any] | None = None,
+        expires_at: int | None = None,
+        allowed_connection_types: Sequence[str] | None = None,
+    ) -> str:
+        """A user JWT signed by the account signing key (``None`` permissions: the whole account)."""
+        claims = user_claims(
+            user_public_key,
+            name,
+            issuer_account=self.account.public_key,
+            permissions=permissions,
+            expires_at=expires_at,
+            allowed_connection_types=allowed_connection_types,
+        )
+        return encode_jwt(claims, self.account_signing.keypair())
+
+    def user_creds(self, name: str, **kwargs: Any) -> str:
+        """Creds-file text for a fresh user key (e.g. the gateway's own, unrestricted connection)."""
+        user = new_key(KeyKind.USER)
+        return creds_text(self.user_jwt(user.public_key, name, **kwargs), user.seed)
+
+    def __repr__(self) -> str:
+        return f"OperatorSetup(operator={self.operator.public_key!r}, account={self.account.public_key!r})"
