@@ -1,0 +1,60 @@
+"""The aiohttp application: routes, shared state and the NATS connection's lifetime.
+
+``create_app(config)`` validates everything that can be validated without a
+network (keys, credentials, URLs: start-up errors are :class:`ConfigError`), then
+returns an application whose ``cleanup_ctx`` opens the gateway's NATS
+connection in the background on start-up and closes it on shutdown.
+
+Routes:
+
+- ``GET /healthz``: liveness, no auth; ``{"status": "ok", "nats": "connected"|"disconnected"}``
+  (200 even while NATS is down: restarting the gateway would not bring NATS back);
+- ``POST /api/links/session``: see :mod:`.sessions`;
+- ``GET /api/links/me``: see :mod:`.presence`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final
+
+from aiohttp import web
+
+from .auth import VERIFIER, TokenVerifier
+from .config import GatewayConfig
+from .errors import error_middleware
+from .natsconn import GATEWAY_NATS, GatewayNats
+from .presence import get_me
+from .sessions import MINTER, SessionMinter, create_session
+
+__all__ = ["CONFIG", "create_app"]
+
+CONFIG: Final = web.AppKey("studio_gateway.config", GatewayConfig)
+# Session requests carry a public key at most; refuse big bodies before reading them.
+CLIENT_MAX_SIZE: Final = 64 * 1024
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    nats = request.app[GATEWAY_NATS]
+    return web.json_response({"status": "ok", "nats": "connected" if nats.available else "disconnected"})
+
+
+async def _nats_lifetime(app: web.Application) -> AsyncIterator[None]:
+    nats = app[GATEWAY_NATS]
+    await nats.start()
+    yield
+    await nats.close()
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    """Build the gateway application (raises ConfigError for bad key material or credentials)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app[VERIFIER] = TokenVerifier(config.auth)
+    app[MINTER] = SessionMinter(config)
+    app[GATEWAY_NATS] = GatewayNats(config)
+    app.cleanup_ctx.append(_nats_lifetime)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/api/links/session", create_session)
+    app.router.add_get("/api/links/me", get_me)
+    return app
