@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -9,6 +10,23 @@ import pytest
 
 from cli.nats_server import NatsServer, NatsServerConfig
 from tests.helpers import NatsServerFactory
+
+# Property-based tests (hypothesis): modest sizes so they run in seconds; no per-example
+# deadline (a loaded CI machine is slow, not wrong). In CI (env CI set) the examples are
+# derandomized and no example database is kept, so a run is reproducible and never flaky;
+# locally each run explores new examples and remembers failing ones in .hypothesis/.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a dev dependency: only the tests/unit/test_fuzz_* modules need it
+    pass
+else:
+    settings.register_profile(
+        "natslink", max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile("ci", parent=settings.get_profile("natslink"), derandomize=True, database=None)
+    settings.load_profile(
+        os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "natslink")
+    )
 
 _REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 
