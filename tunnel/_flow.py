@@ -1,6 +1,9 @@
 """Credit-based flow control and sequence checking for one direction of one stream (sans-IO).
 
 The receiver grants bytes; the sender never sends more than it was granted.
+Grants are *cumulative limits* ("you may have sent N body bytes in total"), not
+increments: core NATS may drop a credit frame (a reconnect blip), and an
+absolute limit is repaired by any later grant, and can be re-sent safely.
 The receiver grants more as its application *consumes* data (not as frames
 arrive), so bytes buffered on the receiving side never exceed the window, and a
 slow reader slows the sender instead of making NATS drop messages.
@@ -25,35 +28,41 @@ UNFLOWED_BUFFER_LIMIT: Final = 64 * 1024 * 1024
 class SendCredit:
     """How many more body bytes we may send, and the next sequence number."""
 
-    __slots__ = ("credit", "next_seq", "sent_bytes")
+    __slots__ = ("limit", "next_seq", "sent_bytes")
 
     def __init__(self, initial: int | None) -> None:
-        self.credit: int | None = initial
+        self.limit: int | None = initial  # total body bytes the receiver allows, None: no limit
         self.next_seq = 0
         self.sent_bytes = 0
 
     @property
+    def credit(self) -> int | None:
+        """Bytes we may still send (None: no flow control)."""
+        return None if self.limit is None else self.limit - self.sent_bytes
+
+    @property
     def unlimited(self) -> bool:
-        return self.credit is None
+        return self.limit is None
 
     def available(self) -> int:
-        return MAX_CREDIT if self.credit is None else self.credit
+        return MAX_CREDIT if self.limit is None else self.limit - self.sent_bytes
 
     def spend(self, n: int) -> int:
         """Account for one data frame of ``n`` bytes; returns its sequence number."""
-        if self.credit is not None:
-            if n > self.credit:
-                raise LocalProtocolError(f"sending {n} bytes with only {self.credit} bytes of credit")
-            self.credit -= n
+        if self.limit is not None and n > self.limit - self.sent_bytes:
+            raise LocalProtocolError(
+                f"sending {n} bytes with only {self.limit - self.sent_bytes} bytes of credit"
+            )
         self.sent_bytes += n
         seq = self.next_seq
         self.next_seq += 1
         return seq
 
-    def grant(self, n: int) -> None:
-        if self.credit is None:
+    def grant(self, limit: int) -> None:
+        """The receiver now allows ``limit`` bytes in total; stale (smaller) limits change nothing."""
+        if self.limit is None:
             return  # credit from a peer we did not negotiate flow control with: harmless
-        self.credit = min(self.credit + n, MAX_CREDIT)
+        self.limit = min(max(self.limit, limit), MAX_CREDIT)
 
 
 class ReceiveWindow:
@@ -106,14 +115,19 @@ class ReceiveWindow:
             )
 
     def on_consumed(self, n: int) -> int | None:
-        """The application took ``n`` bytes; returns bytes to grant now, if a grant is due."""
+        """The application took ``n`` bytes; returns the new total limit to grant, if one is due."""
         self.buffered -= n
         if self.window is None or self.granted is None:
             return None
         self.consumed_since_grant += n
         if self.consumed_since_grant >= self.window * GRANT_THRESHOLD_FRACTION:
-            grant = self.consumed_since_grant
+            self.granted = min(self.granted + self.consumed_since_grant, MAX_CREDIT)
             self.consumed_since_grant = 0
-            self.granted = min(self.granted + grant, MAX_CREDIT)
-            return grant
+            return self.granted
         return None
+
+    def regrant(self) -> int | None:
+        """The current limit again, when the sender may be stuck on a lost grant (nothing buffered)."""
+        if self.granted is None or self.buffered > 0:
+            return None
+        return self.granted

@@ -135,8 +135,10 @@ class RequestError:
 
 @dataclass(frozen=True, slots=True)
 class RequestCredit:
+    """The caller allows the server ``limit`` response-body bytes in total (cumulative)."""
+
     request_id: str
-    bytes: int
+    limit: int
     type: str = field(default="request.credit", init=False)
 
 
@@ -193,8 +195,10 @@ class ResponseError:
 
 @dataclass(frozen=True, slots=True)
 class ResponseCredit:
+    """The server allows the caller ``limit`` request-body bytes in total (cumulative)."""
+
     request_id: str
-    bytes: int
+    limit: int
     type: str = field(default="response.credit", init=False)
 
 
@@ -499,7 +503,7 @@ def _d_response_error(o: dict[str, Any], rid: str) -> Frame:
 
 
 def _d_credit(o: dict[str, Any], rid: str) -> Frame:
-    amount = _require(o, "bytes", int, rid)
+    amount = _require(o, "limit", int, rid)
     if not 0 < amount <= MAX_SAFE_INT:
         raise FrameError("credit out of range", rid)
     cls = RequestCredit if o["type"] == "request.credit" else ResponseCredit
@@ -662,7 +666,7 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["code"] = frame.code
         obj["message"] = frame.message
     elif isinstance(frame, RequestCredit | ResponseCredit):
-        obj["bytes"] = frame.bytes
+        obj["limit"] = frame.limit
     elif isinstance(frame, Abort) and frame.reason is not None:
         obj["reason"] = frame.reason
     return _dumps(obj)

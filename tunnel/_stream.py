@@ -97,7 +97,12 @@ class PeerFailed:
     error: TunnelError
 
 
-Event = Acked | ResponseHead | DataReceived | BodyEnded | CreditGranted | PeerFailed
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    """The server is alive but sent nothing else lately: it may be waiting on a lost grant."""
+
+
+Event = Acked | ResponseHead | DataReceived | BodyEnded | CreditGranted | PeerFailed | HeartbeatReceived
 
 
 # ----------------------------------------------------------------------------- caller
@@ -286,6 +291,15 @@ class CallerStream:
             return None
         return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, grant)))
 
+    def refresh_credit(self) -> Publish | None:
+        """Re-send our current limit (grants are cumulative, so this repairs a lost one)."""
+        if self.up_subject is None or self.phase is not CallerPhase.RESPONDING:
+            return None
+        limit = self.receive_window.regrant()
+        if limit is None:
+            return None
+        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, limit)))
+
     def abort(self, reason: str = ErrorCode.ABORTED) -> Publish | None:
         """Stop the server side: returns the abort frame unless the stream already ended cleanly."""
         if self.phase is CallerPhase.DONE or self._abort_sent:
@@ -332,10 +346,12 @@ class CallerStream:
                 raise self._fail(exc) from None
             return BodyEnded()
         if isinstance(frame, f.ResponseCredit):
-            self.send.grant(frame.bytes)
+            self.send.grant(frame.limit)
             return CreditGranted()
         if first:
             return Acked()
+        if isinstance(frame, f.ResponseHeartbeat) and self.phase is CallerPhase.RESPONDING:
+            return HeartbeatReceived()
         return None
 
     def _first_frame(self, frame: f.Frame) -> None:
@@ -702,7 +718,7 @@ class ServerStream:
             self.caller_gone = True
             return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
         if isinstance(frame, f.RequestCredit):
-            self.send.grant(frame.bytes)
+            self.send.grant(frame.limit)
             if self._credit_blocked_since is not None:
                 self._credit_blocked_since = self._last_received_at  # the stall clock restarts
             return CreditGranted()
@@ -766,7 +782,13 @@ class ServerStream:
         if self.ack_due is not None and now >= self.ack_due:
             return [self.ack()]
         if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:
-            return [self._out(f.ResponseHeartbeat(self.request_id))]
+            out = [self._out(f.ResponseHeartbeat(self.request_id))]
+            if self.extended and self.body_phase is BodyPhase.OPEN:
+                # Quiet while the body is open: the caller may be stuck on a lost grant.
+                limit = self.receive_window.regrant()
+                if limit is not None:
+                    out.append(self._out(f.ResponseCredit(self.request_id, limit)))
+            return out
         return []
 
     def fail(self, error: TunnelError) -> TunnelError:

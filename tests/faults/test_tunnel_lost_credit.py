@@ -2,14 +2,15 @@
 
 A daemon whose connection blips (reset, reconnect in 100 ms) loses every frame the caller
 sent meanwhile. Lost *data* frames are caught by sequence numbers (tests/integration/
-test_tunnel_faults.py). Lost *credit* frames are not: credit is incremental, so each lost
-grant shrinks the sender's window for good, and once the lost grants add up to the window
-the sender waits for credit the receiver believes it gave, while the receiver waits for data.
-Heartbeats keep flowing, so the caller's idle timeout ("the peer is gone") never fires,
-and the request sits until the server's stall timeout (60 s by default).
+test_tunnel_faults.py). Lost *credit* frames were not: credit used to be incremental, so each
+lost grant shrank the sender's window for good, and once the lost grants add up to the window
+the sender waited for credit the receiver believed it gave, while the receiver waited for data.
+Heartbeats kept flowing, so the caller's idle timeout ("the peer is gone") never fired,
+and the request sat until the server's stall timeout (60 s by default).
 
 Found by the reset scenario of tests/faults/test_tunnel_chaos.py (which runs the daemon with
-a 2 s stall timeout to stay short). These tests drop exactly two grants with a wire tap and
+a 2 s stall timeout to stay short), and fixed by making grants cumulative limits that are
+repeated while the receiver is idle. These tests drop exactly two grants with a wire tap and
 assert what a caller is promised: the request ends -- completes with the right bytes, or
 fails with a typed error -- within its idle timeout plus a second, not after a minute.
 """
@@ -78,11 +79,6 @@ async def _connected(url: str) -> AsyncIterator[Client]:
         await nc.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (tunnel/_flow.py, credit is incremental and never re-sent): two lost credit frames "
-    "stall the transfer until the server's stall timeout (60 s) while heartbeats keep the caller waiting",
-)
 @pytest.mark.parametrize("direction", ["download", "upload"])
 async def test_lost_credit_frames_do_not_stall_a_transfer_past_the_idle_timeout(
     nats_server: NatsServer, direction: str

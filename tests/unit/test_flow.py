@@ -36,11 +36,14 @@ def test_send_credit_never_allows_spending_over_credit() -> None:
         credit.spend(1)
 
 
-def test_grants_accumulate() -> None:
+def test_grants_are_cumulative_limits_so_lost_or_repeated_ones_do_no_harm() -> None:
     credit = SendCredit(10)
     credit.spend(10)
-    credit.grant(5)
-    credit.grant(7)
+    credit.grant(15)  # imagine this one was lost ...
+    credit.grant(22)  # ... the next limit covers it
+    assert credit.available() == 12
+    credit.grant(22)  # a repeat changes nothing
+    credit.grant(15)  # nor does a stale (reordered) one
     assert credit.available() == 12
     credit.spend(12)
     assert credit.available() == 0
@@ -157,17 +160,17 @@ def test_grant_comes_once_half_the_window_is_consumed() -> None:
     window.on_chunk(0, 100)
     assert window.on_consumed(20) is None
     assert window.on_consumed(29) is None
-    assert window.on_consumed(1) == 50  # 50 consumed since the last grant
+    assert window.on_consumed(1) == 150  # 50 consumed since the last grant: new limit 100 + 50
     assert window.on_consumed(30) is None
-    assert window.on_consumed(20) == 50
+    assert window.on_consumed(20) == 200
     assert window.granted == 200
 
 
 def test_a_grant_lets_exactly_that_much_more_data_in() -> None:
     window = ReceiveWindow(100)
     window.on_chunk(0, 100)
-    grant = window.on_consumed(60)
-    assert grant == 60
+    limit = window.on_consumed(60)
+    assert limit == 160
     window.on_chunk(1, 60)
     with pytest.raises(RemoteProtocolError):
         window.on_chunk(2, 1)
@@ -212,3 +215,13 @@ def test_sender_and_receiver_agree_over_a_long_transfer() -> None:
             send.grant(grant)
     receive.on_end(send.next_seq)
     assert receive.received_bytes == to_send == send.sent_bytes
+
+
+def test_the_current_limit_is_repeated_only_when_nothing_waits_unread() -> None:
+    window = ReceiveWindow(100)
+    assert window.regrant() == 100
+    window.on_chunk(0, 60)
+    assert window.regrant() is None  # the reader has data: the sender is not stuck on us
+    window.on_consumed(60)
+    assert window.regrant() == 160
+    assert ReceiveWindow(None).regrant() is None

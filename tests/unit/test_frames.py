@@ -230,8 +230,8 @@ def test_v1_frames_have_exactly_the_reference_shape(frame: f.Frame, expected: di
 
 
 def test_extension_frames_and_fields_use_camel_case_names() -> None:
-    assert _json(f.RequestCredit(RID, 10)) == {"type": "request.credit", "requestId": RID, "bytes": 10}
-    assert _json(f.ResponseCredit(RID, 11)) == {"type": "response.credit", "requestId": RID, "bytes": 11}
+    assert _json(f.RequestCredit(RID, 10)) == {"type": "request.credit", "requestId": RID, "limit": 10}
+    assert _json(f.ResponseCredit(RID, 11)) == {"type": "response.credit", "requestId": RID, "limit": 11}
     assert _json(f.ResponseHeartbeat(RID)) == {"type": "response.heartbeat", "requestId": RID}
     start = f.RequestStart(
         RID, "GET", "/", [], REPLY, ABORT, extensions=f.StartExtensions(True, 100, 200, 300, whole=True)
@@ -487,10 +487,10 @@ REJECTED: dict[str, bytes] = {
     "ack extensions not an object": _mutated(_ACK, extensions="yes"),
     "ack upSubject not a string": _mutated(_ACK, extensions={"upSubject": 5}),
     "ack maxFrame zero": _mutated(_ACK, extensions={"maxFrame": 0}),
-    "credit zero": _mutated(_CREDIT, bytes=0),
-    "credit negative": _mutated(_CREDIT, bytes=-5),
-    "credit as string": _mutated(_CREDIT, bytes="10"),
-    "credit missing": _mutated(_CREDIT, bytes=_DELETE),
+    "credit zero": _mutated(_CREDIT, limit=0),
+    "credit negative": _mutated(_CREDIT, limit=-5),
+    "credit as string": _mutated(_CREDIT, limit="10"),
+    "credit missing": _mutated(_CREDIT, limit=_DELETE),
     "error code missing": _mutated(_ERROR, code=_DELETE),
     "error code not a string": _mutated(_ERROR, code=500),
     "error message not a string": _mutated(_ERROR, message={"text": "x"}),

@@ -51,6 +51,7 @@ from .._stream import (
     CallerStream,
     CreditGranted,
     DataReceived,
+    HeartbeatReceived,
     PeerFailed,
     ResponseHead,
 )
@@ -235,6 +236,11 @@ class _ClientRequest:
             self.release()
         elif isinstance(event, CreditGranted):
             self._wake_credit()
+        elif isinstance(event, HeartbeatReceived):
+            refresh = self.stream.refresh_credit()
+            if refresh is not None:
+                with contextlib.suppress(TunnelError):
+                    await self.client.publisher.send(refresh)
         elif isinstance(event, PeerFailed):
             self._set_error(event.error)
             self.release()
