@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -18,6 +19,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from studio_gateway.app import create_app
+from studio_gateway.config import ConfigError, GatewayConfig
 from studio_gateway.nats_jwt import OperatorSetup
 from tests.integration.gateway_harness import SECRET, base_env, running_gateway
 
@@ -148,3 +151,15 @@ async def test_an_operator_mode_session_needs_a_live_nats_connection() -> None:
     async with running_gateway(env, wait_nats=False) as gw:
         status, body = await gw.session("alice")
         assert status == 503 and body["error"]["code"] == "nats_unavailable"
+
+
+@pytest.mark.parametrize(
+    "content", ["", "not creds at all", "-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n"]
+)
+def test_unusable_gateway_creds_are_a_start_up_error(tmp_path: Path, content: str) -> None:
+    creds = tmp_path / "gateway.creds"
+    creds.write_text(content, encoding="utf-8")
+    config = GatewayConfig.from_env(base_env(NATS_CREDS=str(creds)))
+    with pytest.raises(ConfigError) as info:
+        create_app(config)
+    assert info.value.variable == "NATS_CREDS"
