@@ -15,6 +15,7 @@ Routes:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -28,6 +29,8 @@ from .presence import get_me
 from .sessions import MINTER, SessionMinter, create_session
 
 __all__ = ["CONFIG", "create_app"]
+
+log = logging.getLogger("studio_gateway")
 
 CONFIG: Final = web.AppKey("studio_gateway.config", GatewayConfig)
 # Session requests carry a public key at most; refuse big bodies before reading them.
@@ -51,7 +54,10 @@ def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[VERIFIER] = TokenVerifier(config.auth)
-    app[MINTER] = SessionMinter(config)
+    app[MINTER] = minter = SessionMinter(config)
+    problem = minter.unavailable()
+    if problem is not None:
+        log.warning("link sessions will answer 503 %s: %s", *problem)
     app[GATEWAY_NATS] = GatewayNats(config)
     app.cleanup_ctx.append(_nats_lifetime)
     app.router.add_get("/healthz", healthz)
