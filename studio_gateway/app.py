@@ -25,6 +25,7 @@ from .auth import VERIFIER, TokenVerifier
 from .config import GatewayConfig
 from .errors import error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
+from .permissions import GrantProvider
 from .presence import get_me
 from .sessions import MINTER, SessionMinter, create_session
 
@@ -49,12 +50,16 @@ async def _nats_lifetime(app: web.Application) -> AsyncIterator[None]:
     await nats.close()
 
 
-def create_app(config: GatewayConfig) -> web.Application:
-    """Build the gateway application (raises ConfigError for bad key material or credentials)."""
+def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...] = ()) -> web.Application:
+    """Build the gateway application (raises ConfigError for bad key material or credentials).
+
+    ``extra_grants``: more NATS permissions for every daemon credential, each confined to
+    the daemon's own host prefix (e.g. run uplink subjects; see :mod:`.permissions`).
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[VERIFIER] = TokenVerifier(config.auth)
-    app[MINTER] = minter = SessionMinter(config)
+    app[MINTER] = minter = SessionMinter(config, extra_grants=extra_grants)
     problem = minter.unavailable()
     if problem is not None:
         log.warning("link sessions will answer 503 %s: %s", *problem)

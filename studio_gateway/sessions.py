@@ -99,6 +99,8 @@ class SessionMinter:
     ) -> dict[str, Any]:
         """The session response body for ``user_id`` (``public_key``: the daemon's own user key)."""
         config = self.config
+        if config.credential_mode is CredentialMode.NONE:
+            raise RuntimeError("mint() without operator keys or a token (check unavailable() first)")
         hostname = tunnel_hostname(user_id)
         body: dict[str, Any] = {
             "connection": {

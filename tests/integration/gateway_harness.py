@@ -31,6 +31,7 @@ from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig
 from studio_gateway.nats_jwt import OperatorSetup, decode_jwt
 from studio_gateway.natsconn import GATEWAY_NATS, GatewayNats
+from studio_gateway.permissions import GrantProvider
 from tests.helpers import NatsServerFactory
 
 # 48 bytes: comfortably above the 32-byte minimum the gateway enforces for HS256.
@@ -108,12 +109,16 @@ class Gateway:
 
 @asynccontextmanager
 async def running_gateway(
-    env: Mapping[str, str], *, wait_nats: bool = True, **config_overrides: Any
+    env: Mapping[str, str],
+    *,
+    wait_nats: bool = True,
+    extra_grants: tuple[GrantProvider, ...] = (),
+    **config_overrides: Any,
 ) -> AsyncIterator[Gateway]:
     config = GatewayConfig.from_env(env)
     if config_overrides:
         config = replace(config, **config_overrides)
-    app = create_app(config)
+    app = create_app(config, extra_grants=extra_grants)
     client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
     try:

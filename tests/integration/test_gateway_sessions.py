@@ -23,6 +23,7 @@ from nats.errors import Error as NatsError
 import tunnel
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
+from studio_gateway.permissions import PermissionGrant
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import (
     EVENT_TIMEOUT,
@@ -301,3 +302,37 @@ async def test_gateway_account_supports_jetstream_for_later_run_streams(
         assert ack.seq == 1
     finally:
         await nc.close()
+
+
+async def test_the_account_key_itself_can_be_the_signer(op: OperatorServer) -> None:
+    async with running_gateway(op.env(NATS_ACCOUNT_SIGNING_KEY=op.setup.account.seed)) as gw:
+        session = await gw.ok_session("grace")
+        claims = jwt_claims(session["credentials"]["jwt"])
+        assert claims["iss"] == op.setup.account.public_key
+        assert "issuer_account" not in claims["nats"]
+        daemon = await connect_daemon(op.server.url, **creds_auth(session["credentials"]["creds"]))
+        try:
+            server = await serve_status(daemon.nc, session["tunnelHostname"])
+            assert (await gw.me("grace"))["online"] is True
+            await server.close()
+        finally:
+            await daemon.nc.close()
+
+
+async def test_extra_grants_extend_daemon_credentials_within_their_own_host(op: OperatorServer) -> None:
+    def run_uplink(subjects: tunnel.HostSubjects) -> PermissionGrant:
+        return PermissionGrant(publish=(f"{subjects.base}.runs.*.events",))
+
+    async with running_gateway(op.env(), extra_grants=(run_uplink,)) as gw:
+        session = await gw.ok_session("heidi")
+        base = tunnel.HostSubjects.for_host(session["tunnelHostname"]).base
+        assert (
+            jwt_claims(session["credentials"]["jwt"])["nats"]["pub"]["allow"][-1] == f"{base}.runs.*.events"
+        )
+        daemon = await connect_daemon(op.server.url, **creds_auth(session["credentials"]["creds"]))
+        try:
+            await daemon.nc.publish(f"{base}.runs.r1.events", b"{}")
+            await daemon.nc.flush()
+            assert daemon.errors == []
+        finally:
+            await daemon.nc.close()
