@@ -57,6 +57,7 @@ def wire_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(tunnel, "serve", serve)
     return mode
 
+
 # -------------------------------------------------------------------- request line, headers
 
 
