@@ -15,6 +15,7 @@ from tests.helpers import NatsServerFactory
 # deadline (a loaded CI machine is slow, not wrong). In CI (env CI set) the examples are
 # derandomized and no example database is kept, so a run is reproducible and never flaky;
 # locally each run explores new examples and remembers failing ones in .hypothesis/.
+# HYPOTHESIS_PROFILE overrides the choice.
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # a dev dependency: only the tests/unit/test_fuzz_* modules need it
@@ -24,6 +25,8 @@ else:
         "natslink", max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
     settings.register_profile("ci", parent=settings.get_profile("natslink"), derandomize=True, database=None)
+    # For a deliberate bug hunt: HYPOTHESIS_PROFILE=thorough pytest tests/unit/test_fuzz_*.py
+    settings.register_profile("thorough", parent=settings.get_profile("natslink"), max_examples=5000)
     settings.load_profile(
         os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "natslink")
     )

@@ -438,24 +438,21 @@ def valid_frames(draw: st.DrawFn) -> f.Frame:
     data = draw(st.binary(max_size=100))
     text = draw(st.text(max_size=30))
     start = f.ResponseStart(rid, draw(st.integers(100, 599)), draw(HEADER_LISTS), None)
-    return draw(
-        st.sampled_from(
-            [
-                f.RequestChunk(rid, seq, data),
-                f.ResponseChunk(rid, seq, data),
-                f.RequestEnd(rid, seq),
-                f.ResponseEnd(rid, seq),
-                f.RequestCredit(rid, max(1, seq)),
-                f.ResponseCredit(rid, max(1, seq)),
-                f.ResponseHeartbeat(rid),
-                f.Abort(rid, text[:100] or None),
-                f.ResponseError(rid, "tunnel_handler_error", text),
-                f.ResponseAck(rid, f.AckExtensions(True, 1024, 100, 2048, f"x.req.{rid}.up.s")),
-                start,
-                f.ResponseWhole(rid, start, data),
-            ]
-        )
-    )
+    candidates: list[f.Frame] = [
+        f.RequestChunk(rid, seq, data),
+        f.ResponseChunk(rid, seq, data),
+        f.RequestEnd(rid, seq),
+        f.ResponseEnd(rid, seq),
+        f.RequestCredit(rid, max(1, seq)),
+        f.ResponseCredit(rid, max(1, seq)),
+        f.ResponseHeartbeat(rid),
+        f.Abort(rid, text[:100] or None),
+        f.ResponseError(rid, "tunnel_handler_error", text),
+        f.ResponseAck(rid, f.AckExtensions(True, 1024, 100, 2048, f"x.req.{rid}.up.s")),
+        start,
+        f.ResponseWhole(rid, start, data),
+    ]
+    return draw(st.sampled_from(candidates))
 
 
 @given(frame=valid_frames())
