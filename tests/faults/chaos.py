@@ -65,8 +65,8 @@ class ChaosSettings:
     # Caller: heartbeats arrive every idle/3 s, so 1.2 s of silence means the daemon is cut off.
     idle_timeout: float = 1.2
     first_frame_timeout: float = 1.2
-    # Overall deadline per request: far above a healthy 7 MiB transfer, even throttled.
-    total_timeout: float = 15.0
+    # Overall deadline per request: far above a healthy 7 MiB transfer, even throttled (~2 s).
+    total_timeout: float = 8.0
     # Daemon: a request whose caller stopped granting credit or sending body is freed after this.
     stall_timeout: float = 2.0
     # Flow-control window, both directions: small enough that a 4 MB/s throttled link drains
@@ -547,11 +547,13 @@ PAUSE_LONG: Final = Fault("pause-longer-than-idle", _pause, _resume, hold=2.5, i
 PAUSE_SHORT: Final = Fault("pause-shorter-than-idle", _pause, _resume, hold=0.4, all_succeed=True)
 THROTTLE: Final = Fault("throttle", _throttle, _heal, hold=3.0, all_succeed=True)
 BLACKHOLE: Final = Fault("blackhole", _blackhole, _heal, hold=2.5, in_flight_bound=_cutoff)
-RESET: Final = Fault("reset", _reset, _nothing, hold=0.0)
+RESET: Final = Fault("reset", _reset, _nothing, hold=0.0, in_flight_bound=_cutoff_then_stall)
 KILL_NATS: Final = Fault(
     "kill-9-nats-server", _kill_nats, _restart_nats, hold=0.5, in_flight_bound=_cutoff_then_stall
 )
 ALL_FAULTS: Final = (PAUSE_LONG, PAUSE_SHORT, THROTTLE, BLACKHOLE, RESET, KILL_NATS)
+# No fault at all: the baseline between faults in a soak (everything must succeed).
+CALM: Final = Fault("calm", _nothing, _nothing, hold=1.0, all_succeed=True)
 
 
 # --------------------------------------------------------------------------- one scenario
@@ -566,6 +568,8 @@ class FaultReport:
     duration: float = 0.0
     injected_at: float = 0.0
     healed_at: float = 0.0
+    # Requests in flight at the fault that ended later than promised (also in ``violations``).
+    late: list[str] = field(default_factory=list)
 
     def in_flight_at_inject(self) -> list[Op]:
         return [
@@ -637,15 +641,17 @@ async def run_fault(rig: ChaosRig, fault: Fault, *, warmup: float = 0.6, after: 
             for op in ledger.ops
             if op.started >= recovered_at and not op.ok and op.violation is None
         ]
+    late: list[str] = []
     if fault.in_flight_bound is not None:
         bound = fault.in_flight_bound(s)
         for op in ledger.ops:
             if op.started <= injected_at and op.ended is not None and op.ended > injected_at + bound:
-                violations.append(
+                late.append(
                     f"{op.kind} in flight at {fault.name} ended {op.ended - injected_at:.2f}s after it "
                     f"({op.outcome}); promised within {bound:.2f}s"
                 )
+        violations += late
     violations += await rig.quiesced(s.stall_timeout + s.idle_timeout + 2.0)
     return FaultReport(
-        fault.name, ledger, violations, recovered_after, loop.time() - began, injected_at, healed_at
+        fault.name, ledger, violations, recovered_after, loop.time() - began, injected_at, healed_at, late
     )

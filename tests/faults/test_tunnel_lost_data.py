@@ -1,0 +1,124 @@
+"""Lost data at the tail of a window: a whole window of body frames vanishes on a reconnect blip.
+
+Sequence numbers catch a lost data frame as soon as a later one arrives (tests/integration/
+test_tunnel_faults.py). But when *every* frame the sender was allowed to send is lost -- a
+daemon's connection reset with a window's worth of frames in flight, as the reset scenario of
+tests/faults/test_tunnel_chaos.py does -- no later frame ever comes: the sender has spent its
+credit, the receiver got nothing, so it grants nothing new, and both wait. Heartbeats keep the
+caller's idle timeout ("the peer is gone") from firing, so the stream sits:
+
+- download: since grants are cumulative and re-sent on every heartbeat (ffce352), each re-sent,
+  unchanged limit restarts the server's credit-stall clock (``ServerStream.receive`` on
+  ``RequestCredit``), so the stall timeout never fires either: the request hangs until the
+  caller's overall deadline, and forever without one (the default);
+- upload: the server waits for body bytes until its stall timeout (60 s by default) while the
+  caller waits for credit.
+
+What a caller is promised (DESIGN.md: "no silent loss"; "liveness, not guesswork") is that a
+loss is detected: the request ends with a typed error -- or completes correctly, if the
+protocol learns to resend -- within its idle timeout plus a second. For example, a heartbeat
+could carry the sender's next sequence number, so a receiver that is behind knows at once that
+frames were lost; and a re-sent credit limit that grants nothing new should not restart the
+stall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Final
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+import tunnel
+from cli.nats_server import NatsServer
+from tunnel._frames import BINARY_HEADER_SIZE
+from tunnel._stream import Publish
+
+MiB: Final = 1024 * 1024
+BODY: Final = bytes(range(256)) * (8 * MiB // 256)
+IDLE: Final = 1.0
+# A healthy 8 MiB transfer takes ~0.1 s on loopback; the promise is idle timeout + 1 s.
+BOUND: Final = IDLE + 1.0 + 1.0
+# Binary data frames: 0x00, then kind 1 (request.chunk) or 2 (response.chunk).
+REQUEST_CHUNK: Final = b"\x00\x01"
+RESPONSE_CHUNK: Final = b"\x00\x02"
+
+
+class DropFirstWindow:
+    """Wire tap: drops data frames of one kind until a whole flow-control window is gone."""
+
+    def __init__(self, kind: bytes, window: int = tunnel.DEFAULT_WINDOW) -> None:
+        self.kind = kind
+        self.window = window
+        self.dropped_bytes = 0
+
+    def __call__(self, pub: Publish) -> Iterable[Publish]:
+        if pub.payload[:2] == self.kind and self.dropped_bytes < self.window:
+            self.dropped_bytes += len(pub.payload) - BINARY_HEADER_SIZE
+            return []
+        return [pub]
+
+
+async def _pieces() -> AsyncIterator[bytes]:
+    for i in range(0, len(BODY), 64 * 1024):
+        yield BODY[i : i + 64 * 1024]
+
+
+async def _handler(req: tunnel.Request) -> tunnel.Response:
+    if req.method == "POST":
+        return tunnel.Response(200, [], hashlib.sha256(await req.read()).hexdigest())
+    return tunnel.Response(200, [], _pieces())
+
+
+@contextlib.asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[Client]:
+    nc = await nats.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (tunnel/_stream.py): a lost window of data is never detected; heartbeats keep the caller "
+    "waiting (download: re-sent unchanged credit restarts the server's stall clock, so it hangs until the "
+    "overall deadline; upload: until the server's 60 s stall timeout)",
+)
+@pytest.mark.parametrize("direction", ["download", "upload"])
+async def test_a_lost_window_of_body_frames_ends_the_request_within_the_idle_timeout(
+    nats_server: NatsServer, direction: str
+) -> None:
+    tap = DropFirstWindow(RESPONSE_CHUNK if direction == "download" else REQUEST_CHUNK)
+    async with _connected(nats_server.url) as server_nc, _connected(nats_server.url) as client_nc:
+        server = await tunnel.serve(
+            server_nc, "lost-window.test", _handler, wire_tap=tap if direction == "download" else None
+        )
+        client = tunnel.TunnelClient(
+            client_nc, idle_timeout=IDLE, wire_tap=tap if direction == "upload" else None
+        )
+
+        async def transfer() -> None:
+            if direction == "download":
+                async with await client.fetch("tunnel://lost-window.test/") as resp:
+                    assert await resp.read() == BODY  # success must mean the right bytes
+            else:
+                async with await client.fetch("tunnel://lost-window.test/", method="POST", body=BODY) as resp:
+                    assert await resp.text() == hashlib.sha256(BODY).hexdigest()
+
+        try:
+            try:
+                await asyncio.wait_for(transfer(), BOUND)
+            except tunnel.TunnelError:
+                pass  # a typed failure within the bound keeps the promise
+            except TimeoutError:
+                pytest.fail(f"the {direction} was still waiting {BOUND:g} s after losing a window of data")
+            assert tap.dropped_bytes >= tunnel.DEFAULT_WINDOW
+        finally:
+            await client.aclose()
+            await server.close(timeout=0.5)
