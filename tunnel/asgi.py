@@ -42,8 +42,9 @@ like a uvicorn request-response cycle). What the application sees:
 - An exception (or returning) before ``http.response.start`` answers 500; an
   exception after it fails the stream, so the caller gets a tunnel error
   (``tunnel_handler_error``) instead of a silently truncated body.
-- HEAD and 1xx/204/205/304 responses carry no body: body messages are accepted
-  and dropped.
+- HEAD and 1xx/204/205/304 responses carry no body: once the head is sent the
+  caller has all it gets, so the application hears ``http.disconnect`` and its
+  body messages are dropped (an endless stream answering a HEAD stops).
 """
 
 from __future__ import annotations
