@@ -1,0 +1,246 @@
+"""What every ``linkctl`` command shares: NATS options, the error lines, running async code.
+
+Errors a user can act on are exceptions carrying their one line and exit status
+(:class:`CliError`, :class:`TunnelFailure`); :mod:`cli.main` prints them, so no command
+ever shows a traceback for a mistake. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import typer
+from nats.aio.client import Client as NATS
+
+import tunnel
+from tunnel.connect import NatsConnectError, connect
+
+from . import exitcodes
+
+__all__ = [
+    "DEFAULT_NATS_URL",
+    "CliError",
+    "CredsOpt",
+    "NatsOptions",
+    "NatsUrlOpt",
+    "PrefixOpt",
+    "TokenOpt",
+    "TunnelFailure",
+    "check_host",
+    "nats_connection",
+    "run",
+    "stop_on_signals",
+]
+
+T = TypeVar("T")
+
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+NATS_URL_ENV: Final = "LINKCTL_NATS_URL"
+NATS_CREDS_ENV: Final = "LINKCTL_NATS_CREDS"
+NATS_TOKEN_ENV: Final = "LINKCTL_NATS_TOKEN"
+PREFIX_ENV: Final = "LINKCTL_TUNNEL_PREFIX"
+NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+
+NATS_PANEL: Final = "NATS connection"
+
+
+class CliError(Exception):
+    """A mistake or condition the user can act on: one line on stderr, then ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = exitcodes.USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+    def line(self) -> str:
+        return f"linkctl: error: {self.message}"
+
+
+class TunnelFailure(CliError):
+    """A typed tunnel error: ``linkctl: <code>: <message>``, exit status per code."""
+
+    def __init__(self, error: tunnel.TunnelError) -> None:
+        status = (
+            exitcodes.USAGE
+            if isinstance(error, tunnel.LocalProtocolError)
+            else exitcodes.for_tunnel_code(error.code)
+        )
+        super().__init__(error.message, status)
+        self.code = error.code
+
+    def line(self) -> str:
+        return f"linkctl: {self.code}: {self.message}"
+
+
+# -- the NATS options every networked command takes ------------------------------------
+
+NatsUrlOpt = Annotated[
+    str,
+    typer.Option(
+        "--nats",
+        metavar="URL",
+        envvar=NATS_URL_ENV,
+        help="NATS server URL(s), comma-separated (nats://, tls://, ws://, wss://).",
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+CredsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--creds",
+        metavar="FILE",
+        envvar=NATS_CREDS_ENV,
+        help="NATS credentials file (.creds: user JWT + nkey seed).",
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        metavar="TOKEN",
+        envvar=NATS_TOKEN_ENV,
+        help="NATS token (prefer the environment variable: command lines are visible to other users).",
+        show_default=False,
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+PrefixOpt = Annotated[
+    str,
+    typer.Option(
+        "--prefix",
+        metavar="PREFIX",
+        envvar=PREFIX_ENV,
+        help="Tunnel subject prefix.",
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+
+
+def _check_nats_url(raw: str) -> str:
+    url = raw.strip()
+    if "://" not in url:
+        url = f"nats://{url}"  # host[:port], as nats-py and the nats CLI accept
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise CliError(f"--nats: {raw!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in NATS_SCHEMES:
+        raise CliError(
+            f"--nats: {raw!r} is not a NATS URL (use {', '.join(s + '://' for s in NATS_SCHEMES)})"
+        )
+    if not parts.hostname:
+        raise CliError(f"--nats: {raw!r} has no host")
+    if port == 0:
+        raise CliError(f"--nats: {raw!r} has port 0")
+    return url
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """Validated ``--nats``/``--creds``/``--token``/``--prefix``."""
+
+    urls: tuple[str, ...]
+    creds: Path | None = None
+    token: str | None = None
+    prefix: str = tunnel.DEFAULT_PREFIX
+
+    @classmethod
+    def from_flags(
+        cls, nats: str, creds: Path | None, token: str | None, prefix: str = tunnel.DEFAULT_PREFIX
+    ) -> NatsOptions:
+        urls = tuple(_check_nats_url(part) for part in nats.split(",") if part.strip())
+        if not urls:
+            raise CliError(f"--nats: no NATS URL given (set --nats or {NATS_URL_ENV})")
+        if creds is not None and token:
+            raise CliError(f"give --creds ({NATS_CREDS_ENV}) or --token ({NATS_TOKEN_ENV}), not both")
+        if creds is not None and not creds.expanduser().is_file():
+            raise CliError(f"--creds: {str(creds)!r} is not a file")
+        try:
+            prefix = tunnel.HostSubjects.for_host("x", prefix).prefix
+        except tunnel.TunnelError:
+            raise CliError(
+                f"--prefix: {prefix!r} is not a subject prefix (dot-separated tokens, no wildcards)"
+            ) from None
+        return cls(urls=urls, creds=creds, token=token or None, prefix=prefix)
+
+    @property
+    def display(self) -> str:
+        return ",".join(self.urls)
+
+
+def check_host(host: str) -> str:
+    """A tunnel HOST argument (``desk.example`` or ``tunnel://desk.example``), lower-cased."""
+    if "://" in host:
+        try:
+            host, _ = tunnel.parse_tunnel_url(host)
+        except tunnel.TunnelError as exc:
+            raise CliError(f"HOST: {exc.message}") from None
+    try:
+        tunnel.host_token(host)
+    except tunnel.TunnelError as exc:
+        raise CliError(f"HOST: {exc.message}") from None
+    return host.strip().lower()
+
+
+@contextlib.asynccontextmanager
+async def nats_connection(options: NatsOptions, name: str = "linkctl") -> AsyncIterator[NATS]:
+    """A NATS connection for the command; any failure to connect is a one-line :class:`CliError`."""
+    try:
+        nc = await connect(
+            list(options.urls),
+            creds=options.creds,
+            token=options.token,
+            name=name,
+        )
+    except NatsConnectError as exc:
+        # NatsAuthError included: the message says "authorization violation".
+        raise CliError(f"{exc} (set --nats or {NATS_URL_ENV})") from None
+    except ValueError as exc:  # unreadable or malformed credentials, checked before connecting
+        raise CliError(f"--creds: {exc}") from None
+    try:
+        yield nc
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; Ctrl-C cancels it (its ``finally`` blocks run) and exits 130."""
+    return asyncio.run(main)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM set ``stop`` instead of raising (clean shutdown)."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Library warnings (e.g. "NATS disconnected; reconnecting") as ``linkctl: ...`` lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("linkctl: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -1,0 +1,73 @@
+"""Exit statuses of ``linkctl``: stable, documented, safe to branch on in scripts.
+
+======  ==========================================================================
+status  meaning
+======  ==========================================================================
+0       success (``fetch``: the response arrived, whatever its HTTP status unless
+        ``--fail``; ``status``: the desktop is online)
+1       ``status``: the desktop is offline (nobody serves the host, or it did not
+        answer in time)
+2       usage or set-up error: bad flag, URL, header or file; NATS unreachable or
+        refusing the credentials; ``status``: the probe itself failed (the
+        desktop answered something that is not a status document, NATS dropped)
+10-21   ``fetch``: a typed tunnel error, one status per stable code (table below)
+22      ``fetch --fail``: the response status was 400 or more
+23      ``fetch``: the output could not be written (disk full, closed pipe)
+24      ``fetch``: a tunnel error with a code this version does not know (sent by a
+        newer peer)
+130     interrupted (Ctrl-C) while a request was in flight
+======  ==========================================================================
+
+``tunnel_bad_request`` raised locally (we could not even express the request:
+bad header, method or URL) is a usage error, status 2.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from tunnel import ErrorCode
+
+OK: Final = 0
+OFFLINE: Final = 1
+USAGE: Final = 2
+HTTP_ERROR: Final = 22
+WRITE_ERROR: Final = 23
+UNKNOWN_TUNNEL_ERROR: Final = 24
+INTERRUPTED: Final = 130
+
+TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
+    ErrorCode.UNREACHABLE: 10,
+    ErrorCode.NO_FIRST_FRAME: 11,
+    ErrorCode.IDLE_TIMEOUT: 12,
+    ErrorCode.TIMEOUT: 13,
+    ErrorCode.ABORTED: 14,
+    ErrorCode.PROTOCOL_ERROR: 15,
+    ErrorCode.HANDLER_ERROR: 16,
+    ErrorCode.CONNECTION_CLOSED: 17,
+    ErrorCode.SERVER_CLOSING: 18,
+    ErrorCode.OVERLOADED: 19,
+    ErrorCode.BUFFER_LIMIT: 20,
+    ErrorCode.BODY_ERROR: 21,
+    # A peer that judged our request malformed: a usage problem on our side.
+    ErrorCode.BAD_REQUEST: USAGE,
+}
+
+
+def for_tunnel_code(code: str) -> int:
+    """The exit status for a tunnel error code (see the module table)."""
+    return TUNNEL_ERROR_EXIT.get(code, UNKNOWN_TUNNEL_ERROR)
+
+
+def describe() -> str:
+    """The exit status table as help text (``\\b`` keeps click from rewrapping it)."""
+    rows = [
+        ("0", "success (any HTTP status unless --fail)"),
+        ("2", "usage error: bad flag, URL, header or file; NATS unreachable"),
+        *((str(status), code) for code, status in TUNNEL_ERROR_EXIT.items() if status != USAGE),
+        ("22", "--fail and an HTTP status of 400 or more"),
+        ("23", "the output could not be written"),
+        ("24", "another tunnel error code"),
+        ("130", "interrupted"),
+    ]
+    return "\b\nExit status:\n" + "\n".join(f"  {status:>4}  {text}" for status, text in rows)

@@ -1,0 +1,346 @@
+"""A local HTTP/1.1 listener that forwards each request over the tunnel to one host.
+
+Written with ``h11`` (sans-IO) over asyncio streams: h11 parses and frames, this module
+moves bytes. Per connection:
+
+- requests are read one at a time (keep-alive; no pipelining in parallel);
+- the request body (Content-Length or chunked) streams into the tunnel as it arrives,
+  and ``Expect: 100-continue`` is answered once the desktop is ready for the body;
+- the response streams back as it arrives, with the desktop's Content-Length when it
+  sent one, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0);
+- hop-by-hop headers are dropped both ways, and so is ``Host`` on the way in (the
+  tunnel hostname is the host; the desktop side supplies it, as with the httpx transport);
+- a tunnel error before the response head becomes ``502`` (``504`` for the timeouts,
+  ``400`` for a request the tunnel cannot express) with a one-line text body and the
+  stable code in ``X-Tunnel-Error``; after the head, the connection is cut, so a client
+  never mistakes a truncated body for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from typing import Final, cast
+from urllib.parse import urlsplit
+
+import h11
+
+import tunnel
+
+from .term import human_bytes
+
+__all__ = ["ERROR_HEADER", "HOP_BY_HOP", "Forwarder"]
+
+ERROR_HEADER: Final = "x-tunnel-error"
+# Connection-level headers (RFC 9110 7.6.1 and friends) are never forwarded; "expect" is
+# answered here; "host" names this listener, not the desktop.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+REQUEST_ONLY_DROPPED: Final = frozenset({"host", "expect"})
+READ_SIZE: Final = 64 * 1024
+# Largest request head we accept (h11's default is 16 KiB; browsers send big cookies).
+MAX_HEAD_SIZE: Final = 64 * 1024
+# An idle keep-alive connection is closed after this long (browsers reconnect freely).
+KEEPALIVE_TIMEOUT: Final = 75.0
+
+Log = Callable[[str], None]
+
+
+class _ClientGone(Exception):
+    """The HTTP client closed its connection."""
+
+
+def _dropped_names(headers: list[tuple[bytes, bytes]]) -> set[str]:
+    """Hop-by-hop names, including those listed in the Connection header."""
+    names = set(HOP_BY_HOP)
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(token.strip().lower() for token in value.decode("latin-1").split(",") if token)
+    return names
+
+
+def _origin_form(target: str) -> str:
+    """``http://host:port/p?q`` (absolute form, as a proxy sees it) -> ``/p?q``."""
+    if target.startswith(("http://", "https://")):
+        parts = urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return target
+
+
+class Forwarder:
+    """Serves HTTP/1.1 connections by forwarding every request to ``tunnel://hostname``."""
+
+    def __init__(
+        self,
+        client: tunnel.TunnelClient,
+        hostname: str,
+        *,
+        timeout: float | None = None,
+        first_frame_timeout: float | None = tunnel.DEFAULT_FIRST_FRAME_TIMEOUT,
+        idle_timeout: float | None = tunnel.DEFAULT_IDLE_TIMEOUT,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        log: Log | None = None,
+    ) -> None:
+        self.client = client
+        self.hostname = hostname
+        self.timeout = timeout
+        self.first_frame_timeout = first_frame_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.log = log
+        self._connections: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        """Listen on ``host:port`` (port 0: any free port; see ``server.sockets``)."""
+        self._server = await asyncio.start_server(self._accept, host, port)
+        return self._server
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (aborting requests in flight)."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await _Connection(self, reader, writer).serve()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+
+
+class _Connection:
+    def __init__(
+        self, forwarder: Forwarder, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.fw = forwarder
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+    # -- h11 plumbing ----------------------------------------------------------------
+
+    async def _next_event(self) -> h11.Event | None:
+        """The next event from the client, reading as needed; None when h11 is PAUSED."""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self.reader.read(READ_SIZE)
+                except ConnectionError:
+                    data = b""
+                self.h11.receive_data(data)
+                continue
+            if event is h11.PAUSED:
+                return None
+            return cast(h11.Event, event)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.writer.write(data)
+            try:
+                await self.writer.drain()
+            except ConnectionError as exc:
+                raise _ClientGone(str(exc)) from exc
+
+    # -- the connection loop ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(self._next_event(), self.fw.keepalive_timeout)
+                except TimeoutError:
+                    return
+                except h11.RemoteProtocolError as exc:
+                    await self._reject(exc)
+                    return
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed (or garbage after close)
+                await self._handle(event)
+                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                    self.h11.start_next_cycle()
+                else:
+                    return
+        except _ClientGone:
+            return
+        finally:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status = exc.error_status_hint or 400
+        with contextlib.suppress(h11.LocalProtocolError, _ClientGone):
+            await self._simple(status, f"bad request: {exc}\n", close=True)
+
+    async def _simple(
+        self, status: int, text: str, *, close: bool = False, extra: list[tuple[str, str]] | None = None
+    ) -> None:
+        body = text.encode("utf-8")
+        headers = [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(body))),
+            *(extra or []),
+        ]
+        if close or self.h11.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            # The request body was not read to its end: this connection cannot be reused.
+            headers.append(("connection", "close"))
+        await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _handle(self, request: h11.Request) -> None:
+        started = time.perf_counter()
+        method = request.method.decode("ascii", "replace")
+        target = _origin_form(request.target.decode("latin-1"))
+        if method == "CONNECT":
+            await self._simple(405, "CONNECT is not supported: this forwards plain HTTP\n", close=True)
+            self._log(method, target, 405, started, note="CONNECT refused")
+            return
+        dropped = _dropped_names(list(request.headers)) | REQUEST_ONLY_DROPPED
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in request.headers.raw_items()  # the client's spelling of names
+            if name.decode("latin-1").lower() not in dropped
+        ]
+        # h11 validated the framing headers: a body follows iff chunked or a length above 0.
+        has_body = any(
+            (name == b"content-length" and int(value) > 0) or name == b"transfer-encoding"
+            for name, value in request.headers
+        )
+        if not has_body:
+            # h11 reports a body-less request's end as its own event: take it now, so the
+            # connection is ready for the next request (keep-alive) once we answered.
+            end = await self._next_event()
+            if not isinstance(end, h11.EndOfMessage):
+                raise _ClientGone("unexpected event after a body-less request")
+        try:
+            response = await self.fw.client.fetch(
+                f"tunnel://{self.fw.hostname}{target}",
+                method=method,
+                headers=headers,
+                body=self._request_body() if has_body else None,
+                timeout=self.fw.timeout,
+                first_frame_timeout=self.fw.first_frame_timeout,
+                idle_timeout=self.fw.idle_timeout,
+            )
+        except tunnel.TunnelError as exc:
+            status = _error_status(exc)
+            self._log(method, target, status, started, note=exc.code)
+            with contextlib.suppress(h11.LocalProtocolError):
+                await self._simple(status, f"{exc.code}: {exc.message}\n", extra=[(ERROR_HEADER, exc.code)])
+            return
+        try:
+            sent = await self._relay(response)
+        finally:
+            await response.aclose()
+        self._log(method, target, response.status, started, size=sent)
+
+    async def _request_body(self) -> AsyncIterator[bytes]:
+        """The client's request body, read as the tunnel asks for it."""
+        if self.h11.client_is_waiting_for_100_continue and self.h11.our_state is h11.SEND_RESPONSE:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise _ClientGone("the client closed the connection before the request body ended")
+
+    async def _relay(self, response: tunnel.FetchResponse) -> int:
+        """Send the response head and stream its body; returns the body bytes sent."""
+        if response.status < 200:
+            # A final status must be 200..599; the tunnel only checks 100..599.
+            await self._simple(
+                502,
+                f"tunnel_protocol_error: the desktop answered with status {response.status}\n",
+                extra=[(ERROR_HEADER, tunnel.ErrorCode.PROTOCOL_ERROR)],
+            )
+            return 0
+        dropped = _dropped_names([(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers])
+        headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
+        reason = response.reason or _phrase(response.status)
+        try:
+            await self._send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        except h11.LocalProtocolError:
+            # The desktop's head is not valid HTTP/1.1 (e.g. a control character in a value).
+            # h11 refuses to send anything more on this connection, so cut it.
+            raise _ClientGone("invalid response head from the desktop") from None
+        sent = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                await self._send(h11.Data(data=chunk))
+                sent += len(chunk)
+            await self._send(h11.EndOfMessage())
+        except tunnel.TunnelError as exc:
+            # Too late for an error status: cut the connection so the body is visibly incomplete.
+            self._log_line(f"{self.peer} response cut after {human_bytes(sent)}: {exc.code}: {exc.message}")
+            raise _ClientGone(exc.code) from None
+        except h11.LocalProtocolError as exc:
+            # The desktop's body disagreed with its own Content-Length.
+            self._log_line(f"{self.peer} response cut: {exc}")
+            raise _ClientGone(str(exc)) from None
+        return sent
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def _log(
+        self, method: str, target: str, status: int, started: float, *, size: int = 0, note: str = ""
+    ) -> None:
+        elapsed = (time.perf_counter() - started) * 1000
+        detail = note or human_bytes(size)
+        self._log_line(f'{self.peer} "{method} {target}" {status} {detail} {elapsed:.1f} ms')
+
+    def _log_line(self, line: str) -> None:
+        if self.fw.log is not None:
+            self.fw.log(line)
+
+
+def _error_status(exc: tunnel.TunnelError) -> int:
+    if isinstance(exc, tunnel.LocalProtocolError):
+        return 400
+    if isinstance(exc, tunnel.TunnelTimeout):
+        return 504
+    return 502
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -1,0 +1,145 @@
+"""``linkctl``: the typer app. Each command lives in its own module and registers itself here.
+
+A command module exposes ``register(app)``; add new ones (dev, demo, session, runs) to
+:data:`COMMAND_MODULES`. Commands raise :class:`cli.common.CliError` for anything the user
+can fix; :class:`LinkctlGroup` turns those, and typer's own usage errors, into one line on
+stderr and the documented exit status (see :mod:`cli.exitcodes`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Annotated, Any, Final
+
+import typer
+from typer.core import TyperGroup
+
+from . import exitcodes, fetch, forward, status
+from .common import CliError, configure_logging
+
+__all__ = ["COMMAND_MODULES", "app", "main"]
+
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (fetch, status, forward)
+
+HELP: Final = """\
+Inspect and reach linked desktops over the NATS tunnel.
+
+\b
+Examples:
+  linkctl status desk.example                       # is the desktop online?
+  linkctl fetch tunnel://desk.example/api/links/status
+  linkctl forward --listen 127.0.0.1:8080 desk.example   # then: curl http://127.0.0.1:8080/
+
+Every networked command takes --nats URL (env LINKCTL_NATS_URL), --creds FILE
+(LINKCTL_NATS_CREDS) or --token (LINKCTL_NATS_TOKEN), and --prefix. Run
+'linkctl COMMAND --help' for a command's options, examples and exit statuses.
+"""
+
+
+def _usage_error(exc: Exception) -> tuple[str, int] | None:
+    """(one line, exit status) for a click/typer usage error, else None.
+
+    Typer's exceptions come from the click it bundles (or from click itself in older
+    versions); they all carry ``exit_code`` and ``format_message()``.
+    """
+    exit_code = getattr(exc, "exit_code", None)
+    format_message = getattr(exc, "format_message", None)
+    if not isinstance(exit_code, int) or not callable(format_message):
+        return None
+    message = " ".join(str(format_message()).split())
+    ctx = getattr(exc, "ctx", None)
+    command_path = getattr(ctx, "command_path", None) or "linkctl"
+    return f"linkctl: error: {message} (see '{command_path} --help')", exit_code
+
+
+class LinkctlGroup(TyperGroup):
+    """Runs a command, printing user errors as one line (never a traceback, never a box)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        prog_name = prog_name or "linkctl"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except CliError as exc:
+            _die(exc.line(), exc.exit_code)
+        except KeyboardInterrupt:
+            _die("", exitcodes.INTERRUPTED)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            sys.exit(exitcodes.WRITE_ERROR)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            _quiet_broken_pipe()
+            sys.exit(exitcodes.WRITE_ERROR)
+        except Exception as exc:
+            usage = _usage_error(exc)
+            if usage is None:
+                if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
+                    _die("", exitcodes.INTERRUPTED)
+                raise
+            _die(*usage)
+        sys.exit(result if isinstance(result, int) else exitcodes.OK)
+
+
+def _die(line: str, status: int) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (`linkctl fetch ... | head`): say nothing, and keep Python
+    # from complaining when it flushes stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+app = typer.Typer(
+    name="linkctl",
+    cls=LinkctlGroup,
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Log library debug messages to stderr (NATS, tunnel).")
+    ] = False,
+) -> None:
+    configure_logging(debug)
+
+
+for _module in COMMAND_MODULES:
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point (``linkctl``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
