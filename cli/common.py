@@ -67,13 +67,16 @@ class CliError(Exception):
 class TunnelFailure(CliError):
     """A typed tunnel error: ``linkctl: <code>: <message>``, exit status per code."""
 
-    def __init__(self, error: tunnel.TunnelError) -> None:
+    def __init__(self, error: tunnel.TunnelError, hostname: str | None = None) -> None:
         status = (
             exitcodes.USAGE
             if isinstance(error, tunnel.LocalProtocolError)
             else exitcodes.for_tunnel_code(error.code)
         )
-        super().__init__(error.message, status)
+        message = error.message
+        if hostname is not None and hostname not in message:
+            message = f"{message} (tunnel://{hostname})"
+        super().__init__(message, status)
         self.code = error.code
 
     def line(self) -> str:
@@ -237,10 +240,9 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """Library warnings (e.g. "NATS disconnected; reconnecting") as ``linkctl: ...`` lines."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("linkctl: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+def configure_logging(debug: bool = False) -> None:
+    """Library warnings (e.g. "NATS disconnected; reconnecting") as ``linkctl: ...`` lines.
+
+    A no-op when logging is already set up (linkctl called in-process, e.g. from tests).
+    """
+    logging.basicConfig(format="linkctl: %(message)s", level=logging.DEBUG if debug else logging.WARNING)

@@ -282,7 +282,7 @@ async def _exchange(client: tunnel.TunnelClient, request: FetchRequest, nats: Na
             idle_timeout=request.idle_timeout,
         )
     except tunnel.TunnelError as exc:
-        raise TunnelFailure(exc) from None
+        raise TunnelFailure(exc, request.hostname) from None
     async with response:
         if request.verbose:
             elapsed = (time.perf_counter() - started) * 1000
@@ -312,7 +312,7 @@ async def _exchange(client: tunnel.TunnelClient, request: FetchRequest, nats: Na
                     progress.update(len(chunk))
             except tunnel.TunnelError as exc:
                 progress.abandon()
-                raise TunnelFailure(exc) from None
+                raise TunnelFailure(exc, request.hostname) from None
             except BaseException:
                 progress.abandon()
                 raise

@@ -50,6 +50,8 @@ def _usage_error(exc: Exception) -> tuple[str, int] | None:
     format_message = getattr(exc, "format_message", None)
     if not isinstance(exit_code, int) or not callable(format_message):
         return None
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `linkctl`: its message is the help
+        return str(format_message()), exit_code
     message = " ".join(str(format_message()).split())
     ctx = getattr(exc, "ctx", None)
     command_path = getattr(ctx, "command_path", None) or "linkctl"
