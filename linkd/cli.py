@@ -1,0 +1,525 @@
+"""``linkd``: link this desktop to a Studio gateway and serve it over NATS.
+
+The CLI turns flags into settings (:mod:`linkd.config`: flags > ``LINKD_*`` >
+config file) and calls the library. A mistake the user can fix is one line on
+stderr (``linkd: error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Final, NoReturn
+
+import typer
+
+from . import __version__
+from .config import Settings, check_http_url, load_settings
+from .credentials_store import (
+    TOKEN_KEY,
+    FileStore,
+    KeyringStore,
+    SecretStore,
+    StoreUnavailable,
+    file_store,
+    generate_seed,
+    insecure_opt_in,
+    keyring_usable,
+    load_or_create_seed,
+    open_store,
+)
+from .errors import LinkdError
+from .login_state import clear_login, read_login_gateway, write_login
+from .logs import configure_logging
+from .run_events import EventSink, JsonlFileSink, MemoryEventSink, TeeSink
+from .session import GatewayClient, GatewayError
+from .status_file import pid_alive, read_status
+
+__all__ = ["app", "main"]
+
+EXIT_USAGE: Final = 2
+EXIT_NOT_RUNNING: Final = 1
+TOKEN_ENV: Final = "LINKD_TOKEN"
+LOGIN_CHECK_TIMEOUT: Final = 10.0
+
+app = typer.Typer(
+    name="linkd",
+    help=(
+        "Link this desktop to a Studio gateway: the gateway can then reach it over NATS (status probes,\n"
+        "runs, and optionally a local web service), with no inbound port.\n\n"
+        "\b\n"
+        "Quick start:\n"
+        "  linkd login --gateway https://studio.example.com   # paste the API token when asked\n"
+        "  linkd up                                           # stay online (Ctrl-C to stop)\n"
+        "  linkd status                                       # from another terminal\n\n"
+        "\b\n"
+        "Settings: flags, then LINKD_* environment variables, then the config file\n"
+        "(~/.config/natslink/linkd.toml, or --config / LINKD_CONFIG), e.g.:\n"
+        '  gateway = "https://studio.example.com"\n'
+        '  upstream = "http://127.0.0.1:3000"\n'
+        "  drain_timeout = 10\n"
+        "  [runners.command.build]\n"
+        '  argv = ["make", "build"]\n'
+        '  cwd = "~/src/app"\n'
+        '  input = "stdin"        # the work item\'s input arrives as data, never as arguments\n'
+        "  [runners.http]\n"
+        '  endpoint = "http://127.0.0.1:11434/api/generate"\n\n'
+        "Secrets (the gateway token, the desktop's NATS key) live in the OS keyring."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Config file (default: linkd.toml in the config dir; env LINKD_CONFIG).",
+        show_default=False,
+    ),
+]
+InsecureOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--insecure-file-store/--no-insecure-file-store",
+        help="Where no OS keyring exists: keep secrets in files readable only by you (0600). "
+        "Env LINKD_INSECURE_FILE_STORE=1.",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    raise LinkdError(message)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"linkd {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------ secrets
+
+
+def _stores(insecure: bool) -> list[SecretStore]:
+    """Every store that may hold our secrets: the usable keyring; the file store if opted in or present."""
+    stores: list[SecretStore] = []
+    if keyring_usable()[0]:
+        stores.append(KeyringStore())
+    files = file_store()
+    if insecure or files.directory.is_dir():
+        stores.append(files)
+    return stores
+
+
+def _read_token(token: str | None) -> str:
+    if token is None:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            token = sys.stdin.readline()
+        else:
+            token = typer.prompt("Gateway API token", hide_input=True)
+    token = token.strip()
+    if not token:
+        _fail("the token is empty")
+    if any(c.isspace() for c in token):
+        _fail("the token must not contain spaces or line breaks")
+    return token
+
+
+async def _check_token(gateway: str, token: str, public_key: str | None) -> str | None:
+    """None when the gateway accepts the token; a warning when it cannot tell; LinkdError when refused."""
+    client = GatewayClient(gateway, lambda: token, timeout=LOGIN_CHECK_TIMEOUT)
+    try:
+        session = await client.request_session(public_key)
+    except GatewayError as exc:
+        if exc.auth:
+            _fail(
+                f"the gateway at {gateway} refused this token ({exc.code or exc.status}); nothing was stored"
+            )
+        return f"could not check the token with the gateway: {exc.reason}"
+    finally:
+        await client.aclose()
+    typer.echo(f"The gateway accepted the token: this desktop is {session.hostname}")
+    return None
+
+
+@app.command(
+    epilog=(
+        "\b\n"
+        "Examples:\n"
+        "  linkd login --gateway https://studio.example.com        # prompts for the token (not echoed)\n"
+        "  printf '%s' \"$TOKEN\" | linkd login --gateway https://studio.example.com\n"
+        "  linkd login --gateway http://127.0.0.1:8080 --token eyJ... --no-verify"
+    )
+)
+def login(
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway", help="Gateway URL (env LINKD_GATEWAY; else the config file).", show_default=False
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="Gateway API token. Better: leave it out and paste it at the prompt, or pipe it on stdin "
+            "(flags end up in shell history).",
+            show_default=False,
+        ),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Check the token with the gateway before storing it.")
+    ] = True,
+    insecure_file_store: InsecureOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Store the gateway URL and your API token (in the OS keyring), and create this desktop's NATS key."""
+    settings = load_settings({"gateway": gateway}, config_path=config)
+    url = settings.gateway_url
+    if url is None:
+        _fail("which gateway? pass --gateway URL (or set LINKD_GATEWAY)")
+    store = open_store(insecure_file_store=insecure_opt_in(insecure_file_store))
+    secret = _read_token(token)
+    seed = load_or_create_seed(store)
+    if verify:
+        from .credentials_store import public_key_of
+
+        warning = asyncio.run(_check_token(url, secret, public_key_of(seed)))
+        if warning is not None:
+            typer.echo(f"linkd: warning: {warning}", err=True)
+    store.set(TOKEN_KEY, secret)
+    write_login(url)
+    if isinstance(store, FileStore):
+        typer.echo(
+            f"linkd: warning: the token is stored in plain files under {store.directory} (0600)", err=True
+        )
+    typer.echo(f"Logged in to {url}; the token is in {store.description}.")
+    typer.echo("Start the daemon with: linkd up")
+
+
+@app.command(
+    epilog=(
+        "\b\nExamples:\n  linkd logout\n  linkd logout --forget-key     # also delete this desktop's NATS key"
+    )
+)
+def logout(
+    forget_key: Annotated[
+        bool,
+        typer.Option(
+            "--forget-key", help="Also delete this desktop's NATS key (a new one is made at login)."
+        ),
+    ] = False,
+    insecure_file_store: InsecureOption = None,
+) -> None:
+    """Remove the stored gateway token (and the remembered gateway URL)."""
+    stores = _stores(insecure_opt_in(insecure_file_store))
+    if not stores:
+        _, why = keyring_usable()
+        _fail(f"{why}; nothing to log out of (use --insecure-file-store if you logged in with it)")
+    removed = [store.description for store in stores if store.delete(TOKEN_KEY)]
+    if forget_key:
+        from .credentials_store import SEED_KEY
+
+        for store in stores:
+            store.delete(SEED_KEY)
+    had_login = clear_login()
+    if removed:
+        typer.echo(f"Logged out: removed the gateway token from {', '.join(removed)}.")
+    elif had_login:
+        typer.echo("Logged out (no token was stored).")
+    else:
+        typer.echo("Not logged in: nothing to remove.")
+
+
+# ------------------------------------------------------------------------------ up
+
+
+def _token_provider(store: SecretStore | None) -> Any:
+    def provide() -> str | None:
+        from_env = os.environ.get(TOKEN_ENV, "").strip()
+        if from_env:
+            return from_env
+        if store is None:
+            return None
+        try:
+            return store.get(TOKEN_KEY)
+        except LinkdError:
+            return None
+
+    return provide
+
+
+def _check_not_running(settings: Settings) -> None:
+    current = read_status(settings.status_file)
+    if current is not None and current.get("pid") != os.getpid() and pid_alive(current.get("pid")):
+        _fail(
+            f"linkd is already running (pid {current.get('pid')}, status file {settings.status_file}); "
+            "stop it first or give this one another --status-file"
+        )
+
+
+async def _serve(
+    settings: Settings, gateway: str, store: SecretStore | None, seed: str, events_file: Path | None
+) -> None:
+    from .daemon import LinkDaemon
+
+    sink: EventSink = MemoryEventSink()
+    file_sink = JsonlFileSink(events_file) if events_file is not None else None
+    if file_sink is not None:
+        sink = TeeSink(sink, file_sink)
+    client = GatewayClient(gateway, _token_provider(store))
+    daemon = LinkDaemon(settings, client, own_seed=seed, sink=sink)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    signals_seen = 0
+
+    def on_signal(name: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            daemon.request_stop(f"received {name}")
+        elif main_task is not None:
+            main_task.cancel()  # second signal: stop now
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no signal handlers
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await daemon.run()
+    finally:
+        if file_sink is not None:
+            file_sink.close()
+
+
+@app.command(
+    epilog=(
+        "\b\n"
+        "Examples:\n"
+        "  linkd up\n"
+        "  linkd up --upstream http://127.0.0.1:3000      # also serve a local web app\n"
+        "  linkd up --json-logs --drain-timeout 30\n"
+        "  LINKD_TOKEN=... linkd up --gateway https://studio.example.com   # headless, no keyring"
+    )
+)
+def up(
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            help="Gateway URL (env LINKD_GATEWAY; else config file; else the last login).",
+            show_default=False,
+        ),
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            "--upstream",
+            help="Forward every other path to this local HTTP service, streaming both ways "
+            "(env LINKD_UPSTREAM).",
+            show_default=False,
+        ),
+    ] = None,
+    json_logs: Annotated[
+        bool | None,
+        typer.Option(
+            "--json-logs/--no-json-logs",
+            help="One JSON object per log line (env LINKD_JSON_LOGS).",
+            show_default=False,
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--drain-timeout",
+            help="Seconds in-flight requests get on SIGINT/SIGTERM (default 10; env LINKD_DRAIN_TIMEOUT).",
+            show_default=False,
+        ),
+    ] = None,
+    status_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--status-file",
+            help="Where to keep the status file for `linkd status` (env LINKD_STATUS_FILE).",
+            show_default=False,
+        ),
+    ] = None,
+    nats_transport: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-transport",
+            help="auto, standard or websocket (env LINKD_NATS_TRANSPORT).",
+            show_default=False,
+        ),
+    ] = None,
+    events_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--events-file",
+            help="Also append every run event to this file as JSON lines (debugging).",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details too.")] = False,
+    insecure_file_store: InsecureOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Connect and serve this desktop until stopped (Ctrl-C or SIGTERM: drain, cancel runs, exit)."""
+    flags = {
+        "gateway": gateway,
+        "upstream": upstream,
+        "json_logs": json_logs,
+        "drain_timeout": drain_timeout,
+        "status_file": status_file,
+        "nats_transport": nats_transport,
+    }
+    settings = load_settings(flags, config_path=config)
+    url = settings.gateway_url or read_login_gateway()
+    if url is None:
+        _fail("no gateway: run 'linkd login --gateway URL' first (or pass --gateway)")
+    url = check_http_url(url, "gateway")
+    store: SecretStore | None
+    try:
+        store = open_store(insecure_file_store=insecure_opt_in(insecure_file_store))
+    except StoreUnavailable:
+        if not os.environ.get(TOKEN_ENV, "").strip():
+            raise
+        store = None
+    token = _token_provider(store)()
+    if not token:
+        _fail(f"not logged in: run 'linkd login --gateway {url}' (or set {TOKEN_ENV})")
+    seed = load_or_create_seed(store) if store is not None else generate_seed()
+    _check_not_running(settings)
+    configure_logging(json_logs=settings.json_logs, verbose=verbose)
+    if store is None:
+        typer.echo("linkd: no keyring: using a temporary NATS key for this run", err=True)
+    try:
+        asyncio.run(_serve(settings, url, store, seed, events_file))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise typer.Exit(130) from None
+
+
+# ------------------------------------------------------------------------------ status
+
+
+def _describe(doc: dict[str, Any]) -> list[str]:
+    lines = [f"linkd is running (pid {doc.get('pid')}, version {doc.get('version')})"]
+    lines.append(f"  state:       {doc.get('message') or doc.get('state')} (since {doc.get('since')})")
+    if doc.get("tunnelHostname"):
+        lines.append(f"  hostname:    {doc['tunnelHostname']}")
+    lines.append(f"  gateway:     {doc.get('gateway')}")
+    if doc.get("natsUrl"):
+        lines.append(f"  NATS:        {doc['natsUrl']}")
+    if doc.get("credentialsExpireAt"):
+        lines.append(
+            f"  credentials: valid until {doc['credentialsExpireAt']} "
+            f"({doc.get('credentialRefreshes', 0)} refreshes)"
+        )
+    if doc.get("upstream"):
+        lines.append(f"  upstream:    {doc['upstream']}")
+    runs = doc.get("runs") or []
+    lines.append(f"  in flight:   {doc.get('inFlightRequests', 0)} request(s), {len(runs)} run(s)")
+    for run in runs:
+        if isinstance(run, dict):
+            lines.append(
+                f"    run {run.get('runId')} ({run.get('runner')}): "
+                f"{run.get('status')}, {run.get('events', 0)} events"
+            )
+    return lines
+
+
+@app.command(
+    epilog=(
+        "\b\nExamples:\n  linkd status\n  linkd status --json | jq .state\n\n"
+        "Exit status: 0 running, 1 not running."
+    )
+)
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+    status_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--status-file", help="The daemon's status file (env LINKD_STATUS_FILE).", show_default=False
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Is a daemon running on this desktop? Its hostname, connection state, credential expiry and work."""
+    import json
+
+    settings = load_settings({"status_file": status_file}, config_path=config)
+    path = settings.status_file
+    doc = read_status(path)
+    running = doc is not None and pid_alive(doc.get("pid"))
+    if as_json:
+        typer.echo(
+            json.dumps({"running": running, "statusFile": str(path), **(doc or {})}, indent=2, sort_keys=True)
+        )
+    elif doc is None:
+        typer.echo(f"linkd is not running (no status file at {path})")
+    elif not running:
+        typer.echo(
+            f"linkd is not running (stale status file from pid {doc.get('pid')}, last: {doc.get('message')})"
+        )
+    else:
+        typer.echo("\n".join(_describe(doc)))
+    if not running:
+        raise typer.Exit(EXIT_NOT_RUNNING)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def _usage_error(exc: Exception) -> tuple[str, int] | None:
+    """(one line, exit status) for a typer/click usage error, else None.
+
+    Typer's exceptions come from the click it bundles (or from click itself in older
+    versions); they all carry ``exit_code`` and ``format_message()``.
+    """
+    exit_code = getattr(exc, "exit_code", None)
+    format_message = getattr(exc, "format_message", None)
+    if not isinstance(exit_code, int) or not callable(format_message):
+        return None
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `linkd`: its message is the help
+        return str(format_message()), exit_code
+    message = " ".join(str(format_message()).split())
+    ctx = getattr(exc, "ctx", None)
+    command_path = getattr(ctx, "command_path", None) or "linkd"
+    return f"linkd: error: {message} (see '{command_path} --help')", exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script entry point: one line and exit 2 for user mistakes, no tracebacks."""
+    try:
+        result = app(args=argv, prog_name="linkd", standalone_mode=False)
+    except LinkdError as exc:
+        typer.echo(f"linkd: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        usage = _usage_error(exc)
+        if usage is None:
+            if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
+                typer.echo("", err=True)
+                sys.exit(130)
+            raise
+        typer.echo(usage[0], err=True)
+        sys.exit(usage[1])
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,160 @@
+"""The daemon's NATS connection: which URLs, which credential, how to reconnect.
+
+Credentials rotate without a new connection object: nats-py asks
+:class:`Identity` for the user JWT and the nonce signature at *every* (re)connect,
+so a refresh swaps the JWT (and, for gateway-made keys, the seed) in place and
+then calls ``nc.force_reconnect()``; subscriptions (the tunnel server's) are
+replayed by nats-py and outgoing data waits in its pending buffer meanwhile.
+
+:class:`ReconnectPolicy` is nats-py's ``reconnect_to_server_handler``: a forced
+(rotation) reconnect goes at once; after a real drop the first attempt waits a
+little jitter, then capped exponential backoff with jitter.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import nkeys
+from nats.aio.client import Client as NATS
+
+from tunnel.connect import connect
+
+from .config import Transport
+from .errors import LinkdError
+from .session import LinkSession
+
+__all__ = ["Identity", "ReconnectPolicy", "choose_urls", "open_connection"]
+
+_KIND: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET", "wss": "WEBSOCKET"}
+RECONNECT_FIRST_JITTER: Final = 0.25
+RECONNECT_INITIAL: Final = 0.5
+RECONNECT_CAP: Final = 3.0
+RECONNECT_JITTER: Final = 1.0
+
+Callback = Callable[[], Awaitable[None]]
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+class Identity:
+    """The credential presented at each (re)connect; :meth:`update` swaps it in place."""
+
+    def __init__(self, own_seed: str | None) -> None:
+        self.own_seed = own_seed
+        self._jwt: str | None = None
+        self._seed: str | None = None
+
+    def update(self, session: LinkSession) -> None:
+        if session.jwt is None:
+            raise ValueError("a token session has no JWT identity")
+        seed = session.seed if session.seed is not None else self.own_seed
+        if seed is None:
+            raise ValueError("the session's JWT is for our own key, but we have no seed")
+        self._jwt, self._seed = session.jwt, seed
+
+    def jwt_cb(self) -> bytes:
+        if self._jwt is None:
+            raise RuntimeError("no credential yet")
+        return self._jwt.encode("ascii")
+
+    def signature_cb(self, nonce: str) -> bytes:
+        if self._seed is None:
+            raise RuntimeError("no credential yet")
+        keypair = nkeys.from_seed(bytearray(self._seed.encode("ascii")))
+        try:
+            return base64.b64encode(keypair.sign(nonce.encode("ascii")))
+        finally:
+            keypair.wipe()
+
+
+def choose_urls(session: LinkSession, transport: Transport = "auto") -> list[str]:
+    """The session's URLs we may and want to use: one kind only (nats-py cannot mix them).
+
+    ``auto``: the kind of the gateway's first allowed URL (its preference order).
+    """
+    allowed = set(session.allowed_connection_types) or {"STANDARD", "WEBSOCKET"}
+    usable = [u for u in session.urls if _KIND.get(urlsplit(u).scheme) in allowed]
+    if transport != "auto":
+        wanted = transport.upper()
+        if wanted not in allowed:
+            raise LinkdError(
+                f"this gateway's credentials do not allow {transport} NATS connections "
+                f"(allowed: {', '.join(sorted(allowed)).lower()}); use --nats-transport auto"
+            )
+        usable = [u for u in usable if _KIND[urlsplit(u).scheme] == wanted]
+    if not usable:
+        raise LinkdError(
+            f"the gateway offered no NATS URL usable with connection types {sorted(allowed)}: "
+            f"{list(session.urls)}"
+        )
+    kind = _KIND[urlsplit(usable[0]).scheme]
+    return [u for u in usable if _KIND[urlsplit(u).scheme] == kind]
+
+
+class ReconnectPolicy:
+    """nats-py ``reconnect_to_server_handler``: immediate when forced, else backoff with jitter."""
+
+    def __init__(
+        self,
+        *,
+        initial: float = RECONNECT_INITIAL,
+        cap: float = RECONNECT_CAP,
+        jitter: float = RECONNECT_JITTER,
+        first_jitter: float = RECONNECT_FIRST_JITTER,
+    ) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.jitter = jitter
+        self.first_jitter = first_jitter
+        self._forced = False
+        self._next = 0
+
+    def force_next(self) -> None:
+        """The next attempt is a deliberate switch (credential rotation): no wait."""
+        self._forced = True
+
+    def __call__(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+        server = servers[self._next % len(servers)]
+        self._next += 1
+        if self._forced:
+            self._forced = False
+            return server, 0.0
+        failures = int(getattr(server, "reconnects", 0))
+        if failures == 0:
+            return server, random.uniform(0.0, self.first_jitter)
+        delay = min(self.cap, self.initial * 2 ** (failures - 1))
+        return server, delay + random.uniform(0.0, self.jitter)
+
+
+async def open_connection(
+    session: LinkSession,
+    identity: Identity,
+    policy: ReconnectPolicy,
+    *,
+    transport: Transport = "auto",
+    name: str = "linkd",
+    disconnected_cb: Callback | None = None,
+    reconnected_cb: Callback | None = None,
+    closed_cb: Callback | None = None,
+    error_cb: ErrorCallback | None = None,
+) -> NATS:
+    """Connect for ``session`` (raises ``tunnel.connect.NatsConnectError`` / ``NatsAuthError``)."""
+    urls = choose_urls(session, transport)
+    options: dict[str, Any] = {
+        "name": name,
+        "reconnect_to_server_handler": policy,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "closed_cb": closed_cb,
+        "error_cb": error_cb,
+    }
+    if session.token is not None:
+        return await connect(urls, token=session.token, **options)
+    identity.update(session)
+    # Callbacks, not a fixed seed or creds: nats-py calls them at every connect, so a
+    # refreshed credential is picked up by the next (forced) reconnect.
+    return await connect(urls, user_jwt_cb=identity.jwt_cb, signature_cb=identity.signature_cb, **options)

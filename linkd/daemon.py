@@ -1,0 +1,526 @@
+"""The lifecycle of ``linkd up``: session -> NATS -> serve, and keep it that way until stopped.
+
+::
+
+    connecting ──> online ──(NATS drop)──> reconnecting ──> online
+        ^            │ refresh before expiry: swap the JWT, force_reconnect (stays online)
+        │            │ gateway down at refresh time: keep serving, retry until expiry
+        │            v
+        └─ offline: <reason> <── connection closed (credentials expired, refused, ...)
+                     (retry with backoff; a new session and a new connection)
+
+- A session is requested with the daemon's own public key; the credential it
+  carries is refreshed ahead of expiry (margin plus jitter, see
+  :func:`refresh_delay`). The new JWT is swapped into :class:`~linkd.connection.Identity`
+  and ``nc.force_reconnect()`` makes the server see it; the same connection object
+  keeps serving, its subscriptions replayed, outgoing data buffered meanwhile.
+- nats-py reconnects by itself after a drop (server restart, network change) and
+  replays the tunnel server's subscriptions. When the server *closes* the
+  connection (an expired credential: nats-py does not reconnect then), the daemon
+  starts over with a new session and a new connection.
+- Stop (SIGINT/SIGTERM): stop taking requests, let in-flight ones finish up to the
+  drain timeout while every run is cancelled (each ends ``cancelled``), close.
+
+Every state change is one log line on ``linkd.state`` (see :mod:`linkd.logs`),
+and the status file (``linkd status``) is rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from nats.aio.client import Client as NATS
+
+import tunnel
+from tunnel.connect import NatsAuthError, NatsConnectError
+
+from . import __version__
+from .backoff import Backoff
+from .config import Settings
+from .connection import Identity, ReconnectPolicy, open_connection
+from .credentials_store import public_key_of
+from .errors import LinkdError
+from .logs import STATE_LOGGER
+from .routes import LinkRoutes
+from .run_events import EventSink, MemoryEventSink
+from .runners import build_runners
+from .runs import RunManager
+from .session import GatewayClient, GatewayError, LinkSession
+from .status_file import remove_status, write_status
+from .upstream import UpstreamProxy
+
+__all__ = ["LinkDaemon", "State", "StateChange", "refresh_delay"]
+
+log = logging.getLogger(STATE_LOGGER)
+detail_log = logging.getLogger("linkd.daemon")
+
+# Refresh this far before expiry: a quarter of the lifetime, within [1 s, 5 min] ...
+REFRESH_FRACTION: Final = 0.25
+MIN_REFRESH_MARGIN: Final = 1.0
+MAX_REFRESH_MARGIN: Final = 300.0
+# ... plus up to half the margin again at random, so a fleet does not refresh at once.
+REFRESH_JITTER: Final = 0.5
+# Waiting for the status of in-flight work to change: rewrite the status file this often.
+STATUS_INTERVAL: Final = 2.0
+# A connection that lived this long was fine: losing it restarts the retry backoff.
+STABLE_AFTER: Final = 30.0
+# After its expiry a credential's connection is closed by the server within moments; we look again after this.
+EXPIRY_GRACE: Final = 1.0
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    RECONNECTING = "reconnecting"
+    OFFLINE = "offline"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class StateChange:
+    state: State
+    message: str
+    event: str = "state"  # or "credentials_refreshed", "refresh_failed"
+    at: float = field(default_factory=time.time)
+
+
+def refresh_delay(lifetime: float, *, rng: random.Random | None = None) -> float:
+    """Seconds after receipt at which to refresh a credential valid for ``lifetime`` seconds."""
+    margin = min(max(lifetime * REFRESH_FRACTION, MIN_REFRESH_MARGIN), MAX_REFRESH_MARGIN)
+    jitter = (rng or random).uniform(0.0, margin * REFRESH_JITTER)
+    return max(lifetime - margin - jitter, lifetime * REFRESH_FRACTION)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def _closed_reason(nc: NATS, session: LinkSession | None) -> str:
+    error = nc.last_error
+    text = str(error or "").strip().strip("'")
+    lowered = text.lower()
+    if "authentication expired" in lowered:
+        return "the NATS credentials expired"
+    if "authorization violation" in lowered:
+        return "NATS refused the credentials (authorization violation)"
+    remaining = session.remaining() if session is not None else None
+    if remaining is not None and remaining <= 0:
+        return "the NATS credentials expired"
+    return f"the NATS connection was closed ({text})" if text else "the NATS connection was closed"
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+class LinkDaemon:
+    """``linkd up`` as an object: ``await run()`` until :meth:`request_stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: GatewayClient,
+        *,
+        own_seed: str | None,
+        sink: EventSink | None = None,
+        on_change: Callable[[StateChange], None] | None = None,
+        machine_name: Callable[[], str] = platform.node,
+        retry_backoff: Backoff | None = None,
+        write_status_file: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.sink: EventSink = sink if sink is not None else MemoryEventSink()
+        self.on_change = on_change
+        self.write_status_file = write_status_file
+        self.runs = RunManager(
+            build_runners(settings.runners),
+            self.sink,
+            heartbeat_interval=settings.runners.heartbeat_interval,
+            max_concurrent=settings.runners.max_concurrent,
+            on_change=self._write_status,
+        )
+        self.upstream = UpstreamProxy(settings.upstream_url) if settings.upstream_url else None
+        self.routes = LinkRoutes(self.runs, upstream=self.upstream, machine_name=machine_name)
+        self.identity = Identity(own_seed)
+        self.public_key = public_key_of(own_seed) if own_seed else None
+        self.policy = ReconnectPolicy()
+        self.retry_backoff = retry_backoff if retry_backoff is not None else Backoff(initial=1.0, cap=30.0)
+        self.state = State.STARTING
+        self.message = "starting"
+        self.since = time.time()
+        self.started_at = time.time()
+        self.history: list[StateChange] = []
+        self.session: LinkSession | None = None
+        self.nc: NATS | None = None
+        self.server: tunnel.TunnelServer | None = None
+        self.refreshes = 0
+        self._stop = asyncio.Event()
+        self._stop_reason = "stop requested"
+        self._stopping = False
+        self._generation = 0
+        self._rotating = False
+        self._closed = asyncio.Event()
+        self._last_note: str | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        status_task = asyncio.ensure_future(self._status_loop())
+        try:
+            await self._lifecycle()
+        finally:
+            status_task.cancel()
+            await self._shutdown()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _set(self, state: State, message: str, **fields: Any) -> None:
+        if state == self.state and message == self.message:
+            return
+        self.state, self.message, self.since = state, message, time.time()
+        self._emit(StateChange(state, message), fields)
+        self._write_status()
+
+    def _note(self, event: str, message: str, *, once: bool = False, **fields: Any) -> None:
+        """A line that is not a state change (credentials refreshed, a refresh failed)."""
+        if once and message == self._last_note:
+            return
+        self._last_note = message
+        self._emit(StateChange(self.state, message, event), fields)
+        self._write_status()
+
+    def _emit(self, change: StateChange, fields: dict[str, Any]) -> None:
+        self.history.append(change)
+        extra = {"event": change.event, "state": change.state.value, **fields}
+        if self.session is not None:
+            extra.setdefault("tunnel_hostname", self.session.hostname)
+        log.info("%s", change.message, extra=extra)
+        if self.on_change is not None:
+            try:
+                self.on_change(change)
+            except Exception:
+                detail_log.exception("state change callback failed")
+
+    def status_document(self) -> dict[str, Any]:
+        session = self.session
+        nc = self.nc
+        url = nc.connected_url if nc is not None and nc.is_connected else None
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state": self.state.value,
+            "message": self.message,
+            "since": _iso(self.since),
+            "startedAt": _iso(self.started_at),
+            "updatedAt": _iso(time.time()),
+            "gateway": self.gateway.base_url,
+            "tunnelHostname": session.hostname if session is not None else None,
+            "natsUrl": f"{url.scheme}://{url.netloc}" if url is not None else None,
+            "credentialsExpireAt": _iso(session.expires_at) if session is not None else None,
+            "credentialRefreshes": self.refreshes,
+            "upstream": self.settings.upstream_url,
+            "capabilities": self.routes.capabilities(),
+            "inFlightRequests": self.server.in_flight if self.server is not None else 0,
+            "runs": [info.summary() for info in self.runs.active()],
+        }
+
+    def _write_status(self) -> None:
+        if not self.write_status_file or self.state is State.STOPPED:
+            return
+        try:
+            write_status(self.settings.status_file, self.status_document())
+        except OSError as exc:
+            detail_log.warning("cannot write the status file %s: %s", self.settings.status_file, exc)
+
+    async def _status_loop(self) -> None:
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            current = (self.server.in_flight if self.server is not None else 0, len(self.runs.active()))
+            if current != last:
+                last = current
+                self._write_status()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _lifecycle(self) -> None:
+        cause: str | None = None  # why we lost the last connection, for the offline line
+        while not self._stop.is_set():
+            if self.state is not State.OFFLINE:
+                self._set(State.CONNECTING, f"connecting to {self.gateway.base_url}")
+            try:
+                session = await self._interruptible(self.gateway.request_session(self.public_key))
+            except GatewayError as exc:
+                self._set(State.OFFLINE, f"offline: {cause + '; ' if cause else ''}{exc.reason}")
+                await self._pause(self.retry_backoff.next())
+                continue
+            if session is None:
+                break
+            cause = None
+            self.session = session
+            try:
+                nc = await self._interruptible(self._connect(session))
+            except (NatsConnectError, LinkdError, ValueError) as exc:
+                self._set(State.OFFLINE, f"offline: {_connect_failure(exc)}")
+                await self._pause(self.retry_backoff.next())
+                continue
+            if nc is None:
+                break
+            try:
+                self.server = await tunnel.serve(nc, session.hostname, self.routes, prefix=session.prefix)
+            except tunnel.TunnelError as exc:
+                await self._discard_connection()
+                self._set(State.OFFLINE, f"offline: cannot serve {session.hostname} ({exc})")
+                await self._pause(self.retry_backoff.next())
+                continue
+            online_at = time.monotonic()
+            self._set(State.ONLINE, f"online as {session.hostname}", expires_at=_iso(session.expires_at))
+            reason = await self._supervise(nc, session)
+            if self._stop.is_set():
+                break
+            await self._discard_connection()
+            cause = reason
+            self._set(State.OFFLINE, f"offline: {reason}")
+            # After a good run, start over at once; a connection that keeps dying young backs off.
+            if time.monotonic() - online_at >= STABLE_AFTER:
+                self.retry_backoff.reset()
+                await self._pause(random.uniform(0.0, 0.25))
+            else:
+                await self._pause(self.retry_backoff.next())
+
+    async def _interruptible(self, coro: Any) -> Any:
+        """Await ``coro`` unless stop is requested first (then cancel it and return None)."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            result = await task
+            if isinstance(result, NATS):
+                await result.close()
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            await _wait_any(self._stop, timeout=seconds)
+
+    async def _connect(self, session: LinkSession) -> NATS:
+        self._generation += 1
+        generation = self._generation
+        self._closed = closed = asyncio.Event()
+        self._rotating = False
+
+        async def disconnected() -> None:
+            nc = self.nc
+            if generation != self._generation or self._stop.is_set() or nc is None or nc.is_closed:
+                return
+            if not self._rotating:
+                self._set(State.RECONNECTING, "reconnecting: lost the connection to NATS")
+
+        async def reconnected() -> None:
+            if generation != self._generation:
+                return
+            if self._rotating:
+                self._rotating = False
+                self._refreshed()
+            if self.session is not None:
+                self._set(State.ONLINE, f"online as {self.session.hostname}")
+
+        async def on_closed() -> None:
+            closed.set()
+
+        async def on_error(exc: Exception) -> None:
+            if generation != self._generation:
+                return
+            text = str(exc) or type(exc).__name__
+            if self._rotating:
+                self._rotating = False
+                self._set(
+                    State.RECONNECTING, f"reconnecting: switching to the new credentials failed ({text})"
+                )
+            elif "permissions violation" in text.lower():
+                detail_log.warning("NATS refused an operation: %s", text)
+
+        nc = await open_connection(
+            session,
+            self.identity,
+            self.policy,
+            transport=self.settings.nats_transport,
+            name=f"linkd {session.hostname}",
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            closed_cb=on_closed,
+            error_cb=on_error,
+        )
+        self.nc = nc
+        return nc
+
+    def _refreshed(self) -> None:
+        self.refreshes += 1
+        session = self.session
+        until = f" (valid until {_clock(session.expires_at)})" if session and session.expires_at else ""
+        self._note("credentials_refreshed", f"credentials refreshed{until}", refreshes=self.refreshes)
+
+    async def _supervise(self, nc: NATS, session: LinkSession) -> str:
+        """Keep ``nc`` serving; returns why it stopped (stop requested, or the connection is gone)."""
+        closed = self._closed
+        retry = Backoff(initial=1.0, cap=30.0)
+        lifetime = session.lifetime
+        refresh_at = None if lifetime is None else session.received_at + refresh_delay(lifetime)
+        while True:
+            now = time.monotonic()
+            expiry = session.expires_monotonic
+            wakeups = [
+                t for t in (refresh_at, None if expiry is None else expiry + EXPIRY_GRACE) if t is not None
+            ]
+            timeout = max(0.0, min(wakeups) - now) if wakeups else None
+            await _wait_any(self._stop, closed, timeout=timeout)
+            if self._stop.is_set():
+                return self._stop_reason
+            if closed.is_set() or nc.is_closed:
+                return _closed_reason(nc, session)
+            now = time.monotonic()
+            if expiry is not None and now >= expiry + EXPIRY_GRACE and not nc.is_connected:
+                return "the NATS credentials expired while reconnecting"
+            if refresh_at is None or now < refresh_at:
+                continue
+            outcome = await self._refresh(nc, session, closed)
+            if isinstance(outcome, str):
+                return outcome
+            if isinstance(outcome, LinkSession):
+                session = outcome
+                retry.reset()
+                lifetime = session.lifetime
+                refresh_at = None if lifetime is None else session.received_at + refresh_delay(lifetime)
+                continue
+            # The gateway could not help: keep serving, try again before the credential runs out.
+            remaining = session.remaining()
+            wait = retry.next()
+            if remaining is not None and remaining > 0:
+                wait = min(wait, max(0.5, remaining / 2))
+            refresh_at = time.monotonic() + wait
+
+    async def _refresh(
+        self, nc: NATS, session: LinkSession, closed: asyncio.Event
+    ) -> LinkSession | str | None:
+        """A new session swapped in (the session), a reason to start over (str), or None (failed; retry)."""
+        request = asyncio.ensure_future(self.gateway.request_session(self.public_key))
+        stop = asyncio.ensure_future(self._stop.wait())
+        lost = asyncio.ensure_future(closed.wait())
+        try:
+            await asyncio.wait([request, stop, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            lost.cancel()
+        if not request.done():
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GatewayError):
+                await request
+            return self._stop_reason if self._stop.is_set() else _closed_reason(nc, session)
+        try:
+            new = request.result()
+        except GatewayError as exc:
+            expires = session.expires_at
+            until = f"; still online until {_clock(expires)}" if expires else ""
+            self._note("refresh_failed", f"credentials refresh failed: {exc.reason}{until}", once=True)
+            return None
+        if new.hostname.lower() != session.hostname.lower() or new.prefix != session.prefix:
+            return "the gateway assigned another tunnel hostname"
+        if set(new.urls) != set(session.urls) or (new.token is None) != (session.token is None):
+            return "the gateway changed the NATS connection settings"
+        if new.token is None:
+            self.identity.update(new)
+        self.session = new
+        self._last_note = None
+        if nc.is_connected and new.token is None:
+            self._rotating = True
+            self.policy.force_next()
+            await nc.force_reconnect()
+        else:
+            self._refreshed()  # not connected right now: the next reconnect uses the new credential
+        return new
+
+    async def _discard_connection(self) -> None:
+        server, nc = self.server, self.nc
+        self.server = None
+        self.nc = None
+        self._generation += 1
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.close(timeout=0)
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _shutdown(self) -> None:
+        drain = self.settings.drain_timeout
+        server, nc = self.server, self.nc
+        in_flight = server.in_flight if server is not None else 0
+        runs = len(self.runs.active())
+        self._set(
+            State.STOPPING,
+            f"stopping ({self._stop_reason}): finishing {in_flight} request(s), cancelling {runs} run(s), "
+            f"up to {drain:g}s",
+        )
+        steps = [self.runs.shutdown(drain)]
+        if server is not None:
+            steps.append(server.close(timeout=drain))
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                detail_log.warning("during shutdown: %s", result)
+        self.server = None
+        self._generation += 1
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2.0)
+        self.nc = None
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        await self.gateway.aclose()
+        self._set(State.STOPPED, "stopped")
+        if self.write_status_file:
+            remove_status(self.settings.status_file, os.getpid())
+
+
+def _connect_failure(exc: BaseException) -> str:
+    if isinstance(exc, NatsAuthError):
+        return "NATS refused the credentials from the gateway (authorization violation)"
+    return str(exc)

@@ -1,0 +1,167 @@
+"""Reverse proxy from the tunnel to a local HTTP service (``linkd up --upstream http://127.0.0.1:3000``).
+
+- Only the request's path and query are appended to the upstream base URL; the
+  scheme, host and port always come from ``--upstream``, so no request can make
+  the daemon talk to another host (``//evil.example/x`` is a path here).
+- Bodies stream both ways (the request body from the tunnel into httpx, the
+  response from httpx into the tunnel, each with its own flow control): nothing
+  holds a whole body in memory. Response bytes are passed raw (a compressed
+  answer stays compressed, with its ``Content-Encoding``).
+- Hop-by-hop headers are dropped in both directions: ``Connection`` and every
+  header it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``,
+  ``Transfer-Encoding``, ``Upgrade``. ``Host`` is the upstream's.
+- ``X-Forwarded-Host`` (the tunnel hostname unless the caller set one),
+  ``X-Forwarded-Proto`` and ``X-Forwarded-For`` as the caller sent them, and
+  ``Via: 1.1 linkd`` are added for the local service.
+- Upstream not reachable: ``502 {"error": {"code": "upstream_unreachable", ...}}``;
+  no response head in time: ``504 upstream_timeout``; other failures before the
+  response started: ``502 upstream_error``. A failure in the middle of a response
+  body ends the tunnel request with an error, never with a silently short body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+import httpx
+
+import tunnel
+
+__all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "upstream_url"]
+
+log = logging.getLogger("linkd.upstream")
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Local services answer in milliseconds, but may think (a build, a model) before the head.
+CONNECT_TIMEOUT: Final = 5.0
+RESPONSE_HEAD_TIMEOUT: Final = 300.0
+MAX_CONNECTIONS: Final = 100
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+def filter_headers(
+    headers: list[tuple[str, str]], *, extra_drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``headers`` without hop-by-hop ones (and those named in ``Connection``), order kept."""
+    named: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    drop = HOP_BY_HOP | named | extra_drop
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in drop and not name.lower().startswith("proxy-")
+    ]
+
+
+def upstream_url(base: httpx.URL, target: str) -> httpx.URL:
+    """``base`` with ``target`` (path + query, starting with '/') appended to its path; host unchanged."""
+    if not target.startswith("/") or any(c in target for c in "\r\n\x00#"):
+        raise ValueError(f"not an origin-form request target: {target!r}")
+    base_path = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
+    return base.copy_with(raw_path=base_path + target.encode("ascii", errors="strict"))
+
+
+def _error(status: int, code: str, message: str) -> tunnel.Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return tunnel.Response(status, [("content-type", "application/json")], body)
+
+
+class UpstreamProxy:
+    """A ``tunnel`` handler forwarding to ``base_url``; ``await aclose()`` when done."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        head_timeout: float = RESPONSE_HEAD_TIMEOUT,
+    ) -> None:
+        self.base = httpx.URL(base_url)
+        if self.base.scheme not in ("http", "https") or not self.base.host:
+            raise ValueError(f"upstream must be an http(s) URL with a host, not {base_url!r}")
+        self.base_url = base_url
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,  # an http_proxy in the environment must not capture the local service
+            follow_redirects=False,
+            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT, read=head_timeout, pool=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=20),
+        )
+        self._netloc = self.base.netloc.decode("ascii")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _request_headers(self, request: tunnel.Request) -> list[tuple[str, str]]:
+        headers = filter_headers(request.headers, extra_drop=frozenset({"host"}))
+        names = {name.lower() for name, _ in headers}
+        headers.append(("Host", self._netloc))
+        if "x-forwarded-host" not in names:
+            headers.append(("X-Forwarded-Host", request.hostname))
+        headers.append(("Via", "1.1 linkd"))
+        return headers
+
+    async def __call__(self, request: tunnel.Request) -> tunnel.Response:
+        try:
+            url = upstream_url(self.base, request.url)
+        except (ValueError, UnicodeError):
+            return _error(400, "bad_request_target", "the request target must be a path and query")
+        content: AsyncIterator[bytes] | None = request.stream() if request.has_body else None
+        upstream_request = self.client.build_request(
+            request.method, url, headers=self._request_headers(request), content=content
+        )
+        if content is None and request.method in ("POST", "PUT", "PATCH"):
+            upstream_request.headers.setdefault("Content-Length", "0")
+        try:
+            response = await self.client.send(upstream_request, stream=True)
+        except httpx.ConnectError as exc:
+            return _error(502, "upstream_unreachable", f"cannot connect to {self.base_url}: {_reason(exc)}")
+        except httpx.TimeoutException as exc:
+            return _error(
+                504, "upstream_timeout", f"{self.base_url} did not answer in time ({type(exc).__name__})"
+            )
+        except httpx.HTTPError as exc:
+            return _error(502, "upstream_error", f"request to {self.base_url} failed: {_reason(exc)}")
+        headers = filter_headers(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+        )
+        if request.method == "HEAD" or response.status_code in _NO_BODY_STATUS or response.status_code < 200:
+            await response.aclose()
+            return tunnel.Response(response.status_code, headers, None, response.reason_phrase or None)
+        return tunnel.Response(
+            response.status_code, headers, _relay(response), response.reason_phrase or None
+        )
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for block in response.aiter_raw():
+            if block:
+                yield block
+    finally:
+        await response.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__)
+    return text or type(exc).__name__
