@@ -38,8 +38,10 @@ log = logging.getLogger("linkd.runs")
 
 # Finished runs remembered for idempotent re-delivery and cancel answers.
 FINISHED_MEMORY: Final = 10_000
-# After the shutdown deadline, cancelled runs get this much longer to write their done event.
-SHUTDOWN_ESCALATION: Final = 2.0
+# Of the shutdown time, this share is for runners to clean up after the first cancel; the rest is
+# for the escalated (second) cancel and the final done events.
+SHUTDOWN_GRACE_SHARE: Final = 0.75
+MIN_ESCALATION: Final = 0.1
 
 
 class SubmitOutcome(enum.Enum):
@@ -99,6 +101,7 @@ class RunManager:
         self.on_change = on_change
         self._active: dict[str, RunInfo] = {}
         self._finished: OrderedDict[str, RunInfo] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ queries
@@ -108,6 +111,14 @@ class RunManager:
 
     def get(self, run_id: str) -> RunInfo | None:
         return self._active.get(run_id) or self._finished.get(run_id)
+
+    async def wait_finished(self, run_id: str, timeout: float) -> RunInfo:
+        """Wait until ``run_id`` has ended and written its done event (for tests and tools)."""
+        info = self.get(run_id)
+        if info is None or info.task is None:
+            raise KeyError(run_id)
+        await asyncio.wait_for(asyncio.shield(info.task), timeout)
+        return info
 
     # ------------------------------------------------------------------ commands
 
@@ -131,6 +142,8 @@ class RunManager:
         info.task = asyncio.get_running_loop().create_task(
             self._execute(info, runner), name=f"run-{item.run_id}"
         )
+        self._tasks.add(info.task)
+        info.task.add_done_callback(self._tasks.discard)
         log.info(
             "run %s started (%s runner)",
             item.run_id,
@@ -157,14 +170,16 @@ class RunManager:
         self._closed = True
         for run_id in list(self._active):
             self.cancel(run_id, reason)
-        tasks = [info.task for info in self._active.values() if info.task is not None]
+        tasks = set(self._tasks)
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        # Most of the time for the runners' own clean-up (a command's grace period) ...
+        _, pending = await asyncio.wait(tasks, timeout=timeout * SHUTDOWN_GRACE_SHARE)
         if pending:
             for run_id in list(self._active):
-                self.cancel(run_id, reason)  # second cancel: kill without grace
-            _, pending = await asyncio.wait(pending, timeout=SHUTDOWN_ESCALATION)
+                self.cancel(run_id, reason)  # ... then a second cancel: kill without grace
+            escalation = max(MIN_ESCALATION, timeout * (1 - SHUTDOWN_GRACE_SHARE))
+            _, pending = await asyncio.wait(pending, timeout=escalation)
         for task in pending:
             log.warning("run task %s did not finish during shutdown", task.get_name())
             task.cancel()
@@ -205,13 +220,14 @@ class RunManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             info.status, info.reason = status, reason
+            # Finished from here on: a redelivery is a duplicate with this status, a cancel a no-op.
+            self._active.pop(item.run_id, None)
+            self._finished[item.run_id] = info
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
             try:
                 await recorder.done(status, reason=reason, **details)
             finally:
-                self._active.pop(item.run_id, None)
-                self._finished[item.run_id] = info
-                while len(self._finished) > FINISHED_MEMORY:
-                    self._finished.popitem(last=False)
                 log.info(
                     "run %s ended: %s%s",
                     item.run_id,

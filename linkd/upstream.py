@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
+from urllib.parse import unquote
 
 import httpx
 
@@ -75,8 +76,15 @@ def upstream_url(base: httpx.URL, target: str) -> httpx.URL:
     """``base`` with ``target`` (path + query, starting with '/') appended to its path; host unchanged."""
     if not target.startswith("/") or any(c in target for c in "\r\n\x00#"):
         raise ValueError(f"not an origin-form request target: {target!r}")
+    path = target.split("?", 1)[0]
+    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+        # Dot segments would be resolved against the base path: refuse rather than climb out of it.
+        raise ValueError(f"dot segments in the request path: {target!r}")
     base_path = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
-    return base.copy_with(raw_path=base_path + target.encode("ascii", errors="strict"))
+    url = base.copy_with(raw_path=base_path + target.encode("ascii", errors="strict"))
+    if not url.raw_path.startswith(base_path + b"/") or (url.host, url.port) != (base.host, base.port):
+        raise ValueError(f"request target escapes the upstream base: {target!r}")
+    return url
 
 
 def _error(status: int, code: str, message: str) -> tunnel.Response:

@@ -43,7 +43,7 @@ MAX_STDIN_INPUT_BYTES: Final = 64 * 1024 * 1024
 # Output is read in blocks this big; a longer line without a newline is sent in pieces.
 READ_BLOCK: Final = 64 * 1024
 # After the main process exits, output still in the pipes is read for at most this long.
-DRAIN_AFTER_EXIT: Final = 1.0
+DRAIN_AFTER_EXIT: Final = 0.5
 # How often the loop looks at the process and the deadline while output is quiet.
 POLL_INTERVAL: Final = 0.2
 _INPUT_KEYS: Final = frozenset({"template", "data"})
