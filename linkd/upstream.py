@@ -154,16 +154,22 @@ class UpstreamProxy:
         if request.method == "HEAD" or response.status_code in _NO_BODY_STATUS or response.status_code < 200:
             await response.aclose()
             return tunnel.Response(response.status_code, headers, None, response.reason_phrase or None)
-        return tunnel.Response(
-            response.status_code, headers, _relay(response), response.reason_phrase or None
-        )
+        body = _relay(response, self.base_url)
+        return tunnel.Response(response.status_code, headers, body, response.reason_phrase or None)
 
 
-async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(response: httpx.Response, base_url: str) -> AsyncIterator[bytes]:
     try:
         async for block in response.aiter_raw():
             if block:
                 yield block
+    except httpx.HTTPError as exc:
+        # The caller must see a failed request (a typed tunnel error), never a short body.
+        log.warning("upstream %s broke off a response body: %s", base_url, _reason(exc))
+        raise tunnel.TunnelError(
+            f"the local service broke off the response ({type(exc).__name__})",
+            code=tunnel.ErrorCode.HANDLER_ERROR,
+        ) from None
     finally:
         await response.aclose()
 
