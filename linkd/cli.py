@@ -523,3 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(usage[0], err=True)
         sys.exit(usage[1])
     sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
