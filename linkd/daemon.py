@@ -23,6 +23,12 @@
 
 Every state change is one log line on ``linkd.state`` (see :mod:`linkd.logs`),
 and the status file (``linkd status``) is rewritten.
+
+Seam for a durable run-event uplink (runs issue): ``on_connection(nc)`` is called
+with each connection once it serves, and with ``None`` when that connection is
+discarded (nats-py's own reconnects keep the same object, so no call then); at
+shutdown, after every run wrote its ``done``, the sink's ``aclose()`` (if it has
+one) is awaited before the connection closes.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -146,6 +153,7 @@ class LinkDaemon:
         own_seed: str | None,
         sink: EventSink | None = None,
         on_change: Callable[[StateChange], None] | None = None,
+        on_connection: Callable[[NATS | None], Awaitable[None] | None] | None = None,
         machine_name: Callable[[], str] = platform.node,
         retry_backoff: Backoff | None = None,
         write_status_file: bool = True,
@@ -154,6 +162,7 @@ class LinkDaemon:
         self.gateway = gateway
         self.sink: EventSink = sink if sink is not None else MemoryEventSink()
         self.on_change = on_change
+        self.on_connection = on_connection
         self.write_status_file = write_status_file
         self.runs = RunManager(
             build_runners(settings.runners),
@@ -278,47 +287,68 @@ class LinkDaemon:
     async def _lifecycle(self) -> None:
         cause: str | None = None  # why we lost the last connection, for the offline line
         while not self._stop.is_set():
-            if self.state is not State.OFFLINE:
-                self._set(State.CONNECTING, f"connecting to {self.gateway.base_url}")
             try:
-                session = await self._interruptible(self.gateway.request_session(self.public_key))
-            except GatewayError as exc:
-                self._set(State.OFFLINE, f"offline: {cause + '; ' if cause else ''}{exc.reason}")
-                await self._pause(self.retry_backoff.next())
-                continue
-            if session is None:
-                break
-            cause = None
-            self.session = session
-            try:
-                nc = await self._interruptible(self._connect(session))
-            except (NatsConnectError, LinkdError, ValueError) as exc:
-                self._set(State.OFFLINE, f"offline: {_connect_failure(exc)}")
-                await self._pause(self.retry_backoff.next())
-                continue
-            if nc is None:
-                break
-            try:
-                self.server = await tunnel.serve(nc, session.hostname, self.routes, prefix=session.prefix)
-            except tunnel.TunnelError as exc:
+                cause = await self._connect_and_serve(cause)
+            except Exception as exc:  # a bug must not end the daemon: report it, start over
+                detail_log.exception("unexpected error in the connection lifecycle")
                 await self._discard_connection()
-                self._set(State.OFFLINE, f"offline: cannot serve {session.hostname} ({exc})")
+                self._set(State.OFFLINE, f"offline: internal error ({type(exc).__name__}: {exc}); retrying")
                 await self._pause(self.retry_backoff.next())
-                continue
-            online_at = time.monotonic()
-            self._set(State.ONLINE, f"online as {session.hostname}", expires_at=_iso(session.expires_at))
-            reason = await self._supervise(nc, session)
-            if self._stop.is_set():
-                break
+
+    async def _connect_and_serve(self, cause: str | None) -> str | None:
+        """One session + connection + serving, until it ends; returns why it ended (None: no connection)."""
+        if self.state is not State.OFFLINE:
+            self._set(State.CONNECTING, f"connecting to {self.gateway.base_url}")
+        try:
+            session = await self._interruptible(self.gateway.request_session(self.public_key))
+        except GatewayError as exc:
+            self._set(State.OFFLINE, f"offline: {cause + '; ' if cause else ''}{exc.reason}")
+            await self._pause(self.retry_backoff.next())
+            return cause
+        if session is None:
+            return None  # stopping
+        self.session = session
+        try:
+            nc = await self._interruptible(self._connect(session))
+        except (NatsConnectError, LinkdError, ValueError) as exc:
+            self._set(State.OFFLINE, f"offline: {_connect_failure(exc)}")
+            await self._pause(self.retry_backoff.next())
+            return None
+        if nc is None:
+            return None
+        try:
+            self.server = await tunnel.serve(nc, session.hostname, self.routes, prefix=session.prefix)
+        except tunnel.TunnelError as exc:
             await self._discard_connection()
-            cause = reason
-            self._set(State.OFFLINE, f"offline: {reason}")
-            # After a good run, start over at once; a connection that keeps dying young backs off.
-            if time.monotonic() - online_at >= STABLE_AFTER:
-                self.retry_backoff.reset()
-                await self._pause(random.uniform(0.0, 0.25))
-            else:
-                await self._pause(self.retry_backoff.next())
+            self._set(State.OFFLINE, f"offline: cannot serve {session.hostname} ({exc})")
+            await self._pause(self.retry_backoff.next())
+            return None
+        await self._connection_changed(nc)
+        online_at = time.monotonic()
+        self._set(State.ONLINE, f"online as {session.hostname}", expires_at=_iso(session.expires_at))
+        reason = await self._supervise(nc, session)
+        if self._stop.is_set():
+            return None
+        await self._discard_connection()
+        self._set(State.OFFLINE, f"offline: {reason}")
+        # After a good run, start over at once; a connection that keeps dying young backs off.
+        if time.monotonic() - online_at >= STABLE_AFTER:
+            self.retry_backoff.reset()
+            await self._pause(random.uniform(0.0, 0.25))
+        else:
+            await self._pause(self.retry_backoff.next())
+        return reason
+
+    async def _connection_changed(self, nc: NATS | None) -> None:
+        """Tell ``on_connection`` (e.g. a durable run-event uplink) which connection is current."""
+        if self.on_connection is None:
+            return
+        try:
+            result = self.on_connection(nc)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            detail_log.exception("on_connection callback failed")
 
     async def _interruptible(self, coro: Any) -> Any:
         """Await ``coro`` unless stop is requested first (then cancel it and return None)."""
@@ -482,6 +512,8 @@ class LinkDaemon:
         self.server = None
         self.nc = None
         self._generation += 1
+        if nc is not None:
+            await self._connection_changed(None)
         if server is not None:
             with contextlib.suppress(Exception):
                 await server.close(timeout=0)
@@ -508,6 +540,15 @@ class LinkDaemon:
                 detail_log.warning("during shutdown: %s", result)
         self.server = None
         self._generation += 1
+        # The sink gets the connection's last moments to deliver what the runs just wrote.
+        sink_close = getattr(self.sink, "aclose", None)
+        if callable(sink_close):
+            try:
+                await asyncio.wait_for(sink_close(), max(0.5, drain / 2))
+            except Exception as exc:
+                detail_log.warning("the run event sink did not close cleanly: %s", exc)
+        if nc is not None:
+            await self._connection_changed(None)
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 2.0)

@@ -124,6 +124,7 @@ async def running_daemon(
     settings: Settings | None = None,
     retry_backoff: Backoff | None = None,
     wait_online: bool = True,
+    on_connection: Any = None,
 ) -> AsyncIterator[RunningDaemon]:
     own_seed = generate_seed() if seed == "generate" else seed
     client = GatewayClient(gateway_url, lambda: token)
@@ -134,6 +135,7 @@ async def running_daemon(
         own_seed=own_seed,
         sink=MemoryEventSink(),
         on_change=changes.append,
+        on_connection=on_connection,
         machine_name=lambda: "test-desktop",
         retry_backoff=retry_backoff or Backoff(initial=0.2, cap=1.0),
     )

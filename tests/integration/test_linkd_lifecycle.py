@@ -48,10 +48,12 @@ async def caller(op: OperatorServer) -> nats.aio.client.Client:
 
 
 async def test_up_serves_status_and_the_gateway_sees_it_online(op: OperatorServer, tmp_path: Path) -> None:
+    connections: list[object] = []
     async with (
         live_gateway(op.env(NATS_TUNNEL_SESSION_TTL_SECONDS="600")) as gw,
-        running_daemon(tmp_path, gw.url, gw.token("alice")) as d,
+        running_daemon(tmp_path, gw.url, gw.token("alice"), on_connection=connections.append) as d,
     ):
+        assert connections == [d.daemon.nc]
         assert d.hostname == tunnel_hostname("alice")
         doc = await probe(gw.nc, d.hostname)
         assert doc["hostname"] == "test-desktop" and doc["tunnelHostname"] == d.hostname
@@ -63,6 +65,7 @@ async def test_up_serves_status_and_the_gateway_sees_it_online(op: OperatorServe
         assert (tmp_path / "linkd-status.json").exists()
     assert d.daemon.state is State.STOPPED
     assert not (tmp_path / "linkd-status.json").exists()
+    assert len(connections) == 2 and connections[1] is None
 
 
 async def test_survives_a_nats_server_restart_without_a_daemon_restart(
