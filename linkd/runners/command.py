@@ -244,10 +244,12 @@ class CommandRunner:
                     except TimeoutError:
                         timed_out = True
         finally:
-            await terminate_process_group(proc, self.kill_grace)
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            try:
+                await terminate_process_group(proc, self.kill_grace)
+            finally:  # even when a second cancel cut the grace short
+                for task in helpers:
+                    task.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
         if timed_out:
             raise RunFailed(f"template {template.name!r} timed out after {template.timeout:g}s")
         code = proc.returncode
