@@ -12,9 +12,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from aiohttp import web
 from nats.aio.client import RawCredentials
 
 import tunnel
+from cli.nats_server import free_port
 from linkd.backoff import Backoff
 from linkd.daemon import State
 from studio_gateway.hostnames import tunnel_hostname
@@ -106,9 +108,26 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
 ) -> None:
     ttl = 5
     duration = 30.0
+    chunk, chunks = b"x" * 32 * 1024, 30
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(chunks):
+            await response.write(chunk)
+            await asyncio.sleep(0.1)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    local = web.AppRunner(app, handle_signals=False)
+    await local.setup()
+    port = free_port()
+    await web.TCPSite(local, "127.0.0.1", port).start()
+    settings = daemon_settings(tmp_path, upstream_url=f"http://127.0.0.1:{port}")
     async with (
         live_gateway(op.env(NATS_TUNNEL_SESSION_TTL_SECONDS=str(ttl))) as gw,
-        running_daemon(tmp_path, gw.url, gw.token("carol")) as d,
+        running_daemon(tmp_path, gw.url, gw.token("carol"), settings=settings) as d,
     ):
         nc = gw.nc
         ok = 0
@@ -148,14 +167,37 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
                         failures.append(f"work answered {resp.status}")
                 await asyncio.sleep(0.05)
 
-        results = await asyncio.gather(keep_probing(), keep_probing(), keep_working(), return_exceptions=True)
+        spanning = 0  # streams that were in flight while the credentials rotated
+
+        async def keep_streaming() -> None:
+            nonlocal ok, spanning
+            while loop.time() < end:
+                before = d.daemon.refreshes
+                async with await tunnel.fetch(
+                    nc, f"tunnel://{d.hostname}/slow", first_frame_timeout=EVENT_TIMEOUT
+                ) as resp:
+                    body = await resp.read()
+                if resp.status == 200 and body == chunk * chunks:
+                    ok += 1
+                    spanning += d.daemon.refreshes > before
+                else:
+                    failures.append(f"slow stream: {resp.status}, {len(body)} bytes")
+
+        try:
+            results = await asyncio.gather(
+                keep_probing(), keep_probing(), keep_working(), keep_streaming(), return_exceptions=True
+            )
+        finally:
+            await local.cleanup()
         for result in results:
             if isinstance(result, BaseException):
                 failures.append(repr(result))
         refreshes = d.daemon.refreshes
         print(
-            f"{ok} requests OK, {len(failures)} failed, {refreshes} credential refreshes in {duration:.0f}s"
+            f"{ok} requests OK ({spanning} 3-second streams across a rotation), {len(failures)} failed, "
+            f"{refreshes} credential refreshes in {duration:.0f}s"
         )
+        assert spanning >= 3
         assert failures == []
         assert refreshes >= duration / ttl, d.messages()
         # Each refresh is a new credential on the same connection: never offline, never a new connection.
