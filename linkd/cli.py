@@ -20,6 +20,7 @@ import typer
 from . import __version__
 from .config import Settings, check_http_url, load_settings
 from .credentials_store import (
+    SEED_KEY,
     TOKEN_KEY,
     FileStore,
     KeyringStore,
@@ -31,6 +32,7 @@ from .credentials_store import (
     keyring_usable,
     load_or_create_seed,
     open_store,
+    public_key_of,
 )
 from .errors import LinkdError
 from .login_state import clear_login, read_login_gateway, write_login
@@ -199,8 +201,6 @@ def login(
     secret = _read_token(token)
     seed = load_or_create_seed(store)
     if verify:
-        from .credentials_store import public_key_of
-
         warning = asyncio.run(_check_token(url, secret, public_key_of(seed)))
         if warning is not None:
             typer.echo(f"linkd: warning: {warning}", err=True)
@@ -235,8 +235,6 @@ def logout(
         _fail(f"{why}; nothing to log out of (use --insecure-file-store if you logged in with it)")
     removed = [store.description for store in stores if store.delete(TOKEN_KEY)]
     if forget_key:
-        from .credentials_store import SEED_KEY
-
         for store in stores:
             store.delete(SEED_KEY)
     had_login = clear_login()
