@@ -104,6 +104,8 @@ class FetchRequest:
     body_file: BinaryIO | None = None
     include: bool = False
     output: Path | None = None
+    #: ``-o -``: write to stdout even when it is a terminal and the body looks binary.
+    force_stdout: bool = False
     fail: bool = False
     progress: bool = True
     verbose: bool = False
@@ -196,6 +198,7 @@ def build_request(
         headers=header_list,
         include=include or head,
         output=None if output in (None, "-") else Path(output).expanduser(),
+        force_stdout=output == "-",
         fail=fail,
         progress=not silent,
         verbose=verbose,
@@ -307,7 +310,16 @@ async def _exchange(client: tunnel.TunnelClient, request: FetchRequest, nats: Na
             if request.include:
                 await sink.write(_head_bytes(response, Painter(to_terminal)))
             try:
+                guard_binary = request.output is None and not request.force_stdout and _isatty(sys.stdout)
                 async for chunk in response.aiter_bytes():
+                    if guard_binary:
+                        guard_binary = False
+                        if b"\x00" in chunk:
+                            raise CliError(
+                                "the body is binary and stdout is a terminal: "
+                                "use -o FILE (or -o - to print it anyway)",
+                                exitcodes.WRITE_ERROR,
+                            )
                     await sink.write(chunk)
                     progress.update(len(chunk))
             except tunnel.TunnelError as exc:
@@ -366,7 +378,12 @@ def fetch_command(
     head: Annotated[bool, Opt("-I", "--head", help="Send HEAD and show the response head.")] = False,
     output: Annotated[
         str | None,
-        Opt("-o", "--output", metavar="FILE", help="Write the body to FILE (progress bar on a terminal)."),
+        Opt(
+            "-o",
+            "--output",
+            metavar="FILE",
+            help="Write the body to FILE, with a progress bar on a terminal (-: stdout, even binary).",
+        ),
     ] = None,
     fail: Annotated[
         bool, Opt("-f", "--fail", help="Exit 22, printing no body, when the status is 400 or more.")

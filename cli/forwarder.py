@@ -60,8 +60,8 @@ KEEPALIVE_TIMEOUT: Final = 75.0
 Log = Callable[[str], None]
 
 
-class _ClientGone(Exception):
-    """The HTTP client closed its connection."""
+class _CloseConnection(Exception):
+    """This connection cannot go on (the client left, or a response had to be cut): close it."""
 
 
 def _dropped_names(headers: list[tuple[bytes, bytes]]) -> set[str]:
@@ -169,7 +169,7 @@ class _Connection:
             try:
                 await self.writer.drain()
             except ConnectionError as exc:
-                raise _ClientGone(str(exc)) from exc
+                raise _CloseConnection(f"client closed the connection ({type(exc).__name__})") from exc
 
     # -- the connection loop ---------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class _Connection:
                     self.h11.start_next_cycle()
                 else:
                     return
-        except _ClientGone:
+        except _CloseConnection:
             return
         finally:
             self.writer.close()
@@ -201,7 +201,7 @@ class _Connection:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = exc.error_status_hint or 400
-        with contextlib.suppress(h11.LocalProtocolError, _ClientGone):
+        with contextlib.suppress(h11.LocalProtocolError, _CloseConnection):
             await self._simple(status, f"bad request: {exc}\n", close=True)
 
     async def _simple(
@@ -246,7 +246,7 @@ class _Connection:
             # connection is ready for the next request (keep-alive) once we answered.
             end = await self._next_event()
             if not isinstance(end, h11.EndOfMessage):
-                raise _ClientGone("unexpected event after a body-less request")
+                raise _CloseConnection("unexpected event after a body-less request")
         try:
             response = await self.fw.client.fetch(
                 f"tunnel://{self.fw.hostname}{target}",
@@ -263,16 +263,22 @@ class _Connection:
             with contextlib.suppress(h11.LocalProtocolError):
                 await self._simple(status, f"{exc.code}: {exc.message}\n", extra=[(ERROR_HEADER, exc.code)])
             return
+        progress = [0]
         try:
-            sent = await self._relay(response)
+            await self._relay(response, progress)
+        except _CloseConnection as exc:
+            self._log(
+                method, target, response.status, started, note=f"cut after {human_bytes(progress[0])}: {exc}"
+            )
+            raise
         finally:
-            await response.aclose()
-        self._log(method, target, response.status, started, size=sent)
+            await response.aclose()  # aborts the desktop's handler if the body did not end
+        self._log(method, target, response.status, started, size=progress[0])
 
     async def _request_body(self) -> AsyncIterator[bytes]:
         """The client's request body, read as the tunnel asks for it."""
         if self.h11.client_is_waiting_for_100_continue and self.h11.our_state is h11.SEND_RESPONSE:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self._send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Data):
@@ -280,10 +286,10 @@ class _Connection:
             elif isinstance(event, h11.EndOfMessage):
                 return
             else:
-                raise _ClientGone("the client closed the connection before the request body ended")
+                raise _CloseConnection("the client closed the connection before the request body ended")
 
-    async def _relay(self, response: tunnel.FetchResponse) -> int:
-        """Send the response head and stream its body; returns the body bytes sent."""
+    async def _relay(self, response: tunnel.FetchResponse, progress: list[int]) -> None:
+        """Send the response head and stream its body, counting body bytes in ``progress[0]``."""
         if response.status < 200:
             # A final status must be 200..599; the tunnel only checks 100..599.
             await self._simple(
@@ -291,7 +297,7 @@ class _Connection:
                 f"tunnel_protocol_error: the desktop answered with status {response.status}\n",
                 extra=[(ERROR_HEADER, tunnel.ErrorCode.PROTOCOL_ERROR)],
             )
-            return 0
+            return
         dropped = _dropped_names([(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers])
         headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
         reason = response.reason or _phrase(response.status)
@@ -300,22 +306,18 @@ class _Connection:
         except h11.LocalProtocolError:
             # The desktop's head is not valid HTTP/1.1 (e.g. a control character in a value).
             # h11 refuses to send anything more on this connection, so cut it.
-            raise _ClientGone("invalid response head from the desktop") from None
-        sent = 0
+            raise _CloseConnection("invalid response head from the desktop") from None
         try:
             async for chunk in response.aiter_bytes():
                 await self._send(h11.Data(data=chunk))
-                sent += len(chunk)
+                progress[0] += len(chunk)
             await self._send(h11.EndOfMessage())
         except tunnel.TunnelError as exc:
             # Too late for an error status: cut the connection so the body is visibly incomplete.
-            self._log_line(f"{self.peer} response cut after {human_bytes(sent)}: {exc.code}: {exc.message}")
-            raise _ClientGone(exc.code) from None
+            raise _CloseConnection(f"{exc.code}: {exc.message}") from None
         except h11.LocalProtocolError as exc:
             # The desktop's body disagreed with its own Content-Length.
-            self._log_line(f"{self.peer} response cut: {exc}")
-            raise _ClientGone(str(exc)) from None
-        return sent
+            raise _CloseConnection(f"invalid body from the desktop: {exc}") from None
 
     # -- logging ----------------------------------------------------------------------------
 

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import h11
 import httpx
 import nats
 import pytest
@@ -194,6 +196,51 @@ def test_keep_alive_serves_two_requests_on_one_connection(http: httpx.Client) ->
     assert second.json()["bodyLength"] == 6
     local = [r.extensions["network_stream"].get_extra_info("client_addr") for r in (first, second)]
     assert local[0] == local[1], "the second request used a new connection"
+
+
+def _h11_events(conn: h11.Connection, sock: socket.socket, until: type[h11.Event]) -> list[h11.Event]:
+    events: list[h11.Event] = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+            continue
+        assert isinstance(event, h11.Event), event
+        events.append(event)
+        if isinstance(event, until):
+            return events
+
+
+def test_expect_100_continue_is_answered_before_the_body(stack: Stack) -> None:
+    host, port = stack.forward.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
+        conn = h11.Connection(h11.CLIENT)
+        head = [("host", "x"), ("content-length", "5"), ("expect", "100-continue")]
+        sock.sendall(conn.send(h11.Request(method="PUT", target="/echo", headers=head)))
+        # Nothing of the body is sent until the listener says so.
+        (interim,) = _h11_events(conn, sock, h11.InformationalResponse)
+        assert isinstance(interim, h11.InformationalResponse) and interim.status_code == 100
+        sock.sendall(conn.send(h11.Data(data=b"hello")) + conn.send(h11.EndOfMessage()))
+        events = _h11_events(conn, sock, h11.EndOfMessage)
+        response = events[0]
+        assert isinstance(response, h11.Response) and response.status_code == 200
+        body = b"".join(bytes(e.data) for e in events if isinstance(e, h11.Data))
+        echo = json.loads(body)
+        assert echo["bodySha256"] == hashlib.sha256(b"hello").hexdigest()
+        assert "expect" not in [name.lower() for name, _ in echo["headers"]]
+
+
+def test_http_1_0_client_gets_a_close_delimited_body(stack: Stack) -> None:
+    host, port = stack.forward.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(b"GET /download?size=100000&chunked=1 HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(100000)
 
 
 def test_non_2xx_passes_through(http: httpx.Client) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -111,10 +112,16 @@ def test_gateway_variant_is_not_available_yet(desktop: Desktop) -> None:
 
 
 def test_exit_statuses_as_a_process(desktop: Desktop) -> None:
-    online = linkctl_process(desktop.nats_url, "status", HOSTNAME)
-    offline = linkctl_process(desktop.nats_url, "status", "nobody.test")
-    no_nats = linkctl_process(f"nats://127.0.0.1:{free_port()}", "status", HOSTNAME)
-    bad_host = linkctl_process(desktop.nats_url, "status", "bad host")
+    with ThreadPoolExecutor(4) as pool:  # four interpreters starting at once: a second, not four
+        online, offline, no_nats, bad_host = pool.map(
+            lambda args: linkctl_process(*args),
+            [
+                (desktop.nats_url, "status", HOSTNAME),
+                (desktop.nats_url, "status", "nobody.test"),
+                (f"nats://127.0.0.1:{free_port()}", "status", HOSTNAME),
+                (desktop.nats_url, "status", "bad host"),
+            ],
+        )
     assert (online.returncode, offline.returncode, no_nats.returncode, bad_host.returncode) == (0, 1, 2, 2)
     for proc in (no_nats, bad_host):
         lines = proc.stderr.strip().splitlines()
