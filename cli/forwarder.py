@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
@@ -58,6 +59,7 @@ MAX_HEAD_SIZE: Final = 64 * 1024
 KEEPALIVE_TIMEOUT: Final = 75.0
 
 Log = Callable[[str], None]
+log = logging.getLogger("cli.forward")
 
 
 class _CloseConnection(Exception):
@@ -130,6 +132,8 @@ class Forwarder:
             await _Connection(self, reader, writer).serve()
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug here must cost one connection, not the listener
+            log.exception("forwarding a connection failed")
         finally:
             self._connections.discard(task)
 
