@@ -12,6 +12,10 @@ Serve one::
 
     server = await tunnel.serve(nc, "desk.example", handler)
 
+Add-ons live in public submodules, imported on demand: :mod:`tunnel.asgi`
+(serve an ASGI app), :mod:`tunnel.httpx_transport` (call tunnel URLs with httpx)
+and :mod:`tunnel.connect` (build a nats-py connection from creds/nkey/token).
+
 Wire protocol: the reference ``tunnel.v1`` JSON frames, plus negotiated
 extensions (binary data frames, credit-based flow control, heartbeats).
 """
