@@ -1,0 +1,86 @@
+"""The run uplink's wire contract, shared by the daemon (producer) and the gateway (projector).
+
+A daemon serving host ``H`` under tunnel prefix ``P`` publishes every event of a
+run (see :mod:`linkd.run_events` for the JSON shape) to::
+
+    P.host.<token(H)>.runs.<runId>
+
+with header ``Nats-Msg-Id: <runId>:<fence>:<seq>``, as a JetStream publish (it
+waits for the ack and retries with the same id). Those subjects sit under the
+host's own prefix, so the daemon's NATS permissions (publish ``P.host.<token>.runs.*``)
+confine it to its own runs: the projector takes the host from the subject, never
+from the payload.
+
+The daemon's request inbox is ``P.host.<token>.inbox`` (JetStream publish acks
+arrive there), so its credential never needs ``_INBOX.>``.
+
+The gateway creates the stream ``RUN_STREAM`` capturing ``P.host.*.runs.*``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import tunnel
+
+__all__ = [
+    "RUN_ID_PATTERN",
+    "RUN_STREAM",
+    "RunSubject",
+    "is_valid_run_id",
+    "parse_run_subject",
+    "run_event_subject",
+    "run_stream_subjects",
+    "uplink_inbox_prefix",
+    "uplink_publish_grant",
+]
+
+RUN_STREAM: Final = "LINK_RUNS"
+RUN_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_RUNS_SEGMENT: Final = "runs"
+_INBOX_SEGMENT: Final = "inbox"
+
+
+def is_valid_run_id(run_id: str) -> bool:
+    """Run ids end up in subjects and message ids: letters, digits, ``_`` and ``-`` only."""
+    return RUN_ID_PATTERN.fullmatch(run_id) is not None
+
+
+def run_event_subject(subjects: tunnel.HostSubjects, run_id: str) -> str:
+    if not is_valid_run_id(run_id):
+        raise ValueError(f"invalid run id {run_id!r}")
+    return f"{subjects.base}.{_RUNS_SEGMENT}.{run_id}"
+
+
+def uplink_inbox_prefix(subjects: tunnel.HostSubjects) -> str:
+    """The daemon's nats-py ``inbox_prefix``: JetStream acks come back under its own host."""
+    return f"{subjects.base}.{_INBOX_SEGMENT}"
+
+
+def uplink_publish_grant(subjects: tunnel.HostSubjects) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(publish, subscribe)`` allow-lists the uplink needs, all under the host's own prefix."""
+    return (f"{subjects.base}.{_RUNS_SEGMENT}.*",), (f"{uplink_inbox_prefix(subjects)}.>",)
+
+
+def run_stream_subjects(prefix: str = tunnel.DEFAULT_PREFIX) -> list[str]:
+    """The subjects the run stream captures: every host's run events, nothing else."""
+    return [f"{prefix}.host.*.{_RUNS_SEGMENT}.*"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSubject:
+    host_token: str
+    run_id: str
+
+
+def parse_run_subject(subject: str, prefix: str = tunnel.DEFAULT_PREFIX) -> RunSubject | None:
+    """The host token and run id of an uplink subject, or None when it is not one."""
+    head = f"{prefix}.host."
+    if not subject.startswith(head):
+        return None
+    parts = subject[len(head) :].split(".")
+    if len(parts) != 3 or parts[1] != _RUNS_SEGMENT or not parts[0] or not is_valid_run_id(parts[2]):
+        return None
+    return RunSubject(parts[0], parts[2])
