@@ -1,0 +1,667 @@
+"""Real processes for the end-to-end runs tests and ``scripts/bench_runs.py``.
+
+Everything here is a separate OS process, as in production, and every process can
+be SIGKILLed and started again:
+
+- :class:`JetStreamNats`: an operator/JWT-mode nats-server (``OperatorSetup``, system
+  account) with JetStream on a file store in a directory we own, so a restart on the
+  same port keeps the streams and key-value buckets;
+- :class:`GatewayProcess`: ``studio-gateway serve`` (``python -m studio_gateway.cli``) on a
+  free port, ready once ``/healthz`` reports its NATS connection;
+- :class:`LinkdProcess`: ``linkd login`` (token on stdin, secrets in the insecure file
+  store under a private directory, never the user's keyring) then ``linkd up --json-logs``,
+  online once it logs the ``online`` state; its run events are also appended to a JSONL
+  file (``--events-file``), which is the desktop-side truth the tests compare against;
+- :class:`RunsApi`: the gateway runs HTTP API (``/api/runs``), including an SSE/NDJSON
+  event-stream reader.
+
+No pytest import: the benchmark uses this module too. Process output goes to log files
+(never pipes nobody reads), shown by :meth:`RunsStack.diagnostics` when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from cli.nats_server import NatsServer, NatsServerConfig, free_port
+from studio_gateway.auth import issue_token
+from studio_gateway.config import AuthConfig
+from studio_gateway.nats_jwt import OperatorSetup
+
+__all__ = [
+    "SECRET",
+    "ApiError",
+    "GatewayProcess",
+    "JetStreamNats",
+    "LinkdProcess",
+    "RunsApi",
+    "RunsStack",
+    "SseMessage",
+    "poll_until",
+    "wait_for",
+]
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent.parent
+PYTHON: Final = sys.executable
+# 48 bytes of HS256 secret for the gateway's API tokens (the gateway wants >= 32).
+SECRET: Final = "runs-e2e-secret-0123456789abcdef0123456789abcdef"
+# Cold Python start of a CLI on a loaded 2-core machine is part of these.
+START_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 10.0
+KILL_TIMEOUT: Final = 5.0
+LOG_TAIL_LINES: Final = 60
+HTTP_TIMEOUT: Final = 15.0
+
+
+# ------------------------------------------------------------------------------ waiting
+
+
+async def wait_for(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float,
+    message: str = "condition not met",
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy, and return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if loop.time() >= deadline:
+            raise AssertionError(f"{message} (not true after {timeout:.1f}s)")
+        await asyncio.sleep(interval)
+
+
+def poll_until(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
+    """Blocking twin of :func:`wait_for` for synchronous set-up code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} (not true after {timeout:.1f}s)")
+        time.sleep(interval)
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The current environment without our products' settings, the repo importable, plus ``extra``."""
+    prefixes = ("LINKD_", "NATS_", "GATEWAY_", "TUNNEL_", "RUNS_", "STUDIO_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.pop("PYTHON_KEYRING_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+class ManagedProcess:
+    """A subprocess whose stdout+stderr go to one log file; SIGKILL-able and restartable."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def _spawn(self, argv: list[str], env: Mapping[str, str]) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {self.name}: start #{self.starts + 1}: {' '.join(argv[:4])} ...\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                argv,
+                env=dict(env),
+                cwd=str(REPO_ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a test's Ctrl-C is not delivered to it twice
+            )
+        self.starts += 1
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash (no goodbye to anyone), and reap it."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=KILL_TIMEOUT)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, escalating to SIGKILL after ``timeout``; returns the exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return proc.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"{self.name} exited with status {self.proc.returncode}\n--- log tail ---\n{self.log_tail()}"
+            )
+
+
+@dataclass
+class JetStreamNats:
+    """An operator-mode nats-server with JetStream on a file store that survives restarts."""
+
+    setup: OperatorSetup
+    server: NatsServer
+    store_dir: Path
+    gateway_creds: Path
+
+    @classmethod
+    def start(cls, workdir: Path, *, websocket: bool = False) -> JetStreamNats:
+        setup = OperatorSetup.generate()
+        store = workdir / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        server = NatsServer(
+            NatsServerConfig(
+                jetstream=True,
+                store_dir=str(store),
+                extra_conf=setup.server_conf(),
+                websocket_port=0 if websocket else None,
+            )
+        )
+        try:
+            server.start(timeout=START_TIMEOUT)
+        except BaseException:
+            server.close()
+            raise
+        creds = workdir / "gateway.creds"
+        creds.write_text(setup.user_creds("studio-gateway"), encoding="utf-8")
+        creds.chmod(0o600)
+        return cls(setup, server, store, creds)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def admin_creds(self, name: str = "e2e-admin") -> str:
+        """Creds text for an unrestricted user of the account (what a test or benchmark inspects with)."""
+        return self.setup.user_creds(name)
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def restart(self) -> None:
+        """Start again on the same port with the same store (stop first if still running)."""
+        self.server.restart(timeout=START_TIMEOUT)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class GatewayProcess(ManagedProcess):
+    """``studio-gateway serve`` on a fixed loopback port (kept across restarts)."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+        super().__init__(name, log_path)
+        self.port = free_port()
+        self.env = _clean_env(**env, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        self._spawn([PYTHON, "-m", "studio_gateway.cli", "serve", "--log-level", "info"], self.env)
+
+    def _ready_now(self) -> bool:
+        self._check_alive()
+        try:
+            resp = httpx.get(f"{self.url}/healthz", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200 and resp.json().get("nats") == "connected"
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Spawn and block until ``/healthz`` says the gateway is connected to NATS."""
+        self.spawn()
+        poll_until(self._ready_now, timeout, f"{self.name} never became ready:\n{self.log_tail()}")
+
+    async def astart(self, timeout: float = START_TIMEOUT) -> None:
+        """Spawn and wait (without blocking the event loop) until ready."""
+        self.spawn()
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        async with httpx.AsyncClient(timeout=1.0) as http:
+
+            async def ready() -> bool:
+                self._check_alive()
+                try:
+                    resp = await http.get(f"{self.url}/healthz")
+                except httpx.HTTPError:
+                    return False
+                return resp.status_code == 200 and resp.json().get("nats") == "connected"
+
+            await wait_for(ready, timeout, f"{self.name} never became ready", interval=0.05)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=HTTP_TIMEOUT).text
+
+
+class LinkdProcess(ManagedProcess):
+    """``linkd up`` for one user, its secrets and config in a private directory."""
+
+    def __init__(
+        self,
+        name: str,
+        home: Path,
+        gateway_url: str,
+        token: str,
+        *,
+        config_toml: str = "",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, home / "linkd.log")
+        self.home = home
+        self.gateway_url = gateway_url
+        self.token = token
+        self.events_path = home / "events.jsonl"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "linkd.toml"
+        config.write_text(config_toml, encoding="utf-8")
+        self.env = _clean_env(
+            LINKD_CONFIG_DIR=str(home / "config"),
+            LINKD_RUNTIME_DIR=str(home / "run"),
+            LINKD_CONFIG=str(config),
+            LINKD_INSECURE_FILE_STORE="1",
+            # The fail backend: secrets can only go to the file store in ``home``, never a real keyring.
+            PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring",
+            **(env or {}),
+        )
+        self._hostname: str | None = None
+        self._online_seen = 0
+
+    def login(self) -> None:
+        """``linkd login`` with the token on stdin, checked with the gateway."""
+        done = subprocess.run(
+            [PYTHON, "-m", "linkd.cli", "login", "--gateway", self.gateway_url],
+            input=(self.token + "\n").encode(),
+            env=self.env,
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"linkd login failed ({done.returncode}): {done.stderr.decode()}")
+
+    def spawn(self) -> None:
+        self._hostname = None
+        self._online_seen = self._state_count("online")
+        self._spawn(
+            [PYTHON, "-m", "linkd.cli", "up", "--json-logs", "--events-file", str(self.events_path)],
+            self.env,
+        )
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict):
+                        records.append(record)
+        return records
+
+    def states(self) -> list[dict[str, Any]]:
+        return [r for r in self.log_records() if r.get("event") == "state"]
+
+    def _state_count(self, state: str) -> int:
+        return sum(1 for r in self.states() if r.get("state") == state)
+
+    def _online_now(self) -> str | None:
+        self._check_alive()
+        online = [r for r in self.states() if r.get("state") == "online"]
+        if len(online) <= self._online_seen:
+            return None
+        host = online[-1].get("tunnel_hostname")
+        return host if isinstance(host, str) else None
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        """Spawn and block until online; returns the tunnel hostname."""
+        self.spawn()
+        host: str = poll_until(
+            self._online_now, timeout, f"{self.name} never came online:\n{self.log_tail()}"
+        )
+        self._hostname = host
+        return host
+
+    async def astart(self, timeout: float = START_TIMEOUT) -> str:
+        self.spawn()
+        host: str = await wait_for(self._online_now, timeout, f"{self.name} never came online")
+        self._hostname = host
+        return host
+
+    @property
+    def hostname(self) -> str:
+        assert self._hostname is not None, f"{self.name} has not been online yet"
+        return self._hostname
+
+    def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """The run events this daemon produced (its ``--events-file``), optionally of one run."""
+        try:
+            text = self.events_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        events: list[dict[str, Any]] = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):  # a line being written right now
+                event = json.loads(line)
+                if isinstance(event, dict) and (run_id is None or event.get("runId") == run_id):
+                    events.append(event)
+        return events
+
+
+# ------------------------------------------------------------------------------ the HTTP API
+
+
+class ApiError(AssertionError):
+    """An unexpected HTTP status from the runs API (with the body, for the test report)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SseMessage:
+    id: str | None
+    event: str
+    data: Any
+
+
+class RunsApi:
+    """The runs HTTP API of one gateway instance, as one user."""
+
+    def __init__(self, base_url: str, token: str, http: httpx.AsyncClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.http = http
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def with_base(self, base_url: str) -> RunsApi:
+        """The same user on another gateway instance."""
+        return RunsApi(base_url, self.token, self.http)
+
+    async def create(self, runner: str, input: Any = None, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"runner": runner, **extra}
+        if input is not None:
+            body["input"] = input
+        resp = await self.http.post(f"{self.base_url}/api/runs", json=body, headers=self.headers)
+        if resp.status_code != 202:
+            raise ApiError(f"POST /api/runs -> {resp.status_code}: {resp.text}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
+    async def get(self, run_id: str) -> dict[str, Any]:
+        resp = await self.http.get(f"{self.base_url}/api/runs/{run_id}", headers=self.headers)
+        if resp.status_code != 200:
+            raise ApiError(f"GET /api/runs/{run_id} -> {resp.status_code}: {resp.text}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
+    async def wait_state(
+        self, run_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        async def check() -> dict[str, Any] | None:
+            nonlocal last
+            last = await self.get(run_id)
+            return last if predicate(last) else None
+
+        try:
+            state: dict[str, Any] = await wait_for(check, timeout, what, interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last state: {json.dumps(last, sort_keys=True)}") from None
+        return state
+
+    async def wait_terminal(self, run_id: str, timeout: float) -> dict[str, Any]:
+        return await self.wait_state(
+            run_id,
+            lambda s: s.get("status") in ("completed", "failed", "cancelled"),
+            timeout,
+            f"run {run_id} never ended",
+        )
+
+    async def cancel(self, run_id: str) -> httpx.Response:
+        return await self.http.post(f"{self.base_url}/api/runs/{run_id}/cancel", headers=self.headers)
+
+    async def export(self, run_id: str) -> list[dict[str, Any]]:
+        resp = await self.http.get(f"{self.base_url}/api/runs/{run_id}/export", headers=self.headers)
+        if resp.status_code != 200:
+            raise ApiError(f"GET /api/runs/{run_id}/export -> {resp.status_code}: {resp.text}")
+        return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+
+    @contextlib.asynccontextmanager
+    async def sse(
+        self, run_id: str, *, after: int | None = None, last_event_id: int | None = None
+    ) -> AsyncIterator[AsyncIterator[SseMessage]]:
+        """The run's event stream (``text/event-stream``) as parsed messages; keep-alives skipped."""
+        params = {"after": str(after)} if after is not None else None
+        headers = {**self.headers, "Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        async with self.http.stream(
+            "GET",
+            f"{self.base_url}/api/runs/{run_id}/events",
+            params=params,
+            headers=headers,
+            timeout=httpx.Timeout(HTTP_TIMEOUT, read=60.0),
+        ) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ApiError(f"GET /api/runs/{run_id}/events -> {resp.status_code}: {resp.text}")
+            ctype = resp.headers.get("content-type", "")
+            if not ctype.startswith("text/event-stream"):
+                raise ApiError(f"events content-type is {ctype!r}, not text/event-stream")
+            yield parse_sse(resp.aiter_lines())
+
+    async def ndjson(self, run_id: str, *, after: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        params = {"after": str(after)} if after is not None else None
+        headers = {**self.headers, "Accept": "application/x-ndjson"}
+        async with self.http.stream(
+            "GET",
+            f"{self.base_url}/api/runs/{run_id}/events",
+            params=params,
+            headers=headers,
+            timeout=httpx.Timeout(HTTP_TIMEOUT, read=60.0),
+        ) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ApiError(f"GET /api/runs/{run_id}/events -> {resp.status_code}: {resp.text}")
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
+    """SSE framing: ``field: value`` lines, a blank line ends a message; ``:`` lines are comments."""
+    msg_id: str | None = None
+    event = "message"
+    data: list[str] = []
+    async for raw in lines:
+        line = raw.rstrip("\r")
+        if not line:
+            if data:
+                text = "\n".join(data)
+                try:
+                    value: Any = json.loads(text)
+                except ValueError:
+                    value = text
+                yield SseMessage(msg_id, event, value)
+            msg_id, event, data = None, "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value_text = line.partition(":")
+        value_text = value_text.removeprefix(" ")
+        if name == "id":
+            msg_id = value_text
+        elif name == "event":
+            event = value_text
+        elif name == "data":
+            data.append(value_text)
+
+
+# ------------------------------------------------------------------------------ the whole stack
+
+
+# Gateway settings for fast, deterministic tests: short liveness timeout (the reaper), short
+# dispatch timeouts. Names as in studio_gateway/config.py (runs settings).
+DEFAULT_LINKD_TOML: Final = "drain_timeout = 3\n[runners]\nheartbeat_interval = 0.5\nmax_concurrent = 32\n"
+
+
+@dataclass
+class RunsStack:
+    """One JetStream nats-server, N gateway processes and any number of linkd daemons."""
+
+    workdir: Path
+    nats: JetStreamNats
+    gateway_env: dict[str, str]
+    gateways: list[GatewayProcess] = field(default_factory=list)
+    daemons: list[LinkdProcess] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        gateways: int = 2,
+        gateway_env: Mapping[str, str] | None = None,
+        websocket: bool = False,
+    ) -> RunsStack:
+        """Start nats-server and ``gateways`` gateway processes (in parallel; blocks until ready)."""
+        nats = JetStreamNats.start(workdir, websocket=websocket)
+        env = {
+            "GATEWAY_JWT_SECRET": SECRET,
+            "NATS_URL": nats.url,
+            "NATS_CREDS": str(nats.gateway_creds),
+            "NATS_PUBLIC_URL": nats.url,
+            "NATS_TUNNEL_SESSION_TTL_SECONDS": "3600",
+            **nats.setup.gateway_env(),
+            **(gateway_env or {}),
+        }
+        stack = cls(workdir, nats, env)
+        try:
+            for _ in range(gateways):
+                stack.add_gateway(start=False)
+            for gateway in stack.gateways:
+                gateway.spawn()
+            for gateway in stack.gateways:
+                poll_until(
+                    gateway._ready_now,
+                    START_TIMEOUT,
+                    f"{gateway.name} never became ready:\n{gateway.log_tail()}",
+                )
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def add_gateway(self, *, start: bool = True) -> GatewayProcess:
+        index = len(self.gateways)
+        gateway = GatewayProcess(f"gateway-{index}", self.gateway_env, self.workdir / f"gateway-{index}.log")
+        self.gateways.append(gateway)
+        if start:
+            gateway.start()
+        return gateway
+
+    def token(self, user: str, ttl: int = 3600) -> str:
+        """An API bearer token for ``user`` (as ``studio-gateway issue-token`` prints it)."""
+        return issue_token(AuthConfig.from_env({"GATEWAY_JWT_SECRET": SECRET}), user, ttl)
+
+    def daemon(
+        self, user: str, *, gateway: int = 0, config_toml: str = DEFAULT_LINKD_TOML, start: bool = True
+    ) -> LinkdProcess:
+        """Log ``user``'s desktop in (through gateway ``gateway``) and, with ``start``, bring it online."""
+        safe = "".join(c if c.isalnum() else "-" for c in user)
+        daemon = LinkdProcess(
+            f"linkd-{safe}-{len(self.daemons)}",
+            self.workdir / f"linkd-{safe}-{len(self.daemons)}",
+            self.gateways[gateway].url,
+            self.token(user),
+            config_toml=config_toml,
+        )
+        self.daemons.append(daemon)
+        daemon.login()
+        if start:
+            daemon.start()
+        return daemon
+
+    def api(self, user: str, http: httpx.AsyncClient, gateway: int = 0) -> RunsApi:
+        return RunsApi(self.gateways[gateway].url, self.token(user), http)
+
+    def diagnostics(self) -> str:
+        """Log tails of every process, for a failed test's report."""
+        parts = []
+        for proc in [*self.gateways, *self.daemons]:
+            parts.append(
+                f"===== {proc.name} (pid {proc.pid}, running={proc.running}) =====\n{proc.log_tail()}"
+            )
+        parts.append(f"===== nats-server =====\n{_tail(self.nats.server.log_path or Path('/nonexistent'))}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Kill every process we started and remove the server's temp dir; never raises."""
+        for proc in [*self.daemons, *self.gateways]:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            self.nats.close()
