@@ -1,0 +1,575 @@
+"""The durable run uplink: every run event goes to JetStream, exactly once, in order, through an outbox.
+
+``emit`` only queues the event in a bounded outbox (a producer waits while it is
+full, so memory stays bounded; a run's final ``done`` is always admitted so a run
+can end). One delivery task publishes the queued events, in emit order, to
+``P.host.<token>.runs.<runId>`` (see :mod:`linkd.run_protocol`) with the header
+``Nats-Msg-Id: <runId>:<fence>:<seq>`` and waits for JetStream's publish ack:
+
+- Pipelined: up to ``window`` events are in flight at once; acks come back on one
+  wildcard subscription under the connection's inbox prefix (which the daemon's
+  credential may subscribe to), so there is no round trip per event.
+- An event leaves the outbox only when its ack arrived. On an ack timeout, a
+  no-responders answer (no stream captures the subject yet), a JetStream error,
+  a disconnect or a connection swap (credential refresh), the unacked events are
+  published again with the *same* message ids, after a backoff, with no give-up
+  while the daemon runs: the stream's duplicate window stores each id once, so
+  nothing is lost and nothing is applied twice. Retried events go out before
+  newer ones (per-run order holds whenever there are no faults).
+- :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
+  and logs what is left.
+
+:class:`Outbox` is the pure bookkeeping (no I/O, unit-tested on its own);
+:class:`JetStreamUplink` drives it over a nats-py connection that the daemon
+hands over with :meth:`JetStreamUplink.attach`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+import tunnel
+
+from .backoff import Backoff
+from .run_events import DONE, OUTPUT, Fence, RunEvent
+from .run_protocol import run_event_subject
+
+__all__ = [
+    "DEFAULT_ACK_TIMEOUT",
+    "DEFAULT_OUTBOX_BYTES",
+    "DEFAULT_OUTBOX_EVENTS",
+    "DEFAULT_WINDOW",
+    "JetStreamUplink",
+    "Outbox",
+    "OutboxEntry",
+    "UplinkClosed",
+    "encode_event",
+]
+
+log = logging.getLogger("linkd.uplink")
+
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+# Events (and bytes) waiting in the outbox before a producer has to wait.
+DEFAULT_OUTBOX_EVENTS: Final = 10_000
+DEFAULT_OUTBOX_BYTES: Final = 32 * 1024 * 1024
+# Events published and not yet acked at once: enough to hide the round trip, few enough that a
+# failure re-sends little.
+DEFAULT_WINDOW: Final = 256
+# A publish ack slower than this counts as lost: the event is published again (same id).
+DEFAULT_ACK_TIMEOUT: Final = 5.0
+# After a failure the uplink waits (initial, doubling, capped) before publishing again.
+RETRY_INITIAL: Final = 0.05
+RETRY_CAP: Final = 5.0
+# While there is no usable connection, look again this often (nats-py reconnects by itself).
+CONNECTION_POLL: Final = 0.1
+# Room left in a message for the headers (the server counts them against max_payload).
+HEADER_ROOM: Final = 512
+# Shutdown with nothing to deliver to: still try this long.
+MIN_FLUSH: Final = 0.05
+
+
+class UplinkClosed(RuntimeError):
+    """The uplink was closed; it takes no more events."""
+
+
+def encode_event(event: RunEvent) -> bytes:
+    """The event's wire form (see :mod:`linkd.run_events`): compact JSON."""
+    return json.dumps(event.as_dict(), separators=(",", ":")).encode("utf-8")
+
+
+def _fit_output(event: RunEvent, limit: int) -> bytes:
+    """An ``output`` event too big for one message, cut to fit, with ``truncated`` = original characters.
+
+    The recorder splits big output already; this only triggers on servers with a tiny max_payload.
+    """
+    data = str(event.data.get("data", ""))
+    keep = len(data)
+    while keep > 0:
+        keep //= 2
+        fitted = RunEvent(
+            event.run_id,
+            event.fence,
+            event.seq,
+            event.type,
+            event.ts_ms,
+            {**event.data, "data": data[:keep], "truncated": len(data)},
+        )
+        payload = encode_event(fitted)
+        if len(payload) <= limit:
+            return payload
+    raise ValueError(f"run event {event.message_id} does not fit in a {limit}-byte message")
+
+
+# ------------------------------------------------------------------------------ pure bookkeeping
+
+_QUEUED: Final = 0
+_IN_FLIGHT: Final = 1
+_ACKED: Final = 2
+
+
+@dataclass(eq=False, slots=True)
+class OutboxEntry:
+    """One event on its way: its payload, where it stands, how often it was sent."""
+
+    order: int
+    event: RunEvent
+    payload: bytes
+    state: int = _QUEUED
+    token: str | None = None
+    attempts: int = 0
+    deadline: float = 0.0
+
+    @property
+    def msg_id(self) -> str:
+        return self.event.message_id
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+
+@dataclass
+class Outbox:
+    """Events not yet acked, in emit order; which to send next, which are overdue.
+
+    ``add`` -> ``next_to_send`` -> ``sent(token, deadline)`` -> ``acked(token)`` (or
+    ``failed(token)`` / ``expire(now)`` / ``requeue_in_flight()``, which put the event
+    back so it goes out again before anything newer). An entry leaves the outbox when it
+    and every entry before it are acked, so the outbox is never shorter than "unacked".
+    """
+
+    max_events: int = DEFAULT_OUTBOX_EVENTS
+    max_bytes: int = DEFAULT_OUTBOX_BYTES
+    window: int = DEFAULT_WINDOW
+    _entries: deque[OutboxEntry] = field(default_factory=deque)
+    _ready: list[tuple[int, OutboxEntry]] = field(default_factory=list)  # heap by order
+    _in_flight: dict[str, OutboxEntry] = field(default_factory=dict)
+    _deadlines: deque[tuple[float, str]] = field(default_factory=deque)
+    _order: itertools.count[int] = field(default_factory=itertools.count)
+    nbytes: int = 0
+    acked_total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_events < 1 or self.max_bytes < 1 or self.window < 1:
+            raise ValueError("outbox limits and window must be at least 1")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def queued(self) -> int:
+        return len(self._ready)
+
+    def has_room(self, size: int) -> bool:
+        """Room for an event of ``size`` bytes (an empty outbox takes anything)."""
+        if not self._entries:
+            return True
+        return len(self._entries) < self.max_events and self.nbytes + size <= self.max_bytes
+
+    def add(self, event: RunEvent, payload: bytes) -> OutboxEntry:
+        entry = OutboxEntry(next(self._order), event, payload)
+        self._entries.append(entry)
+        self.nbytes += entry.size
+        heapq.heappush(self._ready, (entry.order, entry))
+        return entry
+
+    def next_to_send(self) -> OutboxEntry | None:
+        """The oldest event waiting to be (re)sent, if the window has room."""
+        if not self._ready or len(self._in_flight) >= self.window:
+            return None
+        return self._ready[0][1]
+
+    def sent(self, entry: OutboxEntry, token: str, deadline: float) -> None:
+        if not self._ready or self._ready[0][1] is not entry:
+            raise RuntimeError("only the entry from next_to_send() can be sent")
+        heapq.heappop(self._ready)
+        entry.state, entry.token, entry.deadline = _IN_FLIGHT, token, deadline
+        entry.attempts += 1
+        self._in_flight[token] = entry
+        self._deadlines.append((deadline, token))
+
+    def acked(self, token: str) -> OutboxEntry | None:
+        """Mark the event published under ``token`` delivered; None when that token is not in flight."""
+        entry = self._in_flight.pop(token, None)
+        if entry is None:
+            return None
+        entry.state, entry.token = _ACKED, None
+        self.acked_total += 1
+        while self._entries and self._entries[0].state == _ACKED:
+            self.nbytes -= self._entries.popleft().size
+        return entry
+
+    def failed(self, token: str) -> OutboxEntry | None:
+        """The publish under ``token`` failed: send the event again (same id) before newer ones."""
+        entry = self._in_flight.pop(token, None)
+        if entry is not None:
+            self._requeue(entry)
+        return entry
+
+    def expire(self, now: float) -> list[OutboxEntry]:
+        """Events whose ack is overdue go back to the queue; returns them."""
+        expired: list[OutboxEntry] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, token = self._deadlines.popleft()
+            entry = self._in_flight.pop(token, None)
+            if entry is not None:
+                self._requeue(entry)
+                expired.append(entry)
+        return expired
+
+    def requeue_in_flight(self) -> int:
+        """Every in-flight event goes back to the queue (the connection is gone); returns how many."""
+        entries = list(self._in_flight.values())
+        self._in_flight.clear()
+        self._deadlines.clear()
+        for entry in entries:
+            self._requeue(entry)
+        return len(entries)
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines and self._deadlines[0][1] not in self._in_flight:
+            self._deadlines.popleft()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def runs(self) -> list[str]:
+        """The runs with undelivered events (first seen first)."""
+        return list(dict.fromkeys(e.event.run_id for e in self._entries if e.state != _ACKED))
+
+    def undelivered(self) -> int:
+        return sum(1 for e in self._entries if e.state != _ACKED)
+
+    def _requeue(self, entry: OutboxEntry) -> None:
+        entry.state, entry.token = _QUEUED, None
+        heapq.heappush(self._ready, (entry.order, entry))
+
+
+# ------------------------------------------------------------------------------ I/O
+
+
+@dataclass
+class _Link:
+    """One connection as the uplink uses it: where acks come back."""
+
+    nc: NATS
+    subjects: tunnel.HostSubjects
+    ack_prefix: str = ""
+    sub: Subscription | None = None
+
+
+class JetStreamUplink:
+    """An :class:`~linkd.run_events.EventSink` that delivers run events to JetStream (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        max_events: int = DEFAULT_OUTBOX_EVENTS,
+        max_bytes: int = DEFAULT_OUTBOX_BYTES,
+        window: int = DEFAULT_WINDOW,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        retry: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ack_timeout <= 0:
+            raise ValueError("ack_timeout must be positive")
+        self.outbox = Outbox(max_events, max_bytes, window)
+        self.ack_timeout = ack_timeout
+        self.retry = retry if retry is not None else Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
+        self.clock = clock
+        self.published = 0  # publishes, first tries and retries
+        self.retries = 0
+        self.duplicates = 0  # acks saying the stream already had the id (a retry of a stored event)
+        self.last_error: str | None = None
+        self._wanted: tuple[NATS, tunnel.HostSubjects] | None = None
+        self._link: _Link | None = None
+        self._tokens = itertools.count(1)
+        self._pause_until = 0.0
+        self._trouble: str | None = None  # the kind of failure being reported (warn once per kind)
+        self._closed = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ public
+
+    async def emit(self, run_id: str, fence: Fence, event: RunEvent) -> None:
+        """Queue ``event``; waits while the outbox is full (except for ``done``)."""
+        payload = encode_event(event)
+        while not self._closed and event.type != DONE and not self.outbox.has_room(len(payload)):
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            raise UplinkClosed(f"the run uplink is closed; event {event.message_id} was not queued")
+        self.outbox.add(event, payload)
+        self._empty.clear()
+        self._kick()
+
+    def attach(self, nc: NATS | None, subjects: tunnel.HostSubjects | None = None) -> None:
+        """Use ``nc`` (publishing as host ``subjects``) from now on; None: no connection for now."""
+        if nc is not None and subjects is None:
+            raise ValueError("attach(nc) needs the host's subjects")
+        self._wanted = None if nc is None or subjects is None else (nc, subjects)
+        self._kick()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every queued event is acked; False when ``timeout`` passed first."""
+        if not self.outbox:
+            return True
+        self._kick()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self, timeout: float = DEFAULT_ACK_TIMEOUT) -> None:
+        """Flush for up to ``timeout`` seconds, log what could not be delivered, stop."""
+        if self._closed and self._task is None:
+            return
+        self._pause_until = min(self._pause_until, self.clock())  # one last try, whatever the backoff
+        delivered = await self.flush(max(timeout, MIN_FLUSH))
+        self._closed = True
+        self._room.set()  # producers waiting for room get UplinkClosed
+        if not delivered:
+            runs = self.outbox.runs()
+            log.warning(
+                "%d run event(s) of %d run(s) were not delivered before shutdown (%s): %s",
+                self.outbox.undelivered(),
+                len(runs),
+                self.last_error or "no acknowledgement yet",
+                ", ".join(runs[:10]) + (" ..." if len(runs) > 10 else ""),
+                extra={"event": "uplink_undelivered", "events": self.outbox.undelivered(), "runs": runs},
+            )
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._drop_link()
+
+    def status(self) -> dict[str, Any]:
+        """For the status file: how much waits and why."""
+        return {
+            "state": self._state(),
+            "outbox": len(self.outbox),
+            "inFlight": self.outbox.in_flight,
+            "delivered": self.outbox.acked_total,
+            "retries": self.retries,
+            "lastError": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ delivery
+
+    def _state(self) -> str:
+        if self._closed:
+            return "closed"
+        if self._wanted is None:
+            return "waiting for a connection"
+        if self._link is not None and not self._link.nc.is_connected:
+            return "waiting for NATS to reconnect"
+        if self._trouble is not None:
+            return f"retrying: {self.last_error}"
+        return "delivering" if self.outbox else "idle"
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._deliver(), name="linkd-uplink")
+
+    async def _deliver(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                timeout = await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not stop the uplink: report it, go on after a pause
+                log.exception("run uplink: unexpected error; retrying")
+                self._failure("internal", f"internal error ({type(exc).__name__})")
+                timeout = self._pause_until - self.clock()
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+
+    async def _step(self) -> float | None:
+        """Publish what can go now; returns how long to wait at most before the next step."""
+        link = await self._current_link()
+        if link is None:
+            return CONNECTION_POLL if self._wanted is not None else None
+        now = self.clock()
+        if self.outbox.expire(now):
+            self._failure(
+                "timeout",
+                f"no publish acknowledgement within {self.ack_timeout:g}s "
+                f"(is the daemon allowed to subscribe to {link.ack_prefix}*?)",
+            )
+        if not link.nc.is_connected:
+            # nats-py reconnects by itself; what was in flight goes again afterwards (same ids).
+            self.outbox.requeue_in_flight()
+            return CONNECTION_POLL if self.outbox else None
+        if now >= self._pause_until:
+            await self._publish_ready(link, now)
+        waits = [
+            t - now for t in (self.outbox.next_deadline(), self._pause_until) if t is not None and t > now
+        ]
+        if waits:
+            return min(waits)
+        return CONNECTION_POLL if self.outbox.queued else None
+
+    async def _publish_ready(self, link: _Link, now: float) -> None:
+        limit = link.nc.max_payload - HEADER_ROOM
+        while (entry := self.outbox.next_to_send()) is not None:
+            if entry.size > limit:
+                entry.payload = self._shrink(entry, limit)
+            token = str(next(self._tokens))
+            try:
+                await link.nc.publish(
+                    run_event_subject(link.subjects, entry.event.run_id),
+                    entry.payload,
+                    reply=link.ack_prefix + token,
+                    headers={MSG_ID_HEADER: entry.msg_id},
+                )
+            except NatsError as exc:  # closed, reconnecting with a full buffer, ...: try again soon
+                self._failure("publish", f"publish failed ({type(exc).__name__})")
+                return
+            if entry.attempts:
+                self.retries += 1
+            self.outbox.sent(entry, token, now + self.ack_timeout)
+            self.published += 1
+
+    def _shrink(self, entry: OutboxEntry, limit: int) -> bytes:
+        if entry.event.type != OUTPUT:
+            raise ValueError(f"run event {entry.msg_id} ({entry.size} bytes) exceeds max_payload")
+        payload = _fit_output(entry.event, limit)
+        log.warning(
+            "run %s: output event seq %d is bigger than NATS max_payload allows; sent truncated",
+            entry.event.run_id,
+            entry.event.seq,
+        )
+        self.outbox.nbytes += len(payload) - entry.size
+        return payload
+
+    async def _current_link(self) -> _Link | None:
+        """The link for the wanted connection, set up (ack subscription) when it changed."""
+        wanted = self._wanted
+        link = self._link
+        if link is not None and (wanted is None or wanted != (link.nc, link.subjects)):
+            await self._drop_link()
+            link = None
+        if wanted is None or wanted[0].is_closed:
+            return None
+        if link is None:
+            nc, subjects = wanted
+            link = _Link(nc, subjects, ack_prefix=nc.new_inbox() + ".")
+            try:
+                link.sub = await nc.subscribe(link.ack_prefix + "*", cb=self._on_ack)
+            except NatsError as exc:
+                self._failure("subscribe", f"cannot subscribe for publish acks ({type(exc).__name__})")
+                return None
+            self._link = link
+        return link
+
+    async def _drop_link(self) -> None:
+        link, self._link = self._link, None
+        if link is None:
+            return
+        self.outbox.requeue_in_flight()
+        if link.sub is not None and not link.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await link.sub.unsubscribe()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        link = self._link
+        if link is None or not msg.subject.startswith(link.ack_prefix):
+            return  # a late ack from a connection we left: the event is re-sent, the stream dedups
+        token = msg.subject[len(link.ack_prefix) :]
+        ack, problem = _parse_ack(msg)
+        if problem is None:
+            if self.outbox.acked(token) is not None:
+                if ack.get("duplicate"):
+                    self.duplicates += 1
+                self._recovered()
+                if len(self.outbox) < self.outbox.max_events:
+                    self._room.set()
+                if not self.outbox:
+                    self._empty.set()
+            self._wake.set()
+            return
+        kind, text = problem
+        if self.outbox.failed(token) is not None:
+            self._failure(kind, text)
+        self._wake.set()
+
+    def _failure(self, kind: str, text: str) -> None:
+        """Back off before publishing again; one warning per kind of trouble, not per event."""
+        self.last_error = text
+        now = self.clock()
+        if now >= self._pause_until:  # a burst of failures (a whole window) is one backoff step
+            self._pause_until = now + self.retry.next()
+        if self._trouble != kind:
+            self._trouble = kind
+            log.warning(
+                "run uplink: %s; %d event(s) wait in the outbox, retrying",
+                text,
+                len(self.outbox),
+                extra={"event": "uplink_retrying", "reason": kind},
+            )
+
+    def _recovered(self) -> None:
+        if self._trouble is not None:
+            log.info(
+                "run uplink: delivering again (%d event(s) waiting)",
+                len(self.outbox),
+                extra={"event": "uplink_recovered"},
+            )
+            self._trouble = None
+            self.last_error = None
+        self.retry.reset()
+
+
+def _parse_ack(msg: Msg) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """(the ack document, None) for a good publish ack, else ({}, (kind, description))."""
+    headers = msg.headers or {}
+    if headers.get("Status") == "503":
+        return {}, (
+            "no_stream",
+            "no JetStream stream stores run events yet (no responders; is the gateway's run stream set up?)",
+        )
+    try:
+        body = json.loads(msg.data)
+    except ValueError:
+        return {}, ("bad_ack", "JetStream answered with something that is not JSON")
+    if not isinstance(body, dict):
+        return {}, ("bad_ack", "JetStream answered with an unexpected document")
+    error = body.get("error")
+    if error is not None:
+        if isinstance(error, dict):
+            code = error.get("err_code") or error.get("code")
+            return {}, (f"api_{code}", f"JetStream refused the event ({error.get('description', code)})")
+        return {}, ("api", f"JetStream refused the event ({error})")
+    if not isinstance(body.get("seq"), int):
+        return {}, ("bad_ack", "JetStream answered without a sequence number")
+    return body, None
