@@ -8,8 +8,18 @@ status  meaning
 1       ``status``: the desktop is offline (nobody serves the host, or it did not
         answer in time)
 2       usage or set-up error: bad flag, URL, header or file; NATS unreachable or
-        refusing the credentials; ``status``: the probe itself failed (the
-        desktop answered something that is not a status document, NATS dropped)
+        refusing the credentials; the gateway unreachable or refusing the token;
+        ``status``: the probe itself failed (the desktop answered something that
+        is not a status document, NATS dropped)
+3       gateway commands (``session``, ``runs``, ``status --gateway``): the gateway
+        answered with an error this command cannot act on (5xx, malformed answer)
+4       ``runs``: no such run (or it belongs to another user)
+5       ``runs cancel``: the run had already finished
+6       ``runs attach`` / ``send --attach``: the run ended ``failed``
+7       ``runs attach`` / ``send --attach``: the run ended ``cancelled``
+8       ``dev`` / ``demo``: a part of the local stack did not start or died
+9       ``demo``: a check failed (desktop not online, run not completed, events
+        out of order)
 10-21   ``fetch``: a typed tunnel error, one status per stable code (table below)
 22      ``fetch --fail``: the response status was 400 or more
 23      ``fetch``: the output could not be written (disk full, closed pipe)
@@ -31,6 +41,13 @@ from tunnel import ErrorCode
 OK: Final = 0
 OFFLINE: Final = 1
 USAGE: Final = 2
+GATEWAY_ERROR: Final = 3
+NOT_FOUND: Final = 4
+CONFLICT: Final = 5
+RUN_FAILED: Final = 6
+RUN_CANCELLED: Final = 7
+STACK_FAILED: Final = 8
+DEMO_FAILED: Final = 9
 HTTP_ERROR: Final = 22
 WRITE_ERROR: Final = 23
 UNKNOWN_TUNNEL_ERROR: Final = 24

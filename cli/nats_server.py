@@ -31,6 +31,7 @@ __all__ = [
     "NatsServerError",
     "NatsServerNotFound",
     "NatsServerStartError",
+    "detached_popen_kwargs",
     "find_nats_server_binary",
     "free_port",
 ]
@@ -58,6 +59,8 @@ MONITOR_HTTP_TIMEOUT = 2.0
 KILL_WAIT_TIMEOUT = 5.0
 
 _BIND_ERROR_MARKER = "address already in use"
+# prctl option: the signal a child receives when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 class NatsServerError(RuntimeError):
@@ -98,6 +101,26 @@ def find_nats_server_binary() -> str:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies, however it dies."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def detached_popen_kwargs(detached: bool) -> dict[str, Any]:
+    """``Popen`` arguments for a child that an owner stops itself (see ``NatsServerConfig.detached``)."""
+    if not detached or sys.platform == "win32":
+        return {}
+    kwargs: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        kwargs["preexec_fn"] = _die_with_parent
+    return kwargs
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -126,6 +149,12 @@ class NatsServerConfig:
     # HTTP monitoring (/varz, /connz, ...) is on by default so tests can inspect server state.
     monitor_port: int | None = 0
     server_name: str | None = None
+    # Where config, log and the default JetStream store live. None: a private temp dir that
+    # close() deletes; a given directory is created if missing and kept (``linkctl dev``).
+    workdir: str | None = None
+    # Own process group (a terminal's Ctrl-C reaches only the owner, which stops the server in
+    # order) and, on Linux, SIGTERM when the owner dies, so an owner killed hard leaks nothing.
+    detached: bool = False
     # Raw text appended to the config (operator/JWT mode, clusters, leafnodes, ...).
     extra_conf: str = ""
     debug: bool = False
@@ -372,13 +401,18 @@ class NatsServer:
 
     def _ensure_tmpdir(self) -> Path:
         if self._tmpdir is None:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix="natslink-nats-"))
+            if self.config.workdir is not None:
+                self._tmpdir = Path(self.config.workdir)
+                self._tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            else:
+                self._tmpdir = Path(tempfile.mkdtemp(prefix="natslink-nats-"))
             _LIVE.add(self)
         return self._tmpdir
 
     def _remove_tmpdir(self) -> None:
         if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            if self.config.workdir is None:  # a caller's directory is theirs to keep
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
     def _render_conf(self, tmpdir: Path) -> str:
@@ -427,6 +461,7 @@ class NatsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                **detached_popen_kwargs(self.config.detached),
             )
         proc = self._proc
         while True:

@@ -1,0 +1,89 @@
+"""``linkctl dev`` as a user runs it: real nats-server, gateway and linkd processes.
+
+Promises checked: everything is ready and reachable (the desktop is online through the
+gateway), SIGTERM stops all three and leaves nothing running, a second stack on the same
+state directory is refused, and a child that dies takes the stack down with its log shown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.linkctl_harness import LINKCTL, dev_stack, live_pids_mentioning
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scans /proc for leftovers"),
+]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_dev_starts_everything_serves_the_desktop_and_sigterm_stops_all_of_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with dev_stack(state) as stack:
+        pids = stack.child_pids()
+        assert all(_alive(pid) for pid in pids.values()), pids
+        me = httpx.get(
+            f"{stack.gateway}/api/links/me",
+            headers={"Authorization": f"Bearer {stack.token}"},
+            timeout=10,
+            trust_env=False,
+        ).json()
+        assert me["online"] is True and me["tunnelHostname"] == stack.hostname
+        assert stack.info["user"] == "dev@localhost"
+        assert stack.info["nats"]["websocketUrl"].startswith("ws://127.0.0.1:")
+        # Logs, keys and the env file are in the state directory, private to the user.
+        env_file = Path(stack.info["envFile"])
+        assert f"export LINKCTL_TOKEN={stack.token}" in env_file.read_text()
+        for private in (state / "keys.json", state / "linkctl.creds", env_file):
+            assert private.stat().st_mode & 0o077 == 0, private
+        assert (state / "nats" / "jetstream-store").is_dir()
+        assert (state / "gateway" / "gateway.log").stat().st_size > 0
+
+        # One stack per state directory.
+        second = subprocess.run(
+            [*LINKCTL, "dev", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 2
+        assert "another linkctl dev/demo is using" in second.stderr
+        assert "Traceback" not in second.stderr
+
+        started = time.monotonic()
+        code, err = stack.stop()
+        took = time.monotonic() - started
+        assert code == 0, err
+        assert took < 20, f"stopping took {took:.1f}s"
+        order = [line.split()[2] for line in err.splitlines() if line.startswith("  ok  stopped ")]
+        assert order == ["linkd", "gateway", "nats-server"], err
+        assert not any(_alive(pid) for pid in pids.values())
+        assert live_pids_mentioning(str(state)) == []
+        assert not env_file.exists()
+
+
+def test_a_child_that_dies_stops_the_rest_and_shows_its_log(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with dev_stack(state) as stack:
+        pids = stack.child_pids()
+        os.kill(pids["gateway"], signal.SIGKILL)
+        code = stack.proc.wait(timeout=60)
+        err = stack.proc.stderr.read() if stack.proc.stderr else ""
+        assert code == 8, err
+        assert f"gateway (pid {pids['gateway']}) exited with status -9" in err
+        assert "last lines of" in err and "gateway.log" in err
+        assert "Traceback" not in err
+        assert live_pids_mentioning(str(state)) == []
