@@ -1,0 +1,470 @@
+"""Runs end to end, with real processes only (issue 7, "Must show").
+
+One operator-mode nats-server with JetStream on a file store, two ``studio-gateway serve``
+processes and ``linkd up`` daemons, all separate OS processes (see ``runs_harness``). The
+module shares one stack; a test that destroys a piece (a daemon, a gateway, the server)
+brings it back or uses a piece of its own. Every run's truth on the desktop side is the
+daemon's ``--events-file``: what the API shows must equal it, event for event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client, RawCredentials
+from nats.errors import Error as NatsError
+
+import tunnel
+from linkd.run_protocol import run_event_subject, uplink_inbox_prefix
+from linkd.runners.mock import mock_chunk
+from studio_gateway.nats_jwt import KeyKind, creds_text, new_key
+from tests.integration.runs_harness import (
+    LinkdProcess,
+    RunsApi,
+    RunsStack,
+    SseMessage,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.timeout(120)]
+
+# The gateway's liveness timeout (reaper) for this module: short, so a lost desktop is seen fast;
+# well above the daemons' 0.5 s heartbeat interval, so a busy machine never reaps a live run.
+LIVENESS_SECONDS: Final = 3.0
+GATEWAY_ENV: Final = {
+    "RUNS_LIVENESS_TIMEOUT_SECONDS": str(LIVENESS_SECONDS),
+    "RUNS_REAPER_INTERVAL_SECONDS": "0.25",
+}
+ALICE: Final = "alice@example.com"  # the shared desktop
+BOB: Final = "bob@example.com"  # a desktop that gets SIGKILLed
+MALLORY: Final = "mallory@example.com"  # another user's desktop, trying to meddle
+OFFLINE: Final = "nobody-home@example.com"  # never has a desktop
+TERMINAL: Final = ("completed", "failed", "cancelled")
+# Generous bounds: the machine is shared by many agents; these only catch hangs.
+RUN_TIMEOUT: Final = 45.0
+STREAM_TIMEOUT: Final = 45.0
+
+
+def _have_uplink() -> bool:
+    return importlib.util.find_spec("linkd.uplink") is not None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunsStack]:
+    stack = RunsStack.start(tmp_path_factory.mktemp("runs-e2e"), gateways=2, gateway_env=GATEWAY_ENV)
+    try:
+        probe = httpx.post(
+            f"{stack.gateways[0].url}/api/runs",
+            json={"runner": "mock", "input": {"count": 0}},
+            headers={"Authorization": f"Bearer {stack.token(OFFLINE)}"},
+            timeout=15.0,
+        )
+        if probe.status_code == 404:
+            pytest.skip("the gateway has no runs API yet (POST /api/runs -> 404)")
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(autouse=True)
+def _diagnostics(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print every process's log tail when a test of this module fails."""
+    yield
+    failed = False
+    with_stash = getattr(request.node, "stash", None)
+    try:
+        from tests.conftest import _REPORT_KEY
+
+        reports = with_stash.get(_REPORT_KEY, {}) if with_stash is not None else {}
+        failed = any(r.failed for r in reports.values())
+    except ImportError:
+        failed = True
+    if failed and "stack" in request.fixturenames:
+        print(request.getfixturevalue("stack").diagnostics())
+
+
+@pytest.fixture(scope="module")
+def alice(stack: RunsStack) -> LinkdProcess:
+    if not _have_uplink():
+        pytest.skip("linkd has no JetStream uplink yet (linkd/uplink.py)")
+    return stack.daemon(ALICE)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=15.0) as client:
+        yield client
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def expected_output(count: int, prefix: str = "chunk") -> str:
+    return "".join(mock_chunk(prefix, i, None) for i in range(count))
+
+
+def outputs(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e["type"] == "output")
+
+
+def assert_same_events(seen: list[dict[str, Any]], daemon: list[dict[str, Any]]) -> None:
+    """Each event the API returned equals the daemon's event with that seq, field for field."""
+    assert [e["seq"] for e in seen] == [e["seq"] for e in daemon]
+    for got, want in zip(seen, daemon, strict=True):
+        for key, value in want.items():
+            assert got.get(key) == value, (
+                f"seq {want['seq']}: {key} is {got.get(key)!r}, daemon said {value!r}"
+            )
+
+
+def assert_complete_run(state: dict[str, Any], events: list[dict[str, Any]], output: str) -> None:
+    """A completed run: state and events agree, seq 1..N each once, the output byte-exact."""
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(events) + 1)), f"seqs not contiguous/unique: {seqs[:20]}..."
+    done = events[-1]
+    assert done["type"] == "done" and done["status"] == "completed" and done["finalSeq"] == len(events)
+    assert sum(e["type"] == "done" for e in events) == 1
+    assert state["status"] == "completed", state
+    assert state["seq"] == state["finalSeq"] == len(events), state
+    assert state["failureKind"] is None, state
+    assert state["outputBytes"] == len(output.encode()), state
+    assert outputs(events) == output
+    assert {e["fence"] for e in events} == {state["fence"]}
+
+
+async def collect_sse(
+    api: RunsApi,
+    run_id: str,
+    *,
+    after: int | None = None,
+    last_event_id: int | None = None,
+    on_message: Any = None,
+) -> tuple[list[SseMessage], dict[str, Any]]:
+    """Every message of the run's event stream until ``end``; returns (events, final state)."""
+    messages: list[SseMessage] = []
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        api.sse(run_id, after=after, last_event_id=last_event_id) as stream,
+    ):
+        async for message in stream:
+            if message.event == "end":
+                assert message.id is None, "the end message has no id"
+                assert isinstance(message.data, dict), message
+                return messages, message.data
+            messages.append(message)
+            if on_message is not None:
+                await on_message(message)
+    raise AssertionError(f"the event stream closed without an end message after {len(messages)} events")
+
+
+def check_sse_framing(messages: list[SseMessage]) -> list[dict[str, Any]]:
+    """``id`` is the event's seq and ``event`` its type; returns the event payloads."""
+    events: list[dict[str, Any]] = []
+    for message in messages:
+        assert isinstance(message.data, dict), message
+        assert message.id == str(message.data["seq"]), message
+        assert message.event == message.data["type"], message
+        events.append(message.data)
+    return events
+
+
+async def admin_connection(stack: RunsStack) -> Client:
+    """An unrestricted account user: what a compromised or buggy publisher could send."""
+    return await nats.connect(
+        stack.nats.url, user_credentials=RawCredentials(stack.nats.admin_creds()), connect_timeout=10
+    )
+
+
+def host_subjects(hostname: str) -> tunnel.HostSubjects:
+    return tunnel.HostSubjects.for_host(hostname)
+
+
+def event(run_id: str, fence: Any, seq: int, kind: str, **data: Any) -> dict[str, Any]:
+    return {"runId": run_id, "fence": fence, "seq": seq, "ts": int(time.time() * 1000), "type": kind, **data}
+
+
+async def js_publish(nc: Client, subject: str, payload: dict[str, Any]) -> None:
+    msg_id = f"{payload['runId']}:{payload['fence']}:{payload['seq']}"
+    ack = await nc.jetstream().publish(
+        subject, json.dumps(payload).encode(), headers={"Nats-Msg-Id": msg_id}, timeout=10
+    )
+    assert not ack.duplicate, ack
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+async def test_offline_desktop_fails_within_a_second(stack: RunsStack, http: httpx.AsyncClient) -> None:
+    api = stack.api(OFFLINE, http)
+    started = time.monotonic()
+    created = await api.create("mock", {"count": 5})
+    assert created["status"] in ("dispatching", "failed"), created
+    run_id = created["runId"]
+    state = await api.wait_state(run_id, lambda s: s["status"] in TERMINAL, 5.0, "offline run never failed")
+    took = time.monotonic() - started
+    assert state["status"] == "failed" and state["failureKind"] == "desktop_unreachable", state
+    assert isinstance(state["failureReason"], str) and state["failureReason"], state
+    assert state["finishedAt"] is not None and state["userId"] == OFFLINE, state
+    print(f"offline desktop: failed/desktop_unreachable {took * 1000:.0f} ms after POST")
+    assert took <= 1.0, f"took {took:.2f}s to fail an offline run"
+    # Any gateway instance tells the same story.
+    assert (await api.with_base(stack.gateways[1].url).get(run_id))["failureKind"] == "desktop_unreachable"
+
+
+async def test_thousand_chunks_attach_mid_run_on_second_gateway(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    count = 1000
+    api0 = stack.api(ALICE, http, gateway=0)
+    api1 = api0.with_base(stack.gateways[1].url)
+    run_id = (await api0.create("mock", {"count": count, "delayMs": 3}, title="thousand"))["runId"]
+    # Mid-run, seen through the *other* instance.
+    at_attach = await api1.wait_state(
+        run_id, lambda s: (s["seq"] or 0) >= 100, RUN_TIMEOUT, "the run never got going"
+    )
+    assert at_attach["status"] == "in_progress", f"attach was not mid-run: {at_attach}"
+
+    messages, final = await collect_sse(api1, run_id)
+    events = check_sse_framing(messages)
+    expected = expected_output(count)
+    assert_complete_run(final, events, expected)
+    assert final["title"] == "thousand" and final["runner"] == "mock" and final["hostname"] == alice.hostname
+    daemon_events = alice.events(run_id)
+    assert_same_events(events, daemon_events)
+    total = len(events)
+    assert total >= count + 3  # starting-run, preparing, running, 1000 outputs, done (+ heartbeats)
+
+    # Reattach after k: exactly k+1.. on; by query and by Last-Event-ID, on both instances.
+    for k, api, by_header in ((500, api1, False), (total - 1, api0, False), (737, api0, True)):
+        again, end = await collect_sse(
+            api, run_id, after=None if by_header else k, last_event_id=k if by_header else None
+        )
+        resumed = check_sse_framing(again)
+        assert [e["seq"] for e in resumed] == list(range(k + 1, total + 1)), f"after={k}"
+        assert resumed == events[k:]
+        assert end["status"] == "completed" and end["seq"] == total
+    nothing, end = await collect_sse(api1, run_id, after=total)
+    assert nothing == [] and end["status"] == "completed"
+
+    # NDJSON flavour and the export agree.
+    lines = [line async for line in api1.ndjson(run_id, after=total - 5)]
+    assert [e["seq"] for e in lines[:-1]] == list(range(total - 4, total + 1))
+    assert lines[-1]["type"] == "end" and lines[-1]["run"]["status"] == "completed"
+    exported = await api0.export(run_id)
+    assert exported == events
+
+
+async def test_daemon_sigkill_mid_run_is_desktop_lost(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    bob = stack.daemon(BOB)
+    api = stack.api(BOB, http, gateway=1)
+    run_id = (await api.create("mock", {"count": 100000, "delayMs": 10}))["runId"]
+    before = await api.wait_state(
+        run_id, lambda s: (s["seq"] or 0) >= 5, RUN_TIMEOUT, "bob's run never got going"
+    )
+    assert before["status"] == "in_progress", before
+    bob.kill()
+    killed_at = time.monotonic()
+    state = await api.wait_state(
+        run_id, lambda s: s["status"] in TERMINAL, LIVENESS_SECONDS + 10, "the lost run was never reaped"
+    )
+    took = time.monotonic() - killed_at
+    assert state["status"] == "failed" and state["failureKind"] == "desktop_lost", state
+    assert state["failureReason"], state
+    print(f"daemon SIGKILL -> failed/desktop_lost after {took:.2f}s (liveness {LIVENESS_SECONDS}s)")
+    assert took <= LIVENESS_SECONDS + 2.0, f"reaped after {took:.2f}s"
+
+    # A late event cannot resurrect it: a fenced done arriving now (as a daemon would send after
+    # reconnecting) is ignored. Alice's next run goes through the same projector after it.
+    nc = await admin_connection(stack)
+    try:
+        late = state["seq"] + 1
+        subject = run_event_subject(host_subjects(bob.hostname), run_id)
+        await js_publish(
+            nc, subject, event(run_id, state["fence"], late, "done", finalSeq=late, status="completed")
+        )
+    finally:
+        await nc.close()
+    alice_api = stack.api(ALICE, http)
+    marker = (await alice_api.create("mock", {"count": 2}))["runId"]
+    assert (await alice_api.wait_terminal(marker, RUN_TIMEOUT))["status"] == "completed"
+    after = await api.get(run_id)
+    assert after["status"] == "failed" and after["failureKind"] == "desktop_lost", after
+    assert after["seq"] == state["seq"], after
+
+
+async def test_nats_server_restart_mid_run(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    count = 600
+    api = stack.api(ALICE, http, gateway=0)
+    run_id = (await api.create("mock", {"count": count, "delayMs": 5}))["runId"]
+    await api.wait_state(run_id, lambda s: (s["seq"] or 0) >= 50, RUN_TIMEOUT, "the run never got going")
+    stack.nats.restart()  # graceful stop + start on the same port, same file store
+    for gateway in stack.gateways:
+        await gateway.wait_ready()
+    state = await api.wait_terminal(run_id, RUN_TIMEOUT)
+    exported = await api.export(run_id)
+    assert_complete_run(state, exported, expected_output(count))
+    assert_same_events(exported, alice.events(run_id))
+    # The other instance reads the same.
+    assert await api.with_base(stack.gateways[1].url).get(run_id) == await api.get(run_id)
+
+
+async def test_gateway_sigkill_mid_run_other_instance_completes_it(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    count = 600
+    victim, survivor = stack.gateways[0], stack.gateways[1]
+    api0 = stack.api(ALICE, http, gateway=0)
+    api1 = api0.with_base(survivor.url)
+    run_id = (await api0.create("mock", {"count": count, "delayMs": 5}))["runId"]
+    seen: list[SseMessage] = []
+    killed = asyncio.Event()
+
+    async def kill_mid_stream(message: SseMessage) -> None:
+        seen.append(message)
+        if len(seen) == 60 and not killed.is_set():
+            victim.kill()
+            killed.set()
+
+    try:
+        # A client attached to the survivor watches the whole run across the crash.
+        messages, final = await collect_sse(api1, run_id, on_message=kill_mid_stream)
+        assert killed.is_set() and not victim.running
+        events = check_sse_framing(messages)
+        assert_complete_run(final, events, expected_output(count))
+        assert_same_events(events, alice.events(run_id))
+        assert await api1.export(run_id) == events
+        assert await api1.get(run_id) == final
+    finally:
+        if not victim.running:
+            await victim.astart()
+    # The restarted instance agrees.
+    assert (await api0.get(run_id))["status"] == "completed"
+
+
+async def test_stale_fence_and_foreign_host_events_are_ignored(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    count = 300
+    api = stack.api(ALICE, http)
+    run_id = (await api.create("mock", {"count": count, "delayMs": 10}))["runId"]
+    state = await api.wait_state(
+        run_id, lambda s: (s["seq"] or 0) >= 10, RUN_TIMEOUT, "the run never got going"
+    )
+    fence = state["fence"]
+    stale: Any = fence - 1 if isinstance(fence, int) and fence > 0 else f"stale-{fence}"
+    next_seq = state["seq"] + 1
+    alice_subject = run_event_subject(host_subjects(alice.hostname), run_id)
+
+    # 1. Stale fence, on alice's own subject: a done that would end the run early, and output.
+    admin = await admin_connection(stack)
+    try:
+        await js_publish(
+            admin, alice_subject, event(run_id, stale, next_seq, "output", stream="stdout", data="BAD")
+        )
+        await js_publish(
+            admin,
+            alice_subject,
+            event(run_id, stale, next_seq + 1, "done", finalSeq=next_seq + 1, status="completed"),
+        )
+    finally:
+        await admin.close()
+
+    # 2. Another host's daemon, with its own operator-mode credentials (its key, the gateway's JWT).
+    key = new_key(KeyKind.USER)
+    resp = await http.post(
+        f"{stack.gateways[0].url}/api/links/session",
+        json={"publicKey": key.public_key},
+        headers={"Authorization": f"Bearer {stack.token(MALLORY)}"},
+    )
+    assert resp.status_code == 200, resp.text
+    session = resp.json()
+    mallory_subjects = host_subjects(session["tunnelHostname"])
+    errors: list[str] = []
+    got_error = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+        got_error.set()
+
+    creds = creds_text(session["jwt"], key.seed)
+    mallory = await nats.connect(
+        stack.nats.url,
+        user_credentials=RawCredentials(creds),
+        inbox_prefix=uplink_inbox_prefix(mallory_subjects).encode(),
+        error_cb=on_error,
+        allow_reconnect=False,
+        connect_timeout=10,
+    )
+    try:
+        # Under its own host (allowed by NATS): claims alice's run id; the projector must ignore it.
+        own_subject = run_event_subject(mallory_subjects, run_id)
+        await js_publish(
+            mallory, own_subject, event(run_id, fence, next_seq, "output", stream="stdout", data="EVIL")
+        )
+        await js_publish(
+            mallory,
+            own_subject,
+            event(run_id, fence, next_seq + 1, "done", finalSeq=next_seq + 1, status="failed"),
+        )
+        # Under alice's host: refused by NATS itself.
+        await mallory.publish(
+            alice_subject,
+            json.dumps(event(run_id, fence, next_seq, "done", finalSeq=next_seq, status="failed")).encode(),
+        )
+        await mallory.flush(timeout=10)
+        await asyncio.wait_for(got_error.wait(), 10)
+        assert any(
+            "permissions violation" in e.lower() and alice_subject.lower() in e.lower() for e in errors
+        ), errors
+        with pytest.raises((NatsError, asyncio.TimeoutError)):
+            await mallory.jetstream().publish(alice_subject, b"{}", timeout=1.0)
+    finally:
+        await mallory.close()
+
+    # The run goes on untouched and ends exactly as the daemon produced it.
+    final = await api.wait_terminal(run_id, RUN_TIMEOUT)
+    exported = await api.export(run_id)
+    assert_complete_run(final, exported, expected_output(count))
+    assert_same_events(exported, alice.events(run_id))
+    assert "BAD" not in outputs(exported) and "EVIL" not in outputs(exported)
+
+
+async def test_cancel_stops_the_runner_on_the_desktop(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    api = stack.api(ALICE, http, gateway=0)
+    run_id = (await api.create("mock", {"count": 100000, "delayMs": 10}))["runId"]
+    await api.wait_state(run_id, lambda s: (s["seq"] or 0) >= 10, RUN_TIMEOUT, "the run never got going")
+    resp = await api.with_base(stack.gateways[1].url).cancel(run_id)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["runId"] == run_id
+    state = await api.wait_terminal(run_id, RUN_TIMEOUT)
+    assert state["status"] == "cancelled", state
+    # On the desktop: the runner stopped and the run ended cancelled, its done is the last event.
+    daemon_events = await wait_for(
+        lambda: (evs := alice.events(run_id)) and evs[-1]["type"] == "done" and evs,
+        RUN_TIMEOUT,
+        "the daemon never ended the run",
+    )
+    assert daemon_events[-1]["status"] == "cancelled", daemon_events[-1]
+    produced = sum(e["type"] == "output" for e in daemon_events)
+    assert produced < 100000
+    ended = [r for r in alice.log_records() if r.get("event") == "run_ended" and r.get("run_id") == run_id]
+    assert ended and ended[-1]["status"] == "cancelled", ended
+    exported = await api.export(run_id)
+    assert_same_events(exported, daemon_events)
+    assert state["seq"] == state["finalSeq"] == len(daemon_events), state
+    again = await api.cancel(run_id)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "run_finished", again.text
