@@ -9,7 +9,13 @@ process topology, and report the ratio:
 - small request/reply: raw ``nc.request`` vs a tunnel ``GET`` (sequential p50/p99
   latency, then 32 concurrent workers for requests per second);
 - bulk bytes: raw publish->subscribe of 64 KiB messages vs a tunnel download
-  (the handler streams the body) and a tunnel upload (the handler consumes it).
+  (the handler streams the body) and a tunnel upload (the handler consumes it);
+- an application's view: one small ASGI app answered through the tunnel
+  (``serve_asgi``) and called with ``httpx`` over ``TunnelTransport``, against the
+  same app on a real loopback HTTP server (uvicorn) called with ``httpx``. httpx's
+  own HTTP/1.1 stack (httpcore) costs ~0.5 ms a request, which the tunnel transport
+  skips, so the same app is also called directly with aiohttp's client: the
+  fastest direct-HTTP baseline Python offers.
 
 The requester runs here; the responder (raw subscriptions *and* the tunnel
 server) runs in a separate process started from this same file with
@@ -39,12 +45,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx
 import nats
+import uvicorn
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import tunnel
 from cli.nats_server import NatsServer, NatsServerConfig, NatsServerError
+from tunnel.asgi import Receive, Scope, Send, serve_asgi
+from tunnel.httpx_transport import TunnelTransport
 
 # --------------------------------------------------------------------------- shapes and settings
 
@@ -57,6 +68,8 @@ TUNNEL_HOST = "bench.local"
 # The same handler, served with our extensions switched off: plain v1 JSON frames (base64 bodies,
 # no credit, no heartbeats, no one-message responses), to show what the fast path gains.
 V1_HOST = "bench-v1.local"
+# The ASGI app's host: httpx -> TunnelTransport -> tunnel -> serve_asgi -> app.
+ASGI_HOST = "bench-asgi.local"
 SUBJECT_ECHO = "bench.raw.echo"
 SUBJECT_SINK = "bench.raw.sink.data"
 SUBJECT_SINK_RESET = "bench.raw.sink.reset"
@@ -126,6 +139,15 @@ FIGURES: tuple[Figure, ...] = (
     Figure("v1_get_concurrent_rps", "tunnel v1-mode GET, concurrent", "req/s", "v1"),
     Figure("v1_download_mbps", "tunnel v1-mode download", "MB/s", "v1"),
     Figure("v1_upload_mbps", "tunnel v1-mode upload", "MB/s", "v1"),
+    Figure("http_get_p50_ms", "httpx direct loopback HTTP p50", "ms", "http"),
+    Figure("http_get_p99_ms", "httpx direct loopback HTTP p99", "ms", "http"),
+    Figure("http_get_concurrent_rps", "httpx direct HTTP, concurrent", "req/s", "http"),
+    Figure("aiohttp_get_p50_ms", "aiohttp direct loopback HTTP p50", "ms", "http"),
+    Figure("aiohttp_get_p99_ms", "aiohttp direct loopback HTTP p99", "ms", "http"),
+    Figure("aiohttp_get_concurrent_rps", "aiohttp direct HTTP, concurrent", "req/s", "http"),
+    Figure("httpx_tunnel_get_p50_ms", "httpx over tunnel (ASGI) p50", "ms", "httpx"),
+    Figure("httpx_tunnel_get_p99_ms", "httpx over tunnel (ASGI) p99", "ms", "httpx"),
+    Figure("httpx_tunnel_get_concurrent_rps", "httpx over tunnel, concurrent", "req/s", "httpx"),
 )
 
 
@@ -187,6 +209,47 @@ COMPARISONS: tuple[Comparison, ...] = (
     ),
     Comparison("gain_download", "fast/v1 download", "tunnel_download_mbps", "v1_download_mbps", None, True),
     Comparison("gain_upload", "fast/v1 upload", "tunnel_upload_mbps", "v1_upload_mbps", None, True),
+    # The same ASGI app and the same httpx calls; only the path differs (tunnel vs loopback TCP).
+    Comparison(
+        "httpx_vs_http_p50",
+        "httpx tunnel/direct HTTP p50 latency",
+        "httpx_tunnel_get_p50_ms",
+        "http_get_p50_ms",
+        None,
+        False,
+    ),
+    Comparison(
+        "httpx_vs_http_p99",
+        "httpx tunnel/direct HTTP p99 latency",
+        "httpx_tunnel_get_p99_ms",
+        "http_get_p99_ms",
+        None,
+        False,
+    ),
+    Comparison(
+        "httpx_vs_http_concurrent",
+        "httpx tunnel/direct HTTP concurrent",
+        "httpx_tunnel_get_concurrent_rps",
+        "http_get_concurrent_rps",
+        None,
+        True,
+    ),
+    Comparison(
+        "httpx_vs_aiohttp_p50",
+        "httpx tunnel/aiohttp direct p50 latency",
+        "httpx_tunnel_get_p50_ms",
+        "aiohttp_get_p50_ms",
+        None,
+        False,
+    ),
+    Comparison(
+        "httpx_vs_aiohttp_concurrent",
+        "httpx tunnel/aiohttp direct concurrent",
+        "httpx_tunnel_get_concurrent_rps",
+        "aiohttp_get_concurrent_rps",
+        None,
+        True,
+    ),
 )
 
 
@@ -275,6 +338,43 @@ async def tunnel_handler(req: tunnel.Request) -> tunnel.Response:
     return tunnel.Response(404, body="not found")
 
 
+async def small_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A plain ASGI 3 app (no framework cost to blur the comparison): /small answers 100 bytes."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    found = scope["path"] == "/small"
+    body = bytes(SMALL_BYTES) if found else b"not found"
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200 if found else 404, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def start_http_server() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """The same ASGI app on a real loopback HTTP/1.1 server (uvicorn, h11), on a free port."""
+    config = uvicorn.Config(
+        small_asgi_app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    # The responder owns SIGINT/SIGTERM (they close stdin's watcher and tunnel servers in order).
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise BenchError("uvicorn stopped before it started")
+        await asyncio.sleep(0.01)
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, port
+
+
 def _stop_on_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """The parent closes our stdin to stop us; EOF also means the parent died, so we never linger."""
 
@@ -308,20 +408,25 @@ async def run_responder(url: str) -> None:
     await nc.subscribe(SUBJECT_SINK_RESET, cb=sink.on_reset)
     server = await tunnel.serve(nc, TUNNEL_HOST, tunnel_handler)
     v1_server = await tunnel.serve(nc, V1_HOST, tunnel_handler, fast_path=False)
+    asgi_server = await serve_asgi(nc, ASGI_HOST, small_asgi_app, lifespan="off")
+    http_server, http_task, http_port = await start_http_server()
     await nc.flush()
-    sys.stdout.buffer.write(READY_LINE + b"\n")
+    sys.stdout.buffer.write(READY_LINE + b" " + str(http_port).encode() + b"\n")
     sys.stdout.flush()
     try:
         await stop.wait()
     finally:
+        http_server.should_exit = True
+        await asyncio.wait_for(http_task, RESPONDER_EXIT_TIMEOUT)
+        await asgi_server.close(timeout=1.0)
         await server.close(timeout=1.0)
         await v1_server.close(timeout=1.0)
         await nc.close()
 
 
 @contextlib.asynccontextmanager
-async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator[None]:
-    """Start ``--role responder`` in its own process, wait for READY, stop it on the way out."""
+async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator[int]:
+    """Start ``--role responder`` in its own process, wait for READY; yields its HTTP port."""
     cmd = [sys.executable, str(SCRIPT), "--role", "responder", "--url", url]
     if profile_dir is not None:
         cmd += ["--profile", str(profile_dir)]
@@ -334,9 +439,10 @@ async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator
             line = await asyncio.wait_for(proc.stdout.readline(), RESPONDER_READY_TIMEOUT)
         except TimeoutError:
             raise BenchError(f"responder not ready after {RESPONDER_READY_TIMEOUT:g} s") from None
-        if line.strip() != READY_LINE:
+        ready, _, port = line.strip().partition(b" ")
+        if ready != READY_LINE or not port.isdigit():
             raise BenchError(f"responder failed to start (exit code {await proc.wait()})")
-        yield
+        yield int(port)
     finally:
         proc.stdin.close()  # EOF: the responder closes its tunnel server and connection
         try:
@@ -358,10 +464,19 @@ def percentile(sorted_samples: list[float], q: float) -> float:
 class Requester:
     """The calling side: one connection, one tunnel client, one method per traffic shape."""
 
-    def __init__(self, nc: NATS, settings: Settings) -> None:
+    def __init__(self, nc: NATS, settings: Settings, http_port: int) -> None:
         self.nc = nc
         self.settings = settings
         self.client = tunnel.TunnelClient(nc)
+        # Connection pools sized for the concurrent shape, so neither side queues on the pool.
+        limits = httpx.Limits(
+            max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+        )
+        self.httpx_tunnel = httpx.AsyncClient(transport=TunnelTransport(nc), timeout=REQUEST_TIMEOUT)
+        self.httpx_direct = httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT)
+        self.httpx_tunnel_url = f"tunnel://{ASGI_HOST}/small"
+        self.http_url = f"http://127.0.0.1:{http_port}/small"
+        self.aiohttp_direct: aiohttp.ClientSession | None = None  # needs a running loop: made lazily
         self.v1_client = tunnel.TunnelClient(nc, fast_path=False)
         self.small = bytes(SMALL_BYTES)
         self.bulk = bytes(BULK_MESSAGE_BYTES)
@@ -386,6 +501,35 @@ class Requester:
         body = await resp.read()
         if resp.status != 200 or len(body) != SMALL_BYTES:
             raise BenchError(f"v1-mode GET answered {resp.status} with {len(body)} bytes")
+
+    async def httpx_tunnel_get(self) -> None:
+        resp = await self.httpx_tunnel.get(self.httpx_tunnel_url)
+        if resp.status_code != 200 or len(resp.content) != SMALL_BYTES:
+            raise BenchError(
+                f"httpx over the tunnel answered {resp.status_code} with {len(resp.content)} bytes"
+            )
+
+    async def http_get(self) -> None:
+        resp = await self.httpx_direct.get(self.http_url)
+        if resp.status_code != 200 or len(resp.content) != SMALL_BYTES:
+            raise BenchError(f"direct HTTP answered {resp.status_code} with {len(resp.content)} bytes")
+
+    async def aiohttp_get(self) -> None:
+        if self.aiohttp_direct is None:
+            connector = aiohttp.TCPConnector(limit=self.settings.concurrency)
+            self.aiohttp_direct = aiohttp.ClientSession(connector=connector)
+        async with self.aiohttp_direct.get(self.http_url) as resp:
+            body = await resp.read()
+        if resp.status != 200 or len(body) != SMALL_BYTES:
+            raise BenchError(f"direct HTTP (aiohttp) answered {resp.status} with {len(body)} bytes")
+
+    async def aclose(self) -> None:
+        if self.aiohttp_direct is not None:
+            await self.aiohttp_direct.close()
+        await self.httpx_tunnel.aclose()
+        await self.httpx_direct.aclose()
+        await self.client.aclose()
+        await self.v1_client.aclose()
 
     # -- shapes ----------------------------------------------------------------------
 
@@ -479,6 +623,8 @@ class Requester:
 
     async def warm_up_bulk(self, only: str) -> None:
         """One small untimed transfer per bulk shape: the first MiBs on a fresh connection are slow."""
+        if only == "http":
+            return
         if only != "tunnel":
             await self.raw_pubsub(WARMUP_TRANSFER_BYTES)
         if only != "raw":
@@ -504,11 +650,22 @@ class Requester:
             lambda: self.tunnel_download(v1=True),
             lambda: self.tunnel_upload(v1=True),
         ]
+        # The application's view: the same httpx calls, direct HTTP against over-the-tunnel.
+        app: list[Callable[[], Awaitable[dict[str, float]]]] = [
+            lambda: self.latency(self.http_get, "http_get"),
+            lambda: self.latency(self.aiohttp_get, "aiohttp_get"),
+            lambda: self.latency(self.httpx_tunnel_get, "httpx_tunnel_get"),
+            lambda: self.concurrent_rate(self.http_get, "http_get_concurrent_rps"),
+            lambda: self.concurrent_rate(self.aiohttp_get, "aiohttp_get_concurrent_rps"),
+            lambda: self.concurrent_rate(self.httpx_tunnel_get, "httpx_tunnel_get_concurrent_rps"),
+        ]
         if only == "raw":
             return raw
         if only == "tunnel":
             return tun
-        return [raw[0], tun[0], tun[4], raw[1], tun[1], tun[5], raw[2], tun[2], tun[6], tun[3], tun[7]]
+        if only == "http":
+            return app
+        return [raw[0], tun[0], tun[4], raw[1], tun[1], tun[5], raw[2], tun[2], tun[6], tun[3], tun[7], *app]
 
 
 async def run_benchmark(
@@ -517,9 +674,9 @@ async def run_benchmark(
     """All rounds against a fresh responder; returns per-figure samples and the server version."""
     samples: dict[str, list[float]] = {}
     _cancel_on_signals()
-    async with responder_process(url, profile_dir):
+    async with responder_process(url, profile_dir) as http_port:
         nc = await connect(url, "bench-requester")
-        requester = Requester(nc, settings)
+        requester = Requester(nc, settings, http_port)
         profiler = cProfile.Profile() if profile_dir is not None else None
         try:
             if profiler is not None:
@@ -535,8 +692,7 @@ async def run_benchmark(
             if profiler is not None and profile_dir is not None:
                 profiler.disable()
                 profiler.dump_stats(profile_dir / "requester.prof")
-            await requester.client.aclose()
-            await requester.v1_client.aclose()
+            await requester.aclose()
             v = nc.connected_server_version
             version = f"{v.major}.{v.minor}.{v.patch}"
             await nc.close()
@@ -600,7 +756,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     parser.add_argument("--rounds", type=int, help="repeat every measurement this often (default 5, quick 3)")
     parser.add_argument(
-        "--only", choices=("all", "raw", "tunnel"), default="all", help="measure one side only (no ratios)"
+        "--only",
+        choices=("all", "raw", "tunnel", "http"),
+        default="all",
+        help="measure one group only: raw NATS, tunnel (fast and v1 mode), or http (httpx direct vs tunnel)",
     )
     parser.add_argument(
         "--profile",

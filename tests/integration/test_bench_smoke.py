@@ -28,8 +28,20 @@ FIGURE_KEYS = (
     "tunnel_get_concurrent_rps",
     "tunnel_download_mbps",
     "tunnel_upload_mbps",
+    "http_get_p50_ms",
+    "aiohttp_get_p50_ms",
+    "httpx_tunnel_get_p50_ms",
+    "httpx_tunnel_get_concurrent_rps",
 )
-RATIO_KEYS = ("ratio_get_p50", "ratio_get_p99", "ratio_concurrent_rps", "ratio_download", "ratio_upload")
+RATIO_KEYS = (
+    "ratio_get_p50",
+    "ratio_get_p99",
+    "ratio_concurrent_rps",
+    "ratio_download",
+    "ratio_upload",
+    "httpx_vs_http_p50",
+    "httpx_vs_aiohttp_p50",
+)
 TARGET_KEYS = (
     "ratio_get_p50_target_met",
     "ratio_concurrent_rps_target_met",
