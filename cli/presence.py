@@ -9,8 +9,10 @@ The result has the same JSON shape as the gateway's ``GET /api/links/me`` (see
 
 Reasons: ``not_connected`` and ``timeout`` mean offline (exit status 1); ``bad_status``,
 ``bad_response``, ``error`` and ``nats_unavailable`` mean the probe could not tell
-(exit status 2). A probe through the gateway (``/api/links/me``) will produce the same
-:class:`Presence`; it lands with the gateway (see ``cli/status.py``).
+(exit status 2). A probe through the gateway (:func:`from_gateway`, ``/api/links/me``)
+produces the same :class:`Presence`, plus ``via`` (the gateway URL) and ``roundTripMs``
+(our HTTP round trip; ``latencyMs`` is then the gateway's own probe of the desktop).
+``gateway_unavailable`` (the gateway cannot be reached or answers an error) is exit status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tunnel
 
 from . import exitcodes
 
-__all__ = ["DEFAULT_PROBE_TIMEOUT", "OFFLINE_REASONS", "STATUS_PATH", "Presence", "probe"]
+__all__ = ["DEFAULT_PROBE_TIMEOUT", "OFFLINE_REASONS", "STATUS_PATH", "Presence", "from_gateway", "probe"]
 
 STATUS_PATH: Final = "/api/links/status"
 # The desktop answers from memory: 2 s to first frame is generous on any network.
@@ -49,6 +51,9 @@ class Presence:
     capabilities: tuple[str, ...] = ()
     cli_version: str | None = None
     latency_ms: float | None = None
+    # Through the gateway: our HTTP round trip to it (latency_ms is the gateway's own probe).
+    round_trip_ms: float | None = None
+    via: str | None = None
     checked_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -67,22 +72,27 @@ class Presence:
     def as_json(self) -> dict[str, Any]:
         checked = self.checked_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         if not self.online:
-            return {
+            doc: dict[str, Any] = {
                 "online": False,
                 "tunnelHostname": self.tunnel_hostname,
                 "reason": self.reason,
                 "detail": self.detail,
                 "checkedAt": checked,
             }
-        return {
-            "online": True,
-            "tunnelHostname": self.tunnel_hostname,
-            "hostname": self.hostname,
-            "capabilities": list(self.capabilities),
-            "cliVersion": self.cli_version,
-            "latencyMs": self.latency_ms,
-            "checkedAt": checked,
-        }
+        else:
+            doc = {
+                "online": True,
+                "tunnelHostname": self.tunnel_hostname,
+                "hostname": self.hostname,
+                "capabilities": list(self.capabilities),
+                "cliVersion": self.cli_version,
+                "latencyMs": self.latency_ms,
+                "checkedAt": checked,
+            }
+        if self.via is not None:
+            doc["via"] = self.via
+            doc["roundTripMs"] = self.round_trip_ms
+        return doc
 
 
 def _offline(hostname: str, reason: str, detail: str) -> Presence:
@@ -141,4 +151,46 @@ async def probe(
         capabilities=capabilities,
         cli_version=_short_str(status.get("cliVersion")),
         latency_ms=latency_ms,
+    )
+
+
+def from_gateway(doc: object, via: str, round_trip_ms: float) -> Presence:
+    """A :class:`Presence` from the gateway's ``GET /api/links/me`` answer (any JSON value)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("online"), bool):
+        return Presence(
+            "?",
+            online=False,
+            reason="bad_response",
+            detail="the gateway's answer is not a presence document",
+            via=via,
+            round_trip_ms=round_trip_ms,
+        )
+    hostname = _short_str(doc.get("tunnelHostname")) or ""
+    if not doc["online"]:
+        return Presence(
+            hostname,
+            online=False,
+            reason=_short_str(doc.get("reason")) or "error",
+            detail=_short_str(doc.get("detail")) or "-",
+            via=via,
+            round_trip_ms=round_trip_ms,
+        )
+    raw_capabilities = doc.get("capabilities")
+    capabilities = (
+        tuple(c[:MAX_FIELD_LENGTH] for c in raw_capabilities if isinstance(c, str))[:MAX_CAPABILITIES]
+        if isinstance(raw_capabilities, list)
+        else ()
+    )
+    latency = doc.get("latencyMs")
+    return Presence(
+        hostname,
+        online=True,
+        hostname=_short_str(doc.get("hostname")) or hostname,
+        capabilities=capabilities,
+        cli_version=_short_str(doc.get("cliVersion")),
+        latency_ms=float(latency)
+        if isinstance(latency, int | float) and not isinstance(latency, bool)
+        else None,
+        via=via,
+        round_trip_ms=round_trip_ms,
     )

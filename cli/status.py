@@ -1,8 +1,9 @@
-"""``linkctl status HOST``: is the desktop online right now? A live probe, never a cached flag.
+"""``linkctl status``: is the desktop online right now? A live probe, never a cached flag.
 
-Today the probe goes directly over NATS (``--nats``). The gateway variant (``--gateway
-URL``, through its ``GET /api/links/me``, which also knows which host is yours) plugs in at
-:func:`_prober`: it only has to return a :class:`cli.presence.Presence`.
+Two ways, one output: ``linkctl status HOST`` probes directly over NATS (``--nats``);
+``linkctl status --gateway URL`` (or ``$LINKCTL_GATEWAY`` and no HOST) asks the gateway's
+``GET /api/links/me``, which knows which host is yours. Both are a :data:`Prober` returning
+a :class:`cli.presence.Presence`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,17 +36,21 @@ from .common import (
     run,
     stop_on_signals,
 )
-from .presence import DEFAULT_PROBE_TIMEOUT, Presence, probe
+from .gateway_api import GATEWAY_ENV, GATEWAY_PANEL, TOKEN_ENV, GatewayApiError, GatewayClient, GatewayOptions
+from .presence import DEFAULT_PROBE_TIMEOUT, Presence, from_gateway, probe
 from .term import Painter
 
 __all__ = ["register"]
 
 DEFAULT_WATCH_INTERVAL: Final = 2.0
+# Through the gateway, its own probe (up to ~5 s) plus HTTP: our bound is --timeout plus this.
+GATEWAY_MARGIN: Final = 5.0
 Prober = Callable[[], Awaitable[Presence]]
 
 EPILOG: Final = """\b
 Examples:
   linkctl status desk.example
+  linkctl status --gateway http://127.0.0.1:8080   # your own desktop (token: LINKCTL_TOKEN)
   linkctl status desk.example --json
   linkctl status desk.example --watch          # probe every 2 s until Ctrl-C
   linkctl status desk.example --watch=10 --json >> presence.ndjson
@@ -54,8 +60,8 @@ Examples:
 Exit status:
      0  online
      1  offline (nobody serves the host, or it did not answer in time)
-     2  error: bad flag or host, NATS unreachable, or the desktop's answer
-        was not a status document
+     2  error: bad flag or host, NATS or the gateway unreachable, the token
+        refused, or the desktop's answer was not a status document
 With --watch, the status of the last probe.
 """
 
@@ -92,14 +98,20 @@ def _default_watch(args: Sequence[str], flags: Sequence[str]) -> list[str]:
     return out
 
 
-def _check_target(host: str | None, gateway: str | None) -> str:
+def _check_target(host: str | None, gateway: str | None) -> str | None:
+    """The HOST to probe directly over NATS, or None to probe through the gateway."""
     if gateway is not None:
-        raise CliError(
-            "--gateway: presence through the gateway (/api/links/me) is not available yet; "
-            "probe the desktop directly: linkctl status HOST --nats URL"
-        )
+        if host is not None:
+            raise CliError(
+                "give HOST (a direct probe over NATS) or --gateway URL (your own desktop, through the "
+                "gateway), not both"
+            )
+        return None
     if host is None:
-        raise CliError("give the desktop's tunnel HOST (e.g. linkctl status desk.example)")
+        raise CliError(
+            "give the desktop's tunnel HOST (e.g. linkctl status desk.example), or probe your own "
+            f"desktop through the gateway: --gateway URL (or set {GATEWAY_ENV})"
+        )
     return check_host(host)
 
 
@@ -108,17 +120,27 @@ def _check_target(host: str | None, gateway: str | None) -> str:
 _STATE_STYLE: Final = {"online": "green", "offline": "red", "error": "yellow"}
 
 
+def _label(presence: Presence) -> str:
+    return presence.tunnel_hostname or f"your desktop (via {presence.via})"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def render_block(presence: Presence, paint: Painter) -> str:
     state = paint(presence.state, "bold", _STATE_STYLE[presence.state])
     if not presence.online:
-        return f"{presence.tunnel_hostname}: {state} ({presence.reason}: {presence.detail})"
+        return f"{_label(presence)}: {state} ({presence.reason}: {presence.detail})"
     rows = [
         ("hostname", presence.hostname or "-"),
         ("capabilities", ", ".join(presence.capabilities) or "-"),
         ("cliVersion", presence.cli_version or "-"),
-        ("latency", f"{presence.latency_ms:.1f} ms"),
+        ("latency", _ms(presence.latency_ms)),
     ]
-    lines = [f"{presence.tunnel_hostname}: {state}"]
+    if presence.via is not None:
+        rows += [("via", presence.via), ("round trip", _ms(presence.round_trip_ms))]
+    lines = [f"{_label(presence)}: {state}"]
     lines += [f"  {paint(name.ljust(12), 'dim')}  {value}" for name, value in rows]
     return "\n".join(lines)
 
@@ -126,12 +148,12 @@ def render_block(presence: Presence, paint: Painter) -> str:
 def render_line(presence: Presence, paint: Painter) -> str:
     clock = presence.checked_at.astimezone().strftime("%H:%M:%S")
     state = paint(presence.state.ljust(7), "bold", _STATE_STYLE[presence.state])
-    head = f"{paint(clock, 'dim')}  {presence.tunnel_hostname}  {state}"
+    head = f"{paint(clock, 'dim')}  {_label(presence)}  {state}"
     if not presence.online:
         return f"{head}  {presence.reason}: {presence.detail}"
     caps = ",".join(presence.capabilities) or "-"
     return (
-        f"{head}  {presence.latency_ms:7.1f} ms  hostname={presence.hostname or '-'}"
+        f"{head}  {_ms(presence.latency_ms):>10}  hostname={presence.hostname or '-'}"
         f"  cliVersion={presence.cli_version or '-'}  capabilities={caps}"
     )
 
@@ -200,21 +222,66 @@ async def _status(
     async with nats_connection(nats) as nc:
         client = tunnel.TunnelClient(nc, prefix=nats.prefix)
         try:
-            prober = _prober(client, host, timeout)
-            if watch is None:
-                return await _once(prober, as_json)
-            return await _watch(prober, watch, count, as_json)
+            return await _probe_loop(_prober(client, host, timeout), watch, count, as_json)
         finally:
             await client.aclose()
 
 
+async def _probe_loop(prober: Prober, watch: float | None, count: int | None, as_json: bool) -> int:
+    if watch is None:
+        return await _once(prober, as_json)
+    return await _watch(prober, watch, count, as_json)
+
+
+async def _status_via_gateway(
+    options: GatewayOptions, timeout: float, watch: float | None, count: int | None, as_json: bool
+) -> int:
+    async with GatewayClient(options) as client:
+        return await _probe_loop(_gateway_prober(client, timeout), watch, count, as_json)
+
+
 def _prober(client: tunnel.TunnelClient, host: str, timeout: float) -> Prober:
-    """The seam for the gateway variant: any coroutine function returning a Presence."""
+    """A direct probe over NATS; any coroutine function returning a Presence will do."""
 
     async def direct() -> Presence:
         return await probe(client, host, timeout)
 
     return direct
+
+
+def _gateway_prober(client: GatewayClient, timeout: float) -> Prober:
+    """``GET /api/links/me``: the gateway knows which host is ours and probes it.
+
+    An unreachable gateway or a 5xx is an answer (``gateway_unavailable``, exit status 2), so
+    ``--watch`` keeps going through a gateway restart; a refused token is a usage error.
+    """
+    via = client.options.url
+
+    async def through_gateway() -> Presence:
+        started = time.perf_counter()
+        doc: dict[str, Any] | None = None
+        problem: str | None = None
+        try:
+            doc = await asyncio.wait_for(client.call("GET", "/api/links/me"), timeout + GATEWAY_MARGIN)
+        except TimeoutError:
+            problem = f"the gateway did not answer within {timeout + GATEWAY_MARGIN:g} s"
+        except GatewayApiError as exc:
+            if exc.status in (401, 403):
+                raise
+            problem = exc.message
+        round_trip = round((time.perf_counter() - started) * 1000, 2)
+        if problem is not None:
+            return Presence(
+                "",
+                online=False,
+                reason="gateway_unavailable",
+                detail=problem,
+                via=via,
+                round_trip_ms=round_trip,
+            )
+        return from_gateway(doc, via, round_trip)
+
+    return through_gateway
 
 
 Opt = typer.Option
@@ -249,8 +316,21 @@ def status_command(
         Opt(
             "--gateway",
             metavar="URL",
-            help="Probe through the gateway's /api/links/me (not available yet).",
+            help=f"Probe your own desktop through the gateway's /api/links/me (default without HOST: "
+            f"${GATEWAY_ENV}).",
             show_default=False,
+            rich_help_panel=GATEWAY_PANEL,
+        ),
+    ] = None,
+    gateway_token: Annotated[
+        str | None,
+        Opt(
+            "--gateway-token",
+            metavar="TOKEN",
+            envvar=TOKEN_ENV,
+            help="Gateway API token for --gateway.",
+            show_default=False,
+            rich_help_panel=GATEWAY_PANEL,
         ),
     ] = None,
     nats: NatsUrlOpt = DEFAULT_NATS_URL,
@@ -259,6 +339,8 @@ def status_command(
     prefix: PrefixOpt = tunnel.DEFAULT_PREFIX,
 ) -> None:
     """Probe a linked desktop: online or offline, its hostname, capabilities, version, latency."""
+    if gateway is None and host is None:
+        gateway = os.environ.get(GATEWAY_ENV, "").strip() or None
     hostname = _check_target(host, gateway)
     if timeout <= 0:
         raise CliError(f"--timeout: must be more than 0 seconds (got {timeout:g})")
@@ -266,6 +348,9 @@ def status_command(
         raise CliError(f"--watch: must be more than 0 seconds (got {watch:g})")
     if count is not None and watch is None:
         raise CliError("--count needs --watch")
+    if hostname is None:
+        gateway_options = GatewayOptions.from_flags(gateway, gateway_token)
+        raise typer.Exit(run(_status_via_gateway(gateway_options, timeout, watch, count, as_json)))
     options = NatsOptions.from_flags(nats, creds, token, prefix)
     raise typer.Exit(run(_status(hostname, options, timeout, watch, count, as_json)))
 

@@ -105,10 +105,11 @@ def test_watch_probes_repeatedly_one_json_line_each(desktop: Desktop) -> None:
     assert "online" in result.stdout
 
 
-def test_gateway_variant_is_not_available_yet(desktop: Desktop) -> None:
-    result = linkctl(desktop.nats_url, "status", "--gateway", "http://127.0.0.1:8080")
+def test_host_and_gateway_together_is_a_usage_error(desktop: Desktop) -> None:
+    # The gateway variant itself is tested against the real gateway in test_linkctl_gateway.py.
+    result = linkctl(desktop.nats_url, "status", HOSTNAME, "--gateway", "http://127.0.0.1:8080")
     assert result.exit_code == 2
-    assert "not available yet" in result.stderr
+    assert "not both" in result.stderr
 
 
 def test_exit_statuses_as_a_process(desktop: Desktop) -> None:

@@ -1,0 +1,455 @@
+"""``linkctl runs send|show|attach|cancel``: work for your desktop, through the gateway.
+
+Human output on a terminal: the run's own output on stdout (so it can be piped), status
+lines on stderr, colour only on a tty. ``--json`` prints JSON for scripts: the gateway's
+answers, and for ``attach`` one event per line ending with ``{"type": "end", "run": {...}}``
+(the same shape as the gateway's ``application/x-ndjson`` stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import typer
+
+from . import exitcodes
+from .common import CliError, run, stop_on_signals
+from .gateway_api import DEFAULT_GATEWAY, GatewayClient, GatewayOpt, GatewayOptions, GatewayTokenOpt
+from .run_stream import DEFAULT_GIVE_UP_AFTER, END, Item, follow, run_path
+from .term import Painter, human_bytes
+
+__all__ = ["exit_status_for", "parse_input", "register", "render_state"]
+
+TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+_STATUS_STYLE: Final = {
+    "completed": ("green",),
+    "failed": ("red",),
+    "cancelled": ("yellow",),
+    "dispatching": ("cyan",),
+    "in_progress": ("cyan",),
+}
+# Work items are small documents; a bigger input is a mistake (use the http runner for data).
+MAX_INPUT_BYTES: Final = 1024 * 1024
+
+RUNS_HELP: Final = """\
+Send work to your linked desktop and follow it, through the gateway.
+
+\b
+Examples:
+  linkctl runs send mock '{"count": 5, "delayMs": 200}' --attach
+  linkctl runs send echo '"hello"' --json | jq -r .runId
+  linkctl runs show RUN_ID
+  linkctl runs attach RUN_ID                 # live output; survives dropped connections
+  linkctl runs cancel RUN_ID
+
+Every command takes --gateway URL (LINKCTL_GATEWAY) and --token (LINKCTL_TOKEN).
+"""
+
+EXIT_STATUS: Final = """\b
+Exit status:
+     0  done (attach: the run completed)
+     2  usage error; the gateway unreachable or refusing the token; invalid input (422)
+     3  the gateway answered an unexpected error
+     4  no such run (or not yours)
+     5  cancel: the run had already finished
+     6  attach: the run failed
+     7  attach: the run was cancelled
+   130  interrupted (attach only detaches: the run goes on)
+"""
+
+
+# -- input and rendering ------------------------------------------------------------------
+
+
+def parse_input(raw: str | None, stdin: Any = None) -> Any:
+    """INPUT as JSON: inline text, ``@FILE``, or ``@-`` for stdin. None when not given."""
+    if raw is None:
+        return None
+    where = "INPUT"
+    if raw.startswith("@"):
+        name = raw[1:]
+        where = f"INPUT {raw}"
+        try:
+            if name == "-":
+                text = (stdin if stdin is not None else sys.stdin).read(MAX_INPUT_BYTES + 1)
+            else:
+                with Path(name).expanduser().open(encoding="utf-8") as f:
+                    text = f.read(MAX_INPUT_BYTES + 1)
+        except OSError as exc:
+            raise CliError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise CliError(f"{where}: not UTF-8 text") from None
+    else:
+        text = raw
+    if len(text.encode("utf-8", errors="replace")) > MAX_INPUT_BYTES:
+        raise CliError(f"{where}: more than {human_bytes(MAX_INPUT_BYTES)}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        hint = "" if raw.startswith("@") else " (quote it for the shell, e.g. '{\"count\": 3}' or '\"text\"')"
+        raise CliError(f"{where}: not valid JSON ({exc}){hint}") from None
+
+
+def _when(ms: object) -> str:
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
+        return "-"
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(start: object, end: object) -> str | None:
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (start, end)):
+        return None
+    return f"{(float(end) - float(start)) / 1000:.2f} s"  # type: ignore[arg-type]
+
+
+def render_state(state: dict[str, Any], paint: Painter) -> str:
+    status = str(state.get("status") or "?")
+    head = f"run {state.get('runId')}  {paint(status, 'bold', *_STATUS_STYLE.get(status, ()))}"
+    rows: list[tuple[str, str]] = [
+        ("runner", str(state.get("runner") or "-")),
+        ("thread", str(state.get("threadId") or "-")),
+    ]
+    if state.get("title"):
+        rows.append(("title", str(state["title"])))
+    rows += [
+        ("desktop", str(state.get("hostname") or "-")),
+        ("stage", str(state.get("stage") or "-")),
+        (
+            "events",
+            f"{state.get('seq') or 0}" + (f" of {state['finalSeq']}" if state.get("finalSeq") else ""),
+        ),
+    ]
+    if isinstance(state.get("outputBytes"), int):
+        rows.append(("output", human_bytes(state["outputBytes"])))
+    rows.append(("created", _when(state.get("createdAt"))))
+    if state.get("finishedAt") is not None:
+        took = _duration(state.get("createdAt"), state.get("finishedAt"))
+        rows.append(("finished", _when(state.get("finishedAt")) + (f"  (took {took})" if took else "")))
+    elif state.get("lastEventAt") is not None:
+        rows.append(("last event", _when(state.get("lastEventAt"))))
+    if state.get("failureKind") or state.get("failureReason"):
+        rows.append(("failure", f"{state.get('failureKind') or '-'}: {state.get('failureReason') or '-'}"))
+    return "\n".join([head] + [f"  {paint(k.ljust(10), 'dim')}  {v}" for k, v in rows])
+
+
+def exit_status_for(state: dict[str, Any]) -> int:
+    status = state.get("status")
+    if status == "failed":
+        return exitcodes.RUN_FAILED
+    if status == "cancelled":
+        return exitcodes.RUN_CANCELLED
+    return exitcodes.OK
+
+
+# -- attach -------------------------------------------------------------------------------
+
+
+class _Printer:
+    """Writes one follow() item: output to stdout/stderr, status lines to stderr, or JSON lines."""
+
+    def __init__(self, as_json: bool, quiet: bool) -> None:
+        self.as_json = as_json
+        self.quiet = quiet
+        self.paint = Painter.for_stream(sys.stderr)
+        self.started = time.monotonic()
+        self.ended_with_newline = True
+
+    def note(self, text: str) -> None:
+        if self.quiet:
+            return
+        prefix = "" if self.ended_with_newline else "\n"
+        sys.stdout.flush()
+        print(prefix + self.paint(text, "dim"), file=sys.stderr, flush=True)
+        self.ended_with_newline = True
+
+    def item(self, item: Item) -> None:
+        if self.as_json:
+            doc = {"type": "end", "run": item.data} if item.kind == END else item.data
+            print(json.dumps(doc), flush=True)
+            return
+        if item.kind == END:
+            return
+        event = item.data
+        kind = event.get("type")
+        if kind == "output":
+            data = event.get("data")
+            if isinstance(data, str) and data:
+                stream = sys.stderr if event.get("stream") == "stderr" else sys.stdout
+                stream.write(data)
+                stream.flush()
+                self.ended_with_newline = data.endswith("\n")
+        elif kind == "stage":
+            self.note(f"· stage {event.get('stage')}")
+        elif kind == "done":
+            status = str(event.get("status"))
+            reason = f": {event['reason']}" if event.get("reason") else ""
+            styled = self.paint(status, "bold", *_STATUS_STYLE.get(status, ()))
+            if not self.quiet:
+                prefix = "" if self.ended_with_newline else "\n"
+                print(
+                    f"{prefix}run {event.get('runId')} {styled}{reason} "
+                    f"({event.get('seq')} events, {time.monotonic() - self.started:.2f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.ended_with_newline = True
+
+    def reconnect(self, attempt: int, last: int, error: BaseException) -> None:
+        self.note(
+            f"· connection lost ({type(error).__name__}); resuming after event {last} (attempt {attempt})"
+        )
+
+
+async def attach(
+    client: GatewayClient, run_id: str, after: int, as_json: bool, quiet: bool, give_up_after: float
+) -> int:
+    printer = _Printer(as_json, quiet)
+    final: dict[str, Any] | None = None
+    last = after
+    stop = asyncio.Event()
+
+    async def consume() -> None:
+        nonlocal final, last
+        async for item in follow(
+            client, run_id, after=after, give_up_after=give_up_after, on_reconnect=printer.reconnect
+        ):
+            printer.item(item)
+            if item.kind == END:
+                final = item.data
+            else:
+                last = int(item.data["seq"])
+
+    with stop_on_signals(stop):
+        task = asyncio.ensure_future(consume())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            printer.note(f"detached; the run goes on. Resume: linkctl runs attach {run_id} --after {last}")
+            return exitcodes.INTERRUPTED
+        task.result()
+    assert final is not None
+    if not as_json and final.get("status") == "failed" and not quiet:
+        failure = f"{final.get('failureKind') or 'failed'}: {final.get('failureReason') or '-'}"
+        print(printer.paint(f"failure: {failure}", "red"), file=sys.stderr, flush=True)
+    return exit_status_for(final)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+Opt = typer.Option
+JsonOpt = Annotated[bool, Opt("--json", help="JSON for scripts instead of human output.")]
+RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id (from `runs send`).")]
+AfterOpt = Annotated[
+    int, Opt("--after", metavar="SEQ", min=0, help="Only events after this sequence number.")
+]
+GiveUpOpt = Annotated[
+    float,
+    Opt(
+        "--give-up-after",
+        metavar="SECONDS",
+        help="Stop reconnecting after this long without an event.",
+    ),
+]
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="Only the run's output: no status lines.")]
+
+
+def _check_run_id(run_id: str) -> str:
+    run_id = run_id.strip()
+    if not run_id or len(run_id) > 256 or any(c.isspace() or ord(c) < 32 for c in run_id):
+        raise CliError(f"RUN_ID: {run_id!r} is not a run id")
+    return run_id
+
+
+def _check_give_up(value: float) -> float:
+    if value <= 0:
+        raise CliError(f"--give-up-after: must be more than 0 seconds (got {value:g})")
+    return value
+
+
+async def _send(
+    options: GatewayOptions,
+    body: dict[str, Any],
+    as_json: bool,
+    attach_after: bool,
+    quiet: bool,
+    give_up_after: float,
+) -> int:
+    async with GatewayClient(options) as client:
+        accepted = await client.call("POST", "/api/runs", body=body, ok=(200, 201, 202))
+        run_id = accepted.get("runId")
+        if not isinstance(run_id, str) or not run_id:
+            raise CliError("the gateway accepted the run but sent no runId", exitcodes.GATEWAY_ERROR)
+        if as_json and not attach_after:
+            print(json.dumps(accepted), flush=True)
+            return exitcodes.OK
+        if as_json:
+            print(json.dumps({"type": "accepted", **accepted}), flush=True)
+        elif not quiet:
+            paint = Painter.for_stream(sys.stderr)
+            print(
+                f"run {paint(run_id, 'bold')} accepted (thread {accepted.get('threadId')}, "
+                f"status {accepted.get('status')})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not attach_after:
+                print(f"follow it with: linkctl runs attach {run_id}", file=sys.stderr, flush=True)
+        if not attach_after:
+            return exitcodes.OK
+        return await attach(client, run_id, 0, as_json, quiet, give_up_after)
+
+
+def send_command(
+    runner: Annotated[
+        str, typer.Argument(metavar="RUNNER", help="Runner name: echo, mock, command, http...")
+    ],
+    input_: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[INPUT]",
+            help="The run's input as JSON, or @FILE, or @- for stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    thread: Annotated[
+        str | None, Opt("--thread", metavar="ID", help="Add to this thread.", show_default=False)
+    ] = None,
+    title: Annotated[str | None, Opt("--title", metavar="TEXT", help="A title.", show_default=False)] = None,
+    attach_after: Annotated[bool, Opt("--attach", "-a", help="Stream the run's output right away.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    give_up_after: GiveUpOpt = DEFAULT_GIVE_UP_AFTER,
+    gateway: GatewayOpt = DEFAULT_GATEWAY,
+    token: GatewayTokenOpt = None,
+) -> None:
+    """Send a run to your desktop (202: accepted, even when the desktop is offline)."""
+    options = GatewayOptions.from_flags(gateway, token)
+    runner = runner.strip()
+    if not runner:
+        raise CliError("RUNNER: give a runner name (e.g. mock)")
+    body: dict[str, Any] = {"runner": runner}
+    value = parse_input(input_)
+    if input_ is not None:
+        body["input"] = value
+    if thread is not None:
+        body["threadId"] = thread
+    if title is not None:
+        body["title"] = title
+    raise typer.Exit(run(_send(options, body, as_json, attach_after, quiet, _check_give_up(give_up_after))))
+
+
+async def _show(options: GatewayOptions, run_id: str, as_json: bool) -> int:
+    async with GatewayClient(options) as client:
+        state = await client.call("GET", run_path(run_id))
+    if as_json:
+        print(json.dumps(state), flush=True)
+    else:
+        print(render_state(state, Painter.for_stream(sys.stdout)), flush=True)
+    return exitcodes.OK
+
+
+def show_command(
+    run_id: RunIdArg,
+    as_json: JsonOpt = False,
+    gateway: GatewayOpt = DEFAULT_GATEWAY,
+    token: GatewayTokenOpt = None,
+) -> None:
+    """Show a run's state: status, stage, events, timings, failure."""
+    options = GatewayOptions.from_flags(gateway, token)
+    raise typer.Exit(run(_show(options, _check_run_id(run_id), as_json)))
+
+
+async def _attach(
+    options: GatewayOptions, run_id: str, after: int, as_json: bool, quiet: bool, give_up_after: float
+) -> int:
+    async with GatewayClient(options) as client:
+        return await attach(client, run_id, after, as_json, quiet, give_up_after)
+
+
+def attach_command(
+    run_id: RunIdArg,
+    after: AfterOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    give_up_after: GiveUpOpt = DEFAULT_GIVE_UP_AFTER,
+    gateway: GatewayOpt = DEFAULT_GATEWAY,
+    token: GatewayTokenOpt = None,
+) -> None:
+    """Stream a run's output live until it ends; resumes by itself after a dropped connection."""
+    options = GatewayOptions.from_flags(gateway, token)
+    raise typer.Exit(
+        run(_attach(options, _check_run_id(run_id), after, as_json, quiet, _check_give_up(give_up_after)))
+    )
+
+
+async def _cancel(options: GatewayOptions, run_id: str, as_json: bool) -> int:
+    async with GatewayClient(options) as client:
+        answer = await client.call("POST", run_path(run_id, "/cancel"), ok=(200, 202))
+    if as_json:
+        print(json.dumps(answer), flush=True)
+    else:
+        print(f"cancel requested for run {run_id} (status {answer.get('status')})", flush=True)
+    return exitcodes.OK
+
+
+def cancel_command(
+    run_id: RunIdArg,
+    as_json: JsonOpt = False,
+    gateway: GatewayOpt = DEFAULT_GATEWAY,
+    token: GatewayTokenOpt = None,
+) -> None:
+    """Ask the desktop to cancel a run (it ends `cancelled`)."""
+    options = GatewayOptions.from_flags(gateway, token)
+    raise typer.Exit(run(_cancel(options, _check_run_id(run_id), as_json)))
+
+
+_EPILOGS: Final = {
+    "send": """\b
+Examples:
+  linkctl runs send mock '{"count": 5, "delayMs": 200}' --attach
+  linkctl runs send echo '"hello"' --json | jq -r .runId
+  linkctl runs send command @work.json --thread t-42 --title 'nightly build'
+  echo '{"count": 3}' | linkctl runs send mock @- -a
+""",
+    "show": """\b
+Examples:
+  linkctl runs show RUN_ID
+  linkctl runs show RUN_ID --json | jq .status
+""",
+    "attach": """\b
+Examples:
+  linkctl runs attach RUN_ID
+  linkctl runs attach RUN_ID --after 40        # skip the first 40 events
+  linkctl runs attach RUN_ID --json > run.ndjson
+""",
+    "cancel": """\b
+Examples:
+  linkctl runs cancel RUN_ID
+""",
+}
+
+
+def register(app: typer.Typer) -> None:
+    runs_app = typer.Typer(
+        name="runs", help=RUNS_HELP, no_args_is_help=True, rich_markup_mode=None, epilog=EXIT_STATUS
+    )
+    for name, func in (
+        ("send", send_command),
+        ("show", show_command),
+        ("attach", attach_command),
+        ("cancel", cancel_command),
+    ):
+        runs_app.command(name, epilog=_EPILOGS[name] + "\n" + EXIT_STATUS)(func)
+    app.add_typer(runs_app, name="runs")
