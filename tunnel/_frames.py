@@ -9,7 +9,8 @@ reference protocol shapes them. Extensions:
   ``request.chunk`` and 2 for ``response.chunk``. JSON always starts with ``{``,
   so the first byte tells the encodings apart. The request id comes from the subject;
 - ``request.credit`` / ``response.credit`` grant flow-control bytes to the peer;
-- ``response.heartbeat`` proves the server is alive while nothing else flows;
+- ``response.heartbeat`` proves the server is alive while nothing else flows (with a ``seq``
+  of response chunks published, so a caller that got fewer knows frames were lost);
 - ``response.whole`` (binary kind 3: ``0x00 0x03 seq:u64be(=0) headLen:u32be
   head-json data``) is ``response.start`` + one chunk + ``response.end`` in one
   message, so a small response costs one NATS message, like plain request/reply.
@@ -135,10 +136,15 @@ class RequestError:
 
 @dataclass(frozen=True, slots=True)
 class RequestCredit:
-    """The caller allows the server ``limit`` response-body bytes in total (cumulative)."""
+    """The caller allows the server ``limit`` response-body bytes in total (cumulative).
+
+    ``seq`` (optional): how many ``request.chunk`` frames the caller has published so far,
+    so a server that received fewer knows request-body frames were lost.
+    """
 
     request_id: str
     limit: int
+    seq: int | None = None
     type: str = field(default="request.credit", init=False)
 
 
@@ -204,7 +210,12 @@ class ResponseCredit:
 
 @dataclass(frozen=True, slots=True)
 class ResponseHeartbeat:
+    """Proof of life; ``seq`` (optional, once the response body flows) is how many
+    ``response.chunk`` frames the server has published, so a caller that received
+    fewer knows response-body frames were lost."""
+
     request_id: str
+    seq: int | None = None
     type: str = field(default="response.heartbeat", init=False)
 
 
@@ -312,6 +323,13 @@ def _seq(obj: dict[str, Any], rid: str) -> int:
     if not 0 <= seq <= MAX_SAFE_INT:
         raise FrameError("seq out of range", rid)
     return int(seq)
+
+
+def _optional_seq(obj: dict[str, Any], rid: str) -> int | None:
+    seq = _optional(obj, "seq", int, rid)
+    if seq is not None and not 0 <= seq <= MAX_SAFE_INT:
+        raise FrameError("seq out of range", rid)
+    return None if seq is None else int(seq)
 
 
 def _positive_int(obj: dict[str, Any], key: str, rid: str | None) -> int | None:
@@ -506,8 +524,9 @@ def _d_credit(o: dict[str, Any], rid: str) -> Frame:
     amount = _require(o, "limit", int, rid)
     if not 0 < amount <= MAX_SAFE_INT:
         raise FrameError("credit out of range", rid)
-    cls = RequestCredit if o["type"] == "request.credit" else ResponseCredit
-    return cls(rid, amount)
+    if o["type"] == "request.credit":
+        return RequestCredit(rid, amount, _optional_seq(o, rid))
+    return ResponseCredit(rid, amount)
 
 
 def _d_response_ack(o: dict[str, Any], rid: str) -> Frame:
@@ -534,7 +553,7 @@ def _d_response_start(o: dict[str, Any], rid: str) -> Frame:
 
 
 def _d_heartbeat(o: dict[str, Any], rid: str) -> Frame:
-    return ResponseHeartbeat(rid)
+    return ResponseHeartbeat(rid, _optional_seq(o, rid))
 
 
 def _d_abort(o: dict[str, Any], rid: str) -> Frame:
@@ -667,6 +686,11 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["message"] = frame.message
     elif isinstance(frame, RequestCredit | ResponseCredit):
         obj["limit"] = frame.limit
+        if isinstance(frame, RequestCredit) and frame.seq is not None:
+            obj["seq"] = frame.seq
+    elif isinstance(frame, ResponseHeartbeat):
+        if frame.seq is not None:
+            obj["seq"] = frame.seq
     elif isinstance(frame, Abort) and frame.reason is not None:
         obj["reason"] = frame.reason
     return _dumps(obj)

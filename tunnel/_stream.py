@@ -230,6 +230,9 @@ class CallerStream:
         self.send: SendCredit = _NO_CREDIT_LIMIT
         self.receive_window: ReceiveWindow = _NO_WINDOW
         self.chunk_limit = 0
+        # Request-body chunks handed to NATS (see ``mark_published``) and whether the end went out.
+        self.published_seq = 0
+        self.body_ended = False
         # Timers, as data.
         now = clock()
         self.started_at = now
@@ -272,9 +275,18 @@ class CallerStream:
             taken += n
         return frames, taken
 
+    def mark_published(self) -> None:
+        """The I/O layer handed every body frame built so far to NATS, in order.
+
+        Only these count in the ``seq`` we report to the server: a frame built but not yet
+        published must never be claimed, or a probe overtaking it would look like a loss.
+        """
+        self.published_seq = self.send.next_seq
+
     def end_body(self) -> Publish:
         subject = self.up_subject or self._body_subject
         assert subject is not None, "request declared without a body"
+        self.body_ended = True
         return Publish(subject, f.encode_frame(f.RequestEnd(self.request_id, self.send.next_seq)))
 
     def fail_body(self, code: str, message: str) -> Publish | None:
@@ -292,13 +304,24 @@ class CallerStream:
         return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, grant)))
 
     def refresh_credit(self) -> Publish | None:
-        """Re-send our current limit (grants are cumulative, so this repairs a lost one)."""
-        if self.up_subject is None or self.phase is not CallerPhase.RESPONDING:
+        """Answer a heartbeat: re-send our limit and, during an upload, how far we got.
+
+        Grants are cumulative, so re-sending the limit repairs a lost one. While our request
+        body waits for credit (or has ended), the ``seq`` of chunks we published lets the
+        server see at once that some never arrived, instead of both ends waiting for credit.
+        """
+        if self.up_subject is None or self.phase not in (CallerPhase.ACKED, CallerPhase.RESPONDING):
             return None
-        limit = self.receive_window.regrant()
+        limit = self.receive_window.regrant() if self.phase is CallerPhase.RESPONDING else None
+        seq = None
+        all_published = self.published_seq == self.send.next_seq
+        if self.has_body and all_published and (self.body_ended or self.send.available() == 0):
+            seq = self.published_seq
+        if seq is not None and limit is None:
+            limit = self.receive_window.granted  # unchanged: carries the seq, grants nothing new
         if limit is None:
             return None
-        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, limit)))
+        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, limit, seq)))
 
     def abort(self, reason: str = ErrorCode.ABORTED) -> Publish | None:
         """Stop the server side: returns the abort frame unless the stream already ended cleanly."""
@@ -350,8 +373,19 @@ class CallerStream:
             return CreditGranted()
         if first:
             return Acked()
-        if isinstance(frame, f.ResponseHeartbeat) and self.phase is CallerPhase.RESPONDING:
-            return HeartbeatReceived()
+        if isinstance(frame, f.ResponseHeartbeat):
+            if frame.seq is not None and self.phase is CallerPhase.RESPONDING:
+                lost = frame.seq - self.receive_window.expected_seq
+                if lost > 0:
+                    # The heartbeat left after those frames on the same connection: they are gone.
+                    raise self._fail(
+                        RemoteProtocolError(
+                            f"response body data lost: the server sent {frame.seq} data frames, "
+                            f"{self.receive_window.expected_seq} arrived"
+                        )
+                    )
+            if self.phase is CallerPhase.RESPONDING or self.has_body:
+                return HeartbeatReceived()  # we may owe the server a credit refresh or our upload seq
         return None
 
     def _first_frame(self, frame: f.Frame) -> None:
@@ -575,8 +609,11 @@ class ServerStream:
             now + DEFERRED_ACK_DELAY if self.extended and start.body_subject is None else None
         )
         self._last_sent_at = now
-        self._last_received_at = now
+        # Request-body progress: the last data frame, or the last grant that let the caller send more.
+        self._body_progress_at = now
         self._credit_blocked_since: float | None = None
+        # Response-body chunks handed to NATS (see ``mark_published``); heartbeats report it.
+        self.published_seq = 0
 
     # -- outgoing ---------------------------------------------------------------
 
@@ -683,6 +720,13 @@ class ServerStream:
             self._credit_blocked_since = None
         return frames, taken
 
+    def mark_published(self) -> None:
+        """The I/O layer handed every body frame built so far to NATS, in order.
+
+        A heartbeat claims only these, so it can never overtake a frame it counts.
+        """
+        self.published_seq = self.send.next_seq
+
     def end_response(self) -> Publish:
         if self.phase is not ServerPhase.RESPONDING:
             raise LocalProtocolError(f"cannot end response in phase {self.phase.value}")
@@ -702,6 +746,7 @@ class ServerStream:
         grant = self.receive_window.on_consumed(n)
         if grant is None or not self.extended or self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
             return None
+        self._body_progress_at = self.clock()  # the caller may send again: its stall clock starts now
         return self._out(f.ResponseCredit(self.request_id, grant))
 
     def _out(self, frame: f.Frame) -> Publish:
@@ -713,15 +758,11 @@ class ServerStream:
     def receive(self, frame: f.Frame) -> Event | None:
         if self.phase is ServerPhase.FAILED or self.caller_gone:
             return None
-        self._last_received_at = self.clock()
         if isinstance(frame, f.Abort):
             self.caller_gone = True
             return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
         if isinstance(frame, f.RequestCredit):
-            self.send.grant(frame.limit)
-            if self._credit_blocked_since is not None:
-                self._credit_blocked_since = self._last_received_at  # the stall clock restarts
-            return CreditGranted()
+            return self._on_credit(frame)
         if isinstance(frame, f.RequestStart):
             return None  # repeats are answered by the dispatcher with another ack
         if self.body_phase is not BodyPhase.OPEN:
@@ -735,6 +776,7 @@ class ServerStream:
                 self.receive_window.on_chunk(frame.seq, len(frame.data))
             except TunnelError as exc:
                 raise self._fail(exc) from None
+            self._body_progress_at = self.clock()
             return DataReceived(frame.data)
         if isinstance(frame, f.RequestEnd):
             try:
@@ -749,6 +791,34 @@ class ServerStream:
             return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
         raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
 
+    def _on_credit(self, frame: f.RequestCredit) -> Event:
+        before = self.send.limit
+        self.send.grant(frame.limit)
+        if self._credit_blocked_since is not None and self.send.limit != before:
+            # Only a grant that lets us send more restarts the stall clock: a re-sent, unchanged
+            # limit (every heartbeat repeats it) proves the caller is alive, not that it reads.
+            self._credit_blocked_since = self.clock()
+        if frame.seq is not None and self.body_phase is BodyPhase.OPEN:
+            lost = frame.seq - self.receive_window.expected_seq
+            if lost > 0:
+                # The caller published this after those chunks on the same connection: they are gone.
+                raise self._fail(
+                    RemoteProtocolError(
+                        f"request body data lost: the caller sent {frame.seq} data frames, "
+                        f"{self.receive_window.expected_seq} arrived"
+                    )
+                )
+        return CreditGranted()
+
+    def _body_stalled_since(self) -> float | None:
+        """When the request body stopped moving although the caller could send, or None."""
+        if self.body_phase is not BodyPhase.OPEN:
+            return None
+        window = self.receive_window
+        if window.granted is not None and window.received_bytes >= window.granted:
+            return None  # the caller spent its credit: the wait is on our handler, not on the caller
+        return self._body_progress_at
+
     # -- timers -----------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -761,8 +831,9 @@ class ServerStream:
         if stall is not None:
             if self._credit_blocked_since is not None:
                 due.append(self._credit_blocked_since + stall)
-            if self.body_phase is BodyPhase.OPEN:
-                due.append(self._last_received_at + stall)
+            body_since = self._body_stalled_since()
+            if body_since is not None:
+                due.append(body_since + stall)
         times = [t for t in due if t is not None]
         return min(times) if times else None
 
@@ -777,12 +848,18 @@ class ServerStream:
         if stall is not None:
             if self._credit_blocked_since is not None and now - self._credit_blocked_since >= stall:
                 raise self._fail(TunnelTimeout(f"caller granted no flow-control credit for {stall:g} s"))
-            if self.body_phase is BodyPhase.OPEN and now - self._last_received_at >= stall:
+            body_since = self._body_stalled_since()
+            if body_since is not None and now - body_since >= stall:
                 raise self._fail(IdleTimeout(f"request body stalled for {stall:g} s"))
         if self.ack_due is not None and now >= self.ack_due:
             return [self.ack()]
         if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:
-            out = [self._out(f.ResponseHeartbeat(self.request_id))]
+            seq = (
+                self.published_seq
+                if self.phase is ServerPhase.RESPONDING and self.response_has_body
+                else None
+            )
+            out = [self._out(f.ResponseHeartbeat(self.request_id, seq))]
             if self.extended and self.body_phase is BodyPhase.OPEN:
                 # Quiet while the body is open: the caller may be stuck on a lost grant.
                 limit = self.receive_window.regrant()

@@ -5,7 +5,7 @@ test_tunnel_faults.py). But when *every* frame the sender was allowed to send is
 daemon's connection reset with a window's worth of frames in flight, as the reset scenario of
 tests/faults/test_tunnel_chaos.py does -- no later frame ever comes: the sender has spent its
 credit, the receiver got nothing, so it grants nothing new, and both wait. Heartbeats keep the
-caller's idle timeout ("the peer is gone") from firing, so the stream sits:
+caller's idle timeout ("the peer is gone") from firing, so before the fix the stream sat:
 
 - download: since grants are cumulative and re-sent on every heartbeat (ffce352), each re-sent,
   unchanged limit restarts the server's credit-stall clock (``ServerStream.receive`` on
@@ -15,11 +15,12 @@ caller's idle timeout ("the peer is gone") from firing, so the stream sits:
   caller waits for credit.
 
 What a caller is promised (DESIGN.md: "no silent loss"; "liveness, not guesswork") is that a
-loss is detected: the request ends with a typed error -- or completes correctly, if the
-protocol learns to resend -- within its idle timeout plus a second. For example, a heartbeat
-could carry the sender's next sequence number, so a receiver that is behind knows at once that
-frames were lost; and a re-sent credit limit that grants nothing new should not restart the
-stall clock.
+loss is detected: the request ends with a typed error within its idle timeout plus a second.
+The protocol does it with sequence numbers on the quiet path too: a server heartbeat carries
+how many response chunks the server published, and a caller stuck on credit answers a heartbeat
+with how many request chunks it published (``seq`` on ``request.credit``), so the receiver that
+is behind fails the request with ``tunnel_protocol_error`` at once; and a re-sent credit limit
+that grants nothing new no longer restarts the server's credit-stall clock.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nats.aio.client import Client
 
 import tunnel
 from cli.nats_server import NatsServer
+from tests.helpers import wait_until
 from tunnel._frames import BINARY_HEADER_SIZE
 from tunnel._stream import Publish
 
@@ -84,12 +86,6 @@ async def _connected(url: str) -> AsyncIterator[Client]:
         await nc.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (tunnel/_stream.py): a lost window of data is never detected; heartbeats keep the caller "
-    "waiting (download: re-sent unchanged credit restarts the server's stall clock, so it hangs until the "
-    "overall deadline; upload: until the server's 60 s stall timeout)",
-)
 @pytest.mark.parametrize("direction", ["download", "upload"])
 async def test_a_lost_window_of_body_frames_ends_the_request_within_the_idle_timeout(
     nats_server: NatsServer, direction: str
@@ -112,13 +108,17 @@ async def test_a_lost_window_of_body_frames_ends_the_request_within_the_idle_tim
                     assert await resp.text() == hashlib.sha256(BODY).hexdigest()
 
         try:
-            try:
-                await asyncio.wait_for(transfer(), BOUND)
-            except tunnel.TunnelError:
-                pass  # a typed failure within the bound keeps the promise
-            except TimeoutError:
-                pytest.fail(f"the {direction} was still waiting {BOUND:g} s after losing a window of data")
+            with pytest.raises(tunnel.RemoteProtocolError, match="data lost") as caught:
+                try:
+                    await asyncio.wait_for(transfer(), BOUND)
+                except TimeoutError:
+                    pytest.fail(
+                        f"the {direction} was still waiting {BOUND:g} s after losing a window of data"
+                    )
+            assert caught.value.code == "tunnel_protocol_error"
             assert tap.dropped_bytes >= tunnel.DEFAULT_WINDOW
+            # The server side is gone too: nothing left in flight on either end.
+            await wait_until(lambda: server.in_flight == 0 and client.in_flight == 0, timeout=5.0)
         finally:
             await client.aclose()
             await server.close(timeout=0.5)

@@ -62,6 +62,7 @@ SAMPLES: list[f.Frame] = [
     f.RequestEnd(RID, 8),
     f.RequestError(RID, "tunnel_body_error", "the body iterator failed"),
     f.RequestCredit(RID, 65536),
+    f.RequestCredit(RID, 65536, 9),
     f.ResponseAck(RID),
     f.ResponseAck(
         RID, f.AckExtensions(binary=True, window=4096, heartbeat_ms=250, max_frame=65536, up_subject=UP)
@@ -77,6 +78,8 @@ SAMPLES: list[f.Frame] = [
     f.ResponseError(RID, "tunnel_handler_error", "handler raised ValueError"),
     f.ResponseCredit(RID, 1),
     f.ResponseHeartbeat(RID),
+    f.ResponseHeartbeat(RID, 0),
+    f.ResponseHeartbeat(RID, 12),
     f.Abort(RID),
     f.Abort(RID, "tunnel_timeout"),
 ]
@@ -233,6 +236,13 @@ def test_extension_frames_and_fields_use_camel_case_names() -> None:
     assert _json(f.RequestCredit(RID, 10)) == {"type": "request.credit", "requestId": RID, "limit": 10}
     assert _json(f.ResponseCredit(RID, 11)) == {"type": "response.credit", "requestId": RID, "limit": 11}
     assert _json(f.ResponseHeartbeat(RID)) == {"type": "response.heartbeat", "requestId": RID}
+    assert _json(f.ResponseHeartbeat(RID, 5)) == {"type": "response.heartbeat", "requestId": RID, "seq": 5}
+    assert _json(f.RequestCredit(RID, 10, 2)) == {
+        "type": "request.credit",
+        "requestId": RID,
+        "limit": 10,
+        "seq": 2,
+    }
     start = f.RequestStart(
         RID, "GET", "/", [], REPLY, ABORT, extensions=f.StartExtensions(True, 100, 200, 300, whole=True)
     )
@@ -649,3 +659,21 @@ def test_largest_chunk_fits_max_payload_in_both_encodings(max_payload: int, requ
             assert len(payload) <= max_payload
     # Binary frames waste nothing but their 10-byte header.
     assert f.max_chunk_data(max_payload, True, request_id_length) == max_payload - f.BINARY_HEADER_SIZE
+
+
+@pytest.mark.parametrize("seq", [-1, f.MAX_SAFE_INT + 1, "3", 1.5, True, [1]], ids=repr)
+@pytest.mark.parametrize("kind", ["response.heartbeat", "request.credit"])
+def test_an_invalid_optional_seq_is_a_frame_error(kind: str, seq: object) -> None:
+    obj: dict[str, Any] = {"type": kind, "requestId": RID, "seq": seq}
+    if kind == "request.credit":
+        obj["limit"] = 10
+    with pytest.raises(f.FrameError, match="seq"):
+        f.decode_frame(json.dumps(obj).encode())
+
+
+def test_a_heartbeat_or_credit_without_seq_decodes_with_none() -> None:
+    """Older extended peers send no seq: nothing is checked then."""
+    heartbeat = f.decode_frame(b'{"type":"response.heartbeat","requestId":"%s"}' % RID.encode())
+    credit = f.decode_frame(b'{"type":"request.credit","requestId":"%s","limit":5}' % RID.encode())
+    assert heartbeat == f.ResponseHeartbeat(RID) and heartbeat.seq is None
+    assert credit == f.RequestCredit(RID, 5) and credit.seq is None

@@ -270,6 +270,22 @@ def ext_response_heartbeat() -> bytes:
     return pub.payload
 
 
+def ext_response_heartbeat_seq() -> bytes:
+    """Once the response body flows, a heartbeat says how many chunks the server published."""
+    clock = FakeClock()
+    server = _extended_server(clock)
+    server.ack()
+    server.start_response(200, [])
+    server.send_body(DATA)
+    server.mark_published()
+    clock.now += 7.0
+    return server.poll()[0].payload
+
+
+def ext_request_credit_seq() -> bytes:
+    return f.encode_frame(f.RequestCredit(RID, 32768, 3))
+
+
 def ext_response_credit() -> bytes:
     return f.encode_frame(f.ResponseCredit(RID, 32768))
 
@@ -329,7 +345,9 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/response.ack": (ext_response_ack, ".json"),
     "ext/response.start": (ext_response_start, ".json"),
     "ext/response.heartbeat": (ext_response_heartbeat, ".json"),
+    "ext/response.heartbeat.seq": (ext_response_heartbeat_seq, ".json"),
     "ext/request.credit": (ext_request_credit, ".json"),
+    "ext/request.credit.seq": (ext_request_credit_seq, ".json"),
     "ext/response.credit": (ext_response_credit, ".json"),
     "ext/request.chunk.binary": (ext_request_chunk_binary, ".hex"),
     "ext/response.chunk.binary": (ext_response_chunk_binary, ".hex"),
@@ -433,6 +451,8 @@ def test_stream_output_equals_encode_frame_of_the_same_frame() -> None:
         "v1/response.end": f.ResponseEnd(RID, 1),
         "v1/abort": f.Abort(RID, "tunnel_timeout"),
         "ext/response.heartbeat": f.ResponseHeartbeat(RID),
+        "ext/response.heartbeat.seq": f.ResponseHeartbeat(RID, 1),
+        "ext/request.credit.seq": f.RequestCredit(RID, 32768, 3),
     }
     for name, frame in expected.items():
         assert BUILDERS[name][0]() == f.encode_frame(frame), name

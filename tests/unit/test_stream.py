@@ -1189,3 +1189,184 @@ def test_server_local_misuse_raises_local_protocol_error() -> None:
     server.start_response(200, [])
     with pytest.raises(LocalProtocolError):
         server.start_response(200, [])
+
+
+# ============================================================================ lost windows of data
+
+
+def _heartbeats(pubs: Iterable[Publish], rid: str = RID) -> list[f.ResponseHeartbeat]:
+    frames = [f.decode_frame(p.payload, rid) for p in pubs]
+    return [fr for fr in frames if isinstance(fr, f.ResponseHeartbeat)]
+
+
+def test_server_credit_stall_clock_ignores_a_re_sent_unchanged_limit() -> None:
+    """Every heartbeat makes the caller repeat its limit: that proves it is alive, not that it reads."""
+    clock = FakeClock()
+    link = connect(clock, caller={"window": 4096, "heartbeat_interval": 1.0}, server={"stall_timeout": 10.0})
+    caller, server = link.caller, link.server
+    link.to_caller([server.start_response(200, [])])
+    frames, taken = server.send_body(body_bytes(20_000))
+    server.mark_published()
+    assert taken == 4096
+    link.to_caller(frames)  # delivered, but the application never reads: no new credit
+    blocked_at = clock.now
+    for _ in range(9):
+        clock.advance(1.0)
+        link.to_caller(server.poll())  # heartbeats
+        refresh = caller.refresh_credit()
+        if refresh is not None:
+            link.to_server([refresh])
+    clock.now = blocked_at + 10.0
+    with pytest.raises(TunnelTimeout):
+        server.poll()
+
+
+def test_a_grant_that_raises_the_limit_restarts_the_credit_stall_clock() -> None:
+    clock = FakeClock()
+    link = connect(clock, caller={"window": 4096}, server={"stall_timeout": 10.0})
+    caller, server = link.caller, link.server
+    link.to_caller([server.start_response(200, [])])
+    frames, _ = server.send_body(body_bytes(20_000))
+    events = link.to_caller(frames)
+    clock.advance(9.0)
+    assert CreditGranted() in link.to_server(consume_all(caller, events))
+    clock.advance(9.0)  # 18 s blocked in total, 9 s since the limit grew
+    frames, taken = server.send_body(body_bytes(20_000))
+    assert taken > 0 and server.phase is ServerPhase.RESPONDING
+
+
+def test_heartbeat_reports_published_response_chunks_and_a_caller_behind_fails_at_once() -> None:
+    clock = FakeClock()
+    link = connect(clock, caller={"window": 4096, "heartbeat_interval": 0.5})
+    caller, server = link.caller, link.server
+    link.to_caller([server.start_response(200, [])])
+    frames, _ = server.send_body(body_bytes(20_000))
+    server.mark_published()
+    assert len(frames) >= 2
+    link.to_caller(frames[:1])  # the rest of the window is lost on the wire
+    clock.advance(0.5)
+    beats = _heartbeats(server.poll())
+    assert [hb.seq for hb in beats] == [len(frames)]
+    with pytest.raises(RemoteProtocolError, match="response body data lost"):
+        caller.receive(beats[0])
+    assert caller.phase is CallerPhase.FAILED
+    assert caller.error is not None and caller.error.code == ErrorCode.PROTOCOL_ERROR
+    assert caller.abort() is not None  # the I/O layer tells the server to stop
+
+
+def test_heartbeat_never_claims_chunks_that_were_built_but_not_yet_published() -> None:
+    """A heartbeat can overtake frames still on their way to NATS: it must not count them."""
+    clock = FakeClock()
+    link = connect(clock, caller={"heartbeat_interval": 0.5})
+    caller, server = link.caller, link.server
+    link.to_caller([server.start_response(200, [])])
+    first, _ = server.send_body(b"a" * 100)
+    server.mark_published()
+    link.to_caller(first)
+    pending, _ = server.send_body(b"b" * 100)  # built, publish still in progress
+    clock.advance(0.5)
+    beats = _heartbeats(server.poll())
+    assert [hb.seq for hb in beats] == [len(first)]
+    assert caller.receive(beats[0]) is not None and caller.phase is CallerPhase.RESPONDING
+    assert data_of(link.to_caller(pending)) == b"b" * 100
+
+
+def test_heartbeat_before_the_response_body_carries_no_seq() -> None:
+    clock = FakeClock()
+    link = connect(clock, caller={"heartbeat_interval": 0.5})
+    clock.advance(0.5)
+    beats = _heartbeats(link.server.poll())
+    assert [hb.seq for hb in beats] == [None]
+    assert link.server.poll() == []
+
+
+def test_caller_stuck_on_credit_reports_published_chunks_and_a_server_behind_fails() -> None:
+    clock = FakeClock()
+    link = connect(
+        clock,
+        method="POST",
+        has_body=True,
+        caller={"heartbeat_interval": 0.5},
+        server={"window": 4096, "stall_timeout": 60.0},
+    )
+    caller, server = link.caller, link.server
+    frames, taken = caller.send_body(body_bytes(20_000))
+    caller.mark_published()
+    assert taken == 4096 and caller.send.available() == 0
+    link.to_server(frames[:1])  # the rest of the window is lost
+    clock.advance(0.5)
+    beats = server.poll()
+    assert _heartbeats(beats)
+    link.to_caller(beats)
+    probe = caller.refresh_credit()
+    assert probe is not None
+    frame = f.decode_frame(probe.payload, RID)
+    assert isinstance(frame, f.RequestCredit) and frame.seq == len(frames)
+    with pytest.raises(RemoteProtocolError, match="request body data lost"):
+        server.receive(frame)
+    assert server.phase is ServerPhase.FAILED
+    err = server.error_response(ErrorCode.PROTOCOL_ERROR, "lost")
+    assert err is not None  # the caller is told
+
+
+def test_caller_sends_no_upload_seq_while_it_still_has_credit_or_has_unpublished_frames() -> None:
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True, server={"window": 4096})
+    caller = link.caller
+    caller.send_body(b"x" * 100)
+    caller.mark_published()
+    assert caller.refresh_credit() is None  # not blocked: nothing to prove
+    caller.send_body(body_bytes(20_000))
+    assert caller.send.available() == 0
+    assert caller.refresh_credit() is None  # blocked, but the frames are not all published yet
+    caller.mark_published()
+    probe = caller.refresh_credit()
+    assert probe is not None
+    frame = f.decode_frame(probe.payload, RID)
+    assert isinstance(frame, f.RequestCredit) and frame.seq == caller.send.next_seq
+
+
+def test_upload_seq_after_the_body_ended_catches_lost_tail_chunks() -> None:
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True)
+    caller = link.caller
+    caller.send_body(b"x" * 100)
+    caller.mark_published()
+    caller.end_body()  # chunk and end both lost
+    probe = caller.refresh_credit()
+    assert probe is not None
+    with pytest.raises(RemoteProtocolError):
+        link.to_server([probe])
+
+
+def test_an_upload_seq_that_matches_what_arrived_changes_nothing() -> None:
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True, server={"window": 4096})
+    caller, server = link.caller, link.server
+    frames, _ = caller.send_body(body_bytes(20_000))
+    caller.mark_published()
+    link.to_server(frames)
+    probe = caller.refresh_credit()
+    assert probe is not None
+    assert link.to_server([probe]) == [CreditGranted()]
+    assert server.phase is ServerPhase.ACKED and server.body_phase is BodyPhase.OPEN
+
+
+def test_no_body_stall_while_the_caller_waits_for_our_handler_to_read() -> None:
+    """The caller spent its credit and our handler is slow: the wait is ours, not a stalled caller."""
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True, server={"window": 4096, "stall_timeout": 10.0})
+    caller, server = link.caller, link.server
+    frames, _ = caller.send_body(body_bytes(20_000))
+    events = link.to_server(frames)
+    for _ in range(5):
+        clock.advance(10.0)
+        server.poll()
+    assert server.phase is ServerPhase.ACKED
+    grant = server.consumed(sum(len(e.data) for e in events if isinstance(e, DataReceived)))
+    assert grant is not None
+    clock.advance(9.99)
+    server.poll()
+    clock.advance(0.01)  # the caller had credit for 10 s and sent nothing
+    with pytest.raises(IdleTimeout):
+        server.poll()

@@ -303,6 +303,7 @@ class _ClientRequest:
                         return
                     frames, taken = self.stream.send_body(view)
                     await self.client.publisher.send_all(frames)
+                    self.stream.mark_published()
                     view = view[taken:]
                     if view:
                         await self._wait_credit()

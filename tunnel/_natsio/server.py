@@ -233,6 +233,7 @@ class _ServerRequest:
             for frame in frames:
                 self.server.stats.bytes_out += len(frame.payload)
             await self.server.publisher.send_all(frames)
+            self.stream.mark_published()
             view = view[taken:]
             if view:
                 self.timer.arm(self.stream.next_deadline())  # credit-stall deadline
