@@ -756,7 +756,10 @@ class ServerStream:
     # -- incoming ---------------------------------------------------------------
 
     def receive(self, frame: f.Frame) -> Event | None:
-        if self.phase is ServerPhase.FAILED or self.caller_gone:
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED) or self.caller_gone:
+            # Late frames (a re-sent credit, an abort racing our end, a stray chunk) are harmless:
+            # the response is complete, and turning it into a failure would send response.error
+            # after response.end.
             return None
         if isinstance(frame, f.Abort):
             self.caller_gone = True
@@ -869,7 +872,8 @@ class ServerStream:
         return []
 
     def fail(self, error: TunnelError) -> TunnelError:
-        if self.phase is ServerPhase.FAILED:
+        """Mark the stream failed from outside; a finished response stays finished."""
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
             return self.error or error
         return self._fail(error)
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from tunnel import _frames as f
 from tunnel._config import DEFERRED_ACK_DELAY
-from tunnel._errors import LocalProtocolError, TunnelError
+from tunnel._errors import LocalProtocolError, RemoteProtocolError, TunnelError
 from tunnel._flow import UNFLOWED_BUFFER_LIMIT
 from tunnel._stream import (
     BodyEnded,
@@ -431,11 +431,6 @@ def test_server_stream_under_random_caller_frames_raises_only_typed_errors_and_k
     assert initial_credit >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (tunnel/_stream.py ServerStream.receive): a DONE stream turns FAILED on a stray frame; "
-    "the I/O layer then sends response.error after response.end and counts a completed request as failed",
-)
 @pytest.mark.parametrize(
     "stray",
     [f.RequestEnd(RID, 0), f.RequestChunk(RID, 0, b"late"), f.ResponseHeartbeat(RID), f.Abort(RID, "late")],
@@ -455,6 +450,12 @@ def test_server_stream_that_finished_its_response_ignores_a_stray_frame(stray: f
     assert server.phase is ServerPhase.DONE
     assert server.receive(stray) is None  # as the caller does: late frames are harmless
     assert server.phase is ServerPhase.DONE and server.error is None
+    # The I/O layer failing it afterwards (e.g. a malformed late frame) changes nothing either,
+    # and no response.error can follow the response.end.
+    server.fail(RemoteProtocolError("late garbage"))
+    assert server.phase is ServerPhase.DONE and server.error is None
+    assert server.error_response("tunnel_protocol_error", "late garbage") is None
+    assert server.poll() == [] and server.next_deadline() is None
 
 
 # =========================================================================== faulty network
