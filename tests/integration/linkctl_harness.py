@@ -263,3 +263,186 @@ def dev_stack(state_dir: Path, *args: str) -> Iterator[DevStack]:
         for pid in live_pids_mentioning(str(state_dir)):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- a stand-in for the gateway's runs API (the contract in the project brief) ---------------
+#
+# For the client logic of `linkctl runs` (resume after a cut connection, exit statuses) with
+# full control over timing: it produces mock-runner events itself and records every events
+# request (``after`` and ``Last-Event-ID``), so a test can cut the connection at a chosen
+# event. The real gateway is exercised by the end-to-end tests (`linkctl demo`, runs e2e).
+
+CONTRACT_TOKEN = "contract-test-token"
+
+
+@dataclass
+class ContractRun:
+    state: dict[str, Any]
+    events: list[dict[str, Any]]
+    changed: asyncio.Event
+    cancel: asyncio.Event
+
+
+@dataclass
+class EventsRequest:
+    after: str | None
+    last_event_id: str | None
+    sent: int = 0
+
+
+class ContractGateway:
+    """``POST /api/runs``, ``GET /api/runs/{id}``, ``/events`` (SSE), ``POST /cancel``."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.runs: dict[str, ContractRun] = {}
+        self.requests: list[EventsRequest] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = 0
+        app = web.Application()
+        app.router.add_post("/api/runs", self._create)
+        app.router.add_get("/api/runs/{id}", self._show)
+        app.router.add_get("/api/runs/{id}/events", self._events)
+        app.router.add_post("/api/runs/{id}/cancel", self._cancel)
+        self.app = app
+        self._runner: Any = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        from cli.nats_server import free_port
+
+        self.port = free_port()
+        self._runner = web.AppRunner(self.app, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @staticmethod
+    def _error(status: int, code: str, message: str) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+    def _authorized(self, request: Any) -> bool:
+        return bool(request.headers.get("Authorization") == f"Bearer {CONTRACT_TOKEN}")
+
+    async def _create(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not self._authorized(request):
+            return self._error(401, "invalid_token", "bad token")
+        body = await request.json()
+        if body.get("runner") not in ("mock", "echo"):
+            return self._error(422, "unknown_runner", f"no runner {body.get('runner')!r}")
+        self._ids += 1
+        run_id = f"run-{self._ids}"
+        now = 1_700_000_000_000
+        state = {
+            "runId": run_id, "threadId": body.get("threadId") or f"thread-{self._ids}", "userId": "u",
+            "hostname": "desk", "runner": body["runner"], "title": body.get("title"),
+            "status": "dispatching", "stage": None, "fence": 1, "seq": 0, "finalSeq": None,
+            "outputBytes": 0, "failureKind": None, "failureReason": None, "createdAt": now,
+            "updatedAt": now, "lastEventAt": None, "finishedAt": None,
+        }  # fmt: skip
+        run = ContractRun(state, [], asyncio.Event(), asyncio.Event())
+        self.runs[run_id] = run
+        task = asyncio.ensure_future(self._produce(run, body.get("input") or {}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return web.json_response(
+            {"runId": run_id, "threadId": state["threadId"], "status": "dispatching"}, status=202
+        )
+
+    def _emit(self, run: ContractRun, **event: Any) -> None:
+        seq = len(run.events) + 1
+        run.events.append({"runId": run.state["runId"], "fence": 1, "seq": seq, "ts": 0, **event})
+        run.state["seq"] = seq
+        run.state["status"] = "in_progress"
+        if event["type"] == "output":
+            run.state["outputBytes"] += len(event["data"].encode())
+        if event["type"] == "done":
+            run.state.update(status=event["status"], finalSeq=seq, finishedAt=1_700_000_001_000)
+            if event["status"] == "failed":
+                run.state.update(failureKind="run_failed", failureReason=event.get("reason"))
+        run.changed.set()
+
+    async def _produce(self, run: ContractRun, spec: dict[str, Any]) -> None:
+        self._emit(run, type="stage", stage="starting-run")
+        for index in range(int(spec.get("count", 3))):
+            if spec.get("delayMs"):
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(run.cancel.wait(), spec["delayMs"] / 1000)
+            if run.cancel.is_set():
+                self._emit(run, type="done", status="cancelled", reason="cancelled by the user")
+                return
+            self._emit(run, type="output", stream="stdout", data=f"chunk {index}\n")
+        if spec.get("fail"):
+            self._emit(run, type="done", status="failed", reason=spec["fail"])
+        else:
+            self._emit(run, type="done", status="completed")
+
+    async def _show(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not self._authorized(request):
+            return self._error(401, "invalid_token", "bad token")
+        run = self.runs.get(request.match_info["id"])
+        if run is None:
+            return self._error(404, "not_found", "no such run")
+        return web.json_response(run.state)
+
+    async def _cancel(self, request: Any) -> Any:
+        from aiohttp import web
+
+        run = self.runs.get(request.match_info["id"])
+        if run is None:
+            return self._error(404, "not_found", "no such run")
+        if run.state["status"] in ("completed", "failed", "cancelled"):
+            return self._error(409, "run_finished", "the run has already finished")
+        run.cancel.set()
+        return web.json_response({"runId": run.state["runId"], "status": run.state["status"]}, status=202)
+
+    async def _events(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not self._authorized(request):
+            return self._error(401, "invalid_token", "bad token")
+        run = self.runs.get(request.match_info["id"])
+        if run is None:
+            return self._error(404, "not_found", "no such run")
+        record = EventsRequest(request.query.get("after"), request.headers.get("Last-Event-ID"))
+        self.requests.append(record)
+        after = int(record.after or record.last_event_id or 0)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        await response.write(b": keepalive\n\n")
+        sent = after
+        while True:
+            while sent < len(run.events):
+                event = run.events[sent]
+                await response.write(
+                    f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+                )
+                sent += 1
+                record.sent += 1
+            if run.events and run.events[-1]["type"] == "done":
+                await response.write(f"event: end\ndata: {json.dumps(run.state)}\n\n".encode())
+                await response.write_eof()
+                return response
+            run.changed.clear()
+            await run.changed.wait()
