@@ -10,7 +10,9 @@ Routes:
 - ``GET /healthz``: liveness, no auth; ``{"status": "ok", "nats": "connected"|"disconnected"}``
   (200 even while NATS is down: restarting the gateway would not bring NATS back);
 - ``POST /api/links/session``: see :mod:`.sessions`;
-- ``GET /api/links/me``: see :mod:`.presence`.
+- ``GET /api/links/me``: see :mod:`.presence`;
+- ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
+  :mod:`.runs_api` (the run machinery, :mod:`.runs`, starts after NATS and stops before it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .errors import error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .permissions import GrantProvider
 from .presence import get_me
+from .runs import attach as attach_runs
+from .runs import runs_lifetime
+from .runs_api import add_routes as add_run_routes
 from .sessions import MINTER, SessionMinter, create_session
 
 __all__ = ["CONFIG", "create_app"]
@@ -65,7 +70,11 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
         log.warning("link sessions will answer 503 %s: %s", *problem)
     app[GATEWAY_NATS] = GatewayNats(config)
     app.cleanup_ctx.append(_nats_lifetime)
+    attach_runs(app, config)
+    # After NATS: cleanup runs in reverse, so deliveries drain before the connection closes.
+    app.cleanup_ctx.append(runs_lifetime)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/api/links/session", create_session)
     app.router.add_get("/api/links/me", get_me)
+    add_run_routes(app)
     return app

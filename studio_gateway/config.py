@@ -17,6 +17,7 @@ Values that hold a secret or a JWT may be given inline or as a path to a file ho
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "CredentialMode",
     "GatewayConfig",
     "OperatorKeys",
+    "RunsConfig",
     "allowed_connection_types",
 ]
 
@@ -56,11 +58,31 @@ DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT: Final = 2.0
 # Hard cap on one probe, so /api/links/me never hangs a browser.
 DEFAULT_PRESENCE_TIMEOUT: Final = 5.0
 
+# Runs (see docs/runs.md): the runner names a POST may ask for, unless RUNS_RUNNERS says otherwise.
+DEFAULT_RUNNERS: Final = ("echo", "mock", "command", "http")
+# The run event stream keeps events this long (then export reads the kept copy in the output bucket).
+DEFAULT_RUNS_STREAM_MAX_AGE: Final = 30 * 60.0
+# JetStream drops a re-published event id within this window (the daemon retries with the same id).
+DEFAULT_RUNS_DUPLICATE_WINDOW: Final = 2 * 60.0
+# Events of one run kept for export after the stream's retention (the done event is always kept).
+DEFAULT_RUNS_OUTPUT_MAX_BYTES: Final = 1024 * 1024
+# Run state and kept events live this long in their key-value buckets.
+DEFAULT_RUNS_RETENTION: Final = 7 * 24 * 3600.0
+# A running run whose desktop sent nothing (linkd sends heartbeats) for this long is desktop_lost.
+DEFAULT_RUNS_LIVENESS_TIMEOUT: Final = 60.0
+# Delivering a work item: a connected daemon answers in milliseconds.
+DEFAULT_RUNS_DISPATCH_TIMEOUT: Final = 10.0
+# SSE comment keep-alives while a run is quiet (proxies close idle connections).
+DEFAULT_RUNS_KEEPALIVE: Final = 15.0
+# A run's POST body (runner, input, title): the daemon takes work items of up to 1 MiB.
+DEFAULT_RUNS_MAX_BODY_BYTES: Final = 512 * 1024
+
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 _PUBLIC_KEY_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 _NATS_SCHEMES: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET", "wss": "WEBSOCKET"}
+_RUNNER_NAME: Final = re.compile(r"[a-z0-9_-]{1,64}")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -137,6 +159,84 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class RunsConfig:
+    """Runs: dispatch, the JetStream stream and buckets, the reaper (``RUNS_*`` variables)."""
+
+    enabled: bool = True
+    runners: tuple[str, ...] = DEFAULT_RUNNERS
+    stream_max_age: float = DEFAULT_RUNS_STREAM_MAX_AGE
+    duplicate_window: float = DEFAULT_RUNS_DUPLICATE_WINDOW
+    replicas: int = 1
+    output_max_bytes: int = DEFAULT_RUNS_OUTPUT_MAX_BYTES
+    retention: float = DEFAULT_RUNS_RETENTION
+    liveness_timeout: float = DEFAULT_RUNS_LIVENESS_TIMEOUT
+    # None: a tenth of the liveness timeout, between 0.1 and 5 seconds.
+    reaper_interval: float | None = None
+    dispatch_timeout: float = DEFAULT_RUNS_DISPATCH_TIMEOUT
+    keepalive: float = DEFAULT_RUNS_KEEPALIVE
+    max_body_bytes: int = DEFAULT_RUNS_MAX_BODY_BYTES
+
+    @property
+    def reaper_scan_interval(self) -> float:
+        """How often each instance scans for silent runs: small next to the liveness timeout."""
+        if self.reaper_interval is not None:
+            return self.reaper_interval
+        return min(5.0, max(0.1, self.liveness_timeout / 10))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RunsConfig:
+        raw_runners = environ.get("RUNS_RUNNERS", "").strip()
+        runners: tuple[str, ...] = DEFAULT_RUNNERS
+        if raw_runners:
+            runners = tuple(dict.fromkeys(r.strip() for r in raw_runners.split(",") if r.strip()))
+            bad = [r for r in runners if not _RUNNER_NAME.fullmatch(r)]
+            if not runners or bad:
+                raise ConfigError(
+                    "RUNS_RUNNERS", f"{', '.join(bad) or 'empty'}: runner names are 1..64 of a-z 0-9 _ -"
+                )
+        max_age = _float(
+            environ, "RUNS_STREAM_MAX_AGE_SECONDS", DEFAULT_RUNS_STREAM_MAX_AGE, 1.0, 10 * 365 * 86400.0
+        )
+        window = _float(environ, "RUNS_DUPLICATE_WINDOW_SECONDS", DEFAULT_RUNS_DUPLICATE_WINDOW, 0.1, 86400.0)
+        if window > max_age and not environ.get("RUNS_DUPLICATE_WINDOW_SECONDS", "").strip():
+            window = max_age  # the default window, for a short stream retention
+        if window > max_age:
+            raise ConfigError(
+                "RUNS_DUPLICATE_WINDOW_SECONDS",
+                f"{window:g} s is longer than RUNS_STREAM_MAX_AGE_SECONDS ({max_age:g} s)",
+            )
+        liveness = _float(
+            environ, "RUNS_LIVENESS_TIMEOUT_SECONDS", DEFAULT_RUNS_LIVENESS_TIMEOUT, 0.5, 86400.0
+        )
+        raw_interval = environ.get("RUNS_REAPER_INTERVAL_SECONDS", "").strip()
+        interval = (
+            _float(environ, "RUNS_REAPER_INTERVAL_SECONDS", 1.0, 0.05, 3600.0) if raw_interval else None
+        )
+        return cls(
+            enabled=_bool(environ, "RUNS_ENABLED", default=True),
+            runners=runners,
+            stream_max_age=max_age,
+            duplicate_window=window,
+            replicas=_int(environ, "RUNS_REPLICAS", default=1, low=1, high=5),
+            output_max_bytes=_int(
+                environ, "RUNS_OUTPUT_MAX_BYTES", default=DEFAULT_RUNS_OUTPUT_MAX_BYTES, low=0, high=1 << 34
+            ),
+            retention=_float(
+                environ, "RUNS_RETENTION_SECONDS", DEFAULT_RUNS_RETENTION, 60.0, 10 * 365 * 86400.0
+            ),
+            liveness_timeout=liveness,
+            reaper_interval=interval,
+            dispatch_timeout=_float(
+                environ, "RUNS_DISPATCH_TIMEOUT_SECONDS", DEFAULT_RUNS_DISPATCH_TIMEOUT, 0.1, 600.0
+            ),
+            keepalive=_float(environ, "RUNS_KEEPALIVE_SECONDS", DEFAULT_RUNS_KEEPALIVE, 0.1, 3600.0),
+            max_body_bytes=_int(
+                environ, "RUNS_MAX_BODY_BYTES", default=DEFAULT_RUNS_MAX_BODY_BYTES, low=1024, high=16 << 20
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``create_app`` needs. Build it with :meth:`from_env` (the CLI overlays its flags)."""
 
@@ -153,6 +253,7 @@ class GatewayConfig:
     port: int = DEFAULT_GATEWAY_PORT
     presence_first_frame_timeout: float = DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT
     presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
+    runs: RunsConfig = field(default_factory=RunsConfig)
 
     @property
     def credential_mode(self) -> CredentialMode:
@@ -206,6 +307,7 @@ class GatewayConfig:
             tunnel_prefix=prefix,
             host=environ.get("GATEWAY_HOST", DEFAULT_GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
             port=_int(environ, "GATEWAY_PORT", default=DEFAULT_GATEWAY_PORT, low=0, high=65535),
+            runs=RunsConfig.from_env(environ),
         )
 
 
@@ -273,6 +375,19 @@ def _bool(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise ConfigError(name, f"{raw!r} is not a boolean (use true/false)")
+
+
+def _float(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a number (seconds)") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ConfigError(name, f"{value:g} is out of range [{low:g}, {high:g}]")
+    return value
 
 
 def _int(environ: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:

@@ -12,9 +12,14 @@ Everything else is denied by omission: allow-lists only, so another host's
 subjects, ``>`` and ``_INBOX.>`` are all out of reach. The callers' own reply
 subjects live under the caller's chosen host ``P`` too, so no ``resp`` grant is needed.
 
-Extension point: later features (run uplink subjects, for one) add a
-:class:`PermissionGrant` provider to :func:`daemon_permissions`'s ``extra``
-instead of editing the tunnel rules here.
+Run uplink (:func:`uplink_grant`, part of every minted session by default via
+:data:`DEFAULT_GRANTS`): publish ``P.runs.*`` (its own runs' events, a JetStream
+publish) and subscribe ``P.inbox.>`` (the daemon's nats-py ``inbox_prefix``, where the
+JetStream acks arrive). Both under the host's own prefix, so a daemon can neither
+forge another host's run events nor read another host's acks.
+
+Extension point: later features add a :class:`PermissionGrant` provider to
+:func:`daemon_permissions`'s ``extra`` instead of editing the tunnel rules here.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import tunnel
+from linkd.run_protocol import uplink_publish_grant
 
 __all__ = [
+    "DEFAULT_GRANTS",
     "GrantProvider",
     "PermissionGrant",
     "daemon_permissions",
     "tunnel_grant",
+    "uplink_grant",
 ]
 
 
@@ -62,6 +70,16 @@ def tunnel_grant(subjects: tunnel.HostSubjects) -> PermissionGrant:
         publish=(f"{base}.req.*.reply", f"{base}.req.*.reply.*"),
         subscribe=(subjects.request, subjects.all_aborts, f"{base}.req.*.body", f"{base}.req.*.up.*"),
     )
+
+
+def uplink_grant(subjects: tunnel.HostSubjects) -> PermissionGrant:
+    """The run uplink: publish its own run events, receive the JetStream acks in its own inbox."""
+    publish, subscribe = uplink_publish_grant(subjects)
+    return PermissionGrant(publish=publish, subscribe=subscribe)
+
+
+# What every minted daemon credential gets on top of the tunnel rules.
+DEFAULT_GRANTS: tuple[GrantProvider, ...] = (uplink_grant,)
 
 
 def daemon_permissions(

@@ -29,7 +29,8 @@ Response 200::
 
 The user JWT is signed by the account signing key, expires after
 ``NATS_TUNNEL_SESSION_TTL_SECONDS``, may only use the listed connection types, and
-may only do what serving its own host needs (see :mod:`.permissions`).
+may only do what serving its own host and publishing its own runs' events needs
+(see :mod:`.permissions`).
 
 Errors: 401 (see :mod:`.auth`); 400 ``invalid_body`` / ``invalid_public_key``;
 503 ``tunnel_disabled`` (``NATS_TUNNEL_PUBLIC_ENABLED`` is false),
@@ -53,7 +54,7 @@ from .config import CredentialMode, GatewayConfig
 from .errors import json_error
 from .hostnames import tunnel_hostname
 from .natsconn import GATEWAY_NATS
-from .permissions import GrantProvider, daemon_permissions
+from .permissions import DEFAULT_GRANTS, GrantProvider, daemon_permissions
 
 __all__ = ["MINTER", "SessionMinter", "create_session"]
 
@@ -68,7 +69,8 @@ class SessionMinter:
 
     def __init__(self, config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...] = ()) -> None:
         self.config = config
-        self.extra_grants = extra_grants
+        # The run uplink is always part of a daemon's credential; callers may add more.
+        self.extra_grants = (*DEFAULT_GRANTS, *(g for g in extra_grants if g not in DEFAULT_GRANTS))
         self._signing_kp: Any = None
         self._issuer_account: str | None = None
         if config.operator is not None:

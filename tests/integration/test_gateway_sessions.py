@@ -72,9 +72,18 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
         assert before + TTL <= claims["exp"] <= int(time.time()) + TTL
         assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"])) == session["expiresAt"]
         base = tunnel.HostSubjects.for_host(host).base
-        assert claims["nats"]["pub"] == {"allow": [f"{base}.req.*.reply", f"{base}.req.*.reply.*"]}
+        # The tunnel rules, then the run uplink (its own runs' events, JetStream acks in its own inbox).
+        assert claims["nats"]["pub"] == {
+            "allow": [f"{base}.req.*.reply", f"{base}.req.*.reply.*", f"{base}.runs.*"]
+        }
         assert claims["nats"]["sub"] == {
-            "allow": [f"{base}.request", f"{base}.req.*.abort", f"{base}.req.*.body", f"{base}.req.*.up.*"]
+            "allow": [
+                f"{base}.request",
+                f"{base}.req.*.abort",
+                f"{base}.req.*.body",
+                f"{base}.req.*.up.*",
+                f"{base}.inbox.>",
+            ]
         }
 
         daemon = await connect_daemon(op.server.url, **creds_auth(session["credentials"]["creds"]))

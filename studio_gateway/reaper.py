@@ -1,0 +1,132 @@
+"""The reaper: fails runs whose desktop went silent (``failed`` / ``desktop_lost``).
+
+Every gateway instance runs it; it is safe concurrently because each verdict is
+written with compare-and-set on the state's revision (a lost race just means
+another instance, the projector or a cancel got there first). A run is silent when
+nothing arrived for ``RUNS_LIVENESS_TIMEOUT_SECONDS`` (linkd sends heartbeats while a
+run works) since its last event, or since dispatch when none came yet. A run still
+``dispatching`` gets the dispatch timeout on top: its dispatcher decides first.
+
+Before failing a run the reaper asks the stream for the run's newest event: when
+the desktop did publish recently and only the projector is behind, the run is
+alive and is left alone. Once failed, the run is terminal: late events cannot
+bring it back (the projector ignores them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+import nats.js.errors
+
+from linkd.run_protocol import RUN_STREAM
+
+from .config import RunsConfig
+from .run_metrics import RunMetrics
+from .run_state import RunState, terminate
+from .run_store import Conflict, RunStore
+
+__all__ = ["Reaper", "silent_for"]
+
+log = logging.getLogger("studio_gateway.reaper")
+
+ERROR_DELAY: Final = 1.0
+
+
+def silent_for(state: RunState, now_ms: int) -> float:
+    """Seconds since ``state`` last showed a sign of life."""
+    return max(0.0, (now_ms - state.liveness_reference()) / 1000)
+
+
+def deadline_seconds(state: RunState, config: RunsConfig) -> float:
+    if state.status == "dispatching":
+        return config.dispatch_timeout + config.liveness_timeout
+    return config.liveness_timeout
+
+
+class Reaper:
+    def __init__(
+        self,
+        store: RunStore,
+        metrics: RunMetrics,
+        config: RunsConfig,
+        *,
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.config = config
+        self.now_ms = now_ms
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reaper scan failed: %s", exc)
+                await asyncio.sleep(ERROR_DELAY)
+            await asyncio.sleep(self.config.reaper_scan_interval)
+
+    async def scan(self) -> list[str]:
+        """One pass over the active runs; returns the ids this pass failed."""
+        reaped: list[str] = []
+        for run_id in await self.store.active_ids():
+            loaded = await self.store.load(run_id)
+            if loaded is None or loaded[0].terminal:
+                await self.store.mark_inactive(run_id)  # leftover of an interrupted terminal write
+                continue
+            state, revision = loaded
+            now = self.now_ms()
+            limit = deadline_seconds(state, self.config)
+            silence = silent_for(state, now)
+            if silence < limit:
+                continue
+            if await self._recent_event_pending(state, now, limit):
+                continue
+            reason = (
+                f"the desktop sent nothing for {silence:.1f} s "
+                f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
+            )
+            new = terminate(
+                state,
+                "failed",
+                now_ms=now,
+                failure_kind="desktop_lost",
+                reason=reason,
+                expected_fence=state.fence,
+            )
+            if new is None:
+                continue
+            try:
+                await self.store.write(new, revision)
+            except Conflict:
+                continue  # something happened to the run meanwhile; the next pass looks again
+            await self.store.mark_inactive(run_id)
+            self.metrics.reaped.inc()
+            self.metrics.run_finished(new.status, new.failure_kind)
+            log.warning("run %s reaped: %s", run_id, reason)
+            reaped.append(run_id)
+        return reaped
+
+    async def _recent_event_pending(self, state: RunState, now_ms: int, limit: float) -> bool:
+        """True when the stream holds a newer event of this run than applied, stored recently."""
+        try:
+            msg = await self.store.js.get_last_msg(RUN_STREAM, self.store.event_subject(state))
+        except nats.js.errors.NotFoundError:
+            return False
+        try:
+            event = json.loads(msg.data or b"")
+            seq = event.get("seq") if isinstance(event, dict) else None
+        except ValueError:
+            return False
+        if not isinstance(seq, int) or seq <= state.seq or msg.time is None:
+            return False
+        stored_ms = msg.time.timestamp() * 1000
+        return (now_ms - stored_ms) / 1000 < limit

@@ -1,0 +1,88 @@
+"""The gateway's run metrics (``GET /metrics``), one :class:`RunMetrics` per application.
+
+Series (all per gateway instance):
+
+- ``studio_runs_created_total``: runs accepted by ``POST``;
+- ``studio_runs_finished_total{status,failure_kind}``: terminal transitions this instance wrote
+  (``failure_kind`` is ``""`` unless the status is ``failed``);
+- ``studio_runs_dispatch_seconds{outcome}``: how long delivering a work item took
+  (``outcome``: ``accepted`` or a failure kind);
+- ``studio_runs_reaped_total``: runs the reaper failed as ``desktop_lost``;
+- ``studio_runs_uplink_events_total{result}``: uplink events the projector handled, by
+  result: ``applied``, ``duplicate``, ``gap`` (retried later), ``stale_fence``,
+  ``wrong_host``, ``terminal`` (late, after the run ended), ``unknown_run``, ``invalid``;
+- ``studio_runs_projector_pending``: events in the projector's consumer not yet delivered
+  (from the last message's metadata);
+- ``studio_runs_projector_lag_seconds``: now minus the stream time of the last event applied;
+- ``studio_runs_cancels_total{outcome}``: cancel requests by how they ended (``requested``:
+  the desktop took it; ``gateway``: the gateway ended the run itself; ``already_finished``;
+  ``failed``);
+- ``studio_runs_ready``, ``studio_runs_dispatch_in_flight``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .metrics import Counter, Gauge, Histogram, Registry
+
+__all__ = ["RunMetrics"]
+
+
+class RunMetrics:
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+        r = self.registry
+        self.created = r.register(Counter("studio_runs_created_total", "Runs accepted by POST."))
+        self.finished = r.register(
+            Counter(
+                "studio_runs_finished_total",
+                "Runs this instance moved to a terminal status.",
+                ("status", "failure_kind"),
+            )
+        )
+        self.dispatch_seconds = r.register(
+            Histogram(
+                "studio_runs_dispatch_seconds", "Time to deliver a work item to the desktop.", ("outcome",)
+            )
+        )
+        self.reaped = r.register(
+            Counter("studio_runs_reaped_total", "Runs failed as desktop_lost by the reaper.")
+        )
+        self.uplink_events = r.register(
+            Counter("studio_runs_uplink_events_total", "Uplink events handled by the projector.", ("result",))
+        )
+        self.cancels = r.register(
+            Counter("studio_runs_cancels_total", "Cancel requests by outcome.", ("outcome",))
+        )
+        self.projector_pending = r.register(
+            Gauge("studio_runs_projector_pending", "Uplink events not yet delivered to the projector.")
+        )
+        self.ready = r.register(
+            Gauge("studio_runs_ready", "1 while runs work on this instance (JetStream set up), else 0.")
+        )
+        self.dispatch_in_flight = r.register(
+            Gauge("studio_runs_dispatch_in_flight", "Work items being delivered right now.")
+        )
+        self._last_event_time: float | None = None
+        self.projector_lag = r.register(
+            Gauge(
+                "studio_runs_projector_lag_seconds",
+                "Now minus the stream time of the last event the projector applied.",
+                source=self._lag,
+            )
+        )
+
+    def _lag(self) -> float | None:
+        if self._last_event_time is None:
+            return None
+        return max(0.0, round(time.time() - self._last_event_time, 3))
+
+    def event_applied_at(self, stream_time: float) -> None:
+        self._last_event_time = stream_time
+
+    def run_finished(self, status: str, failure_kind: str | None) -> None:
+        self.finished.inc(status=status, failure_kind=failure_kind or "")
+
+    def render(self) -> str:
+        return self.registry.render()

@@ -1,0 +1,393 @@
+"""Where runs live: the JetStream event stream and three key-value buckets (all created idempotently).
+
+- stream ``LINK_RUNS`` (:data:`linkd.run_protocol.RUN_STREAM`): every host's run events,
+  ``P.host.*.runs.*``, file storage, ``max_age`` = ``RUNS_STREAM_MAX_AGE_SECONDS``,
+  de-duplication window ``RUNS_DUPLICATE_WINDOW_SECONDS`` (message ids ``<runId>:<fence>:<seq>``);
+- bucket ``LINK_RUN_STATE``: one key per run id, the :class:`~.run_state.RunState` JSON,
+  always written with compare-and-set on the revision;
+- bucket ``LINK_RUN_OUTPUT``: the run's events kept for export after the stream's
+  retention, one key ``<runId>.<seq>`` each (a retried write replaces itself, so keeping
+  is idempotent), up to ``RUNS_OUTPUT_MAX_BYTES`` per run;
+- bucket ``LINK_RUN_ACTIVE``: one key per run that is not terminal yet, so the reaper
+  scans only those (removed with a subject purge: no tombstones pile up);
+- durable pull consumer ``LINK_RUNS_PROJECTOR`` on the stream, shared by every gateway
+  instance's projector.
+
+Everything survives a gateway restart; gateway instances keep no run state of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from linkd.run_protocol import RUN_STREAM, run_stream_subjects
+
+from .config import RunsConfig
+from .run_state import RunState
+
+__all__ = [
+    "ACTIVE_BUCKET",
+    "OUTPUT_BUCKET",
+    "PROJECTOR_DURABLE",
+    "STATE_BUCKET",
+    "Conflict",
+    "EventReader",
+    "RunStore",
+]
+
+log = logging.getLogger("studio_gateway.run_store")
+
+STATE_BUCKET: Final = "LINK_RUN_STATE"
+OUTPUT_BUCKET: Final = "LINK_RUN_OUTPUT"
+ACTIVE_BUCKET: Final = "LINK_RUN_ACTIVE"
+PROJECTOR_DURABLE: Final = "LINK_RUNS_PROJECTOR"
+# A projector that took a message and died: JetStream hands it to another instance after this.
+PROJECTOR_ACK_WAIT: Final = 30.0
+PROJECTOR_MAX_ACK_PENDING: Final = 4096
+# Readers' ephemeral consumers disappear this long after their reader stopped pulling.
+READER_INACTIVE_THRESHOLD: Final = 120.0
+JS_TIMEOUT: Final = 5.0
+# JetStream API error codes.
+_STREAM_NAME_IN_USE: Final = 10058
+_CONSUMER_EXISTS: Final = 10148
+_CONSUMER_NAME_EXISTS: Final = 10013
+
+
+class Conflict(Exception):
+    """A compare-and-set lost: somebody else wrote the key first (read again and retry)."""
+
+
+def _kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> api.StreamConfig:
+    """The stream behind a key-value bucket, as nats-py's ``create_key_value`` builds it."""
+    return api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, max_age) if max_age else 120.0,
+        max_age=max_age,
+        max_bytes=-1,
+        max_consumers=-1,
+        max_msg_size=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=1,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+
+
+def runs_stream_config(config: RunsConfig, prefix: str) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=RUN_STREAM,
+        description="Run events from desktop daemons (see docs/runs.md)",
+        subjects=run_stream_subjects(prefix),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=config.stream_max_age,
+        duplicate_window=config.duplicate_window,
+        num_replicas=config.replicas,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_bytes=-1,
+        max_msg_size=-1,
+        discard=api.DiscardPolicy.OLD,
+    )
+
+
+_COMPARED: Final = ("subjects", "max_age", "duplicate_window", "num_replicas", "max_msgs_per_subject")
+
+
+async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> str:
+    """Create the stream, or bring an existing one to ``config``; returns what was done.
+
+    Safe when several gateway instances start at once: a lost creation race reads the winner's.
+    """
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            return "created"
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            info = await js.stream_info(config.name)
+    current = info.config
+    differs = [
+        name
+        for name in _COMPARED
+        if getattr(config, name) is not None
+        and _normal(getattr(current, name)) != _normal(getattr(config, name))
+    ]
+    if not differs:
+        return "unchanged"
+    log.info("updating stream %s (%s changed)", config.name, ", ".join(differs))
+    await js.update_stream(config)
+    return "updated"
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, list):
+        return sorted(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+@dataclass
+class EventReader:
+    """An ephemeral, unacknowledged pull consumer on one subject (replay, then live)."""
+
+    js: JetStreamContext
+    stream: str
+    name: str
+    sub: JetStreamContext.PullSubscription
+    initial_pending: int
+
+    @classmethod
+    async def open(
+        cls,
+        js: JetStreamContext,
+        stream: str,
+        subject: str,
+        *,
+        deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
+    ) -> EventReader:
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=deliver_policy,
+            inactive_threshold=READER_INACTIVE_THRESHOLD,
+            mem_storage=True,
+            num_replicas=1,
+            max_waiting=4,
+        )
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        name = config.name or ""
+        info = await js.consumer_info(stream, name)
+        return cls(js, stream, name, sub, int(info.num_pending or 0))
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages; [] when none arrived within ``timeout``."""
+        try:
+            return await self.sub.fetch(batch, timeout=timeout)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+
+    async def snapshot(self, timeout: float = JS_TIMEOUT) -> list[Msg]:
+        """Everything the subject held when the reader was opened."""
+        msgs: list[Msg] = []
+        if self.initial_pending == 0:
+            return msgs
+        while True:
+            batch = await self.fetch(256, timeout)
+            msgs.extend(batch)
+            if not batch or batch[-1].metadata.num_pending == 0 or len(msgs) >= self.initial_pending:
+                return msgs
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.js.delete_consumer(self.stream, self.name)
+
+
+class RunStore:
+    """Run state, kept events and the active index on one NATS connection."""
+
+    def __init__(self, nc: NATS, config: RunsConfig, prefix: str) -> None:
+        self.nc = nc
+        self.config = config
+        self.prefix = prefix
+        self.js = nc.jetstream(timeout=JS_TIMEOUT)
+        self._state: KeyValue | None = None
+        self._output: KeyValue | None = None
+        self._active: KeyValue | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    async def setup(self) -> dict[str, str]:
+        """Create (or update) the stream, the buckets and the projector's consumer; idempotent."""
+        js = self.js
+        config = self.config
+        done = {RUN_STREAM: await ensure_stream(js, runs_stream_config(config, self.prefix))}
+        for bucket, max_age in (
+            (STATE_BUCKET, config.retention),
+            (OUTPUT_BUCKET, config.retention),
+            (ACTIVE_BUCKET, None),
+        ):
+            stream = _kv_stream_config(bucket, max_age=max_age, replicas=config.replicas)
+            done[bucket] = await ensure_stream(js, stream)
+        self._state = await js.key_value(STATE_BUCKET)
+        self._output = await js.key_value(OUTPUT_BUCKET)
+        self._active = await js.key_value(ACTIVE_BUCKET)
+        done[PROJECTOR_DURABLE] = await self._ensure_projector_consumer()
+        return done
+
+    async def _ensure_projector_consumer(self) -> str:
+        consumer = api.ConsumerConfig(
+            name=PROJECTOR_DURABLE,
+            durable_name=PROJECTOR_DURABLE,
+            description="run state projector (every gateway instance pulls from it)",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=PROJECTOR_ACK_WAIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=run_stream_subjects(self.prefix)[0],
+            max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
+            max_deliver=-1,
+            max_waiting=512,
+        )
+        try:
+            await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
+            return "unchanged"
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await self.js.add_consumer(RUN_STREAM, consumer)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
+                raise
+            return "unchanged"
+        return "created"
+
+    async def projector_subscription(self) -> JetStreamContext.PullSubscription:
+        return await self.js.pull_subscribe_bind(durable=PROJECTOR_DURABLE, stream=RUN_STREAM)
+
+    async def projector_pending(self) -> int:
+        info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
+        return int(info.num_pending or 0)
+
+    @property
+    def state_kv(self) -> KeyValue:
+        if self._state is None:
+            raise RuntimeError("RunStore.setup() has not run")
+        return self._state
+
+    # ------------------------------------------------------------------ run state
+
+    def state_subject(self, run_id: str) -> str:
+        """The subject every write of ``run_id``'s state is published on (for live watchers)."""
+        return f"$KV.{STATE_BUCKET}.{run_id}"
+
+    async def load(self, run_id: str) -> tuple[RunState, int] | None:
+        try:
+            entry = await self.state_kv.get(run_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return RunState.from_json(entry.value), entry.revision
+
+    async def create(self, state: RunState) -> int:
+        """Write a new run (Conflict when the id exists) and list it as active."""
+        try:
+            revision = await self.state_kv.create(state.run_id, state.to_json())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(state.run_id) from None
+        await self.mark_active(state.run_id)
+        return revision
+
+    async def write(self, state: RunState, revision: int) -> int:
+        """Compare-and-set: only when the stored revision is still ``revision``."""
+        try:
+            return await self.state_kv.update(state.run_id, state.to_json(), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(state.run_id) from None
+
+    async def modify(
+        self,
+        run_id: str,
+        change: Callable[[RunState], RunState | None],
+        *,
+        attempts: int = 20,
+    ) -> tuple[RunState | None, RunState | None]:
+        """Apply ``change`` with compare-and-set, re-reading on conflict.
+
+        Returns ``(written, current)``: the state written (None when ``change`` declined)
+        and the state as last read. ``(None, None)`` when the run does not exist.
+        """
+        for _ in range(attempts):
+            loaded = await self.load(run_id)
+            if loaded is None:
+                return None, None
+            state, revision = loaded
+            new = change(state)
+            if new is None:
+                return None, state
+            try:
+                await self.write(new, revision)
+            except Conflict:
+                continue
+            if new.terminal:
+                await self.mark_inactive(run_id)
+            return new, state
+        raise Conflict(f"{run_id}: too many concurrent writers")
+
+    # ------------------------------------------------------------------ active index
+
+    async def mark_active(self, run_id: str) -> None:
+        assert self._active is not None
+        await self._active.put(run_id, b"1")
+
+    async def mark_inactive(self, run_id: str) -> None:
+        """Forget an ended run in the active index (a purge: no tombstone stays behind)."""
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.purge_stream(f"KV_{ACTIVE_BUCKET}", subject=f"$KV.{ACTIVE_BUCKET}.{run_id}")
+
+    async def active_ids(self) -> list[str]:
+        reader = await EventReader.open(
+            self.js,
+            f"KV_{ACTIVE_BUCKET}",
+            f"$KV.{ACTIVE_BUCKET}.>",
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        )
+        try:
+            msgs = await reader.snapshot()
+        finally:
+            await reader.close()
+        head = len(f"$KV.{ACTIVE_BUCKET}.")
+        return [m.subject[head:] for m in msgs if m.data]
+
+    # ------------------------------------------------------------------ events
+
+    def event_subject(self, state: RunState) -> str:
+        """Where the run owner's daemon publishes this run's events."""
+        return f"{self.prefix}.host.{state.host_token}.runs.{state.run_id}"
+
+    async def open_events(self, state: RunState) -> EventReader:
+        return await EventReader.open(self.js, RUN_STREAM, self.event_subject(state))
+
+    async def keep_event(self, run_id: str, seq: int, event: dict[str, Any]) -> None:
+        """Keep one event for export after the stream's retention (idempotent per seq)."""
+        assert self._output is not None
+        await self._output.put(f"{run_id}.{seq}", json.dumps(event, separators=(",", ":")).encode())
+
+    async def kept_events(self, run_id: str) -> list[dict[str, Any]]:
+        """The kept events of ``run_id``, in seq order."""
+        reader = await EventReader.open(self.js, f"KV_{OUTPUT_BUCKET}", f"$KV.{OUTPUT_BUCKET}.{run_id}.*")
+        try:
+            msgs = await reader.snapshot()
+        finally:
+            await reader.close()
+        events: list[dict[str, Any]] = []
+        for msg in msgs:
+            with contextlib.suppress(ValueError):
+                event = json.loads(msg.data)
+                if isinstance(event, dict) and isinstance(event.get("seq"), int):
+                    events.append(event)
+        events.sort(key=lambda e: int(e["seq"]))
+        return events

@@ -1,0 +1,330 @@
+"""Runs on the gateway: the service object behind ``/api/runs`` (see docs/runs.md).
+
+:class:`RunsService` owns the run machinery of one gateway instance:
+
+- start-up (in the background, after the gateway's NATS connection is up): create or
+  update the stream, the buckets and the projector's consumer (:mod:`.run_store`);
+  JetStream missing -> runs answer ``503 runs_unavailable`` and set-up is retried;
+- the :class:`~.projector.Projector` and :class:`~.reaper.Reaper` loops (restarted
+  when the NATS connection is replaced);
+- the :class:`~.dispatch.Dispatcher` (drained on shutdown);
+- the operations the HTTP handlers call: create, read, cancel, list events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+import tunnel
+
+from .config import GatewayConfig
+from .dispatch import Dispatcher, send_control
+from .hostnames import tunnel_hostname
+from .natsconn import GATEWAY_NATS, GatewayNats
+from .projector import Projector
+from .reaper import Reaper
+from .run_metrics import RunMetrics
+from .run_sse import ordered_events
+from .run_state import RunState, terminate
+from .run_store import RunStore
+
+__all__ = ["RUNS", "CancelOutcome", "RunsService", "runs_lifetime"]
+
+log = logging.getLogger("studio_gateway.runs")
+
+SETUP_RETRY_DELAY: Final = 1.0
+MAX_SETUP_RETRY_DELAY: Final = 10.0
+# How often the supervisor checks that its NATS connection is still the gateway's.
+SUPERVISE_INTERVAL: Final = 0.5
+# Deliveries in flight get this long on shutdown (beyond it, they fail as dispatch_error).
+DRAIN_TIMEOUT: Final = 5.0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id(kind: str) -> str:
+    """``run_<32 hex>`` / ``thr_<32 hex>``: unguessable, and valid in subjects and KV keys."""
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What ``POST /api/runs/{id}/cancel`` answers."""
+
+    http_status: int
+    body: dict[str, Any]
+
+
+class RunsService:
+    def __init__(self, config: GatewayConfig, nats: GatewayNats, metrics: RunMetrics | None = None) -> None:
+        self.config = config
+        self.runs = config.runs
+        self.nats = nats
+        self.metrics = metrics or RunMetrics()
+        self.dispatcher = Dispatcher(self.metrics, self.runs.dispatch_timeout)
+        self._store: RunStore | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.reason = "runs are starting (waiting for NATS and JetStream)"
+        self.setup_result: dict[str, str] = {}
+        self._ready = asyncio.Event()
+        self.metrics.ready.source = lambda: 1.0 if self.store is not None else 0.0
+        self.metrics.dispatch_in_flight.source = lambda: float(self.dispatcher.in_flight)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def store(self) -> RunStore | None:
+        """The store while runs work (None: see :attr:`reason`)."""
+        store = self._store
+        if store is None or not self.nats.available or store.nc is not self.nats.nc:
+            return None
+        return store
+
+    def unavailable_reason(self) -> str:
+        if self._store is not None and not self.nats.available:
+            return "the gateway lost its NATS connection; runs are back when it reconnects"
+        return self.reason
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="runs-supervisor")
+
+    async def close(self) -> None:
+        await self.dispatcher.drain(DRAIN_TIMEOUT)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._store = None
+
+    async def _supervise(self) -> None:
+        delay = SETUP_RETRY_DELAY
+        warned = False
+        while True:
+            nc = self.nats.nc
+            if nc is None or not self.nats.available:
+                await asyncio.sleep(0.05)
+                continue
+            store = RunStore(nc, self.runs, self.config.tunnel_prefix)
+            try:
+                self.setup_result = await store.setup()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.reason = f"runs need JetStream on the gateway's NATS server, and set-up failed ({exc!r})"
+                log.log(logging.DEBUG if warned else logging.WARNING, "%s; retrying", self.reason)
+                warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_SETUP_RETRY_DELAY)
+                continue
+            delay = SETUP_RETRY_DELAY
+            log.info("runs ready", extra={"setup": self.setup_result})
+            self._store = store
+            self.reason = "ready"
+            self._ready.set()
+            loops = [
+                asyncio.get_running_loop().create_task(
+                    Projector(store, self.metrics).run(), name="runs-projector"
+                ),
+                asyncio.get_running_loop().create_task(
+                    Reaper(store, self.metrics, self.runs).run(), name="runs-reaper"
+                ),
+            ]
+            try:
+                while self.nats.nc is nc and not nc.is_closed:
+                    finished, _ = await asyncio.wait(loops, timeout=SUPERVISE_INTERVAL)
+                    if finished:
+                        break
+                for task in loops:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        log.warning("run loop %s stopped: %r; restarting", task.get_name(), task.exception())
+            finally:
+                for task in loops:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+                self._store = None
+                self._ready.clear()
+            self.reason = "runs are restarting (the NATS connection changed)"
+            await asyncio.sleep(SETUP_RETRY_DELAY)
+
+    # ------------------------------------------------------------------ operations
+
+    async def create_run(
+        self,
+        store: RunStore,
+        user_id: str,
+        *,
+        runner: str,
+        work_input: Any,
+        thread_id: str | None,
+        title: str | None,
+    ) -> RunState:
+        """Record a new run and start delivering it; returns at once (the run is ``dispatching``)."""
+        hostname = tunnel_hostname(user_id)
+        now = _now_ms()
+        state = RunState(
+            run_id=new_id("run"),
+            thread_id=thread_id or new_id("thr"),
+            user_id=user_id,
+            hostname=hostname,
+            host_token=tunnel.host_token(hostname),
+            runner=runner,
+            title=title,
+            created_at=now,
+            updated_at=now,
+        )
+        await store.create(state)
+        self.metrics.created.inc()
+        client = self.nats.client
+        if client is None:  # pragma: no cover - the store implies a connection
+            raise RuntimeError("no tunnel client")
+        self.dispatcher.submit(store, client, state, work_input)
+        log.info("run %s created (%s runner)", state.run_id, runner, extra={"run_id": state.run_id})
+        return state
+
+    async def get_owned(self, store: RunStore, run_id: str, user_id: str) -> RunState | None:
+        """The run, when it exists and belongs to ``user_id`` (others' runs do not exist for them)."""
+        loaded = await store.load(run_id)
+        if loaded is None or loaded[0].user_id != user_id:
+            return None
+        return loaded[0]
+
+    async def cancel(self, store: RunStore, state: RunState, reason: str) -> CancelOutcome:
+        """Ask the desktop to cancel; end the run here when the desktop cannot or does not know it."""
+        if state.terminal:
+            self.metrics.cancels.inc(outcome="already_finished")
+            return _finished(state)
+        client = self.nats.client
+        result = None
+        if client is not None:
+            result = await send_control(
+                client, state.hostname, state.run_id, reason, self.runs.dispatch_timeout
+            )
+        if result is not None and result.status in (200, 202):
+            self.metrics.cancels.inc(outcome="requested")
+            return CancelOutcome(202, {"runId": state.run_id, "status": state.status, "cancel": "requested"})
+        if result is not None and result.status == 409:
+            self.metrics.cancels.inc(outcome="already_finished")
+            loaded = await store.load(state.run_id)
+            return _finished(loaded[0] if loaded else state, "the run already ended on the desktop")
+        gone = (
+            result is None
+            or result.status == 404
+            or (
+                result.failure is not None
+                and result.failure.kind in ("desktop_unreachable", "dispatch_timeout")
+            )
+        )
+        if not gone:
+            self.metrics.cancels.inc(outcome="failed")
+            assert result is not None
+            code = result.code or (result.failure.kind if result.failure else "error")
+            return CancelOutcome(
+                502,
+                {
+                    "error": {
+                        "code": "cancel_failed",
+                        "message": f"the desktop did not accept the cancel ({code}); try again",
+                        "desktopCode": code,
+                    }
+                },
+            )
+        why = (
+            "it does not know the run"
+            if result is not None and result.status == 404
+            else "it is not reachable"
+        )
+        now = _now_ms()
+        written, current = await store.modify(
+            state.run_id,
+            lambda s: terminate(s, "cancelled", now_ms=now, reason=f"{reason} (ended by the gateway: {why})"),
+        )
+        if written is None:
+            self.metrics.cancels.inc(outcome="already_finished")
+            return _finished(current or state)
+        self.metrics.cancels.inc(outcome="gateway")
+        self.metrics.run_finished(written.status, written.failure_kind)
+        return CancelOutcome(202, {"runId": state.run_id, "status": written.status, "cancel": "gateway"})
+
+    async def collect_events(self, store: RunStore, state: RunState) -> list[dict[str, Any]]:
+        """Every applied event of the run, from the stream, or from the kept copy after retention."""
+        reader = await store.open_events(state)
+        try:
+            msgs = await reader.snapshot()
+        finally:
+            await reader.close()
+        upto = state.seq if state.terminal else None
+        raw = []
+        for msg in msgs:
+            event = _parse(msg.data)
+            if event is not None:
+                raw.append(event)
+        events = ordered_events(raw, state.event_fence, upto=upto)
+        complete = bool(events) and events[-1]["seq"] >= state.seq
+        if complete or state.seq == 0:
+            return events
+        kept = [
+            e
+            for e in await store.kept_events(state.run_id)
+            if e.get("fence") == state.event_fence and int(e["seq"]) <= state.seq
+        ]
+        if kept and (not events or int(kept[-1]["seq"]) > int(events[-1]["seq"])):
+            return kept
+        return events
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _finished(state: RunState, message: str | None = None) -> CancelOutcome:
+    return CancelOutcome(
+        409,
+        {
+            "error": {
+                "code": "run_finished",
+                "message": message or f"the run already ended: {state.status}",
+                "runStatus": state.status,
+            }
+        },
+    )
+
+
+RUNS: Final = web.AppKey("studio_gateway.runs", RunsService)
+
+
+async def runs_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: start the run machinery; on shutdown drain deliveries before NATS closes."""
+    service = app[RUNS]
+    if service.runs.enabled:
+        service.start()
+    yield
+    await service.close()
+
+
+def attach(app: web.Application, config: GatewayConfig) -> RunsService:
+    service = RunsService(config, app[GATEWAY_NATS])
+    app[RUNS] = service
+    return service

@@ -1,0 +1,349 @@
+"""The runs HTTP API (bearer-authenticated; a run belongs to the token's user).
+
+- ``POST /api/runs`` ``{runner, input?, threadId?, title?}`` -> ``202 {runId, threadId, status}``,
+  also when the desktop is offline (the run then fails at once, readable via GET);
+- ``POST /api/threads/{threadId}/messages``: the same, in that thread;
+- ``GET /api/runs/{id}``: the run state;
+- ``GET /api/runs/{id}/events?after=N`` (or ``Last-Event-ID``): SSE, or NDJSON with
+  ``Accept: application/x-ndjson`` (see :mod:`.run_sse`); replay, then live until the run
+  ends, always closing with one ``end`` message carrying the final state;
+- ``GET /api/runs/{id}/export``: NDJSON of every event;
+- ``POST /api/runs/{id}/cancel`` -> ``202``; ``409 run_finished`` when it already ended;
+- ``GET /metrics``: Prometheus text (no auth).
+
+Errors: ``400 invalid_json``, ``413 payload_too_large``, ``422 invalid_field`` (with
+``field``), ``422 unknown_runner`` (with ``runners``), ``404 run_not_found`` (also for
+another user's run), ``503 runs_unavailable`` (no JetStream / NATS down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Final
+
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from linkd.run_protocol import is_valid_run_id
+
+from .auth import User, authenticated
+from .errors import json_error
+from .metrics import CONTENT_TYPE
+from .run_sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
+from .run_state import RunState
+from .run_store import RunStore
+from .runs import RUNS, RunsService
+
+__all__ = ["add_routes"]
+
+log = logging.getLogger("studio_gateway.runs_api")
+
+MAX_TITLE_LENGTH: Final = 200
+MAX_REASON_LENGTH: Final = 500
+# Events read per pull while streaming to one reader.
+READ_BATCH: Final = 256
+READ_POLL: Final = 5.0
+# After the run ended, wait at most this long for its last events to arrive in the stream.
+END_GRACE: Final = 2.0
+# A reader that saw `done` waits this long for the projector to make the state terminal.
+DONE_GRACE: Final = 5.0
+_NO_STORE: Final = {"Cache-Control": "no-store"}
+
+
+class _Invalid(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+def _unavailable(service: RunsService) -> web.Response:
+    return json_error(503, "runs_unavailable", service.unavailable_reason())
+
+
+def _store(request: web.Request) -> tuple[RunsService, RunStore]:
+    service = request.app[RUNS]
+    store = service.store
+    if store is None:
+        raise _Invalid(_unavailable(service))
+    return service, store
+
+
+def _field(field: str, message: str) -> _Invalid:
+    return _Invalid(json_error(422, "invalid_field", f"{field}: {message}", field=field))
+
+
+async def _json_body(request: web.Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise _Invalid(json_error(413, "payload_too_large", f"the body must be at most {limit} bytes"))
+    if optional and not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Invalid(json_error(400, "invalid_json", "the body must be a JSON object")) from None
+    if not isinstance(payload, dict):
+        raise _Invalid(json_error(400, "invalid_json", "the body must be a JSON object"))
+    return payload
+
+
+def _thread_id(value: object) -> str:
+    if not isinstance(value, str) or not is_valid_run_id(value):
+        raise _field("threadId", "1..128 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+async def _create(request: web.Request, user: User, path_thread: str | None) -> web.StreamResponse:
+    try:
+        service, store = _store(request)
+        payload = await _json_body(request, service.runs.max_body_bytes)
+        runner = payload.get("runner")
+        if not isinstance(runner, str) or not runner.strip():
+            raise _field("runner", "required, the name of a runner")
+        allowed = service.runs.runners
+        if runner not in allowed:
+            return json_error(
+                422,
+                "unknown_runner",
+                f"no runner {runner[:64]!r} on this gateway (available: {', '.join(allowed)})",
+                field="runner",
+                runners=list(allowed),
+            )
+        thread = path_thread
+        if thread is None and payload.get("threadId") is not None:
+            thread = _thread_id(payload["threadId"])
+        title = payload.get("title")
+        if title is not None:
+            if not isinstance(title, str) or len(title) > MAX_TITLE_LENGTH:
+                raise _field("title", f"a string of at most {MAX_TITLE_LENGTH} characters")
+            title = title.strip() or None
+        state = await service.create_run(
+            store, user.id, runner=runner, work_input=payload.get("input"), thread_id=thread, title=title
+        )
+    except _Invalid as exc:
+        return exc.response
+    return web.json_response(
+        {"runId": state.run_id, "threadId": state.thread_id, "status": state.status},
+        status=202,
+        headers={**_NO_STORE, "Location": f"/api/runs/{state.run_id}"},
+    )
+
+
+@authenticated
+async def post_run(request: web.Request, user: User) -> web.StreamResponse:
+    return await _create(request, user, None)
+
+
+@authenticated
+async def post_thread_message(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        thread = _thread_id(request.match_info["threadId"])
+    except _Invalid as exc:
+        return exc.response
+    return await _create(request, user, thread)
+
+
+async def _owned(request: web.Request, user: User) -> tuple[RunsService, RunStore, RunState]:
+    service, store = _store(request)
+    run_id = request.match_info["runId"]
+    state = await service.get_owned(store, run_id, user.id) if is_valid_run_id(run_id) else None
+    if state is None:
+        raise _Invalid(json_error(404, "run_not_found", f"no run {run_id[:140]!r}"))
+    return service, store, state
+
+
+@authenticated
+async def get_run(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        _, _, state = await _owned(request, user)
+    except _Invalid as exc:
+        return exc.response
+    return web.json_response(state.public(), headers=_NO_STORE)
+
+
+@authenticated
+async def cancel_run(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        service, store, state = await _owned(request, user)
+        payload = await _json_body(request, 16 * 1024, optional=True)
+    except _Invalid as exc:
+        return exc.response
+    reason = payload.get("reason")
+    text = reason.strip()[:MAX_REASON_LENGTH] if isinstance(reason, str) and reason.strip() else None
+    outcome = await service.cancel(store, state, text or "cancelled by the user")
+    return web.json_response(outcome.body, status=outcome.http_status, headers=_NO_STORE)
+
+
+@authenticated
+async def export_run(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        service, store, state = await _owned(request, user)
+    except _Invalid as exc:
+        return exc.response
+    events = await service.collect_events(store, state)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": f"{NDJSON}; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{state.run_id}.jsonl"',
+            **_NO_STORE,
+        }
+    )
+    await response.prepare(request)
+    fmt = EventFormat(NDJSON)
+    for event in events:
+        await response.write(fmt.event(event))
+    await response.write_eof()
+    return response
+
+
+@authenticated
+async def run_events(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        service, store, state = await _owned(request, user)
+    except _Invalid as exc:
+        return exc.response
+    try:
+        after = parse_after(request.query.get("after"), request.headers.get("Last-Event-ID"))
+    except ValueError as exc:
+        return json_error(400, "invalid_after", str(exc))
+    fmt = choose_format(request.headers.get("Accept"))
+    response = web.StreamResponse(
+        headers={"Content-Type": fmt.content_type, "X-Accel-Buffering": "no", **_NO_STORE}
+    )
+    await response.prepare(request)
+    final = state
+    try:
+        if state.terminal:
+            for event in await service.collect_events(store, state):
+                if event["seq"] > after:
+                    await response.write(fmt.event(event))
+        else:
+            final = await _stream_live(response, fmt, service, store, state, after)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("run %s: event stream failed", state.run_id)
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(fmt.end(final.public()))
+        await response.write_eof()
+    return response
+
+
+class _StateWatch:
+    """The newest state of one run, from the key's own subject (every write is a message there)."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.changed = asyncio.Event()
+
+    async def on_message(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            state = RunState.from_json(msg.data)
+            if state.terminal or not self.state.terminal:
+                self.state = state
+                self.changed.set()
+
+
+async def _stream_live(
+    response: web.StreamResponse,
+    fmt: EventFormat,
+    service: RunsService,
+    store: RunStore,
+    state: RunState,
+    after: int,
+) -> RunState:
+    """Replay and follow one running run until it ends; returns its final state."""
+    watch = _StateWatch(state)
+    watch_sub = await store.nc.subscribe(store.state_subject(state.run_id), cb=watch.on_message)
+    reader = await store.open_events(state)
+    batches: asyncio.Queue[list[Msg]] = asyncio.Queue(maxsize=4)
+
+    async def pump() -> None:
+        while True:
+            await batches.put(await reader.fetch(READ_BATCH, READ_POLL))
+
+    pump_task = asyncio.get_running_loop().create_task(pump(), name=f"run-reader-{state.run_id}")
+    keepalive = service.runs.keepalive
+    loop = asyncio.get_running_loop()
+    next_seq = 1
+    pending: list[dict[str, Any]] = []
+    ended_at: float | None = None
+    done_at: float | None = None
+    try:
+        # The state may have moved between the first read and the subscription.
+        loaded = await store.load(state.run_id)
+        if loaded is not None:
+            watch.state = loaded[0]
+        while True:
+            current = watch.state
+            if current.terminal and next_seq > current.seq:
+                return current
+            now = loop.time()
+            if current.terminal:
+                ended_at = ended_at or now
+                if now - ended_at > END_GRACE:
+                    return current  # the stream lost the rest (retention); end anyway
+            elif done_at is not None and now - done_at > DONE_GRACE:
+                loaded = await store.load(state.run_id)
+                return loaded[0] if loaded else current
+            wait = 0.2 if (ended_at or done_at) else keepalive
+            got = loop.create_task(batches.get())
+            changed = loop.create_task(watch.changed.wait())
+            done, _ = await asyncio.wait({got, changed}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            if got in done:
+                msgs = got.result()
+            else:
+                got.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await got
+                msgs = []
+            watch.changed.clear()
+            if not done:
+                line = fmt.keepalive()
+                if line is not None:
+                    await response.write(line)
+                continue
+            for msg in msgs:
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    event = json.loads(msg.data)
+                    if isinstance(event, dict):
+                        pending.append(event)
+            ready = ordered_events(pending, state.event_fence, start=next_seq, upto=_limit(watch.state))
+            for event in ready:
+                if event["seq"] > after:
+                    await response.write(fmt.event(event))
+                if event.get("type") == "done":
+                    done_at = loop.time()
+            if ready:
+                next_seq = ready[-1]["seq"] + 1
+            pending = [e for e in pending if isinstance(e.get("seq"), int) and e["seq"] >= next_seq]
+    finally:
+        pump_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump_task
+        await reader.close()
+        with contextlib.suppress(Exception):
+            await watch_sub.unsubscribe()
+
+
+def _limit(state: RunState) -> int | None:
+    """Once a run ended, nothing beyond what was applied to it is part of it."""
+    return state.seq if state.terminal else None
+
+
+async def get_metrics(request: web.Request) -> web.StreamResponse:
+    text = request.app[RUNS].metrics.render()
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE, **_NO_STORE})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/runs", post_run)
+    app.router.add_post("/api/threads/{threadId}/messages", post_thread_message)
+    app.router.add_get("/api/runs/{runId}", get_run)
+    app.router.add_get("/api/runs/{runId}/events", run_events)
+    app.router.add_get("/api/runs/{runId}/export", export_run)
+    app.router.add_post("/api/runs/{runId}/cancel", cancel_run)
+    app.router.add_get("/metrics", get_metrics)
