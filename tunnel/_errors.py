@@ -13,7 +13,9 @@ The tree::
     ├── TunnelTimeout                                       504
     │   ├── NoFirstFrameTimeout      tunnel_no_first_frame
     │   ├── IdleTimeout              tunnel_idle_timeout
-    │   └── DeadlineExceeded         tunnel_timeout
+    │   ├── DeadlineExceeded         tunnel_timeout
+    │   └── StallTimeout             tunnel_stalled         (server side: the caller stopped
+    │                                                              granting credit or sending its body)
     ├── TunnelAborted                tunnel_aborted         499  (cancelled by a peer or by us)
     ├── RemoteProtocolError          tunnel_protocol_error  502  (the peer broke the protocol:
     │                                                              gap, duplicate, bad frame)
@@ -48,6 +50,7 @@ class ErrorCode:
     BODY_ERROR: Final = "tunnel_body_error"
     OVERLOADED: Final = "tunnel_overloaded"
     BUFFER_LIMIT: Final = "tunnel_buffer_limit"
+    STALLED: Final = "tunnel_stalled"
 
 
 class TunnelError(Exception):
@@ -108,6 +111,14 @@ class DeadlineExceeded(TunnelTimeout):
     code = ErrorCode.TIMEOUT
 
 
+class StallTimeout(TunnelTimeout):
+    """The server waited its stall timeout for the caller: no new credit (it stopped reading
+    the response), or no request-body bytes although it could send. The caller is alive
+    (it would otherwise see an idle timeout first) but not making progress."""
+
+    code = ErrorCode.STALLED
+
+
 class TunnelAborted(TunnelError):
     """The request was cancelled (by the caller, the server, or an abort frame)."""
 
@@ -149,6 +160,7 @@ _BY_CODE: dict[str, type[TunnelError]] = {
     ErrorCode.NO_FIRST_FRAME: NoFirstFrameTimeout,
     ErrorCode.IDLE_TIMEOUT: IdleTimeout,
     ErrorCode.TIMEOUT: DeadlineExceeded,
+    ErrorCode.STALLED: StallTimeout,
     ErrorCode.ABORTED: TunnelAborted,
     ErrorCode.PROTOCOL_ERROR: RemoteProtocolError,
 }

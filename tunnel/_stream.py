@@ -31,9 +31,9 @@ from ._errors import (
     LocalProtocolError,
     NoFirstFrameTimeout,
     RemoteProtocolError,
+    StallTimeout,
     TunnelAborted,
     TunnelError,
-    TunnelTimeout,
     TunnelUnreachable,
     error_from_remote,
 )
@@ -850,10 +850,19 @@ class ServerStream:
         stall = self.options.stall_timeout
         if stall is not None:
             if self._credit_blocked_since is not None and now - self._credit_blocked_since >= stall:
-                raise self._fail(TunnelTimeout(f"caller granted no flow-control credit for {stall:g} s"))
+                raise self._fail(
+                    StallTimeout(
+                        f"the caller stopped granting flow-control credit: it read none of the response "
+                        f"for {stall:g} s"
+                    )
+                )
             body_since = self._body_stalled_since()
             if body_since is not None and now - body_since >= stall:
-                raise self._fail(IdleTimeout(f"request body stalled for {stall:g} s"))
+                raise self._fail(
+                    StallTimeout(
+                        f"the caller sent no request-body bytes for {stall:g} s although it had credit"
+                    )
+                )
         if self.ack_due is not None and now >= self.ack_due:
             return [self.ack()]
         if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:

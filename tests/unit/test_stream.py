@@ -27,6 +27,7 @@ from tunnel._errors import (
     NoFirstFrameTimeout,
     RemoteError,
     RemoteProtocolError,
+    StallTimeout,
     TunnelAborted,
     TunnelError,
     TunnelTimeout,
@@ -808,9 +809,17 @@ def test_server_fails_when_the_caller_grants_no_credit_for_the_stall_timeout() -
     clock.now = blocked_at + 9.99
     server.poll()  # heartbeats only
     clock.now = blocked_at + 10.0
-    with pytest.raises(TunnelTimeout):
+    with pytest.raises(StallTimeout, match="stopped granting flow-control credit") as caught:
         server.poll()
     assert server.phase is ServerPhase.FAILED
+    # Not "your deadline passed" (the caller set none) nor "the server is gone": its own code.
+    assert caught.value.code == ErrorCode.STALLED == "tunnel_stalled"
+    assert isinstance(caught.value, TunnelTimeout) and caught.value.http_status == 504
+    error = server.error_response(caught.value.code, caught.value.message)
+    assert error is not None
+    events = link.to_caller([error])
+    assert len(events) == 1 and isinstance(events[0], PeerFailed)
+    assert isinstance(events[0].error, StallTimeout) and events[0].error.code == "tunnel_stalled"
 
 
 def test_server_credit_stall_timer_restarts_whenever_credit_arrives() -> None:
@@ -846,7 +855,7 @@ def test_server_fails_when_the_request_body_stalls() -> None:
     clock.now = t0 + 15.99
     link.server.poll()
     clock.now = t0 + 16.0
-    with pytest.raises(IdleTimeout):
+    with pytest.raises(StallTimeout, match="no request-body bytes"):
         link.server.poll()
 
 
@@ -1217,7 +1226,7 @@ def test_server_credit_stall_clock_ignores_a_re_sent_unchanged_limit() -> None:
         if refresh is not None:
             link.to_server([refresh])
     clock.now = blocked_at + 10.0
-    with pytest.raises(TunnelTimeout):
+    with pytest.raises(StallTimeout):
         server.poll()
 
 
@@ -1368,5 +1377,5 @@ def test_no_body_stall_while_the_caller_waits_for_our_handler_to_read() -> None:
     clock.advance(9.99)
     server.poll()
     clock.advance(0.01)  # the caller had credit for 10 s and sent nothing
-    with pytest.raises(IdleTimeout):
+    with pytest.raises(StallTimeout):
         server.poll()
