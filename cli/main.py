@@ -18,12 +18,12 @@ from typing import Annotated, Any, Final
 import typer
 from typer.core import TyperGroup
 
-from . import dev, exitcodes, fetch, forward, runs, session, status
+from . import demo, dev, exitcodes, fetch, forward, runs, session, status
 from .common import CliError, configure_logging
 
 __all__ = ["COMMAND_MODULES", "app", "main"]
 
-COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (fetch, status, forward, session, runs, dev)
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (fetch, status, forward, session, runs, dev, demo)
 
 HELP: Final = """\
 Inspect and reach linked desktops over the NATS tunnel.
