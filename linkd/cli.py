@@ -277,13 +277,15 @@ async def _serve(
     settings: Settings, gateway: str, store: SecretStore | None, seed: str, events_file: Path | None
 ) -> None:
     from .daemon import LinkDaemon
+    from .uplink import JetStreamUplink
 
-    sink: EventSink = MemoryEventSink()
+    uplink = JetStreamUplink() if settings.uplink else None
+    sink: EventSink = uplink if uplink is not None else MemoryEventSink()
     file_sink = JsonlFileSink(events_file) if events_file is not None else None
     if file_sink is not None:
-        sink = TeeSink(sink, file_sink)
+        sink = TeeSink(file_sink, sink)  # the file first: it shows events even while the uplink waits
     client = GatewayClient(gateway, _token_provider(store))
-    daemon = LinkDaemon(settings, client, own_seed=seed, sink=sink)
+    daemon = LinkDaemon(settings, client, own_seed=seed, sink=sink, uplink=uplink)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     signals_seen = 0
@@ -374,6 +376,24 @@ def up(
             show_default=False,
         ),
     ] = None,
+    uplink: Annotated[
+        bool | None,
+        typer.Option(
+            "--uplink/--no-uplink",
+            help="Deliver run events to the gateway's JetStream stream (default); --no-uplink keeps "
+            "them in memory, for a gateway without runs (env LINKD_UPLINK).",
+            show_default=False,
+        ),
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--heartbeat-interval",
+            help="Seconds between heartbeat events of a running run (default 10; "
+            "env LINKD_HEARTBEAT_INTERVAL).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details too.")] = False,
     insecure_file_store: InsecureOption = None,
     config: ConfigOption = None,
@@ -386,6 +406,8 @@ def up(
         "drain_timeout": drain_timeout,
         "status_file": status_file,
         "nats_transport": nats_transport,
+        "uplink": uplink,
+        "heartbeat_interval": heartbeat_interval,
     }
     settings = load_settings(flags, config_path=config)
     url = settings.gateway_url or read_login_gateway()
@@ -433,6 +455,12 @@ def _describe(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  upstream:    {doc['upstream']}")
     runs = doc.get("runs") or []
     lines.append(f"  in flight:   {doc.get('inFlightRequests', 0)} request(s), {len(runs)} run(s)")
+    uplink = doc.get("uplink")
+    if isinstance(uplink, dict):
+        lines.append(
+            f"  run uplink:  {uplink.get('state')}, {uplink.get('outbox', 0)} event(s) waiting, "
+            f"{uplink.get('delivered', 0)} delivered"
+        )
     for run in runs:
         if isinstance(run, dict):
             lines.append(

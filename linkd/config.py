@@ -9,10 +9,12 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     status_file = "/run/user/1000/natslink/linkd-status.json"   # --status-file / LINKD_STATUS_FILE
     json_logs = false                         # --json-logs / LINKD_JSON_LOGS
     nats_transport = "auto"       # or standard, websocket (--nats-transport / LINKD_NATS_TRANSPORT)
+    uplink = true                 # run events to the gateway's JetStream stream (--no-uplink / LINKD_UPLINK)
 
     [runners]
     mock = true                 # the echo and mock runners (LINKD_MOCK_RUNNERS)
-    heartbeat_interval = 10     # seconds between heartbeat events of a running run (LINKD_HEARTBEAT_INTERVAL)
+    heartbeat_interval = 10     # seconds between heartbeat events of a running run
+                                # (--heartbeat-interval / LINKD_HEARTBEAT_INTERVAL)
     max_concurrent = 8          # runs at once; more are refused with 429 (LINKD_MAX_RUNS)
     kill_grace = 5              # seconds between SIGTERM and SIGKILL when a command is cancelled
 
@@ -116,6 +118,8 @@ class Settings:
     status_file: Path = field(default_factory=lambda: default_status_file())
     json_logs: bool = False
     nats_transport: Transport = "auto"
+    # Run events go to JetStream (the durable uplink); off: they stay in memory (a gateway without runs).
+    uplink: bool = True
     runners: RunnerSettings = field(default_factory=RunnerSettings)
     config_file: Path | None = None
 
@@ -225,6 +229,7 @@ _FIELDS: Final = {
     "status_file": _Field("status_file", "--status-file", "LINKD_STATUS_FILE"),
     "json_logs": _Field("json_logs", "--json-logs", "LINKD_JSON_LOGS"),
     "nats_transport": _Field("nats_transport", "--nats-transport", "LINKD_NATS_TRANSPORT"),
+    "uplink": _Field("uplink", "--uplink", "LINKD_UPLINK"),
 }
 _TOP_KEYS: Final = frozenset(_FIELDS) | {"runners"}
 _RUNNER_KEYS: Final = frozenset(
@@ -235,6 +240,7 @@ _RUNNER_ENV: Final = {
     "heartbeat_interval": "LINKD_HEARTBEAT_INTERVAL",
     "max_concurrent": "LINKD_MAX_RUNS",
 }
+_RUNNER_FLAGS: Final = {"heartbeat_interval": "--heartbeat-interval"}
 _HTTP_KEYS: Final = frozenset({"endpoint", "timeout"})
 _COMMAND_KEYS: Final = frozenset({"argv", "command", "cwd", "input", "timeout", "env"})
 
@@ -343,6 +349,9 @@ def _runner_settings(sources: _Sources) -> RunnerSettings:
     env = sources.environ
 
     def pick(key: str, parse: Callable[[object, str], T], default: T) -> T:
+        flag_name = _RUNNER_FLAGS.get(key)
+        if flag_name and sources.flags.get(key) is not None:
+            return parse(sources.flags[key], flag_name)
         env_name = _RUNNER_ENV.get(key)
         if env_name and env.get(env_name, "").strip():
             return parse(env[env_name].strip(), env_name)
@@ -406,6 +415,7 @@ def load_settings(
         status_file=sources.pick("status_file", _path, default_status_file(env)),
         json_logs=sources.pick("json_logs", _bool, False),
         nats_transport=sources.pick("nats_transport", _transport, "auto"),
+        uplink=sources.pick("uplink", _bool, True),
         runners=_runner_settings(sources),
         config_file=path if file_data or explicit is not None else None,
     )

@@ -9,6 +9,10 @@ replayed by nats-py and outgoing data waits in its pending buffer meanwhile.
 :class:`ReconnectPolicy` is nats-py's ``reconnect_to_server_handler``: a forced
 (rotation) reconnect goes at once; after a real drop the first attempt waits a
 little jitter, then capped exponential backoff with jitter.
+
+Request inboxes (JetStream publish acks of the run uplink) live under the host's own
+subjects (:func:`linkd.run_protocol.uplink_inbox_prefix`), which the daemon's credential
+may subscribe to; it is never granted ``_INBOX.>``.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from urllib.parse import urlsplit
 import nkeys
 from nats.aio.client import Client as NATS
 
+import tunnel
 from tunnel.connect import connect
 
 from .config import Transport
 from .errors import LinkdError
+from .run_protocol import uplink_inbox_prefix
 from .session import LinkSession
 
 __all__ = ["Identity", "ReconnectPolicy", "choose_urls", "open_connection"]
@@ -144,8 +150,10 @@ async def open_connection(
 ) -> NATS:
     """Connect for ``session`` (raises ``tunnel.connect.NatsConnectError`` / ``NatsAuthError``)."""
     urls = choose_urls(session, transport)
+    subjects = tunnel.HostSubjects.for_host(session.hostname, session.prefix)
     options: dict[str, Any] = {
         "name": name,
+        "inbox_prefix": uplink_inbox_prefix(subjects),
         "reconnect_to_server_handler": policy,
         "disconnected_cb": disconnected_cb,
         "reconnected_cb": reconnected_cb,

@@ -24,11 +24,13 @@
 Every state change is one log line on ``linkd.state`` (see :mod:`linkd.logs`),
 and the status file (``linkd status``) is rewritten.
 
-Seam for a durable run-event uplink (runs issue): ``on_connection(nc)`` is called
-with each connection once it serves, and with ``None`` when that connection is
-discarded (nats-py's own reconnects keep the same object, so no call then); at
-shutdown, after every run wrote its ``done``, the sink's ``aclose()`` (if it has
-one) is awaited before the connection closes.
+Run events: with an ``uplink`` (:class:`~linkd.uplink.JetStreamUplink`, what ``linkd up``
+uses) the daemon hands it each connection once it serves (``attach(nc, subjects)``) and
+``attach(None)`` when that connection is discarded (nats-py's own reconnects keep the same
+object, so no call then). ``on_connection(nc | None)`` is called at the same moments. At
+shutdown, after every run wrote its ``done``, the uplink gets what is left of the drain
+deadline to deliver the outbox, then the sink's ``aclose()`` (if it has one) is awaited,
+all before the connection closes.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from .runners import build_runners
 from .runs import RunManager
 from .session import GatewayClient, GatewayError, LinkSession
 from .status_file import remove_status, write_status
+from .uplink import JetStreamUplink
 from .upstream import UpstreamProxy
 
 __all__ = ["LinkDaemon", "State", "StateChange", "refresh_delay"]
@@ -84,6 +87,8 @@ STATUS_INTERVAL: Final = 2.0
 STABLE_AFTER: Final = 30.0
 # After its expiry a credential's connection is closed by the server within moments; we look again after this.
 EXPIRY_GRACE: Final = 1.0
+# At shutdown the run uplink gets at least this long to deliver its outbox, even past the drain deadline.
+MIN_UPLINK_FLUSH: Final = 0.25
 
 
 class State(enum.StrEnum):
@@ -152,6 +157,7 @@ class LinkDaemon:
         *,
         own_seed: str | None,
         sink: EventSink | None = None,
+        uplink: JetStreamUplink | None = None,
         on_change: Callable[[StateChange], None] | None = None,
         on_connection: Callable[[NATS | None], Awaitable[None] | None] | None = None,
         machine_name: Callable[[], str] = platform.node,
@@ -160,7 +166,10 @@ class LinkDaemon:
     ) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.sink: EventSink = sink if sink is not None else MemoryEventSink()
+        self.uplink = uplink
+        self.sink: EventSink = (
+            sink if sink is not None else uplink if uplink is not None else MemoryEventSink()
+        )
         self.on_change = on_change
         self.on_connection = on_connection
         self.write_status_file = write_status_file
@@ -263,6 +272,7 @@ class LinkDaemon:
             "capabilities": self.routes.capabilities(),
             "inFlightRequests": self.server.in_flight if self.server is not None else 0,
             "runs": [info.summary() for info in self.runs.active()],
+            "uplink": self.uplink.status() if self.uplink is not None else None,
         }
 
     def _write_status(self) -> None:
@@ -274,10 +284,14 @@ class LinkDaemon:
             detail_log.warning("cannot write the status file %s: %s", self.settings.status_file, exc)
 
     async def _status_loop(self) -> None:
-        last: tuple[int, int] | None = None
+        last: tuple[int, int, int] | None = None
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            current = (self.server.in_flight if self.server is not None else 0, len(self.runs.active()))
+            current = (
+                self.server.in_flight if self.server is not None else 0,
+                len(self.runs.active()),
+                len(self.uplink.outbox) if self.uplink is not None else 0,
+            )
             if current != last:
                 last = current
                 self._write_status()
@@ -340,7 +354,13 @@ class LinkDaemon:
         return reason
 
     async def _connection_changed(self, nc: NATS | None) -> None:
-        """Tell ``on_connection`` (e.g. a durable run-event uplink) which connection is current."""
+        """Tell the uplink and ``on_connection`` which connection is current."""
+        if self.uplink is not None:
+            session = self.session
+            if nc is None or session is None:
+                self.uplink.attach(None)
+            else:
+                self.uplink.attach(nc, tunnel.HostSubjects.for_host(session.hostname, session.prefix))
         if self.on_connection is None:
             return
         try:
@@ -523,6 +543,7 @@ class LinkDaemon:
 
     async def _shutdown(self) -> None:
         drain = self.settings.drain_timeout
+        deadline = time.monotonic() + drain
         server, nc = self.server, self.nc
         in_flight = server.in_flight if server is not None else 0
         runs = len(self.runs.active())
@@ -540,7 +561,13 @@ class LinkDaemon:
                 detail_log.warning("during shutdown: %s", result)
         self.server = None
         self._generation += 1
-        # The sink gets the connection's last moments to deliver what the runs just wrote.
+        # The uplink gets the connection's last moments to deliver what the runs just wrote.
+        if self.uplink is not None:
+            budget = max(MIN_UPLINK_FLUSH, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self.uplink.aclose(budget), budget + 1.0)
+            except Exception as exc:
+                detail_log.warning("the run uplink did not close cleanly: %s", exc)
         sink_close = getattr(self.sink, "aclose", None)
         if callable(sink_close):
             try:

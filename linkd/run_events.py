@@ -12,15 +12,17 @@ Every event of one run execution (one ``runId`` + ``runFenceToken``) carries a
 for commands) or ``cancelled`` (with ``reason``); ``finalSeq`` is its own ``seq``,
 so a reader knows exactly how many events the run has.
 
-:class:`EventSink` is where events go. :class:`MemoryEventSink` keeps them in
-memory (tests, the demo, and ``linkd up`` until a durable uplink exists);
-:class:`JsonlFileSink` appends them to a file (``--events-file``, for debugging);
-:class:`TeeSink` fans out. A JetStream uplink (runs issue) implements the same
-protocol, with message ids ``<runId>:<fence>:<seq>``.
+:class:`EventSink` is where events go. :class:`linkd.uplink.JetStreamUplink` delivers
+them durably to JetStream (what ``linkd up`` uses), with message ids
+``<runId>:<fence>:<seq>``; :class:`MemoryEventSink` keeps them in memory (tests, the
+demo, ``linkd up --no-uplink``); :class:`JsonlFileSink` appends them to a file
+(``--events-file``, for debugging); :class:`TeeSink` fans out.
 
 :class:`RunRecorder` numbers the events of one run and hands them to the sink
 from a single writer task, in order: a producer being cancelled (a cancelled
-runner, say) never interrupts a sink call half-way or reorders events.
+runner, say) never interrupts a sink call half-way or reorders events. Output
+bigger than :data:`MAX_OUTPUT_CHARS` is split into several ``output`` events, so
+every event fits in one NATS message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Final, Literal, Protocol
 __all__ = [
     "DONE",
     "HEARTBEAT",
+    "MAX_OUTPUT_CHARS",
     "OUTPUT",
     "STAGE",
     "EventSink",
@@ -65,6 +68,9 @@ DONE: Final = "done"
 RECORDER_QUEUE_LIMIT: Final = 1024
 # Runs whose events a MemoryEventSink keeps (oldest dropped first).
 MEMORY_SINK_RUNS: Final = 1000
+# Characters of output per event: even fully \u-escaped (12 bytes per character at worst) an event
+# stays well under NATS's default 1 MiB max_payload.
+MAX_OUTPUT_CHARS: Final = 32 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +177,13 @@ class TeeSink:
         for sink in self.sinks:
             await sink.emit(run_id, fence, event)
 
+    async def aclose(self) -> None:
+        """Close every sink that can be closed asynchronously (an uplink flushes)."""
+        for sink in self.sinks:
+            close = getattr(sink, "aclose", None)
+            if callable(close):
+                await close()
+
 
 class RunRecorder:
     """Numbers one run's events and delivers them to the sink in order, from one writer task."""
@@ -194,7 +207,9 @@ class RunRecorder:
         await self._add(STAGE, {"stage": name, **detail})
 
     async def output(self, data: str, stream: str = "stdout") -> None:
-        await self._add(OUTPUT, {"stream": stream, "data": data})
+        """One output event (several for more than :data:`MAX_OUTPUT_CHARS` characters)."""
+        for start in range(0, max(len(data), 1), MAX_OUTPUT_CHARS):
+            await self._add(OUTPUT, {"stream": stream, "data": data[start : start + MAX_OUTPUT_CHARS]})
 
     async def heartbeat(self) -> None:
         await self._add(HEARTBEAT, {})

@@ -192,9 +192,9 @@ class Outbox:
         heapq.heappush(self._ready, (entry.order, entry))
         return entry
 
-    def next_to_send(self) -> OutboxEntry | None:
-        """The oldest event waiting to be (re)sent, if the window has room."""
-        if not self._ready or len(self._in_flight) >= self.window:
+    def next_to_send(self, window: int | None = None) -> OutboxEntry | None:
+        """The oldest event waiting to be (re)sent, if the window (default: ``self.window``) has room."""
+        if not self._ready or len(self._in_flight) >= (self.window if window is None else window):
             return None
         return self._ready[0][1]
 
@@ -400,6 +400,8 @@ class JetStreamUplink:
 
     async def _deliver(self) -> None:
         while True:
+            # One turn of the loop for the producers first: events emitted together go out together.
+            await asyncio.sleep(0)
             self._wake.clear()
             try:
                 timeout = await self._step()
@@ -441,7 +443,9 @@ class JetStreamUplink:
 
     async def _publish_ready(self, link: _Link, now: float) -> None:
         limit = link.nc.max_payload - HEADER_ROOM
-        while (entry := self.outbox.next_to_send()) is not None:
+        # After a failure one event probes until an ack comes back; then the whole window again.
+        window = 1 if self._trouble is not None else None
+        while (entry := self.outbox.next_to_send(window)) is not None:
             if entry.size > limit:
                 entry.payload = self._shrink(entry, limit)
             token = str(next(self._tokens))
