@@ -241,9 +241,11 @@ def dev_command(
     stack = LocalStack(options, say=say)
     say(f"linkctl dev: starting the local stack in {options.state_dir}")
     status = exitcodes.OK
+    ready = False
     with stack_signals() as seen:
         try:
             stack.start()
+            ready = True
             if as_json:
                 print(json.dumps(summary(stack)), flush=True)
             else:
@@ -251,7 +253,7 @@ def dev_command(
             status = _watch(stack)
         except KeyboardInterrupt:
             say(f"\nlinkctl dev: {seen[-1] if seen else 'interrupted'}: stopping")
-            if not stack.token:  # interrupted while starting
+            if not ready:  # interrupted while starting
                 status = exitcodes.INTERRUPTED
         finally:
             with ignoring_signals():

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration.linkctl_harness import LINKCTL, dev_stack, live_pids_mentioning
 
 pytestmark = [
@@ -87,3 +88,47 @@ def test_a_child_that_dies_stops_the_rest_and_shows_its_log(tmp_path: Path) -> N
         assert "last lines of" in err and "gateway.log" in err
         assert "Traceback" not in err
         assert live_pids_mentioning(str(state)) == []
+
+
+def test_ctrl_c_while_starting_stops_what_already_started(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LINKCTL_", "LINKD_"))}
+    proc = subprocess.Popen(
+        [*LINKCTL, "dev", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        for line in proc.stdout:  # progress lines, one per step
+            seen.append(line)
+            if line.startswith("  ok  gateway"):
+                break
+        assert any(line.startswith("  ok  gateway") for line in seen), seen
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: only to linkctl, the children are detached
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "SIGINT: stopping" in out and "everything stopped" in out
+    assert "Traceback" not in err
+    assert live_pids_mentioning(str(state)) == []
+
+
+async def test_linkctl_killed_hard_leaves_no_child_behind(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with dev_stack(state) as stack:
+        pids = stack.child_pids()
+        stack.proc.kill()  # SIGKILL: no chance to stop anything itself
+        stack.proc.wait(timeout=10)
+        await wait_until(
+            lambda: not any(_alive(pid) for pid in pids.values()),
+            30,
+            message=f"children outlived linkctl: {live_pids_mentioning(str(state))}",
+        )
+    assert live_pids_mentioning(str(state)) == []
