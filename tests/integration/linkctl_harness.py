@@ -1,4 +1,12 @@
-"""A fake desktop for the ``linkctl`` tests: ``tunnel.serve`` in a background thread.
+"""Shared pieces of the ``linkctl`` tests.
+
+- :class:`Desktop`: a fake desktop, ``tunnel.serve`` in a background thread (below);
+- :func:`dev_stack`: ``linkctl dev --json`` as a subprocess until ready, stopped afterwards, and
+  :func:`live_pids_mentioning` to prove nothing was left running;
+- :class:`ContractGateway`: a stand-in for the gateway's runs API (the contract in the brief),
+  to test ``linkctl runs`` client logic (resume after a cut connection) with full control.
+
+A fake desktop for the ``linkctl`` tests: ``tunnel.serve`` in a background thread.
 
 The CLI runs ``asyncio.run`` itself (in-process through typer's ``CliRunner``, or as a
 subprocess), so the desktop cannot share the test's event loop: it gets its own loop in
