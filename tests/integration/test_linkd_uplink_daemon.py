@@ -1,0 +1,141 @@
+"""``LinkDaemon`` with its JetStream uplink, the real gateway (operator mode, runs on) and nats-server.
+
+The daemon's credential comes from the gateway (the uplink grant and the host inbox prefix are
+what make its publish acks arrive); the run is created through ``POST /api/runs`` and the
+gateway's own projector has to agree that it completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from nats.js import JetStreamContext
+
+import tunnel
+from linkd.backoff import Backoff
+from linkd.config import RunnerSettings
+from linkd.credentials_store import generate_seed
+from linkd.daemon import LinkDaemon, State
+from linkd.run_protocol import RUN_STREAM, run_event_subject
+from linkd.session import GatewayClient
+from linkd.uplink import JetStreamUplink
+from tests.helpers import NatsServerFactory, wait_until
+from tests.integration.gateway_harness import OperatorServer, start_operator_server
+from tests.integration.linkd_harness import LiveGateway, daemon_settings, live_gateway
+
+pytestmark = pytest.mark.timeout(90)
+
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def op(nats_server_factory: NatsServerFactory, tmp_path: Path) -> OperatorServer:
+    return start_operator_server(nats_server_factory, tmp_path, jetstream=True)
+
+
+@asynccontextmanager
+async def daemon_with_uplink(
+    tmp_path: Path, gw: LiveGateway, user: str, *, drain: float = 2.0
+) -> AsyncIterator[tuple[LinkDaemon, JetStreamUplink, asyncio.Task[None]]]:
+    uplink = JetStreamUplink()
+    settings = replace(
+        daemon_settings(tmp_path, runners=RunnerSettings(heartbeat_interval=0.2)), drain_timeout=drain
+    )
+    daemon = LinkDaemon(
+        settings,
+        GatewayClient(gw.url, lambda: gw.token(user)),
+        own_seed=generate_seed(),
+        uplink=uplink,
+        machine_name=lambda: "uplink-desktop",
+        retry_backoff=Backoff(initial=0.2, cap=1.0),
+    )
+    task = asyncio.ensure_future(daemon.run())
+    try:
+        await wait_until(lambda: daemon.state is State.ONLINE, TIMEOUT, message="daemon never online")
+        yield daemon, uplink, task
+    finally:
+        daemon.request_stop("test over")
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+async def stored(js: JetStreamContext, subject: str) -> list[tuple[str, dict[str, Any]]]:
+    """(msg id, event) of every message of one run subject, in stream order."""
+    info = await js.stream_info(RUN_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(RUN_STREAM, seq)
+        if msg.subject == subject and msg.data is not None:
+            out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data)))
+    return out
+
+
+async def test_a_run_from_the_gateway_is_uplinked_exactly_once_and_the_projector_completes_it(
+    op: OperatorServer, tmp_path: Path
+) -> None:
+    async with (
+        live_gateway(op.env()) as gw,
+        daemon_with_uplink(tmp_path, gw, "alice") as (daemon, uplink, _),
+        httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {gw.token('alice')}"}) as http,
+    ):
+        resp = await http.post("/api/runs", json={"runner": "mock", "input": {"count": 300}})
+        assert resp.status_code == 202, resp.text
+        run_id = resp.json()["runId"]
+
+        async def finished() -> bool:
+            state = (await http.get(f"/api/runs/{run_id}")).json()
+            return bool(state["status"] == "completed")
+
+        await wait_until(finished, TIMEOUT, interval=0.1, message="the gateway never saw the run complete")
+        state = (await http.get(f"/api/runs/{run_id}")).json()
+        assert await uplink.flush(TIMEOUT)
+        doc = daemon.status_document()["uplink"]
+        assert doc["outbox"] == 0 and doc["lastError"] is None and doc["delivered"] >= state["finalSeq"]
+
+        assert daemon.session is not None
+        subjects = tunnel.HostSubjects.for_host(daemon.session.hostname, daemon.session.prefix)
+        events = await stored(gw.nc.jetstream(), run_event_subject(subjects, run_id))
+        final_seq = state["finalSeq"]
+        assert [e["seq"] for _, e in events] == list(range(1, final_seq + 1))
+        assert [m for m, _ in events] == [f"{run_id}:{e['fence']}:{e['seq']}" for _, e in events]
+        assert events[-1][1]["type"] == "done" and events[-1][1]["status"] == "completed"
+        assert sum(1 for _, e in events if e["type"] == "output") == 300
+
+
+async def test_stopping_the_daemon_mid_run_flushes_the_cancelled_run_before_the_connection_closes(
+    op: OperatorServer, tmp_path: Path
+) -> None:
+    async with live_gateway(op.env()) as gw:
+        headers = {"Authorization": f"Bearer {gw.token('bob')}"}
+        async with (
+            httpx.AsyncClient(base_url=gw.url, headers=headers) as http,
+            daemon_with_uplink(tmp_path, gw, "bob", drain=3.0) as (daemon, uplink, task),
+        ):
+            resp = await http.post(
+                "/api/runs", json={"runner": "mock", "input": {"count": 100000, "delayMs": 5}}
+            )
+            assert resp.status_code == 202, resp.text
+            run_id = resp.json()["runId"]
+            await wait_until(lambda: uplink.outbox.acked_total >= 20, TIMEOUT, message="no events delivered")
+            assert daemon.session is not None
+            subject = run_event_subject(
+                tunnel.HostSubjects.for_host(daemon.session.hostname, daemon.session.prefix), run_id
+            )
+            daemon.request_stop("SIGTERM in a test")
+            await asyncio.wait_for(task, 3.0 + 2.0)
+            assert daemon.state is State.STOPPED
+            assert uplink.status()["state"] == "closed" and len(uplink.outbox) == 0
+
+        events = await stored(gw.nc.jetstream(), subject)
+        seqs = [e["seq"] for _, e in events]
+        assert seqs == list(range(1, len(seqs) + 1))
+        done = events[-1][1]
+        assert done["type"] == "done" and done["status"] == "cancelled"
+        assert done["reason"] == "the desktop daemon is shutting down"
