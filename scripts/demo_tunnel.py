@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A guided tour of the tunnel on a local nats-server (the README's main job).
+"""A guided tour of the tunnel library alone on a local nats-server (`linkctl demo` is the whole stack).
 
 Why this exists: one command that shows on a fresh machine that the pieces work
 together, a real nats-server, a handler serving a hostname on one NATS connection
