@@ -65,6 +65,7 @@ class Request:
         self._waiter: asyncio.Future[None] | None = None
         self._on_consumed = on_consumed
         self._streamed = False
+        self._ready: bytes | None = None  # consumed, not yet handed out (its read was cancelled)
 
     # -- for the application ------------------------------------------------------
 
@@ -93,24 +94,39 @@ class Request:
                 self._cancelled.set()
         return self._cancelled
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """Yield request body chunks as they arrive (granting the caller credit as we go)."""
+    def stream(self) -> AsyncIterator[bytes]:
+        """Request body chunks as they arrive (granting the caller credit as we go).
+
+        Cancel-safe: a read cancelled while waiting (``asyncio.wait_for`` around it) loses
+        nothing, and the next read carries on where it left off. (An async generator would
+        be closed by the cancellation, and the rest of the body would look like its end.)
+        """
         if self._streamed:
             raise RuntimeError("request body already consumed")
         self._streamed = True
+        return _BodyReader(self)
+
+    async def _next_chunk(self) -> bytes:
         while True:
+            if self._ready is not None:
+                chunk, self._ready = self._ready, None
+                return chunk
             if self._chunks:
                 chunk = self._chunks.popleft()
+                # Counted as consumed now; if this read is cancelled while the grant goes out,
+                # the chunk waits in _ready for the next read instead of being lost (a lost
+                # grant is repaired: limits are cumulative and re-sent with heartbeats).
+                self._ready = chunk
                 await self._on_consumed(len(chunk))
-                yield chunk
-                continue
+                self._ready = None
+                return chunk
             if self._error is not None:
                 raise self._error
             if self._ended:
-                return
+                raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await self._waiter  # cancelling this read cancels only the wait
             finally:
                 self._waiter = None
 
@@ -141,6 +157,28 @@ class Request:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class _BodyReader:
+    """The iterator ``Request.stream()`` returns: every read is a fresh, cancel-safe call."""
+
+    __slots__ = ("_closed", "_request")
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._closed = False
+
+    def __aiter__(self) -> _BodyReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        return await self._request._next_chunk()
+
+    async def aclose(self) -> None:
+        """Stop reading (like an async generator's ``aclose``); unread bytes stay unread."""
+        self._closed = True
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -38,7 +38,7 @@ from ._errors import (
     error_from_remote,
 )
 from ._flow import ReceiveWindow, SendCredit
-from ._subjects import HostSubjects
+from ._subjects import HostSubjects, hostname_from_token
 
 Clock = Callable[[], float]
 
@@ -447,7 +447,16 @@ class CallerStream:
         if now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace:
             self._retry_at = now + UNREACHABLE_RETRY_INTERVAL
             return None
-        raise self._fail(TunnelUnreachable(f"no server is serving host token {self.subjects.token}"))
+        token = self.subjects.token
+        try:
+            host = hostname_from_token(token)
+        except LocalProtocolError:
+            host = "?"
+        raise self._fail(
+            TunnelUnreachable(
+                f"no server is serving host {host!r} (host token {token}, prefix {self.subjects.prefix})"
+            )
+        )
 
     # -- timers -----------------------------------------------------------------
 

@@ -330,6 +330,7 @@ async def test_unserved_host_fails_fast_with_tunnel_unreachable(nats_server: Nat
     assert elapsed < 0.8
     assert info.value.code == "tunnel_unreachable"
     assert info.value.http_status == 503
+    assert repr(HOST) in info.value.message, info.value.message  # names the host, not just its token
     assert taps.starts >= 2, "the start must be retried within the grace period"
     assert client.in_flight == 0
 

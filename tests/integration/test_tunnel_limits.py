@@ -28,9 +28,11 @@ class EndlessBody:
     def __init__(self) -> None:
         self.closed = asyncio.Event()
         self.sent = 0
+        # Held here, so only an explicit aclose() (not the garbage collector) can run its finally.
+        self.gen = self._gen()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._gen()
+        return self.gen
 
     async def _gen(self) -> AsyncIterator[bytes]:
         try:
@@ -80,6 +82,26 @@ async def test_caller_that_never_reads_is_stalled_out_and_its_memory_released(
     assert p.errors == []
 
 
+async def test_caller_leaving_mid_body_closes_the_handlers_body_iterator(nats_server: NatsServer) -> None:
+    body = EndlessBody()
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], body)
+
+    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler) as server:
+        client = tunnel.TunnelClient(p.caller_nc, window=WINDOW)
+        async with await client.fetch(f"tunnel://{HOST}/endless") as resp:
+            got = 0
+            async for chunk in resp.aiter_bytes():
+                got += len(chunk)
+                if got >= 4 * WINDOW:
+                    break  # leave early: the async with aborts the server side
+        await asyncio.wait_for(body.closed.wait(), EVENT_TIMEOUT)
+        await wait_until(lambda: server.in_flight == 0, timeout=EVENT_TIMEOUT)
+        assert server.stats.outcomes["tunnel_aborted"] == 1
+    assert p.errors == []
+
+
 async def test_caller_that_never_sends_its_announced_body_is_stalled_out(nats_server: NatsServer) -> None:
     handler_saw: list[BaseException] = []
 
@@ -113,3 +135,24 @@ async def test_caller_that_never_sends_its_announced_body_is_stalled_out(nats_se
         assert handler_saw and isinstance(handler_saw[0], tunnel.TunnelError | asyncio.CancelledError)
         assert client.in_flight == 0
     assert p.errors == []
+
+
+async def test_serve_instantiates_the_server_class_it_is_given(nats_server: NatsServer) -> None:
+    class CountingServer(tunnel.TunnelServer):
+        started = 0
+
+        async def start(self) -> None:
+            type(self).started += 1
+            await super().start()
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(204)
+
+    async with connect_peers(nats_server) as p:
+        server = await tunnel.serve(p.server_nc, HOST, handler, server_class=CountingServer)
+        try:
+            assert type(server) is CountingServer and CountingServer.started == 1
+            async with await tunnel.TunnelClient(p.caller_nc).fetch(f"tunnel://{HOST}/") as resp:
+                assert resp.status == 204
+        finally:
+            await server.close(timeout=1.0)

@@ -742,6 +742,7 @@ def test_no_responders_after_the_grace_raises_unreachable() -> None:
             assert caller.poll() == [caller.start()]
     assert 2 <= retries <= 4
     assert info.value.code == ErrorCode.UNREACHABLE
+    assert "'desk.example'" in info.value.message and SUBJECTS.token in info.value.message
     assert clock.now - 1000.0 <= 0.2 + 1e-9
     assert caller.phase is CallerPhase.FAILED
     assert caller.abort() is None  # nobody to tell

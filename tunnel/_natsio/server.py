@@ -206,22 +206,28 @@ class _ServerRequest:
             return
         if not self.stream.response_has_body:
             # HEAD / 204 / 304: never drain a (possibly endless) body nobody will read.
-            aclose = getattr(body, "aclose", None) or getattr(body, "close", None)
-            if callable(aclose):
-                result = aclose()
-                if asyncio.iscoroutine(result):
-                    await result
+            await _close_body(body)
             return
         if isinstance(body, str):
             body = body.encode("utf-8")
         if isinstance(body, bytes | bytearray | memoryview):
             await self._send_bytes(memoryview(body))
         elif isinstance(body, AsyncIterable):
-            async for piece in body:
-                await self._send_bytes(memoryview(_as_bytes(piece)))
+            iterator = aiter(body)
+            try:
+                async for piece in iterator:
+                    await self._send_bytes(memoryview(_as_bytes(piece)))
+            finally:
+                # Aborted, stalled or failed mid-stream: let the body's own cleanup run now
+                # (close a file, an upstream response), not whenever the garbage collector gets to it.
+                await _close_body(iterator)
         elif isinstance(body, Iterable):
-            for piece in body:
-                await self._send_bytes(memoryview(_as_bytes(piece)))
+            sync_iterator = iter(body)
+            try:
+                for piece in sync_iterator:
+                    await self._send_bytes(memoryview(_as_bytes(piece)))
+            finally:
+                await _close_body(sync_iterator)
         else:
             raise TypeError(f"unsupported response body type {type(body).__name__}")
 
@@ -285,6 +291,19 @@ class _ServerRequest:
             sub, self.body_sub = self.body_sub, None
             with contextlib.suppress(NatsError, OSError):
                 await sub.unsubscribe()
+
+
+async def _close_body(body: object) -> None:
+    """Close a response body (``aclose`` or ``close``) if it has either; its errors are logged."""
+    close = getattr(body, "aclose", None) or getattr(body, "close", None)
+    if not callable(close):
+        return
+    try:
+        result = close()
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception:
+        log.warning("closing a handler's response body failed", exc_info=True)
 
 
 def _as_bytes(piece: object) -> bytes | bytearray | memoryview:
@@ -637,9 +656,13 @@ async def serve(
     fast_path: bool = True,
     wire_tap: WireTap | None = None,
     on_event: EventHook | None = None,
+    server_class: type[TunnelServer] = TunnelServer,
 ) -> TunnelServer:
-    """Start serving ``hostname``; returns the running server (``await server.close()`` to stop)."""
-    server = TunnelServer(
+    """Start serving ``hostname``; returns the running server (``await server.close()`` to stop).
+
+    ``server_class``: a ``TunnelServer`` subclass to instantiate (tests, instrumentation).
+    """
+    server = server_class(
         nc,
         hostname,
         handler,
