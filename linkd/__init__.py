@@ -4,7 +4,9 @@ Modules, one job each: :mod:`.config` (settings), :mod:`.credentials_store`
 (keyring), :mod:`.session` (the gateway's link sessions), :mod:`.connection`
 (NATS with rotating credentials), :mod:`.daemon` (the lifecycle of ``linkd up``),
 :mod:`.routes` (what it serves), :mod:`.runs` and :mod:`.runners` (work),
-:mod:`.run_events` (run output), :mod:`.upstream` (the local reverse proxy),
+:mod:`.run_events` (run output), :mod:`.uplink` (run output to JetStream, durably:
+a bounded outbox, idempotent message ids, retries across reconnects and credential
+refreshes), :mod:`.run_protocol` (its wire contract), :mod:`.upstream` (the local reverse proxy),
 :mod:`.status_file`, :mod:`.logs` and :mod:`.cli`.
 """
 

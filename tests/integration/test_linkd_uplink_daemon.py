@@ -66,6 +66,20 @@ async def daemon_with_uplink(
         await asyncio.wait_for(task, TIMEOUT)
 
 
+async def post_run(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    """``POST /api/runs`` once the gateway's runs are ready (503 ``runs_unavailable`` while starting)."""
+    answers: list[httpx.Response] = []
+
+    async def accepted() -> bool:
+        answers.append(await http.post("/api/runs", json=body))
+        return answers[-1].status_code != 503
+
+    await wait_until(accepted, TIMEOUT, interval=0.1, message="the gateway's runs never became ready")
+    assert answers[-1].status_code == 202, answers[-1].text
+    run_id: str = answers[-1].json()["runId"]
+    return run_id
+
+
 async def stored(js: JetStreamContext, subject: str) -> list[tuple[str, dict[str, Any]]]:
     """(msg id, event) of every message of one run subject, in stream order."""
     info = await js.stream_info(RUN_STREAM)
@@ -85,9 +99,7 @@ async def test_a_run_from_the_gateway_is_uplinked_exactly_once_and_the_projector
         daemon_with_uplink(tmp_path, gw, "alice") as (daemon, uplink, _),
         httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {gw.token('alice')}"}) as http,
     ):
-        resp = await http.post("/api/runs", json={"runner": "mock", "input": {"count": 300}})
-        assert resp.status_code == 202, resp.text
-        run_id = resp.json()["runId"]
+        run_id = await post_run(http, {"runner": "mock", "input": {"count": 300}})
 
         async def finished() -> bool:
             state = (await http.get(f"/api/runs/{run_id}")).json()
@@ -118,11 +130,7 @@ async def test_stopping_the_daemon_mid_run_flushes_the_cancelled_run_before_the_
             httpx.AsyncClient(base_url=gw.url, headers=headers) as http,
             daemon_with_uplink(tmp_path, gw, "bob", drain=3.0) as (daemon, uplink, task),
         ):
-            resp = await http.post(
-                "/api/runs", json={"runner": "mock", "input": {"count": 100000, "delayMs": 5}}
-            )
-            assert resp.status_code == 202, resp.text
-            run_id = resp.json()["runId"]
+            run_id = await post_run(http, {"runner": "mock", "input": {"count": 100000, "delayMs": 5}})
             await wait_until(lambda: uplink.outbox.acked_total >= 20, TIMEOUT, message="no events delivered")
             assert daemon.session is not None
             subject = run_event_subject(
@@ -139,3 +147,29 @@ async def test_stopping_the_daemon_mid_run_flushes_the_cancelled_run_before_the_
         done = events[-1][1]
         assert done["type"] == "done" and done["status"] == "cancelled"
         assert done["reason"] == "the desktop daemon is shutting down"
+
+
+async def test_a_run_spanning_credential_refreshes_is_uplinked_exactly_once(
+    op: OperatorServer, tmp_path: Path
+) -> None:
+    async with (
+        live_gateway(op.env(NATS_TUNNEL_SESSION_TTL_SECONDS="4")) as gw,
+        daemon_with_uplink(tmp_path, gw, "carol") as (daemon, uplink, _),
+        httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {gw.token('carol')}"}) as http,
+    ):
+        run_id = await post_run(http, {"runner": "mock", "input": {"count": 1500, "delayMs": 4}})
+
+        async def finished() -> bool:
+            return bool((await http.get(f"/api/runs/{run_id}")).json()["status"] == "completed")
+
+        await wait_until(finished, 45.0, interval=0.1, message="the gateway never saw the run complete")
+        assert daemon.refreshes >= 2, "the run did not span two credential refreshes"
+        assert await uplink.flush(TIMEOUT)
+        assert daemon.session is not None
+        subject = run_event_subject(
+            tunnel.HostSubjects.for_host(daemon.session.hostname, daemon.session.prefix), run_id
+        )
+        events = await stored(gw.nc.jetstream(), subject)
+        final_seq = (await http.get(f"/api/runs/{run_id}")).json()["finalSeq"]
+        assert sorted(e["seq"] for _, e in events) == list(range(1, final_seq + 1))
+        print(f"\n{final_seq} events across {daemon.refreshes} refreshes, {uplink.retries} re-sent")
