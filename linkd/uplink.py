@@ -46,8 +46,8 @@ from nats.errors import Error as NatsError
 import tunnel
 
 from .backoff import Backoff
-from .run_events import DONE, OUTPUT, Fence, RunEvent
-from .run_protocol import run_event_subject
+from .run_events import DONE, Fence, RunEvent
+from .run_protocol import is_valid_run_id, run_event_subject
 
 __all__ = [
     "DEFAULT_ACK_TIMEOUT",
@@ -59,6 +59,7 @@ __all__ = [
     "OutboxEntry",
     "UplinkClosed",
     "encode_event",
+    "fit_event",
 ]
 
 log = logging.getLogger("linkd.uplink")
@@ -92,27 +93,29 @@ def encode_event(event: RunEvent) -> bytes:
     return json.dumps(event.as_dict(), separators=(",", ":")).encode("utf-8")
 
 
-def _fit_output(event: RunEvent, limit: int) -> bytes:
-    """An ``output`` event too big for one message, cut to fit, with ``truncated`` = original characters.
+def fit_event(event: RunEvent, limit: int) -> bytes:
+    """The event cut to at most ``limit`` bytes: its longest text field shortened, ``truncated`` set.
 
-    The recorder splits big output already; this only triggers on servers with a tiny max_payload.
+    ``truncated`` is the field's original length in characters. The recorder splits big output
+    already, so this only triggers for odd events (a huge failure reason) or a tiny max_payload.
+    ``ValueError`` when even an empty field does not fit.
     """
-    data = str(event.data.get("data", ""))
-    keep = len(data)
+    payload = encode_event(event)
+    if len(payload) <= limit:
+        return payload
+    texts = {k: v for k, v in event.data.items() if isinstance(v, str)}
+    if not texts:
+        raise ValueError(f"run event {event.message_id} ({len(payload)} bytes) does not fit in {limit} bytes")
+    name = max(texts, key=lambda k: len(texts[k]))
+    text = texts[name]
+    keep = len(text)
     while keep > 0:
         keep //= 2
-        fitted = RunEvent(
-            event.run_id,
-            event.fence,
-            event.seq,
-            event.type,
-            event.ts_ms,
-            {**event.data, "data": data[:keep], "truncated": len(data)},
-        )
-        payload = encode_event(fitted)
+        data = {**event.data, name: text[:keep], "truncated": len(text)}
+        payload = encode_event(RunEvent(event.run_id, event.fence, event.seq, event.type, event.ts_ms, data))
         if len(payload) <= limit:
             return payload
-    raise ValueError(f"run event {event.message_id} does not fit in a {limit}-byte message")
+    raise ValueError(f"run event {event.message_id} does not fit in {limit} bytes")
 
 
 # ------------------------------------------------------------------------------ pure bookkeeping
@@ -214,9 +217,20 @@ class Outbox:
             return None
         entry.state, entry.token = _ACKED, None
         self.acked_total += 1
+        self._trim()
+        return entry
+
+    def _trim(self) -> None:
         while self._entries and self._entries[0].state == _ACKED:
             self.nbytes -= self._entries.popleft().size
-        return entry
+
+    def discard(self, entry: OutboxEntry) -> None:
+        """Give up on the entry from next_to_send() (it can never be sent); it counts as done."""
+        if not self._ready or self._ready[0][1] is not entry:
+            raise RuntimeError("only the entry from next_to_send() can be discarded")
+        heapq.heappop(self._ready)
+        entry.state = _ACKED
+        self._trim()
 
     def failed(self, token: str) -> OutboxEntry | None:
         """The publish under ``token`` failed: send the event again (same id) before newer ones."""
@@ -297,6 +311,7 @@ class JetStreamUplink:
         self.published = 0  # publishes, first tries and retries
         self.retries = 0
         self.duplicates = 0  # acks saying the stream already had the id (a retry of a stored event)
+        self.dropped = 0  # events that can never be published (bigger than any message may be)
         self.last_error: str | None = None
         self._wanted: tuple[NATS, tunnel.HostSubjects] | None = None
         self._link: _Link | None = None
@@ -315,6 +330,8 @@ class JetStreamUplink:
 
     async def emit(self, run_id: str, fence: Fence, event: RunEvent) -> None:
         """Queue ``event``; waits while the outbox is full (except for ``done``)."""
+        if not is_valid_run_id(run_id) or event.run_id != run_id:
+            raise ValueError(f"invalid run id {run_id!r} for event {event.message_id}")
         payload = encode_event(event)
         while not self._closed and event.type != DONE and not self.outbox.has_room(len(payload)):
             self._room.clear()
@@ -446,8 +463,8 @@ class JetStreamUplink:
         # After a failure one event probes until an ack comes back; then the whole window again.
         window = 1 if self._trouble is not None else None
         while (entry := self.outbox.next_to_send(window)) is not None:
-            if entry.size > limit:
-                entry.payload = self._shrink(entry, limit)
+            if entry.size > limit and not self._shrink(entry, limit):
+                continue
             token = str(next(self._tokens))
             try:
                 await link.nc.publish(
@@ -464,17 +481,25 @@ class JetStreamUplink:
             self.outbox.sent(entry, token, now + self.ack_timeout)
             self.published += 1
 
-    def _shrink(self, entry: OutboxEntry, limit: int) -> bytes:
-        if entry.event.type != OUTPUT:
-            raise ValueError(f"run event {entry.msg_id} ({entry.size} bytes) exceeds max_payload")
-        payload = _fit_output(entry.event, limit)
+    def _shrink(self, entry: OutboxEntry, limit: int) -> bool:
+        """Cut an event too big for one message; False when it cannot be sent at all (dropped)."""
+        try:
+            payload = fit_event(entry.event, limit)
+        except ValueError as exc:
+            # Never block every other run's events behind one that can never be published.
+            log.error("run %s: %s; the event is dropped", entry.event.run_id, exc)
+            self.outbox.discard(entry)
+            self.dropped += 1
+            self._removed()
+            return False
         log.warning(
-            "run %s: output event seq %d is bigger than NATS max_payload allows; sent truncated",
+            "run %s: event seq %d is bigger than NATS max_payload allows; sent truncated",
             entry.event.run_id,
             entry.event.seq,
         )
         self.outbox.nbytes += len(payload) - entry.size
-        return payload
+        entry.payload = payload
+        return True
 
     async def _current_link(self) -> _Link | None:
         """The link for the wanted connection, set up (ack subscription) when it changed."""
@@ -516,16 +541,20 @@ class JetStreamUplink:
                 if ack.get("duplicate"):
                     self.duplicates += 1
                 self._recovered()
-                if len(self.outbox) < self.outbox.max_events:
-                    self._room.set()
-                if not self.outbox:
-                    self._empty.set()
+                self._removed()
             self._wake.set()
             return
         kind, text = problem
         if self.outbox.failed(token) is not None:
             self._failure(kind, text)
         self._wake.set()
+
+    def _removed(self) -> None:
+        """Events left the outbox: wake waiting producers and flushes."""
+        if len(self.outbox) < self.outbox.max_events:
+            self._room.set()
+        if not self.outbox:
+            self._empty.set()
 
     def _failure(self, kind: str, text: str) -> None:
         """Back off before publishing again; one warning per kind of trouble, not per event."""

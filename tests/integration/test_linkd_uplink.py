@@ -334,6 +334,29 @@ async def test_connection_swap_mid_stream_delivers_everything_once_on_the_new_co
         assert_exactly_once(stored, "run-swap", 1, 400)
 
 
+async def test_an_event_bigger_than_max_payload_is_stored_truncated_and_the_run_goes_on(
+    nats_server_factory: NatsServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = js_server(nats_server_factory, tmp_path, max_payload=8192)
+    async with admin(server.url) as (_, js), daemon_connection(server.url) as nc:
+        await create_stream(js)
+        async with attached(nc) as uplink:
+            batch = events("run-big", 3)
+            big = RunEvent("run-big", 1, 2, "output", 0, {"stream": "stdout", "data": "y" * 20_000})
+            with caplog.at_level(logging.WARNING, logger="linkd.uplink"):
+                for event in (batch[0], big, batch[2]):
+                    await uplink.emit("run-big", 1, event)
+                assert await uplink.flush(TIMEOUT), uplink.status()
+            assert uplink.dropped == 0
+        stored = await stored_events(js)
+        assert_exactly_once(stored, "run-big", 1, 3)
+        cut = stored[1].event
+        assert cut["truncated"] == 20_000 and 0 < len(cut["data"]) < 8192 and set(cut["data"]) == {"y"}
+        assert any(
+            "bigger than NATS max_payload allows; sent truncated" in r.getMessage() for r in caplog.records
+        )
+
+
 # ------------------------------------------------------------------------------ shutdown
 
 

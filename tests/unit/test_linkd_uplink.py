@@ -13,7 +13,7 @@ from linkd.cli import _describe
 from linkd.config import Settings, load_settings
 from linkd.errors import LinkdError
 from linkd.run_events import MAX_OUTPUT_CHARS, MemoryEventSink, RunEvent, RunRecorder, TeeSink
-from linkd.uplink import JetStreamUplink, Outbox, UplinkClosed, _fit_output, encode_event
+from linkd.uplink import JetStreamUplink, Outbox, UplinkClosed, encode_event, fit_event
 
 
 def ev(seq: int, run_id: str = "r1", kind: str = "output", **data: object) -> RunEvent:
@@ -149,14 +149,33 @@ def test_events_are_encoded_as_the_documented_compact_json() -> None:
     assert event.message_id == "r1:7:3"
 
 
-def test_an_oversized_output_event_is_cut_to_fit_and_says_how_long_it_was() -> None:
+def test_an_oversized_event_is_cut_to_fit_and_says_how_long_its_text_was() -> None:
     event = ev(1, data="\u00e9" * 10_000, stream="stdout")
-    payload = _fit_output(event, 2_000)
+    assert fit_event(event, 10**6) == encode_event(event)  # fits: unchanged
+    payload = fit_event(event, 2_000)
     doc = json.loads(payload)
     assert len(payload) <= 2_000
     assert doc["truncated"] == 10_000 and doc["data"] == "\u00e9" * len(doc["data"]) and doc["seq"] == 1
+    assert doc["stream"] == "stdout" and len(doc["data"]) > 0
+    done = ev(9, kind="done", finalSeq=9, status="failed", reason="boom " * 5_000)
+    cut = json.loads(fit_event(done, 1_000))
+    assert cut["truncated"] == 25_000 and cut["reason"].startswith("boom") and cut["status"] == "failed"
     with pytest.raises(ValueError):
-        _fit_output(event, 10)
+        fit_event(event, 10)
+    with pytest.raises(ValueError):
+        fit_event(ev(2, kind="heartbeat", n=1), 10)
+
+
+def test_an_event_that_can_never_be_sent_is_discarded_so_the_rest_go_on() -> None:
+    box = Outbox()
+    fill(box, 3)
+    first = box.next_to_send()
+    assert first is not None
+    box.discard(first)
+    assert len(box) == 2 and box.next_to_send() is not None
+    assert box.next_to_send().msg_id == "r1:7:2"  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError):
+        box.discard(first)
 
 
 async def test_the_recorder_splits_big_output_so_every_event_fits_a_message() -> None:
@@ -192,6 +211,8 @@ async def test_a_producer_waits_when_the_outbox_is_full_but_done_always_gets_in(
         await asyncio.wait_for(blocked, 1.0)
     with pytest.raises(UplinkClosed):
         await uplink.emit("r1", 7, ev(7))
+    with pytest.raises(ValueError, match="invalid run id"):
+        await JetStreamUplink().emit("bad.id", 1, ev(1, "bad.id"))
 
 
 async def test_close_without_a_connection_reports_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
