@@ -37,8 +37,11 @@ SEEN_REQUEST_TTL: Final = 60.0
 SEEN_REQUEST_LIMIT: Final = 10_000
 # Server: an abort that arrives before its start is remembered this long.
 EARLY_ABORT_TTL: Final = 10.0
-# Server: concurrent requests per server before new ones are refused with tunnel_overloaded.
-DEFAULT_MAX_CONCURRENT: Final = 1024
+# Server: handlers running at once per served host; more requests are answered at once with
+# HTTP 503 + Retry-After (handler not run), so a flood cannot exhaust the daemon.
+DEFAULT_MAX_CONCURRENT: Final = 256
+# Server: the Retry-After (seconds) of that 503.
+BUSY_RETRY_AFTER: Final = 1
 
 
 def heartbeat_interval_for(idle_timeout: float | None) -> float:

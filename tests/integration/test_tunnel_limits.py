@@ -8,6 +8,7 @@ stall timeout with ``tunnel_stalled``, and everything the server held for it is 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,6 +17,7 @@ import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, KiB, connect_peers, serving
+from tests.integration.v1_peer import V1Caller
 
 HOST = "limits.example"
 STALL = 1.0
@@ -152,7 +154,103 @@ async def test_serve_instantiates_the_server_class_it_is_given(nats_server: Nats
         server = await tunnel.serve(p.server_nc, HOST, handler, server_class=CountingServer)
         try:
             assert type(server) is CountingServer and CountingServer.started == 1
+            assert server.max_concurrent == 256  # the default bounds a flood
             async with await tunnel.TunnelClient(p.caller_nc).fetch(f"tunnel://{HOST}/") as resp:
                 assert resp.status == 204
         finally:
             await server.close(timeout=1.0)
+
+
+@pytest.mark.parametrize(
+    ("fast_path", "method"), [(True, "GET"), (True, "POST"), (False, "GET"), (False, "POST")]
+)
+async def test_a_flood_beyond_max_concurrent_is_answered_503_with_retry_after(
+    nats_server: NatsServer, fast_path: bool, method: str
+) -> None:
+    limit = 4
+    release = asyncio.Event()
+    running = 0
+    ran = 0
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        nonlocal running, ran
+        running += 1
+        ran += 1
+        try:
+            body = await req.read()
+            await release.wait()  # slow: holds its slot until the test lets go
+            return tunnel.Response(200, [], b"done:" + body)
+        finally:
+            running -= 1
+
+    async with (
+        connect_peers(nats_server) as p,
+        serving(p.server_nc, HOST, handler, max_concurrent=limit) as server,
+    ):
+        assert server.max_concurrent == limit
+        client = tunnel.TunnelClient(p.caller_nc, fast_path=fast_path)
+        body = b"payload" if method == "POST" else None
+
+        async def call(i: int) -> tuple[int, str | None, bytes]:
+            async with await client.fetch(f"tunnel://{HOST}/slow/{i}", method=method, body=body) as resp:
+                return resp.status, resp.header("retry-after"), await resp.read()
+
+        tasks = [asyncio.create_task(call(i)) for i in range(2 * limit)]
+        # The refused half is answered while the admitted half is still running: no waiting for a slot.
+        await wait_until(lambda: sum(t.done() for t in tasks) == limit, timeout=EVENT_TIMEOUT)
+        assert running == limit and server.in_flight == limit
+        refused = [t.result() for t in tasks if t.done()]
+        for status, retry_after, payload in refused:
+            assert (status, retry_after) == (503, "1")
+            assert json.loads(payload)["error"]["code"] == "too_many_requests"
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), EVENT_TIMEOUT)
+        expected_ok = b"done:" + (body or b"")
+        assert sorted(r[0] for r in results) == [200] * limit + [503] * limit
+        assert all(r[2] == expected_ok for r in results if r[0] == 200)
+        assert ran == limit  # the refused requests never ran the handler
+        stats = server.stats
+        assert stats.overloaded == limit and stats.peak_active == limit
+        assert stats.outcomes["too_many_requests"] == limit
+        await wait_until(lambda: server.in_flight == 0 and stats.active == 0, timeout=EVENT_TIMEOUT)
+        # Healthy afterwards: a full batch of `limit` runs without a single 503.
+        again = await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(limit))), EVENT_TIMEOUT)
+        assert [r[0] for r in again] == [200] * limit
+        assert client.in_flight == 0
+    assert p.errors == []
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, None])
+async def test_max_concurrent_must_be_a_positive_integer(nats_server: NatsServer, bad: object) -> None:
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(204)
+
+    async with connect_peers(nats_server) as p:
+        with pytest.raises(ValueError, match="max_concurrent"):
+            await tunnel.serve(p.server_nc, HOST, handler, max_concurrent=bad)  # type: ignore[arg-type]
+
+
+async def test_a_reference_v1_caller_over_the_limit_gets_a_plain_v1_503(nats_server: NatsServer) -> None:
+    release = asyncio.Event()
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        await release.wait()
+        return tunnel.Response(200, [], b"ok")
+
+    async with (
+        connect_peers(nats_server) as p,
+        serving(p.server_nc, HOST, handler, max_concurrent=1) as server,
+    ):
+        caller = V1Caller(p.caller_nc)
+        busy = asyncio.create_task(caller.request(f"tunnel://{HOST}/first"))
+        await wait_until(lambda: server.in_flight == 1, timeout=EVENT_TIMEOUT)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            refused = await caller.request(f"tunnel://{HOST}/second", method="POST", body=b"data")
+        assert refused.status == 503
+        assert ("retry-after", "1") in refused.headers
+        assert json.loads(refused.body)["error"]["code"] == "too_many_requests"
+        release.set()
+        first = await asyncio.wait_for(busy, EVENT_TIMEOUT)
+        assert (first.status, first.body) == (200, b"ok")
+        assert caller.unknown_frames == [] and caller.log.violations == []  # plain v1 frames only
+    assert p.errors == []

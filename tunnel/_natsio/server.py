@@ -26,6 +26,7 @@ from nats.errors import Error as NatsError
 
 from .. import _frames as f
 from .._config import (
+    BUSY_RETRY_AFTER,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CHUNK,
     DEFAULT_MAX_CONCURRENT,
@@ -59,6 +60,9 @@ from .common import LazyTimer, Publisher, TimerHub, WireTap, map_nats_error
 
 log = logging.getLogger("tunnel.server")
 
+#: The ``error.code`` in the JSON body of the 503 a server at its concurrency limit answers.
+TOO_MANY_REQUESTS = "too_many_requests"
+
 # Expired ids are swept every this many additions (membership checks the expiry anyway).
 PRUNE_EVERY = 256
 # Warn about malformed frames at most this often; count all of them.
@@ -76,7 +80,10 @@ class ServerStats(TunnelCounters):
     protocol_errors: int = 0
     malformed_frames: int = 0
     repeated_starts: int = 0
+    #: Requests answered 503 + Retry-After without running the handler (max_concurrent reached).
     overloaded: int = 0
+    #: The most requests in flight at once so far (compare with ``TunnelServer.max_concurrent``).
+    peak_active: int = 0
 
 
 class _ServerRequest:
@@ -382,6 +389,8 @@ class TunnelServer:
         self.window = window
         self.max_chunk = max_chunk
         self.stall_timeout = stall_timeout
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
         self.max_concurrent = max_concurrent
         self.fast_path = fast_path
         self.server_id = new_endpoint_id()
@@ -517,10 +526,8 @@ class TunnelServer:
         self._seen.add(rid, time.monotonic())
         if len(self._active) >= self.max_concurrent:
             self.stats.overloaded += 1
-            self.stats.outcomes[ErrorCode.OVERLOADED] += 1
-            pub = stream.error_response(ErrorCode.OVERLOADED, "server is at its concurrent request limit")
-            if pub is not None:
-                await self._send_quietly(pub)
+            self.stats.outcomes[TOO_MANY_REQUESTS] += 1
+            await self._answer_busy(stream)
             return
         if deadline is not None and deadline <= loop.time():
             self.stats.timeouts += 1
@@ -531,7 +538,10 @@ class TunnelServer:
             return
         req = _ServerRequest(self, stream)
         self._active[rid] = req
-        self.stats.active = len(self._active)
+        stats = self.stats
+        stats.active = len(self._active)
+        if stats.active > stats.peak_active:
+            stats.peak_active = stats.active
         if self.on_event is not None:
             emit(
                 self.on_event,
@@ -550,6 +560,41 @@ class TunnelServer:
             self._timers = TimerHub(loop)
         self._timers.add(req.timer, stream.next_deadline())
         req.task = loop.create_task(req.run(self.handler))
+
+    async def _answer_busy(self, stream: ServerStream) -> None:
+        """At the concurrency limit: a plain HTTP 503 with Retry-After, the handler never runs.
+
+        A normal response, not a tunnel error: the caller (and an HTTP client behind a gateway)
+        sees an ordinary "try again shortly", and the request costs us one or four small frames.
+        """
+        body = json.dumps(
+            {
+                "error": {
+                    "code": TOO_MANY_REQUESTS,
+                    "message": f"{self.hostname} is handling {self.max_concurrent} requests at once "
+                    f"(its limit); retry after {BUSY_RETRY_AFTER} s",
+                }
+            },
+            separators=(",", ":"),
+        ).encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("retry-after", str(BUSY_RETRY_AFTER)),
+            ("content-length", str(len(body))),
+        ]
+        whole = stream.whole_response(503, headers, "Service Unavailable", body)
+        if whole is not None:
+            pubs = [whole]
+        else:
+            pubs = [stream.ack(), stream.start_response(503, headers, "Service Unavailable")]
+            frames, _ = stream.send_body(body)  # fits any window: a few hundred bytes
+            pubs += frames
+            if not stream.finished:
+                pubs.append(stream.end_response())
+        for pub in pubs:
+            self.stats.bytes_out += len(pub.payload)
+        with contextlib.suppress(TunnelError):
+            await self.publisher.send_all(pubs)
 
     async def _answer_finished_repeat(self, frame: f.RequestStart) -> None:
         """A start repeated after we answered in full: our answer was lost on the way.
