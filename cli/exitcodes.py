@@ -25,6 +25,7 @@ status  meaning
 23      ``fetch``: the output could not be written (disk full, closed pipe)
 24      ``fetch``: a tunnel error with a code this version does not know (sent by a
         newer peer)
+25      ``fetch``: ``tunnel_stalled`` (the desktop gave up on a stalled transfer)
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -66,6 +67,8 @@ TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
     ErrorCode.OVERLOADED: 19,
     ErrorCode.BUFFER_LIMIT: 20,
     ErrorCode.BODY_ERROR: 21,
+    # Sent by a server whose caller stopped granting credit or sending its body.
+    ErrorCode.STALLED: 25,
     # A peer that judged our request malformed: a usage problem on our side.
     ErrorCode.BAD_REQUEST: USAGE,
 }

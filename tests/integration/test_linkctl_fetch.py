@@ -182,7 +182,7 @@ def test_unreachable_host_is_one_line_with_its_own_exit_status(desktop: Desktop)
     proc = linkctl_process(desktop.nats_url, "fetch", "tunnel://nobody.test/anything")
     assert proc.returncode == 10
     assert_one_error_line(proc.stderr, "linkctl: tunnel_unreachable: ")
-    assert "tunnel://nobody.test" in proc.stderr
+    assert "nobody.test" in proc.stderr  # the host is named (by the tunnel, or by linkctl)
     assert proc.stdout == ""
     # The same command against the live desktop succeeds.
     proc = linkctl_process(desktop.nats_url, "fetch", f"{URL}/api/links/status")

@@ -102,6 +102,11 @@ def test_every_tunnel_code_has_its_own_exit_status() -> None:
     statuses = [exitcodes.for_tunnel_code(code) for code in codes if code != tunnel.ErrorCode.BAD_REQUEST]
     assert len(set(statuses)) == len(statuses)
     reserved = {exitcodes.OK, exitcodes.OFFLINE, exitcodes.USAGE, exitcodes.HTTP_ERROR, exitcodes.WRITE_ERROR}
+    reserved |= {
+        exitcodes.UNKNOWN_TUNNEL_ERROR,
+        exitcodes.INTERRUPTED,
+        *range(3, 10),
+    }  # gateway/stack commands
     assert not reserved & set(statuses)
     assert exitcodes.for_tunnel_code("tunnel_from_the_future") == exitcodes.UNKNOWN_TUNNEL_ERROR
     assert exitcodes.for_tunnel_code(tunnel.ErrorCode.BAD_REQUEST) == exitcodes.USAGE
