@@ -90,4 +90,5 @@ def describe() -> str:
         ("24", "another tunnel error code"),
         ("130", "interrupted"),
     ]
+    rows.sort(key=lambda row: int(row[0]))
     return "\b\nExit status:\n" + "\n".join(f"  {status:>4}  {text}" for status, text in rows)
