@@ -282,17 +282,20 @@ class LocalStack:
         assert self._keys is not None
         since = time.monotonic()
         self.say("  ..  nats-server  starting (operator mode, JetStream, websocket)")
-        server = NatsServer(
-            NatsServerConfig(
-                port=self.options.nats_port,
-                websocket_port=self.options.websocket_port,
-                jetstream=True,
-                workdir=str(self.state_dir / "nats"),
-                extra_conf=self._keys.setup.server_conf(),
-                server_name="linkctl-dev",
-                detached=True,
+        try:
+            server = NatsServer(
+                NatsServerConfig(
+                    port=self.options.nats_port,
+                    websocket_port=self.options.websocket_port,
+                    jetstream=True,
+                    workdir=str(self.state_dir / "nats"),
+                    extra_conf=self._keys.setup.server_conf(),
+                    server_name="linkctl-dev",
+                    detached=True,
+                )
             )
-        )
+        except NatsServerError as exc:  # not installed
+            raise StackError(f"nats-server: {exc}") from None
         child = Child("nats-server", self.state_dir / "nats" / "nats-server.log", nats=server)
         self.children.append(child)
         try:

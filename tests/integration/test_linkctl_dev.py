@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,4 +132,23 @@ async def test_linkctl_killed_hard_leaves_no_child_behind(tmp_path: Path) -> Non
             30,
             message=f"children outlived linkctl: {live_pids_mentioning(str(state))}",
         )
+    assert live_pids_mentioning(str(state)) == []
+
+
+def test_a_part_that_cannot_start_is_reported_with_its_log_and_nothing_is_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*LINKCTL, "dev", "--state-dir", str(state), "--gateway-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "gateway exited with status 2 while waiting for /healthz" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr  # the gateway's own log line
+    assert "Traceback" not in result.stderr
     assert live_pids_mentioning(str(state)) == []
