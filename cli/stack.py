@@ -72,6 +72,7 @@ POLL_INTERVAL: Final = 0.1
 LOG_TAIL_LINES: Final = 20
 # Settings from the user's environment that would redirect our children: never inherited.
 _FOREIGN_PREFIXES: Final = ("NATS_", "GATEWAY_", "LINKD_", "TUNNEL_PREFIX")
+_LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
 
 
 class StackError(CliError):
@@ -213,7 +214,15 @@ def write_private(path: Path, text: str) -> None:
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The children's environment: ours without settings that would redirect them, plus ``extra``.
+
+    Loopback is added to ``NO_PROXY`` so an HTTP proxy from the environment never sits between
+    linkd and the local gateway.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
+    for name in ("NO_PROXY", "no_proxy"):
+        existing = [part for part in env.get(name, "").split(",") if part.strip()]
+        env[name] = ",".join([*existing, *(h for h in _LOOPBACK_HOSTS if h not in existing)])
     env.update(extra)
     return env
 

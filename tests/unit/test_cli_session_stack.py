@@ -84,3 +84,18 @@ def test_dev_options_are_checked(tmp_path: Path, kwargs: dict[str, object], frag
     args.update(kwargs)
     with pytest.raises(CliError, match=fragment):
         stack_options(**args)  # type: ignore[arg-type]
+
+
+def test_children_get_no_foreign_settings_and_bypass_proxies_for_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.stack import child_env
+
+    monkeypatch.setenv("LINKD_TOKEN", "someone-elses")
+    monkeypatch.setenv("NATS_URL", "nats://prod:4222")
+    monkeypatch.setenv("NO_PROXY", "corp.example")
+    monkeypatch.setenv("HOME", "/home/me")
+    env = child_env({"NATS_URL": "nats://127.0.0.1:1"})
+    assert "LINKD_TOKEN" not in env and env["NATS_URL"] == "nats://127.0.0.1:1"
+    assert env["NO_PROXY"].split(",") == ["corp.example", "127.0.0.1", "localhost", "::1"]
+    assert env["HOME"] == "/home/me"
