@@ -101,12 +101,17 @@ def poll_until(predicate: Callable[[], Any], timeout: float, message: str, inter
         time.sleep(interval)
 
 
+# Per-request access log lines drown what matters in a failure report.
+_NOISE: Final = ('"aiohttp.access"',)
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if not any(noise in line for noise in _NOISE)]
+    return "\n".join(kept[-lines:])
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -248,8 +253,9 @@ class JetStreamNats:
 class GatewayProcess(ManagedProcess):
     """``studio-gateway serve`` on a fixed loopback port (kept across restarts)."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path, probe_token: str) -> None:
         super().__init__(name, log_path)
+        self.probe_token = probe_token
         self.port = free_port()
         self.env = _clean_env(**env, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
 
@@ -260,13 +266,27 @@ class GatewayProcess(ManagedProcess):
     def spawn(self) -> None:
         self._spawn([PYTHON, "-m", "studio_gateway.cli", "serve", "--log-level", "info"], self.env)
 
+    # Ready = connected to NATS (``/healthz``) and the runs machinery up: an unknown run is a 404
+    # then, while the gateway still sets up its streams and buckets it answers 503.
+    _PROBE_PATH: Final = "/api/runs/readiness-probe"
+
+    def _judge(self, health: httpx.Response, probe: httpx.Response | None) -> bool:
+        if health.status_code != 200 or health.json().get("nats") != "connected":
+            return False
+        return probe is not None and probe.status_code == 404
+
     def _ready_now(self) -> bool:
         self._check_alive()
         try:
-            resp = httpx.get(f"{self.url}/healthz", timeout=1.0)
+            health = httpx.get(f"{self.url}/healthz", timeout=1.0)
+            probe = httpx.get(
+                f"{self.url}{self._PROBE_PATH}",
+                headers={"Authorization": f"Bearer {self.probe_token}"},
+                timeout=1.0,
+            )
         except httpx.HTTPError:
             return False
-        return resp.status_code == 200 and resp.json().get("nats") == "connected"
+        return self._judge(health, probe)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Spawn and block until ``/healthz`` says the gateway is connected to NATS."""
@@ -284,10 +304,14 @@ class GatewayProcess(ManagedProcess):
             async def ready() -> bool:
                 self._check_alive()
                 try:
-                    resp = await http.get(f"{self.url}/healthz")
+                    health = await http.get(f"{self.url}/healthz")
+                    probe = await http.get(
+                        f"{self.url}{self._PROBE_PATH}",
+                        headers={"Authorization": f"Bearer {self.probe_token}"},
+                    )
                 except httpx.HTTPError:
                     return False
-                return resp.status_code == 200 and resp.json().get("nats") == "connected"
+                return self._judge(health, probe)
 
             await wait_for(ready, timeout, f"{self.name} never became ready", interval=0.05)
 
@@ -463,7 +487,12 @@ class RunsApi:
 
         async def check() -> dict[str, Any] | None:
             nonlocal last
-            last = await self.get(run_id)
+            resp = await self.http.get(f"{self.base_url}/api/runs/{run_id}", headers=self.headers)
+            if resp.status_code == 503:  # NATS or JetStream briefly away (a restart): ask again
+                return None
+            if resp.status_code != 200:
+                raise ApiError(f"GET /api/runs/{run_id} -> {resp.status_code}: {resp.text}")
+            last = resp.json()
             return last if predicate(last) else None
 
         try:
@@ -617,7 +646,12 @@ class RunsStack:
 
     def add_gateway(self, *, start: bool = True) -> GatewayProcess:
         index = len(self.gateways)
-        gateway = GatewayProcess(f"gateway-{index}", self.gateway_env, self.workdir / f"gateway-{index}.log")
+        gateway = GatewayProcess(
+            f"gateway-{index}",
+            self.gateway_env,
+            self.workdir / f"gateway-{index}.log",
+            probe_token=self.token("readiness-probe@example.com"),
+        )
         self.gateways.append(gateway)
         if start:
             gateway.start()

@@ -128,11 +128,11 @@ def assert_same_events(seen: list[dict[str, Any]], daemon: list[dict[str, Any]])
 def assert_complete_run(state: dict[str, Any], events: list[dict[str, Any]], output: str) -> None:
     """A completed run: state and events agree, seq 1..N each once, the output byte-exact."""
     seqs = [e["seq"] for e in events]
+    assert state["status"] == "completed", f"the run did not complete: {json.dumps(state, sort_keys=True)}"
     assert seqs == list(range(1, len(events) + 1)), f"seqs not contiguous/unique: {seqs[:20]}..."
     done = events[-1]
     assert done["type"] == "done" and done["status"] == "completed" and done["finalSeq"] == len(events)
     assert sum(e["type"] == "done" for e in events) == 1
-    assert state["status"] == "completed", state
     assert state["seq"] == state["finalSeq"] == len(events), state
     assert state["failureKind"] is None, state
     assert state["outputBytes"] == len(output.encode()), state
@@ -191,12 +191,51 @@ def event(run_id: str, fence: Any, seq: int, kind: str, **data: Any) -> dict[str
     return {"runId": run_id, "fence": fence, "seq": seq, "ts": int(time.time() * 1000), "type": kind, **data}
 
 
-async def js_publish(nc: Client, subject: str, payload: dict[str, Any]) -> None:
-    msg_id = f"{payload['runId']}:{payload['fence']}:{payload['seq']}"
+async def js_publish(nc: Client, subject: str, payload: dict[str, Any], msg_id: str | None = None) -> None:
+    """A JetStream publish, stored (not dropped as a duplicate); the contract's msg id by default."""
+    msg_id = msg_id or f"{payload['runId']}:{payload['fence']}:{payload['seq']}"
     ack = await nc.jetstream().publish(
         subject, json.dumps(payload).encode(), headers={"Nats-Msg-Id": msg_id}, timeout=10
     )
     assert not ack.duplicate, ack
+
+
+class ForeignDaemon:
+    """Another user's desktop: its own key, the JWT the gateway signs for it, NATS errors recorded."""
+
+    def __init__(self, nc: Client, subjects: tunnel.HostSubjects, errors: list[str], event: asyncio.Event):
+        self.nc = nc
+        self.subjects = subjects
+        self.errors = errors
+        self.error_event = event
+
+    @classmethod
+    async def connect(cls, stack: RunsStack, http: httpx.AsyncClient, user: str) -> ForeignDaemon:
+        key = new_key(KeyKind.USER)
+        resp = await http.post(
+            f"{stack.gateways[0].url}/api/links/session",
+            json={"publicKey": key.public_key},
+            headers={"Authorization": f"Bearer {stack.token(user)}"},
+        )
+        assert resp.status_code == 200, resp.text
+        session = resp.json()
+        subjects = host_subjects(session["tunnelHostname"])
+        errors: list[str] = []
+        got_error = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+            got_error.set()
+
+        nc = await nats.connect(
+            stack.nats.url,
+            user_credentials=RawCredentials(creds_text(session["credentials"]["jwt"], key.seed)),
+            inbox_prefix=uplink_inbox_prefix(subjects).encode(),  # where its JetStream acks may arrive
+            error_cb=on_error,
+            allow_reconnect=False,
+            connect_timeout=10,
+        )
+        return cls(nc, subjects, errors, got_error)
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -382,56 +421,27 @@ async def test_stale_fence_and_foreign_host_events_are_ignored(
         await admin.close()
 
     # 2. Another host's daemon, with its own operator-mode credentials (its key, the gateway's JWT).
-    key = new_key(KeyKind.USER)
-    resp = await http.post(
-        f"{stack.gateways[0].url}/api/links/session",
-        json={"publicKey": key.public_key},
-        headers={"Authorization": f"Bearer {stack.token(MALLORY)}"},
-    )
-    assert resp.status_code == 200, resp.text
-    session = resp.json()
-    mallory_subjects = host_subjects(session["tunnelHostname"])
-    errors: list[str] = []
-    got_error = asyncio.Event()
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-        got_error.set()
-
-    creds = creds_text(session["jwt"], key.seed)
-    mallory = await nats.connect(
-        stack.nats.url,
-        user_credentials=RawCredentials(creds),
-        inbox_prefix=uplink_inbox_prefix(mallory_subjects).encode(),
-        error_cb=on_error,
-        allow_reconnect=False,
-        connect_timeout=10,
-    )
+    mallory = await ForeignDaemon.connect(stack, http, MALLORY)
     try:
-        # Under its own host (allowed by NATS): claims alice's run id; the projector must ignore it.
-        own_subject = run_event_subject(mallory_subjects, run_id)
-        await js_publish(
-            mallory, own_subject, event(run_id, fence, next_seq, "output", stream="stdout", data="EVIL")
-        )
-        await js_publish(
-            mallory,
-            own_subject,
-            event(run_id, fence, next_seq + 1, "done", finalSeq=next_seq + 1, status="failed"),
-        )
+        # Under its own host (NATS allows it): events that would apply to alice's run were the
+        # host not checked (right fence, the next seq); its own message ids, so JetStream keeps them.
+        own_subject = run_event_subject(mallory.subjects, run_id)
+        evil = event(run_id, fence, next_seq, "output", stream="stdout", data="EVIL")
+        await js_publish(mallory.nc, own_subject, evil, msg_id=f"mallory-{run_id}-1")
+        evil_done = event(run_id, fence, next_seq + 1, "done", finalSeq=next_seq + 1, status="failed")
+        await js_publish(mallory.nc, own_subject, evil_done, msg_id=f"mallory-{run_id}-2")
         # Under alice's host: refused by NATS itself.
-        await mallory.publish(
-            alice_subject,
-            json.dumps(event(run_id, fence, next_seq, "done", finalSeq=next_seq, status="failed")).encode(),
-        )
-        await mallory.flush(timeout=10)
-        await asyncio.wait_for(got_error.wait(), 10)
+        await mallory.nc.publish(alice_subject, json.dumps(evil_done).encode())
+        await mallory.nc.flush(timeout=10)
+        await asyncio.wait_for(mallory.error_event.wait(), 10)
         assert any(
-            "permissions violation" in e.lower() and alice_subject.lower() in e.lower() for e in errors
-        ), errors
+            "permissions violation" in e.lower() and alice_subject.lower() in e.lower()
+            for e in mallory.errors
+        ), mallory.errors
         with pytest.raises((NatsError, asyncio.TimeoutError)):
-            await mallory.jetstream().publish(alice_subject, b"{}", timeout=1.0)
+            await mallory.nc.jetstream().publish(alice_subject, b"{}", timeout=1.0)
     finally:
-        await mallory.close()
+        await mallory.nc.close()
 
     # The run goes on untouched and ends exactly as the daemon produced it.
     final = await api.wait_terminal(run_id, RUN_TIMEOUT)
@@ -468,3 +478,33 @@ async def test_cancel_stops_the_runner_on_the_desktop(
     assert state["seq"] == state["finalSeq"] == len(daemon_events), state
     again = await api.cancel(run_id)
     assert again.status_code == 409 and again.json()["error"]["code"] == "run_finished", again.text
+
+
+async def test_another_host_cannot_preempt_a_runs_message_ids(
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+) -> None:
+    """A foreign daemon that knows a run id publishes, under its own host, with the message ids
+    alice's daemon is about to use (``<runId>:<fence>:<seq>``): the run must still complete intact.
+
+    JetStream's duplicate window is per stream, not per subject: if the ids do not name the host,
+    the foreign message is stored first and alice's real event is dropped as its duplicate.
+    """
+    count = 200
+    api = stack.api(ALICE, http)
+    run_id = (await api.create("mock", {"count": count, "delayMs": 10}))["runId"]
+    await api.wait_state(run_id, lambda s: (s["seq"] or 0) >= 5, RUN_TIMEOUT, "the run never got going")
+    fence = alice.events(run_id)[0]["fence"]
+    ahead = alice.events(run_id)[-1]["seq"] + 60  # well ahead of the daemon: it has not sent it yet
+    mallory = await ForeignDaemon.connect(stack, http, MALLORY)
+    try:
+        subject = run_event_subject(mallory.subjects, run_id)
+        for seq in (ahead, ahead + 1):
+            await js_publish(
+                mallory.nc, subject, event(run_id, fence, seq, "output", stream="stdout", data="X")
+            )
+    finally:
+        await mallory.nc.close()
+    final = await api.wait_terminal(run_id, RUN_TIMEOUT)
+    exported = await api.export(run_id)
+    assert_complete_run(final, exported, expected_output(count))
+    assert_same_events(exported, alice.events(run_id))
