@@ -19,6 +19,11 @@ can end). One delivery task publishes the queued events, in emit order, to
 - :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
   and logs what is left.
 
+De-duplication holds within the stream's duplicate window (the gateway's
+``RUNS_DUPLICATE_WINDOW_SECONDS``): an event stored whose ack was lost, and
+re-sent only after an outage longer than that window, is stored twice, with the
+same ``runId``/``fence``/``seq``, which the projector skips as already applied.
+
 :class:`Outbox` is the pure bookkeeping (no I/O, unit-tested on its own);
 :class:`JetStreamUplink` drives it over a nats-py connection that the daemon
 hands over with :meth:`JetStreamUplink.attach`.
@@ -589,7 +594,8 @@ def _parse_ack(msg: Msg) -> tuple[dict[str, Any], tuple[str, str] | None]:
     if headers.get("Status") == "503":
         return {}, (
             "no_stream",
-            "no JetStream stream stores run events yet (no responders; is the gateway's run stream set up?)",
+            "no JetStream stream stores run events yet (no responders: does the gateway have runs "
+            "and JetStream? without them, start linkd with --no-uplink)",
         )
     try:
         body = json.loads(msg.data)
