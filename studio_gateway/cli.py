@@ -47,11 +47,23 @@ FLAG_FOR_ENV: Final = {
     "GATEWAY_JWT_AUDIENCE": "--jwt-audience",
     "GATEWAY_HOST": "--host",
     "GATEWAY_PORT": "--port",
+    "RUNS_ENABLED": "--runs/--no-runs",
+    "RUNS_RUNNERS": "--runs-runners",
+    "RUNS_STREAM_MAX_AGE_SECONDS": "--runs-stream-max-age",
+    "RUNS_DUPLICATE_WINDOW_SECONDS": "--runs-duplicate-window",
+    "RUNS_REPLICAS": "--runs-replicas",
+    "RUNS_OUTPUT_MAX_BYTES": "--runs-output-max-bytes",
+    "RUNS_RETENTION_SECONDS": "--runs-retention",
+    "RUNS_LIVENESS_TIMEOUT_SECONDS": "--runs-liveness-timeout",
+    "RUNS_REAPER_INTERVAL_SECONDS": "--runs-reaper-interval",
+    "RUNS_DISPATCH_TIMEOUT_SECONDS": "--runs-dispatch-timeout",
+    "RUNS_KEEPALIVE_SECONDS": "--runs-keepalive",
+    "RUNS_MAX_BODY_BYTES": "--runs-max-body-bytes",
 }
 
 app = typer.Typer(
     name="studio-gateway",
-    help="The Studio gateway: link sessions (scoped NATS credentials) and live desktop presence.",
+    help="The Studio gateway: link sessions (scoped NATS credentials), live desktop presence and runs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -84,6 +96,10 @@ def _int_env(value: int | None) -> str | None:
     return None if value is None else str(value)
 
 
+def _float_env(value: float | None) -> str | None:
+    return None if value is None else repr(value)
+
+
 Opt = typer.Option
 
 
@@ -99,6 +115,9 @@ Examples:
       --nats-creds /run/secrets/gateway.creds --public-url wss://nats.example.com \\
       --operator-jwt /run/secrets/operator.jwt --account-jwt /run/secrets/account.jwt \\
       --account-signing-key /run/secrets/account-signing.nk
+
+Runs (/api/runs) need JetStream on the gateway's NATS server (nats-server -js); without
+it the rest works and runs answer 503 runs_unavailable. See docs/runs.md.
 
 Every flag falls back to its environment variable (shown as "env var"). Secrets and JWTs
 may be given inline or as a path to a file; prefer the environment or files for secrets,
@@ -152,6 +171,62 @@ def serve(
     jwt_audience: Annotated[
         str | None, Opt(help="Required token audience.", envvar="GATEWAY_JWT_AUDIENCE")
     ] = None,
+    runs: Annotated[
+        bool | None,
+        Opt(
+            "--runs/--no-runs", help="Serve /api/runs (needs JetStream; default: on).", envvar="RUNS_ENABLED"
+        ),
+    ] = None,
+    runs_runners: Annotated[
+        str | None,
+        Opt(
+            help="Runner names a run may ask for, comma-separated (default: echo,mock,command,http).",
+            envvar="RUNS_RUNNERS",
+        ),
+    ] = None,
+    runs_stream_max_age: Annotated[
+        float | None,
+        Opt(help="Run events stay in the stream this long, s (1800).", envvar="RUNS_STREAM_MAX_AGE_SECONDS"),
+    ] = None,
+    runs_duplicate_window: Annotated[
+        float | None,
+        Opt(help="Event de-duplication window, s (120).", envvar="RUNS_DUPLICATE_WINDOW_SECONDS"),
+    ] = None,
+    runs_replicas: Annotated[
+        int | None, Opt(help="JetStream replicas of the run stream and buckets (1).", envvar="RUNS_REPLICAS")
+    ] = None,
+    runs_output_max_bytes: Annotated[
+        int | None,
+        Opt(
+            help="Event bytes kept per run for export after retention (1048576).",
+            envvar="RUNS_OUTPUT_MAX_BYTES",
+        ),
+    ] = None,
+    runs_retention: Annotated[
+        float | None,
+        Opt(help="Run state and kept events live this long, s (604800).", envvar="RUNS_RETENTION_SECONDS"),
+    ] = None,
+    runs_liveness_timeout: Annotated[
+        float | None,
+        Opt(
+            help="A run silent this long fails as desktop_lost, s (60).",
+            envvar="RUNS_LIVENESS_TIMEOUT_SECONDS",
+        ),
+    ] = None,
+    runs_reaper_interval: Annotated[
+        float | None,
+        Opt(help="Reaper scan interval, s (liveness/10, 0.1..5).", envvar="RUNS_REAPER_INTERVAL_SECONDS"),
+    ] = None,
+    runs_dispatch_timeout: Annotated[
+        float | None,
+        Opt(help="Delivering a work item or a cancel, s (10).", envvar="RUNS_DISPATCH_TIMEOUT_SECONDS"),
+    ] = None,
+    runs_keepalive: Annotated[
+        float | None, Opt(help="SSE keep-alive interval, s (15).", envvar="RUNS_KEEPALIVE_SECONDS")
+    ] = None,
+    runs_max_body_bytes: Annotated[
+        int | None, Opt(help="Largest POST /api/runs body (524288).", envvar="RUNS_MAX_BODY_BYTES")
+    ] = None,
     log_level: Annotated[str, Opt(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway HTTP service until SIGINT/SIGTERM."""
@@ -175,6 +250,18 @@ def serve(
             "GATEWAY_JWT_PUBLIC_KEY": jwt_public_key,
             "GATEWAY_JWT_ALGORITHMS": jwt_algorithms,
             "GATEWAY_JWT_AUDIENCE": jwt_audience,
+            "RUNS_ENABLED": _bool_env(runs),
+            "RUNS_RUNNERS": runs_runners,
+            "RUNS_STREAM_MAX_AGE_SECONDS": _float_env(runs_stream_max_age),
+            "RUNS_DUPLICATE_WINDOW_SECONDS": _float_env(runs_duplicate_window),
+            "RUNS_REPLICAS": _int_env(runs_replicas),
+            "RUNS_OUTPUT_MAX_BYTES": _int_env(runs_output_max_bytes),
+            "RUNS_RETENTION_SECONDS": _float_env(runs_retention),
+            "RUNS_LIVENESS_TIMEOUT_SECONDS": _float_env(runs_liveness_timeout),
+            "RUNS_REAPER_INTERVAL_SECONDS": _float_env(runs_reaper_interval),
+            "RUNS_DISPATCH_TIMEOUT_SECONDS": _float_env(runs_dispatch_timeout),
+            "RUNS_KEEPALIVE_SECONDS": _float_env(runs_keepalive),
+            "RUNS_MAX_BODY_BYTES": _int_env(runs_max_body_bytes),
         }
     )
     try:
@@ -192,6 +279,7 @@ def serve(
             "public_urls": list(config.public_urls),
             "credential_mode": config.credential_mode.value,
             "tunnel_public_enabled": config.tunnel_public_enabled,
+            "runs_enabled": config.runs.enabled,
         },
     )
     try:

@@ -50,6 +50,26 @@ SUPERVISE_INTERVAL: Final = 0.5
 DRAIN_TIMEOUT: Final = 5.0
 
 
+async def stop_tasks(tasks: list[asyncio.Task[None]], timeout: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while they run.
+
+    Again, because a cancellation can be swallowed by a library racing a timeout
+    (``asyncio.wait_for`` before Python 3.12), which would leave a loop running forever.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    for task in pending:
+        log.error("task %s did not stop", task.get_name())
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" noise
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -109,9 +129,7 @@ class RunsService:
     async def close(self) -> None:
         await self.dispatcher.drain(DRAIN_TIMEOUT)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
         self._store = None
 
@@ -157,9 +175,7 @@ class RunsService:
                     if task.done() and not task.cancelled() and task.exception() is not None:
                         log.warning("run loop %s stopped: %r; restarting", task.get_name(), task.exception())
             finally:
-                for task in loops:
-                    task.cancel()
-                await asyncio.gather(*loops, return_exceptions=True)
+                await stop_tasks(loops)
                 self._store = None
                 self._ready.clear()
             self.reason = "runs are restarting (the NATS connection changed)"

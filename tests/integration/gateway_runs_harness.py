@@ -87,7 +87,10 @@ class RunsGateway:
             last = await self.get_run(user, run_id)
             return last["status"] in statuses
 
-        await wait_until(reached, timeout, 0.02, f"run {run_id} never reached {statuses}: {last}")
+        try:
+            await wait_until(reached, timeout, 0.02)
+        except AssertionError:
+            raise AssertionError(f"run {run_id} never reached {statuses}: {last}") from None
         return last
 
     async def events_text(
