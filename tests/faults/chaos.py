@@ -600,6 +600,24 @@ class FaultReport:
         )
 
 
+async def _until_big_bodies_in_flight(ledger: Ledger, s: ChaosSettings) -> None:
+    """Wait (bounded) until big bodies are mid-transfer: the fault then hits requests on the wire.
+
+    Small requests take a millisecond and their workers mostly sit in their gaps, so without
+    this a fault could land between requests, cut off nothing, and prove nothing. Bounded by
+    the overall deadline: if the load never gets there, the fault goes in anyway and the
+    scenario's own checks report it.
+    """
+    want = min(2, s.downloaders + s.uploaders)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + s.total_timeout
+    while loop.time() < deadline:
+        in_flight = [op for op in ledger.ops if op.ended is None and op.kind in ("download", "upload")]
+        if len(in_flight) >= want:
+            return
+        await asyncio.sleep(0.002)
+
+
 async def run_fault(rig: ChaosRig, fault: Fault, *, warmup: float = 0.6, after: float = 1.2) -> FaultReport:
     """Mixed load; inject; hold; heal; wait until reachable; more load; check every invariant."""
     s = rig.settings
@@ -613,6 +631,7 @@ async def run_fault(rig: ChaosRig, fault: Fault, *, warmup: float = 0.6, after: 
     recovered_after: float | None = None
     try:
         await asyncio.sleep(warmup)  # steady load before the fault (the schedule under test)
+        await _until_big_bodies_in_flight(ledger, s)
         injected_at = loop.time()
         await fault.inject(rig)
         await asyncio.sleep(fault.hold)
