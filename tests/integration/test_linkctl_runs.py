@@ -55,11 +55,11 @@ def chunks(count: int) -> str:
 async def test_attach_resumes_after_cut_connections_without_loss_or_duplicates(
     gateway: ContractGateway,
 ) -> None:
-    count = 150
+    count = 400  # 8 s of events: both cuts land while the run is still live, even on a loaded machine
     async with FaultProxy(gateway.port) as proxy:
         url = f"http://127.0.0.1:{proxy.port}"
         code, out, err = await linkctl(
-            url, "runs", "send", "mock", json.dumps({"count": count, "delayMs": 15}), "--json"
+            url, "runs", "send", "mock", json.dumps({"count": count, "delayMs": 20}), "--json"
         )
         assert code == 0, err
         run_id = json.loads(out)["runId"]
@@ -67,21 +67,26 @@ async def test_attach_resumes_after_cut_connections_without_loss_or_duplicates(
             *LINKCTL, "runs", "attach", run_id, env=_env(url),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        communicate = asyncio.ensure_future(proc.communicate())
-        for cut in (1, 2):
-            await wait_until(
-                lambda cut=cut: len(gateway.requests) == cut and gateway.requests[-1].sent >= 20, 30
-            )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for cut_after in (40, 120):  # cut once the client has *printed* this many chunks
+            while len(lines) < cut_after:
+                line = await asyncio.wait_for(proc.stdout.readline(), 30)
+                assert line, "attach ended early"
+                lines.append(line.decode())
             proxy.reset_all()
-        out_b, err_b = await asyncio.wait_for(communicate, 60)
+        rest, err_b = await asyncio.wait_for(proc.communicate(), 60)
+    lines += rest.decode().splitlines(keepends=True)
     assert proc.returncode == 0, err_b.decode()
-    assert out_b.decode() == chunks(count)  # every chunk exactly once, in order
+    assert "".join(lines) == chunks(count)  # every chunk exactly once, in order
     assert err_b.decode().count("connection lost") >= 2
     resumed = gateway.requests[1:]
     assert len(resumed) >= 2
     for request in resumed:
         assert request.after is not None and request.after == request.last_event_id
-        assert int(request.after) > 0
+    # The client had printed 40 (then 120) chunks, i.e. seen events 1..41 (the stage first):
+    # it must resume after at least those, never from the start.
+    assert int(resumed[0].after or 0) >= 41 and int(resumed[-1].after or 0) >= 121
     assert "completed" in err_b.decode()
 
 

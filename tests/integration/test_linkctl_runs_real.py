@@ -63,12 +63,12 @@ def chunks(count: int) -> list[str]:
 
 
 async def test_attach_through_two_connection_resets_gets_every_chunk_once(stack: DevStack) -> None:
-    count = 300
+    count = 500  # 10 s of events: both cuts land while the run is still live
     port = int(stack.gateway.rsplit(":", 1)[1])
     async with FaultProxy(port) as proxy:
         via = f"http://127.0.0.1:{proxy.port}"
         code, out, err = await linkctl(
-            stack, "runs", "send", "mock", json.dumps({"count": count, "delayMs": 10}), "--json", gateway=via
+            stack, "runs", "send", "mock", json.dumps({"count": count, "delayMs": 20}), "--json", gateway=via
         )
         assert code == 0, err
         run_id = json.loads(out)["runId"]
