@@ -264,6 +264,11 @@ class NatsServer:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def returncode(self) -> int | None:
+        """Exit status of the current or last process; None while it runs (or before a start)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -21,7 +21,6 @@ with deadlines, and the owner (``linkctl dev``/``demo``) polls :meth:`LocalStack
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -132,8 +131,7 @@ class Child:
     def returncode(self) -> int | None:
         """None while running."""
         if self.nats is not None:
-            proc = self.nats._proc
-            return None if proc is None else proc.poll()
+            return self.nats.returncode
         return None if self.proc is None else self.proc.poll()
 
     def log_tail(self) -> str:
@@ -213,6 +211,15 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _lock_exclusive(lock: IO[str]) -> None:
+    """Hold an exclusive, non-blocking lock on ``lock`` until it is closed (OSError if held)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one stack per directory is then on the user
+        return
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The children's environment: ours without settings that would redirect them, plus ``extra``.
 
@@ -275,7 +282,7 @@ class LocalStack:
         except OSError as exc:
             raise CliError(f"--state-dir: cannot use {str(state)!r} ({exc.strerror or exc})") from None
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(lock)
         except OSError:
             lock.close()
             raise CliError(
