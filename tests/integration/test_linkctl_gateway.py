@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import nats
@@ -119,3 +120,37 @@ async def test_session_when_the_tunnel_is_disabled_is_a_gateway_error(op: Operat
         code, _, err = await linkctl("session", "--gateway", gw.url, token=gw.token("c"))
         assert code == exitcodes.GATEWAY_ERROR
         assert "tunnel_disabled" in err and "Traceback" not in err
+
+
+async def test_status_watch_keeps_probing_through_a_gateway_restart(op: OperatorServer) -> None:
+    async with live_gateway(op.env()) as gw:
+        token = gw.token("dora")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LINKCTL_")}
+        env.update(LINKCTL_TOKEN=token, NO_COLOR="1")
+        proc = await asyncio.create_subprocess_exec(
+            *LINKCTL, "status", "--gateway", gw.url, "--watch", "0.2", "--json", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        reasons: list[str] = []
+
+        async def next_reason() -> str:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, "status --watch ended"
+            reason = str(json.loads(line)["reason"])
+            reasons.append(reason)
+            return reason
+
+        try:
+            assert await next_reason() == "not_connected"
+            await gw.stop()
+            while await next_reason() != "gateway_unavailable":
+                pass
+            await gw.start()
+            while await next_reason() != "not_connected":
+                pass
+        finally:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+    assert "gateway_unavailable" in reasons and reasons[-1] == "not_connected"
+    assert proc.returncode == exitcodes.OFFLINE  # the status of the last probe
