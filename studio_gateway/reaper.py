@@ -8,8 +8,8 @@ run works) since its last event, or since dispatch when none came yet. A run sti
 ``dispatching`` gets the dispatch timeout on top: its dispatcher decides first.
 
 Before failing a run the reaper asks the stream for the run's newest event: when
-the desktop did publish recently and only the projector is behind, the run is
-alive and is left alone. Once failed, the run is terminal: late events cannot
+the desktop did publish recently, or its ``done`` is there, and only the projector
+is behind, the run is alive and is left alone. Once failed, the run is terminal: late events cannot
 bring it back (the projector ignores them).
 """
 
@@ -88,8 +88,14 @@ class Reaper:
             silence = silent_for(state, now)
             if silence < limit:
                 continue
-            if await self._recent_event_pending(state, now, limit):
-                continue
+            newest = await self._newest_unapplied(state)
+            if newest is not None:
+                stored_ms, kind = newest
+                # The desktop did send more; only the projector is behind. Alive if that was
+                # recent, and never lost once its done is in the stream.
+                if kind == "done" or (now - stored_ms) / 1000 < limit:
+                    continue
+                silence = min(silence, (now - stored_ms) / 1000)
             reason = (
                 f"the desktop sent nothing for {silence:.1f} s "
                 f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
@@ -115,18 +121,19 @@ class Reaper:
             reaped.append(run_id)
         return reaped
 
-    async def _recent_event_pending(self, state: RunState, now_ms: int, limit: float) -> bool:
-        """True when the stream holds a newer event of this run than applied, stored recently."""
+    async def _newest_unapplied(self, state: RunState) -> tuple[float, str] | None:
+        """(stored at, ms; type) of the run's newest event in the stream, when not applied yet."""
         try:
             msg = await self.store.js.get_last_msg(RUN_STREAM, self.store.event_subject(state))
         except nats.js.errors.NotFoundError:
-            return False
+            return None
         try:
             event = json.loads(msg.data or b"")
-            seq = event.get("seq") if isinstance(event, dict) else None
-        except ValueError:
-            return False
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(event, dict) or event.get("fence") != state.event_fence:
+            return None
+        seq = event.get("seq")
         if not isinstance(seq, int) or seq <= state.seq or msg.time is None:
-            return False
-        stored_ms = msg.time.timestamp() * 1000
-        return (now_ms - stored_ms) / 1000 < limit
+            return None
+        return msg.time.timestamp() * 1000, str(event.get("type"))

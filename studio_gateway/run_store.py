@@ -54,7 +54,9 @@ OUTPUT_BUCKET: Final = "LINK_RUN_OUTPUT"
 ACTIVE_BUCKET: Final = "LINK_RUN_ACTIVE"
 PROJECTOR_DURABLE: Final = "LINK_RUNS_PROJECTOR"
 # A projector that took a message and died: JetStream hands it to another instance after this.
-PROJECTOR_ACK_WAIT: Final = 30.0
+# Short, because the run's later events wait for it; an instance holding an early event
+# keeps it with in-progress acks, and applying twice is harmless (a duplicate).
+PROJECTOR_ACK_WAIT: Final = 3.0
 PROJECTOR_MAX_ACK_PENDING: Final = 4096
 # Readers' ephemeral consumers disappear this long after their reader stopped pulling.
 READER_INACTIVE_THRESHOLD: Final = 120.0
@@ -252,17 +254,25 @@ class RunStore:
             max_waiting=512,
         )
         try:
-            await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
-            return "unchanged"
+            info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
         except nats.js.errors.NotFoundError:
-            pass
+            info = None
+        if info is not None:
+            current = info.config
+            if (
+                _normal(current.ack_wait) == _normal(consumer.ack_wait)
+                and current.max_ack_pending == consumer.max_ack_pending
+                and current.filter_subject == consumer.filter_subject
+            ):
+                return "unchanged"
         try:
-            await self.js.add_consumer(RUN_STREAM, consumer)
+            await self.js.add_consumer(RUN_STREAM, consumer)  # creates, or updates in place
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
                 raise
+            log.warning("the projector consumer exists with other settings (%s); using it as it is", exc)
             return "unchanged"
-        return "created"
+        return "created" if info is None else "updated"
 
     async def projector_subscription(self) -> JetStreamContext.PullSubscription:
         return await self.js.pull_subscribe_bind(durable=PROJECTOR_DURABLE, stream=RUN_STREAM)
