@@ -78,9 +78,11 @@ DEFAULT_OUTBOX_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_WINDOW: Final = 256
 # A publish ack slower than this counts as lost: the event is published again (same id).
 DEFAULT_ACK_TIMEOUT: Final = 5.0
-# After a failure the uplink waits (initial, doubling, capped) before publishing again.
+# After a failure the uplink waits (initial, doubling, capped) before publishing again; the cap
+# keeps the delay after an outage short next to the gateway's liveness timeout (one probe event
+# per cap is no load). A reconnect or a new connection starts again at the initial wait.
 RETRY_INITIAL: Final = 0.05
-RETRY_CAP: Final = 5.0
+RETRY_CAP: Final = 2.0
 # While there is no usable connection, look again this often (nats-py reconnects by itself).
 CONNECTION_POLL: Final = 0.1
 # Room left in a message for the headers (the server counts them against max_payload).
@@ -292,6 +294,7 @@ class _Link:
     subjects: tunnel.HostSubjects
     ack_prefix: str = ""
     sub: Subscription | None = None
+    down: bool = False  # seen disconnected (nats-py is reconnecting)
 
 
 class JetStreamUplink:
@@ -452,8 +455,12 @@ class JetStreamUplink:
             )
         if not link.nc.is_connected:
             # nats-py reconnects by itself; what was in flight goes again afterwards (same ids).
+            link.down = True
             self.outbox.requeue_in_flight()
             return CONNECTION_POLL if self.outbox else None
+        if link.down:  # back: whatever we were backing off from may be over, try at once
+            link.down = False
+            self._fresh_start(now)
         if now >= self._pause_until:
             await self._publish_ready(link, now)
         waits = [
@@ -524,6 +531,7 @@ class JetStreamUplink:
                 self._failure("subscribe", f"cannot subscribe for publish acks ({type(exc).__name__})")
                 return None
             self._link = link
+            self._fresh_start(self.clock())
         return link
 
     async def _drop_link(self) -> None:
@@ -553,6 +561,10 @@ class JetStreamUplink:
         if self.outbox.failed(token) is not None:
             self._failure(kind, text)
         self._wake.set()
+
+    def _fresh_start(self, now: float) -> None:
+        self.retry.reset()
+        self._pause_until = min(self._pause_until, now)
 
     def _removed(self) -> None:
         """Events left the outbox: wake waiting producers and flushes."""

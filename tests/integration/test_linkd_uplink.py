@@ -222,7 +222,18 @@ async def test_nats_server_restart_mid_run_loses_nothing_and_stores_nothing_twic
         )
         assert len(uplink.outbox) >= 100
         assert uplink.status()["state"] == "waiting for NATS to reconnect"
+        acked_before = uplink.outbox.acked_total
         await asyncio.to_thread(server.start)
+        restarted = time.monotonic()
+        await wait_until(
+            lambda: uplink.outbox.acked_total >= acked_before + 100,
+            TIMEOUT,
+            message="no delivery after restart",
+        )
+        caught_up = time.monotonic() - restarted
+        # Reconnect (nats-py waits up to ~1 s), JetStream recovery, then the backlog: seconds, not more.
+        assert caught_up < 10.0
+        print(f"\nthe uplink delivered 100 queued events {caught_up:.2f}s after the restart")
 
         finished = await runs.wait_finished("run-restart", TIMEOUT)
         assert finished.status == "completed" and finished.recorder is not None
