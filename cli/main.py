@@ -1,7 +1,6 @@
 """``linkctl``: the typer app. Each command lives in its own module and registers itself here.
 
-A command module exposes ``register(app)``; add new ones (dev, demo, session, runs) to
-:data:`COMMAND_MODULES`. Commands raise :class:`cli.common.CliError` for anything the user
+A command module exposes ``register(app)`` and is listed in :data:`COMMAND_MODULES`. Commands raise :class:`cli.common.CliError` for anything the user
 can fix; :class:`LinkctlGroup` turns those, and typer's own usage errors, into one line on
 stderr and the documented exit status (see :mod:`cli.exitcodes`).
 """
@@ -26,16 +25,22 @@ __all__ = ["COMMAND_MODULES", "app", "main"]
 COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (fetch, status, forward, session, runs, dev, demo)
 
 HELP: Final = """\
-Inspect and reach linked desktops over the NATS tunnel.
+Inspect and reach linked desktops over the NATS tunnel, send them work through the
+gateway, or run the whole stack on this machine.
 
 \b
 Examples:
-  linkctl status desk.example                       # is the desktop online?
+  linkctl demo                                      # the whole stack, one probe, one run, torn down
+  linkctl dev                                       # the whole stack until Ctrl-C
+  linkctl status desk.example                       # is the desktop online? (over NATS)
+  linkctl status --gateway http://127.0.0.1:8080    # is my desktop online? (through the gateway)
+  linkctl runs send mock '{"count": 3}' --attach    # a run, streamed live
   linkctl fetch tunnel://desk.example/api/links/status
   linkctl forward --listen 127.0.0.1:8080 desk.example   # then: curl http://127.0.0.1:8080/
 
-Every networked command takes --nats URL (env LINKCTL_NATS_URL), --creds FILE
-(LINKCTL_NATS_CREDS) or --token (LINKCTL_NATS_TOKEN), and --prefix. Run
+NATS commands take --nats URL (env LINKCTL_NATS_URL), --creds FILE (LINKCTL_NATS_CREDS)
+or --token (LINKCTL_NATS_TOKEN), and --prefix; gateway commands (session, runs,
+status --gateway) take --gateway URL (LINKCTL_GATEWAY) and --token (LINKCTL_TOKEN). Run
 'linkctl COMMAND --help' for a command's options, examples and exit statuses.
 """
 
