@@ -1,8 +1,9 @@
 """``linkctl``: the typer app. Each command lives in its own module and registers itself here.
 
-A command module exposes ``register(app)`` and is listed in :data:`COMMAND_MODULES`. Commands raise :class:`cli.common.CliError` for anything the user
-can fix; :class:`LinkctlGroup` turns those, and typer's own usage errors, into one line on
-stderr and the documented exit status (see :mod:`cli.exitcodes`).
+A command module exposes ``register(app)`` and is listed in :data:`COMMAND_MODULES`.
+Commands raise :class:`cli.common.CliError` for anything the user can fix;
+:class:`LinkctlGroup` turns those, and typer's own usage errors, into one line on stderr
+and the documented exit status (see :mod:`cli.exitcodes`).
 """
 
 from __future__ import annotations
