@@ -398,7 +398,8 @@ async def test_a_user_cannot_dispatch_to_read_or_cancel_another_users_runs(
             "/api/runs", headers=gw.headers("bob"), json={"runner": "echo", "input": 1}
         )
         assert resp.status == 202, await resp.text()
-        run_id = (await resp.json())["runId"]
+        created = await resp.json()
+        run_id, thread_id = created["runId"], created["threadId"]
         own = await gw.client.get(f"/api/runs/{run_id}", headers=gw.headers("bob"))
         assert own.status == 200 and (await own.json())["hostname"] == bob_host
         mallory = gw.headers("mallory")
@@ -416,6 +417,12 @@ async def test_a_user_cannot_dispatch_to_read_or_cancel_another_users_runs(
         # Bob's run was not cancelled by Mallory's attempt (no desktop: it fails, unreachable).
         after = await (await gw.client.get(f"/api/runs/{run_id}", headers=gw.headers("bob"))).json()
         assert after["status"] != "cancelled", after
+        # The unauthenticated metrics page says nothing about whose runs exist.
+        metrics = await gw.client.get("/metrics")
+        assert metrics.status == 200
+        text = await metrics.text()
+        for private in (run_id, thread_id, bob_host):
+            assert private not in text, f"/metrics discloses {private!r}"
         # Mallory cannot aim a run at Bob's desktop: the body cannot name the host or the user.
         resp = await gw.client.post(
             "/api/runs",
