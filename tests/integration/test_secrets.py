@@ -368,8 +368,9 @@ async def test_linkd_cli_login_failure_and_up_with_rotation_print_no_secret(
 
 
 async def test_gateway_process_debug_logs_and_start_up_errors_print_no_secret(
-    op: OperatorServer, tmp_path: Path
+    nats_server_factory: NatsServerFactory, tmp_path: Path
 ) -> None:
+    op = start_operator_server(nats_server_factory, tmp_path, jetstream=True)  # runs work too
     secrets = setup_secrets(op)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GATEWAY_", "TUNNEL_"))}
     env.update(op.env(NATS_TUNNEL_SESSION_TTL_SECONDS="60"))
@@ -404,6 +405,15 @@ async def test_gateway_process_debug_logs_and_start_up_errors_print_no_secret(
             await http.get(f"/api/links/me?token={token}", headers=auth)
             await http.get("/api/links/me", headers={"Authorization": f"Bearer {token}x"})
             await http.post("/api/links/session", headers=auth, json={"publicKey": op.setup.account.seed})
+            # A run (no desktop: it fails at once, desktop_unreachable), read back and exported.
+
+            async def run_accepted() -> bool:
+                resp = await http.post("/api/runs", headers=auth, json={"runner": "echo", "input": "hi"})
+                return resp.status_code == 202
+
+            await wait_until(run_accepted, PROCESS_TIMEOUT, interval=0.1, message="runs never ready")
+            runs = (await http.get("/metrics")).text
+            assert "studio_runs_created_total" in runs
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
     finally:
