@@ -14,7 +14,8 @@ so a reader knows exactly how many events the run has.
 
 :class:`EventSink` is where events go. :class:`linkd.uplink.JetStreamUplink` delivers
 them durably to JetStream (what ``linkd up`` uses), with message ids
-``<runId>:<fence>:<seq>``; :class:`MemoryEventSink` keeps them in memory (tests, the
+``<runId>:<fence>:<seq>:<execution>`` (``execution``: random per run execution, so
+no other host can guess them); :class:`MemoryEventSink` keeps them in memory (tests, the
 demo, ``linkd up --no-uplink``); :class:`JsonlFileSink` appends them to a file
 (``--events-file``, for debugging); :class:`TeeSink` fans out.
 
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -81,6 +83,10 @@ class RunEvent:
     type: EventType
     ts_ms: int
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Random per run execution (set by RunRecorder), never on the wire in the body: it makes the
+    # message id unguessable, so another host cannot take a run's ids first (JetStream de-duplicates
+    # per stream, not per subject) and have this daemon's real events dropped as duplicates.
+    execution: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,8 +100,13 @@ class RunEvent:
 
     @property
     def message_id(self) -> str:
-        """The JetStream de-duplication id of this event."""
+        """The event's identity, ``<runId>:<fence>:<seq>``."""
         return f"{self.run_id}:{self.fence}:{self.seq}"
+
+    @property
+    def uplink_id(self) -> str:
+        """The JetStream de-duplication id (``Nats-Msg-Id``): ``<message_id>:<execution>``, kept on retry."""
+        return f"{self.message_id}:{self.execution}" if self.execution else self.message_id
 
 
 class EventSink(Protocol):
@@ -195,6 +206,7 @@ class RunRecorder:
         self.run_id = run_id
         self.fence = fence
         self.seq = 0
+        self.execution = secrets.token_hex(8)
         self.lost = 0
         self.finished = False
         self._queue: asyncio.Queue[RunEvent | None] = asyncio.Queue()
@@ -238,7 +250,9 @@ class RunRecorder:
     def _enqueue(self, kind: EventType, data: dict[str, Any]) -> RunEvent:
         # No await between numbering and queueing: seq order is queue order.
         self.seq += 1
-        event = RunEvent(self.run_id, self.fence, self.seq, kind, int(time.time() * 1000), data)
+        event = RunEvent(
+            self.run_id, self.fence, self.seq, kind, int(time.time() * 1000), data, self.execution
+        )
         self._queue.put_nowait(event)
         if self._queue.qsize() >= self._limit:
             self._space.clear()

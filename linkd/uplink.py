@@ -4,7 +4,11 @@
 full, so memory stays bounded; a run's final ``done`` is always admitted so a run
 can end). One delivery task publishes the queued events, in emit order, to
 ``P.host.<token>.runs.<runId>`` (see :mod:`linkd.run_protocol`) with the header
-``Nats-Msg-Id: <runId>:<fence>:<seq>`` and waits for JetStream's publish ack:
+``Nats-Msg-Id: <runId>:<fence>:<seq>:<execution>`` (:attr:`RunEvent.uplink_id
+<linkd.run_events.RunEvent.uplink_id>`; ``execution`` is random per run execution:
+JetStream de-duplicates per stream, so predictable ids would let another host publish
+them first, under its own subject, and have this daemon's real events dropped) and
+waits for JetStream's publish ack:
 
 - Pipelined: up to ``window`` events are in flight at once; acks come back on one
   wildcard subscription under the connection's inbox prefix (which the daemon's
@@ -40,7 +44,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from nats.aio.client import Client as NATS
@@ -119,7 +123,7 @@ def fit_event(event: RunEvent, limit: int) -> bytes:
     while keep > 0:
         keep //= 2
         data = {**event.data, name: text[:keep], "truncated": len(text)}
-        payload = encode_event(RunEvent(event.run_id, event.fence, event.seq, event.type, event.ts_ms, data))
+        payload = encode_event(replace(event, data=data))
         if len(payload) <= limit:
             return payload
     raise ValueError(f"run event {event.message_id} does not fit in {limit} bytes")
@@ -146,7 +150,7 @@ class OutboxEntry:
 
     @property
     def msg_id(self) -> str:
-        return self.event.message_id
+        return self.event.uplink_id
 
     @property
     def size(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,10 +93,14 @@ def assert_exactly_once(stored: list[Stored], run_id: str, fence: int, final_seq
     mine = [s for s in stored if s.event["runId"] == run_id]
     seqs = [s.event["seq"] for s in mine]
     assert sorted(seqs) == list(range(1, final_seq + 1)), f"{run_id}: {len(seqs)} stored, final {final_seq}"
+    executions = set()
     for s in mine:
         assert s.subject == run_event_subject(SUBJECTS, run_id)
-        assert s.msg_id == f"{run_id}:{fence}:{s.event['seq']}"
+        head, _, execution = s.msg_id.partition(f"{run_id}:{fence}:{s.event['seq']}")
+        assert head == "" and re.fullmatch(r"(:[0-9a-f]{16})?", execution), s.msg_id
+        executions.add(execution)
         assert s.event["fence"] == fence
+    assert len(executions) == 1  # one execution, one random id part, on every event and retry
 
 
 def events(run_id: str, n: int, fence: int = 1) -> list[RunEvent]:
@@ -367,6 +372,35 @@ async def test_an_event_bigger_than_max_payload_is_stored_truncated_and_the_run_
         assert any(
             "bigger than NATS max_payload allows; sent truncated" in r.getMessage() for r in caplog.records
         )
+
+
+async def test_another_host_publishing_a_runs_predictable_ids_first_cannot_get_its_events_dropped(
+    nats_server_factory: NatsServerFactory, tmp_path: Path
+) -> None:
+    server = js_server(nats_server_factory, tmp_path)
+    mallory = tunnel.HostSubjects.for_host("mallory-desk")
+    async with admin(server.url) as (_, js), daemon_connection(server.url) as own:
+        await create_stream(js)
+        # Mallory knows the run id and fence, and publishes under her own host with every id the
+        # run would use if ids were just <runId>:<fence>:<seq> (she cannot know the random part).
+        for seq in range(1, 40):
+            await js.publish(
+                run_event_subject(mallory, "run-target"),
+                b"{}",
+                headers={"Nats-Msg-Id": f"run-target:1:{seq}"},
+            )
+        async with attached(own) as uplink:
+            runs = RunManager({"mock": MockRunner()}, uplink, heartbeat_interval=60)
+            runs.submit(mock_item("run-target", 1, count=30))
+            info = await runs.wait_finished("run-target", TIMEOUT)
+            assert await uplink.flush(TIMEOUT)
+            assert uplink.duplicates == 0
+        assert info.recorder is not None
+        stored = [
+            s for s in await stored_events(js) if s.subject == run_event_subject(SUBJECTS, "run-target")
+        ]
+        assert_exactly_once(stored, "run-target", 1, info.recorder.seq)
+        assert stored[0].msg_id.startswith("run-target:1:1:")
 
 
 # ------------------------------------------------------------------------------ shutdown

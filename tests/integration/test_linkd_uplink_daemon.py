@@ -116,7 +116,9 @@ async def test_a_run_from_the_gateway_is_uplinked_exactly_once_and_the_projector
         events = await stored(gw.nc.jetstream(), run_event_subject(subjects, run_id))
         final_seq = state["finalSeq"]
         assert [e["seq"] for _, e in events] == list(range(1, final_seq + 1))
-        assert [m for m, _ in events] == [f"{run_id}:{e['fence']}:{e['seq']}" for _, e in events]
+        execution = events[0][0].rsplit(":", 1)[1]
+        assert len(execution) == 16
+        assert [m for m, _ in events] == [f"{run_id}:{e['fence']}:{e['seq']}:{execution}" for _, e in events]
         assert events[-1][1]["type"] == "done" and events[-1][1]["status"] == "completed"
         assert sum(1 for _, e in events if e["type"] == "output") == 300
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,22 @@ async def test_the_recorder_splits_big_output_so_every_event_fits_a_message() ->
     assert [len(e.data["data"]) for e in outputs] == [MAX_OUTPUT_CHARS, MAX_OUTPUT_CHARS, 5, 0]
     assert "".join(e.data["data"] for e in outputs) == text
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+
+
+async def test_message_ids_carry_a_random_part_per_execution_that_other_hosts_cannot_guess() -> None:
+    sink = MemoryEventSink()
+    first, second = RunRecorder(sink, "r", 1), RunRecorder(sink, "r", 2)
+    for recorder in (first, second):
+        await recorder.output("a")
+        await recorder.done("completed")
+    one, two = sink.events("r", 1), sink.events("r", 2)
+    assert [e.uplink_id for e in one] == [f"r:1:{seq}:{first.execution}" for seq in (1, 2)]
+    assert [e.uplink_id for e in two] == [f"r:2:{seq}:{second.execution}" for seq in (1, 2)]
+    assert one[0].message_id == "r:1:1" and ev(3).uplink_id == ev(3).message_id == "r1:7:3"
+    assert len(first.execution) == 16 and first.execution != second.execution
+    assert "execution" not in json.loads(encode_event(one[0]))  # not part of the event's JSON
+    cut = json.loads(fit_event(replace(one[0], data={"stream": "stdout", "data": "z" * 5000}), 1000))
+    assert cut["truncated"] == 5000
 
 
 # ------------------------------------------------------------------------------ the uplink without a server
