@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, AssertionError) as exc:
         print(f"bench_runs: {exc}", file=sys.stderr)
         return 1
+    except (httpx.HTTPError, TimeoutError) as exc:  # the process logs were printed above
+        print(f"bench_runs: the gateway did not answer in time: {type(exc).__name__} {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     result["quick"] = args.quick
