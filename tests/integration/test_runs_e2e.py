@@ -47,6 +47,7 @@ ALICE: Final = "alice@example.com"  # the shared desktop
 BOB: Final = "bob@example.com"  # a desktop that gets SIGKILLed
 MALLORY: Final = "mallory@example.com"  # another user's desktop, trying to meddle
 OFFLINE: Final = "nobody-home@example.com"  # never has a desktop
+HOLEY: Final = "holey@example.com"  # a buggy desktop that loses an event for good
 TERMINAL: Final = ("completed", "failed", "cancelled")
 # Generous bounds: the machine is shared by many agents; these only catch hangs.
 RUN_TIMEOUT: Final = 45.0
@@ -203,9 +204,10 @@ async def js_publish(nc: Client, subject: str, payload: dict[str, Any], msg_id: 
 class ForeignDaemon:
     """Another user's desktop: its own key, the JWT the gateway signs for it, NATS errors recorded."""
 
-    def __init__(self, nc: Client, subjects: tunnel.HostSubjects, errors: list[str], event: asyncio.Event):
+    def __init__(self, nc: Client, hostname: str, errors: list[str], event: asyncio.Event) -> None:
         self.nc = nc
-        self.subjects = subjects
+        self.hostname = hostname
+        self.subjects = host_subjects(hostname)
         self.errors = errors
         self.error_event = event
 
@@ -235,7 +237,7 @@ class ForeignDaemon:
             allow_reconnect=False,
             connect_timeout=10,
         )
-        return cls(nc, subjects, errors, got_error)
+        return cls(nc, session["tunnelHostname"], errors, got_error)
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -509,3 +511,54 @@ async def test_another_host_cannot_preempt_a_runs_message_ids(
     exported = await api.export(run_id)
     assert_complete_run(final, exported, expected_output(count))
     assert_same_events(exported, alice.events(run_id))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="studio_gateway/reaper.py:96 never reaps a run whose done waits in the stream behind an event "
+    "that never comes: the run stays in_progress forever",
+)
+async def test_a_run_missing_an_event_for_good_does_not_hang(
+    stack: RunsStack, http: httpx.AsyncClient
+) -> None:
+    """A buggy desktop accepts the work, then sends seq 1, 2, 4 and a done (seq 5): seq 3 never
+    comes. The run cannot complete (its output has a hole) and must not stay in progress forever:
+    it fails within the liveness timeout (plus slack) after the desktop went quiet.
+    """
+    desktop = await ForeignDaemon.connect(stack, http, HOLEY)
+    work: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def handler(request: tunnel.Request) -> tunnel.Response:
+        if request.path == "/api/links/work":
+            item = json.loads(await request.read())
+            if not work.done():
+                work.set_result(item)
+            body = {"accepted": True, "runId": item["runId"], "fence": item["runFenceToken"]}
+            return tunnel.Response(202, [("content-type", "application/json")], json.dumps(body))
+        status = {"hostname": "holey-desk", "capabilities": ["mock"], "cliVersion": "0"}
+        return tunnel.Response(200, [("content-type", "application/json")], json.dumps(status))
+
+    server = await tunnel.serve(desktop.nc, desktop.hostname, handler)
+    try:
+        api = stack.api(HOLEY, http)
+        run_id = (await api.create("mock", {"count": 3}))["runId"]
+        item = await asyncio.wait_for(work, 15)
+        fence = item["runFenceToken"]
+        subject = run_event_subject(desktop.subjects, run_id)
+        for payload in (
+            event(run_id, fence, 1, "stage", stage="starting-run"),
+            event(run_id, fence, 2, "output", stream="stdout", data="a"),
+            event(run_id, fence, 4, "output", stream="stdout", data="c"),
+            event(run_id, fence, 5, "done", finalSeq=5, status="completed"),
+        ):
+            await js_publish(desktop.nc, subject, payload)
+        quiet_since = time.monotonic()
+        state = await api.wait_terminal(run_id, LIVENESS_SECONDS + 8)
+        took = time.monotonic() - quiet_since
+        assert state["status"] == "failed", state
+        assert state["seq"] == 2 and state["outputBytes"] == 1, state
+        print(f"run with a hole: {state['status']}/{state['failureKind']} {took:.1f}s after the last event")
+        assert took <= LIVENESS_SECONDS + 5, f"ended {took:.1f}s after the desktop went quiet"
+    finally:
+        await server.close(timeout=1.0)
+        await desktop.nc.close()
