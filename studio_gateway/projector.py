@@ -2,19 +2,22 @@
 
 Every gateway instance runs one :class:`Projector` loop on the same durable pull
 consumer (``LINK_RUNS_PROJECTOR``), so the instances share the work and a crashed
-instance's unacknowledged events go to another one after the ack wait. For each
-event it reads the run state, decides with :func:`.run_state.apply_event`, keeps
-the event for export (:meth:`.RunStore.keep_event`, idempotent per seq) and
-writes the new state with compare-and-set on the key's revision (re-reading on a
-conflict). Only then is the event acknowledged: after a crash it is delivered
-again and recognised as a duplicate (seq <= applied) or applied now.
+instance's unacknowledged events go to another one after the ack wait (a few seconds).
 
-A batch is applied run by run in seq order. An event that arrives before its
-predecessor (another instance is applying that one, or it is being redelivered)
-is held here, unacknowledged, and retried as the run moves on; after
-``HOLD_MAX`` it is given back to JetStream (nak with a delay). Events of other fences, of hosts other than
-the run owner's (taken from the subject, never the payload), of ended runs, of
-unknown runs and malformed ones are acknowledged and counted, never applied.
+A pulled batch is applied run by run, in seq order: the events of one run are
+decided one after the other with :func:`.run_state.apply_event` on the evolving
+state, the ones to keep for export are stored (:meth:`.RunStore.keep_event`,
+idempotent per seq), and the run's new state is written *once* for the whole group
+with compare-and-set on the key's revision (on a conflict: read again, decide again).
+Only then are the events acknowledged: after a crash they are delivered again and
+recognised as duplicates (seq <= applied) or applied now. Each event is applied once.
+
+An event that arrives before its predecessor (another instance is applying that
+one, or it is being redelivered) is held here, unacknowledged (with in-progress
+acks), and retried as the run moves on; after ``HOLD_MAX`` it is given back to
+JetStream. Events of other fences, of hosts other than the run owner's (taken
+from the subject, never the payload), of ended runs, of unknown runs and
+malformed ones are acknowledged and counted, never applied.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-import nats.errors
 from nats.aio.msg import Msg
 
 from linkd.run_protocol import parse_run_subject
 
 from .run_metrics import RunMetrics
 from .run_state import RunState, apply_event
-from .run_store import Conflict, RunStore
+from .run_store import Conflict, RunStore, fetch_ready
 
 __all__ = ["Projector", "keep_decision"]
 
@@ -74,25 +76,39 @@ def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -
 
 
 @dataclass
-class _Held:
-    """An event whose predecessor is not applied yet, held (unacknowledged) until it is."""
+class _Item:
+    """One delivered event, parsed once."""
 
     msg: Msg
     run_id: str
+    host_token: str
     seq: int
-    since: float
-    touched: float
+    event: dict[str, Any]
+    stream_time: float | None
+    since: float | None = None  # when it was first held
+    touched: float = 0.0  # last in-progress ack
 
 
-def _sort_key(msg: Msg, prefix: str) -> tuple[str, int]:
-    """(run id, seq) for applying a batch run by run in seq order; unparsable ones first."""
+def _parse(msg: Msg, prefix: str) -> _Item | None:
     subject = parse_run_subject(msg.subject, prefix)
+    if subject is None:
+        return None
     try:
-        seq = json.loads(msg.data).get("seq")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        seq = None
-    run_id = subject.run_id if subject is not None else ""
-    return run_id, seq if isinstance(seq, int) else 0
+        event = json.loads(msg.data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(event, dict):
+        return None
+    seq = event.get("seq")
+    stamp = msg.metadata.timestamp
+    return _Item(
+        msg,
+        subject.run_id,
+        subject.host_token,
+        seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
+        event,
+        stamp.timestamp() if stamp is not None else None,
+    )
 
 
 class Projector:
@@ -109,9 +125,9 @@ class Projector:
         self.now_ms = now_ms
         self.prefix = store.prefix
         self.hold_max = hold_max
-        # Last state written per run (with its revision): the next event usually needs no read.
+        # Last state written per run (with its revision): the next group usually needs no read.
         self._cache: OrderedDict[str, tuple[RunState, int]] = OrderedDict()
-        self._held: dict[tuple[str, int], _Held] = {}
+        self._held: dict[str, list[_Item]] = {}
 
     async def run(self) -> None:
         """Pull and apply events until cancelled."""
@@ -119,10 +135,8 @@ class Projector:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(FETCH_BATCH, timeout=HELD_POLL if self._held else FETCH_TIMEOUT)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    msgs = []
-                    if not self._held:
+                    msgs = await fetch_ready(sub, FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
+                    if not msgs and not self._held:
                         self.metrics.projector_pending.set(0)
                 except asyncio.CancelledError:
                     raise
@@ -132,76 +146,44 @@ class Projector:
                     continue
                 await self.handle_batch(msgs)
         finally:
-            for held in self._held.values():
-                with contextlib.suppress(Exception):
-                    await held.msg.nak()
+            for items in self._held.values():
+                for item in items:
+                    with contextlib.suppress(Exception):
+                        await item.msg.nak()
             self._held.clear()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply a batch run by run in seq order, then whatever held events became applicable."""
-        for msg in sorted(msgs, key=lambda m: _sort_key(m, self.prefix)):
-            await self.handle(msg)
-        await self._retry_held()
-
-    async def _retry_held(self) -> None:
-        """Per run, apply held events from the lowest seq on, while they fit."""
-        for run_id in sorted({run for run, _ in self._held}):
+        groups: dict[str, list[_Item]] = {}
+        for msg in msgs:
+            item = _parse(msg, self.prefix)
+            if item is None:
+                await self._ack(msg, "invalid")
+                continue
+            groups.setdefault(item.run_id, []).append(item)
+        if msgs:
+            with contextlib.suppress(Exception):
+                self.metrics.projector_pending.set(msgs[-1].metadata.num_pending or 0)
+        for run_id, items in groups.items():
+            await self._guarded(run_id, items)
+        for run_id in list(self._held):
+            held = self._held.pop(run_id)
             self._cache.pop(run_id, None)  # another instance may have moved the run on
-            keys = sorted(k for k in self._held if k[0] == run_id)
-            for i, key in enumerate(keys):
-                held = self._held.pop(key)
-                if await self.handle(held.msg, held_since=held.since) == "gap":
-                    await self._keep_alive(keys[i + 1 :])  # still early: so are the later ones
-                    break
+            await self._guarded(run_id, held)
 
-    async def _keep_alive(self, keys: list[tuple[str, int]]) -> None:
-        """Tell JetStream we still work on held events, so their ack wait does not run out."""
-        now = asyncio.get_running_loop().time()
-        for key in keys:
-            held = self._held.get(key)
-            if held is not None and now - held.touched > TOUCH_INTERVAL:
-                held.touched = now
-                with contextlib.suppress(Exception):
-                    await held.msg.in_progress()
-
-    async def handle(self, msg: Msg, *, held_since: float | None = None) -> str:
-        """Apply (or classify) one delivered event; acks it, or holds it when it came too early."""
+    async def _guarded(self, run_id: str, items: list[_Item]) -> None:
         try:
-            outcome, key = await self._decide_and_write(msg)
+            await self._apply_group(run_id, sorted(items, key=lambda i: i.seq))
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("projector: cannot handle %s; it will be redelivered", msg.subject)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=ERROR_DELAY)
-            return "error"
-        with contextlib.suppress(Exception):
-            self.metrics.projector_pending.set(msg.metadata.num_pending or 0)
-        if outcome == "gap" and key is not None:
-            loop = asyncio.get_running_loop()
-            since = held_since if held_since is not None else loop.time()
-            if held_since is None:
-                self.metrics.uplink_events.inc(result="gap")
-            if loop.time() - since < self.hold_max:
-                # Its predecessor is on its way (another instance, or a redelivery): keep it here,
-                # unacknowledged, and try again as the run moves on.
-                self._held[key] = _Held(msg, key[0], key[1], since, loop.time())
+            log.exception("projector: cannot apply events of run %s; they will be redelivered", run_id)
+            self._cache.pop(run_id, None)
+            for item in items:
                 with contextlib.suppress(Exception):
-                    await msg.in_progress()
-                return outcome
-            # Held long enough: give it back to JetStream (the predecessor may be lost for good,
-            # and the reaper ends such a run), so this instance's memory stays bounded.
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=MAX_GAP_DELAY)
-            return outcome
-        self.metrics.uplink_events.inc(result=outcome)
-        try:
-            await msg.ack()
-        except Exception as exc:  # the event comes back after the ack wait; applying is idempotent
-            log.warning("projector: cannot ack %s: %s", msg.subject, exc)
-        return outcome
+                    await item.msg.nak(delay=ERROR_DELAY)
 
     async def _load(self, run_id: str) -> tuple[RunState, int] | None:
         cached = self._cache.get(run_id)
@@ -215,55 +197,96 @@ class Projector:
         while len(self._cache) > CACHE_RUNS:
             self._cache.popitem(last=False)
 
-    async def _decide_and_write(self, msg: Msg) -> tuple[str, tuple[str, int] | None]:
-        subject = parse_run_subject(msg.subject, self.prefix)
-        if subject is None:
-            return "invalid", None
-        try:
-            event = json.loads(msg.data)
-        except (ValueError, UnicodeDecodeError):
-            return "invalid", None
-        stamp = msg.metadata.timestamp
-        stream_time = stamp.timestamp() if stamp is not None else None
-        event_time_ms = int(stream_time * 1000) if stream_time is not None else None
+    async def _apply_group(self, run_id: str, items: list[_Item]) -> None:
+        """Decide and write the events of one run (sorted by seq) with one compare-and-set."""
         for _ in range(MAX_CAS_ATTEMPTS):
-            loaded = await self._load(subject.run_id)
+            cached = run_id in self._cache
+            loaded = await self._load(run_id)
             if loaded is None:
-                return "unknown_run", None
+                for item in items:
+                    await self._ack(item.msg, "unknown_run")
+                return
             state, revision = loaded
-            decision = apply_event(
-                state,
-                event,
-                host_token=subject.host_token,
-                now_ms=self.now_ms(),
-                event_time_ms=event_time_ms,
-            )
-            if decision.outcome == "gap" and subject.run_id in self._cache:
-                self._cache.pop(subject.run_id)  # the cache may be behind: read the real state
+            current = state
+            applied: list[_Item] = []
+            ignored: list[tuple[_Item, str]] = []
+            early: list[_Item] = []
+            kept: list[_Item] = []
+            now = self.now_ms()
+            for item in items:
+                decision = apply_event(
+                    current,
+                    item.event,
+                    host_token=item.host_token,
+                    now_ms=now,
+                    event_time_ms=int(item.stream_time * 1000) if item.stream_time is not None else None,
+                )
+                if decision.outcome == "applied" and decision.state is not None:
+                    keep, current = keep_decision(
+                        decision.state, item.event, len(item.msg.data), self.store.config.output_max_bytes
+                    )
+                    if keep:
+                        kept.append(item)
+                    applied.append(item)
+                elif decision.outcome == "gap":
+                    early.append(item)
+                else:
+                    if decision.outcome in ("stale_fence", "wrong_host"):
+                        log.info("run %s: ignored event (%s)", run_id, decision.detail)
+                    ignored.append((item, decision.outcome))
+            if early and not applied and cached:
+                self._cache.pop(run_id, None)  # the cache may be behind another instance: read again
                 continue
-            if decision.outcome != "applied" or decision.state is None:
-                if decision.outcome in ("stale_fence", "wrong_host"):
-                    log.info("run %s: ignored event (%s)", subject.run_id, decision.detail)
-                key = (subject.run_id, int(event["seq"])) if decision.outcome == "gap" else None
-                return decision.outcome, key
-            assert isinstance(event, dict)
-            keep, new = keep_decision(
-                decision.state, event, len(msg.data), self.store.config.output_max_bytes
-            )
-            if keep:
-                await self.store.keep_event(state.run_id, int(event["seq"]), event)
-            try:
-                new_revision = await self.store.write(new, revision)
-            except Conflict:
-                self._cache.pop(subject.run_id, None)
+            if applied:
+                # Kept copies first (idempotent puts, in parallel), then the state that counts them.
+                await asyncio.gather(*(self.store.keep_event(run_id, i.seq, i.event) for i in kept))
+                try:
+                    new_revision = await self.store.write(current, revision)
+                except Conflict:
+                    self._cache.pop(run_id, None)
+                    continue
+                if current.terminal:
+                    self._cache.pop(run_id, None)
+                    self.metrics.run_finished(current.status, current.failure_kind)
+                    await self.store.mark_inactive(run_id)
+                else:
+                    self._remember(current, new_revision)
+                stream_time = applied[-1].stream_time
+                if stream_time is not None:
+                    self.metrics.event_applied_at(stream_time)
+                for item in applied:
+                    await self._ack(item.msg, "applied")
+            for item, outcome in ignored:
+                await self._ack(item.msg, outcome)
+            await self._hold(run_id, early)
+            return
+        raise Conflict(f"{run_id}: too many concurrent writers")
+
+    async def _hold(self, run_id: str, items: list[_Item]) -> None:
+        """Keep early events (unacknowledged) for a retry; give back the ones held too long."""
+        now = asyncio.get_running_loop().time()
+        keep: list[_Item] = []
+        for item in items:
+            if item.since is None:
+                item.since = now
+                self.metrics.uplink_events.inc(result="gap")
+            if now - item.since >= self.hold_max:
+                # Its predecessor may be lost for good (the reaper ends such a run); give it back
+                # to JetStream so this instance's memory stays bounded.
+                with contextlib.suppress(Exception):
+                    await item.msg.nak(delay=MAX_GAP_DELAY)
                 continue
-            if new.terminal:
-                self._cache.pop(subject.run_id, None)
-                self.metrics.run_finished(new.status, new.failure_kind)
-                await self.store.mark_inactive(new.run_id)
-            else:
-                self._remember(new, new_revision)
-            if stream_time is not None:
-                self.metrics.event_applied_at(stream_time)
-            return "applied", None
-        raise Conflict(f"{subject.run_id}: too many concurrent writers")
+            if now - item.touched >= TOUCH_INTERVAL:
+                item.touched = now
+                with contextlib.suppress(Exception):
+                    await item.msg.in_progress()
+            keep.append(item)
+        if keep:
+            self._held.setdefault(run_id, []).extend(keep)
+
+    async def _ack(self, msg: Msg, outcome: str) -> None:
+        self.metrics.uplink_events.inc(result=outcome)
+        try:
+            await msg.ack()
+        except Exception as exc:  # it comes back after the ack wait; handling it again is harmless
+            log.warning("projector: cannot ack %s: %s", msg.subject, exc)

@@ -45,6 +45,7 @@ __all__ = [
     "Conflict",
     "EventReader",
     "RunStore",
+    "fetch_ready",
 ]
 
 log = logging.getLogger("studio_gateway.run_store")
@@ -151,6 +152,33 @@ def _normal(value: Any) -> Any:
     return value
 
 
+# How long a pull lingers to pick up what is already there (the next message's wait is separate).
+GRAB_TIMEOUT: Final = 0.01
+
+
+async def _grab(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+    try:
+        return await sub.fetch(batch, timeout=timeout)
+    except (nats.errors.TimeoutError, TimeoutError):
+        return []
+
+
+async def fetch_ready(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+    """Up to ``batch`` messages as soon as there is one; [] after ``timeout`` without any.
+
+    Why not ``sub.fetch(batch, timeout)``: once it had to wait, nats-py's fetch keeps
+    waiting until the batch is full or the timeout passed, so one event arriving on an
+    idle consumer would sit there for the whole timeout.
+    """
+    msgs = await _grab(sub, batch, GRAB_TIMEOUT)
+    if msgs:
+        return msgs
+    first = await _grab(sub, 1, timeout)
+    if not first or batch == 1:
+        return first
+    return first + await _grab(sub, batch - 1, GRAB_TIMEOUT)
+
+
 @dataclass
 class EventReader:
     """An ephemeral, unacknowledged pull consumer on one subject (replay, then live)."""
@@ -184,11 +212,8 @@ class EventReader:
         return cls(js, stream, name, sub, int(info.num_pending or 0))
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
-        """Up to ``batch`` messages; [] when none arrived within ``timeout``."""
-        try:
-            return await self.sub.fetch(batch, timeout=timeout)
-        except (nats.errors.TimeoutError, TimeoutError):
-            return []
+        """Up to ``batch`` messages as soon as there is one; [] when none arrived within ``timeout``."""
+        return await fetch_ready(self.sub, batch, timeout)
 
     async def snapshot(self, timeout: float = JS_TIMEOUT) -> list[Msg]:
         """Everything the subject held when the reader was opened."""

@@ -37,6 +37,7 @@ from .run_metrics import RunMetrics
 from .run_sse import ordered_events
 from .run_state import RunState, terminate
 from .run_store import RunStore
+from .tasks import stop_tasks
 
 __all__ = ["RUNS", "CancelOutcome", "RunsService", "runs_lifetime"]
 
@@ -48,26 +49,6 @@ MAX_SETUP_RETRY_DELAY: Final = 10.0
 SUPERVISE_INTERVAL: Final = 0.5
 # Deliveries in flight get this long on shutdown (beyond it, they fail as dispatch_error).
 DRAIN_TIMEOUT: Final = 5.0
-
-
-async def stop_tasks(tasks: list[asyncio.Task[None]], timeout: float = 10.0) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again while they run.
-
-    Again, because a cancellation can be swallowed by a library racing a timeout
-    (``asyncio.wait_for`` before Python 3.12), which would leave a loop running forever.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.2)
-    for task in pending:
-        log.error("task %s did not stop", task.get_name())
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" noise
 
 
 def _now_ms() -> int:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from typing import Any, Final
 
 from aiohttp import web
@@ -36,6 +37,7 @@ from .run_sse import NDJSON, EventFormat, choose_format, ordered_events, parse_a
 from .run_state import RunState
 from .run_store import RunStore
 from .runs import RUNS, RunsService
+from .tasks import stop_tasks
 
 __all__ = ["add_routes"]
 
@@ -50,6 +52,11 @@ READ_POLL: Final = 5.0
 END_GRACE: Final = 2.0
 # A reader that saw `done` waits this long for the projector to make the state terminal.
 DONE_GRACE: Final = 5.0
+# A live reader reads the run state at least this often (besides on write notifications).
+STATE_POLL: Final = 1.0
+# ... and this often once the run is ending.
+FINISH_POLL: Final = 0.05
+RECHECK_DELAY: Final = 0.05
 _NO_STORE: Final = {"Cache-Control": "no-store"}
 
 
@@ -232,18 +239,24 @@ async def run_events(request: web.Request, user: User) -> web.StreamResponse:
 
 
 class _StateWatch:
-    """The newest state of one run, from the key's own subject (every write is a message there)."""
+    """Wakes a reader when the run's state key is written; the reader then reads the state.
+
+    The message itself is not trusted: a compare-and-set that JetStream refuses is
+    published on the key's subject all the same, so only a read shows committed state.
+    """
 
     def __init__(self, state: RunState) -> None:
         self.state = state
         self.changed = asyncio.Event()
 
     async def on_message(self, msg: Msg) -> None:
-        with contextlib.suppress(Exception):
-            state = RunState.from_json(msg.data)
-            if state.terminal or not self.state.terminal:
-                self.state = state
-                self.changed.set()
+        self.changed.set()
+
+    async def refresh(self, store: RunStore) -> None:
+        self.changed.clear()
+        loaded = await store.load(self.state.run_id)
+        if loaded is not None:
+            self.state = loaded[0]
 
 
 async def _stream_live(
@@ -271,11 +284,11 @@ async def _stream_live(
     pending: list[dict[str, Any]] = []
     ended_at: float | None = None
     done_at: float | None = None
+    last_write = last_refresh = loop.time()
+    recheck_at = math.inf
     try:
         # The state may have moved between the first read and the subscription.
-        loaded = await store.load(state.run_id)
-        if loaded is not None:
-            watch.state = loaded[0]
+        await watch.refresh(store)
         while True:
             current = watch.state
             if current.terminal and next_seq > current.seq:
@@ -286,12 +299,24 @@ async def _stream_live(
                 if now - ended_at > END_GRACE:
                     return current  # the stream lost the rest (retention); end anyway
             elif done_at is not None and now - done_at > DONE_GRACE:
-                loaded = await store.load(state.run_id)
-                return loaded[0] if loaded else current
-            wait = 0.2 if (ended_at or done_at) else keepalive
+                return current  # the projector is behind: end with what the state says
+            if ended_at or done_at:
+                wait = FINISH_POLL
+            else:
+                wait = max(
+                    0.0,
+                    min(STATE_POLL - (now - last_refresh), keepalive - (now - last_write), recheck_at - now),
+                )
             got = loop.create_task(batches.get())
             changed = loop.create_task(watch.changed.wait())
-            done, _ = await asyncio.wait({got, changed}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(
+                    {got, changed}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+            except BaseException:
+                got.cancel()
+                changed.cancel()
+                raise
             changed.cancel()
             if got in done:
                 msgs = got.result()
@@ -300,12 +325,15 @@ async def _stream_live(
                 with contextlib.suppress(asyncio.CancelledError):
                     await got
                 msgs = []
-            watch.changed.clear()
-            if not done:
-                line = fmt.keepalive()
-                if line is not None:
-                    await response.write(line)
-                continue
+            now = loop.time()
+            # Notified of a write, or polling now and then: a notification can be missed when the
+            # write raced the subscription, so the state is also read on a timer.
+            notified = watch.changed.is_set()
+            if notified or done_at is not None or now >= recheck_at or now - last_refresh >= STATE_POLL:
+                await watch.refresh(store)
+                last_refresh = now
+                # The notification can arrive before JetStream stored the write: read once more soon.
+                recheck_at = now + RECHECK_DELAY if notified else math.inf
             for msg in msgs:
                 with contextlib.suppress(ValueError, UnicodeDecodeError):
                     event = json.loads(msg.data)
@@ -315,15 +343,18 @@ async def _stream_live(
             for event in ready:
                 if event["seq"] > after:
                     await response.write(fmt.event(event))
+                    last_write = now
                 if event.get("type") == "done":
                     done_at = loop.time()
             if ready:
                 next_seq = ready[-1]["seq"] + 1
             pending = [e for e in pending if isinstance(e.get("seq"), int) and e["seq"] >= next_seq]
+            line = fmt.keepalive()
+            if line is not None and now - last_write >= keepalive:
+                await response.write(line)
+                last_write = now
     finally:
-        pump_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await pump_task
+        await stop_tasks([pump_task])
         await reader.close()
         with contextlib.suppress(Exception):
             await watch_sub.unsubscribe()
