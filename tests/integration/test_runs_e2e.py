@@ -177,13 +177,6 @@ def check_sse_framing(messages: list[SseMessage]) -> list[dict[str, Any]]:
     return events
 
 
-async def admin_connection(stack: RunsStack) -> Client:
-    """An unrestricted account user: what a compromised or buggy publisher could send."""
-    return await nats.connect(
-        stack.nats.url, user_credentials=RawCredentials(stack.nats.admin_creds()), connect_timeout=10
-    )
-
-
 def host_subjects(hostname: str) -> tunnel.HostSubjects:
     return tunnel.HostSubjects.for_host(hostname)
 
@@ -202,7 +195,8 @@ async def js_publish(nc: Client, subject: str, payload: dict[str, Any], msg_id: 
 
 
 class ForeignDaemon:
-    """Another user's desktop: its own key, the JWT the gateway signs for it, NATS errors recorded."""
+    """A desktop's NATS connection as the gateway grants it (its own key, the JWT the gateway signs
+    for that user's host), without linkd: to publish what a buggy, old or hostile daemon would."""
 
     def __init__(self, nc: Client, hostname: str, errors: list[str], event: asyncio.Event) -> None:
         self.nc = nc
@@ -326,15 +320,15 @@ async def test_daemon_sigkill_mid_run_is_desktop_lost(
 
     # A late event cannot resurrect it: a fenced done arriving now (as a daemon would send after
     # reconnecting) is ignored. Alice's next run goes through the same projector after it.
-    nc = await admin_connection(stack)
+    produced = bob.events(run_id)  # written before the uplink gets each event: nothing later exists
+    late = produced[-1]["seq"] + 1
+    revived = await ForeignDaemon.connect(stack, http, BOB)  # bob's desktop, back with a fresh session
     try:
-        late = state["seq"] + 1
         subject = run_event_subject(host_subjects(bob.hostname), run_id)
-        await js_publish(
-            nc, subject, event(run_id, state["fence"], late, "done", finalSeq=late, status="completed")
-        )
+        late_done = event(run_id, produced[-1]["fence"], late, "done", finalSeq=late, status="completed")
+        await js_publish(revived.nc, subject, late_done)
     finally:
-        await nc.close()
+        await revived.nc.close()
     alice_api = stack.api(ALICE, http)
     marker = (await alice_api.create("mock", {"count": 2}))["runId"]
     assert (await alice_api.wait_terminal(marker, RUN_TIMEOUT))["status"] == "completed"
@@ -403,24 +397,28 @@ async def test_stale_fence_and_foreign_host_events_are_ignored(
     state = await api.wait_state(
         run_id, lambda s: (s["seq"] or 0) >= 10, RUN_TIMEOUT, "the run never got going"
     )
-    fence = state["fence"]
+    fence = alice.events(run_id)[0]["fence"]  # the execution's fence, as the daemon stamps it
     stale: Any = fence - 1 if isinstance(fence, int) and fence > 0 else f"stale-{fence}"
     next_seq = state["seq"] + 1
     alice_subject = run_event_subject(host_subjects(alice.hostname), run_id)
 
-    # 1. Stale fence, on alice's own subject: a done that would end the run early, and output.
-    admin = await admin_connection(stack)
+    # 1. Stale fence, on alice's own subject, with a credential of alice's host (what an older
+    # execution of her daemon holds): output, and a done that would end the run early.
+    old_daemon = await ForeignDaemon.connect(stack, http, ALICE)
     try:
         await js_publish(
-            admin, alice_subject, event(run_id, stale, next_seq, "output", stream="stdout", data="BAD")
+            old_daemon.nc,
+            alice_subject,
+            event(run_id, stale, next_seq, "output", stream="stdout", data="BAD"),
         )
         await js_publish(
-            admin,
+            old_daemon.nc,
             alice_subject,
             event(run_id, stale, next_seq + 1, "done", finalSeq=next_seq + 1, status="completed"),
         )
+        assert old_daemon.errors == []
     finally:
-        await admin.close()
+        await old_daemon.nc.close()
 
     # 2. Another host's daemon, with its own operator-mode credentials (its key, the gateway's JWT).
     mallory = await ForeignDaemon.connect(stack, http, MALLORY)
