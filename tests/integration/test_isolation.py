@@ -117,8 +117,9 @@ async def watch(gw: Gateway, subject: str) -> list[str]:
         lambda s: f"{s.base}.req.*.up.*",
         lambda s: f"{s.base}.>",
         lambda s: f"{uplink_inbox_prefix(s)}.>",
+        lambda s: f"{s.base}.runs.*",
     ],
-    ids=["request", "aborts", "v1-bodies", "up-frames", "whole-host", "uplink-inbox"],
+    ids=["request", "aborts", "v1-bodies", "up-frames", "whole-host", "uplink-inbox", "runs"],
 )
 async def test_daemon_cannot_subscribe_to_another_hosts_tunnel_subjects(
     op: OperatorServer, pick: Callable[[tunnel.HostSubjects], str]
@@ -223,7 +224,15 @@ async def test_daemon_can_publish_its_own_runs_events(op: OperatorServer) -> Non
 
 @pytest.mark.parametrize(
     "subject",
-    ["$JS.API.STREAM.PURGE.LINK_RUNS", "$JS.API.STREAM.DELETE.LINK_RUNS", "$JS.API.STREAM.LIST", "$KV.>"],
+    [
+        "$JS.API.STREAM.PURGE.LINK_RUNS",
+        "$JS.API.STREAM.DELETE.LINK_RUNS",
+        "$JS.API.STREAM.LIST",
+        "$JS.API.CONSUMER.CREATE.LINK_RUNS",
+        "$JS.API.STREAM.MSG.GET.LINK_RUNS",
+        "$JS.API.DIRECT.GET.LINK_RUNS",
+        "$KV.>",
+    ],
 )
 async def test_daemon_cannot_touch_jetstream_or_kv_directly(op: OperatorServer, subject: str) -> None:
     """Run state lives in JetStream: a desktop must not be able to purge or read it."""
