@@ -435,6 +435,33 @@ async def test_gateway_process_debug_logs_and_start_up_errors_print_no_secret(
     secrets.check(output, "the gateway's start-up error")
 
 
+async def test_linkctl_refused_credentials_are_reported_without_the_secret(
+    nats_server_factory: NatsServerFactory, tmp_path: Path
+) -> None:
+    nats_token = "linkctl-token-" + os.urandom(8).hex()
+    server = nats_server_factory(token=nats_token)
+    user = new_key(KeyKind.USER)
+    setup = OperatorSetup.generate()
+    good_creds = creds_text(setup.user_jwt(user.public_key, "x"), user.seed)
+    broken = tmp_path / "broken.creds"
+    broken.write_text(good_creds.replace(user.seed, user.seed[:-3] + "AAA"), encoding="utf-8")
+    foreign = tmp_path / "foreign.creds"  # well-formed, but this server does not trust its operator
+    foreign.write_text(good_creds, encoding="utf-8")
+    secrets = Secrets(nats_token, nats_token + "-wrong", user.seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINKCTL_")}
+    linkctl = [sys.executable, "-m", "cli"]
+    for args, extra_env in (
+        (["status", "some-host", "--nats", server.url, "--token", nats_token + "-wrong"], {}),
+        (["status", "some-host", "--nats", server.url], {"LINKCTL_NATS_TOKEN": nats_token + "-wrong"}),
+        (["status", "some-host", "--nats", server.url, "--creds", str(broken)], {}),
+        (["fetch", "tunnel://some-host/x", "--nats", server.url, "--creds", str(foreign)], {}),
+    ):
+        code, output = await run_process([*linkctl, *args], {**env, **extra_env})
+        assert code != 0, (args, output)
+        assert "Traceback" not in output, output
+        secrets.check(output, f"linkctl {args[0]} output ({'env' if extra_env else args[-2]})")
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="bug: tunnel/connect.py:362 (and :229 on reconnect) logs url.netloc, user info included",
