@@ -769,3 +769,37 @@ async def test_reference_reply_subjects_with_one_subscription_per_request(
         ), reply_subjects
         await wait_until(lambda: len(p.caller_nc._subs) == 0, message="per-request subscriptions leaked")
     assert p.errors == []
+
+
+async def test_a_timed_out_response_read_aborts_and_never_looks_like_the_end_of_the_body(
+    nats_server: NatsServer,
+) -> None:
+    """No silent truncation on the caller side: after a cancelled read, reading on raises."""
+    gate = asyncio.Event()
+    handler_cancelled = asyncio.Event()
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first"
+            try:
+                await gate.wait()  # the rest comes late: the caller's read times out meanwhile
+            except asyncio.CancelledError:
+                handler_cancelled.set()
+                raise
+            yield b"rest"
+
+        return tunnel.Response(200, [], body())
+
+    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler) as server:
+        client = tunnel.TunnelClient(p.caller_nc)
+        async with await client.fetch(f"tunnel://{HOST}/late") as resp:
+            chunks = resp.aiter_bytes()
+            assert await anext(chunks) == b"first"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(chunks), 0.05)
+            with pytest.raises(tunnel.TunnelAborted):
+                await anext(chunks)  # not StopAsyncIteration: the body did not end
+        # The cancelled read aborted the request: the handler's body was cancelled and freed.
+        await asyncio.wait_for(handler_cancelled.wait(), EVENT_TIMEOUT)
+        await wait_until(lambda: server.in_flight == 0 and client.in_flight == 0)
+    assert p.errors == []

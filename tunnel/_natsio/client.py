@@ -14,7 +14,7 @@ import re
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -141,9 +141,10 @@ class FetchResponse:
     def header_values(self, name: str) -> list[str]:
         return all_headers(self.headers, name)
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        async for chunk in self._request.iter_body():
-            yield chunk
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive. Cancelling a read aborts the request: a later read
+        then raises that error (``tunnel_aborted``), it never looks like the end of the body."""
+        return _BodyChunks(self._request)
 
     async def read(self) -> bytes:
         request = self._request
@@ -177,6 +178,36 @@ class FetchResponse:
 
     def __repr__(self) -> str:
         return f"<FetchResponse {self.status} tunnel://{self.hostname} id={self.request_id}>"
+
+
+class _BodyChunks:
+    """``FetchResponse.aiter_bytes()``: the body generator, minus silent truncation.
+
+    A read cancelled mid-way (``asyncio.wait_for``) closes the generator, and its cleanup
+    aborts the request. A closed generator just says "no more items", which would make the
+    rest of the body look like its end; here that becomes the request's error instead.
+    """
+
+    __slots__ = ("_chunks", "_request")
+
+    def __init__(self, request: _ClientRequest) -> None:
+        self._request = request
+        self._chunks = request.iter_body()
+
+    def __aiter__(self) -> _BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            request = self._request
+            if not request.ended and request.error is not None:
+                raise request.error from None
+            raise
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
 
 class _ClientRequest:
@@ -341,7 +372,7 @@ class _ClientRequest:
 
     # -- response body -----------------------------------------------------------------
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
+    async def iter_body(self) -> AsyncGenerator[bytes, None]:
         if self._iterated:
             raise RuntimeError("response body already consumed")
         self._iterated = True
