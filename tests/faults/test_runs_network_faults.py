@@ -11,6 +11,8 @@ Faults, each with several mock runs in flight:
   exactly the desktop's events (same seq, same content, none twice);
 - a blackhole, then the link healed (the connection is reset, nats-py reconnects, the uplink
   redelivers what was not acknowledged): same promise, message-id dedup proven by the export;
+- nats-server killed with SIGKILL and restarted (JetStream keeps its file store): every run
+  ends, and the gateway's events are still a duplicate-free prefix of (or equal to) the truth;
 - a pause longer than the liveness timeout: runs may be failed ``desktop_lost`` by the reaper
   (or complete, if their end got through first), but every run is terminal, events that arrive
   late never revive it, and whatever the gateway kept is a duplicate-free prefix of the truth.
@@ -149,11 +151,16 @@ async def test_runs_survive_pauses_and_a_blackhole_of_the_desktops_link(
                 await asyncio.sleep(LIVENESS + 1.5)
                 proxy.resume()
 
+            async def kill_nats() -> None:
+                op.server.kill()  # SIGKILL; JetStream's file store survives, as on a real crash
+                op.server.start()
+
             report: dict[str, dict[str, int]] = {}
             for name, fault, must_complete in (
                 ("short-pause", short_pause, True),
                 ("blackhole", blackhole, True),
                 ("long-pause", long_pause, False),
+                ("nats-kill-9", kill_nats, False),
             ):
                 run_ids = await under_fault(api, fault, count=25, delay_ms=80)
                 finals = [await api.wait_terminal(run_id, 30.0) for run_id in run_ids]
