@@ -337,14 +337,18 @@ async def test_daemon_sigkill_mid_run_is_desktop_lost(
     assert after["seq"] == state["seq"], after
 
 
+@pytest.mark.parametrize("how", ["graceful", "sigkill"])
 async def test_nats_server_restart_mid_run(
-    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient
+    stack: RunsStack, alice: LinkdProcess, http: httpx.AsyncClient, how: str
 ) -> None:
     count = 600
     api = stack.api(ALICE, http, gateway=0)
     run_id = (await api.create("mock", {"count": count, "delayMs": 5}))["runId"]
     await api.wait_state(run_id, lambda s: (s["seq"] or 0) >= 50, RUN_TIMEOUT, "the run never got going")
-    stack.nats.restart()  # graceful stop + start on the same port, same file store
+    if how == "sigkill":
+        stack.nats.kill()  # a crash: no goodbye to clients (acked data is in the store's files)
+    # Same port, same file store (a graceful stop first, when still running).
+    await asyncio.to_thread(stack.nats.restart)
     for gateway in stack.gateways:
         await gateway.wait_ready()
     state = await api.wait_terminal(run_id, RUN_TIMEOUT)
