@@ -22,6 +22,7 @@ No pytest import: the benchmark uses this module too. Process output goes to log
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -128,6 +129,17 @@ def _clean_env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------ processes
 
 
+# Processes that may still run; the atexit hook kills them so no test run leaks one.
+_LIVE: set[ManagedProcess] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        with contextlib.suppress(Exception):
+            proc.kill()
+
+
 class ManagedProcess:
     """A subprocess whose stdout+stderr go to one log file; SIGKILL-able and restartable."""
 
@@ -154,6 +166,7 @@ class ManagedProcess:
                 start_new_session=True,  # a test's Ctrl-C is not delivered to it twice
             )
         self.starts += 1
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int | None:
@@ -169,6 +182,7 @@ class ManagedProcess:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=KILL_TIMEOUT)
+        _LIVE.discard(self)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, escalating to SIGKILL after ``timeout``; returns the exit status."""
