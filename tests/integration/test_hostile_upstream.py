@@ -308,3 +308,25 @@ async def test_non_ascii_header_values_are_forwarded_or_refused_cleanly(nats_ser
             else:
                 assert status == 400 and json.loads(body)["error"]["code"], body
         await r.still_serves()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hardening bug: linkd/upstream.py:121-128 (_request_headers) forwards the caller's Content-Length next to a "
+    "streamed body; when they disagree h11 raises LocalProtocolError inside the handler (a "
+    "traceback logged per request, tunnel_handler_error) instead of a clean 400/502 answer or "
+    "dropping the header and forwarding the body whole",
+)
+async def test_a_content_length_that_disagrees_with_the_body_gets_a_clean_answer(
+    nats_server: NatsServer,
+) -> None:
+    async with rig(nats_server) as r:
+        for declared in ("0", "3", "100000"):
+            status, body = await r.fetch(
+                "/mismatch", method="POST", headers=[("Content-Length", declared)], body=b"x" * 64
+            )
+            if status == 200:
+                assert r.local.seen[-1].body == b"x" * 64
+            else:
+                assert status in (400, 502) and json.loads(body)["error"]["code"], body
+        await r.still_serves()
