@@ -10,6 +10,7 @@ daemon's ``--events-file``: what the API shows must equal it, event for event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import time
@@ -175,6 +176,21 @@ def check_sse_framing(messages: list[SseMessage]) -> list[dict[str, Any]]:
         assert message.event == message.data["type"], message
         events.append(message.data)
     return events
+
+
+async def uplink_events(
+    stack: RunsStack, http: httpx.AsyncClient, result: str, *, at_least: float | None = None
+) -> Any:
+    """``studio_runs_uplink_events_total{result=...}`` summed over the gateway instances.
+
+    With ``at_least``: whether the sum reached it (for polling).
+    """
+    total = 0.0
+    prefix = f'studio_runs_uplink_events_total{{result="{result}"}} '
+    for gateway in stack.gateways:
+        text = (await http.get(f"{gateway.url}/metrics")).text
+        total += sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+    return total if at_least is None else total >= at_least
 
 
 def host_subjects(hostname: str) -> tunnel.HostSubjects:
@@ -405,6 +421,9 @@ async def test_stale_fence_and_foreign_host_events_are_ignored(
     stale: Any = fence - 1 if isinstance(fence, int) and fence > 0 else f"stale-{fence}"
     next_seq = state["seq"] + 1
     alice_subject = run_event_subject(host_subjects(alice.hostname), run_id)
+    counted_before = {
+        result: await uplink_events(stack, http, result) for result in ("stale_fence", "wrong_host")
+    }
 
     # 1. Stale fence, on alice's own subject, with a credential of alice's host (what an older
     # execution of her daemon holds): output, and a done that would end the run early.
@@ -453,6 +472,13 @@ async def test_stale_fence_and_foreign_host_events_are_ignored(
     assert_complete_run(final, exported, expected_output(count))
     assert_same_events(exported, alice.events(run_id))
     assert "BAD" not in outputs(exported) and "EVIL" not in outputs(exported)
+    # They did reach the projector, which looked at them and ignored them (counted on /metrics).
+    for result, before in counted_before.items():
+        await wait_for(
+            functools.partial(uplink_events, stack, http, result, at_least=before + 2),
+            RUN_TIMEOUT,
+            f"the projector never counted the two {result} events",
+        )
 
 
 async def test_cancel_stops_the_runner_on_the_desktop(
