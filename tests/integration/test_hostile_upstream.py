@@ -312,10 +312,10 @@ async def test_non_ascii_header_values_are_forwarded_or_refused_cleanly(nats_ser
 
 @pytest.mark.xfail(
     strict=True,
-    reason="hardening bug: linkd/upstream.py:121-128 (_request_headers) forwards the caller's Content-Length next to a "
-    "streamed body; when they disagree h11 raises LocalProtocolError inside the handler (a "
-    "traceback logged per request, tunnel_handler_error) instead of a clean 400/502 answer or "
-    "dropping the header and forwarding the body whole",
+    reason="hardening bug: linkd/upstream.py:121-128 (_request_headers) forwards the caller's "
+    "Content-Length next to a streamed body; when they disagree h11 raises LocalProtocolError "
+    "inside the handler (a traceback logged per request, tunnel_handler_error) instead of a "
+    "clean 400/502 answer or dropping the header and forwarding the body whole",
 )
 async def test_a_content_length_that_disagrees_with_the_body_gets_a_clean_answer(
     nats_server: NatsServer,
