@@ -1,14 +1,14 @@
 """The daemon's NATS connection: which URLs, which credential, how to reconnect.
 
-Credentials rotate without a new connection object: nats-py asks
-:class:`Identity` for the user JWT and the nonce signature at *every* (re)connect,
-so a refresh swaps the JWT (and, for gateway-made keys, the seed) in place and
-then calls ``nc.force_reconnect()``; subscriptions (the tunnel server's) are
-replayed by nats-py and outgoing data waits in its pending buffer meanwhile.
+One connection per credential: a refresh opens a new connection next to the old
+one (make-before-break, see :mod:`linkd.daemon`) instead of swapping the credential
+under a live connection, which would leave a moment without subscriptions in which
+callers' frames are lost. nats-py asks the connection's :class:`Identity` for the
+user JWT and the nonce signature at every (re)connect, so a connection that
+reconnects after a drop presents its own credential.
 
-:class:`ReconnectPolicy` is nats-py's ``reconnect_to_server_handler``: a forced
-(rotation) reconnect goes at once; after a real drop the first attempt waits a
-little jitter, then capped exponential backoff with jitter.
+:class:`ReconnectPolicy` is nats-py's ``reconnect_to_server_handler``: after a drop
+the first attempt waits a little jitter, then capped exponential backoff with jitter.
 
 Request inboxes (JetStream publish acks of the run uplink) live under the host's own
 subjects (:func:`linkd.run_protocol.uplink_inbox_prefix`), which the daemon's credential
@@ -47,7 +47,7 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 
 class Identity:
-    """The credential presented at each (re)connect; :meth:`update` swaps it in place."""
+    """The credential a connection presents at each (re)connect (set by :meth:`update`)."""
 
     def __init__(self, own_seed: str | None) -> None:
         self.own_seed = own_seed
@@ -102,7 +102,7 @@ def choose_urls(session: LinkSession, transport: Transport = "auto") -> list[str
 
 
 class ReconnectPolicy:
-    """nats-py ``reconnect_to_server_handler``: immediate when forced, else backoff with jitter."""
+    """nats-py ``reconnect_to_server_handler``: backoff with jitter (a little for the first attempt)."""
 
     def __init__(
         self,
@@ -116,19 +116,11 @@ class ReconnectPolicy:
         self.cap = cap
         self.jitter = jitter
         self.first_jitter = first_jitter
-        self._forced = False
         self._next = 0
-
-    def force_next(self) -> None:
-        """The next attempt is a deliberate switch (credential rotation): no wait."""
-        self._forced = True
 
     def __call__(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
         server = servers[self._next % len(servers)]
         self._next += 1
-        if self._forced:
-            self._forced = False
-            return server, 0.0
         failures = int(getattr(server, "reconnects", 0))
         if failures == 0:
             return server, random.uniform(0.0, self.first_jitter)
@@ -163,6 +155,5 @@ async def open_connection(
     if session.token is not None:
         return await connect(urls, token=session.token, **options)
     identity.update(session)
-    # Callbacks, not a fixed seed or creds: nats-py calls them at every connect, so a
-    # refreshed credential is picked up by the next (forced) reconnect.
+    # Callbacks, not a fixed seed or creds: the seed is read (and wiped) only to sign a nonce.
     return await connect(urls, user_jwt_cb=identity.jwt_cb, signature_cb=identity.signature_cb, **options)

@@ -3,21 +3,31 @@
 ::
 
     connecting ──> online ──(NATS drop)──> reconnecting ──> online
-        ^            │ refresh before expiry: swap the JWT, force_reconnect (stays online)
-        │            │ gateway down at refresh time: keep serving, retry until expiry
+        ^            │ refresh before expiry: new session, NEW connection + server, then
+        │            │   the old one stops taking requests and drains (stays online)
+        │            │ gateway or NATS trouble at refresh time: keep serving, retry until expiry
         │            v
         └─ offline: <reason> <── connection closed (credentials expired, refused, ...)
                      (retry with backoff; a new session and a new connection)
 
 - A session is requested with the daemon's own public key; the credential it
-  carries is refreshed ahead of expiry (margin plus jitter, see
-  :func:`refresh_delay`). The new JWT is swapped into :class:`~linkd.connection.Identity`
-  and ``nc.force_reconnect()`` makes the server see it; the same connection object
-  keeps serving, its subscriptions replayed, outgoing data buffered meanwhile.
+  carries is refreshed ahead of expiry (see :func:`refresh_delay`), make-before-break:
+  a new connection with the new credential, a new tunnel server for the session's
+  hostname on it (the NATS server knows its subscriptions before we go on), then the
+  switch (uplink and ``on_connection`` get the new connection), and only then does the
+  old server stop taking requests. Both serve the host's queue group meanwhile, so no
+  start frame finds nobody; requests in flight on the old connection (their body and
+  credit frames go to that server's own subjects) finish there, for up to the old
+  credential's remaining lifetime (minus a margin, at most :data:`MAX_DRAIN`), then the
+  old connection closes. A credential is never swapped under a live connection: that
+  left a window without subscriptions in which callers' frames were lost.
+- If the new connection cannot be made, the old one keeps serving (it is valid until
+  it expires) and the refresh is retried with backoff. A session for another hostname
+  is served the same way: the new host goes online, the old one drains.
 - nats-py reconnects by itself after a drop (server restart, network change) and
-  replays the tunnel server's subscriptions. When the server *closes* the
-  connection (an expired credential: nats-py does not reconnect then), the daemon
-  starts over with a new session and a new connection.
+  replays the tunnel server's subscriptions, with the connection's own credential.
+  When the server *closes* the connection (an expired credential: nats-py does not
+  reconnect then), the daemon starts over with a new session and a new connection.
 - Stop (SIGINT/SIGTERM): stop taking requests, let in-flight ones finish up to the
   drain timeout while every run is cancelled (each ends ``cancelled``), close.
 
@@ -25,8 +35,9 @@ Every state change is one log line on ``linkd.state`` (see :mod:`linkd.logs`),
 and the status file (``linkd status``) is rewritten.
 
 Run events: with an ``uplink`` (:class:`~linkd.uplink.JetStreamUplink`, what ``linkd up``
-uses) the daemon hands it each connection once it serves (``attach(nc, subjects)``) and
-``attach(None)`` when that connection is discarded (nats-py's own reconnects keep the same
+uses) the daemon hands it each connection once it serves (``attach(nc, subjects)``: after
+a refresh, the new connection; what was unacked goes again there with the same ids) and
+``attach(None)`` when the connection is discarded (nats-py's own reconnects keep the same
 object, so no call then). ``on_connection(nc | None)`` is called at the same moments. At
 shutdown, after every run wrote its ``done``, the uplink gets what is left of the drain
 deadline to deliver the outbox, then the sink's ``aclose()`` (if it has one) is awaited,
@@ -50,6 +61,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 import tunnel
 from tunnel.connect import NatsAuthError, NatsConnectError
@@ -70,7 +82,7 @@ from .status_file import remove_status, write_status
 from .uplink import JetStreamUplink
 from .upstream import UpstreamProxy
 
-__all__ = ["LinkDaemon", "State", "StateChange", "refresh_delay"]
+__all__ = ["LinkDaemon", "State", "StateChange", "drain_budget", "refresh_delay"]
 
 log = logging.getLogger(STATE_LOGGER)
 detail_log = logging.getLogger("linkd.daemon")
@@ -81,6 +93,15 @@ MIN_REFRESH_MARGIN: Final = 1.0
 MAX_REFRESH_MARGIN: Final = 300.0
 # ... plus up to half the margin again at random, so a fleet does not refresh at once.
 REFRESH_JITTER: Final = 0.5
+# After a refresh the old connection finishes its in-flight requests for at most this long, and
+# never closer than EXPIRY_SAFETY to its credential's expiry (the server closes it then).
+MAX_DRAIN: Final = 30.0
+EXPIRY_SAFETY: Final = 0.25
+# A short-lived credential is refreshed early enough to leave its connection this share of the
+# lifetime to drain (never earlier than REFRESH_FRACTION of the lifetime).
+DRAIN_FRACTION: Final = 0.75
+# A barrier: the new connection's subscriptions are known to the server within this long.
+SUBSCRIBE_BARRIER: Final = 5
 # Waiting for the status of in-flight work to change: rewrite the status file this often.
 STATUS_INTERVAL: Final = 2.0
 # A connection that lived this long was fine: losing it restarts the retry backoff.
@@ -110,10 +131,24 @@ class StateChange:
 
 
 def refresh_delay(lifetime: float, *, rng: random.Random | None = None) -> float:
-    """Seconds after receipt at which to refresh a credential valid for ``lifetime`` seconds."""
+    """Seconds after receipt at which to refresh a credential valid for ``lifetime`` seconds.
+
+    The lead before expiry is the larger of a margin for gateway trouble (a quarter of the
+    lifetime, within [1 s, 5 min]) and the room the old connection needs to drain after the
+    switch (up to :data:`MAX_DRAIN`; for short lifetimes, most of the lifetime), plus jitter.
+    """
     margin = min(max(lifetime * REFRESH_FRACTION, MIN_REFRESH_MARGIN), MAX_REFRESH_MARGIN)
+    drain_room = min(MAX_DRAIN + EXPIRY_SAFETY, lifetime * DRAIN_FRACTION)
     jitter = (rng or random).uniform(0.0, margin * REFRESH_JITTER)
-    return max(lifetime - margin - jitter, lifetime * REFRESH_FRACTION)
+    return max(lifetime - max(margin, drain_room) - jitter, lifetime * REFRESH_FRACTION)
+
+
+def drain_budget(session: LinkSession) -> float:
+    """How long a replaced connection may finish its requests: until shortly before its expiry."""
+    remaining = session.remaining()
+    if remaining is None:
+        return MAX_DRAIN
+    return max(0.0, min(MAX_DRAIN, remaining - EXPIRY_SAFETY))
 
 
 def _iso(ts: float | None) -> str | None:
@@ -145,6 +180,20 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> Non
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+@dataclass(eq=False)
+class _Serving:
+    """One session's connection and tunnel server: the current one, or one draining after a refresh."""
+
+    session: LinkSession
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    nc: NATS | None = None
+    server: tunnel.TunnelServer | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.server.in_flight if self.server is not None else 0
 
 
 class LinkDaemon:
@@ -182,9 +231,8 @@ class LinkDaemon:
         )
         self.upstream = UpstreamProxy(settings.upstream_url) if settings.upstream_url else None
         self.routes = LinkRoutes(self.runs, upstream=self.upstream, machine_name=machine_name)
-        self.identity = Identity(own_seed)
+        self.own_seed = own_seed
         self.public_key = public_key_of(own_seed) if own_seed else None
-        self.policy = ReconnectPolicy()
         self.retry_backoff = retry_backoff if retry_backoff is not None else Backoff(initial=1.0, cap=30.0)
         self.state = State.STARTING
         self.message = "starting"
@@ -197,10 +245,8 @@ class LinkDaemon:
         self.refreshes = 0
         self._stop = asyncio.Event()
         self._stop_reason = "stop requested"
-        self._stopping = False
-        self._generation = 0
-        self._rotating = False
-        self._closed = asyncio.Event()
+        self._current: _Serving | None = None  # what self.session/nc/server describe
+        self._draining: dict[asyncio.Task[None], _Serving] = {}  # replaced, finishing their requests
         self._last_note: str | None = None
 
     # ------------------------------------------------------------------ public
@@ -270,10 +316,15 @@ class LinkDaemon:
             "credentialRefreshes": self.refreshes,
             "upstream": self.settings.upstream_url,
             "capabilities": self.routes.capabilities(),
-            "inFlightRequests": self.server.in_flight if self.server is not None else 0,
+            "inFlightRequests": self._in_flight(),
             "runs": [info.summary() for info in self.runs.active()],
             "uplink": self.uplink.status() if self.uplink is not None else None,
         }
+
+    def _in_flight(self) -> int:
+        """Requests being served: on the current connection and on those still draining."""
+        current = self.server.in_flight if self.server is not None else 0
+        return current + sum(serving.in_flight for serving in self._draining.values())
 
     def _write_status(self) -> None:
         if not self.write_status_file or self.state is State.STOPPED:
@@ -288,7 +339,7 @@ class LinkDaemon:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             current = (
-                self.server.in_flight if self.server is not None else 0,
+                self._in_flight(),
                 len(self.runs.active()),
                 len(self.uplink.outbox) if self.uplink is not None else 0,
             )
@@ -323,24 +374,21 @@ class LinkDaemon:
             return None  # stopping
         self.session = session
         try:
-            nc = await self._interruptible(self._connect(session))
+            serving = await self._interruptible(self._open(session))
         except (NatsConnectError, LinkdError, ValueError) as exc:
             self._set(State.OFFLINE, f"offline: {_connect_failure(exc)}")
             await self._pause(self.retry_backoff.next())
             return None
-        if nc is None:
-            return None
-        try:
-            self.server = await tunnel.serve(nc, session.hostname, self.routes, prefix=session.prefix)
         except tunnel.TunnelError as exc:
-            await self._discard_connection()
             self._set(State.OFFLINE, f"offline: cannot serve {session.hostname} ({exc})")
             await self._pause(self.retry_backoff.next())
             return None
-        await self._connection_changed(nc)
+        if serving is None:
+            return None
+        await self._make_current(serving)
         online_at = time.monotonic()
         self._set(State.ONLINE, f"online as {session.hostname}", expires_at=_iso(session.expires_at))
-        reason = await self._supervise(nc, session)
+        reason = await self._supervise(serving)
         if self._stop.is_set():
             return None
         await self._discard_connection()
@@ -352,6 +400,12 @@ class LinkDaemon:
         else:
             await self._pause(self.retry_backoff.next())
         return reason
+
+    async def _make_current(self, serving: _Serving) -> None:
+        """From now on ``serving`` is what the daemon reports and hands out."""
+        self._current = serving
+        self.session, self.nc, self.server = serving.session, serving.nc, serving.server
+        await self._connection_changed(serving.nc)
 
     async def _connection_changed(self, nc: NATS | None) -> None:
         """Tell the uplink and ``on_connection`` which connection is current."""
@@ -383,55 +437,48 @@ class LinkDaemon:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             result = await task
-            if isinstance(result, NATS):
-                await result.close()
+            if isinstance(result, _Serving):
+                await self._close_serving(result, drain=0.0)
         return None
 
     async def _pause(self, seconds: float) -> None:
         if seconds > 0:
             await _wait_any(self._stop, timeout=seconds)
 
-    async def _connect(self, session: LinkSession) -> NATS:
-        self._generation += 1
-        generation = self._generation
-        self._closed = closed = asyncio.Event()
-        self._rotating = False
+    async def _open(self, session: LinkSession) -> _Serving:
+        """A connection with ``session``'s credential, serving its hostname, subscriptions known to NATS.
+
+        Raises ``NatsConnectError``/``LinkdError``/``ValueError`` (no connection) or
+        ``tunnel.TunnelError`` (no server on it; the connection is closed again).
+        """
+        serving = _Serving(session)
+
+        def current() -> bool:
+            return serving is self._current and not self._stop.is_set()
 
         async def disconnected() -> None:
-            nc = self.nc
-            if generation != self._generation or self._stop.is_set() or nc is None or nc.is_closed:
-                return
-            if not self._rotating:
+            nc = serving.nc
+            if current() and nc is not None and not nc.is_closed:
                 self._set(State.RECONNECTING, "reconnecting: lost the connection to NATS")
 
         async def reconnected() -> None:
-            if generation != self._generation:
-                return
-            if self._rotating:
-                self._rotating = False
-                self._refreshed()
-            if self.session is not None:
-                self._set(State.ONLINE, f"online as {self.session.hostname}")
+            if current():
+                self._set(State.ONLINE, f"online as {serving.session.hostname}")
 
         async def on_closed() -> None:
-            closed.set()
+            serving.closed.set()
 
         async def on_error(exc: Exception) -> None:
-            if generation != self._generation:
-                return
             text = str(exc) or type(exc).__name__
-            if self._rotating:
-                self._rotating = False
-                self._set(
-                    State.RECONNECTING, f"reconnecting: switching to the new credentials failed ({text})"
-                )
-            elif "permissions violation" in text.lower():
+            if "permissions violation" in text.lower():
                 detail_log.warning("NATS refused an operation: %s", text)
 
-        nc = await open_connection(
+        # Each connection presents its own credential at every (re)connect, so a replaced
+        # connection that reconnects while draining still uses its own, valid one.
+        serving.nc = await open_connection(
             session,
-            self.identity,
-            self.policy,
+            Identity(self.own_seed),
+            ReconnectPolicy(),
             transport=self.settings.nats_transport,
             name=f"linkd {session.hostname}",
             disconnected_cb=disconnected,
@@ -439,61 +486,80 @@ class LinkDaemon:
             closed_cb=on_closed,
             error_cb=on_error,
         )
-        self.nc = nc
-        return nc
+        try:
+            serving.server = await tunnel.serve(
+                serving.nc, session.hostname, self.routes, prefix=session.prefix
+            )
+            # serve() returns once NATS knows the subscriptions; one more round trip costs
+            # little and makes that certain (a flush can be overtaken by the SUB it should follow).
+            await asyncio.sleep(0)
+            await serving.nc.flush(SUBSCRIBE_BARRIER)
+        except (tunnel.TunnelError, NatsError, OSError, TimeoutError) as exc:
+            await self._close_serving(serving, drain=0.0)
+            if isinstance(exc, tunnel.TunnelError):
+                raise
+            raise tunnel.TunnelConnectionError(f"the subscriptions were not confirmed ({exc!r})") from exc
+        except BaseException:
+            await self._close_serving(serving, drain=0.0)
+            raise
+        return serving
 
-    def _refreshed(self) -> None:
+    def _refreshed(self, previous: LinkSession) -> None:
         self.refreshes += 1
         session = self.session
         until = f" (valid until {_clock(session.expires_at)})" if session and session.expires_at else ""
-        self._note("credentials_refreshed", f"credentials refreshed{until}", refreshes=self.refreshes)
+        moved = (
+            f"; now serving {session.hostname} (was {previous.hostname})"
+            if session is not None and session.hostname.lower() != previous.hostname.lower()
+            else ""
+        )
+        self._note("credentials_refreshed", f"credentials refreshed{until}{moved}", refreshes=self.refreshes)
 
-    async def _supervise(self, nc: NATS, session: LinkSession) -> str:
-        """Keep ``nc`` serving; returns why it stopped (stop requested, or the connection is gone)."""
-        closed = self._closed
+    async def _supervise(self, serving: _Serving) -> str:
+        """Keep the current connection serving, refreshing it; returns why it stopped."""
         retry = Backoff(initial=1.0, cap=30.0)
-        lifetime = session.lifetime
-        refresh_at = None if lifetime is None else session.received_at + refresh_delay(lifetime)
+        refresh_at = _refresh_at(serving.session)
         while True:
+            session, nc = serving.session, serving.nc
+            assert nc is not None
             now = time.monotonic()
             expiry = session.expires_monotonic
             wakeups = [
                 t for t in (refresh_at, None if expiry is None else expiry + EXPIRY_GRACE) if t is not None
             ]
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
-            await _wait_any(self._stop, closed, timeout=timeout)
+            await _wait_any(self._stop, serving.closed, timeout=timeout)
             if self._stop.is_set():
                 return self._stop_reason
-            if closed.is_set() or nc.is_closed:
+            if serving.closed.is_set() or nc.is_closed:
                 return _closed_reason(nc, session)
             now = time.monotonic()
             if expiry is not None and now >= expiry + EXPIRY_GRACE and not nc.is_connected:
                 return "the NATS credentials expired while reconnecting"
             if refresh_at is None or now < refresh_at:
                 continue
-            outcome = await self._refresh(nc, session, closed)
+            outcome = await self._refresh(serving)
             if isinstance(outcome, str):
                 return outcome
-            if isinstance(outcome, LinkSession):
-                session = outcome
+            if isinstance(outcome, _Serving):
+                serving = outcome
                 retry.reset()
-                lifetime = session.lifetime
-                refresh_at = None if lifetime is None else session.received_at + refresh_delay(lifetime)
+                refresh_at = _refresh_at(serving.session)
                 continue
-            # The gateway could not help: keep serving, try again before the credential runs out.
+            # No new connection yet: keep serving on this one, try again before it runs out.
             remaining = session.remaining()
             wait = retry.next()
             if remaining is not None and remaining > 0:
                 wait = min(wait, max(0.5, remaining / 2))
             refresh_at = time.monotonic() + wait
 
-    async def _refresh(
-        self, nc: NATS, session: LinkSession, closed: asyncio.Event
-    ) -> LinkSession | str | None:
-        """A new session swapped in (the session), a reason to start over (str), or None (failed; retry)."""
+    async def _refresh(self, old: _Serving) -> _Serving | str | None:
+        """Make-before-break: the new connection serving (now current), a reason to start over
+        (str), or None (failed; the old connection keeps serving, retry later)."""
+        session = old.session
         request = asyncio.ensure_future(self.gateway.request_session(self.public_key))
         stop = asyncio.ensure_future(self._stop.wait())
-        lost = asyncio.ensure_future(closed.wait())
+        lost = asyncio.ensure_future(old.closed.wait())
         try:
             await asyncio.wait([request, stop, lost], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -503,56 +569,100 @@ class LinkDaemon:
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError, GatewayError):
                 await request
-            return self._stop_reason if self._stop.is_set() else _closed_reason(nc, session)
+            assert old.nc is not None
+            return self._stop_reason if self._stop.is_set() else _closed_reason(old.nc, session)
         try:
             new = request.result()
         except GatewayError as exc:
-            expires = session.expires_at
-            until = f"; still online until {_clock(expires)}" if expires else ""
-            self._note("refresh_failed", f"credentials refresh failed: {exc.reason}{until}", once=True)
+            self._refresh_failed(session, exc.reason)
             return None
-        if new.hostname.lower() != session.hostname.lower() or new.prefix != session.prefix:
-            return "the gateway assigned another tunnel hostname"
-        if set(new.urls) != set(session.urls) or (new.token is None) != (session.token is None):
-            return "the gateway changed the NATS connection settings"
-        if new.token is None:
-            self.identity.update(new)
-        self.session = new
+        try:
+            serving: _Serving | None = await self._interruptible(self._open(new))
+        except (NatsConnectError, LinkdError, ValueError) as exc:
+            self._refresh_failed(session, f"cannot connect with the new credentials: {_connect_failure(exc)}")
+            return None
+        except tunnel.TunnelError as exc:
+            self._refresh_failed(session, f"cannot serve {new.hostname} on the new connection ({exc})")
+            return None
+        if serving is None:
+            return self._stop_reason  # stopping
+        # Both servers are in the host's queue group now; switch, then retire the old one.
         self._last_note = None
-        if nc.is_connected and new.token is None:
-            self._rotating = True
-            self.policy.force_next()
-            await nc.force_reconnect()
-        else:
-            self._refreshed()  # not connected right now: the next reconnect uses the new credential
-        return new
+        await self._make_current(serving)
+        self._refreshed(session)
+        self._set(State.ONLINE, f"online as {new.hostname}")
+        self._retire(old)
+        return serving
 
-    async def _discard_connection(self) -> None:
-        server, nc = self.server, self.nc
-        self.server = None
-        self.nc = None
-        self._generation += 1
-        if nc is not None:
-            await self._connection_changed(None)
+    def _refresh_failed(self, session: LinkSession, reason: str) -> None:
+        expires = session.expires_at
+        until = f"; still online until {_clock(expires)}" if expires else ""
+        self._note("refresh_failed", f"credentials refresh failed: {reason}{until}", once=True)
+
+    def _retire(self, old: _Serving) -> None:
+        """The replaced connection takes no new requests, finishes what it has, then closes."""
+        budget = drain_budget(old.session)
+        if old.in_flight:
+            detail_log.info(
+                "the previous connection finishes %d request(s), for up to %.1fs", old.in_flight, budget
+            )
+        task = asyncio.ensure_future(self._close_serving(old, drain=budget))
+        self._draining[task] = old
+        task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        self._draining.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            detail_log.warning("closing a replaced connection failed: %r", task.exception())
+
+    async def _close_serving(self, serving: _Serving, *, drain: float) -> None:
+        """Stop taking requests, let in-flight ones finish for up to ``drain`` s, close the connection."""
+        server, nc = serving.server, serving.nc
         if server is not None:
             with contextlib.suppress(Exception):
-                await server.close(timeout=0)
+                await server.close(timeout=drain)
         if nc is not None and not nc.is_closed:
+            if nc.is_connected:  # the last response frames go out before the socket closes
+                with contextlib.suppress(Exception):
+                    await nc.flush(1)
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), 2.0)
+
+    async def _discard_connection(self) -> None:
+        serving, self._current = self._current, None
+        self.server = None
+        self.nc = None
+        if serving is not None:
+            await self._connection_changed(None)
+            await self._close_serving(serving, drain=0.0)
+
+    async def _finish_draining(self, timeout: float) -> None:
+        """Wait (bounded) for replaced connections still finishing requests; close what is left."""
+        tasks = list(self._draining)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            serving = self._draining.pop(task, None)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if serving is not None:
+                await self._close_serving(serving, drain=0.0)
 
     async def _shutdown(self) -> None:
         drain = self.settings.drain_timeout
         deadline = time.monotonic() + drain
         server, nc = self.server, self.nc
-        in_flight = server.in_flight if server is not None else 0
+        in_flight = self._in_flight()
         runs = len(self.runs.active())
         self._set(
             State.STOPPING,
             f"stopping ({self._stop_reason}): finishing {in_flight} request(s), cancelling {runs} run(s), "
             f"up to {drain:g}s",
         )
-        steps = [self.runs.shutdown(drain)]
+        steps = [self.runs.shutdown(drain), self._finish_draining(drain)]
         if server is not None:
             steps.append(server.close(timeout=drain))
         results = await asyncio.gather(*steps, return_exceptions=True)
@@ -560,7 +670,7 @@ class LinkDaemon:
             if isinstance(result, BaseException):
                 detail_log.warning("during shutdown: %s", result)
         self.server = None
-        self._generation += 1
+        self._current = None  # the connection's callbacks no longer change the state
         # The uplink gets the connection's last moments to deliver what the runs just wrote.
         if self.uplink is not None:
             budget = max(MIN_UPLINK_FLUSH, deadline - time.monotonic())
@@ -586,6 +696,11 @@ class LinkDaemon:
         self._set(State.STOPPED, "stopped")
         if self.write_status_file:
             remove_status(self.settings.status_file, os.getpid())
+
+
+def _refresh_at(session: LinkSession) -> float | None:
+    lifetime = session.lifetime
+    return None if lifetime is None else session.received_at + refresh_delay(lifetime)
 
 
 def _connect_failure(exc: BaseException) -> str:

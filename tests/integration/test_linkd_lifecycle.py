@@ -1,22 +1,19 @@
 """``linkd up`` against a real operator-mode nats-server and the real gateway app on a local port.
 
 The daemon runs in-process here (its state changes are observable); the CLI-as-a-process
-tests are in test_linkd_cli_process.py.
+tests are in test_linkd_cli_process.py, credential rotation in test_linkd_lifecycle_rotation.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 import nats
 import pytest
-from aiohttp import web
 from nats.aio.client import RawCredentials
 
 import tunnel
-from cli.nats_server import free_port
 from linkd.backoff import Backoff
 from linkd.daemon import State
 from studio_gateway.hostnames import tunnel_hostname
@@ -101,108 +98,6 @@ async def test_survives_a_nats_server_restart_without_a_daemon_restart(
             print(f"probed OK {elapsed:.2f}s after nats-server came back")
     finally:
         await nc.close()
-
-
-async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
-    op: OperatorServer, tmp_path: Path
-) -> None:
-    ttl = 5
-    duration = 30.0
-    chunk, chunks = b"x" * 32 * 1024, 30
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        for _ in range(chunks):
-            await response.write(chunk)
-            await asyncio.sleep(0.1)
-        return response
-
-    app = web.Application()
-    app.router.add_get("/slow", slow)
-    local = web.AppRunner(app, handle_signals=False)
-    await local.setup()
-    port = free_port()
-    await web.TCPSite(local, "127.0.0.1", port).start()
-    settings = daemon_settings(tmp_path, upstream_url=f"http://127.0.0.1:{port}")
-    async with (
-        live_gateway(op.env(NATS_TUNNEL_SESSION_TTL_SECONDS=str(ttl))) as gw,
-        running_daemon(tmp_path, gw.url, gw.token("carol"), settings=settings) as d,
-    ):
-        nc = gw.nc
-        ok = 0
-        failures: list[str] = []
-        loop = asyncio.get_running_loop()
-        end = loop.time() + duration
-
-        async def keep_probing() -> None:
-            nonlocal ok
-            while loop.time() < end:
-                try:
-                    doc = await probe(nc, d.hostname)
-                    assert doc["tunnelHostname"] == d.hostname
-                    ok += 1
-                except tunnel.TunnelError as exc:
-                    failures.append(f"{loop.time() - end + duration:.2f}s: {exc!r}")
-                await asyncio.sleep(0.02)
-
-        async def keep_working() -> None:
-            nonlocal ok
-            n = 0
-            while loop.time() < end:
-                n += 1
-                async with await tunnel.fetch(
-                    nc,
-                    f"tunnel://{d.hostname}/api/links/work",
-                    method="POST",
-                    body=(
-                        b'{"runId":"rot-%d","threadId":"t","userId":"u","runFenceToken":1,'
-                        b'"runner":"mock","input":{"count":3}}' % n
-                    ),
-                    first_frame_timeout=EVENT_TIMEOUT,
-                ) as resp:
-                    if resp.status == 202:
-                        ok += 1
-                    else:
-                        failures.append(f"work answered {resp.status}")
-                await asyncio.sleep(0.05)
-
-        spanning = 0  # streams that were in flight while the credentials rotated
-
-        async def keep_streaming() -> None:
-            nonlocal ok, spanning
-            while loop.time() < end:
-                before = d.daemon.refreshes
-                async with await tunnel.fetch(
-                    nc, f"tunnel://{d.hostname}/slow", first_frame_timeout=EVENT_TIMEOUT
-                ) as resp:
-                    body = await resp.read()
-                if resp.status == 200 and body == chunk * chunks:
-                    ok += 1
-                    spanning += d.daemon.refreshes > before
-                else:
-                    failures.append(f"slow stream: {resp.status}, {len(body)} bytes")
-
-        try:
-            results = await asyncio.gather(
-                keep_probing(), keep_probing(), keep_working(), keep_streaming(), return_exceptions=True
-            )
-        finally:
-            await local.cleanup()
-        for result in results:
-            if isinstance(result, BaseException):
-                failures.append(repr(result))
-        refreshes = d.daemon.refreshes
-        print(
-            f"{ok} requests OK ({spanning} 3-second streams across a rotation), {len(failures)} failed, "
-            f"{refreshes} credential refreshes in {duration:.0f}s"
-        )
-        assert spanning >= 3
-        assert failures == []
-        assert refreshes >= duration / ttl, d.messages()
-        # Each refresh is a new credential on the same connection: never offline, never a new connection.
-        assert State.OFFLINE not in [c.state for c in d.changes]
-        assert sum(c.event == "credentials_refreshed" for c in d.changes) == refreshes
 
 
 async def test_gateway_down_keeps_serving_until_expiry_then_offline_then_recovers(
