@@ -226,7 +226,7 @@ class _Callbacks:
         url = self.nc.connected_url
         log.info(
             "NATS reconnected to %s after %d failed attempt(s)",
-            url.netloc if url is not None else "?",
+            _public_netloc(url),
             self._errors_while_down,
         )
         await _call_user(self.user_reconnected)
@@ -342,7 +342,7 @@ async def connect(
         await nc.connect(**options)
     except (NatsError, OSError, TimeoutError) as exc:
         await nc.close()
-        where = ", ".join(servers)
+        where = ", ".join(redact_url(server) for server in servers)
         if "authorization violation" in str(exc).lower():
             raise NatsAuthError(
                 f"NATS server at {where} refused the connection: authorization violation "
@@ -359,8 +359,32 @@ async def connect(
     nc.options["max_reconnect_attempts"] = max_attempts
     cbs.connected_once = True
     url = nc.connected_url
-    log.info("connected to NATS at %s", url.netloc if url is not None else "?")
+    log.info("connected to NATS at %s", _public_netloc(url))
     return nc
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info: ``nats://user:pw@host:4222`` -> ``nats://***@host:4222``.
+
+    A token or password inside a server URL is a secret; logs and error messages name
+    the server without it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    _, at, hostpart = authority.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}{sep}***@{hostpart}{slash}{path}"
+
+
+def _public_netloc(url: Any) -> str:
+    """host:port of a nats-py ``ParseResult`` (``connected_url``), never its user info."""
+    if url is None:
+        return "?"
+    host = url.hostname or "?"
+    return f"{host}:{url.port}" if url.port else host
 
 
 def _auth_kind(methods: list[str]) -> str:

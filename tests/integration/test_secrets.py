@@ -462,10 +462,6 @@ async def test_linkctl_refused_credentials_are_reported_without_the_secret(
         secrets.check(output, f"linkctl {args[0]} output ({'env' if extra_env else args[-2]})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tunnel/connect.py:362 (and :229 on reconnect) logs url.netloc, user info included",
-)
 async def test_credentials_inside_a_nats_url_are_not_logged(
     nats_server_factory: NatsServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -479,10 +475,6 @@ async def test_credentials_inside_a_nats_url_are_not_logged(
     Secrets(nats_token).check(log_text(caplog.records), "the gateway's logs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tunnel/connect.py:346-354 puts the server URLs, user info included, in the error",
-)
 async def test_credentials_inside_a_nats_url_are_not_in_connect_errors() -> None:
     url = f"nats://alice:pw-{os.urandom(6).hex()}@127.0.0.1:{free_port()}"
     with pytest.raises(NatsConnectError) as caught:
