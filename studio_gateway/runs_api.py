@@ -82,9 +82,14 @@ def _field(field: str, message: str) -> _Invalid:
 
 
 async def _json_body(request: web.Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise _Invalid(json_error(413, "payload_too_large", f"the body must be at most {limit} bytes"))
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):  # read(n) returns what is there, up to n
+        size += len(chunk)
+        if size > limit:
+            raise _Invalid(json_error(413, "payload_too_large", f"the body must be at most {limit} bytes"))
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if optional and not raw.strip():
         return {}
     try:

@@ -135,6 +135,9 @@ async def test_validation_errors_and_ownership(js_server: NatsServer) -> None:
         assert status == 422 and body["error"]["field"] == "threadId"
         resp = await gw.client.post("/api/runs", data=b"{}")
         assert resp.status == 401
+        big = json.dumps({"runner": "echo", "input": "x" * (gw.config.runs.max_body_bytes + 1)})
+        resp = await gw.client.post("/api/runs", headers=gw.headers("dave"), data=big)
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
 
         status, body = await gw.post_run("dave", {"runner": "echo"}, path="/api/threads/thread-1/messages")
         assert status == 202 and body["threadId"] == "thread-1"
@@ -147,3 +150,17 @@ async def test_validation_errors_and_ownership(js_server: NatsServer) -> None:
         assert resp.status == 404
         resp = await gw.client.get("/api/runs/..%2F..", headers=gw.headers("dave"))
         assert resp.status == 404
+
+
+async def test_a_large_input_arrives_whole(js_server: NatsServer) -> None:
+    desktop = await start_desktop(js_server.url, "yuri")
+    try:
+        async with runs_gateway(js_server.url) as gw:
+            text = "".join(f"line {i:06d} é\n" for i in range(20_000))  # ~300 KB, in many TCP reads
+            run_id = await gw.start_run("yuri", {"runner": "echo", "input": text})
+            state = await gw.wait_status("yuri", run_id, {"completed", "failed"})
+            assert state["status"] == "completed", state
+            output = "".join(e["data"] for e in await gw.export("yuri", run_id) if e["type"] == "output")
+            assert output == text and state["outputBytes"] == len(text.encode())
+    finally:
+        await desktop.close()

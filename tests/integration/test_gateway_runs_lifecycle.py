@@ -259,3 +259,22 @@ async def test_without_jetstream_runs_answer_503_and_the_rest_works(nats_server:
         assert error["code"] == "runs_unavailable" and "JetStream" in error["message"]
         assert (await client.get("/healthz")).status == 200
         assert "studio_runs_ready 0" in await (await client.get("/metrics")).text()
+
+
+async def test_reapers_on_two_instances_fail_a_silent_run_exactly_once(js_server: NatsServer) -> None:
+    desktop = await accepting_desktop(js_server.url, "xena")
+    try:
+        async with (
+            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05) as a,
+            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05) as b,
+        ):
+            run_ids = [await a.start_run("xena", {"runner": "echo"}) for _ in range(5)]
+            for run_id in run_ids:
+                state = await b.wait_status("xena", run_id, {"failed"}, timeout=8.0)
+                assert state["failureKind"] == "desktop_lost" and state["fence"] == 2
+            reaped = await a.metric("studio_runs_reaped_total") + await b.metric("studio_runs_reaped_total")
+            assert reaped == 5
+            lost = 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}'
+            assert await a.metric(lost) + await b.metric(lost) == 5
+    finally:
+        await desktop.close()

@@ -162,3 +162,27 @@ def test_daemon_grant_includes_the_run_uplink_under_its_own_host_only() -> None:
     grant = daemon_permissions("alice-abc", extra=DEFAULT_GRANTS)
     assert f"{base}.runs.*" in grant.publish and f"{base}.inbox.>" in grant.subscribe
     assert all(s.startswith(base + ".") for s in (*grant.publish, *grant.subscribe))
+
+
+async def test_stop_tasks_stops_a_task_that_swallows_a_cancel() -> None:
+    import asyncio
+
+    from studio_gateway.tasks import stop_tasks
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed == 1:
+                    continue  # what a library racing its own timeout can do
+                raise
+
+    task = asyncio.get_running_loop().create_task(stubborn())
+    await asyncio.sleep(0)
+    await stop_tasks([task], timeout=5.0)
+    assert task.cancelled() and swallowed == 2
