@@ -155,9 +155,12 @@ MINTER: Final = web.AppKey("studio_gateway.minter", SessionMinter)
 
 async def _read_public_key(request: web.Request) -> str | web.Response | None:
     """The ``publicKey`` from the body (None when absent), or a 400 response."""
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        return json_error(400, "invalid_body", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    raw = b""
+    # read(n) returns what has arrived (up to n), so read until the end or the limit.
+    while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return json_error(400, "invalid_body", f"the body must be at most {MAX_BODY_BYTES} bytes")
     if not raw.strip():
         return None
     try:
