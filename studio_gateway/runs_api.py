@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 
@@ -143,12 +146,33 @@ async def _create(request: web.Request, user: User, path_thread: str | None) -> 
     )
 
 
+UserHandler = Callable[[web.Request, User], Awaitable[web.StreamResponse]]
+
+
+def _nats_errors(handler: UserHandler) -> UserHandler:
+    """A JetStream/NATS failure before the response started is a 503, not a 500 with a trace."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request, user: User) -> web.StreamResponse:
+        try:
+            return await handler(request, user)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("%s %s: NATS failed: %r", request.method, request.path, exc)
+            return json_error(
+                503, "runs_unavailable", "the gateway could not reach JetStream just now; try again"
+            )
+
+    return wrapper
+
+
 @authenticated
+@_nats_errors
 async def post_run(request: web.Request, user: User) -> web.StreamResponse:
     return await _create(request, user, None)
 
 
 @authenticated
+@_nats_errors
 async def post_thread_message(request: web.Request, user: User) -> web.StreamResponse:
     try:
         thread = _thread_id(request.match_info["threadId"])
@@ -167,6 +191,7 @@ async def _owned(request: web.Request, user: User) -> tuple[RunsService, RunStor
 
 
 @authenticated
+@_nats_errors
 async def get_run(request: web.Request, user: User) -> web.StreamResponse:
     try:
         _, _, state = await _owned(request, user)
@@ -176,6 +201,7 @@ async def get_run(request: web.Request, user: User) -> web.StreamResponse:
 
 
 @authenticated
+@_nats_errors
 async def cancel_run(request: web.Request, user: User) -> web.StreamResponse:
     try:
         service, store, state = await _owned(request, user)
@@ -189,6 +215,7 @@ async def cancel_run(request: web.Request, user: User) -> web.StreamResponse:
 
 
 @authenticated
+@_nats_errors
 async def export_run(request: web.Request, user: User) -> web.StreamResponse:
     try:
         service, store, state = await _owned(request, user)
@@ -211,6 +238,7 @@ async def export_run(request: web.Request, user: User) -> web.StreamResponse:
 
 
 @authenticated
+@_nats_errors
 async def run_events(request: web.Request, user: User) -> web.StreamResponse:
     try:
         service, store, state = await _owned(request, user)
