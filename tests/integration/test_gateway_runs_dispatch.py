@@ -171,3 +171,35 @@ async def test_idle_sse_streams_send_keepalive_comments(js_server: NatsServer) -
             assert [m["event"] for m in messages] == ["done", "end"]
     finally:
         await desktop.close()
+
+
+async def test_cancel_while_the_work_item_is_on_its_way_stops_it_on_the_desktop_too(
+    js_server: NatsServer,
+) -> None:
+    nc = await nats.connect(js_server.url)
+    release = asyncio.Event()
+    controls: list[dict[str, object]] = []
+
+    async def handler(request: tunnel.Request) -> tunnel.Response:
+        if request.path == "/api/links/work":
+            await release.wait()  # a slow desktop: the work item is not taken yet
+            return tunnel.Response(202, [("content-type", "application/json")], b"{}")
+        controls.append(await request.json())
+        error = {"error": {"code": "unknown_run", "message": "no such run"}}
+        return tunnel.Response(404, [("content-type", "application/json")], json.dumps(error))
+
+    server = await tunnel.serve(nc, tunnel_hostname("zoe"), handler)
+    try:
+        async with runs_gateway(js_server.url) as gw:
+            run_id = await gw.start_run("zoe", {"runner": "echo"})
+            await wait_until(lambda: gw.service.dispatcher.in_flight == 1, 5.0)
+            status, body = await gw.cancel("zoe", run_id)
+            assert status == 202 and body["status"] == "cancelled" and body["cancel"] == "gateway"
+            release.set()  # now the desktop takes the work item: the gateway cancels it there as well
+            await wait_until(lambda: len(controls) == 2, 5.0, message="no second cancel")
+            assert controls[1]["runId"] == run_id and controls[1]["action"] == "cancel"
+            state = await gw.get_run("zoe", run_id)
+            assert state["status"] == "cancelled" and state["fence"] == 2
+    finally:
+        await server.close()
+        await nc.close()
