@@ -103,6 +103,9 @@ class RunsService:
             await asyncio.wait_for(self._ready.wait(), timeout)
         return self._ready.is_set()
 
+    def disable(self) -> None:
+        self.reason = "runs are disabled on this gateway (RUNS_ENABLED=false)"
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._supervise(), name="runs-supervisor")
@@ -317,6 +320,8 @@ async def runs_lifetime(app: web.Application) -> AsyncIterator[None]:
     service = app[RUNS]
     if service.runs.enabled:
         service.start()
+    else:
+        service.disable()
     yield
     await service.close()
 

@@ -278,3 +278,19 @@ async def test_reapers_on_two_instances_fail_a_silent_run_exactly_once(js_server
             assert await a.metric(lost) + await b.metric(lost) == 5
     finally:
         await desktop.close()
+
+
+async def test_runs_can_be_switched_off(js_server: NatsServer) -> None:
+    config = GatewayConfig.from_env(runs_env(js_server.url, RUNS_ENABLED="false"))
+    app = create_app(config)
+    async with TestClient(TestServer(app)) as client:
+        assert await app[GATEWAY_NATS].wait_connected(5.0)
+        headers = {"Authorization": f"Bearer {issue_token(config.auth, 'olaf', 60)}"}
+        resp = await client.post("/api/runs", headers=headers, json={"runner": "echo"})
+        assert resp.status == 503 and "RUNS_ENABLED" in (await resp.json())["error"]["message"]
+    nc = await nats.connect(js_server.url)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().stream_info(RUN_STREAM)  # nothing was created
+    finally:
+        await nc.close()
