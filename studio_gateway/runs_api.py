@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -372,6 +373,15 @@ async def _stream_live(
                     event = json.loads(msg.data)
                     if isinstance(event, dict):
                         pending.append(event)
+            if next_seq == 1 and pending and _expired_start(state, service, pending):
+                # The run is older than the stream's retention and its first events are gone from
+                # the stream: replay what was kept of them, then continue from the stream.
+                first = min(e["seq"] for e in pending if e.get("fence") == state.event_fence)
+                for event in await store.kept_events(state.run_id):
+                    if event.get("fence") == state.event_fence and after < event["seq"] < first:
+                        await response.write(fmt.event(event))
+                        last_write = now
+                next_seq = first
             ready = ordered_events(pending, state.event_fence, start=next_seq, upto=_limit(watch.state))
             for event in ready:
                 if event["seq"] > after:
@@ -391,6 +401,15 @@ async def _stream_live(
         await reader.close()
         with contextlib.suppress(Exception):
             await watch_sub.unsubscribe()
+
+
+def _expired_start(state: RunState, service: RunsService, events: list[dict[str, Any]]) -> bool:
+    """True when the stream no longer has the run's first events (it outlived the retention)."""
+    seqs = [e["seq"] for e in events if e.get("fence") == state.event_fence and isinstance(e.get("seq"), int)]
+    if not seqs or min(seqs) <= 1:
+        return False
+    age = time.time() - state.created_at / 1000
+    return age > service.runs.stream_max_age
 
 
 def _limit(state: RunState) -> int | None:

@@ -203,3 +203,42 @@ async def test_cancel_while_the_work_item_is_on_its_way_stops_it_on_the_desktop_
     finally:
         await server.close()
         await nc.close()
+
+
+async def test_a_live_reader_of_a_run_older_than_the_retention_gets_the_kept_start(
+    js_server: NatsServer,
+) -> None:
+    desktop = await accepting_desktop(js_server.url, "abe")
+    try:
+        async with runs_gateway(js_server.url, stream_max_age=1.0, duplicate_window=0.5) as gw:
+            run_id = await gw.start_run("abe", {"runner": "echo"})
+            await wait_until(lambda: len(desktop.work) == 1, 5.0)
+            for seq in (1, 2, 3):
+                await publish_event(desktop.nc, desktop.hostname, run_id, seq, "output", data=f"{seq}")
+            applied = 'studio_runs_uplink_events_total{result="applied"}'
+
+            async def all_applied() -> bool:
+                return await gw.metric(applied) == 3
+
+            await wait_until(all_applied, 5.0, message="the first events were never applied")
+            js = desktop.nc.jetstream()
+
+            async def expired() -> bool:
+                return (await js.stream_info(RUN_STREAM)).state.messages == 0
+
+            await wait_until(expired, 10.0, 0.1, "the stream never expired the run's events")
+            await publish_event(desktop.nc, desktop.hostname, run_id, 4, "output", data="4")
+            # Attached while the run is live: the kept start, then the stream.
+            resp = await gw.client.get(f"/api/runs/{run_id}/events?after=1", headers=gw.headers("abe"))
+            head = b""
+            while b"id: 4\n" not in head:
+                head += await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5.0)
+            assert (await gw.get_run("abe", run_id))["status"] == "in_progress"
+            await publish_event(
+                desktop.nc, desktop.hostname, run_id, 5, "done", finalSeq=5, status="completed"
+            )
+            messages = parse_sse((head + await asyncio.wait_for(resp.content.read(), 10.0)).decode())
+            assert [m["data"].get("data") for m in messages if m["event"] == "output"] == ["2", "3", "4"]
+            assert messages[-1]["event"] == "end" and messages[-1]["data"]["status"] == "completed"
+    finally:
+        await desktop.close()
