@@ -9,8 +9,11 @@ run works) since its last event, or since dispatch when none came yet. A run sti
 
 Before failing a run the reaper asks the stream for the run's newest event: when
 the desktop did publish recently, or its ``done`` is there, and only the projector
-is behind, the run is alive and is left alone. Once failed, the run is terminal: late events cannot
-bring it back (the projector ignores them).
+is behind, the run is alive and is left alone, unless the event the projector
+waits for is missing from the stream for good (later ones arrived, that one never
+did): then the run can never complete, and it fails as ``desktop_lost`` too.
+Once failed, the run is terminal: late events cannot bring it back (the projector
+ignores them).
 """
 
 from __future__ import annotations
@@ -88,18 +91,28 @@ class Reaper:
             silence = silent_for(state, now)
             if silence < limit:
                 continue
-            newest = await self._newest_unapplied(state)
-            if newest is not None:
-                stored_ms, kind = newest
-                # The desktop did send more; only the projector is behind. Alive if that was
-                # recent, and never lost once its done is in the stream.
-                if kind == "done" or (now - stored_ms) / 1000 < limit:
-                    continue
-                silence = min(silence, (now - stored_ms) / 1000)
             reason = (
                 f"the desktop sent nothing for {silence:.1f} s "
                 f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
             )
+            newest = await self._newest_unapplied(state)
+            if newest is not None:
+                stored_ms, kind = newest
+                if kind == "done" or (now - stored_ms) / 1000 < limit:
+                    # The desktop did send more: the run is alive and only the projector is
+                    # behind, unless the event it waits for is missing from the stream for good.
+                    if await self._next_event_stored(state):
+                        continue
+                    reason = (
+                        f"event {state.seq + 1} of the run never arrived although later ones did, "
+                        f"for {silence:.1f} s: the desktop's events were lost"
+                    )
+                else:
+                    silence = min(silence, (now - stored_ms) / 1000)
+                    reason = (
+                        f"the desktop sent nothing for {silence:.1f} s "
+                        f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
+                    )
             new = terminate(
                 state,
                 "failed",
@@ -120,6 +133,27 @@ class Reaper:
             log.warning("run %s reaped: %s", run_id, reason)
             reaped.append(run_id)
         return reaped
+
+    async def _next_event_stored(self, state: RunState) -> bool:
+        """Whether the stream holds the event the projector needs next (seq = applied + 1)."""
+        reader = await self.store.open_events(state)
+        try:
+            msgs = await reader.snapshot()
+        finally:
+            await reader.close()
+        wanted = state.seq + 1
+        for msg in msgs:
+            try:
+                event = json.loads(msg.data)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if (
+                isinstance(event, dict)
+                and event.get("seq") == wanted
+                and event.get("fence") == state.event_fence
+            ):
+                return True
+        return False
 
     async def _newest_unapplied(self, state: RunState) -> tuple[float, str] | None:
         """(stored at, ms; type) of the run's newest event in the stream, when not applied yet."""

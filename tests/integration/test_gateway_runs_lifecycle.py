@@ -294,3 +294,30 @@ async def test_runs_can_be_switched_off(js_server: NatsServer) -> None:
             await nc.jetstream().stream_info(RUN_STREAM)  # nothing was created
     finally:
         await nc.close()
+
+
+async def test_a_run_missing_an_event_for_good_is_failed_even_while_the_desktop_talks(
+    js_server: NatsServer,
+) -> None:
+    desktop = await accepting_desktop(js_server.url, "bert")
+    try:
+        async with runs_gateway(js_server.url, liveness_timeout=1.0) as gw:
+            run_id = await gw.start_run("bert", {"runner": "echo"})
+            await wait_until(lambda: len(desktop.work) == 1, 5.0)
+            await publish_event(desktop.nc, desktop.hostname, run_id, 1, "stage", stage="working")
+            # seq 2 is lost; the desktop goes on sending heartbeats after it.
+            state: dict[str, object] = {}
+            seq = 3
+            deadline = asyncio.get_running_loop().time() + 8.0
+            while asyncio.get_running_loop().time() < deadline:
+                await publish_event(desktop.nc, desktop.hostname, run_id, seq, "heartbeat")
+                seq += 1
+                state = await gw.get_run("bert", run_id)
+                if state["status"] == "failed":
+                    break
+                await asyncio.sleep(0.2)  # the desktop's heartbeat interval, not synchronisation
+            assert state["status"] == "failed" and state["failureKind"] == "desktop_lost", state
+            assert "event 2 of the run never arrived" in str(state["failureReason"])
+            assert state["seq"] == 1
+    finally:
+        await desktop.close()
