@@ -541,11 +541,6 @@ async def test_another_host_cannot_preempt_a_runs_message_ids(
     assert_same_events(exported, alice.events(run_id))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="studio_gateway/reaper.py:96 never reaps a run whose done waits in the stream behind an event "
-    "that never comes: the run stays in_progress forever",
-)
 async def test_a_run_missing_an_event_for_good_does_not_hang(
     stack: RunsStack, http: httpx.AsyncClient
 ) -> None:
