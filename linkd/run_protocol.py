@@ -5,8 +5,12 @@ run (see :mod:`linkd.run_events` for the JSON shape) to::
 
     P.host.<token(H)>.runs.<runId>
 
-with header ``Nats-Msg-Id: <runId>:<fence>:<seq>``, as a JetStream publish (it
-waits for the ack and retries with the same id). Those subjects sit under the
+with header ``Nats-Msg-Id: <runId>:<fence>:<seq>:<execution>``, as a JetStream
+publish (it waits for the ack and retries with the same id). ``execution`` is 16
+random hex characters fixed for one run execution: JetStream de-duplicates per
+stream, not per subject, so with a predictable id another host's daemon could
+publish ``<runId>:<fence>:<seq>`` first under its own subject and have the real
+event dropped as a duplicate; it cannot guess this host's random part. Those subjects sit under the
 host's own prefix, so the daemon's NATS permissions (publish ``P.host.<token>.runs.*``)
 confine it to its own runs: the projector takes the host from the subject, never
 from the payload.
