@@ -2,7 +2,7 @@
 
 - stream ``LINK_RUNS`` (:data:`linkd.run_protocol.RUN_STREAM`): every host's run events,
   ``P.host.*.runs.*``, file storage, ``max_age`` = ``RUNS_STREAM_MAX_AGE_SECONDS``,
-  de-duplication window ``RUNS_DUPLICATE_WINDOW_SECONDS`` (message ids ``<runId>:<fence>:<seq>``);
+  de-duplication window ``RUNS_DUPLICATE_WINDOW_SECONDS`` (message ids ``<runId>:<fence>:<seq>:<execution>``);
 - bucket ``LINK_RUN_STATE``: one key per run id, the :class:`~.run_state.RunState` JSON,
   always written with compare-and-set on the revision;
 - bucket ``LINK_RUN_OUTPUT``: the run's events kept for export after the stream's
