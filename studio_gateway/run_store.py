@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -198,17 +199,20 @@ class EventReader:
         *,
         deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
     ) -> EventReader:
+        name = f"reader_{uuid.uuid4().hex}"
         config = api.ConsumerConfig(
+            name=name,
             ack_policy=api.AckPolicy.NONE,
             deliver_policy=deliver_policy,
+            filter_subject=subject,
             inactive_threshold=READER_INACTIVE_THRESHOLD,
             mem_storage=True,
             num_replicas=1,
             max_waiting=4,
         )
-        sub = await js.pull_subscribe(subject, stream=stream, config=config)
-        name = config.name or ""
-        info = await js.consumer_info(stream, name)
+        # The creation's answer already says how many messages match: no separate info request.
+        info = await js.add_consumer(stream, config)
+        sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
         return cls(js, stream, name, sub, int(info.num_pending or 0))
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
