@@ -39,7 +39,7 @@ from .errors import json_error
 from .metrics import CONTENT_TYPE
 from .run_sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
 from .run_state import RunState
-from .run_store import RunStore
+from .run_store import EventReader, RunStore
 from .runs import RUNS, RunsService
 from .tasks import stop_tasks
 
@@ -52,6 +52,7 @@ MAX_REASON_LENGTH: Final = 500
 # Events read per pull while streaming to one reader.
 READ_BATCH: Final = 256
 READ_POLL: Final = 5.0
+READER_RETRY: Final = 0.5
 # After the run ended, wait at most this long for its last events to arrive in the stream.
 END_GRACE: Final = 2.0
 # A reader that saw `done` waits this long for the projector to make the state terminal.
@@ -304,12 +305,29 @@ async def _stream_live(
     """Replay and follow one running run until it ends; returns its final state."""
     watch = _StateWatch(state)
     watch_sub = await store.nc.subscribe(store.state_subject(state.run_id), cb=watch.on_message)
-    reader = await store.open_events(state)
     batches: asyncio.Queue[list[Msg]] = asyncio.Queue(maxsize=4)
+    readers: list[EventReader] = []
 
     async def pump() -> None:
+        # Reads the run's subject from the start; after a failure (NATS reconnecting, the
+        # consumer gone) it starts over: events already sent are below next_seq and skipped.
         while True:
-            await batches.put(await reader.fetch(READ_BATCH, READ_POLL))
+            try:
+                reader = await store.open_events(state)
+            except Exception as exc:
+                log.warning("run %s: cannot open its events (%r); retrying", state.run_id, exc)
+                await asyncio.sleep(READER_RETRY)
+                continue
+            readers.append(reader)
+            try:
+                while True:
+                    await batches.put(await reader.fetch(READ_BATCH, READ_POLL))
+            except Exception as exc:
+                log.warning("run %s: reading its events failed (%r); reopening", state.run_id, exc)
+                await asyncio.sleep(READER_RETRY)
+            finally:
+                readers.remove(reader)
+                await reader.close()
 
     pump_task = asyncio.get_running_loop().create_task(pump(), name=f"run-reader-{state.run_id}")
     keepalive = service.runs.keepalive
@@ -398,7 +416,8 @@ async def _stream_live(
                 last_write = now
     finally:
         await stop_tasks([pump_task])
-        await reader.close()
+        for reader in list(readers):
+            await reader.close()
         with contextlib.suppress(Exception):
             await watch_sub.unsubscribe()
 

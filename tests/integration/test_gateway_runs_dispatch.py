@@ -242,3 +242,28 @@ async def test_a_live_reader_of_a_run_older_than_the_retention_gets_the_kept_sta
             assert messages[-1]["event"] == "end" and messages[-1]["data"]["status"] == "completed"
     finally:
         await desktop.close()
+
+
+async def test_a_live_reader_survives_losing_its_consumer(js_server: NatsServer) -> None:
+    desktop = await accepting_desktop(js_server.url, "cleo")
+    try:
+        async with runs_gateway(js_server.url) as gw:
+            run_id = await gw.start_run("cleo", {"runner": "echo"})
+            await wait_until(lambda: len(desktop.work) == 1, 5.0)
+            await publish_event(desktop.nc, desktop.hostname, run_id, 1, "output", data="a")
+            resp = await gw.client.get(f"/api/runs/{run_id}/events", headers=gw.headers("cleo"))
+            head = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5.0)
+            assert head.startswith(b"id: 1\n")
+            js = desktop.nc.jetstream()
+            readers = [c.name for c in await js.consumers_info(RUN_STREAM) if c.name.startswith("reader_")]
+            assert len(readers) == 1
+            await js.delete_consumer(RUN_STREAM, readers[0])  # e.g. removed by an operator
+            await publish_event(desktop.nc, desktop.hostname, run_id, 2, "output", data="b")
+            await publish_event(
+                desktop.nc, desktop.hostname, run_id, 3, "done", finalSeq=3, status="completed"
+            )
+            messages = parse_sse((head + await asyncio.wait_for(resp.content.read(), 10.0)).decode())
+            assert [m.get("id") for m in messages] == ["1", "2", "3", None]
+            assert messages[-1]["data"]["status"] == "completed"
+    finally:
+        await desktop.close()
