@@ -631,19 +631,47 @@ def _encode_request_start(fr: RequestStart) -> bytes:
 
 
 def _encode_response_start(fr: ResponseStart) -> bytes:
+    return _response_start_json(fr.request_id, fr.status, fr.headers, fr.status_text, fr.extensions)
+
+
+def _response_start_json(
+    request_id: str,
+    status: int,
+    headers: Headers,
+    status_text: str | None,
+    extensions: AckExtensions | None,
+) -> bytes:
     parts = [
         '{"type":"response.start","requestId":',
-        _json_str(fr.request_id),
+        _json_str(request_id),
         ',"status":',
-        str(int(fr.status)),
+        str(int(status)),
     ]
-    if fr.status_text is not None:
-        parts += (',"statusText":', _json_str(fr.status_text))
-    parts += (',"headers":', _headers_json(fr.headers))
-    if fr.extensions is not None:
-        parts += (',"extensions":', _JSON_ENCODER.encode(_ext_to_json(fr.extensions)))
+    if status_text is not None:
+        parts += (',"statusText":', _json_str(status_text))
+    parts += (',"headers":', _headers_json(headers))
+    if extensions is not None:
+        parts += (',"extensions":', _JSON_ENCODER.encode(_ext_to_json(extensions)))
     parts.append("}")
     return "".join(parts).encode("ascii")
+
+
+_WHOLE_PREFIX: Final = _BINARY_HEADER.pack(BINARY_MAGIC, KIND_RESPONSE_WHOLE, 0)
+
+
+def encode_whole(
+    request_id: str,
+    status: int,
+    headers: Headers,
+    status_text: str | None,
+    data: bytes | bytearray | memoryview,
+) -> bytes:
+    """``encode_frame(ResponseWhole(...))`` byte for byte, without building the frame objects.
+
+    Hot path: every small response of an extended server goes through here.
+    """
+    head = _response_start_json(request_id, status, headers, status_text, None)
+    return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, data))
 
 
 def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:
@@ -667,10 +695,7 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         return encode_chunk(frame, binary)
     if isinstance(frame, ResponseWhole):
         head = encode_frame(frame.start)
-        prefix = _BINARY_HEADER.pack(BINARY_MAGIC, KIND_RESPONSE_WHOLE, 0) + _WHOLE_HEAD_LENGTH.pack(
-            len(head)
-        )
-        return prefix + head + frame.data
+        return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, frame.data))
     if isinstance(frame, RequestStart):
         return _encode_request_start(frame)
     if isinstance(frame, ResponseStart):

@@ -551,6 +551,41 @@ class ServerOptions:
     fast_path: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class _ServerTerms:
+    """What a server derives from one caller offer and its own options."""
+
+    binary: bool
+    heartbeat_interval: float | None
+    frame_limit: int
+    chunk_limit: int
+    offers_whole: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_length: int) -> _ServerTerms:
+    """Negotiation results, cached: a caller sends the same offer with every request."""
+    if offer is not None:
+        binary = offer.binary
+        heartbeat: float | None = min(
+            MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, (offer.heartbeat_ms or 10_000) / 1000)
+        )
+        frame_limit = min(options.max_payload, offer.max_frame or options.max_payload)
+        credit = offer.window
+    else:
+        binary = False
+        heartbeat = None
+        frame_limit = options.max_payload
+        credit = None
+    chunk_limit = max(1, min(options.max_chunk, f.max_chunk_data(frame_limit, binary, rid_length)))
+    if not binary:
+        chunk_limit = min(chunk_limit, V1_MAX_CHUNK)
+    if credit is not None:
+        chunk_limit = min(chunk_limit, max(1, credit // 2))
+    offers_whole = offer is not None and offer.whole and offer.binary
+    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole)
+
+
 class ServerStream:
     """One request as the server sees it."""
 
@@ -575,41 +610,34 @@ class ServerStream:
         self.caller_gone = False  # the caller aborted or failed its body: nobody to answer
         self.deadline = deadline
         rid = start.request_id
+        # One prefix string for the three subject checks (hot path: every request).
+        head = f"{subjects.base}.req.{rid}."
         if (
-            not subjects.request_subject_ok(start.reply_subject, rid)
-            or start.abort_subject != subjects.abort(rid)
-            or (start.body_subject is not None and start.body_subject != subjects.body(rid))
+            not subjects.request_subject_ok(start.reply_subject, rid, head)
+            or start.abort_subject != head + "abort"
+            or (start.body_subject is not None and start.body_subject != head + "body")
         ):
             raise f.FrameError("request names subjects that are not its own", rid)
         offer = start.extensions if options.fast_path else None
         self.extended = offer is not None
         self.reply_subject = start.reply_subject
         self.response_has_body = True
+        # The negotiated limits depend only on the caller's offer (the same object for every
+        # request of one caller: see _frames._start_ext) and our options: computed once each.
+        terms = _server_terms(offer, options, len(rid))
+        self.binary = terms.binary
+        self.heartbeat_interval: float | None = terms.heartbeat_interval
+        self.frame_limit = terms.frame_limit
+        self.chunk_limit = terms.chunk_limit
+        self.offers_whole = terms.offers_whole
         if offer is not None:
-            self.binary = offer.binary
-            self.up_subject: str | None = subjects.server_up(self.request_id, server_id)
+            self.up_subject: str | None = f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
             self.receive_window = ReceiveWindow(options.window)
-            self.heartbeat_interval: float | None = min(
-                MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, (offer.heartbeat_ms or 10_000) / 1000)
-            )
-            frame_limit = min(options.max_payload, offer.max_frame or options.max_payload)
         else:
-            self.binary = False
             self.up_subject = None
             self.send = SendCredit(None)
             self.receive_window = ReceiveWindow(None)
-            self.heartbeat_interval = None
-            frame_limit = options.max_payload
-        self.frame_limit = frame_limit
-        self.chunk_limit = max(
-            1, min(options.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))
-        )
-        if not self.binary:
-            self.chunk_limit = min(self.chunk_limit, V1_MAX_CHUNK)
-        if self.send.credit is not None:
-            self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
-        self.offers_whole = offer is not None and offer.whole and offer.binary
         self.acked = False
         now = clock()
         # A body-less request from an extended caller is acked only if the handler is slow:
@@ -679,21 +707,22 @@ class ServerStream:
             raise LocalProtocolError(f"invalid status {status!r}")
         if not self._allows_body(status):
             data = b""
-        if len(data) > self.send.available() or len(data) > self.frame_limit:
+        size = len(data)
+        if size > self.frame_limit or size > self.send.available():
             return None
         headers = f.validate_headers(headers)
         if status_text is not None and (
             len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
         ):
             raise LocalProtocolError("invalid status text")
-        start = f.ResponseStart(self.request_id, status, headers, status_text)
-        payload = f.encode_frame(f.ResponseWhole(self.request_id, start, bytes(data)))
+        # Encoded straight from the parts: no ResponseStart/ResponseWhole objects per response.
+        payload = f.encode_whole(self.request_id, status, headers, status_text, data)
         if len(payload) > self.frame_limit:
             return None
         self.phase = ServerPhase.DONE
         self.acked = True
         self.ack_due = None
-        self.send.sent_bytes += len(data)
+        self.send.sent_bytes += size
         self._last_sent_at = self.clock()
         return Publish(self.reply_subject, payload)
 
@@ -836,18 +865,26 @@ class ServerStream:
     def next_deadline(self) -> float | None:
         if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
             return None
-        due = [self.deadline, self.ack_due]
+        # Runs for every request: a running minimum instead of building and filtering lists.
+        due = self.deadline
+        if self.ack_due is not None and (due is None or self.ack_due < due):
+            due = self.ack_due
         if self.heartbeat_interval is not None:
-            due.append(self._last_sent_at + self.heartbeat_interval)
+            beat = self._last_sent_at + self.heartbeat_interval
+            if due is None or beat < due:
+                due = beat
         stall = self.options.stall_timeout
         if stall is not None:
             if self._credit_blocked_since is not None:
-                due.append(self._credit_blocked_since + stall)
+                at = self._credit_blocked_since + stall
+                if due is None or at < due:
+                    due = at
             body_since = self._body_stalled_since()
             if body_since is not None:
-                due.append(body_since + stall)
-        times = [t for t in due if t is not None]
-        return min(times) if times else None
+                at = body_since + stall
+                if due is None or at < due:
+                    due = at
+        return due
 
     def poll(self) -> list[Publish]:
         """Send a heartbeat if one is due; raise when the deadline or a stall expired."""

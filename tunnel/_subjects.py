@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from ._errors import LocalProtocolError
@@ -98,18 +98,18 @@ class HostSubjects:
 
     prefix: str
     token: str
+    # Derived once: every request builds several subjects from these (hot path).
+    base: str = field(init=False, repr=False, compare=False)
+    request: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        base = f"{self.prefix}.host.{self.token}"
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "request", f"{base}.request")
 
     @classmethod
     def for_host(cls, hostname: str, prefix: str = DEFAULT_PREFIX) -> HostSubjects:
         return cls(validate_prefix(prefix), host_token(hostname))
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}.host.{self.token}"
-
-    @property
-    def request(self) -> str:
-        return f"{self.base}.request"
 
     @property
     def queue_group(self) -> str:
@@ -142,9 +142,13 @@ class HostSubjects:
     def all_server_up(self, server_id: str) -> str:
         return f"{self.base}.req.*.up.{server_id}"
 
-    def request_subject_ok(self, subject: str, request_id: str) -> bool:
-        """A literal subject of this request (``P.req.<id>.<token>[.<token>]``), nothing else."""
-        head = f"{self.base}.req.{request_id}."
+    def request_subject_ok(self, subject: str, request_id: str, head: str | None = None) -> bool:
+        """A literal subject of this request (``P.req.<id>.<token>[.<token>]``), nothing else.
+
+        ``head``: ``P.req.<id>.`` when the caller already built it (saves a string per request).
+        """
+        if head is None:
+            head = f"{self.base}.req.{request_id}."
         return subject.startswith(head) and _REQUEST_TAIL_RE.fullmatch(subject, len(head)) is not None
 
     def owns(self, subject: str) -> bool:

@@ -677,3 +677,20 @@ def test_a_heartbeat_or_credit_without_seq_decodes_with_none() -> None:
     credit = f.decode_frame(b'{"type":"request.credit","requestId":"%s","limit":5}' % RID.encode())
     assert heartbeat == f.ResponseHeartbeat(RID) and heartbeat.seq is None
     assert credit == f.RequestCredit(RID, 5) and credit.seq is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "status_text", "data"),
+    [
+        ([], None, b""),
+        ([("content-type", "text/plain"), ("x-é", "ünï")], "OK", b"hello"),
+        ([("a", "b")], None, memoryview(b"\x00\xff" * 50)),
+    ],
+)
+def test_encode_whole_is_byte_identical_to_encoding_the_frame(
+    headers: f.Headers, status_text: str | None, data: bytes | memoryview
+) -> None:
+    """The hot-path encoder must never drift from the frame encoder (goldens pin the latter)."""
+    rid = "r" * 32
+    frame = f.ResponseWhole(rid, f.ResponseStart(rid, 200, headers, status_text), bytes(data))
+    assert f.encode_whole(rid, 200, headers, status_text, data) == f.encode_frame(frame)
