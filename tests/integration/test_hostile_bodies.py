@@ -63,15 +63,6 @@ async def post(client: Any, path: str, headers: dict[str, str], data: Any) -> tu
     return resp.status, json.loads(text)
 
 
-READ_ONCE_BUG: Final = (
-    "bug: studio_gateway/runs_api.py:78 reads the body with one content.read(limit + 1), which "
-    "returns only what has arrived so far: a body in several network chunks is cut short "
-    "(valid -> 400 invalid_json; oversized -> 400 invalid_json instead of 413); same pattern in "
-    "sessions.py:158. Seen: a valid 300 KB run body sent whole over loopback is 400 invalid_json"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=READ_ONCE_BUG)
 @pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_run_bodies_are_413_payload_too_large(js_server: NatsServer, streamed: bool) -> None:
     async with runs_gateway(js_server.url) as gw:
@@ -85,7 +76,6 @@ async def test_oversized_run_bodies_are_413_payload_too_large(js_server: NatsSer
             assert (status, payload["error"]["code"]) == (413, "payload_too_large"), payload
 
 
-@pytest.mark.xfail(strict=True, reason=READ_ONCE_BUG)
 async def test_a_valid_run_body_larger_than_one_read_is_read_whole(js_server: NatsServer) -> None:
     async with runs_gateway(js_server.url) as gw:
         body = run_body(300_000)  # under the 512 KiB limit
