@@ -1,4 +1,4 @@
-"""Link session parsing, refresh timing, URL choice, reconnect policy, identity swap, proxy helpers."""
+"""Link sessions: parsing, refresh timing, drain budget, URLs, reconnect policy, identity, proxy helpers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from linkd.connection import Identity, ReconnectPolicy, choose_urls
 from linkd.credentials_store import generate_seed, public_key_of
-from linkd.daemon import refresh_delay
+from linkd.daemon import drain_budget, refresh_delay
 from linkd.errors import LinkdError
 from linkd.session import GatewayClient, GatewayError, LinkSession, parse_session
 from linkd.upstream import filter_headers, upstream_url
@@ -99,6 +99,22 @@ def test_refresh_delay_leaves_a_margin_with_jitter() -> None:
         assert 60 - 30.25 - 7.5 <= minute <= 60 - 30.25
         tiny = refresh_delay(1.0, rng=rng)
         assert 0.25 <= tiny < 1.0
+
+
+def test_drain_budget_ends_before_the_old_credential_expires() -> None:
+    def session(lifetime: float | None, age: float) -> LinkSession:
+        return LinkSession(
+            hostname="h.example",
+            urls=("nats://n:4222",),
+            allowed_connection_types=("STANDARD",),
+            lifetime=lifetime,
+            received_at=time.monotonic() - age,
+        )
+
+    assert drain_budget(session(4.0, 1.0)) == pytest.approx(2.75, abs=0.05)  # remaining 3 s minus 0.25
+    assert drain_budget(session(3600.0, 3200.0)) == 30.0  # capped
+    assert drain_budget(session(4.0, 5.0)) == 0.0  # already expired: nothing to wait for
+    assert drain_budget(session(None, 0.0)) == 30.0  # a token never expires
 
 
 def session_with(urls: list[str], types: list[str]) -> LinkSession:
