@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from . import _frames as f
@@ -149,9 +149,17 @@ class CallerOptions:
     max_payload: int
     heartbeat_interval: float
     fast_path: bool = True
+    # Derived once per options object (a client caches these): the extensions offered in every
+    # request.start and their JSON text, so no request hashes or encodes them again.
+    offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
+    offer_json: str | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        offer = _offer_for(self)
+        object.__setattr__(self, "offer", offer)
+        object.__setattr__(self, "offer_json", None if offer is None else f.extensions_json(offer))
 
 
-@functools.lru_cache(maxsize=256)
 def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
     """The extensions a caller offers: the same for every request with the same options."""
     if not options.fast_path:
@@ -204,19 +212,17 @@ class CallerStream:
         self.error: TunnelError | None = None
         self._abort_sent = False
         self._body_subject = subjects.body(request_id) if has_body else None
-        offer = _offer_for(options)
-        self._start_payload = f.encode_frame(
-            f.RequestStart(
-                request_id=request_id,
-                method=method,
-                url=url,
-                headers=headers,
-                reply_subject=reply_subject,
-                abort_subject=subjects.abort(request_id),
-                body_subject=self._body_subject,
-                deadline_unix_ms=deadline_unix_ms,
-                extensions=offer,
-            )
+        # Encoded from the parts (no RequestStart object); byte-identical to encode_frame of one.
+        self._start_payload = f.encode_request_start(
+            request_id,
+            method,
+            url,
+            headers,
+            reply_subject,
+            f"{subjects.base}.req.{request_id}.abort",
+            self._body_subject,
+            deadline_unix_ms,
+            options.offer_json,
         )
         if len(self._start_payload) > options.max_payload:
             raise LocalProtocolError(
@@ -435,9 +441,12 @@ class CallerStream:
             raise self._fail(RemoteProtocolError("response.whole from a server we did not offer it to"))
         if len(frame.data) > self.options.window:
             raise self._fail(RemoteProtocolError("response.whole larger than our flow-control window"))
-        head = self._on_response_start(frame.start)
+        start = frame.start
+        status = start.status
+        has_body = not (self.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
         self.phase = CallerPhase.DONE
-        return ResponseHead(head.status, head.status_text, head.headers, head.has_body, frame.data)
+        # One ResponseHead (not one from _on_response_start and a copy): every small response.
+        return ResponseHead(status, start.status_text, start.headers, has_body, frame.data)
 
     def no_responders(self) -> Publish | None:
         """NATS said nobody is subscribed: retry within the grace period, else fail."""

@@ -522,6 +522,7 @@ class TunnelClient:
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
         self._hosts: dict[str, HostSubjects] = {}
+        self._urls: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
         self._options: dict[tuple[float | None, float | None, float | None, int], CallerOptions] = {}
@@ -590,7 +591,15 @@ class TunnelClient:
         subclass on failure: ``TunnelUnreachable`` within milliseconds when nobody
         serves the host, a ``TunnelTimeout`` per the three timeouts, and so on.
         """
-        hostname, target = parse_tunnel_url(url)
+        parsed = self._urls.get(url) if isinstance(url, str) else None
+        if parsed is None:
+            # Callers repeat their URLs: parse (and validate) each one once. Bad URLs raise
+            # here and are never cached; the cache is bounded like the others.
+            parsed = parse_tunnel_url(url)
+            if len(self._urls) >= HOST_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[url] = parsed
+        hostname, target = parsed
         method = f.validate_method(method)
         header_list = _normalize_headers(headers) if headers else []
         total = self.timeout if timeout is _UNSET else timeout
