@@ -157,12 +157,15 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
         loop = asyncio.get_running_loop()
         end = loop.time() + duration
         spanning = {"download": 0, "upload": 0}  # in flight while the credentials were refreshed
+        probe_times: list[float] = []
 
         async def keep_probing() -> None:
             nonlocal ok
             while loop.time() < end:
                 try:
+                    started = loop.time()
                     doc = await probe(nc, d.hostname)
+                    probe_times.append(loop.time() - started)
                     assert doc["tunnelHostname"] == d.hostname
                     ok += 1
                 except tunnel.TunnelError as exc:
@@ -229,7 +232,9 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
         refreshes = d.daemon.refreshes
         print(
             f"\n{ok} requests OK ({spanning} across a refresh), {len(failures)} failed, "
-            f"{refreshes} credential refreshes in {duration:.0f}s"
+            f"{refreshes} credential refreshes in {duration:.0f}s; probe p50 "
+            f"{sorted(probe_times)[len(probe_times) // 2] * 1000:.1f} ms, "
+            f"max {max(probe_times) * 1000:.0f} ms, {sum(t > 0.5 for t in probe_times)} over 500 ms"
         )
         assert failures == []
         assert spanning["download"] >= 3 and spanning["upload"] >= 3, spanning
