@@ -38,7 +38,7 @@ from linkd.run_protocol import parse_run_subject
 
 from .run_metrics import RunMetrics
 from .run_state import RunState, apply_event
-from .run_store import Conflict, RunStore, fetch_ready
+from .run_store import Conflict, RunStore
 
 __all__ = ["Projector", "keep_decision"]
 
@@ -131,11 +131,11 @@ class Projector:
 
     async def run(self) -> None:
         """Pull and apply events until cancelled."""
-        sub = await self.store.projector_subscription()
+        feed = await self.store.projector_feed()
         try:
             while True:
                 try:
-                    msgs = await fetch_ready(sub, FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
+                    msgs = await feed.fetch(FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
                     if not msgs and not self._held:
                         self.metrics.projector_pending.set(0)
                 except asyncio.CancelledError:
@@ -152,7 +152,7 @@ class Projector:
                         await item.msg.nak()
             self._held.clear()
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await feed.unsubscribe()
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply a batch run by run in seq order, then whatever held events became applicable."""

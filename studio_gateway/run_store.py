@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 from linkd.run_protocol import RUN_STREAM, run_stream_subjects
 
 from .config import RunsConfig
+from .pull_feed import PullFeed
 from .run_state import RunState
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "Conflict",
     "EventReader",
     "RunStore",
-    "fetch_ready",
 ]
 
 log = logging.getLogger("studio_gateway.run_store")
@@ -62,6 +62,12 @@ PROJECTOR_ACK_WAIT: Final = 3.0
 PROJECTOR_MAX_ACK_PENDING: Final = 4096
 # Readers' ephemeral consumers disappear this long after their reader stopped pulling.
 READER_INACTIVE_THRESHOLD: Final = 120.0
+# Standing pull requests (see .pull_feed): size, and how long each lasts on the server
+# (after a reconnect a lost request is replaced within about this long).
+READER_BATCH: Final = 256
+READER_EXPIRES: Final = 5.0
+PROJECTOR_BATCH: Final = 64
+PROJECTOR_EXPIRES: Final = 2.0
 JS_TIMEOUT: Final = 5.0
 # JetStream API error codes.
 _STREAM_NAME_IN_USE: Final = 10058
@@ -153,33 +159,6 @@ def _normal(value: Any) -> Any:
     return value
 
 
-# How long a pull lingers to pick up what is already there (the next message's wait is separate).
-GRAB_TIMEOUT: Final = 0.01
-
-
-async def _grab(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
-    try:
-        return await sub.fetch(batch, timeout=timeout)
-    except (nats.errors.TimeoutError, TimeoutError):
-        return []
-
-
-async def fetch_ready(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
-    """Up to ``batch`` messages as soon as there is one; [] after ``timeout`` without any.
-
-    Why not ``sub.fetch(batch, timeout)``: once it had to wait, nats-py's fetch keeps
-    waiting until the batch is full or the timeout passed, so one event arriving on an
-    idle consumer would sit there for the whole timeout.
-    """
-    msgs = await _grab(sub, batch, GRAB_TIMEOUT)
-    if msgs:
-        return msgs
-    first = await _grab(sub, 1, timeout)
-    if not first or batch == 1:
-        return first
-    return first + await _grab(sub, batch - 1, GRAB_TIMEOUT)
-
-
 @dataclass
 class EventReader:
     """An ephemeral, unacknowledged pull consumer on one subject (replay, then live)."""
@@ -187,12 +166,13 @@ class EventReader:
     js: JetStreamContext
     stream: str
     name: str
-    sub: JetStreamContext.PullSubscription
+    feed: PullFeed
     initial_pending: int
 
     @classmethod
     async def open(
         cls,
+        nc: NATS,
         js: JetStreamContext,
         stream: str,
         subject: str,
@@ -212,12 +192,12 @@ class EventReader:
         )
         # The creation's answer already says how many messages match: no separate info request.
         info = await js.add_consumer(stream, config)
-        sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
-        return cls(js, stream, name, sub, int(info.num_pending or 0))
+        feed = await PullFeed.open(nc, stream, name, batch=READER_BATCH, expires=READER_EXPIRES)
+        return cls(js, stream, name, feed, int(info.num_pending or 0))
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages as soon as there is one; [] when none arrived within ``timeout``."""
-        return await fetch_ready(self.sub, batch, timeout)
+        return await self.feed.fetch(batch, timeout)
 
     async def snapshot(self, timeout: float = JS_TIMEOUT) -> list[Msg]:
         """Everything the subject held when the reader was opened."""
@@ -232,7 +212,7 @@ class EventReader:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self.sub.unsubscribe()
+            await self.feed.unsubscribe()
         with contextlib.suppress(Exception):
             await self.js.delete_consumer(self.stream, self.name)
 
@@ -303,8 +283,11 @@ class RunStore:
             return "unchanged"
         return "created" if info is None else "updated"
 
-    async def projector_subscription(self) -> JetStreamContext.PullSubscription:
-        return await self.js.pull_subscribe_bind(durable=PROJECTOR_DURABLE, stream=RUN_STREAM)
+    async def projector_feed(self) -> PullFeed:
+        """The projector's pull requests: each event reaches it as soon as it is stored."""
+        return await PullFeed.open(
+            self.nc, RUN_STREAM, PROJECTOR_DURABLE, batch=PROJECTOR_BATCH, expires=PROJECTOR_EXPIRES
+        )
 
     async def projector_pending(self) -> int:
         info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
@@ -389,6 +372,7 @@ class RunStore:
 
     async def active_ids(self) -> list[str]:
         reader = await EventReader.open(
+            self.nc,
             self.js,
             f"KV_{ACTIVE_BUCKET}",
             f"$KV.{ACTIVE_BUCKET}.>",
@@ -408,7 +392,7 @@ class RunStore:
         return f"{self.prefix}.host.{state.host_token}.runs.{state.run_id}"
 
     async def open_events(self, state: RunState) -> EventReader:
-        return await EventReader.open(self.js, RUN_STREAM, self.event_subject(state))
+        return await EventReader.open(self.nc, self.js, RUN_STREAM, self.event_subject(state))
 
     async def keep_event(self, run_id: str, seq: int, event: dict[str, Any]) -> None:
         """Keep one event for export after the stream's retention (idempotent per seq)."""
@@ -417,7 +401,9 @@ class RunStore:
 
     async def kept_events(self, run_id: str) -> list[dict[str, Any]]:
         """The kept events of ``run_id``, in seq order."""
-        reader = await EventReader.open(self.js, f"KV_{OUTPUT_BUCKET}", f"$KV.{OUTPUT_BUCKET}.{run_id}.*")
+        reader = await EventReader.open(
+            self.nc, self.js, f"KV_{OUTPUT_BUCKET}", f"$KV.{OUTPUT_BUCKET}.{run_id}.*"
+        )
         try:
             msgs = await reader.snapshot()
         finally:

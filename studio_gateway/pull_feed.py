@@ -1,0 +1,130 @@
+"""A JetStream pull consumer with a standing pull request: each message arrives when it is stored.
+
+Why not nats-py's ``PullSubscription.fetch``: every call is a new pull request (a round
+trip), and once it had to wait it lingers until the batch is full or the timeout passed,
+so a caller either polls with short timeouts (a delay per event) or waits for nothing.
+Here one request for ``batch`` messages (expiring after ``expires``) stays open on the
+server; the server pushes each message into it as soon as it is stored, and a new request
+goes out when the old one is used up, expired (JetStream answers 408) or lost (a local
+deadline, e.g. after a reconnect). At most ``batch`` delivered messages wait here unread,
+so a slow reader stays bounded; the consumer's own semantics (acks, ordering, redelivery)
+are unchanged: this only decides when to ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import deque
+from typing import Final
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = ["ConsumerGone", "PullFeed"]
+
+# A request JetStream did not answer this long after its expiry is taken as lost.
+LOST_MARGIN: Final = 0.5
+# After a refused request (e.g. too many waiting requests): ask again after this.
+RETRY_DELAY: Final = 0.1
+
+
+class ConsumerGone(Exception):
+    """The consumer no longer exists (deleted, or its stream is gone): open a new one."""
+
+
+class PullFeed:
+    """Messages of one pull consumer, pushed into a standing request; read with :meth:`fetch`."""
+
+    def __init__(self, nc: NATS, stream: str, consumer: str, *, batch: int, expires: float) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._batch = batch
+        self._expires = expires
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._queue: deque[Msg] = deque()
+        self._ready = asyncio.Event()
+        self._left = 0  # messages the standing request may still bring
+        self._check_at = 0.0  # when the standing request counts as lost
+        self._retry_at = 0.0  # no new request before this (after a refusal)
+        self._error: Exception | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, nc: NATS, stream: str, consumer: str, *, batch: int, expires: float) -> PullFeed:
+        feed = cls(nc, stream, consumer, batch=batch, expires=expires)
+        feed._sub = await nc.subscribe(feed._inbox, cb=feed._on_message)
+        await feed._request_if_due()
+        return feed
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if not status:
+            self._queue.append(msg)
+            self._left -= 1
+            self._ready.set()
+            if self._left <= 0:
+                await self._request_if_due()
+            return
+        if status == "100":  # heartbeat or flow control: nothing to do
+            return
+        description = (msg.headers or {}).get("Description", "")
+        if status in ("404", "408"):  # no messages / the request expired: ask again
+            self._left = 0
+            await self._request_if_due()
+            return
+        if status == "409" and "deleted" not in description.lower():
+            # Refused or cut short (too many waiting requests, leadership change): retry soon.
+            self._left = 0
+            self._retry_at = asyncio.get_running_loop().time() + RETRY_DELAY
+        else:  # 409 Consumer Deleted, 503 no responders (no such consumer), anything unexpected
+            self._error = ConsumerGone(f"{self._subject}: {status} {description}".strip())
+        self._ready.set()
+
+    async def _request_if_due(self) -> None:
+        """Open a new pull request unless one is standing or enough is buffered already."""
+        if self._closed or self._error is not None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._left > 0 and now < self._check_at:
+            return  # a request is standing
+        if now < self._retry_at or len(self._queue) >= self._batch:
+            return  # backing off after a refusal, or enough is waiting to be read
+        request = {"batch": self._batch, "expires": int(self._expires * 1_000_000_000)}
+        self._left = self._batch
+        self._check_at = now + self._expires + LOST_MARGIN
+        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages as soon as there is one; [] when none came within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._queue:
+                out = [self._queue.popleft() for _ in range(min(batch, len(self._queue)))]
+                if not self._queue:
+                    self._ready.clear()
+                await self._request_if_due()
+                return out
+            now = loop.time()
+            if now >= end:
+                return []
+            await self._request_if_due()
+            if self._queue or self._error is not None:
+                continue  # arrived while the request went out
+            self._ready.clear()
+            wake = self._check_at if self._left > 0 else max(self._retry_at, now + RETRY_DELAY)
+            wait = max(0.001, min(end, wake) - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), wait)
+
+    async def unsubscribe(self) -> None:
+        self._closed = True
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.unsubscribe()
