@@ -243,6 +243,7 @@ Frame = (
     | Abort
 )
 ChunkFrame = RequestChunk | ResponseChunk
+_CHUNK_FRAMES: Final = (RequestChunk, ResponseChunk)
 
 # --------------------------------------------------------------------------- validation helpers
 
@@ -281,15 +282,20 @@ def validate_url(url: str) -> str:
     return url
 
 
+# isinstance with an inline ``A | B`` builds the union object on every call (3x slower):
+# the checks that run for every request use prebuilt tuples.
+_LIST_OR_TUPLE: Final = (list, tuple)
+
+
 def validate_headers(headers: Any, error: type[Exception] = LocalProtocolError) -> Headers:
     """Check a header list: names are HTTP tokens, values hold no CR, LF or NUL."""
-    if not isinstance(headers, list | tuple):
+    if not isinstance(headers, _LIST_OR_TUPLE):
         raise error("headers must be a list of [name, value] pairs")
     if len(headers) > MAX_HEADER_COUNT:
         raise error(f"more than {MAX_HEADER_COUNT} headers")
     out: Headers = []
     for pair in headers:
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
+        if not isinstance(pair, _LIST_OR_TUPLE) or len(pair) != 2:
             raise error("each header must be a [name, value] pair")
         name, value = pair
         if not isinstance(name, str) or not isinstance(value, str):
@@ -725,7 +731,7 @@ def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:
 
 def encode_frame(frame: Frame, binary: bool = False) -> bytes:
     """Encode any frame; ``binary`` only changes how chunks are written."""
-    if isinstance(frame, RequestChunk | ResponseChunk):
+    if isinstance(frame, _CHUNK_FRAMES):
         return encode_chunk(frame, binary)
     if isinstance(frame, ResponseWhole):
         head = encode_frame(frame.start)

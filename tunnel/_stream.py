@@ -108,6 +108,10 @@ Event = Acked | ResponseHead | DataReceived | BodyEnded | CreditGranted | PeerFa
 # ----------------------------------------------------------------------------- caller
 
 
+# Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
+_ACK_OR_START: Final = (f.ResponseAck, f.ResponseStart)
+
+
 class CallerPhase(enum.Enum):
     STARTING = "starting"  # start published, no frame from a server yet
     ACKED = "acked"  # a server answered: request body may flow, response not started
@@ -398,7 +402,7 @@ class CallerStream:
         """Negotiate from the server's first frame; a plain v1 server sends no extensions."""
         self._retry_at = None
         ext = None
-        if isinstance(frame, f.ResponseAck | f.ResponseStart):
+        if isinstance(frame, _ACK_OR_START):
             ext = frame.extensions
         elif isinstance(frame, f.ResponseWhole):
             ext = frame.start.extensions
@@ -471,17 +475,24 @@ class CallerStream:
 
     def next_deadline(self) -> float | None:
         """When ``poll`` next has something to do (monotonic seconds)."""
-        if self.phase in (CallerPhase.DONE, CallerPhase.FAILED):
+        phase = self.phase
+        if phase is CallerPhase.DONE or phase is CallerPhase.FAILED:
             return None
-        candidates = [self._total_deadline]
-        if self.phase is CallerPhase.STARTING:
-            candidates.append(self._first_frame_deadline)
-            candidates.append(self._retry_at or self._last_publish_at + self.options.republish_interval)
+        # Runs for every request: a running minimum instead of building and filtering lists.
+        due = self._total_deadline
+        if phase is CallerPhase.STARTING:
+            first = self._first_frame_deadline
+            if first is not None and (due is None or first < due):
+                due = first
+            retry = self._retry_at or self._last_publish_at + self.options.republish_interval
+            if due is None or retry < due:
+                due = retry
         elif self._idle_applies():
             assert self.options.idle_timeout is not None
-            candidates.append(self._last_frame_at + self.options.idle_timeout)
-        due = [t for t in candidates if t is not None]
-        return min(due) if due else None
+            idle = self._last_frame_at + self.options.idle_timeout
+            if due is None or idle < due:
+                due = idle
+        return due
 
     def _idle_applies(self) -> bool:
         if self.options.idle_timeout is None:

@@ -71,6 +71,8 @@ Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[by
 HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
 
 _UNSET: Any = object()
+# Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
+_TEXT_OR_BYTES = (str, bytes, bytearray, memoryview)
 # Per-client caches of host subjects and option objects; cleared when full (cheap, bounded).
 HOST_CACHE_SIZE = 4096
 
@@ -605,7 +607,7 @@ class TunnelClient:
         total = self.timeout if timeout is _UNSET else timeout
         first = self.first_frame_timeout if first_frame_timeout is _UNSET else first_frame_timeout
         idle = self.idle_timeout if idle_timeout is _UNSET else idle_timeout
-        if isinstance(body, str | bytes | bytearray | memoryview) and len(body) == 0:
+        if body is not None and isinstance(body, _TEXT_OR_BYTES) and len(body) == 0:
             body = None
         if self._sub is None and self.shared_replies:
             await self._ensure_subscribed()
