@@ -423,6 +423,8 @@ class CallerStream:
         else:
             self.send = SendCredit(None)
             self.receive_window = ReceiveWindow(None)
+            if type(frame) is f.ResponseWhole:
+                return  # the response is complete: no body of ours will ever need a chunk limit
             frame_limit = opts.max_payload
         self.chunk_limit = max(
             1, min(opts.max_chunk, f.max_chunk_data(frame_limit, self.binary, len(self.request_id)))

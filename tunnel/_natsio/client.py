@@ -232,7 +232,16 @@ class _ClientRequest:
         self._iterated = False
         self.sub: Subscription | None = None  # only without shared replies
         self.status: int | None = None
-        self.timer = LazyTimer(loop, self._on_timer)
+        self._loop = loop
+        self._timer: LazyTimer | None = None
+
+    @property
+    def timer(self) -> LazyTimer:
+        """Created on first use: most requests end before TimerHub's first tick needs it."""
+        if self._timer is None:
+            self._timer = LazyTimer(self._loop, self._on_timer)
+            self._timer.cancelled = self.released  # as if release() had cancelled it
+        return self._timer
 
     # -- frames from the demultiplexer ------------------------------------------
 
@@ -422,7 +431,8 @@ class _ClientRequest:
         if self.released:
             return
         self.released = True
-        self.timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         client = self.client
         client._streams.pop(self.stream.request_id, None)
         stream = self.stream
@@ -649,7 +659,7 @@ class TunnelClient:
                 except (NatsError, OSError) as exc:
                     raise map_nats_error(exc) from exc
             await self.publisher.send(stream.start())
-            self._timers.add(req.timer, stream.next_deadline())
+            self._timers.add(req, stream.next_deadline())
             head = await req.head
         except BaseException as exc:
             if isinstance(exc, TunnelError):

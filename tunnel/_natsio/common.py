@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -68,29 +68,42 @@ class Publisher:
 TIMER_TICK = 0.01
 
 
+class TimerOwner(Protocol):
+    """A request whose timer TimerHub arms: ``timer`` may be created on first access."""
+
+    released: bool
+
+    @property
+    def timer(self) -> LazyTimer: ...
+
+
 class TimerHub:
-    """Defers arming new streams' timers by up to one tick (costs each request a list append)."""
+    """Defers arming new streams' timers by up to one tick (costs each request a list append).
+
+    It holds the requests, not their timers: a request that ends within the tick never
+    even creates its LazyTimer (one object and one bound method less per request).
+    """
 
     __slots__ = ("_handle", "_loop", "_young")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._young: list[tuple[LazyTimer, float]] = []
+        self._young: list[tuple[TimerOwner, float]] = []
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, timer: LazyTimer, when: float | None) -> None:
+    def add(self, owner: TimerOwner, when: float | None) -> None:
         if when is None:
             return
-        self._young.append((timer, when))
+        self._young.append((owner, when))
         if self._handle is None:
             self._handle = self._loop.call_later(TIMER_TICK, self._tick)
 
     def _tick(self) -> None:
         self._handle = None
         young, self._young = self._young, []
-        for timer, when in young:
-            if not timer.cancelled:
-                timer.arm(when)
+        for owner, when in young:
+            if not owner.released:
+                owner.timer.arm(when)
 
 
 class LazyTimer:

@@ -117,10 +117,19 @@ class _ServerRequest:
         self._credit: asyncio.Future[None] | None = None
         if loop is None:
             loop = asyncio.get_running_loop()
-        self.timer = LazyTimer(loop, self._on_timer)
+        self._loop = loop
+        self._timer: LazyTimer | None = None
         self.released = False
         self.status: int | None = None
         self.started_at = loop.time() if now is None else now
+
+    @property
+    def timer(self) -> LazyTimer:
+        """Created on first use: most requests end before TimerHub's first tick needs it."""
+        if self._timer is None:
+            self._timer = LazyTimer(self._loop, self._on_timer)
+            self._timer.cancelled = self.released  # as if release() had cancelled it
+        return self._timer
 
     async def _on_consumed(self, n: int) -> None:
         grant = self.stream.consumed(n)
@@ -276,7 +285,8 @@ class _ServerRequest:
         """The synchronous part of releasing (everything but unsubscribing a v1 body)."""
         if not self.released:
             self.released = True
-            self.timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             server = self.server
             server._active.pop(self.stream.request_id, None)
             stats = server.stats
@@ -570,7 +580,7 @@ class TunnelServer:
             return
         if self._timers is None:
             self._timers = TimerHub(loop)
-        self._timers.add(req.timer, stream.next_deadline())
+        self._timers.add(req, stream.next_deadline())
         req.task = loop.create_task(req.run(self.handler))
 
     async def _answer_busy(self, stream: ServerStream) -> None:
