@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import nats.errors
@@ -61,7 +61,8 @@ DONE_GRACE: Final = 5.0
 STATE_POLL: Final = 1.0
 # ... and this often once the run is ending.
 FINISH_POLL: Final = 0.05
-RECHECK_DELAY: Final = 0.05
+# A write notification can come before JetStream stored the write: read again this soon.
+RECHECK_DELAY: Final = 0.005
 _NO_STORE: Final = {"Cache-Control": "no-store"}
 
 
@@ -353,7 +354,7 @@ async def _stream_live(
             elif done_at is not None and now - done_at > DONE_GRACE:
                 return current  # the projector is behind: end with what the state says
             if ended_at or done_at:
-                wait = FINISH_POLL
+                wait = max(0.0, min(FINISH_POLL, recheck_at - now))
             else:
                 wait = max(
                     0.0,
@@ -415,11 +416,27 @@ async def _stream_live(
                 await response.write(line)
                 last_write = now
     finally:
-        await stop_tasks([pump_task])
-        for reader in list(readers):
-            await reader.close()
-        with contextlib.suppress(Exception):
-            await watch_sub.unsubscribe()
+        # The reader's consumer and tasks go away after the response: the client's `end`
+        # need not wait for a consumer deletion round trip.
+        _detach(_close_live(pump_task, readers, watch_sub), f"run-reader-close-{state.run_id}")
+
+
+async def _close_live(pump_task: asyncio.Task[None], readers: list[EventReader], watch_sub: Any) -> None:
+    await stop_tasks([pump_task])
+    for reader in list(readers):
+        await reader.close()
+    with contextlib.suppress(Exception):
+        await watch_sub.unsubscribe()
+
+
+# Clean-ups in flight (referenced, so they are not garbage-collected half way).
+_DETACHED: set[asyncio.Task[None]] = set()
+
+
+def _detach(work: Coroutine[Any, Any, None], name: str) -> None:
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
 
 
 def _expired_start(state: RunState, service: RunsService, events: list[dict[str, Any]]) -> bool:
