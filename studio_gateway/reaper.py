@@ -65,6 +65,8 @@ class Reaper:
         self.metrics = metrics
         self.config = config
         self.now_ms = now_ms
+        # Active entries whose run did not exist at the last pass.
+        self._missing: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -80,10 +82,16 @@ class Reaper:
     async def scan(self) -> list[str]:
         """One pass over the active runs; returns the ids this pass failed."""
         reaped: list[str] = []
+        missing: set[str] = set()
         for run_id in await self.store.active_ids():
             loaded = await self.store.load(run_id)
+            if loaded is None and run_id not in self._missing:
+                # Listed but not written: a create in flight (both writes go out together), or
+                # one that failed. Forgotten only when still missing on the next pass.
+                missing.add(run_id)
+                continue
             if loaded is None or loaded[0].terminal:
-                await self.store.mark_inactive(run_id)  # leftover of an interrupted terminal write
+                await self.store.mark_inactive(run_id)  # leftover of an interrupted write
                 continue
             state, revision = loaded
             now = self.now_ms()
@@ -132,6 +140,7 @@ class Reaper:
             self.metrics.run_finished(new.status, new.failure_kind)
             log.warning("run %s reaped: %s", run_id, reason)
             reaped.append(run_id)
+        self._missing = missing
         return reaped
 
     async def _next_event_stored(self, state: RunState) -> bool:

@@ -18,6 +18,7 @@ Everything survives a gateway restart; gateway instances keep no run state of th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -69,6 +70,8 @@ READER_EXPIRES: Final = 5.0
 PROJECTOR_BATCH: Final = 64
 PROJECTOR_EXPIRES: Final = 2.0
 JS_TIMEOUT: Final = 5.0
+# The JetStream API prefix of ``RunStore.js`` (no domain).
+JS_API: Final = "$JS.API"
 # JetStream API error codes.
 _STREAM_NAME_IN_USE: Final = 10058
 _CONSUMER_EXISTS: Final = 10148
@@ -315,13 +318,23 @@ class RunStore:
         return RunState.from_json(entry.value), entry.revision
 
     async def create(self, state: RunState) -> int:
-        """Write a new run (Conflict when the id exists) and list it as active."""
-        try:
-            revision = await self.state_kv.create(state.run_id, state.to_json())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise Conflict(state.run_id) from None
-        await self.mark_active(state.run_id)
-        return revision
+        """Write a new run (Conflict when the id exists) and list it as active.
+
+        Both writes go out together (one round trip, not two): an active entry without its
+        run (the create lost, or failed) is dropped by the reaper's next scan.
+        """
+        created, listed = await asyncio.gather(
+            self.state_kv.create(state.run_id, state.to_json()),
+            self.mark_active(state.run_id),
+            return_exceptions=True,
+        )
+        if isinstance(created, nats.js.errors.KeyWrongLastSequenceError):
+            raise Conflict(state.run_id)
+        if isinstance(created, BaseException):
+            raise created
+        if isinstance(listed, BaseException):
+            raise listed
+        return created
 
     async def write(self, state: RunState, revision: int) -> int:
         """Compare-and-set: only when the stored revision is still ``revision``."""
@@ -371,19 +384,22 @@ class RunStore:
             await self.js.purge_stream(f"KV_{ACTIVE_BUCKET}", subject=f"$KV.{ACTIVE_BUCKET}.{run_id}")
 
     async def active_ids(self) -> list[str]:
-        reader = await EventReader.open(
-            self.nc,
-            self.js,
-            f"KV_{ACTIVE_BUCKET}",
-            f"$KV.{ACTIVE_BUCKET}.>",
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        )
-        try:
-            msgs = await reader.snapshot()
-        finally:
-            await reader.close()
-        head = len(f"$KV.{ACTIVE_BUCKET}.")
-        return [m.subject[head:] for m in msgs if m.data]
+        """The runs listed as active: the bucket's subjects, from stream info (no consumer needed).
+
+        Stream info lists at most a page of subjects per answer; the rest come with ``offset``.
+        """
+        head = f"$KV.{ACTIVE_BUCKET}."
+        request = f"{JS_API}.STREAM.INFO.KV_{ACTIVE_BUCKET}"
+        ids: list[str] = []
+        while True:
+            body = json.dumps({"subjects_filter": f"{head}>", "offset": len(ids)}).encode()
+            answer = json.loads((await self.nc.request(request, body, timeout=JS_TIMEOUT)).data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            subjects = (answer.get("state") or {}).get("subjects") or {}
+            ids.extend(subject[len(head) :] for subject in subjects)
+            if not subjects or len(ids) >= int(answer.get("total") or 0):
+                return ids
 
     # ------------------------------------------------------------------ events
 

@@ -21,6 +21,8 @@ from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig, RunsConfig
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.natsconn import GATEWAY_NATS
+from studio_gateway.reaper import Reaper
+from studio_gateway.run_metrics import RunMetrics
 from studio_gateway.run_store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import (
@@ -321,3 +323,30 @@ async def test_a_run_missing_an_event_for_good_is_failed_even_while_the_desktop_
             assert state["seq"] == 1
     finally:
         await desktop.close()
+
+
+async def test_active_index_lists_runs_without_a_consumer_and_the_reaper_drops_orphans(
+    js_server: NatsServer,
+) -> None:
+    """The reaper's scan lists the active bucket with stream info (paged, no ephemeral consumer);
+    an entry whose run does not exist (a create in flight, or a failed one) is dropped only when
+    it is still missing on the next pass."""
+    nc = await nats.connect(js_server.url)
+    try:
+        config = RunsConfig(liveness_timeout=60)
+        store = RunStore(nc, config, "_tunnel.v1")
+        await store.setup()
+        ids = [f"run_{i:032x}" for i in range(30)]
+        await asyncio.gather(*(store.mark_active(run_id) for run_id in ids))
+        assert sorted(await store.active_ids()) == ids
+        await store.mark_inactive(ids[0])
+        assert sorted(await store.active_ids()) == ids[1:]
+        consumers = await nc.jetstream().consumers_info(f"KV_{ACTIVE_BUCKET}")
+        assert consumers == []
+        reaper = Reaper(store, RunMetrics(), config)
+        assert await reaper.scan() == []
+        assert sorted(await store.active_ids()) == ids[1:]  # first pass: maybe a create in flight
+        assert await reaper.scan() == []
+        assert await store.active_ids() == []  # second pass: orphans, dropped
+    finally:
+        await nc.close()
