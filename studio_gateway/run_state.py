@@ -215,8 +215,13 @@ def apply_event(
 
 
 def mark_dispatched(state: RunState, *, now_ms: int) -> RunState | None:
-    """The desktop accepted the work item: ``in_progress`` (None when nothing changes)."""
-    if state.terminal:
+    """The desktop accepted the work item: ``in_progress`` (None when nothing changes).
+
+    None too when events were applied already: the run is ``in_progress`` and its liveness
+    counts from its last event, so the write would say nothing new and only race the
+    projector's compare-and-set (a conflict costs it a read and a second write).
+    """
+    if state.terminal or (state.status == "in_progress" and state.seq > 0):
         return None
     changes: dict[str, Any] = {"dispatched_at": state.dispatched_at or now_ms, "updated_at": now_ms}
     if state.status == "dispatching":

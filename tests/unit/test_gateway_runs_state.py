@@ -126,6 +126,8 @@ def test_mark_dispatched() -> None:
     already = mark_dispatched(state(status="in_progress", dispatched_at=5), now_ms=NOW)
     assert already is not None and already.dispatched_at == 5
     assert mark_dispatched(state(status="cancelled"), now_ms=NOW) is None
+    # The first events were applied before the daemon's answer came back: nothing to write.
+    assert mark_dispatched(state(status="in_progress", seq=2, last_event_at=NOW - 1), now_ms=NOW) is None
 
 
 def test_state_json_round_trip_and_public_shape() -> None:
