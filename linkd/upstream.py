@@ -25,13 +25,16 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
-from urllib.parse import unquote
 
 import httpx
 
 import tunnel
 
-__all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "upstream_url"]
+from .upstream_body import BodyLengthMismatch, declared_length, length_checked
+from .upstream_path import InvalidTarget, check_target
+from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
+
+__all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "upstream_url"]
 
 log = logging.getLogger("linkd.upstream")
 
@@ -73,18 +76,25 @@ def filter_headers(
 
 
 def upstream_url(base: httpx.URL, target: str) -> httpx.URL:
-    """``base`` with ``target`` (path + query, starting with '/') appended to its path; host unchanged."""
-    if not target.startswith("/") or any(c in target for c in "\r\n\x00#"):
-        raise ValueError(f"not an origin-form request target: {target!r}")
-    path = target.split("?", 1)[0]
-    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
-        # Dot segments would be resolved against the base path: refuse rather than climb out of it.
-        raise ValueError(f"dot segments in the request path: {target!r}")
+    """``base`` with ``target`` (path + query, starting with '/') appended to its path; host unchanged.
+
+    Raises :class:`~linkd.upstream_path.InvalidTarget` (a ``ValueError``) for anything
+    :func:`~linkd.upstream_path.check_target` refuses.
+    """
+    raw_target = check_target(target)
     base_path = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
-    url = base.copy_with(raw_path=base_path + target.encode("ascii", errors="strict"))
+    url = base.copy_with(raw_path=base_path + raw_target)
     if not url.raw_path.startswith(base_path + b"/") or (url.host, url.port) != (base.host, base.port):
-        raise ValueError(f"request target escapes the upstream base: {target!r}")
+        raise InvalidTarget(f"request target escapes the upstream base: {target!r}")
     return url
+
+
+def header_bytes(value: str) -> bytes:
+    """A header value as the bytes HTTP carries: latin-1 (obs-text) when it fits, else UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
 
 
 def _error(status: int, code: str, message: str) -> tunnel.Response:
@@ -118,28 +128,42 @@ class UpstreamProxy:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def _request_headers(self, request: tunnel.Request) -> list[tuple[str, str]]:
+    def _request_headers(self, request: tunnel.Request) -> list[tuple[bytes, bytes]]:
+        """The caller's end-to-end headers as bytes (values latin-1, else UTF-8) plus ours."""
         headers = filter_headers(request.headers, extra_drop=frozenset({"host"}))
         names = {name.lower() for name, _ in headers}
         headers.append(("Host", self._netloc))
         if "x-forwarded-host" not in names:
             headers.append(("X-Forwarded-Host", request.hostname))
         headers.append(("Via", "1.1 linkd"))
-        return headers
+        return [(name.encode("ascii"), header_bytes(value)) for name, value in headers]
 
     async def __call__(self, request: tunnel.Request) -> tunnel.Response:
         try:
             url = upstream_url(self.base, request.url)
-        except (ValueError, UnicodeError):
-            return _error(400, "bad_request_target", "the request target must be a path and query")
+        except InvalidTarget as exc:
+            return _error(
+                400, "bad_request_target", f"the request target must be a safe path and query: {exc}"
+            )
+        try:
+            sent_headers = self._request_headers(request)
+            length = declared_length(sent_headers)
+        except (ValueError, UnicodeError) as exc:
+            return _error(400, "bad_request_header", str(exc))
         content: AsyncIterator[bytes] | None = request.stream() if request.has_body else None
+        if length is not None:
+            # Forward the declared length (some local services refuse chunked uploads), but
+            # only ever send exactly that many bytes: a body that disagrees is refused.
+            content = length_checked(content, length)
         upstream_request = self.client.build_request(
-            request.method, url, headers=self._request_headers(request), content=content
+            request.method, url, headers=sent_headers, content=content
         )
         if content is None and request.method in ("POST", "PUT", "PATCH"):
             upstream_request.headers.setdefault("Content-Length", "0")
         try:
             response = await self.client.send(upstream_request, stream=True)
+        except BodyLengthMismatch as exc:
+            return _error(400, "content_length_mismatch", str(exc))
         except httpx.ConnectError as exc:
             return _error(502, "upstream_unreachable", f"cannot connect to {self.base_url}: {_reason(exc)}")
         except httpx.TimeoutException as exc:
@@ -148,14 +172,21 @@ class UpstreamProxy:
             )
         except httpx.HTTPError as exc:
             return _error(502, "upstream_error", f"request to {self.base_url} failed: {_reason(exc)}")
-        headers = filter_headers(
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
-        )
-        if request.method == "HEAD" or response.status_code in _NO_BODY_STATUS or response.status_code < 200:
+        try:
+            status = checked_status(response.status_code)
+            reason = checked_reason(response.reason_phrase)
+            headers = checked_response_headers(
+                filter_headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw])
+            )
+        except BadUpstreamResponse as exc:
             await response.aclose()
-            return tunnel.Response(response.status_code, headers, None, response.reason_phrase or None)
+            log.warning("upstream %s sent an unusable response head: %s", self.base_url, exc)
+            return _error(502, "upstream_error", f"{self.base_url} sent an unusable response: {exc}")
+        if request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+            await response.aclose()
+            return tunnel.Response(status, headers, None, reason)
         body = _relay(response, self.base_url)
-        return tunnel.Response(response.status_code, headers, body, response.reason_phrase or None)
+        return tunnel.Response(status, headers, body, reason)
 
 
 async def _relay(response: httpx.Response, base_url: str) -> AsyncIterator[bytes]:

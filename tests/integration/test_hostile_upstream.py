@@ -267,12 +267,6 @@ async def test_hostile_upstream_responses_become_typed_errors_and_the_daemon_kee
         await r.still_serves()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hardening bug: linkd/upstream.py:79-82 checks dot segments only between '/' after one "
-    "unquote, so '..\\' and '%2e%2e%2f' reach the local service, which may normalise them "
-    "(backslash as separator, decoded %2F) and climb out of the base path",
-)
 async def test_backslash_and_encoded_slash_dot_segments_are_refused(nats_server: NatsServer) -> None:
     async with rig(nats_server) as r:
         for path in ("/..\\x", "/\\..\\x", "/a/..%5c..%5cx", "/%2e%2e%2fx", "/a/%2e%2e%2f%2e%2e%2fx"):
@@ -291,13 +285,6 @@ async def test_control_characters_httpx_refuses_are_a_typed_502(nats_server: Nat
         await r.still_serves()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: linkd/upstream.py:136 hands header values to httpx as str, which encodes them as "
-    "ASCII: any non-ASCII value (latin-1 obs-text like 'caf\\xe9', UTF-8 text) raises "
-    "UnicodeEncodeError in the handler (traceback logged, caller gets tunnel_handler_error) "
-    "instead of being forwarded as bytes or refused with a 400",
-)
 async def test_non_ascii_header_values_are_forwarded_or_refused_cleanly(nats_server: NatsServer) -> None:
     async with rig(nats_server) as r:
         for value in ("caf\xe9", "snow\u2603", "a\x85b"):
@@ -310,13 +297,6 @@ async def test_non_ascii_header_values_are_forwarded_or_refused_cleanly(nats_ser
         await r.still_serves()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hardening bug: linkd/upstream.py:121-128 (_request_headers) forwards the caller's "
-    "Content-Length next to a streamed body; when they disagree h11 raises LocalProtocolError "
-    "inside the handler (a traceback logged per request, tunnel_handler_error) instead of a "
-    "clean 400/502 answer or dropping the header and forwarding the body whole",
-)
 async def test_a_content_length_that_disagrees_with_the_body_gets_a_clean_answer(
     nats_server: NatsServer,
 ) -> None:

@@ -186,7 +186,7 @@ async def test_hop_by_hop_headers_forwarding_headers_and_the_host_stays_put(nats
             ("Accept", "c/d"),
         ]
         async with await tunnel.fetch(
-            nc, f"tunnel://{HOST}//evil.example/x?q=1", headers=headers, first_frame_timeout=TIMEOUT
+            nc, f"tunnel://{HOST}/evil.example/x?q=1", headers=headers, first_frame_timeout=TIMEOUT
         ) as resp:
             assert (resp.status, await resp.read()) == (201, b"ok")
             got = [(k.lower(), v) for k, v in resp.headers]
@@ -197,7 +197,7 @@ async def test_hop_by_hop_headers_forwarding_headers_and_the_host_stays_put(nats
         assert ("x-plain", "kept") in got
 
         seen = upstream.seen[-1]
-        assert seen["path"] == "//evil.example/x?q=1"  # a path on the local service, not another host
+        assert seen["path"] == "/evil.example/x?q=1"  # a path on the local service, not another host
         assert seen["host"] == f"127.0.0.1:{upstream.port}"
         sent = [(k.lower(), v) for k, v in seen["headers"]]
         sent_names = [name for name, _ in sent]
@@ -207,10 +207,15 @@ async def test_hop_by_hop_headers_forwarding_headers_and_the_host_stays_put(nats
         assert ("x-forwarded-host", HOST) in sent and ("x-forwarded-for", "203.0.113.7") in sent
         assert ("via", "1.1 linkd") in sent
 
-        async with await tunnel.fetch(
-            nc, f"tunnel://{HOST}/a/../../etc", first_frame_timeout=TIMEOUT
-        ) as resp:
-            assert resp.status == 400
+        # A network-path lookalike and dot segments never reach the local service.
+        for refused in ("//evil.example/x", "/a/../../etc", "/a/..%5c..%5cetc"):
+            before = len(upstream.seen)
+            async with await tunnel.fetch(
+                nc, f"tunnel://{HOST}{refused}", first_frame_timeout=TIMEOUT
+            ) as resp:
+                assert resp.status == 400, refused
+                assert json.loads(await resp.read())["error"]["code"] == "bad_request_target"
+            assert len(upstream.seen) == before, refused
 
 
 async def test_an_upstream_dying_mid_body_is_an_error_not_a_short_success(nats_server: NatsServer) -> None:

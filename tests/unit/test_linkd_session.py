@@ -233,7 +233,7 @@ def test_hop_by_hop_headers_are_dropped_and_order_kept() -> None:
 def test_upstream_url_keeps_the_host() -> None:
     base = httpx.URL("http://127.0.0.1:3000/app/")
     assert str(upstream_url(base, "/x?y=1")) == "http://127.0.0.1:3000/app/x?y=1"
-    for target in ("//evil.example/x", "/@evil.example/", "/..%2f..%2fetc/passwd", "/a?b=../../c"):
+    for target in ("/@evil.example/", "/a?b=../../c"):
         url = upstream_url(base, target)
         assert (url.host, url.port) == ("127.0.0.1", 3000), target
         assert url.raw_path.startswith(b"/app/"), target
@@ -245,6 +245,8 @@ def test_upstream_url_keeps_the_host() -> None:
         "/a/../../b",
         "/%2e%2E/x",
         "/./x",
+        "//evil.example/x",  # refused since linkd/upstream_path.py (H-upstream)
+        "/..%2f..%2fetc/passwd",
     ):
         with pytest.raises(ValueError):
             upstream_url(base, bad)
