@@ -32,6 +32,8 @@ DEFERRED_ACK_DELAY: Final = 0.02
 DEFAULT_STALL_TIMEOUT: Final = 60.0
 # Server: time-limited graceful drain on close().
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+# Server: close() waits at most this long for start frames already delivered (then drops them).
+REQUEST_DRAIN_LIMIT: Final = 2.0
 # Server: reference peers remember request ids 60 s (bounded to 10,000) to re-ack repeats.
 SEEN_REQUEST_TTL: Final = 60.0
 SEEN_REQUEST_LIMIT: Final = 10_000

@@ -33,6 +33,7 @@ from .._config import (
     DEFAULT_STALL_TIMEOUT,
     DEFAULT_WINDOW,
     EARLY_ABORT_TTL,
+    REQUEST_DRAIN_LIMIT,
     SEEN_REQUEST_LIMIT,
     SEEN_REQUEST_TTL,
 )
@@ -423,6 +424,7 @@ class TunnelServer:
         self._subs: list[Subscription] = []
         self._request_sub: Subscription | None = None
         self._closing = False
+        self._accepting = True  # false once close() has drained the request subscription
         self._last_malformed_log = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._options = ServerOptions(
@@ -461,18 +463,39 @@ class TunnelServer:
         if self._closing:
             return
         self._closing = True
-        if self._request_sub is not None:
-            with contextlib.suppress(NatsError, OSError):
-                await self._request_sub.unsubscribe()
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout
+        await self._stop_taking_requests(timeout)
         tasks = [r.task for r in self._active.values() if r.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=max(0.0, give_up_at - loop.time()))
         for req in list(self._active.values()):
             await req.fail(TunnelError("server is shutting down", code=ErrorCode.SERVER_CLOSING), notify=True)
         for sub in self._subs[1:]:
             with contextlib.suppress(NatsError, OSError):
                 await sub.unsubscribe()
         self._subs = []
+
+    async def _stop_taking_requests(self, budget: float) -> None:
+        """Unsubscribe from start frames; with time to spare, drain rather than drop.
+
+        Starts the NATS server delivered before it saw our UNSUB are still served: dropped,
+        their callers would wait for a republish (about a second) to reach another server of
+        the queue group, which is what a credential rotation's make-before-break hands over to.
+        """
+        sub, self._request_sub = self._request_sub, None
+        if sub is not None:
+            drained = False
+            if budget > 0 and self.nc.is_connected:
+                try:
+                    await asyncio.wait_for(sub.drain(), min(budget, REQUEST_DRAIN_LIMIT))  # type: ignore[no-untyped-call]
+                    drained = True
+                except (NatsError, OSError, TimeoutError):
+                    pass
+            if not drained:
+                with contextlib.suppress(NatsError, OSError):
+                    await sub.unsubscribe()
+        self._accepting = False
 
     async def __aenter__(self) -> TunnelServer:
         return self
@@ -522,7 +545,7 @@ class TunnelServer:
             self.stats.repeated_starts += 1
             await self._answer_finished_repeat(frame)
             return
-        if self._early_aborts.pop(rid) or self._closing:
+        if self._early_aborts.pop(rid) or not self._accepting:
             return
         loop = asyncio.get_running_loop()
         deadline = None
