@@ -7,7 +7,8 @@ connection in the background on start-up and closes it on shutdown.
 
 Routes:
 
-- ``GET /healthz``: liveness, no auth; ``{"status": "ok", "nats": "connected"|"disconnected"}``
+- ``GET /healthz``: liveness, no auth; ``{"status": "ok", "nats": "connected"|"disconnected",
+  "runs": "ready"|"unavailable"|"disabled"}`` plus ``runsReason`` when runs are unavailable
   (200 even while NATS is down: restarting the gateway would not bring NATS back);
 - ``POST /api/links/session``: see :mod:`.sessions`;
 - ``GET /api/links/me``: see :mod:`.presence`;
@@ -29,8 +30,8 @@ from .errors import error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .permissions import GrantProvider
 from .presence import get_me
+from .runs import RUNS, runs_lifetime
 from .runs import attach as attach_runs
-from .runs import runs_lifetime
 from .runs_api import add_routes as add_run_routes
 from .sessions import MINTER, SessionMinter, create_session
 
@@ -44,8 +45,18 @@ CLIENT_MAX_SIZE: Final = 64 * 1024
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness, and what works right now: an operator sees why runs answer 503 without a token."""
     nats = request.app[GATEWAY_NATS]
-    return web.json_response({"status": "ok", "nats": "connected" if nats.available else "disconnected"})
+    runs = request.app[RUNS]
+    body = {"status": "ok", "nats": "connected" if nats.available else "disconnected"}
+    if not runs.runs.enabled:
+        body["runs"] = "disabled"
+    elif runs.store is not None:
+        body["runs"] = "ready"
+    else:
+        body["runs"] = "unavailable"
+        body["runsReason"] = runs.unavailable_reason()
+    return web.json_response(body)
 
 
 async def _nats_lifetime(app: web.Application) -> AsyncIterator[None]:

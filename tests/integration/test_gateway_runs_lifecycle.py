@@ -45,6 +45,8 @@ async def test_two_gateway_instances_share_runs_attach_on_the_other_one(js_serve
     desktop = await start_desktop(js_server.url, "frank")
     try:
         async with runs_gateway(js_server.url) as a, runs_gateway(js_server.url) as b:
+            health = await (await a.client.get("/healthz")).json()
+            assert health == {"status": "ok", "nats": "connected", "runs": "ready"}
             run_id = await a.start_run("frank", {"runner": "mock", "input": {"count": 20, "delayMs": 30}})
             await b.wait_status("frank", run_id, {"in_progress"})
             live = await b.sse("frank", run_id)  # attached on B while it runs, from the start
@@ -259,7 +261,11 @@ async def test_without_jetstream_runs_answer_503_and_the_rest_works(nats_server:
         assert resp.status == 503
         error = (await resp.json())["error"]
         assert error["code"] == "runs_unavailable" and "JetStream" in error["message"]
-        assert (await client.get("/healthz")).status == 200
+        health = await client.get("/healthz")
+        assert health.status == 200
+        body = await health.json()
+        assert body["nats"] == "connected" and body["runs"] == "unavailable"
+        assert "JetStream" in body["runsReason"]
         assert "studio_runs_ready 0" in await (await client.get("/metrics")).text()
 
 
@@ -290,6 +296,8 @@ async def test_runs_can_be_switched_off(js_server: NatsServer) -> None:
         headers = {"Authorization": f"Bearer {issue_token(config.auth, 'olaf', 60)}"}
         resp = await client.post("/api/runs", headers=headers, json={"runner": "echo"})
         assert resp.status == 503 and "RUNS_ENABLED" in (await resp.json())["error"]["message"]
+        health = await (await client.get("/healthz")).json()
+        assert health == {"status": "ok", "nats": "connected", "runs": "disabled"}
     nc = await nats.connect(js_server.url)
     try:
         with pytest.raises(nats.js.errors.NotFoundError):
