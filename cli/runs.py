@@ -213,11 +213,12 @@ async def attach(
 ) -> int:
     printer = _Printer(as_json, quiet)
     final: dict[str, Any] | None = None
+    done: dict[str, Any] | None = None
     last = after
     stop = asyncio.Event()
 
     async def consume() -> None:
-        nonlocal final, last
+        nonlocal final, done, last
         async for item in follow(
             client, run_id, after=after, give_up_after=give_up_after, on_reconnect=printer.reconnect
         ):
@@ -226,6 +227,8 @@ async def attach(
                 final = item.data
             else:
                 last = int(item.data["seq"])
+                if item.data.get("type") == "done":
+                    done = item.data
 
     with stop_on_signals(stop):
         task = asyncio.ensure_future(consume())
@@ -240,10 +243,27 @@ async def attach(
             return exitcodes.INTERRUPTED
         task.result()
     assert final is not None
+    final = _settled(final, done, printer)
     if not as_json and final.get("status") == "failed" and not quiet:
         failure = f"{final.get('failureKind') or 'failed'}: {final.get('failureReason') or '-'}"
         print(printer.paint(f"failure: {failure}", "red"), file=sys.stderr, flush=True)
     return exit_status_for(final)
+
+
+def _settled(final: dict[str, Any], done: dict[str, Any] | None, printer: _Printer) -> dict[str, Any]:
+    """The final state, or, when the gateway ended the stream before recording the desktop's
+    ``done`` (its projector running behind), the status that ``done`` reported."""
+    if final.get("status") in TERMINAL or done is None or done.get("status") not in TERMINAL:
+        return final
+    printer.note(
+        f"· the gateway had not recorded the end yet (state {final.get('status')}); "
+        f"the desktop reported {done['status']}"
+    )
+    settled = {**final, "status": done["status"]}
+    if done["status"] == "failed":
+        settled["failureKind"] = final.get("failureKind") or "run_failed"
+        settled["failureReason"] = final.get("failureReason") or done.get("reason")
+    return settled
 
 
 # -- commands -------------------------------------------------------------------------------

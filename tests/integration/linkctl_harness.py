@@ -374,14 +374,15 @@ class ContractGateway:
             {"runId": run_id, "threadId": state["threadId"], "status": "dispatching"}, status=202
         )
 
-    def _emit(self, run: ContractRun, **event: Any) -> None:
+    def _emit(self, run: ContractRun, *, state_lags: bool = False, **event: Any) -> None:
+        """Append one event; ``state_lags``: a ``done`` the run state does not show yet."""
         seq = len(run.events) + 1
         run.events.append({"runId": run.state["runId"], "fence": 1, "seq": seq, "ts": 0, **event})
         run.state["seq"] = seq
         run.state["status"] = "in_progress"
         if event["type"] == "output":
             run.state["outputBytes"] += len(event["data"].encode())
-        if event["type"] == "done":
+        if event["type"] == "done" and not state_lags:
             run.state.update(status=event["status"], finalSeq=seq, finishedAt=1_700_000_001_000)
             if event["status"] == "failed":
                 run.state.update(failureKind="run_failed", failureReason=event.get("reason"))
@@ -398,7 +399,8 @@ class ContractGateway:
                 return
             self._emit(run, type="output", stream="stdout", data=f"chunk {index}\n")
         if spec.get("fail"):
-            self._emit(run, type="done", status="failed", reason=spec["fail"])
+            lags = bool(spec.get("stateLags"))
+            self._emit(run, state_lags=lags, type="done", status="failed", reason=spec["fail"])
         else:
             self._emit(run, type="done", status="completed")
 

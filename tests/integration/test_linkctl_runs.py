@@ -110,6 +110,13 @@ async def test_failed_cancelled_unknown_and_finished_runs_have_their_exit_status
     assert code == exitcodes.RUN_FAILED
     assert out == "chunk 0\n" and "failed: boom" in err
 
+    # The stream ended before the gateway recorded the desktop's done: its status still counts.
+    code, out, err = await linkctl(
+        gateway.url, "runs", "send", "mock", '{"count": 1, "fail": "late", "stateLags": true}', "-a"
+    )
+    assert code == exitcodes.RUN_FAILED, err
+    assert "had not recorded the end yet (state in_progress)" in err and "failed: late" in err
+
     code, out, _ = await linkctl(
         gateway.url, "runs", "send", "mock", '{"count": 1000, "delayMs": 50}', "--json"
     )
