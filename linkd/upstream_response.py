@@ -11,22 +11,17 @@ from __future__ import annotations
 import re
 from typing import Final
 
+import tunnel
+
 __all__ = [
-    "MAX_HEADER_COUNT",
-    "MAX_HEADER_NAME_LENGTH",
-    "MAX_HEADER_VALUE_LENGTH",
     "BadUpstreamResponse",
     "checked_reason",
     "checked_response_headers",
     "checked_status",
 ]
 
-# The tunnel protocol's limits (docs/protocol.md).
-MAX_HEADER_COUNT: Final = 512
-MAX_HEADER_NAME_LENGTH: Final = 1024
-MAX_HEADER_VALUE_LENGTH: Final = 64 * 1024
+# As the tunnel's status_text (docs/protocol.md): a reason that cannot travel is dropped.
 MAX_REASON_LENGTH: Final = 1024
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_FORBIDDEN: Final = re.compile("[\r\n\x00\ud800-\udfff]")
 
 
@@ -49,13 +44,7 @@ def checked_reason(reason: str) -> str | None:
 
 def checked_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` unchanged if the tunnel can carry them, else :class:`BadUpstreamResponse`."""
-    if len(headers) > MAX_HEADER_COUNT:
-        raise BadUpstreamResponse(f"{len(headers)} headers, more than {MAX_HEADER_COUNT}")
-    for name, value in headers:
-        if len(name) > MAX_HEADER_NAME_LENGTH or not _TOKEN.fullmatch(name):
-            raise BadUpstreamResponse(f"invalid header name {name[:64]!r}")
-        if len(value) > MAX_HEADER_VALUE_LENGTH:
-            raise BadUpstreamResponse(f"header {name!r} is over {MAX_HEADER_VALUE_LENGTH} bytes")
-        if _VALUE_FORBIDDEN.search(value):
-            raise BadUpstreamResponse(f"header {name!r} holds CR, LF or NUL")
-    return headers
+    try:
+        return tunnel.check_headers(headers)
+    except tunnel.LocalProtocolError as exc:
+        raise BadUpstreamResponse(str(exc)) from exc

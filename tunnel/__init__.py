@@ -45,6 +45,7 @@ from ._errors import (
     TunnelTimeout,
     TunnelUnreachable,
 )
+from ._frames import check_headers
 from ._handler import Handler, Request, Response
 from ._natsio.client import FetchResponse, TunnelClient, client_for, fetch, parse_tunnel_url
 from ._natsio.server import ServerStats, TunnelServer, serve
@@ -83,6 +84,7 @@ __all__ = [
     "TunnelServer",
     "TunnelTimeout",
     "TunnelUnreachable",
+    "check_headers",
     "client_for",
     "fetch",
     "host_token",

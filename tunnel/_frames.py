@@ -27,7 +27,7 @@ import functools
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -306,6 +306,17 @@ def validate_headers(headers: Any, error: type[Exception] = LocalProtocolError) 
             raise error(f"invalid value for header {name!r}")
         out.append((name, value))
     return out
+
+
+def check_headers(headers: Sequence[tuple[str, str]]) -> Headers:
+    """``headers`` as a list if the tunnel can carry them, else :class:`LocalProtocolError`.
+
+    For proxies relaying someone else's response head: at most 512 headers, names that
+    are HTTP tokens up to 1024 characters, values up to 64 KiB without CR, LF or NUL.
+    Checked before responding, a bad head becomes the proxy's own error (a 502), not
+    a failure inside the tunnel server.
+    """
+    return validate_headers(headers)
 
 
 def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], rid: str | None) -> Any:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import re
 import types
+
+import pytest
 
 import tunnel
 
@@ -40,6 +43,7 @@ EXPECTED_PUBLIC_NAMES = {
     "TunnelServer",
     "TunnelTimeout",
     "TunnelUnreachable",
+    "check_headers",
     "client_for",
     "fetch",
     "host_token",
@@ -93,3 +97,16 @@ def test_every_public_error_carries_a_stable_code_and_http_status() -> None:
         err = cls("message")
         assert isinstance(err.code, str) and err.code.startswith("tunnel_")
         assert 400 <= err.http_status <= 599
+
+
+def test_check_headers_passes_what_the_tunnel_carries_and_names_what_it_cannot() -> None:
+    ok = [("content-type", "text/plain"), ("set-cookie", "a=1"), ("set-cookie", "b=2")]
+    assert tunnel.check_headers(ok) == ok
+    for bad, problem in [
+        ([("bad name", "x")], "invalid header name"),
+        ([("x-split", "a\r\nb")], "invalid value for header 'x-split'"),
+        ([("x-big", "v" * (64 * 1024 + 1))], "invalid value for header 'x-big'"),
+        ([("x", "1")] * 513, "more than 512 headers"),
+    ]:
+        with pytest.raises(tunnel.LocalProtocolError, match=re.escape(problem)):
+            tunnel.check_headers(bad)
