@@ -1,17 +1,19 @@
-"""The reaper: fails runs whose desktop went silent (``failed`` / ``desktop_lost``).
+"""The reaper: fails runs that can no longer finish (``failed`` / ``desktop_lost`` and kin).
 
 Every gateway instance runs it; it is safe concurrently because each verdict is
 written with compare-and-set on the state's revision (a lost race just means
 another instance, the projector or a cancel got there first). A run is silent when
 nothing arrived for ``RUNS_LIVENESS_TIMEOUT_SECONDS`` (linkd sends heartbeats while a
 run works) since its last event, or since dispatch when none came yet. A run still
-``dispatching`` gets the dispatch timeout on top: its dispatcher decides first.
+``dispatching`` gets the dispatch timeout on top: its dispatcher decides first, and
+when it never did (the gateway instance delivering it died), the run fails as
+``dispatch_error``: nothing says the desktop ever got it.
 
 Before failing a run the reaper asks the stream for the run's newest event: when
 the desktop did publish recently, or its ``done`` is there, and only the projector
 is behind, the run is alive and is left alone, unless the event the projector
 waits for is missing from the stream for good (later ones arrived, that one never
-did): then the run can never complete, and it fails as ``desktop_lost`` too.
+did): then the run can never complete, and it fails as ``events_lost``.
 Once failed, the run is terminal: late events cannot bring it back (the projector
 ignores them).
 """
@@ -99,33 +101,15 @@ class Reaper:
             silence = silent_for(state, now)
             if silence < limit:
                 continue
-            reason = (
-                f"the desktop sent nothing for {silence:.1f} s "
-                f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
-            )
-            newest = await self._newest_unapplied(state)
-            if newest is not None:
-                stored_ms, kind = newest
-                if kind == "done" or (now - stored_ms) / 1000 < limit:
-                    # The desktop did send more: the run is alive and only the projector is
-                    # behind, unless the event it waits for is missing from the stream for good.
-                    if await self._next_event_stored(state):
-                        continue
-                    reason = (
-                        f"event {state.seq + 1} of the run never arrived although later ones did, "
-                        f"for {silence:.1f} s: the desktop's events were lost"
-                    )
-                else:
-                    silence = min(silence, (now - stored_ms) / 1000)
-                    reason = (
-                        f"the desktop sent nothing for {silence:.1f} s "
-                        f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
-                    )
+            verdict = await self._verdict(state, now, limit, silence)
+            if verdict is None:
+                continue
+            kind, reason = verdict
             new = terminate(
                 state,
                 "failed",
                 now_ms=now,
-                failure_kind="desktop_lost",
+                failure_kind=kind,
                 reason=reason,
                 expected_fence=state.fence,
             )
@@ -163,6 +147,33 @@ class Reaper:
             ):
                 return True
         return False
+
+    async def _verdict(
+        self, state: RunState, now: int, limit: float, silence: float
+    ) -> tuple[str, str] | None:
+        """Why a silent run can no longer finish (failure kind, reason), or None if it still can."""
+        newest = await self._newest_unapplied(state)
+        if newest is not None:
+            stored_ms, newest_type = newest
+            if newest_type == "done" or (now - stored_ms) / 1000 < limit:
+                # The desktop did send more: the run is alive and only the projector is
+                # behind, unless the event it waits for is missing from the stream for good.
+                if await self._next_event_stored(state):
+                    return None
+                return "events_lost", (
+                    f"event {state.seq + 1} of the run never arrived although later ones did, "
+                    f"for {silence:.1f} s: the desktop's events were lost"
+                )
+            silence = min(silence, (now - stored_ms) / 1000)
+        elif state.status == "dispatching":
+            return "dispatch_error", (
+                "the delivery to the desktop never finished (the gateway instance sending it "
+                f"stopped?) and the desktop sent nothing in {silence:.1f} s"
+            )
+        return "desktop_lost", (
+            f"the desktop sent nothing for {silence:.1f} s "
+            f"(liveness timeout {self.config.liveness_timeout:g} s); it is gone or disconnected"
+        )
 
     async def _newest_unapplied(self, state: RunState) -> tuple[float, str] | None:
         """(stored at, ms; type) of the run's newest event in the stream, when not applied yet."""

@@ -7,7 +7,8 @@ Series (all per gateway instance):
   (``failure_kind`` is ``""`` unless the status is ``failed``);
 - ``studio_runs_dispatch_seconds{outcome}``: how long delivering a work item took
   (``outcome``: ``accepted`` or a failure kind);
-- ``studio_runs_reaped_total``: runs the reaper failed as ``desktop_lost``;
+- ``studio_runs_reaped_total``: runs the reaper failed (``desktop_lost``, ``events_lost``,
+  ``dispatch_error``);
 - ``studio_runs_uplink_events_total{result}``: uplink events the projector handled, by
   result: ``applied``, ``duplicate``, ``gap`` (retried later), ``stale_fence``,
   ``wrong_host``, ``terminal`` (late, after the run ended), ``unknown_run``, ``invalid``;
@@ -47,7 +48,7 @@ class RunMetrics:
             )
         )
         self.reaped = r.register(
-            Counter("studio_runs_reaped_total", "Runs failed as desktop_lost by the reaper.")
+            Counter("studio_runs_reaped_total", "Runs failed by the reaper (desktop lost, events lost, stuck delivery).")
         )
         self.uplink_events = r.register(
             Counter("studio_runs_uplink_events_total", "Uplink events handled by the projector.", ("result",))

@@ -46,6 +46,7 @@ FAILURE_KINDS: Final = (
     "dispatch_timeout",
     "dispatch_error",
     "desktop_lost",
+    "events_lost",
     "run_failed",
 )
 EVENT_TYPES: Final = frozenset({"stage", "output", "heartbeat", "done"})

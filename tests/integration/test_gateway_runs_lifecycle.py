@@ -14,6 +14,7 @@ import nats
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+import tunnel
 from cli.nats_server import NatsServer
 from linkd.run_protocol import RUN_STREAM
 from studio_gateway.app import create_app
@@ -23,6 +24,7 @@ from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.natsconn import GATEWAY_NATS
 from studio_gateway.reaper import Reaper
 from studio_gateway.run_metrics import RunMetrics
+from studio_gateway.run_state import RunState
 from studio_gateway.run_store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import (
@@ -326,7 +328,7 @@ async def test_a_run_missing_an_event_for_good_is_failed_even_while_the_desktop_
                 if state["status"] == "failed":
                     break
                 await asyncio.sleep(0.2)  # the desktop's heartbeat interval, not synchronisation
-            assert state["status"] == "failed" and state["failureKind"] == "desktop_lost", state
+            assert state["status"] == "failed" and state["failureKind"] == "events_lost", state
             assert "event 2 of the run never arrived" in str(state["failureReason"])
             assert state["seq"] == 1
     finally:
@@ -356,5 +358,41 @@ async def test_active_index_lists_runs_without_a_consumer_and_the_reaper_drops_o
         assert sorted(await store.active_ids()) == ids[1:]  # first pass: maybe a create in flight
         assert await reaper.scan() == []
         assert await store.active_ids() == []  # second pass: orphans, dropped
+    finally:
+        await nc.close()
+
+
+async def test_a_run_left_dispatching_by_a_dead_gateway_fails_as_dispatch_error(
+    js_server: NatsServer,
+) -> None:
+    """The instance delivering a run died before the dispatcher decided, and nothing came from
+    the desktop: the reaper fails it, as a delivery that never finished, not as a lost desktop."""
+    nc = await nats.connect(js_server.url)
+    try:
+        config = RunsConfig(liveness_timeout=2, dispatch_timeout=3)
+        store = RunStore(nc, config, "_tunnel.v1")
+        await store.setup()
+        created = int(time.time() * 1000) - 6_000  # past dispatch timeout + liveness
+        hostname = tunnel_hostname("rita")
+        state = RunState(
+            run_id=f"run_{1:032x}", thread_id=f"thr_{1:032x}", user_id="rita", hostname=hostname,
+            host_token=tunnel.host_token(hostname), runner="echo", created_at=created, updated_at=created,
+        )  # fmt: skip
+        await store.create(state)
+        metrics = RunMetrics()
+        assert await Reaper(store, metrics, config).scan() == [state.run_id]
+        loaded = await store.load(state.run_id)
+        assert loaded is not None
+        reaped = loaded[0]
+        assert reaped.status == "failed" and reaped.failure_kind == "dispatch_error"
+        assert (
+            reaped.failure_reason is not None
+            and "delivery to the desktop never finished" in reaped.failure_reason
+        )
+        assert reaped.fence == state.fence + 1
+        assert await store.active_ids() == []
+        assert (
+            'studio_runs_finished_total{status="failed",failure_kind="dispatch_error"} 1' in metrics.render()
+        )
     finally:
         await nc.close()
