@@ -48,7 +48,7 @@ class RunMetrics:
             )
         )
         self.reaped = r.register(
-            Counter("studio_runs_reaped_total", "Runs failed by the reaper (desktop lost, events lost, stuck delivery).")
+            Counter("studio_runs_reaped_total", "Runs the reaper failed (desktop lost, events lost, ...).")
         )
         self.uplink_events = r.register(
             Counter("studio_runs_uplink_events_total", "Uplink events handled by the projector.", ("result",))
