@@ -138,6 +138,8 @@ async def test_reset_daemon_connection_gives_typed_errors_or_success_and_the_dae
 
 
 async def test_nats_server_killed_and_restarted_mid_load_then_everything_recovers(rig: ChaosRig) -> None:
-    report = await check(rig, KILL_NATS)
-    assert any(not op.ok for op in report.ledger.ops), "killing nats-server failed no request"
+    await check(rig, KILL_NATS)
+    # The kill was real: both ends reconnected. Requests in flight may fail (typed, within the
+    # bound) or may all succeed: nats-py holds unsent publishes across a reconnect, so when no
+    # frame was inside the killed server, transfers resume; the lost-data checks cover the rest.
     assert rig.reconnects["chaos-daemon"] >= 1 and rig.reconnects["chaos-caller"] >= 1
