@@ -139,12 +139,15 @@ class RequestCredit:
     """The caller allows the server ``limit`` response-body bytes in total (cumulative).
 
     ``seq`` (optional): how many ``request.chunk`` frames the caller has published so far,
-    so a server that received fewer knows request-body frames were lost.
+    so a server that received fewer knows request-body frames were lost. ``ended``: the
+    caller also published its ``request.end`` (after those chunks), so a server that has
+    every chunk but no end knows the end alone was lost, and the body is complete.
     """
 
     request_id: str
     limit: int
     seq: int | None = None
+    ended: bool = False
     type: str = field(default="request.credit", init=False)
 
 
@@ -543,7 +546,11 @@ def _d_credit(o: dict[str, Any], rid: str) -> Frame:
     if not 0 < amount <= MAX_SAFE_INT:
         raise FrameError("credit out of range", rid)
     if o["type"] == "request.credit":
-        return RequestCredit(rid, amount, _optional_seq(o, rid))
+        seq = _optional_seq(o, rid)
+        ended = _optional(o, "ended", bool, rid) is True
+        if ended and seq is None:
+            raise FrameError("'ended' without 'seq'", rid)
+        return RequestCredit(rid, amount, seq, ended)
     return ResponseCredit(rid, amount)
 
 
@@ -764,6 +771,8 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["limit"] = frame.limit
         if isinstance(frame, RequestCredit) and frame.seq is not None:
             obj["seq"] = frame.seq
+            if frame.ended:
+                obj["ended"] = True
     elif isinstance(frame, ResponseHeartbeat):
         if frame.seq is not None:
             obj["seq"] = frame.seq

@@ -243,6 +243,7 @@ class CallerStream:
         # Request-body chunks handed to NATS (see ``mark_published``) and whether the end went out.
         self.published_seq = 0
         self.body_ended = False
+        self.end_published = False
         # Timers, as data.
         now = clock()
         self.started_at = now
@@ -290,8 +291,10 @@ class CallerStream:
 
         Only these count in the ``seq`` we report to the server: a frame built but not yet
         published must never be claimed, or a probe overtaking it would look like a loss.
+        Called after the end frame too: from then on the reports say the body ended.
         """
         self.published_seq = self.send.next_seq
+        self.end_published = self.body_ended
 
     def end_body(self) -> Publish:
         subject = self.up_subject or self._body_subject
@@ -331,7 +334,8 @@ class CallerStream:
             limit = self.receive_window.granted  # unchanged: carries the seq, grants nothing new
         if limit is None:
             return None
-        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, limit, seq)))
+        ended = seq is not None and self.end_published
+        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, limit, seq, ended)))
 
     def abort(self, reason: str = ErrorCode.ABORTED) -> Publish | None:
         """Stop the server side: returns the abort frame unless the stream already ended cleanly."""
@@ -842,17 +846,20 @@ class ServerStream:
             self._body_progress_at = self.clock()
             return DataReceived(frame.data)
         if isinstance(frame, f.RequestEnd):
-            try:
-                self.receive_window.on_end(frame.seq)
-            except TunnelError as exc:
-                raise self._fail(exc) from None
-            self.body_phase = BodyPhase.ENDED
-            return BodyEnded()
+            return self._on_request_end(frame)
         if isinstance(frame, f.RequestError):
             self.body_phase = BodyPhase.FAILED
             self.caller_gone = True
             return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
         raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
+
+    def _on_request_end(self, frame: f.RequestEnd) -> Event:
+        try:
+            self.receive_window.on_end(frame.seq)
+        except TunnelError as exc:
+            raise self._fail(exc) from None
+        self.body_phase = BodyPhase.ENDED
+        return BodyEnded()
 
     def _on_credit(self, frame: f.RequestCredit) -> Event:
         before = self.send.limit
@@ -871,6 +878,10 @@ class ServerStream:
                         f"{self.receive_window.expected_seq} arrived"
                     )
                 )
+            if frame.ended and lost == 0:
+                # Every chunk arrived and the caller published its end before this: only the
+                # end frame was lost, and the body is complete. Repair it instead of stalling.
+                return self._on_request_end(f.RequestEnd(self.request_id, frame.seq))
         return CreditGranted()
 
     def _body_stalled_since(self) -> float | None:

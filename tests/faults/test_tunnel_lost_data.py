@@ -122,3 +122,54 @@ async def test_a_lost_window_of_body_frames_ends_the_request_within_the_idle_tim
         finally:
             await client.aclose()
             await server.close(timeout=0.5)
+
+
+class DropRequestEnd:
+    """Wire tap: drops the caller's ``request.end`` frames (every chunk still goes through)."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def __call__(self, pub: Publish) -> Iterable[Publish]:
+        if b'"type":"request.end"' in pub.payload[:200]:
+            self.dropped += 1
+            return []
+        return [pub]
+
+
+@pytest.mark.parametrize("size", [10, 3 * MiB])
+async def test_a_lost_request_end_alone_is_repaired_and_the_request_succeeds(
+    nats_server: NatsServer, size: int
+) -> None:
+    """Every chunk arrived but the end did not: the caller's answer to a heartbeat says it
+    published the end after ``seq`` chunks, so the server ends the body itself. Before, the
+    handler waited for the end until the server's stall timeout (60 s) and the request failed."""
+    tap = DropRequestEnd()
+    body = BODY[:size]
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i : i + 64 * 1024]
+
+    async with _connected(nats_server.url) as server_nc, _connected(nats_server.url) as client_nc:
+        server = await tunnel.serve(server_nc, "lost-end.test", _handler, stall_timeout=30.0)
+        client = tunnel.TunnelClient(client_nc, idle_timeout=IDLE, wire_tap=tap)
+        try:
+
+            async def upload() -> str:
+                async with await client.fetch(
+                    "tunnel://lost-end.test/", method="POST", body=streamed()
+                ) as resp:
+                    assert resp.status == 200
+                    return await resp.text()
+
+            try:
+                digest = await asyncio.wait_for(upload(), BOUND)
+            except TimeoutError:
+                pytest.fail(f"the upload was still waiting {BOUND:g} s after losing its end frame")
+            assert digest == hashlib.sha256(body).hexdigest()
+            assert tap.dropped == 1
+            await wait_until(lambda: server.in_flight == 0 and client.in_flight == 0, timeout=5.0)
+        finally:
+            await client.aclose()
+            await server.close(timeout=0.5)

@@ -243,6 +243,13 @@ def test_extension_frames_and_fields_use_camel_case_names() -> None:
         "limit": 10,
         "seq": 2,
     }
+    assert _json(f.RequestCredit(RID, 10, 2, ended=True)) == {
+        "type": "request.credit",
+        "requestId": RID,
+        "limit": 10,
+        "seq": 2,
+        "ended": True,
+    }
     start = f.RequestStart(
         RID, "GET", "/", [], REPLY, ABORT, extensions=f.StartExtensions(True, 100, 200, 300, whole=True)
     )
@@ -435,6 +442,8 @@ REJECTED: dict[str, bytes] = {
     "type missing": _mutated(_CHUNK, type=_DELETE),
     "type unknown": _mutated(_CHUNK, type="request.bogus"),
     "type not a string": _mutated(_CHUNK, type=["request.chunk"]),
+    "credit ended not a bool": _mutated(f.RequestCredit(RID, 10, 2), ended=1),
+    "credit ended without seq": _mutated(_CREDIT, ended=True),
     "seq missing": _mutated(_CHUNK, seq=_DELETE),
     "seq as string": _mutated(_CHUNK, seq="0"),
     "seq as bool": _mutated(_CHUNK, seq=True),

@@ -1349,6 +1349,44 @@ def test_upload_seq_after_the_body_ended_catches_lost_tail_chunks() -> None:
         link.to_server([probe])
 
 
+def test_a_lost_request_end_alone_is_repaired_by_the_callers_report() -> None:
+    """Every chunk arrived, the end did not; the caller's report (sent after the end on the same
+    connection) says it ended after those chunks: the server ends the body instead of stalling."""
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True)
+    caller, server = link.caller, link.server
+    frames, _ = caller.send_body(b"x" * 100)
+    caller.mark_published()
+    link.to_server(frames)
+    caller.end_body()  # built; not yet handed to NATS: not claimed
+    probe = caller.refresh_credit()
+    assert probe is not None
+    report = f.decode_frame(probe.payload, RID)
+    assert isinstance(report, f.RequestCredit) and report.seq == 1 and not report.ended
+    caller.mark_published()  # the end went out (and was lost)
+    probe = caller.refresh_credit()
+    assert probe is not None
+    report = f.decode_frame(probe.payload, RID)
+    assert isinstance(report, f.RequestCredit) and report.seq == 1 and report.ended
+    assert link.to_server([probe]) == [BodyEnded()]
+    assert server.body_phase is BodyPhase.ENDED
+    assert link.to_server([probe]) == [CreditGranted()]  # a repeated report changes nothing more
+
+
+def test_an_ended_report_with_chunks_missing_is_still_lost_data() -> None:
+    clock = FakeClock()
+    link = connect(clock, method="POST", has_body=True)
+    caller = link.caller
+    caller.send_body(b"x" * 100)  # this chunk is lost
+    caller.end_body()
+    caller.mark_published()
+    probe = caller.refresh_credit()
+    assert probe is not None
+    assert f.decode_frame(probe.payload, RID) == f.RequestCredit(RID, caller.receive_window.granted, 1, True)
+    with pytest.raises(RemoteProtocolError, match="request body data lost"):
+        link.to_server([probe])
+
+
 def test_an_upload_seq_that_matches_what_arrived_changes_nothing() -> None:
     clock = FakeClock()
     link = connect(clock, method="POST", has_body=True, server={"window": 4096})

@@ -351,6 +351,7 @@ class _ClientRequest:
                         await self._wait_credit()
             if self.error is None:
                 await self.client.publisher.send(self.stream.end_body())
+                self.stream.mark_published()
         except asyncio.CancelledError:
             raise
         except TunnelError as exc:

@@ -149,12 +149,17 @@ class _ServerRequest:
             self.request._feed(event.data)
         elif isinstance(event, BodyEnded):
             self.request._end()
+            if isinstance(frame, f.RequestCredit):  # a lost end repaired by a credit report
+                self._wake_credit_waiter()
         elif isinstance(event, CreditGranted):
-            if self._credit is not None and not self._credit.done():
-                self._credit.set_result(None)
+            self._wake_credit_waiter()
         elif isinstance(event, PeerFailed):
             self.server.stats.aborted += 1
             await self.fail(event.error, notify=False)
+
+    def _wake_credit_waiter(self) -> None:
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
 
     def _on_timer(self) -> float | None:
         if self.released:
