@@ -478,7 +478,7 @@ async def watch_memory(stack: Stack, totals: Totals, stop: asyncio.Event) -> Non
 
 
 async def settle_runs(stack: Stack, accepted: list[str], totals: Totals) -> None:
-    """Every accepted run reaches a terminal state; every completed one is complete and exact."""
+    """Every accepted run reaches a terminal state with sound events (see :func:`event_problems`)."""
     headers = {"Authorization": f"Bearer {stack.runs.token(USER)}"}
     base = stack.gateways[0].url
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -500,8 +500,13 @@ async def settle_runs(stack: Stack, accepted: list[str], totals: Totals) -> None
             continue
         kind = state.get("failureKind")
         totals.runs[f"{status}/{kind}" if kind else str(status)] += 1
-        if status == "completed":
-            check_completed(run_id, state, await export(stack, base, run_id, headers), totals)
+        try:
+            events = await export(stack, base, run_id, headers)
+        except (httpx.HTTPError, ValueError) as exc:
+            totals.violation(f"run {run_id}: its export failed: {exc!r}")
+            continue
+        for problem in event_problems(state, events):
+            totals.violation(f"{status} run {run_id}: {problem}")
 
 
 async def export(stack: Stack, base: str, run_id: str, headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -510,21 +515,28 @@ async def export(stack: Stack, base: str, run_id: str, headers: dict[str, str]) 
     return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
 
 
-def check_completed(run_id: str, state: dict[str, Any], events: list[dict[str, Any]], totals: Totals) -> None:
+def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a terminal run's events: any run has seq 1..k each once and a prefix
+    of the mock output (no event lost inside, none applied twice); a completed one has all."""
     seqs = [e.get("seq") for e in events]
     output = "".join(e["data"] for e in events if e.get("type") == "output")
-    dones = [e for e in events if e.get("type") == "done"]
     problems = []
     if seqs != list(range(1, len(events) + 1)):
         problems.append(f"seqs not 1..N once each: {seqs[:40]}")
+    if not EXPECTED_OUTPUT.startswith(output):
+        problems.append(f"output is not the runner's ({len(output)} characters)")
+    if state.get("status") != "completed":
+        return problems
+    dones = [e for e in events if e.get("type") == "done"]
     if len(dones) != 1 or events[-1].get("type") != "done" or dones[0].get("status") != "completed":
-        problems.append(f"{len(dones)} done events, last event {events[-1].get('type') if events else None}")
+        problems.append(
+            f"{len(dones)} done events, the last event a {events[-1].get('type') if events else None}"
+        )
     if output != EXPECTED_OUTPUT:
-        problems.append(f"output differs ({len(output)} of {len(EXPECTED_OUTPUT)} characters)")
+        problems.append(f"output cut short ({len(output)} of {len(EXPECTED_OUTPUT)} characters)")
     if state.get("seq") != len(events) or state.get("finalSeq") != len(events):
         problems.append(f"state seq {state.get('seq')}/{state.get('finalSeq')} but {len(events)} events")
-    for problem in problems:
-        totals.violation(f"completed run {run_id}: {problem}")
+    return problems
 
 
 # ---------------------------------------------------------------------------- main
