@@ -111,7 +111,7 @@ QUICK = Settings(
     warmup=100,
     latency_requests=500,
     concurrency=32,
-    concurrent_seconds=1.0,
+    concurrent_seconds=0.5,
     transfer_bytes=16 * 1024 * 1024,
 )
 
