@@ -30,6 +30,11 @@ MAX_HEARTBEAT_INTERVAL: Final = 10.0
 DEFERRED_ACK_DELAY: Final = 0.02
 # Server: how long a request may wait for credit or body bytes before the caller is presumed gone.
 DEFAULT_STALL_TIMEOUT: Final = 60.0
+# Caller: a response body silent this many server heartbeat intervals is probed (its end may be lost).
+PROBE_AFTER_HEARTBEATS: Final = 2.0
+# Server: a finished request's final frame is kept this long (bounded) to answer such a probe.
+FINAL_FRAME_TTL: Final = 60.0
+FINAL_FRAME_LIMIT: Final = 1000
 # Server: time-limited graceful drain on close().
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
 # Server: close() waits at most this long for start frames already delivered (then drops them).

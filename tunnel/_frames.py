@@ -142,12 +142,15 @@ class RequestCredit:
     so a server that received fewer knows request-body frames were lost. ``ended``: the
     caller also published its ``request.end`` (after those chunks), so a server that has
     every chunk but no end knows the end alone was lost, and the body is complete.
+    ``probe``: the caller heard nothing for two heartbeat intervals while the response body
+    is open; a server that already ended the response re-sends its final frame.
     """
 
     request_id: str
     limit: int
     seq: int | None = None
     ended: bool = False
+    probe: bool = False
     type: str = field(default="request.credit", init=False)
 
 
@@ -550,7 +553,8 @@ def _d_credit(o: dict[str, Any], rid: str) -> Frame:
         ended = _optional(o, "ended", bool, rid) is True
         if ended and seq is None:
             raise FrameError("'ended' without 'seq'", rid)
-        return RequestCredit(rid, amount, seq, ended)
+        probe = _optional(o, "probe", bool, rid) is True
+        return RequestCredit(rid, amount, seq, ended, probe)
     return ResponseCredit(rid, amount)
 
 
@@ -769,10 +773,13 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["message"] = frame.message
     elif isinstance(frame, RequestCredit | ResponseCredit):
         obj["limit"] = frame.limit
-        if isinstance(frame, RequestCredit) and frame.seq is not None:
-            obj["seq"] = frame.seq
-            if frame.ended:
-                obj["ended"] = True
+        if isinstance(frame, RequestCredit):
+            if frame.seq is not None:
+                obj["seq"] = frame.seq
+                if frame.ended:
+                    obj["ended"] = True
+            if frame.probe:
+                obj["probe"] = True
     elif isinstance(frame, ResponseHeartbeat):
         if frame.seq is not None:
             obj["seq"] = frame.seq

@@ -22,6 +22,7 @@ from ._config import (
     DEFERRED_ACK_DELAY,
     MAX_HEARTBEAT_INTERVAL,
     MIN_HEARTBEAT_INTERVAL,
+    PROBE_AFTER_HEARTBEATS,
     UNREACHABLE_RETRY_INTERVAL,
 )
 from ._errors import (
@@ -236,6 +237,9 @@ class CallerStream:
         # Negotiated after the first frame.
         self.binary = False
         self.heartbeats = False
+        # The server's heartbeat interval (from its ack), and when we last probed a silence.
+        self._heartbeat_interval: float | None = None
+        self._probed_at: float | None = None
         self.up_subject: str | None = None
         self.send: SendCredit = _NO_CREDIT_LIMIT
         self.receive_window: ReceiveWindow = _NO_WINDOW
@@ -420,6 +424,8 @@ class CallerStream:
             self.up_subject = up
             self.binary = ext.binary and up is not None
             self.heartbeats = ext.heartbeat_ms is not None
+            if ext.heartbeat_ms is not None and up is not None:
+                self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = ReceiveWindow(opts.window if up is not None else None)
             peer_max = ext.max_frame or opts.max_payload
@@ -498,7 +504,27 @@ class CallerStream:
             idle = self._last_frame_at + self.options.idle_timeout
             if due is None or idle < due:
                 due = idle
+            probe = self._probe_due()
+            if probe is not None and probe < due:
+                due = probe
         return due
+
+    def _probe_due(self) -> float | None:
+        """When to probe a silent server: two heartbeat intervals without a frame while the
+        response body is open means its ``response.end`` (or error) may have been lost."""
+        interval = self._heartbeat_interval
+        if interval is None or self.phase is not CallerPhase.RESPONDING:
+            return None
+        since = self._last_frame_at
+        if self._probed_at is not None and self._probed_at > since:
+            since = self._probed_at
+        return since + PROBE_AFTER_HEARTBEATS * interval
+
+    def _probe(self) -> Publish | None:
+        granted = self.receive_window.granted
+        if self.up_subject is None or granted is None:
+            return None
+        return Publish(self.up_subject, f.encode_frame(f.RequestCredit(self.request_id, granted, probe=True)))
 
     def _idle_applies(self) -> bool:
         if self.options.idle_timeout is None:
@@ -533,6 +559,11 @@ class CallerStream:
                 raise self._fail(
                     IdleTimeout(f"server silent for {self.options.idle_timeout:g} s (no data, no heartbeat)")
                 )
+            probe_at = self._probe_due()
+            if probe_at is not None and now >= probe_at:
+                self._probed_at = now
+                probe = self._probe()
+                return [probe] if probe is not None else []
         return []
 
     def fail(self, error: TunnelError) -> TunnelError:

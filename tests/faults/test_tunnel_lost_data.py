@@ -173,3 +173,47 @@ async def test_a_lost_request_end_alone_is_repaired_and_the_request_succeeds(
         finally:
             await client.aclose()
             await server.close(timeout=0.5)
+
+
+class DropResponseEnd:
+    """Server wire tap: drops its first ``response.end`` (the body itself goes through)."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def __call__(self, pub: Publish) -> Iterable[Publish]:
+        if not self.dropped and b'"type":"response.end"' in pub.payload[:200]:
+            self.dropped += 1
+            return []
+        return [pub]
+
+
+async def test_a_lost_response_end_is_sent_again_when_the_caller_probes_the_silence(
+    nats_server: NatsServer,
+) -> None:
+    """The whole body arrived, its end did not: after two heartbeat intervals of silence the
+    caller probes, the server (which remembers the final frame of a finished request) sends
+    the end again, and the download completes, instead of failing on the idle timeout."""
+    tap = DropResponseEnd()
+    async with _connected(nats_server.url) as server_nc, _connected(nats_server.url) as client_nc:
+        server = await tunnel.serve(server_nc, "lost-response-end.test", _handler, wire_tap=tap)
+        client = tunnel.TunnelClient(client_nc, idle_timeout=IDLE)
+        try:
+
+            async def download() -> bytes:
+                async with await client.fetch("tunnel://lost-response-end.test/") as resp:
+                    return await resp.read()
+
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                body = await asyncio.wait_for(download(), BOUND)
+            except tunnel.IdleTimeout:
+                pytest.fail("the caller gave up on the idle timeout instead of probing")
+            assert body == BODY
+            assert tap.dropped == 1 and server.stats.repeated_finals == 1
+            assert loop.time() - began < IDLE  # repaired before the idle timeout would have fired
+            await wait_until(lambda: server.in_flight == 0 and client.in_flight == 0, timeout=5.0)
+        finally:
+            await client.aclose()
+            await server.close(timeout=0.5)

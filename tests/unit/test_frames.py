@@ -243,6 +243,12 @@ def test_extension_frames_and_fields_use_camel_case_names() -> None:
         "limit": 10,
         "seq": 2,
     }
+    assert _json(f.RequestCredit(RID, 10, probe=True)) == {
+        "type": "request.credit",
+        "requestId": RID,
+        "limit": 10,
+        "probe": True,
+    }
     assert _json(f.RequestCredit(RID, 10, 2, ended=True)) == {
         "type": "request.credit",
         "requestId": RID,
@@ -444,6 +450,7 @@ REJECTED: dict[str, bytes] = {
     "type not a string": _mutated(_CHUNK, type=["request.chunk"]),
     "credit ended not a bool": _mutated(f.RequestCredit(RID, 10, 2), ended=1),
     "credit ended without seq": _mutated(_CREDIT, ended=True),
+    "credit probe not a bool": _mutated(_CREDIT, probe="yes"),
     "seq missing": _mutated(_CHUNK, seq=_DELETE),
     "seq as string": _mutated(_CHUNK, seq="0"),
     "seq as bool": _mutated(_CHUNK, seq=True),

@@ -290,6 +290,10 @@ def ext_request_credit_ended() -> bytes:
     return f.encode_frame(f.RequestCredit(RID, 32768, 3, ended=True))
 
 
+def ext_request_credit_probe() -> bytes:
+    return f.encode_frame(f.RequestCredit(RID, 32768, probe=True))
+
+
 def ext_response_credit() -> bytes:
     return f.encode_frame(f.ResponseCredit(RID, 32768))
 
@@ -353,6 +357,7 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/request.credit": (ext_request_credit, ".json"),
     "ext/request.credit.seq": (ext_request_credit_seq, ".json"),
     "ext/request.credit.ended": (ext_request_credit_ended, ".json"),
+    "ext/request.credit.probe": (ext_request_credit_probe, ".json"),
     "ext/response.credit": (ext_response_credit, ".json"),
     "ext/request.chunk.binary": (ext_request_chunk_binary, ".hex"),
     "ext/response.chunk.binary": (ext_response_chunk_binary, ".hex"),
@@ -459,6 +464,7 @@ def test_stream_output_equals_encode_frame_of_the_same_frame() -> None:
         "ext/response.heartbeat.seq": f.ResponseHeartbeat(RID, 1),
         "ext/request.credit.seq": f.RequestCredit(RID, 32768, 3),
         "ext/request.credit.ended": f.RequestCredit(RID, 32768, 3, ended=True),
+        "ext/request.credit.probe": f.RequestCredit(RID, 32768, probe=True),
     }
     for name, frame in expected.items():
         assert BUILDERS[name][0]() == f.encode_frame(frame), name

@@ -678,6 +678,55 @@ def test_server_heartbeats_keep_an_idle_caller_alive_until_they_stop() -> None:
         link.caller.poll()
 
 
+def test_a_silent_response_body_is_probed_and_a_re_sent_end_completes_it() -> None:
+    """The server's response.end was lost: two heartbeat intervals of silence while the body is
+    open make the caller probe (a credit frame marked ``probe``); the end sent again finishes it."""
+    clock = FakeClock()
+    link = connect(clock, caller={"idle_timeout": 1.5, "heartbeat_interval": 0.5})
+    caller, server = link.caller, link.server
+    link.to_caller([server.start_response(200, [])])
+    frames, _ = server.send_body(b"abc")
+    link.to_caller(frames)
+    server.mark_published()
+    end = server.end_response()  # lost on the way
+    assert caller.next_deadline() == pytest.approx(clock.now + 1.0)  # before the idle timeout
+    clock.advance(0.999)
+    assert caller.poll() == []
+    clock.advance(0.001)
+    probes = caller.poll()
+    assert len(probes) == 1
+    probe = f.decode_frame(probes[0].payload, RID)
+    assert isinstance(probe, f.RequestCredit) and probe.probe and probe.limit == caller.receive_window.granted
+    assert caller.poll() == []  # one probe per two intervals, not one per poll
+    assert link.to_caller([end]) == [BodyEnded()]
+    assert caller.phase is CallerPhase.DONE
+
+
+def test_probes_repeat_every_two_intervals_and_the_idle_timeout_still_ends_a_dead_server() -> None:
+    clock = FakeClock()
+    link = connect(clock, caller={"idle_timeout": 2.5, "heartbeat_interval": 0.5})
+    link.to_caller([link.server.start_response(200, [])])
+    sent = []
+    for _ in range(24):
+        clock.advance(0.1)
+        sent += link.caller.poll()
+    assert len(sent) == 2  # at 1.0 s and 2.0 s of silence
+    clock.advance(0.1)
+    with pytest.raises(IdleTimeout):
+        link.caller.poll()
+
+
+def test_no_probe_before_the_response_or_without_heartbeats() -> None:
+    clock = FakeClock()
+    link = connect(clock, caller={"idle_timeout": 5.0, "heartbeat_interval": 0.5})
+    clock.advance(4.9)  # acked, handler busy: heartbeats are the server's job, nothing to probe
+    assert link.caller.poll() == []
+    v1 = connect(clock, caller={"idle_timeout": 5.0, "heartbeat_interval": 0.5}, server={"fast_path": False})
+    v1.to_caller([v1.server.start_response(200, [])])
+    clock.advance(4.9)
+    assert v1.caller.poll() == []
+
+
 def test_data_frames_reset_the_idle_timer() -> None:
     clock = FakeClock()
     link = connect(clock, caller={"idle_timeout": 2.0})

@@ -33,6 +33,8 @@ from .._config import (
     DEFAULT_STALL_TIMEOUT,
     DEFAULT_WINDOW,
     EARLY_ABORT_TTL,
+    FINAL_FRAME_LIMIT,
+    FINAL_FRAME_TTL,
     REQUEST_DRAIN_LIMIT,
     SEEN_REQUEST_LIMIT,
     SEEN_REQUEST_TTL,
@@ -83,6 +85,8 @@ class ServerStats(TunnelCounters):
     protocol_errors: int = 0
     malformed_frames: int = 0
     repeated_starts: int = 0
+    #: Final frames (response.end / response.error) sent again to a caller that probed a silence.
+    repeated_finals: int = 0
     #: Requests answered 503 + Retry-After without running the handler (max_concurrent reached).
     overloaded: int = 0
     #: The most requests in flight at once so far (compare with ``TunnelServer.max_concurrent``).
@@ -184,6 +188,7 @@ class _ServerRequest:
         if notify:
             pub = self.stream.error_response(error.code, error.message)
             if pub is not None:
+                self.server._finals.put(self.stream.request_id, pub)
                 with contextlib.suppress(TunnelError):
                     await self.server.publisher.send(pub)
         await self.release()
@@ -217,7 +222,9 @@ class _ServerRequest:
             await self.server.publisher.send(start)
             await self._send_body(body)
             if not self.stream.finished:
-                await self.server.publisher.send(self.stream.end_response())
+                end = self.stream.end_response()
+                self.server._finals.put(self.stream.request_id, end)
+                await self.server.publisher.send(end)
                 stats.completed += 1
         except asyncio.CancelledError:
             pass  # aborted, timed out or server closing: fail() already told whoever needed telling
@@ -383,6 +390,32 @@ class _RecentIds:
             self._items.popitem(last=False)
 
 
+class _RecentFinals:
+    """The final frame of each recently finished streamed response (bounded, expiring).
+
+    A caller whose ``response.end`` (or ``response.error``) was lost hears nothing more and
+    probes; this is what we send it again. Small frames only (never a whole response).
+    """
+
+    def __init__(self, ttl: float, limit: int) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._items: OrderedDict[str, tuple[float, Publish]] = OrderedDict()
+
+    def put(self, request_id: str, final: Publish) -> None:
+        items = self._items
+        items[request_id] = (time.monotonic() + self.ttl, final)
+        items.move_to_end(request_id)
+        while len(items) > self.limit:
+            items.popitem(last=False)
+
+    def get(self, request_id: str) -> Publish | None:
+        entry = self._items.get(request_id)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+
 class TunnelServer:
     """Serves one hostname over one NATS connection. Use :func:`serve` to create and start one."""
 
@@ -426,6 +459,7 @@ class TunnelServer:
         self._active: dict[str, _ServerRequest] = {}
         self._seen = _RecentIds(SEEN_REQUEST_TTL, SEEN_REQUEST_LIMIT)
         self._early_aborts = _RecentIds(EARLY_ABORT_TTL, SEEN_REQUEST_LIMIT)
+        self._finals = _RecentFinals(FINAL_FRAME_TTL, FINAL_FRAME_LIMIT)
         self._subs: list[Subscription] = []
         self._request_sub: Subscription | None = None
         self._closing = False
@@ -712,7 +746,8 @@ class TunnelServer:
         rid = parsed[1]
         req = self._active.get(rid)
         if req is None:
-            return  # late frame for a finished request
+            await self._answer_probe(rid, msg.data)  # else a late frame for a finished request
+            return
         try:
             frame = f.decode_frame(msg.data, rid)
         except f.FrameError as exc:
@@ -726,6 +761,19 @@ class TunnelServer:
             await req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
             return
         await req.on_frame(frame)
+
+    async def _answer_probe(self, rid: str, data: bytes) -> None:
+        """A caller probing a silence after we finished: our final frame was lost, send it again."""
+        final = self._finals.get(rid)
+        if final is None:
+            return
+        try:
+            frame = f.decode_frame(data, rid)
+        except f.FrameError:
+            return
+        if isinstance(frame, f.RequestCredit) and frame.probe:
+            self.stats.repeated_finals += 1
+            await self._send_quietly(final)
 
     async def _send_quietly(self, pub: Publish) -> None:
         with contextlib.suppress(TunnelError):
