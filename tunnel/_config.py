@@ -34,7 +34,7 @@ DEFAULT_STALL_TIMEOUT: Final = 60.0
 PROBE_AFTER_HEARTBEATS: Final = 2.0
 # Server: a finished request's final frame is kept this long (bounded) to answer such a probe.
 FINAL_FRAME_TTL: Final = 60.0
-FINAL_FRAME_LIMIT: Final = 1000
+FINAL_FRAME_LIMIT: Final = 10_000
 # Server: time-limited graceful drain on close().
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
 # Server: close() waits at most this long for start frames already delivered (then drops them).

@@ -708,6 +708,8 @@ class ServerStream:
         self._credit_blocked_since: float | None = None
         # Response-body chunks handed to NATS (see ``mark_published``); heartbeats report it.
         self.published_seq = 0
+        # The request.end a caller's report let us presume lost (see ``_on_credit``).
+        self._repaired_end_seq: int | None = None
 
     # -- outgoing ---------------------------------------------------------------
 
@@ -864,6 +866,8 @@ class ServerStream:
         if isinstance(frame, f.RequestStart):
             return None  # repeats are answered by the dispatcher with another ack
         if self.body_phase is not BodyPhase.OPEN:
+            if isinstance(frame, f.RequestEnd) and frame.seq == self._repaired_end_seq:
+                return None  # the end we presumed lost arrived after all (reordered): nothing new
             if self.body_phase is BodyPhase.NONE or not isinstance(frame, f.RequestChunk | f.RequestEnd):
                 raise self._fail(
                     RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
@@ -912,6 +916,7 @@ class ServerStream:
             if frame.ended and lost == 0:
                 # Every chunk arrived and the caller published its end before this: only the
                 # end frame was lost, and the body is complete. Repair it instead of stalling.
+                self._repaired_end_seq = frame.seq
                 return self._on_request_end(f.RequestEnd(self.request_id, frame.seq))
         return CreditGranted()
 

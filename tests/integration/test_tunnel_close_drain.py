@@ -2,70 +2,83 @@
 
 This is what a credential rotation does: the new connection's server subscribes, then the old
 one closes. A start the NATS server delivered to the old subscription before it saw the UNSUB
-must still be served, not dropped to wait for its caller's republish.
-
-(nats-server can still deliver a start a moment *after* the UNSUB round trip: the publisher's
-side picked the queue member before the UNSUB. The client library drops those; the caller's
-republish reaches the new server. So the test asserts on what the subscription was delivered.)
+must still be served, not dropped to wait for its caller's republish. And when the drain
+cannot finish (the link is down), the closed server's subscription must be gone for good:
+nats-py would otherwise subscribe it again on the next reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+from nats.aio.msg import Msg
+
 import tunnel
+import tunnel._natsio.server as server_module
 from cli.nats_server import NatsServer
+from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
-from tests.integration.tunnel_harness import EVENT_TIMEOUT, Peers, connect_peers
+from tests.integration.tunnel_harness import EVENT_TIMEOUT, connect_peers
 
 HOST = "drain.example"
-BURST = 10
-CYCLES = 12  # without the drain, a cycle drops a queued start every few runs
+QUEUED = 20
 
 
 async def _echo_path(req: tunnel.Request) -> tunnel.Response:
     return tunnel.Response(200, [], req.path.encode())
 
 
-async def _close_under_load(p: Peers, nats_server: NatsServer) -> None:
-    old_nc = await p.connect(nats_server.url, "tunnel-server-old")
-    new_nc = await p.connect(nats_server.url, "tunnel-server-new")
-    old = await tunnel.serve(old_nc, HOST, _echo_path)
-    request_sub = old._request_sub
-    assert request_sub is not None
-    new = await tunnel.serve(new_nc, HOST, _echo_path)
-    client = tunnel.TunnelClient(p.caller_nc, republish_interval=0.2, first_frame_timeout=EVENT_TIMEOUT)
-    fetches: list[asyncio.Task[tunnel.Response]] = []
-    closed = asyncio.Event()
+class GatedServer(tunnel.TunnelServer):
+    """Takes start frames off its subscription only once ``gate`` is set: the rest queue up."""
 
-    async def keep_calling() -> None:
-        """Starts keep arriving while the old server closes: some are on their way to it."""
-        while not closed.is_set():
-            for _ in range(BURST):
-                fetches.append(asyncio.create_task(client.fetch(f"tunnel://{HOST}/{len(fetches)}")))
-            await asyncio.sleep(0.001)  # pacing the load, not synchronisation
+    gate: asyncio.Event
 
-    try:
-        caller = asyncio.create_task(keep_calling())
-        await wait_until(lambda: old.stats.requests >= BURST, message="the old server got no requests")
-        await old.close(timeout=EVENT_TIMEOUT)
-        closed.set()
-        await caller
+    async def _on_start(self, msg: Msg) -> None:
+        await self.gate.wait()
+        await super()._on_start(msg)
+
+
+async def test_closing_server_serves_the_starts_queued_in_its_subscription(nats_server: NatsServer) -> None:
+    GatedServer.gate = asyncio.Event()
+    async with connect_peers(nats_server) as p:
+        server = await tunnel.serve(p.server_nc, HOST, _echo_path, server_class=GatedServer)
+        request_sub = server._request_sub
+        assert request_sub is not None
+        # No other server and no republish: a dropped start would end in a first-frame timeout.
+        client = tunnel.TunnelClient(p.caller_nc, republish_interval=60.0, first_frame_timeout=EVENT_TIMEOUT)
+        fetches = [asyncio.ensure_future(client.fetch(f"tunnel://{HOST}/{i}")) for i in range(QUEUED)]
+        await wait_until(lambda: request_sub.delivered == QUEUED, message="the starts never arrived")
+        closing = asyncio.ensure_future(server.close(timeout=EVENT_TIMEOUT))
+        await asyncio.sleep(0)  # close() is now draining, with every start still queued
+        GatedServer.gate.set()
+        await closing
         for i, fetch in enumerate(fetches):
             async with await fetch as resp:
-                assert resp.status == 200
-                assert await resp.read() == f"/{i}".encode()
-    finally:
-        closed.set()
-        await new.close(timeout=1.0)
-        await old.close(timeout=0)
-    handled = old.stats.requests + old.stats.repeated_starts
-    assert request_sub.delivered == handled, "the closing server dropped a start it had been delivered"
-    assert old.stats.outcomes.get("server_closing", 0) == 0
-
-
-async def test_closing_server_serves_every_start_it_was_delivered(nats_server: NatsServer) -> None:
-    async with connect_peers(nats_server) as p:
-        for _ in range(CYCLES):
-            await _close_under_load(p, nats_server)
+                assert resp.status == 200 and await resp.read() == f"/{i}".encode()
+        assert server.stats.requests == QUEUED
+        await client.aclose()
     assert not p.errors
+
+
+async def test_a_drain_that_cannot_finish_still_removes_the_subscription(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "REQUEST_DRAIN_LIMIT", 0.3)
+    async with FaultProxy(nats_server.port) as proxy, connect_peers(nats_server) as p:
+        server_nc = await p.connect(proxy.url, "tunnel-server-behind-proxy")
+        server = await tunnel.serve(server_nc, HOST, _echo_path)
+        request_sub = server._request_sub
+        assert request_sub is not None
+        proxy.pause()  # the drain's flush gets no answer
+        await server.close(timeout=EVENT_TIMEOUT)
+        assert request_sub._id not in server_nc._subs, "the closed server's subscription would come back"
+        proxy.pass_through()
+        proxy.reset_all()  # nats-py reconnects and re-subscribes what it still knows
+        await wait_until(lambda: server_nc.is_connected and server_nc.stats["reconnects"] >= 1)
+        await server_nc.flush()
+        # Nobody serves the host now: the caller learns it at once instead of a first-frame timeout.
+        client = tunnel.TunnelClient(p.caller_nc, unreachable_grace=0)
+        with pytest.raises(tunnel.TunnelUnreachable):
+            await client.fetch(f"tunnel://{HOST}/")
+        await client.aclose()

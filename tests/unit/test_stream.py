@@ -1420,6 +1420,11 @@ def test_a_lost_request_end_alone_is_repaired_by_the_callers_report() -> None:
     assert link.to_server([probe]) == [BodyEnded()]
     assert server.body_phase is BodyPhase.ENDED
     assert link.to_server([probe]) == [CreditGranted()]  # a repeated report changes nothing more
+    # The end was only late (reordered by a reconnect): it changes nothing either.
+    assert server.receive(f.RequestEnd(RID, 1)) is None
+    assert server.phase is ServerPhase.ACKED
+    with pytest.raises(RemoteProtocolError):  # any other end after the body ended still fails
+        server.receive(f.RequestEnd(RID, 2))
 
 
 def test_an_ended_report_with_chunks_missing_is_still_lost_data() -> None:

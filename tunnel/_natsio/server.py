@@ -334,6 +334,18 @@ class _ServerRequest:
                 await sub.unsubscribe()
 
 
+def _forget(nc: NATS, sub: Subscription) -> None:
+    """Make sure nats-py forgets ``sub``, whatever a failed drain left behind.
+
+    A drain that timed out or failed marks the subscription closed without removing it,
+    so ``unsubscribe()`` refuses, and the client would subscribe it again (same queue
+    group) on its next reconnect: a closed server taking starts it then drops. nats-py has
+    no public call for this; these two are what its own successful drain does.
+    """
+    sub._stop_processing()
+    nc._remove_sub(sub._id)
+
+
 async def _close_body(body: object) -> None:
     """Close a response body (``aclose`` or ``close``) if it has either; its errors are logged."""
     close = getattr(body, "aclose", None) or getattr(body, "close", None)
@@ -523,18 +535,22 @@ class TunnelServer:
         the queue group, which is what a credential rotation's make-before-break hands over to.
         """
         sub, self._request_sub = self._request_sub, None
-        if sub is not None:
-            drained = False
-            if budget > 0 and self.nc.is_connected:
-                try:
-                    await asyncio.wait_for(sub.drain(), min(budget, REQUEST_DRAIN_LIMIT))  # type: ignore[no-untyped-call]
-                    drained = True
-                except (NatsError, OSError, TimeoutError):
-                    pass
-            if not drained:
+        try:
+            if sub is not None and not await self._drain(sub, min(budget, REQUEST_DRAIN_LIMIT)):
                 with contextlib.suppress(NatsError, OSError):
                     await sub.unsubscribe()
-        self._accepting = False
+                _forget(self.nc, sub)
+        finally:
+            self._accepting = False  # also when close() itself is cancelled mid-drain
+
+    async def _drain(self, sub: Subscription, limit: float) -> bool:
+        if limit <= 0 or not self.nc.is_connected:
+            return False
+        try:
+            await asyncio.wait_for(sub.drain(), limit)  # type: ignore[no-untyped-call]
+        except (NatsError, OSError, TimeoutError):
+            return False
+        return True
 
     async def __aenter__(self) -> TunnelServer:
         return self
@@ -675,6 +691,7 @@ class TunnelServer:
             pubs += frames
             if not stream.finished:
                 pubs.append(stream.end_response())
+                self._finals.put(stream.request_id, pubs[-1])
         for pub in pubs:
             self.stats.bytes_out += len(pub.payload)
         with contextlib.suppress(TunnelError):
