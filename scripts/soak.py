@@ -525,6 +525,10 @@ def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[
         problems.append(f"seqs not 1..N once each: {seqs[:40]}")
     if not EXPECTED_OUTPUT.startswith(output):
         problems.append(f"output is not the runner's ({len(output)} characters)")
+    # The export is read in seq order without repeats, so it cannot show an event applied twice
+    # or lost in the middle; the state's byte count, summed by the projector as it applied, can.
+    if state.get("outputBytes") != len(output.encode()):
+        problems.append(f"state says {state.get('outputBytes')} output bytes, the events hold {len(output)}")
     if state.get("status") != "completed":
         return problems
     dones = [e for e in events if e.get("type") == "done"]
