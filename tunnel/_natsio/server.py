@@ -550,6 +550,9 @@ class TunnelServer:
             await asyncio.wait_for(sub.drain(), limit)  # type: ignore[no-untyped-call]
         except (NatsError, OSError, TimeoutError):
             return False
+        except asyncio.CancelledError:  # close() cancelled mid-drain: still leave no zombie
+            _forget(self.nc, sub)
+            raise
         return True
 
     async def __aenter__(self) -> TunnelServer:
