@@ -65,7 +65,7 @@ from .._subjects import (
     parse_request_subject,
     validate_prefix,
 )
-from .common import LazyTimer, Publisher, TimerHub, WireTap, log, map_nats_error, status_of
+from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
 
 Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
 HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
@@ -212,7 +212,7 @@ class _BodyChunks:
         await self._chunks.aclose()
 
 
-class _ClientRequest:
+class _ClientRequest(TimedRequest):
     """The I/O side of one request: buffers, wakeups, the upload task and the timer."""
 
     def __init__(self, client: TunnelClient, stream: CallerStream, hostname: str, body: Body) -> None:
@@ -234,14 +234,6 @@ class _ClientRequest:
         self.status: int | None = None
         self._loop = loop
         self._timer: LazyTimer | None = None
-
-    @property
-    def timer(self) -> LazyTimer:
-        """Created on first use: most requests end before TimerHub's first tick needs it."""
-        if self._timer is None:
-            self._timer = LazyTimer(self._loop, self._on_timer)
-            self._timer.cancelled = self.released  # as if release() had cancelled it
-        return self._timer
 
     # -- frames from the demultiplexer ------------------------------------------
 
@@ -432,8 +424,7 @@ class _ClientRequest:
         if self.released:
             return
         self.released = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         client = self.client
         client._streams.pop(self.stream.request_id, None)
         stream = self.stream

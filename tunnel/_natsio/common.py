@@ -77,6 +77,33 @@ class TimerOwner(Protocol):
     def timer(self) -> LazyTimer: ...
 
 
+class TimedRequest:
+    """Base of a client or server request: its LazyTimer is created on first use.
+
+    Subclasses set ``_loop``, ``released`` and ``_timer = None`` and define ``_on_timer``
+    (fire: re-check the stream, return its next deadline).
+    """
+
+    _loop: asyncio.AbstractEventLoop
+    _timer: LazyTimer | None
+    released: bool
+
+    def _on_timer(self) -> float | None:
+        raise NotImplementedError
+
+    @property
+    def timer(self) -> LazyTimer:
+        """Created on first use: most requests end before TimerHub's first tick needs it."""
+        if self._timer is None:
+            self._timer = LazyTimer(self._loop, self._on_timer)
+            self._timer.cancelled = self.released  # as if release() had cancelled it
+        return self._timer
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class TimerHub:
     """Defers arming new streams' timers by up to one tick (costs each request a list append).
 

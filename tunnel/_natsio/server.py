@@ -59,7 +59,7 @@ from .._subjects import (
     new_endpoint_id,
     parse_request_subject,
 )
-from .common import LazyTimer, Publisher, TimerHub, WireTap, map_nats_error
+from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, map_nats_error
 
 log = logging.getLogger("tunnel.server")
 
@@ -93,7 +93,7 @@ class ServerStats(TunnelCounters):
     peak_active: int = 0
 
 
-class _ServerRequest:
+class _ServerRequest(TimedRequest):
     """The I/O side of one request: the handler task, flow control waits, the timer."""
 
     def __init__(
@@ -127,14 +127,6 @@ class _ServerRequest:
         self.released = False
         self.status: int | None = None
         self.started_at = loop.time() if now is None else now
-
-    @property
-    def timer(self) -> LazyTimer:
-        """Created on first use: most requests end before TimerHub's first tick needs it."""
-        if self._timer is None:
-            self._timer = LazyTimer(self._loop, self._on_timer)
-            self._timer.cancelled = self.released  # as if release() had cancelled it
-        return self._timer
 
     async def _on_consumed(self, n: int) -> None:
         grant = self.stream.consumed(n)
@@ -298,8 +290,7 @@ class _ServerRequest:
         """The synchronous part of releasing (everything but unsubscribing a v1 body)."""
         if not self.released:
             self.released = True
-            if self._timer is not None:
-                self._timer.cancel()
+            self._cancel_timer()
             server = self.server
             server._active.pop(self.stream.request_id, None)
             stats = server.stats
