@@ -62,6 +62,7 @@ from aiohttp import web  # noqa: E402
 import tunnel  # noqa: E402
 from linkd.runners.mock import mock_chunk  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.faults.chaos import parse_fault_names  # noqa: E402
 from tests.integration.runs_harness import (  # noqa: E402
     SECRET,
     GatewayProcess,
@@ -670,13 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (fault order, sizes)")
     parser.add_argument("--max-faults", type=int, default=None, help="stop after this many faults")
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.faults.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FAULTS]
-    if unknown or not names:
-        parser.error(
-            f"unknown fault(s) {', '.join(unknown) or '(none given)'}; pick from {', '.join(FAULTS)}"
-        )
-    args.fault_names = names
+    args.fault_names = parse_fault_names(parser, args.faults, FAULTS)
     if args.seconds is None:
         args.seconds = 60.0 * (args.minutes if args.minutes is not None else 5.0)
     if args.seconds < 0:

@@ -35,7 +35,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the chaos machinery lives with the tests
 
 from cli.nats_server import NatsServer, NatsServerConfig, NatsServerError  # noqa: E402
-from tests.faults.chaos import ALL_FAULTS, CALM, ChaosRig, ChaosSettings, Fault, FaultReport, run_fault  # noqa: E402
+from tests.faults.chaos import (  # noqa: E402
+    ALL_FAULTS,
+    CALM,
+    ChaosRig,
+    ChaosSettings,
+    Fault,
+    FaultReport,
+    parse_fault_names,
+    run_fault,
+)
 
 MiB = 1024 * 1024
 FAULTS_BY_NAME: dict[str, Fault] = {fault.name: fault for fault in (*ALL_FAULTS, CALM)}
@@ -92,13 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-faults", type=int, default=None, help="stop after this many faults (default: no limit)"
     )
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.faults.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FAULTS_BY_NAME]
-    if unknown or not names:
-        parser.error(
-            f"unknown fault(s) {', '.join(unknown) or '(none given)'}; pick from {', '.join(FAULTS_BY_NAME)}"
-        )
-    args.fault_names = names
+    args.fault_names = parse_fault_names(parser, args.faults, FAULTS_BY_NAME)
     if args.minutes < 0:
         parser.error("--minutes must be >= 0")
     return args

@@ -30,6 +30,7 @@ The invariants (checked by ``run_fault``), for every request under every fault:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
@@ -37,7 +38,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -674,3 +675,12 @@ async def run_fault(rig: ChaosRig, fault: Fault, *, warmup: float = 0.6, after: 
     return FaultReport(
         fault.name, ledger, violations, recovered_after, loop.time() - began, injected_at, healed_at, late
     )
+
+
+def parse_fault_names(parser: argparse.ArgumentParser, text: str, known: Collection[str]) -> list[str]:
+    """``--faults a,b``: the names, each one of ``known``, else a usage error (the soak scripts)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        parser.error(f"unknown fault(s) {', '.join(unknown) or '(none given)'}; pick from {', '.join(known)}")
+    return names
