@@ -51,7 +51,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     body = {"status": "ok", "nats": "connected" if nats.available else "disconnected"}
     if not runs.runs.enabled:
         body["runs"] = "disabled"
-    elif runs.store is not None:
+    elif runs.working:
         body["runs"] = "ready"
     else:
         body["runs"] = "unavailable"

@@ -36,6 +36,8 @@ from nats.aio.msg import Msg
 
 from linkd.run_protocol import parse_run_subject
 
+from .health import Health
+from .pull_feed import ConsumerGone, FeedUnavailable, PullFeed
 from .run_metrics import RunMetrics
 from .run_state import RunState, apply_event
 from .run_store import Conflict, RunStore
@@ -59,6 +61,11 @@ CACHE_RUNS: Final = 1024
 MAX_CAS_ATTEMPTS: Final = 50
 # After an unexpected error (NATS down, say): wait before pulling again.
 ERROR_DELAY: Final = 0.5
+# A feed not served this long makes runs "unavailable" (one 503 during a leader change does not).
+UNHEALTHY_AFTER: Final = 1.0
+# Between re-opening feeds that gave up: a backoff from the first to the max delay.
+RESTART_FIRST_DELAY: Final = 0.1
+RESTART_MAX_DELAY: Final = 5.0
 
 
 def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -> tuple[bool, RunState]:
@@ -119,9 +126,11 @@ class Projector:
         *,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         hold_max: float = HOLD_MAX,
+        health: Health | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.health = health if health is not None else Health(log)
         self.now_ms = now_ms
         self.prefix = store.prefix
         self.hold_max = hold_max
@@ -130,29 +139,78 @@ class Projector:
         self._held: dict[str, list[_Item]] = {}
 
     async def run(self) -> None:
-        """Pull and apply events until cancelled."""
-        feed = await self.store.projector_feed()
-        try:
-            while True:
-                try:
-                    msgs = await feed.fetch(FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
-                    if not msgs and not self._held:
-                        self.metrics.projector_pending.set(0)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("projector fetch failed: %s; retrying", exc)
-                    await asyncio.sleep(ERROR_DELAY)
-                    continue
-                await self.handle_batch(msgs)
-        finally:
-            for items in self._held.values():
-                for item in items:
-                    with contextlib.suppress(Exception):
-                        await item.msg.nak()
-            self._held.clear()
-            with contextlib.suppress(Exception):
-                await feed.unsubscribe()
+        """Pull and apply events until cancelled; survives leader changes, node loss and deletion.
+
+        A feed that gives up (its consumer deleted, or not served for ``PROJECTOR_GIVE_UP``)
+        is closed, the durable consumer checked or re-created (idempotent), and a new feed
+        opened, with a bounded backoff between attempts: never a dead feed polled forever.
+        """
+        delay = RESTART_FIRST_DELAY
+        opened_before = False
+        while True:
+            try:
+                if opened_before:
+                    await self.store.ensure_projector_consumer()
+                feed = await self.store.projector_feed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.projector_errors.inc(kind="open")
+                self.health.trouble("projector_pull", f"the projector cannot open its consumer ({exc!r})")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX_DELAY)
+                continue
+            if opened_before:
+                self.metrics.projector_restarts.inc()
+                log.info("projector: pulling from a new feed")
+            opened_before = True
+            try:
+                served = await self._pull(feed)
+            finally:
+                await self._give_back_held()
+                with contextlib.suppress(Exception):
+                    await feed.unsubscribe()
+            delay = RESTART_FIRST_DELAY if served else min(delay * 2, RESTART_MAX_DELAY)
+            await asyncio.sleep(delay)
+
+    async def _pull(self, feed: PullFeed) -> bool:
+        """Pull and apply until the feed gives up; returns whether it ever served."""
+        served = False
+        while True:
+            try:
+                msgs = await feed.fetch(FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except ConsumerGone as exc:
+                kind = "unavailable" if isinstance(exc, FeedUnavailable) else "consumer_gone"
+                self.metrics.projector_errors.inc(kind=kind)
+                self.health.trouble("projector_pull", f"the projector's consumer is not served ({exc})")
+                return served
+            except Exception as exc:
+                self.metrics.projector_errors.inc(kind="fetch")
+                self.health.trouble("projector_pull", f"the projector cannot pull ({exc!r})")
+                await asyncio.sleep(ERROR_DELAY)
+                continue
+            unserved = feed.unavailable_for()
+            if unserved >= UNHEALTHY_AFTER:
+                self.health.trouble(
+                    "projector_pull",
+                    f"the projector's consumer is not served ({feed.last_problem}, {unserved:.1f} s)",
+                )
+            elif unserved == 0.0:
+                served = True
+                self.health.fine("projector_pull")
+            if not msgs and not self._held:
+                self.metrics.projector_pending.set(0)
+            await self.handle_batch(msgs)
+
+    async def _give_back_held(self) -> None:
+        for items in self._held.values():
+            for item in items:
+                with contextlib.suppress(Exception):
+                    await item.msg.nak()
+        self._held.clear()
+        self._cache.clear()  # another instance may move runs on while this one restarts
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply a batch run by run in seq order, then whatever held events became applicable."""
@@ -178,8 +236,11 @@ class Projector:
             await self._apply_group(run_id, sorted(items, key=lambda i: i.seq))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("projector: cannot apply events of run %s; they will be redelivered", run_id)
+        except Exception as exc:
+            self.metrics.projector_errors.inc(kind="apply")
+            if self.health.ok:
+                log.exception("projector: cannot apply events of run %s; they will be redelivered", run_id)
+            self.health.trouble("projector_apply", f"the projector cannot write run state ({exc!r})")
             self._cache.pop(run_id, None)
             for item in items:
                 with contextlib.suppress(Exception):
@@ -256,6 +317,7 @@ class Projector:
                     self.metrics.event_applied_at(stream_time)
                 for item in applied:
                     await self._ack(item.msg, "applied")
+                self.health.fine("projector_apply")
             for item, outcome in ignored:
                 await self._ack(item.msg, outcome)
             await self._hold(run_id, early)

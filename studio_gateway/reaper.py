@@ -32,6 +32,7 @@ import nats.js.errors
 from linkd.run_protocol import RUN_STREAM
 
 from .config import RunsConfig
+from .health import Health
 from .run_metrics import RunMetrics
 from .run_state import RunState, terminate
 from .run_store import Conflict, RunStore
@@ -62,10 +63,12 @@ class Reaper:
         config: RunsConfig,
         *,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        health: Health | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.config = config
+        self.health = health if health is not None else Health(log)
         self.now_ms = now_ms
         # Active entries whose run did not exist at the last pass.
         self._missing: set[str] = set()
@@ -77,55 +80,82 @@ class Reaper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("reaper scan failed: %s", exc)
+                self.metrics.reaper_errors.inc()
+                if self.health.ok:
+                    log.warning("reaper scan failed: %r", exc)
+                self.health.trouble("reaper", f"the reaper cannot scan the active runs ({exc!r})")
                 await asyncio.sleep(ERROR_DELAY)
             await asyncio.sleep(self.config.reaper_scan_interval)
 
     async def scan(self) -> list[str]:
-        """One pass over the active runs; returns the ids this pass failed."""
+        """One pass over the active runs; returns the ids this pass failed.
+
+        A run whose verdict cannot be had (JetStream answers not, a reader is cut short) is
+        looked at again next pass; the others are judged all the same.
+        """
         reaped: list[str] = []
         missing: set[str] = set()
+        failed: list[str] = []
         for run_id in await self.store.active_ids():
-            loaded = await self.store.load(run_id)
-            if loaded is None and run_id not in self._missing:
-                # Listed but not written: a create in flight (both writes go out together), or
-                # one that failed. Forgotten only when still missing on the next pass.
-                missing.add(run_id)
-                continue
-            if loaded is None or loaded[0].terminal:
-                await self.store.mark_inactive(run_id)  # leftover of an interrupted write
-                continue
-            state, revision = loaded
-            now = self.now_ms()
-            limit = deadline_seconds(state, self.config)
-            silence = silent_for(state, now)
-            if silence < limit:
-                continue
-            verdict = await self._verdict(state, now, limit, silence)
-            if verdict is None:
-                continue
-            kind, reason = verdict
-            new = terminate(
-                state,
-                "failed",
-                now_ms=now,
-                failure_kind=kind,
-                reason=reason,
-                expected_fence=state.fence,
-            )
-            if new is None:
-                continue
             try:
-                await self.store.write(new, revision)
-            except Conflict:
-                continue  # something happened to the run meanwhile; the next pass looks again
-            await self.store.mark_inactive(run_id)
-            self.metrics.reaped.inc()
-            self.metrics.run_finished(new.status, new.failure_kind)
-            log.warning("run %s reaped: %s", run_id, reason)
-            reaped.append(run_id)
+                verdict = await self._judge(run_id, missing)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.reaper_errors.inc()
+                failed.append(f"{run_id}: {exc!r}")
+                continue
+            if verdict:
+                reaped.append(run_id)
         self._missing = missing
+        if failed:
+            self.health.trouble(
+                "reaper", f"the reaper cannot judge {len(failed)} active run(s), e.g. {failed[0]}"
+            )
+        else:
+            self.health.fine("reaper")
         return reaped
+
+    async def _judge(self, run_id: str, missing: set[str]) -> bool:
+        """Look at one active run; True when this pass failed it."""
+        loaded = await self.store.load(run_id)
+        if loaded is None and run_id not in self._missing:
+            # Listed but not written: a create in flight (both writes go out together), or
+            # one that failed. Forgotten only when still missing on the next pass.
+            missing.add(run_id)
+            return False
+        if loaded is None or loaded[0].terminal:
+            await self.store.mark_inactive(run_id)  # leftover of an interrupted write
+            return False
+        state, revision = loaded
+        now = self.now_ms()
+        limit = deadline_seconds(state, self.config)
+        silence = silent_for(state, now)
+        if silence < limit:
+            return False
+        verdict = await self._verdict(state, now, limit, silence)
+        if verdict is None:
+            return False
+        kind, reason = verdict
+        new = terminate(
+            state,
+            "failed",
+            now_ms=now,
+            failure_kind=kind,
+            reason=reason,
+            expected_fence=state.fence,
+        )
+        if new is None:
+            return False
+        try:
+            await self.store.write(new, revision)
+        except Conflict:
+            return False  # something happened to the run meanwhile; the next pass looks again
+        await self.store.mark_inactive(run_id)
+        self.metrics.reaped.inc()
+        self.metrics.run_finished(new.status, new.failure_kind)
+        log.warning("run %s reaped: %s", run_id, reason)
+        return True
 
     async def _next_event_stored(self, state: RunState) -> bool:
         """Whether the stream holds the event the projector needs next (seq = applied + 1)."""

@@ -18,7 +18,14 @@ Series (all per gateway instance):
 - ``studio_runs_cancels_total{outcome}``: cancel requests by how they ended (``requested``:
   the desktop took it; ``gateway``: the gateway ended the run itself; ``already_finished``;
   ``failed``);
-- ``studio_runs_ready``, ``studio_runs_dispatch_in_flight``.
+- ``studio_runs_projector_errors_total{kind}``: projector failures by kind (``unavailable``:
+  its consumer not served for a while, e.g. a leader election or a dead node;
+  ``consumer_gone``: deleted; ``open``: could not open or re-create it; ``fetch``; ``apply``:
+  a state write failed, the events are redelivered);
+- ``studio_runs_projector_restarts_total``: feeds the projector re-opened after one gave up;
+- ``studio_runs_reaper_errors_total``: reaper passes (or runs within one) that failed;
+- ``studio_runs_ready`` (1 while runs work on this instance: set up, and the projector and the
+  reaper healthy, as ``/healthz`` says), ``studio_runs_dispatch_in_flight``.
 """
 
 from __future__ import annotations
@@ -59,8 +66,17 @@ class RunMetrics:
         self.projector_pending = r.register(
             Gauge("studio_runs_projector_pending", "Uplink events not yet delivered to the projector.")
         )
+        self.projector_errors = r.register(
+            Counter("studio_runs_projector_errors_total", "Projector failures by kind.", ("kind",))
+        )
+        self.projector_restarts = r.register(
+            Counter("studio_runs_projector_restarts_total", "Feeds the projector re-opened after a failure.")
+        )
+        self.reaper_errors = r.register(
+            Counter("studio_runs_reaper_errors_total", "Reaper passes, or runs in one, that failed.")
+        )
         self.ready = r.register(
-            Gauge("studio_runs_ready", "1 while runs work on this instance (JetStream set up), else 0.")
+            Gauge("studio_runs_ready", "1 while runs work on this instance (set up and healthy), else 0.")
         )
         self.dispatch_in_flight = r.register(
             Gauge("studio_runs_dispatch_in_flight", "Work items being delivered right now.")

@@ -48,6 +48,7 @@ __all__ = [
     "Conflict",
     "EventReader",
     "RunStore",
+    "SnapshotIncomplete",
 ]
 
 log = logging.getLogger("studio_gateway.run_store")
@@ -69,6 +70,10 @@ READER_BATCH: Final = 256
 READER_EXPIRES: Final = 5.0
 PROJECTOR_BATCH: Final = 64
 PROJECTOR_EXPIRES: Final = 2.0
+# A feed nobody served this long is given up: its owner checks or re-creates the consumer
+# (a replicated consumer's leader election takes ~5-8 s; an R1 reader's node may be gone).
+READER_GIVE_UP: Final = 2.0
+PROJECTOR_GIVE_UP: Final = 3.0
 JS_TIMEOUT: Final = 5.0
 # The JetStream API prefix of ``RunStore.js`` (no domain).
 JS_API: Final = "$JS.API"
@@ -80,6 +85,13 @@ _CONSUMER_NAME_EXISTS: Final = 10013
 
 class Conflict(Exception):
     """A compare-and-set lost: somebody else wrote the key first (read again and retry)."""
+
+
+class SnapshotIncomplete(TimeoutError):
+    """A reader got fewer messages than its subject held: never a partial answer.
+
+    A TimeoutError, so the HTTP layer answers 503 (try again) and the reaper retries its pass.
+    """
 
 
 def _kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> api.StreamConfig:
@@ -164,7 +176,13 @@ def _normal(value: Any) -> Any:
 
 @dataclass
 class EventReader:
-    """An ephemeral, unacknowledged pull consumer on one subject (replay, then live)."""
+    """An ephemeral, unacknowledged pull consumer on one subject (replay, then live).
+
+    R1 in memory, on purpose: a raft group per reader would cost every SSE client a
+    replicated consumer, and a reader loses nothing with its consumer. When its node dies
+    the feed gives up after ``READER_GIVE_UP`` and the reader's owner opens a new one from
+    its checkpoint (``start_seq``: the stream sequence after the last message it took).
+    """
 
     js: JetStreamContext
     stream: str
@@ -180,13 +198,14 @@ class EventReader:
         stream: str,
         subject: str,
         *,
-        deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
+        start_seq: int = 0,
     ) -> EventReader:
         name = f"reader_{uuid.uuid4().hex}"
         config = api.ConsumerConfig(
             name=name,
             ack_policy=api.AckPolicy.NONE,
-            deliver_policy=deliver_policy,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 0 else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 0 else None,
             filter_subject=subject,
             inactive_threshold=READER_INACTIVE_THRESHOLD,
             mem_storage=True,
@@ -195,7 +214,9 @@ class EventReader:
         )
         # The creation's answer already says how many messages match: no separate info request.
         info = await js.add_consumer(stream, config)
-        feed = await PullFeed.open(nc, stream, name, batch=READER_BATCH, expires=READER_EXPIRES)
+        feed = await PullFeed.open(
+            nc, stream, name, batch=READER_BATCH, expires=READER_EXPIRES, give_up_after=READER_GIVE_UP
+        )
         return cls(js, stream, name, feed, int(info.num_pending or 0))
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
@@ -203,14 +224,25 @@ class EventReader:
         return await self.feed.fetch(batch, timeout)
 
     async def snapshot(self, timeout: float = JS_TIMEOUT) -> list[Msg]:
-        """Everything the subject held when the reader was opened."""
+        """Everything the subject held when the reader was opened, or an exception.
+
+        Never a part of it: a caller judging "the stream lacks event k" (the reaper) or
+        exporting a run must not act on a read cut short by a fault. Raises
+        :class:`SnapshotIncomplete` when nothing came for ``timeout`` before the end, and
+        :class:`.pull_feed.ConsumerGone` (or its ``FeedUnavailable``) when the consumer failed.
+        """
         msgs: list[Msg] = []
         if self.initial_pending == 0:
             return msgs
         while True:
             batch = await self.fetch(256, timeout)
+            if not batch:
+                raise SnapshotIncomplete(
+                    f"read {len(msgs)} of {self.initial_pending} messages of {self.stream}, "
+                    f"then nothing for {timeout:g} s"
+                )
             msgs.extend(batch)
-            if not batch or batch[-1].metadata.num_pending == 0 or len(msgs) >= self.initial_pending:
+            if batch[-1].metadata.num_pending == 0 or len(msgs) >= self.initial_pending:
                 return msgs
 
     async def close(self) -> None:
@@ -249,10 +281,17 @@ class RunStore:
         self._state = await js.key_value(STATE_BUCKET)
         self._output = await js.key_value(OUTPUT_BUCKET)
         self._active = await js.key_value(ACTIVE_BUCKET)
-        done[PROJECTOR_DURABLE] = await self._ensure_projector_consumer()
+        done[PROJECTOR_DURABLE] = await self.ensure_projector_consumer()
         return done
 
-    async def _ensure_projector_consumer(self) -> str:
+    async def ensure_projector_consumer(self) -> str:
+        """Create the projector's durable consumer, or bring it to this config; idempotent.
+
+        Replicated like the stream (``--runs-replicas``), so a node's death moves its
+        leader instead of losing it. Re-created the same way when it was deleted: it then
+        starts over from the stream's first event, which is correct because applying is
+        idempotent (the run state's seq is the real checkpoint: older events are duplicates).
+        """
         consumer = api.ConsumerConfig(
             name=PROJECTOR_DURABLE,
             durable_name=PROJECTOR_DURABLE,
@@ -264,6 +303,7 @@ class RunStore:
             max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
             max_deliver=-1,
             max_waiting=512,
+            num_replicas=self.config.replicas,
         )
         try:
             info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
@@ -275,6 +315,7 @@ class RunStore:
                 _normal(current.ack_wait) == _normal(consumer.ack_wait)
                 and current.max_ack_pending == consumer.max_ack_pending
                 and current.filter_subject == consumer.filter_subject
+                and (current.num_replicas or self.config.replicas) == self.config.replicas
             ):
                 return "unchanged"
         try:
@@ -289,7 +330,12 @@ class RunStore:
     async def projector_feed(self) -> PullFeed:
         """The projector's pull requests: each event reaches it as soon as it is stored."""
         return await PullFeed.open(
-            self.nc, RUN_STREAM, PROJECTOR_DURABLE, batch=PROJECTOR_BATCH, expires=PROJECTOR_EXPIRES
+            self.nc,
+            RUN_STREAM,
+            PROJECTOR_DURABLE,
+            batch=PROJECTOR_BATCH,
+            expires=PROJECTOR_EXPIRES,
+            give_up_after=PROJECTOR_GIVE_UP,
         )
 
     async def projector_pending(self) -> int:
@@ -407,8 +453,11 @@ class RunStore:
         """Where the run owner's daemon publishes this run's events."""
         return f"{self.prefix}.host.{state.host_token}.runs.{state.run_id}"
 
-    async def open_events(self, state: RunState) -> EventReader:
-        return await EventReader.open(self.nc, self.js, RUN_STREAM, self.event_subject(state))
+    async def open_events(self, state: RunState, *, start_seq: int = 0) -> EventReader:
+        """A reader of the run's events in the stream, from ``start_seq`` (0: the first one)."""
+        return await EventReader.open(
+            self.nc, self.js, RUN_STREAM, self.event_subject(state), start_seq=start_seq
+        )
 
     async def keep_event(self, run_id: str, seq: int, event: dict[str, Any]) -> None:
         """Keep one event for export after the stream's retention (idempotent per seq)."""

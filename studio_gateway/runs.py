@@ -29,6 +29,7 @@ import tunnel
 
 from .config import GatewayConfig
 from .dispatch import Dispatcher, send_control
+from .health import Health
 from .hostnames import tunnel_hostname
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .projector import Projector
@@ -80,7 +81,9 @@ class RunsService:
         self.reason = "runs are starting (waiting for NATS and JetStream)"
         self.setup_result: dict[str, str] = {}
         self._ready = asyncio.Event()
-        self.metrics.ready.source = lambda: 1.0 if self.store is not None else 0.0
+        # The projector's and the reaper's trouble (see .health): runs are "unavailable" meanwhile.
+        self.health = Health(log)
+        self.metrics.ready.source = lambda: 1.0 if self.working else 0.0
         self.metrics.dispatch_in_flight.source = lambda: float(self.dispatcher.in_flight)
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,9 +96,18 @@ class RunsService:
             return None
         return store
 
+    @property
+    def working(self) -> bool:
+        """Set up, connected, and the projector and reaper doing their job (``/healthz``'s "ready")."""
+        return self.store is not None and self.health.ok
+
     def unavailable_reason(self) -> str:
         if self._store is not None and not self.nats.available:
             return "the gateway lost its NATS connection; runs are back when it reconnects"
+        if self.store is not None:
+            problem = self.health.problem
+            if problem is not None:
+                return f"runs are accepted but cannot progress: {problem}"
         return self.reason
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -144,10 +156,10 @@ class RunsService:
             self._ready.set()
             loops = [
                 asyncio.get_running_loop().create_task(
-                    Projector(store, self.metrics).run(), name="runs-projector"
+                    Projector(store, self.metrics, health=self.health).run(), name="runs-projector"
                 ),
                 asyncio.get_running_loop().create_task(
-                    Reaper(store, self.metrics, self.runs).run(), name="runs-reaper"
+                    Reaper(store, self.metrics, self.runs, health=self.health).run(), name="runs-reaper"
                 ),
             ]
             try:
@@ -162,6 +174,7 @@ class RunsService:
                 await stop_tasks(loops)
                 self._store = None
                 self._ready.clear()
+                self.health.clear()
             self.reason = "runs are restarting (the NATS connection changed)"
             await asyncio.sleep(SETUP_RETRY_DELAY)
 

@@ -37,6 +37,7 @@ from linkd.run_protocol import is_valid_run_id
 from .auth import User, authenticated
 from .errors import json_error
 from .metrics import CONTENT_TYPE
+from .pull_feed import ConsumerGone
 from .run_sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
 from .run_state import RunState
 from .run_store import EventReader, RunStore
@@ -159,7 +160,7 @@ def _nats_errors(handler: UserHandler) -> UserHandler:
     async def wrapper(request: web.Request, user: User) -> web.StreamResponse:
         try:
             return await handler(request, user)
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (nats.errors.Error, TimeoutError, ConsumerGone) as exc:
             log.warning("%s %s: NATS failed: %r", request.method, request.path, exc)
             return json_error(
                 503, "runs_unavailable", "the gateway could not reach JetStream just now; try again"
@@ -311,10 +312,12 @@ async def _stream_live(
 
     async def pump() -> None:
         # Reads the run's subject from the start; after a failure (NATS reconnecting, the
-        # consumer gone) it starts over: events already sent are below next_seq and skipped.
+        # consumer's node gone) it opens a new reader after the last message it took (the
+        # checkpoint), so nothing is read twice or skipped.
+        resume_at = 0
         while True:
             try:
-                reader = await store.open_events(state)
+                reader = await store.open_events(state, start_seq=resume_at)
             except Exception as exc:
                 log.warning("run %s: cannot open its events (%r); retrying", state.run_id, exc)
                 await asyncio.sleep(READER_RETRY)
@@ -322,7 +325,10 @@ async def _stream_live(
             readers.append(reader)
             try:
                 while True:
-                    await batches.put(await reader.fetch(READ_BATCH, READ_POLL))
+                    msgs = await reader.fetch(READ_BATCH, READ_POLL)
+                    if msgs:
+                        resume_at = msgs[-1].metadata.sequence.stream + 1
+                    await batches.put(msgs)
             except Exception as exc:
                 log.warning("run %s: reading its events failed (%r); reopening", state.run_id, exc)
                 await asyncio.sleep(READER_RETRY)
