@@ -1,4 +1,4 @@
-"""Fixtures that give tests a real nats-server (see cli/nats_server.py)."""
+"""Fixtures that give tests a real nats-server or cluster (see cli/nats_server.py, cli/nats_cluster.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from cli.nats_cluster import NatsCluster
 from cli.nats_server import NatsServer, NatsServerConfig
-from tests.helpers import NatsServerFactory
+from tests.helpers import NatsClusterFactory, NatsServerFactory
 
 # Property-based tests (hypothesis): modest sizes so they run in seconds; no per-example
 # deadline (a loaded CI machine is slow, not wrong). In CI (env CI set) the examples are
@@ -73,3 +74,30 @@ def nats_server_factory(request: pytest.FixtureRequest) -> Iterator[NatsServerFa
 def nats_server(nats_server_factory: NatsServerFactory) -> NatsServer:
     """A started plain server: loopback, free port, no auth, default limits, monitoring on."""
     return nats_server_factory()
+
+
+@pytest.fixture
+def nats_cluster_factory(request: pytest.FixtureRequest) -> Iterator[NatsClusterFactory]:
+    """``factory(**NatsCluster arguments) -> started NatsCluster`` (routes up, JetStream meta
+    leader elected); all closed at teardown, every node's log printed if the test failed."""
+    clusters: list[NatsCluster] = []
+
+    def factory(**cluster_kwargs: Any) -> NatsCluster:
+        cluster = NatsCluster(**cluster_kwargs)
+        clusters.append(cluster)  # before start(): a failed start still gets cleaned up
+        cluster.start(timeout=30.0)  # a loaded 2-core CI machine elects slowly
+        return cluster
+
+    yield factory
+    failed = _test_failed(request)
+    for cluster in clusters:
+        if failed:
+            for i, node in enumerate(cluster.nodes):
+                print(f"\n===== nats-server {cluster.node_name(i)} log ({node.url}) =====\n{node.log_text()}")
+        cluster.close()
+
+
+@pytest.fixture
+def nats_cluster(nats_cluster_factory: NatsClusterFactory) -> NatsCluster:
+    """A started 3-node cluster: loopback, JetStream on a file store per node, no auth."""
+    return nats_cluster_factory(size=3)

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from cli.nats_cluster import NatsCluster
 from cli.nats_server import NatsServer
 
 
@@ -14,6 +15,12 @@ class NatsServerFactory(Protocol):
     """Type of the ``nats_server_factory`` fixture: NatsServerConfig fields as keyword arguments."""
 
     def __call__(self, **config_kwargs: Any) -> NatsServer: ...
+
+
+class NatsClusterFactory(Protocol):
+    """Type of the ``nats_cluster_factory`` fixture: ``NatsCluster`` arguments as keyword arguments."""
+
+    def __call__(self, **cluster_kwargs: Any) -> NatsCluster: ...
 
 
 async def wait_until(

@@ -6,6 +6,9 @@ be SIGKILLed and started again:
 - :class:`JetStreamNats`: an operator/JWT-mode nats-server (``OperatorSetup``, system
   account) with JetStream on a file store in a directory we own, so a restart on the
   same port keeps the streams and key-value buckets;
+- :class:`JetStreamCluster`: the same trust chain on an N-node cluster
+  (:class:`cli.nats_cluster.NatsCluster`, clustered JetStream), each node killable and
+  restartable on its ports with its store, plus who leads which stream or consumer;
 - :class:`GatewayProcess`: ``studio-gateway serve`` (``python -m studio_gateway.cli``) on a
   free port, ready once ``/healthz`` reports its NATS connection;
 - :class:`LinkdProcess`: ``linkd login`` (token on stdin, secrets in the insecure file
@@ -37,6 +40,7 @@ from typing import Any, Final
 
 import httpx
 
+from cli.nats_cluster import NatsCluster
 from cli.nats_server import NatsServer, NatsServerConfig, free_port
 from studio_gateway.auth import issue_token
 from studio_gateway.config import AuthConfig
@@ -46,6 +50,7 @@ __all__ = [
     "SECRET",
     "ApiError",
     "GatewayProcess",
+    "JetStreamCluster",
     "JetStreamNats",
     "LinkdProcess",
     "RunsApi",
@@ -262,6 +267,86 @@ class JetStreamNats:
 
     def close(self) -> None:
         self.server.close()
+
+
+@dataclass
+class JetStreamCluster:
+    """An operator-mode nats-server cluster with clustered JetStream; the surface of :class:`JetStreamNats`
+    plus per-node ``kill``/``restart`` and leader lookups (node indexes, 0-based)."""
+
+    setup: OperatorSetup
+    cluster: NatsCluster
+    gateway_creds: Path
+
+    @classmethod
+    def start(cls, workdir: Path, *, size: int = 3, websocket: bool = False) -> JetStreamCluster:
+        """Nodes ``n1``..``nN`` under ``workdir/nats-cluster``; blocks until routed with a meta leader."""
+        setup = OperatorSetup.generate()
+        cluster = NatsCluster(
+            size,
+            operator_conf=setup.server_conf(),
+            websocket=websocket,
+            workdir=workdir / "nats-cluster",
+        )
+        try:
+            cluster.start(timeout=START_TIMEOUT)
+        except BaseException:
+            cluster.close()
+            raise
+        creds = workdir / "gateway.creds"
+        creds.write_text(setup.user_creds("studio-gateway"), encoding="utf-8")
+        creds.chmod(0o600)
+        return cls(setup, cluster, creds)
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma-joined (what ``NATS_URL`` takes)."""
+        return self.cluster.url
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls
+
+    @property
+    def nodes(self) -> list[NatsServer]:
+        return self.cluster.nodes
+
+    @property
+    def account(self) -> str:
+        """The account's public key: how ``/jsz`` names the account holding the run streams."""
+        return self.setup.account.public_key
+
+    def admin_creds(self, name: str = "e2e-admin") -> str:
+        """Creds text for an unrestricted user of the account (what a test or benchmark inspects with)."""
+        return self.setup.user_creds(name)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index`` (0-based), like a crash."""
+        self.cluster.kill(index)
+
+    def restart(self, index: int, *, wait: bool = True) -> None:
+        """Start node ``index`` again on its ports with its store; with ``wait``, until it rejoined."""
+        self.cluster.restart(index, START_TIMEOUT, wait=wait)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Running nodes all routed to each other and agreeing on a JetStream meta leader."""
+        self.cluster.wait_ready(timeout)
+
+    def meta_leader(self) -> int | None:
+        return self.cluster.meta_leader()
+
+    def stream_leader(self, stream: str, account: str | None = None) -> int | None:
+        """Node leading ``stream`` (default account: this setup's), None during an election."""
+        return self.cluster.stream_leader(stream, account or self.account)
+
+    def consumer_leader(self, stream: str, consumer: str, account: str | None = None) -> int | None:
+        return self.cluster.consumer_leader(stream, consumer, account or self.account)
+
+    def log_tails(self) -> str:
+        return self.cluster.log_tails(LOG_TAIL_LINES)
+
+    def close(self) -> None:
+        self.cluster.close()
 
 
 class GatewayProcess(ManagedProcess):
