@@ -22,7 +22,7 @@ import typer
 
 from . import exitcodes
 from .common import CliError
-from .dev import StateDirOpt, ignoring_signals, stack_options, stack_signals
+from .dev import ClusterOpt, StateDirOpt, ignoring_signals, stack_options, stack_signals
 from .gateway_api import GatewayClient, GatewayOptions
 from .run_stream import END, follow
 from .stack import DEFAULT_READY_TIMEOUT, DEFAULT_USER, LocalStack
@@ -39,6 +39,7 @@ EPILOG: Final = """\b
 Examples:
   linkctl demo
   linkctl demo --chunks 20 --delay-ms 50
+  linkctl demo --cluster 3                                 # the same on a 3-node nats-server cluster
   linkctl demo --state-dir ./.linkctl-demo --keep-state   # keep keys and logs to look at
 
 \b
@@ -180,20 +181,22 @@ def demo_command(
     keep_state: Annotated[
         bool, typer.Option("--keep-state", help="Keep the state directory (keys, logs) afterwards.")
     ] = False,
+    cluster: ClusterOpt = 1,
 ) -> None:
     """Start the local stack, probe presence, stream a run end to end, print timings, tear down."""
     if run_timeout <= 0:
         raise CliError(f"--run-timeout: must be more than 0 seconds (got {run_timeout:g})")
     temporary = state_dir is None
     directory = Path(tempfile.mkdtemp(prefix="linkctl-demo-")) if state_dir is None else state_dir
-    options = stack_options(directory, DEFAULT_USER, 0, 0, 0, ready_timeout)
+    options = stack_options(directory, DEFAULT_USER, 0, 0, 0, ready_timeout, cluster)
     paint = Painter.for_stream(sys.stdout)
     result = DemoResult()
     stack = LocalStack(options, say=lambda line: print(line, flush=True))
     status = exitcodes.OK
     failure: CliError | None = None
+    servers = "nats-server" if cluster == 1 else f"a {cluster}-node nats-server cluster"
     print(
-        paint("linkctl demo", "bold") + ": nats-server + studio-gateway + linkd on this machine, "
+        paint("linkctl demo", "bold") + f": {servers} + studio-gateway + linkd on this machine, "
         "one presence probe and one run through all of them",
         flush=True,
     )

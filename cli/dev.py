@@ -1,5 +1,9 @@
 """``linkctl dev``: the whole stack on this machine (nats-server, gateway, linkd) until Ctrl-C.
 
+``--cluster N`` runs N nats-server nodes as one cluster instead of the single server (see
+:class:`cli.nats_cluster.NatsCluster`): the gateway and linkd get every node's URL and the run
+streams are replicated on min(N, 3) nodes, so a node can be killed to watch the failover.
+
 The processes are managed by :class:`cli.stack.LocalStack`; this module is the command:
 options, the "what is running" summary, the watch loop, and a clean stop on SIGINT/SIGTERM
 or when a child dies (its last log lines, then exit status 8).
@@ -31,15 +35,18 @@ from .stack import (
 )
 from .term import Painter
 
-__all__ = ["StateDirOpt", "print_summary", "register", "stack_options", "stack_signals"]
+__all__ = ["ClusterOpt", "StateDirOpt", "print_summary", "register", "stack_options", "stack_signals"]
 
 WATCH_INTERVAL: Final = 0.2
+# A local cluster of more nodes than this is a typo, not a test of anything.
+MAX_CLUSTER: Final = 9
 
 EPILOG: Final = """\b
 Examples:
   linkctl dev                                   # state in ~/.local/share/natslink/linkctl-dev
   linkctl dev --state-dir ./.linkctl-dev --gateway-port 8080
   linkctl dev --json > stack.json               # one JSON object once everything is ready
+  linkctl dev --cluster 3                       # 3 nats-server nodes; kill -9 one, the stack carries on
   source ~/.local/share/natslink/linkctl-dev/dev.env   # in another terminal: LINKCTL_GATEWAY, LINKCTL_TOKEN
 
 \b
@@ -70,6 +77,7 @@ def stack_options(
     websocket_port: int,
     gateway_port: int,
     ready_timeout: float,
+    cluster: int = 1,
 ) -> StackOptions:
     for flag, port in (("--nats-port", nats_port), ("--websocket-port", websocket_port)):
         if not 0 <= port <= 65535:
@@ -80,6 +88,8 @@ def stack_options(
         raise CliError(f"--ready-timeout: must be more than 0 seconds (got {ready_timeout:g})")
     if not user.strip() or len(user) > 256:
         raise CliError("--user: give a user id of 1 to 256 characters")
+    if not 1 <= cluster <= MAX_CLUSTER:
+        raise CliError(f"--cluster: give 1 to {MAX_CLUSTER} nats-server nodes (got {cluster})")
     return StackOptions(
         state_dir=state_dir.expanduser().resolve(),
         user=user.strip(),
@@ -87,7 +97,24 @@ def stack_options(
         websocket_port=websocket_port,
         gateway_port=gateway_port,
         ready_timeout=ready_timeout,
+        cluster=cluster,
     )
+
+
+ClusterOpt = Annotated[
+    int,
+    Opt(
+        "--cluster",
+        metavar="N",
+        help=(
+            "nats-server nodes. 1: one server. N > 1: an N-node cluster (routes, clustered JetStream, "
+            "operator mode, a websocket listener on every node, state in nats-cluster-N/); the gateway "
+            "and linkd get every node's URL and runs are replicated on min(N, 3) nodes. A node that "
+            "dies is reported; the stack stops only once fewer than a majority run. "
+            "--nats-port/--websocket-port then apply to node n1."
+        ),
+    ),
+]
 
 
 @contextmanager
@@ -121,7 +148,7 @@ def ignoring_signals() -> Iterator[None]:
 
 def summary(stack: LocalStack) -> dict[str, Any]:
     pids = stack.pids()
-    return {
+    info: dict[str, Any] = {
         "stateDir": str(stack.state_dir),
         "startedInSeconds": round(stack.started_in, 3),
         "user": stack.options.user,
@@ -144,15 +171,56 @@ def summary(stack: LocalStack) -> dict[str, Any]:
         "token": stack.token,
         "envFile": str(stack.state_dir / "dev.env"),
     }
+    nats = info["nats"]
+    nats["cluster"] = stack.options.cluster
+    if stack.cluster is not None:
+        nodes = stack.cluster.nodes
+        nats["urls"] = stack.nats_urls
+        nats["runsReplicas"] = stack.options.runs_replicas
+        nats["pid"] = nodes[0].pid
+        nats["log"] = str(nodes[0].log_path)
+        nats["nodes"] = [
+            {
+                "name": stack.cluster.node_name(i),
+                "url": node.url,
+                "websocketUrl": node.websocket_url,
+                "monitorUrl": node.monitor_url,
+                "pid": node.pid,
+                "log": str(node.log_path),
+            }
+            for i, node in enumerate(nodes)
+        ]
+    return info
 
 
 def print_summary(stack: LocalStack, paint: Painter, *, next_steps: bool = True) -> None:
     info = summary(stack)
     nats, gw = info["nats"], info["gateway"]
     host = stack.tunnel_hostname
-    rows = [
-        ("nats-server", f"{nats['url']}  websocket {nats['websocketUrl']}  pid {nats['pid']}"),
-        ("", f"monitor {nats['monitorUrl']}  JetStream in {stack.state_dir / 'nats'}"),
+    if stack.cluster is None:
+        rows = [
+            ("nats-server", f"{nats['url']}  websocket {nats['websocketUrl']}  pid {nats['pid']}"),
+            ("", f"monitor {nats['monitorUrl']}  JetStream in {stack.state_dir / 'nats'}"),
+        ]
+        logs = nats["log"]
+    else:
+        rows = [
+            (
+                "nats-server",
+                f"{len(nats['nodes'])}-node cluster, runs replicated x{nats['runsReplicas']}, "
+                f"JetStream in {stack.cluster_dir}",
+            )
+        ]
+        rows += [
+            (
+                f"  {node['name']}",
+                f"{node['url']}  websocket {node['websocketUrl']}  monitor {node['monitorUrl']}  "
+                f"pid {node['pid']}",
+            )
+            for node in nats["nodes"]
+        ]
+        logs = str(stack.cluster_dir / "n*" / "nats-server.log")
+    rows += [
         ("gateway", f"{gw['url']}  pid {gw['pid']}"),
         ("linkd", f"pid {info['linkd']['pid']}  online as {host} (desktop {stack.desktop_hostname!r})"),
         ("user", stack.options.user),
@@ -180,15 +248,31 @@ def print_summary(stack: LocalStack, paint: Painter, *, next_steps: bool = True)
             f"  linkctl status {host} --nats {nats['url']} --creds {creds}",
             f"  linkctl fetch tunnel://{host}/api/links/status --nats {nats['url']} --creds {creds}",
             "",
-            f"Logs: {nats['log']}, {gw['log']}, {info['linkd']['log']}",
+            f"Logs: {logs}, {gw['log']}, {info['linkd']['log']}",
             paint("Ctrl-C stops everything.", "dim"),
         ]
     print("\n".join(out), flush=True)
 
 
 def _watch(stack: LocalStack) -> int:
-    """Until a signal (KeyboardInterrupt) or a child's death; the exit status."""
+    """Until a signal (KeyboardInterrupt) or a child's death; the exit status.
+
+    A cluster node that dies is reported once and the stack carries on, as the cluster does;
+    ``dead_child`` names one only when fewer than a majority of the nodes run.
+    """
+    reported: set[str] = set()
     while True:
+        for node in stack.lost_nodes():
+            if node.name not in reported:
+                reported.add(node.name)
+                running = sum(1 for c in stack.children if c.cluster_node and c.returncode is None)
+                print(
+                    f"linkctl: warning: {node.name} (pid {node.pid}) exited with status {node.returncode}; "
+                    f"the cluster carries on with {running} of {stack.options.cluster} nodes "
+                    f"(log: {node.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         dead = stack.dead_child()
         if dead is not None:
             print(
@@ -222,6 +306,7 @@ def dev_command(
         bool,
         Opt("--json", help="Progress on stderr; one JSON object (URLs, pids, token) on stdout when ready."),
     ] = False,
+    cluster: ClusterOpt = 1,
 ) -> None:
     """Run nats-server, the gateway and linkd for a dev user on this machine until Ctrl-C."""
     options = stack_options(
@@ -231,6 +316,7 @@ def dev_command(
         websocket_port,
         gateway_port,
         ready_timeout,
+        cluster,
     )
     progress = sys.stderr if as_json else sys.stdout
     paint = Painter.for_stream(sys.stdout)

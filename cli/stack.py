@@ -9,6 +9,7 @@ Layout of the state directory (private, 0700)::
     linkctl.creds             an unrestricted NATS user for `linkctl status/fetch --nats` (0600)
     dev.env                   export lines for the running stack (gateway URL, token, NATS)
     nats/                     nats-server.conf, nats-server.log, jetstream-store/
+    nats-cluster-N/n1..nN/    the same per node with ``--cluster N`` (N > 1): one store per size
     gateway/                  gateway.creds, gateway.log
     linkd/                    linkd's config dir (file secret store, login.json), status file, linkd.log
     .lock                     held while a stack runs there (one stack per directory)
@@ -37,6 +38,7 @@ import httpx
 
 from . import exitcodes
 from .common import CliError
+from .nats_cluster import NatsCluster
 from .nats_server import (
     NatsServer,
     NatsServerConfig,
@@ -67,6 +69,8 @@ LINKD_STOP_TIMEOUT: Final = LINKD_DRAIN_TIMEOUT + 5.0
 GATEWAY_STOP_TIMEOUT: Final = 8.0
 NATS_STOP_TIMEOUT: Final = 5.0
 KILL_WAIT: Final = 5.0
+# JetStream replicas of the gateway's run stream and buckets on a cluster: 3 survives one lost node.
+MAX_RUNS_REPLICAS: Final = 3
 POLL_INTERVAL: Final = 0.1
 LOG_TAIL_LINES: Final = 20
 # Settings from the user's environment that would redirect our children: never inherited.
@@ -110,6 +114,12 @@ class StackOptions:
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     token_ttl: int = DEFAULT_TOKEN_TTL
     python: str = sys.executable
+    # nats-server nodes: 1 is the single server; N > 1 an N-node cluster (routes, clustered JetStream).
+    cluster: int = 1
+
+    @property
+    def runs_replicas(self) -> int:
+        return min(self.cluster, MAX_RUNS_REPLICAS)
 
 
 @dataclass
@@ -120,6 +130,8 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     nats: NatsServer | None = None
+    # A node of a --cluster: its death alone does not stop the stack while a majority runs.
+    cluster_node: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -242,6 +254,8 @@ class LocalStack:
     say: Callable[[str], None] = print
     children: list[Child] = field(default_factory=list)
     nats_url: str = ""
+    nats_urls: list[str] = field(default_factory=list)
+    cluster: NatsCluster | None = None
     websocket_url: str | None = None
     monitor_url: str | None = None
     gateway_url: str = ""
@@ -295,6 +309,9 @@ class LocalStack:
         self.say(f"  ok  {name:<12} {detail} ({time.monotonic() - since:.2f} s)")
 
     def _start_nats(self) -> None:
+        if self.options.cluster > 1:
+            self._start_nats_cluster()
+            return
         assert self._keys is not None
         since = time.monotonic()
         self.say("  ..  nats-server  starting (operator mode, JetStream, websocket)")
@@ -319,10 +336,51 @@ class LocalStack:
         except NatsServerError as exc:
             raise StackError(f"nats-server did not start: {exc}") from None
         self.nats_url = server.url
+        self.nats_urls = [server.url]
         self.websocket_url = server.websocket_url
         self.monitor_url = server.monitor_url
         write_private(self.state_dir / "linkctl.creds", self._keys.setup.user_creds("linkctl"))
         self._step("nats-server", f"{server.url} (pid {server.pid})", since)
+
+    @property
+    def cluster_dir(self) -> Path:
+        """Where the nodes of ``--cluster N`` keep config, log and store: one directory per size, so a
+        JetStream meta group never meets a store made for another number of peers."""
+        return self.state_dir / f"nats-cluster-{self.options.cluster}"
+
+    def _start_nats_cluster(self) -> None:
+        assert self._keys is not None
+        size = self.options.cluster
+        since = time.monotonic()
+        self.say(f"  ..  nats-server  starting a {size}-node cluster (operator mode, JetStream, websocket)")
+        try:
+            cluster = NatsCluster(
+                size,
+                name="linkctl-dev",
+                operator_conf=self._keys.setup.server_conf(),
+                ports=[self.options.nats_port],
+                websocket=True,
+                websocket_ports=[self.options.websocket_port],
+                workdir=self.cluster_dir,
+                detached=True,
+            )
+        except NatsServerError as exc:  # not installed
+            raise StackError(f"nats-server: {exc}") from None
+        self.cluster = cluster
+        for i, node in enumerate(cluster.nodes):
+            log = self.cluster_dir / cluster.node_name(i) / "nats-server.log"
+            self.children.append(Child(f"nats-{cluster.node_name(i)}", log, nats=node, cluster_node=True))
+        try:
+            cluster.start(timeout=min(self.options.ready_timeout, 30.0))
+        except NatsServerError as exc:
+            raise StackError(f"the nats-server cluster did not form: {exc}") from None
+        self.nats_url = cluster.url
+        self.nats_urls = cluster.urls
+        self.websocket_url = cluster.nodes[0].websocket_url
+        self.monitor_url = cluster.nodes[0].monitor_url
+        write_private(self.state_dir / "linkctl.creds", self._keys.setup.user_creds("linkctl"))
+        pids = ", ".join(str(node.pid) for node in cluster.nodes)
+        self._step("nats-server", f"{size} nodes, {cluster.url} (pids {pids})", since)
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], log_path: Path) -> Child:
         with log_path.open("ab") as log:
@@ -370,6 +428,8 @@ class LocalStack:
             {
                 **self._keys.setup.gateway_env(),
                 "GATEWAY_JWT_SECRET": self._keys.jwt_secret,
+                # On a cluster: every node's URL, so the gateway and (through its sessions) linkd
+                # fail over to another node.
                 "NATS_URL": self.nats_url,
                 "NATS_PUBLIC_URL": self.nats_url,
                 "PYTHONUNBUFFERED": "1",
@@ -387,15 +447,23 @@ class LocalStack:
             "--nats-creds",
             str(creds),
         ]
+        clustered = self.options.cluster > 1
+        if clustered:
+            argv += ["--runs-replicas", str(self.options.runs_replicas)]
         child = self._spawn("gateway", argv, env, self.state_dir / "gateway" / "gateway.log")
         self.gateway_url = f"http://127.0.0.1:{port}"
         with httpx.Client(trust_env=False, timeout=2.0) as http:
 
             def healthy() -> bool:
                 resp = http.get(f"{self.gateway_url}/healthz")
-                return resp.status_code == 200 and resp.json().get("nats") == "connected"
+                doc = resp.json()
+                if resp.status_code != 200 or doc.get("nats") != "connected":
+                    return False
+                # Replicated run streams are placed by the meta leader: wait until they exist.
+                return not clustered or doc.get("runs") in ("ready", "disabled")
 
-            self._wait(child, "waiting for /healthz with NATS connected", healthy)
+            what = "waiting for /healthz with NATS connected" + (" and runs ready" if clustered else "")
+            self._wait(child, what, healthy)
         self.token = self._issue_token()
         self._step("gateway", f"{self.gateway_url} (pid {child.pid})", since)
 
@@ -490,11 +558,20 @@ class LocalStack:
     # ------------------------------------------------------------------ watch and stop
 
     def dead_child(self) -> Child | None:
-        """The first child that exited on its own, if any."""
+        """The first child that exited on its own, if any; nodes of a cluster only once fewer than
+        a majority of them run (until then the cluster carries on without them, as it should)."""
         for child in self.children:
-            if child.returncode is not None:
+            if child.returncode is not None and not child.cluster_node:
                 return child
+        lost = self.lost_nodes()
+        nodes = sum(1 for child in self.children if child.cluster_node)
+        if lost and nodes - len(lost) < nodes // 2 + 1:
+            return lost[0]
         return None
+
+    def lost_nodes(self) -> list[Child]:
+        """Cluster nodes that exited (killed or crashed) while the stack runs."""
+        return [c for c in self.children if c.cluster_node and c.returncode is not None]
 
     def stop(self, quiet: bool = False) -> None:
         """Stop in reverse order (linkd, gateway, nats-server), each bounded; release the lock."""
@@ -509,6 +586,8 @@ class LocalStack:
         for child in self.children:
             if child.nats is not None:
                 child.nats.close()
+        if self.cluster is not None:
+            self.cluster.close()  # its directory is ours (the state dir): kept
         with contextlib.suppress(OSError):
             (self.state_dir / "dev.env").unlink()
         if self._lock is not None:

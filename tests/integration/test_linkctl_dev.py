@@ -8,6 +8,7 @@ state directory is refused, and a child that dies takes the stack down with its 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -152,3 +153,57 @@ def test_a_part_that_cannot_start_is_reported_with_its_log_and_nothing_is_left(t
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr  # the gateway's own log line
     assert "Traceback" not in result.stderr
     assert live_pids_mentioning(str(state)) == []
+
+
+def test_dev_cluster_3_serves_runs_survives_a_node_and_stops_every_node(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with dev_stack(state, "--cluster", "3") as stack:
+        nats = stack.info["nats"]
+        nodes = nats["nodes"]
+        urls = [node["url"] for node in nodes]
+        assert [node["name"] for node in nodes] == ["n1", "n2", "n3"]
+        assert nats["cluster"] == 3 and nats["runsReplicas"] == 3
+        assert nats["url"] == ",".join(urls) and nats["urls"] == urls and len(set(urls)) == 3
+        assert all(node["websocketUrl"].startswith("ws://127.0.0.1:") for node in nodes)
+        pids = [node["pid"] for node in nodes] + [stack.info["gateway"]["pid"], stack.info["linkd"]["pid"]]
+        assert all(_alive(pid) for pid in pids), pids
+        assert (state / "nats-cluster-3" / "n3" / "jetstream-store").is_dir()
+        assert f"export LINKCTL_NATS_URL={nats['url']}" in Path(stack.info["envFile"]).read_text()
+
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            health = http.get(f"{stack.gateway}/healthz").json()
+            assert health == {"status": "ok", "nats": "connected", "runs": "ready"}, health
+            # Desktops are handed every node's URL (the gateway's NATS_PUBLIC_URL).
+            session = http.post(
+                f"{stack.gateway}/api/links/session", headers={"Authorization": f"Bearer {stack.token}"}
+            ).json()
+            assert session["connection"]["urls"] == urls
+            # The run stream is replicated on all three nodes.
+            jsz = http.get(f"{nodes[0]['monitorUrl']}/jsz?accounts=true&streams=true&config=true").json()
+            replicas = {
+                s["name"]: s["config"]["num_replicas"]
+                for acc in jsz["account_details"]
+                for s in acc["stream_detail"]
+            }
+            assert replicas and set(replicas.values()) == {3}, replicas
+
+        # One node killed: reported, and the stack carries on (2 of 3 is a majority).
+        os.kill(nodes[2]["pid"], signal.SIGKILL)
+        assert stack.proc.stderr is not None
+        fd = stack.proc.stderr.fileno()  # raw reads: nothing is left in the text wrapper's buffer
+        deadline = time.monotonic() + 10
+        seen = b""
+        while b"carries on" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            seen += os.read(fd, 65536) if ready else b""
+        warning = seen.decode()
+        assert f"warning: nats-n3 (pid {nodes[2]['pid']}) exited with status -9" in warning, warning
+        assert "carries on with 2 of 3 nodes" in warning
+        assert stack.proc.poll() is None
+
+        code, err = stack.stop()
+        assert code == 0, err
+        order = [line.split()[2] for line in err.splitlines() if line.startswith("  ok  stopped ")]
+        assert order == ["linkd", "gateway", "nats-n2", "nats-n1"], err
+        assert not any(_alive(pid) for pid in pids)
+        assert live_pids_mentioning(str(state)) == []
