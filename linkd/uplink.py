@@ -20,6 +20,11 @@ waits for JetStream's publish ack:
   while the daemon runs: the stream's duplicate window stores each id once, so
   nothing is lost and nothing is applied twice. Retried events go out before
   newer ones (per-run order holds whenever there are no faults).
+- Two refusals are final, not retried (docs/runs.md, "Tenants"): the run's subject is
+  full (JetStream error 10077: the run published ``RUNS_MAX_EVENTS_PER_RUN`` events; the
+  gateway fails it as ``event_limit``), so that run's events are dropped, now and later,
+  instead of blocking every other run's events behind endless retries; and an event
+  bigger than the stream stores (10054), which is sent again cut to half its size.
 - :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
   and logs what is left.
 
@@ -91,6 +96,9 @@ RETRY_CAP: Final = 2.0
 CONNECTION_POLL: Final = 0.1
 # Room left in a message for the headers (the server counts them against max_payload).
 HEADER_ROOM: Final = 512
+# JetStream error codes that no retry can change (see the module doc).
+SUBJECT_FULL: Final = 10077  # maximum messages per subject exceeded (the run's event limit)
+TOO_BIG: Final = 10054  # message size exceeds maximum allowed
 # Shutdown with nothing to deliver to: still try this long.
 MIN_FLUSH: Final = 0.05
 
@@ -208,6 +216,8 @@ class Outbox:
 
     def next_to_send(self, window: int | None = None) -> OutboxEntry | None:
         """The oldest event waiting to be (re)sent, if the window (default: ``self.window``) has room."""
+        while self._ready and self._ready[0][1].state == _ACKED:  # dropped by refuse_run()
+            heapq.heappop(self._ready)
         if not self._ready or len(self._in_flight) >= (self.window if window is None else window):
             return None
         return self._ready[0][1]
@@ -249,6 +259,24 @@ class Outbox:
         if entry is not None:
             self._requeue(entry)
         return entry
+
+    def in_flight_entry(self, token: str) -> OutboxEntry | None:
+        return self._in_flight.get(token)
+
+    def refuse_run(self, run_id: str) -> int:
+        """Drop every event of ``run_id`` not delivered yet (the stream refuses the run for good)."""
+        dropped = 0
+        for token, entry in list(self._in_flight.items()):
+            if entry.event.run_id == run_id:
+                del self._in_flight[token]
+                entry.state, entry.token = _ACKED, None
+                dropped += 1
+        for entry in self._entries:
+            if entry.event.run_id == run_id and entry.state == _QUEUED:
+                entry.state = _ACKED
+                dropped += 1
+        self._trim()
+        return dropped
 
     def expire(self, now: float) -> list[OutboxEntry]:
         """Events whose ack is overdue go back to the queue; returns them."""
@@ -323,7 +351,8 @@ class JetStreamUplink:
         self.published = 0  # publishes, first tries and retries
         self.retries = 0
         self.duplicates = 0  # acks saying the stream already had the id (a retry of a stored event)
-        self.dropped = 0  # events that can never be published (bigger than any message may be)
+        self.dropped = 0  # events that can never be published (too big, or their run is refused)
+        self._refused_runs: set[str] = set()  # runs the stream refuses for good (subject full)
         self.last_error: str | None = None
         self._wanted: tuple[NATS, tunnel.HostSubjects] | None = None
         self._link: _Link | None = None
@@ -344,6 +373,9 @@ class JetStreamUplink:
         """Queue ``event``; waits while the outbox is full (except for ``done``)."""
         if not is_valid_run_id(run_id) or event.run_id != run_id:
             raise ValueError(f"invalid run id {run_id!r} for event {event.message_id}")
+        if run_id in self._refused_runs:
+            self.dropped += 1  # the stream takes no more of this run's events
+            return
         payload = encode_event(event)
         while not self._closed and event.type != DONE and not self.outbox.has_room(len(payload)):
             self._room.clear()
@@ -562,9 +594,51 @@ class JetStreamUplink:
             self._wake.set()
             return
         kind, text = problem
-        if self.outbox.failed(token) is not None:
+        if kind == f"api_{SUBJECT_FULL}":
+            self._refuse_run(token, text)
+        elif kind == f"api_{TOO_BIG}":
+            self._shrink_refused(token, kind, text)
+        elif self.outbox.failed(token) is not None:
             self._failure(kind, text)
         self._wake.set()
+
+    def _refuse_run(self, token: str, text: str) -> None:
+        entry = self.outbox.in_flight_entry(token)
+        if entry is None:
+            return
+        run_id = entry.event.run_id
+        self._refused_runs.add(run_id)
+        dropped = self.outbox.refuse_run(run_id)
+        self.dropped += dropped
+        log.error(
+            "run %s: %s; its %d undelivered event(s) are dropped and later ones will be",
+            run_id,
+            text,
+            dropped,
+            extra={"event": "uplink_run_refused", "run_id": run_id},
+        )
+        self._removed()
+
+    def _shrink_refused(self, token: str, kind: str, text: str) -> None:
+        """An event bigger than the stream stores: send it again at half its size."""
+        entry = self.outbox.failed(token)
+        if entry is None:
+            return
+        try:
+            payload = fit_event(entry.event, max(256, entry.size // 2))
+        except ValueError:
+            payload = entry.payload
+        if len(payload) >= entry.size:
+            self._failure(kind, text)  # cannot be cut further: retried with backoff, and logged
+            return
+        log.warning(
+            "run %s: event seq %d is bigger than the stream stores; sent cut to %d bytes",
+            entry.event.run_id,
+            entry.event.seq,
+            len(payload),
+        )
+        self.outbox.nbytes += len(payload) - entry.size
+        entry.payload = payload
 
     def _fresh_start(self, now: float) -> None:
         self.retry.reset()

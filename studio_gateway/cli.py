@@ -59,6 +59,10 @@ FLAG_FOR_ENV: Final = {
     "RUNS_DISPATCH_TIMEOUT_SECONDS": "--runs-dispatch-timeout",
     "RUNS_KEEPALIVE_SECONDS": "--runs-keepalive",
     "RUNS_MAX_BODY_BYTES": "--runs-max-body-bytes",
+    "RUNS_MAX_EVENTS_PER_RUN": "--runs-max-events-per-run",
+    "RUNS_MAX_EVENT_BYTES": "--runs-max-event-bytes",
+    "RUNS_HOST_STRAY_EVENTS": "--runs-host-stray-events",
+    "RUNS_HOST_STRAY_WINDOW_SECONDS": "--runs-host-stray-window",
 }
 
 app = typer.Typer(
@@ -227,6 +231,29 @@ def serve(
     runs_max_body_bytes: Annotated[
         int | None, Opt(help="Largest POST /api/runs body (524288).", envvar="RUNS_MAX_BODY_BYTES")
     ] = None,
+    runs_max_events_per_run: Annotated[
+        int | None,
+        Opt(
+            help="Events one run may publish; more are refused and the run fails as event_limit (100000).",
+            envvar="RUNS_MAX_EVENTS_PER_RUN",
+        ),
+    ] = None,
+    runs_max_event_bytes: Annotated[
+        int | None,
+        Opt(help="Largest run event the stream stores, bytes (1048576).", envvar="RUNS_MAX_EVENT_BYTES"),
+    ] = None,
+    runs_host_stray_events: Annotated[
+        int | None,
+        Opt(
+            help="Events a desktop may publish for runs it does not have, per window, before its "
+            "stored events are purged and its runs fail as quota_exceeded (2000).",
+            envvar="RUNS_HOST_STRAY_EVENTS",
+        ),
+    ] = None,
+    runs_host_stray_window: Annotated[
+        float | None,
+        Opt(help="The window of --runs-host-stray-events, s (60).", envvar="RUNS_HOST_STRAY_WINDOW_SECONDS"),
+    ] = None,
     log_level: Annotated[str, Opt(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway HTTP service until SIGINT/SIGTERM."""
@@ -262,6 +289,10 @@ def serve(
             "RUNS_DISPATCH_TIMEOUT_SECONDS": _float_env(runs_dispatch_timeout),
             "RUNS_KEEPALIVE_SECONDS": _float_env(runs_keepalive),
             "RUNS_MAX_BODY_BYTES": _int_env(runs_max_body_bytes),
+            "RUNS_MAX_EVENTS_PER_RUN": _int_env(runs_max_events_per_run),
+            "RUNS_MAX_EVENT_BYTES": _int_env(runs_max_event_bytes),
+            "RUNS_HOST_STRAY_EVENTS": _int_env(runs_host_stray_events),
+            "RUNS_HOST_STRAY_WINDOW_SECONDS": _float_env(runs_host_stray_window),
         }
     )
     try:

@@ -76,6 +76,16 @@ DEFAULT_RUNS_DISPATCH_TIMEOUT: Final = 10.0
 DEFAULT_RUNS_KEEPALIVE: Final = 15.0
 # A run's POST body (runner, input, title): the daemon takes work items of up to 1 MiB.
 DEFAULT_RUNS_MAX_BODY_BYTES: Final = 512 * 1024
+# Tenant limits (docs/runs.md, "Tenants"): events one run may publish (the stream refuses more of
+# one run's subject; the projector fails the run as event_limit when it reaches this many) ...
+DEFAULT_RUNS_MAX_EVENTS_PER_RUN: Final = 100_000
+# ... the largest event the stream stores (a bigger publish is refused; NATS's default max_payload) ...
+DEFAULT_RUNS_MAX_EVENT_BYTES: Final = 1024 * 1024
+# ... and events a host may publish for runs it does not have (unknown, ended, another host's)
+# within RUNS_HOST_STRAY_WINDOW before it is over quota: its stored events are purged and its
+# active runs fail as quota_exceeded.
+DEFAULT_RUNS_HOST_STRAY_EVENTS: Final = 2000
+DEFAULT_RUNS_HOST_STRAY_WINDOW: Final = 60.0
 
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 _PUBLIC_KEY_ALGORITHMS: Final = frozenset(
@@ -175,6 +185,10 @@ class RunsConfig:
     dispatch_timeout: float = DEFAULT_RUNS_DISPATCH_TIMEOUT
     keepalive: float = DEFAULT_RUNS_KEEPALIVE
     max_body_bytes: int = DEFAULT_RUNS_MAX_BODY_BYTES
+    max_events_per_run: int = DEFAULT_RUNS_MAX_EVENTS_PER_RUN
+    max_event_bytes: int = DEFAULT_RUNS_MAX_EVENT_BYTES
+    host_stray_events: int = DEFAULT_RUNS_HOST_STRAY_EVENTS
+    host_stray_window: float = DEFAULT_RUNS_HOST_STRAY_WINDOW
 
     @property
     def reaper_scan_interval(self) -> float:
@@ -232,6 +246,22 @@ class RunsConfig:
             keepalive=_float(environ, "RUNS_KEEPALIVE_SECONDS", DEFAULT_RUNS_KEEPALIVE, 0.1, 3600.0),
             max_body_bytes=_int(
                 environ, "RUNS_MAX_BODY_BYTES", default=DEFAULT_RUNS_MAX_BODY_BYTES, low=1024, high=16 << 20
+            ),
+            max_events_per_run=_int(
+                environ,
+                "RUNS_MAX_EVENTS_PER_RUN",
+                default=DEFAULT_RUNS_MAX_EVENTS_PER_RUN,
+                low=10,
+                high=1 << 30,
+            ),
+            max_event_bytes=_int(
+                environ, "RUNS_MAX_EVENT_BYTES", default=DEFAULT_RUNS_MAX_EVENT_BYTES, low=1024, high=64 << 20
+            ),
+            host_stray_events=_int(
+                environ, "RUNS_HOST_STRAY_EVENTS", default=DEFAULT_RUNS_HOST_STRAY_EVENTS, low=1, high=1 << 30
+            ),
+            host_stray_window=_float(
+                environ, "RUNS_HOST_STRAY_WINDOW_SECONDS", DEFAULT_RUNS_HOST_STRAY_WINDOW, 1.0, 86400.0
             ),
         )
 

@@ -1,16 +1,28 @@
 """The projector: the only writer of run state from uplink events.
 
-Every gateway instance runs one :class:`Projector` loop on the same durable pull
-consumer (``LINK_RUNS_PROJECTOR``), so the instances share the work and a crashed
-instance's unacknowledged events go to another one after the ack wait (a few seconds).
+Every gateway instance runs one :class:`Projector`. Its input is one durable pull
+consumer per host with active runs (:mod:`.host_feeds`), shared by the instances, so
+they share the work and a crashed instance's unacknowledged events go to another one
+after the ack wait (a few seconds). The projector takes turns between hosts: at most
+``TURN_EVENTS`` of one host's events, then the next host's, so a desktop flooding its
+own subjects delays nobody else's runs by more than a turn (docs/runs.md, "Tenants").
 
-A pulled batch is applied run by run, in seq order: the events of one run are
+Each event's run is first looked up in the in-memory index of active runs
+(:mod:`.active_runs`): an event for a run its host does not have costs a set lookup,
+counted as a stray, with a state read only while the host's :class:`LookupBudget`
+allows (an honest race with the index). A host over ``RUNS_HOST_STRAY_EVENTS`` strays
+per window is over its quota: its stored events are purged and its active runs fail
+as ``quota_exceeded``. A run that reaches ``RUNS_MAX_EVENTS_PER_RUN`` fails as
+``event_limit`` (the stream refuses more of its events anyway).
+
+A turn's events are applied run by run, in seq order: the events of one run are
 decided one after the other with :func:`.run_state.apply_event` on the evolving
-state, the ones to keep for export are stored (:meth:`.RunStore.keep_event`,
-idempotent per seq), and the run's new state is written *once* for the whole group
-with compare-and-set on the key's revision (on a conflict: read again, decide again).
-Only then are the events acknowledged: after a crash they are delivered again and
-recognised as duplicates (seq <= applied) or applied now. Each event is applied once.
+state, the ones to keep for export are stored (:meth:`.RunStore.keep_events`, one
+write per run and turn, idempotent per seq), and the run's new state is written *once*
+for the whole group with compare-and-set on the key's revision (on a conflict: read
+again, decide again). Only then are the events acknowledged: after a crash they are
+delivered again and recognised as duplicates (seq <= applied) or applied now. Each
+event is applied once.
 
 An event that arrives before its predecessor (another instance is applying that
 one, or it is being redelivered) is held here, unacknowledged (with in-progress
@@ -36,17 +48,21 @@ from nats.aio.msg import Msg
 
 from linkd.run_protocol import parse_run_subject
 
+from .active_runs import ActiveRuns
 from .health import Health
-from .pull_feed import ConsumerGone, FeedUnavailable, PullFeed
+from .host_feeds import HostFeeds
 from .run_metrics import RunMetrics
-from .run_state import RunState, apply_event
+from .run_state import RunState, apply_event, terminate
 from .run_store import Conflict, RunStore
+from .tasks import stop_tasks
+from .tenant_limits import LookupBudget, StrayCounter
 
 __all__ = ["Projector", "keep_decision"]
 
 log = logging.getLogger("studio_gateway.projector")
 
-FETCH_BATCH: Final = 32
+# Events of one host applied per turn before the next host's (fairness between tenants).
+TURN_EVENTS: Final = 64
 FETCH_TIMEOUT: Final = 1.0
 # While holding early events, pull with this short timeout so they are retried promptly.
 HELD_POLL: Final = 0.02
@@ -63,9 +79,12 @@ MAX_CAS_ATTEMPTS: Final = 50
 ERROR_DELAY: Final = 0.5
 # A feed not served this long makes runs "unavailable" (one 503 during a leader change does not).
 UNHEALTHY_AFTER: Final = 1.0
-# Between re-opening feeds that gave up: a backoff from the first to the max delay.
-RESTART_FIRST_DELAY: Final = 0.1
-RESTART_MAX_DELAY: Final = 5.0
+# How often host feeds are checked (requests renewed, failed feeds re-opened, health).
+MAINTAIN_INTERVAL: Final = 0.25
+# A host consumer for runs whose creation time this instance does not know starts this far back.
+LOOKBACK_UNKNOWN: Final = 30 * 60.0
+# Ended runs remembered (run id -> host), so their late events need no state read.
+ENDED_RUNS: Final = 4096
 
 
 def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -> tuple[bool, RunState]:
@@ -137,72 +156,84 @@ class Projector:
         # Last state written per run (with its revision): the next group usually needs no read.
         self._cache: OrderedDict[str, tuple[RunState, int]] = OrderedDict()
         self._held: dict[str, list[_Item]] = {}
+        self._maintain_now = asyncio.Event()
+        self.active = ActiveRuns(store, on_change=self._maintain_now.set)
+        self.feeds = HostFeeds(
+            store,
+            on_error=lambda kind: self.metrics.projector_errors.inc(kind=kind),
+            on_reopen=self.metrics.projector_restarts.inc,
+        )
+        self._created: dict[str, int] = {}  # run id -> created_at (ms), for runs this instance created
+        self._ended: OrderedDict[str, str] = OrderedDict()  # run id -> host token
+        config = store.config
+        self.max_events_per_run = config.max_events_per_run
+        self._budget = LookupBudget()
+        self._strays = StrayCounter(config.host_stray_events, config.host_stray_window)
 
     async def run(self) -> None:
-        """Pull and apply events until cancelled; survives leader changes, node loss and deletion.
+        """Pull and apply events until cancelled; survives leader changes, node loss and deletion."""
+        loop = asyncio.get_running_loop()
+        index = loop.create_task(self.active.run(), name="projector-active-runs")
+        maintain = loop.create_task(self._maintain(), name="projector-feeds")
+        try:
+            while True:
+                timeout = HELD_POLL if self._held else FETCH_TIMEOUT
+                turn = await self.feeds.next_turn(TURN_EVENTS, timeout)
+                msgs = turn[1] if turn is not None else []
+                if not msgs and not self._held:
+                    self.metrics.projector_pending.set(0)
+                await self.handle_batch(msgs)
+        finally:
+            await stop_tasks([index, maintain])
+            await self._give_back_held()
+            await self.feeds.close()
 
-        A feed that gives up (its consumer deleted, or not served for ``PROJECTOR_GIVE_UP``)
-        is closed, the durable consumer checked or re-created (idempotent), and a new feed
-        opened, with a bounded backoff between attempts: never a dead feed polled forever.
-        """
-        delay = RESTART_FIRST_DELAY
-        opened_before = False
+    async def _maintain(self) -> None:
+        """Keep a feed open for every host with active runs, and say when one is not served."""
+        loop = asyncio.get_running_loop()
         while True:
+            self._maintain_now.clear()
             try:
-                if opened_before:
-                    await self.store.ensure_projector_consumer()
-                feed = await self.store.projector_feed()
+                await self.feeds.maintain(self._wanted_hosts(), loop.time())
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                self.metrics.projector_errors.inc(kind="open")
-                self.health.trouble("projector_pull", f"the projector cannot open its consumer ({exc!r})")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_MAX_DELAY)
-                continue
-            if opened_before:
-                self.metrics.projector_restarts.inc()
-                log.info("projector: pulling from a new feed")
-            opened_before = True
-            try:
-                served = await self._pull(feed)
-            finally:
-                await self._give_back_held()
-                with contextlib.suppress(Exception):
-                    await feed.unsubscribe()
-            delay = RESTART_FIRST_DELAY if served else min(delay * 2, RESTART_MAX_DELAY)
-            await asyncio.sleep(delay)
-
-    async def _pull(self, feed: PullFeed) -> bool:
-        """Pull and apply until the feed gives up; returns whether it ever served."""
-        served = False
-        while True:
-            try:
-                msgs = await feed.fetch(FETCH_BATCH, HELD_POLL if self._held else FETCH_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except ConsumerGone as exc:
-                kind = "unavailable" if isinstance(exc, FeedUnavailable) else "consumer_gone"
-                self.metrics.projector_errors.inc(kind=kind)
-                self.health.trouble("projector_pull", f"the projector's consumer is not served ({exc})")
-                return served
-            except Exception as exc:
-                self.metrics.projector_errors.inc(kind="fetch")
-                self.health.trouble("projector_pull", f"the projector cannot pull ({exc!r})")
-                await asyncio.sleep(ERROR_DELAY)
-                continue
-            unserved = feed.unavailable_for()
-            if unserved >= UNHEALTHY_AFTER:
+            except Exception as exc:  # a bug must not stop the projector: report it, go on
+                log.exception("projector: keeping host feeds failed")
+                self.health.trouble("projector_pull", f"the projector cannot keep its feeds ({exc!r})")
+            unserved = self.feeds.unserved()
+            if unserved is not None and unserved[1] >= UNHEALTHY_AFTER:
+                host, seconds, problem = unserved
                 self.health.trouble(
                     "projector_pull",
-                    f"the projector's consumer is not served ({feed.last_problem}, {unserved:.1f} s)",
+                    f"the projector's consumer for host {host[:16]}... is not served "
+                    f"({problem}, {seconds:.1f} s)",
                 )
-            elif unserved == 0.0:
-                served = True
+            elif unserved is None:
                 self.health.fine("projector_pull")
-            if not msgs and not self._held:
-                self.metrics.projector_pending.set(0)
-            await self.handle_batch(msgs)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._maintain_now.wait(), MAINTAIN_INTERVAL)
+
+    def _wanted_hosts(self) -> dict[str, int]:
+        """Hosts with active runs -> when their oldest active run was created (ms; now if unknown)."""
+        now = self.now_ms()
+        wanted: dict[str, int] = {}
+        for host, runs in self.active.hosts.items():
+            oldest = now
+            for run_id in runs:
+                cached = self._cache.get(run_id)
+                if cached is not None:
+                    oldest = min(oldest, cached[0].created_at)
+                else:
+                    oldest = min(oldest, self._created.get(run_id, now - int(LOOKBACK_UNKNOWN * 1000)))
+            wanted[host] = oldest
+        return wanted
+
+    def run_created(self, state: RunState) -> None:
+        """This instance just created a run: index it now (its bucket entry follows)."""
+        self._created[state.run_id] = state.created_at
+        while len(self._created) > CACHE_RUNS:
+            self._created.pop(next(iter(self._created)))
+        self.active.add(state.run_id, state.host_token)
 
     async def _give_back_held(self) -> None:
         for items in self._held.values():
@@ -213,13 +244,26 @@ class Projector:
         self._cache.clear()  # another instance may move runs on while this one restarts
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        """Apply a batch run by run in seq order, then whatever held events became applicable."""
+        """Apply a turn run by run in seq order, then whatever held events became applicable."""
         groups: dict[str, list[_Item]] = {}
+        strays: dict[str, int] = {}
+        now = asyncio.get_running_loop().time()
         for msg in msgs:
             item = _parse(msg, self.prefix)
             if item is None:
                 await self._ack(msg, "invalid")
                 continue
+            owner = self.active.host_of(item.run_id)
+            if owner != item.host_token:
+                ended = self._ended.get(item.run_id)
+                if ended == item.host_token:
+                    await self._ack(msg, "terminal")  # a late event of an ended run of its own
+                    continue
+                if owner is not None or ended is not None or not self._budget.allow(item.host_token, now):
+                    # Another host's run, or a made-up one beyond what a state read is spent on.
+                    strays[item.host_token] = strays.get(item.host_token, 0) + 1
+                    await self._ack(msg, "stray")
+                    continue
             groups.setdefault(item.run_id, []).append(item)
         if msgs:
             with contextlib.suppress(Exception):
@@ -230,6 +274,59 @@ class Projector:
             held = self._held.pop(run_id)
             self._cache.pop(run_id, None)  # another instance may have moved the run on
             await self._guarded(run_id, held)
+        for host, count in strays.items():
+            await self._count_strays(host, count)
+
+    async def _count_strays(self, host: str, count: int) -> None:
+        """Count a host's events for runs it does not have; act once it is over its quota."""
+        now = asyncio.get_running_loop().time()
+        if not self._strays.add(host, now, count):
+            return
+        self._strays.reset(host)
+        await self._over_quota(host)
+
+    async def _over_quota(self, host: str) -> None:
+        """The host published too many events for runs it does not have: purge, fail its runs."""
+        self.metrics.quota_exceeded.inc()
+        limit = self._strays.limit
+        window = self._strays.window
+        log.warning(
+            "host %s... is over its quota: more than %d events for runs it does not have within %g s; "
+            "its stored events are purged and its active runs fail as quota_exceeded",
+            host[:16],
+            limit,
+            window,
+            extra={"host_token": host},
+        )
+        reason = (
+            f"the desktop published more than {limit} events for runs it does not have within "
+            f"{window:g} s (RUNS_HOST_STRAY_EVENTS): its runs were stopped and its stored events purged"
+        )
+        now_ms = self.now_ms()
+        for run_id in list(self.active.hosts.get(host, ())):
+            written, _ = await self.store.modify(
+                run_id,
+                lambda state: terminate(
+                    state, "failed", now_ms=now_ms, failure_kind="quota_exceeded", reason=reason
+                ),
+            )
+            if written is not None:
+                self.metrics.run_finished(written.status, written.failure_kind)
+            self._run_ended(run_id, host)
+        try:
+            await self.store.purge_host_events(host)
+        except Exception as exc:
+            log.warning(
+                "host %s...: cannot purge its events (%r); trying again on the next excess", host[:16], exc
+            )
+
+    def _run_ended(self, run_id: str, host: str) -> None:
+        self._cache.pop(run_id, None)
+        self.active.forget(run_id)
+        self._ended[run_id] = host
+        self._ended.move_to_end(run_id)
+        while len(self._ended) > ENDED_RUNS:
+            self._ended.popitem(last=False)
 
     async def _guarded(self, run_id: str, items: list[_Item]) -> None:
         try:
@@ -266,8 +363,13 @@ class Projector:
             if loaded is None:
                 for item in items:
                     await self._ack(item.msg, "unknown_run")
+                await self._count_strays(items[0].host_token, len(items))
                 return
             state, revision = loaded
+            if state.terminal:
+                self._run_ended(run_id, state.host_token)
+            elif self.active.host_of(run_id) is None:
+                self.active.add(run_id, state.host_token)  # the index had not seen it yet
             current = state
             applied: list[_Item] = []
             ignored: list[tuple[_Item, str]] = []
@@ -298,16 +400,27 @@ class Projector:
             if early and not applied and cached:
                 self._cache.pop(run_id, None)  # the cache may be behind another instance: read again
                 continue
+            if applied and not current.terminal and current.seq >= self.max_events_per_run:
+                ended = terminate(
+                    current,
+                    "failed",
+                    now_ms=now,
+                    failure_kind="event_limit",
+                    reason=f"the run published {current.seq} events, the most one run may "
+                    f"(RUNS_MAX_EVENTS_PER_RUN); the stream refuses more of them",
+                )
+                current = ended if ended is not None else current
             if applied:
-                # Kept copies first (idempotent puts, in parallel), then the state that counts them.
-                await asyncio.gather(*(self.store.keep_event(run_id, i.seq, i.event) for i in kept))
+                # Kept copies first (one idempotent write per run and turn), then the state that counts them.
+                if kept:
+                    await self.store.keep_events(run_id, [(i.seq, i.event) for i in kept])
                 try:
                     new_revision = await self.store.write(current, revision)
                 except Conflict:
                     self._cache.pop(run_id, None)
                     continue
                 if current.terminal:
-                    self._cache.pop(run_id, None)
+                    self._run_ended(run_id, current.host_token)
                     self.metrics.run_finished(current.status, current.failure_kind)
                     await self.store.mark_inactive(run_id)
                 else:
@@ -320,6 +433,9 @@ class Projector:
                 self.health.fine("projector_apply")
             for item, outcome in ignored:
                 await self._ack(item.msg, outcome)
+            wrong_host = sum(1 for _, outcome in ignored if outcome == "wrong_host")
+            if wrong_host:
+                await self._count_strays(items[0].host_token, wrong_host)
             await self._hold(run_id, early)
             return
         raise Conflict(f"{run_id}: too many concurrent writers")

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 from nats.aio.client import Client as NATS
@@ -71,8 +72,11 @@ class PullFeed:
         batch: int,
         expires: float,
         give_up_after: float | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._nc = nc
+        # Called when a message is queued (a scheduler waiting on many feeds at once).
+        self._on_ready = on_ready
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._batch = batch
         self._expires = expires
@@ -100,8 +104,11 @@ class PullFeed:
         batch: int,
         expires: float,
         give_up_after: float | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> PullFeed:
-        feed = cls(nc, stream, consumer, batch=batch, expires=expires, give_up_after=give_up_after)
+        feed = cls(
+            nc, stream, consumer, batch=batch, expires=expires, give_up_after=give_up_after, on_ready=on_ready
+        )
         feed._sub = await nc.subscribe(feed._inbox, cb=feed._on_message)
         await feed._request_if_due()
         return feed
@@ -136,6 +143,8 @@ class PullFeed:
             self._queue.append(msg)
             self._left -= 1
             self._ready.set()
+            if self._on_ready is not None:
+                self._on_ready()
             if self._left <= 0:
                 await self._request_if_due()
             return
@@ -177,6 +186,26 @@ class PullFeed:
         await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
 
     # ------------------------------------------------------------------ reading
+
+    @property
+    def buffered(self) -> int:
+        """Messages delivered and not read yet."""
+        return len(self._queue)
+
+    async def poke(self) -> None:
+        """Renew a lost or refused request of a feed nobody is reading right now."""
+        await self._request_if_due()
+
+    def take(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` of the messages delivered already, without waiting (see :meth:`poke`)."""
+        out = [self._queue.popleft() for _ in range(min(batch, len(self._queue)))]
+        if not self._queue:
+            self._ready.clear()
+        return out
+
+    def check(self) -> None:
+        """Raise what :meth:`fetch` would: :class:`ConsumerGone` / :class:`FeedUnavailable`."""
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -22,7 +22,9 @@ Series (all per gateway instance):
   its consumer not served for a while, e.g. a leader election or a dead node;
   ``consumer_gone``: deleted; ``open``: could not open or re-create it; ``fetch``; ``apply``:
   a state write failed, the events are redelivered);
-- ``studio_runs_projector_restarts_total``: feeds the projector re-opened after one gave up;
+- ``studio_runs_projector_restarts_total``: host feeds the projector re-opened after one failed;
+- ``studio_runs_quota_exceeded_total``: times a host went over its quota of events for runs
+  it does not have (its events purged, its active runs failed as ``quota_exceeded``);
 - ``studio_runs_reaper_errors_total``: reaper passes (or runs within one) that failed;
 - ``studio_runs_ready`` (1 while runs work on this instance: set up, and the projector and the
   reaper healthy, as ``/healthz`` says), ``studio_runs_dispatch_in_flight``.
@@ -71,6 +73,12 @@ class RunMetrics:
         )
         self.projector_restarts = r.register(
             Counter("studio_runs_projector_restarts_total", "Feeds the projector re-opened after a failure.")
+        )
+        self.quota_exceeded = r.register(
+            Counter(
+                "studio_runs_quota_exceeded_total",
+                "Times a host went over its quota of events for runs it does not have.",
+            )
         )
         self.reaper_errors = r.register(
             Counter("studio_runs_reaper_errors_total", "Reaper passes, or runs in one, that failed.")

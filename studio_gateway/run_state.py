@@ -48,6 +48,8 @@ FAILURE_KINDS: Final = (
     "desktop_lost",
     "events_lost",
     "run_failed",
+    "event_limit",
+    "quota_exceeded",
 )
 EVENT_TYPES: Final = frozenset({"stage", "output", "heartbeat", "done"})
 # What an event's handling came to; the projector counts each in /metrics.

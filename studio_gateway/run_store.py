@@ -10,8 +10,15 @@
   is idempotent), up to ``RUNS_OUTPUT_MAX_BYTES`` per run;
 - bucket ``LINK_RUN_ACTIVE``: one key per run that is not terminal yet, so the reaper
   scans only those (removed with a subject purge: no tombstones pile up);
-- durable pull consumer ``LINK_RUNS_PROJECTOR`` on the stream, shared by every gateway
-  instance's projector.
+- durable pull consumers ``LINK_RUNS_H_<hash of the host token>``, one per host with active
+  runs, filtered to that host's subjects and shared by every gateway instance's projector,
+  which takes turns between hosts (see :mod:`.projector`); created when a host gets a run,
+  removed by JetStream after ``HOST_CONSUMER_INACTIVE`` without pulls.
+
+Tenant limits on the stream (docs/runs.md, "Tenants"): a run's subject holds at most
+``RUNS_MAX_EVENTS_PER_RUN`` (+ a little slack) events and an event at most
+``RUNS_MAX_EVENT_BYTES``; JetStream refuses a publish beyond either (error 10077 / 10054)
+instead of deleting anything accepted (``discard: new`` per subject).
 
 Everything survives a gateway restart; gateway instances keep no run state of their own.
 """
@@ -20,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import nats.errors
@@ -42,6 +51,7 @@ from .run_state import RunState
 
 __all__ = [
     "ACTIVE_BUCKET",
+    "HOST_CONSUMER_PREFIX",
     "OUTPUT_BUCKET",
     "PROJECTOR_DURABLE",
     "STATE_BUCKET",
@@ -56,7 +66,17 @@ log = logging.getLogger("studio_gateway.run_store")
 STATE_BUCKET: Final = "LINK_RUN_STATE"
 OUTPUT_BUCKET: Final = "LINK_RUN_OUTPUT"
 ACTIVE_BUCKET: Final = "LINK_RUN_ACTIVE"
+# The single projector consumer of earlier versions (replaced by one per host; deleted at set-up).
 PROJECTOR_DURABLE: Final = "LINK_RUNS_PROJECTOR"
+HOST_CONSUMER_PREFIX: Final = "LINK_RUNS_H_"
+# A host's consumer nobody pulled this long (no active runs) is removed by JetStream.
+HOST_CONSUMER_INACTIVE: Final = 300.0
+# A new host consumer starts this long before the host's oldest active run was created
+# (clock skew between a gateway and the servers; older events are not the run's anyway).
+HOST_CONSUMER_LOOKBACK: Final = 60.0
+# Room above RUNS_MAX_EVENTS_PER_RUN in the stream's per-subject limit: duplicates stored after
+# the duplicate window, and the projector's own verdict (event_limit) comes first.
+EVENTS_PER_RUN_SLACK: Final = 64
 # A projector that took a message and died: JetStream hands it to another instance after this.
 # Short, because the run's later events wait for it; an instance holding an early event
 # keeps it with in-progress acks, and applying twice is harmless (a duplicate).
@@ -81,6 +101,11 @@ JS_API: Final = "$JS.API"
 _STREAM_NAME_IN_USE: Final = 10058
 _CONSUMER_EXISTS: Final = 10148
 _CONSUMER_NAME_EXISTS: Final = 10013
+
+
+def host_consumer_name(host_token: str) -> str:
+    """A consumer name for the host: fixed length, whatever the hostname's length."""
+    return HOST_CONSUMER_PREFIX + hashlib.sha256(host_token.encode()).hexdigest()[:32]
 
 
 class Conflict(Exception):
@@ -128,12 +153,23 @@ def runs_stream_config(config: RunsConfig, prefix: str) -> api.StreamConfig:
         max_consumers=-1,
         max_msgs=-1,
         max_bytes=-1,
-        max_msg_size=-1,
-        discard=api.DiscardPolicy.OLD,
+        max_msg_size=config.max_event_bytes,
+        max_msgs_per_subject=config.max_events_per_run + EVENTS_PER_RUN_SLACK,
+        discard=api.DiscardPolicy.NEW,
+        discard_new_per_subject=True,
     )
 
 
-_COMPARED: Final = ("subjects", "max_age", "duplicate_window", "num_replicas", "max_msgs_per_subject")
+_COMPARED: Final = (
+    "subjects",
+    "max_age",
+    "duplicate_window",
+    "num_replicas",
+    "max_msgs_per_subject",
+    "max_msg_size",
+    "discard",
+    "discard_new_per_subject",
+)
 
 
 async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> str:
@@ -281,66 +317,76 @@ class RunStore:
         self._state = await js.key_value(STATE_BUCKET)
         self._output = await js.key_value(OUTPUT_BUCKET)
         self._active = await js.key_value(ACTIVE_BUCKET)
-        done[PROJECTOR_DURABLE] = await self.ensure_projector_consumer()
+        if await self._drop_shared_projector_consumer():
+            done[PROJECTOR_DURABLE] = "deleted"
         return done
 
-    async def ensure_projector_consumer(self) -> str:
-        """Create the projector's durable consumer, or bring it to this config; idempotent.
+    async def _drop_shared_projector_consumer(self) -> bool:
+        """Earlier versions pulled every host's events through one consumer: it goes."""
+        try:
+            await self.js.delete_consumer(RUN_STREAM, PROJECTOR_DURABLE)
+        except nats.js.errors.NotFoundError:
+            return False
+        log.info("deleted the shared projector consumer %s (one per host now)", PROJECTOR_DURABLE)
+        return True
 
-        Replicated like the stream (``--runs-replicas``), so a node's death moves its
-        leader instead of losing it. Re-created the same way when it was deleted: it then
-        starts over from the stream's first event, which is correct because applying is
-        idempotent (the run state's seq is the real checkpoint: older events are duplicates).
+    def host_subject(self, host_token: str) -> str:
+        """Every run event of one host (the filter of its consumer)."""
+        return f"{self.prefix}.host.{host_token}.runs.*"
+
+    async def ensure_host_consumer(self, host_token: str, *, since_ms: int) -> str:
+        """The host's durable consumer (name), created starting ``since_ms`` if missing; idempotent.
+
+        Replicated like the stream (``--runs-replicas``), so a node's death moves its leader
+        instead of losing its acknowledgements. An existing one goes on from its ack floor.
+        Re-created after it was removed (idle, or deleted): it then starts at the host's
+        oldest active run, which is correct because applying is idempotent (the run state's
+        seq is the real checkpoint: older events are duplicates).
         """
+        name = host_consumer_name(host_token)
+        try:
+            await self.js.consumer_info(RUN_STREAM, name)
+            return name
+        except nats.js.errors.NotFoundError:
+            pass
+        start = datetime.fromtimestamp(max(0.0, since_ms / 1000 - HOST_CONSUMER_LOOKBACK), tz=UTC)
         consumer = api.ConsumerConfig(
-            name=PROJECTOR_DURABLE,
-            durable_name=PROJECTOR_DURABLE,
-            description="run state projector (every gateway instance pulls from it)",
+            name=name,
+            durable_name=name,
+            description=f"run events of host {host_token[:64]} for the projectors",
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=PROJECTOR_ACK_WAIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            filter_subject=run_stream_subjects(self.prefix)[0],
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=start,
+            filter_subject=self.host_subject(host_token),
             max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
             max_deliver=-1,
             max_waiting=512,
+            inactive_threshold=HOST_CONSUMER_INACTIVE,
             num_replicas=self.config.replicas,
         )
         try:
-            info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is not None:
-            current = info.config
-            if (
-                _normal(current.ack_wait) == _normal(consumer.ack_wait)
-                and current.max_ack_pending == consumer.max_ack_pending
-                and current.filter_subject == consumer.filter_subject
-                and (current.num_replicas or self.config.replicas) == self.config.replicas
-            ):
-                return "unchanged"
-        try:
-            await self.js.add_consumer(RUN_STREAM, consumer)  # creates, or updates in place
+            await self.js.add_consumer(RUN_STREAM, consumer)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
                 raise
-            log.warning("the projector consumer exists with other settings (%s); using it as it is", exc)
-            return "unchanged"
-        return "created" if info is None else "updated"
+        return name
 
-    async def projector_feed(self) -> PullFeed:
-        """The projector's pull requests: each event reaches it as soon as it is stored."""
+    async def host_feed(self, host_token: str, *, on_ready: Callable[[], None] | None = None) -> PullFeed:
+        """A standing pull on the host's consumer: each of its events arrives as soon as it is stored."""
         return await PullFeed.open(
             self.nc,
             RUN_STREAM,
-            PROJECTOR_DURABLE,
+            host_consumer_name(host_token),
             batch=PROJECTOR_BATCH,
             expires=PROJECTOR_EXPIRES,
             give_up_after=PROJECTOR_GIVE_UP,
+            on_ready=on_ready,
         )
 
-    async def projector_pending(self) -> int:
-        info = await self.js.consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
-        return int(info.num_pending or 0)
+    async def purge_host_events(self, host_token: str) -> None:
+        """Drop every stored event of the host (its quota is exceeded)."""
+        await self.js.purge_stream(RUN_STREAM, subject=self.host_subject(host_token))
 
     @property
     def state_kv(self) -> KeyValue:
@@ -371,7 +417,7 @@ class RunStore:
         """
         created, listed = await asyncio.gather(
             self.state_kv.create(state.run_id, state.to_json()),
-            self.mark_active(state.run_id),
+            self.mark_active(state.run_id, state.host_token),
             return_exceptions=True,
         )
         if isinstance(created, nats.js.errors.KeyWrongLastSequenceError):
@@ -420,9 +466,10 @@ class RunStore:
 
     # ------------------------------------------------------------------ active index
 
-    async def mark_active(self, run_id: str) -> None:
+    async def mark_active(self, run_id: str, host_token: str) -> None:
+        """List the run as active; the value is its host (what every projector's index needs)."""
         assert self._active is not None
-        await self._active.put(run_id, b"1")
+        await self._active.put(run_id, host_token.encode())
 
     async def mark_inactive(self, run_id: str) -> None:
         """Forget an ended run in the active index (a purge: no tombstone stays behind)."""
@@ -459,10 +506,18 @@ class RunStore:
             self.nc, self.js, RUN_STREAM, self.event_subject(state), start_seq=start_seq
         )
 
-    async def keep_event(self, run_id: str, seq: int, event: dict[str, Any]) -> None:
-        """Keep one event for export after the stream's retention (idempotent per seq)."""
+    async def keep_events(self, run_id: str, events: list[tuple[int, dict[str, Any]]]) -> None:
+        """Keep a turn's events of one run for export after the stream's retention: one write.
+
+        Key ``<runId>.<first seq>``, value a JSON list; a retried write of the same turn
+        replaces itself, and a differently cut retry overlaps an older one harmlessly
+        (readers take each seq once).
+        """
         assert self._output is not None
-        await self._output.put(f"{run_id}.{seq}", json.dumps(event, separators=(",", ":")).encode())
+        if not events:
+            return
+        body = json.dumps([event for _, event in events], separators=(",", ":")).encode()
+        await self._output.put(f"{run_id}.{events[0][0]}", body)
 
     async def kept_events(self, run_id: str) -> list[dict[str, Any]]:
         """The kept events of ``run_id``, in seq order."""
@@ -473,11 +528,12 @@ class RunStore:
             msgs = await reader.snapshot()
         finally:
             await reader.close()
-        events: list[dict[str, Any]] = []
+        by_seq: dict[int, dict[str, Any]] = {}
         for msg in msgs:
             with contextlib.suppress(ValueError):
-                event = json.loads(msg.data)
-                if isinstance(event, dict) and isinstance(event.get("seq"), int):
-                    events.append(event)
-        events.sort(key=lambda e: int(e["seq"]))
-        return events
+                value = json.loads(msg.data)
+                # One event per key (earlier versions) or a list of a turn's events.
+                for event in value if isinstance(value, list) else [value]:
+                    if isinstance(event, dict) and isinstance(event.get("seq"), int):
+                        by_seq.setdefault(int(event["seq"]), event)
+        return [by_seq[seq] for seq in sorted(by_seq)]

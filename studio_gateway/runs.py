@@ -77,6 +77,7 @@ class RunsService:
         self.metrics = metrics or RunMetrics()
         self.dispatcher = Dispatcher(self.metrics, self.runs.dispatch_timeout)
         self._store: RunStore | None = None
+        self._projector: Projector | None = None
         self._task: asyncio.Task[None] | None = None
         self.reason = "runs are starting (waiting for NATS and JetStream)"
         self.setup_result: dict[str, str] = {}
@@ -154,10 +155,9 @@ class RunsService:
             self._store = store
             self.reason = "ready"
             self._ready.set()
+            self._projector = projector = Projector(store, self.metrics, health=self.health)
             loops = [
-                asyncio.get_running_loop().create_task(
-                    Projector(store, self.metrics, health=self.health).run(), name="runs-projector"
-                ),
+                asyncio.get_running_loop().create_task(projector.run(), name="runs-projector"),
                 asyncio.get_running_loop().create_task(
                     Reaper(store, self.metrics, self.runs, health=self.health).run(), name="runs-reaper"
                 ),
@@ -205,6 +205,8 @@ class RunsService:
             updated_at=now,
         )
         await store.create(state)
+        if self._projector is not None:
+            self._projector.run_created(state)
         self.metrics.created.inc()
         client = self.nats.client
         if client is None:  # pragma: no cover - the store implies a connection

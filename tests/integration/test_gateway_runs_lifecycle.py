@@ -96,7 +96,9 @@ async def test_stale_fence_and_other_host_events_are_ignored_and_counted(js_serv
             assert [(e["seq"], e["type"]) for e in events] == [(1, "stage"), (2, "output"), (3, "done")]
             assert events[1]["data"] == "real\n"
             assert await gw.metric('studio_runs_uplink_events_total{result="stale_fence"}') == 1
-            assert await gw.metric('studio_runs_uplink_events_total{result="wrong_host"}') == 2
+            # Mallory's host has no runs, so no consumer: its events never even reach a projector.
+            assert await gw.metric('studio_runs_uplink_events_total{result="wrong_host"}') == 0
+            assert await gw.metric('studio_runs_uplink_events_total{result="stray"}') == 0
             # A late event after the end changes nothing.
             await publish_event(desktop.nc, host, run_id, 4, "output", data="late\n")
             await wait_until(
@@ -347,7 +349,7 @@ async def test_active_index_lists_runs_without_a_consumer_and_the_reaper_drops_o
         store = RunStore(nc, config, "_tunnel.v1")
         await store.setup()
         ids = [f"run_{i:032x}" for i in range(30)]
-        await asyncio.gather(*(store.mark_active(run_id) for run_id in ids))
+        await asyncio.gather(*(store.mark_active(run_id, "aG9zdA") for run_id in ids))
         assert sorted(await store.active_ids()) == ids
         await store.mark_inactive(ids[0])
         assert sorted(await store.active_ids()) == ids[1:]

@@ -15,16 +15,19 @@ import pytest
 from nats.aio.client import Client
 from nats.js import api
 
+import tunnel
 from cli.nats_server import NatsServer
 from linkd.run_protocol import RUN_STREAM
+from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.pull_feed import ConsumerGone, FeedUnavailable, PullFeed
-from studio_gateway.run_store import PROJECTOR_DURABLE
+from studio_gateway.run_store import host_consumer_name
 from tests.helpers import NatsServerFactory, wait_until
-from tests.integration.gateway_runs_harness import runs_gateway, start_desktop
+from tests.integration.gateway_runs_harness import accepting_desktop, runs_gateway, start_desktop
 
 pytestmark = pytest.mark.timeout(60)
 
 STREAM = "FEEDTEST"
+TERMINAL = {"completed", "failed", "cancelled"}
 
 
 @pytest.fixture
@@ -87,27 +90,32 @@ async def test_a_deleted_consumer_ends_the_feed_at_once(nc: Client) -> None:
         await feed.unsubscribe()
 
 
-async def test_projector_recreates_its_deleted_consumer_and_runs_complete(js_server: NatsServer) -> None:
+async def _consumer_exists(nc: Client, name: str) -> bool:
+    try:
+        await nc.jetstream().consumer_info(RUN_STREAM, name)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def test_projector_recreates_a_deleted_host_consumer_and_runs_complete(js_server: NatsServer) -> None:
     desktop = await start_desktop(js_server.url, "gina")
+    name = host_consumer_name(tunnel.host_token(tunnel_hostname("gina")))
+    body = {"runner": "mock", "input": {"count": 5, "delayMs": 10}}
     try:
         async with runs_gateway(js_server.url) as gateway:
             admin = await nats.connect(js_server.url)
             try:
-                await admin.jetstream().delete_consumer(RUN_STREAM, PROJECTOR_DURABLE)
-
-                async def recreated() -> bool:
-                    try:
-                        await admin.jetstream().consumer_info(RUN_STREAM, PROJECTOR_DURABLE)
-                    except nats.js.errors.NotFoundError:
-                        return False
-                    return True
-
-                await wait_until(recreated, timeout=10.0, message="projector consumer not re-created")
+                first = await gateway.start_run("gina", body)
+                assert (await gateway.wait_status("gina", first, TERMINAL))["status"] == "completed"
+                assert await _consumer_exists(admin, name)
+                await admin.jetstream().delete_consumer(RUN_STREAM, name)
+                second = await gateway.start_run("gina", body)
+                state = await gateway.wait_status("gina", second, TERMINAL)
+                assert state["status"] == "completed", state
+                assert await _consumer_exists(admin, name)  # re-created
             finally:
                 await admin.close()
-            run_id = await gateway.start_run("gina", {"runner": "mock", "input": {"count": 5, "delayMs": 10}})
-            state = await gateway.wait_status("gina", run_id, {"completed", "failed", "cancelled"})
-            assert state["status"] == "completed", state
             assert await gateway.metric('studio_runs_projector_errors_total{kind="consumer_gone"}') >= 1
             assert await gateway.metric("studio_runs_projector_restarts_total") >= 1
             health = await (await gateway.client.get("/healthz")).json()
@@ -118,34 +126,44 @@ async def test_projector_recreates_its_deleted_consumer_and_runs_complete(js_ser
 
 
 async def test_healthz_says_unavailable_while_the_projector_is_not_served(js_server: NatsServer) -> None:
-    """The projector's consumer gone and not re-creatable (JetStream refuses it): unavailable, with why."""
-    async with runs_gateway(js_server.url) as gateway:
-        admin = await nats.connect(js_server.url)
-        try:
-            js = admin.jetstream()
-            # Taking the stream's consumer limit to 0 keeps the projector from re-creating it.
-            info = await js.stream_info(RUN_STREAM)
-            config = info.config
-            await js.delete_consumer(RUN_STREAM, PROJECTOR_DURABLE)
-            config.max_consumers = 0
+    """A host consumer gone and not re-creatable (JetStream refuses it): unavailable, with why."""
+    desktop = await accepting_desktop(js_server.url, "hana")  # takes the run, sends nothing
+    name = host_consumer_name(tunnel.host_token(tunnel_hostname("hana")))
+    try:
+        async with runs_gateway(js_server.url, liveness_timeout=60.0) as gateway:
+            admin = await nats.connect(js_server.url)
             try:
+                js = admin.jetstream()
+                await gateway.start_run("hana", {"runner": "echo", "input": {}})
+                await wait_until(lambda: _consumer_exists(admin, name), timeout=10.0)
+                # A placeholder, then the limit at today's count (0 would mean "no limit"): the
+                # projector cannot re-create the host's consumer once it is deleted.
+                await js.add_consumer(RUN_STREAM, _durable("PLACEHOLDER"))
+                await js.delete_consumer(RUN_STREAM, name)
+                config = (await js.stream_info(RUN_STREAM)).config
+                config.max_consumers = len(await js.consumers_info(RUN_STREAM))
                 await js.update_stream(config)
-            except nats.js.errors.BadRequestError:
-                pytest.skip("this nats-server does not allow lowering max_consumers")
 
-            async def unavailable() -> bool:
-                body = await (await gateway.client.get("/healthz")).json()
-                return body["runs"] == "unavailable" and "projector" in body.get("runsReason", "")
+                async def health() -> dict[str, str]:
+                    answer: dict[str, str] = await (await gateway.client.get("/healthz")).json()
+                    return answer
 
-            await wait_until(unavailable, timeout=10.0, message="healthz never said unavailable")
-            assert await gateway.metric("studio_runs_ready") == 0
-            config.max_consumers = -1
-            await js.update_stream(config)
+                async def unavailable() -> bool:
+                    body = await health()
+                    return body["runs"] == "unavailable" and "projector" in body.get("runsReason", "")
 
-            async def ready() -> bool:
-                body = await (await gateway.client.get("/healthz")).json()
-                return body["runs"] == "ready"
+                await wait_until(unavailable, timeout=10.0, message="healthz never said unavailable")
+                assert await gateway.metric("studio_runs_ready") == 0
+                assert await gateway.metric('studio_runs_projector_errors_total{kind="open"}') >= 1
+                config.max_consumers = -1
+                await js.update_stream(config)
 
-            await wait_until(ready, timeout=15.0, message="healthz never came back to ready")
-        finally:
-            await admin.close()
+                async def ready() -> bool:
+                    return (await health())["runs"] == "ready"
+
+                await wait_until(ready, timeout=15.0, message="healthz never came back to ready")
+                assert await _consumer_exists(admin, name)
+            finally:
+                await admin.close()
+    finally:
+        await desktop.close()

@@ -297,3 +297,22 @@ def test_status_shows_the_uplink_line() -> None:
     }
     assert "  run uplink:  retrying: no stream, 12 event(s) waiting, 30 delivered" in _describe(doc)
     assert not any("run uplink" in line for line in _describe({"pid": 1, "uplink": None}))
+
+
+def test_a_refused_run_drops_its_undelivered_events_and_the_other_runs_go_on() -> None:
+    box = Outbox(window=4)
+    for seq in range(1, 4):
+        for run_id in ("full", "other"):
+            event = ev(seq, run_id)
+            box.add(event, encode_event(event))
+    tokens = send_all(box)  # full:1, other:1, full:2, other:2 in flight
+    assert len(tokens) == 4
+    assert box.refuse_run("full") == 3  # two in flight and one queued
+    sent_next = []
+    for token in tokens:
+        box.acked(token)  # acks of dropped events are ignored (None)
+    while (entry := box.next_to_send()) is not None:
+        sent_next.append(entry.event.run_id)
+        box.sent(entry, entry.msg_id, 5.0)
+    assert sent_next == ["other"]
+    assert box.runs() == ["other"]
