@@ -54,6 +54,7 @@ from .host_feeds import HostFeeds
 from .run_metrics import RunMetrics
 from .run_state import RunState, apply_event, terminate
 from .run_store import Conflict, RunStore
+from .stray_watch import StrayWatch
 from .tasks import stop_tasks
 from .tenant_limits import LookupBudget, StrayCounter
 
@@ -175,6 +176,12 @@ class Projector:
         loop = asyncio.get_running_loop()
         index = loop.create_task(self.active.run(), name="projector-active-runs")
         maintain = loop.create_task(self._maintain(), name="projector-feeds")
+        strays = StrayWatch(
+            self.store,
+            has_active_runs=lambda host: host in self.active.hosts,
+            count_strays=self.count_strays,
+        )
+        watch = loop.create_task(strays.run(), name="projector-stray-watch")
         try:
             while True:
                 timeout = HELD_POLL if self._held else FETCH_TIMEOUT
@@ -184,7 +191,7 @@ class Projector:
                     self.metrics.projector_pending.set(0)
                 await self.handle_batch(msgs)
         finally:
-            await stop_tasks([index, maintain])
+            await stop_tasks([index, maintain, watch])
             await self._give_back_held()
             await self.feeds.close()
 
@@ -275,9 +282,9 @@ class Projector:
             self._cache.pop(run_id, None)  # another instance may have moved the run on
             await self._guarded(run_id, held)
         for host, count in strays.items():
-            await self._count_strays(host, count)
+            await self.count_strays(host, count)
 
-    async def _count_strays(self, host: str, count: int) -> None:
+    async def count_strays(self, host: str, count: int) -> None:
         """Count a host's events for runs it does not have; act once it is over its quota."""
         now = asyncio.get_running_loop().time()
         if not self._strays.add(host, now, count):
@@ -363,7 +370,7 @@ class Projector:
             if loaded is None:
                 for item in items:
                     await self._ack(item.msg, "unknown_run")
-                await self._count_strays(items[0].host_token, len(items))
+                await self.count_strays(items[0].host_token, len(items))
                 return
             state, revision = loaded
             if state.terminal:
@@ -435,7 +442,7 @@ class Projector:
                 await self._ack(item.msg, outcome)
             wrong_host = sum(1 for _, outcome in ignored if outcome == "wrong_host")
             if wrong_host:
-                await self._count_strays(items[0].host_token, wrong_host)
+                await self.count_strays(items[0].host_token, wrong_host)
             await self._hold(run_id, early)
             return
         raise Conflict(f"{run_id}: too many concurrent writers")
