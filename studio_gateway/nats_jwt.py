@@ -294,8 +294,9 @@ def user_claims(
     expires_at: int | None = None,
     allowed_connection_types: Sequence[str] | None = None,
     tags: Sequence[str] = (),
+    limits: Mapping[str, Any] = USER_LIMITS_UNLIMITED,
 ) -> dict[str, Any]:
-    """Claims of a user JWT.
+    """Claims of a user JWT (``limits``: ``subs``, ``data``, ``payload``; -1 is unlimited).
 
     ``issuer_account`` is required when a signing key (not the account key itself)
     signs. ``permissions`` is ``{"pub": {"allow": [...]}, "sub": {"allow": [...]}}``
@@ -304,6 +305,7 @@ def user_claims(
     decode_public_key(user_public_key, KeyKind.USER)
     nats: dict[str, Any] = dict(permissions) if permissions is not None else {"pub": {}, "sub": {}}
     nats.update(USER_LIMITS_UNLIMITED)
+    nats.update(limits)
     if issuer_account is not None:
         decode_public_key(issuer_account, KeyKind.ACCOUNT)
         nats["issuer_account"] = issuer_account

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -62,6 +63,16 @@ log = logging.getLogger("studio_gateway.sessions")
 
 # The body holds at most a public key; anything bigger is not a session request.
 MAX_BODY_BYTES: Final = 16 * 1024
+
+
+# What one daemon connection may hold (docs/runs.md, "Tenants"). linkd needs a handful of
+# subscriptions (wildcards for its tunnel server, one for publish acks, nats-py's inbox); a
+# cap keeps a misbehaving desktop from making the servers track unbounded interest. Payload
+# stays at the server's max_payload: the tunnel sizes its frames from the server's INFO, which
+# does not show a per-user limit, so a lower one would break large bodies; the run stream
+# bounds stored events itself (RUNS_MAX_EVENT_BYTES, RUNS_MAX_EVENTS_PER_RUN).
+DAEMON_MAX_SUBSCRIPTIONS: Final = 256
+DAEMON_USER_LIMITS: Final[Mapping[str, Any]] = {"subs": DAEMON_MAX_SUBSCRIPTIONS, "data": -1, "payload": -1}
 
 
 class SessionMinter:
@@ -138,6 +149,7 @@ class SessionMinter:
             expires_at=expires_at,
             allowed_connection_types=self.config.allowed_connection_types,
             tags=[f"host:{hostname}"],
+            limits=DAEMON_USER_LIMITS,
         )
         claims["iat"] = issued
         jwt = nats_jwt.encode_jwt(claims, self._signing_kp)

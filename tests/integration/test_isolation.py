@@ -29,6 +29,7 @@ from linkd.run_protocol import run_event_subject, uplink_inbox_prefix
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
 from studio_gateway.runs import RUNS
+from studio_gateway.sessions import DAEMON_MAX_SUBSCRIPTIONS
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import (
     EVENT_TIMEOUT,
@@ -450,3 +451,24 @@ async def test_a_user_cannot_dispatch_to_read_or_cancel_another_users_runs(
             assert state["hostname"] == tunnel_hostname("mallory") and state["userId"] == "mallory", state
         else:  # refusing unknown fields is fine too, as long as it is a clear 4xx
             assert resp.status in (400, 422), await resp.text()
+
+
+async def test_daemon_credentials_cap_subscriptions(op: OperatorServer) -> None:
+    """A desktop cannot make the servers track unbounded interest: the server refuses past the cap."""
+    async with running_gateway(op.env()) as gw:
+        session = await gw.ok_session("alice")
+        own = tunnel.HostSubjects.for_host(session["tunnelHostname"])
+        daemon = await connect_daemon(op.server.url, **creds_auth(session["credentials"]["creds"]))
+        try:
+            for i in range(DAEMON_MAX_SUBSCRIPTIONS + 8):
+                await daemon.nc.subscribe(f"{own.base}.req.{i}.body")
+            await daemon.nc.flush()
+            # The server refuses the extra ones (nats-py does not surface that -ERR): its own view.
+            connz = op.server.monitor_json("connz?subs=1")
+            held = [
+                c["subscriptions"] for c in connz["connections"] if c.get("name") == daemon.nc.options["name"]
+            ]
+            assert held and held[0] <= DAEMON_MAX_SUBSCRIPTIONS, held
+            assert "maximum subscriptions exceeded" in op.server.log_text()
+        finally:
+            await daemon.nc.close()
