@@ -13,6 +13,10 @@ waits for JetStream's publish ack:
 - Pipelined: up to ``window`` events are in flight at once; acks come back on one
   wildcard subscription under the connection's inbox prefix (which the daemon's
   credential may subscribe to), so there is no round trip per event.
+- Coalesced, like Nagle's algorithm: while events are in flight, new ones wait until
+  ``COALESCE_EVENTS`` are ready or the oldest has waited ``COALESCE_DELAY``, so a
+  runner streaming output costs one socket write per batch, not per event (a write per
+  event was ~40% of the daemon's time); an event with nothing in flight goes at once.
 - An event leaves the outbox only when its ack arrived. On an ack timeout, a
   no-responders answer (no stream captures the subject yet), a JetStream error,
   a disconnect or a connection swap (credential refresh), the unacked events are
@@ -96,6 +100,9 @@ RETRY_CAP: Final = 2.0
 CONNECTION_POLL: Final = 0.1
 # Room left in a message for the headers (the server counts them against max_payload).
 HEADER_ROOM: Final = 512
+# Coalescing (see the module doc): at most this many events or this long, while some are in flight.
+COALESCE_EVENTS: Final = 32
+COALESCE_DELAY: Final = 0.001
 # JetStream error codes that no retry can change (see the module doc).
 SUBJECT_FULL: Final = 10077  # maximum messages per subject exceeded (the run's event limit)
 TOO_BIG: Final = 10054  # message size exceeds maximum allowed
@@ -155,6 +162,7 @@ class OutboxEntry:
     token: str | None = None
     attempts: int = 0
     deadline: float = 0.0
+    added: float = 0.0  # when it was queued (the uplink's clock), for coalescing
 
     @property
     def msg_id(self) -> str:
@@ -382,7 +390,7 @@ class JetStreamUplink:
             await self._room.wait()
         if self._closed:
             raise UplinkClosed(f"the run uplink is closed; event {event.message_id} was not queued")
-        self.outbox.add(event, payload)
+        self.outbox.add(event, payload).added = self.clock()
         self._empty.clear()
         self._kick()
 
@@ -497,14 +505,28 @@ class JetStreamUplink:
         if link.down:  # back: whatever we were backing off from may be over, try at once
             link.down = False
             self._fresh_start(now)
+        hold_until = None
         if now >= self._pause_until:
-            await self._publish_ready(link, now)
+            hold_until = self._coalesce_until(now)
+            if hold_until is None:
+                await self._publish_ready(link, now)
         waits = [
-            t - now for t in (self.outbox.next_deadline(), self._pause_until) if t is not None and t > now
+            t - now
+            for t in (self.outbox.next_deadline(), self._pause_until, hold_until)
+            if t is not None and t > now
         ]
         if waits:
             return min(waits)
         return CONNECTION_POLL if self.outbox.queued else None
+
+    def _coalesce_until(self, now: float) -> float | None:
+        """When to publish the ready events, if not now (see the module doc)."""
+        head = self.outbox.next_to_send()
+        if head is None or head.attempts or self.outbox.in_flight == 0 or self._trouble is not None:
+            return None
+        if self.outbox.queued >= COALESCE_EVENTS or now - head.added >= COALESCE_DELAY:
+            return None
+        return head.added + COALESCE_DELAY
 
     async def _publish_ready(self, link: _Link, now: float) -> None:
         limit = link.nc.max_payload - HEADER_ROOM

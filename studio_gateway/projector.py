@@ -51,6 +51,7 @@ from linkd.run_protocol import parse_run_subject
 from .active_runs import ActiveRuns
 from .health import Health
 from .host_feeds import HostFeeds
+from .pull_feed import stored_at
 from .run_metrics import RunMetrics
 from .run_state import RunState, apply_event, terminate
 from .run_store import Conflict, RunStore
@@ -127,14 +128,13 @@ def _parse(msg: Msg, prefix: str) -> _Item | None:
     if not isinstance(event, dict):
         return None
     seq = event.get("seq")
-    stamp = msg.metadata.timestamp
     return _Item(
         msg,
         subject.run_id,
         subject.host_token,
         seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
         event,
-        stamp.timestamp() if stamp is not None else None,
+        stored_at(msg),
     )
 
 

@@ -65,6 +65,8 @@ FINISH_POLL: Final = 0.05
 # A write notification can come before JetStream stored the write: read again this soon.
 RECHECK_DELAY: Final = 0.005
 _NO_STORE: Final = {"Cache-Control": "no-store"}
+# Replays and exports are written in chunks of about this size.
+WRITE_CHUNK: Final = 64 * 1024
 
 
 class _Invalid(Exception):
@@ -235,8 +237,7 @@ async def export_run(request: web.Request, user: User) -> web.StreamResponse:
     )
     await response.prepare(request)
     fmt = EventFormat(NDJSON)
-    for event in events:
-        await response.write(fmt.event(event))
+    await _write_events(response, fmt, events)
     await response.write_eof()
     return response
 
@@ -260,9 +261,8 @@ async def run_events(request: web.Request, user: User) -> web.StreamResponse:
     final = state
     try:
         if state.terminal:
-            for event in await service.collect_events(store, state):
-                if event["seq"] > after:
-                    await response.write(fmt.event(event))
+            events = await service.collect_events(store, state)
+            await _write_events(response, fmt, [e for e in events if e["seq"] > after])
         else:
             final = await _stream_live(response, fmt, service, store, state, after)
     except (ConnectionResetError, asyncio.CancelledError):
@@ -273,6 +273,21 @@ async def run_events(request: web.Request, user: User) -> web.StreamResponse:
         await response.write(fmt.end(final.public()))
         await response.write_eof()
     return response
+
+
+async def _write_events(response: web.StreamResponse, fmt: EventFormat, events: list[dict[str, Any]]) -> None:
+    """Write events in chunks of up to ``WRITE_CHUNK`` bytes (not one write each)."""
+    chunk: list[bytes] = []
+    size = 0
+    for event in events:
+        data = fmt.event(event)
+        chunk.append(data)
+        size += len(data)
+        if size >= WRITE_CHUNK:
+            await response.write(b"".join(chunk))
+            chunk, size = [], 0
+    if chunk:
+        await response.write(b"".join(chunk))
 
 
 class _StateWatch:
@@ -341,6 +356,7 @@ async def _stream_live(
     loop = asyncio.get_running_loop()
     next_seq = 1
     pending: list[dict[str, Any]] = []
+    raw: dict[tuple[int | str, int], bytes] = {}  # (fence, seq) -> the stored JSON, sent as it is
     ended_at: float | None = None
     done_at: float | None = None
     last_write = last_refresh = loop.time()
@@ -379,6 +395,8 @@ async def _stream_live(
             changed.cancel()
             if got in done:
                 msgs = got.result()
+                while not batches.empty():  # whatever else arrived meanwhile, in one pass
+                    msgs += batches.get_nowait()
             else:
                 got.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -398,6 +416,9 @@ async def _stream_live(
                     event = json.loads(msg.data)
                     if isinstance(event, dict):
                         pending.append(event)
+                        fence, seq = event.get("fence"), event.get("seq")
+                        if isinstance(fence, int | str) and isinstance(seq, int):  # hashable ones only
+                            raw.setdefault((fence, seq), msg.data)
             if next_seq == 1 and pending and _expired_start(state, service, pending):
                 # The run is older than the stream's retention and its first events are gone from
                 # the stream: replay what was kept of them, then continue from the stream.
@@ -408,15 +429,22 @@ async def _stream_live(
                         last_write = now
                 next_seq = first
             ready = ordered_events(pending, state.event_fence, start=next_seq, upto=_limit(watch.state))
-            for event in ready:
-                if event["seq"] > after:
-                    await response.write(fmt.event(event))
-                    last_write = now
-                if event.get("type") == "done":
-                    done_at = loop.time()
+            # One write for all of them: a write per event was a third of the gateway's time.
+            out = b"".join(
+                fmt.event(event, raw.get((state.event_fence, event["seq"])))
+                for event in ready
+                if event["seq"] > after
+            )
+            if out:
+                await response.write(out)
+                last_write = now
+            if any(event.get("type") == "done" for event in ready):
+                done_at = loop.time()
             if ready:
                 next_seq = ready[-1]["seq"] + 1
             pending = [e for e in pending if isinstance(e.get("seq"), int) and e["seq"] >= next_seq]
+            if ready:
+                raw = {key: data for key, data in raw.items() if key[1] >= next_seq}
             line = fmt.keepalive()
             if line is not None and now - last_write >= keepalive:
                 await response.write(line)

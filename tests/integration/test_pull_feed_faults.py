@@ -19,7 +19,7 @@ import tunnel
 from cli.nats_server import NatsServer
 from linkd.run_protocol import RUN_STREAM
 from studio_gateway.hostnames import tunnel_hostname
-from studio_gateway.pull_feed import ConsumerGone, FeedUnavailable, PullFeed
+from studio_gateway.pull_feed import ConsumerGone, FeedUnavailable, PullFeed, stored_at
 from studio_gateway.run_store import host_consumer_name
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import accepting_desktop, runs_gateway, start_desktop
@@ -167,3 +167,16 @@ async def test_healthz_says_unavailable_while_the_projector_is_not_served(js_ser
                 await admin.close()
     finally:
         await desktop.close()
+
+
+async def test_stored_at_reads_the_ack_subject_like_nats_py_does(nc: Client) -> None:
+    await nc.jetstream().add_consumer(STREAM, _durable("STAMPS"))
+    await nc.jetstream().publish("feedtest.t", b"x")
+    feed = await PullFeed.open(nc, STREAM, "STAMPS", batch=8, expires=1.0)
+    try:
+        (msg,) = await feed.fetch(8, 5.0)
+        stamp = msg.metadata.timestamp
+        assert stamp is not None
+        assert stored_at(msg) == pytest.approx(stamp.timestamp(), abs=1e-6)
+    finally:
+        await feed.unsubscribe()

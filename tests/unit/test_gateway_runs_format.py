@@ -186,3 +186,15 @@ async def test_stop_tasks_stops_a_task_that_swallows_a_cancel() -> None:
     await asyncio.sleep(0)
     await stop_tasks([task], timeout=5.0)
     assert task.cancelled() and swallowed == 2
+
+
+def test_an_event_is_sent_as_its_stored_json_when_that_fits_one_line() -> None:
+    event = {"runId": "r", "fence": 1, "seq": 3, "type": "output", "data": "a\nb"}
+    stored = json.dumps(event, separators=(",", ":")).encode()  # a line break only as \\n
+    sse = EventFormat(SSE).event(event, stored)
+    assert sse == b"id: 3\nevent: output\ndata: " + stored + b"\n\n"
+    assert EventFormat(NDJSON).event(event, stored) == stored + b"\n"
+    # Stored JSON with a real line break (a hostile daemon's) would end the SSE message: re-encoded.
+    spread = json.dumps(event, indent=1).encode()
+    again = EventFormat(SSE).event(event, spread)
+    assert again.count(b"\n") == 4 and json.loads(again.split(b"data: ")[1]) == event

@@ -316,3 +316,30 @@ def test_a_refused_run_drops_its_undelivered_events_and_the_other_runs_go_on() -
         box.sent(entry, entry.msg_id, 5.0)
     assert sent_next == ["other"]
     assert box.runs() == ["other"]
+
+
+async def test_streamed_events_wait_to_go_out_together_but_a_lone_one_goes_at_once() -> None:
+    from linkd.uplink import COALESCE_DELAY, COALESCE_EVENTS
+
+    now = [100.0]
+    uplink = JetStreamUplink(clock=lambda: now[0])
+    box = uplink.outbox
+
+    def queue(seq: int) -> None:
+        event = ev(seq)
+        box.add(event, encode_event(event)).added = now[0]
+
+    queue(1)
+    assert uplink._coalesce_until(now[0]) is None  # nothing in flight: no reason to wait
+    first = box.next_to_send()
+    assert first is not None
+    box.sent(first, "t1", now[0] + 5)
+    queue(2)
+    assert uplink._coalesce_until(now[0]) == pytest.approx(now[0] + COALESCE_DELAY)
+    now[0] += COALESCE_DELAY
+    assert uplink._coalesce_until(now[0]) is None  # the oldest waited long enough
+    for seq in range(3, COALESCE_EVENTS + 2):
+        queue(seq)
+    assert box.queued >= COALESCE_EVENTS
+    assert uplink._coalesce_until(now[0] - COALESCE_DELAY / 2) is None  # a full batch goes now
+    await uplink.aclose(0.1)
