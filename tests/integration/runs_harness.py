@@ -16,7 +16,10 @@ be SIGKILLed and started again:
   online once it logs the ``online`` state; its run events are also appended to a JSONL
   file (``--events-file``), which is the desktop-side truth the tests compare against;
 - :class:`RunsApi`: the gateway runs HTTP API (``/api/runs``), including an SSE/NDJSON
-  event-stream reader.
+  event-stream reader;
+- :class:`RunsStack`: all of the above together, on one server or (``cluster=N``) on an
+  N-node cluster whose every URL the gateways and daemons get, with runs replicated
+  (``RUNS_REPLICAS`` = min(N, 3)).
 
 No pytest import: the benchmark uses this module too. Process output goes to log files
 (never pipes nobody reads), shown by :meth:`RunsStack.diagnostics` when a test fails.
@@ -33,12 +36,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, Self, overload
 
 import httpx
+from typing_extensions import TypeVar
 
 from cli.nats_cluster import NatsCluster
 from cli.nats_server import NatsServer, NatsServerConfig, free_port
@@ -342,11 +346,168 @@ class JetStreamCluster:
     def consumer_leader(self, stream: str, consumer: str, account: str | None = None) -> int | None:
         return self.cluster.consumer_leader(stream, consumer, account or self.account)
 
+    def wait_consumer_leader(
+        self, stream: str, consumer: str, *, timeout: float = START_TIMEOUT, not_on: int | None = None
+    ) -> int:
+        return self.cluster.wait_consumer_leader(
+            stream, consumer, self.account, timeout=timeout, not_on=not_on
+        )
+
+    def wait_stream_leader(
+        self, stream: str, *, timeout: float = START_TIMEOUT, not_on: int | None = None
+    ) -> int:
+        return self.cluster.wait_stream_leader(stream, self.account, timeout=timeout, not_on=not_on)
+
+    async def move_leader(
+        self, nc: Any, stream: str, to: int, *, consumer: str | None = None, timeout: float = 15.0
+    ) -> None:
+        """Make node ``to`` the leader of ``stream`` (or of its ``consumer``): a leader stepdown with
+        that node preferred (``$JS.API.*.LEADER.STEPDOWN``), asked again until it is so. ``nc`` is a
+        connection of an account user (e.g. :meth:`admin_creds`). A graceful hand-over: the old
+        leader steps down at once, no election timeout."""
+        subject = (
+            f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"
+            if consumer is not None
+            else f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}"
+        )
+        what = f"{stream} > {consumer}" if consumer is not None else stream
+        body = json.dumps({"placement": {"preferred": NatsCluster.node_name(to)}}).encode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked_at = -1.0
+        while True:
+            leader = await asyncio.to_thread(self._leader_of, stream, consumer)
+            if leader == to:
+                return
+            now = loop.time()
+            if now >= deadline:
+                raise AssertionError(
+                    f"the leader of {what} is {'none' if leader is None else NatsCluster.node_name(leader)}, "
+                    f"not {NatsCluster.node_name(to)}, after {timeout:g} s"
+                )
+            if leader is not None and now - asked_at >= 1.0:
+                asked_at = now
+                with contextlib.suppress(Exception):  # an election in progress: ask again
+                    await nc.request(subject, body, timeout=2.0)
+            await asyncio.sleep(0.05)
+
+    def _leader_of(self, stream: str, consumer: str | None) -> int | None:
+        return self.stream_leader(stream) if consumer is None else self.consumer_leader(stream, consumer)
+
+    def client_node(self, name_prefix: str) -> int | None:
+        """The running node holding the one client connection whose name starts with
+        ``name_prefix`` (``/connz``; linkd names its connection ``linkd <hostname>``), or None
+        (no such connection right now, e.g. mid-reconnect, or more than one)."""
+        holders: list[int] = []
+        for i in self.cluster.running():
+            try:
+                connz = self.nodes[i].monitor_json("connz?limit=4096")
+            except (OSError, ValueError):
+                continue
+            for conn in connz.get("connections") or []:
+                name = conn.get("name") if isinstance(conn, dict) else None
+                if isinstance(name, str) and name.startswith(name_prefix):
+                    holders.append(i)
+        return holders[0] if len(holders) == 1 else None
+
+    def out_of_sync(self, streams: Sequence[str]) -> list[str]:
+        """Why ``streams`` (and their consumers) are not fully replicated right now: no leader,
+        a replica missing or not current. Empty when every raft group has all its peers in step.
+        Each group is judged by its own leader (a follower's view of the other followers is stale)."""
+        views: dict[int, dict[str, Any] | None] = {}
+
+        def view(node: int) -> dict[str, Any] | None:
+            if node not in views:
+                try:
+                    views[node] = self.nodes[node].monitor_json(_JSZ_DETAIL)
+                except (OSError, ValueError):
+                    views[node] = None
+            return views[node]
+
+        names = {NatsCluster.node_name(i): i for i in range(len(self.nodes))}
+        problems: list[str] = []
+        for stream in streams:
+            leader = self.stream_leader(stream)
+            jsz = view(leader) if leader is not None else None
+            detail = _stream_detail(jsz, stream, self.account) if jsz is not None else None
+            if detail is None:
+                problems.append(f"{stream}: no leader")
+                continue
+            problems.extend(_group_problems(stream, detail))
+            for item in detail.get("consumer_detail") or []:
+                if not isinstance(item, dict) or _replicas_of(item) < 2:
+                    continue
+                name = f"{stream} > {item.get('name')}"
+                group = item.get("cluster")
+                leader_name = group.get("leader") if isinstance(group, dict) else None
+                claimed = names.get(leader_name) if isinstance(leader_name, str) else None
+                own = view(claimed) if claimed is not None else None
+                own_detail = _stream_detail(own, stream, self.account) if own is not None else None
+                mine = [
+                    c
+                    for c in (own_detail or {}).get("consumer_detail") or []
+                    if isinstance(c, dict) and c.get("name") == item.get("name")
+                ]
+                cluster = mine[0].get("cluster") if mine else None
+                if not mine or not isinstance(cluster, dict) or cluster.get("leader") != leader_name:
+                    problems.append(f"{name}: no leader")
+                else:
+                    problems.extend(_group_problems(name, mine[0]))
+        return problems
+
+    def wait_in_sync(self, streams: Sequence[str], timeout: float = START_TIMEOUT) -> None:
+        """Block until :meth:`out_of_sync` is empty (e.g. a restarted node caught up)."""
+        deadline = time.monotonic() + timeout
+        while problems := self.out_of_sync(streams):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"not in sync after {timeout:g} s: {'; '.join(problems)}")
+            time.sleep(0.1)
+
+    def pids(self) -> dict[str, int | None]:
+        """Process id of every node by name (None while a node is down)."""
+        return {
+            NatsCluster.node_name(i): (node.pid if node.is_running else None)
+            for i, node in enumerate(self.nodes)
+        }
+
     def log_tails(self) -> str:
         return self.cluster.log_tails(LOG_TAIL_LINES)
 
     def close(self) -> None:
         self.cluster.close()
+
+
+_JSZ_DETAIL: Final = "jsz?accounts=true&streams=true&consumers=true&config=true"
+
+
+def _stream_detail(jsz: Mapping[str, Any], stream: str, account: str) -> dict[str, Any] | None:
+    for acc in jsz.get("account_details") or []:
+        if not isinstance(acc, dict) or account not in (acc.get("id"), acc.get("name")):
+            continue
+        for detail in acc.get("stream_detail") or []:
+            if isinstance(detail, dict) and detail.get("name") == stream:
+                return detail
+    return None
+
+
+def _group_problems(name: str, detail: Mapping[str, Any]) -> list[str]:
+    """What keeps a raft group (as its leader reports it) from being whole and current."""
+    raw = detail.get("cluster")
+    cluster: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    peers = [r for r in cluster.get("replicas") or [] if isinstance(r, dict)]
+    wanted = _replicas_of(detail)
+    if not cluster.get("leader"):
+        return [f"{name}: no leader"]
+    if len(peers) < wanted - 1:
+        return [f"{name}: {len(peers) + 1} of {wanted} replicas"]
+    lagging = [str(r.get("name")) for r in peers if not r.get("current") or r.get("offline")]
+    return [f"{name}: {', '.join(lagging)} not current"] if lagging else []
+
+
+def _replicas_of(detail: Mapping[str, Any]) -> int:
+    config = detail.get("config")
+    wanted = config.get("num_replicas") if isinstance(config, dict) else None
+    return wanted if isinstance(wanted, int) and wanted > 0 else 1
 
 
 class GatewayProcess(ManagedProcess):
@@ -696,15 +857,58 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
 DEFAULT_LINKD_TOML: Final = "drain_timeout = 3\n[runners]\nheartbeat_interval = 0.5\nmax_concurrent = 32\n"
 
 
+def stack_env(
+    nats: JetStreamNats | JetStreamCluster, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Gateway environment for ``nats`` (every node's URL for a cluster) plus ``extra``."""
+    return {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "NATS_URL": nats.url,
+        "NATS_CREDS": str(nats.gateway_creds),
+        "NATS_PUBLIC_URL": nats.url,
+        "NATS_TUNNEL_SESSION_TTL_SECONDS": "3600",
+        **nats.setup.gateway_env(),
+        **(extra or {}),
+    }
+
+
+# What a RunsStack runs on; a plain ``RunsStack`` annotation means one nats-server.
+NatsT = TypeVar("NatsT", bound="JetStreamNats | JetStreamCluster", default=JetStreamNats)
+
+
 @dataclass
-class RunsStack:
-    """One JetStream nats-server, N gateway processes and any number of linkd daemons."""
+class RunsStack(Generic[NatsT]):
+    """One JetStream nats-server (or an N-node cluster), gateway processes and linkd daemons."""
 
     workdir: Path
-    nats: JetStreamNats
+    nats: NatsT
     gateway_env: dict[str, str]
     gateways: list[GatewayProcess] = field(default_factory=list)
     daemons: list[LinkdProcess] = field(default_factory=list)
+
+    @overload
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        gateways: int = ...,
+        gateway_env: Mapping[str, str] | None = ...,
+        websocket: bool = ...,
+        cluster: None = ...,
+    ) -> RunsStack[JetStreamNats]: ...
+
+    @overload
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        gateways: int = ...,
+        gateway_env: Mapping[str, str] | None = ...,
+        websocket: bool = ...,
+        cluster: int,
+    ) -> RunsStack[JetStreamCluster]: ...
 
     @classmethod
     def start(
@@ -714,34 +918,41 @@ class RunsStack:
         gateways: int = 2,
         gateway_env: Mapping[str, str] | None = None,
         websocket: bool = False,
-    ) -> RunsStack:
-        """Start nats-server and ``gateways`` gateway processes (in parallel; blocks until ready)."""
-        nats = JetStreamNats.start(workdir, websocket=websocket)
-        env = {
-            "GATEWAY_JWT_SECRET": SECRET,
-            "NATS_URL": nats.url,
-            "NATS_CREDS": str(nats.gateway_creds),
-            "NATS_PUBLIC_URL": nats.url,
-            "NATS_TUNNEL_SESSION_TTL_SECONDS": "3600",
-            **nats.setup.gateway_env(),
-            **(gateway_env or {}),
-        }
-        stack = cls(workdir, nats, env)
+        cluster: int | None = None,
+    ) -> RunsStack[JetStreamNats] | RunsStack[JetStreamCluster]:
+        """Start nats-server and ``gateways`` gateway processes (in parallel; blocks until ready).
+
+        ``cluster=N`` (N >= 2): an N-node :class:`JetStreamCluster` instead of the single server;
+        the gateways get every node's URL (``NATS_URL``, and ``NATS_PUBLIC_URL`` for the daemons)
+        and ``RUNS_REPLICAS`` = min(N, 3). ``gateway_env`` overrides any of it.
+        """
+        if cluster is not None and cluster < 2:
+            raise ValueError(f"a cluster has at least 2 nodes (got {cluster}); None for one server")
+        if cluster is None:
+            single = JetStreamNats.start(workdir, websocket=websocket)
+            return RunsStack(workdir, single, stack_env(single, gateway_env)).start_gateways(gateways)
+        nodes = JetStreamCluster.start(workdir, size=cluster, websocket=websocket)
+        env = stack_env(nodes, {"RUNS_REPLICAS": str(min(cluster, 3)), **(gateway_env or {})})
+        return RunsStack(workdir, nodes, env).start_gateways(gateways)
+
+    def start_gateways(self, count: int) -> Self:
+        """Add ``count`` gateways and start them in parallel (blocks until ready); on failure
+        everything of the stack is closed."""
         try:
-            for _ in range(gateways):
-                stack.add_gateway(start=False)
-            for gateway in stack.gateways:
+            for _ in range(count):
+                self.add_gateway(start=False)
+            for gateway in self.gateways[-count:] if count else []:
                 gateway.spawn()
-            for gateway in stack.gateways:
+            for gateway in self.gateways[-count:] if count else []:
                 poll_until(
                     gateway._ready_now,
                     START_TIMEOUT,
                     f"{gateway.name} never became ready:\n{gateway.log_tail()}",
                 )
         except BaseException:
-            stack.close()
+            self.close()
             raise
-        return stack
+        return self
 
     def add_gateway(self, *, start: bool = True) -> GatewayProcess:
         index = len(self.gateways)
@@ -788,7 +999,12 @@ class RunsStack:
             parts.append(
                 f"===== {proc.name} (pid {proc.pid}, running={proc.running}) =====\n{proc.log_tail()}"
             )
-        parts.append(f"===== nats-server =====\n{_tail(self.nats.server.log_path or Path('/nonexistent'))}")
+        if isinstance(self.nats, JetStreamCluster):
+            parts.append(f"===== nats-server cluster =====\n{self.nats.log_tails()}")
+        else:
+            parts.append(
+                f"===== nats-server =====\n{_tail(self.nats.server.log_path or Path('/nonexistent'))}"
+            )
         return "\n".join(parts)
 
     def close(self) -> None:
