@@ -6,7 +6,13 @@ run (see :mod:`linkd.run_events` for the JSON shape) to::
     P.host.<token(H)>.runs.<runId>
 
 with header ``Nats-Msg-Id: <runId>:<fence>:<seq>:<execution>``, as a JetStream
-publish (it waits for the ack and retries with the same id). ``execution`` is 16
+publish (it waits for the ack and retries with the same id). A message may carry
+several consecutive events of the run, one compact JSON object per line (``\n``
+between them), with ``Nats-Msg-Id: <runId>:<fence>:<firstSeq>-<lastSeq>:<execution>``:
+a batch is one message through the servers, the projector and every reader instead of
+one per event (:func:`split_events` reads both). A batch sent again is the same batch,
+and if its events are re-cut after a reconnect, the overlap is recognised by seq
+(readers and the projector take each seq once). ``execution`` is 16
 random hex characters fixed for one run execution: JetStream de-duplicates per
 stream, not per subject, so with a predictable id another host's daemon could
 publish ``<runId>:<fence>:<seq>`` first under its own subject and have the real
@@ -37,6 +43,7 @@ __all__ = [
     "parse_run_subject",
     "run_event_subject",
     "run_stream_subjects",
+    "split_events",
     "uplink_inbox_prefix",
     "uplink_publish_grant",
 ]
@@ -45,6 +52,13 @@ RUN_STREAM: Final = "LINK_RUNS"
 RUN_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RUNS_SEGMENT: Final = "runs"
 _INBOX_SEGMENT: Final = "inbox"
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """The events of one message: one, or several separated by line breaks (see the module doc)."""
+    if b"\n" not in data:
+        return [data]
+    return [line for line in data.split(b"\n") if line.strip()]
 
 
 def is_valid_run_id(run_id: str) -> bool:

@@ -17,6 +17,10 @@ waits for JetStream's publish ack:
   ``COALESCE_EVENTS`` are ready or the oldest has waited ``COALESCE_DELAY``, so a
   runner streaming output costs one socket write per batch, not per event (a write per
   event was ~40% of the daemon's time); an event with nothing in flight goes at once.
+- Batched: consecutive ready events of one run (up to ``BATCH_EVENTS`` or the message
+  limit) go as one message, one per line, with id ``<runId>:<fence>:<first>-<last>:<execution>``
+  (:mod:`linkd.run_protocol`); a batch sent again is the same batch with the same id, so
+  the stream still stores each event once.
 - An event leaves the outbox only when its ack arrived. On an ack timeout, a
   no-responders answer (no stream captures the subject yet), a JetStream error,
   a disconnect or a connection swap (credential refresh), the unacked events are
@@ -27,8 +31,9 @@ waits for JetStream's publish ack:
 - Two refusals are final, not retried (docs/runs.md, "Tenants"): the run's subject is
   full (JetStream error 10077: the run published ``RUNS_MAX_EVENTS_PER_RUN`` events; the
   gateway fails it as ``event_limit``), so that run's events are dropped, now and later,
-  instead of blocking every other run's events behind endless retries; and an event
-  bigger than the stream stores (10054), which is sent again cut to half its size.
+  instead of blocking every other run's events behind endless retries; and a message
+  bigger than the stream stores (10054): from then on messages are at most half that size
+  (batches cut smaller, a single bigger event cut to fit).
 - :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
   and logs what is left.
 
@@ -103,6 +108,10 @@ HEADER_ROOM: Final = 512
 # Coalescing (see the module doc): at most this many events or this long, while some are in flight.
 COALESCE_EVENTS: Final = 32
 COALESCE_DELAY: Final = 0.001
+# Consecutive events of one run published as one message (linkd.run_protocol), at most this many.
+BATCH_EVENTS: Final = 64
+# Smallest message limit learned from "too big" refusals (below it, a refusal is a failure).
+MIN_MESSAGE_BYTES: Final = 256
 # JetStream error codes that no retry can change (see the module doc).
 SUBJECT_FULL: Final = 10077  # maximum messages per subject exceeded (the run's event limit)
 TOO_BIG: Final = 10054  # message size exceeds maximum allowed
@@ -117,6 +126,21 @@ class UplinkClosed(RuntimeError):
 def encode_event(event: RunEvent) -> bytes:
     """The event's wire form (see :mod:`linkd.run_events`): compact JSON."""
     return json.dumps(event.as_dict(), separators=(",", ":")).encode("utf-8")
+
+
+def batch_payload(batch: list[OutboxEntry]) -> bytes:
+    """One message's body: the events' compact JSON, one per line (see linkd.run_protocol)."""
+    return batch[0].payload if len(batch) == 1 else b"\n".join(entry.payload for entry in batch)
+
+
+def batch_msg_id(batch: list[OutboxEntry]) -> str:
+    """``Nats-Msg-Id`` of one message: the event's own id, or ``<run>:<fence>:<first>-<last>:<execution>``."""
+    first = batch[0].event
+    if len(batch) == 1:
+        return first.uplink_id
+    seqs = f"{first.seq}-{batch[-1].event.seq}"
+    base = f"{first.run_id}:{first.fence}:{seqs}"
+    return f"{base}:{first.execution}" if first.execution else base
 
 
 def fit_event(event: RunEvent, limit: int) -> bytes:
@@ -163,6 +187,9 @@ class OutboxEntry:
     attempts: int = 0
     deadline: float = 0.0
     added: float = 0.0  # when it was queued (the uplink's clock), for coalescing
+    # The message it went out in, with the entries after it (kept for retries: same batch, same id).
+    batch: list[OutboxEntry] | None = None
+    version: int = 0  # of its place in the ready heap (older places are stale)
 
     @property
     def msg_id(self) -> str:
@@ -177,18 +204,23 @@ class OutboxEntry:
 class Outbox:
     """Events not yet acked, in emit order; which to send next, which are overdue.
 
-    ``add`` -> ``next_to_send`` -> ``sent(token, deadline)`` -> ``acked(token)`` (or
-    ``failed(token)`` / ``expire(now)`` / ``requeue_in_flight()``, which put the event
-    back so it goes out again before anything newer). An entry leaves the outbox when it
-    and every entry before it are acked, so the outbox is never shorter than "unacked".
+    ``add`` -> ``next_to_send`` (or ``peek_batch``) -> ``sent(token, deadline)`` /
+    ``sent_batch`` -> ``acked(token)`` (or ``failed(token)`` / ``expire(now)`` /
+    ``requeue_in_flight()``, which put the events back so they go out again before anything
+    newer). One token is one message in flight, carrying one event or a batch of them; a
+    batch sent again is the same batch (the same message id), so JetStream's
+    de-duplication still stores each event once. An entry leaves the outbox when it and
+    every entry before it are acked, so the outbox is never shorter than "unacked".
     """
 
     max_events: int = DEFAULT_OUTBOX_EVENTS
     max_bytes: int = DEFAULT_OUTBOX_BYTES
     window: int = DEFAULT_WINDOW
     _entries: deque[OutboxEntry] = field(default_factory=deque)
-    _ready: list[tuple[int, OutboxEntry]] = field(default_factory=list)  # heap by order
-    _in_flight: dict[str, OutboxEntry] = field(default_factory=dict)
+    # Ready entries by order; a place whose version is not the entry's current one is stale.
+    _ready: list[tuple[int, int, OutboxEntry]] = field(default_factory=list)
+    _queued: int = 0
+    _in_flight: dict[str, list[OutboxEntry]] = field(default_factory=dict)
     _deadlines: deque[tuple[float, str]] = field(default_factory=deque)
     _order: itertools.count[int] = field(default_factory=itertools.count)
     nbytes: int = 0
@@ -203,11 +235,12 @@ class Outbox:
 
     @property
     def in_flight(self) -> int:
+        """Messages in flight (each one event or a batch)."""
         return len(self._in_flight)
 
     @property
     def queued(self) -> int:
-        return len(self._ready)
+        return self._queued
 
     def has_room(self, size: int) -> bool:
         """Room for an event of ``size`` bytes (an empty outbox takes anything)."""
@@ -219,35 +252,95 @@ class Outbox:
         entry = OutboxEntry(next(self._order), event, payload)
         self._entries.append(entry)
         self.nbytes += entry.size
-        heapq.heappush(self._ready, (entry.order, entry))
+        self._push(entry)
         return entry
+
+    def _push(self, entry: OutboxEntry) -> None:
+        entry.state, entry.token = _QUEUED, None
+        entry.version += 1
+        self._queued += 1
+        heapq.heappush(self._ready, (entry.order, entry.version, entry))
+
+    def _unqueue(self, entry: OutboxEntry, state: int) -> None:
+        """The entry leaves the ready queue (its heap place goes stale)."""
+        if entry.state == _QUEUED:
+            self._queued -= 1
+        entry.state = state
+
+    def _head(self) -> OutboxEntry | None:
+        while self._ready:
+            _, version, entry = self._ready[0]
+            if entry.state == _QUEUED and version == entry.version:
+                return entry
+            heapq.heappop(self._ready)
+        return None
 
     def next_to_send(self, window: int | None = None) -> OutboxEntry | None:
         """The oldest event waiting to be (re)sent, if the window (default: ``self.window``) has room."""
-        while self._ready and self._ready[0][1].state == _ACKED:  # dropped by refuse_run()
-            heapq.heappop(self._ready)
-        if not self._ready or len(self._in_flight) >= (self.window if window is None else window):
+        head = self._head()
+        if head is None or len(self._in_flight) >= (self.window if window is None else window):
             return None
-        return self._ready[0][1]
+        return head
+
+    def peek_batch(self, max_events: int, max_bytes: int) -> list[OutboxEntry]:
+        """What goes out next as one message: the batch the oldest ready event went out in
+        before, if any, else it and the ready ones right after it of the same run, within
+        ``max_events`` and ``max_bytes`` (payloads plus a line break between each); not taken."""
+        head = self._head()
+        if head is None:
+            return []
+        if head.batch is not None and all(e.state == _QUEUED for e in head.batch):
+            return list(head.batch)
+        taken: list[tuple[int, int, OutboxEntry]] = []
+        batch: list[OutboxEntry] = []
+        size = -1
+        while self._ready and len(batch) < max_events:
+            item = heapq.heappop(self._ready)
+            taken.append(item)
+            _, version, entry = item
+            if entry.state != _QUEUED or version != entry.version:
+                continue
+            if batch and (
+                entry.batch is not None
+                or entry.event.run_id != batch[0].event.run_id
+                or size + 1 + entry.size > max_bytes
+            ):
+                break
+            batch.append(entry)
+            size += 1 + entry.size
+            if entry.batch is not None:
+                break  # an entry of an earlier batch whose other members are not ready: alone
+        for item in taken:
+            heapq.heappush(self._ready, item)
+        return batch
 
     def sent(self, entry: OutboxEntry, token: str, deadline: float) -> None:
-        if not self._ready or self._ready[0][1] is not entry:
-            raise RuntimeError("only the entry from next_to_send() can be sent")
-        heapq.heappop(self._ready)
-        entry.state, entry.token, entry.deadline = _IN_FLIGHT, token, deadline
-        entry.attempts += 1
-        self._in_flight[token] = entry
+        self.sent_batch([entry], token, deadline)
+
+    def sent_batch(self, entries: list[OutboxEntry], token: str, deadline: float) -> None:
+        """``entries`` (as offered by next_to_send()/peek_batch()) went out as one message."""
+        if not entries or self._head() is not entries[0] or any(e.state != _QUEUED for e in entries):
+            raise RuntimeError("only the entries from next_to_send()/peek_batch() can be sent")
+        batch = list(entries) if len(entries) > 1 else None
+        for entry in entries:
+            self._unqueue(entry, _IN_FLIGHT)
+            entry.token, entry.deadline = token, deadline
+            entry.attempts += 1
+            entry.batch = batch
+        self._in_flight[token] = list(entries)
         self._deadlines.append((deadline, token))
 
     def acked(self, token: str) -> OutboxEntry | None:
-        """Mark the event published under ``token`` delivered; None when that token is not in flight."""
-        entry = self._in_flight.pop(token, None)
-        if entry is None:
+        """Mark the events published under ``token`` delivered; the first of them, or None when
+        that token is not in flight."""
+        entries = self._in_flight.pop(token, None)
+        if entries is None:
             return None
-        entry.state, entry.token = _ACKED, None
-        self.acked_total += 1
+        for entry in entries:
+            entry.state, entry.token = _ACKED, None
+        self.acked_total += len(entries)
         self._trim()
-        return entry
+        return entries[0]
 
     def _trim(self) -> None:
         while self._entries and self._entries[0].state == _ACKED:
@@ -255,33 +348,44 @@ class Outbox:
 
     def discard(self, entry: OutboxEntry) -> None:
         """Give up on the entry from next_to_send() (it can never be sent); it counts as done."""
-        if not self._ready or self._ready[0][1] is not entry:
+        if self._head() is not entry:
             raise RuntimeError("only the entry from next_to_send() can be discarded")
-        heapq.heappop(self._ready)
-        entry.state = _ACKED
+        self._unqueue(entry, _ACKED)
         self._trim()
 
     def failed(self, token: str) -> OutboxEntry | None:
-        """The publish under ``token`` failed: send the event again (same id) before newer ones."""
-        entry = self._in_flight.pop(token, None)
-        if entry is not None:
-            self._requeue(entry)
-        return entry
+        """The publish under ``token`` failed: send its events again (same ids) before newer ones."""
+        entries = self._in_flight.pop(token, None)
+        if entries is None:
+            return None
+        for entry in entries:
+            self._push(entry)
+        return entries[0]
+
+    def unbatch(self, entries: list[OutboxEntry]) -> None:
+        """Let these entries be cut into new messages (their batch was refused as too big)."""
+        for entry in entries:
+            entry.batch = None
 
     def in_flight_entry(self, token: str) -> OutboxEntry | None:
-        return self._in_flight.get(token)
+        entries = self._in_flight.get(token)
+        return entries[0] if entries else None
+
+    def in_flight_batch(self, token: str) -> list[OutboxEntry]:
+        return list(self._in_flight.get(token, ()))
 
     def refuse_run(self, run_id: str) -> int:
         """Drop every event of ``run_id`` not delivered yet (the stream refuses the run for good)."""
         dropped = 0
-        for token, entry in list(self._in_flight.items()):
-            if entry.event.run_id == run_id:
+        for token, entries in list(self._in_flight.items()):
+            if entries[0].event.run_id == run_id:  # a message carries one run's events only
                 del self._in_flight[token]
-                entry.state, entry.token = _ACKED, None
-                dropped += 1
+                for entry in entries:
+                    entry.state, entry.token = _ACKED, None
+                dropped += len(entries)
         for entry in self._entries:
             if entry.event.run_id == run_id and entry.state == _QUEUED:
-                entry.state = _ACKED
+                self._unqueue(entry, _ACKED)
                 dropped += 1
         self._trim()
         return dropped
@@ -291,19 +395,19 @@ class Outbox:
         expired: list[OutboxEntry] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, token = self._deadlines.popleft()
-            entry = self._in_flight.pop(token, None)
-            if entry is not None:
-                self._requeue(entry)
+            entries = self._in_flight.pop(token, None)
+            for entry in entries or ():
+                self._push(entry)
                 expired.append(entry)
         return expired
 
     def requeue_in_flight(self) -> int:
         """Every in-flight event goes back to the queue (the connection is gone); returns how many."""
-        entries = list(self._in_flight.values())
+        entries = [entry for batch in self._in_flight.values() for entry in batch]
         self._in_flight.clear()
         self._deadlines.clear()
         for entry in entries:
-            self._requeue(entry)
+            self._push(entry)
         return len(entries)
 
     def next_deadline(self) -> float | None:
@@ -317,10 +421,6 @@ class Outbox:
 
     def undelivered(self) -> int:
         return sum(1 for e in self._entries if e.state != _ACKED)
-
-    def _requeue(self, entry: OutboxEntry) -> None:
-        entry.state, entry.token = _QUEUED, None
-        heapq.heappush(self._ready, (entry.order, entry))
 
 
 # ------------------------------------------------------------------------------ I/O
@@ -356,11 +456,12 @@ class JetStreamUplink:
         self.ack_timeout = ack_timeout
         self.retry = retry if retry is not None else Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
         self.clock = clock
-        self.published = 0  # publishes, first tries and retries
-        self.retries = 0
+        self.published = 0  # messages published (one event or a batch each), first tries and retries
+        self.retries = 0  # messages published again
         self.duplicates = 0  # acks saying the stream already had the id (a retry of a stored event)
         self.dropped = 0  # events that can never be published (too big, or their run is refused)
         self._refused_runs: set[str] = set()  # runs the stream refuses for good (subject full)
+        self._max_message = 1 << 62  # lowered when the stream refuses a message as too big
         self.last_error: str | None = None
         self._wanted: tuple[NATS, tunnel.HostSubjects] | None = None
         self._link: _Link | None = None
@@ -529,26 +630,27 @@ class JetStreamUplink:
         return head.added + COALESCE_DELAY
 
     async def _publish_ready(self, link: _Link, now: float) -> None:
-        limit = link.nc.max_payload - HEADER_ROOM
+        limit = min(link.nc.max_payload - HEADER_ROOM, self._max_message)
         # After a failure one event probes until an ack comes back; then the whole window again.
         window = 1 if self._trouble is not None else None
-        while (entry := self.outbox.next_to_send(window)) is not None:
-            if entry.size > limit and not self._shrink(entry, limit):
+        while (head := self.outbox.next_to_send(window)) is not None:
+            if head.size > limit and not self._shrink(head, limit):
                 continue
+            batch = self.outbox.peek_batch(1 if window == 1 else BATCH_EVENTS, limit)
             token = str(next(self._tokens))
             try:
                 await link.nc.publish(
-                    run_event_subject(link.subjects, entry.event.run_id),
-                    entry.payload,
+                    run_event_subject(link.subjects, head.event.run_id),
+                    batch_payload(batch),
                     reply=link.ack_prefix + token,
-                    headers={MSG_ID_HEADER: entry.msg_id},
+                    headers={MSG_ID_HEADER: batch_msg_id(batch)},
                 )
             except NatsError as exc:  # closed, reconnecting with a full buffer, ...: try again soon
                 self._failure("publish", f"publish failed ({type(exc).__name__})")
                 return
-            if entry.attempts:
+            if batch[0].attempts:
                 self.retries += 1
-            self.outbox.sent(entry, token, now + self.ack_timeout)
+            self.outbox.sent_batch(batch, token, now + self.ack_timeout)
             self.published += 1
 
     def _shrink(self, entry: OutboxEntry, limit: int) -> bool:
@@ -642,25 +744,27 @@ class JetStreamUplink:
         self._removed()
 
     def _shrink_refused(self, token: str, kind: str, text: str) -> None:
-        """An event bigger than the stream stores: send it again at half its size."""
-        entry = self.outbox.failed(token)
-        if entry is None:
+        """A message bigger than the stream stores: from now on send at most half its size.
+
+        The limit is learned, not configured: batches are cut smaller and a single event
+        bigger than that is cut (:meth:`_shrink`), down to a floor where it is retried as a failure.
+        """
+        batch = self.outbox.in_flight_batch(token)
+        if not batch:
             return
-        try:
-            payload = fit_event(entry.event, max(256, entry.size // 2))
-        except ValueError:
-            payload = entry.payload
-        if len(payload) >= entry.size:
-            self._failure(kind, text)  # cannot be cut further: retried with backoff, and logged
+        size = len(batch_payload(batch))
+        self.outbox.failed(token)
+        self.outbox.unbatch(batch)
+        if size <= MIN_MESSAGE_BYTES:
+            self._failure(kind, text)
             return
+        self._max_message = max(MIN_MESSAGE_BYTES, size // 2)
         log.warning(
-            "run %s: event seq %d is bigger than the stream stores; sent cut to %d bytes",
-            entry.event.run_id,
-            entry.event.seq,
-            len(payload),
+            "run %s: the stream refused a %d-byte message as too big; sending at most %d bytes per message",
+            batch[0].event.run_id,
+            size,
+            self._max_message,
         )
-        self.outbox.nbytes += len(payload) - entry.size
-        entry.payload = payload
 
     def _fresh_start(self, now: float) -> None:
         self.retry.reset()

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 from nats.aio.msg import Msg
 
-from linkd.run_protocol import parse_run_subject
+from linkd.run_protocol import parse_run_subject, split_events
 
 from .active_runs import ActiveRuns
 from .health import Health
@@ -104,38 +104,69 @@ def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -
 
 
 @dataclass
+class _Delivery:
+    """One delivered message and how many of its events are not decided yet.
+
+    A message carries one event or a batch (:func:`linkd.run_protocol.split_events`); it is
+    acknowledged once all of its events are decided, never while one is held.
+    """
+
+    msg: Msg
+    left: int
+    done: bool = False
+
+
+@dataclass
 class _Item:
     """One delivered event, parsed once."""
 
-    msg: Msg
+    delivery: _Delivery
     run_id: str
     host_token: str
     seq: int
     event: dict[str, Any]
     stream_time: float | None
+    size: int = 0  # bytes of its JSON
     since: float | None = None  # when it was first held
     touched: float = 0.0  # last in-progress ack
 
+    @property
+    def msg(self) -> Msg:
+        return self.delivery.msg
 
-def _parse(msg: Msg, prefix: str) -> _Item | None:
+
+def _parse(msg: Msg, prefix: str) -> tuple[list[_Item], int] | None:
+    """The message's events (and how many of its lines were not events); None: not a run subject."""
     subject = parse_run_subject(msg.subject, prefix)
     if subject is None:
         return None
-    try:
-        event = json.loads(msg.data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(event, dict):
-        return None
-    seq = event.get("seq")
-    return _Item(
-        msg,
-        subject.run_id,
-        subject.host_token,
-        seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
-        event,
-        stored_at(msg),
-    )
+    delivery = _Delivery(msg, 0)
+    stamp = stored_at(msg)
+    items: list[_Item] = []
+    invalid = 0
+    for line in split_events(msg.data):
+        try:
+            event = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            invalid += 1
+            continue
+        if not isinstance(event, dict):
+            invalid += 1
+            continue
+        seq = event.get("seq")
+        items.append(
+            _Item(
+                delivery,
+                subject.run_id,
+                subject.host_token,
+                seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
+                event,
+                stamp,
+                size=len(line),
+            )
+        )
+    delivery.left = len(items)
+    return items, invalid
 
 
 class Projector:
@@ -245,8 +276,7 @@ class Projector:
     async def _give_back_held(self) -> None:
         for items in self._held.values():
             for item in items:
-                with contextlib.suppress(Exception):
-                    await item.msg.nak()
+                await self._give_back(item)
         self._held.clear()
         self._cache.clear()  # another instance may move runs on while this one restarts
 
@@ -256,22 +286,29 @@ class Projector:
         strays: dict[str, int] = {}
         now = asyncio.get_running_loop().time()
         for msg in msgs:
-            item = _parse(msg, self.prefix)
-            if item is None:
-                await self._ack(msg, "invalid")
+            parsed = _parse(msg, self.prefix)
+            if parsed is None or not parsed[0]:
+                self.metrics.uplink_events.inc(parsed[1] if parsed else 1, result="invalid")
+                await self._ack(msg)
                 continue
-            owner = self.active.host_of(item.run_id)
-            if owner != item.host_token:
-                ended = self._ended.get(item.run_id)
-                if ended == item.host_token:
-                    await self._ack(msg, "terminal")  # a late event of an ended run of its own
+            items, invalid = parsed
+            if invalid:
+                self.metrics.uplink_events.inc(invalid, result="invalid")
+            first = items[0]  # a message holds one run's events: one verdict for all of them
+            owner = self.active.host_of(first.run_id)
+            if owner != first.host_token:
+                ended = self._ended.get(first.run_id)
+                if ended == first.host_token:
+                    for item in items:
+                        await self._settle(item, "terminal")  # late events of an ended run of its own
                     continue
-                if owner is not None or ended is not None or not self._budget.allow(item.host_token, now):
+                if owner is not None or ended is not None or not self._budget.allow(first.host_token, now):
                     # Another host's run, or a made-up one beyond what a state read is spent on.
-                    strays[item.host_token] = strays.get(item.host_token, 0) + 1
-                    await self._ack(msg, "stray")
+                    strays[first.host_token] = strays.get(first.host_token, 0) + len(items)
+                    for item in items:
+                        await self._settle(item, "stray")
                     continue
-            groups.setdefault(item.run_id, []).append(item)
+            groups.setdefault(first.run_id, []).extend(items)
         if msgs:
             with contextlib.suppress(Exception):
                 self.metrics.projector_pending.set(msgs[-1].metadata.num_pending or 0)
@@ -347,8 +384,7 @@ class Projector:
             self.health.trouble("projector_apply", f"the projector cannot write run state ({exc!r})")
             self._cache.pop(run_id, None)
             for item in items:
-                with contextlib.suppress(Exception):
-                    await item.msg.nak(delay=ERROR_DELAY)
+                await self._give_back(item, ERROR_DELAY)
 
     async def _load(self, run_id: str) -> tuple[RunState, int] | None:
         cached = self._cache.get(run_id)
@@ -369,7 +405,7 @@ class Projector:
             loaded = await self._load(run_id)
             if loaded is None:
                 for item in items:
-                    await self._ack(item.msg, "unknown_run")
+                    await self._settle(item, "unknown_run")
                 await self.count_strays(items[0].host_token, len(items))
                 return
             state, revision = loaded
@@ -393,7 +429,7 @@ class Projector:
                 )
                 if decision.outcome == "applied" and decision.state is not None:
                     keep, current = keep_decision(
-                        decision.state, item.event, len(item.msg.data), self.store.config.output_max_bytes
+                        decision.state, item.event, item.size, self.store.config.output_max_bytes
                     )
                     if keep:
                         kept.append(item)
@@ -436,10 +472,10 @@ class Projector:
                 if stream_time is not None:
                     self.metrics.event_applied_at(stream_time)
                 for item in applied:
-                    await self._ack(item.msg, "applied")
+                    await self._settle(item, "applied")
                 self.health.fine("projector_apply")
             for item, outcome in ignored:
-                await self._ack(item.msg, outcome)
+                await self._settle(item, outcome)
             wrong_host = sum(1 for _, outcome in ignored if outcome == "wrong_host")
             if wrong_host:
                 await self.count_strays(items[0].host_token, wrong_host)
@@ -458,8 +494,7 @@ class Projector:
             if now - item.since >= self.hold_max:
                 # Its predecessor may be lost for good (the reaper ends such a run); give it back
                 # to JetStream so this instance's memory stays bounded.
-                with contextlib.suppress(Exception):
-                    await item.msg.nak(delay=MAX_GAP_DELAY)
+                await self._give_back(item, MAX_GAP_DELAY)
                 continue
             if now - item.touched >= TOUCH_INTERVAL:
                 item.touched = now
@@ -469,8 +504,25 @@ class Projector:
         if keep:
             self._held.setdefault(run_id, []).extend(keep)
 
-    async def _ack(self, msg: Msg, outcome: str) -> None:
+    async def _settle(self, item: _Item, outcome: str) -> None:
+        """``item`` is decided; its message is acknowledged once all of its events are."""
         self.metrics.uplink_events.inc(result=outcome)
+        delivery = item.delivery
+        delivery.left -= 1
+        if delivery.left <= 0 and not delivery.done:
+            delivery.done = True
+            await self._ack(delivery.msg)
+
+    async def _give_back(self, item: _Item, delay: float | None = None) -> None:
+        """Hand the item's message back to JetStream for redelivery (once per message)."""
+        delivery = item.delivery
+        if delivery.done:
+            return
+        delivery.done = True
+        with contextlib.suppress(Exception):
+            await delivery.msg.nak(delay=delay)
+
+    async def _ack(self, msg: Msg) -> None:
         try:
             await msg.ack()
         except Exception as exc:  # it comes back after the ack wait; handling it again is harmless

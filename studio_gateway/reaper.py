@@ -29,7 +29,7 @@ from typing import Final
 
 import nats.js.errors
 
-from linkd.run_protocol import RUN_STREAM
+from linkd.run_protocol import RUN_STREAM, split_events
 
 from .config import RunsConfig
 from .health import Health
@@ -165,9 +165,9 @@ class Reaper:
         finally:
             await reader.close()
         wanted = state.seq + 1
-        for msg in msgs:
+        for line in (line for msg in msgs for line in split_events(msg.data)):
             try:
-                event = json.loads(msg.data)
+                event = json.loads(line)
             except (ValueError, UnicodeDecodeError):
                 continue
             if (
@@ -212,8 +212,8 @@ class Reaper:
         except nats.js.errors.NotFoundError:
             return None
         try:
-            event = json.loads(msg.data or b"")
-        except (ValueError, UnicodeDecodeError):
+            event = json.loads(split_events(msg.data or b"{}")[-1])  # a batch's newest is its last
+        except (ValueError, UnicodeDecodeError, IndexError):
             return None
         if not isinstance(event, dict) or event.get("fence") != state.event_fence:
             return None

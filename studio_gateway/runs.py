@@ -26,6 +26,7 @@ from typing import Any, Final
 from aiohttp import web
 
 import tunnel
+from linkd.run_protocol import split_events
 
 from .config import GatewayConfig
 from .dispatch import Dispatcher, send_control
@@ -288,8 +289,8 @@ class RunsService:
             await reader.close()
         upto = state.seq if state.terminal else None
         raw = []
-        for msg in msgs:
-            event = _parse(msg.data)
+        for line in (line for msg in msgs for line in split_events(msg.data)):
+            event = _parse(line)
             if event is not None:
                 raw.append(event)
         events = ordered_events(raw, state.event_fence, upto=upto)

@@ -32,7 +32,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from linkd.run_protocol import is_valid_run_id
+from linkd.run_protocol import is_valid_run_id, split_events
 
 from .auth import User, authenticated
 from .errors import json_error
@@ -411,14 +411,14 @@ async def _stream_live(
                 last_refresh = now
                 # The notification can arrive before JetStream stored the write: read once more soon.
                 recheck_at = now + RECHECK_DELAY if notified else math.inf
-            for msg in msgs:
+            for line in (line for msg in msgs for line in split_events(msg.data)):
                 with contextlib.suppress(ValueError, UnicodeDecodeError):
-                    event = json.loads(msg.data)
+                    event = json.loads(line)
                     if isinstance(event, dict):
                         pending.append(event)
                         fence, seq = event.get("fence"), event.get("seq")
                         if isinstance(fence, int | str) and isinstance(seq, int):  # hashable ones only
-                            raw.setdefault((fence, seq), msg.data)
+                            raw.setdefault((fence, seq), line)
             if next_seq == 1 and pending and _expired_start(state, service, pending):
                 # The run is older than the stream's retention and its first events are gone from
                 # the stream: replay what was kept of them, then continue from the stream.
@@ -445,9 +445,9 @@ async def _stream_live(
             pending = [e for e in pending if isinstance(e.get("seq"), int) and e["seq"] >= next_seq]
             if ready:
                 raw = {key: data for key, data in raw.items() if key[1] >= next_seq}
-            line = fmt.keepalive()
-            if line is not None and now - last_write >= keepalive:
-                await response.write(line)
+            alive = fmt.keepalive()
+            if alive is not None and now - last_write >= keepalive:
+                await response.write(alive)
                 last_write = now
     finally:
         # The reader's consumer and tasks go away after the response: the client's `end`

@@ -24,7 +24,7 @@ from linkd.backoff import Backoff
 from linkd.config import RunnerSettings
 from linkd.credentials_store import generate_seed
 from linkd.daemon import LinkDaemon, State
-from linkd.run_protocol import RUN_STREAM, run_event_subject
+from linkd.run_protocol import RUN_STREAM, run_event_subject, split_events
 from linkd.session import GatewayClient
 from linkd.uplink import JetStreamUplink
 from tests.helpers import NatsServerFactory, wait_until
@@ -87,7 +87,8 @@ async def stored(js: JetStreamContext, subject: str) -> list[tuple[str, dict[str
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg(RUN_STREAM, seq)
         if msg.subject == subject and msg.data is not None:
-            out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data)))
+            for line in split_events(msg.data):  # one event, or a batch (one per line)
+                out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(line)))
     return out
 
 
@@ -118,7 +119,11 @@ async def test_a_run_from_the_gateway_is_uplinked_exactly_once_and_the_projector
         assert [e["seq"] for _, e in events] == list(range(1, final_seq + 1))
         execution = events[0][0].rsplit(":", 1)[1]
         assert len(execution) == 16
-        assert [m for m, _ in events] == [f"{run_id}:{e['fence']}:{e['seq']}:{execution}" for _, e in events]
+        for msg_id, event in events:  # its own id, or its batch's: <run>:<fence>:<first>-<last>:<execution>
+            head, _, seqs = msg_id.removesuffix(f":{execution}").rpartition(":")
+            first, _, last = seqs.partition("-")
+            assert head == f"{run_id}:{event['fence']}", msg_id
+            assert int(first) <= event["seq"] <= int(last or first), msg_id
         assert events[-1][1]["type"] == "done" and events[-1][1]["status"] == "completed"
         assert sum(1 for _, e in events if e["type"] == "output") == 300
 

@@ -343,3 +343,51 @@ async def test_streamed_events_wait_to_go_out_together_but_a_lone_one_goes_at_on
     assert box.queued >= COALESCE_EVENTS
     assert uplink._coalesce_until(now[0] - COALESCE_DELAY / 2) is None  # a full batch goes now
     await uplink.aclose(0.1)
+
+
+def test_consecutive_events_of_one_run_go_as_one_batch_within_its_limits() -> None:
+    from linkd.uplink import batch_msg_id, batch_payload
+
+    box = Outbox(window=8)
+    for seq in range(1, 6):
+        event = ev(seq, "a")
+        box.add(event, encode_event(event))
+    other = ev(1, "b")
+    box.add(other, encode_event(other))
+    batch = box.peek_batch(64, 10_000)
+    assert [e.event.seq for e in batch] == [1, 2, 3, 4, 5]  # stops before another run's event
+    assert batch_payload(batch).count(b"\n") == 4
+    assert all(json.loads(line)["runId"] == "a" for line in batch_payload(batch).split(b"\n"))
+    assert batch_msg_id(batch).startswith("a:7:1-5")
+    assert [e.event.seq for e in box.peek_batch(2, 10_000)] == [1, 2]  # the count limit
+    one = len(batch[0].payload)
+    assert len(box.peek_batch(64, 2 * one + 1)) == 2  # the byte limit (with the line break)
+    box.sent_batch(batch, "t1", 5.0)
+    assert box.in_flight == 1 and box.queued == 1
+    assert box.failed("t1") is batch[0]  # the whole batch goes back, in order
+    again = box.peek_batch(64, 10_000)
+    assert [e.event.seq for e in again] == [1, 2, 3, 4, 5]
+    box.sent_batch(again, "t2", 5.0)
+    assert box.acked("t2") is again[0]
+    assert box.acked_total == 5 and box.runs() == ["b"]
+
+
+def test_a_batch_sent_again_is_the_same_batch_so_its_id_deduplicates() -> None:
+    from linkd.uplink import batch_msg_id
+
+    box = Outbox(window=8)
+    fill(box, 3, "a")
+    first = box.peek_batch(64, 10_000)
+    box.sent_batch(first, "t1", 5.0)
+    fill_more = [ev(seq, "a") for seq in (4, 5)]
+    for event in fill_more:
+        box.add(event, encode_event(event))
+    box.requeue_in_flight()  # the connection went away with the batch in flight
+    again = box.peek_batch(64, 10_000)
+    assert again == first and batch_msg_id(again) == batch_msg_id(first)  # not 1-5
+    box.sent_batch(again, "t2", 5.0)
+    rest = box.peek_batch(64, 10_000)
+    assert [e.event.seq for e in rest] == [4, 5]
+    box.unbatch(first)  # refused as too big: may be cut anew
+    box.failed("t2")
+    assert [e.event.seq for e in box.peek_batch(2, 10_000)] == [1, 2]
