@@ -112,6 +112,25 @@ async def sample_peak(nc: Client, host: str, stop: asyncio.Event) -> int:
     return max(peak, await stored_events(nc, host))
 
 
+async def bob_alone_then_flooded(
+    gateway: RunsGateway, admin: Client, url: str, alice: str, run: str | None = None
+) -> tuple[dict[str, Any], int]:
+    """Bob's run alone, then during alice's flood: within 1.5x; (alice's summary, her peak stored)."""
+    alone, state = await timed_run(gateway, "bob")
+    assert state["status"] == "completed"
+    stop = asyncio.Event()
+    async with flood(url, alice, FLOOD, run=run) as summary:
+        sampler = asyncio.ensure_future(sample_peak(admin, alice, stop))
+        flooded, state = await timed_run(gateway, "bob")
+        result = await asyncio.wait_for(summary, 120)
+        stop.set()
+        peak = await sampler
+    assert state["status"] == "completed", state
+    print(f"bob alone {alone:.2f} s, flooded {flooded:.2f} s; alice {result}, peak stored {peak}")
+    assert flooded <= 1.5 * alone, (alone, flooded)
+    return result, peak
+
+
 async def test_a_flood_to_made_up_runs_does_not_slow_another_tenant_and_is_purged(
     js_server: NatsServer,
 ) -> None:
@@ -120,18 +139,7 @@ async def test_a_flood_to_made_up_runs_does_not_slow_another_tenant_and_is_purge
     alice = host_of("alice")
     try:
         async with runs_gateway(js_server.url, host_stray_events=STRAY_LIMIT) as gateway:
-            alone, state = await timed_run(gateway, "bob")
-            assert state["status"] == "completed"
-            stop = asyncio.Event()
-            async with flood(js_server.url, alice, FLOOD) as summary:
-                sampler = asyncio.ensure_future(sample_peak(admin, alice, stop))
-                flooded, state = await timed_run(gateway, "bob")
-                result = await asyncio.wait_for(summary, 120)
-                stop.set()
-                peak = await sampler
-            assert state["status"] == "completed", state
-            print(f"bob alone {alone:.2f} s, flooded {flooded:.2f} s; alice {result}, peak stored {peak}")
-            assert flooded <= 1.5 * alone, (alone, flooded)
+            _, peak = await bob_alone_then_flooded(gateway, admin, js_server.url, alice)
             # Alice's made-up runs were counted and purged again and again: her stored events
             # never come near what she published (docs/runs.md, "Tenants").
             assert await gateway.metric("studio_runs_quota_exceeded_total") >= 1
@@ -151,20 +159,9 @@ async def test_a_flood_on_its_own_run_is_refused_typed_and_ends_that_run_only(js
         async with runs_gateway(
             js_server.url, max_events_per_run=MAX_EVENTS_PER_RUN, host_stray_events=STRAY_LIMIT
         ) as gateway:
-            alone, state = await timed_run(gateway, "bob")
-            assert state["status"] == "completed"
             alice_run = await gateway.start_run("alice", {"runner": "echo", "input": {}})
             await gateway.wait_status("alice", alice_run, {"in_progress"})
-            stop = asyncio.Event()
-            async with flood(js_server.url, alice, FLOOD, run=alice_run) as summary:
-                sampler = asyncio.ensure_future(sample_peak(admin, alice, stop))
-                flooded, state = await timed_run(gateway, "bob")
-                result = await asyncio.wait_for(summary, 120)
-                stop.set()
-                peak = await sampler
-            assert state["status"] == "completed", state
-            print(f"bob alone {alone:.2f} s, flooded {flooded:.2f} s; alice {result}, peak stored {peak}")
-            assert flooded <= 1.5 * alone, (alone, flooded)
+            result, peak = await bob_alone_then_flooded(gateway, admin, js_server.url, alice, run=alice_run)
             outcomes = result["outcomes"]
             # Typed refusals: JetStream's "maximum messages per subject exceeded" for the rest.
             assert outcomes.get("refused_10077", 0) >= FLOOD - MAX_EVENTS_PER_RUN - 100, outcomes
