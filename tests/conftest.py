@@ -34,6 +34,37 @@ else:
 
 _REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 
+# Tiers (markers registered in pyproject.toml), from where a test lives: ``unit`` (no server,
+# seconds), ``integration`` (real nats-server processes), ``faults`` (fault injection, chaos,
+# floods); and ``slow`` for the files that take tens of seconds each (soaks, clusters, floods,
+# fresh virtualenvs, benchmark smoke runs). The edit loop: ``pytest -m unit`` or
+# ``pytest -m "not slow"``; CI runs everything.
+_TIERS = {"unit": "unit", "integration": "integration", "faults": "faults"}
+SLOW_FILES = frozenset(
+    {
+        "test_soak_full.py",
+        "test_soak_script.py",
+        "test_soak_cluster.py",
+        "test_runs_cluster.py",
+        "test_tenant_flood.py",
+        "test_linkctl_demo.py",
+        "test_bench_smoke.py",
+        "test_bench_gateway_smoke.py",
+        "test_runs_e2e_bench.py",
+        "test_nats_cluster.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path
+        tier = _TIERS.get(path.parent.name)
+        if tier is not None:
+            item.add_marker(tier)
+        if path.name in SLOW_FILES:
+            item.add_marker("slow")
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
