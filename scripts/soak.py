@@ -4,19 +4,29 @@ mixed load, faults one after another, invariants checked as it goes and at the e
 
 The stack (all on loopback, in a temporary directory):
 
-- nats-server in operator/JWT mode with JetStream on a file store (survives its restarts);
-- two ``studio-gateway serve`` processes sharing it (runs, projector, reaper);
-- ``linkd up`` for one user, its NATS connection through a fault-injecting TCP proxy
-  (the gateways hand out the proxy's URL), forwarding other paths to a local HTTP service
-  of this script (``--upstream``), so bodies can be checked byte for byte.
+- nats-server in operator/JWT mode with JetStream on a file store (survives its restarts),
+  or with ``--cluster N`` an N-node cluster of them (routes, clustered JetStream; the run
+  stream, buckets and consumers replicated min(N, 3) times; every node restartable on its
+  ports with its store);
+- two ``studio-gateway serve`` processes sharing it (runs, projector, reaper), given every
+  node's URL;
+- ``linkd up`` for one user, its NATS connection through a fault-injecting TCP proxy (one per
+  node; the gateways hand out the proxies' URLs), forwarding other paths to a local HTTP
+  service of this script (``--upstream``), so bodies can be checked byte for byte.
 
 Load, all the time: small tunnel requests to the desktop's ``/api/links/status``, streamed
 multi-MiB downloads and uploads through its upstream proxy (every body sha256-checked),
 presence probes (``/api/links/me``) and mock runs (``POST /api/runs``) on either gateway.
 
-Faults, drawn at random: kill -9 and restart of nats-server, of linkd and of a gateway; the
-daemon's network paused for less and for more than the idle and liveness timeouts, throttled,
-blackholed, reset. After each: the desktop and both gateways must be back (bounded).
+Faults, drawn at random (each once per round): kill -9 and restart of linkd and of a gateway;
+the daemon's network paused for less and for more than the idle and liveness timeouts,
+throttled, blackholed, reset; on one server, kill -9 and restart of nats-server; on a
+cluster, kill -9 of a node instead: a random one, the one linkd is connected to, the leader
+of the run stream ``LINK_RUNS``, or the leader of the daemon host's consumer (what the
+projectors pull); the log says what else the node held. The killed node stays down until
+everything works without it ("failover", timed from the kill), then is restarted and waited
+for until every replica caught up. After each fault: the desktop answers through the tunnel,
+both gateways say runs are ready and a new run completes (bounded; timed from the healing).
 
 Invariants (any breach is printed at once and makes the exit status 1):
 
@@ -28,9 +38,11 @@ Invariants (any breach is printed at once and makes the exit status 1):
 - after the last fault, a new run completes and a tunnel request succeeds.
 
 Totals at the end: requests by kind and outcome (error codes), bytes verified, runs by
-terminal status and failure kind, recovery time per fault, peak memory of every process.
+terminal status and failure kind, recovery times per fault (after healing; for node kills
+also after the kill with the node down), peak memory of every process.
 
     python scripts/soak.py --minutes 10
+    python scripts/soak.py --cluster 3 --minutes 10
     python scripts/soak.py --seconds 60 --seed 7 --faults kill-9-linkd,pause-long
 """
 
@@ -44,6 +56,7 @@ import hashlib
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -60,15 +73,23 @@ import httpx  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 import tunnel  # noqa: E402
+from linkd.run_protocol import RUN_STREAM  # noqa: E402
 from linkd.runners.mock import mock_chunk  # noqa: E402
+from studio_gateway.run_store import (  # noqa: E402
+    ACTIVE_BUCKET,
+    OUTPUT_BUCKET,
+    STATE_BUCKET,
+    host_consumer_name,
+)
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.faults.chaos import parse_fault_names  # noqa: E402
 from tests.integration.runs_harness import (  # noqa: E402
-    SECRET,
     GatewayProcess,
+    JetStreamCluster,
     JetStreamNats,
     LinkdProcess,
     RunsStack,
+    stack_env,
 )
 from tunnel.connect import connect  # noqa: E402
 
@@ -88,10 +109,14 @@ RECOVER_TIMEOUT: Final = 40.0
 # Every accepted run must be terminal this long after the load stopped.
 SETTLE_TIMEOUT: Final = DISPATCH_TIMEOUT + LIVENESS + 20.0
 RUN_INPUT: Final = {"count": 20, "delayMs": 40}
+# What recovered() runs to see runs work end to end.
+PROBE_RUN: Final = {"runner": "mock", "input": {"count": 2, "delayMs": 10}}
 EXPECTED_OUTPUT: Final = "".join(mock_chunk("chunk", i, None) for i in range(20))
 DOWNLOAD_SIZES: Final = (256 * KiB, 1 * MiB, 4 * MiB)
 UPLOAD_SIZES: Final = (64 * KiB, 1 * MiB, 2 * MiB)
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+# The run stream and the buckets' streams: whole again (every replica current) after a node restart.
+RUN_STREAMS: Final = (RUN_STREAM, f"KV_{STATE_BUCKET}", f"KV_{OUTPUT_BUCKET}", f"KV_{ACTIVE_BUCKET}")
 LINKD_TOML: Final = (
     'upstream = "{upstream}"\ndrain_timeout = 3\n[runners]\nheartbeat_interval = 0.5\nmax_concurrent = 32\n'
 )
@@ -118,7 +143,10 @@ class Totals:
     verified_bytes: int = 0
     runs: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
-    recovery: dict[str, float] = field(default_factory=dict)
+    # Seconds until everything worked again, per fault: after it was healed (the process or node
+    # restarted, the link restored), and for node kills also after the kill, the node still down.
+    recovery: dict[str, list[float]] = field(default_factory=dict)
+    failover: dict[str, list[float]] = field(default_factory=dict)
     peak_kib: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
 
@@ -168,41 +196,118 @@ class Upstream:
         return web.Response(text=digest.hexdigest())
 
 
+class LinkProxies:
+    """The daemon's network path: one :class:`FaultProxy` per nats-server node (the gateways hand
+    out their URLs), each fault applied to all of them, whichever node the daemon is on."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.proxies = [FaultProxy(port) for port in ports]
+
+    async def start(self) -> None:
+        for proxy in self.proxies:
+            await proxy.start()
+
+    async def close(self) -> None:
+        for proxy in self.proxies:
+            await proxy.close()
+
+    @property
+    def url(self) -> str:
+        return ",".join(proxy.url for proxy in self.proxies)
+
+    def pause(self) -> None:
+        for proxy in self.proxies:
+            proxy.pause()
+
+    def throttle(self, bytes_per_second: int | None) -> None:
+        for proxy in self.proxies:
+            proxy.throttle(bytes_per_second)
+
+    def blackhole(self) -> None:
+        for proxy in self.proxies:
+            proxy.blackhole()
+
+    def reset_all(self) -> None:
+        for proxy in self.proxies:
+            proxy.reset_all()
+
+    def pass_through(self) -> None:
+        for proxy in self.proxies:
+            proxy.pass_through()
+
+
 @dataclass
 class Stack:
-    runs: RunsStack
-    proxy: FaultProxy
+    runs: RunsStack[JetStreamNats] | RunsStack[JetStreamCluster]
+    proxy: LinkProxies
     daemon: LinkdProcess
     upstream: Upstream
     caller: Any  # nats-py client, straight to nats-server (not through the proxy)
     client: tunnel.TunnelClient
     http: httpx.AsyncClient
+    hostname: str  # the daemon's tunnel host (kept across its restarts)
 
     @property
     def gateways(self) -> list[GatewayProcess]:
         return self.runs.gateways
 
     @property
-    def nats(self) -> JetStreamNats:
+    def nats(self) -> JetStreamNats | JetStreamCluster:
         return self.runs.nats
 
+    @property
+    def single(self) -> JetStreamNats:
+        nats = self.runs.nats
+        if not isinstance(nats, JetStreamNats):
+            raise TypeError("this soak runs on a cluster")
+        return nats
 
-async def start_stack(workdir: Path) -> Stack:
-    nats = JetStreamNats.start(workdir)
-    proxy = FaultProxy(nats.server.port)
+    @property
+    def cluster(self) -> JetStreamCluster:
+        nats = self.runs.nats
+        if not isinstance(nats, JetStreamCluster):
+            raise TypeError("this soak runs on one nats-server")
+        return nats
+
+    def pids(self) -> dict[str, int | None]:
+        """Process ids by role (a node that is down: None)."""
+        nats = self.runs.nats
+        servers = (
+            {f"nats-{name}": pid for name, pid in nats.pids().items()}
+            if isinstance(nats, JetStreamCluster)
+            else {"nats-server": nats.server.pid}
+        )
+        return {
+            **servers,
+            "linkd": self.daemon.pid,
+            "soak (callers + upstream)": os.getpid(),
+            **{gateway.name: gateway.pid for gateway in self.gateways},
+        }
+
+
+async def start_stack(workdir: Path, cluster: int | None) -> Stack:
+    """nats-server (or a ``cluster``-node cluster), two gateways, the upstream and linkd behind
+    the proxies; the daemon gets the proxies' URLs, the gateways and the caller the servers'."""
+    nats: JetStreamNats | JetStreamCluster
+    if cluster is None:
+        nats = JetStreamNats.start(workdir)
+        proxy = LinkProxies([nats.server.port])
+    else:
+        nats = JetStreamCluster.start(workdir, size=cluster)
+        proxy = LinkProxies([node.port for node in nats.nodes])
     await proxy.start()
-    env = {
-        "GATEWAY_JWT_SECRET": SECRET,  # RunsStack.token() signs with it
-        "NATS_URL": nats.url,
-        "NATS_CREDS": str(nats.gateway_creds),
+    extra = {
         "NATS_PUBLIC_URL": proxy.url,
-        "NATS_TUNNEL_SESSION_TTL_SECONDS": "3600",
         "RUNS_LIVENESS_TIMEOUT_SECONDS": f"{LIVENESS:g}",
         "RUNS_DISPATCH_TIMEOUT_SECONDS": f"{DISPATCH_TIMEOUT:g}",
         "RUNS_REAPER_INTERVAL_SECONDS": "0.5",
-        **nats.setup.gateway_env(),
+        **({"RUNS_REPLICAS": str(min(cluster, 3))} if cluster is not None else {}),
     }
-    runs = RunsStack(workdir, nats, env)
+    runs: RunsStack[JetStreamNats] | RunsStack[JetStreamCluster]
+    if isinstance(nats, JetStreamCluster):
+        runs = RunsStack(workdir, nats, stack_env(nats, extra))
+    else:
+        runs = RunsStack(workdir, nats, stack_env(nats, extra))
     upstream = Upstream()
     try:
         for _ in range(2):
@@ -215,8 +320,9 @@ async def start_stack(workdir: Path) -> Stack:
         toml = LINKD_TOML.format(upstream=f"http://127.0.0.1:{upstream.port}")
         daemon = runs.daemon(USER, config_toml=toml, start=False)
         await daemon.astart()
+        urls = nats.urls if isinstance(nats, JetStreamCluster) else [nats.url]
         caller = await connect(
-            nats.url, creds_text=nats.admin_creds("soak-caller"), name="soak-caller", reconnect_time_wait=0.2
+            urls, creds_text=nats.admin_creds("soak-caller"), name="soak-caller", reconnect_time_wait=0.2
         )
     except BaseException:
         await upstream.close()
@@ -227,7 +333,7 @@ async def start_stack(workdir: Path) -> Stack:
         caller, first_frame_timeout=FIRST_FRAME_TIMEOUT, idle_timeout=IDLE_TIMEOUT, timeout=TOTAL_TIMEOUT
     )
     http = httpx.AsyncClient(trust_env=False, timeout=HTTP_TIMEOUT)
-    return Stack(runs, proxy, daemon, upstream, caller, client, http)
+    return Stack(runs, proxy, daemon, upstream, caller, client, http, daemon.hostname)
 
 
 async def stop_stack(stack: Stack) -> None:
@@ -386,13 +492,17 @@ class Load:
 
 
 # Each fault returns once it is healed (the killed process started again, the link restored);
-# the soak then measures how long until everything works again.
+# the soak then measures how long until everything works again. A node kill also measures, while
+# the node is still down, how long until everything works without it (the cluster failing
+# over), and returns that.
+
+Fault = Callable[[Stack, random.Random], Awaitable[float | None]]
 
 
 async def _restart_nats(stack: Stack) -> None:
-    stack.nats.kill()
+    stack.single.kill()
     await asyncio.sleep(0.5)  # down for a moment
-    await asyncio.to_thread(stack.nats.restart)
+    await asyncio.to_thread(stack.single.restart)
 
 
 async def _restart_linkd(stack: Stack) -> None:
@@ -414,22 +524,89 @@ async def _hold(stack: Stack, apply: Callable[[], None], seconds: float) -> None
         stack.proxy.pass_through()
 
 
-FAULTS: Final[dict[str, Callable[[Stack, random.Random], Awaitable[None]]]] = {
-    "kill-9-nats-server": lambda s, _: _restart_nats(s),
-    "kill-9-linkd": lambda s, _: _restart_linkd(s),
-    "kill-9-gateway": _restart_gateway,
-    "pause-short": lambda s, _: _hold(s, s.proxy.pause, IDLE_TIMEOUT / 3),
-    "pause-long": lambda s, _: _hold(s, s.proxy.pause, LIVENESS + 1.0),
-    "throttle": lambda s, _: _hold(s, lambda: s.proxy.throttle(512 * KiB), 3.0),
-    "blackhole": lambda s, _: _hold(s, s.proxy.blackhole, IDLE_TIMEOUT + 0.5),
-    "reset": lambda s, _: _hold(s, s.proxy.reset_all, 0.0),
+def healed(fault: Callable[[Stack, random.Random], Awaitable[None]]) -> Fault:
+    """A fault with nothing to measure before it is healed."""
+
+    async def run(stack: Stack, rng: random.Random) -> float | None:
+        await fault(stack, rng)
+        return None
+
+    return run
+
+
+def node_roles(stack: Stack) -> dict[str, int | None]:
+    """Which node holds what: the daemon's connection, the leaders of the run stream, the
+    daemon host's consumer (what the projectors pull) and the buckets' streams."""
+    cluster = stack.cluster
+    consumer = host_consumer_name(tunnel.host_token(stack.hostname))
+    roles: dict[str, int | None] = {
+        "linkd": cluster.client_node("linkd "),
+        "stream": cluster.stream_leader(RUN_STREAM),
+        "consumer": cluster.consumer_leader(RUN_STREAM, consumer),
+    }
+    for name in RUN_STREAMS[1:]:
+        roles[name] = cluster.stream_leader(name)
+    return roles
+
+
+async def _kill_node(stack: Stack, rng: random.Random, role: str | None) -> float | None:
+    """SIGKILL the node holding ``role`` (None or nobody holds it now: a random one); wait until
+    everything works with the node down; restart it and wait until it caught up."""
+    cluster = stack.cluster
+    roles = await asyncio.to_thread(node_roles, stack)
+    node = roles.get(role) if role is not None else None
+    if node is None:
+        node = rng.choice(cluster.cluster.running())
+    held = ", ".join(name for name, holder in roles.items() if holder == node) or "nothing"
+    say(f"  node {cluster.cluster.node_name(node)} holds: {held}")
+    killed = time.monotonic()
+    cluster.kill(node)
+    try:
+        await recovered(stack, stack.hostname)
+        failover: float | None = time.monotonic() - killed
+        say(f"  everything back {failover:.2f} s after the kill, the node still down")
+    except TimeoutError:
+        failover = None
+        say(f"  not back {RECOVER_TIMEOUT:g} s after the kill with the node down")
+    await asyncio.to_thread(cluster.restart, node)
+    await asyncio.to_thread(cluster.wait_in_sync, RUN_STREAMS, RECOVER_TIMEOUT)
+    if failover is None:
+        raise NodeFailoverFailed(f"not back {RECOVER_TIMEOUT:g} s after node {node} was killed")
+    return failover
+
+
+class NodeFailoverFailed(Exception):
+    """Nothing worked while one node of the cluster was down."""
+
+
+SINGLE_FAULTS: Final[dict[str, Fault]] = {
+    "kill-9-nats-server": healed(lambda s, _: _restart_nats(s)),
 }
+CLUSTER_FAULTS: Final[dict[str, Fault]] = {
+    "kill-9-node-random": lambda s, rng: _kill_node(s, rng, None),
+    "kill-9-node-linkd": lambda s, rng: _kill_node(s, rng, "linkd"),
+    "kill-9-stream-leader": lambda s, rng: _kill_node(s, rng, "stream"),
+    "kill-9-consumer-leader": lambda s, rng: _kill_node(s, rng, "consumer"),
+}
+COMMON_FAULTS: Final[dict[str, Fault]] = {
+    "kill-9-linkd": healed(lambda s, _: _restart_linkd(s)),
+    "kill-9-gateway": healed(_restart_gateway),
+    "pause-short": healed(lambda s, _: _hold(s, s.proxy.pause, IDLE_TIMEOUT / 3)),
+    "pause-long": healed(lambda s, _: _hold(s, s.proxy.pause, LIVENESS + 1.0)),
+    "throttle": healed(lambda s, _: _hold(s, lambda: s.proxy.throttle(512 * KiB), 3.0)),
+    "blackhole": healed(lambda s, _: _hold(s, s.proxy.blackhole, IDLE_TIMEOUT + 0.5)),
+    "reset": healed(lambda s, _: _hold(s, s.proxy.reset_all, 0.0)),
+}
+FAULTS: Final[dict[str, Fault]] = {**SINGLE_FAULTS, **COMMON_FAULTS}
+FAULTS_ON_CLUSTER: Final[dict[str, Fault]] = {**CLUSTER_FAULTS, **COMMON_FAULTS}
 
 
 async def recovered(stack: Stack, hostname: str) -> float:
-    """Seconds until the desktop answers through the tunnel and both gateways serve runs."""
+    """Seconds until the desktop answers through the tunnel, both gateways say runs are ready, and
+    a new run completes (``/healthz`` alone can say ready while runs cannot progress)."""
     began = time.monotonic()
     deadline = began + RECOVER_TIMEOUT
+    turn = 0
     while time.monotonic() < deadline:
         try:
             async with await stack.client.fetch(f"tunnel://{hostname}/api/links/status", timeout=2.0) as resp:
@@ -437,12 +614,29 @@ async def recovered(stack: Stack, hostname: str) -> float:
             for gateway in stack.gateways:
                 health = (await stack.http.get(f"{gateway.url}/healthz", timeout=2.0)).json()
                 ok = ok and health.get("runs") == "ready"
-            if ok:
+            turn += 1
+            if ok and await probe_run(stack, stack.gateways[turn % len(stack.gateways)], deadline):
                 return time.monotonic() - began
         except (tunnel.TunnelError, httpx.HTTPError, ValueError):
             pass
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # polling with a deadline
     raise TimeoutError(f"not recovered after {RECOVER_TIMEOUT:g} s")
+
+
+async def probe_run(stack: Stack, gateway: GatewayProcess, deadline: float) -> bool:
+    """A short run through ``gateway`` completes before ``deadline`` (not counted in the totals)."""
+    headers = {"Authorization": f"Bearer {stack.runs.token(USER)}"}
+    resp = await stack.http.post(f"{gateway.url}/api/runs", json=PROBE_RUN, headers=headers)
+    if resp.status_code != 202:
+        return False
+    url = f"{gateway.url}/api/runs/{resp.json()['runId']}"
+    while time.monotonic() < deadline:
+        resp = await stack.http.get(url, headers=headers)
+        status = resp.json().get("status") if resp.status_code == 200 else None
+        if status in TERMINAL:
+            return bool(status == "completed")
+        await asyncio.sleep(0.05)  # polling with a deadline
+    return False
 
 
 # ---------------------------------------------------------------------------- memory
@@ -463,13 +657,7 @@ def peak_kib(pid: int | None) -> int:
 
 async def watch_memory(stack: Stack, totals: Totals, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        pids = {
-            "nats-server": stack.nats.server.pid,
-            "linkd": stack.daemon.pid,
-            "soak (callers + upstream)": os.getpid(),
-            **{gateway.name: gateway.pid for gateway in stack.gateways},
-        }
-        for role, pid in pids.items():
+        for role, pid in stack.pids().items():
             totals.peak_kib[role] = max(totals.peak_kib.get(role, 0), peak_kib(pid))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
@@ -552,9 +740,10 @@ async def soak(args: argparse.Namespace, totals: Totals) -> None:
     load_rng = random.Random(None if args.seed is None else args.seed + 1)
     with tempfile.TemporaryDirectory(prefix="natslink-soak-") as tmp:
         began = time.monotonic()
-        stack = await start_stack(Path(tmp))
+        stack = await start_stack(Path(tmp), args.cluster)
+        servers = f"{args.cluster}-node cluster" if args.cluster else "nats-server"
         say(
-            f"stack up in {time.monotonic() - began:.1f} s: nats-server {stack.nats.url}, "
+            f"stack up in {time.monotonic() - began:.1f} s: {servers} {stack.nats.url}, "
             f"{len(stack.gateways)} gateways, linkd online as {stack.daemon.hostname} "
             f"via proxy {stack.proxy.url}"
         )
@@ -592,14 +781,20 @@ async def inject_faults(
         while time.monotonic() < deadline and not enough_faults(args, totals):
             name = next(schedule)
             say(f"fault {sum(totals.faults.values()) + 1}: {name}")
-            await FAULTS[name](stack, rng)
+            try:
+                failover = await args.faults_table[name](stack, rng)
+            except NodeFailoverFailed as exc:
+                totals.violation(f"{name}: {exc}")
+                failover = None
             totals.faults[name] += 1
+            if failover is not None:
+                totals.failover.setdefault(name, []).append(failover)
             try:
                 took = await recovered(stack, load.hostname)
             except TimeoutError as exc:
                 totals.violation(f"after {name}: {exc}")
                 break
-            totals.recovery[name] = max(totals.recovery.get(name, 0.0), took)
+            totals.recovery.setdefault(name, []).append(took)
             say(f"  everything back {took:.2f} s after it was healed")
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # load between faults
     finally:
@@ -637,8 +832,20 @@ async def final_checks(stack: Stack, load: Load, totals: Totals) -> None:
 def report(totals: Totals, seconds: float) -> None:
     print(f"soak: {seconds:.0f} s, {sum(totals.faults.values())} faults")
     for name, count in sorted(totals.faults.items()):
-        back = totals.recovery.get(name, 0.0)
-        print(f"  fault {name:<20} x{count:<3} everything back within {back:.2f} s of healing")
+        back = totals.recovery.get(name, [])
+        line = (
+            f"  fault {name:<22} x{count:<3} everything back within {max(back, default=0.0):.2f} s of healing"
+        )
+        if len(back) > 1:
+            line += f" (median {statistics.median(back):.2f})"
+        failover = totals.failover.get(name)
+        if failover:
+            each = ", ".join(f"{t:.1f}" for t in failover)
+            line += (
+                f"; with the node down, back within {max(failover):.2f} s of the kill"
+                f" (median {statistics.median(failover):.2f}; each: {each})"
+            )
+        print(line)
     by_kind: dict[str, Counter[str]] = {}
     for key, count in totals.outcomes.items():
         kind, _, outcome = key.partition(":")
@@ -666,12 +873,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     length.add_argument("--minutes", type=float, help="how long to keep injecting faults (default 5)")
     length.add_argument("--seconds", type=float, help="the same, in seconds")
     parser.add_argument(
-        "--faults", default=",".join(FAULTS), help="comma-separated faults to draw from: " + ", ".join(FAULTS)
+        "--faults",
+        default=None,
+        help="comma-separated faults to draw from (default: all of the mode's). One server: "
+        + ", ".join(FAULTS)
+        + ". A cluster: "
+        + ", ".join(FAULTS_ON_CLUSTER),
+    )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="an N-node nats-server cluster (N >= 3, runs replicated min(N, 3) times) instead of "
+        "one server; node kills join the faults",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (fault order, sizes)")
     parser.add_argument("--max-faults", type=int, default=None, help="stop after this many faults")
     args = parser.parse_args(argv)
-    args.fault_names = parse_fault_names(parser, args.faults, FAULTS)
+    if args.cluster is not None and args.cluster < 3:
+        parser.error("--cluster needs at least 3 nodes (a majority must survive a node's death)")
+    args.faults_table = FAULTS_ON_CLUSTER if args.cluster is not None else FAULTS
+    args.fault_names = parse_fault_names(
+        parser, args.faults or ",".join(args.faults_table), args.faults_table
+    )
     if args.seconds is None:
         args.seconds = 60.0 * (args.minutes if args.minutes is not None else 5.0)
     if args.seconds < 0:
