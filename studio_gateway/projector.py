@@ -83,6 +83,8 @@ ERROR_DELAY: Final = 0.5
 UNHEALTHY_AFTER: Final = 1.0
 # How often host feeds are checked (requests renewed, failed feeds re-opened, health).
 MAINTAIN_INTERVAL: Final = 0.25
+# How often the run streams are asked whether they answer (each check waits up to 1 s).
+PROBE_INTERVAL: Final = 0.5
 # A host consumer for runs whose creation time this instance does not know starts this far back.
 LOOKBACK_UNKNOWN: Final = 30 * 60.0
 # Ended runs remembered (run id -> host), so their late events need no state read.
@@ -213,6 +215,7 @@ class Projector:
             count_strays=self.count_strays,
         )
         watch = loop.create_task(strays.run(), name="projector-stray-watch")
+        probe = loop.create_task(self._probe_streams(), name="projector-stream-probe")
         try:
             while True:
                 timeout = HELD_POLL if self._held else FETCH_TIMEOUT
@@ -222,7 +225,7 @@ class Projector:
                     self.metrics.projector_pending.set(0)
                 await self.handle_batch(msgs)
         finally:
-            await stop_tasks([index, maintain, watch])
+            await stop_tasks([index, maintain, watch, probe])
             await self._give_back_held()
             await self.feeds.close()
 
@@ -250,6 +253,23 @@ class Projector:
                 self.health.fine("projector_pull")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._maintain_now.wait(), MAINTAIN_INTERVAL)
+
+    async def _probe_streams(self) -> None:
+        """Say when the run stream or the state bucket has no leader: no event can be stored then.
+
+        Nothing else would notice: the daemons' publishes fail (they retry), and the projector
+        only sees that no events come.
+        """
+        while True:
+            try:
+                await self.store.probe_streams()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.health.trouble("streams", f"the run streams do not answer (no leader?) ({exc!r})")
+            else:
+                self.health.fine("streams")
+            await asyncio.sleep(PROBE_INTERVAL)
 
     def _wanted_hosts(self) -> dict[str, int]:
         """Hosts with active runs -> when their oldest active run was created (ms; now if unknown)."""

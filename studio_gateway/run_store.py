@@ -95,6 +95,8 @@ PROJECTOR_EXPIRES: Final = 2.0
 READER_GIVE_UP: Final = 2.0
 PROJECTOR_GIVE_UP: Final = 3.0
 JS_TIMEOUT: Final = 5.0
+# Health checks and the host consumer check wait this long (a raft election leaves requests unanswered).
+CHECK_TIMEOUT: Final = 1.0
 # The JetStream API prefix of ``RunStore.js`` (no domain).
 JS_API: Final = "$JS.API"
 # JetStream API error codes.
@@ -342,13 +344,21 @@ class RunStore:
         Re-created after it was removed (idle, or deleted): it then starts at the host's
         oldest active run, which is correct because applying is idempotent (the run state's
         seq is the real checkpoint: older events are duplicates).
+
+        The check waits ``CHECK_TIMEOUT``, not the full JetStream timeout: nats-server leaves a
+        consumer info request unanswered while the consumer has no leader (an election takes
+        4-9 s), and then the consumer is there; so no answer counts as "exists", and the feed
+        opened next finds out (it is served once the new leader is up, or gives up again).
         """
         name = host_consumer_name(host_token)
         try:
-            await self.js.consumer_info(RUN_STREAM, name)
+            await self.js.consumer_info(RUN_STREAM, name, timeout=CHECK_TIMEOUT)
             return name
         except nats.js.errors.NotFoundError:
             pass
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            log.debug("host consumer %s: no answer (an election?); taking it as there", name)
+            return name
         start = datetime.fromtimestamp(max(0.0, since_ms / 1000 - HOST_CONSUMER_LOOKBACK), tz=UTC)
         consumer = api.ConsumerConfig(
             name=name,
@@ -383,6 +393,14 @@ class RunStore:
             give_up_after=PROJECTOR_GIVE_UP,
             on_ready=on_ready,
         )
+
+    async def probe_streams(self) -> None:
+        """Raise unless the run stream and the state bucket's stream answer now (each has a leader)."""
+        for stream in (RUN_STREAM, f"KV_{STATE_BUCKET}"):
+            answer = await self.nc.request(f"{JS_API}.STREAM.INFO.{stream}", b"", timeout=CHECK_TIMEOUT)
+            body = json.loads(answer.data)
+            if "error" in body:
+                raise nats.js.errors.APIError.from_error(body["error"])
 
     async def purge_host_events(self, host_token: str) -> None:
         """Drop every stored event of the host (its quota is exceeded)."""
