@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,12 @@ HTTP_TIMEOUT: Final = 10.0
 RECOVER_TIMEOUT: Final = 40.0
 # Every accepted run must be terminal this long after the load stopped.
 SETTLE_TIMEOUT: Final = DISPATCH_TIMEOUT + LIVENESS + 20.0
+# Runs looked at at once while settling (a 10-minute soak accepts ~1500).
+SETTLE_CONCURRENCY: Final = 8
+SHOWN_VIOLATIONS: Final = 50  # in the summary
+UPLINK_RESULT: Final = re.compile(
+    r'^studio_runs_uplink_events_total\{result="([a-z_]+)"\} (\S+)$', re.MULTILINE
+)
 RUN_INPUT: Final = {"count": 20, "delayMs": 40}
 # What recovered() runs to see runs work end to end.
 PROBE_RUN: Final = {"runner": "mock", "input": {"count": 2, "delayMs": 10}}
@@ -148,6 +155,9 @@ class Totals:
     recovery: dict[str, list[float]] = field(default_factory=dict)
     failover: dict[str, list[float]] = field(default_factory=dict)
     peak_kib: dict[str, int] = field(default_factory=dict)
+    # The projectors' verdicts on uplink events (studio_runs_uplink_events_total by result),
+    # summed over the gateways as they are at the end (a gateway restart starts from zero).
+    projector: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
 
     def violation(self, text: str) -> None:
@@ -667,35 +677,55 @@ async def watch_memory(stack: Stack, totals: Totals, stop: asyncio.Event) -> Non
 
 
 async def settle_runs(stack: Stack, accepted: list[str], totals: Totals) -> None:
-    """Every accepted run reaches a terminal state with sound events (see :func:`event_problems`)."""
+    """Every accepted run reaches a terminal state within ``SETTLE_TIMEOUT`` of now (the load
+    stopped), with sound events (see :func:`event_problems`). Runs are looked at a few at a
+    time; each one at least once, also when looking at all of them takes longer than that."""
     headers = {"Authorization": f"Bearer {stack.runs.token(USER)}"}
     base = stack.gateways[0].url
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    for run_id in accepted:
-        state: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                resp = await stack.http.get(f"{base}/api/runs/{run_id}", headers=headers)
-                if resp.status_code == 200:
-                    state = resp.json()
-                    if state.get("status") in TERMINAL:
-                        break
-            await asyncio.sleep(0.1)  # polling the run's state with a deadline
-        status = state.get("status")
-        if status not in TERMINAL:
-            totals.violation(
-                f"run {run_id} not terminal {SETTLE_TIMEOUT:g} s after the load stopped: {state}"
-            )
-            continue
-        kind = state.get("failureKind")
-        totals.runs[f"{status}/{kind}" if kind else str(status)] += 1
-        try:
-            events = await export(stack, base, run_id, headers)
-        except (httpx.HTTPError, ValueError) as exc:
-            totals.violation(f"run {run_id}: its export failed: {exc!r}")
-            continue
-        for problem in event_problems(state, events):
-            totals.violation(f"{status} run {run_id}: {problem}")
+    deadline_ms = (time.time() + SETTLE_TIMEOUT) * 1000
+    slots = asyncio.Semaphore(SETTLE_CONCURRENCY)
+
+    async def settle(run_id: str) -> None:
+        async with slots:
+            state = await final_state(stack, f"{base}/api/runs/{run_id}", headers, deadline)
+            status = state.get("status")
+            if status not in TERMINAL:
+                totals.violation(
+                    f"run {run_id} not terminal {SETTLE_TIMEOUT:g} s after the load stopped: {state}"
+                )
+                return
+            finished = state.get("finishedAt")
+            if isinstance(finished, int) and finished > deadline_ms + 1000:
+                totals.violation(
+                    f"run {run_id} ended {(finished - deadline_ms) / 1000:.1f} s after the settle deadline"
+                )
+            kind = state.get("failureKind")
+            totals.runs[f"{status}/{kind}" if kind else str(status)] += 1
+            try:
+                events = await export(stack, base, run_id, headers)
+            except (httpx.HTTPError, ValueError) as exc:
+                totals.violation(f"run {run_id}: its export failed: {exc!r}")
+                return
+            for problem in event_problems(state, events):
+                totals.violation(f"{status} run {run_id}: {problem}")
+
+    await asyncio.gather(*(settle(run_id) for run_id in accepted))
+
+
+async def final_state(stack: Stack, url: str, headers: dict[str, str], deadline: float) -> dict[str, Any]:
+    """The run's state once terminal, or as it is at ``deadline`` (asked at least once)."""
+    state: dict[str, Any] = {}
+    while True:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            resp = await stack.http.get(url, headers=headers)
+            if resp.status_code == 200:
+                state = resp.json()
+                if state.get("status") in TERMINAL:
+                    return state
+        if time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(0.1)  # polling the run's state with a deadline
 
 
 async def export(stack: Stack, base: str, run_id: str, headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -738,7 +768,14 @@ def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[
 async def soak(args: argparse.Namespace, totals: Totals) -> None:
     fault_rng = random.Random(args.seed)
     load_rng = random.Random(None if args.seed is None else args.seed + 1)
-    with tempfile.TemporaryDirectory(prefix="natslink-soak-") as tmp:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    place = (
+        contextlib.nullcontext(str(args.workdir))
+        if args.workdir is not None
+        else tempfile.TemporaryDirectory(prefix="natslink-soak-")
+    )
+    with place as tmp:
         began = time.monotonic()
         stack = await start_stack(Path(tmp), args.cluster)
         servers = f"{args.cluster}-node cluster" if args.cluster else "nats-server"
@@ -806,8 +843,20 @@ def enough_faults(args: argparse.Namespace, totals: Totals) -> bool:
     return args.max_faults is not None and sum(totals.faults.values()) >= args.max_faults
 
 
+async def projector_results(stack: Stack) -> Counter[str]:
+    """``studio_runs_uplink_events_total`` by result, summed over the gateways."""
+    found: Counter[str] = Counter()
+    for gateway in stack.gateways:
+        with contextlib.suppress(httpx.HTTPError):
+            text = (await stack.http.get(f"{gateway.url}/metrics")).text
+            for match in UPLINK_RESULT.finditer(text):
+                found[match.group(1)] += int(float(match.group(2)))
+    return found
+
+
 async def final_checks(stack: Stack, load: Load, totals: Totals) -> None:
     """After the last fault the system works: a tunnel request and a new run both succeed."""
+    totals.projector = await projector_results(stack)
     before = totals.outcomes["small:ok"]
     await load.tunnel_op("small", load.small)
     if totals.outcomes["small:ok"] == before:
@@ -856,11 +905,17 @@ def report(totals: Totals, seconds: float) -> None:
     print(f"  bytes verified: {totals.verified_bytes / MiB:.1f} MiB")
     runs = ", ".join(f"{status}={n}" for status, n in totals.runs.most_common()) or "none"
     print(f"  runs by terminal state ({sum(totals.runs.values())}): {runs}")
+    verdicts = ", ".join(f"{result}={n}" for result, n in totals.projector.most_common()) or "none"
+    print(f"  projector verdicts (since each gateway's last start): {verdicts}")
     peaks = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sorted(totals.peak_kib.items()))
     print(f"  peak memory (VmHWM): {peaks}")
     print(f"  violations: {len(totals.violations)}")
-    for violation in totals.violations:
+    for violation in totals.violations[:SHOWN_VIOLATIONS]:
         print(f"    {violation}")
+    if len(totals.violations) > SHOWN_VIOLATIONS:
+        print(
+            f"    ... and {len(totals.violations) - SHOWN_VIOLATIONS} more (each was printed as it happened)"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -887,6 +942,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="an N-node nats-server cluster (N >= 3, runs replicated min(N, 3) times) instead of "
         "one server; node kills join the faults",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="run in this directory and keep it (every process's log) instead of a temporary one",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (fault order, sizes)")
     parser.add_argument("--max-faults", type=int, default=None, help="stop after this many faults")

@@ -8,7 +8,9 @@ be SIGKILLed and started again:
   same port keeps the streams and key-value buckets;
 - :class:`JetStreamCluster`: the same trust chain on an N-node cluster
   (:class:`cli.nats_cluster.NatsCluster`, clustered JetStream), each node killable and
-  restartable on its ports with its store, plus who leads which stream or consumer;
+  restartable on its ports with its store, plus who leads which stream or consumer (and
+  moving a leader by a graceful stepdown), which node holds a named client connection, and
+  whether every replica of some streams and their consumers is current again;
 - :class:`GatewayProcess`: ``studio-gateway serve`` (``python -m studio_gateway.cli``) on a
   free port, ready once ``/healthz`` reports its NATS connection;
 - :class:`LinkdProcess`: ``linkd login`` (token on stdin, secrets in the insecure file
@@ -374,7 +376,7 @@ class JetStreamCluster:
         body = json.dumps({"placement": {"preferred": NatsCluster.node_name(to)}}).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        asked_at = -1.0
+        asked_at: float | None = None
         while True:
             leader = await asyncio.to_thread(self._leader_of, stream, consumer)
             if leader == to:
@@ -385,7 +387,7 @@ class JetStreamCluster:
                     f"the leader of {what} is {'none' if leader is None else NatsCluster.node_name(leader)}, "
                     f"not {NatsCluster.node_name(to)}, after {timeout:g} s"
                 )
-            if leader is not None and now - asked_at >= 1.0:
+            if leader is not None and (asked_at is None or now - asked_at >= 1.0):
                 asked_at = now
                 with contextlib.suppress(Exception):  # an election in progress: ask again
                     await nc.request(subject, body, timeout=2.0)
