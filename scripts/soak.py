@@ -33,8 +33,11 @@ Invariants (any breach is printed at once and makes the exit status 1):
 - every tunnel request ends, within its timeouts, with success or a typed ``TunnelError``;
   a success always carries the right bytes (no corrupted or truncated body);
 - gateways never answer 500 and never hang;
-- every accepted run (202) reaches a terminal state; a completed run has every event once,
-  seq 1..N in order, one ``done``, and exactly the output the mock runner produced;
+- every accepted run (202), the load's and the recovery checks' alike, reaches a terminal state
+  within ``SETTLE_TIMEOUT`` of the load's end; any run's events are seq 1..k once each and a
+  prefix of the mock runner's output; a completed run has them all, one ``done``;
+- after each fault everything works again within ``RECOVER_TIMEOUT`` (for a node kill also
+  before the node is restarted: a cluster carries on while a majority runs);
 - after the last fault, a new run completes and a tunnel request succeeds.
 
 Totals at the end: requests by kind and outcome (error codes), bytes verified, runs by
@@ -118,6 +121,9 @@ UPLINK_RESULT: Final = re.compile(
 RUN_INPUT: Final = {"count": 20, "delayMs": 40}
 # What recovered() runs to see runs work end to end.
 PROBE_RUN: Final = {"runner": "mock", "input": {"count": 2, "delayMs": 10}}
+PROBE_OUTPUT: Final = "".join(mock_chunk("chunk", i, None) for i in range(2))
+# One probe run may take this long; a stuck one is left to the settling checks, and another tried.
+PROBE_TIMEOUT: Final = DISPATCH_TIMEOUT + LIVENESS + 5.0
 EXPECTED_OUTPUT: Final = "".join(mock_chunk("chunk", i, None) for i in range(20))
 DOWNLOAD_SIZES: Final = (256 * KiB, 1 * MiB, 4 * MiB)
 UPLOAD_SIZES: Final = (64 * KiB, 1 * MiB, 2 * MiB)
@@ -149,6 +155,7 @@ class Totals:
     outcomes: Counter[str] = field(default_factory=Counter)
     verified_bytes: int = 0
     runs: Counter[str] = field(default_factory=Counter)
+    probes: Counter[str] = field(default_factory=Counter)  # the runs recovered() started
     faults: Counter[str] = field(default_factory=Counter)
     # Seconds until everything worked again, per fault: after it was healed (the process or node
     # restarted, the link restored), and for node kills also after the kill, the node still down.
@@ -256,6 +263,7 @@ class Stack:
     client: tunnel.TunnelClient
     http: httpx.AsyncClient
     hostname: str  # the daemon's tunnel host (kept across its restarts)
+    probe_runs: list[str] = field(default_factory=list)  # accepted by recovered(), checked at the end
 
     @property
     def gateways(self) -> list[GatewayProcess]:
@@ -634,13 +642,17 @@ async def recovered(stack: Stack, hostname: str) -> float:
 
 
 async def probe_run(stack: Stack, gateway: GatewayProcess, deadline: float) -> bool:
-    """A short run through ``gateway`` completes before ``deadline`` (not counted in the totals)."""
+    """A short run through ``gateway`` completes within ``PROBE_TIMEOUT`` (and ``deadline``);
+    every accepted probe is checked with the others at the end (:func:`settle_runs`)."""
     headers = {"Authorization": f"Bearer {stack.runs.token(USER)}"}
     resp = await stack.http.post(f"{gateway.url}/api/runs", json=PROBE_RUN, headers=headers)
     if resp.status_code != 202:
         return False
-    url = f"{gateway.url}/api/runs/{resp.json()['runId']}"
-    while time.monotonic() < deadline:
+    run_id = resp.json()["runId"]
+    stack.probe_runs.append(run_id)
+    url = f"{gateway.url}/api/runs/{run_id}"
+    until = min(deadline, time.monotonic() + PROBE_TIMEOUT)
+    while time.monotonic() < until:
         resp = await stack.http.get(url, headers=headers)
         status = resp.json().get("status") if resp.status_code == 200 else None
         if status in TERMINAL:
@@ -676,7 +688,14 @@ async def watch_memory(stack: Stack, totals: Totals, stop: asyncio.Event) -> Non
 # ---------------------------------------------------------------------------- runs
 
 
-async def settle_runs(stack: Stack, accepted: list[str], totals: Totals) -> None:
+async def settle_runs(
+    stack: Stack,
+    accepted: list[str],
+    totals: Totals,
+    expected: str = EXPECTED_OUTPUT,
+    *,
+    probes: bool = False,
+) -> None:
     """Every accepted run reaches a terminal state within ``SETTLE_TIMEOUT`` of now (the load
     stopped), with sound events (see :func:`event_problems`). Runs are looked at a few at a
     time; each one at least once, also when looking at all of them takes longer than that."""
@@ -701,13 +720,13 @@ async def settle_runs(stack: Stack, accepted: list[str], totals: Totals) -> None
                     f"run {run_id} ended {(finished - deadline_ms) / 1000:.1f} s after the settle deadline"
                 )
             kind = state.get("failureKind")
-            totals.runs[f"{status}/{kind}" if kind else str(status)] += 1
+            (totals.probes if probes else totals.runs)[f"{status}/{kind}" if kind else str(status)] += 1
             try:
                 events = await export(stack, base, run_id, headers)
             except (httpx.HTTPError, ValueError) as exc:
                 totals.violation(f"run {run_id}: its export failed: {exc!r}")
                 return
-            for problem in event_problems(state, events):
+            for problem in event_problems(state, events, expected):
                 totals.violation(f"{status} run {run_id}: {problem}")
 
     await asyncio.gather(*(settle(run_id) for run_id in accepted))
@@ -734,7 +753,9 @@ async def export(stack: Stack, base: str, run_id: str, headers: dict[str, str]) 
     return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
 
 
-def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[str]:
+def event_problems(
+    state: dict[str, Any], events: list[dict[str, Any]], expected: str = EXPECTED_OUTPUT
+) -> list[str]:
     """What is wrong with a terminal run's events: any run has seq 1..k each once and a prefix
     of the mock output (no event lost inside, none applied twice); a completed one has all."""
     seqs = [e.get("seq") for e in events]
@@ -742,7 +763,7 @@ def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[
     problems = []
     if seqs != list(range(1, len(events) + 1)):
         problems.append(f"seqs not 1..N once each: {seqs[:40]}")
-    if not EXPECTED_OUTPUT.startswith(output):
+    if not expected.startswith(output):
         problems.append(f"output is not the runner's ({len(output)} characters)")
     # The export is read in seq order without repeats, so it cannot show an event applied twice
     # or lost in the middle; the state's byte count, summed by the projector as it applied, can.
@@ -755,8 +776,8 @@ def event_problems(state: dict[str, Any], events: list[dict[str, Any]]) -> list[
         problems.append(
             f"{len(dones)} done events, the last event a {events[-1].get('type') if events else None}"
         )
-    if output != EXPECTED_OUTPUT:
-        problems.append(f"output cut short ({len(output)} of {len(EXPECTED_OUTPUT)} characters)")
+    if output != expected:
+        problems.append(f"output cut short ({len(output)} of {len(expected)} characters)")
     if state.get("seq") != len(events) or state.get("finalSeq") != len(events):
         problems.append(f"state seq {state.get('seq')}/{state.get('finalSeq')} but {len(events)} events")
     return problems
@@ -791,6 +812,8 @@ async def soak(args: argparse.Namespace, totals: Totals) -> None:
             await inject_faults(args, stack, load, fault_rng, totals)
             say(f"load stopped; settling {len(load.accepted_runs)} accepted runs")
             await settle_runs(stack, load.accepted_runs, totals)
+            say(f"settling {len(stack.probe_runs)} probe runs")
+            await settle_runs(stack, stack.probe_runs, totals, PROBE_OUTPUT, probes=True)
             await final_checks(stack, load, totals)
         finally:
             stop_memory.set()
@@ -905,6 +928,8 @@ def report(totals: Totals, seconds: float) -> None:
     print(f"  bytes verified: {totals.verified_bytes / MiB:.1f} MiB")
     runs = ", ".join(f"{status}={n}" for status, n in totals.runs.most_common()) or "none"
     print(f"  runs by terminal state ({sum(totals.runs.values())}): {runs}")
+    probes = ", ".join(f"{status}={n}" for status, n in totals.probes.most_common()) or "none"
+    print(f"  probe runs (recovery checks) by terminal state ({sum(totals.probes.values())}): {probes}")
     verdicts = ", ".join(f"{result}={n}" for result, n in totals.projector.most_common()) or "none"
     print(f"  projector verdicts (since each gateway's last start): {verdicts}")
     peaks = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sorted(totals.peak_kib.items()))
