@@ -47,6 +47,10 @@ class ActiveRuns:
         self.loaded = asyncio.Event()
         self._on_change = on_change or (lambda: None)
         self._checkpoint = 0  # stream sequence after the last entry read
+        self._added_at: dict[str, float] = {}  # when each run entered the index (loop time)
+        # When the listing last applied by refresh() was asked for (loop time): every run that was
+        # active then is in the index (or ended since).
+        self.listed_at = -1.0
 
     # ------------------------------------------------------------------ lookups and local writes
 
@@ -59,10 +63,12 @@ class ActiveRuns:
         self.forget(run_id)
         self.runs[run_id] = host_token
         self.hosts.setdefault(host_token, set()).add(run_id)
+        self._added_at[run_id] = asyncio.get_running_loop().time()
         self._on_change()
 
     def forget(self, run_id: str) -> None:
         host = self.runs.pop(run_id, None)
+        self._added_at.pop(run_id, None)
         if host is None:
             return
         runs = self.hosts.get(host)
@@ -150,6 +156,23 @@ class ActiveRuns:
 
     async def reconcile(self) -> None:
         """Forget runs the bucket no longer lists (ended: their key was purged)."""
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Bring the index to the bucket's listing, asked for now: afterwards every run active
+        at the time of the call is in the index (``listed_at`` says since when that holds).
+
+        The projector relies on it before it drops an event of a run the index does not know:
+        the run's bucket entry is written before the run is dispatched, so a listing asked for
+        after the event arrived shows the run if it is active.
+        """
+        loop = asyncio.get_running_loop()
+        asked_at = loop.time()
         listed = set(await self.store.active_ids())
-        for run_id in [r for r in self.runs if r not in listed]:
+        for run_id in [r for r in self.runs if r not in listed and self._added_at.get(r, 0.0) < asked_at]:
             self.forget(run_id)
+        for run_id in listed - self.runs.keys():
+            loaded = await self.store.load(run_id)
+            if loaded is not None and not loaded[0].terminal:
+                self.add(run_id, loaded[0].host_token)
+        self.listed_at = max(self.listed_at, asked_at)

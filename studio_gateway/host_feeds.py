@@ -73,6 +73,10 @@ class HostFeeds:
 
     # ------------------------------------------------------------------ the turns
 
+    def wake(self) -> None:
+        """End a :meth:`next_turn` wait now (the projector has deferred work to look at)."""
+        self._wake.set()
+
     def _mark_ready(self, host: str) -> None:
         if host not in self._queued:
             self._queued.add(host)
@@ -80,12 +84,13 @@ class HostFeeds:
         self._wake.set()
 
     async def next_turn(self, turn: int, timeout: float) -> tuple[str, list[Msg]] | None:
-        """(host, up to ``turn`` of its delivered events), in turns; None after ``timeout`` idle."""
-        while not self._ready:
+        """(host, up to ``turn`` of its delivered events), in turns; None after ``timeout`` idle
+        or when woken with nothing delivered (:meth:`wake`)."""
+        if not self._ready:
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
+            if not self._ready:
                 return None
         host = self._ready.popleft()
         self._queued.discard(host)

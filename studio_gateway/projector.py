@@ -87,6 +87,8 @@ MAINTAIN_INTERVAL: Final = 0.25
 PROBE_INTERVAL: Final = 0.5
 # A host consumer for runs whose creation time this instance does not know starts this far back.
 LOOKBACK_UNKNOWN: Final = 30 * 60.0
+# While events of runs the index does not know wait, the active runs are listed this often.
+REFRESH_INTERVAL: Final = 0.1
 # Ended runs remembered (run id -> host), so their late events need no state read.
 ENDED_RUNS: Final = 4096
 
@@ -190,6 +192,8 @@ class Projector:
         # Last state written per run (with its revision): the next group usually needs no read.
         self._cache: OrderedDict[str, tuple[RunState, int]] = OrderedDict()
         self._held: dict[str, list[_Item]] = {}
+        # Events of runs the index did not know when they came: (arrived, loop time; item).
+        self._deferred: list[tuple[float, _Item]] = []
         self._maintain_now = asyncio.Event()
         self.active = ActiveRuns(store, on_change=self._maintain_now.set)
         self.feeds = HostFeeds(
@@ -216,16 +220,17 @@ class Projector:
         )
         watch = loop.create_task(strays.run(), name="projector-stray-watch")
         probe = loop.create_task(self._probe_streams(), name="projector-stream-probe")
+        refresh = loop.create_task(self._refresh_index(), name="projector-index-refresh")
         try:
             while True:
-                timeout = HELD_POLL if self._held else FETCH_TIMEOUT
+                timeout = HELD_POLL if self._held or self._deferred else FETCH_TIMEOUT
                 turn = await self.feeds.next_turn(TURN_EVENTS, timeout)
                 msgs = turn[1] if turn is not None else []
-                if not msgs and not self._held:
+                if not msgs and not self._held and not self._deferred:
                     self.metrics.projector_pending.set(0)
                 await self.handle_batch(msgs)
         finally:
-            await stop_tasks([index, maintain, watch, probe])
+            await stop_tasks([index, maintain, watch, probe, refresh])
             await self._give_back_held()
             await self.feeds.close()
 
@@ -298,6 +303,9 @@ class Projector:
             for item in items:
                 await self._give_back(item)
         self._held.clear()
+        for _, item in self._deferred:
+            await self._give_back(item)
+        self._deferred.clear()
         self._cache.clear()  # another instance may move runs on while this one restarts
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
@@ -322,12 +330,15 @@ class Projector:
                     for item in items:
                         await self._settle(item, "terminal")  # late events of an ended run of its own
                     continue
-                if owner is not None or ended is not None or not self._budget.allow(first.host_token, now):
-                    # Another host's run, or a made-up one beyond what a state read is spent on.
+                if owner is not None or ended is not None:  # another host's run: a stray for sure
                     strays[first.host_token] = strays.get(first.host_token, 0) + len(items)
                     for item in items:
                         await self._settle(item, "stray")
                     continue
+                # A run the index does not know (yet?): decided once a listing of the active runs
+                # asked for after now is in (see _resolve_deferred); never dropped before.
+                self._deferred.extend((now, item) for item in items)
+                continue
             groups.setdefault(first.run_id, []).extend(items)
         if msgs:
             with contextlib.suppress(Exception):
@@ -340,6 +351,70 @@ class Projector:
             await self._guarded(run_id, held)
         for host, count in strays.items():
             await self.count_strays(host, count)
+        await self._resolve_deferred()
+
+    async def _resolve_deferred(self) -> None:
+        """Decide the deferred events whose arrival a listing of the active runs has caught up with.
+
+        Safe to drop without applying: a run not in a listing asked for after its event arrived
+        is not active (its bucket entry is written before it is dispatched). A state read is
+        spent on such runs within the host's budget, once per run (it tells an ended run of the
+        host from another host's or a made-up one); beyond it they count as strays unread.
+        """
+        if not self._deferred:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        listed_at = self.active.listed_at
+        waiting: list[tuple[float, _Item]] = []
+        groups: dict[str, list[_Item]] = {}
+        strays: dict[str, int] = {}
+        looked_up: set[str] = set()
+        for arrived, item in self._deferred:
+            if arrived >= listed_at:
+                if now - arrived >= self.hold_max:
+                    await self._give_back(item, MAX_GAP_DELAY)  # no listing for that long: later
+                    continue
+                if now - item.touched >= TOUCH_INTERVAL:
+                    item.touched = now
+                    with contextlib.suppress(Exception):
+                        await item.msg.in_progress()
+                waiting.append((arrived, item))
+                continue
+            run_id, host = item.run_id, item.host_token
+            owner = self.active.host_of(run_id)
+            if owner == host or (
+                owner is None
+                and self._ended.get(run_id) is None
+                and (run_id in looked_up or self._budget.allow(host, now))
+            ):
+                looked_up.add(run_id)
+                groups.setdefault(run_id, []).append(item)  # applied, or judged on its state
+            elif owner is None and self._ended.get(run_id) == host:
+                await self._settle(item, "terminal")
+            else:
+                strays[host] = strays.get(host, 0) + 1
+                await self._settle(item, "stray")
+        self._deferred = waiting
+        for run_id, items in groups.items():
+            await self._guarded(run_id, items)
+        for host, count in strays.items():
+            await self.count_strays(host, count)
+
+    async def _refresh_index(self) -> None:
+        """While events wait for it, ask for a fresh listing of the active runs now and then."""
+        while True:
+            if self._deferred:
+                try:
+                    await self.active.refresh()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.debug("projector: cannot list the active runs (%r); retrying", exc)
+                    await asyncio.sleep(ERROR_DELAY)
+                    continue
+                self.feeds.wake()
+            await asyncio.sleep(REFRESH_INTERVAL)
 
     async def count_strays(self, host: str, count: int) -> None:
         """Count a host's events for runs it does not have; act once it is over its quota."""
