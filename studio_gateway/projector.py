@@ -498,6 +498,13 @@ class Projector:
         for _ in range(MAX_CAS_ATTEMPTS):
             cached = run_id in self._cache
             loaded = await self._load(run_id)
+            if loaded is None and self.active.host_of(run_id) is not None:
+                # The index says active, the read says no such run: a replica behind (seen right
+                # after a node restart). Never drop on a stale read: hand them back for later.
+                self.metrics.uplink_events.inc(len(items), result="stale_read")
+                for item in items:
+                    await self._give_back(item, MAX_GAP_DELAY)
+                return
             if loaded is None:
                 for item in items:
                     await self._settle(item, "unknown_run")

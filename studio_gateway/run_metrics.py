@@ -11,7 +11,9 @@ Series (all per gateway instance):
   ``dispatch_error``);
 - ``studio_runs_uplink_events_total{result}``: uplink events the projector handled, by
   result: ``applied``, ``duplicate``, ``gap`` (retried later), ``stale_fence``,
-  ``wrong_host``, ``terminal`` (late, after the run ended), ``unknown_run``, ``invalid``;
+  ``wrong_host``, ``terminal`` (late, after the run ended), ``unknown_run``, ``stray`` (for a
+  run its host does not have, dropped without a state read), ``stale_read`` (the index says
+  active but the state read found nothing: a lagging replica; given back, retried), ``invalid``;
 - ``studio_runs_projector_pending``: events in the projector's consumer not yet delivered
   (from the last message's metadata);
 - ``studio_runs_projector_lag_seconds``: now minus the stream time of the last event applied;
