@@ -343,7 +343,8 @@ async def one_round(settings: Settings, api: RunsApi, raw: RawJetStream) -> dict
 async def run_bench(settings: Settings, workdir: Path) -> dict[str, Any]:
     stack = await asyncio.to_thread(RunsStack.start, workdir, gateways=1)
     try:
-        daemon = await asyncio.to_thread(stack.daemon, USER, config_toml=LINKD_TOML)
+        # No --events-file: it is the tests' desktop-side record, a file write per event, not the product.
+        daemon = await asyncio.to_thread(stack.daemon, USER, config_toml=LINKD_TOML, events_file=False)
         limits = httpx.Limits(max_connections=settings.concurrency * 2 + 8)
         async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
             api = stack.api(USER, http)

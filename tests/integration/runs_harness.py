@@ -593,9 +593,12 @@ class LinkdProcess(ManagedProcess):
         *,
         config_toml: str = "",
         env: Mapping[str, str] | None = None,
+        events_file: bool = True,
     ) -> None:
         super().__init__(name, home / "linkd.log")
         self.home = home
+        # The desktop-side truth tests compare against; a benchmark leaves it out (a write per event).
+        self.events_file = events_file
         self.gateway_url = gateway_url
         self.token = token
         self.events_path = home / "events.jsonl"
@@ -631,10 +634,8 @@ class LinkdProcess(ManagedProcess):
     def spawn(self) -> None:
         self._hostname = None
         self._online_seen = self._state_count("online")
-        self._spawn(
-            [PYTHON, "-m", "linkd.cli", "up", "--json-logs", "--events-file", str(self.events_path)],
-            self.env,
-        )
+        events = ["--events-file", str(self.events_path)] if self.events_file else []
+        self._spawn([PYTHON, "-m", "linkd.cli", "up", "--json-logs", *events], self.env)
 
     def log_records(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
@@ -974,7 +975,13 @@ class RunsStack(Generic[NatsT]):
         return issue_token(AuthConfig.from_env({"GATEWAY_JWT_SECRET": SECRET}), user, ttl)
 
     def daemon(
-        self, user: str, *, gateway: int = 0, config_toml: str = DEFAULT_LINKD_TOML, start: bool = True
+        self,
+        user: str,
+        *,
+        gateway: int = 0,
+        config_toml: str = DEFAULT_LINKD_TOML,
+        start: bool = True,
+        events_file: bool = True,
     ) -> LinkdProcess:
         """Log ``user``'s desktop in (through gateway ``gateway``) and, with ``start``, bring it online."""
         safe = "".join(c if c.isalnum() else "-" for c in user)
@@ -984,6 +991,7 @@ class RunsStack(Generic[NatsT]):
             self.gateways[gateway].url,
             self.token(user),
             config_toml=config_toml,
+            events_file=events_file,
         )
         self.daemons.append(daemon)
         daemon.login()
