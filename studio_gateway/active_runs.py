@@ -10,7 +10,7 @@ value its host token; only gateways write it). This index reads the bucket's str
 with an :class:`~.run_store.EventReader` (replay, then live) and re-opens it after
 its checkpoint when the reader fails (a node died). Removals are purges, which a
 reader does not see, so they come from this instance's own writes (:meth:`forget`)
-and from a periodic comparison with the bucket's key listing (:meth:`reconcile`).
+and from a periodic comparison with the bucket's key listing (:meth:`refresh`).
 A stale entry only costs the slow path (a state read) for an ended run's events.
 """
 
@@ -44,7 +44,6 @@ class ActiveRuns:
         self.store = store
         self.runs: dict[str, str] = {}
         self.hosts: dict[str, set[str]] = {}
-        self.loaded = asyncio.Event()
         self._on_change = on_change or (lambda: None)
         self._checkpoint = 0  # stream sequence after the last entry read
         self._added_at: dict[str, float] = {}  # when each run entered the index (loop time)
@@ -114,21 +113,10 @@ class ActiveRuns:
             reconcile.cancel()
 
     async def _follow(self, reader: EventReader) -> None:
-        caught_up = reader.initial_pending == 0
-        if caught_up:
-            self.loaded.set()
-        seen = 0
         while True:
-            msgs = await reader.fetch(READ_BATCH, READ_POLL)
-            for msg in msgs:
+            for msg in await reader.fetch(READ_BATCH, READ_POLL):
                 await self._apply(msg)
                 self._checkpoint = msg.metadata.sequence.stream + 1
-            seen += len(msgs)
-            if not caught_up and (
-                seen >= reader.initial_pending or (msgs and msgs[-1].metadata.num_pending == 0)
-            ):
-                caught_up = True
-                self.loaded.set()
 
     async def _apply(self, msg: Msg) -> None:
         run_id = msg.subject[len(f"$KV.{ACTIVE_BUCKET}.") :]
@@ -148,15 +136,11 @@ class ActiveRuns:
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
             try:
-                await self.reconcile()
+                await self.refresh()  # forgets runs the bucket no longer lists (ended: purged)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("active runs: cannot list the bucket (%r)", exc)
-
-    async def reconcile(self) -> None:
-        """Forget runs the bucket no longer lists (ended: their key was purged)."""
-        await self.refresh()
 
     async def refresh(self) -> None:
         """Bring the index to the bucket's listing, asked for now: afterwards every run active

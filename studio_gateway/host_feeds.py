@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -198,6 +198,3 @@ class HostFeeds:
     async def close(self) -> None:
         for entry in list(self._feeds.values()):
             await self._close(entry)
-
-    def hosts(self) -> Iterable[str]:
-        return self._feeds.keys()

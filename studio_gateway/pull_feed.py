@@ -223,9 +223,6 @@ class PullFeed:
 
     def check(self) -> None:
         """Raise what :meth:`fetch` would: :class:`ConsumerGone` / :class:`FeedUnavailable`."""
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
         if self._give_up_after is not None and self.unavailable_for() > self._give_up_after:
@@ -243,12 +240,10 @@ class PullFeed:
         end = loop.time() + timeout
         while True:
             if self._queue:
-                out = [self._queue.popleft() for _ in range(min(batch, len(self._queue)))]
-                if not self._queue:
-                    self._ready.clear()
+                out = self.take(batch)
                 await self._request_if_due()
                 return out
-            self._raise_if_failed()
+            self.check()
             now = loop.time()
             if now >= end:
                 return []
