@@ -15,16 +15,12 @@ restart, runs finished, memory measured for every node, and nothing left running
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Final
 
 import pytest
 
-from tests.integration.linkctl_harness import live_pids_mentioning
+from tests.faults.soak_report import check_report, run_soak
 
-SCRIPT: Final = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 NODE_FAULTS: Final = (
     "kill-9-node-random",
     "kill-9-node-linkd",
@@ -38,38 +34,11 @@ pytestmark = pytest.mark.timeout(SECONDS + 180)
 
 
 def test_each_node_kill_on_a_three_node_cluster_breaks_no_invariant() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--cluster",
-            "3",
-            "--seconds",
-            str(SECONDS),
-            "--max-faults",
-            str(len(NODE_FAULTS)),
-            "--faults",
-            ",".join(NODE_FAULTS),
-            "--seed",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=SECONDS + 150,
-        check=False,
-    )
-    report = proc.stdout
-    print(report)
-    assert proc.returncode == 0, f"soak failed:\n{report}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
-    assert "violations: 0" in report
+    args = ["--cluster", "3", "--seconds", str(SECONDS), "--max-faults", str(len(NODE_FAULTS))]
+    args += ["--faults", ",".join(NODE_FAULTS), "--seed", "5"]
+    report = run_soak(args, timeout=SECONDS + 150)
     for fault in NODE_FAULTS:
         line = re.search(rf"fault {re.escape(fault)}\s+x1 .*", report)
         assert line is not None, f"{fault} never injected"
         assert "with the node down, back within" in line.group(0), f"{fault}: no failover time"
-    runs = re.search(r"runs by terminal state \((\d+)\): (.*)", report)
-    assert runs is not None and int(runs.group(1)) > 0 and "completed=" in runs.group(2)
-    for kind in ("small", "download", "upload", "presence", "run_post"):
-        assert re.search(rf"^  {kind}\s+\d+: ", report, re.MULTILINE), f"no {kind} requests"
-    for role in ("nats-n1", "nats-n2", "nats-n3", "gateway-0", "gateway-1", "linkd"):
-        assert re.search(rf"{role} [1-9]\d* MiB", report), f"no memory figure for {role}"
-    assert live_pids_mentioning("natslink-soak-") == [], "the soak left a process behind"
+    check_report(report, ("nats-n1", "nats-n2", "nats-n3", "gateway-0", "gateway-1", "linkd"))
