@@ -6,7 +6,7 @@ Modules, one job each: :mod:`.config` (settings), :mod:`.credentials_store`
 :mod:`.routes` (what it serves), :mod:`.runs` and :mod:`.runners` (work),
 :mod:`.run_events` (run output), :mod:`.uplink` (run output to JetStream, durably:
 a bounded outbox, idempotent message ids, retries across reconnects and credential
-refreshes), :mod:`.run_protocol` (its wire contract), :mod:`.upstream` (the local reverse proxy),
+refreshes), :mod:`contract.run_protocol` (its wire contract), :mod:`.upstream` (the local reverse proxy),
 :mod:`.status_file`, :mod:`.logs` and :mod:`.cli`.
 """
 

@@ -11,7 +11,7 @@ reconnects after a drop presents its own credential.
 the first attempt waits a little jitter, then capped exponential backoff with jitter.
 
 Request inboxes (JetStream publish acks of the run uplink) live under the host's own
-subjects (:func:`linkd.run_protocol.uplink_inbox_prefix`), which the daemon's credential
+subjects (:func:`contract.run_protocol.uplink_inbox_prefix`), which the daemon's credential
 may subscribe to; it is never granted ``_INBOX.>``.
 """
 
@@ -27,11 +27,11 @@ import nkeys
 from nats.aio.client import Client as NATS
 
 import tunnel
+from contract.run_protocol import uplink_inbox_prefix
 from tunnel.connect import connect
 
 from .config import Transport
 from .errors import LinkdError
-from .run_protocol import uplink_inbox_prefix
 from .session import LinkSession
 
 __all__ = ["Identity", "ReconnectPolicy", "choose_urls", "open_connection"]

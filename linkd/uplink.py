@@ -3,7 +3,7 @@
 ``emit`` only queues the event in a bounded outbox (a producer waits while it is
 full, so memory stays bounded; a run's final ``done`` is always admitted so a run
 can end). One delivery task publishes the queued events, in emit order, to
-``P.host.<token>.runs.<runId>`` (see :mod:`linkd.run_protocol`) with the header
+``P.host.<token>.runs.<runId>`` (see :mod:`contract.run_protocol`) with the header
 ``Nats-Msg-Id: <runId>:<fence>:<seq>:<execution>`` (:attr:`RunEvent.uplink_id
 <linkd.run_events.RunEvent.uplink_id>`; ``execution`` is random per run execution:
 JetStream de-duplicates per stream, so predictable ids would let another host publish
@@ -19,7 +19,7 @@ waits for JetStream's publish ack:
   event was ~40% of the daemon's time); an event with nothing in flight goes at once.
 - Batched: consecutive ready events of one run (up to ``BATCH_EVENTS`` or the message
   limit) go as one message, one per line, with id ``<runId>:<fence>:<first>-<last>:<execution>``
-  (:mod:`linkd.run_protocol`); a batch sent again is the same batch with the same id, so
+  (:mod:`contract.run_protocol`); a batch sent again is the same batch with the same id, so
   the stream still stores each event once.
 - An event leaves the outbox only when its ack arrived. On an ack timeout, a
   no-responders answer (no stream captures the subject yet), a JetStream error,
@@ -67,10 +67,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 import tunnel
+from contract.run_protocol import is_valid_run_id, run_event_subject
 
 from .backoff import Backoff
 from .run_events import DONE, Fence, RunEvent
-from .run_protocol import is_valid_run_id, run_event_subject
 
 __all__ = [
     "DEFAULT_ACK_TIMEOUT",
@@ -108,7 +108,7 @@ HEADER_ROOM: Final = 512
 # Coalescing (see the module doc): at most this many events or this long, while some are in flight.
 COALESCE_EVENTS: Final = 32
 COALESCE_DELAY: Final = 0.001
-# Consecutive events of one run published as one message (linkd.run_protocol), at most this many.
+# Consecutive events of one run published as one message (contract.run_protocol), at most this many.
 BATCH_EVENTS: Final = 64
 # Smallest message limit learned from "too big" refusals (below it, a refusal is a failure).
 MIN_MESSAGE_BYTES: Final = 256
@@ -129,7 +129,7 @@ def encode_event(event: RunEvent) -> bytes:
 
 
 def batch_payload(batch: list[OutboxEntry]) -> bytes:
-    """One message's body: the events' compact JSON, one per line (see linkd.run_protocol)."""
+    """One message's body: the events' compact JSON, one per line (see contract.run_protocol)."""
     return batch[0].payload if len(batch) == 1 else b"\n".join(entry.payload for entry in batch)
 
 

@@ -77,7 +77,7 @@ import httpx  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 import tunnel  # noqa: E402
-from linkd.run_protocol import RUN_STREAM  # noqa: E402
+from contract.run_protocol import RUN_STREAM  # noqa: E402
 from linkd.runners.mock import mock_chunk  # noqa: E402
 from studio_gateway.run_store import (  # noqa: E402
     ACTIVE_BUCKET,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import tunnel
-from linkd.run_protocol import uplink_publish_grant
+from contract.run_protocol import uplink_publish_grant
 
 __all__ = [
     "DEFAULT_GRANTS",

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 from nats.aio.msg import Msg
 
-from linkd.run_protocol import parse_run_subject, split_events
+from contract.run_protocol import parse_run_subject, split_events
 
 from .active_runs import ActiveRuns
 from .health import Health
@@ -111,7 +111,7 @@ def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -
 class _Delivery:
     """One delivered message and how many of its events are not decided yet.
 
-    A message carries one event or a batch (:func:`linkd.run_protocol.split_events`); it is
+    A message carries one event or a batch (:func:`contract.run_protocol.split_events`); it is
     acknowledged once all of its events are decided, never while one is held.
     """
 

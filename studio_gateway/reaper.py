@@ -29,7 +29,7 @@ from typing import Final
 
 import nats.js.errors
 
-from linkd.run_protocol import RUN_STREAM, split_events
+from contract.run_protocol import RUN_STREAM, split_events
 
 from .config import RunsConfig
 from .health import Health

@@ -1,6 +1,6 @@
 """Where runs live: the JetStream event stream and three key-value buckets (all created idempotently).
 
-- stream ``LINK_RUNS`` (:data:`linkd.run_protocol.RUN_STREAM`): every host's run events,
+- stream ``LINK_RUNS`` (:data:`contract.run_protocol.RUN_STREAM`): every host's run events,
   ``P.host.*.runs.*``, file storage, ``max_age`` = ``RUNS_STREAM_MAX_AGE_SECONDS``,
   de-duplication window ``RUNS_DUPLICATE_WINDOW_SECONDS`` (message ids ``<runId>:<fence>:<seq>:<execution>``);
 - bucket ``LINK_RUN_STATE``: one key per run id, the :class:`~.run_state.RunState` JSON,
@@ -43,7 +43,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from linkd.run_protocol import RUN_STREAM, run_stream_subjects
+from contract.run_protocol import RUN_STREAM, run_stream_subjects
 
 from .config import RunsConfig
 from .pull_feed import PullFeed

@@ -26,7 +26,7 @@ from typing import Any, Final
 from aiohttp import web
 
 import tunnel
-from linkd.run_protocol import split_events
+from contract.run_protocol import split_events
 
 from .config import GatewayConfig
 from .dispatch import Dispatcher, send_control

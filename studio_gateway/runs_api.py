@@ -32,7 +32,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from linkd.run_protocol import is_valid_run_id, split_events
+from contract.run_protocol import is_valid_run_id, split_events
 
 from .auth import User, authenticated
 from .errors import json_error

@@ -22,7 +22,7 @@ from typing import Final
 import nats.js.errors
 from nats.js import api
 
-from linkd.run_protocol import RUN_STREAM, parse_run_subject
+from contract.run_protocol import RUN_STREAM, parse_run_subject
 
 from .pull_feed import PullFeed
 from .run_store import RunStore

@@ -72,7 +72,7 @@ import httpx
 import pytest
 
 import tunnel
-from linkd.run_protocol import RUN_STREAM, run_event_subject
+from contract.run_protocol import RUN_STREAM, run_event_subject
 from studio_gateway.config import RunsConfig
 from studio_gateway.projector import MAINTAIN_INTERVAL, TURN_EVENTS, UNHEALTHY_AFTER, Projector
 from studio_gateway.pull_feed import LOST_MARGIN

@@ -26,7 +26,7 @@ from nats.js import api
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.run_protocol import RUN_STREAM
+from contract.run_protocol import RUN_STREAM
 from studio_gateway.hostnames import tunnel_hostname
 from tests.helpers import NatsServerFactory
 from tests.integration.gateway_runs_harness import RunsGateway, accepting_desktop, runs_gateway, start_desktop

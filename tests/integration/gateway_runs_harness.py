@@ -25,8 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 
 import tunnel
+from contract.run_protocol import run_event_subject
 from linkd.routes import LinkRoutes
-from linkd.run_protocol import run_event_subject
 from linkd.runners import EchoRunner, MockRunner, Runner
 from linkd.runs import RunManager
 from linkd.uplink import JetStreamUplink

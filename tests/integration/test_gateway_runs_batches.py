@@ -1,4 +1,4 @@
-"""Run events batched in one message (linkd.run_protocol): applied, streamed and exported once each.
+"""Run events batched in one message (contract.run_protocol): applied, streamed and exported once each.
 
 A daemon publishes consecutive events of a run as one message, one JSON object per line; after
 a reconnect it may cut them differently, so batches can overlap single events and each other.
@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.run_protocol import run_event_subject
+from contract.run_protocol import run_event_subject
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import accepting_desktop, runs_gateway
 

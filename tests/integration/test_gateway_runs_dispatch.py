@@ -11,7 +11,7 @@ import pytest
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.run_protocol import RUN_STREAM
+from contract.run_protocol import RUN_STREAM
 from studio_gateway.hostnames import tunnel_hostname
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import (

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.run_protocol import RUN_STREAM
+from contract.run_protocol import RUN_STREAM
 from studio_gateway.app import create_app
 from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig, RunsConfig

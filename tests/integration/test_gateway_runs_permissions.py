@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import tunnel
+from contract.run_protocol import RUN_STREAM, run_event_subject, uplink_inbox_prefix
 from linkd.routes import LinkRoutes
-from linkd.run_protocol import RUN_STREAM, run_event_subject, uplink_inbox_prefix
 from linkd.runners import MockRunner
 from linkd.runs import RunManager
 from linkd.uplink import JetStreamUplink

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 import tunnel
-from linkd.run_protocol import run_event_subject, uplink_inbox_prefix
+from contract.run_protocol import run_event_subject, uplink_inbox_prefix
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
 from studio_gateway.runs import RUNS

@@ -27,9 +27,7 @@ from nats.js import JetStreamContext
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.backoff import Backoff
-from linkd.run_events import RunEvent
-from linkd.run_protocol import (
+from contract.run_protocol import (
     RUN_STREAM,
     run_event_subject,
     run_stream_subjects,
@@ -37,6 +35,8 @@ from linkd.run_protocol import (
     uplink_inbox_prefix,
     uplink_publish_grant,
 )
+from linkd.backoff import Backoff
+from linkd.run_events import RunEvent
 from linkd.runners.base import WorkItem
 from linkd.runners.mock import MockRunner, mock_chunk
 from linkd.runs import RunManager

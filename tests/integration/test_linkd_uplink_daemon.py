@@ -20,11 +20,11 @@ import pytest
 from nats.js import JetStreamContext
 
 import tunnel
+from contract.run_protocol import RUN_STREAM, run_event_subject, split_events
 from linkd.backoff import Backoff
 from linkd.config import RunnerSettings
 from linkd.credentials_store import generate_seed
 from linkd.daemon import LinkDaemon, State
-from linkd.run_protocol import RUN_STREAM, run_event_subject, split_events
 from linkd.session import GatewayClient
 from linkd.uplink import JetStreamUplink
 from tests.helpers import NatsServerFactory, wait_until

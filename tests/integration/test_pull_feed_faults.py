@@ -17,7 +17,7 @@ from nats.js import api
 
 import tunnel
 from cli.nats_server import NatsServer
-from linkd.run_protocol import RUN_STREAM
+from contract.run_protocol import RUN_STREAM
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.pull_feed import ConsumerGone, FeedUnavailable, PullFeed, stored_at
 from studio_gateway.run_store import host_consumer_name

@@ -23,7 +23,7 @@ from nats.aio.client import Client, RawCredentials
 from nats.errors import Error as NatsError
 
 import tunnel
-from linkd.run_protocol import run_event_subject, uplink_inbox_prefix
+from contract.run_protocol import run_event_subject, uplink_inbox_prefix
 from linkd.runners.mock import mock_chunk
 from studio_gateway.nats_jwt import KeyKind, creds_text, new_key
 from tests.integration.runs_harness import (
