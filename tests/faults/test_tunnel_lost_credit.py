@@ -29,8 +29,8 @@ from nats.aio.client import Client
 
 import tunnel
 from cli.nats_server import NatsServer
-from tunnel import _frames as frames
-from tunnel._stream import Publish
+from tunnel import _codec as codec
+from tunnel._events import Publish
 from tunnel._subjects import parse_request_subject
 
 MiB: Final = 1024 * 1024
@@ -52,7 +52,7 @@ class DropCredits:
         parsed = parse_request_subject(pub.subject, tunnel.DEFAULT_PREFIX)
         if parsed is None or pub.payload[:1] != b"{":
             return [pub]
-        frame = frames.decode_frame(pub.payload, parsed[1])
+        frame = codec.decode_frame(pub.payload, parsed[1])
         if frame.type == self.frame_type and self.dropped < self.count:
             self.dropped += 1
             return []

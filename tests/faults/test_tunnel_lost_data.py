@@ -38,8 +38,8 @@ from nats.aio.client import Client
 import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
+from tunnel._events import Publish
 from tunnel._frames import BINARY_HEADER_SIZE
-from tunnel._stream import Publish
 
 MiB: Final = 1024 * 1024
 BODY: Final = bytes(range(256)) * (8 * MiB // 256)

@@ -27,7 +27,7 @@ from tests.integration.tunnel_harness import (
     pattern_chunks,
     serving,
 )
-from tunnel._stream import Publish
+from tunnel._events import Publish
 from tunnel.httpx_transport import HOP_BY_HOP_HEADERS, TunnelTransport, TunnelTransportError
 
 HOST = "desk.example"

@@ -25,8 +25,9 @@ from tests.integration.tunnel_harness import (
     connect_peers,
     serving,
 )
+from tunnel import _codec as codec
 from tunnel import _frames as frames
-from tunnel._stream import Publish
+from tunnel._events import Publish
 from tunnel._subjects import parse_request_subject
 
 HOST = "desk.example"
@@ -543,7 +544,7 @@ async def test_lost_ack_is_recovered_and_never_wedges_the_stream(
 
 def _decode(pub: Publish) -> frames.Frame:
     parsed = parse_request_subject(pub.subject, tunnel.DEFAULT_PREFIX)
-    return frames.decode_frame(pub.payload, parsed[1] if parsed else None)
+    return codec.decode_frame(pub.payload, parsed[1] if parsed else None)
 
 
 # -------------------------------------------------------------------- handler errors

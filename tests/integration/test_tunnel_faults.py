@@ -31,7 +31,7 @@ import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
 from tests.integration.tunnel_server_proc import started_subject
-from tunnel._stream import Publish
+from tunnel._events import Publish
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 # Generous bound for "something that takes milliseconds locally" on a busy 2-core machine.

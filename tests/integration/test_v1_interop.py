@@ -50,7 +50,7 @@ from tests.integration.v1_peer import (
     V1ServerRequest,
     host_base,
 )
-from tunnel._stream import Publish
+from tunnel._events import Publish
 
 HOST = "desk.example"
 PREFIXES = ["_tunnel.v1", "tunnel.v1"]

@@ -19,8 +19,9 @@ from nats.aio.client import Client
 
 import tunnel
 from cli.nats_server import NatsServer
+from tunnel import _codec as codec
 from tunnel import _frames as frames
-from tunnel._stream import Publish
+from tunnel._events import Publish
 from tunnel._subjects import DEFAULT_PREFIX, parse_request_subject
 
 KiB = 1024
@@ -91,7 +92,7 @@ class WireLog:
         out = []
         for pub in self.published:
             parsed = parse_request_subject(pub.subject, self.prefix)
-            out.append(frames.decode_frame(pub.payload, parsed[1] if parsed else None))
+            out.append(codec.decode_frame(pub.payload, parsed[1] if parsed else None))
         return out
 
     def types(self) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tunnel import _codec as codec
 from tunnel import _frames as f
 from tunnel._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
@@ -100,14 +101,14 @@ def test_samples_cover_every_frame_type() -> None:
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("frame", SAMPLES, ids=_ids)
 def test_every_frame_round_trips_through_encode_and_decode(frame: f.Frame, binary: bool) -> None:
-    payload = f.encode_frame(frame, binary)
-    assert f.decode_frame(payload, RID) == frame
+    payload = codec.encode_frame(frame, binary)
+    assert codec.decode_frame(payload, RID) == frame
 
 
 @pytest.mark.parametrize("frame", [s for s in SAMPLES if not isinstance(s, f.ResponseWhole)], ids=_ids)
 def test_json_frames_decode_without_a_subject_request_id(frame: f.Frame) -> None:
     # request.start arrives on P.request, whose subject carries no request id.
-    assert f.decode_frame(f.encode_frame(frame, False)) == frame
+    assert codec.decode_frame(codec.encode_frame(frame, False)) == frame
 
 
 @pytest.mark.parametrize("cls", [f.RequestChunk, f.ResponseChunk])
@@ -116,23 +117,23 @@ def test_chunk_encodings_both_round_trip_arbitrary_bytes(cls: type[f.ChunkFrame]
     for size in (0, 1, 2, 3, 4, 5, 255, 4096, 65537):
         frame = cls(RID, size, rng.randbytes(size))
         for binary in (False, True):
-            assert f.decode_frame(f.encode_chunk(frame, binary), RID) == frame
+            assert codec.decode_frame(codec.encode_chunk(frame, binary), RID) == frame
 
 
 def test_non_chunk_frames_are_json_even_when_binary_is_negotiated() -> None:
     for frame in SAMPLES:
         if isinstance(frame, f.RequestChunk | f.ResponseChunk | f.ResponseWhole):
             continue
-        payload = f.encode_frame(frame, binary=True)
+        payload = codec.encode_frame(frame, binary=True)
         assert payload[:1] == b"{"
-        assert payload == f.encode_frame(frame, binary=False)
+        assert payload == codec.encode_frame(frame, binary=False)
 
 
 # --------------------------------------------------------------------------- v1 JSON shapes
 
 
 def _json(frame: f.Frame) -> dict[str, Any]:
-    obj = json.loads(f.encode_frame(frame, binary=False))
+    obj = json.loads(codec.encode_frame(frame, binary=False))
     assert isinstance(obj, dict)
     return obj
 
@@ -164,7 +165,7 @@ def test_request_start_optional_fields_are_present_only_when_set() -> None:
 def test_headers_are_name_value_lists_with_repeats_kept_in_order() -> None:
     obj = _json(f.ResponseStart(RID, 200, HEADERS))
     assert obj["headers"] == [list(pair) for pair in HEADERS]
-    decoded = f.decode_frame(f.encode_frame(f.ResponseStart(RID, 200, HEADERS)), RID)
+    decoded = codec.decode_frame(codec.encode_frame(f.ResponseStart(RID, 200, HEADERS)), RID)
     assert isinstance(decoded, f.ResponseStart)
     assert decoded.headers == HEADERS
     assert [v for n, v in decoded.headers if n == "set-cookie"] == ["a=1", "b=2"]
@@ -172,9 +173,9 @@ def test_headers_are_name_value_lists_with_repeats_kept_in_order() -> None:
 
 def test_non_ascii_header_values_survive_as_utf8_json() -> None:
     value = "caf\u00e9 \u2603 \U0001f600 \u4e2d\u6587"
-    payload = f.encode_frame(f.ResponseStart(RID, 200, [("x-text", value)]))
+    payload = codec.encode_frame(f.ResponseStart(RID, 200, [("x-text", value)]))
     payload.decode("utf-8")  # valid UTF-8
-    decoded = f.decode_frame(payload, RID)
+    decoded = codec.decode_frame(payload, RID)
     assert isinstance(decoded, f.ResponseStart)
     assert decoded.headers == [("x-text", value)]
 
@@ -285,20 +286,20 @@ def test_decodes_frames_exactly_as_a_reference_peer_writes_them() -> None:
         f'"url":"/p?x=1","headers":[["a","1"],["a","2"]],"replySubject":"{REPLY}",'
         f'"abortSubject":"{ABORT}","bodySubject":"{BODY}","deadlineUnixMs":1700000000000}}'
     )
-    assert f.decode_frame(start.encode()) == f.RequestStart(
+    assert codec.decode_frame(start.encode()) == f.RequestStart(
         RID, "POST", "/p?x=1", [("a", "1"), ("a", "2")], REPLY, ABORT, BODY, 1_700_000_000_000, None
     )
     chunk = f'{{"type":"response.chunk","requestId":"{RID}","seq":2,"data":"aGVsbG8"}}'
-    assert f.decode_frame(chunk.encode(), RID) == f.ResponseChunk(RID, 2, b"hello")
+    assert codec.decode_frame(chunk.encode(), RID) == f.ResponseChunk(RID, 2, b"hello")
     ack = f'{{"type":"response.ack","requestId":"{RID}"}}'
-    assert f.decode_frame(ack.encode(), RID) == f.ResponseAck(RID, None)
+    assert codec.decode_frame(ack.encode(), RID) == f.ResponseAck(RID, None)
     start_resp = f'{{"type":"response.start","requestId":"{RID}","status":200,"headers":[]}}'
-    assert f.decode_frame(start_resp.encode(), RID) == f.ResponseStart(RID, 200, [], None)
+    assert codec.decode_frame(start_resp.encode(), RID) == f.ResponseStart(RID, 200, [], None)
 
 
 def test_padded_base64_from_a_lenient_peer_is_accepted() -> None:
     chunk = f'{{"type":"request.chunk","requestId":"{RID}","seq":0,"data":"YQ=="}}'
-    assert f.decode_frame(chunk.encode(), RID) == f.RequestChunk(RID, 0, b"a")
+    assert codec.decode_frame(chunk.encode(), RID) == f.RequestChunk(RID, 0, b"a")
 
 
 def test_unknown_extra_fields_are_ignored() -> None:
@@ -306,7 +307,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
     obj["futureField"] = {"nested": [1, 2, 3]}
     obj["extensions"]["compression"] = "zstd"
     obj["extensions"]["window"] = 4096
-    decoded = f.decode_frame(json.dumps(obj).encode(), RID)
+    decoded = codec.decode_frame(json.dumps(obj).encode(), RID)
     assert isinstance(decoded, f.RequestStart)
     assert decoded.headers == [("a", "b")]
     assert decoded.extensions == f.StartExtensions(binary=True, window=4096)
@@ -315,23 +316,23 @@ def test_unknown_extra_fields_are_ignored() -> None:
             continue
         extra = _json(frame)
         extra["x-unknown"] = "ignored"
-        assert f.decode_frame(json.dumps(extra).encode(), RID) == frame
+        assert codec.decode_frame(json.dumps(extra).encode(), RID) == frame
 
 
 def test_extensions_parse_and_absent_booleans_mean_off() -> None:
     obj = _json(f.RequestStart(RID, "GET", "/", [], REPLY, ABORT))
     obj["extensions"] = {"window": 10, "heartbeatMs": 20, "maxFrame": 30}
-    decoded = f.decode_frame(json.dumps(obj).encode())
+    decoded = codec.decode_frame(json.dumps(obj).encode())
     assert isinstance(decoded, f.RequestStart)
     assert decoded.extensions == f.StartExtensions(
         binary=False, window=10, heartbeat_ms=20, max_frame=30, whole=False
     )
     obj["extensions"] = {}
-    decoded = f.decode_frame(json.dumps(obj).encode())
+    decoded = codec.decode_frame(json.dumps(obj).encode())
     assert isinstance(decoded, f.RequestStart)
     assert decoded.extensions == f.StartExtensions(binary=False)
     ack = {"type": "response.ack", "requestId": RID, "extensions": {"binaryData": True, "upSubject": UP}}
-    decoded_ack = f.decode_frame(json.dumps(ack).encode(), RID)
+    decoded_ack = codec.decode_frame(json.dumps(ack).encode(), RID)
     assert decoded_ack == f.ResponseAck(RID, f.AckExtensions(binary=True, up_subject=UP))
 
 
@@ -340,37 +341,40 @@ def test_extensions_parse_and_absent_booleans_mean_off() -> None:
 
 def test_binary_chunk_layout_is_magic_kind_seq_then_raw_bytes() -> None:
     assert (
-        f.encode_chunk(f.RequestChunk(RID, 1, b"abc"), True) == b"\x00\x01" + (1).to_bytes(8, "big") + b"abc"
+        codec.encode_chunk(f.RequestChunk(RID, 1, b"abc"), True)
+        == b"\x00\x01" + (1).to_bytes(8, "big") + b"abc"
     )
-    assert f.encode_chunk(f.ResponseChunk(RID, 2**40, b""), True) == b"\x00\x02" + (2**40).to_bytes(8, "big")
+    assert codec.encode_chunk(f.ResponseChunk(RID, 2**40, b""), True) == b"\x00\x02" + (2**40).to_bytes(
+        8, "big"
+    )
 
 
 def test_binary_frame_takes_its_request_id_from_the_subject() -> None:
-    payload = f.encode_chunk(f.ResponseChunk(RID, 0, b"x"), True)
-    assert f.decode_frame(payload, OTHER_RID) == f.ResponseChunk(OTHER_RID, 0, b"x")
+    payload = codec.encode_chunk(f.ResponseChunk(RID, 0, b"x"), True)
+    assert codec.decode_frame(payload, OTHER_RID) == f.ResponseChunk(OTHER_RID, 0, b"x")
 
 
 @pytest.mark.parametrize("length", range(1, f.BINARY_HEADER_SIZE))
 def test_truncated_binary_frame_is_rejected(length: int) -> None:
-    payload = f.encode_chunk(f.ResponseChunk(RID, 0, b"data"), True)[:length]
+    payload = codec.encode_chunk(f.ResponseChunk(RID, 0, b"data"), True)[:length]
     with pytest.raises(f.FrameError):
-        f.decode_frame(payload, RID)
+        codec.decode_frame(payload, RID)
 
 
 @pytest.mark.parametrize("kind", [0, 4, 9, 0x7B, 0xFF])
 def test_unknown_binary_kind_is_rejected(kind: int) -> None:
     with pytest.raises(f.FrameError, match="kind"):
-        f.decode_frame(bytes([0, kind]) + bytes(8) + b"data", RID)
+        codec.decode_frame(bytes([0, kind]) + bytes(8) + b"data", RID)
 
 
 def test_binary_frame_on_a_subject_without_request_id_is_rejected() -> None:
     with pytest.raises(f.FrameError):
-        f.decode_frame(f.encode_chunk(f.RequestChunk(RID, 0, b"data"), True), None)
+        codec.decode_frame(codec.encode_chunk(f.RequestChunk(RID, 0, b"data"), True), None)
 
 
 def test_binary_seq_beyond_the_safe_integer_range_is_rejected() -> None:
     with pytest.raises(f.FrameError):
-        f.decode_frame(b"\x00\x02" + (2**53).to_bytes(8, "big"), RID)
+        codec.decode_frame(b"\x00\x02" + (2**53).to_bytes(8, "big"), RID)
 
 
 def _whole(head: bytes, data: bytes = b"") -> bytes:
@@ -399,7 +403,7 @@ def _whole(head: bytes, data: bytes = b"") -> bytes:
 )
 def test_malformed_whole_response_frames_are_rejected(payload: bytes) -> None:
     with pytest.raises(f.FrameError):
-        f.decode_frame(payload, RID)
+        codec.decode_frame(payload, RID)
 
 
 # --------------------------------------------------------------------------- rejection
@@ -427,7 +431,7 @@ _ACK = f.ResponseAck(RID, f.AckExtensions(up_subject=UP))
 REJECTED: dict[str, bytes] = {
     "empty": b"",
     "invalid json": b"{not json",
-    "truncated json": f.encode_frame(_RSTART)[:-1],
+    "truncated json": codec.encode_frame(_RSTART)[:-1],
     "invalid utf-8": b'{"type":"abort","requestId":"\xff\xfe"}',
     "json array": b"[]",
     "json number": b"1",
@@ -527,7 +531,7 @@ REJECTED: dict[str, bytes] = {
 @pytest.mark.parametrize("payload", list(REJECTED.values()), ids=list(REJECTED))
 def test_malformed_frames_raise_frame_error(payload: bytes) -> None:
     with pytest.raises(f.FrameError) as info:
-        f.decode_frame(payload, RID)
+        codec.decode_frame(payload, RID)
     assert isinstance(info.value, RemoteProtocolError)
     assert info.value.code == ErrorCode.PROTOCOL_ERROR
 
@@ -535,27 +539,27 @@ def test_malformed_frames_raise_frame_error(payload: bytes) -> None:
 def test_request_id_with_a_trailing_newline_is_rejected_where_no_subject_id_checks_it() -> None:
     # request.start arrives on P.request: the payload's requestId is all there is.
     with pytest.raises(f.FrameError):
-        f.decode_frame(_mutated(_START, requestId=RID + "\n"), None)
+        codec.decode_frame(_mutated(_START, requestId=RID + "\n"), None)
 
 
 def test_frame_error_names_the_request_when_it_was_readable() -> None:
     with pytest.raises(f.FrameError) as info:
-        f.decode_frame(_mutated(_CHUNK, seq=-1), RID)
+        codec.decode_frame(_mutated(_CHUNK, seq=-1), RID)
     assert info.value.request_id == RID
     with pytest.raises(f.FrameError) as info:
-        f.decode_frame(_mutated(_CHUNK, seq=-1), None)
+        codec.decode_frame(_mutated(_CHUNK, seq=-1), None)
     assert info.value.request_id == RID
 
 
 @pytest.mark.parametrize("code", ["bad code with spaces", "tunnel_handler_error\n", "x" * 129, ""])
 def test_unknown_error_codes_from_the_network_are_replaced_not_trusted(code: str) -> None:
-    decoded = f.decode_frame(_mutated(_ERROR, code=code), RID)
+    decoded = codec.decode_frame(_mutated(_ERROR, code=code), RID)
     assert isinstance(decoded, f.ResponseError)
     assert decoded.code == "tunnel_unknown_error"
 
 
 def test_long_error_messages_from_the_network_are_truncated() -> None:
-    long_message = f.decode_frame(_mutated(_ERROR, message="x" * 100_000), RID)
+    long_message = codec.decode_frame(_mutated(_ERROR, message="x" * 100_000), RID)
     assert isinstance(long_message, f.ResponseError)
     assert len(long_message.message) <= f.MAX_ERROR_MESSAGE_LENGTH
 
@@ -592,7 +596,7 @@ def _paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 def _rejected(payload: bytes, subject_id: str | None) -> bool:
     """Decode; True when refused with FrameError. Any other exception fails the calling test."""
     try:
-        f.decode_frame(payload, subject_id)
+        codec.decode_frame(payload, subject_id)
     except f.FrameError:
         return True
     return False
@@ -624,7 +628,7 @@ def test_truncated_and_corrupted_payloads_only_ever_raise_frame_error() -> None:
     rng = random.Random(20240601)
     for frame in SAMPLES:
         for binary in (False, True):
-            payload = f.encode_frame(frame, binary)
+            payload = codec.encode_frame(frame, binary)
             for end in range(len(payload)):
                 _rejected(payload[:end], RID)
             assert _rejected(b"", RID)
@@ -668,13 +672,13 @@ def test_method_and_url_validation() -> None:
 def test_largest_chunk_fits_max_payload_in_both_encodings(max_payload: int, request_id_length: int) -> None:
     rid = "a" * request_id_length
     for binary in (False, True):
-        n = f.max_chunk_data(max_payload, binary, request_id_length)
+        n = codec.max_chunk_data(max_payload, binary, request_id_length)
         assert n > 0
         for cls in (f.RequestChunk, f.ResponseChunk):
-            payload = f.encode_chunk(cls(rid, f.MAX_SAFE_INT, b"\xff" * n), binary)
+            payload = codec.encode_chunk(cls(rid, f.MAX_SAFE_INT, b"\xff" * n), binary)
             assert len(payload) <= max_payload
     # Binary frames waste nothing but their 10-byte header.
-    assert f.max_chunk_data(max_payload, True, request_id_length) == max_payload - f.BINARY_HEADER_SIZE
+    assert codec.max_chunk_data(max_payload, True, request_id_length) == max_payload - f.BINARY_HEADER_SIZE
 
 
 @pytest.mark.parametrize("seq", [-1, f.MAX_SAFE_INT + 1, "3", 1.5, True, [1]], ids=repr)
@@ -684,13 +688,13 @@ def test_an_invalid_optional_seq_is_a_frame_error(kind: str, seq: object) -> Non
     if kind == "request.credit":
         obj["limit"] = 10
     with pytest.raises(f.FrameError, match="seq"):
-        f.decode_frame(json.dumps(obj).encode())
+        codec.decode_frame(json.dumps(obj).encode())
 
 
 def test_a_heartbeat_or_credit_without_seq_decodes_with_none() -> None:
     """Older extended peers send no seq: nothing is checked then."""
-    heartbeat = f.decode_frame(b'{"type":"response.heartbeat","requestId":"%s"}' % RID.encode())
-    credit = f.decode_frame(b'{"type":"request.credit","requestId":"%s","limit":5}' % RID.encode())
+    heartbeat = codec.decode_frame(b'{"type":"response.heartbeat","requestId":"%s"}' % RID.encode())
+    credit = codec.decode_frame(b'{"type":"request.credit","requestId":"%s","limit":5}' % RID.encode())
     assert heartbeat == f.ResponseHeartbeat(RID) and heartbeat.seq is None
     assert credit == f.RequestCredit(RID, 5) and credit.seq is None
 
@@ -709,4 +713,4 @@ def test_encode_whole_is_byte_identical_to_encoding_the_frame(
     """The hot-path encoder must never drift from the frame encoder (goldens pin the latter)."""
     rid = "r" * 32
     frame = f.ResponseWhole(rid, f.ResponseStart(rid, 200, headers, status_text), bytes(data))
-    assert f.encode_whole(rid, 200, headers, status_text, data) == f.encode_frame(frame)
+    assert codec.encode_whole(rid, 200, headers, status_text, data) == codec.encode_frame(frame)

@@ -29,6 +29,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
+from tunnel import _codec as codec
 from tunnel import _frames as f
 from tunnel._errors import TunnelError
 
@@ -62,7 +63,7 @@ _SUBJECT_IDS: Final = st.one_of(st.none(), st.just(RID), st.from_regex(r"[A-Za-z
 def decode_or_frame_error(payload: bytes, subject_request_id: str | None) -> f.Frame | None:
     """The property itself: a frame, or FrameError (None); anything else propagates and fails."""
     try:
-        frame = f.decode_frame(payload, subject_request_id)
+        frame = codec.decode_frame(payload, subject_request_id)
     except f.FrameError as exc:
         assert isinstance(exc, TunnelError) and exc.code == "tunnel_protocol_error"
         assert exc.request_id is None or isinstance(exc.request_id, str)
@@ -121,9 +122,9 @@ def _assert_headers(headers: f.Headers) -> None:
 def assert_round_trips(frame: f.Frame) -> None:
     """Encoding a decoded frame and decoding it again gives the same frame (both encodings)."""
     for binary in (False, True):
-        payload = f.encode_frame(frame, binary=binary)
+        payload = codec.encode_frame(frame, binary=binary)
         rid = frame.request_id if payload[:1] == b"\x00" else None
-        assert f.decode_frame(payload, rid) == frame
+        assert codec.decode_frame(payload, rid) == frame
 
 
 # --------------------------------------------------------------------------- raw bytes
@@ -196,7 +197,7 @@ def test_whole_frame_claiming_a_4_gib_head_is_rejected_without_allocating_it() -
     tracemalloc.start()
     try:
         with pytest.raises(f.FrameError):
-            f.decode_frame(payload, RID)
+            codec.decode_frame(payload, RID)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -280,8 +281,8 @@ FIELDS: Final[dict[str, st.SearchStrategy[Any]]] = {
     "extensions": _extensions(),
     "seq": st.one_of(st.integers(-2, 2**54), st.sampled_from([0, 1, f.MAX_SAFE_INT]), JSON_SCALARS),
     "data": st.one_of(
-        st.binary(max_size=64).map(f.b64url_encode),
-        st.binary(max_size=64).map(lambda b: f.b64url_encode(b) + "=="),
+        st.binary(max_size=64).map(codec.b64url_encode),
+        st.binary(max_size=64).map(lambda b: codec.b64url_encode(b) + "=="),
         st.text(alphabet="ABCDxyz-_+/=\n ", max_size=20),
         JSON_SCALARS,
     ),
@@ -319,7 +320,7 @@ VALID_FIELDS: Final[dict[str, st.SearchStrategy[Any]]] = {
         },
     ),
     "seq": st.integers(0, f.MAX_SAFE_INT),
-    "data": st.binary(max_size=64).map(f.b64url_encode),
+    "data": st.binary(max_size=64).map(codec.b64url_encode),
     "status": st.integers(100, 599),
     "statusText": st.text(st.characters(codec="ascii", min_codepoint=0x20), max_size=20),
     "code": st.from_regex(r"[A-Za-z0-9_.:-]{1,20}", fullmatch=True),

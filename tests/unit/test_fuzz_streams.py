@@ -35,24 +35,14 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from tunnel import _codec as codec
 from tunnel import _frames as f
+from tunnel._caller import CallerOptions, CallerPhase, CallerStream
 from tunnel._config import DEFERRED_ACK_DELAY
 from tunnel._errors import LocalProtocolError, RemoteProtocolError, TunnelError
+from tunnel._events import BodyEnded, DataReceived, HeartbeatReceived, Publish, ResponseHead
 from tunnel._flow import UNFLOWED_BUFFER_LIMIT
-from tunnel._stream import (
-    BodyEnded,
-    BodyPhase,
-    CallerOptions,
-    CallerPhase,
-    CallerStream,
-    DataReceived,
-    HeartbeatReceived,
-    Publish,
-    ResponseHead,
-    ServerOptions,
-    ServerPhase,
-    ServerStream,
-)
+from tunnel._server_stream import BodyPhase, ServerOptions, ServerPhase, ServerStream
 from tunnel._subjects import DEFAULT_PREFIX, HostSubjects, parse_request_subject
 
 RID: Final = "0123456789abcdef0123456789abcdef"
@@ -111,7 +101,7 @@ def make_caller(clock: FakeClock, method: str, has_body: bool, options: CallerOp
 def decode(pub: Publish) -> f.Frame:
     """What the I/O layer does: the request id comes from the subject."""
     parsed = parse_request_subject(pub.subject, DEFAULT_PREFIX)
-    return f.decode_frame(pub.payload, parsed[1] if parsed else None)
+    return codec.decode_frame(pub.payload, parsed[1] if parsed else None)
 
 
 def chunk_data(pub: Publish) -> bytes:
@@ -536,7 +526,7 @@ class Exchange:
 
     def deliver_to_server(self, pub: Publish) -> None:
         if pub.subject == SUBJECTS.request:
-            start = f.decode_frame(pub.payload)
+            start = codec.decode_frame(pub.payload)
             assert isinstance(start, f.RequestStart)
             if self.server is None:
                 self.server = ServerStream(

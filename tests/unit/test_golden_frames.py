@@ -24,8 +24,11 @@ from typing import Any
 
 import pytest
 
+from tunnel import _codec as codec
 from tunnel import _frames as f
-from tunnel._stream import CallerOptions, CallerStream, Publish, ServerOptions, ServerStream
+from tunnel._caller import CallerOptions, CallerStream
+from tunnel._events import Publish
+from tunnel._server_stream import ServerOptions, ServerStream
 from tunnel._subjects import HostSubjects
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -180,7 +183,7 @@ def v1_abort() -> bytes:
 
 
 def v1_abort_without_reason() -> bytes:
-    return f.encode_frame(f.Abort(RID))
+    return codec.encode_frame(f.Abort(RID))
 
 
 def _v1_server(fast_path: bool = False, offer: f.StartExtensions | None = None) -> ServerStream:
@@ -283,23 +286,23 @@ def ext_response_heartbeat_seq() -> bytes:
 
 
 def ext_request_credit_seq() -> bytes:
-    return f.encode_frame(f.RequestCredit(RID, 32768, 3))
+    return codec.encode_frame(f.RequestCredit(RID, 32768, 3))
 
 
 def ext_request_credit_ended() -> bytes:
-    return f.encode_frame(f.RequestCredit(RID, 32768, 3, ended=True))
+    return codec.encode_frame(f.RequestCredit(RID, 32768, 3, ended=True))
 
 
 def ext_request_credit_probe() -> bytes:
-    return f.encode_frame(f.RequestCredit(RID, 32768, probe=True))
+    return codec.encode_frame(f.RequestCredit(RID, 32768, probe=True))
 
 
 def ext_response_credit() -> bytes:
-    return f.encode_frame(f.ResponseCredit(RID, 32768))
+    return codec.encode_frame(f.ResponseCredit(RID, 32768))
 
 
 def ext_request_credit() -> bytes:
-    return f.encode_frame(f.RequestCredit(RID, 32768))
+    return codec.encode_frame(f.RequestCredit(RID, 32768))
 
 
 def ext_response_chunk_binary() -> bytes:
@@ -419,9 +422,9 @@ def test_v1_goldens_are_reference_v1_frames_only(name: str) -> None:
     assert set(obj) <= V1_FIELDS[obj["type"]]
     assert obj["requestId"] == RID
     if "data" in obj:
-        assert "=" not in obj["data"] and f.b64url_decode(obj["data"]) == DATA
+        assert "=" not in obj["data"] and codec.b64url_decode(obj["data"]) == DATA
     # And our own decoder reads back exactly what was meant.
-    assert f.encode_frame(f.decode_frame(raw, RID)) == raw
+    assert codec.encode_frame(codec.decode_frame(raw, RID)) == raw
 
 
 @pytest.mark.parametrize("build", V1_SERVER_BUILDERS, ids=lambda b: b.__name__)
@@ -467,9 +470,9 @@ def test_stream_output_equals_encode_frame_of_the_same_frame() -> None:
         "ext/request.credit.probe": f.RequestCredit(RID, 32768, probe=True),
     }
     for name, frame in expected.items():
-        assert BUILDERS[name][0]() == f.encode_frame(frame), name
-    assert ext_response_chunk_binary() == f.encode_frame(f.ResponseChunk(RID, 0, DATA), binary=True)
-    assert ext_request_chunk_binary() == f.encode_frame(f.RequestChunk(RID, 1, DATA), binary=True)
+        assert BUILDERS[name][0]() == codec.encode_frame(frame), name
+    assert ext_response_chunk_binary() == codec.encode_frame(f.ResponseChunk(RID, 0, DATA), binary=True)
+    assert ext_request_chunk_binary() == codec.encode_frame(f.RequestChunk(RID, 1, DATA), binary=True)
 
 
 def test_binary_golden_layouts_are_as_documented() -> None:

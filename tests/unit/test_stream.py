@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from tunnel import _codec as codec
 from tunnel import _frames as f
+from tunnel._caller import CallerOptions, CallerPhase, CallerStream
 from tunnel._config import DEFERRED_ACK_DELAY, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 from tunnel._config import UNREACHABLE_RETRY_INTERVAL as RETRY
 from tunnel._errors import (
@@ -33,23 +35,17 @@ from tunnel._errors import (
     TunnelTimeout,
     TunnelUnreachable,
 )
-from tunnel._stream import (
+from tunnel._events import (
     Acked,
     BodyEnded,
-    BodyPhase,
-    CallerOptions,
-    CallerPhase,
-    CallerStream,
     CreditGranted,
     DataReceived,
     Event,
     PeerFailed,
     Publish,
     ResponseHead,
-    ServerOptions,
-    ServerPhase,
-    ServerStream,
 )
+from tunnel._server_stream import BodyPhase, ServerOptions, ServerPhase, ServerStream
 from tunnel._subjects import DEFAULT_PREFIX, HostSubjects, parse_request_subject
 
 RID = "0123456789abcdef0123456789abcdef"
@@ -144,7 +140,7 @@ class Link:
         assert len(pub.payload) <= max_payload, (
             f"{len(pub.payload)} byte frame over max_payload {max_payload}"
         )
-        return f.decode_frame(pub.payload, rid)
+        return codec.decode_frame(pub.payload, rid)
 
     def to_caller(self, pubs: Iterable[Publish]) -> list[Event]:
         events: list[Event] = []
@@ -186,7 +182,7 @@ def connect(
     start = stream.start()
     assert start.subject == SUBJECTS.request
     assert start.reply == stream.reply_subject
-    frame = f.decode_frame(start.payload)
+    frame = codec.decode_frame(start.payload)
     assert isinstance(frame, f.RequestStart)
     link = Link(
         stream,
@@ -251,7 +247,7 @@ def test_full_get_delivers_head_body_and_end() -> None:
 def test_repeated_start_and_ack_do_not_restart_anything() -> None:
     clock = FakeClock()
     link = connect(clock)
-    start_frame = f.decode_frame(link.caller.start().payload)
+    start_frame = codec.decode_frame(link.caller.start().payload)
     assert link.server.receive(start_frame) is None
     assert link.to_caller([link.server.ack()]) == []  # a second ack is no second Acked
     assert link.caller.phase is CallerPhase.ACKED
@@ -301,7 +297,7 @@ def test_post_body_larger_than_the_window_waits_for_credit() -> None:
 def _request_chunk(pub: Publish) -> f.RequestChunk:
     parsed = parse_request_subject(pub.subject, DEFAULT_PREFIX)
     assert parsed is not None
-    frame = f.decode_frame(pub.payload, parsed[1])
+    frame = codec.decode_frame(pub.payload, parsed[1])
     assert isinstance(frame, f.RequestChunk)
     return frame
 
@@ -620,7 +616,7 @@ def test_no_first_frame_timeout() -> None:
     assert caller.phase is CallerPhase.FAILED
     abort = caller.abort(ErrorCode.NO_FIRST_FRAME)  # a server may still hold the start
     assert abort is not None
-    assert f.decode_frame(abort.payload, RID) == f.Abort(RID, ErrorCode.NO_FIRST_FRAME)
+    assert codec.decode_frame(abort.payload, RID) == f.Abort(RID, ErrorCode.NO_FIRST_FRAME)
 
 
 def test_first_frame_timeout_is_disarmed_by_any_frame() -> None:
@@ -695,7 +691,7 @@ def test_a_silent_response_body_is_probed_and_a_re_sent_end_completes_it() -> No
     clock.advance(0.001)
     probes = caller.poll()
     assert len(probes) == 1
-    probe = f.decode_frame(probes[0].payload, RID)
+    probe = codec.decode_frame(probes[0].payload, RID)
     assert isinstance(probe, f.RequestCredit) and probe.probe and probe.limit == caller.receive_window.granted
     assert caller.poll() == []  # one probe per two intervals, not one per poll
     assert link.to_caller([end]) == [BodyEnded()]
@@ -824,7 +820,7 @@ def test_server_heartbeat_is_due_after_the_interval_since_the_last_frame_sent() 
     clock.advance(0.001)
     (beat,) = server.poll()
     assert beat.subject == link.caller.reply_subject
-    assert f.decode_frame(beat.payload, RID) == f.ResponseHeartbeat(RID)
+    assert codec.decode_frame(beat.payload, RID) == f.ResponseHeartbeat(RID)
     assert server.next_deadline() == pytest.approx(clock.now + 0.5)
     # Any frame sent counts as proof of life and pushes the next heartbeat back.
     clock.advance(0.4)
@@ -1089,7 +1085,7 @@ def _start(**changes: Any) -> f.RequestStart:
 
 def _server_for(start: f.RequestStart) -> ServerStream:
     # Decode the encoded start first, as a server does: validation may live in either step.
-    frame = f.decode_frame(f.encode_frame(start))
+    frame = codec.decode_frame(codec.encode_frame(start))
     assert isinstance(frame, f.RequestStart)
     return ServerStream(
         frame, subjects=SUBJECTS, server_id=SERVER_ID, options=server_options(), clock=FakeClock()
@@ -1166,7 +1162,7 @@ def test_abort_while_responding_stops_both_ends_once() -> None:
     abort = link.caller.abort("client went away")
     assert abort is not None
     assert abort.subject == SUBJECTS.abort(RID)
-    assert f.decode_frame(abort.payload, RID) == f.Abort(RID, "client went away")
+    assert codec.decode_frame(abort.payload, RID) == f.Abort(RID, "client went away")
     assert isinstance(link.caller.error, TunnelAborted)
     assert link.caller.abort() is None  # only once
     (event,) = link.to_server([abort])
@@ -1254,7 +1250,7 @@ def test_server_local_misuse_raises_local_protocol_error() -> None:
 
 
 def _heartbeats(pubs: Iterable[Publish], rid: str = RID) -> list[f.ResponseHeartbeat]:
-    frames = [f.decode_frame(p.payload, rid) for p in pubs]
+    frames = [codec.decode_frame(p.payload, rid) for p in pubs]
     return [fr for fr in frames if isinstance(fr, f.ResponseHeartbeat)]
 
 
@@ -1359,7 +1355,7 @@ def test_caller_stuck_on_credit_reports_published_chunks_and_a_server_behind_fai
     link.to_caller(beats)
     probe = caller.refresh_credit()
     assert probe is not None
-    frame = f.decode_frame(probe.payload, RID)
+    frame = codec.decode_frame(probe.payload, RID)
     assert isinstance(frame, f.RequestCredit) and frame.seq == len(frames)
     with pytest.raises(RemoteProtocolError, match="request body data lost"):
         server.receive(frame)
@@ -1381,7 +1377,7 @@ def test_caller_sends_no_upload_seq_while_it_still_has_credit_or_has_unpublished
     caller.mark_published()
     probe = caller.refresh_credit()
     assert probe is not None
-    frame = f.decode_frame(probe.payload, RID)
+    frame = codec.decode_frame(probe.payload, RID)
     assert isinstance(frame, f.RequestCredit) and frame.seq == caller.send.next_seq
 
 
@@ -1410,12 +1406,12 @@ def test_a_lost_request_end_alone_is_repaired_by_the_callers_report() -> None:
     caller.end_body()  # built; not yet handed to NATS: not claimed
     probe = caller.refresh_credit()
     assert probe is not None
-    report = f.decode_frame(probe.payload, RID)
+    report = codec.decode_frame(probe.payload, RID)
     assert isinstance(report, f.RequestCredit) and report.seq == 1 and not report.ended
     caller.mark_published()  # the end went out (and was lost)
     probe = caller.refresh_credit()
     assert probe is not None
-    report = f.decode_frame(probe.payload, RID)
+    report = codec.decode_frame(probe.payload, RID)
     assert isinstance(report, f.RequestCredit) and report.seq == 1 and report.ended
     assert link.to_server([probe]) == [BodyEnded()]
     assert server.body_phase is BodyPhase.ENDED
@@ -1436,7 +1432,9 @@ def test_an_ended_report_with_chunks_missing_is_still_lost_data() -> None:
     caller.mark_published()
     probe = caller.refresh_credit()
     assert probe is not None
-    assert f.decode_frame(probe.payload, RID) == f.RequestCredit(RID, caller.receive_window.granted, 1, True)
+    assert codec.decode_frame(probe.payload, RID) == f.RequestCredit(
+        RID, caller.receive_window.granted, 1, True
+    )
     with pytest.raises(RemoteProtocolError, match="request body data lost"):
         link.to_server([probe])
 

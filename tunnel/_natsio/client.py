@@ -23,7 +23,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from .. import _codec as codec
 from .. import _frames as f
+from .._caller import CallerOptions, CallerPhase, CallerStream
 from .._config import (
     DEFAULT_FIRST_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -43,18 +45,8 @@ from .._diagnostics import (
     emit,
 )
 from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
+from .._events import BodyEnded, CreditGranted, DataReceived, HeartbeatReceived, PeerFailed, ResponseHead
 from .._headers import all_headers, first_header
-from .._stream import (
-    BodyEnded,
-    CallerOptions,
-    CallerPhase,
-    CallerStream,
-    CreditGranted,
-    DataReceived,
-    HeartbeatReceived,
-    PeerFailed,
-    ResponseHead,
-)
 from .._subjects import (
     DEFAULT_PREFIX,
     HostSubjects,
@@ -571,7 +563,7 @@ class TunnelClient:
             req.on_no_responders()
             return
         try:
-            frame = f.decode_frame(msg.data, request_id)
+            frame = codec.decode_frame(msg.data, request_id)
         except f.FrameError as exc:
             self.stats.frames_dropped += 1
             await req._abort_with(RemoteProtocolError(f"malformed frame from server: {exc.message}"))

@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 from .._errors import TunnelConnectionError
-from .._stream import Publish
+from .._events import Publish
 
 log = logging.getLogger("tunnel")
 

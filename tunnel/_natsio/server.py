@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from .. import _codec as codec
 from .. import _frames as f
 from .._config import (
     BUSY_RETRY_AFTER,
@@ -50,8 +51,9 @@ from .._diagnostics import (
     emit,
 )
 from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
+from .._events import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish
 from .._handler import Handler, Request, Response
-from .._stream import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish, ServerOptions, ServerStream
+from .._server_stream import ServerOptions, ServerStream
 from .._subjects import (
     DEFAULT_PREFIX,
     HostSubjects,
@@ -576,7 +578,7 @@ class TunnelServer:
 
     async def _on_start(self, msg: Msg) -> None:
         try:
-            frame = f.decode_frame(msg.data)
+            frame = codec.decode_frame(msg.data)
         except f.FrameError as exc:
             self._malformed(msg.subject, exc.message)
             await self._reject_malformed_start(msg, exc)
@@ -706,7 +708,7 @@ class TunnelServer:
             )
         else:
             reply = f.ResponseAck(rid)
-        await self._send_quietly(Publish(frame.reply_subject, f.encode_frame(reply)))
+        await self._send_quietly(Publish(frame.reply_subject, codec.encode_frame(reply)))
 
     async def _reject_malformed_start(self, msg: Msg, exc: f.FrameError) -> None:
         """Tell a caller its start was unusable, when we can safely tell who it is."""
@@ -718,7 +720,7 @@ class TunnelServer:
         if rid is None or not msg.reply or not self.subjects.owns(msg.reply):
             return
         frame = f.ResponseError(rid, ErrorCode.PROTOCOL_ERROR, f"malformed request.start: {exc.message}")
-        await self._send_quietly(Publish(msg.reply, f.encode_frame(frame)))
+        await self._send_quietly(Publish(msg.reply, codec.encode_frame(frame)))
 
     async def _on_abort(self, msg: Msg) -> None:
         parsed = parse_request_subject(msg.subject, self.subjects.prefix)
@@ -727,7 +729,7 @@ class TunnelServer:
             return
         rid = parsed[1]
         try:
-            frame = f.decode_frame(msg.data, rid)
+            frame = codec.decode_frame(msg.data, rid)
         except f.FrameError as exc:
             self._malformed(msg.subject, exc.message)
             frame = f.Abort(rid, "malformed abort")  # an abort is an abort, however badly written
@@ -760,7 +762,7 @@ class TunnelServer:
             await self._answer_probe(rid, msg.data)  # else a late frame for a finished request
             return
         try:
-            frame = f.decode_frame(msg.data, rid)
+            frame = codec.decode_frame(msg.data, rid)
         except f.FrameError as exc:
             self._malformed(msg.subject, exc.message)
             self.stats.protocol_errors += 1
@@ -779,7 +781,7 @@ class TunnelServer:
         if final is None:
             return
         try:
-            frame = f.decode_frame(data, rid)
+            frame = codec.decode_frame(data, rid)
         except f.FrameError:
             return
         if isinstance(frame, f.RequestCredit) and frame.probe:

@@ -1,0 +1,473 @@
+"""One request as the server sees it (sans-IO state machine).
+
+Frames in, events out, as in :mod:`tunnel._caller`. The request body's lifecycle is
+``SERVER_BODY_TRANSITIONS``, keyed by (body phase, the caller's frame type); a frame the
+table does not allow is a ``RemoteProtocolError``. The rules across requests (repeated
+starts, early aborts, the busy answer, remembered finals) are :mod:`tunnel._dispatch`.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+
+from . import _codec as codec
+from . import _frames as f
+from ._config import (
+    DEFERRED_ACK_DELAY,
+    MAX_HEARTBEAT_INTERVAL,
+    MIN_HEARTBEAT_INTERVAL,
+)
+from ._errors import (
+    DeadlineExceeded,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StallTimeout,
+    TunnelAborted,
+    TunnelError,
+    error_from_remote,
+)
+from ._events import (
+    NO_BODY_STATUSES,
+    V1_MAX_CHUNK,
+    BodyEnded,
+    Clock,
+    CreditGranted,
+    DataReceived,
+    Event,
+    PeerFailed,
+    Publish,
+)
+from ._flow import ReceiveWindow, SendCredit
+from ._subjects import HostSubjects
+
+# ----------------------------------------------------------------------------- server
+
+
+class ServerPhase(enum.Enum):
+    ACKED = "acked"  # ack sent, handler running, response not started
+    RESPONDING = "responding"  # response.start sent
+    DONE = "done"  # response.end or an error sent
+    FAILED = "failed"  # caller aborted or broke the protocol
+
+
+class BodyPhase(enum.Enum):
+    NONE = "none"  # request has no body
+    OPEN = "open"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    window: int
+    max_chunk: int
+    max_payload: int
+    stall_timeout: float | None
+    fast_path: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerTerms:
+    """What a server derives from one caller offer and its own options."""
+
+    binary: bool
+    heartbeat_interval: float | None
+    frame_limit: int
+    chunk_limit: int
+    offers_whole: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_length: int) -> _ServerTerms:
+    """Negotiation results, cached: a caller sends the same offer with every request."""
+    if offer is not None:
+        binary = offer.binary
+        heartbeat: float | None = min(
+            MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, (offer.heartbeat_ms or 10_000) / 1000)
+        )
+        frame_limit = min(options.max_payload, offer.max_frame or options.max_payload)
+        credit = offer.window
+    else:
+        binary = False
+        heartbeat = None
+        frame_limit = options.max_payload
+        credit = None
+    chunk_limit = max(1, min(options.max_chunk, codec.max_chunk_data(frame_limit, binary, rid_length)))
+    if not binary:
+        chunk_limit = min(chunk_limit, V1_MAX_CHUNK)
+    if credit is not None:
+        chunk_limit = min(chunk_limit, max(1, credit // 2))
+    offers_whole = offer is not None and offer.whole and offer.binary
+    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole)
+
+
+class ServerStream:
+    """One request as the server sees it."""
+
+    def __init__(
+        self,
+        start: f.RequestStart,
+        *,
+        subjects: HostSubjects,
+        server_id: str,
+        options: ServerOptions,
+        clock: Clock,
+        deadline: float | None = None,
+    ) -> None:
+        self.request_id = start.request_id
+        self.start_frame = start
+        self.subjects = subjects
+        self.options = options
+        self.clock = clock
+        self.phase = ServerPhase.ACKED
+        self.body_phase = BodyPhase.OPEN if start.body_subject is not None else BodyPhase.NONE
+        self.error: TunnelError | None = None
+        self.caller_gone = False  # the caller aborted or failed its body: nobody to answer
+        self.deadline = deadline
+        rid = start.request_id
+        # One prefix string for the three subject checks (hot path: every request).
+        head = f"{subjects.base}.req.{rid}."
+        if (
+            not subjects.request_subject_ok(start.reply_subject, rid, head)
+            or start.abort_subject != head + "abort"
+            or (start.body_subject is not None and start.body_subject != head + "body")
+        ):
+            raise f.FrameError("request names subjects that are not its own", rid)
+        offer = start.extensions if options.fast_path else None
+        self.extended = offer is not None
+        self.reply_subject = start.reply_subject
+        self.response_has_body = True
+        # The negotiated limits depend only on the caller's offer (the same object for every
+        # request of one caller: see _codec._start_ext) and our options: computed once each.
+        terms = _server_terms(offer, options, len(rid))
+        self.binary = terms.binary
+        self.heartbeat_interval: float | None = terms.heartbeat_interval
+        self.frame_limit = terms.frame_limit
+        self.chunk_limit = terms.chunk_limit
+        self.offers_whole = terms.offers_whole
+        if offer is not None:
+            self.up_subject: str | None = f"{head}up.{server_id}"
+            self.send = SendCredit(offer.window)
+            self.receive_window = ReceiveWindow(options.window)
+        else:
+            self.up_subject = None
+            self.send = SendCredit(None)
+            self.receive_window = ReceiveWindow(None)
+        self.acked = False
+        now = clock()
+        # A body-less request from an extended caller is acked only if the handler is slow:
+        # otherwise response.start (or response.whole) is the first frame.
+        self.ack_due: float | None = (
+            now + DEFERRED_ACK_DELAY if self.extended and start.body_subject is None else None
+        )
+        self._last_sent_at = now
+        # Request-body progress: the last data frame, or the last grant that let the caller send more.
+        self._body_progress_at = now
+        self._credit_blocked_since: float | None = None
+        # Response-body chunks handed to NATS (see ``mark_published``); heartbeats report it.
+        self.published_seq = 0
+        # The request.end a caller's report let us presume lost (see ``_on_credit``).
+        self._repaired_end_seq: int | None = None
+
+    # -- outgoing ---------------------------------------------------------------
+
+    @property
+    def ack_now(self) -> bool:
+        """Must the ack go out at once? (v1 callers and request bodies need it first.)"""
+        return self.ack_due is None
+
+    def _ack_extensions(self) -> f.AckExtensions | None:
+        if not self.extended:
+            return None
+        return f.AckExtensions(
+            binary=self.binary,
+            window=self.options.window,
+            heartbeat_ms=int(self.heartbeat_interval * 1000) if self.heartbeat_interval else None,
+            max_frame=self.options.max_payload,
+            up_subject=self.up_subject,
+        )
+
+    def ack(self) -> Publish:
+        """The ack (sent first, and again for every repeated start)."""
+        self.acked = True
+        self.ack_due = None
+        return self._out(f.ResponseAck(self.request_id, self._ack_extensions()))
+
+    def start_response(self, status: int, headers: f.Headers, status_text: str | None = None) -> Publish:
+        if self.phase is not ServerPhase.ACKED:
+            raise LocalProtocolError(f"response already started ({self.phase.value})")
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise LocalProtocolError(f"invalid status {status!r}")
+        headers = f.validate_headers(headers)
+        if status_text is not None and (
+            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
+        ):
+            raise LocalProtocolError("invalid status text")
+        self.phase = ServerPhase.RESPONDING
+        self.response_has_body = self._allows_body(status)
+        # Always repeat the negotiation: if the ack was lost, this is the caller's first frame.
+        ext = self._ack_extensions()
+        self.acked = True
+        self.ack_due = None
+        return self._out(f.ResponseStart(self.request_id, status, headers, status_text, ext))
+
+    def _allows_body(self, status: int) -> bool:
+        return not (self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
+
+    def whole_response(
+        self, status: int, headers: f.Headers, status_text: str | None, data: bytes | bytearray | memoryview
+    ) -> Publish | None:
+        """The complete response as one message, when the caller offered it and it fits; else None."""
+        if not self.offers_whole or self.phase is not ServerPhase.ACKED:
+            return None
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise LocalProtocolError(f"invalid status {status!r}")
+        if not self._allows_body(status):
+            data = b""
+        size = len(data)
+        if size > self.frame_limit or size > self.send.available():
+            return None
+        headers = f.validate_headers(headers)
+        if status_text is not None and (
+            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
+        ):
+            raise LocalProtocolError("invalid status text")
+        # Encoded straight from the parts: no ResponseStart/ResponseWhole objects per response.
+        payload = codec.encode_whole(self.request_id, status, headers, status_text, data)
+        if len(payload) > self.frame_limit:
+            return None
+        self.phase = ServerPhase.DONE
+        self.acked = True
+        self.ack_due = None
+        self.send.sent_bytes += size
+        self._last_sent_at = self.clock()
+        return Publish(self.reply_subject, payload)
+
+    def send_body(self, data: bytes | memoryview) -> tuple[list[Publish], int]:
+        """Frames for as much of ``data`` as credit allows; returns (frames, bytes taken)."""
+        if self.phase is not ServerPhase.RESPONDING:
+            raise LocalProtocolError(f"cannot send body in phase {self.phase.value}")
+        if not self.response_has_body:
+            return [], len(data)  # HEAD / 204 / 304: bytes are dropped, as HTTP requires
+        frames: list[Publish] = []
+        taken = 0
+        total = len(data)
+        while taken < total:
+            n = min(total - taken, self.chunk_limit, self.send.available())
+            if n <= 0:
+                break
+            piece = bytes(data[taken : taken + n])
+            seq = self.send.spend(n)
+            frames.append(
+                Publish(
+                    self.reply_subject,
+                    codec.encode_chunk(f.ResponseChunk(self.request_id, seq, piece), self.binary),
+                )
+            )
+            taken += n
+        now = self.clock()
+        if frames:
+            self._last_sent_at = now
+        if taken < total:
+            if self._credit_blocked_since is None:
+                self._credit_blocked_since = now
+        else:
+            self._credit_blocked_since = None
+        return frames, taken
+
+    def mark_published(self) -> None:
+        """The I/O layer handed every body frame built so far to NATS, in order.
+
+        A heartbeat claims only these, so it can never overtake a frame it counts.
+        """
+        self.published_seq = self.send.next_seq
+
+    def end_response(self) -> Publish:
+        if self.phase is not ServerPhase.RESPONDING:
+            raise LocalProtocolError(f"cannot end response in phase {self.phase.value}")
+        self.phase = ServerPhase.DONE
+        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq))
+
+    def error_response(self, code: str, message: str) -> Publish | None:
+        """An error frame for the caller, unless the response ended or the caller is gone."""
+        if self.phase is ServerPhase.DONE or self.caller_gone:
+            return None
+        if self.phase is not ServerPhase.FAILED:
+            self.phase = ServerPhase.DONE
+        return self._out(f.ResponseError(self.request_id, code, message))
+
+    def consumed(self, n: int) -> Publish | None:
+        """The handler read ``n`` request-body bytes; maybe grant the caller more credit."""
+        grant = self.receive_window.on_consumed(n)
+        if grant is None or not self.extended or self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return None
+        self._body_progress_at = self.clock()  # the caller may send again: its stall clock starts now
+        return self._out(f.ResponseCredit(self.request_id, grant))
+
+    def _out(self, frame: f.Frame) -> Publish:
+        self._last_sent_at = self.clock()
+        return Publish(self.reply_subject, codec.encode_frame(frame, self.binary))
+
+    # -- incoming ---------------------------------------------------------------
+
+    def receive(self, frame: f.Frame) -> Event | None:
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED) or self.caller_gone:
+            # Late frames (a re-sent credit, an abort racing our end, a stray chunk) are harmless:
+            # the response is complete, and turning it into a failure would send response.error
+            # after response.end.
+            return None
+        if isinstance(frame, f.Abort):
+            self.caller_gone = True
+            return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
+        if isinstance(frame, f.RequestCredit):
+            return self._on_credit(frame)
+        if isinstance(frame, f.RequestStart):
+            return None  # repeats are answered by the dispatcher with another ack
+        if self.body_phase is not BodyPhase.OPEN:
+            if isinstance(frame, f.RequestEnd) and frame.seq == self._repaired_end_seq:
+                return None  # the end we presumed lost arrived after all (reordered): nothing new
+            if self.body_phase is BodyPhase.NONE or not isinstance(frame, f.RequestChunk | f.RequestEnd):
+                raise self._fail(
+                    RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
+                )
+            raise self._fail(RemoteProtocolError(f"{frame.type} after the request body ended"))
+        if isinstance(frame, f.RequestChunk):
+            try:
+                self.receive_window.on_chunk(frame.seq, len(frame.data))
+            except TunnelError as exc:
+                raise self._fail(exc) from None
+            self._body_progress_at = self.clock()
+            return DataReceived(frame.data)
+        if isinstance(frame, f.RequestEnd):
+            return self._on_request_end(frame)
+        if isinstance(frame, f.RequestError):
+            self.body_phase = BodyPhase.FAILED
+            self.caller_gone = True
+            return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
+        raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
+
+    def _on_request_end(self, frame: f.RequestEnd) -> Event:
+        try:
+            self.receive_window.on_end(frame.seq)
+        except TunnelError as exc:
+            raise self._fail(exc) from None
+        self.body_phase = BodyPhase.ENDED
+        return BodyEnded()
+
+    def _on_credit(self, frame: f.RequestCredit) -> Event:
+        before = self.send.limit
+        self.send.grant(frame.limit)
+        if self._credit_blocked_since is not None and self.send.limit != before:
+            # Only a grant that lets us send more restarts the stall clock: a re-sent, unchanged
+            # limit (every heartbeat repeats it) proves the caller is alive, not that it reads.
+            self._credit_blocked_since = self.clock()
+        if frame.seq is not None and self.body_phase is BodyPhase.OPEN:
+            lost = frame.seq - self.receive_window.expected_seq
+            if lost > 0:
+                # The caller published this after those chunks on the same connection: they are gone.
+                raise self._fail(
+                    RemoteProtocolError(
+                        f"request body data lost: the caller sent {frame.seq} data frames, "
+                        f"{self.receive_window.expected_seq} arrived"
+                    )
+                )
+            if frame.ended and lost == 0:
+                # Every chunk arrived and the caller published its end before this: only the
+                # end frame was lost, and the body is complete. Repair it instead of stalling.
+                self._repaired_end_seq = frame.seq
+                return self._on_request_end(f.RequestEnd(self.request_id, frame.seq))
+        return CreditGranted()
+
+    def _body_stalled_since(self) -> float | None:
+        """When the request body stopped moving although the caller could send, or None."""
+        if self.body_phase is not BodyPhase.OPEN:
+            return None
+        window = self.receive_window
+        if window.granted is not None and window.received_bytes >= window.granted:
+            return None  # the caller spent its credit: the wait is on our handler, not on the caller
+        return self._body_progress_at
+
+    # -- timers -----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return None
+        # Runs for every request: a running minimum instead of building and filtering lists.
+        due = self.deadline
+        if self.ack_due is not None and (due is None or self.ack_due < due):
+            due = self.ack_due
+        if self.heartbeat_interval is not None:
+            beat = self._last_sent_at + self.heartbeat_interval
+            if due is None or beat < due:
+                due = beat
+        stall = self.options.stall_timeout
+        if stall is not None:
+            if self._credit_blocked_since is not None:
+                at = self._credit_blocked_since + stall
+                if due is None or at < due:
+                    due = at
+            body_since = self._body_stalled_since()
+            if body_since is not None:
+                at = body_since + stall
+                if due is None or at < due:
+                    due = at
+        return due
+
+    def poll(self) -> list[Publish]:
+        """Send a heartbeat if one is due; raise when the deadline or a stall expired."""
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return []
+        now = self.clock()
+        if self.deadline is not None and now >= self.deadline:
+            raise self._fail(DeadlineExceeded("the caller's deadline passed"))
+        stall = self.options.stall_timeout
+        if stall is not None:
+            if self._credit_blocked_since is not None and now - self._credit_blocked_since >= stall:
+                raise self._fail(
+                    StallTimeout(
+                        f"the caller stopped granting flow-control credit: it read none of the response "
+                        f"for {stall:g} s"
+                    )
+                )
+            body_since = self._body_stalled_since()
+            if body_since is not None and now - body_since >= stall:
+                raise self._fail(
+                    StallTimeout(
+                        f"the caller sent no request-body bytes for {stall:g} s although it had credit"
+                    )
+                )
+        if self.ack_due is not None and now >= self.ack_due:
+            return [self.ack()]
+        if self.heartbeat_interval is not None and now - self._last_sent_at >= self.heartbeat_interval:
+            seq = (
+                self.published_seq
+                if self.phase is ServerPhase.RESPONDING and self.response_has_body
+                else None
+            )
+            out = [self._out(f.ResponseHeartbeat(self.request_id, seq))]
+            if self.extended and self.body_phase is BodyPhase.OPEN:
+                # Quiet while the body is open: the caller may be stuck on a lost grant.
+                limit = self.receive_window.regrant()
+                if limit is not None:
+                    out.append(self._out(f.ResponseCredit(self.request_id, limit)))
+            return out
+        return []
+
+    def fail(self, error: TunnelError) -> TunnelError:
+        """Mark the stream failed from outside; a finished response stays finished."""
+        if self.phase in (ServerPhase.DONE, ServerPhase.FAILED):
+            return self.error or error
+        return self._fail(error)
+
+    def _fail(self, error: TunnelError) -> TunnelError:
+        self.phase = ServerPhase.FAILED
+        self.error = error
+        if self.body_phase is BodyPhase.OPEN:
+            self.body_phase = BodyPhase.FAILED
+        return error
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (ServerPhase.DONE, ServerPhase.FAILED)
