@@ -48,6 +48,8 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Final, Self
 
+from tests.helpers import wait_until
+
 __all__ = ["LOOPBACK", "FaultProxy", "Faults", "ProxiedConnection"]
 
 LOOPBACK: Final = "127.0.0.1"
@@ -416,13 +418,12 @@ class FaultProxy:
             conn.reset()
 
     async def wait_for_connections(self, count: int, timeout: float = 5.0) -> None:
-        """Wait until at least ``count`` connections are open through the proxy."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.connections) < count:
-            if loop.time() >= deadline:
-                raise TimeoutError(f"{len(self.connections)} connections through the proxy, wanted {count}")
-            await asyncio.sleep(0.01)
+        """Wait until at least ``count`` connections are open through the proxy (AssertionError if not)."""
+        await wait_until(
+            lambda: len(self.connections) >= count,
+            timeout,
+            message=lambda: f"{len(self.connections)} connections through the proxy, wanted {count}",
+        )
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from nats.aio.client import Client
 import tunnel
 from cli.nats_server import NatsServer
 from tests.faultproxy import FaultProxy
+from tests.helpers import wait_until
 
 KiB: Final = 1024
 MiB: Final = 1024 * 1024
@@ -367,23 +368,27 @@ class ChaosRig:
         """Probe until the daemon answers; returns how long it took. AssertionError on timeout."""
         loop = asyncio.get_running_loop()
         began = loop.time()
-        while not await self.probe():
-            if loop.time() - began > timeout:
-                raise AssertionError(f"daemon not reachable {timeout:g} s after the fault was healed")
-            await asyncio.sleep(0.05)
+        await wait_until(
+            self.probe,
+            timeout,
+            interval=0.05,
+            message=f"daemon not reachable {timeout:g} s after the fault was healed",
+        )
         return loop.time() - began
 
     async def quiesced(self, timeout: float) -> list[str]:
         """Wait for both ends to hold no request; the problems found if they still do."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.tunnel_server.in_flight or self.tunnel_client.in_flight:
-            if loop.time() >= deadline:
-                return [
-                    f"left behind after {timeout:g} s: server in_flight={self.tunnel_server.in_flight}, "
-                    f"client in_flight={self.tunnel_client.in_flight}"
-                ]
-            await asyncio.sleep(0.02)
+        try:
+            await wait_until(
+                lambda: not (self.tunnel_server.in_flight or self.tunnel_client.in_flight),
+                timeout,
+                interval=0.02,
+            )
+        except AssertionError:
+            return [
+                f"left behind after {timeout:g} s: server in_flight={self.tunnel_server.in_flight}, "
+                f"client in_flight={self.tunnel_client.in_flight}"
+            ]
         return []
 
 
@@ -610,13 +615,12 @@ async def _until_big_bodies_in_flight(ledger: Ledger, s: ChaosSettings) -> None:
     scenario's own checks report it.
     """
     want = min(2, s.downloaders + s.uploaders)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + s.total_timeout
-    while loop.time() < deadline:
-        in_flight = [op for op in ledger.ops if op.ended is None and op.kind in ("download", "upload")]
-        if len(in_flight) >= want:
-            return
-        await asyncio.sleep(0.002)
+
+    def big_in_flight() -> bool:
+        return sum(op.ended is None and op.kind in ("download", "upload") for op in ledger.ops) >= want
+
+    with contextlib.suppress(AssertionError):  # not there in time: the fault goes in anyway
+        await wait_until(big_in_flight, s.total_timeout, interval=0.002)
 
 
 async def run_fault(rig: ChaosRig, fault: Fault, *, warmup: float = 0.6, after: float = 1.2) -> FaultReport:

@@ -86,13 +86,12 @@ from studio_gateway.run_store import (
     RunStore,
     host_consumer_name,
 )
-from tests.helpers import NatsServerFactory
+from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.runs_harness import (
     JetStreamCluster,
     LinkdProcess,
     RunsApi,
     RunsStack,
-    wait_for,
 )
 from tests.integration.test_runs_e2e import (
     assert_complete_run,
@@ -426,8 +425,11 @@ async def runs_complete(load: Load, api: RunsApi, when: str) -> None:
     accepted: list[str] = []
     for gateway in range(len(load.stack.gateways)):
         post = functools.partial(load.post_run, gateway)
-        run_id: str = await wait_for(
-            post, RECOVERY_TIMEOUT, f"gateway-{gateway} refused every run {when}", interval=POST_INTERVAL
+        run_id: str = await wait_until(
+            post,
+            RECOVERY_TIMEOUT,
+            message=f"gateway-{gateway} refused every run {when}",
+            interval=POST_INTERVAL,
         )
         accepted.append(run_id)
     for run_id in accepted:
@@ -491,8 +493,8 @@ async def arrange(
 ) -> tuple[int, dict[str, int | None]]:
     """Put the leaders so that the victim of ``kind`` holds exactly its role; returns (victim, roles)."""
     cluster = stack.nats
-    linkd_node: int = await wait_for(
-        lambda: _plus_one(cluster.client_node("linkd ")), 15.0, "linkd is connected to no node"
+    linkd_node: int = await wait_until(
+        lambda: _plus_one(cluster.client_node("linkd ")), 15.0, message="linkd is connected to no node"
     )
     linkd_node -= 1
     other, third = (linkd_node + 1) % 3, (linkd_node + 2) % 3
@@ -533,8 +535,8 @@ async def until_role_back(stack: RunsStack[JetStreamCluster], consumer: str, kin
         return await asyncio.to_thread(
             cluster.wait_consumer_leader, RUN_STREAM, consumer, timeout=ELECTION_TIMEOUT, not_on=victim
         )
-    node: int = await wait_for(
-        lambda: _plus_one(cluster.client_node("linkd ")), ELECTION_TIMEOUT, "linkd did not reconnect"
+    node: int = await wait_until(
+        lambda: _plus_one(cluster.client_node("linkd ")), ELECTION_TIMEOUT, message="linkd did not reconnect"
     )
     return node - 1
 
@@ -550,10 +552,10 @@ async def steady_state(
     warm = await api.create("mock", {"count": 2, "delayMs": 10})
     state = await api.wait_terminal(warm["runId"], RECOVERY_TIMEOUT)
     assert state["status"] == "completed", state
-    await wait_for(
+    await wait_until(
         lambda: stack.nats.consumer_leader(RUN_STREAM, consumer) is not None,
         RECOVERY_TIMEOUT,
-        "the daemon host's consumer has no leader",
+        message="the daemon host's consumer has no leader",
     )
 
 
@@ -572,7 +574,9 @@ async def kill_under_load(
             break
     else:
         raise AssertionError(f"could not isolate the {kind} role on one node: {found}")
-    await wait_for(lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, "gateways not ready before the kill")
+    await wait_until(
+        lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="gateways not ready before the kill"
+    )
 
     client = tunnel.TunnelClient(caller, first_frame_timeout=5.0, idle_timeout=3.0, timeout=TUNNEL_TIMEOUT)
     load = Load(stack, alice, http, client)
@@ -580,10 +584,10 @@ async def kill_under_load(
     timeline: dict[str, Any] = {"victim": cluster.cluster.node_name(victim), "roles": found}
     try:
         began = time.monotonic()
-        await wait_for(
+        await wait_until(
             lambda: len(load.runs) >= 4 and load.applied_since(began) >= 20,
             30.0,
-            "the load never got going",
+            message="the load never got going",
         )
         found_now = await asyncio.to_thread(roles, stack, consumer)
         assert victim_holds_only_its_role(kind, victim, found_now), (
@@ -593,8 +597,8 @@ async def kill_under_load(
         cluster.kill(victim)
         successor = await until_role_back(stack, consumer, kind, victim)
         role_back = time.monotonic()
-        await wait_for(
-            lambda: load.applied_since(role_back) > 0, RECOVERY_TIMEOUT, "runs never progressed again"
+        await wait_until(
+            lambda: load.applied_since(role_back) > 0, RECOVERY_TIMEOUT, message="runs never progressed again"
         )
         resumed = time.monotonic()
         # With the node still down, a run through each gateway completes.
@@ -602,14 +606,16 @@ async def kill_under_load(
         await asyncio.to_thread(cluster.restart, victim)
         restarted = time.monotonic()
         await asyncio.to_thread(cluster.wait_in_sync, STREAMS, RECOVERY_TIMEOUT)
-        await wait_for(lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, "a gateway never said ready again")
+        await wait_until(
+            lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="a gateway never said ready again"
+        )
         ready = time.monotonic()
         # After recovery, a run through each gateway completes, and a tunnel request succeeds.
         await runs_complete(load, api, "after the node is back")
-        await wait_for(
+        await wait_until(
             lambda: any(t >= ready for t in load.tunnel_ok_at),
             RECOVERY_TIMEOUT,
-            "no tunnel request succeeded after recovery",
+            message="no tunnel request succeeded after recovery",
         )
     except BaseException:
         print(
@@ -688,7 +694,9 @@ async def test_healthz_is_unavailable_while_the_run_stream_has_no_leader(
     await steady_state(stack, alice, api, consumer)
     victim, found = await arrange(stack, caller, consumer, "stream-leader")
     assert victim_holds_only_its_role("stream-leader", victim, found), found
-    await wait_for(lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, "gateways not ready before the kill")
+    await wait_until(
+        lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="gateways not ready before the kill"
+    )
     run_id = (await api.create("mock", {"count": 300, "delayMs": 100}))["runId"]  # 30 s of output
     await api.wait_state(run_id, lambda s: s["seq"] >= 5, RECOVERY_TIMEOUT, "the run never got going")
 
@@ -718,21 +726,31 @@ async def test_healthz_is_unavailable_while_the_run_stream_has_no_leader(
     election = asyncio.ensure_future(
         asyncio.to_thread(cluster.wait_stream_leader, RUN_STREAM, timeout=ELECTION_TIMEOUT, not_on=victim)
     )
+
+    async def moved_again() -> bool:
+        nonlocal led_again
+        if await observe():
+            return True
+        if led_again is None and election.done():
+            election.result()
+            led_again = time.monotonic()
+        return False
+
     try:
-        while not await observe():
-            if led_again is None and election.done():
-                election.result()
-                led_again = time.monotonic()
-            assert time.monotonic() - kill_at < ELECTION_TIMEOUT + RECOVERY_TIMEOUT, (
-                "the run never moved again"
-            )
-            await asyncio.sleep(POLL_INTERVAL)  # the sampling period
+        await wait_until(
+            moved_again,
+            kill_at + ELECTION_TIMEOUT + RECOVERY_TIMEOUT - time.monotonic(),
+            interval=POLL_INTERVAL,  # the sampling period
+            message="the run never moved again",
+        )
     finally:
         await election
         await asyncio.to_thread(cluster.restart, victim)
         await api.cancel(run_id)
     await asyncio.to_thread(cluster.wait_in_sync, STREAMS, RECOVERY_TIMEOUT)
-    await wait_for(lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, "a gateway never said ready again")
+    await wait_until(
+        lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="a gateway never said ready again"
+    )
 
     # The longest time the run's seq stood still, and whether each gateway said so meanwhile.
     moves = (

@@ -88,7 +88,7 @@ class RunsGateway:
             return last["status"] in statuses
 
         try:
-            await wait_until(reached, timeout, 0.02)
+            await wait_until(reached, timeout, interval=0.02)
         except AssertionError:
             raise AssertionError(f"run {run_id} never reached {statuses}: {last}") from None
         return last

@@ -37,8 +37,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Generic, Self, overload
@@ -51,6 +50,7 @@ from cli.nats_server import NatsServer, NatsServerConfig, free_port
 from studio_gateway.auth import issue_token
 from studio_gateway.config import AuthConfig
 from studio_gateway.nats_jwt import OperatorSetup
+from tests.helpers import wait_until, wait_until_sync
 
 __all__ = [
     "SECRET",
@@ -62,8 +62,6 @@ __all__ = [
     "RunsApi",
     "RunsStack",
     "SseMessage",
-    "poll_until",
-    "wait_for",
 ]
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent.parent
@@ -76,41 +74,6 @@ STOP_TIMEOUT: Final = 10.0
 KILL_TIMEOUT: Final = 5.0
 LOG_TAIL_LINES: Final = 60
 HTTP_TIMEOUT: Final = 15.0
-
-
-# ------------------------------------------------------------------------------ waiting
-
-
-async def wait_for(
-    predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float,
-    message: str = "condition not met",
-    interval: float = 0.02,
-) -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy, and return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"{message} (not true after {timeout:.1f}s)")
-        await asyncio.sleep(interval)
-
-
-def poll_until(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
-    """Blocking twin of :func:`wait_for` for synchronous set-up code."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{message} (not true after {timeout:.1f}s)")
-        time.sleep(interval)
 
 
 # Per-request access log lines drown what matters in a failure report.
@@ -375,23 +338,30 @@ class JetStreamCluster:
         what = f"{stream} > {consumer}" if consumer is not None else stream
         body = json.dumps({"placement": {"preferred": NatsCluster.node_name(to)}}).encode()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         asked_at: float | None = None
-        while True:
+        leader: int | None = None
+
+        async def moved() -> bool:
+            nonlocal asked_at, leader
             leader = await asyncio.to_thread(self._leader_of, stream, consumer)
             if leader == to:
-                return
+                return True
             now = loop.time()
-            if now >= deadline:
-                raise AssertionError(
-                    f"the leader of {what} is {'none' if leader is None else NatsCluster.node_name(leader)}, "
-                    f"not {NatsCluster.node_name(to)}, after {timeout:g} s"
-                )
             if leader is not None and (asked_at is None or now - asked_at >= 1.0):
                 asked_at = now
                 with contextlib.suppress(Exception):  # an election in progress: ask again
                     await nc.request(subject, body, timeout=2.0)
-            await asyncio.sleep(0.05)
+            return False
+
+        await wait_until(
+            moved,
+            timeout,
+            interval=0.05,
+            message=lambda: (
+                f"the leader of {what} is {'none' if leader is None else NatsCluster.node_name(leader)}, "
+                f"not {NatsCluster.node_name(to)}"
+            ),
+        )
 
     def _leader_of(self, stream: str, consumer: str | None) -> int | None:
         return self.stream_leader(stream) if consumer is None else self.consumer_leader(stream, consumer)
@@ -459,11 +429,14 @@ class JetStreamCluster:
 
     def wait_in_sync(self, streams: Sequence[str], timeout: float = START_TIMEOUT) -> None:
         """Block until :meth:`out_of_sync` is empty (e.g. a restarted node caught up)."""
-        deadline = time.monotonic() + timeout
-        while problems := self.out_of_sync(streams):
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"not in sync after {timeout:g} s: {'; '.join(problems)}")
-            time.sleep(0.1)
+        problems: list[str] = []
+
+        def in_sync() -> bool:
+            nonlocal problems
+            problems = self.out_of_sync(streams)
+            return not problems
+
+        wait_until_sync(in_sync, timeout, interval=0.1, message=lambda: f"not in sync: {'; '.join(problems)}")
 
     def pids(self) -> dict[str, int | None]:
         """Process id of every node by name (None while a node is down)."""
@@ -553,7 +526,16 @@ class GatewayProcess(ManagedProcess):
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Spawn and block until ``/healthz`` says the gateway is connected to NATS."""
         self.spawn()
-        poll_until(self._ready_now, timeout, f"{self.name} never became ready:\n{self.log_tail()}")
+        self.block_until_ready(timeout)
+
+    def block_until_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Block until the spawned gateway is ready (see :meth:`wait_ready` for the async form)."""
+        wait_until_sync(
+            self._ready_now,
+            timeout,
+            interval=0.05,
+            message=lambda: f"{self.name} never became ready:\n{self.log_tail()}",
+        )
 
     async def astart(self, timeout: float = START_TIMEOUT) -> None:
         """Spawn and wait (without blocking the event loop) until ready."""
@@ -575,7 +557,7 @@ class GatewayProcess(ManagedProcess):
                     return False
                 return self._judge(health, probe)
 
-            await wait_for(ready, timeout, f"{self.name} never became ready", interval=0.05)
+            await wait_until(ready, timeout, interval=0.05, message=f"{self.name} never became ready")
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=HTTP_TIMEOUT).text
@@ -664,15 +646,20 @@ class LinkdProcess(ManagedProcess):
     def start(self, timeout: float = START_TIMEOUT) -> str:
         """Spawn and block until online; returns the tunnel hostname."""
         self.spawn()
-        host: str = poll_until(
-            self._online_now, timeout, f"{self.name} never came online:\n{self.log_tail()}"
+        host: str = wait_until_sync(
+            self._online_now,
+            timeout,
+            interval=0.05,
+            message=lambda: f"{self.name} never came online:\n{self.log_tail()}",
         )
         self._hostname = host
         return host
 
     async def astart(self, timeout: float = START_TIMEOUT) -> str:
         self.spawn()
-        host: str = await wait_for(self._online_now, timeout, f"{self.name} never came online")
+        host: str = await wait_until(
+            self._online_now, timeout, interval=0.02, message=f"{self.name} never came online"
+        )
         self._hostname = host
         return host
 
@@ -759,7 +746,7 @@ class RunsApi:
             return last if predicate(last) else None
 
         try:
-            state: dict[str, Any] = await wait_for(check, timeout, what, interval=0.05)
+            state: dict[str, Any] = await wait_until(check, timeout, interval=0.05, message=what)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last state: {json.dumps(last, sort_keys=True)}") from None
         return state
@@ -947,11 +934,7 @@ class RunsStack(Generic[NatsT]):
             for gateway in self.gateways[-count:] if count else []:
                 gateway.spawn()
             for gateway in self.gateways[-count:] if count else []:
-                poll_until(
-                    gateway._ready_now,
-                    START_TIMEOUT,
-                    f"{gateway.name} never became ready:\n{gateway.log_tail()}",
-                )
+                gateway.block_until_ready()
         except BaseException:
             self.close()
             raise

@@ -17,7 +17,7 @@ from cli.nats_server import free_port
 from studio_gateway.auth import TokenVerifier
 from studio_gateway.config import AuthConfig
 from studio_gateway.nats_jwt import OperatorSetup
-from tests.helpers import NatsServerFactory
+from tests.helpers import NatsServerFactory, wait_until_sync
 from tests.integration.gateway_harness import SECRET
 
 CLI = [sys.executable, "-m", "studio_gateway.cli"]
@@ -88,18 +88,18 @@ def test_serve_answers_on_a_real_port_logs_json_and_stops_cleanly_on_sigterm(
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + READY_TIMEOUT
         with httpx.Client(base_url=base, timeout=5.0, trust_env=False) as http:
-            while True:
+
+            def connected() -> bool:
                 try:
-                    health = http.get("/healthz").json()
-                    if health["nats"] == "connected":
-                        break
+                    if http.get("/healthz").json()["nats"] == "connected":
+                        return True
                 except httpx.TransportError:
                     pass
                 assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "gateway never became ready"
-                time.sleep(0.05)
+                return False
+
+            wait_until_sync(connected, READY_TIMEOUT, interval=0.05, message="gateway never became ready")
             token = run_cli("issue-token", "--user", "zoe", env={"GATEWAY_JWT_SECRET": SECRET}).stdout.strip()
             auth = {"Authorization": f"Bearer {token}"}
             assert http.get("/api/links/me", headers=auth).json()["reason"] == "not_connected"

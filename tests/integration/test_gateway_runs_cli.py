@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from cli.nats_server import NatsServer, free_port
 from studio_gateway.auth import issue_token
 from studio_gateway.config import AuthConfig
-from tests.helpers import NatsServerFactory
+from tests.helpers import NatsServerFactory, wait_until_sync
 from tests.integration.gateway_harness import SECRET
 
 CLI = [sys.executable, "-m", "studio_gateway.cli"]
@@ -68,17 +67,20 @@ def test_serve_with_runs_flags_serves_runs(nats_server_factory: NatsServerFactor
         token = issue_token(AuthConfig(secret=SECRET), "carl", 60)
         headers = {"Authorization": f"Bearer {token}"}
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        status = None
-        while time.monotonic() < deadline:
+
+        def unknown_run_status() -> int | None:
             try:
-                status = httpx.get(f"{url}/api/runs/run_x", headers=headers, timeout=1.0).status_code
+                return httpx.get(f"{url}/api/runs/run_x", headers=headers, timeout=1.0).status_code
             except httpx.HTTPError:
-                status = None
-            if status == 404:  # ready: an unknown run is a 404 (a 503 while setting up)
-                break
-            time.sleep(0.05)  # polling a separate process with a deadline
-        assert status == 404
+                return None
+
+        # Ready: an unknown run is a 404 (a 503 while setting up).
+        wait_until_sync(
+            lambda: unknown_run_status() == 404,
+            20,
+            interval=0.05,
+            message=lambda: f"runs API never ready: an unknown run is {unknown_run_status()}, not 404",
+        )
         resp = httpx.post(f"{url}/api/runs", headers=headers, json={"runner": "mock"}, timeout=5.0)
         assert resp.status_code == 422 and resp.json()["error"]["runners"] == ["echo"]
         resp = httpx.post(f"{url}/api/runs", headers=headers, json={"runner": "echo"}, timeout=5.0)

@@ -108,7 +108,9 @@ async def test_after_the_streams_retention_export_and_replay_use_the_kept_events
                 async def expired() -> bool:
                     return (await js.stream_info(RUN_STREAM)).state.messages == 0
 
-                await wait_until(expired, 10.0, 0.1, "the stream never expired the run's events")
+                await wait_until(
+                    expired, 10.0, interval=0.1, message="the stream never expired the run's events"
+                )
             finally:
                 await nc.close()
             assert await gw.export("tina", run_id) == before  # no heartbeats in this run
@@ -226,7 +228,7 @@ async def test_a_live_reader_of_a_run_older_than_the_retention_gets_the_kept_sta
             async def expired() -> bool:
                 return (await js.stream_info(RUN_STREAM)).state.messages == 0
 
-            await wait_until(expired, 10.0, 0.1, "the stream never expired the run's events")
+            await wait_until(expired, 10.0, interval=0.1, message="the stream never expired the run's events")
             await publish_event(desktop.nc, desktop.hostname, run_id, 4, "output", data="4")
             # Attached while the run is live: the kept start, then the stream.
             resp = await gw.client.get(f"/api/runs/{run_id}/events?after=1", headers=gw.headers("abe"))

@@ -145,7 +145,9 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
                 return False
             return True
 
-        await wait_until(published, FAILOVER_TIMEOUT, 0.05, "no publish succeeded after the leader died")
+        await wait_until(
+            published, FAILOVER_TIMEOUT, interval=0.05, message="no publish succeeded after the leader died"
+        )
         publish_ok = time.monotonic() - killed_at
         assert _port(nc.connected_url) != cluster.nodes[leader].port
         new_leader = await asyncio.to_thread(
@@ -164,7 +166,9 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
                 failures.append(f"fetch:{type(exc).__name__}")
             return len(got) >= 11
 
-        await wait_until(read_all, FAILOVER_TIMEOUT, 0.05, "the durable consumer did not deliver")
+        await wait_until(
+            read_all, FAILOVER_TIMEOUT, interval=0.05, message="the durable consumer did not deliver"
+        )
         read_ok = time.monotonic() - killed_at
         assert got == [b"order-%d" % n for n in range(10)] + [b"order-after-kill"]
         print(
@@ -186,7 +190,9 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
             streams = [s for acc in jsz.get("account_details") or [] for s in acc.get("stream_detail") or []]
             return any(s["name"] == "ORDERS" and s["state"]["messages"] == 11 for s in streams)
 
-        await wait_until(caught_up, FAILOVER_TIMEOUT, 0.05, "the restarted node never caught up")
+        await wait_until(
+            caught_up, FAILOVER_TIMEOUT, interval=0.05, message="the restarted node never caught up"
+        )
         ack = await js.publish("orders.new", b"order-after-restart", timeout=5.0)
         assert ack.seq == 12
 

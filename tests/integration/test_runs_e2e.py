@@ -26,12 +26,12 @@ import tunnel
 from contract.run_protocol import run_event_subject, uplink_inbox_prefix
 from linkd.runners.mock import mock_chunk
 from studio_gateway.nats_jwt import KeyKind, creds_text, new_key
+from tests.helpers import wait_until
 from tests.integration.runs_harness import (
     LinkdProcess,
     RunsApi,
     RunsStack,
     SseMessage,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -463,10 +463,10 @@ async def test_stale_fence_and_foreign_host_events_are_ignored(
         if result == "wrong_host":
             assert await uplink_events(stack, http, result) == before
             continue
-        await wait_for(
+        await wait_until(
             functools.partial(uplink_events, stack, http, result, at_least=before + 2),
             RUN_TIMEOUT,
-            f"the projector never counted the two {result} events",
+            message=f"the projector never counted the two {result} events",
         )
 
 
@@ -482,10 +482,10 @@ async def test_cancel_stops_the_runner_on_the_desktop(
     state = await api.wait_terminal(run_id, RUN_TIMEOUT)
     assert state["status"] == "cancelled", state
     # On the desktop: the runner stopped and the run ended cancelled, its done is the last event.
-    daemon_events = await wait_for(
+    daemon_events = await wait_until(
         lambda: (evs := alice.events(run_id)) and evs[-1]["type"] == "done" and evs,
         RUN_TIMEOUT,
-        "the daemon never ended the run",
+        message="the daemon never ended the run",
     )
     assert daemon_events[-1]["status"] == "cancelled", daemon_events[-1]
     produced = sum(e["type"] == "output" for e in daemon_events)
