@@ -14,7 +14,7 @@ from typing import Final
 import pytest
 
 from linkd.daemon import State
-from tests.faults._h9_stack import GatewayProcess, presence, wait_presence
+from tests.faults.killable_processes import GatewayProcess, presence, wait_presence
 from tests.helpers import NatsServerFactory
 from tests.integration.gateway_harness import start_operator_server
 from tests.integration.linkd_harness import live_gateway, running_daemon

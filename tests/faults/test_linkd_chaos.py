@@ -31,7 +31,7 @@ import tunnel
 from cli.nats_server import free_port
 from linkd.daemon import State
 from tests.faultproxy import FaultProxy
-from tests.faults._h9_stack import LinkdProcess, presence, wait_presence
+from tests.faults.killable_processes import LinkdProcess, presence, wait_presence
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import start_operator_server
 from tests.integration.linkd_harness import daemon_settings, live_gateway, running_daemon

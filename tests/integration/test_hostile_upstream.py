@@ -1,7 +1,7 @@
 """Hostile requests and responses through linkd's ``--upstream`` proxy (linkd/upstream.py).
 
 The daemon side is the real ``LinkRoutes`` + ``UpstreamProxy`` serving over a real
-nats-server; the local service is :class:`~tests.faults._h9_upstream.RecordingService`, which
+nats-server; the local service is :class:`~tests.integration.recording_upstream.RecordingService`, which
 records every request it parsed (h11), so a smuggled request or a split header would show.
 A second recording service plays "another origin": no request may ever reach it.
 
@@ -29,7 +29,7 @@ from linkd.routes import LinkRoutes
 from linkd.run_events import MemoryEventSink
 from linkd.runs import RunManager
 from linkd.upstream import UpstreamProxy, upstream_url
-from tests.faults._h9_upstream import RAW_RESPONSES, RecordingService
+from tests.integration.recording_upstream import RAW_RESPONSES, RecordingService
 from tests.integration.tunnel_harness import connect_peers, serving
 
 pytestmark = pytest.mark.timeout(60)
