@@ -1,4 +1,8 @@
-"""``linkctl forward --listen 127.0.0.1:PORT HOST``: reach a linked desktop with curl or a browser."""
+"""``linkctl forward --listen 127.0.0.1:PORT HOST``: reach a linked desktop with curl or a browser.
+
+The typer command: flags, checks, the NATS connection, start-up and stop messages. The HTTP
+proxying itself is :class:`cli.local_proxy.Forwarder`.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from .common import (
     run,
     stop_on_signals,
 )
-from .forwarder import Forwarder
+from .local_proxy import Forwarder
 
 __all__ = ["parse_listen", "register"]
 

@@ -25,7 +25,7 @@ import nats
 import pytest
 
 import tunnel
-from cli.forwarder import Forwarder
+from cli.local_proxy import Forwarder
 from cli.nats_server import NatsServer, NatsServerConfig
 from tests.integration.linkctl_harness import HOSTNAME, STATUS, Desktop, MiB, pattern_sha256
 

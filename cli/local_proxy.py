@@ -1,5 +1,8 @@
 """A local HTTP/1.1 listener that forwards each request over the tunnel to one host.
 
+The engine of ``linkctl forward`` (the command is :mod:`cli.forward`); usable on its own:
+``Forwarder(client, hostname).start(host, port)``.
+
 Written with ``h11`` (sans-IO) over asyncio streams: h11 parses and frames, this module
 moves bytes. Per connection:
 
@@ -59,7 +62,7 @@ MAX_HEAD_SIZE: Final = 64 * 1024
 KEEPALIVE_TIMEOUT: Final = 75.0
 
 Log = Callable[[str], None]
-log = logging.getLogger("cli.forward")
+log = logging.getLogger("cli.forward")  # named after the command, as its log lines always were
 
 
 class _CloseConnection(Exception):
