@@ -17,7 +17,9 @@ from typing import Annotated, Any, Final
 
 import typer
 
-from studio_gateway.nats_jwt import JwtError, decode_jwt
+from contract.nats_jwt import JwtError, decode_jwt
+from contract.permissions import PermissionGrant
+from contract.routes import SESSION_PATH
 
 from . import exitcodes
 from .common import CliError, run
@@ -94,12 +96,6 @@ def decoded_claims(session: dict[str, Any]) -> dict[str, Any] | None:
         raise CliError(f"the session's JWT cannot be decoded: {exc}", exitcodes.GATEWAY_ERROR) from None
 
 
-def _allow(claims: dict[str, Any], direction: str) -> list[str]:
-    rules = claims.get("nats", {}).get(direction, {})
-    allow = rules.get("allow") if isinstance(rules, dict) else None
-    return [str(s) for s in allow] if isinstance(allow, list) else []
-
-
 def render(session: dict[str, Any], claims: dict[str, Any] | None, paint: Painter, now: float) -> str:
     conn = session.get("connection") if isinstance(session.get("connection"), dict) else {}
     assert isinstance(conn, dict)
@@ -145,8 +141,8 @@ def render(session: dict[str, Any], claims: dict[str, Any] | None, paint: Painte
     row("connection types", ", ".join(nats.get("allowed_connection_types") or []) or "any")
     if nats.get("tags"):
         row("tags", ", ".join(map(str, nats["tags"])))
-    for direction, label in (("pub", "publish allow"), ("sub", "subscribe allow")):
-        allowed = _allow(claims, direction)
+    grant = PermissionGrant.from_claims(nats)
+    for allowed, label in ((grant.publish, "publish allow"), (grant.subscribe, "subscribe allow")):
         if not allowed:
             row(label, "(everything in the account)")
         for i, subject in enumerate(allowed):
@@ -166,7 +162,7 @@ def render(session: dict[str, Any], claims: dict[str, Any] | None, paint: Painte
 async def _session(options: GatewayOptions, public_key: str | None) -> dict[str, Any]:
     body = {"publicKey": public_key} if public_key else None
     async with GatewayClient(options) as client:
-        return await client.call("POST", "/api/links/session", body=body)
+        return await client.call("POST", SESSION_PATH, body=body)
 
 
 def session_command(

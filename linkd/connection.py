@@ -27,16 +27,16 @@ import nkeys
 from nats.aio.client import Client as NATS
 
 import tunnel
+from contract.nats_jwt import CONNECTION_TYPE_STANDARD, CONNECTION_TYPE_WEBSOCKET
 from contract.run_protocol import uplink_inbox_prefix
 from tunnel.connect import connect
 
 from .config import Transport
 from .errors import LinkdError
-from .session import LinkSession
+from .session import NATS_SCHEMES, LinkSession
 
 __all__ = ["Identity", "ReconnectPolicy", "choose_urls", "open_connection"]
 
-_KIND: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET", "wss": "WEBSOCKET"}
 RECONNECT_FIRST_JITTER: Final = 0.25
 RECONNECT_INITIAL: Final = 0.5
 RECONNECT_CAP: Final = 3.0
@@ -82,8 +82,8 @@ def choose_urls(session: LinkSession, transport: Transport = "auto") -> list[str
 
     ``auto``: the kind of the gateway's first allowed URL (its preference order).
     """
-    allowed = set(session.allowed_connection_types) or {"STANDARD", "WEBSOCKET"}
-    usable = [u for u in session.urls if _KIND.get(urlsplit(u).scheme) in allowed]
+    allowed = set(session.allowed_connection_types) or {CONNECTION_TYPE_STANDARD, CONNECTION_TYPE_WEBSOCKET}
+    usable = [u for u in session.urls if NATS_SCHEMES.get(urlsplit(u).scheme) in allowed]
     if transport != "auto":
         wanted = transport.upper()
         if wanted not in allowed:
@@ -91,14 +91,14 @@ def choose_urls(session: LinkSession, transport: Transport = "auto") -> list[str
                 f"this gateway's credentials do not allow {transport} NATS connections "
                 f"(allowed: {', '.join(sorted(allowed)).lower()}); use --nats-transport auto"
             )
-        usable = [u for u in usable if _KIND[urlsplit(u).scheme] == wanted]
+        usable = [u for u in usable if NATS_SCHEMES[urlsplit(u).scheme] == wanted]
     if not usable:
         raise LinkdError(
             f"the gateway offered no NATS URL usable with connection types {sorted(allowed)}: "
             f"{list(session.urls)}"
         )
-    kind = _KIND[urlsplit(usable[0]).scheme]
-    return [u for u in usable if _KIND[urlsplit(u).scheme] == kind]
+    kind = NATS_SCHEMES[urlsplit(usable[0]).scheme]
+    return [u for u in usable if NATS_SCHEMES[urlsplit(u).scheme] == kind]
 
 
 class ReconnectPolicy:

@@ -3,46 +3,23 @@
 Human mode prints ``HH:MM:SS message`` on stdout for the daemon's own lines and
 ``HH:MM:SS warning: ...`` for problems from the libraries; the tunnel's own
 connection chatter is left out (the daemon reports connection states itself).
-JSON mode writes one object per record on stdout: ``ts`` (ISO 8601 UTC),
-``level``, ``logger``, ``message`` and the record's structured fields (state
-changes carry ``event: "state"`` and ``state``).
+JSON mode writes one object per record on stdout in the schema of :mod:`contract.logs`
+(``ts``, ``level``, ``logger``, ``message``/``msg`` and the record's structured fields;
+state changes carry ``event: "state"`` and ``state``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
-__all__ = ["STATE_LOGGER", "JsonFormatter", "configure_logging"]
+from contract.logs import JsonFormatter
+
+__all__ = ["STATE_LOGGER", "HumanFormatter", "configure_logging"]
 
 STATE_LOGGER: Final = "linkd.state"
-_STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {
-    "message",
-    "asctime",
-    "taskName",
-}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                payload[key] = (
-                    value if isinstance(value, str | int | float | bool | None | list | dict) else str(value)
-                )
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=False, default=str)
 
 
 class HumanFormatter(logging.Formatter):

@@ -1,4 +1,4 @@
-"""What the daemon serves over the tunnel.
+"""What the daemon serves over the tunnel (the paths are :mod:`contract.routes`).
 
 - ``GET /api/links/status`` -> ``200 {hostname, tunnelHostname, capabilities, cliVersion}``:
   ``hostname`` is this machine's name, ``capabilities`` the runner names it can
@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import tunnel
+from contract.routes import CONTROL_PATH, RESERVED_PREFIX, STATUS_PATH, WORK_PATH
 
 from . import __version__
 from .run_events import Fence
@@ -42,18 +43,11 @@ from .runs import RunManager, SubmitOutcome
 from .upstream import UpstreamProxy
 
 __all__ = [
-    "CONTROL_PATH",
-    "STATUS_PATH",
-    "WORK_PATH",
     "LinkRoutes",
     "Problem",
     "parse_work_item",
 ]
 
-STATUS_PATH: Final = "/api/links/status"
-WORK_PATH: Final = "/api/links/work"
-CONTROL_PATH: Final = "/api/links/control"
-RESERVED_PREFIX: Final = "/api/links/"
 MAX_WORK_BYTES: Final = 1024 * 1024
 MAX_CONTROL_BYTES: Final = 16 * 1024
 MAX_ID_LENGTH: Final = 256

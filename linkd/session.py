@@ -16,9 +16,6 @@ is off still refreshes in time. Without a JWT, ``expiresAt`` minus local now.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,17 +26,24 @@ from urllib.parse import urlsplit
 import httpx
 
 import tunnel
+from contract.nats_jwt import CONNECTION_TYPE_STANDARD, CONNECTION_TYPE_WEBSOCKET, JwtError, claims_of
+from contract.routes import SESSION_PATH
 from tunnel.connect import parse_creds
 
 from . import __version__
 
-__all__ = ["SESSION_PATH", "GatewayClient", "GatewayError", "LinkSession", "parse_session"]
+__all__ = ["GatewayClient", "GatewayError", "LinkSession", "parse_session"]
 
-SESSION_PATH: Final = "/api/links/session"
 REQUEST_TIMEOUT: Final = 15.0
 CONNECT_TIMEOUT: Final = 5.0
 MAX_RESPONSE_BYTES: Final = 256 * 1024
-_NATS_SCHEMES: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET", "wss": "WEBSOCKET"}
+# URL scheme -> connection type (a user JWT's allowed_connection_types).
+NATS_SCHEMES: Final = {
+    "nats": CONNECTION_TYPE_STANDARD,
+    "tls": CONNECTION_TYPE_STANDARD,
+    "ws": CONNECTION_TYPE_WEBSOCKET,
+    "wss": CONNECTION_TYPE_WEBSOCKET,
+}
 # iat has whole-second precision: count one second less than exp - iat, to be safe.
 _IAT_ROUNDING: Final = 1.0
 
@@ -83,13 +87,9 @@ class LinkSession:
 
 def _jwt_claims(jwt: str) -> dict[str, Any]:
     try:
-        payload = jwt.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, binascii.Error):
+        return claims_of(jwt)
+    except JwtError:
         raise GatewayError("the gateway sent a malformed NATS credential (JWT)") from None
-    if not isinstance(claims, dict):
-        raise GatewayError("the gateway sent a malformed NATS credential (JWT)")
-    return claims
 
 
 def _parse_time(value: Any) -> float | None:
@@ -115,11 +115,11 @@ def parse_session(body: Any, *, sent_public_key: bool, received_at: float | None
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
         raise GatewayError("the gateway's session answer has no NATS URLs")
     for url in urls:
-        if urlsplit(url).scheme not in _NATS_SCHEMES:
+        if urlsplit(url).scheme not in NATS_SCHEMES:
             raise GatewayError(f"the gateway sent an unsupported NATS URL {url!r}")
     types = connection.get("allowedConnectionTypes")
     if types is None or types == []:
-        allowed = tuple(sorted({_NATS_SCHEMES[urlsplit(u).scheme] for u in urls}))
+        allowed = tuple(sorted({NATS_SCHEMES[urlsplit(u).scheme] for u in urls}))
     elif isinstance(types, list) and all(isinstance(t, str) for t in types):
         allowed = tuple(t.upper() for t in types)
     else:

@@ -24,11 +24,12 @@ from typing import Final
 
 from aiohttp import web
 
+from contract.permissions import GrantProvider
+
 from .auth import VERIFIER, TokenVerifier
 from .config import GatewayConfig
 from .errors import error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
-from .permissions import GrantProvider
 from .presence import get_me
 from .runs import RUNS, runs_lifetime
 from .runs import attach as attach_runs
@@ -70,7 +71,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     """Build the gateway application (raises ConfigError for bad key material or credentials).
 
     ``extra_grants``: more NATS permissions for every daemon credential, each confined to
-    the daemon's own host prefix (e.g. run uplink subjects; see :mod:`.permissions`).
+    the daemon's own host prefix (e.g. run uplink subjects; see :mod:`contract.permissions`).
     """
     app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config

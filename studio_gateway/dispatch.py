@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import tunnel
+from contract.routes import CONTROL_PATH, WORK_PATH
 
 from .run_metrics import RunMetrics
 from .run_state import RunState, mark_dispatched, terminate
@@ -41,8 +42,6 @@ __all__ = [
 
 log = logging.getLogger("studio_gateway.dispatch")
 
-WORK_PATH: Final = "/api/links/work"
-CONTROL_PATH: Final = "/api/links/control"
 # A daemon's answer to a work item or a control request is a small JSON document.
 MAX_ANSWER_BYTES: Final = 64 * 1024
 

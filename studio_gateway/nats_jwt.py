@@ -1,19 +1,14 @@
-"""A small encoder for NATS decentralized-auth JWTs, built on ``nkeys``.
+"""A small encoder for NATS decentralized-auth JWTs, built on ``nkeys``: the gateway mints them.
 
 Why our own: a NATS JWT is three base64url parts and an ed25519 signature by an
 nkey, which ``nkeys`` already does; the PyPI NATS-JWT helpers mis-encode ``resp``
 and timestamps, and a few dozen lines we test against a real nats-server are
 easier to trust than a dependency we would have to patch around.
 
-Shape (what nats-server and the Go ``jwt`` library expect)::
-
-    b64url({"typ":"JWT","alg":"ed25519-nkey"}) . b64url(claims) . b64url(ed25519(first two parts))
-
-no padding; ``claims`` carry ``jti``, ``iat``, ``iss``, ``sub``, ``name``, optional
-``exp`` (Unix seconds) and ``nats`` with ``type`` and ``"version": 2``.
-
-:class:`OperatorSetup` makes a complete operator + account + account signing key
-and the matching server config (``operator``, ``resolver: MEMORY``,
+The shape, decoding and key checks are :mod:`contract.nats_jwt` (the daemon and
+linkctl read what is minted here); this module signs: claim builders, :func:`encode_jwt`,
+creds files, and :class:`OperatorSetup`, a complete operator + account + account
+signing key and the matching server config (``operator``, ``resolver: MEMORY``,
 ``resolver_preload``), for tests and the one-command local stack.
 """
 
@@ -30,15 +25,23 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import nkeys
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
+from contract.nats_jwt import (
+    CLAIMS_VERSION,
+    JWT_HEADER,
+    JwtError,
+    KeyKind,
+    b64url,
+    decode_jwt,
+    decode_public_key,
+    is_public_key,
+)
+
+# JwtError, KeyKind, decode_jwt and is_public_key are contract.nats_jwt's: re-exported because
+# minting uses them too (new_key(KeyKind.USER)) and studio_gateway.config checks its keys with them.
 __all__ = [
     "ACCOUNT_JETSTREAM_UNLIMITED",
     "ACCOUNT_LIMITS_UNLIMITED",
-    "CONNECTION_TYPE_STANDARD",
-    "CONNECTION_TYPE_WEBSOCKET",
-    "JWT_HEADER",
     "JwtError",
     "KeyKind",
     "NKey",
@@ -46,7 +49,6 @@ __all__ = [
     "account_claims",
     "creds_text",
     "decode_jwt",
-    "decode_public_key",
     "encode_jwt",
     "is_public_key",
     "keypair_from_seed",
@@ -55,11 +57,6 @@ __all__ = [
     "user_claims",
 ]
 
-JWT_HEADER: Final = {"typ": "JWT", "alg": "ed25519-nkey"}
-# Claims format understood by nats-server >= 2.2 (v1 JWTs are long deprecated).
-CLAIMS_VERSION: Final = 2
-CONNECTION_TYPE_STANDARD: Final = "STANDARD"
-CONNECTION_TYPE_WEBSOCKET: Final = "WEBSOCKET"
 # -1 means unlimited. Omitted limits mean 0 to nats-server ("maximum subscriptions
 # exceeded" at connect), so every limit we rely on is spelled out.
 ACCOUNT_LIMITS_UNLIMITED: Final[Mapping[str, Any]] = {
@@ -81,10 +78,6 @@ ACCOUNT_JETSTREAM_UNLIMITED: Final[Mapping[str, Any]] = {
 }
 USER_LIMITS_UNLIMITED: Final[Mapping[str, Any]] = {"subs": -1, "data": -1, "payload": -1}
 
-# Public nkeys: 1 prefix byte + 32 key bytes + 2 CRC bytes, base32 without padding.
-_PUBLIC_KEY_RAW_LENGTH: Final = 35
-_PUBLIC_KEY_LENGTH: Final = 56
-
 _CREDS_TEMPLATE: Final = """-----BEGIN NATS USER JWT-----
 {jwt}
 ------END NATS USER JWT------
@@ -99,21 +92,6 @@ NKEYs are sensitive and should be treated as secrets.
 
 *************************************************************
 """
-
-
-class JwtError(ValueError):
-    """A JWT or key that is malformed, wrongly signed, or of the wrong kind."""
-
-
-class KeyKind:
-    """The nkey roles we use, as ``nkeys`` prefix bytes (public keys start with O/A/U)."""
-
-    OPERATOR: Final = nkeys.PREFIX_BYTE_OPERATOR
-    ACCOUNT: Final = nkeys.PREFIX_BYTE_ACCOUNT
-    USER: Final = nkeys.PREFIX_BYTE_USER
-
-
-_KIND_LETTER: Final = {KeyKind.OPERATOR: "O", KeyKind.ACCOUNT: "A", KeyKind.USER: "U"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,43 +123,6 @@ def keypair_from_seed(seed: str) -> Any:
         raise JwtError(f"not a valid nkey seed ({type(exc).__name__})") from None
 
 
-def decode_public_key(key: str, kind: int) -> bytes:
-    """The 32 raw ed25519 bytes of a public nkey of ``kind``; :class:`JwtError` otherwise.
-
-    Checks length, alphabet, role prefix and CRC, so a typo or a seed pasted by
-    mistake is refused before we sign anything for it.
-    """
-    letter = _KIND_LETTER.get(kind, "?")
-    if not isinstance(key, str) or len(key) != _PUBLIC_KEY_LENGTH or not key.isascii():
-        raise JwtError(f"not a public {letter}... nkey (expected {_PUBLIC_KEY_LENGTH} characters)")
-    try:
-        raw = base64.b32decode(key.encode("ascii"))  # 56 characters = 35 bytes, no padding
-    except (binascii.Error, ValueError):
-        raise JwtError(f"not a public {letter}... nkey (bad base32)") from None
-    if len(raw) != _PUBLIC_KEY_RAW_LENGTH or raw[0] != kind:
-        raise JwtError(f"not a public {letter}... nkey (wrong key type)")
-    body, crc = raw[:-2], raw[-2:]
-    if nkeys.crc16(bytearray(body)) != int.from_bytes(crc, "little"):
-        raise JwtError(f"not a public {letter}... nkey (checksum mismatch)")
-    return bytes(body[1:])
-
-
-def is_public_key(key: object, kind: int) -> bool:
-    try:
-        decode_public_key(key, kind)  # type: ignore[arg-type]
-    except JwtError:
-        return False
-    return True
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
 def _compact_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -200,43 +141,9 @@ def encode_jwt(claims: Mapping[str, Any], signing_kp: Any) -> str:
     body.pop("jti", None)
     digest = hashlib.sha256(_compact_json(body)).digest()
     body = {"jti": base64.b32encode(digest).rstrip(b"=").decode("ascii"), **body}
-    signing_input = f"{_b64(_compact_json(JWT_HEADER))}.{_b64(_compact_json(body))}"
+    signing_input = f"{b64url(_compact_json(JWT_HEADER))}.{b64url(_compact_json(body))}"
     signature = signing_kp.sign(signing_input.encode("ascii"))
-    return f"{signing_input}.{_b64(signature)}"
-
-
-def decode_jwt(token: str, *, verify: bool = True) -> dict[str, Any]:
-    """The claims of a NATS JWT; with ``verify`` the signature must match ``iss``.
-
-    Does not judge expiry or trust (whether ``iss`` is an operator or account you
-    accept): that is the caller's policy.
-    """
-    parts = token.strip().split(".") if isinstance(token, str) else []
-    if len(parts) != 3:
-        raise JwtError("not a JWT (expected three dot-separated parts)")
-    try:
-        header = json.loads(_unb64(parts[0]))
-        claims = json.loads(_unb64(parts[1]))
-        signature = _unb64(parts[2])
-    except (binascii.Error, ValueError, UnicodeError):
-        raise JwtError("not a JWT (bad base64url or JSON)") from None
-    if not isinstance(header, dict) or header.get("alg") != JWT_HEADER["alg"]:
-        raise JwtError("not a NATS JWT (header alg is not ed25519-nkey)")
-    if not isinstance(claims, dict) or not isinstance(claims.get("nats"), dict):
-        raise JwtError("not a NATS JWT (no 'nats' claims)")
-    if verify:
-        issuer = claims.get("iss")
-        raw_key = None
-        for kind in (KeyKind.OPERATOR, KeyKind.ACCOUNT):
-            if is_public_key(issuer, kind):
-                raw_key = decode_public_key(issuer, kind)  # type: ignore[arg-type]
-        if raw_key is None:
-            raise JwtError("NATS JWT issuer is not an operator or account public key")
-        try:
-            VerifyKey(raw_key).verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
-        except (BadSignatureError, ValueError):
-            raise JwtError("NATS JWT signature does not match its issuer") from None
-    return claims
+    return f"{signing_input}.{b64url(signature)}"
 
 
 def operator_claims(

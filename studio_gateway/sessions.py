@@ -30,7 +30,7 @@ Response 200::
 The user JWT is signed by the account signing key, expires after
 ``NATS_TUNNEL_SESSION_TTL_SECONDS``, may only use the listed connection types, and
 may only do what serving its own host and publishing its own runs' events needs
-(see :mod:`.permissions`).
+(see :mod:`contract.permissions`).
 
 Errors: 401 (see :mod:`.auth`); 400 ``invalid_body`` / ``invalid_public_key``;
 503 ``tunnel_disabled`` (``NATS_TUNNEL_PUBLIC_ENABLED`` is false),
@@ -49,13 +49,15 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from contract.nats_jwt import KeyKind, is_public_key
+from contract.permissions import DEFAULT_GRANTS, GrantProvider, daemon_permissions
+
 from . import nats_jwt
 from .auth import User, authenticated
 from .config import CredentialMode, GatewayConfig
 from .errors import json_error
 from .hostnames import tunnel_hostname
 from .natsconn import GATEWAY_NATS
-from .permissions import DEFAULT_GRANTS, GrantProvider, daemon_permissions
 
 __all__ = ["MINTER", "SessionMinter", "create_session"]
 
@@ -138,7 +140,7 @@ class SessionMinter:
     ) -> dict[str, str]:
         seed: str | None = None
         if public_key is None:
-            key = nats_jwt.new_key(nats_jwt.KeyKind.USER)
+            key = nats_jwt.new_key(KeyKind.USER)
             public_key, seed = key.public_key, key.seed
         grant = daemon_permissions(hostname, self.config.tunnel_prefix, extra=self.extra_grants)
         claims = nats_jwt.user_claims(
@@ -184,7 +186,7 @@ async def _read_public_key(request: web.Request) -> str | web.Response | None:
     public_key = payload.get("publicKey")
     if public_key is None:
         return None
-    if not nats_jwt.is_public_key(public_key, nats_jwt.KeyKind.USER):
+    if not is_public_key(public_key, KeyKind.USER):
         return json_error(
             400, "invalid_public_key", "publicKey must be a NATS user public key (56 characters, 'U...')"
         )

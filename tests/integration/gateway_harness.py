@@ -26,12 +26,13 @@ from nats.aio.client import Client, RawCredentials
 
 import tunnel
 from cli.nats_server import NatsServer
+from contract.nats_jwt import decode_jwt
+from contract.permissions import GrantProvider
 from studio_gateway.app import create_app
 from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig
-from studio_gateway.nats_jwt import OperatorSetup, decode_jwt
+from studio_gateway.nats_jwt import OperatorSetup
 from studio_gateway.natsconn import GATEWAY_NATS, GatewayNats
-from studio_gateway.permissions import GrantProvider
 from tests.helpers import NatsServerFactory
 
 # 48 bytes: comfortably above the 32-byte minimum the gateway enforces for HS256.

@@ -21,9 +21,9 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 import tunnel
+from contract.permissions import PermissionGrant
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
-from studio_gateway.permissions import PermissionGrant
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import (
     EVENT_TIMEOUT,

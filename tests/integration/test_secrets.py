@@ -28,11 +28,11 @@ import pytest
 from nats.errors import Error as NatsError
 
 from cli.nats_server import free_port
+from contract.logs import JsonFormatter
 from linkd.daemon import State
 from linkd.session import GatewayClient, GatewayError, parse_session
 from studio_gateway.auth import issue_token
 from studio_gateway.config import ConfigError, GatewayConfig
-from studio_gateway.logs import JsonFormatter
 from studio_gateway.nats_jwt import KeyKind, OperatorSetup, creds_text, new_key
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import (

@@ -1,4 +1,5 @@
-"""studio_gateway.nats_jwt: the NATS JWT encoding, key checks and the operator trust chain (no server)."""
+"""studio_gateway.nats_jwt and contract.nats_jwt: NATS JWT encoding and decoding, key checks and the
+operator trust chain (no server)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,12 @@ import re
 
 import pytest
 
+from contract.nats_jwt import JWT_HEADER, JwtError, KeyKind, decode_jwt, decode_public_key, is_public_key
 from studio_gateway.nats_jwt import (
-    JWT_HEADER,
-    JwtError,
-    KeyKind,
     OperatorSetup,
     account_claims,
     creds_text,
-    decode_jwt,
-    decode_public_key,
     encode_jwt,
-    is_public_key,
     keypair_from_seed,
     new_key,
     user_claims,

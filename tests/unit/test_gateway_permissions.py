@@ -1,11 +1,11 @@
-"""studio_gateway.permissions: a daemon's grant covers exactly its own host's tunnel subjects."""
+"""contract.permissions: a daemon's grant covers exactly its own host's tunnel subjects."""
 
 from __future__ import annotations
 
 import pytest
 
 import tunnel
-from studio_gateway.permissions import PermissionGrant, daemon_permissions, tunnel_grant
+from contract.permissions import PermissionGrant, daemon_permissions, tunnel_grant
 
 
 def matches(pattern: str, subject: str) -> bool:

@@ -1,4 +1,4 @@
-"""What one host's daemon may do on NATS, and nothing more.
+"""What one host's daemon may do on NATS, and nothing more: the gateway grants it, the daemon needs it.
 
 A daemon credential is confined to its own host prefix ``P`` (see docs/protocol.md):
 
@@ -20,11 +20,14 @@ forge another host's run events nor read another host's acks.
 
 Extension point: later features add a :class:`PermissionGrant` provider to
 :func:`daemon_permissions`'s ``extra`` instead of editing the tunnel rules here.
+
+In a user JWT (:mod:`contract.nats_jwt`) a grant is the ``pub``/``sub`` part of the
+``nats`` claims (:meth:`PermissionGrant.as_claims`, read back by :meth:`PermissionGrant.from_claims`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +60,17 @@ class PermissionGrant:
     def as_claims(self) -> dict[str, Any]:
         """The ``pub``/``sub`` part of a NATS user JWT's ``nats`` claims."""
         return {"pub": {"allow": list(self.publish)}, "sub": {"allow": list(self.subscribe)}}
+
+    @classmethod
+    def from_claims(cls, nats: Mapping[str, Any]) -> PermissionGrant:
+        """The allow-lists of a user JWT's ``nats`` claims, as they are (empty when absent or malformed)."""
+
+        def allowed(direction: str) -> tuple[str, ...]:
+            rules = nats.get(direction, {})
+            allow = rules.get("allow") if isinstance(rules, dict) else None
+            return tuple(str(s) for s in allow) if isinstance(allow, list) else ()
+
+        return cls(allowed("pub"), allowed("sub"))
 
 
 # Given the host's subjects, the extra grants one feature needs (e.g. run uplink subjects).
