@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from . import _codec as codec
 from . import _frames as f
@@ -57,6 +59,21 @@ class BodyPhase(enum.Enum):
     OPEN = "open"
     ENDED = "ended"
     FAILED = "failed"
+
+
+_NONE, _OPEN, _ENDED, _FAILED = BodyPhase.NONE, BodyPhase.OPEN, BodyPhase.ENDED, BodyPhase.FAILED
+# (request body phase, caller frame type) -> the body phase after it; a pair not here is a
+# protocol error. Aborts, credit reports and repeated starts may come at any time; body
+# frames only while the body is open. (The response side is driven by what we send.)
+SERVER_BODY_TRANSITIONS: Final[dict[tuple[BodyPhase, str], BodyPhase]] = {
+    **{(phase, "abort"): (_FAILED if phase is _OPEN else phase) for phase in BodyPhase},
+    **{(phase, "request.credit"): phase for phase in BodyPhase},
+    **{(phase, "request.start"): phase for phase in BodyPhase},
+    (_OPEN, "request.chunk"): _OPEN,
+    (_OPEN, "request.end"): _ENDED,
+    (_OPEN, "request.error"): _FAILED,
+}
+_BODY_FRAMES: Final = (f.RequestChunk, f.RequestEnd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,48 +330,67 @@ class ServerStream:
     # -- incoming ---------------------------------------------------------------
 
     def receive(self, frame: f.Frame) -> Event | None:
+        """Apply one frame from the caller; returns what the handler should see."""
         if self.phase in (ServerPhase.DONE, ServerPhase.FAILED) or self.caller_gone:
             # Late frames (a re-sent credit, an abort racing our end, a stray chunk) are harmless:
             # the response is complete, and turning it into a failure would send response.error
             # after response.end.
             return None
-        if isinstance(frame, f.Abort):
-            self.caller_gone = True
-            return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
-        if isinstance(frame, f.RequestCredit):
-            return self._on_credit(frame)
-        if isinstance(frame, f.RequestStart):
-            return None  # repeats are answered by the dispatcher with another ack
-        if self.body_phase is not BodyPhase.OPEN:
-            if isinstance(frame, f.RequestEnd) and frame.seq == self._repaired_end_seq:
-                return None  # the end we presumed lost arrived after all (reordered): nothing new
-            if self.body_phase is BodyPhase.NONE or not isinstance(frame, f.RequestChunk | f.RequestEnd):
-                raise self._fail(
-                    RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
-                )
-            raise self._fail(RemoteProtocolError(f"{frame.type} after the request body ended"))
-        if isinstance(frame, f.RequestChunk):
-            try:
-                self.receive_window.on_chunk(frame.seq, len(frame.data))
-            except TunnelError as exc:
-                raise self._fail(exc) from None
-            self._body_progress_at = self.clock()
-            return DataReceived(frame.data)
-        if isinstance(frame, f.RequestEnd):
-            return self._on_request_end(frame)
-        if isinstance(frame, f.RequestError):
-            self.body_phase = BodyPhase.FAILED
-            self.caller_gone = True
-            return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
-        raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
+        nxt = SERVER_BODY_TRANSITIONS.get((self.body_phase, frame.type))
+        if nxt is None:
+            self._refuse(frame)
+            return None
+        self.body_phase = nxt
+        return _RECEIVERS[frame.type](self, frame)
+
+    def _refuse(self, frame: f.Frame) -> None:
+        """A frame the table does not allow: a protocol error (one harmless repeat aside)."""
+        if isinstance(frame, f.RequestEnd) and frame.seq == self._repaired_end_seq:
+            return  # the end we presumed lost arrived after all (reordered): nothing new
+        if self.body_phase is BodyPhase.NONE or not isinstance(frame, _BODY_FRAMES):
+            raise self._fail(
+                RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
+            )
+        raise self._fail(RemoteProtocolError(f"{frame.type} after the request body ended"))
+
+    def _on_abort(self, frame: f.Frame) -> Event:
+        assert isinstance(frame, f.Abort)
+        self.caller_gone = True
+        return PeerFailed(self._fail(TunnelAborted(f"caller aborted: {frame.reason or 'no reason'}")))
+
+    def _on_repeated_start(self, frame: f.Frame) -> None:
+        return None  # repeats are answered by the dispatcher with another ack
+
+    def _on_chunk(self, frame: f.Frame) -> Event:
+        assert isinstance(frame, f.RequestChunk)
+        try:
+            self.receive_window.on_chunk(frame.seq, len(frame.data))
+        except TunnelError as exc:
+            raise self._fail(exc) from None
+        self._body_progress_at = self.clock()
+        return DataReceived(frame.data)
+
+    def _on_end(self, frame: f.Frame) -> Event:
+        assert isinstance(frame, f.RequestEnd)
+        return self._on_request_end(frame)
+
+    def _on_request_error(self, frame: f.Frame) -> Event:
+        assert isinstance(frame, f.RequestError)
+        self.caller_gone = True
+        return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
 
     def _on_request_end(self, frame: f.RequestEnd) -> Event:
         try:
             self.receive_window.on_end(frame.seq)
         except TunnelError as exc:
+            self.body_phase = BodyPhase.FAILED
             raise self._fail(exc) from None
         self.body_phase = BodyPhase.ENDED
         return BodyEnded()
+
+    def _on_credit_frame(self, frame: f.Frame) -> Event:
+        assert isinstance(frame, f.RequestCredit)
+        return self._on_credit(frame)
 
     def _on_credit(self, frame: f.RequestCredit) -> Event:
         before = self.send.limit
@@ -471,3 +507,14 @@ class ServerStream:
     @property
     def finished(self) -> bool:
         return self.phase in (ServerPhase.DONE, ServerPhase.FAILED)
+
+
+# Frame type -> what the server stream does with it (after SERVER_BODY_TRANSITIONS allowed it).
+_RECEIVERS: Final[dict[str, Callable[[ServerStream, f.Frame], Event | None]]] = {
+    "abort": ServerStream._on_abort,
+    "request.credit": ServerStream._on_credit_frame,
+    "request.start": ServerStream._on_repeated_start,
+    "request.chunk": ServerStream._on_chunk,
+    "request.end": ServerStream._on_end,
+    "request.error": ServerStream._on_request_error,
+}
