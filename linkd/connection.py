@@ -7,8 +7,9 @@ callers' frames are lost. nats-py asks the connection's :class:`Identity` for th
 user JWT and the nonce signature at every (re)connect, so a connection that
 reconnects after a drop presents its own credential.
 
-:class:`ReconnectPolicy` is nats-py's ``reconnect_to_server_handler``: after a drop
-the first attempt waits a little jitter, then capped exponential backoff with jitter.
+:func:`reconnect_policy` is nats-py's ``reconnect_to_server_handler`` (a
+:class:`tunnel.backoff.ReconnectPolicy`): after a drop the first attempt waits a little
+jitter, then capped exponential backoff with jitter.
 
 Request inboxes (JetStream publish acks of the run uplink) live under the host's own
 subjects (:func:`contract.run_protocol.uplink_inbox_prefix`), which the daemon's credential
@@ -18,7 +19,6 @@ may subscribe to; it is never granted ``_INBOX.>``.
 from __future__ import annotations
 
 import base64
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -29,13 +29,14 @@ from nats.aio.client import Client as NATS
 import tunnel
 from contract.nats_jwt import CONNECTION_TYPE_STANDARD, CONNECTION_TYPE_WEBSOCKET
 from contract.run_protocol import uplink_inbox_prefix
+from tunnel.backoff import ReconnectPolicy
 from tunnel.connect import connect
 
 from .config import Transport
 from .errors import LinkdError
 from .session import NATS_SCHEMES, LinkSession
 
-__all__ = ["Identity", "ReconnectPolicy", "choose_urls", "open_connection"]
+__all__ = ["Identity", "choose_urls", "open_connection", "reconnect_policy"]
 
 RECONNECT_FIRST_JITTER: Final = 0.25
 RECONNECT_INITIAL: Final = 0.5
@@ -101,31 +102,14 @@ def choose_urls(session: LinkSession, transport: Transport = "auto") -> list[str
     return [u for u in usable if NATS_SCHEMES[urlsplit(u).scheme] == kind]
 
 
-class ReconnectPolicy:
-    """nats-py ``reconnect_to_server_handler``: backoff with jitter (a little for the first attempt)."""
-
-    def __init__(
-        self,
-        *,
-        initial: float = RECONNECT_INITIAL,
-        cap: float = RECONNECT_CAP,
-        jitter: float = RECONNECT_JITTER,
-        first_jitter: float = RECONNECT_FIRST_JITTER,
-    ) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.jitter = jitter
-        self.first_jitter = first_jitter
-        self._next = 0
-
-    def __call__(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
-        server = servers[self._next % len(servers)]
-        self._next += 1
-        failures = int(getattr(server, "reconnects", 0))
-        if failures == 0:
-            return server, random.uniform(0.0, self.first_jitter)
-        delay = min(self.cap, self.initial * 2 ** (failures - 1))
-        return server, delay + random.uniform(0.0, self.jitter)
+def reconnect_policy() -> ReconnectPolicy:
+    """The daemon's reconnect policy: from RECONNECT_INITIAL doubling up to RECONNECT_CAP, plus jitter."""
+    return ReconnectPolicy(
+        initial=RECONNECT_INITIAL,
+        cap=RECONNECT_CAP,
+        jitter=RECONNECT_JITTER,
+        first_jitter=RECONNECT_FIRST_JITTER,
+    )
 
 
 async def open_connection(

@@ -64,12 +64,12 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 import tunnel
+from tunnel.backoff import Backoff
 from tunnel.connect import NatsAuthError, NatsConnectError
 
 from . import __version__
-from .backoff import Backoff
 from .config import Settings
-from .connection import Identity, ReconnectPolicy, open_connection
+from .connection import Identity, open_connection, reconnect_policy
 from .credentials_store import public_key_of
 from .errors import LinkdError
 from .logs import STATE_LOGGER
@@ -104,6 +104,9 @@ DRAIN_FRACTION: Final = 0.75
 SUBSCRIBE_BARRIER: Final = 5
 # Waiting for the status of in-flight work to change: rewrite the status file this often.
 STATUS_INTERVAL: Final = 2.0
+# Retrying a session, a connection or a refresh: from RETRY_INITIAL doubling up to RETRY_CAP, plus jitter.
+RETRY_INITIAL: Final = 1.0
+RETRY_CAP: Final = 30.0
 # A connection that lived this long was fine: losing it restarts the retry backoff.
 STABLE_AFTER: Final = 30.0
 # After its expiry a credential's connection is closed by the server within moments; we look again after this.
@@ -233,7 +236,9 @@ class LinkDaemon:
         self.routes = LinkRoutes(self.runs, upstream=self.upstream, machine_name=machine_name)
         self.own_seed = own_seed
         self.public_key = public_key_of(own_seed) if own_seed else None
-        self.retry_backoff = retry_backoff if retry_backoff is not None else Backoff(initial=1.0, cap=30.0)
+        self.retry_backoff = (
+            retry_backoff if retry_backoff is not None else Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
+        )
         self.state = State.STARTING
         self.message = "starting"
         self.since = time.time()
@@ -478,7 +483,7 @@ class LinkDaemon:
         serving.nc = await open_connection(
             session,
             Identity(self.own_seed),
-            ReconnectPolicy(),
+            reconnect_policy(),
             transport=self.settings.nats_transport,
             name=f"linkd {session.hostname}",
             disconnected_cb=disconnected,
@@ -517,7 +522,7 @@ class LinkDaemon:
 
     async def _supervise(self, serving: _Serving) -> str:
         """Keep the current connection serving, refreshing it; returns why it stopped."""
-        retry = Backoff(initial=1.0, cap=30.0)
+        retry = Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
         refresh_at = _refresh_at(serving.session)
         while True:
             session, nc = serving.session, serving.nc

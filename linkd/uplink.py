@@ -68,8 +68,8 @@ from nats.errors import Error as NatsError
 
 import tunnel
 from contract.run_protocol import is_valid_run_id, run_event_subject
+from tunnel.backoff import Backoff
 
-from .backoff import Backoff
 from .run_events import DONE, Fence, RunEvent
 
 __all__ = [

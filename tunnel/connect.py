@@ -14,8 +14,9 @@ would otherwise loop forever on creds text without a JWT header line).
 The first connect tries each server a couple of times and fails with
 :class:`NatsConnectError` (:class:`NatsAuthError` when a server refused our
 credentials). Once connected, the connection reconnects forever, with a short
-jittered wait, and resubscribes by itself. Disconnects, reconnects and errors are
-logged on ``tunnel.connect``; your own callbacks (sync or async) run after that.
+jittered wait (a :class:`tunnel.backoff.ReconnectPolicy`), and resubscribes by itself.
+Disconnects, reconnects and errors are logged on ``tunnel.connect``; your own callbacks
+(sync or async) run after that.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import binascii
 import inspect
 import logging
 import os
-import random
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,6 +36,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
+
+from .backoff import ReconnectPolicy
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -242,18 +244,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class _Reconnect:
-    """Reconnect policy: rotate through the servers, wait RECONNECT_TIME_WAIT plus jitter."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def __call__(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
-        server = servers[self._next % len(servers)]
-        self._next += 1
-        if server.reconnects == 0:
-            return server, random.uniform(0.0, FIRST_RECONNECT_JITTER)
-        return server, RECONNECT_TIME_WAIT + random.uniform(0.0, RECONNECT_JITTER)
+def _reconnect_policy() -> ReconnectPolicy:
+    """Rotate through the servers, wait RECONNECT_TIME_WAIT plus jitter (a constant backoff)."""
+    return ReconnectPolicy(
+        initial=RECONNECT_TIME_WAIT,
+        cap=RECONNECT_TIME_WAIT,
+        jitter=RECONNECT_JITTER,
+        first_jitter=FIRST_RECONNECT_JITTER,
+    )
 
 
 def _supports(option: str) -> bool:
@@ -324,7 +322,7 @@ async def connect(
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
     if _supports("reconnect_to_server_handler"):
-        options["reconnect_to_server_handler"] = _Reconnect()
+        options["reconnect_to_server_handler"] = _reconnect_policy()
     # The reconnect policy applies once connected (the first connect always fails fast).
     allow_reconnect = bool(overrides.pop("allow_reconnect", True))
     max_attempts = int(overrides.pop("max_reconnect_attempts", MAX_RECONNECT_ATTEMPTS))

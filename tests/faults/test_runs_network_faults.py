@@ -30,7 +30,6 @@ from typing import Any, Final
 import httpx
 import pytest
 
-from linkd.backoff import Backoff
 from linkd.config import RunnerSettings
 from linkd.credentials_store import generate_seed
 from linkd.daemon import LinkDaemon, State
@@ -43,6 +42,7 @@ from tests.integration.gateway_harness import start_operator_server
 from tests.integration.linkd_harness import daemon_settings, live_gateway
 from tests.integration.runs_harness import RunsApi
 from tests.linkd_support import jsonl
+from tunnel.backoff import Backoff
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,7 +22,6 @@ from nats.aio.client import Client
 
 import tunnel
 from cli.nats_server import free_port
-from linkd.backoff import Backoff
 from linkd.config import RunnerSettings, Settings
 from linkd.credentials_store import generate_seed
 from linkd.daemon import LinkDaemon, State, StateChange
@@ -33,6 +32,7 @@ from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig
 from studio_gateway.natsconn import GATEWAY_NATS
 from tests.helpers import wait_until
+from tunnel.backoff import Backoff
 
 EVENT_TIMEOUT = 5.0
 

@@ -14,7 +14,6 @@ import pytest
 from nats.aio.client import RawCredentials
 
 import tunnel
-from linkd.backoff import Backoff
 from linkd.daemon import State
 from studio_gateway.hostnames import tunnel_hostname
 from tests.helpers import NatsServerFactory, wait_until
@@ -26,6 +25,7 @@ from tests.integration.linkd_harness import (
     probe,
     running_daemon,
 )
+from tunnel.backoff import Backoff
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -35,7 +35,6 @@ from contract.run_protocol import (
     uplink_inbox_prefix,
     uplink_publish_grant,
 )
-from linkd.backoff import Backoff
 from linkd.run_events import RunEvent
 from linkd.runners.base import WorkItem
 from linkd.runners.mock import MockRunner, mock_chunk
@@ -44,6 +43,7 @@ from linkd.uplink import JetStreamUplink
 from studio_gateway.nats_jwt import KeyKind, OperatorSetup, creds_text, new_key
 from tests.faultproxy import FaultProxy
 from tests.helpers import NatsServerFactory, wait_until
+from tunnel.backoff import Backoff
 from tunnel.connect import connect
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,7 +21,6 @@ from nats.js import JetStreamContext
 
 import tunnel
 from contract.run_protocol import RUN_STREAM, run_event_subject, split_events
-from linkd.backoff import Backoff
 from linkd.config import RunnerSettings
 from linkd.credentials_store import generate_seed
 from linkd.daemon import LinkDaemon, State
@@ -30,6 +29,7 @@ from linkd.uplink import JetStreamUplink
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import OperatorServer, start_operator_server
 from tests.integration.linkd_harness import LiveGateway, daemon_settings, live_gateway
+from tunnel.backoff import Backoff
 
 pytestmark = pytest.mark.timeout(90)
 

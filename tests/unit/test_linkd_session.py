@@ -12,12 +12,13 @@ import httpx
 import nkeys
 import pytest
 
-from linkd.connection import Identity, ReconnectPolicy, choose_urls
+from linkd.connection import Identity, choose_urls
 from linkd.credentials_store import generate_seed, public_key_of
 from linkd.daemon import drain_budget, refresh_delay
 from linkd.errors import LinkdError
 from linkd.session import GatewayClient, GatewayError, LinkSession, parse_session
 from linkd.upstream import filter_headers, upstream_url
+from tunnel.backoff import ReconnectPolicy
 
 
 def fake_jwt(**claims: Any) -> str:
