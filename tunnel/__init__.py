@@ -12,6 +12,10 @@ Serve one::
 
     server = await tunnel.serve(nc, "desk.example", handler)
 
+Options travel as value objects: ``TunnelClient(nc, timeouts=tunnel.Timeouts(idle=5),
+limits=tunnel.Limits(window=1 << 20))``, ``tunnel.serve(nc, host, handler,
+config=tunnel.ServerConfig(max_concurrent=64))``.
+
 Add-ons live in public submodules, imported on demand: :mod:`tunnel.asgi`
 (serve an ASGI app), :mod:`tunnel.httpx_transport` (call tunnel URLs with httpx)
 and :mod:`tunnel.connect` (build a nats-py connection from creds/nkey/token).
@@ -26,6 +30,8 @@ from ._config import (
     DEFAULT_MAX_CHUNK,
     DEFAULT_UNREACHABLE_GRACE,
     DEFAULT_WINDOW,
+    Limits,
+    ServerConfig,
     Timeouts,
 )
 from ._diagnostics import EventHook, TunnelCounters, TunnelEvent, logging_hook
@@ -66,12 +72,14 @@ __all__ = [
     "Handler",
     "HostSubjects",
     "IdleTimeout",
+    "Limits",
     "LocalProtocolError",
     "NoFirstFrameTimeout",
     "RemoteError",
     "RemoteProtocolError",
     "Request",
     "Response",
+    "ServerConfig",
     "ServerStats",
     "StallTimeout",
     "Timeouts",

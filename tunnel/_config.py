@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final, TypedDict, TypeVar
 
 # Reference peers give up after 30 s without any first frame; we match them.
 DEFAULT_FIRST_FRAME_TIMEOUT: Final = 30.0
@@ -62,19 +64,191 @@ def heartbeat_interval_for(idle_timeout: float | None) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """The three separate caller timeouts, in seconds (``None`` disables one).
+    """How long a caller waits, in seconds (``None`` disables a timeout).
 
-    - ``first_frame``: from publishing the start until any frame from a server;
-    - ``idle``: the longest silence (no data, no heartbeat) once a server answered;
-    - ``total``: overall deadline, also sent to the server as ``deadlineUnixMs``.
+    Kept apart because each failure means something else to the caller:
+
+    - ``first_frame``: from publishing the start until any frame from a server
+      (``tunnel_no_first_frame``: nobody took the request);
+    - ``idle``: the longest silence (no data, no heartbeat) once a server answered
+      (``tunnel_idle_timeout``: the server is gone);
+    - ``total``: overall deadline, also sent to the server as ``deadlineUnixMs``;
+    - ``unreachable_grace``: how long "nobody serves this host" may last before it
+      is final, so a daemon that is reconnecting is not reported gone (0: at once);
+    - ``republish_interval``: an unanswered start is published again this often
+      (core NATS may drop it).
+
+    ``TunnelClient(nc, timeouts=...)`` sets a client's; ``client.fetch(url, timeouts=...)``
+    replaces them as a whole for one request.
     """
 
     first_frame: float | None = DEFAULT_FIRST_FRAME_TIMEOUT
     idle: float | None = DEFAULT_IDLE_TIMEOUT
     total: float | None = None
+    unreachable_grace: float = DEFAULT_UNREACHABLE_GRACE
+    republish_interval: float = DEFAULT_REPUBLISH_INTERVAL
 
     def __post_init__(self) -> None:
         for name in ("first_frame", "idle", "total"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"timeout {name} must be positive or None, got {value!r}")
+        if not self.unreachable_grace >= 0:
+            raise ValueError(f"unreachable_grace must be 0 or more seconds, got {self.unreachable_grace!r}")
+        if not self.republish_interval > 0:
+            raise ValueError(f"republish_interval must be positive, got {self.republish_interval!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes that bound what a caller holds per request, in bytes.
+
+    - ``window``: flow-control window offered to the server: response bytes it may
+      send ahead of our reads, so a slow reader buffers at most this much;
+    - ``max_chunk``: largest request-body data frame we send (the connection's
+      ``max_payload`` bounds it too).
+    """
+
+    window: int = DEFAULT_WINDOW
+    max_chunk: int = DEFAULT_MAX_CHUNK
+
+    def __post_init__(self) -> None:
+        _check_positive_int("window", self.window)
+        _check_positive_int("max_chunk", self.max_chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How a server treats the requests it serves: ``serve(nc, host, handler, config=...)``.
+
+    - ``window``: flow-control window offered to callers for request bodies (bytes
+      buffered per request at most);
+    - ``max_chunk``: largest response-body data frame, in bytes;
+    - ``stall_timeout``: seconds a request may wait for credit or body bytes before
+      the caller is presumed gone (``tunnel_stalled``; ``None``: wait forever);
+    - ``max_concurrent``: handlers running at once; a request beyond it is answered
+      at once with HTTP 503 + Retry-After, so a flood cannot exhaust the server;
+    - ``fast_path``: accept the extensions callers offer (binary frames, credit,
+      heartbeats, one-message responses); ``False`` answers as a reference v1 server.
+    """
+
+    window: int = DEFAULT_WINDOW
+    max_chunk: int = DEFAULT_MAX_CHUNK
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    fast_path: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive_int("window", self.window)
+        _check_positive_int("max_chunk", self.max_chunk)
+        if self.stall_timeout is not None and not self.stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be positive or None, got {self.stall_timeout!r}")
+        _check_positive_int("max_concurrent", self.max_concurrent)
+
+
+DEFAULT_TIMEOUTS: Final = Timeouts()
+DEFAULT_LIMITS: Final = Limits()
+DEFAULT_SERVER_CONFIG: Final = ServerConfig()
+
+
+# -- the keyword arguments these objects replace (deprecated; removed in the next release) --
+
+
+class LegacyClientKwargs(TypedDict, total=False):
+    """``TunnelClient``'s keyword arguments before ``timeouts=``/``limits=``."""
+
+    timeout: float | None
+    first_frame_timeout: float | None
+    idle_timeout: float | None
+    unreachable_grace: float
+    republish_interval: float
+    window: int
+    max_chunk: int
+
+
+class LegacyServerKwargs(TypedDict, total=False):
+    """``serve``'s and ``TunnelServer``'s keyword arguments before ``config=``."""
+
+    window: int
+    max_chunk: int
+    stall_timeout: float | None
+    max_concurrent: int
+    fast_path: bool
+
+
+# old keyword -> (new keyword, field of its object)
+_CLIENT_RENAMES: Final = {
+    "timeout": ("timeouts", "total"),
+    "first_frame_timeout": ("timeouts", "first_frame"),
+    "idle_timeout": ("timeouts", "idle"),
+    "unreachable_grace": ("timeouts", "unreachable_grace"),
+    "republish_interval": ("timeouts", "republish_interval"),
+    "window": ("limits", "window"),
+    "max_chunk": ("limits", "max_chunk"),
+}
+_SERVER_RENAMES: Final = {name: ("config", name) for name in LegacyServerKwargs.__annotations__}
+
+_C = TypeVar("_C", Timeouts, Limits, ServerConfig)
+
+
+def _from_legacy(
+    owner: str,
+    param: str,
+    given: _C | None,
+    default: _C,
+    legacy: Mapping[str, object],
+    renames: Mapping[str, tuple[str, str]],
+    stacklevel: int,
+) -> _C:
+    """``given`` (or ``default``) with the fields the old keywords for ``param`` set, each one warned."""
+    changes: dict[str, Any] = {}
+    for name, value in legacy.items():
+        target = renames.get(name)
+        if target is None:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+        new_param, field = target
+        if new_param != param:
+            continue
+        cls = type(default).__name__
+        if given is not None:
+            raise TypeError(f"{owner}(): {name}= and {param}= given together; set {cls}({field}=...) only")
+        warnings.warn(
+            f"{owner}({name}=...) is deprecated and goes away in the next release; "
+            f"use {owner}({param}=tunnel.{cls}({field}=...))",
+            DeprecationWarning,
+            stacklevel=stacklevel + 3,
+        )
+        changes[field] = value
+    if given is not None:
+        return given
+    return replace(default, **changes) if changes else default
+
+
+def client_config(
+    owner: str,
+    timeouts: Timeouts | None,
+    limits: Limits | None,
+    legacy: Mapping[str, object],
+    *,
+    stacklevel: int = 1,
+) -> tuple[Timeouts, Limits]:
+    """A client's ``(timeouts, limits)`` from the new arguments and any deprecated ones.
+
+    ``stacklevel``: how far above the function calling this one the user's call is (for the warning).
+    """
+    return (
+        _from_legacy(owner, "timeouts", timeouts, DEFAULT_TIMEOUTS, legacy, _CLIENT_RENAMES, stacklevel),
+        _from_legacy(owner, "limits", limits, DEFAULT_LIMITS, legacy, _CLIENT_RENAMES, stacklevel),
+    )
+
+
+def server_config(
+    owner: str, config: ServerConfig | None, legacy: Mapping[str, object], *, stacklevel: int = 1
+) -> ServerConfig:
+    """A server's config from ``config=`` and any deprecated keyword arguments (see :func:`client_config`)."""
+    return _from_legacy(owner, "config", config, DEFAULT_SERVER_CONFIG, legacy, _SERVER_RENAMES, stacklevel)
