@@ -407,7 +407,7 @@ async def run_responder(url: str) -> None:
     await nc.subscribe(SUBJECT_SINK, cb=sink.on_data)
     await nc.subscribe(SUBJECT_SINK_RESET, cb=sink.on_reset)
     server = await tunnel.serve(nc, TUNNEL_HOST, tunnel_handler)
-    v1_server = await tunnel.serve(nc, V1_HOST, tunnel_handler, fast_path=False)
+    v1_server = await tunnel.serve(nc, V1_HOST, tunnel_handler, config=tunnel.ServerConfig(fast_path=False))
     asgi_server = await serve_asgi(nc, ASGI_HOST, small_asgi_app, lifespan="off")
     http_server, http_task, http_port = await start_http_server()
     await nc.flush()

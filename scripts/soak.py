@@ -347,9 +347,8 @@ async def start_stack(workdir: Path, cluster: int | None) -> Stack:
         await proxy.close()
         runs.close()
         raise
-    client = tunnel.TunnelClient(
-        caller, first_frame_timeout=FIRST_FRAME_TIMEOUT, idle_timeout=IDLE_TIMEOUT, timeout=TOTAL_TIMEOUT
-    )
+    timeouts = tunnel.Timeouts(first_frame=FIRST_FRAME_TIMEOUT, idle=IDLE_TIMEOUT, total=TOTAL_TIMEOUT)
+    client = tunnel.TunnelClient(caller, timeouts=timeouts)
     http = httpx.AsyncClient(trust_env=False, timeout=HTTP_TIMEOUT)
     return Stack(runs, proxy, daemon, upstream, caller, client, http, daemon.hostname)
 

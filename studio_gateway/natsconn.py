@@ -135,8 +135,9 @@ class GatewayNats:
             self._client = tunnel.TunnelClient(
                 nc,
                 prefix=self.config.tunnel_prefix,
-                first_frame_timeout=self.config.presence_first_frame_timeout,
-                timeout=self.config.presence_timeout,
+                timeouts=tunnel.Timeouts(
+                    first_frame=self.config.presence_first_frame_timeout, total=self.config.presence_timeout
+                ),
             )
             self.reason = "connected"
             if attempt > 1:

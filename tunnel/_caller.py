@@ -408,6 +408,8 @@ class CallerStream:
         status = start.status
         has_body = not (self.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
         self.phase = CallerPhase.DONE
+        if has_body:
+            self.receive_window.received_bytes += len(frame.data)  # counted like chunks (diagnostics)
         # One ResponseHead (not one from _on_response_start and a copy): every small response.
         return ResponseHead(status, start.status_text, start.headers, has_body, frame.data)
 

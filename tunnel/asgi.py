@@ -54,16 +54,20 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Unpack
 from urllib.parse import quote, unquote
 
-from nats.aio.client import Client as NATS
-
-from ._config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CHUNK
+from ._config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CHUNK, LegacyServerKwargs, ServerConfig, server_config
+from ._diagnostics import EventHook
 from ._errors import TunnelError
 from ._frames import validate_headers
 from ._handler import Headers, Request, Response
+from ._natsio.common import WireTap
 from ._natsio.server import TunnelServer
+from ._subjects import DEFAULT_PREFIX
+
+if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
+    from nats.aio.client import Client as NATS
 
 __all__ = [
     "ASGIApp",
@@ -600,15 +604,23 @@ async def serve_asgi(
     *,
     root_path: str = "",
     lifespan: LifespanMode = "auto",
-    **serve_kwargs: Any,
+    config: ServerConfig | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    wire_tap: WireTap | None = None,
+    on_event: EventHook | None = None,
+    **deprecated: Unpack[LegacyServerKwargs],
 ) -> AsgiTunnelServer:
-    """Run lifespan startup, then serve ``app`` for ``hostname`` (``serve_kwargs`` as for ``tunnel.serve``).
+    """Run lifespan startup, then serve ``app`` for ``hostname`` (``config``, ``prefix``,
+    ``wire_tap`` and ``on_event`` as for ``tunnel.serve``, and the same deprecated keywords).
 
     Raises :class:`LifespanError` (without subscribing anything) if startup fails.
     ``await server.close()`` drains requests, then runs lifespan shutdown.
     """
+    config = server_config("serve_asgi", config, deprecated)
     handler = asgi_handler(app, root_path=root_path, lifespan=lifespan)
-    server = AsgiTunnelServer(nc, hostname, handler, **serve_kwargs)
+    server = AsgiTunnelServer(
+        nc, hostname, handler, config=config, prefix=prefix, wire_tap=wire_tap, on_event=on_event
+    )
     await handler.startup()
     try:
         await server.start()

@@ -26,10 +26,9 @@ is also a :class:`TunnelTransportError`, so ``exc.tunnel_code`` (stable, e.g.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
-from nats.aio.client import Client as NATS
 
 from ._errors import (
     ErrorCode,
@@ -43,6 +42,9 @@ from ._errors import (
 )
 from ._natsio.client import FetchResponse, TunnelClient
 from ._subjects import DEFAULT_PREFIX
+
+if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
+    from nats.aio.client import Client as NATS
 
 __all__ = ["HOP_BY_HOP_HEADERS", "TunnelTransport", "TunnelTransportError", "map_tunnel_error"]
 
@@ -180,7 +182,7 @@ class TunnelTransport(httpx.AsyncBaseTransport):
     Pass a NATS connection (the transport then owns a :class:`TunnelClient` and
     closes it with the httpx client) or a ``TunnelClient`` you manage yourself.
     ``timeout``, ``first_frame_timeout`` and ``idle_timeout`` default to the
-    client's; see the module docstring for how httpx timeouts combine with them.
+    client's ``timeouts``; see the module docstring for how httpx timeouts combine with them.
     """
 
     def __init__(
@@ -200,12 +202,10 @@ class TunnelTransport(httpx.AsyncBaseTransport):
         else:
             self.client = TunnelClient(nc, prefix=prefix)
             self._owns_client = True
-        client = self.client
-        self.timeout = client.timeout if timeout is _UNSET else timeout
-        self.first_frame_timeout = (
-            client.first_frame_timeout if first_frame_timeout is _UNSET else first_frame_timeout
-        )
-        self.idle_timeout = client.idle_timeout if idle_timeout is _UNSET else idle_timeout
+        own = self.client.timeouts
+        self.timeout = own.total if timeout is _UNSET else timeout
+        self.first_frame_timeout = own.first_frame if first_frame_timeout is _UNSET else first_frame_timeout
+        self.idle_timeout = own.idle if idle_timeout is _UNSET else idle_timeout
 
     def _timeouts(self, request: httpx.Request) -> tuple[float | None, float | None, float | None]:
         """(total, first frame, idle) for one request: httpx's connect/read timeouts win when present."""

@@ -240,14 +240,17 @@ class ChaosRig:
             )
             self.caller_nc = await self._connect(self.nats.url, "chaos-caller")
             self.server = await tunnel.serve(
-                self.daemon_nc, HOSTNAME, self.app.handler, window=s.window, stall_timeout=s.stall_timeout
+                self.daemon_nc,
+                HOSTNAME,
+                self.app.handler,
+                config=tunnel.ServerConfig(window=s.window, stall_timeout=s.stall_timeout),
             )
             self.client = tunnel.TunnelClient(
                 self.caller_nc,
-                idle_timeout=s.idle_timeout,
-                first_frame_timeout=s.first_frame_timeout,
-                timeout=s.total_timeout,
-                window=s.window,
+                timeouts=tunnel.Timeouts(
+                    idle=s.idle_timeout, first_frame=s.first_frame_timeout, total=s.total_timeout
+                ),
+                limits=tunnel.Limits(window=s.window),
             )
         except BaseException:
             await self.aclose()

@@ -180,7 +180,9 @@ async def test_daemon_network_pauses_shorter_and_longer_than_the_idle_timeout(
             running_daemon(tmp_path, gw.url, gw.token("pat"), settings=settings) as d,
         ):
             assert len(proxy.connections) == 1, "the daemon does not connect through the proxy"
-            client = tunnel.TunnelClient(gw.nc, first_frame_timeout=IDLE, idle_timeout=IDLE, timeout=TOTAL)
+            client = tunnel.TunnelClient(
+                gw.nc, timeouts=tunnel.Timeouts(first_frame=IDLE, idle=IDLE, total=TOTAL)
+            )
             load = Load(client, d.hostname)
             load.start()
             try:

@@ -78,7 +78,7 @@ async def test_a_flood_gets_503_with_retry_after_past_the_limit_and_the_daemon_s
         server = d.daemon.server
         assert server is not None
         limit = server.max_concurrent
-        client = tunnel.TunnelClient(gw.nc, first_frame_timeout=20.0, idle_timeout=20.0, timeout=25.0)
+        client = tunnel.TunnelClient(gw.nc, timeouts=tunnel.Timeouts(first_frame=20.0, idle=20.0, total=25.0))
 
         async def one(i: int) -> tuple[int, str | None, str]:
             async with await client.fetch(f"tunnel://{d.hostname}/slow?i={i}") as resp:

@@ -578,7 +578,9 @@ async def kill_under_load(
         lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="gateways not ready before the kill"
     )
 
-    client = tunnel.TunnelClient(caller, first_frame_timeout=5.0, idle_timeout=3.0, timeout=TUNNEL_TIMEOUT)
+    client = tunnel.TunnelClient(
+        caller, timeouts=tunnel.Timeouts(first_frame=5.0, idle=3.0, total=TUNNEL_TIMEOUT)
+    )
     load = Load(stack, alice, http, client)
     load.start()
     timeline: dict[str, Any] = {"victim": cluster.cluster.node_name(victim), "roles": found}

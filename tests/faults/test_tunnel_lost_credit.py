@@ -90,7 +90,7 @@ async def test_lost_credit_frames_do_not_stall_a_transfer_past_the_idle_timeout(
             server_nc, "lost-credit.test", _handler, wire_tap=tap if direction == "upload" else None
         )
         client = tunnel.TunnelClient(
-            client_nc, idle_timeout=IDLE, wire_tap=tap if direction == "download" else None
+            client_nc, timeouts=tunnel.Timeouts(idle=IDLE), wire_tap=tap if direction == "download" else None
         )
 
         async def transfer() -> None:

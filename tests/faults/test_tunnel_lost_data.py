@@ -96,7 +96,7 @@ async def test_a_lost_window_of_body_frames_ends_the_request_within_the_idle_tim
             server_nc, "lost-window.test", _handler, wire_tap=tap if direction == "download" else None
         )
         client = tunnel.TunnelClient(
-            client_nc, idle_timeout=IDLE, wire_tap=tap if direction == "upload" else None
+            client_nc, timeouts=tunnel.Timeouts(idle=IDLE), wire_tap=tap if direction == "upload" else None
         )
 
         async def transfer() -> None:
@@ -152,8 +152,10 @@ async def test_a_lost_request_end_alone_is_repaired_and_the_request_succeeds(
             yield body[i : i + 64 * 1024]
 
     async with _connected(nats_server.url) as server_nc, _connected(nats_server.url) as client_nc:
-        server = await tunnel.serve(server_nc, "lost-end.test", _handler, stall_timeout=30.0)
-        client = tunnel.TunnelClient(client_nc, idle_timeout=IDLE, wire_tap=tap)
+        server = await tunnel.serve(
+            server_nc, "lost-end.test", _handler, config=tunnel.ServerConfig(stall_timeout=30.0)
+        )
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=IDLE), wire_tap=tap)
         try:
 
             async def upload() -> str:
@@ -197,7 +199,7 @@ async def test_a_lost_response_end_is_sent_again_when_the_caller_probes_the_sile
     tap = DropResponseEnd()
     async with _connected(nats_server.url) as server_nc, _connected(nats_server.url) as client_nc:
         server = await tunnel.serve(server_nc, "lost-response-end.test", _handler, wire_tap=tap)
-        client = tunnel.TunnelClient(client_nc, idle_timeout=IDLE)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=IDLE))
         try:
 
             async def download() -> bytes:

@@ -91,7 +91,9 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
             server = await serve_status(daemon.nc, host)
             assert await fetch_text(gw, f"tunnel://{host}/hello") == (200, f"hello from {host}")
             # Both caller reply shapes work: the shared-reply default and the reference P.req.<id>.reply.
-            v1_client = tunnel.TunnelClient(gw.nc, shared_replies=False, first_frame_timeout=EVENT_TIMEOUT)
+            v1_client = tunnel.TunnelClient(
+                gw.nc, shared_replies=False, timeouts=tunnel.Timeouts(first_frame=EVENT_TIMEOUT)
+            )
             async with await v1_client.fetch(f"tunnel://{host}/hello") as resp:
                 assert resp.status == 200
             await v1_client.aclose()

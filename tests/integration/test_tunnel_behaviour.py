@@ -8,6 +8,7 @@ what it must guarantee") end to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -51,7 +52,8 @@ def wire_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         real_client_init(self, *args, **kwargs)
 
     async def serve(*args: Any, **kwargs: Any) -> tunnel.TunnelServer:
-        kwargs.setdefault("fast_path", False)
+        # A test's own config keeps its other settings.
+        kwargs["config"] = dataclasses.replace(kwargs.get("config") or tunnel.ServerConfig(), fast_path=False)
         return await real_serve(*args, **kwargs)
 
     monkeypatch.setattr(tunnel.TunnelClient, "__init__", client_init)
@@ -322,7 +324,7 @@ async def test_unserved_host_fails_fast_with_tunnel_unreachable(nats_server: Nat
     async with connect_peers(nats_server) as p, serving(p.server_nc, "someone-else.example", _never_called):
         taps = _StartCounter()
         client = tunnel.TunnelClient(p.caller_nc, wire_tap=taps)
-        assert client.unreachable_grace == tunnel.DEFAULT_UNREACHABLE_GRACE == 0.2
+        assert client.timeouts.unreachable_grace == tunnel.DEFAULT_UNREACHABLE_GRACE == 0.2
         loop = asyncio.get_running_loop()
         began = loop.time()
         with pytest.raises(tunnel.TunnelUnreachable) as info:
@@ -339,7 +341,9 @@ async def test_unserved_host_fails_fast_with_tunnel_unreachable(nats_server: Nat
 async def test_unserved_host_with_zero_grace_fails_at_once(nats_server: NatsServer) -> None:
     async with connect_peers(nats_server) as p:
         taps = _StartCounter()
-        client = tunnel.TunnelClient(p.caller_nc, unreachable_grace=0, wire_tap=taps)
+        client = tunnel.TunnelClient(
+            p.caller_nc, timeouts=tunnel.Timeouts(unreachable_grace=0), wire_tap=taps
+        )
         loop = asyncio.get_running_loop()
         began = loop.time()
         with pytest.raises(tunnel.TunnelUnreachable):
@@ -531,9 +535,13 @@ async def test_lost_ack_is_recovered_and_never_wedges_the_stream(
     method, request_body = ("POST", body) if scenario == "post-echo-stream" else ("GET", None)
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, window=MiB, wire_tap=drop_first_ack) as server,
+        serving(
+            p.server_nc, HOST, handler, config=tunnel.ServerConfig(window=MiB), wire_tap=drop_first_ack
+        ) as server,
     ):
-        client = tunnel.TunnelClient(p.caller_nc, window=MiB, republish_interval=0.05)
+        client = tunnel.TunnelClient(
+            p.caller_nc, limits=tunnel.Limits(window=MiB), timeouts=tunnel.Timeouts(republish_interval=0.05)
+        )
         async with asyncio.timeout(3.0):
             async with await client.fetch(f"tunnel://{HOST}/echo", method=method, body=request_body) as resp:
                 assert await resp.read() == body
@@ -724,7 +732,13 @@ async def test_plain_v1_frames_work_for_get_and_a_1mib_post_echo(
     body = body[:MiB]
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, fast_path=server_fast, wire_tap=server_wire),
+        serving(
+            p.server_nc,
+            HOST,
+            handler,
+            config=tunnel.ServerConfig(fast_path=server_fast),
+            wire_tap=server_wire,
+        ),
     ):
         client = tunnel.TunnelClient(p.caller_nc, fast_path=caller_fast, wire_tap=caller_wire)
         async with asyncio.timeout(EVENT_TIMEOUT):

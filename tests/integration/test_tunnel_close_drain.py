@@ -46,7 +46,9 @@ async def test_closing_server_serves_the_starts_queued_in_its_subscription(nats_
         request_sub = server._request_sub
         assert request_sub is not None
         # No other server and no republish: a dropped start would end in a first-frame timeout.
-        client = tunnel.TunnelClient(p.caller_nc, republish_interval=60.0, first_frame_timeout=EVENT_TIMEOUT)
+        client = tunnel.TunnelClient(
+            p.caller_nc, timeouts=tunnel.Timeouts(republish_interval=60.0, first_frame=EVENT_TIMEOUT)
+        )
         fetches = [asyncio.ensure_future(client.fetch(f"tunnel://{HOST}/{i}")) for i in range(QUEUED)]
         await wait_until(lambda: request_sub.delivered == QUEUED, message="the starts never arrived")
         closing = asyncio.ensure_future(server.close(timeout=EVENT_TIMEOUT))
@@ -78,7 +80,7 @@ async def test_a_drain_that_cannot_finish_still_removes_the_subscription(
         await wait_until(lambda: server_nc.is_connected and server_nc.stats["reconnects"] >= 1)
         await server_nc.flush()
         # Nobody serves the host now: the caller learns it at once instead of a first-frame timeout.
-        client = tunnel.TunnelClient(p.caller_nc, unreachable_grace=0)
+        client = tunnel.TunnelClient(p.caller_nc, timeouts=tunnel.Timeouts(unreachable_grace=0))
         with pytest.raises(tunnel.TunnelUnreachable):
             await client.fetch(f"tunnel://{HOST}/")
         await client.aclose()

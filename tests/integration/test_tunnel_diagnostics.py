@@ -49,6 +49,8 @@ async def test_events_and_counters_describe_every_request_on_both_ends(nats_serv
     assert ended["/slow"].outcome in {"tunnel_timeout", "tunnel_aborted"}
     assert server.stats.outcomes["ok"] == 1 and server.stats.outcomes["tunnel_handler_error"] == 1
     assert server.stats.active == 0 and server.stats.requests == 3
+    # Body bytes, like the events (not the bytes of the frames that carried them).
+    assert server.stats.bytes_out == 1000 and server.stats.bytes_in == 1000
 
     client_outcomes = sorted(e.outcome or "" for e in client_events if e.kind == "request.ended")
     assert client_outcomes == ["ok", "tunnel_handler_error", "tunnel_timeout"]

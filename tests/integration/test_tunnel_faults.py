@@ -118,7 +118,7 @@ async def test_server_killed_after_ack_before_response_gives_idle_timeout_not_ha
     async with server_process(nats_server.url, hostname) as proc:
         started = await client_nc.subscribe(started_subject(hostname))
         await client_nc.flush()
-        client = tunnel.TunnelClient(client_nc, idle_timeout=idle, first_frame_timeout=30.0)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle, first_frame=30.0))
         # Frames to the client, seen on its own connection: once the spy has the ack, so has the client.
         spy = await client_nc.subscribe(tunnel.HostSubjects.for_host(hostname).base + ".req.*.reply.>")
         fetch = asyncio.create_task(client.fetch(f"tunnel://{hostname}/hang-before-start"))
@@ -147,7 +147,7 @@ async def test_server_killed_mid_body_gives_idle_timeout_to_the_reader(
     async with server_process(nats_server.url, hostname) as proc:
         started = await client_nc.subscribe(started_subject(hostname))
         await client_nc.flush()
-        client = tunnel.TunnelClient(client_nc, idle_timeout=idle, first_frame_timeout=30.0)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle, first_frame=30.0))
         resp = await client.fetch(f"tunnel://{hostname}/stream-forever")
         assert resp.status == 200
         chunks = resp.aiter_bytes()
@@ -184,7 +184,7 @@ async def test_handler_slower_than_idle_timeout_succeeds_thanks_to_heartbeats(
 
     loop = asyncio.get_running_loop()
     async with serving(server_nc, "slow-handler.test", handler):
-        client = tunnel.TunnelClient(client_nc, idle_timeout=idle, first_frame_timeout=idle)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle, first_frame=idle))
         began = loop.time()
         resp = await client.fetch("tunnel://slow-handler.test/slow")
         body = await resp.read()
@@ -207,7 +207,7 @@ async def test_body_pausing_longer_than_idle_timeout_succeeds(server_nc: Client,
 
     loop = asyncio.get_running_loop()
     async with serving(server_nc, "pausing-body.test", handler):
-        client = tunnel.TunnelClient(client_nc, idle_timeout=idle)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle))
         resp = await client.fetch("tunnel://pausing-body.test/pause")
         received: list[tuple[float, bytes]] = []
         async for chunk in resp.aiter_bytes():
@@ -309,7 +309,7 @@ async def test_caller_leaving_early_cancels_the_handler_and_frees_the_slot(
 ) -> None:
     probe = HandlerProbe()
     async with serving(server_nc, "leaves-early.test", probe.handler()) as server:
-        client = tunnel.TunnelClient(client_nc, idle_timeout=5.0)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=5.0))
         await leave(client, "tunnel://leaves-early.test/stream", probe)
         await wait_until(probe.cancelled, timeout=CANCEL_WITHIN, message="handler never saw the cancellation")
         await wait_until(lambda: server.in_flight == 0, timeout=CANCEL_WITHIN, message="server slot kept")
@@ -367,8 +367,14 @@ async def test_lost_or_duplicated_response_frame_is_protocol_error_never_wrong_b
         return tunnel.Response(200, [], chunked(BODY))
 
     tap = NthDataFrameTap(n, action)
-    async with serving(server_nc, "lossy-response.test", handler, max_chunk=FRAME_SIZE, wire_tap=tap):
-        client = tunnel.TunnelClient(client_nc, idle_timeout=5.0)
+    async with serving(
+        server_nc,
+        "lossy-response.test",
+        handler,
+        config=tunnel.ServerConfig(max_chunk=FRAME_SIZE),
+        wire_tap=tap,
+    ):
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=5.0))
         received: list[bytes] = []
         with pytest.raises(tunnel.RemoteProtocolError) as info:
             resp = await client.fetch("tunnel://lossy-response.test/body")
@@ -393,8 +399,14 @@ async def test_response_tap_without_fault_passes_the_body_intact(
         return tunnel.Response(200, [], chunked(BODY))
 
     tap = NthDataFrameTap(0, "pass")
-    async with serving(server_nc, "intact-response.test", handler, max_chunk=FRAME_SIZE, wire_tap=tap):
-        client = tunnel.TunnelClient(client_nc, idle_timeout=5.0)
+    async with serving(
+        server_nc,
+        "intact-response.test",
+        handler,
+        config=tunnel.ServerConfig(max_chunk=FRAME_SIZE),
+        wire_tap=tap,
+    ):
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=5.0))
         resp = await client.fetch("tunnel://intact-response.test/body")
         assert await resp.read() == BODY
     assert tap.seen == BODY_FRAMES
@@ -413,7 +425,12 @@ async def test_lost_or_duplicated_request_body_frame_is_rejected_by_the_server(
 
     tap = NthDataFrameTap(n, action)
     async with serving(server_nc, "lossy-request.test", handler) as server:
-        client = tunnel.TunnelClient(client_nc, idle_timeout=5.0, max_chunk=FRAME_SIZE, wire_tap=tap)
+        client = tunnel.TunnelClient(
+            client_nc,
+            timeouts=tunnel.Timeouts(idle=5.0),
+            limits=tunnel.Limits(max_chunk=FRAME_SIZE),
+            wire_tap=tap,
+        )
         with pytest.raises(tunnel.RemoteProtocolError) as info:
             resp = await client.fetch("tunnel://lossy-request.test/upload", method="POST", body=BODY)
             await resp.read()
@@ -434,7 +451,12 @@ async def test_request_tap_without_fault_passes_the_body_intact(server_nc: Clien
 
     tap = NthDataFrameTap(0, "pass")
     async with serving(server_nc, "intact-request.test", handler):
-        client = tunnel.TunnelClient(client_nc, idle_timeout=5.0, max_chunk=FRAME_SIZE, wire_tap=tap)
+        client = tunnel.TunnelClient(
+            client_nc,
+            timeouts=tunnel.Timeouts(idle=5.0),
+            limits=tunnel.Limits(max_chunk=FRAME_SIZE),
+            wire_tap=tap,
+        )
         resp = await client.fetch("tunnel://intact-request.test/upload", method="POST", body=BODY)
         assert await resp.text() == hashlib.sha256(BODY).hexdigest()
     assert tap.seen == BODY_FRAMES
@@ -459,9 +481,13 @@ async def test_lost_response_end_gives_idle_timeout_not_hang(server_nc: Client, 
 
     loop = asyncio.get_running_loop()
     async with serving(
-        server_nc, "lost-end.test", handler, max_chunk=FRAME_SIZE, wire_tap=drop_response_end
+        server_nc,
+        "lost-end.test",
+        handler,
+        config=tunnel.ServerConfig(max_chunk=FRAME_SIZE),
+        wire_tap=drop_response_end,
     ) as server:
-        client = tunnel.TunnelClient(client_nc, idle_timeout=idle)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle))
         resp = await client.fetch("tunnel://lost-end.test/body")
         received: list[bytes] = []
         began = loop.time()
@@ -495,7 +521,8 @@ async def test_lost_one_message_response_is_reported_at_the_first_republish_not_
     loop = asyncio.get_running_loop()
     async with serving(server_nc, "lost-whole.test", handler, wire_tap=drop_whole_responses) as server:
         client = tunnel.TunnelClient(
-            client_nc, idle_timeout=0.5, first_frame_timeout=first_frame, republish_interval=republish
+            client_nc,
+            timeouts=tunnel.Timeouts(idle=0.5, first_frame=first_frame, republish_interval=republish),
         )
         began = loop.time()
         with pytest.raises(tunnel.RemoteProtocolError) as caught:

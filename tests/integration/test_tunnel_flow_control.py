@@ -45,7 +45,7 @@ async def test_100mib_download_is_byte_exact_and_caller_buffer_stays_within_its_
     max_queued = 0
     held_at_pauses: list[int] = []
     async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler):
-        client = tunnel.TunnelClient(p.caller_nc, window=WINDOW)
+        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=WINDOW))
         async with asyncio.timeout(BIG_TIMEOUT):
             async with await client.fetch(f"tunnel://{HOST}/download") as resp:
                 request = resp._request
@@ -90,7 +90,7 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
         digest = sha256()
         total = 0
         try:
-            window = servers[0]._active[req.request_id].stream.receive_window
+            window = servers[0].dispatch.active[req.request_id].stream.receive_window
             pauses = list(PAUSE_AT)
             async for chunk in req.stream():
                 digest.update(chunk)
@@ -113,7 +113,10 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
         return tunnel.Response(200, [("x-sha256", digest.hexdigest()), ("x-length", str(total))])
 
     sent = sha256()
-    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler, window=WINDOW) as server:
+    async with (
+        connect_peers(nats_server) as p,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(window=WINDOW)) as server,
+    ):
         servers.append(server)
         client = tunnel.TunnelClient(p.caller_nc)
         async with asyncio.timeout(BIG_TIMEOUT):
@@ -144,8 +147,11 @@ async def test_slow_reader_gets_every_byte_without_slow_consumers(nats_server: N
     total = 0
     chunks = 0
     max_queued = 0
-    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler, max_chunk=64 * KiB):
-        client = tunnel.TunnelClient(p.caller_nc, window=window)
+    async with (
+        connect_peers(nats_server) as p,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_chunk=64 * KiB)),
+    ):
+        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=window))
         async with asyncio.timeout(BIG_TIMEOUT):
             async with await client.fetch(f"tunnel://{HOST}/slow") as resp:
                 request = resp._request

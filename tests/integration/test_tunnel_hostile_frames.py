@@ -142,7 +142,7 @@ async def server(server_nc: Client, app: App) -> AsyncIterator[tunnel.TunnelServ
 
 @pytest.fixture
 def client(client_nc: Client) -> tunnel.TunnelClient:
-    return tunnel.TunnelClient(client_nc, first_frame_timeout=PATIENT, idle_timeout=PATIENT)
+    return tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(first_frame=PATIENT, idle=PATIENT))
 
 
 _probe_counter = 0
@@ -606,7 +606,7 @@ async def test_a_server_process_survives_a_burst_of_1000_random_frames(
             subject = subjects.request if i % 2 else subjects.abort(f"burst{i}")
             await raw.publish(subject, _random_frame(rng))
         await raw.flush()
-        client = tunnel.TunnelClient(client_nc, first_frame_timeout=PATIENT, idle_timeout=PATIENT)
+        client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(first_frame=PATIENT, idle=PATIENT))
         resp = await client.fetch(f"tunnel://{hostname}/hello?after=burst")
         assert await resp.text() == "hello /hello?after=burst"
         assert proc.returncode is None
@@ -743,7 +743,9 @@ async def test_caller_rejects_a_malicious_server_on_its_first_bad_frame(
 ) -> None:
     # A small window, so one frame can overrun it.
     client = tunnel.TunnelClient(
-        client_nc, first_frame_timeout=PATIENT, idle_timeout=PATIENT, window=SMALL_WINDOW
+        client_nc,
+        timeouts=tunnel.Timeouts(first_frame=PATIENT, idle=PATIENT),
+        limits=tunnel.Limits(window=SMALL_WINDOW),
     )
     fake = FakeServer(raw, MALICIOUS_ANSWERS[answer])
     await fake.start()

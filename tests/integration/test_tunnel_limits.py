@@ -55,10 +55,12 @@ async def test_caller_that_never_reads_is_stalled_out_and_its_memory_released(
 
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, stall_timeout=STALL) as server,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(stall_timeout=STALL)) as server,
     ):
         # No idle timeout on our side: only the server's stall timeout can end this.
-        client = tunnel.TunnelClient(p.caller_nc, window=WINDOW, idle_timeout=None)
+        client = tunnel.TunnelClient(
+            p.caller_nc, limits=tunnel.Limits(window=WINDOW), timeouts=tunnel.Timeouts(idle=None)
+        )
         resp = await client.fetch(f"tunnel://{HOST}/endless")
         assert server.in_flight == 1
         # Never read: the server spends its window, then waits for credit that never comes.
@@ -68,7 +70,7 @@ async def test_caller_that_never_reads_is_stalled_out_and_its_memory_released(
             message="the server still holds a request whose caller stopped reading",
         )
         assert server.stats.outcomes["tunnel_stalled"] == 1
-        assert server._active == {}
+        assert server.dispatch.active == {}
         # The handler's endless body was closed, not left suspended forever.
         await asyncio.wait_for(body.closed.wait(), EVENT_TIMEOUT)
         assert body.sent <= WINDOW + 64 * KiB  # it never produced far past the window
@@ -91,7 +93,7 @@ async def test_caller_leaving_mid_body_closes_the_handlers_body_iterator(nats_se
         return tunnel.Response(200, [], body)
 
     async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler) as server:
-        client = tunnel.TunnelClient(p.caller_nc, window=WINDOW)
+        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=WINDOW))
         async with await client.fetch(f"tunnel://{HOST}/endless") as resp:
             got = 0
             async for chunk in resp.aiter_bytes():
@@ -123,9 +125,9 @@ async def test_caller_that_never_sends_its_announced_body_is_stalled_out(nats_se
 
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, stall_timeout=STALL) as server,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(stall_timeout=STALL)) as server,
     ):
-        client = tunnel.TunnelClient(p.caller_nc, idle_timeout=None)
+        client = tunnel.TunnelClient(p.caller_nc, timeouts=tunnel.Timeouts(idle=None))
         with pytest.raises(tunnel.StallTimeout, match="no request-body bytes") as caught:
             await asyncio.wait_for(
                 client.fetch(f"tunnel://{HOST}/upload", method="POST", body=silent_body()),
@@ -185,7 +187,7 @@ async def test_a_flood_beyond_max_concurrent_is_answered_503_with_retry_after(
 
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, max_concurrent=limit) as server,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_concurrent=limit)) as server,
     ):
         assert server.max_concurrent == limit
         client = tunnel.TunnelClient(p.caller_nc, fast_path=fast_path)
@@ -227,7 +229,7 @@ async def test_max_concurrent_must_be_a_positive_integer(nats_server: NatsServer
 
     async with connect_peers(nats_server) as p:
         with pytest.raises(ValueError, match="max_concurrent"):
-            await tunnel.serve(p.server_nc, HOST, handler, max_concurrent=bad)  # type: ignore[arg-type]
+            await tunnel.serve(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_concurrent=bad))  # type: ignore[arg-type]
 
 
 async def test_a_reference_v1_caller_over_the_limit_gets_a_plain_v1_503(nats_server: NatsServer) -> None:
@@ -239,7 +241,7 @@ async def test_a_reference_v1_caller_over_the_limit_gets_a_plain_v1_503(nats_ser
 
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, max_concurrent=1) as server,
+        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_concurrent=1)) as server,
     ):
         caller = V1Caller(p.caller_nc)
         busy = asyncio.create_task(caller.request(f"tunnel://{HOST}/first"))

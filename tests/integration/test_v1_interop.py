@@ -744,7 +744,7 @@ async def test_our_client_expects_no_heartbeats_from_a_v1_server_but_times_out_a
         return V1Reply(200, body=one_then_silence())
 
     async with connect_peers(nats_server) as p, v1_serving(p.server_nc, handler, prefix) as server:
-        client = tunnel.TunnelClient(p.caller_nc, prefix=prefix, idle_timeout=idle)
+        client = tunnel.TunnelClient(p.caller_nc, prefix=prefix, timeouts=tunnel.Timeouts(idle=idle))
         async with asyncio.timeout(EVENT_TIMEOUT):
             resp = await client.fetch(f"tunnel://{HOST}/slow")
             body = resp.aiter_bytes()

@@ -12,10 +12,11 @@ import contextlib
 import json
 import re
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
-from typing import Any
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
@@ -26,15 +27,7 @@ from nats.errors import Error as NatsError
 from .. import _codec as codec
 from .. import _frames as f
 from .._caller import CallerOptions, CallerPhase, CallerStream
-from .._config import (
-    DEFAULT_FIRST_FRAME_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CHUNK,
-    DEFAULT_REPUBLISH_INTERVAL,
-    DEFAULT_UNREACHABLE_GRACE,
-    DEFAULT_WINDOW,
-    heartbeat_interval_for,
-)
+from .._config import LegacyClientKwargs, Limits, Timeouts, client_config, heartbeat_interval_for
 from .._diagnostics import (
     OUTCOME_OK,
     REQUEST_ENDED,
@@ -61,6 +54,20 @@ from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, 
 
 Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
 HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
+
+
+class FetchOptions(TypedDict, total=False):
+    """:meth:`TunnelClient.fetch`'s keyword arguments, for functions that pass them on
+    (module-level :func:`fetch`); mypy checks that both agree."""
+
+    method: str
+    headers: HeadersArg
+    body: Body
+    timeout: float | None
+    first_frame_timeout: float | None
+    idle_timeout: float | None
+    timeouts: Timeouts | None
+
 
 _UNSET: Any = object()
 # Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
@@ -250,7 +257,6 @@ class _ClientRequest(TimedRequest):
             self.status = event.status
             if event.complete_body and event.has_body:
                 self.chunks.append(event.complete_body)
-                self.stream.receive_window.received_bytes += len(event.complete_body)
             if not event.has_body or event.complete_body is not None:
                 self.ended = True
                 self.release()
@@ -478,6 +484,22 @@ class TunnelClient:
     """Calls ``tunnel://`` URLs over one NATS connection; holds defaults for every fetch.
 
     Cheap to keep for the life of the connection: it owns one wildcard subscription.
+
+    - ``prefix``: the subject prefix servers listen under (an address, like the host);
+    - ``timeouts``: :class:`Timeouts` for every fetch (each fetch may override them);
+    - ``limits``: :class:`Limits`, the buffer and frame sizes of each request;
+    - ``fast_path``: offer the protocol extensions (binary frames, credit, heartbeats);
+      ``False`` speaks plain reference v1;
+    - ``shared_replies``: one wildcard reply subscription for all requests; ``False``
+      uses the reference reply subject with a subscription per request (for v1
+      daemons whose publish permission allows exactly that subject);
+    - ``wire_tap``, ``on_event``: diagnostics hooks.
+
+    The keyword arguments ``timeout``, ``first_frame_timeout``, ``idle_timeout``,
+    ``unreachable_grace``, ``republish_interval``, ``window`` and ``max_chunk`` are
+    deprecated (a ``DeprecationWarning`` names the replacement): pass ``timeouts=`` and
+    ``limits=`` instead. So are the read-only attributes of the same names: read
+    ``client.timeouts`` and ``client.limits``.
     """
 
     def __init__(
@@ -485,29 +507,17 @@ class TunnelClient:
         nc: NATS,
         *,
         prefix: str = DEFAULT_PREFIX,
-        timeout: float | None = None,
-        first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        unreachable_grace: float = DEFAULT_UNREACHABLE_GRACE,
-        republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
-        window: int = DEFAULT_WINDOW,
-        max_chunk: int = DEFAULT_MAX_CHUNK,
+        timeouts: Timeouts | None = None,
+        limits: Limits | None = None,
         fast_path: bool = True,
         shared_replies: bool = True,
         wire_tap: WireTap | None = None,
         on_event: EventHook | None = None,
+        **deprecated: Unpack[LegacyClientKwargs],
     ) -> None:
-        if window <= 0 or max_chunk <= 0:
-            raise ValueError("window and max_chunk must be positive")
+        self.timeouts, self.limits = client_config("TunnelClient", timeouts, limits, deprecated)
         self.nc = nc
         self.prefix = validate_prefix(prefix)
-        self.timeout = timeout
-        self.first_frame_timeout = first_frame_timeout
-        self.idle_timeout = idle_timeout
-        self.unreachable_grace = unreachable_grace
-        self.republish_interval = republish_interval
-        self.window = window
-        self.max_chunk = max_chunk
         self.fast_path = fast_path
         # False: the reference reply subject P.req.<id>.reply with a subscription per request,
         # for v1 daemons whose publish permission allows exactly that subject.
@@ -521,9 +531,39 @@ class TunnelClient:
         self._urls: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
-        self._options: dict[tuple[float | None, float | None, float | None, int], CallerOptions] = {}
+        self._options: dict[tuple[float | None, ...], CallerOptions] = {}
         self.on_event = on_event
         self.stats = TunnelCounters()
+
+    # The attributes ``timeouts`` and ``limits`` replace: read-only, deprecated (one release).
+
+    @property
+    def timeout(self) -> float | None:
+        return _renamed("timeout", "timeouts.total", self.timeouts.total)
+
+    @property
+    def first_frame_timeout(self) -> float | None:
+        return _renamed("first_frame_timeout", "timeouts.first_frame", self.timeouts.first_frame)
+
+    @property
+    def idle_timeout(self) -> float | None:
+        return _renamed("idle_timeout", "timeouts.idle", self.timeouts.idle)
+
+    @property
+    def unreachable_grace(self) -> float:
+        return _renamed("unreachable_grace", "timeouts.unreachable_grace", self.timeouts.unreachable_grace)
+
+    @property
+    def republish_interval(self) -> float:
+        return _renamed("republish_interval", "timeouts.republish_interval", self.timeouts.republish_interval)
+
+    @property
+    def window(self) -> int:
+        return _renamed("window", "limits.window", self.limits.window)
+
+    @property
+    def max_chunk(self) -> int:
+        return _renamed("max_chunk", "limits.max_chunk", self.limits.max_chunk)
 
     @property
     def in_flight(self) -> int:
@@ -580,12 +620,17 @@ class TunnelClient:
         timeout: float | None = _UNSET,
         first_frame_timeout: float | None = _UNSET,
         idle_timeout: float | None = _UNSET,
+        timeouts: Timeouts | None = None,
     ) -> FetchResponse:
         """Send one request; returns once the response head arrived.
 
         The body streams from ``FetchResponse.aiter_bytes()``. Raises a ``TunnelError``
         subclass on failure: ``TunnelUnreachable`` within milliseconds when nobody
         serves the host, a ``TunnelTimeout`` per the three timeouts, and so on.
+
+        Timeouts: ``timeouts`` replaces the client's :class:`Timeouts` for this request
+        as a whole; ``timeout`` (total), ``first_frame_timeout`` and ``idle_timeout``
+        override one of them (of ``timeouts`` when given), handy for one-off changes.
         """
         parsed = self._urls.get(url) if isinstance(url, str) else None
         if parsed is None:
@@ -598,9 +643,10 @@ class TunnelClient:
         hostname, target = parsed
         method = f.validate_method(method)
         header_list = _normalize_headers(headers) if headers else []
-        total = self.timeout if timeout is _UNSET else timeout
-        first = self.first_frame_timeout if first_frame_timeout is _UNSET else first_frame_timeout
-        idle = self.idle_timeout if idle_timeout is _UNSET else idle_timeout
+        base = self.timeouts if timeouts is None else timeouts
+        total = base.total if timeout is _UNSET else timeout
+        first = base.first_frame if first_frame_timeout is _UNSET else first_frame_timeout
+        idle = base.idle if idle_timeout is _UNSET else idle_timeout
         if body is not None and isinstance(body, _TEXT_OR_BYTES) and len(body) == 0:
             body = None
         if self._sub is None and self.shared_replies:
@@ -610,7 +656,7 @@ class TunnelClient:
             self._timers = TimerHub(loop)
         subjects = self._subjects_for(hostname)
         request_id = new_request_id()
-        options = self._options_for(first, idle, total)
+        options = self._options_for(first, idle, total, base)
         deadline_ms = int((time.time() + total) * 1000) if total else None
         stream = CallerStream(
             request_id=request_id,
@@ -669,8 +715,11 @@ class TunnelClient:
             subjects = self._hosts[hostname] = HostSubjects.for_host(hostname, self.prefix)
         return subjects
 
-    def _options_for(self, first: float | None, idle: float | None, total: float | None) -> CallerOptions:
-        key = (first, idle, total, self.nc.max_payload)
+    def _options_for(
+        self, first: float | None, idle: float | None, total: float | None, timeouts: Timeouts
+    ) -> CallerOptions:
+        grace, republish = timeouts.unreachable_grace, timeouts.republish_interval
+        key = (first, idle, total, grace, republish, self.nc.max_payload)
         options = self._options.get(key)
         if options is None:
             if len(self._options) >= HOST_CACHE_SIZE:
@@ -679,10 +728,10 @@ class TunnelClient:
                 first_frame_timeout=first,
                 idle_timeout=idle,
                 total_timeout=total,
-                republish_interval=self.republish_interval,
-                unreachable_grace=self.unreachable_grace,
-                window=self.window,
-                max_chunk=self.max_chunk,
+                republish_interval=republish,
+                unreachable_grace=grace,
+                window=self.limits.window,
+                max_chunk=self.limits.max_chunk,
                 max_payload=self.nc.max_payload,
                 heartbeat_interval=heartbeat_interval_for(idle),
                 fast_path=self.fast_path,
@@ -705,6 +754,18 @@ class TunnelClient:
         await self.aclose()
 
 
+_V = TypeVar("_V")
+
+
+def _renamed(old: str, new: str, value: _V) -> _V:
+    warnings.warn(
+        f"TunnelClient.{old} is deprecated and goes away in the next release; use TunnelClient.{new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value
+
+
 _clients: weakref.WeakKeyDictionary[NATS, dict[str, TunnelClient]] = weakref.WeakKeyDictionary()
 
 
@@ -718,24 +779,9 @@ def client_for(nc: NATS, prefix: str = DEFAULT_PREFIX) -> TunnelClient:
 
 
 async def fetch(
-    nc: NATS,
-    url: str,
-    *,
-    method: str = "GET",
-    headers: HeadersArg = None,
-    body: Body = None,
-    timeout: float | None = None,
-    first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-    prefix: str = DEFAULT_PREFIX,
+    nc: NATS, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Unpack[FetchOptions]
 ) -> FetchResponse:
-    """Fetch ``tunnel://host/path`` over ``nc`` with the connection's shared client."""
-    return await client_for(nc, prefix).fetch(
-        url,
-        method=method,
-        headers=headers,
-        body=body,
-        timeout=timeout,
-        first_frame_timeout=first_frame_timeout,
-        idle_timeout=idle_timeout,
-    )
+    """Fetch ``tunnel://host/path`` over ``nc`` with the connection's shared client
+    (:func:`client_for`); ``options`` (``method``, ``headers``, ``body``, the timeouts)
+    as for :meth:`TunnelClient.fetch`."""
+    return await client_for(nc, prefix).fetch(url, **options)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterable, Coroutine, Iterable
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
+from typing import Any, Unpack
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,18 +24,11 @@ from nats.errors import Error as NatsError
 from .. import _codec as codec
 from .. import _frames as f
 from .._config import (
-    BUSY_RETRY_AFTER,
     DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_MAX_CHUNK,
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_STALL_TIMEOUT,
-    DEFAULT_WINDOW,
-    EARLY_ABORT_TTL,
-    FINAL_FRAME_LIMIT,
-    FINAL_FRAME_TTL,
     REQUEST_DRAIN_LIMIT,
-    SEEN_REQUEST_LIMIT,
-    SEEN_REQUEST_TTL,
+    LegacyServerKwargs,
+    ServerConfig,
+    server_config,
 )
 from .._diagnostics import (
     FRAME_DROPPED,
@@ -46,10 +36,10 @@ from .._diagnostics import (
     REQUEST_ENDED,
     REQUEST_STARTED,
     EventHook,
-    TunnelCounters,
     TunnelEvent,
     emit,
 )
+from .._dispatch import ServerDispatcher, ServerStats
 from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
 from .._events import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish
 from .._handler import Handler, Request, Response
@@ -63,36 +53,14 @@ from .._subjects import (
 )
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, map_nats_error
 
-log = logging.getLogger("tunnel.server")
+__all__ = ["ServerStats", "TunnelServer", "serve"]
 
-#: The ``error.code`` in the JSON body of the 503 a server at its concurrency limit answers.
-TOO_MANY_REQUESTS = "too_many_requests"
+log = logging.getLogger("tunnel.server")
 
 # Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
 _BYTES_LIKE = (bytes, bytearray, memoryview)
-# Expired ids are swept every this many additions (membership checks the expiry anyway).
-PRUNE_EVERY = 256
 # Warn about malformed frames at most this often; count all of them.
 MALFORMED_LOG_INTERVAL = 1.0
-
-
-@dataclass
-class ServerStats(TunnelCounters):
-    """Counters for diagnostics and metrics (the common ones, plus server specifics)."""
-
-    completed: int = 0
-    handler_errors: int = 0
-    aborted: int = 0
-    timeouts: int = 0
-    protocol_errors: int = 0
-    malformed_frames: int = 0
-    repeated_starts: int = 0
-    #: Final frames (response.end / response.error) sent again to a caller that probed a silence.
-    repeated_finals: int = 0
-    #: Requests answered 503 + Retry-After without running the handler (max_concurrent reached).
-    overloaded: int = 0
-    #: The most requests in flight at once so far (compare with ``TunnelServer.max_concurrent``).
-    peak_active: int = 0
 
 
 class _ServerRequest(TimedRequest):
@@ -182,7 +150,7 @@ class _ServerRequest(TimedRequest):
         if notify:
             pub = self.stream.error_response(error.code, error.message)
             if pub is not None:
-                self.server._finals.put(self.stream.request_id, pub)
+                self.server.dispatch.remember_final(self.stream.request_id, pub)
                 with contextlib.suppress(TunnelError):
                     await self.server.publisher.send(pub)
         await self.release()
@@ -205,7 +173,6 @@ class _ServerRequest(TimedRequest):
                     )
                 if whole is not None:
                     self.status = response.status
-                    stats.bytes_out += len(whole.payload)
                     await self.server.publisher.send(whole)
                     stats.completed += 1
                     return
@@ -217,7 +184,7 @@ class _ServerRequest(TimedRequest):
             await self._send_body(body)
             if not self.stream.finished:
                 end = self.stream.end_response()
-                self.server._finals.put(self.stream.request_id, end)
+                self.server.dispatch.remember_final(self.stream.request_id, end)
                 await self.server.publisher.send(end)
                 stats.completed += 1
         except asyncio.CancelledError:
@@ -270,8 +237,6 @@ class _ServerRequest(TimedRequest):
             if self.stream.finished:
                 raise self.stream.error or TunnelAborted("request ended")
             frames, taken = self.stream.send_body(view)
-            for frame in frames:
-                self.server.stats.bytes_out += len(frame.payload)
             await self.server.publisher.send_all(frames)
             self.stream.mark_published()
             view = view[taken:]
@@ -294,9 +259,9 @@ class _ServerRequest(TimedRequest):
             self.released = True
             self._cancel_timer()
             server = self.server
-            server._active.pop(self.stream.request_id, None)
+            server.dispatch.release(self.stream.request_id)
             stats = server.stats
-            stats.active = len(server._active)
+            stats.bytes_out += self.stream.send.sent_bytes  # body bytes, as TunnelEvent.bytes_out
             error = self.stream.error
             outcome = OUTCOME_OK if error is None else error.code
             stats.outcomes[outcome] += 1
@@ -339,6 +304,14 @@ def _forget(nc: NATS, sub: Subscription) -> None:
     nc._remove_sub(sub._id)
 
 
+def _loop_clock() -> Callable[[], float]:
+    """The running loop's clock (every timer deadline is in its time), else the monotonic clock."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        return time.monotonic
+
+
 async def _close_body(body: object) -> None:
     """Close a response body (``aclose`` or ``close``) if it has either; its errors are logged."""
     close = getattr(body, "aclose", None) or getattr(body, "close", None)
@@ -360,69 +333,11 @@ def _as_bytes(piece: object) -> bytes | bytearray | memoryview:
     raise TypeError(f"response body yielded {type(piece).__name__}, not bytes")
 
 
-class _RecentIds:
-    """Ids with an expiry, bounded in size (oldest dropped first)."""
-
-    def __init__(self, ttl: float, limit: int) -> None:
-        self.ttl = ttl
-        self.limit = limit
-        self._items: OrderedDict[str, float] = OrderedDict()
-        self._adds = 0
-
-    def add(self, key: str, now: float) -> None:
-        items = self._items
-        if key in items:
-            items.move_to_end(key)
-        items[key] = now + self.ttl
-        if len(items) > self.limit:
-            items.popitem(last=False)
-        self._adds += 1
-        if self._adds % PRUNE_EVERY == 0:
-            self.prune(now)
-
-    def __contains__(self, key: str) -> bool:
-        expiry = self._items.get(key)
-        return expiry is not None and expiry > time.monotonic()
-
-    def pop(self, key: str) -> bool:
-        return self._items.pop(key, None) is not None
-
-    def prune(self, now: float) -> None:
-        while self._items:
-            _, expiry = next(iter(self._items.items()))
-            if expiry > now:
-                break
-            self._items.popitem(last=False)
-
-
-class _RecentFinals:
-    """The final frame of each recently finished streamed response (bounded, expiring).
-
-    A caller whose ``response.end`` (or ``response.error``) was lost hears nothing more and
-    probes; this is what we send it again. Small frames only (never a whole response).
-    """
-
-    def __init__(self, ttl: float, limit: int) -> None:
-        self.ttl = ttl
-        self.limit = limit
-        self._items: OrderedDict[str, tuple[float, Publish]] = OrderedDict()
-
-    def put(self, request_id: str, final: Publish) -> None:
-        items = self._items
-        items[request_id] = (time.monotonic() + self.ttl, final)
-        items.move_to_end(request_id)
-        while len(items) > self.limit:
-            items.popitem(last=False)
-
-    def get(self, request_id: str) -> Publish | None:
-        entry = self._items.get(request_id)
-        if entry is None or entry[0] <= time.monotonic():
-            return None
-        return entry[1]
-
-
 class TunnelServer:
-    """Serves one hostname over one NATS connection. Use :func:`serve` to create and start one."""
+    """Serves one hostname over one NATS connection. Use :func:`serve` to create and start one.
+
+    Arguments as for :func:`serve`.
+    """
 
     def __init__(
         self,
@@ -430,15 +345,13 @@ class TunnelServer:
         hostname: str,
         handler: Handler,
         *,
+        config: ServerConfig | None = None,
         prefix: str = DEFAULT_PREFIX,
-        window: int = DEFAULT_WINDOW,
-        max_chunk: int = DEFAULT_MAX_CHUNK,
-        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
-        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-        fast_path: bool = True,
         wire_tap: WireTap | None = None,
         on_event: EventHook | None = None,
+        **deprecated: Unpack[LegacyServerKwargs],
     ) -> None:
+        self.config = config = server_config("TunnelServer", config, deprecated)
         self.nc = nc
         self.on_event = on_event
         self.subjects = HostSubjects.for_host(hostname, prefix)
@@ -451,38 +364,40 @@ class TunnelServer:
                 self.hostname,
             )
         self.handler = handler
-        self.window = window
-        self.max_chunk = max_chunk
-        self.stall_timeout = stall_timeout
-        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
-        self.max_concurrent = max_concurrent
-        self.fast_path = fast_path
+        # The config's fields, also as attributes (read per request, and by existing callers).
+        self.window = config.window
+        self.max_chunk = config.max_chunk
+        self.stall_timeout = config.stall_timeout
+        self.max_concurrent = config.max_concurrent
+        self.fast_path = config.fast_path
         self.server_id = new_endpoint_id()
         self.publisher = Publisher(nc, wire_tap)
-        self.stats = ServerStats()
-        self._active: dict[str, _ServerRequest] = {}
-        self._seen = _RecentIds(SEEN_REQUEST_TTL, SEEN_REQUEST_LIMIT)
-        self._early_aborts = _RecentIds(EARLY_ABORT_TTL, SEEN_REQUEST_LIMIT)
-        self._finals = _RecentFinals(FINAL_FRAME_TTL, FINAL_FRAME_LIMIT)
+        self.dispatch: ServerDispatcher[_ServerRequest] = ServerDispatcher(
+            hostname=self.hostname,
+            subjects=self.subjects,
+            server_id=self.server_id,
+            options=ServerOptions(
+                window=config.window,
+                max_chunk=config.max_chunk,
+                max_payload=nc.max_payload,
+                stall_timeout=config.stall_timeout,
+                fast_path=config.fast_path,
+            ),
+            max_concurrent=config.max_concurrent,
+            clock=_loop_clock(),
+            wall_clock=time.time,
+        )
+        self.stats: ServerStats = self.dispatch.stats
         self._subs: list[Subscription] = []
         self._request_sub: Subscription | None = None
         self._closing = False
-        self._accepting = True  # false once close() has drained the request subscription
         self._last_malformed_log = 0.0
         self._background: set[asyncio.Task[None]] = set()
-        self._options = ServerOptions(
-            window=window,
-            max_chunk=max_chunk,
-            max_payload=nc.max_payload,
-            stall_timeout=stall_timeout,
-            fast_path=fast_path,
-        )
         self._timers: TimerHub | None = None
 
     @property
     def in_flight(self) -> int:
-        return len(self._active)
+        return len(self.dispatch.active)
 
     async def start(self) -> None:
         """Subscribe; on return the NATS server knows us, so callers never see no-responders."""
@@ -510,10 +425,10 @@ class TunnelServer:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout
         await self._stop_taking_requests(timeout)
-        tasks = [r.task for r in self._active.values() if r.task is not None]
+        tasks = [r.task for r in self.dispatch.active.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, give_up_at - loop.time()))
-        for req in list(self._active.values()):
+        for req in list(self.dispatch.active.values()):
             await req.fail(TunnelError("server is shutting down", code=ErrorCode.SERVER_CLOSING), notify=True)
         for sub in self._subs[1:]:
             with contextlib.suppress(NatsError, OSError):
@@ -534,7 +449,7 @@ class TunnelServer:
                     await sub.unsubscribe()
                 _forget(self.nc, sub)
         finally:
-            self._accepting = False  # also when close() itself is cancelled mid-drain
+            self.dispatch.accepting = False  # also when close() itself is cancelled mid-drain
 
     async def _drain(self, sub: Subscription, limit: float) -> bool:
         if limit <= 0 or not self.nc.is_connected:
@@ -577,67 +492,23 @@ class TunnelServer:
     # -- message handlers --------------------------------------------------------------
 
     async def _on_start(self, msg: Msg) -> None:
-        try:
-            frame = codec.decode_frame(msg.data)
-        except f.FrameError as exc:
-            self._malformed(msg.subject, exc.message)
-            await self._reject_malformed_start(msg, exc)
-            return
-        if not isinstance(frame, f.RequestStart):
-            self._malformed(msg.subject, f"{frame.type} on the request subject")
-            return
-        rid = frame.request_id
-        active = self._active.get(rid)
-        if active is not None:
-            self.stats.repeated_starts += 1
-            await self._send_quietly(active.stream.ack())
-            return
-        if rid in self._seen:
-            self.stats.repeated_starts += 1
-            await self._answer_finished_repeat(frame)
-            return
-        if self._early_aborts.pop(rid) or not self._accepting:
+        dispatch = self.dispatch
+        if dispatch.options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
+            dispatch.set_max_payload(self.nc.max_payload)
+        answer = dispatch.on_start(msg.data, msg.reply)
+        if answer.malformed is not None:
+            self._malformed(msg.subject, answer.malformed)
+        if answer.publishes:
+            with contextlib.suppress(TunnelError):
+                await self.publisher.send_all(list(answer.publishes))
+        stream = answer.stream
+        if stream is None:
             return
         loop = asyncio.get_running_loop()
-        deadline = None
-        if frame.deadline_unix_ms is not None:
-            deadline = loop.time() + (frame.deadline_unix_ms / 1000.0 - time.time())
-        options = self._options
-        if options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
-            options = self._options = replace(options, max_payload=self.nc.max_payload)
-        try:
-            stream = ServerStream(
-                frame,
-                subjects=self.subjects,
-                server_id=self.server_id,
-                options=options,
-                clock=loop.time,
-                deadline=deadline,
-            )
-        except f.FrameError as exc:
-            self._malformed(msg.subject, exc.message)  # subjects outside the host: never publish there
-            return
-        self.stats.requests += 1
-        self._seen.add(rid, time.monotonic())
-        if len(self._active) >= self.max_concurrent:
-            self.stats.overloaded += 1
-            self.stats.outcomes[TOO_MANY_REQUESTS] += 1
-            await self._answer_busy(stream)
-            return
-        now = loop.time()
-        if deadline is not None and deadline <= now:
-            self.stats.timeouts += 1
-            self.stats.outcomes[ErrorCode.TIMEOUT] += 1
-            pub = stream.error_response(ErrorCode.TIMEOUT, "deadline passed before the request arrived")
-            if pub is not None:
-                await self._send_quietly(pub)
-            return
-        req = _ServerRequest(self, stream, loop, now)
-        self._active[rid] = req
-        stats = self.stats
-        stats.active = len(self._active)
-        if stats.active > stats.peak_active:
-            stats.peak_active = stats.active
+        req = _ServerRequest(self, stream, loop, loop.time())
+        dispatch.admit(req)
+        rid = stream.request_id
+        frame = stream.start_frame
         if self.on_event is not None:
             emit(
                 self.on_event,
@@ -657,71 +528,6 @@ class TunnelServer:
         self._timers.add(req, stream.next_deadline())
         req.task = loop.create_task(req.run(self.handler))
 
-    async def _answer_busy(self, stream: ServerStream) -> None:
-        """At the concurrency limit: a plain HTTP 503 with Retry-After, the handler never runs.
-
-        A normal response, not a tunnel error: the caller (and an HTTP client behind a gateway)
-        sees an ordinary "try again shortly", and the request costs us one or four small frames.
-        """
-        body = json.dumps(
-            {
-                "error": {
-                    "code": TOO_MANY_REQUESTS,
-                    "message": f"{self.hostname} is handling {self.max_concurrent} requests at once "
-                    f"(its limit); retry after {BUSY_RETRY_AFTER} s",
-                }
-            },
-            separators=(",", ":"),
-        ).encode()
-        headers = [
-            ("content-type", "application/json"),
-            ("retry-after", str(BUSY_RETRY_AFTER)),
-            ("content-length", str(len(body))),
-        ]
-        whole = stream.whole_response(503, headers, "Service Unavailable", body)
-        if whole is not None:
-            pubs = [whole]
-        else:
-            pubs = [stream.ack(), stream.start_response(503, headers, "Service Unavailable")]
-            frames, _ = stream.send_body(body)  # fits any window: a few hundred bytes
-            pubs += frames
-            if not stream.finished:
-                pubs.append(stream.end_response())
-                self._finals.put(stream.request_id, pubs[-1])
-        for pub in pubs:
-            self.stats.bytes_out += len(pub.payload)
-        with contextlib.suppress(TunnelError):
-            await self.publisher.send_all(pubs)
-
-    async def _answer_finished_repeat(self, frame: f.RequestStart) -> None:
-        """A start repeated after we answered in full: our answer was lost on the way.
-
-        An extended caller is told so at once (instead of waiting for its first-frame
-        timeout); a plain v1 caller gets what the reference server sends, another ack.
-        """
-        rid = frame.request_id
-        if not self.subjects.request_subject_ok(frame.reply_subject, rid):
-            return
-        if frame.extensions is not None and self.fast_path:
-            reply: f.Frame = f.ResponseError(
-                rid, ErrorCode.PROTOCOL_ERROR, "the response was already sent and did not arrive; retry"
-            )
-        else:
-            reply = f.ResponseAck(rid)
-        await self._send_quietly(Publish(frame.reply_subject, codec.encode_frame(reply)))
-
-    async def _reject_malformed_start(self, msg: Msg, exc: f.FrameError) -> None:
-        """Tell a caller its start was unusable, when we can safely tell who it is."""
-        rid = exc.request_id
-        if rid is None:
-            with contextlib.suppress(ValueError, RecursionError, AttributeError, TypeError):
-                candidate = json.loads(msg.data).get("requestId")
-                rid = candidate if is_valid_request_id(candidate) else None
-        if rid is None or not msg.reply or not self.subjects.owns(msg.reply):
-            return
-        frame = f.ResponseError(rid, ErrorCode.PROTOCOL_ERROR, f"malformed request.start: {exc.message}")
-        await self._send_quietly(Publish(msg.reply, codec.encode_frame(frame)))
-
     async def _on_abort(self, msg: Msg) -> None:
         parsed = parse_request_subject(msg.subject, self.subjects.prefix)
         if parsed is None or not is_valid_request_id(parsed[1]):
@@ -736,12 +542,9 @@ class TunnelServer:
         if not isinstance(frame, f.Abort):
             self._malformed(msg.subject, f"{frame.type} on an abort subject")
             return
-        req = self._active.get(rid)
-        if req is None:
-            if rid not in self._seen:
-                self._early_aborts.add(rid, time.monotonic())
-            return
-        await req.on_frame(frame)
+        req = self.dispatch.on_abort(rid)
+        if req is not None:
+            await req.on_frame(frame)
 
     async def _on_up(self, msg: Msg) -> None:
         await self._on_request_frame(
@@ -757,9 +560,11 @@ class TunnelServer:
             self._malformed(msg.subject, "unexpected subject")
             return
         rid = parsed[1]
-        req = self._active.get(rid)
+        req = self.dispatch.active.get(rid)
         if req is None:
-            await self._answer_probe(rid, msg.data)  # else a late frame for a finished request
+            final = self.dispatch.on_stray(rid, msg.data)  # a probe after we finished, or a late frame
+            if final is not None:
+                await self._send_quietly(final)
             return
         try:
             frame = codec.decode_frame(msg.data, rid)
@@ -774,19 +579,6 @@ class TunnelServer:
             await req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
             return
         await req.on_frame(frame)
-
-    async def _answer_probe(self, rid: str, data: bytes) -> None:
-        """A caller probing a silence after we finished: our final frame was lost, send it again."""
-        final = self._finals.get(rid)
-        if final is None:
-            return
-        try:
-            frame = codec.decode_frame(data, rid)
-        except f.FrameError:
-            return
-        if isinstance(frame, f.RequestCredit) and frame.probe:
-            self.stats.repeated_finals += 1
-            await self._send_quietly(final)
 
     async def _send_quietly(self, pub: Publish) -> None:
         with contextlib.suppress(TunnelError):
@@ -804,32 +596,27 @@ async def serve(
     hostname: str,
     handler: Handler,
     *,
+    config: ServerConfig | None = None,
     prefix: str = DEFAULT_PREFIX,
-    window: int = DEFAULT_WINDOW,
-    max_chunk: int = DEFAULT_MAX_CHUNK,
-    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-    fast_path: bool = True,
     wire_tap: WireTap | None = None,
     on_event: EventHook | None = None,
     server_class: type[TunnelServer] = TunnelServer,
+    **deprecated: Unpack[LegacyServerKwargs],
 ) -> TunnelServer:
     """Start serving ``hostname``; returns the running server (``await server.close()`` to stop).
 
-    ``server_class``: a ``TunnelServer`` subclass to instantiate (tests, instrumentation).
+    - ``config``: a :class:`ServerConfig` (sizes, stall timeout, concurrency); defaults when omitted;
+    - ``prefix``: the subject prefix callers use (an address, like the hostname);
+    - ``wire_tap``, ``on_event``: diagnostics hooks;
+    - ``server_class``: a ``TunnelServer`` subclass to instantiate (tests, instrumentation).
+
+    The keyword arguments ``window``, ``max_chunk``, ``stall_timeout``, ``max_concurrent``
+    and ``fast_path`` are deprecated (a ``DeprecationWarning`` names the replacement):
+    pass ``config=ServerConfig(...)`` instead.
     """
+    config = server_config("serve", config, deprecated)
     server = server_class(
-        nc,
-        hostname,
-        handler,
-        prefix=prefix,
-        window=window,
-        max_chunk=max_chunk,
-        stall_timeout=stall_timeout,
-        max_concurrent=max_concurrent,
-        fast_path=fast_path,
-        wire_tap=wire_tap,
-        on_event=on_event,
+        nc, hostname, handler, config=config, prefix=prefix, wire_tap=wire_tap, on_event=on_event
     )
     await server.start()
     return server
