@@ -1,8 +1,7 @@
 """One JSON log schema for the gateway and the daemon: one object per line.
 
 Keys: ``ts`` (ISO 8601 UTC, milliseconds, ``Z``), ``level`` (lower case), ``logger``,
-``message`` and ``msg`` (the same text: ``message`` is what the daemon's readers use,
-``msg`` what the gateway's log shippers query), then every field the record got through
+``message``, then every field the record got through
 ``extra={...}`` (values JSON cannot hold are written as text), and ``exception`` (the
 formatted traceback) when there is one. Secrets are never passed in ``extra``.
 """
@@ -26,14 +25,12 @@ _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
         entry: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": message,
-            "msg": message,
+            "message": record.getMessage(),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):

@@ -4,7 +4,7 @@ Human mode prints ``HH:MM:SS message`` on stdout for the daemon's own lines and
 ``HH:MM:SS warning: ...`` for problems from the libraries; the tunnel's own
 connection chatter is left out (the daemon reports connection states itself).
 JSON mode writes one object per record on stdout in the schema of :mod:`contract.logs`
-(``ts``, ``level``, ``logger``, ``message``/``msg`` and the record's structured fields;
+(``ts``, ``level``, ``logger``, ``message`` and the record's structured fields;
 state changes carry ``event: "state"`` and ``state``).
 """
 

@@ -104,7 +104,7 @@ class LinkdProcess:
                 self.lines.append(json.loads(raw))
 
     def messages(self) -> list[str]:
-        return [str(line.get("message") or line.get("msg")) for line in self.lines]
+        return [str(line.get("message")) for line in self.lines]
 
     def count(self, fragment: str) -> int:
         return sum(fragment in m for m in self.messages())

@@ -115,7 +115,7 @@ def test_serve_answers_on_a_real_port_logs_json_and_stops_cleanly_on_sigterm(
     assert proc.returncode == 0, stderr
     records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert records, "no log output"
-    assert any(r["msg"].startswith("starting studio-gateway") for r in records)
+    assert any(r["message"].startswith("starting studio-gateway") for r in records)
     access = [r for r in records if r["logger"] == "aiohttp.access"]
     assert {"method", "path", "status", "duration_ms"} <= set(access[-1])
     assert SECRET not in stderr and '"tok"' not in stderr  # no secret in any log line
