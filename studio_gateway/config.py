@@ -1,4 +1,9 @@
-"""Gateway configuration: one frozen value object, built from the environment and checked at start-up.
+"""Gateway configuration: one frozen value object, built from the settings and checked at start-up.
+
+Every setting is declared once, below: its environment variable, its ``studio-gateway
+serve`` flag, its type, default and help (:data:`SETTINGS`). :meth:`GatewayConfig.from_env`
+reads the variables; the CLI hands over the values typer parsed (the flag, else the
+variable) to :meth:`GatewayConfig.from_settings`. Both run the same checks.
 
 Why validate here: a bad public URL or a signing key that does not belong to the
 account would otherwise surface much later, as a daemon's "Authorization
@@ -16,12 +21,13 @@ Values that hold a secret or a JWT may be given inline or as a path to a file ho
 
 from __future__ import annotations
 
+import abc
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import tunnel
@@ -34,12 +40,20 @@ __all__ = [
     "DEFAULT_JWT_AUDIENCE",
     "DEFAULT_NATS_URL",
     "DEFAULT_SESSION_TTL_SECONDS",
+    "SETTINGS",
     "AuthConfig",
     "ConfigError",
     "CredentialMode",
+    "EnvironValues",
     "GatewayConfig",
     "OperatorKeys",
     "RunsConfig",
+    "Seconds",
+    "Setting",
+    "SettingValues",
+    "Switch",
+    "Text",
+    "Whole",
     "allowed_connection_types",
 ]
 
@@ -64,12 +78,18 @@ DEFAULT_RUNNERS: Final = ("echo", "mock", "command", "http")
 DEFAULT_RUNS_STREAM_MAX_AGE: Final = 30 * 60.0
 # JetStream drops a re-published event id within this window (the daemon retries with the same id).
 DEFAULT_RUNS_DUPLICATE_WINDOW: Final = 2 * 60.0
+# One copy of the run stream and buckets; a NATS cluster wants 3 (docs/runs.md).
+DEFAULT_RUNS_REPLICAS: Final = 1
 # Events of one run kept for export after the stream's retention (the done event is always kept).
 DEFAULT_RUNS_OUTPUT_MAX_BYTES: Final = 1024 * 1024
 # Run state and kept events live this long in their key-value buckets.
 DEFAULT_RUNS_RETENTION: Final = 7 * 24 * 3600.0
 # A running run whose desktop sent nothing (linkd sends heartbeats) for this long is desktop_lost.
 DEFAULT_RUNS_LIVENESS_TIMEOUT: Final = 60.0
+# Unless RUNS_REAPER_INTERVAL_SECONDS says otherwise, the reaper scans this many times per liveness
+# timeout, but never more often or more rarely than these bounds.
+REAPER_SCANS_PER_LIVENESS_TIMEOUT: Final = 10
+REAPER_SCAN_INTERVAL_BOUNDS: Final = (0.1, 5.0)
 # Delivering a work item: a connected daemon answers in milliseconds.
 DEFAULT_RUNS_DISPATCH_TIMEOUT: Final = 10.0
 # SSE comment keep-alives while a run is quiet (proxies close idle connections).
@@ -95,6 +115,11 @@ _NATS_SCHEMES: Final = {"nats": "STANDARD", "tls": "STANDARD", "ws": "WEBSOCKET"
 _RUNNER_NAME: Final = re.compile(r"[a-z0-9_-]{1,64}")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
+_TEN_YEARS: Final = 10 * 365 * 86400.0
+_DAY: Final = 86400.0
+
+T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 class ConfigError(ValueError):
@@ -104,6 +129,390 @@ class ConfigError(ValueError):
         super().__init__(f"{variable}: {message}")
         self.variable = variable
         self.message = message
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One setting: environment variable, flag (a typer option declaration) and help.
+
+    ``default`` is the value when the setting is not given; ``default_help`` says what it is
+    where that is computed (the help shows one or the other).
+    """
+
+    env: str
+    flag: str
+    help: str
+    _: KW_ONLY
+    default: T | None = None
+    default_help: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The flag as a parameter name.
+
+        ``--runs-replicas`` -> ``runs_replicas``; ``--runs/--no-runs`` -> ``runs``.
+        """
+        return self.flag.split("/")[0].removeprefix("--").replace("-", "_")
+
+    @property
+    @abc.abstractmethod
+    def value_type(self) -> type[T]:
+        """The type of the value (what typer parses the flag and the variable as)."""
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as the help shows it; None where there is none."""
+        if self.default_help is not None:
+            return self.default_help
+        return None if self.default is None else self.show(self.default)
+
+    def show(self, value: T) -> str:
+        return str(value)
+
+    @abc.abstractmethod
+    def parse(self, raw: str | None) -> T | None:
+        """The value an environment variable gives (None: not given); :class:`ConfigError` if malformed."""
+
+    def check(self, value: T) -> T:
+        """``value``, or :class:`ConfigError` where it is out of bounds."""
+        return value
+
+    def value(self, given: T | None) -> T:
+        """``given`` checked, else the default."""
+        if given is not None:
+            return self.check(given)
+        if self.default is None:
+            raise TypeError(f"{self.env} has no default; read what was given")
+        return self.default
+
+
+@dataclass(frozen=True)
+class Text(Setting[str]):
+    """A string, read as given (an empty one too): its consumer splits it, reads a file, ..."""
+
+    @property
+    def value_type(self) -> type[str]:
+        return str
+
+    def parse(self, raw: str | None) -> str | None:
+        return raw
+
+
+@dataclass(frozen=True)
+class _Number(Setting[N]):
+    """A number within ``[low, high]``; a blank variable is not given."""
+
+    _: KW_ONLY
+    low: N
+    high: N
+
+    def check(self, value: N) -> N:
+        if not self.low <= value <= self.high:  # also refuses nan
+            raise ConfigError(
+                self.env,
+                f"{self.show(value)} is out of range [{self.show(self.low)}, {self.show(self.high)}]",
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Whole(_Number[int]):
+    @property
+    def value_type(self) -> type[int]:
+        return int
+
+    def parse(self, raw: str | None) -> int | None:
+        text = (raw or "").strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(self.env, f"{text!r} is not a whole number") from None
+
+
+@dataclass(frozen=True)
+class Seconds(_Number[float]):
+    @property
+    def value_type(self) -> type[float]:
+        return float
+
+    def show(self, value: float) -> str:
+        return f"{value:g}"
+
+    def parse(self, raw: str | None) -> float | None:
+        text = (raw or "").strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(self.env, f"{text!r} is not a number (seconds)") from None
+
+
+@dataclass(frozen=True)
+class Switch(Setting[bool]):
+    """On or off: ``--x/--no-x``; the variable takes 1/true/yes/on or 0/false/no/off."""
+
+    @property
+    def value_type(self) -> type[bool]:
+        return bool
+
+    def show(self, value: bool) -> str:
+        return "on" if value else "off"
+
+    def parse(self, raw: str | None) -> bool | None:
+        text = (raw or "").strip().lower()
+        if not text:
+            return None
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(self.env, f"{text!r} is not a boolean (use true/false)")
+
+
+GATEWAY_HOST: Final = Text("GATEWAY_HOST", "--host", "Listen address.", default=DEFAULT_GATEWAY_HOST)
+GATEWAY_PORT: Final = Whole(
+    "GATEWAY_PORT", "--port", "Listen port.", default=DEFAULT_GATEWAY_PORT, low=0, high=65535
+)
+NATS_URL: Final = Text(
+    "NATS_URL", "--nats-url", "The gateway's NATS server(s), comma-separated.", default=DEFAULT_NATS_URL
+)
+NATS_CREDS: Final = Text("NATS_CREDS", "--nats-creds", "The gateway's own NATS .creds file (operator mode).")
+NATS_TOKEN: Final = Text("NATS_TOKEN", "--nats-token", "NATS token (token mode: also handed to daemons).")
+NATS_PUBLIC_URL: Final = Text(
+    "NATS_PUBLIC_URL", "--public-url", "NATS URL(s) daemons connect to, comma-separated."
+)
+NATS_TUNNEL_PUBLIC_ENABLED: Final = Switch(
+    "NATS_TUNNEL_PUBLIC_ENABLED",
+    "--tunnel-public/--no-tunnel-public",
+    "Hand out link sessions.",
+    default=True,
+)
+NATS_TUNNEL_SESSION_TTL_SECONDS: Final = Whole(
+    "NATS_TUNNEL_SESSION_TTL_SECONDS",
+    "--session-ttl",
+    "Lifetime of minted NATS credentials, seconds.",
+    default=DEFAULT_SESSION_TTL_SECONDS,
+    low=1,
+    high=MAX_SESSION_TTL_SECONDS,
+)
+NATS_OPERATOR_JWT: Final = Text("NATS_OPERATOR_JWT", "--operator-jwt", "Operator JWT.")
+NATS_ACCOUNT_JWT: Final = Text("NATS_ACCOUNT_JWT", "--account-jwt", "Account JWT.")
+NATS_ACCOUNT_SIGNING_KEY: Final = Text(
+    "NATS_ACCOUNT_SIGNING_KEY", "--account-signing-key", "Account signing key seed (SA...)."
+)
+TUNNEL_PREFIX: Final = Text(
+    "TUNNEL_PREFIX", "--tunnel-prefix", "Tunnel subject prefix.", default=tunnel.DEFAULT_PREFIX
+)
+GATEWAY_JWT_SECRET: Final = Text("GATEWAY_JWT_SECRET", "--jwt-secret", "HS256 secret for API bearer tokens.")
+GATEWAY_JWT_PUBLIC_KEY: Final = Text(
+    "GATEWAY_JWT_PUBLIC_KEY", "--jwt-public-key", "PEM public key for RS/ES API tokens."
+)
+GATEWAY_JWT_ALGORITHMS: Final = Text(
+    "GATEWAY_JWT_ALGORITHMS",
+    "--jwt-algorithms",
+    "Accepted token algorithms, comma-separated.",
+    default_help="HS256 with a secret, RS256,ES256 with a public key",
+)
+GATEWAY_JWT_AUDIENCE: Final = Text(
+    "GATEWAY_JWT_AUDIENCE", "--jwt-audience", "Required token audience.", default=DEFAULT_JWT_AUDIENCE
+)
+RUNS_ENABLED: Final = Switch(
+    "RUNS_ENABLED", "--runs/--no-runs", "Serve /api/runs (needs JetStream).", default=True
+)
+RUNS_RUNNERS: Final = Text(
+    "RUNS_RUNNERS",
+    "--runs-runners",
+    "Runner names a run may ask for, comma-separated.",
+    default_help=",".join(DEFAULT_RUNNERS),
+)
+RUNS_STREAM_MAX_AGE: Final = Seconds(
+    "RUNS_STREAM_MAX_AGE_SECONDS",
+    "--runs-stream-max-age",
+    "Run events stay in the stream this long, s.",
+    default=DEFAULT_RUNS_STREAM_MAX_AGE,
+    low=1.0,
+    high=_TEN_YEARS,
+)
+RUNS_DUPLICATE_WINDOW: Final = Seconds(
+    "RUNS_DUPLICATE_WINDOW_SECONDS",
+    "--runs-duplicate-window",
+    "Event de-duplication window, s.",
+    default_help=f"{DEFAULT_RUNS_DUPLICATE_WINDOW:g}, or the stream max age if shorter",
+    default=DEFAULT_RUNS_DUPLICATE_WINDOW,
+    low=0.1,
+    high=_DAY,
+)
+RUNS_REPLICAS: Final = Whole(
+    "RUNS_REPLICAS",
+    "--runs-replicas",
+    "JetStream replicas of the run stream and buckets.",
+    default=DEFAULT_RUNS_REPLICAS,
+    low=1,
+    high=5,
+)
+RUNS_OUTPUT_MAX_BYTES: Final = Whole(
+    "RUNS_OUTPUT_MAX_BYTES",
+    "--runs-output-max-bytes",
+    "Event bytes kept per run for export after retention.",
+    default=DEFAULT_RUNS_OUTPUT_MAX_BYTES,
+    low=0,
+    high=1 << 34,
+)
+RUNS_RETENTION: Final = Seconds(
+    "RUNS_RETENTION_SECONDS",
+    "--runs-retention",
+    "Run state and kept events live this long, s.",
+    default=DEFAULT_RUNS_RETENTION,
+    low=60.0,
+    high=_TEN_YEARS,
+)
+RUNS_LIVENESS_TIMEOUT: Final = Seconds(
+    "RUNS_LIVENESS_TIMEOUT_SECONDS",
+    "--runs-liveness-timeout",
+    "A run silent this long fails as desktop_lost, s.",
+    default=DEFAULT_RUNS_LIVENESS_TIMEOUT,
+    low=0.5,
+    high=_DAY,
+)
+RUNS_REAPER_INTERVAL: Final = Seconds(
+    "RUNS_REAPER_INTERVAL_SECONDS",
+    "--runs-reaper-interval",
+    "Reaper scan interval, s.",
+    default_help="liveness timeout/{}, within {:g}..{:g}".format(
+        REAPER_SCANS_PER_LIVENESS_TIMEOUT, *REAPER_SCAN_INTERVAL_BOUNDS
+    ),
+    low=0.05,
+    high=3600.0,
+)
+RUNS_DISPATCH_TIMEOUT: Final = Seconds(
+    "RUNS_DISPATCH_TIMEOUT_SECONDS",
+    "--runs-dispatch-timeout",
+    "Delivering a work item or a cancel, s.",
+    default=DEFAULT_RUNS_DISPATCH_TIMEOUT,
+    low=0.1,
+    high=600.0,
+)
+RUNS_KEEPALIVE: Final = Seconds(
+    "RUNS_KEEPALIVE_SECONDS",
+    "--runs-keepalive",
+    "SSE keep-alive interval, s.",
+    default=DEFAULT_RUNS_KEEPALIVE,
+    low=0.1,
+    high=3600.0,
+)
+RUNS_MAX_BODY_BYTES: Final = Whole(
+    "RUNS_MAX_BODY_BYTES",
+    "--runs-max-body-bytes",
+    "Largest POST /api/runs body.",
+    default=DEFAULT_RUNS_MAX_BODY_BYTES,
+    low=1024,
+    high=16 << 20,
+)
+RUNS_MAX_EVENTS_PER_RUN: Final = Whole(
+    "RUNS_MAX_EVENTS_PER_RUN",
+    "--runs-max-events-per-run",
+    "Events one run may publish; more are refused and the run fails as event_limit.",
+    default=DEFAULT_RUNS_MAX_EVENTS_PER_RUN,
+    low=10,
+    high=1 << 30,
+)
+RUNS_MAX_EVENT_BYTES: Final = Whole(
+    "RUNS_MAX_EVENT_BYTES",
+    "--runs-max-event-bytes",
+    "Largest run event the stream stores, bytes.",
+    default=DEFAULT_RUNS_MAX_EVENT_BYTES,
+    low=1024,
+    high=64 << 20,
+)
+RUNS_HOST_STRAY_EVENTS: Final = Whole(
+    "RUNS_HOST_STRAY_EVENTS",
+    "--runs-host-stray-events",
+    "Events a desktop may publish for runs it does not have, per window, before its "
+    "stored events are purged and its runs fail as quota_exceeded.",
+    default=DEFAULT_RUNS_HOST_STRAY_EVENTS,
+    low=1,
+    high=1 << 30,
+)
+RUNS_HOST_STRAY_WINDOW: Final = Seconds(
+    "RUNS_HOST_STRAY_WINDOW_SECONDS",
+    "--runs-host-stray-window",
+    "The window of --runs-host-stray-events, s.",
+    default=DEFAULT_RUNS_HOST_STRAY_WINDOW,
+    low=1.0,
+    high=_DAY,
+)
+
+# Every setting, in the order ``studio-gateway serve --help`` lists them.
+SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[bool], ...]] = (
+    GATEWAY_HOST,
+    GATEWAY_PORT,
+    NATS_URL,
+    NATS_CREDS,
+    NATS_TOKEN,
+    NATS_PUBLIC_URL,
+    NATS_TUNNEL_PUBLIC_ENABLED,
+    NATS_TUNNEL_SESSION_TTL_SECONDS,
+    NATS_OPERATOR_JWT,
+    NATS_ACCOUNT_JWT,
+    NATS_ACCOUNT_SIGNING_KEY,
+    TUNNEL_PREFIX,
+    GATEWAY_JWT_SECRET,
+    GATEWAY_JWT_PUBLIC_KEY,
+    GATEWAY_JWT_ALGORITHMS,
+    GATEWAY_JWT_AUDIENCE,
+    RUNS_ENABLED,
+    RUNS_RUNNERS,
+    RUNS_STREAM_MAX_AGE,
+    RUNS_DUPLICATE_WINDOW,
+    RUNS_REPLICAS,
+    RUNS_OUTPUT_MAX_BYTES,
+    RUNS_RETENTION,
+    RUNS_LIVENESS_TIMEOUT,
+    RUNS_REAPER_INTERVAL,
+    RUNS_DISPATCH_TIMEOUT,
+    RUNS_KEEPALIVE,
+    RUNS_MAX_BODY_BYTES,
+    RUNS_MAX_EVENTS_PER_RUN,
+    RUNS_MAX_EVENT_BYTES,
+    RUNS_HOST_STRAY_EVENTS,
+    RUNS_HOST_STRAY_WINDOW,
+)
+
+
+class SettingValues(abc.ABC):
+    """What was given for each setting: read from the environment, or as typer parsed the flags."""
+
+    @abc.abstractmethod
+    def given(self, setting: Setting[T]) -> T | None:
+        """The value given for ``setting``, of its type but not yet checked; None where not given."""
+
+    def value(self, setting: Setting[T]) -> T:
+        """The value given, checked, else the setting's default."""
+        return setting.value(self.given(setting))
+
+    def checked(self, setting: Setting[T]) -> T | None:
+        """The value given, checked; None where not given."""
+        given = self.given(setting)
+        return None if given is None else setting.check(given)
+
+
+class EnvironValues(SettingValues):
+    """Settings from environment variables (the strings parsed as :meth:`Setting.parse` says)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def given(self, setting: Setting[T]) -> T | None:
+        return setting.parse(self._environ.get(setting.env))
+
+
+# ------------------------------------------------------------------------------ configuration
 
 
 class CredentialMode(enum.Enum):
@@ -135,16 +544,20 @@ class AuthConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AuthConfig:
-        secret = _read_value(environ, "GATEWAY_JWT_SECRET")
-        public_key = _read_value(environ, "GATEWAY_JWT_PUBLIC_KEY")
+        return cls.from_settings(EnvironValues(environ))
+
+    @classmethod
+    def from_settings(cls, values: SettingValues) -> AuthConfig:
+        secret = _read_value(values, GATEWAY_JWT_SECRET)
+        public_key = _read_value(values, GATEWAY_JWT_PUBLIC_KEY)
         if secret and public_key:
-            raise ConfigError("GATEWAY_JWT_SECRET", "set either it or GATEWAY_JWT_PUBLIC_KEY, not both")
+            raise ConfigError(GATEWAY_JWT_SECRET.env, "set either it or GATEWAY_JWT_PUBLIC_KEY, not both")
         if not secret and not public_key:
             raise ConfigError(
-                "GATEWAY_JWT_SECRET",
+                GATEWAY_JWT_SECRET.env,
                 "not set: the gateway needs GATEWAY_JWT_SECRET (HS256) or GATEWAY_JWT_PUBLIC_KEY (RS/ES)",
             )
-        raw_algorithms = environ.get("GATEWAY_JWT_ALGORITHMS", "").strip()
+        raw_algorithms = (values.given(GATEWAY_JWT_ALGORITHMS) or "").strip()
         if raw_algorithms:
             algorithms = tuple(a.strip() for a in raw_algorithms.split(",") if a.strip())
         else:
@@ -155,32 +568,32 @@ class AuthConfig:
         if not algorithms or bad:
             kind = "a shared secret" if secret else "a public key"
             raise ConfigError(
-                "GATEWAY_JWT_ALGORITHMS",
+                GATEWAY_JWT_ALGORITHMS.env,
                 f"{', '.join(bad) or 'empty'} cannot be used with {kind}; choose from {sorted(allowed)}",
             )
         if secret is not None and len(secret.encode()) < 32:
-            raise ConfigError("GATEWAY_JWT_SECRET", "too short: use at least 32 bytes of random data")
+            raise ConfigError(GATEWAY_JWT_SECRET.env, "too short: use at least 32 bytes of random data")
         if public_key is not None and "-----BEGIN" not in public_key:
-            raise ConfigError("GATEWAY_JWT_PUBLIC_KEY", "not a PEM public key (or a path to one)")
-        audience = environ.get("GATEWAY_JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE).strip()
+            raise ConfigError(GATEWAY_JWT_PUBLIC_KEY.env, "not a PEM public key (or a path to one)")
+        audience = values.value(GATEWAY_JWT_AUDIENCE).strip()
         if not audience:
-            raise ConfigError("GATEWAY_JWT_AUDIENCE", "must not be empty")
+            raise ConfigError(GATEWAY_JWT_AUDIENCE.env, "must not be empty")
         return cls(secret=secret, public_key=public_key, algorithms=algorithms, audience=audience)
 
 
 @dataclass(frozen=True)
 class RunsConfig:
-    """Runs: dispatch, the JetStream stream and buckets, the reaper (``RUNS_*`` variables)."""
+    """Runs: dispatch, the JetStream stream and buckets, the reaper (``RUNS_*`` settings)."""
 
     enabled: bool = True
     runners: tuple[str, ...] = DEFAULT_RUNNERS
     stream_max_age: float = DEFAULT_RUNS_STREAM_MAX_AGE
     duplicate_window: float = DEFAULT_RUNS_DUPLICATE_WINDOW
-    replicas: int = 1
+    replicas: int = DEFAULT_RUNS_REPLICAS
     output_max_bytes: int = DEFAULT_RUNS_OUTPUT_MAX_BYTES
     retention: float = DEFAULT_RUNS_RETENTION
     liveness_timeout: float = DEFAULT_RUNS_LIVENESS_TIMEOUT
-    # None: a tenth of the liveness timeout, between 0.1 and 5 seconds.
+    # None: REAPER_SCANS_PER_LIVENESS_TIMEOUT scans per liveness timeout, within REAPER_SCAN_INTERVAL_BOUNDS.
     reaper_interval: float | None = None
     dispatch_timeout: float = DEFAULT_RUNS_DISPATCH_TIMEOUT
     keepalive: float = DEFAULT_RUNS_KEEPALIVE
@@ -195,80 +608,58 @@ class RunsConfig:
         """How often each instance scans for silent runs: small next to the liveness timeout."""
         if self.reaper_interval is not None:
             return self.reaper_interval
-        return min(5.0, max(0.1, self.liveness_timeout / 10))
+        low, high = REAPER_SCAN_INTERVAL_BOUNDS
+        return min(high, max(low, self.liveness_timeout / REAPER_SCANS_PER_LIVENESS_TIMEOUT))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RunsConfig:
-        raw_runners = environ.get("RUNS_RUNNERS", "").strip()
+        return cls.from_settings(EnvironValues(environ))
+
+    @classmethod
+    def from_settings(cls, values: SettingValues) -> RunsConfig:
+        raw_runners = (values.given(RUNS_RUNNERS) or "").strip()
         runners: tuple[str, ...] = DEFAULT_RUNNERS
         if raw_runners:
             runners = tuple(dict.fromkeys(r.strip() for r in raw_runners.split(",") if r.strip()))
             bad = [r for r in runners if not _RUNNER_NAME.fullmatch(r)]
             if not runners or bad:
                 raise ConfigError(
-                    "RUNS_RUNNERS", f"{', '.join(bad) or 'empty'}: runner names are 1..64 of a-z 0-9 _ -"
+                    RUNS_RUNNERS.env, f"{', '.join(bad) or 'empty'}: runner names are 1..64 of a-z 0-9 _ -"
                 )
-        max_age = _float(
-            environ, "RUNS_STREAM_MAX_AGE_SECONDS", DEFAULT_RUNS_STREAM_MAX_AGE, 1.0, 10 * 365 * 86400.0
-        )
-        window = _float(environ, "RUNS_DUPLICATE_WINDOW_SECONDS", DEFAULT_RUNS_DUPLICATE_WINDOW, 0.1, 86400.0)
-        if window > max_age and not environ.get("RUNS_DUPLICATE_WINDOW_SECONDS", "").strip():
+        max_age = values.value(RUNS_STREAM_MAX_AGE)
+        window = values.value(RUNS_DUPLICATE_WINDOW)
+        if window > max_age and values.given(RUNS_DUPLICATE_WINDOW) is None:
             window = max_age  # the default window, for a short stream retention
         if window > max_age:
             raise ConfigError(
-                "RUNS_DUPLICATE_WINDOW_SECONDS",
+                RUNS_DUPLICATE_WINDOW.env,
                 f"{window:g} s is longer than RUNS_STREAM_MAX_AGE_SECONDS ({max_age:g} s)",
             )
-        liveness = _float(
-            environ, "RUNS_LIVENESS_TIMEOUT_SECONDS", DEFAULT_RUNS_LIVENESS_TIMEOUT, 0.5, 86400.0
-        )
-        raw_interval = environ.get("RUNS_REAPER_INTERVAL_SECONDS", "").strip()
-        interval = (
-            _float(environ, "RUNS_REAPER_INTERVAL_SECONDS", 1.0, 0.05, 3600.0) if raw_interval else None
-        )
+        liveness = values.value(RUNS_LIVENESS_TIMEOUT)
+        interval = values.checked(RUNS_REAPER_INTERVAL)
         return cls(
-            enabled=_bool(environ, "RUNS_ENABLED", default=True),
+            enabled=values.value(RUNS_ENABLED),
             runners=runners,
             stream_max_age=max_age,
             duplicate_window=window,
-            replicas=_int(environ, "RUNS_REPLICAS", default=1, low=1, high=5),
-            output_max_bytes=_int(
-                environ, "RUNS_OUTPUT_MAX_BYTES", default=DEFAULT_RUNS_OUTPUT_MAX_BYTES, low=0, high=1 << 34
-            ),
-            retention=_float(
-                environ, "RUNS_RETENTION_SECONDS", DEFAULT_RUNS_RETENTION, 60.0, 10 * 365 * 86400.0
-            ),
+            replicas=values.value(RUNS_REPLICAS),
+            output_max_bytes=values.value(RUNS_OUTPUT_MAX_BYTES),
+            retention=values.value(RUNS_RETENTION),
             liveness_timeout=liveness,
             reaper_interval=interval,
-            dispatch_timeout=_float(
-                environ, "RUNS_DISPATCH_TIMEOUT_SECONDS", DEFAULT_RUNS_DISPATCH_TIMEOUT, 0.1, 600.0
-            ),
-            keepalive=_float(environ, "RUNS_KEEPALIVE_SECONDS", DEFAULT_RUNS_KEEPALIVE, 0.1, 3600.0),
-            max_body_bytes=_int(
-                environ, "RUNS_MAX_BODY_BYTES", default=DEFAULT_RUNS_MAX_BODY_BYTES, low=1024, high=16 << 20
-            ),
-            max_events_per_run=_int(
-                environ,
-                "RUNS_MAX_EVENTS_PER_RUN",
-                default=DEFAULT_RUNS_MAX_EVENTS_PER_RUN,
-                low=10,
-                high=1 << 30,
-            ),
-            max_event_bytes=_int(
-                environ, "RUNS_MAX_EVENT_BYTES", default=DEFAULT_RUNS_MAX_EVENT_BYTES, low=1024, high=64 << 20
-            ),
-            host_stray_events=_int(
-                environ, "RUNS_HOST_STRAY_EVENTS", default=DEFAULT_RUNS_HOST_STRAY_EVENTS, low=1, high=1 << 30
-            ),
-            host_stray_window=_float(
-                environ, "RUNS_HOST_STRAY_WINDOW_SECONDS", DEFAULT_RUNS_HOST_STRAY_WINDOW, 1.0, 86400.0
-            ),
+            dispatch_timeout=values.value(RUNS_DISPATCH_TIMEOUT),
+            keepalive=values.value(RUNS_KEEPALIVE),
+            max_body_bytes=values.value(RUNS_MAX_BODY_BYTES),
+            max_events_per_run=values.value(RUNS_MAX_EVENTS_PER_RUN),
+            max_event_bytes=values.value(RUNS_MAX_EVENT_BYTES),
+            host_stray_events=values.value(RUNS_HOST_STRAY_EVENTS),
+            host_stray_window=values.value(RUNS_HOST_STRAY_WINDOW),
         )
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Everything ``create_app`` needs. Build it with :meth:`from_env` (the CLI overlays its flags)."""
+    """Everything ``create_app`` needs: :meth:`from_env`, or :meth:`from_settings` (the CLI)."""
 
     auth: AuthConfig
     nats_urls: tuple[str, ...] = (DEFAULT_NATS_URL,)
@@ -300,44 +691,45 @@ class GatewayConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> GatewayConfig:
         """Read and validate every setting; :class:`ConfigError` names the first bad variable."""
-        auth = AuthConfig.from_env(environ)
-        nats_urls = _url_list(environ, "NATS_URL", required=False) or (DEFAULT_NATS_URL,)
-        public_urls = _url_list(environ, "NATS_PUBLIC_URL", required=False)
-        nats_creds = environ.get("NATS_CREDS", "").strip() or None
-        nats_token = _read_value(environ, "NATS_TOKEN")
-        operator = _operator_keys(environ)
+        return cls.from_settings(EnvironValues(environ))
+
+    @classmethod
+    def from_settings(cls, values: SettingValues) -> GatewayConfig:
+        """Validate every setting given; :class:`ConfigError` names the first bad variable."""
+        auth = AuthConfig.from_settings(values)
+        nats_urls = _url_list(values, NATS_URL) or (DEFAULT_NATS_URL,)
+        public_urls = _url_list(values, NATS_PUBLIC_URL)
+        nats_creds = (values.given(NATS_CREDS) or "").strip() or None
+        nats_token = _read_value(values, NATS_TOKEN)
+        operator = _operator_keys(values)
         if operator is not None and nats_token is not None:
             raise ConfigError(
-                "NATS_TOKEN", "set either NATS_TOKEN (token mode) or the operator keys, not both"
+                NATS_TOKEN.env, "set either NATS_TOKEN (token mode) or the operator keys, not both"
             )
         if nats_creds is not None and nats_token is not None:
-            raise ConfigError("NATS_CREDS", "set either NATS_CREDS or NATS_TOKEN, not both")
+            raise ConfigError(NATS_CREDS.env, "set either NATS_CREDS or NATS_TOKEN, not both")
         if nats_creds is not None and "-----BEGIN" not in nats_creds and not Path(nats_creds).is_file():
-            raise ConfigError("NATS_CREDS", f"no such credentials file: {nats_creds}")
-        prefix = environ.get("TUNNEL_PREFIX", tunnel.DEFAULT_PREFIX).strip()
+            raise ConfigError(NATS_CREDS.env, f"no such credentials file: {nats_creds}")
+        prefix = values.value(TUNNEL_PREFIX).strip()
         try:
             tunnel.HostSubjects.for_host("probe", prefix)
         except tunnel.LocalProtocolError:
-            raise ConfigError("TUNNEL_PREFIX", f"{prefix!r} is not a dot-separated subject prefix") from None
+            raise ConfigError(
+                TUNNEL_PREFIX.env, f"{prefix!r} is not a dot-separated subject prefix"
+            ) from None
         return cls(
             auth=auth,
             nats_urls=nats_urls,
             nats_creds=nats_creds,
             nats_token=nats_token,
             public_urls=public_urls,
-            tunnel_public_enabled=_bool(environ, "NATS_TUNNEL_PUBLIC_ENABLED", default=True),
-            session_ttl_seconds=_int(
-                environ,
-                "NATS_TUNNEL_SESSION_TTL_SECONDS",
-                default=DEFAULT_SESSION_TTL_SECONDS,
-                low=1,
-                high=MAX_SESSION_TTL_SECONDS,
-            ),
+            tunnel_public_enabled=values.value(NATS_TUNNEL_PUBLIC_ENABLED),
+            session_ttl_seconds=values.value(NATS_TUNNEL_SESSION_TTL_SECONDS),
             operator=operator,
             tunnel_prefix=prefix,
-            host=environ.get("GATEWAY_HOST", DEFAULT_GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
-            port=_int(environ, "GATEWAY_PORT", default=DEFAULT_GATEWAY_PORT, low=0, high=65535),
-            runs=RunsConfig.from_env(environ),
+            host=values.value(GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
+            port=values.value(GATEWAY_PORT),
+            runs=RunsConfig.from_settings(values),
         )
 
 
@@ -356,9 +748,9 @@ def allowed_connection_types(public_urls: tuple[str, ...]) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ parsing helpers
 
 
-def _read_value(environ: Mapping[str, str], name: str) -> str | None:
+def _read_value(values: SettingValues, setting: Text) -> str | None:
     """An inline value, or the content of the file it names (for secrets mounted as files)."""
-    raw = environ.get(name, "").strip()
+    raw = (values.given(setting) or "").strip()
     if not raw:
         return None
     if raw.startswith(("/", "./", "~/")) and "\n" not in raw:
@@ -366,17 +758,15 @@ def _read_value(environ: Mapping[str, str], name: str) -> str | None:
         try:
             return path.read_text(encoding="utf-8").strip() or None
         except OSError as exc:
-            raise ConfigError(name, f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(setting.env, f"cannot read {path}: {exc.strerror}") from None
     return raw
 
 
-def _url_list(environ: Mapping[str, str], name: str, *, required: bool) -> tuple[str, ...]:
-    raw = environ.get(name, "")
+def _url_list(values: SettingValues, setting: Text) -> tuple[str, ...]:
+    raw = values.given(setting) or ""
     urls = tuple(u.strip() for u in raw.split(",") if u.strip())
-    if required and not urls:
-        raise ConfigError(name, "not set")
     for url in urls:
-        _check_nats_url(name, url)
+        _check_nats_url(setting.env, url)
     return urls
 
 
@@ -396,52 +786,16 @@ def _check_nats_url(name: str, url: str) -> None:
         raise ConfigError(name, f"{url!r} has port 0")
 
 
-def _bool(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(name, f"{raw!r} is not a boolean (use true/false)")
-
-
-def _float(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"{raw!r} is not a number (seconds)") from None
-    if not low <= value <= high:  # also refuses nan
-        raise ConfigError(name, f"{value:g} is out of range [{low:g}, {high:g}]")
-    return value
-
-
-def _int(environ: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(name, f"{raw!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(name, f"{value} is out of range [{low}, {high}]")
-    return value
-
-
-def _operator_keys(environ: Mapping[str, str]) -> OperatorKeys | None:
-    names = ("NATS_OPERATOR_JWT", "NATS_ACCOUNT_JWT", "NATS_ACCOUNT_SIGNING_KEY")
-    values = {name: _read_value(environ, name) for name in names}
-    missing = [name for name, value in values.items() if value is None]
+def _operator_keys(values: SettingValues) -> OperatorKeys | None:
+    settings = (NATS_OPERATOR_JWT, NATS_ACCOUNT_JWT, NATS_ACCOUNT_SIGNING_KEY)
+    names = tuple(setting.env for setting in settings)
+    read = {setting.env: _read_value(values, setting) for setting in settings}
+    missing = [name for name, value in read.items() if value is None]
     if len(missing) == len(names):
         return None
     if missing:
         raise ConfigError(missing[0], "operator mode needs all of " + ", ".join(names))
-    operator_jwt, account_jwt, seed = (values[name] or "" for name in names)
+    operator_jwt, account_jwt, seed = (read[name] or "" for name in names)
     try:
         operator = nats_jwt.decode_jwt(operator_jwt)
     except nats_jwt.JwtError as exc:
