@@ -79,7 +79,7 @@ from aiohttp import web  # noqa: E402
 import tunnel  # noqa: E402
 from contract.run_protocol import RUN_STREAM  # noqa: E402
 from linkd.runners.mock import mock_chunk  # noqa: E402
-from studio_gateway.run_store import (  # noqa: E402
+from studio_gateway.runs.store import (  # noqa: E402
     ACTIVE_BUCKET,
     OUTPUT_BUCKET,
     STATE_BUCKET,

@@ -13,7 +13,7 @@ Routes:
 - ``POST /api/links/session``: see :mod:`.sessions`;
 - ``GET /api/links/me``: see :mod:`.presence`;
 - ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
-  :mod:`.runs_api` (the run machinery, :mod:`.runs`, starts after NATS and stops before it).
+  :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from .config import GatewayConfig
 from .errors import error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .presence import get_me
-from .runs import RUNS, runs_lifetime
-from .runs import attach as attach_runs
-from .runs_api import add_routes as add_run_routes
+from .runs.api import add_routes as add_run_routes
+from .runs.service import RUNS, runs_lifetime
+from .runs.service import attach as attach_runs
 from .sessions import MINTER, SessionMinter, create_session
 
 __all__ = ["CONFIG", "create_app"]

@@ -26,9 +26,9 @@ from typing import Any, Final
 import tunnel
 from contract.routes import CONTROL_PATH, WORK_PATH
 
-from .run_metrics import RunMetrics
-from .run_state import RunState, mark_dispatched, terminate
-from .run_store import RunStore
+from .runs.metrics import RunMetrics
+from .runs.state import RunState, mark_dispatched, terminate
+from .runs.store import RunStore
 
 __all__ = [
     "ControlResult",

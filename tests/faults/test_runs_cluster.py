@@ -74,11 +74,11 @@ import pytest
 import tunnel
 from contract.run_protocol import RUN_STREAM, run_event_subject
 from studio_gateway.config import RunsConfig
-from studio_gateway.projector import MAINTAIN_INTERVAL, TURN_EVENTS, UNHEALTHY_AFTER, Projector
-from studio_gateway.pull_feed import LOST_MARGIN
-from studio_gateway.run_metrics import RunMetrics
-from studio_gateway.run_state import RunState
-from studio_gateway.run_store import (
+from studio_gateway.runs.metrics import RunMetrics
+from studio_gateway.runs.projector import MAINTAIN_INTERVAL, TURN_EVENTS, UNHEALTHY_AFTER, Projector
+from studio_gateway.runs.pull_feed import LOST_MARGIN
+from studio_gateway.runs.state import RunState
+from studio_gateway.runs.store import (
     ACTIVE_BUCKET,
     OUTPUT_BUCKET,
     PROJECTOR_EXPIRES,

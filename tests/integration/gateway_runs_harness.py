@@ -35,7 +35,7 @@ from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.natsconn import GATEWAY_NATS
-from studio_gateway.runs import RUNS, RunsService
+from studio_gateway.runs.service import RUNS, RunsService
 from tests.helpers import wait_until
 from tests.integration.gateway_harness import SECRET
 

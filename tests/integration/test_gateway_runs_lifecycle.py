@@ -22,10 +22,10 @@ from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig, RunsConfig
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.natsconn import GATEWAY_NATS
-from studio_gateway.reaper import Reaper
-from studio_gateway.run_metrics import RunMetrics
-from studio_gateway.run_state import RunState
-from studio_gateway.run_store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
+from studio_gateway.runs.metrics import RunMetrics
+from studio_gateway.runs.reaper import Reaper
+from studio_gateway.runs.state import RunState
+from studio_gateway.runs.store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import (
     accepting_desktop,

@@ -28,7 +28,7 @@ import tunnel
 from contract.run_protocol import run_event_subject, uplink_inbox_prefix
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
-from studio_gateway.runs import RUNS
+from studio_gateway.runs.service import RUNS
 from studio_gateway.sessions import DAEMON_MAX_SUBSCRIPTIONS
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import (

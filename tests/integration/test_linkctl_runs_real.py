@@ -27,8 +27,8 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scans /proc for leftovers"),
     pytest.mark.skipif(
-        importlib.util.find_spec("studio_gateway.runs_api") is None,
-        reason="the gateway runs API (studio_gateway/runs_api.py) is not in this tree yet",
+        importlib.util.find_spec("studio_gateway.runs.api") is None,
+        reason="the gateway runs API (studio_gateway/runs/api.py) is not in this tree yet",
     ),
 ]
 

@@ -19,8 +19,8 @@ import tunnel
 from cli.nats_server import NatsServer
 from contract.run_protocol import RUN_STREAM
 from studio_gateway.hostnames import tunnel_hostname
-from studio_gateway.pull_feed import ConsumerGone, FeedUnavailable, PullFeed, stored_at
-from studio_gateway.run_store import host_consumer_name
+from studio_gateway.runs.pull_feed import ConsumerGone, FeedUnavailable, PullFeed, stored_at
+from studio_gateway.runs.store import host_consumer_name
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import accepting_desktop, runs_gateway, start_desktop
 

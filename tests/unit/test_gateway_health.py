@@ -1,4 +1,4 @@
-"""studio_gateway.health: one answer for /healthz, one log line per change (not per retry)."""
+"""studio_gateway.runs.health: one answer for /healthz, one log line per change (not per retry)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from studio_gateway.health import Health
+from studio_gateway.runs.health import Health
 
 
 class Clock:

@@ -11,8 +11,8 @@ from contract.permissions import DEFAULT_GRANTS, daemon_permissions
 from studio_gateway.config import ConfigError, RunsConfig
 from studio_gateway.dispatch import classify_error, error_fields, rejection
 from studio_gateway.metrics import Counter, Gauge, Histogram, Registry
-from studio_gateway.run_metrics import RunMetrics
-from studio_gateway.run_sse import NDJSON, SSE, EventFormat, choose_format, ordered_events, parse_after
+from studio_gateway.runs.metrics import RunMetrics
+from studio_gateway.runs.sse import NDJSON, SSE, EventFormat, choose_format, ordered_events, parse_after
 
 
 def test_sse_messages_have_id_event_and_one_data_line() -> None:

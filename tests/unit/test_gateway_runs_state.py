@@ -1,4 +1,4 @@
-"""Run state transitions (studio_gateway.run_state) and the projector's keep rule: pure, no server."""
+"""Run state transitions (studio_gateway.runs.state) and the projector's keep rule: pure, no server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from studio_gateway.projector import keep_decision
-from studio_gateway.run_state import RunState, apply_event, mark_dispatched, terminate
+from studio_gateway.runs.projector import keep_decision
+from studio_gateway.runs.state import RunState, apply_event, mark_dispatched, terminate
 
 NOW = 1_700_000_000_000
 

@@ -1,8 +1,8 @@
-"""studio_gateway.tenant_limits: per-host budgets that keep one desktop from costing the others."""
+"""studio_gateway.runs.tenant_limits: per-host budgets that keep one desktop from costing the others."""
 
 from __future__ import annotations
 
-from studio_gateway.tenant_limits import LookupBudget, StrayCounter
+from studio_gateway.runs.tenant_limits import LookupBudget, StrayCounter
 
 
 def test_stray_counter_fires_once_per_window_and_again_after_a_reset() -> None:

@@ -8,7 +8,7 @@ after the ack wait (a few seconds). The projector takes turns between hosts: at 
 own subjects delays nobody else's runs by more than a turn (docs/runs.md, "Tenants").
 
 Each event's run is first looked up in the in-memory index of active runs
-(:mod:`.active_runs`): an event for a run its host does not have costs a set lookup,
+(:mod:`.active`): an event for a run its host does not have costs a set lookup,
 counted as a stray, with a state read only while the host's :class:`LookupBudget`
 allows (an honest race with the index). A host over ``RUNS_HOST_STRAY_EVENTS`` strays
 per window is over its quota: its stored events are purged and its active runs fail
@@ -16,7 +16,7 @@ as ``quota_exceeded``. A run that reaches ``RUNS_MAX_EVENTS_PER_RUN`` fails as
 ``event_limit`` (the stream refuses more of its events anyway).
 
 A turn's events are applied run by run, in seq order: the events of one run are
-decided one after the other with :func:`.run_state.apply_event` on the evolving
+decided one after the other with :func:`.state.apply_event` on the evolving
 state, the ones to keep for export are stored (:meth:`.RunStore.keep_events`, one
 write per run and turn, idempotent per seq), and the run's new state is written *once*
 for the whole group with compare-and-set on the key's revision (on a conflict: read
@@ -48,15 +48,15 @@ from nats.aio.msg import Msg
 
 from contract.run_protocol import parse_run_subject, split_events
 
-from .active_runs import ActiveRuns
+from ..tasks import stop_tasks
+from .active import ActiveRuns
 from .health import Health
 from .host_feeds import HostFeeds
+from .metrics import RunMetrics
 from .pull_feed import stored_at
-from .run_metrics import RunMetrics
-from .run_state import RunState, apply_event, terminate
-from .run_store import Conflict, RunStore
+from .state import RunState, apply_event, terminate
+from .store import Conflict, RunStore
 from .stray_watch import StrayWatch
-from .tasks import stop_tasks
 from .tenant_limits import LookupBudget, StrayCounter
 
 __all__ = ["Projector", "keep_decision"]

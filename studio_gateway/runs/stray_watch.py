@@ -25,7 +25,7 @@ from nats.js import api
 from contract.run_protocol import RUN_STREAM, parse_run_subject
 
 from .pull_feed import PullFeed
-from .run_store import RunStore
+from .store import RunStore
 
 __all__ = ["ACCOUNTING_CONSUMER", "StrayWatch"]
 
@@ -57,7 +57,8 @@ class StrayWatch:
         config = api.ConsumerConfig(
             name=ACCOUNTING_CONSUMER,
             durable_name=ACCOUNTING_CONSUMER,
-            description="headers of every run event, for per-host quotas (studio_gateway/stray_watch.py)",
+            description="headers of every run event, for per-host quotas "
+            "(studio_gateway/runs/stray_watch.py)",
             ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.NEW,
             headers_only=True,

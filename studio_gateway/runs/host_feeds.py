@@ -3,7 +3,7 @@
 Why per host: a single consumer over every host's events is one queue in arrival
 order, so a desktop that publishes 250,000 events puts them all ahead of everybody
 else's. Here each host with active runs has its own durable consumer
-(:meth:`.run_store.RunStore.ensure_host_consumer`), each gateway instance keeps a
+(:meth:`.store.RunStore.ensure_host_consumer`), each gateway instance keeps a
 standing pull on each, and :meth:`HostFeeds.next_turn` hands out at most ``turn``
 delivered events of one host at a time, round-robin over the hosts that have some:
 another host's event waits for at most one turn per busy host, however deep a
@@ -29,7 +29,7 @@ from typing import Final
 from nats.aio.msg import Msg
 
 from .pull_feed import ConsumerGone, FeedUnavailable, PullFeed
-from .run_store import RunStore
+from .store import RunStore
 
 __all__ = ["HostFeeds"]
 

@@ -31,11 +31,11 @@ import nats.js.errors
 
 from contract.run_protocol import RUN_STREAM, split_events
 
-from .config import RunsConfig
+from ..config import RunsConfig
 from .health import Health
-from .run_metrics import RunMetrics
-from .run_state import RunState, terminate
-from .run_store import Conflict, RunStore
+from .metrics import RunMetrics
+from .state import RunState, terminate
+from .store import Conflict, RunStore
 
 __all__ = ["Reaper", "silent_for"]
 

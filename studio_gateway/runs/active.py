@@ -7,7 +7,7 @@ so it must know which hosts have runs at all.
 
 The source of truth is the ``LINK_RUN_ACTIVE`` bucket (one key per active run, the
 value its host token; only gateways write it). This index reads the bucket's stream
-with an :class:`~.run_store.EventReader` (replay, then live) and re-opens it after
+with an :class:`~.store.EventReader` (replay, then live) and re-opens it after
 its checkpoint when the reader fails (a node died). Removals are purges, which a
 reader does not see, so they come from this instance's own writes (:meth:`forget`)
 and from a periodic comparison with the bucket's key listing (:meth:`refresh`).
@@ -23,7 +23,7 @@ from typing import Final
 
 from nats.aio.msg import Msg
 
-from .run_store import ACTIVE_BUCKET, EventReader, RunStore
+from .store import ACTIVE_BUCKET, EventReader, RunStore
 
 __all__ = ["ActiveRuns"]
 

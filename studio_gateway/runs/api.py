@@ -5,7 +5,7 @@
 - ``POST /api/threads/{threadId}/messages``: the same, in that thread;
 - ``GET /api/runs/{id}``: the run state;
 - ``GET /api/runs/{id}/events?after=N`` (or ``Last-Event-ID``): SSE, or NDJSON with
-  ``Accept: application/x-ndjson`` (see :mod:`.run_sse`); replay, then live until the run
+  ``Accept: application/x-ndjson`` (see :mod:`.sse`); replay, then live until the run
   ends, always closing with one ``end`` message carrying the final state;
 - ``GET /api/runs/{id}/export``: NDJSON of every event;
 - ``POST /api/runs/{id}/cancel`` -> ``202``; ``409 run_finished`` when it already ended;
@@ -34,15 +34,15 @@ from nats.aio.msg import Msg
 
 from contract.run_protocol import is_valid_run_id, split_events
 
-from .auth import User, authenticated
-from .errors import json_error
-from .metrics import CONTENT_TYPE
+from ..auth import User, authenticated
+from ..errors import json_error
+from ..metrics import CONTENT_TYPE
+from ..tasks import stop_tasks
 from .pull_feed import ConsumerGone
-from .run_sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
-from .run_state import RunState
-from .run_store import EventReader, RunStore
-from .runs import RUNS, RunsService
-from .tasks import stop_tasks
+from .service import RUNS, RunsService
+from .sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
+from .state import RunState
+from .store import EventReader, RunStore
 
 __all__ = ["add_routes"]
 

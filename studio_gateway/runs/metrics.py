@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 
-from .metrics import Counter, Gauge, Histogram, Registry
+from ..metrics import Counter, Gauge, Histogram, Registry
 
 __all__ = ["RunMetrics"]
 

@@ -3,7 +3,7 @@
 - stream ``LINK_RUNS`` (:data:`contract.run_protocol.RUN_STREAM`): every host's run events,
   ``P.host.*.runs.*``, file storage, ``max_age`` = ``RUNS_STREAM_MAX_AGE_SECONDS``,
   de-duplication window ``RUNS_DUPLICATE_WINDOW_SECONDS`` (message ids ``<runId>:<fence>:<seq>:<execution>``);
-- bucket ``LINK_RUN_STATE``: one key per run id, the :class:`~.run_state.RunState` JSON,
+- bucket ``LINK_RUN_STATE``: one key per run id, the :class:`~.state.RunState` JSON,
   always written with compare-and-set on the revision;
 - bucket ``LINK_RUN_OUTPUT``: the run's events kept for export after the stream's
   retention, one key ``<runId>.<seq>`` each (a retried write replaces itself, so keeping
@@ -45,9 +45,9 @@ from nats.js.kv import KeyValue
 
 from contract.run_protocol import RUN_STREAM, run_stream_subjects
 
-from .config import RunsConfig
+from ..config import RunsConfig
 from .pull_feed import PullFeed
-from .run_state import RunState
+from .state import RunState
 
 __all__ = [
     "ACTIVE_BUCKET",

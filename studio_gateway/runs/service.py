@@ -3,11 +3,11 @@
 :class:`RunsService` owns the run machinery of one gateway instance:
 
 - start-up (in the background, after the gateway's NATS connection is up): create or
-  update the stream, the buckets and the projector's consumer (:mod:`.run_store`);
+  update the stream, the buckets and the projector's consumer (:mod:`.store`);
   JetStream missing -> runs answer ``503 runs_unavailable`` and set-up is retried;
 - the :class:`~.projector.Projector` and :class:`~.reaper.Reaper` loops (restarted
   when the NATS connection is replaced);
-- the :class:`~.dispatch.Dispatcher` (drained on shutdown);
+- the :class:`~..dispatch.Dispatcher` (drained on shutdown);
 - the operations the HTTP handlers call: create, read, cancel, list events.
 """
 
@@ -28,18 +28,18 @@ from aiohttp import web
 import tunnel
 from contract.run_protocol import split_events
 
-from .config import GatewayConfig
-from .dispatch import Dispatcher, send_control
+from ..config import GatewayConfig
+from ..dispatch import Dispatcher, send_control
+from ..hostnames import tunnel_hostname
+from ..natsconn import GATEWAY_NATS, GatewayNats
+from ..tasks import stop_tasks
 from .health import Health
-from .hostnames import tunnel_hostname
-from .natsconn import GATEWAY_NATS, GatewayNats
+from .metrics import RunMetrics
 from .projector import Projector
 from .reaper import Reaper
-from .run_metrics import RunMetrics
-from .run_sse import ordered_events
-from .run_state import RunState, terminate
-from .run_store import RunStore
-from .tasks import stop_tasks
+from .sse import ordered_events
+from .state import RunState, terminate
+from .store import RunStore
 
 __all__ = ["RUNS", "CancelOutcome", "RunsService", "runs_lifetime"]
 
