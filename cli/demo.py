@@ -20,6 +20,8 @@ from typing import Annotated, Any, Final
 
 import typer
 
+from contract.routes import ME_PATH
+
 from . import exitcodes
 from .common import CliError
 from .dev import ClusterOpt, StateDirOpt, ignoring_signals, stack_options, stack_signals
@@ -94,7 +96,7 @@ async def _probe_and_run(
     options = GatewayOptions(stack.gateway_url, stack.token)
     async with GatewayClient(options) as client:
         started = time.perf_counter()
-        me = await client.call("GET", "/api/links/me")
+        me = await client.call("GET", ME_PATH)
         result.probe_ms = (time.perf_counter() - started) * 1000
         if me.get("online") is not True:
             raise DemoFailed(f"the desktop is not online: {me.get('reason')}: {me.get('detail')}")

@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperCommand
 
 import tunnel
+from contract.routes import ME_PATH
 
 from . import exitcodes
 from .common import (
@@ -262,7 +263,7 @@ def _gateway_prober(client: GatewayClient, timeout: float) -> Prober:
         doc: dict[str, Any] | None = None
         problem: str | None = None
         try:
-            doc = await asyncio.wait_for(client.call("GET", "/api/links/me"), timeout + GATEWAY_MARGIN)
+            doc = await asyncio.wait_for(client.call("GET", ME_PATH), timeout + GATEWAY_MARGIN)
         except TimeoutError:
             problem = f"the gateway did not answer within {timeout + GATEWAY_MARGIN:g} s"
         except GatewayApiError as exc:

@@ -25,6 +25,7 @@ from typing import Final
 from aiohttp import web
 
 from contract.permissions import GrantProvider
+from contract.routes import ME_PATH, SESSION_PATH
 
 from .auth import VERIFIER, TokenVerifier
 from .config import GatewayConfig
@@ -86,7 +87,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     # After NATS: cleanup runs in reverse, so deliveries drain before the connection closes.
     app.cleanup_ctx.append(runs_lifetime)
     app.router.add_get("/healthz", healthz)
-    app.router.add_post("/api/links/session", create_session)
-    app.router.add_get("/api/links/me", get_me)
+    app.router.add_post(SESSION_PATH, create_session)
+    app.router.add_get(ME_PATH, get_me)
     add_run_routes(app)
     return app

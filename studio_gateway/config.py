@@ -31,6 +31,7 @@ from typing import Final, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import tunnel
+from contract.nats_jwt import JwtError, KeyKind, decode_jwt, is_public_key
 
 from . import nats_jwt
 
@@ -797,23 +798,23 @@ def _operator_keys(values: SettingValues) -> OperatorKeys | None:
         raise ConfigError(missing[0], "operator mode needs all of " + ", ".join(names))
     operator_jwt, account_jwt, seed = (read[name] or "" for name in names)
     try:
-        operator = nats_jwt.decode_jwt(operator_jwt)
-    except nats_jwt.JwtError as exc:
+        operator = decode_jwt(operator_jwt)
+    except JwtError as exc:
         raise ConfigError("NATS_OPERATOR_JWT", str(exc)) from None
     if operator["nats"].get("type") != "operator" or operator.get("iss") != operator.get("sub"):
         raise ConfigError("NATS_OPERATOR_JWT", "not a self-signed operator JWT")
     try:
-        account = nats_jwt.decode_jwt(account_jwt)
-    except nats_jwt.JwtError as exc:
+        account = decode_jwt(account_jwt)
+    except JwtError as exc:
         raise ConfigError("NATS_ACCOUNT_JWT", str(exc)) from None
     operator_keys = {operator["sub"], *_signing_keys(operator)}
     if account["nats"].get("type") != "account" or account.get("iss") not in operator_keys:
         raise ConfigError("NATS_ACCOUNT_JWT", "not an account JWT issued by the configured operator")
     try:
         signing_public = nats_jwt.keypair_from_seed(seed).public_key.decode("ascii")
-    except nats_jwt.JwtError as exc:
+    except JwtError as exc:
         raise ConfigError("NATS_ACCOUNT_SIGNING_KEY", str(exc)) from None
-    if not nats_jwt.is_public_key(signing_public, nats_jwt.KeyKind.ACCOUNT):
+    if not is_public_key(signing_public, KeyKind.ACCOUNT):
         raise ConfigError("NATS_ACCOUNT_SIGNING_KEY", "not an account seed (SA...)")
     account_keys = {account["sub"], *_signing_keys(account)}
     if signing_public not in account_keys:

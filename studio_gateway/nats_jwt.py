@@ -32,13 +32,10 @@ from contract.nats_jwt import (
     JwtError,
     KeyKind,
     b64url,
-    decode_jwt,
     decode_public_key,
-    is_public_key,
 )
 
-# JwtError, KeyKind, decode_jwt and is_public_key are contract.nats_jwt's: re-exported because
-# minting uses them too (new_key(KeyKind.USER)) and studio_gateway.config checks its keys with them.
+# JwtError and KeyKind are contract.nats_jwt's, re-exported: minting speaks them (new_key(KeyKind.USER)).
 __all__ = [
     "ACCOUNT_JETSTREAM_UNLIMITED",
     "ACCOUNT_LIMITS_UNLIMITED",
@@ -48,9 +45,7 @@ __all__ = [
     "OperatorSetup",
     "account_claims",
     "creds_text",
-    "decode_jwt",
     "encode_jwt",
-    "is_public_key",
     "keypair_from_seed",
     "new_key",
     "operator_claims",

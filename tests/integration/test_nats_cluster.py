@@ -23,11 +23,15 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+from nats.js.errors import ServiceUnavailableError
 
 from cli.nats_cluster import NatsCluster, NatsClusterError
 from studio_gateway.nats_jwt import OperatorSetup
 from tests.helpers import NatsClusterFactory, wait_until
 from tests.integration.runs_harness import JetStreamCluster
+
+# nats-server's error code for a request of an account JetStream is not (yet) enabled for.
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -116,9 +120,21 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
 
     async with connected(cluster.urls, user_credentials=str(creds)) as admin:
         js = admin.jetstream(timeout=5.0)
-        await js.add_stream(
-            StreamConfig(name="ORDERS", subjects=["orders.>"], num_replicas=3, storage=StorageType.FILE)
-        )
+        orders = StreamConfig(name="ORDERS", subjects=["orders.>"], num_replicas=3, storage=StorageType.FILE)
+
+        async def stream_added() -> bool:
+            # Right after the meta leader is agreed, an account's first request can still find
+            # JetStream "not enabled for account" (10039) while the cluster enables it: the
+            # gateway retries its set-up the same way.
+            try:
+                await js.add_stream(orders)
+            except ServiceUnavailableError as exc:
+                if exc.err_code != JS_NOT_ENABLED_FOR_ACCOUNT:
+                    raise
+                return False
+            return True
+
+        await wait_until(stream_added, FAILOVER_TIMEOUT, interval=0.1, message="JetStream never came up")
         for n in range(10):
             await js.publish("orders.new", b"order-%d" % n)
         await js.add_consumer("ORDERS", ConsumerConfig(durable_name="worker", num_replicas=3))
