@@ -140,7 +140,7 @@ class RecentFinals:
         return len(self._items)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~0.3 µs more to build (every request)
 class StartAnswer:
     """What to do with one ``request.start``: send ``publishes`` (best effort), then, if
     ``stream`` is set, run a handler for it (after :meth:`ServerDispatcher.admit`).
@@ -195,6 +195,10 @@ class ServerDispatcher(Generic[H]):
         self.seen = RecentIds(SEEN_REQUEST_TTL, SEEN_REQUEST_LIMIT, clock)
         self.early_aborts = RecentIds(EARLY_ABORT_TTL, SEEN_REQUEST_LIMIT, clock)
         self.finals = RecentFinals(FINAL_FRAME_TTL, FINAL_FRAME_LIMIT, clock)
+
+    def use_clock(self, clock: Clock) -> None:
+        """Read time from ``clock`` from now on (the I/O layer's event loop, once it runs)."""
+        self.clock = self.seen.clock = self.early_aborts.clock = self.finals.clock = clock
 
     def set_max_payload(self, max_payload: int) -> None:
         """The connection's payload limit (it changes when it reconnects to another server)."""

@@ -60,6 +60,10 @@ class BodyPhase(enum.Enum):
     ENDED = "ended"
     FAILED = "failed"
 
+    # Members are singletons: hash by identity (C), not Enum's hash of the name (Python), as
+    # every caller frame looks its (phase, type) up in SERVER_BODY_TRANSITIONS.
+    __hash__ = object.__hash__
+
 
 _NONE, _OPEN, _ENDED, _FAILED = BodyPhase.NONE, BodyPhase.OPEN, BodyPhase.ENDED, BodyPhase.FAILED
 # (request body phase, caller frame type) -> the body phase after it; a pair not here is a
@@ -74,6 +78,7 @@ SERVER_BODY_TRANSITIONS: Final[dict[tuple[BodyPhase, str], BodyPhase]] = {
     (_OPEN, "request.error"): _FAILED,
 }
 _BODY_FRAMES: Final = (f.RequestChunk, f.RequestEnd)
+_CALLER_FRAME_TYPES: Final = frozenset(kind for _, kind in SERVER_BODY_TRANSITIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +178,7 @@ class ServerStream:
             self.send = SendCredit(None)
             self.receive_window = ReceiveWindow(None)
         self.acked = False
-        now = clock()
+        now = self.created_at = clock()
         # A body-less request from an extended caller is acked only if the handler is slow:
         # otherwise response.start (or response.whole) is the first frame.
         self.ack_due: float | None = (
@@ -347,6 +352,8 @@ class ServerStream:
         """A frame the table does not allow: a protocol error (one harmless repeat aside)."""
         if isinstance(frame, f.RequestEnd) and frame.seq == self._repaired_end_seq:
             return  # the end we presumed lost arrived after all (reordered): nothing new
+        if frame.type not in _CALLER_FRAME_TYPES:
+            raise self._fail(RemoteProtocolError(f"unexpected {frame.type} from a caller"))
         if self.body_phase is BodyPhase.NONE or not isinstance(frame, _BODY_FRAMES):
             raise self._fail(
                 RemoteProtocolError(f"unexpected {frame.type} (request body {self.body_phase.value})")
@@ -388,11 +395,8 @@ class ServerStream:
         self.body_phase = BodyPhase.ENDED
         return BodyEnded()
 
-    def _on_credit_frame(self, frame: f.Frame) -> Event:
+    def _on_credit(self, frame: f.Frame) -> Event:
         assert isinstance(frame, f.RequestCredit)
-        return self._on_credit(frame)
-
-    def _on_credit(self, frame: f.RequestCredit) -> Event:
         before = self.send.limit
         self.send.grant(frame.limit)
         if self._credit_blocked_since is not None and self.send.limit != before:
@@ -512,7 +516,7 @@ class ServerStream:
 # Frame type -> what the server stream does with it (after SERVER_BODY_TRANSITIONS allowed it).
 _RECEIVERS: Final[dict[str, Callable[[ServerStream, f.Frame], Event | None]]] = {
     "abort": ServerStream._on_abort,
-    "request.credit": ServerStream._on_credit_frame,
+    "request.credit": ServerStream._on_credit,
     "request.start": ServerStream._on_repeated_start,
     "request.chunk": ServerStream._on_chunk,
     "request.end": ServerStream._on_end,

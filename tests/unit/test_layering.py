@@ -5,13 +5,14 @@ linkctl) < ``linkd`` | ``studio_gateway`` (side by side) < ``cli`` < ``scripts``
 statement counts: at module level, inside functions, and under ``if TYPE_CHECKING:`` (such
 imports are *type-only*: they never run, and the runtime rules below let them pass).
 
-a. tunnel's sans-IO core imports no ``asyncio``, ``nats`` or ``time`` at runtime: it does no
-   I/O and the clock is injected. The core is every module under tunnel/ whose name (or
-   package) starts with one underscore, except ``_handler.py``, ``_diagnostics.py`` and the
-   ``_natsio/`` I/O package; computed, so new core modules are covered. When this test was
-   written the core was tunnel/_caller.py, _codec.py, _config.py, _dispatch.py, _errors.py,
-   _events.py, _flow.py, _frames.py, _headers.py, _server_stream.py, _subjects.py (a failure
-   prints the current list).
+a. tunnel's sans-IO core imports no ``asyncio``, ``nats``, ``time`` (nor sockets, selectors,
+   threads or datetime) at runtime: it does no I/O and the clock is injected; of the rest of
+   tunnel it uses only ``_diagnostics`` (counters, event types). The core is every module
+   under tunnel/ whose name (or package) starts with one underscore, except ``_handler.py``,
+   ``_diagnostics.py`` and the ``_natsio/`` I/O package; computed, so new core modules are
+   covered. When this test was written the core was tunnel/_caller.py, _codec.py, _config.py,
+   _dispatch.py, _errors.py, _events.py, _flow.py, _frames.py, _headers.py, _server_stream.py,
+   _subjects.py (a failure prints the current list).
 b. Within tunnel/, nats-py is imported at runtime only under tunnel/_natsio/ and in
    tunnel/connect.py.
 c. linkd never imports studio_gateway, and studio_gateway never imports linkd; contract
@@ -20,6 +21,8 @@ c. linkd never imports studio_gateway, and studio_gateway never imports linkd; c
 d. Nothing outside a package imports that package's underscored (private) modules, e.g.
    ``from tunnel._frames import ...`` outside tunnel/. Checked in tunnel/, contract/, linkd/,
    studio_gateway/, cli/ and scripts/; tests/ may reach into private modules.
+e. cli imports studio_gateway only in cli/stack.py (the local stack runs the gateway), and
+   linkd never: linkctl speaks to both through contract.
 
 A package that does not exist (yet) is skipped. Each failure lists ``file:line: statement``.
 """
@@ -40,7 +43,14 @@ PACKAGES: Final = ("tunnel", "contract", "linkd", "studio_gateway", "cli")
 SCANNED: Final = (*PACKAGES, "scripts")
 
 CORE_EXCEPTIONS: Final = frozenset({"_handler", "_diagnostics", "_natsio"})
-CORE_FORBIDDEN: Final = frozenset({"asyncio", "nats", "time"})
+CORE_FORBIDDEN: Final = frozenset(
+    {"asyncio", "nats", "time", "socket", "selectors", "threading", "concurrent", "datetime"}
+)
+# The non-core tunnel modules the core may use: counters and event types (no I/O, no clock).
+CORE_MAY_USE: Final = frozenset({"tunnel._diagnostics"})
+# linkctl's one-command local stack runs the gateway itself (it mints the dev operator and
+# a dev token), so that file alone may import the gateway; nothing in cli imports linkd.
+CLI_RUNS_THE_GATEWAY: Final = frozenset({"cli.stack"})
 NATS_ALLOWED: Final = ("tunnel._natsio", "tunnel.connect")
 NEVER_IMPORTS: Final[dict[str, frozenset[str]]] = {
     "linkd": frozenset({"studio_gateway"}),
@@ -216,6 +226,34 @@ def test_a_tunnel_core_imports_no_asyncio_nats_or_time() -> None:
         core_imports,
         lambda imp: not imp.type_only and bool(imp.top_levels() & CORE_FORBIDDEN),
         extra=f"\n  (core: {', '.join(core)})",
+    )
+
+
+def test_a_tunnel_core_uses_only_core_modules_of_tunnel() -> None:
+    core = set(core_modules())
+    core_names = {_module_name(ROOT / path) for path in core}
+
+    def outside_core(imp: Import) -> bool:
+        inner = {target for target in imp.targets if _within(target, "tunnel") and _is_module(target)}
+        return any(
+            target != "tunnel" and target not in core_names and target not in CORE_MAY_USE for target in inner
+        )
+
+    _check(
+        "rule a: the sans-IO core imports a tunnel module outside the core",
+        [imp for imp in all_imports() if imp.path in core and not imp.type_only],
+        outside_core,
+    )
+
+
+def test_e_cli_imports_the_gateway_only_where_it_runs_it() -> None:
+    _check(
+        "rule e: cli imports studio_gateway outside cli/stack.py, or linkd",
+        imports_in("cli"),
+        lambda imp: (
+            "linkd" in imp.top_levels()
+            or ("studio_gateway" in imp.top_levels() and imp.module not in CLI_RUNS_THE_GATEWAY)
+        ),
     )
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, Coroutine, Iterable
 from typing import Any, Unpack
 
 from nats.aio.client import Client as NATS
@@ -173,6 +173,7 @@ class _ServerRequest(TimedRequest):
                     )
                 if whole is not None:
                     self.status = response.status
+                    stats.bytes_out += self.stream.send.sent_bytes  # the body's bytes (not the frame's)
                     await self.server.publisher.send(whole)
                     stats.completed += 1
                     return
@@ -236,7 +237,9 @@ class _ServerRequest(TimedRequest):
         while view:
             if self.stream.finished:
                 raise self.stream.error or TunnelAborted("request ended")
+            sent_before = self.stream.send.sent_bytes
             frames, taken = self.stream.send_body(view)
+            self.server.stats.bytes_out += self.stream.send.sent_bytes - sent_before
             await self.server.publisher.send_all(frames)
             self.stream.mark_published()
             view = view[taken:]
@@ -261,7 +264,6 @@ class _ServerRequest(TimedRequest):
             server = self.server
             server.dispatch.release(self.stream.request_id)
             stats = server.stats
-            stats.bytes_out += self.stream.send.sent_bytes  # body bytes, as TunnelEvent.bytes_out
             error = self.stream.error
             outcome = OUTCOME_OK if error is None else error.code
             stats.outcomes[outcome] += 1
@@ -302,14 +304,6 @@ def _forget(nc: NATS, sub: Subscription) -> None:
     """
     sub._stop_processing()
     nc._remove_sub(sub._id)
-
-
-def _loop_clock() -> Callable[[], float]:
-    """The running loop's clock (every timer deadline is in its time), else the monotonic clock."""
-    try:
-        return asyncio.get_running_loop().time
-    except RuntimeError:
-        return time.monotonic
 
 
 async def _close_body(body: object) -> None:
@@ -364,12 +358,6 @@ class TunnelServer:
                 self.hostname,
             )
         self.handler = handler
-        # The config's fields, also as attributes (read per request, and by existing callers).
-        self.window = config.window
-        self.max_chunk = config.max_chunk
-        self.stall_timeout = config.stall_timeout
-        self.max_concurrent = config.max_concurrent
-        self.fast_path = config.fast_path
         self.server_id = new_endpoint_id()
         self.publisher = Publisher(nc, wire_tap)
         self.dispatch: ServerDispatcher[_ServerRequest] = ServerDispatcher(
@@ -384,7 +372,7 @@ class TunnelServer:
                 fast_path=config.fast_path,
             ),
             max_concurrent=config.max_concurrent,
-            clock=_loop_clock(),
+            clock=time.monotonic,  # until start() hands over the running loop's clock
             wall_clock=time.time,
         )
         self.stats: ServerStats = self.dispatch.stats
@@ -395,13 +383,36 @@ class TunnelServer:
         self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
 
+    # The config's fields, read-only: a server's options are fixed once it is built.
+    @property
+    def window(self) -> int:
+        return self.config.window
+
+    @property
+    def max_chunk(self) -> int:
+        return self.config.max_chunk
+
+    @property
+    def stall_timeout(self) -> float | None:
+        return self.config.stall_timeout
+
+    @property
+    def max_concurrent(self) -> int:
+        return self.config.max_concurrent
+
+    @property
+    def fast_path(self) -> bool:
+        return self.config.fast_path
+
     @property
     def in_flight(self) -> int:
         return len(self.dispatch.active)
 
     async def start(self) -> None:
         """Subscribe; on return the NATS server knows us, so callers never see no-responders."""
-        self._timers = TimerHub(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._timers = TimerHub(loop)
+        self.dispatch.use_clock(loop.time)  # every deadline in the loop's time, like its timers
         try:
             self._request_sub = await self.nc.subscribe(
                 self.subjects.request, queue=self.subjects.queue_group, cb=self._on_start
@@ -505,7 +516,7 @@ class TunnelServer:
         if stream is None:
             return
         loop = asyncio.get_running_loop()
-        req = _ServerRequest(self, stream, loop, loop.time())
+        req = _ServerRequest(self, stream, loop, stream.created_at)
         dispatch.admit(req)
         rid = stream.request_id
         frame = stream.start_frame
