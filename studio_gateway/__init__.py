@@ -5,7 +5,7 @@ Modules, one job each:
 - ``app``: ``create_app(config)``, the routes, ``/healthz``, the NATS connection's lifetime;
 - ``auth``: bearer-token (JWT) verification, ``@authenticated``, ``issue_token``;
 - ``cli``: the ``studio-gateway`` command (``serve``, ``issue-token``);
-- ``config``: every setting declared once, ``GatewayConfig`` built and checked from them (``ConfigError``);
+- ``config``: ``GatewayConfig`` (and its auth and runs parts) built and checked from the settings;
 - ``dispatch``: delivering a run's work item and cancels to the desktop through the tunnel;
 - ``errors``: every error answer as JSON, never a stack trace;
 - ``hostnames``: the tunnel hostname of a user id;
@@ -15,6 +15,7 @@ Modules, one job each:
 - ``natsconn``: the gateway's own NATS connection, opened in the background, reconnecting;
 - ``presence``: ``GET /api/links/me`` (a live probe through the tunnel);
 - ``runs/``: runs (``/api/runs``, docs/runs.md): routes, service, state, store, projector, reaper, ...;
+- ``settings``: every setting declared once: env var, flag, type, default, help (``ConfigError``);
 - ``sessions``: ``POST /api/links/session`` (scoped, short-lived NATS credentials);
 - ``tasks``: stopping background tasks reliably.
 """

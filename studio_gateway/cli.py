@@ -21,18 +21,16 @@ from aiohttp import web
 
 from .app import create_app
 from .auth import DEFAULT_TOKEN_TTL_SECONDS, issue_token
-from .config import (
+from .config import AuthConfig, ConfigError, GatewayConfig
+from .logs import JsonAccessLogger, configure_logging
+from .settings import (
     GATEWAY_JWT_ALGORITHMS,
     GATEWAY_JWT_AUDIENCE,
     GATEWAY_JWT_SECRET,
     SETTINGS,
-    AuthConfig,
-    ConfigError,
-    GatewayConfig,
     Setting,
     SettingValues,
 )
-from .logs import JsonAccessLogger, configure_logging
 
 __all__ = ["app", "main"]
 
