@@ -18,6 +18,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from contract.runner_inputs import InvalidRunInput
+
 from ..run_events import Fence
 
 __all__ = ["InvalidInput", "Output", "RunFailed", "Runner", "RunnerEvent", "Stage", "WorkItem"]
@@ -53,8 +55,9 @@ class Output:
 RunnerEvent = Stage | Output
 
 
-class InvalidInput(ValueError):
-    """The work item's input does not suit this runner (answered 422 before anything runs)."""
+# The work item's input does not suit this runner (answered 422 before anything runs); the
+# contract's error, so the checks the gateway shares with the daemon raise the same thing.
+InvalidInput = InvalidRunInput
 
 
 class RunFailed(Exception):

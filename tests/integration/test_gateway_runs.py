@@ -131,6 +131,14 @@ async def test_validation_errors_and_ownership(js_server: NatsServer) -> None:
         assert status == 422 and body["error"]["field"] == "threadId"
         status, body = await gw.post_run("dave", {"runner": "echo", "title": "x" * 201})
         assert status == 422 and body["error"]["field"] == "title"
+
+        # A mock input the runner would refuse is refused at POST (not a 202 that fails later).
+        for bad_input in ({"count": "five"}, {"count": -1}, {"colour": "red"}, [1, 2]):
+            status, body = await gw.post_run("dave", {"runner": "mock", "input": bad_input})
+            assert status == 422 and body["error"]["code"] == "invalid_field", (bad_input, body)
+            assert body["error"]["field"] == "input" and "mock input" in body["error"]["message"]
+        status, body = await gw.post_run("dave", {"runner": "mock", "input": {"count": 2}})
+        assert status == 202, body
         status, body = await gw.post_run("dave", {"runner": "echo"}, path="/api/threads/bad%20id/messages")
         assert status == 422 and body["error"]["field"] == "threadId"
         resp = await gw.client.post("/api/runs", data=b"{}")
