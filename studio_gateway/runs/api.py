@@ -33,6 +33,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from contract.run_protocol import is_valid_run_id, split_events
+from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..auth import User, authenticated
 from ..errors import json_error
@@ -132,6 +133,10 @@ async def _create(request: web.Request, user: User, path_thread: str | None) -> 
                 field="runner",
                 runners=list(allowed),
             )
+        try:
+            check_input(runner, payload.get("input"))  # the shape both ends know (mock); 422 now, not later
+        except InvalidRunInput as exc:
+            raise _field("input", str(exc)) from None
         thread = path_thread
         if thread is None and payload.get("threadId") is not None:
             thread = _thread_id(payload["threadId"])
