@@ -10,8 +10,9 @@ no padding; ``claims`` carry ``jti``, ``iat``, ``iss``, ``sub``, ``name``, optio
 ``allowed_connection_types``.
 
 Decoding and key checks only: minting and signing (the operator's and account's seeds)
-are the gateway's (``studio_gateway.nats_jwt``). The signature is checked with the
-ed25519 of ``jwt`` (PyJWT's crypto backend), so readers need no signing library.
+are the gateway's (``studio_gateway.nats_jwt``). The signature is checked with PyNaCl's
+ed25519 (the library ``nkeys`` is built on, so the desktop install needs nothing more):
+PyJWT and cryptography stay the gateway's (the ``gateway`` extra).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import binascii
 import json
 from typing import Any, Final
 
+import nacl.exceptions
+import nacl.signing
 import nkeys
-from jwt.algorithms import OKPAlgorithm
 
 __all__ = [
     "CLAIMS_VERSION",
@@ -119,9 +121,11 @@ def claims_of(token: str) -> dict[str, Any]:
 
 
 def _signature_matches(public_key: bytes, signing_input: bytes, signature: bytes) -> bool:
-    okp = OKPAlgorithm()
-    key = okp.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64url(public_key)})
-    return bool(okp.verify(signing_input, key, signature))
+    try:
+        nacl.signing.VerifyKey(public_key).verify(signing_input, signature)
+    except nacl.exceptions.CryptoError:  # a bad signature, or one of the wrong length
+        return False
+    return True
 
 
 def decode_jwt(token: str, *, verify: bool = True) -> dict[str, Any]:
