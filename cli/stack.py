@@ -22,6 +22,7 @@ with deadlines, and the owner (``linkctl dev``/``demo``) polls :meth:`LocalStack
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -49,11 +50,13 @@ from .nats_server import (
 
 __all__ = [
     "DEFAULT_USER",
+    "GATEWAY_IMPORTS",
     "Child",
     "LocalStack",
     "StackError",
     "StackOptions",
     "default_state_dir",
+    "require_gateway_extra",
 ]
 
 DEFAULT_USER: Final = "dev@localhost"
@@ -76,6 +79,11 @@ LOG_TAIL_LINES: Final = 20
 # Settings from the user's environment that would redirect our children: never inherited.
 _FOREIGN_PREFIXES: Final = ("NATS_", "GATEWAY_", "LINKD_", "TUNNEL_PREFIX")
 _LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
+# What the gateway imports beyond the base install: the ``gateway`` extra (import name ->
+# distribution; tests/unit/test_dependencies.py keeps it equal to the extra). A desktop-only
+# install (``pip install natslink``) has none of them, and ``dev``/``demo`` say so up front.
+GATEWAY_IMPORTS: Final = {"aiohttp": "aiohttp", "jwt": "pyjwt", "cryptography": "cryptography"}
+LOCAL_EXTRA_HINT: Final = "pip install 'natslink[local]'"
 
 
 class StackError(CliError):
@@ -83,6 +91,22 @@ class StackError(CliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exitcodes.STACK_FAILED)
+
+
+def require_gateway_extra() -> None:
+    """StackError unless the gateway's libraries are importable here (the ``local`` extra).
+
+    Checked before anything starts, so a desktop-only install gets one line naming the fix
+    instead of a gateway that dies at start-up with an ImportError in its log.
+    """
+    missing = sorted(
+        dist for module, dist in GATEWAY_IMPORTS.items() if importlib.util.find_spec(module) is None
+    )
+    if missing:
+        raise StackError(
+            f"the local stack runs the gateway, which needs {', '.join(missing)} "
+            f"(not in a desktop-only install); install it with: {LOCAL_EXTRA_HINT}"
+        )
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -274,6 +298,7 @@ class LocalStack:
 
     def start(self) -> None:
         """Bring everything up, in order; on any failure stop what started and raise StackError."""
+        require_gateway_extra()
         began = time.monotonic()
         try:
             self._prepare()
