@@ -25,11 +25,6 @@ policy is :mod:`tunnel.backoff`. Its modules, one job each:
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__: str = version("natslink")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+from tunnel import __version__  # one version for the natslink distribution, looked up in one place
 
 __all__ = ["__version__"]

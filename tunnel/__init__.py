@@ -22,7 +22,14 @@ and :mod:`tunnel.connect` (build a nats-py connection from creds/nkey/token).
 
 Wire protocol: the reference ``tunnel.v1`` JSON frames, plus negotiated
 extensions (binary data frames, credit-based flow control, heartbeats).
+
+``tunnel.__version__`` is the installed ``natslink`` distribution's version (one
+version for the whole distribution; linkd and linkctl report this one), or
+``0.0.0+unknown`` when running from a source tree that is not installed. The
+package is typed (``py.typed``).
 """
+
+from importlib import metadata as _metadata
 
 from ._config import (
     DEFAULT_FIRST_FRAME_TIMEOUT,
@@ -56,6 +63,11 @@ from ._handler import Handler, Request, Response
 from ._natsio.client import FetchResponse, TunnelClient, client_for, fetch, parse_tunnel_url
 from ._natsio.server import ServerStats, TunnelServer, serve
 from ._subjects import DEFAULT_PREFIX, HostSubjects, host_token
+
+try:
+    __version__: str = _metadata.version("natslink")
+except _metadata.PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "DEFAULT_FIRST_FRAME_TIMEOUT",
