@@ -52,6 +52,7 @@ SLOW_FILES = frozenset(
         "test_bench_gateway_smoke.py",
         "test_runs_e2e_bench.py",
         "test_nats_cluster.py",
+        "test_wheel_install.py",
     }
 )
 
