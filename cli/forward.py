@@ -30,7 +30,7 @@ from .common import (
     run,
     stop_on_signals,
 )
-from .local_proxy import Forwarder
+from .local_proxy import HEADER_TIMEOUT, Forwarder
 
 __all__ = ["parse_listen", "register"]
 
@@ -47,7 +47,10 @@ Examples:
 Requests and responses stream both ways; connections are kept alive. A request the
 tunnel cannot deliver gets 502 (504 for a timeout) with the tunnel error code in the
 X-Tunnel-Error header, e.g. "X-Tunnel-Error: tunnel_unreachable" while the desktop
-is offline. One line per request is logged on stderr (-q to silence). Ctrl-C stops.
+is offline. A request with both Content-Length and Transfer-Encoding, or a malformed
+body, gets 400 and the connection is closed; a request head slower than
+--header-timeout (10 s) gets 408 and is closed; idle connections close after 75 s.
+One line per request is logged on stderr (-q to silence). Ctrl-C stops.
 
 \b
 Exit status:
@@ -103,6 +106,7 @@ async def _forward(
     timeout: float | None,
     first_frame_timeout: float,
     idle_timeout: float,
+    header_timeout: float,
     quiet: bool,
 ) -> int:
     async with nats_connection(nats, name="linkctl-forward") as nc:
@@ -113,6 +117,7 @@ async def _forward(
             timeout=timeout,
             first_frame_timeout=first_frame_timeout,
             idle_timeout=idle_timeout,
+            header_timeout=header_timeout,
             log=None if quiet else _access_log,
         )
         host, port = listen
@@ -176,6 +181,16 @@ def forward_command(
             rich_help_panel=TIMEOUTS_PANEL,
         ),
     ] = tunnel.DEFAULT_IDLE_TIMEOUT,
+    header_timeout: Annotated[
+        float,
+        Opt(
+            "--header-timeout",
+            metavar="SECONDS",
+            help="How long a client may take to send a request's head (line and headers); "
+            "slower ones get 408 and are disconnected.",
+            rich_help_panel=TIMEOUTS_PANEL,
+        ),
+    ] = HEADER_TIMEOUT,
     nats: NatsUrlOpt = DEFAULT_NATS_URL,
     creds: CredsOpt = None,
     token: TokenOpt = None,
@@ -188,6 +203,7 @@ def forward_command(
         ("--timeout", timeout),
         ("--first-frame-timeout", first_frame_timeout),
         ("--idle-timeout", idle_timeout),
+        ("--header-timeout", header_timeout),
     ):
         if value is not None and value <= 0:
             raise CliError(f"{flag}: must be more than 0 seconds (got {value:g})")
@@ -200,6 +216,7 @@ def forward_command(
             timeout=timeout,
             first_frame_timeout=first_frame_timeout,
             idle_timeout=idle_timeout,
+            header_timeout=header_timeout,
             quiet=quiet,
         )
     )

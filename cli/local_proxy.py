@@ -7,6 +7,15 @@ Written with ``h11`` (sans-IO) over asyncio streams: h11 parses and frames, this
 moves bytes. Per connection:
 
 - requests are read one at a time (keep-alive; no pipelining in parallel);
+- a request head must be complete within ``header_timeout`` (10 s; counted from the
+  connection's start, or from the first byte of a later request on a kept-alive
+  connection): a slow head gets ``408`` and the connection is closed (slowloris), an idle
+  kept-alive connection is closed after ``keepalive_timeout`` (75 s);
+- a request whose framing is ambiguous (both ``Content-Length`` and ``Transfer-Encoding``,
+  or ``Transfer-Encoding`` from an HTTP/1.0 client: RFC 9112 6.1 and 6.3) gets ``400`` and
+  the connection is closed, so nothing behind it can be read as a second request (request
+  smuggling); nothing of it reaches the desktop. A malformed request body (a bad chunk
+  size) is ``400`` as well, and also closes the connection;
 - the request body (Content-Length or chunked) streams into the tunnel as it arrives,
   and ``Expect: 100-continue`` is answered once the desktop is ready for the body;
 - the response streams back as it arrives, with the desktop's Content-Length when it
@@ -36,7 +45,7 @@ import tunnel
 
 from .term import human_bytes
 
-__all__ = ["ERROR_HEADER", "HOP_BY_HOP", "Forwarder"]
+__all__ = ["ERROR_HEADER", "HEADER_TIMEOUT", "HOP_BY_HOP", "KEEPALIVE_TIMEOUT", "Forwarder"]
 
 ERROR_HEADER: Final = "x-tunnel-error"
 # Connection-level headers (RFC 9110 7.6.1 and friends) are never forwarded; "expect" is
@@ -60,6 +69,14 @@ READ_SIZE: Final = 64 * 1024
 MAX_HEAD_SIZE: Final = 64 * 1024
 # An idle keep-alive connection is closed after this long (browsers reconnect freely).
 KEEPALIVE_TIMEOUT: Final = 75.0
+# A request head (request line and headers) must be complete within this long: from the
+# connection's start, or from the first byte of a later request. Slower: 408, closed.
+HEADER_TIMEOUT: Final = 10.0
+# After an error answer that closes the connection, what the client still sends is read and
+# dropped for up to this long (and this much) before closing: closing with unread input
+# would reset the connection (RST), and the client could lose the answer.
+LINGER_TIME: Final = 2.0
+LINGER_BYTES: Final = 1024 * 1024
 
 Log = Callable[[str], None]
 log = logging.getLogger("cli.forward")  # named after the command, as its log lines always were
@@ -98,6 +115,7 @@ class Forwarder:
         first_frame_timeout: float | None = tunnel.DEFAULT_FIRST_FRAME_TIMEOUT,
         idle_timeout: float | None = tunnel.DEFAULT_IDLE_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        header_timeout: float = HEADER_TIMEOUT,
         log: Log | None = None,
     ) -> None:
         self.client = client
@@ -106,6 +124,7 @@ class Forwarder:
         self.first_frame_timeout = first_frame_timeout
         self.idle_timeout = idle_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
         self.log = log
         self._connections: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -151,23 +170,56 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        # Set when the client's request body was malformed (h11 refused it mid-body).
+        self.body_error: h11.RemoteProtocolError | None = None
+        # Set when an answer said "connection: close" with client input left unread.
+        self.linger = False
 
     # -- h11 plumbing ----------------------------------------------------------------
+
+    async def _read(self) -> bytes:
+        try:
+            return await self.reader.read(READ_SIZE)
+        except ConnectionError:
+            return b""
 
     async def _next_event(self) -> h11.Event | None:
         """The next event from the client, reading as needed; None when h11 is PAUSED."""
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                try:
-                    data = await self.reader.read(READ_SIZE)
-                except ConnectionError:
-                    data = b""
-                self.h11.receive_data(data)
+                self.h11.receive_data(await self._read())
                 continue
             if event is h11.PAUSED:
                 return None
             return cast(h11.Event, event)
+
+    async def _next_head(self, fresh: bool) -> h11.Event | None:
+        """The next request head (or ConnectionClosed); None: close the connection quietly.
+
+        A fresh connection has ``header_timeout`` from its start to send a whole head; a
+        kept-alive one may idle up to ``keepalive_timeout`` first, then has ``header_timeout``
+        from the first byte. A head still incomplete then is answered 408.
+        """
+        if not fresh and not self.h11.trailing_data[0]:
+            try:
+                data = await asyncio.wait_for(self._read(), self.fw.keepalive_timeout)
+            except TimeoutError:
+                return None
+            self.h11.receive_data(data)
+        try:
+            async with asyncio.timeout(self.fw.header_timeout):
+                return await self._next_event()
+        except TimeoutError:
+            pass
+        if self.h11.trailing_data[0]:  # part of a head arrived, too slowly: say why, then close
+            timeout = f"{self.fw.header_timeout:g}"
+            self._log_line(f"{self.peer} 408 request head incomplete after {timeout} s: connection closed")
+            with contextlib.suppress(h11.LocalProtocolError, _CloseConnection):
+                await self._simple(
+                    408, f"request timeout: the request head took more than {timeout} s\n", close=True
+                )
+        return None
 
     async def _send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -182,16 +234,16 @@ class _Connection:
 
     async def serve(self) -> None:
         try:
+            fresh = True
             while True:
                 try:
-                    event = await asyncio.wait_for(self._next_event(), self.fw.keepalive_timeout)
-                except TimeoutError:
-                    return
+                    event = await self._next_head(fresh)
                 except h11.RemoteProtocolError as exc:
                     await self._reject(exc)
                     return
                 if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed (or garbage after close)
+                    return  # ConnectionClosed, a timeout (or garbage after close)
+                fresh = False
                 await self._handle(event)
                 if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
                     self.h11.start_next_cycle()
@@ -200,9 +252,23 @@ class _Connection:
         except _CloseConnection:
             return
         finally:
+            if self.linger:
+                await self._linger()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    async def _linger(self) -> None:
+        """Half-close, then drop what the client still sends (up to LINGER_TIME/LINGER_BYTES)."""
+        if self.writer.is_closing() or not self.writer.can_write_eof():
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.write_eof()
+        dropped = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_TIME):
+                while dropped < LINGER_BYTES and (data := await self._read()):
+                    dropped += len(data)
 
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -223,6 +289,7 @@ class _Connection:
         if close or self.h11.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
             # The request body was not read to its end: this connection cannot be reused.
             headers.append(("connection", "close"))
+            self.linger = True
         await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
         await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
@@ -236,6 +303,12 @@ class _Connection:
         if method == "CONNECT":
             await self._simple(405, "CONNECT is not supported: this forwards plain HTTP\n", close=True)
             self._log(method, target, 405, started, note="CONNECT refused")
+            return
+        problem = _framing_problem(request)
+        if problem is not None:
+            # Read nothing more from this connection: what follows could be a smuggled request.
+            await self._simple(400, f"bad request: {problem}\n", close=True)
+            self._log(method, target, 400, started, note=f"refused: {problem}")
             return
         dropped = _dropped_names(list(request.headers)) | REQUEST_ONLY_DROPPED
         headers = [
@@ -265,6 +338,12 @@ class _Connection:
                 idle_timeout=self.fw.idle_timeout,
             )
         except tunnel.TunnelError as exc:
+            if self.body_error is not None:
+                # The client's body was malformed (tunnel_body_error): the client's fault, a 400.
+                self._log(method, target, 400, started, note=f"bad request body: {self.body_error}")
+                with contextlib.suppress(h11.LocalProtocolError):
+                    await self._simple(400, f"bad request body: {self.body_error}\n", close=True)
+                return
             status = _error_status(exc)
             self._log(method, target, status, started, note=exc.code)
             with contextlib.suppress(h11.LocalProtocolError):
@@ -287,7 +366,11 @@ class _Connection:
         if self.h11.client_is_waiting_for_100_continue and self.h11.our_state is h11.SEND_RESPONSE:
             await self._send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         while True:
-            event = await self._next_event()
+            try:
+                event = await self._next_event()
+            except h11.RemoteProtocolError as exc:  # e.g. a bad chunk size
+                self.body_error = exc
+                raise
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -338,6 +421,22 @@ class _Connection:
     def _log_line(self, line: str) -> None:
         if self.fw.log is not None:
             self.fw.log(line)
+
+
+def _framing_problem(request: h11.Request) -> str | None:
+    """Why the request's body framing cannot be trusted (RFC 9112 6.1, 6.3), or None.
+
+    h11 accepts both Content-Length and Transfer-Encoding and lets chunked win; a server
+    or proxy in front or behind that lets Content-Length win would see different requests
+    in the same bytes. RFC 9112 6.1 allows treating it as an error: we do, and close.
+    """
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            return "both Content-Length and Transfer-Encoding (RFC 9112 6.1)"
+        if request.http_version == b"1.0":
+            return "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)"
+    return None
 
 
 def _error_status(exc: tunnel.TunnelError) -> int:
