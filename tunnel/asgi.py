@@ -18,18 +18,54 @@ Each request runs the application in its own task (one ``_Cycle`` per request,
 like a uvicorn request-response cycle). What the application sees:
 
 - ``scope``: ``type "http"``, ``asgi {"version": "3.0", "spec_version": "2.3"}``,
-  ``http_version "1.1"``, ``scheme "http"``, the method, ``path`` (percent-decoded
-  UTF-8) and ``raw_path`` (the bytes as sent), ``query_string`` (bytes, still
-  encoded), ``headers`` (lowercase names, latin-1 bytes, order and repeats kept),
-  ``server = (hostname, None)``, ``state`` (a copy of the lifespan state) and
+  ``http_version "1.1"``, the method, ``path`` (percent-decoded UTF-8) and
+  ``raw_path`` (the bytes as sent), ``query_string`` (bytes, still encoded),
+  ``headers`` (lowercase names, latin-1 bytes, order and repeats kept),
+  ``server = (hostname, None)`` (the tunnel hostname is what the server listens on;
+  there is no port), ``state`` (a copy of the lifespan state) and
   ``extensions["tunnel"] = {"request_id": ...}``.
-- ``client`` is ``None``: NATS does not tell a server who published a message, so
-  there is no peer address to give (ASGI allows ``None`` for "unknown").
-- ``root_path`` works like uvicorn's ``--root-path``: the tunnel path is the path
-  *below* the mount point, and ``path``/``raw_path`` get ``root_path`` prepended,
-  so frameworks route on the rest and build public URLs with the prefix.
-- A request without a ``host`` header (the httpx transport drops it; HTTP/1.1
-  requires one) gets ``host: <tunnel hostname>``, so ``request.url`` is right.
+
+The URL the application builds (``request.url``, ``url_for``, Starlette's
+trailing-slash redirect) is ``{scheme}://{host header}{root_path}{path}``, so the
+adapter sets those to what the *caller* used:
+
+- ``scheme`` is ``"http"`` (the ASGI default, and what frameworks expect: the tunnel
+  carries plain HTTP semantics; whether the NATS link is TLS is not the app's
+  business). A caller that is itself a proxy for other clients (a gateway or a
+  local forwarder in front of browsers) says what its clients used with
+  ``X-Forwarded-Proto: https``.
+- the ``host`` header: a ``X-Forwarded-Host`` (a proxy's public host, e.g.
+  ``127.0.0.1:8080`` for a browser on a local forwarder) replaces it; else the
+  caller's own ``Host`` stays; else (a direct tunnel caller: the httpx transport and
+  ``tunnel.fetch`` send none, the tunnel hostname *is* the host) the adapter adds
+  ``host: <tunnel hostname>``. So a direct caller of ``tunnel://desk.example/items``
+  gets redirected to ``http://desk.example/items/``, which :mod:`tunnel.httpx_transport`
+  follows as ``tunnel://desk.example/items/`` (it maps same-host ``http(s)://``
+  redirects back onto the tunnel).
+- ``root_path`` is only what you pass (like uvicorn's ``--root-path``; no
+  ``X-Forwarded-Prefix``): set it when something in front serves the app under a
+  prefix and strips it. The tunnel path is the path *below* the mount point, and
+  ``path``/``raw_path`` get ``root_path`` prepended, so frameworks route on the rest
+  and build public URLs with the prefix (URLs for that front's callers, not for a
+  direct tunnel caller, whose URLs have no prefix).
+- ``client``: NATS does not tell a server who published a message, so there is no
+  peer address. With ``X-Forwarded-For`` (leftmost address, when it is an IP
+  address) it is ``(address, 0)``, as uvicorn's proxy headers give; otherwise the
+  placeholder :data:`UNKNOWN_CLIENT` ``= ("tunnel", 0)``, so ``request.client.host``
+  works. It is deliberately not an IP address (like Starlette's TestClient's
+  ``"testclient"``): a made-up address such as ``127.0.0.1`` could pass an
+  allow-list. Never use ``client`` for access control behind the tunnel: who may
+  call is decided by NATS permissions on the hostname's subjects.
+- ``X-Forwarded-Proto``/``-Host``/``-For`` are trusted from every caller
+  (``proxy_headers=True``, the default) because every caller is someone NATS lets
+  publish to this hostname, as trusted as the reverse proxy in front of a uvicorn
+  that honours them; pass ``proxy_headers=False`` when callers should not choose the
+  public URL or client address. Only ``http``/``https``, a plain ``host[:port]`` and
+  an IP address are taken; anything else is ignored. The headers themselves stay in
+  ``scope["headers"]``. (RFC 7239 ``Forwarded`` is not read.)
+
+What happens during a request:
+
 - ``receive()`` yields the request body as it streams in (``http.request`` with
   ``more_body``), then blocks until the caller leaves or the response is
   complete, and returns ``http.disconnect``.
@@ -51,7 +87,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, Literal, Unpack
@@ -70,6 +108,7 @@ if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
     from nats.aio.client import Client as NATS
 
 __all__ = [
+    "UNKNOWN_CLIENT",
     "ASGIApp",
     "AsgiHandler",
     "AsgiTunnelServer",
@@ -100,6 +139,12 @@ LIFESPAN_EXIT_GRACE: Final = 1.0
 # Statuses that carry no body on the wire (the tunnel, like HTTP, sends none).
 _NO_BODY_STATUSES: Final = frozenset({204, 205, 304})
 _INTERNAL_ERROR_BODY: Final = b"Internal Server Error"
+#: ``scope["client"]`` when no ``X-Forwarded-For`` names the caller (see the module docstring).
+UNKNOWN_CLIENT: Final[tuple[str, int]] = ("tunnel", 0)
+# What X-Forwarded-Host may be: a DNS name or IPv4 address, or a bracketed IPv6 literal, and a port.
+_FORWARDED_HOST: Final = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?)(?::[0-9]{1,5})?"
+)
 
 
 class LifespanError(RuntimeError):
@@ -122,6 +167,27 @@ def _host_bytes(hostname: str) -> bytes:
             return hostname.encode("idna")
         except UnicodeError:
             return hostname.encode("utf-8")
+
+
+def _first_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first (leftmost, i.e. the original client's) value of a comma-separated header."""
+    for key, value in headers:
+        if key == name:
+            first = value.decode("latin-1").split(",", 1)[0].strip()
+            return first or None
+    return None
+
+
+def _ip_address(text: str) -> str | None:
+    """``text`` as an IP address (``1.2.3.4``, ``::1``, ``[::1]``, ``1.2.3.4:80``, ``[::1]:80``) or None."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 class _Cycle:
@@ -492,13 +558,21 @@ class _Lifespan:
 class AsgiHandler:
     """A :data:`tunnel.Handler` that runs an ASGI application; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, root_path: str = "", lifespan: LifespanMode = "auto") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        root_path: str = "",
+        lifespan: LifespanMode = "auto",
+        proxy_headers: bool = True,
+    ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError(f"lifespan must be 'auto', 'on' or 'off', not {lifespan!r}")
         if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
             raise ValueError(f"root_path must start with '/' and not end with one: {root_path!r}")
         self.app = app
         self.root_path = root_path
+        self.proxy_headers = proxy_headers
         self._raw_root = quote(root_path).encode("ascii")
         #: Lifespan state; each request's ``scope["state"]`` is a shallow copy.
         self.state: dict[str, Any] = {}
@@ -530,23 +604,39 @@ class AsgiHandler:
             await asyncio.wait(pending, timeout=LIFESPAN_EXIT_GRACE)
 
     def scope_for(self, request: Request) -> Scope:
-        """The ASGI http scope for one tunnel request."""
+        """The ASGI http scope for one tunnel request (see the module docstring)."""
         raw_path = request.path
         headers = [(name.lower().encode("latin-1"), _header_bytes(value)) for name, value in request.headers]
-        if not any(name == b"host" for name, _ in headers):
+        scheme = "http"
+        client = UNKNOWN_CLIENT
+        public_host: bytes | None = None
+        if self.proxy_headers:
+            proto = _first_value(headers, b"x-forwarded-proto")
+            if proto is not None and proto.lower() in ("http", "https"):
+                scheme = proto.lower()
+            host = _first_value(headers, b"x-forwarded-host")
+            if host is not None and _FORWARDED_HOST.fullmatch(host):
+                public_host = host.encode("ascii")
+            forwarded_for = _first_value(headers, b"x-forwarded-for")
+            address = None if forwarded_for is None else _ip_address(forwarded_for)
+            if address is not None:
+                client = (address, 0)
+        if public_host is not None:
+            headers = [(b"host", public_host), *((n, v) for n, v in headers if n != b"host")]
+        elif not any(name == b"host" for name, _ in headers):
             headers.insert(0, (b"host", _host_bytes(request.hostname)))
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1",
             "method": request.method,
-            "scheme": "http",
+            "scheme": scheme,
             "path": self.root_path + unquote(raw_path, encoding="utf-8", errors="replace"),
             "raw_path": self._raw_root + raw_path.encode("utf-8"),
             "query_string": request.query_string.encode("utf-8"),
             "root_path": self.root_path,
             "headers": headers,
-            "client": None,
+            "client": client,
             "server": (request.hostname, None),
             "state": self.state.copy(),
             "extensions": {"tunnel": {"request_id": request.request_id}},
@@ -566,13 +656,16 @@ class AsgiHandler:
         return cycle.response()
 
 
-def asgi_handler(app: ASGIApp, *, root_path: str = "", lifespan: LifespanMode = "auto") -> AsgiHandler:
+def asgi_handler(
+    app: ASGIApp, *, root_path: str = "", lifespan: LifespanMode = "auto", proxy_headers: bool = True
+) -> AsgiHandler:
     """Wrap an ASGI 3 application as a tunnel handler.
 
     ``lifespan`` ("auto", "on", "off") is used by :meth:`AsgiHandler.startup`, which
     :func:`serve_asgi` calls for you; with :func:`tunnel.serve` call it yourself.
+    ``root_path`` and ``proxy_headers`` shape the scope (see the module docstring).
     """
-    return AsgiHandler(app, root_path=root_path, lifespan=lifespan)
+    return AsgiHandler(app, root_path=root_path, lifespan=lifespan, proxy_headers=proxy_headers)
 
 
 class AsgiTunnelServer(TunnelServer):
@@ -604,6 +697,7 @@ async def serve_asgi(
     *,
     root_path: str = "",
     lifespan: LifespanMode = "auto",
+    proxy_headers: bool = True,
     config: ServerConfig | None = None,
     prefix: str = DEFAULT_PREFIX,
     wire_tap: WireTap | None = None,
@@ -611,13 +705,14 @@ async def serve_asgi(
     **deprecated: Unpack[LegacyServerKwargs],
 ) -> AsgiTunnelServer:
     """Run lifespan startup, then serve ``app`` for ``hostname`` (``config``, ``prefix``,
-    ``wire_tap`` and ``on_event`` as for ``tunnel.serve``, and the same deprecated keywords).
+    ``wire_tap`` and ``on_event`` as for ``tunnel.serve``, and the same deprecated keywords;
+    ``root_path`` and ``proxy_headers`` as described in the module docstring).
 
     Raises :class:`LifespanError` (without subscribing anything) if startup fails.
     ``await server.close()`` drains requests, then runs lifespan shutdown.
     """
     config = server_config("serve_asgi", config, deprecated)
-    handler = asgi_handler(app, root_path=root_path, lifespan=lifespan)
+    handler = asgi_handler(app, root_path=root_path, lifespan=lifespan, proxy_headers=proxy_headers)
     server = AsgiTunnelServer(
         nc, hostname, handler, config=config, prefix=prefix, wire_tap=wire_tap, on_event=on_event
     )

@@ -17,6 +17,33 @@ server from tripping it); ``write`` and ``pool`` have no tunnel meaning. The
 without that extension; ``timeout`` (the overall deadline, which httpx has no
 equivalent of) applies to every request.
 
+Redirects (``AsyncClient(follow_redirects=True)``): httpx resolves a ``Location``
+against the request URL with :func:`urllib.parse.urljoin`, which only joins onto
+schemes it knows, so a relative ``Location: /target`` under ``tunnel://desk.example``
+came out as a bare ``/target``; and an application behind the tunnel (see
+:mod:`tunnel.asgi`) builds absolute URLs as ``http://desk.example/...``, which is
+not a ``tunnel://`` URL. So for a redirect (301, 302, 303, 307, 308) this transport
+rewrites the ``Location`` to the ``tunnel://`` URL the tunnel can follow when it
+names the same tunnel host:
+
+- a relative reference (``/target``, ``target``, ``../x``, ``?page=2``) is resolved
+  against the request URL (a network-path ``//other.example/x`` stays on the tunnel:
+  ``tunnel://other.example/x``);
+- ``http://`` or ``https://`` with the request's own host, no port and no
+  credentials becomes ``tunnel://<host>/...`` (path, query and fragment kept);
+- anything else is left as sent: ``tunnel://other.example/...`` is followed through
+  the tunnel as it is; a redirect leaving the tunnel (``https://example.com/``, or
+  ``http://desk.example:8080/``) reaches this transport as a non-tunnel URL and fails
+  with :class:`NotATunnelURL` (an ``httpx.UnsupportedProtocol``), unless the client
+  sends such URLs elsewhere (``AsyncClient(mounts={"tunnel://": TunnelTransport(nc)})``
+  leaves the rest to httpx's own transport).
+
+The rewritten redirect keeps httpx's same-origin rules working (``Authorization``
+is kept, as the target is the same tunnel host); the ``Location`` as the server sent
+it is in ``response.extensions["tunnel_original_location"]``. Links an application
+puts in a body (``url_for``) are not touched: fetch one through the tunnel with
+``httpx.URL(link).copy_with(scheme="tunnel")``.
+
 Errors: every tunnel error becomes the matching httpx exception (see
 :func:`map_tunnel_error`), raised ``from`` the tunnel error. The httpx exception
 is also a :class:`TunnelTransportError`, so ``exc.tunnel_code`` (stable, e.g.
@@ -27,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urljoin
 
 import httpx
 
@@ -46,7 +74,14 @@ from ._subjects import DEFAULT_PREFIX
 if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
     from nats.aio.client import Client as NATS
 
-__all__ = ["HOP_BY_HOP_HEADERS", "TunnelTransport", "TunnelTransportError", "map_tunnel_error"]
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "NotATunnelURL",
+    "TunnelTransport",
+    "TunnelTransportError",
+    "map_tunnel_error",
+    "tunnel_location",
+]
 
 # Headers that describe one HTTP connection, not the request: httpx adds them for a
 # socket we do not have. ``host`` is dropped too: the tunnel hostname is the host,
@@ -55,7 +90,43 @@ HOP_BY_HOP_HEADERS: Final = frozenset(
     {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
 
+# The statuses httpx follows a Location of (httpx.Response.has_redirect_location).
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+
 _UNSET: Any = object()
+
+
+class NotATunnelURL(httpx.UnsupportedProtocol):
+    """A request (often a redirect leaving the tunnel) for a URL that is not ``tunnel://host/...``."""
+
+
+def tunnel_location(request_url: httpx.URL, location: str) -> str | None:
+    """The ``tunnel://`` URL a redirect ``location`` from ``request_url`` leads to on the tunnel.
+
+    None when the location is already a ``tunnel://`` URL, leaves the tunnel or is not a
+    URL (see the module docstring for the rules).
+    """
+    try:
+        target = httpx.URL(location)
+    except httpx.InvalidURL:
+        return None
+    if not target.scheme:
+        # A relative reference: resolve it as if the base were http (which urljoin knows),
+        # then put the scheme back; a network-path reference keeps the tunnel scheme too.
+        base = str(request_url.copy_with(scheme="http"))
+        joined = urljoin(base, location)
+        if not joined.startswith("http://"):
+            return None
+        return "tunnel://" + joined.removeprefix("http://")
+    if (
+        target.scheme in ("http", "https")
+        and target.host
+        and target.host == request_url.host
+        and target.port is None
+        and not target.userinfo
+    ):
+        return str(target.copy_with(scheme="tunnel"))
+    return None
 
 
 class TunnelTransportError(Exception):
@@ -219,11 +290,14 @@ class TunnelTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme != "tunnel":
-            raise httpx.UnsupportedProtocol(
-                f"TunnelTransport only sends tunnel:// URLs, not {url.scheme}://", request=request
+            shown = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"  # no secrets
+            raise NotATunnelURL(
+                f"TunnelTransport only sends tunnel:// URLs, not {url.scheme}:// ({shown}); a redirect "
+                "off the tunnel needs another transport (mount TunnelTransport for 'tunnel://' only)",
+                request=request,
             )
         if url.port is not None or url.userinfo:
-            raise httpx.UnsupportedProtocol("tunnel:// URLs carry no port or credentials", request=request)
+            raise NotATunnelURL("tunnel:// URLs carry no port or credentials", request=request)
         target = url.raw_path.decode("ascii")
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
@@ -258,13 +332,32 @@ class TunnelTransport(httpx.AsyncBaseTransport):
         extensions: dict[str, Any] = {"tunnel_request_id": response.request_id}
         if response.reason:
             extensions["reason_phrase"] = response.reason.encode("latin-1", errors="replace")
+        response_headers = response.headers
+        if response.status in _REDIRECT_STATUSES:
+            response_headers = self._followable(url, response_headers, extensions)
         return httpx.Response(
             status_code=response.status,
-            headers=response.headers,
+            headers=response_headers,
             stream=TunnelResponseStream(response, request, body if isinstance(body, _RequestBody) else None),
             request=request,
             extensions=extensions,
         )
+
+    @staticmethod
+    def _followable(
+        url: httpx.URL, headers: list[tuple[str, str]], extensions: dict[str, Any]
+    ) -> list[tuple[str, str]]:
+        """``headers`` with a same-host redirect ``Location`` as a ``tunnel://`` URL."""
+        locations = [i for i, (name, _) in enumerate(headers) if name.lower() == "location"]
+        if len(locations) != 1:
+            return headers
+        index = locations[0]
+        name, original = headers[index]
+        followable = tunnel_location(url, original)
+        if followable is None or followable == original:
+            return headers
+        extensions["tunnel_original_location"] = original
+        return [*headers[:index], (name, followable), *headers[index + 1 :]]
 
     async def aclose(self) -> None:
         if self._owns_client:

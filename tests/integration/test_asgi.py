@@ -173,7 +173,7 @@ async def test_scope_has_decoded_path_raw_path_query_headers_and_root_path(nats_
     assert scope["route_rest"] == "café x/y"
     assert scope["query_string"] == "q=1&q=2&e=%20"
     assert scope["query"] == [["q", "1"], ["q", "2"], ["e", " "]]
-    assert scope["client"] is None
+    assert scope["client"] == ["tunnel", 0]  # tunnel.asgi.UNKNOWN_CLIENT: NATS names no peer
     assert scope["server"] == [HOST, None]
     assert scope["request_id"]
     names = [name for name, _ in scope["headers"]]

@@ -1,7 +1,9 @@
 """``TunnelTransport``: httpx over the tunnel, against a real nats-server.
 
 Error mapping keeps the tunnel's code reachable; both bodies stream; leaving a
-``client.stream()`` early aborts the server's handler.
+``client.stream()`` early aborts the server's handler; same-host redirects (relative, or
+``http(s)://`` naming the tunnel host) are followed through the tunnel. Real web apps
+redirecting through it: tests/integration/test_asgi_web_apps.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from tests.integration.tunnel_harness import (
     serving,
 )
 from tunnel._events import Publish
-from tunnel.httpx_transport import HOP_BY_HOP_HEADERS, TunnelTransport, TunnelTransportError
+from tunnel.httpx_transport import (
+    HOP_BY_HOP_HEADERS,
+    NotATunnelURL,
+    TunnelTransport,
+    TunnelTransportError,
+    tunnel_location,
+)
 
 HOST = "desk.example"
 URL = f"tunnel://{HOST}"
@@ -159,10 +167,66 @@ async def test_error_mid_body_is_a_read_error_while_reading(nats_server: NatsSer
 
 async def test_non_tunnel_urls_are_refused_without_touching_nats(nats_server: NatsServer) -> None:
     async with over_tunnel(nats_server) as (client, _, _):
-        with pytest.raises(httpx.UnsupportedProtocol):
+        with pytest.raises(NotATunnelURL, match=r"not http:// \(http://example\.com/\)"):
             await client.get("http://example.com/")
         with pytest.raises(httpx.UnsupportedProtocol):
             await client.get("tunnel://desk.example:8080/")
+
+
+@pytest.mark.parametrize(
+    ("location", "followable"),
+    [
+        ("/target", f"{URL}/target"),
+        ("target", f"{URL}/a/target"),
+        ("../up", f"{URL}/up"),
+        ("?page=2", f"{URL}/a/b?page=2"),
+        ("//other.example/p", "tunnel://other.example/p"),
+        (f"http://{HOST}/s/?q=1#frag", f"{URL}/s/?q=1#frag"),
+        ("https://DESK.example/s", f"{URL}/s"),
+        (f"http://{HOST}:80/x", f"{URL}/x"),
+        # left alone: already a tunnel URL, another host, a port, credentials, not a URL
+        ("tunnel://other.example/x", None),
+        ("https://example.com/", None),
+        (f"http://{HOST}:8080/", None),
+        (f"http://user:pw@{HOST}/", None),
+        ("http://[bad", None),
+    ],
+)
+def test_redirect_locations_the_tunnel_can_follow(location: str, followable: str | None) -> None:
+    assert tunnel_location(httpx.URL(f"{URL}/a/b?x=1"), location) == followable
+
+
+async def test_redirects_from_a_plain_handler_are_followed_and_only_redirects_rewritten(
+    nats_server: NatsServer,
+) -> None:
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        text = [("content-type", "text/plain")]
+        if req.path == "/relative":
+            return tunnel.Response(302, [*text, ("location", "/landed")], b"")
+        if req.path == "/absolute":
+            return tunnel.Response(301, [*text, ("location", f"https://{HOST}/landed?via=abs")], b"")
+        if req.path == "/created":
+            return tunnel.Response(201, [*text, ("location", "/items/1")], b"created")
+        if req.path == "/away":
+            return tunnel.Response(308, [*text, ("location", "https://example.com/")], b"")
+        return tunnel.Response(200, text, f"{req.method} {req.url}")
+
+    async with over_tunnel(nats_server, handler) as (client, _, _):
+        r = await client.get(f"{URL}/relative", follow_redirects=True)
+        assert (r.status_code, r.text, r.url) == (200, "GET /landed", f"{URL}/landed")
+        r = await client.get(f"{URL}/absolute", follow_redirects=True)
+        assert (r.status_code, r.text) == (200, "GET /landed?via=abs")
+        assert r.history[0].extensions["tunnel_original_location"] == f"https://{HOST}/landed?via=abs"
+        # Only a redirect's Location is a navigation target: a 201's stays as sent.
+        created = await client.post(f"{URL}/created", follow_redirects=True)
+        assert created.status_code == 201
+        assert created.headers["location"] == "/items/1"
+        assert "tunnel_original_location" not in created.extensions
+        # Leaving the tunnel: httpx hands the transport a non-tunnel URL, a typed error.
+        away = await client.get(f"{URL}/away")
+        assert away.headers["location"] == "https://example.com/"
+        with pytest.raises(NotATunnelURL):
+            await client.get(f"{URL}/away", follow_redirects=True)
 
 
 async def test_request_and_response_bodies_stream_both_ways(nats_server: NatsServer) -> None:
