@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +21,17 @@ from urllib.parse import urlsplit
 
 import typer
 from nats.aio.client import Client as NATS
+from typer.core import TyperArgument
 
 import tunnel
+from contract.logs import JsonFormatter
 from tunnel.connect import NatsConnectError, connect
 
 from . import exitcodes
 
 __all__ = [
     "DEFAULT_NATS_URL",
+    "LOG_LEVELS",
     "CliError",
     "CredsOpt",
     "NatsOptions",
@@ -35,9 +40,12 @@ __all__ = [
     "TokenOpt",
     "TunnelFailure",
     "check_host",
+    "configure_logging",
     "nats_connection",
+    "parse_log_level",
     "run",
     "stop_on_signals",
+    "version",
 ]
 
 T = TypeVar("T")
@@ -50,6 +58,8 @@ PREFIX_ENV: Final = "LINKCTL_TUNNEL_PREFIX"
 NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
 NATS_PANEL: Final = "NATS connection"
+# --log-level LEVEL: the same names in linkctl, linkd and studio-gateway.
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 class CliError(Exception):
@@ -126,6 +136,20 @@ PrefixOpt = Annotated[
         rich_help_panel=NATS_PANEL,
     ),
 ]
+
+
+def _plain_argument_help() -> None:
+    """An argument's help row shows its placeholder alone (``URL``), as options do (``--nats
+    URL``): typer would append its own type name (``URL <str>``), a second style of placeholder."""
+    typed = TyperArgument.display_type_rich
+
+    def display_type_rich(self: TyperArgument, ctx: Any) -> str | None:
+        return None if self.metavar else typed(self, ctx)
+
+    TyperArgument.display_type_rich = display_type_rich  # type: ignore[method-assign,assignment]
+
+
+_plain_argument_help()
 
 
 def _check_nats_url(raw: str) -> str:
@@ -240,9 +264,28 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-def configure_logging(debug: bool = False) -> None:
-    """Library warnings (e.g. "NATS disconnected; reconnecting") as ``linkctl: ...`` lines.
+def version() -> str:
+    """The installed package's version (``linkctl --version``)."""
+    try:
+        return importlib.metadata.version("natslink")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
+def parse_log_level(value: str) -> str:
+    """``--log-level``: one of :data:`LOG_LEVELS`, any case."""
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def configure_logging(level: str = "warning", *, json_logs: bool = False) -> None:
+    """Library messages (e.g. "NATS disconnected; reconnecting") on stderr at ``level``: lines
+    ``linkctl: ...``, or with ``json_logs`` one object per line in :mod:`contract.logs`'s schema.
 
     A no-op when logging is already set up (linkctl called in-process, e.g. from tests).
     """
-    logging.basicConfig(format="linkctl: %(message)s", level=logging.DEBUG if debug else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("linkctl: %(message)s"))
+    logging.basicConfig(handlers=[handler], level=level.upper())

@@ -168,10 +168,10 @@ def _timings(result: DemoResult, paint: Painter) -> str:
 def demo_command(
     state_dir: StateDirOpt = None,
     chunks: Annotated[
-        int, typer.Option("--chunks", min=1, max=10000, help="Output chunks of the run.")
+        int, typer.Option("--chunks", metavar="N", min=1, max=10000, help="Output chunks of the run.")
     ] = DEFAULT_CHUNKS,
     delay_ms: Annotated[
-        int, typer.Option("--delay-ms", min=0, max=10000, help="Pause before each chunk.")
+        int, typer.Option("--delay-ms", metavar="MS", min=0, max=10000, help="Pause before each chunk.")
     ] = DEFAULT_DELAY_MS,
     run_timeout: Annotated[
         float, typer.Option("--run-timeout", metavar="SECONDS", help="Bound on the run.")

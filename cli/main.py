@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import demo, dev, exitcodes, fetch, forward, runs, session, status
-from .common import CliError, configure_logging
+from .common import LOG_LEVELS, CliError, configure_logging, parse_log_level, version
 
 __all__ = ["COMMAND_MODULES", "app", "main"]
 
@@ -43,6 +43,8 @@ NATS commands take --nats URL (env LINKCTL_NATS_URL), --creds FILE (LINKCTL_NATS
 or --token (LINKCTL_NATS_TOKEN), and --prefix; gateway commands (session, runs,
 status --gateway) take --gateway URL (LINKCTL_GATEWAY) and --token (LINKCTL_TOKEN). Run
 'linkctl COMMAND --help' for a command's options, examples and exit statuses.
+
+Logs (library warnings; more with --log-level) go to stderr, as JSON lines with --json-logs.
 """
 
 
@@ -124,20 +126,40 @@ app = typer.Typer(
     cls=LinkctlGroup,
     help=HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"linkctl {version()}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Log library debug messages to stderr (NATS, tunnel).")
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level",
+            metavar="LEVEL",
+            envvar="LINKCTL_LOG_LEVEL",
+            parser=parse_log_level,
+            help=f"How much the libraries log on stderr: {', '.join(LOG_LEVELS)}.",
+        ),
+    ] = "warning",
+    debug: Annotated[bool, typer.Option("--debug", help="Same as --log-level debug.")] = False,
+    json_logs: Annotated[
+        bool, typer.Option("--json-logs", help="Log lines as JSON objects (ts, level, logger, message).")
     ] = False,
 ) -> None:
-    configure_logging(debug)
+    configure_logging("debug" if debug else log_level, json_logs=json_logs)
 
 
 for _module in COMMAND_MODULES:

@@ -338,7 +338,7 @@ def send_command(
     input_: Annotated[
         str | None,
         typer.Argument(
-            metavar="[INPUT]",
+            metavar="INPUT",
             help="The run's input as JSON, or @FILE, or @- for stdin.",
             show_default=False,
         ),

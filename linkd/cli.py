@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ from .credentials_store import (
 )
 from .errors import LinkdError
 from .login_state import clear_login, read_login_gateway, write_login
-from .logs import configure_logging
+from .logs import LOG_LEVELS, configure_logging
 from .run_events import EventSink, JsonlFileSink, MemoryEventSink, TeeSink
 from .session import GatewayClient, GatewayError
 from .status_file import pid_alive, read_status
@@ -46,6 +47,7 @@ __all__ = ["app", "main"]
 EXIT_USAGE: Final = 2
 EXIT_NOT_RUNNING: Final = 1
 TOKEN_ENV: Final = "LINKD_TOKEN"
+LOG_LEVEL_ENV: Final = "LINKD_LOG_LEVEL"
 LOGIN_CHECK_TIMEOUT: Final = 10.0
 
 app = typer.Typer(
@@ -70,18 +72,22 @@ app = typer.Typer(
         '  input = "stdin"        # the work item\'s input arrives as data, never as arguments\n'
         "  [runners.http]\n"
         '  endpoint = "http://127.0.0.1:11434/api/generate"\n\n'
-        "Secrets (the gateway token, the desktop's NATS key) live in the OS keyring."
+        "Secrets (the gateway token, the desktop's NATS key) live in the OS keyring.\n\n"
+        "Logs (`linkd up`) go to stderr; --log-level LEVEL (debug, info, warning, error; env\n"
+        "LINKD_LOG_LEVEL) before or after the command sets how much."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
+        metavar="FILE",
         help="Config file (default: linkd.toml in the config dir; env LINKD_CONFIG).",
         show_default=False,
     ),
@@ -107,13 +113,53 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _parse_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        metavar="LEVEL",
+        parser=_parse_level,
+        help="How much to log: debug, info (default), warning or error.",
+        show_default=False,
+    ),
+]
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            metavar="LEVEL",
+            envvar=LOG_LEVEL_ENV,
+            parser=_parse_level,
+            help="How much `linkd up` logs: debug, info (default), warning or error.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     pass
+
+
+def _log_level(ctx: typer.Context, given: str | None, verbose: bool) -> str:
+    """The command's ``--log-level``, else ``-v`` (debug), else the one before the command."""
+    if given is not None:
+        return given
+    if verbose:
+        return "debug"
+    root = ctx.find_root().params.get("log_level")
+    return root if isinstance(root, str) else "info"
 
 
 # ------------------------------------------------------------------------------ secrets
@@ -174,13 +220,17 @@ def login(
     gateway: Annotated[
         str | None,
         typer.Option(
-            "--gateway", help="Gateway URL (env LINKD_GATEWAY; else the config file).", show_default=False
+            "--gateway",
+            metavar="URL",
+            help="Gateway URL (env LINKD_GATEWAY; else the config file).",
+            show_default=False,
         ),
     ] = None,
     token: Annotated[
         str | None,
         typer.Option(
             "--token",
+            metavar="TOKEN",
             help="Gateway API token. Better: leave it out and paste it at the prompt, or pipe it on stdin "
             "(flags end up in shell history).",
             show_default=False,
@@ -319,10 +369,12 @@ async def _serve(
     )
 )
 def up(
+    ctx: typer.Context,
     gateway: Annotated[
         str | None,
         typer.Option(
             "--gateway",
+            metavar="URL",
             help="Gateway URL (env LINKD_GATEWAY; else config file; else the last login).",
             show_default=False,
         ),
@@ -331,6 +383,7 @@ def up(
         str | None,
         typer.Option(
             "--upstream",
+            metavar="URL",
             help="Forward every other path to this local HTTP service, streaming both ways "
             "(env LINKD_UPSTREAM).",
             show_default=False,
@@ -348,6 +401,7 @@ def up(
         float | None,
         typer.Option(
             "--drain-timeout",
+            metavar="SECONDS",
             help="Seconds in-flight requests get on SIGINT/SIGTERM (default 10; env LINKD_DRAIN_TIMEOUT).",
             show_default=False,
         ),
@@ -356,6 +410,7 @@ def up(
         Path | None,
         typer.Option(
             "--status-file",
+            metavar="FILE",
             help="Where to keep the status file for `linkd status` (env LINKD_STATUS_FILE).",
             show_default=False,
         ),
@@ -364,6 +419,7 @@ def up(
         str | None,
         typer.Option(
             "--nats-transport",
+            metavar="MODE",
             help="auto, standard or websocket (env LINKD_NATS_TRANSPORT).",
             show_default=False,
         ),
@@ -372,6 +428,7 @@ def up(
         Path | None,
         typer.Option(
             "--events-file",
+            metavar="FILE",
             help="Also append every run event to this file as JSON lines (debugging).",
             show_default=False,
         ),
@@ -389,12 +446,16 @@ def up(
         float | None,
         typer.Option(
             "--heartbeat-interval",
+            metavar="SECONDS",
             help="Seconds between heartbeat events of a running run (default 10; "
             "env LINKD_HEARTBEAT_INTERVAL).",
             show_default=False,
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details too.")] = False,
+    log_level: LogLevelOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log library details too (= --log-level debug).")
+    ] = False,
     insecure_file_store: InsecureOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -426,9 +487,9 @@ def up(
         _fail(f"not logged in: run 'linkd login --gateway {url}' (or set {TOKEN_ENV})")
     seed = load_or_create_seed(store) if store is not None else generate_seed()
     _check_not_running(settings)
-    configure_logging(json_logs=settings.json_logs, verbose=verbose)
+    configure_logging(json_logs=settings.json_logs, level=_log_level(ctx, log_level, verbose))
     if store is None:
-        typer.echo("linkd: no keyring: using a temporary NATS key for this run", err=True)
+        logging.getLogger("linkd").warning("no keyring: using a temporary NATS key for this run")
     try:
         asyncio.run(_serve(settings, url, store, seed, events_file))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -481,7 +542,10 @@ def status(
     status_file: Annotated[
         Path | None,
         typer.Option(
-            "--status-file", help="The daemon's status file (env LINKD_STATUS_FILE).", show_default=False
+            "--status-file",
+            metavar="FILE",
+            help="The daemon's status file (env LINKD_STATUS_FILE).",
+            show_default=False,
         ),
     ] = None,
     config: ConfigOption = None,

@@ -9,6 +9,7 @@ line on stderr naming the flag and variable, exit status 2, no traceback.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 import os
@@ -28,8 +29,11 @@ from .settings import (
     GATEWAY_JWT_AUDIENCE,
     GATEWAY_JWT_SECRET,
     SETTINGS,
+    Seconds,
     Setting,
     SettingValues,
+    Switch,
+    Whole,
 )
 
 __all__ = ["app", "main"]
@@ -41,6 +45,29 @@ SHUTDOWN_TIMEOUT: Final = 10.0
 
 # Environment variable -> the flag that overrides it, for error messages.
 FLAG_FOR_ENV: Final = {setting.env: setting.flag for setting in SETTINGS}
+# --log-level LEVEL: the same names in linkctl, linkd and studio-gateway.
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_LEVEL_ENV: Final = "GATEWAY_LOG_LEVEL"
+# The placeholder in the help for a setting's value (the style of linkctl and linkd: upper
+# case, naming what to give); settings not named here get one from their type.
+METAVARS: Final = {
+    "--host": "HOST",
+    "--port": "PORT",
+    "--nats-url": "URL",
+    "--public-url": "URL",
+    "--nats-creds": "FILE",
+    "--nats-token": "TOKEN|FILE",
+    "--session-ttl": "SECONDS",
+    "--operator-jwt": "JWT|FILE",
+    "--account-jwt": "JWT|FILE",
+    "--account-signing-key": "SEED|FILE",
+    "--tunnel-prefix": "PREFIX",
+    "--jwt-secret": "SECRET|FILE",
+    "--jwt-public-key": "PEM|FILE",
+    "--jwt-algorithms": "ALGS",
+    "--jwt-audience": "AUDIENCE",
+    "--runs-runners": "NAMES",
+}
 
 T = TypeVar("T")
 Command = TypeVar("Command", bound=Callable[..., None])
@@ -49,10 +76,63 @@ app = typer.Typer(
     name="studio-gateway",
     help="The Studio gateway: link sessions (scoped NATS credentials), live desktop presence and runs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            installed = importlib.metadata.version("natslink")
+        except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+            installed = "0.0.0+unknown"
+        typer.echo(f"studio-gateway {installed}")
+        raise typer.Exit(0)
+
+
+def _parse_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+LEVEL_HELP: Final = "How much to log (JSON lines on stderr): debug, info (default), warning or error."
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            metavar="LEVEL",
+            envvar=LOG_LEVEL_ENV,
+            parser=_parse_level,
+            help=LEVEL_HELP,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    pass
+
+
+def _metavar(setting: Setting[Any]) -> str | None:
+    if isinstance(setting, Switch):
+        return None
+    if setting.flag in METAVARS:
+        return METAVARS[setting.flag]
+    if isinstance(setting, Seconds):
+        return "SECONDS"
+    if isinstance(setting, Whole):
+        return "BYTES" if setting.flag.endswith("-bytes") else "N"
+    return "TEXT"
 
 
 def _fail(message: str) -> NoReturn:
@@ -101,7 +181,9 @@ def _with_settings(
         if setting.shown_default is not None:
             text = f"{text.removesuffix('.')} (default: {setting.shown_default})."
         # The option's own default is None (not given), which typer would not show anyway.
-        info = typer.Option(setting.flag, envvar=setting.env, help=text, show_default=False)
+        info = typer.Option(
+            setting.flag, envvar=setting.env, help=text, show_default=False, metavar=_metavar(setting)
+        )
         return inspect.Parameter(
             setting.name,
             inspect.Parameter.KEYWORD_ONLY,
@@ -147,11 +229,17 @@ since other users can read command lines in the process list.
 @app.command(epilog=SERVE_EPILOG)
 @_with_settings(*SETTINGS)
 def serve(
-    *, log_level: Annotated[str, Opt(help="debug, info, warning or error.")] = "info", **parsed: object
+    ctx: typer.Context,
+    *,
+    log_level: Annotated[
+        str | None,
+        Opt("--log-level", metavar="LEVEL", parser=_parse_level, help=LEVEL_HELP, show_default=False),
+    ] = None,
+    **parsed: object,
 ) -> None:
     """Run the gateway HTTP service until SIGINT/SIGTERM."""
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        _fail(f"--log-level: {log_level!r} is not one of debug, info, warning, error")
+    if log_level is None:  # then the one before the command (or GATEWAY_LOG_LEVEL), else info
+        log_level = ctx.find_root().params.get("log_level") or "info"
     try:
         config = GatewayConfig.from_settings(_Parsed(parsed))
         application = create_app(config)
@@ -201,8 +289,10 @@ def serve(
 )
 def issue_token_command(
     *,
-    user: Annotated[str, Opt("--user", help="User id (the token's subject).")],
-    ttl: Annotated[int, Opt(help="Lifetime in seconds.", min=1)] = DEFAULT_TOKEN_TTL_SECONDS,
+    user: Annotated[str, Opt("--user", metavar="ID", help="User id (the token's subject).")],
+    ttl: Annotated[
+        int, Opt("--ttl", metavar="SECONDS", help="Lifetime in seconds.", min=1)
+    ] = DEFAULT_TOKEN_TTL_SECONDS,
     **parsed: object,
 ) -> None:
     """Print a development bearer token for USER that this gateway accepts."""

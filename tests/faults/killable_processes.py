@@ -92,14 +92,14 @@ class LinkdProcess:
             *self.argv,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,  # linkd logs on stderr
         )
         self._readers.append(asyncio.ensure_future(self._read(self.proc)))
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
             with contextlib.suppress(ValueError):
                 self.lines.append(json.loads(raw))
 

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,14 +85,16 @@ async def linkd_up(env: dict[str, str], *args: str) -> AsyncIterator[Daemon]:
 
     async def read_stdout() -> None:
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            with suppress(ValueError):
-                daemon.lines.append(json.loads(raw))
+        async for raw in proc.stdout:  # linkd up prints nothing on stdout: its logs go to stderr
+            daemon.stderr.append("stdout: " + raw.decode(errors="replace"))
 
     async def read_stderr() -> None:
         assert proc.stderr is not None
         async for raw in proc.stderr:
-            daemon.stderr.append(raw.decode(errors="replace"))
+            try:
+                daemon.lines.append(json.loads(raw))
+            except ValueError:
+                daemon.stderr.append(raw.decode(errors="replace"))
 
     readers = [asyncio.ensure_future(read_stdout()), asyncio.ensure_future(read_stderr())]
     try:

@@ -31,7 +31,7 @@ def test_no_arguments_shows_help_not_a_traceback() -> None:
     assert result.exit_code == 2
     assert "Commands:" in result.output
     assert len(result.output.splitlines()) > 10  # the help as it is, not squashed into a line
-    assert "error" not in result.output
+    assert "linkctl: error" not in result.output
     assert "Traceback" not in result.output
 
 
