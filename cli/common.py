@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import typer
 from nats.aio.client import Client as NATS
+from typer._click.globals import get_current_context  # typer bundles its click; no public alias
 from typer.core import TyperArgument
 
 import tunnel
@@ -41,7 +42,9 @@ __all__ = [
     "TunnelFailure",
     "check_host",
     "configure_logging",
+    "given_on_command_line",
     "nats_connection",
+    "parameter_source",
     "parse_log_level",
     "run",
     "stop_on_signals",
@@ -121,7 +124,8 @@ TokenOpt = Annotated[
         "--token",
         metavar="TOKEN",
         envvar=NATS_TOKEN_ENV,
-        help="NATS token (prefer the environment variable: command lines are visible to other users).",
+        help="NATS token: --token is always the NATS token, the gateway's is --gateway-token "
+        "(prefer the environment variable: command lines are visible to other users).",
         show_default=False,
         rich_help_panel=NATS_PANEL,
     ),
@@ -189,7 +193,20 @@ class NatsOptions:
         if not urls:
             raise CliError(f"--nats: no NATS URL given (set --nats or {NATS_URL_ENV})")
         if creds is not None and token:
-            raise CliError(f"give --creds ({NATS_CREDS_ENV}) or --token ({NATS_TOKEN_ENV}), not both")
+            # A flag overrides a variable: with dev.env sourced (LINKCTL_NATS_CREDS set),
+            # `--token T` means that token. Two flags, or two variables, are a contradiction.
+            creds_from, token_from = parameter_source("creds"), parameter_source("token")
+            if token_from == "COMMANDLINE" and creds_from != "COMMANDLINE":
+                creds = None
+            elif creds_from == "COMMANDLINE" and token_from != "COMMANDLINE":
+                token = None
+            elif creds_from != "ENVIRONMENT" or token_from != "ENVIRONMENT":
+                raise CliError("give --creds or --token, not both")
+            else:
+                raise CliError(
+                    f"{NATS_CREDS_ENV} and {NATS_TOKEN_ENV} are both set: unset one, "
+                    "or choose with --creds FILE or --token TOKEN"
+                )
         if creds is not None and not creds.expanduser().is_file():
             raise CliError(f"--creds: {str(creds)!r} is not a file")
         try:
@@ -203,6 +220,19 @@ class NatsOptions:
     @property
     def display(self) -> str:
         return ",".join(self.urls)
+
+
+def parameter_source(parameter: str) -> str | None:
+    """Where the running command's ``parameter`` came from: ``COMMANDLINE``, ``ENVIRONMENT``,
+    ``DEFAULT``...; None outside a command (a library call) or for no such parameter."""
+    ctx = get_current_context(silent=True)
+    source = ctx.get_parameter_source(parameter) if ctx is not None else None
+    return getattr(source, "name", None)
+
+
+def given_on_command_line(parameter: str) -> bool:
+    """Whether the running command's ``parameter`` was given as a flag (not its variable)."""
+    return parameter_source(parameter) == "COMMANDLINE"
 
 
 def check_host(host: str) -> str:

@@ -7,7 +7,7 @@ HTTP answers to exit statuses lives here, in one place (:func:`error_for`):
 the gateway...                          exit status
 ======================================  ========================================
 cannot be reached                       2 (set-up: wrong ``--gateway``)
-answers 401 (token missing/expired)     2 (set-up: wrong ``--token``)
+answers 401 (token missing/expired)     2 (set-up: wrong ``--gateway-token``)
 answers 400/422 (our request is wrong)  2
 answers 404                             4 (no such run)
 answers 409                             5 (e.g. ``run_finished``)
@@ -18,6 +18,7 @@ answers anything else unexpected        3
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import httpx
 import typer
 
 from . import exitcodes
-from .common import CliError
+from .common import CliError, given_on_command_line
 
 __all__ = [
     "DEFAULT_GATEWAY",
@@ -39,6 +40,7 @@ __all__ = [
     "GatewayOpt",
     "GatewayOptions",
     "GatewayTokenOpt",
+    "LegacyTokenOpt",
     "error_for",
 ]
 
@@ -68,13 +70,20 @@ GatewayOpt = Annotated[
 GatewayTokenOpt = Annotated[
     str | None,
     typer.Option(
-        "--token",
+        "--gateway-token",
         metavar="TOKEN",
         envvar=TOKEN_ENV,
-        help="Gateway API token (prefer the variable: command lines are visible to other users).",
+        help="Gateway API token (prefer the variable: command lines are visible to other users). "
+        "--token is always the NATS token.",
         show_default=False,
         rich_help_panel=GATEWAY_PANEL,
     ),
+]
+# Before the one rule (--token: NATS, --gateway-token: the gateway), the gateway-only commands
+# took the gateway token as --token; still accepted there (hidden), with a warning.
+LegacyTokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", metavar="TOKEN", hidden=True, show_default=False),
 ]
 
 
@@ -110,16 +119,29 @@ class GatewayOptions:
     timeout: float = DEFAULT_HTTP_TIMEOUT
 
     @classmethod
-    def from_flags(cls, gateway: str | None, token: str | None) -> GatewayOptions:
+    def from_flags(
+        cls, gateway: str | None, token: str | None, legacy_token: str | None = None
+    ) -> GatewayOptions:
+        """``legacy_token``: the old ``--token`` of a gateway-only command (a warning; it wins
+        over ``$LINKCTL_TOKEN``, not over ``--gateway-token``)."""
         url = check_gateway_url(gateway or DEFAULT_GATEWAY)
+        if legacy_token is not None:
+            print(
+                "linkctl: warning: --token is the NATS token; give the gateway's as --gateway-token "
+                "(--token is taken as the gateway token here, for now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not given_on_command_line("gateway_token"):
+                token = legacy_token
         token = (token or "").strip()
         if not token:
             raise CliError(
-                f"no gateway API token: pass --token or set {TOKEN_ENV} "
+                f"no gateway API token: pass --gateway-token or set {TOKEN_ENV} "
                 "(`linkctl dev` prints one; `studio-gateway issue-token --user ID` makes one)"
             )
         if any(c.isspace() for c in token):
-            raise CliError(f"--token / {TOKEN_ENV}: the token must not contain spaces or line breaks")
+            raise CliError(f"--gateway-token / {TOKEN_ENV}: the token must not contain spaces or line breaks")
         return cls(url, token)
 
 
@@ -150,7 +172,7 @@ def error_for(response: httpx.Response, what: str) -> GatewayApiError:
         label += f" (field {field!r})"
     if status == 401:
         return GatewayApiError(
-            f"the gateway refused the token ({label}); set --token or {TOKEN_ENV}",
+            f"the gateway refused the token ({label}); set --gateway-token or {TOKEN_ENV}",
             exitcodes.USAGE,
             status=status,
             code=code,

@@ -40,9 +40,11 @@ Examples:
   linkctl forward --listen 127.0.0.1:8080 desk.example   # then: curl http://127.0.0.1:8080/
 
 NATS commands take --nats URL (env LINKCTL_NATS_URL), --creds FILE (LINKCTL_NATS_CREDS)
-or --token (LINKCTL_NATS_TOKEN), and --prefix; gateway commands (session, runs,
-status --gateway) take --gateway URL (LINKCTL_GATEWAY) and --token (LINKCTL_TOKEN). Run
-'linkctl COMMAND --help' for a command's options, examples and exit statuses.
+or --token TOKEN (LINKCTL_NATS_TOKEN), and --prefix; gateway commands (session, runs,
+status --gateway) take --gateway URL (LINKCTL_GATEWAY) and --gateway-token TOKEN
+(LINKCTL_TOKEN). One rule: --token is always the NATS token, --gateway-token the gateway's;
+a flag overrides its variable. Run 'linkctl COMMAND --help' for a command's options,
+examples and exit statuses.
 
 Logs (library warnings; more with --log-level) go to stderr, as JSON lines with --json-logs.
 """

@@ -21,7 +21,14 @@ import typer
 
 from . import exitcodes
 from .common import CliError, run, stop_on_signals
-from .gateway_api import DEFAULT_GATEWAY, GatewayClient, GatewayOpt, GatewayOptions, GatewayTokenOpt
+from .gateway_api import (
+    DEFAULT_GATEWAY,
+    GatewayClient,
+    GatewayOpt,
+    GatewayOptions,
+    GatewayTokenOpt,
+    LegacyTokenOpt,
+)
 from .run_stream import DEFAULT_GIVE_UP_AFTER, END, Item, follow, run_path
 from .term import Painter, human_bytes
 
@@ -49,7 +56,7 @@ Examples:
   linkctl runs attach RUN_ID                 # live output; survives dropped connections
   linkctl runs cancel RUN_ID
 
-Every command takes --gateway URL (LINKCTL_GATEWAY) and --token (LINKCTL_TOKEN).
+Every command takes --gateway URL (LINKCTL_GATEWAY) and --gateway-token TOKEN (LINKCTL_TOKEN).
 """
 
 EXIT_STATUS: Final = """\b
@@ -352,10 +359,11 @@ def send_command(
     quiet: QuietOpt = False,
     give_up_after: GiveUpOpt = DEFAULT_GIVE_UP_AFTER,
     gateway: GatewayOpt = DEFAULT_GATEWAY,
-    token: GatewayTokenOpt = None,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
 ) -> None:
     """Send a run to your desktop (202: accepted, even when the desktop is offline)."""
-    options = GatewayOptions.from_flags(gateway, token)
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
     runner = runner.strip()
     if not runner:
         raise CliError("RUNNER: give a runner name (e.g. mock)")
@@ -384,10 +392,11 @@ def show_command(
     run_id: RunIdArg,
     as_json: JsonOpt = False,
     gateway: GatewayOpt = DEFAULT_GATEWAY,
-    token: GatewayTokenOpt = None,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
 ) -> None:
     """Show a run's state: status, stage, events, timings, failure."""
-    options = GatewayOptions.from_flags(gateway, token)
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
     raise typer.Exit(run(_show(options, _check_run_id(run_id), as_json)))
 
 
@@ -405,10 +414,11 @@ def attach_command(
     quiet: QuietOpt = False,
     give_up_after: GiveUpOpt = DEFAULT_GIVE_UP_AFTER,
     gateway: GatewayOpt = DEFAULT_GATEWAY,
-    token: GatewayTokenOpt = None,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
 ) -> None:
     """Stream a run's output live until it ends; resumes by itself after a dropped connection."""
-    options = GatewayOptions.from_flags(gateway, token)
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
     raise typer.Exit(
         run(_attach(options, _check_run_id(run_id), after, as_json, quiet, _check_give_up(give_up_after)))
     )
@@ -428,10 +438,11 @@ def cancel_command(
     run_id: RunIdArg,
     as_json: JsonOpt = False,
     gateway: GatewayOpt = DEFAULT_GATEWAY,
-    token: GatewayTokenOpt = None,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
 ) -> None:
     """Ask the desktop to cancel a run (it ends `cancelled`)."""
-    options = GatewayOptions.from_flags(gateway, token)
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
     raise typer.Exit(run(_cancel(options, _check_run_id(run_id), as_json)))
 
 

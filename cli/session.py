@@ -23,7 +23,14 @@ from contract.routes import SESSION_PATH
 
 from . import exitcodes
 from .common import CliError, run
-from .gateway_api import DEFAULT_GATEWAY, GatewayClient, GatewayOpt, GatewayOptions, GatewayTokenOpt
+from .gateway_api import (
+    DEFAULT_GATEWAY,
+    GatewayClient,
+    GatewayOpt,
+    GatewayOptions,
+    GatewayTokenOpt,
+    LegacyTokenOpt,
+)
 from .term import Painter
 
 __all__ = ["decoded_claims", "mask", "masked_session", "register", "relative"]
@@ -182,10 +189,11 @@ def session_command(
         ),
     ] = None,
     gateway: GatewayOpt = DEFAULT_GATEWAY,
-    token: GatewayTokenOpt = None,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
 ) -> None:
     """Request a link session from the gateway and show its NATS credentials and permissions."""
-    options = GatewayOptions.from_flags(gateway, token)
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
     session = run(_session(options, public_key.strip() if public_key else None))
     claims = decoded_claims(session)
     shown = session if show_secrets else masked_session(session)

@@ -33,6 +33,7 @@ from .common import (
     PrefixOpt,
     TokenOpt,
     check_host,
+    given_on_command_line,
     nats_connection,
     run,
     stop_on_signals,
@@ -51,7 +52,8 @@ Prober = Callable[[], Awaitable[Presence]]
 EPILOG: Final = """\b
 Examples:
   linkctl status desk.example
-  linkctl status --gateway http://127.0.0.1:8080   # your own desktop (token: LINKCTL_TOKEN)
+  linkctl status --gateway http://127.0.0.1:8080   # your own desktop (--gateway-token or LINKCTL_TOKEN)
+  linkctl status desk.example --token s3cret    # NATS token; overrides LINKCTL_NATS_CREDS from dev.env
   linkctl status desk.example --json
   linkctl status desk.example --watch          # probe every 2 s until Ctrl-C
   linkctl status desk.example --watch=10 --json >> presence.ndjson
@@ -329,7 +331,7 @@ def status_command(
             "--gateway-token",
             metavar="TOKEN",
             envvar=TOKEN_ENV,
-            help="Gateway API token for --gateway.",
+            help="Gateway API token for --gateway (--token is the NATS token, for HOST).",
             show_default=False,
             rich_help_panel=GATEWAY_PANEL,
         ),
@@ -350,6 +352,11 @@ def status_command(
     if count is not None and watch is None:
         raise CliError("--count needs --watch")
     if hostname is None:
+        if given_on_command_line("token"):
+            raise CliError(
+                "--token is the NATS token, for a direct probe of HOST; through the gateway give its "
+                f"API token as --gateway-token TOKEN (or set {TOKEN_ENV})"
+            )
         gateway_options = GatewayOptions.from_flags(gateway, gateway_token)
         raise typer.Exit(run(_status_via_gateway(gateway_options, timeout, watch, count, as_json)))
     options = NatsOptions.from_flags(nats, creds, token, prefix)

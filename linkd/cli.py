@@ -213,7 +213,7 @@ async def _check_token(gateway: str, token: str, public_key: str | None) -> str 
         "Examples:\n"
         "  linkd login --gateway https://studio.example.com        # prompts for the token (not echoed)\n"
         "  printf '%s' \"$TOKEN\" | linkd login --gateway https://studio.example.com\n"
-        "  linkd login --gateway http://127.0.0.1:8080 --token eyJ... --no-verify"
+        "  linkd login --gateway http://127.0.0.1:8080 --gateway-token eyJ... --no-verify"
     )
 )
 def login(
@@ -226,16 +226,17 @@ def login(
             show_default=False,
         ),
     ] = None,
-    token: Annotated[
+    gateway_token: Annotated[
         str | None,
         typer.Option(
-            "--token",
+            "--gateway-token",
             metavar="TOKEN",
-            help="Gateway API token. Better: leave it out and paste it at the prompt, or pipe it on stdin "
-            "(flags end up in shell history).",
+            help="Gateway API token (as in linkctl; --token is only ever a NATS token). Better: leave "
+            "it out and paste it at the prompt, or pipe it on stdin (flags end up in shell history).",
             show_default=False,
         ),
     ] = None,
+    token: Annotated[str | None, typer.Option("--token", metavar="TOKEN", hidden=True)] = None,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Check the token with the gateway before storing it.")
     ] = True,
@@ -247,8 +248,11 @@ def login(
     url = settings.gateway_url
     if url is None:
         _fail("which gateway? pass --gateway URL (or set LINKD_GATEWAY)")
+    if token is not None:  # the old name, kept working
+        typer.echo("linkd: warning: --token is now --gateway-token", err=True)
+        gateway_token = gateway_token or token
     store = open_store(insecure_file_store=insecure_opt_in(insecure_file_store))
-    secret = _read_token(token)
+    secret = _read_token(gateway_token)
     seed = load_or_create_seed(store)
     if verify:
         warning = asyncio.run(_check_token(url, secret, public_key_of(seed)))

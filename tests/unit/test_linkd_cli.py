@@ -56,17 +56,17 @@ def test_login_from_stdin_then_logout(
 def test_login_with_token_flag_and_mistakes(
     isolated_env: MemoryKeyring, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "login", "--token", "abc", "--no-verify")
+    code, _, err = run(capsys, "login", "--gateway-token", "abc", "--no-verify")
     assert (
         code == 2 and err.strip() == "linkd: error: which gateway? pass --gateway URL (or set LINKD_GATEWAY)"
     )
-    code, _, err = run(capsys, "login", "--gateway", "gw.example", "--token", "abc")
+    code, _, err = run(capsys, "login", "--gateway", "gw.example", "--gateway-token", "abc")
     assert code == 2 and err.count("\n") == 1 and "--gateway" in err and "Traceback" not in err
-    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--token", "a b", "--no-verify")
+    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "a b", "--no-verify")
     assert code == 2 and "must not contain spaces" in err
     code, _, err = run(capsys, "login", "--gateway", "http://gw", "--tokn", "abc")
     assert code == 2 and err.count("\n") == 1 and "No such option: --tokn" in err
-    code, _, _ = run(capsys, "login", "--gateway", "http://gw", "--token", "abc", "--no-verify")
+    code, _, _ = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "abc", "--no-verify")
     assert code == 0 and isolated_env.data[(SERVICE_NAME, TOKEN_KEY)] == "abc"
 
 
@@ -74,7 +74,7 @@ def test_no_keyring_is_one_clear_line_and_the_file_store_is_opt_in(
     isolated_env: MemoryKeyring, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     keyring.set_keyring(keyring.backends.fail.Keyring())
-    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--token", "abc", "--no-verify")
+    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "abc", "--no-verify")
     assert code == 2 and err.count("\n") == 1
     assert "no OS keyring backend" in err and "--insecure-file-store" in err
     code, _, err = run(
