@@ -196,6 +196,13 @@ def test_linkctl_dev_says_to_install_the_local_extra(desktop: DesktopInstall, tm
     assert not (state / "keys.json").exists()
 
 
+def test_studio_gateway_says_to_install_the_gateway_extra(desktop: DesktopInstall) -> None:
+    result = desktop.run(desktop.bin("studio-gateway"), "--help")
+    assert result.returncode == 69, result.stdout + result.stderr  # EX_UNAVAILABLE
+    assert "Traceback" not in result.stderr
+    assert "pip install 'natslink[gateway]'" in result.stderr
+
+
 def test_py_typed_is_shipped_for_tunnel(desktop: DesktopInstall, probe: dict[str, object]) -> None:
     with zipfile.ZipFile(desktop.wheel) as wheel:
         assert "tunnel/py.typed" in wheel.namelist()
