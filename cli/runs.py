@@ -51,7 +51,7 @@ Send work to your linked desktop and follow it, through the gateway.
 \b
 Examples:
   linkctl runs send mock '{"count": 5, "delayMs": 200}' --attach
-  linkctl runs send echo '"hello"' --json | jq -r .runId
+  RUN=$(linkctl runs send echo '"hello"')   # prints the run id
   linkctl runs show RUN_ID
   linkctl runs attach RUN_ID                 # live output; survives dropped connections
   linkctl runs cancel RUN_ID
@@ -334,6 +334,9 @@ async def _send(
             if not attach_after:
                 print(f"follow it with: linkctl runs attach {run_id}", file=sys.stderr, flush=True)
         if not attach_after:
+            # The result of `send` is the run id: on stdout, alone, for RUN=$(linkctl runs send ...).
+            # (With --attach, stdout is the run's output and the id is in the status line.)
+            print(run_id, flush=True)
             return exitcodes.OK
         return await attach(client, run_id, 0, as_json, quiet, give_up_after)
 
@@ -362,7 +365,7 @@ def send_command(
     gateway_token: GatewayTokenOpt = None,
     token: LegacyTokenOpt = None,
 ) -> None:
-    """Send a run to your desktop (202: accepted, even when the desktop is offline)."""
+    """Send a run to your desktop (202: accepted, even when the desktop is offline); prints its id."""
     options = GatewayOptions.from_flags(gateway, gateway_token, token)
     runner = runner.strip()
     if not runner:
@@ -450,6 +453,7 @@ _EPILOGS: Final = {
     "send": """\b
 Examples:
   linkctl runs send mock '{"count": 5, "delayMs": 200}' --attach
+  RUN=$(linkctl runs send echo '"hello"')        # the run id on stdout
   linkctl runs send echo '"hello"' --json | jq -r .runId
   linkctl runs send command @work.json --thread t-42 --title 'nightly build'
   echo '{"count": 3}' | linkctl runs send mock @- -a

@@ -141,3 +141,15 @@ async def test_status_and_session_through_the_dev_gateway(stack: DevStack) -> No
         stack, "status", stack.hostname, "--nats", stack.info["nats"]["url"], "--creds", str(creds), "--json"
     )
     assert code == 0 and json.loads(out)["online"] is True, err
+
+
+async def test_send_without_json_prints_the_run_id_on_stdout(stack: DevStack) -> None:
+    code, out, err = await linkctl(stack, "runs", "send", "echo", '"hello"')
+    assert code == 0, err
+    run_id = out.strip()
+    assert out == run_id + "\n" and run_id  # the id alone: RUN=$(linkctl runs send ...)
+    assert f"run {run_id} accepted" in err and f"linkctl runs attach {run_id}" in err
+    code, out, err = await linkctl(stack, "runs", "show", run_id, "--json")
+    assert code == 0 and json.loads(out)["runId"] == run_id, err
+    code, out, err = await linkctl(stack, "runs", "send", "echo", '"quiet"', "--quiet")
+    assert code == 0 and out.strip() and err == "", err  # --quiet drops the status lines, not the id
