@@ -36,7 +36,7 @@ from .credentials_store import (
     public_key_of,
 )
 from .errors import LinkdError
-from .login_state import clear_login, read_login_gateway, write_login
+from .login_state import clear_login, read_login_file_store, read_login_gateway, write_login
 from .logs import LOG_LEVELS, configure_logging
 from .run_events import EventSink, JsonlFileSink, MemoryEventSink, TeeSink
 from .session import GatewayClient, GatewayError
@@ -97,7 +97,8 @@ InsecureOption = Annotated[
     typer.Option(
         "--insecure-file-store/--no-insecure-file-store",
         help="Where no OS keyring exists: keep secrets in files readable only by you (0600). "
-        "Env LINKD_INSECURE_FILE_STORE=1.",
+        "Env LINKD_INSECURE_FILE_STORE=1, or insecure_file_store = true in the config file; "
+        "`linkd up` remembers it from `linkd login`.",
         show_default=False,
     ),
 ]
@@ -190,8 +191,9 @@ def _read_token(token: str | None) -> str:
     return token
 
 
-async def _check_token(gateway: str, token: str, public_key: str | None) -> str | None:
-    """None when the gateway accepts the token; a warning when it cannot tell; LinkdError when refused."""
+async def _check_token(gateway: str, token: str, public_key: str | None) -> None:
+    """Returns when the gateway accepts the token; LinkdError (nothing stored) when it refuses it
+    or cannot be asked: a login that was never checked must not replace one that works."""
     client = GatewayClient(gateway, lambda: token, timeout=LOGIN_CHECK_TIMEOUT)
     try:
         session = await client.request_session(public_key)
@@ -200,11 +202,21 @@ async def _check_token(gateway: str, token: str, public_key: str | None) -> str 
             _fail(
                 f"the gateway at {gateway} refused this token ({exc.code or exc.status}); nothing was stored"
             )
-        return f"could not check the token with the gateway: {exc.reason}"
+        _fail(
+            f"could not check the token: {exc.reason}; nothing was stored (check the --gateway URL, "
+            "or store the token unchecked with --no-verify)"
+        )
     finally:
         await client.aclose()
     typer.echo(f"The gateway accepted the token: this desktop is {session.hostname}")
-    return None
+
+
+def _file_store_opt_in(settings: Settings) -> bool:
+    """--insecure-file-store, else LINKD_INSECURE_FILE_STORE, else the config file, else what the
+    last `linkd login` used (so it is given once, at login)."""
+    if settings.insecure_file_store is not None:
+        return settings.insecure_file_store
+    return read_login_file_store()
 
 
 @app.command(
@@ -244,22 +256,22 @@ def login(
     config: ConfigOption = None,
 ) -> None:
     """Store the gateway URL and your API token (in the OS keyring), and create this desktop's NATS key."""
-    settings = load_settings({"gateway": gateway}, config_path=config)
+    settings = load_settings(
+        {"gateway": gateway, "insecure_file_store": insecure_file_store}, config_path=config
+    )
     url = settings.gateway_url
     if url is None:
         _fail("which gateway? pass --gateway URL (or set LINKD_GATEWAY)")
     if token is not None:  # the old name, kept working
         typer.echo("linkd: warning: --token is now --gateway-token", err=True)
         gateway_token = gateway_token or token
-    store = open_store(insecure_file_store=insecure_opt_in(insecure_file_store))
+    store = open_store(insecure_file_store=bool(settings.insecure_file_store))
     secret = _read_token(gateway_token)
     seed = load_or_create_seed(store)
     if verify:
-        warning = asyncio.run(_check_token(url, secret, public_key_of(seed)))
-        if warning is not None:
-            typer.echo(f"linkd: warning: {warning}", err=True)
+        asyncio.run(_check_token(url, secret, public_key_of(seed)))
     store.set(TOKEN_KEY, secret)
-    write_login(url)
+    write_login(url, file_store=isinstance(store, FileStore))
     if isinstance(store, FileStore):
         typer.echo(
             f"linkd: warning: the token is stored in plain files under {store.directory} (0600)", err=True
@@ -473,6 +485,7 @@ def up(
         "nats_transport": nats_transport,
         "uplink": uplink,
         "heartbeat_interval": heartbeat_interval,
+        "insecure_file_store": insecure_file_store,
     }
     settings = load_settings(flags, config_path=config)
     url = settings.gateway_url or read_login_gateway()
@@ -481,7 +494,7 @@ def up(
     url = check_http_url(url, "gateway")
     store: SecretStore | None
     try:
-        store = open_store(insecure_file_store=insecure_opt_in(insecure_file_store))
+        store = open_store(insecure_file_store=_file_store_opt_in(settings))
     except StoreUnavailable:
         if not os.environ.get(TOKEN_ENV, "").strip():
             raise

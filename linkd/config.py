@@ -10,6 +10,9 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     json_logs = false                         # --json-logs / LINKD_JSON_LOGS
     nats_transport = "auto"       # or standard, websocket (--nats-transport / LINKD_NATS_TRANSPORT)
     uplink = true                 # run events to the gateway's JetStream stream (--no-uplink / LINKD_UPLINK)
+    insecure_file_store = false   # where no OS keyring exists: secrets in 0600 files
+                                  # (--insecure-file-store / LINKD_INSECURE_FILE_STORE; `linkd login`
+                                  # with it also remembers it for `linkd up`)
 
     [runners]
     mock = true                 # the echo and mock runners (LINKD_MOCK_RUNNERS)
@@ -122,6 +125,9 @@ class Settings:
     uplink: bool = True
     runners: RunnerSettings = field(default_factory=RunnerSettings)
     config_file: Path | None = None
+    # None: not set by a flag, LINKD_INSECURE_FILE_STORE or the config file (then what the
+    # last `linkd login` used decides).
+    insecure_file_store: bool | None = None
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -230,6 +236,9 @@ _FIELDS: Final = {
     "json_logs": _Field("json_logs", "--json-logs", "LINKD_JSON_LOGS"),
     "nats_transport": _Field("nats_transport", "--nats-transport", "LINKD_NATS_TRANSPORT"),
     "uplink": _Field("uplink", "--uplink", "LINKD_UPLINK"),
+    "insecure_file_store": _Field(
+        "insecure_file_store", "--insecure-file-store", "LINKD_INSECURE_FILE_STORE"
+    ),
 }
 _TOP_KEYS: Final = frozenset(_FIELDS) | {"runners"}
 _RUNNER_KEYS: Final = frozenset(
@@ -418,4 +427,5 @@ def load_settings(
         uplink=sources.pick("uplink", _bool, True),
         runners=_runner_settings(sources),
         config_file=path if file_data or explicit is not None else None,
+        insecure_file_store=sources.pick("insecure_file_store", _bool, None),
     )

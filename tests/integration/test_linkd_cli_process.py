@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 import tunnel
+from cli.nats_server import free_port
 from linkd.credentials_store import SEED_KEY, SERVICE_NAME, TOKEN_KEY
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import OperatorServer, start_operator_server
@@ -225,3 +226,50 @@ async def test_sigterm_during_long_runs_cancels_them_and_exits_within_the_drain_
         assert states[-1] == "stopped" and any(s.startswith("stopping (received SIGTERM)") for s in states)
         assert not (tmp_path / "run" / "linkd-status.json").exists()
         assert os.environ.get("LINKD_TEST_KEYRING") is None  # the test process never used the file keyring
+
+
+async def test_login_to_an_unreachable_gateway_fails_and_keeps_the_good_login(
+    op: OperatorServer, tmp_path: Path
+) -> None:
+    env = subprocess_env(tmp_path)
+    async with live_gateway(op.env()) as gw:
+        token = await login(gw, env, "alice")
+        before = keyring_data(tmp_path)
+        login_file = tmp_path / "config" / "login.json"
+        remembered = login_file.read_text()
+        dead = f"http://127.0.0.1:{free_port()}"
+        code, out, err = await linkd(env, "login", "--gateway", dead, stdin="another-token\n")
+        assert code == 2, out + err
+        assert "Logged in" not in out
+        line = err.strip()
+        assert line.startswith(f"linkd: error: could not check the token: gateway {dead} is unreachable")
+        assert line.endswith(
+            "nothing was stored (check the --gateway URL, or store the token unchecked with --no-verify)"
+        )
+        assert keyring_data(tmp_path) == before and before[f"{SERVICE_NAME}/{TOKEN_KEY}"] == token
+        assert login_file.read_text() == remembered  # still the working gateway
+        async with linkd_up(env) as daemon:  # and the good login still works
+            await daemon.wait_state("online")
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.proc.wait(), TIMEOUT) == 0
+
+
+async def test_insecure_file_store_is_given_once_at_login(op: OperatorServer, tmp_path: Path) -> None:
+    # No OS keyring at all: the file store must be opted into, once.
+    env = subprocess_env(tmp_path, PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring")
+    async with live_gateway(op.env()) as gw:
+        token = gw.token("carol")
+        code, _, err = await linkd(env, "login", "--gateway", gw.url, stdin=token + "\n")
+        assert code == 2 and "--insecure-file-store" in err
+        code, _, err = await linkd(
+            env, "login", "--gateway", gw.url, "--insecure-file-store", stdin=token + "\n"
+        )
+        assert code == 0, err
+        assert (tmp_path / "config" / "secrets" / TOKEN_KEY).read_text().strip() == token
+        async with linkd_up(env) as daemon:  # no flag: remembered from the login
+            await daemon.wait_state("online")
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.proc.wait(), TIMEOUT) == 0
+        # An explicit --no-insecure-file-store (or the variable, or the config file) still decides.
+        code, _, err = await linkd(env, "up", "--no-insecure-file-store")
+        assert code == 2 and "no OS keyring backend" in err

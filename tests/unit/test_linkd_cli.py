@@ -151,3 +151,23 @@ def test_help_has_examples_everywhere(capsys: pytest.CaptureFixture[str]) -> Non
         assert "Examples:" in out or "Quick start:" in out, command
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("linkd ")
+
+
+def test_the_config_file_accepts_insecure_file_store_and_login_remembers_it(
+    isolated_env: MemoryKeyring,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keyring.set_keyring(keyring.backends.fail.Keyring())
+    config = tmp_path / "linkd.toml"
+    config.write_text("insecure_file_store = true\n", encoding="utf-8")
+    monkeypatch.setenv("LINKD_CONFIG", str(config))
+    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "abc", "--no-verify")
+    assert code == 0, err
+    assert (tmp_path / "config" / "secrets" / TOKEN_KEY).read_text().strip() == "abc"
+    login = json.loads((tmp_path / "config" / "login.json").read_text())
+    assert login == {"gateway": "http://gw", "secretStore": "file"}  # `linkd up` uses it without the flag
+    config.write_text('insecure_file_store = "maybe"\n', encoding="utf-8")
+    code, _, err = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "abc", "--no-verify")
+    assert code == 2 and "insecure_file_store: 'maybe' is not a boolean" in err
