@@ -2,12 +2,14 @@
 
 Modules, one job each:
 
-- ``app``: ``create_app(config)``, the routes, ``/healthz``, the NATS connection's lifetime;
+- ``app``: ``create_app(config)``, the routes, ``/healthz``, the NATS connection's lifetime,
+  ``run_app`` (serving with ``GatewayRunner``);
 - ``auth``: bearer-token (JWT) verification, ``@authenticated``, ``issue_token``;
+- ``bodies``: reading request bodies within limits (declared lengths refused at once, JSON depth);
 - ``cli``: the ``studio-gateway`` command (``serve``, ``issue-token``);
 - ``config``: ``GatewayConfig`` (and its auth and runs parts) built and checked from the settings;
 - ``dispatch``: delivering a run's work item and cancels to the desktop through the tunnel;
-- ``errors``: every error answer as JSON, never a stack trace;
+- ``errors``: every error answer as JSON, never a stack trace (nor the request's bytes);
 - ``hostnames``: the tunnel hostname of a user id;
 - ``logs``: JSON log lines (the schema of :mod:`contract.logs`) and the access log;
 - ``metrics``: a tiny Prometheus registry;

@@ -14,22 +14,32 @@ Routes:
 - ``GET /api/links/me``: see :mod:`.presence`;
 - ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
   :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it).
+
+Limits on requests: a declared ``Content-Length`` over the largest body any route takes
+(``RUNS_MAX_BODY_BYTES``, at least 64 KiB) is ``413`` at once, before auth; each route then
+has its own limit (:mod:`.bodies`). aiohttp's parser limits the request line and each header
+to 8190 bytes and a request to 128 headers; beyond that, and for anything it cannot parse,
+:func:`run_app` answers ``400 bad_request`` without echoing the request (:mod:`.errors`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from contract.permissions import GrantProvider
 from contract.routes import ME_PATH, SESSION_PATH
 
 from .auth import VERIFIER, TokenVerifier
+from .bodies import declared_length_limit
 from .config import GatewayConfig
-from .errors import error_middleware
+from .errors import GatewayRequestHandler, error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .presence import get_me
 from .runs.api import add_routes as add_run_routes
@@ -37,7 +47,7 @@ from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
 from .sessions import MINTER, SessionMinter, create_session
 
-__all__ = ["CONFIG", "create_app"]
+__all__ = ["CONFIG", "GatewayRunner", "create_app", "run_app"]
 
 log = logging.getLogger("studio_gateway")
 
@@ -74,7 +84,10 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     ``extra_grants``: more NATS permissions for every daemon credential, each confined to
     the daemon's own host prefix (e.g. run uplink subjects; see :mod:`contract.permissions`).
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    largest_body = max(CLIENT_MAX_SIZE, config.runs.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, declared_length_limit(largest_body)], client_max_size=CLIENT_MAX_SIZE
+    )
     app[CONFIG] = config
     app[VERIFIER] = TokenVerifier(config.auth)
     app[MINTER] = minter = SessionMinter(config, extra_grants=extra_grants)
@@ -91,3 +104,55 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     app.router.add_get(ME_PATH, get_me)
     add_run_routes(app)
     return app
+
+
+class _GatewayServer(web.Server):
+    """aiohttp's low-level server, but its connections are :class:`GatewayRequestHandler`.
+
+    aiohttp has no setting for the connection class: this is ``web.Server.__call__`` with
+    the class swapped (the integration tests catch a change in aiohttp that breaks it).
+    """
+
+    def __call__(self) -> web.RequestHandler:
+        return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` serving with :class:`GatewayRequestHandler` connections."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _GatewayServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+
+
+def run_app(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    access_log_class: type[AbstractAccessLogger],
+    shutdown_timeout: float,
+) -> None:
+    """``web.run_app(app, ...)`` with :class:`GatewayRunner`: until SIGINT/SIGTERM, then a
+    graceful stop (requests in flight get ``shutdown_timeout``). OSError if the port is taken."""
+
+    async def main() -> None:
+        runner = GatewayRunner(
+            app, handle_signals=True, access_log_class=access_log_class, shutdown_timeout=shutdown_timeout
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            await asyncio.Event().wait()  # SIGINT/SIGTERM raise GracefulExit out of the loop
+        finally:
+            await runner.cleanup()
+
+    # asyncio.run then cancels main(), whose cleanup stops the site and the application.
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(main())

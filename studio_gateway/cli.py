@@ -18,9 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, NoReturn, Protocol, TypeVar, cast
 
 import typer
-from aiohttp import web
 
-from .app import create_app
+from .app import create_app, run_app
 from .auth import DEFAULT_TOKEN_TTL_SECONDS, issue_token
 from .config import AuthConfig, ConfigError, GatewayConfig
 from .logs import JsonAccessLogger, configure_logging
@@ -259,14 +258,12 @@ def serve(
         },
     )
     try:
-        web.run_app(
+        run_app(
             application,
             host=config.host,
             port=config.port,
             access_log_class=JsonAccessLogger,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
-            print=None,
-            handle_signals=True,
         )
     except OSError as exc:
         _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")

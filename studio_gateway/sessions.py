@@ -32,7 +32,8 @@ The user JWT is signed by the account signing key, expires after
 may only do what serving its own host and publishing its own runs' events needs
 (see :mod:`contract.permissions`).
 
-Errors: 401 (see :mod:`.auth`); 400 ``invalid_body`` / ``invalid_public_key``;
+Errors: 401 (see :mod:`.auth`); 400 ``invalid_body`` (not a JSON object, over 16 KiB, or
+nested deeper than 64 levels: :mod:`.bodies`) / ``invalid_public_key``;
 503 ``tunnel_disabled`` (``NATS_TUNNEL_PUBLIC_ENABLED`` is false),
 ``no_public_url`` (``NATS_PUBLIC_URL`` unset), ``tunnel_not_configured`` (no operator
 keys and no token), ``nats_unavailable`` (the gateway's own NATS connection is down).
@@ -40,7 +41,6 @@ keys and no token), ``nats_unavailable`` (the gateway's own NATS connection is d
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -54,6 +54,7 @@ from contract.permissions import DEFAULT_GRANTS, GrantProvider, daemon_permissio
 
 from . import nats_jwt
 from .auth import User, authenticated
+from .bodies import BodyError, read_json_object
 from .config import CredentialMode, GatewayConfig
 from .errors import json_error
 from .hostnames import tunnel_hostname
@@ -169,20 +170,12 @@ MINTER: Final = web.AppKey("studio_gateway.minter", SessionMinter)
 
 async def _read_public_key(request: web.Request) -> str | web.Response | None:
     """The ``publicKey`` from the body (None when absent), or a 400 response."""
-    raw = b""
-    # read(n) returns what has arrived (up to n), so read until the end or the limit.
-    while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw)):
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            return json_error(400, "invalid_body", f"the body must be at most {MAX_BODY_BYTES} bytes")
-    if not raw.strip():
-        return None
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return json_error(400, "invalid_body", "the body must be a JSON object")
-    if not isinstance(payload, dict):
-        return json_error(400, "invalid_body", "the body must be a JSON object")
+        payload = await read_json_object(
+            request, MAX_BODY_BYTES, optional=True, code="invalid_body", too_large=(400, "invalid_body")
+        )
+    except BodyError as exc:
+        return exc.response()
     public_key = payload.get("publicKey")
     if public_key is None:
         return None

@@ -11,9 +11,11 @@
 - ``POST /api/runs/{id}/cancel`` -> ``202``; ``409 run_finished`` when it already ended;
 - ``GET /metrics``: Prometheus text (no auth).
 
-Errors: ``400 invalid_json``, ``413 payload_too_large``, ``422 invalid_field`` (with
-``field``), ``422 unknown_runner`` (with ``runners``), ``404 run_not_found`` (also for
-another user's run), ``503 runs_unavailable`` (no JetStream / NATS down).
+Errors: ``400 invalid_json`` (also for JSON nested deeper than 64 levels), ``400 invalid_body``
+(a malformed chunked body), ``413 payload_too_large`` (at once when the declared length is over
+the limit; bodies are read by :mod:`..bodies`), ``422 invalid_field`` (with ``field``),
+``422 unknown_runner`` (with ``runners``), ``404 run_not_found`` (also for another user's run),
+``503 runs_unavailable`` (no JetStream / NATS down).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from contract.run_protocol import is_valid_run_id, split_events
 from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..auth import User, authenticated
+from ..bodies import BodyError, read_json_object
 from ..errors import json_error
 from ..metrics import CONTENT_TYPE
 from ..tasks import stop_tasks
@@ -92,23 +95,10 @@ def _field(field: str, message: str) -> _Invalid:
 
 
 async def _json_body(request: web.Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(64 * 1024):  # read(n) returns what is there, up to n
-        size += len(chunk)
-        if size > limit:
-            raise _Invalid(json_error(413, "payload_too_large", f"the body must be at most {limit} bytes"))
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if optional and not raw.strip():
-        return {}
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _Invalid(json_error(400, "invalid_json", "the body must be a JSON object")) from None
-    if not isinstance(payload, dict):
-        raise _Invalid(json_error(400, "invalid_json", "the body must be a JSON object"))
-    return payload
+        return await read_json_object(request, limit, optional=optional)
+    except BodyError as exc:
+        raise _Invalid(exc.response()) from None
 
 
 def _thread_id(value: object) -> str:
