@@ -26,7 +26,7 @@ from typer.core import TyperArgument
 
 import tunnel
 from contract.logs import JsonFormatter
-from tunnel.connect import NatsConnectError, connect
+from tunnel.connect import NatsAuthError, NatsConnectError, connect, parse_creds
 
 from . import exitcodes
 
@@ -207,8 +207,8 @@ class NatsOptions:
                     f"{NATS_CREDS_ENV} and {NATS_TOKEN_ENV} are both set: unset one, "
                     "or choose with --creds FILE or --token TOKEN"
                 )
-        if creds is not None and not creds.expanduser().is_file():
-            raise CliError(f"--creds: {str(creds)!r} is not a file")
+        if creds is not None:
+            check_creds_file(creds)
         try:
             prefix = tunnel.HostSubjects.for_host("x", prefix).prefix
         except tunnel.TunnelError:
@@ -228,6 +228,44 @@ def parameter_source(parameter: str) -> str | None:
     ctx = get_current_context(silent=True)
     source = ctx.get_parameter_source(parameter) if ctx is not None else None
     return getattr(source, "name", None)
+
+
+def check_creds_file(creds: Path) -> None:
+    """CliError naming the file and what is wrong with it, unless it is a NATS .creds file."""
+    path = creds.expanduser()
+    if not path.is_file():
+        raise CliError(f"--creds: {str(creds)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise CliError(f"--creds: cannot read {str(creds)!r} ({why})") from None
+    try:
+        parse_creds(text)
+    except ValueError as exc:
+        raise CliError(
+            f"--creds: {str(creds)!r} is not a NATS credentials file: {_creds_problem(exc)}"
+        ) from None
+
+
+def _creds_problem(exc: ValueError) -> str:
+    """What is wrong, in the file's terms: the library's message, less its advice to API callers
+    (``pass ... as creds_text``) and its own "NATS credentials" prefix."""
+    text = str(exc).split("; pass ", 1)[0].removeprefix("NATS credentials: ")
+    if text.startswith("NATS credentials have "):
+        text = "it has " + text.removeprefix("NATS credentials have ")
+    return text
+
+
+def _credentials_hint(options: NatsOptions) -> str:
+    if options.creds is not None:
+        return f"check the credentials file given by --creds / {NATS_CREDS_ENV} ({options.creds})"
+    if options.token:
+        return f"check the token given by --token / {NATS_TOKEN_ENV}"
+    return (
+        f"this server wants credentials: pass --creds FILE ({NATS_CREDS_ENV}) "
+        f"or --token TOKEN ({NATS_TOKEN_ENV})"
+    )
 
 
 def given_on_command_line(parameter: str) -> bool:
@@ -259,11 +297,13 @@ async def nats_connection(options: NatsOptions, name: str = "linkctl") -> AsyncI
             token=options.token,
             name=name,
         )
+    except NatsAuthError as exc:  # connected, and refused: the credentials, not the URL
+        message = str(exc).removesuffix("; check the credentials")
+        raise CliError(f"{message}; {_credentials_hint(options)}") from None
     except NatsConnectError as exc:
-        # NatsAuthError included: the message says "authorization violation".
         raise CliError(f"{exc} (set --nats or {NATS_URL_ENV})") from None
     except ValueError as exc:  # unreadable or malformed credentials, checked before connecting
-        raise CliError(f"--creds: {exc}") from None
+        raise CliError(f"--creds: {_creds_problem(exc)}") from None
     try:
         yield nc
     finally:

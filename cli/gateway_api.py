@@ -195,6 +195,24 @@ def unreachable(url: str, exc: Exception) -> GatewayApiError:
     )
 
 
+def transport_error(url: str, what: str, exc: httpx.TransportError, timeout: float) -> GatewayApiError:
+    """The error for a request that failed in transit: ``--gateway`` is only the fix when no
+    connection was made; a gateway that took the connection and then went quiet (or hung up)
+    is a problem of the gateway, said as such (exit status 3)."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+        return unreachable(url, exc)
+    if isinstance(exc, httpx.TimeoutException):
+        return GatewayApiError(
+            f"{what}: the gateway at {url} took the connection but did not answer within {timeout:g} s "
+            "(is it overloaded or stuck?)",
+            exitcodes.GATEWAY_ERROR,
+        )
+    reason = str(exc) or type(exc).__name__
+    return GatewayApiError(
+        f"{what}: the gateway at {url} broke off the exchange ({reason})", exitcodes.GATEWAY_ERROR
+    )
+
+
 class GatewayClient:
     """``async with GatewayClient(options) as gw``: JSON calls with typed errors, and streams."""
 
@@ -228,7 +246,7 @@ class GatewayClient:
                 kwargs["json"] = body
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise unreachable(self.options.url, exc) from None
+            raise transport_error(self.options.url, what, exc, self.options.timeout) from None
         if response.status_code not in ok:
             raise error_for(response, what)
         try:

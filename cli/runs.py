@@ -126,9 +126,10 @@ def render_state(state: dict[str, Any], paint: Painter) -> str:
     ]
     if state.get("title"):
         rows.append(("title", str(state["title"])))
+    rows.append(("desktop", str(state.get("hostname") or "-")))
+    if status not in TERMINAL:  # the last stage a finished run reached is history, not its state
+        rows.append(("stage", str(state.get("stage") or "-")))
     rows += [
-        ("desktop", str(state.get("hostname") or "-")),
-        ("stage", str(state.get("stage") or "-")),
         (
             "events",
             f"{state.get('seq') or 0}" + (f" of {state['finalSeq']}" if state.get("finalSeq") else ""),
@@ -142,9 +143,16 @@ def render_state(state: dict[str, Any], paint: Painter) -> str:
         rows.append(("finished", _when(state.get("finishedAt")) + (f"  (took {took})" if took else "")))
     elif state.get("lastEventAt") is not None:
         rows.append(("last event", _when(state.get("lastEventAt"))))
-    if state.get("failureKind") or state.get("failureReason"):
-        rows.append(("failure", f"{state.get('failureKind') or '-'}: {state.get('failureReason') or '-'}"))
+    why = ending(state)
+    if why:
+        rows.append(("failure" if status == "failed" else "reason", why))
     return "\n".join([head] + [f"  {paint(k.ljust(10), 'dim')}  {v}" for k, v in rows])
+
+
+def ending(state: dict[str, Any]) -> str:
+    """Why a run ended the way it did: ``kind: reason``, or whichever of the two there is."""
+    parts = [str(state[key]) for key in ("failureKind", "failureReason") if state.get(key)]
+    return ": ".join(parts)
 
 
 def exit_status_for(state: dict[str, Any]) -> int:
@@ -252,8 +260,7 @@ async def attach(
     assert final is not None
     final = _settled(final, done, printer)
     if not as_json and final.get("status") == "failed" and not quiet:
-        failure = f"{final.get('failureKind') or 'failed'}: {final.get('failureReason') or '-'}"
-        print(printer.paint(f"failure: {failure}", "red"), file=sys.stderr, flush=True)
+        print(printer.paint(f"failure: {ending(final) or 'failed'}", "red"), file=sys.stderr, flush=True)
     return exit_status_for(final)
 
 

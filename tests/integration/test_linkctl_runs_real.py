@@ -153,3 +153,38 @@ async def test_send_without_json_prints_the_run_id_on_stdout(stack: DevStack) ->
     assert code == 0 and json.loads(out)["runId"] == run_id, err
     code, out, err = await linkctl(stack, "runs", "send", "echo", '"quiet"', "--quiet")
     assert code == 0 and out.strip() and err == "", err  # --quiet drops the status lines, not the id
+
+
+async def test_show_of_a_completed_and_a_cancelled_run_reads_cleanly(stack: DevStack) -> None:
+    code, out, err = await linkctl(stack, "runs", "send", "mock", '{"count": 2}', "--attach", "--quiet")
+    assert code == 0, err
+    code, out, err = await linkctl(stack, "runs", "send", "mock", '{"count": 1}')
+    run_id = out.strip()
+    code, _, err = await linkctl(stack, "runs", "attach", run_id, "--quiet")
+    assert code == 0, err
+    code, out, err = await linkctl(stack, "runs", "show", run_id)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"run {run_id}  completed"
+    assert "stage" not in out and "running" not in out and "failure" not in out
+
+    code, out, _ = await linkctl(stack, "runs", "send", "mock", '{"count": 10000, "delayMs": 50}')
+    run_id = out.strip()
+    attach = asyncio.ensure_future(linkctl(stack, "runs", "attach", run_id, "--quiet"))
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+
+        async def started() -> bool:
+            resp = await http.get(
+                f"{stack.gateway}/api/runs/{run_id}", headers={"Authorization": f"Bearer {stack.token}"}
+            )
+            return int(resp.json().get("seq") or 0) >= 2
+
+        await wait_until(started, 60, interval=0.1, message="the run never started")
+    code, _, err = await linkctl(stack, "runs", "cancel", run_id)
+    assert code == 0, err
+    assert (await attach)[0] == exitcodes.RUN_CANCELLED
+    code, out, err = await linkctl(stack, "runs", "show", run_id)
+    assert code == 0, err
+    rows = out.splitlines()
+    assert rows[0] == f"run {run_id}  cancelled"
+    assert "  reason      cancelled by the user" in rows, out
+    assert "-:" not in out and "failure" not in out and "stage" not in out

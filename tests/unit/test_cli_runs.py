@@ -130,3 +130,17 @@ def test_runs_without_token_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch)
     result = runner.invoke(app, ["runs", "show", "r1"], standalone_mode=True)
     assert result.exit_code == exitcodes.USAGE
     assert "no gateway API token" in result.output
+
+
+def test_render_state_of_finished_runs_has_no_stale_stage_and_a_clean_reason() -> None:
+    completed = {**STATE, "status": "completed", "failureKind": None, "failureReason": None}
+    text = render_state(completed, Painter(False))
+    assert "stage" not in text and "running" not in text and "failure" not in text
+    cancelled = {**completed, "status": "cancelled", "failureReason": "cancelled by the user"}
+    rows = render_state(cancelled, Painter(False)).splitlines()
+    assert "  reason      cancelled by the user" in rows
+    assert not any("-:" in row or "failure" in row for row in rows)
+    only_kind = {**STATE, "failureReason": None}
+    assert "  failure     desktop_lost" in render_state(only_kind, Painter(False)).splitlines()
+    running = {**STATE, "status": "in_progress", "failureKind": None, "failureReason": None}
+    assert "  stage       running" in render_state(running, Painter(False)).splitlines()
