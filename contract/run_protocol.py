@@ -29,9 +29,10 @@ The gateway creates the stream ``RUN_STREAM`` capturing ``P.host.*.runs.*``.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import tunnel
 
@@ -40,6 +41,7 @@ __all__ = [
     "RUN_STREAM",
     "RunSubject",
     "is_valid_run_id",
+    "parse_event",
     "parse_run_subject",
     "run_event_subject",
     "run_stream_subjects",
@@ -59,6 +61,20 @@ def split_events(data: bytes) -> list[bytes]:
     if b"\n" not in data:
         return [data]
     return [line for line in data.split(b"\n") if line.strip()]
+
+
+def parse_event(line: bytes | str) -> dict[str, Any] | None:
+    """One event as a JSON object, or None for anything else a desktop may have published.
+
+    Malformed, not UTF-8, not an object, or nested so deeply that Python's parser gives up
+    (a ``RecursionError``, which is no ``ValueError``): the gateway's readers skip or count such
+    a line; none of them may stop on it, or one host would stall everybody's runs.
+    """
+    try:
+        event = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def is_valid_run_id(run_id: str) -> bool:

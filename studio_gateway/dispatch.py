@@ -71,7 +71,7 @@ def error_fields(body: bytes) -> tuple[str | None, str]:
     """``(code, message)`` of a daemon's ``{"error": {...}}`` answer (None, "" when it is not one)."""
     try:
         error = json.loads(body).get("error")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return None, ""
     if not isinstance(error, dict):
         return None, ""

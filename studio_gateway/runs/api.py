@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from contract.run_protocol import is_valid_run_id, split_events
+from contract.run_protocol import is_valid_run_id, parse_event, split_events
 from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..auth import User, authenticated
@@ -407,13 +406,12 @@ async def _stream_live(
                 # The notification can arrive before JetStream stored the write: read once more soon.
                 recheck_at = now + RECHECK_DELAY if notified else math.inf
             for line in (line for msg in msgs for line in split_events(msg.data)):
-                with contextlib.suppress(ValueError, UnicodeDecodeError):
-                    event = json.loads(line)
-                    if isinstance(event, dict):
-                        pending.append(event)
-                        fence, seq = event.get("fence"), event.get("seq")
-                        if isinstance(fence, int | str) and isinstance(seq, int):  # hashable ones only
-                            raw.setdefault((fence, seq), line)
+                event = parse_event(line)
+                if event is not None:
+                    pending.append(event)
+                    fence, seq = event.get("fence"), event.get("seq")
+                    if isinstance(fence, int | str) and isinstance(seq, int):  # hashable ones only
+                        raw.setdefault((fence, seq), line)
             if next_seq == 1 and pending and _expired_start(state, service, pending):
                 # The run is older than the stream's retention and its first events are gone from
                 # the stream: replay what was kept of them, then continue from the stream.

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -46,7 +45,7 @@ from typing import Any, Final
 
 from nats.aio.msg import Msg
 
-from contract.run_protocol import parse_run_subject, split_events
+from contract.run_protocol import parse_event, parse_run_subject, split_events
 
 from ..tasks import stop_tasks
 from .active import ActiveRuns
@@ -149,12 +148,8 @@ def _parse(msg: Msg, prefix: str) -> tuple[list[_Item], int] | None:
     items: list[_Item] = []
     invalid = 0
     for line in split_events(msg.data):
-        try:
-            event = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            invalid += 1
-            continue
-        if not isinstance(event, dict):
+        event = parse_event(line)
+        if event is None:
             invalid += 1
             continue
         seq = event.get("seq")

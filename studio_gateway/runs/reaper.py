@@ -21,7 +21,6 @@ ignores them).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import Final
 
 import nats.js.errors
 
-from contract.run_protocol import RUN_STREAM, split_events
+from contract.run_protocol import RUN_STREAM, parse_event, split_events
 
 from ..config import RunsConfig
 from .health import Health
@@ -166,15 +165,8 @@ class Reaper:
             await reader.close()
         wanted = state.seq + 1
         for line in (line for msg in msgs for line in split_events(msg.data)):
-            try:
-                event = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if (
-                isinstance(event, dict)
-                and event.get("seq") == wanted
-                and event.get("fence") == state.event_fence
-            ):
+            event = parse_event(line)
+            if event is not None and event.get("seq") == wanted and event.get("fence") == state.event_fence:
                 return True
         return False
 
@@ -211,11 +203,9 @@ class Reaper:
             msg = await self.store.js.get_last_msg(RUN_STREAM, self.store.event_subject(state))
         except nats.js.errors.NotFoundError:
             return None
-        try:
-            event = json.loads(split_events(msg.data or b"{}")[-1])  # a batch's newest is its last
-        except (ValueError, UnicodeDecodeError, IndexError):
-            return None
-        if not isinstance(event, dict) or event.get("fence") != state.event_fence:
+        lines = split_events(msg.data or b"{}")
+        event = parse_event(lines[-1]) if lines else None  # a batch's newest is its last
+        if event is None or event.get("fence") != state.event_fence:
             return None
         seq = event.get("seq")
         if not isinstance(seq, int) or seq <= state.seq or msg.time is None:

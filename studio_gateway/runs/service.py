@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -26,7 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 
 import tunnel
-from contract.run_protocol import split_events
+from contract.run_protocol import parse_event, split_events
 
 from ..config import GatewayConfig
 from ..dispatch import Dispatcher, send_control
@@ -308,11 +307,7 @@ class RunsService:
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:
-    try:
-        event = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return event if isinstance(event, dict) else None
+    return parse_event(data)
 
 
 def _finished(state: RunState, message: str | None = None) -> CancelOutcome:

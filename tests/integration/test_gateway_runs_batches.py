@@ -70,3 +70,39 @@ async def test_batches_overlapping_each_other_apply_each_event_once(js_server: N
             assert await gw.metric('studio_runs_uplink_events_total{result="applied"}') == 8
     finally:
         await desktop.close()
+
+
+async def test_an_event_nested_too_deeply_to_parse_is_skipped_and_the_run_goes_on(
+    js_server: NatsServer,
+) -> None:
+    # 100k levels: Python's json parser raises RecursionError (no ValueError) on it. A desktop
+    # publishing that must not stop the projector, the SSE reader or the reaper for anybody.
+    desktop = await accepting_desktop(js_server.url, "ivy")
+    try:
+        async with runs_gateway(js_server.url) as gw:
+            run_id = await gw.start_run("ivy", {"runner": "echo", "input": "x"})
+            await wait_until(lambda: len(desktop.work) == 1, 5.0, message="work item never arrived")
+            host, nc = desktop.hostname, desktop.nc
+            subject = run_event_subject(tunnel.HostSubjects.for_host(host), run_id)
+            deep = b"[" * 100_000 + b"]" * 100_000
+            await nc.jetstream().publish(subject, deep, headers={"Nats-Msg-Id": f"{run_id}:deep"})
+            await publish(nc, host, run_id, [event(run_id, 1, "stage", stage="go")], f"{run_id}:1:1:e")
+            done = event(run_id, 3, "done", finalSeq=3, status="completed")
+            await publish(nc, host, run_id, [event(run_id, 2), done], f"{run_id}:1:2-3:e")
+            state = await gw.wait_status("ivy", run_id, {"completed", "failed"})
+            assert state["status"] == "completed" and state["seq"] == 3
+            streamed = await gw.sse("ivy", run_id)
+            assert [int(m["id"]) for m in streamed[:-1]] == [1, 2, 3]
+            # Another run of the same gateway is served as usual afterwards.
+            second = await gw.start_run("ivy", {"runner": "echo", "input": "y"})
+            await wait_until(lambda: len(desktop.work) == 2, 5.0, message="second work item never arrived")
+            await publish(
+                nc,
+                host,
+                second,
+                [event(second, 1), event(second, 2, "done", finalSeq=2, status="completed")],
+                f"{second}:1:1-2:e",
+            )
+            assert (await gw.wait_status("ivy", second, {"completed", "failed"}))["status"] == "completed"
+    finally:
+        await desktop.close()
