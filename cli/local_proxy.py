@@ -22,6 +22,9 @@ moves bytes. Per connection:
   sent one, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0);
 - hop-by-hop headers are dropped both ways, and so is ``Host`` on the way in (the
   tunnel hostname is the host; the desktop side supplies it, as with the httpx transport);
+  what the browser used is passed on as ``X-Forwarded-Host`` / ``-Proto`` / ``-For`` (the
+  client's address appended to any ``X-Forwarded-For`` it sent), so an app behind the tunnel
+  (``tunnel.asgi``) builds redirects and links to this listener, not to the tunnel host;
 - a tunnel error before the response head becomes ``502`` (``504`` for the timeouts,
   ``400`` for a request the tunnel cannot express) with a one-line text body and the
   stable code in ``X-Tunnel-Error``; after the head, the connection is cut, so a client
@@ -84,6 +87,32 @@ log = logging.getLogger("cli.forward")  # named after the command, as its log li
 
 class _CloseConnection(Exception):
     """This connection cannot go on (the client left, or a response had to be cut): close it."""
+
+
+def _forwarded_headers(
+    kept: list[tuple[str, str]], request: h11.Request, peer_ip: str | None
+) -> list[tuple[str, str]]:
+    """``X-Forwarded-*`` for what the browser used (its Host, plain http, its address).
+
+    A header the client already sent is kept as it is (another proxy in front of us knows
+    better); ``X-Forwarded-For`` gets the client's address appended, as every proxy does.
+    """
+    present = {name.lower() for name, _ in kept}
+    added: list[tuple[str, str]] = []
+    host = next((value for name, value in request.headers if name == b"host"), None)
+    if host and "x-forwarded-host" not in present:
+        added.append(("x-forwarded-host", host.decode("latin-1")))
+    if "x-forwarded-proto" not in present:
+        added.append(("x-forwarded-proto", "http"))
+    if peer_ip is not None:
+        if "x-forwarded-for" in present:
+            for index, (name, value) in enumerate(kept):
+                if name.lower() == "x-forwarded-for":
+                    kept[index] = (name, f"{value}, {peer_ip}")
+                    break
+        else:
+            added.append(("x-forwarded-for", peer_ip))
+    return added
 
 
 def _dropped_names(headers: list[tuple[bytes, bytes]]) -> set[str]:
@@ -170,6 +199,7 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
         # Set when the client's request body was malformed (h11 refused it mid-body).
         self.body_error: h11.RemoteProtocolError | None = None
         # Set when an answer said "connection: close" with client input left unread.
@@ -316,6 +346,7 @@ class _Connection:
             for name, value in request.headers.raw_items()  # the client's spelling of names
             if name.decode("latin-1").lower() not in dropped
         ]
+        headers += _forwarded_headers(headers, request, self.peer_ip)
         # h11 validated the framing headers: a body follows iff chunked or a length above 0.
         has_body = any(
             (name == b"content-length" and int(value) > 0) or name == b"transfer-encoding"

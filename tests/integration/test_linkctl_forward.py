@@ -148,6 +148,22 @@ def test_post_with_content_length_forwards_body_and_end_to_end_headers(http: htt
         assert hop not in names
 
 
+def test_what_the_browser_used_is_passed_on_as_x_forwarded_headers(http: httpx.Client) -> None:
+    # So an app behind the tunnel builds redirects and links to this listener (tunnel.asgi reads them).
+    echo = http.get("/echo").json()
+    sent = {name.lower(): value for name, value in echo["headers"]}
+    assert sent["x-forwarded-host"] == http.base_url.netloc.decode("ascii")
+    assert sent["x-forwarded-proto"] == "http"
+    assert sent["x-forwarded-for"] == "127.0.0.1"
+    # What a proxy in front of us already said is kept; our client's address is appended.
+    echo = http.get(
+        "/echo", headers={"X-Forwarded-Host": "app.example", "X-Forwarded-For": "203.0.113.9"}
+    ).json()
+    sent = {name.lower(): value for name, value in echo["headers"]}
+    assert sent["x-forwarded-host"] == "app.example"
+    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+
+
 def test_chunked_upload_streams_through(http: httpx.Client) -> None:
     digest = hashlib.sha256()
     total = 3 * MiB + 1
