@@ -12,14 +12,16 @@ or when a child dies (its last log lines, then exit status 8).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import typer
 
@@ -38,6 +40,7 @@ from .term import Painter
 __all__ = ["ClusterOpt", "StateDirOpt", "print_summary", "register", "stack_options", "stack_signals"]
 
 WATCH_INTERVAL: Final = 0.2
+UPSTREAM_ENV: Final = "LINKD_UPSTREAM"
 # A local cluster of more nodes than this is a typo, not a test of anything.
 MAX_CLUSTER: Final = 9
 
@@ -47,6 +50,8 @@ Examples:
   linkctl dev --state-dir ./.linkctl-dev --gateway-port 8080
   linkctl dev --json > stack.json               # one JSON object once everything is ready
   linkctl dev --cluster 3                       # 3 nats-server nodes; kill -9 one, the stack carries on
+  linkctl dev --upstream http://127.0.0.1:3000  # linkd also serves your local web app
+  linkd status                                  # in another terminal: finds the stack's linkd
   source ~/.local/share/natslink/linkctl-dev/dev.env   # in another terminal: LINKCTL_GATEWAY, LINKCTL_TOKEN
 
 \b
@@ -78,6 +83,7 @@ def stack_options(
     gateway_port: int,
     ready_timeout: float,
     cluster: int = 1,
+    upstream: str | None = None,
 ) -> StackOptions:
     for flag, port in (("--nats-port", nats_port), ("--websocket-port", websocket_port)):
         if not 0 <= port <= 65535:
@@ -90,6 +96,8 @@ def stack_options(
         raise CliError("--user: give a user id of 1 to 256 characters")
     if not 1 <= cluster <= MAX_CLUSTER:
         raise CliError(f"--cluster: give 1 to {MAX_CLUSTER} nats-server nodes (got {cluster})")
+    if upstream is not None:
+        upstream = _check_upstream(upstream)
     return StackOptions(
         state_dir=state_dir.expanduser().resolve(),
         user=user.strip(),
@@ -98,7 +106,27 @@ def stack_options(
         gateway_port=gateway_port,
         ready_timeout=ready_timeout,
         cluster=cluster,
+        upstream=upstream,
     )
+
+
+def _check_upstream(raw: str) -> str:
+    url = raw.strip()
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise CliError(f"--upstream / {UPSTREAM_ENV}: {raw!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"--upstream / {UPSTREAM_ENV}: {raw!r} must be an http:// or https:// URL with a host")
+    return url.rstrip("/")
+
+
+def ignored_linkd_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``LINKD_*`` variables of this environment that the stack's linkd does not get (it runs with
+    its own config dir and settings; ``LINKD_UPSTREAM`` is taken, as ``--upstream``)."""
+    env = os.environ if environ is None else environ
+    return sorted(name for name in env if name.startswith("LINKD_") and name != UPSTREAM_ENV)
 
 
 ClusterOpt = Annotated[
@@ -167,7 +195,12 @@ def summary(stack: LocalStack) -> dict[str, Any]:
             "pid": pids.get("gateway"),
             "log": str(stack.state_dir / "gateway" / "gateway.log"),
         },
-        "linkd": {"pid": pids.get("linkd"), "log": str(stack.state_dir / "linkd" / "linkd.log")},
+        "linkd": {
+            "pid": pids.get("linkd"),
+            "log": str(stack.state_dir / "linkd" / "linkd.log"),
+            "upstream": stack.options.upstream,
+            "statusFile": str(stack.state_dir / "linkd" / "linkd-status.json"),
+        },
         "token": stack.token,
         "envFile": str(stack.state_dir / "dev.env"),
     }
@@ -223,8 +256,10 @@ def print_summary(stack: LocalStack, paint: Painter, *, next_steps: bool = True)
     rows += [
         ("gateway", f"{gw['url']}  pid {gw['pid']}"),
         ("linkd", f"pid {info['linkd']['pid']}  online as {host} (desktop {stack.desktop_hostname!r})"),
-        ("user", stack.options.user),
     ]
+    if stack.options.upstream is not None:
+        rows.append(("", f"upstream {stack.options.upstream} (every other path of tunnel://{host}/)"))
+    rows.append(("user", stack.options.user))
     out = [
         "",
         paint(f"Local stack ready in {stack.started_in:.2f} s", "bold", "green")
@@ -307,6 +342,16 @@ def dev_command(
         Opt("--json", help="Progress on stderr; one JSON object (URLs, pids, token) on stdout when ready."),
     ] = False,
     cluster: ClusterOpt = 1,
+    upstream: Annotated[
+        str | None,
+        Opt(
+            "--upstream",
+            metavar="URL",
+            envvar=UPSTREAM_ENV,
+            help="linkd serves this local HTTP service for every other path (its --upstream).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run nats-server, the gateway and linkd for a dev user on this machine until Ctrl-C."""
     options = stack_options(
@@ -317,6 +362,7 @@ def dev_command(
         gateway_port,
         ready_timeout,
         cluster,
+        upstream,
     )
     progress = sys.stderr if as_json else sys.stdout
     paint = Painter.for_stream(sys.stdout)
@@ -326,6 +372,12 @@ def dev_command(
 
     stack = LocalStack(options, say=say)
     say(f"linkctl dev: starting the local stack in {options.state_dir}")
+    ignored = ignored_linkd_settings()
+    if ignored:
+        say(
+            "linkctl dev: note: the stack's linkd has its own settings and does not get "
+            f"{', '.join(ignored)} from this environment (--upstream / {UPSTREAM_ENV} is passed on)"
+        )
     status = exitcodes.OK
     ready = False
     with stack_signals() as seen:

@@ -140,6 +140,8 @@ class StackOptions:
     python: str = sys.executable
     # nats-server nodes: 1 is the single server; N > 1 an N-node cluster (routes, clustered JetStream).
     cluster: int = 1
+    # linkd's --upstream: the local web service the desktop serves through the tunnel.
+    upstream: str | None = None
 
     @property
     def runs_replicas(self) -> int:
@@ -553,6 +555,8 @@ class LocalStack:
             "--drain-timeout",
             f"{LINKD_DRAIN_TIMEOUT:g}",
         ]
+        if self.options.upstream is not None:
+            argv += ["--upstream", self.options.upstream]
         child = self._spawn("linkd", argv, env, log_path)
         with httpx.Client(trust_env=False, timeout=5.0) as http:
 
@@ -613,9 +617,11 @@ class LocalStack:
                 child.nats.close()
         if self.cluster is not None:
             self.cluster.close()  # its directory is ours (the state dir): kept
-        with contextlib.suppress(OSError):
-            (self.state_dir / "dev.env").unlink()
         if self._lock is not None:
+            # dev.env is ours to remove only while we hold the directory: a second stack
+            # refused at the lock must leave the running one's alone.
+            with contextlib.suppress(OSError):
+                (self.state_dir / "dev.env").unlink()
             self._lock.close()
             self._lock = None
 

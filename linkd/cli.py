@@ -19,7 +19,7 @@ from typing import Annotated, Any, Final, NoReturn
 import typer
 
 from . import __version__
-from .config import Settings, check_http_url, load_settings
+from .config import Settings, check_http_url, default_status_file, dev_stack_status_file, load_settings
 from .credentials_store import (
     SEED_KEY,
     TOKEN_KEY,
@@ -567,16 +567,32 @@ def status(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Is a daemon running on this desktop? Its hostname, connection state, credential expiry and work."""
+    """Is a daemon running on this desktop? Its hostname, connection state, credential expiry and work.
+
+    Without --status-file (or LINKD_STATUS_FILE, or the config file's), when no daemon runs at
+    the usual place, the daemon of a `linkctl dev` stack is found too ($LINKCTL_STATE_DIR or
+    the default state directory)."""
     import json
 
     settings = load_settings({"status_file": status_file}, config_path=config)
     path = settings.status_file
     doc = read_status(path)
     running = doc is not None and pid_alive(doc.get("pid"))
+    dev_stack: Path | None = None
+    if not running and path == default_status_file():
+        # Not told where to look, nothing running here: the daemon of a `linkctl dev` stack?
+        dev_path = dev_stack_status_file()
+        dev_doc = read_status(dev_path)
+        if dev_doc is not None and pid_alive(dev_doc.get("pid")):
+            path, doc, running, dev_stack = dev_path, dev_doc, True, dev_path.parent.parent
     if as_json:
+        extra = {"devStack": str(dev_stack)} if dev_stack is not None else {}
         typer.echo(
-            json.dumps({"running": running, "statusFile": str(path), **(doc or {})}, indent=2, sort_keys=True)
+            json.dumps(
+                {"running": running, "statusFile": str(path), **extra, **(doc or {})},
+                indent=2,
+                sort_keys=True,
+            )
         )
     elif doc is None:
         typer.echo(f"linkd is not running (no status file at {path})")
@@ -585,7 +601,10 @@ def status(
             f"linkd is not running (stale status file from pid {doc.get('pid')}, last: {doc.get('message')})"
         )
     else:
-        typer.echo("\n".join(_describe(doc)))
+        lines = _describe(doc)
+        if dev_stack is not None:
+            lines.insert(1, f"  stack:       the `linkctl dev` stack in {dev_stack}")
+        typer.echo("\n".join(lines))
     if not running:
         raise typer.Exit(EXIT_NOT_RUNNING)
 

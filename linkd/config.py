@@ -61,6 +61,7 @@ __all__ = [
     "check_http_url",
     "default_config_path",
     "default_status_file",
+    "dev_stack_status_file",
     "load_settings",
 ]
 
@@ -136,6 +137,22 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
 
 def default_status_file(environ: Mapping[str, str] | None = None) -> Path:
     return runtime_dir(environ) / STATUS_FILE_NAME
+
+
+def dev_stack_status_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the linkd of ``linkctl dev`` keeps its status file: ``linkd/`` in the stack's state
+    directory, ``$LINKCTL_STATE_DIR``, else ``$XDG_DATA_HOME/natslink/linkctl-dev`` (or under
+    ``~/.local/share``). The same rule as ``cli.stack.default_state_dir`` (linkd does not import
+    linkctl; tests/unit/test_linkd_cli.py keeps the two equal)."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("LINKCTL_STATE_DIR", "").strip()
+    if explicit:
+        state = Path(explicit).expanduser()
+    else:
+        xdg = env.get("XDG_DATA_HOME", "").strip()
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+        state = base / "natslink" / "linkctl-dev"
+    return state / "linkd" / STATUS_FILE_NAME
 
 
 # ------------------------------------------------------------------------------ value parsers

@@ -83,6 +83,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Me
             monkeypatch.delenv(name)
     monkeypatch.setenv("LINKD_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("LINKD_RUNTIME_DIR", str(tmp_path / "run"))
+    # `linkd status` also looks for a `linkctl dev` stack's daemon: never the user's real one.
+    monkeypatch.setenv("LINKCTL_STATE_DIR", str(tmp_path / "dev-stack"))
     previous = keyring.get_keyring()
     backend = MemoryKeyring()
     keyring.set_keyring(backend)
@@ -98,6 +100,7 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(
         LINKD_CONFIG_DIR=str(tmp_path / "config"),
         LINKD_RUNTIME_DIR=str(tmp_path / "run"),
+        LINKCTL_STATE_DIR=str(tmp_path / "dev-stack"),
         LINKD_TEST_KEYRING=str(tmp_path / "keyring.json"),
         PYTHON_KEYRING_BACKEND="tests.linkd_support.FileKeyring",
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),

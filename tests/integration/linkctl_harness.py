@@ -236,9 +236,12 @@ class DevStack:
 
 
 @contextmanager
-def dev_stack(state_dir: Path, *args: str) -> Iterator[DevStack]:
-    """``linkctl dev --json --state-dir DIR`` until ready; stopped (and checked empty) afterwards."""
+def dev_stack(state_dir: Path, *args: str, env_vars: dict[str, str] | None = None) -> Iterator[DevStack]:
+    """``linkctl dev --json --state-dir DIR`` until ready; stopped (and checked empty) afterwards.
+
+    The environment is ours without ``LINKCTL_*``/``LINKD_*``, plus ``env_vars``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LINKCTL_", "LINKD_"))}
+    env.update(env_vars or {})
     proc = subprocess.Popen(
         [*LINKCTL, "dev", "--json", "--state-dir", str(state_dir), *args],
         stdin=subprocess.DEVNULL,

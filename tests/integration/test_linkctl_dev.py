@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -207,3 +209,89 @@ def test_dev_cluster_3_serves_runs_survives_a_node_and_stops_every_node(tmp_path
         assert order == ["linkd", "gateway", "nats-n2", "nats-n1"], err
         assert not any(_alive(pid) for pid in pids)
         assert live_pids_mentioning(str(state)) == []
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"upstream saw {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_dev_passes_linkd_upstream_on_linkd_status_finds_it_and_a_second_dev_keeps_dev_env(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{upstream.server_address[1]}"
+    try:
+        with dev_stack(state, env_vars={"LINKD_UPSTREAM": url, "LINKD_DRAIN_TIMEOUT": "1"}) as stack:
+            assert stack.info["linkd"]["upstream"] == url
+            # Through the tunnel: the status route is linkd's own, every other path is the upstream's.
+            nats, creds = stack.info["nats"]["url"], stack.info["nats"]["creds"]
+            fetched = subprocess.run(
+                [*LINKCTL, "fetch", f"tunnel://{stack.hostname}/hello?x=1", "--nats", nats, "--creds", creds],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert fetched.returncode == 0, fetched.stderr
+            assert fetched.stdout == "upstream saw /hello?x=1\n"
+
+            # `linkd status` in another terminal finds the stack's daemon (no flags).
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("LINKD_", "LINKCTL_"))}
+            env.update(
+                LINKCTL_STATE_DIR=str(state),
+                LINKD_CONFIG_DIR=str(tmp_path / "my-config"),
+                LINKD_RUNTIME_DIR=str(tmp_path / "my-run"),
+            )
+            status = subprocess.run(
+                [sys.executable, "-m", "linkd.cli", "status"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+            )
+            assert status.returncode == 0, status.stdout + status.stderr
+            assert f"online as {stack.hostname}" in status.stdout
+            assert f"the `linkctl dev` stack in {state}" in status.stdout
+            assert f"upstream:    {url}" in status.stdout
+
+            # A second stack on the same directory is refused, and leaves the first one's dev.env.
+            env_file = Path(stack.info["envFile"])
+            before = env_file.read_text()
+            second = subprocess.run(
+                [*LINKCTL, "dev", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+            )
+            assert second.returncode == 2 and "another linkctl dev/demo is using" in second.stderr
+            assert env_file.read_text() == before
+
+            code, err = stack.stop()
+            assert code == 0, err
+            assert "does not get LINKD_DRAIN_TIMEOUT from this environment" in err  # said, not dropped
+            assert not env_file.exists()
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_dev_refuses_a_malformed_upstream_before_starting_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*LINKCTL, "dev", "--state-dir", str(tmp_path / "state"), "--upstream", "ftp://x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "linkctl: error: --upstream / LINKD_UPSTREAM: 'ftp://x' must be an http:// or https:// URL "
+        "with a host"
+    )
+    assert not (tmp_path / "state").exists()

@@ -171,3 +171,42 @@ def test_the_config_file_accepts_insecure_file_store_and_login_remembers_it(
     config.write_text('insecure_file_store = "maybe"\n', encoding="utf-8")
     code, _, err = run(capsys, "login", "--gateway", "http://gw", "--gateway-token", "abc", "--no-verify")
     assert code == 2 and "insecure_file_store: 'maybe' is not a boolean" in err
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"HOME": "/home/u"},
+        {"HOME": "/home/u", "XDG_DATA_HOME": "/data"},
+        {"HOME": "/home/u", "XDG_DATA_HOME": "relative/ignored"},
+        {"HOME": "/home/u", "LINKCTL_STATE_DIR": "/srv/stack"},
+    ],
+)
+def test_linkd_looks_for_the_dev_stack_where_linkctl_dev_puts_it(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.stack import default_state_dir
+    from linkd.config import dev_stack_status_file
+
+    monkeypatch.setenv("HOME", environ["HOME"])
+    assert dev_stack_status_file(environ) == default_state_dir(environ) / "linkd" / "linkd-status.json"
+
+
+def test_linkd_status_finds_the_dev_stacks_daemon(
+    isolated_env: MemoryKeyring, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    stack = tmp_path / "dev-stack"  # LINKCTL_STATE_DIR of isolated_env
+    doc = {"pid": os.getpid(), "version": "1.0", "state": "online", "message": "online as dev-abc"}
+    write_status(stack / "linkd" / "linkd-status.json", doc)
+    code, out, _ = run(capsys, "status")
+    assert code == 0, out
+    assert out.splitlines()[:2] == [
+        f"linkd is running (pid {os.getpid()}, version 1.0)",
+        f"  stack:       the `linkctl dev` stack in {stack}",
+    ]
+    code, out, _ = run(capsys, "status", "--json")
+    assert code == 0 and json.loads(out)["devStack"] == str(stack)
+    assert json.loads(out)["statusFile"] == str(stack / "linkd" / "linkd-status.json")
+    # Told where to look: only there.
+    code, out, _ = run(capsys, "status", "--status-file", str(tmp_path / "elsewhere.json"))
+    assert code == 1 and "not running" in out
