@@ -4,6 +4,11 @@ Nothing is drawn for the first :data:`DELAY` seconds, so a quick, small download
 leaves no trace; after that the line is redrawn at most every :data:`INTERVAL`.
 With a known total (``content-length``) it shows a bar, percentage, rate and ETA;
 without one, the bytes so far and the rate.
+
+Hand-written on purpose, not ``rich.progress``: it is one ``\r`` line redrawn from the
+download loop itself, nothing for the first :data:`DELAY` seconds, no refresh thread and no
+capture of stdout (which carries the body); ``rich``'s Live display would need all three
+switched off, and ``rich`` (only there through typer) declared as a dependency of ours.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Terminal output: colour only on a tty, never when ``NO_COLOR`` is set (https://no-color.org)."""
+"""Terminal output: colour only on a tty, never when ``NO_COLOR`` is set (https://no-color.org).
+
+Hand-written on purpose, not ``rich`` (which typer installs): six styles on one line of
+text, the no-color.org and ``TERM=dumb`` rules, a ``Painter(False)`` for every non-terminal
+stream, and plain ANSI output the tests can compare. ``rich`` only arrives through typer;
+importing it here would make it a declared dependency of ours for no visible difference.
+"""
 
 from __future__ import annotations
 
