@@ -304,9 +304,9 @@ def issue_token_command(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``python -m studio_gateway``: the help says studio-gateway)."""
     try:
-        app()
+        app(prog_name="studio-gateway")
     except KeyboardInterrupt:
         sys.exit(130)
 

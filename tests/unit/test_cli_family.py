@@ -167,3 +167,18 @@ def test_linkd_log_levels_choose_what_is_written() -> None:
     assert [r["level"] for r in lines("error")] == ["error"]
     record = lines("error")[0]
     assert list(record)[:4] == ["ts", "level", "logger", "message"] and record["ts"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("name", "module"), [("linkctl", "cli"), ("linkd", "linkd.cli"), ("studio-gateway", "studio_gateway")]
+)
+def test_the_entry_points_name_themselves_in_help_and_version(name: str, module: str) -> None:
+    import subprocess
+    import sys
+
+    for flag, expected in (("-h", f"Usage: {name} [OPTIONS] COMMAND"), ("--version", f"{name} ")):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, flag], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(expected), proc.stdout[:100]
