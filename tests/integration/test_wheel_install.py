@@ -211,3 +211,12 @@ def test_py_typed_is_shipped_for_tunnel(desktop: DesktopInstall, probe: dict[str
 
 def _wheel_version(wheel: Path) -> str:
     return wheel.name.split("-")[1]
+
+
+def test_the_wheel_says_its_licence_status(desktop: DesktopInstall) -> None:
+    with zipfile.ZipFile(desktop.wheel) as wheel:
+        metadata = next(
+            wheel.read(name).decode() for name in wheel.namelist() if name.endswith(".dist-info/METADATA")
+        )
+    assert "License: Proprietary: all rights reserved, no licence granted" in metadata
+    assert "Classifier: License :: Other/Proprietary License" in metadata
