@@ -21,8 +21,15 @@ from urllib.parse import urlsplit
 
 import typer
 from nats.aio.client import Client as NATS
-from typer._click.globals import get_current_context  # typer bundles its click; no public alias
 from typer.core import TyperArgument
+
+try:  # typer bundles its own click and has no public alias for the current context
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - another typer: flags and env vars are then told apart by value
+
+    def get_current_context(silent: bool = False) -> Any:  # type: ignore[no-redef]
+        return None
+
 
 import tunnel
 from contract.logs import JsonFormatter
@@ -145,7 +152,9 @@ PrefixOpt = Annotated[
 def _plain_argument_help() -> None:
     """An argument's help row shows its placeholder alone (``URL``), as options do (``--nats
     URL``): typer would append its own type name (``URL <str>``), a second style of placeholder."""
-    typed = TyperArgument.display_type_rich
+    typed = getattr(TyperArgument, "display_type_rich", None)
+    if typed is None:  # another typer: its help keeps its own style, nothing breaks
+        return
 
     def display_type_rich(self: TyperArgument, ctx: Any) -> str | None:
         return None if self.metavar else typed(self, ctx)
