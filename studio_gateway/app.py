@@ -122,12 +122,18 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
+        # Two private attributes of aiohttp's Server (what it was built with): if an aiohttp
+        # upgrade drops them, serve with aiohttp's own handler rather than not at all.
+        loop, kwargs = getattr(plain, "_loop", None), getattr(plain, "_kwargs", None)
+        if loop is None or not isinstance(kwargs, dict):
+            log.warning("this aiohttp's Server has no _loop/_kwargs: malformed requests get aiohttp's 400")
+            return plain
         return _GatewayServer(
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
-            loop=plain._loop,
-            **plain._kwargs,
+            loop=loop,
+            **kwargs,
         )
 
 
