@@ -1,4 +1,4 @@
-"""``linkctl runs send|show|attach|cancel``: work for your desktop, through the gateway.
+"""``linkctl runs send|list|show|attach|cancel``: work for your desktop, through the gateway.
 
 Human output on a terminal: the run's own output on stdout (so it can be piped), status
 lines on stderr, colour only on a tty. ``--json`` prints JSON for scripts: the gateway's
@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlencode
 
 import typer
 
@@ -32,7 +33,7 @@ from .gateway_api import (
 from .run_stream import DEFAULT_GIVE_UP_AFTER, END, Item, follow, run_path
 from .term import Painter, human_bytes
 
-__all__ = ["exit_status_for", "parse_input", "register", "render_state"]
+__all__ = ["exit_status_for", "parse_input", "register", "render_row", "render_state"]
 
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 _STATUS_STYLE: Final = {
@@ -42,6 +43,11 @@ _STATUS_STYLE: Final = {
     "dispatching": ("cyan",),
     "in_progress": ("cyan",),
 }
+# The gateway's page size bounds (GET /api/runs?limit=N).
+LIST_DEFAULT_LIMIT: Final = 20
+LIST_MAX_LIMIT: Final = 100
+# Widest status (in_progress): the columns line up.
+_STATUS_WIDTH: Final = 11
 # Work items are small documents; a bigger input is a mistake (use the http runner for data).
 MAX_INPUT_BYTES: Final = 1024 * 1024
 
@@ -52,6 +58,7 @@ Send work to your linked desktop and follow it, through the gateway.
 Examples:
   linkctl runs send mock '{"count": 5, "delayMs": 200}' --attach
   RUN=$(linkctl runs send echo '"hello"')   # prints the run id
+  linkctl runs list                          # your runs, newest first
   linkctl runs show RUN_ID
   linkctl runs attach RUN_ID                 # live output; survives dropped connections
   linkctl runs cancel RUN_ID
@@ -147,6 +154,20 @@ def render_state(state: dict[str, Any], paint: Painter) -> str:
     if why:
         rows.append(("failure" if status == "failed" else "reason", why))
     return "\n".join([head] + [f"  {paint(k.ljust(10), 'dim')}  {v}" for k, v in rows])
+
+
+def render_row(state: dict[str, Any], paint: Painter) -> str:
+    """One line of ``runs list``: id, status, runner, created, title."""
+    status = str(state.get("status") or "?")
+    cells = [
+        str(state.get("runId") or "?"),
+        paint(status.ljust(_STATUS_WIDTH), *_STATUS_STYLE.get(status, ())),
+        str(state.get("runner") or "-"),
+        _when(state.get("createdAt")),
+    ]
+    if state.get("title"):
+        cells.append(" ".join(str(state["title"]).split()))  # one line, whatever the title holds
+    return "  ".join(cells)
 
 
 def ending(state: dict[str, Any]) -> str:
@@ -410,6 +431,80 @@ def show_command(
     raise typer.Exit(run(_show(options, _check_run_id(run_id), as_json)))
 
 
+def _check_cursor(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > 256 or not all(c.isascii() and (c.isalnum() or c in "._-") for c in value):
+        raise CliError(f"--before: {value!r} is not a cursor (use the `next` of an earlier page)")
+    return value
+
+
+async def _list(
+    options: GatewayOptions, limit: int, before: str | None, follow_all: bool, as_json: bool
+) -> int:
+    runs: list[dict[str, Any]] = []
+    cursor = before
+    async with GatewayClient(options) as client:
+        while True:
+            query = {"limit": str(limit), **({"before": cursor} if cursor else {})}
+            page = await client.call("GET", f"/api/runs?{urlencode(query)}")
+            items = page.get("runs")
+            nxt = page.get("next")
+            if not isinstance(items, list) or not (nxt is None or isinstance(nxt, str)):
+                raise CliError("the gateway's run list is not {runs: [...], next}", exitcodes.GATEWAY_ERROR)
+            runs += [item for item in items if isinstance(item, dict)]
+            cursor = nxt
+            if not follow_all or cursor is None:
+                break
+    if as_json:
+        print(json.dumps({"runs": runs, "next": cursor}), flush=True)
+        return exitcodes.OK
+    paint = Painter.for_stream(sys.stdout)
+    for state in runs:
+        print(render_row(state, paint), flush=True)
+    note = Painter.for_stream(sys.stderr)
+    if not runs:
+        print(note("no runs", "dim"), file=sys.stderr, flush=True)
+    if cursor is not None:
+        print(
+            note(f"more: linkctl runs list --before {cursor} (or --all)", "dim"), file=sys.stderr, flush=True
+        )
+    return exitcodes.OK
+
+
+def list_command(
+    limit: Annotated[
+        int,
+        Opt(
+            "--limit",
+            "-n",
+            metavar="N",
+            min=1,
+            max=LIST_MAX_LIMIT,
+            help=f"Runs per page (1-{LIST_MAX_LIMIT}).",
+        ),
+    ] = LIST_DEFAULT_LIMIT,
+    before: Annotated[
+        str | None,
+        Opt(
+            "--before",
+            metavar="CURSOR",
+            help="Runs older than this (an earlier page's `next`).",
+            show_default=False,
+        ),
+    ] = None,
+    follow_all: Annotated[bool, Opt("--all", help="Every run: follow the pages to the end.")] = False,
+    as_json: JsonOpt = False,
+    gateway: GatewayOpt = DEFAULT_GATEWAY,
+    gateway_token: GatewayTokenOpt = None,
+    token: LegacyTokenOpt = None,
+) -> None:
+    """List your runs, newest first: id, status, runner, created, title."""
+    options = GatewayOptions.from_flags(gateway, gateway_token, token)
+    raise typer.Exit(run(_list(options, limit, _check_cursor(before), follow_all, as_json)))
+
+
 async def _attach(
     options: GatewayOptions, run_id: str, after: int, as_json: bool, quiet: bool, give_up_after: float
 ) -> int:
@@ -465,6 +560,16 @@ Examples:
   linkctl runs send command @work.json --thread t-42 --title 'nightly build'
   echo '{"count": 3}' | linkctl runs send mock @- -a
 """,
+    "list": """\b
+Examples:
+  linkctl runs list
+  linkctl runs list --limit 5
+  linkctl runs list --all --json | jq -r '.runs[] | select(.status == "failed") | .runId'
+
+\b
+--json prints the gateway's document {"runs": [...], "next": CURSOR | null}; with --all, every
+run in one document. Runs created before the gateway kept its per-user index are not listed.
+""",
     "show": """\b
 Examples:
   linkctl runs show RUN_ID
@@ -489,6 +594,7 @@ def register(app: typer.Typer) -> None:
     )
     for name, func in (
         ("send", send_command),
+        ("list", list_command),
         ("show", show_command),
         ("attach", attach_command),
         ("cancel", cancel_command),

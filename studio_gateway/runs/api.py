@@ -3,6 +3,8 @@
 - ``POST /api/runs`` ``{runner, input?, threadId?, title?}`` -> ``202 {runId, threadId, status}``,
   also when the desktop is offline (the run then fails at once, readable via GET);
 - ``POST /api/threads/{threadId}/messages``: the same, in that thread;
+- ``GET /api/runs?limit=N&before=CURSOR``: the caller's own runs, newest first,
+  ``{runs: [<run state>...], next: <cursor> | null}`` (limit 1..100, default 20);
 - ``GET /api/runs/{id}``: the run state;
 - ``GET /api/runs/{id}/events?after=N`` (or ``Last-Event-ID``): SSE, or NDJSON with
   ``Accept: application/x-ndjson`` (see :mod:`.sse`); replay, then live until the run
@@ -25,6 +27,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
@@ -52,6 +55,10 @@ __all__ = ["add_routes"]
 log = logging.getLogger("studio_gateway.runs_api")
 
 MAX_TITLE_LENGTH: Final = 200
+LIST_DEFAULT_LIMIT: Final = 20
+LIST_MAX_LIMIT: Final = 100
+# A list cursor: ``<createdAt ms, 15 digits>.<runId>`` (see RunStore.list_user_runs).
+_CURSOR: Final = re.compile(r"[0-9]{15}\.[A-Za-z0-9_-]{1,128}")
 MAX_REASON_LENGTH: Final = 500
 # Events read per pull while streaming to one reader.
 READ_BATCH: Final = 256
@@ -179,6 +186,32 @@ async def post_thread_message(request: web.Request, user: User) -> web.StreamRes
     except _Invalid as exc:
         return exc.response
     return await _create(request, user, thread)
+
+
+def _list_query(request: web.Request) -> tuple[int, str | None]:
+    raw_limit = request.query.get("limit")
+    limit = LIST_DEFAULT_LIMIT
+    if raw_limit is not None:
+        text = raw_limit.strip()
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= LIST_MAX_LIMIT:
+            raise _field("limit", f"a whole number from 1 to {LIST_MAX_LIMIT}")
+        limit = int(text)
+    before = request.query.get("before")
+    if before is not None and not _CURSOR.fullmatch(before):
+        raise _field("before", "the `next` cursor of an earlier page")
+    return limit, before
+
+
+@authenticated
+@_nats_errors
+async def list_runs(request: web.Request, user: User) -> web.StreamResponse:
+    try:
+        _, store = _store(request)
+        limit, before = _list_query(request)
+    except _Invalid as exc:
+        return exc.response
+    runs, cursor = await store.list_user_runs(user.id, limit=limit, before=before)
+    return web.json_response({"runs": [run.public() for run in runs], "next": cursor}, headers=_NO_STORE)
 
 
 async def _owned(request: web.Request, user: User) -> tuple[RunsService, RunStore, RunState]:
@@ -487,6 +520,7 @@ async def get_metrics(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/runs", post_run)
+    app.router.add_get("/api/runs", list_runs)
     app.router.add_post("/api/threads/{threadId}/messages", post_thread_message)
     app.router.add_get("/api/runs/{runId}", get_run)
     app.router.add_get("/api/runs/{runId}/events", run_events)

@@ -10,6 +10,11 @@
   is idempotent), up to ``RUNS_OUTPUT_MAX_BYTES`` per run;
 - bucket ``LINK_RUN_ACTIVE``: one key per run that is not terminal yet, so the reaper
   scans only those (removed with a subject purge: no tombstones pile up);
+- bucket ``LINK_RUN_BY_USER``: the runs of each user, one key per run
+  ``<user token>.<createdAt ms, 15 digits>.<runId>`` (user token: :func:`user_index_token`),
+  written with the run, kept as long as the run state; ``GET /api/runs`` lists a user's
+  keys (one stream-info request) newest first and reads the states of one page
+  (runs created before this index existed are not in it);
 - durable pull consumers ``LINK_RUNS_H_<hash of the host token>``, one per host with active
   runs, filtered to that host's subjects and shared by every gateway instance's projector,
   which takes turns between hosts (see :mod:`.projector`); created when a host gets a run,
@@ -55,10 +60,13 @@ __all__ = [
     "OUTPUT_BUCKET",
     "PROJECTOR_DURABLE",
     "STATE_BUCKET",
+    "USER_INDEX_BUCKET",
     "Conflict",
     "EventReader",
     "RunStore",
     "SnapshotIncomplete",
+    "user_index_cursor",
+    "user_index_token",
 ]
 
 log = logging.getLogger("studio_gateway.run_store")
@@ -66,6 +74,9 @@ log = logging.getLogger("studio_gateway.run_store")
 STATE_BUCKET: Final = "LINK_RUN_STATE"
 OUTPUT_BUCKET: Final = "LINK_RUN_OUTPUT"
 ACTIVE_BUCKET: Final = "LINK_RUN_ACTIVE"
+USER_INDEX_BUCKET: Final = "LINK_RUN_BY_USER"
+# The created-at part of an index key: ms since the epoch, zero-padded so keys sort by time.
+_CREATED_DIGITS: Final = 15
 # The single projector consumer of earlier versions (replaced by one per host; deleted at set-up).
 PROJECTOR_DURABLE: Final = "LINK_RUNS_PROJECTOR"
 HOST_CONSUMER_PREFIX: Final = "LINK_RUNS_H_"
@@ -108,6 +119,16 @@ _CONSUMER_NAME_EXISTS: Final = 10013
 def host_consumer_name(host_token: str) -> str:
     """A consumer name for the host: fixed length, whatever the hostname's length."""
     return HOST_CONSUMER_PREFIX + hashlib.sha256(host_token.encode()).hexdigest()[:32]
+
+
+def user_index_token(user_id: str) -> str:
+    """A user's prefix in ``LINK_RUN_BY_USER``: user ids may hold characters KV keys may not."""
+    return hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+
+def user_index_cursor(state: RunState) -> str:
+    """The part of the run's index key after the user token: ``<created ms>.<runId>`` (sorts by time)."""
+    return f"{max(0, state.created_at):0{_CREATED_DIGITS}d}.{state.run_id}"
 
 
 class Conflict(Exception):
@@ -301,6 +322,7 @@ class RunStore:
         self._state: KeyValue | None = None
         self._output: KeyValue | None = None
         self._active: KeyValue | None = None
+        self._by_user: KeyValue | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -313,12 +335,14 @@ class RunStore:
             (STATE_BUCKET, config.retention),
             (OUTPUT_BUCKET, config.retention),
             (ACTIVE_BUCKET, None),
+            (USER_INDEX_BUCKET, config.retention),
         ):
             stream = _kv_stream_config(bucket, max_age=max_age, replicas=config.replicas)
             done[bucket] = await ensure_stream(js, stream)
         self._state = await js.key_value(STATE_BUCKET)
         self._output = await js.key_value(OUTPUT_BUCKET)
         self._active = await js.key_value(ACTIVE_BUCKET)
+        self._by_user = await js.key_value(USER_INDEX_BUCKET)
         if await self._drop_shared_projector_consumer():
             done[PROJECTOR_DURABLE] = "deleted"
         return done
@@ -428,14 +452,16 @@ class RunStore:
         return RunState.from_json(entry.value), entry.revision
 
     async def create(self, state: RunState) -> int:
-        """Write a new run (Conflict when the id exists) and list it as active.
+        """Write a new run (Conflict when the id exists), list it as active and in its user's index.
 
-        Both writes go out together (one round trip, not two): an active entry without its
-        run (the create lost, or failed) is dropped by the reaper's next scan.
+        The writes go out together (one round trip, not three): an active entry without its
+        run (the create lost, or failed) is dropped by the reaper's next scan; an index entry
+        without its run is skipped by :meth:`list_user_runs` (and by its owner check).
         """
-        created, listed = await asyncio.gather(
+        created, listed, indexed = await asyncio.gather(
             self.state_kv.create(state.run_id, state.to_json()),
             self.mark_active(state.run_id, state.host_token),
+            self._index_for_user(state),
             return_exceptions=True,
         )
         if isinstance(created, nats.js.errors.KeyWrongLastSequenceError):
@@ -444,6 +470,8 @@ class RunStore:
             raise created
         if isinstance(listed, BaseException):
             raise listed
+        if isinstance(indexed, BaseException):
+            raise indexed
         return created
 
     async def write(self, state: RunState, revision: int) -> int:
@@ -482,6 +510,45 @@ class RunStore:
             return new, state
         raise Conflict(f"{run_id}: too many concurrent writers")
 
+    # ------------------------------------------------------------------ user index
+
+    async def _index_for_user(self, state: RunState) -> None:
+        assert self._by_user is not None
+        key = f"{user_index_token(state.user_id)}.{user_index_cursor(state)}"
+        await self._by_user.put(key, state.run_id.encode())
+
+    async def user_run_cursors(self, user_id: str) -> list[str]:
+        """The user's runs in the index as cursors (``<created ms>.<runId>``), newest first."""
+        token = user_index_token(user_id)
+        keys = await self._bucket_keys(USER_INDEX_BUCKET, f"{token}.>")
+        return sorted((key[len(token) + 1 :] for key in keys), reverse=True)
+
+    async def list_user_runs(
+        self, user_id: str, *, limit: int, before: str | None = None
+    ) -> tuple[list[RunState], str | None]:
+        """Up to ``limit`` of the user's runs, newest first, older than the cursor ``before``;
+        and the cursor of the next page (None: no more).
+
+        An index entry whose run is gone (the state's retention, a lost create) or is not the
+        user's is skipped; the page is filled from the next entries instead.
+        """
+        cursors = await self.user_run_cursors(user_id)
+        if before is not None:
+            cursors = [cursor for cursor in cursors if cursor < before]
+        runs: list[RunState] = []
+        seen: set[str] = set()
+        taken = 0
+        while taken < len(cursors) and len(runs) < limit:
+            chunk = cursors[taken : taken + limit - len(runs)]
+            taken += len(chunk)
+            run_ids = [cursor.split(".", 1)[1] for cursor in chunk]
+            loaded = await asyncio.gather(*(self.load(run_id) for run_id in run_ids))
+            for run_id, found in zip(run_ids, loaded, strict=True):
+                if found is not None and found[0].user_id == user_id and run_id not in seen:
+                    seen.add(run_id)
+                    runs.append(found[0])
+        return runs, (cursors[taken - 1] if taken < len(cursors) else None)
+
     # ------------------------------------------------------------------ active index
 
     async def mark_active(self, run_id: str, host_token: str) -> None:
@@ -495,15 +562,20 @@ class RunStore:
             await self.js.purge_stream(f"KV_{ACTIVE_BUCKET}", subject=f"$KV.{ACTIVE_BUCKET}.{run_id}")
 
     async def active_ids(self) -> list[str]:
-        """The runs listed as active: the bucket's subjects, from stream info (no consumer needed).
+        """The runs listed as active: the bucket's keys."""
+        return await self._bucket_keys(ACTIVE_BUCKET, ">")
+
+    async def _bucket_keys(self, bucket: str, pattern: str) -> list[str]:
+        """The keys of ``bucket`` matching ``pattern``: its subjects, from stream info (no consumer
+        needed; filtered by the server, unlike nats-py's ``KeyValue.keys``, which reads every key).
 
         Stream info lists at most a page of subjects per answer; the rest come with ``offset``.
         """
-        head = f"$KV.{ACTIVE_BUCKET}."
-        request = f"{JS_API}.STREAM.INFO.KV_{ACTIVE_BUCKET}"
+        head = f"$KV.{bucket}."
+        request = f"{JS_API}.STREAM.INFO.KV_{bucket}"
         ids: list[str] = []
         while True:
-            body = json.dumps({"subjects_filter": f"{head}>", "offset": len(ids)}).encode()
+            body = json.dumps({"subjects_filter": f"{head}{pattern}", "offset": len(ids)}).encode()
             answer = json.loads((await self.nc.request(request, body, timeout=JS_TIMEOUT)).data)
             if "error" in answer:
                 raise nats.js.errors.APIError.from_error(answer["error"])
