@@ -22,9 +22,10 @@ moves bytes. Per connection:
   sent one, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0);
 - hop-by-hop headers are dropped both ways, and so is ``Host`` on the way in (the
   tunnel hostname is the host; the desktop side supplies it, as with the httpx transport);
-  what the browser used is passed on as ``X-Forwarded-Host`` / ``-Proto`` / ``-For`` (the
-  client's address appended to any ``X-Forwarded-For`` it sent), so an app behind the tunnel
-  (``tunnel.asgi``) builds redirects and links to this listener, not to the tunnel host;
+  what the browser used is passed on as ``X-Forwarded-Host`` / ``-Proto`` / ``-For``, so an
+  app behind the tunnel (``tunnel.asgi``) builds redirects and links to this listener, not
+  to the tunnel host; this listener is the edge, so a client's own ``X-Forwarded-*`` and
+  ``Forwarded`` headers are dropped, never passed on;
 - a tunnel error before the response head becomes ``502`` (``504`` for the timeouts,
   ``400`` for a request the tunnel cannot express) with a one-line text body and the
   stable code in ``X-Tunnel-Error``; after the head, the connection is cut, so a client
@@ -66,7 +67,10 @@ HOP_BY_HOP: Final = frozenset(
         "upgrade",
     }
 )
-REQUEST_ONLY_DROPPED: Final = frozenset({"host", "expect"})
+REQUEST_ONLY_DROPPED: Final = frozenset(
+    # x-forwarded-*: set by this listener alone (the edge), never taken from a client.
+    {"host", "expect", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded"}
+)
 READ_SIZE: Final = 64 * 1024
 # Largest request head we accept (h11's default is 16 KiB; browsers send big cookies).
 MAX_HEAD_SIZE: Final = 64 * 1024
@@ -89,29 +93,19 @@ class _CloseConnection(Exception):
     """This connection cannot go on (the client left, or a response had to be cut): close it."""
 
 
-def _forwarded_headers(
-    kept: list[tuple[str, str]], request: h11.Request, peer_ip: str | None
-) -> list[tuple[str, str]]:
-    """``X-Forwarded-*`` for what the browser used (its Host, plain http, its address).
+def _forwarded_headers(request: h11.Request, peer_ip: str | None) -> list[tuple[str, str]]:
+    """``X-Forwarded-*`` for what the browser used: its Host, plain http, its address.
 
-    A header the client already sent is kept as it is (another proxy in front of us knows
-    better); ``X-Forwarded-For`` gets the client's address appended, as every proxy does.
+    This listener is the edge, so these are ours alone: whatever a client sent under these
+    names was dropped (see :data:`REQUEST_ONLY_DROPPED`), or any LAN client could choose the
+    address and scheme an application logs, rate-limits or allow-lists by.
     """
-    present = {name.lower() for name, _ in kept}
-    added: list[tuple[str, str]] = []
+    added = [("x-forwarded-proto", "http")]
     host = next((value for name, value in request.headers if name == b"host"), None)
-    if host and "x-forwarded-host" not in present:
+    if host:
         added.append(("x-forwarded-host", host.decode("latin-1")))
-    if "x-forwarded-proto" not in present:
-        added.append(("x-forwarded-proto", "http"))
     if peer_ip is not None:
-        if "x-forwarded-for" in present:
-            for index, (name, value) in enumerate(kept):
-                if name.lower() == "x-forwarded-for":
-                    kept[index] = (name, f"{value}, {peer_ip}")
-                    break
-        else:
-            added.append(("x-forwarded-for", peer_ip))
+        added.append(("x-forwarded-for", peer_ip))
     return added
 
 
@@ -346,7 +340,7 @@ class _Connection:
             for name, value in request.headers.raw_items()  # the client's spelling of names
             if name.decode("latin-1").lower() not in dropped
         ]
-        headers += _forwarded_headers(headers, request, self.peer_ip)
+        headers += _forwarded_headers(request, self.peer_ip)
         # h11 validated the framing headers: a body follows iff chunked or a length above 0.
         has_body = any(
             (name == b"content-length" and int(value) > 0) or name == b"transfer-encoding"

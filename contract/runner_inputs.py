@@ -54,7 +54,7 @@ class MockInput:
         unknown = sorted(set(data) - _MOCK_KEYS)
         if unknown:
             raise InvalidRunInput(
-                f"mock input has unknown field {unknown[0]!r} (known: {', '.join(sorted(_MOCK_KEYS))})"
+                f"mock input has unknown field {unknown[0][:64]!r} (known: {', '.join(sorted(_MOCK_KEYS))})"
             )
         chunk_bytes = data.get("chunkBytes")
         if chunk_bytes is not None:

@@ -27,8 +27,9 @@ rewrites the ``Location`` to the ``tunnel://`` URL the tunnel can follow when it
 names the same tunnel host:
 
 - a relative reference (``/target``, ``target``, ``../x``, ``?page=2``) is resolved
-  against the request URL (a network-path ``//other.example/x`` stays on the tunnel:
-  ``tunnel://other.example/x``);
+  against the request URL; a network-path ``//<same host>/x`` too, but ``//other.example/x``
+  is left alone (a desktop must not bounce its caller, with the caller's headers, to
+  another host its credentials reach);
 - ``http://`` or ``https://`` with the request's own host, no port and no
   credentials becomes ``tunnel://<host>/...`` (path, query and fragment kept);
 - anything else is left as sent: ``tunnel://other.example/...`` is followed through
@@ -112,10 +113,17 @@ def tunnel_location(request_url: httpx.URL, location: str) -> str | None:
         return None
     if not target.scheme:
         # A relative reference: resolve it as if the base were http (which urljoin knows),
-        # then put the scheme back; a network-path reference keeps the tunnel scheme too.
+        # then put the scheme back.
         base = str(request_url.copy_with(scheme="http"))
         joined = urljoin(base, location)
         if not joined.startswith("http://"):
+            return None
+        resolved = httpx.URL(joined)
+        if resolved.host != request_url.host or resolved.userinfo:
+            # A network-path reference (``//other.example/x``) to another host is not turned into
+            # a tunnel call: a desktop must not bounce its caller (with the caller's headers and,
+            # on 307/308, its body) to another host its credentials reach. An explicit
+            # ``tunnel://other`` Location stays the caller's client's decision, as before.
             return None
         return "tunnel://" + joined.removeprefix("http://")
     if (

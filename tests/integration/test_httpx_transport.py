@@ -180,12 +180,14 @@ async def test_non_tunnel_urls_are_refused_without_touching_nats(nats_server: Na
         ("target", f"{URL}/a/target"),
         ("../up", f"{URL}/up"),
         ("?page=2", f"{URL}/a/b?page=2"),
-        ("//other.example/p", "tunnel://other.example/p"),
+        (f"//{HOST}/p", f"{URL}/p"),
         (f"http://{HOST}/s/?q=1#frag", f"{URL}/s/?q=1#frag"),
         ("https://DESK.example/s", f"{URL}/s"),
         (f"http://{HOST}:80/x", f"{URL}/x"),
-        # left alone: already a tunnel URL, another host, a port, credentials, not a URL
+        # left alone: already a tunnel URL, another host (also as a network-path reference: a
+        # desktop must not bounce its caller to another host), a port, credentials, not a URL
         ("tunnel://other.example/x", None),
+        ("//other.example/p", None),
         ("https://example.com/", None),
         (f"http://{HOST}:8080/", None),
         (f"http://user:pw@{HOST}/", None),
