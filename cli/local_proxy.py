@@ -298,8 +298,9 @@ class _Connection:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = exc.error_status_hint or 400
+        # A fixed text: h11's message can quote the client's bytes (never echoed, as the gateway).
         with contextlib.suppress(h11.LocalProtocolError, _CloseConnection):
-            await self._simple(status, f"bad request: {exc}\n", close=True)
+            await self._simple(status, f"bad request ({status} {_phrase(status)})\n", close=True)
 
     async def _simple(
         self, status: int, text: str, *, close: bool = False, extra: list[tuple[str, str]] | None = None
