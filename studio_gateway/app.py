@@ -37,7 +37,7 @@ from contract.permissions import GrantProvider
 from contract.routes import ME_PATH, SESSION_PATH
 
 from .auth import VERIFIER, TokenVerifier
-from .bodies import declared_length_limit
+from .bodies import declared_length_limit, expect_within
 from .config import GatewayConfig
 from .errors import GatewayRequestHandler, error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
@@ -100,9 +100,10 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     # After NATS: cleanup runs in reverse, so deliveries drain before the connection closes.
     app.cleanup_ctx.append(runs_lifetime)
     app.router.add_get("/healthz", healthz)
-    app.router.add_post(SESSION_PATH, create_session)
+    expect = expect_within(largest_body)
+    app.router.add_post(SESSION_PATH, create_session, expect_handler=expect)
     app.router.add_get(ME_PATH, get_me)
-    add_run_routes(app)
+    add_run_routes(app, expect_handler=expect)
     return app
 
 

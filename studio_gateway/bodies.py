@@ -16,6 +16,7 @@ Every handler that takes a body reads it here, so the rules are the same everywh
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "BodyError",
     "declared_length_limit",
+    "expect_within",
     "json_object",
     "read_body",
     "read_json_object",
@@ -127,6 +129,30 @@ async def read_json_object(
 ) -> dict[str, Any]:
     """:func:`read_body` then :func:`json_object`."""
     return json_object(await read_body(request, limit, too_large=too_large), code=code, optional=optional)
+
+
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def expect_within(limit: int) -> ExpectHandler:
+    """The ``Expect: 100-continue`` handler of every route that takes a body.
+
+    aiohttp answers ``100 Continue`` before any middleware runs, which would invite a client
+    declaring a terabyte to start sending it; this one answers its ``413`` instead, and sends
+    ``100 Continue`` only to a body within ``limit`` (the largest any route takes).
+    """
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return _too_large(limit, 413, "payload_too_large").response()
+        if request.headers.get("Expect", "").lower() != "100-continue" or request.version < (1, 1):
+            return json_error(417, "expectation_failed", "only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response (as aiohttp does)
+        return None
+
+    return expect
 
 
 def declared_length_limit(limit: int) -> Middleware:

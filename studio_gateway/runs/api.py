@@ -40,7 +40,7 @@ from contract.run_protocol import is_valid_run_id, parse_event, split_events
 from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..auth import User, authenticated
-from ..bodies import BodyError, read_json_object
+from ..bodies import BodyError, ExpectHandler, read_json_object
 from ..errors import json_error
 from ..metrics import CONTENT_TYPE
 from ..tasks import stop_tasks
@@ -518,12 +518,15 @@ async def get_metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE, **_NO_STORE})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/runs", post_run)
+def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = None) -> None:
+    """The runs routes; ``expect_handler`` answers ``Expect: 100-continue`` on those with a body."""
+    app.router.add_post("/api/runs", post_run, expect_handler=expect_handler)
     app.router.add_get("/api/runs", list_runs)
-    app.router.add_post("/api/threads/{threadId}/messages", post_thread_message)
+    app.router.add_post(
+        "/api/threads/{threadId}/messages", post_thread_message, expect_handler=expect_handler
+    )
     app.router.add_get("/api/runs/{runId}", get_run)
     app.router.add_get("/api/runs/{runId}/events", run_events)
     app.router.add_get("/api/runs/{runId}/export", export_run)
-    app.router.add_post("/api/runs/{runId}/cancel", cancel_run)
+    app.router.add_post("/api/runs/{runId}/cancel", cancel_run, expect_handler=expect_handler)
     app.router.add_get("/metrics", get_metrics)

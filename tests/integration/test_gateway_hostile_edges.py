@@ -220,6 +220,42 @@ async def test_a_huge_declared_content_length_with_1_kb_sent_is_413_at_once(edge
     assert elapsed < AT_ONCE, f"answered after {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("path", ["/api/runs", "/api/threads/t-1/messages", "/api/links/session"])
+async def test_expect_100_continue_with_a_huge_length_gets_413_not_an_invitation(
+    edge: Edge, path: str
+) -> None:
+    # aiohttp's own expect handler sends "100 Continue" before any middleware can refuse.
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000000000000\r\nExpect: 100-continue\r\n"
+    ).encode()
+    status, _, body, elapsed = await timed_raw(edge, head + edge.auth_line() + b"\r\n")
+    assert status == 413, body
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    assert elapsed < AT_ONCE
+
+
+async def test_expect_100_continue_within_the_limit_is_invited_and_served(edge: Edge) -> None:
+    payload = json.dumps({"runner": "echo", "input": "x"}).encode()
+    head = (
+        "POST /api/runs HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        writer.write(head + edge.auth_line() + b"\r\n")
+        await writer.drain()
+        async with asyncio.timeout(TIMEOUT):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 Continue")
+            writer.write(payload)
+            await writer.drain()
+            final = await reader.readuntil(b"\r\n\r\n")
+        assert final.startswith(b"HTTP/1.1 202"), final
+    finally:
+        writer.close()
+
+
 async def test_a_declared_length_over_a_routes_own_limit_is_refused_at_once(
     edge: Edge, session_edge: Edge
 ) -> None:
