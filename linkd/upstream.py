@@ -10,6 +10,11 @@
 - Hop-by-hop headers are dropped in both directions: ``Connection`` and every
   header it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``,
   ``Transfer-Encoding``, ``Upgrade``. ``Host`` is the upstream's.
+- An upgrade (WebSocket) request, one the caller sent as an upgraded tunnel stream
+  (``request.upgrade``) with an ``Upgrade`` header, goes to
+  :mod:`linkd.upstream_upgrade` instead of httpx: same path, header and error rules, plus
+  ``Upgrade``/``Connection: Upgrade``; after the service's 101 a raw byte pipe. An
+  ``Upgrade`` header on a plain request (an older caller) is dropped as above.
 - ``X-Forwarded-Host`` (the tunnel hostname unless the caller set one),
   ``X-Forwarded-Proto`` and ``X-Forwarded-For`` as the caller sent them, and
   ``Via: 1.1 linkd`` are added for the local service.
@@ -33,6 +38,7 @@ import tunnel
 from .upstream_body import BodyLengthMismatch, declared_length, length_checked
 from .upstream_path import InvalidTarget, check_target
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
+from .upstream_upgrade import open_upgraded
 
 __all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "upstream_url"]
 
@@ -116,6 +122,7 @@ class UpstreamProxy:
         if self.base.scheme not in ("http", "https") or not self.base.host:
             raise ValueError(f"upstream must be an http(s) URL with a host, not {base_url!r}")
         self.base_url = base_url
+        self.head_timeout = head_timeout
         self.client = httpx.AsyncClient(
             transport=transport,
             trust_env=False,  # an http_proxy in the environment must not capture the local service
@@ -150,6 +157,16 @@ class UpstreamProxy:
             length = declared_length(sent_headers)
         except (ValueError, UnicodeError) as exc:
             return _error(400, "bad_request_header", str(exc))
+        if request.upgrade and request.header("upgrade"):
+            return await open_upgraded(
+                request,
+                base=self.base,
+                base_url=self.base_url,
+                target=url.raw_path,
+                headers=sent_headers,
+                connect_timeout=CONNECT_TIMEOUT,
+                head_timeout=self.head_timeout,
+            )
         content: AsyncIterator[bytes] | None = request.stream() if request.has_body else None
         if length is not None:
             # Forward the declared length (some local services refuse chunked uploads), but
