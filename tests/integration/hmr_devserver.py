@@ -4,7 +4,8 @@
 ``ws(s)://<location.host>/__hmr?client=1`` with the ``vite-hmr`` subprotocol (as Vite's client
 does), so the path, the query and the subprotocol must all survive whatever sits between
 the browser and this server. The page shows the socket's state in ``#state`` and the last
-message in ``#out`` (all messages in ``window.hmrMessages``).
+message in ``#out`` (all messages in ``window.hmrMessages``, the socket is ``window.hmrSocket``:
+``hmrSocket.send('ping')`` is answered ``pong``, the browser-to-server direction).
 
 The server polls the watched file (its own behaviour, as a dev server's watcher: not test
 synchronisation) and pushes ``update:<content>`` to every connected socket when the content
@@ -40,6 +41,7 @@ INDEX_HTML: Final = """<!doctype html>
 window.hmrMessages = [];
 const scheme = location.protocol === 'https:' ? 'wss://' : 'ws://';
 const ws = new WebSocket(scheme + location.host + '/__hmr?client=1', 'vite-hmr');
+window.hmrSocket = ws;
 ws.onopen = () => { document.getElementById('state').textContent = 'open:' + ws.protocol; };
 ws.onmessage = (event) => {
   window.hmrMessages.push(event.data);

@@ -35,7 +35,10 @@ async def test_page_socket_opens_and_a_file_change_reaches_the_dom(tmp_path: Pat
 
         watched.write_text("v2 <b>not html</b>")
         await page.wait_for_text("out", "update:v2 <b>not html</b>", PAGE_TIMEOUT)
-        assert await page.evaluate("window.hmrMessages") == ["connected:v1", "update:v2 <b>not html</b>"]
+        await page.evaluate("window.hmrSocket.send('ping')")
+        await page.wait_for_text("out", "pong", PAGE_TIMEOUT)
+        messages = await page.evaluate("window.hmrMessages")
+        assert messages == ["connected:v1", "update:v2 <b>not html</b>", "pong"]
     browser = page.browser
     assert browser.proc.returncode is not None
     assert not browser.profile.exists()
