@@ -15,7 +15,12 @@ process topology, and report the ratio:
   same app on a real loopback HTTP server (uvicorn) called with ``httpx``. httpx's
   own HTTP/1.1 stack (httpcore) costs ~0.5 ms a request, which the tunnel transport
   skips, so the same app is also called directly with aiohttp's client: the
-  fastest direct-HTTP baseline Python offers.
+  fastest direct-HTTP baseline Python offers;
+- WebSockets (a dev server's HMR socket): an aiohttp WebSocket echo server, reached
+  directly with aiohttp's WebSocket client (the loopback baseline) and through the tunnel
+  with ``tunnel.websocket.websocket_connect`` -> tunnel -> linkd's ``UpstreamProxy`` -> the
+  same echo server: small-message round trip p50/p99, messages per second one way in each
+  direction (server push, client send), and a pipelined echo (send all, read all at once).
 
 The requester runs here; the responder (raw subscriptions *and* the tunnel
 server) runs in a separate process started from this same file with
@@ -31,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import json
 import math
 import os
@@ -43,19 +49,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
 import nats
 import uvicorn
+from aiohttp import WSMsgType, web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import tunnel
 from cli.nats_server import NatsServer, NatsServerConfig, NatsServerError
+from linkd.upstream import UpstreamProxy
 from tunnel.asgi import Receive, Scope, Send, serve_asgi
 from tunnel.httpx_transport import TunnelTransport
+from tunnel.websocket import websocket_connect
 
 # --------------------------------------------------------------------------- shapes and settings
 
@@ -70,6 +79,15 @@ TUNNEL_HOST = "bench.local"
 V1_HOST = "bench-v1.local"
 # The ASGI app's host: httpx -> TunnelTransport -> tunnel -> serve_asgi -> app.
 ASGI_HOST = "bench-asgi.local"
+# The WebSocket host: websocket_connect -> tunnel -> linkd's UpstreamProxy -> the echo server.
+WS_HOST = "bench-ws.local"
+WS_PATH = "/echo"
+# A small WebSocket message (text: what an HMR socket sends); the echo server's commands.
+WS_MESSAGE = "x" * SMALL_BYTES
+WS_PUSH = "push:"  # push:N -> N messages server->client, then "pushed:N"
+WS_SINK = "sink:"  # sink:N -> read N messages, then "sunk:N"
+# Untimed messages per one-way/pipelined WebSocket shape before round 1.
+WS_WARMUP_MESSAGES = 500
 SUBJECT_ECHO = "bench.raw.echo"
 SUBJECT_SINK = "bench.raw.sink.data"
 SUBJECT_SINK_RESET = "bench.raw.sink.reset"
@@ -96,6 +114,7 @@ class Settings:
     concurrency: int
     concurrent_seconds: float
     transfer_bytes: int
+    ws_messages: int  # per one-way or pipelined WebSocket measurement
 
 
 FULL = Settings(
@@ -105,6 +124,7 @@ FULL = Settings(
     concurrency=32,
     concurrent_seconds=2.0,
     transfer_bytes=64 * 1024 * 1024,
+    ws_messages=10_000,
 )
 QUICK = Settings(
     rounds=3,
@@ -113,6 +133,7 @@ QUICK = Settings(
     concurrency=32,
     concurrent_seconds=0.5,
     transfer_bytes=16 * 1024 * 1024,
+    ws_messages=2_000,
 )
 
 
@@ -121,7 +142,7 @@ class Figure:
     key: str
     label: str
     unit: str
-    side: str  # "raw", "tunnel" or "v1" (the tunnel forced to plain v1 frames)
+    side: str  # "raw", "tunnel", "v1" (the tunnel forced to plain v1 frames), "http", "httpx", "ws"
 
 
 FIGURES: tuple[Figure, ...] = (
@@ -148,6 +169,16 @@ FIGURES: tuple[Figure, ...] = (
     Figure("httpx_tunnel_get_p50_ms", "httpx over tunnel (ASGI) p50", "ms", "httpx"),
     Figure("httpx_tunnel_get_p99_ms", "httpx over tunnel (ASGI) p99", "ms", "httpx"),
     Figure("httpx_tunnel_get_concurrent_rps", "httpx over tunnel, concurrent", "req/s", "httpx"),
+    Figure("ws_direct_rtt_p50_ms", "WS direct echo p50", "ms", "ws"),
+    Figure("ws_direct_rtt_p99_ms", "WS direct echo p99", "ms", "ws"),
+    Figure("ws_tunnel_rtt_p50_ms", "WS tunnel echo p50", "ms", "ws"),
+    Figure("ws_tunnel_rtt_p99_ms", "WS tunnel echo p99", "ms", "ws"),
+    Figure("ws_direct_push_mps", "WS direct server push", "msg/s", "ws"),
+    Figure("ws_tunnel_push_mps", "WS tunnel server push", "msg/s", "ws"),
+    Figure("ws_direct_send_mps", "WS direct client send", "msg/s", "ws"),
+    Figure("ws_tunnel_send_mps", "WS tunnel client send", "msg/s", "ws"),
+    Figure("ws_direct_pipelined_mps", "WS direct pipelined echo", "msg/s", "ws"),
+    Figure("ws_tunnel_pipelined_mps", "WS tunnel pipelined echo", "msg/s", "ws"),
 )
 
 
@@ -247,6 +278,47 @@ COMPARISONS: tuple[Comparison, ...] = (
         "httpx tunnel/aiohttp direct concurrent",
         "httpx_tunnel_get_concurrent_rps",
         "aiohttp_get_concurrent_rps",
+        None,
+        True,
+    ),
+    # The same echo server, the same small text messages: tunnel + UpstreamProxy vs loopback TCP.
+    Comparison(
+        "ws_ratio_rtt_p50",
+        "WS tunnel/direct echo p50 latency",
+        "ws_tunnel_rtt_p50_ms",
+        "ws_direct_rtt_p50_ms",
+        None,
+        False,
+    ),
+    Comparison(
+        "ws_ratio_rtt_p99",
+        "WS tunnel/direct echo p99 latency",
+        "ws_tunnel_rtt_p99_ms",
+        "ws_direct_rtt_p99_ms",
+        None,
+        False,
+    ),
+    Comparison(
+        "ws_ratio_push",
+        "WS tunnel/direct server push",
+        "ws_tunnel_push_mps",
+        "ws_direct_push_mps",
+        None,
+        True,
+    ),
+    Comparison(
+        "ws_ratio_send",
+        "WS tunnel/direct client send",
+        "ws_tunnel_send_mps",
+        "ws_direct_send_mps",
+        None,
+        True,
+    ),
+    Comparison(
+        "ws_ratio_pipelined",
+        "WS tunnel/direct pipelined echo",
+        "ws_tunnel_pipelined_mps",
+        "ws_direct_pipelined_mps",
         None,
         True,
     ),
@@ -375,6 +447,43 @@ async def start_http_server() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     return server, task, port
 
 
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    """Echo each text message; ``push:N`` sends N messages, ``sink:N`` reads N (see WS_PUSH/WS_SINK)."""
+    ws = web.WebSocketResponse(heartbeat=None, max_msg_size=0)
+    await ws.prepare(request)
+    sinking = sink_total = 0
+    async for message in ws:
+        if message.type is not WSMsgType.TEXT:
+            break
+        text: str = message.data
+        if sinking:
+            sinking -= 1
+            if not sinking:
+                await ws.send_str(f"sunk:{sink_total}")
+        elif text.startswith(WS_PUSH):
+            count = int(text.removeprefix(WS_PUSH))
+            for _ in range(count):
+                await ws.send_str(WS_MESSAGE)
+            await ws.send_str(f"pushed:{count}")
+        elif text.startswith(WS_SINK):
+            sinking = sink_total = int(text.removeprefix(WS_SINK))
+        else:
+            await ws.send_str(text)
+    return ws
+
+
+async def start_ws_server() -> tuple[web.AppRunner, int]:
+    """The WebSocket echo server on loopback, on a free port."""
+    app = web.Application()
+    app.router.add_get(WS_PATH, ws_echo)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port: int = runner.addresses[0][1]
+    return runner, port
+
+
 def _stop_on_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """The parent closes our stdin to stop us; EOF also means the parent died, so we never linger."""
 
@@ -410,14 +519,21 @@ async def run_responder(url: str) -> None:
     v1_server = await tunnel.serve(nc, V1_HOST, tunnel_handler, config=tunnel.ServerConfig(fast_path=False))
     asgi_server = await serve_asgi(nc, ASGI_HOST, small_asgi_app, lifespan="off")
     http_server, http_task, http_port = await start_http_server()
+    ws_runner, ws_port = await start_ws_server()
+    # What `linkd up --upstream http://127.0.0.1:<port>` serves: the upstream proxy as the handler.
+    ws_proxy = UpstreamProxy(f"http://127.0.0.1:{ws_port}/")
+    ws_tunnel_server = await tunnel.serve(nc, WS_HOST, ws_proxy)
     await nc.flush()
-    sys.stdout.buffer.write(READY_LINE + b" " + str(http_port).encode() + b"\n")
+    sys.stdout.buffer.write(b" ".join([READY_LINE, str(http_port).encode(), str(ws_port).encode()]) + b"\n")
     sys.stdout.flush()
     try:
         await stop.wait()
     finally:
         http_server.should_exit = True
         await asyncio.wait_for(http_task, RESPONDER_EXIT_TIMEOUT)
+        await ws_tunnel_server.close(timeout=1.0)
+        await ws_proxy.aclose()
+        await ws_runner.cleanup()
         await asgi_server.close(timeout=1.0)
         await server.close(timeout=1.0)
         await v1_server.close(timeout=1.0)
@@ -425,8 +541,8 @@ async def run_responder(url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator[int]:
-    """Start ``--role responder`` in its own process, wait for READY; yields its HTTP port."""
+async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator[tuple[int, int]]:
+    """Start ``--role responder`` in its own process, wait for READY; yields its HTTP and WebSocket ports."""
     cmd = [sys.executable, str(SCRIPT), "--role", "responder", "--url", url]
     if profile_dir is not None:
         cmd += ["--profile", str(profile_dir)]
@@ -439,10 +555,10 @@ async def responder_process(url: str, profile_dir: Path | None) -> AsyncIterator
             line = await asyncio.wait_for(proc.stdout.readline(), RESPONDER_READY_TIMEOUT)
         except TimeoutError:
             raise BenchError(f"responder not ready after {RESPONDER_READY_TIMEOUT:g} s") from None
-        ready, _, port = line.strip().partition(b" ")
-        if ready != READY_LINE or not port.isdigit():
+        ready, *ports = line.split()
+        if ready != READY_LINE or len(ports) != 2 or not all(port.isdigit() for port in ports):
             raise BenchError(f"responder failed to start (exit code {await proc.wait()})")
-        yield int(port)
+        yield int(ports[0]), int(ports[1])
     finally:
         proc.stdin.close()  # EOF: the responder closes its tunnel server and connection
         try:
@@ -461,10 +577,76 @@ def percentile(sorted_samples: list[float], q: float) -> float:
     return sorted_samples[rank - 1]
 
 
+class WsEnd(Protocol):
+    """The calling end of one WebSocket, whichever client opened it: text messages only."""
+
+    async def send(self, text: str) -> None: ...
+
+    async def receive(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class DirectWs:
+    """aiohttp's WebSocket client straight to the echo server (the loopback baseline)."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, url: str) -> DirectWs:
+        session = aiohttp.ClientSession()
+        try:
+            return cls(session, await session.ws_connect(url, heartbeat=None, max_msg_size=0))
+        except BaseException:
+            await session.close()
+            raise
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def receive(self) -> str:
+        message = await self.ws.receive(timeout=REQUEST_TIMEOUT)
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            raise BenchError(f"direct WebSocket: {message.type.name} instead of a text message")
+        text: str = message.data
+        return text
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+
+class TunnelWs:
+    """``tunnel.websocket`` over the tunnel to linkd's upstream proxy, then the same echo server."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, nc: NATS) -> TunnelWs:
+        return cls(await websocket_connect(nc, f"tunnel://{WS_HOST}{WS_PATH}"))
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_text(text)
+
+    async def receive(self) -> str:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            message = await self.ws.receive()
+        if message.kind != "text":
+            raise BenchError(f"tunnel WebSocket: {message.kind} instead of a text message")
+        text: str = message.data
+        return text
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
 class Requester:
     """The calling side: one connection, one tunnel client, one method per traffic shape."""
 
-    def __init__(self, nc: NATS, settings: Settings, http_port: int) -> None:
+    def __init__(self, nc: NATS, settings: Settings, http_port: int, ws_port: int) -> None:
         self.nc = nc
         self.settings = settings
         self.client = tunnel.TunnelClient(nc)
@@ -482,6 +664,8 @@ class Requester:
         self.bulk = bytes(BULK_MESSAGE_BYTES)
         self.small_url = f"tunnel://{TUNNEL_HOST}/small"
         self.v1_small_url = f"tunnel://{V1_HOST}/small"
+        self.ws_url = f"http://127.0.0.1:{ws_port}{WS_PATH}"
+        self.ws_ends: dict[str, WsEnd] = {}  # "direct" / "tunnel": one socket each, opened lazily
 
     # -- one operation of each shape ----------------------------------------------------
 
@@ -523,7 +707,18 @@ class Requester:
         if resp.status != 200 or len(body) != SMALL_BYTES:
             raise BenchError(f"direct HTTP (aiohttp) answered {resp.status} with {len(body)} bytes")
 
+    async def ws_end(self, side: str) -> WsEnd:
+        """The side's one WebSocket (``direct`` or ``tunnel``), opened on first use and kept."""
+        end = self.ws_ends.get(side)
+        if end is None:
+            end = await DirectWs.open(self.ws_url) if side == "direct" else await TunnelWs.open(self.nc)
+            self.ws_ends[side] = end
+        return end
+
     async def aclose(self) -> None:
+        for end in self.ws_ends.values():
+            with contextlib.suppress(Exception):  # closing is best effort: the figures are in
+                await end.close()
         if self.aiohttp_direct is not None:
             await self.aiohttp_direct.close()
         await self.httpx_tunnel.aclose()
@@ -566,6 +761,67 @@ class Requester:
         t0 = clock()
         await asyncio.gather(*(worker() for _ in range(workers)))
         return {key: done / (clock() - t0)}
+
+    async def ws_round_trip(self, side: str) -> dict[str, float]:
+        """Sequential small-message echoes on one socket: p50 and p99 in milliseconds."""
+        ws = await self.ws_end(side)
+
+        async def echo() -> None:
+            await ws.send(WS_MESSAGE)
+            if await ws.receive() != WS_MESSAGE:
+                raise BenchError(f"{side} WebSocket echo answered something else")
+
+        return await self.latency(echo, f"ws_{side}_rtt")
+
+    async def ws_push(self, side: str, count: int | None = None) -> dict[str, float]:
+        """The server sends ``count`` messages (one way, server -> client): messages per second."""
+        count = count or self.settings.ws_messages
+        ws = await self.ws_end(side)
+        t0 = time.perf_counter()
+        await ws.send(f"{WS_PUSH}{count}")
+        for _ in range(count):
+            if await ws.receive() != WS_MESSAGE:
+                raise BenchError(f"{side} WebSocket push delivered something else")
+        if (last := await ws.receive()) != f"pushed:{count}":
+            raise BenchError(f"{side} WebSocket push ended with {last[:40]!r}")
+        return {f"ws_{side}_push_mps": count / (time.perf_counter() - t0)}
+
+    async def ws_send(self, side: str, count: int | None = None) -> dict[str, float]:
+        """The client sends ``count`` messages (one way); the clock stops at the server's count."""
+        count = count or self.settings.ws_messages
+        ws = await self.ws_end(side)
+        t0 = time.perf_counter()
+        await ws.send(f"{WS_SINK}{count}")
+        for _ in range(count):
+            await ws.send(WS_MESSAGE)
+        if (last := await ws.receive()) != f"sunk:{count}":
+            raise BenchError(f"{side} WebSocket send ended with {last[:40]!r}")
+        return {f"ws_{side}_send_mps": count / (time.perf_counter() - t0)}
+
+    async def ws_pipelined(self, side: str, count: int | None = None) -> dict[str, float]:
+        """Send ``count`` echoes without waiting while reading them back: messages per second."""
+        count = count or self.settings.ws_messages
+        ws = await self.ws_end(side)
+
+        async def send_all() -> None:
+            for _ in range(count):
+                await ws.send(WS_MESSAGE)
+
+        async def read_all() -> None:
+            for _ in range(count):
+                if await ws.receive() != WS_MESSAGE:
+                    raise BenchError(f"{side} WebSocket pipelined echo answered something else")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(send_all(), read_all())
+        return {f"ws_{side}_pipelined_mps": count / (time.perf_counter() - t0)}
+
+    async def warm_up_ws(self) -> None:
+        """A few untimed messages per one-way and pipelined shape on each socket."""
+        for side in ("direct", "tunnel"):
+            await self.ws_push(side, WS_WARMUP_MESSAGES)
+            await self.ws_send(side, WS_WARMUP_MESSAGES)
+            await self.ws_pipelined(side, WS_WARMUP_MESSAGES)
 
     async def raw_pubsub(self, total: int | None = None) -> dict[str, float]:
         """Publish the transfer in 64 KiB messages; stop the clock when the subscriber has all."""
@@ -623,7 +879,7 @@ class Requester:
 
     async def warm_up_bulk(self, only: str) -> None:
         """One small untimed transfer per bulk shape: the first MiBs on a fresh connection are slow."""
-        if only == "http":
+        if only in ("http", "ws"):
             return
         if only != "tunnel":
             await self.raw_pubsub(WARMUP_TRANSFER_BYTES)
@@ -659,13 +915,25 @@ class Requester:
             lambda: self.concurrent_rate(self.aiohttp_get, "aiohttp_get_concurrent_rps"),
             lambda: self.concurrent_rate(self.httpx_tunnel_get, "httpx_tunnel_get_concurrent_rps"),
         ]
+        # WebSockets: the same echo server, direct then through the tunnel, shape by shape.
+        ws: list[Callable[[], Awaitable[dict[str, float]]]] = [
+            measure
+            for shape in (self.ws_round_trip, self.ws_push, self.ws_send, self.ws_pipelined)
+            for measure in (functools.partial(shape, "direct"), functools.partial(shape, "tunnel"))
+        ]
         if only == "raw":
             return raw
         if only == "tunnel":
             return tun
         if only == "http":
             return app
-        return [raw[0], tun[0], tun[4], raw[1], tun[1], tun[5], raw[2], tun[2], tun[6], tun[3], tun[7], *app]
+        if only == "ws":
+            return ws
+        return [
+            *(raw[0], tun[0], tun[4], raw[1], tun[1], tun[5], raw[2], tun[2], tun[6], tun[3], tun[7]),
+            *app,
+            *ws,
+        ]
 
 
 async def run_benchmark(
@@ -674,14 +942,16 @@ async def run_benchmark(
     """All rounds against a fresh responder; returns per-figure samples and the server version."""
     samples: dict[str, list[float]] = {}
     _cancel_on_signals()
-    async with responder_process(url, profile_dir) as http_port:
+    async with responder_process(url, profile_dir) as (http_port, ws_port):
         nc = await connect(url, "bench-requester")
-        requester = Requester(nc, settings, http_port)
+        requester = Requester(nc, settings, http_port, ws_port)
         profiler = cProfile.Profile() if profile_dir is not None else None
         try:
             if profiler is not None:
                 profiler.enable()
             await requester.warm_up_bulk(only)
+            if only in ("all", "ws"):
+                await requester.warm_up_ws()
             for round_no in range(1, settings.rounds + 1):
                 started = time.perf_counter()
                 for measure in requester.round_plan(only):
@@ -716,7 +986,7 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def format_value(value: float, unit: str) -> str:
-    digits = 3 if unit == "ms" else (0 if unit == "req/s" else 1)
+    digits = 3 if unit == "ms" else (0 if unit in ("req/s", "msg/s") else 1)
     return f"{value:,.{digits}f} {unit}"
 
 
@@ -757,9 +1027,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="repeat every measurement this often (default 5, quick 3)")
     parser.add_argument(
         "--only",
-        choices=("all", "raw", "tunnel", "http"),
+        choices=("all", "raw", "tunnel", "http", "ws"),
         default="all",
-        help="measure one group only: raw NATS, tunnel (fast and v1 mode), or http (httpx direct vs tunnel)",
+        help="measure one group only: raw NATS, tunnel (fast and v1 mode), http (httpx direct vs tunnel) "
+        "or ws (WebSocket direct vs through the tunnel and linkd's upstream proxy)",
     )
     parser.add_argument(
         "--profile",
@@ -831,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
             "small_bytes": SMALL_BYTES,
             "concurrency": settings.concurrency,
             "latency_requests": settings.latency_requests,
+            "ws_messages": settings.ws_messages,
+            "ws_message_bytes": len(WS_MESSAGE),
             "samples": samples,
         }
         print(json.dumps({**result, **meta}))
@@ -842,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
             f"tunnel vs raw nats-py - nats-server {version}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPUs, median of {settings.rounds} rounds; {settings.latency_requests} "
             f"sequential requests, {settings.concurrency} workers x {settings.concurrent_seconds:g} s, "
-            f"{mib} MiB transfers",
+            f"{mib} MiB transfers, {settings.ws_messages} WebSocket messages per one-way/pipelined shape",
         )
     return 0
 

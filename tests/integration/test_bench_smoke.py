@@ -32,6 +32,15 @@ FIGURE_KEYS = (
     "aiohttp_get_p50_ms",
     "httpx_tunnel_get_p50_ms",
     "httpx_tunnel_get_concurrent_rps",
+    # WebSockets: the same echo server direct and through the tunnel + linkd's upstream proxy.
+    "ws_direct_rtt_p50_ms",
+    "ws_tunnel_rtt_p50_ms",
+    "ws_direct_push_mps",
+    "ws_tunnel_push_mps",
+    "ws_direct_send_mps",
+    "ws_tunnel_send_mps",
+    "ws_direct_pipelined_mps",
+    "ws_tunnel_pipelined_mps",
 )
 RATIO_KEYS = (
     "ratio_get_p50",
@@ -41,6 +50,10 @@ RATIO_KEYS = (
     "ratio_upload",
     "httpx_vs_http_p50",
     "httpx_vs_aiohttp_p50",
+    "ws_ratio_rtt_p50",
+    "ws_ratio_push",
+    "ws_ratio_send",
+    "ws_ratio_pipelined",
 )
 TARGET_KEYS = (
     "ratio_get_p50_target_met",
@@ -85,6 +98,13 @@ def test_quick_json_run_reports_every_figure_as_one_json_object() -> None:
     assert result["ratio_download"] == pytest.approx(
         result["tunnel_download_mbps"] / result["raw_pubsub_mbps"]
     )
+    assert result["ws_ratio_rtt_p50"] == pytest.approx(
+        result["ws_tunnel_rtt_p50_ms"] / result["ws_direct_rtt_p50_ms"]
+    )
+    assert result["ws_ratio_pipelined"] == pytest.approx(
+        result["ws_tunnel_pipelined_mps"] / result["ws_direct_pipelined_mps"]
+    )
+    assert result["ws_messages"] > 0 and result["ws_message_bytes"] > 0
 
 
 def test_help_describes_the_benchmark_without_starting_anything() -> None:
@@ -93,4 +113,5 @@ def test_help_describes_the_benchmark_without_starting_anything() -> None:
     )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--json" in proc.stdout
+    assert "{all,raw,tunnel,http,ws}" in proc.stdout  # the WebSocket group can be run alone
     assert "--role" not in proc.stdout  # internal flag stays hidden
