@@ -26,6 +26,8 @@ status  meaning
 24      ``fetch``: a tunnel error with a code this version does not know (sent by a
         newer peer)
 25      ``fetch``: ``tunnel_stalled`` (the desktop gave up on a stalled transfer)
+26      ``fetch``/``forward``: ``tunnel_upgrade_unsupported`` (an upgrade, such as a
+        WebSocket, asked of a desktop whose daemon cannot carry one)
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -69,6 +71,8 @@ TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
     ErrorCode.BODY_ERROR: 21,
     # Sent by a server whose caller stopped granting credit or sending its body.
     ErrorCode.STALLED: 25,
+    # An upgrade (WebSocket) asked of a daemon that speaks only plain v1.
+    ErrorCode.UPGRADE_UNSUPPORTED: 26,
     # A peer that judged our request malformed: a usage problem on our side.
     ErrorCode.BAD_REQUEST: USAGE,
 }

@@ -57,6 +57,7 @@ from ._errors import (
     TunnelError,
     TunnelTimeout,
     TunnelUnreachable,
+    UpgradeUnsupported,
 )
 from ._frames import check_headers
 from ._handler import Handler, Request, Response
@@ -104,6 +105,7 @@ __all__ = [
     "TunnelServer",
     "TunnelTimeout",
     "TunnelUnreachable",
+    "UpgradeUnsupported",
     "check_headers",
     "client_for",
     "fetch",

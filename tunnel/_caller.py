@@ -10,6 +10,7 @@ with a fake clock and no event loop. The lifecycle is ``CALLER_TRANSITIONS``, ke
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Final
@@ -19,6 +20,7 @@ from . import _frames as f
 from ._config import (
     PROBE_AFTER_HEARTBEATS,
     UNREACHABLE_RETRY_INTERVAL,
+    UPGRADED_KEEPALIVE_HEARTBEATS,
 )
 from ._errors import (
     DeadlineExceeded,
@@ -30,6 +32,7 @@ from ._errors import (
     TunnelAborted,
     TunnelError,
     TunnelUnreachable,
+    UpgradeUnsupported,
     error_from_remote,
 )
 from ._events import (
@@ -101,11 +104,17 @@ class CallerOptions:
     # request.start and their JSON text, so no request hashes or encodes them again.
     offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
     offer_json: str | None = field(init=False, repr=False, compare=False)
+    # The same offer with ``upgrade`` set, for the requests that ask for an upgraded stream.
+    upgrade_offer_json: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         offer = _offer_for(self)
         object.__setattr__(self, "offer", offer)
         object.__setattr__(self, "offer_json", None if offer is None else codec.extensions_json(offer))
+        upgrade = None if offer is None else dataclasses.replace(offer, upgrade=True)
+        object.__setattr__(
+            self, "upgrade_offer_json", None if upgrade is None else codec.extensions_json(upgrade)
+        )
 
 
 def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
@@ -148,8 +157,16 @@ class CallerStream:
         options: CallerOptions,
         clock: Clock,
         deadline_unix_ms: int | None = None,
+        upgrade: bool = False,
     ) -> None:
+        if upgrade and not options.fast_path:
+            raise LocalProtocolError("an upgraded stream needs the protocol extensions (fast_path=True)")
         self.request_id = request_id
+        #: This request asks for an upgraded stream: a 101 answer opens both directions.
+        self.upgrade = upgrade
+        #: The server answered 101 to it: the response body and our request body are now the
+        #: two directions of one stream.
+        self.upgraded = False
         self.subjects = subjects
         self.options = options
         self.clock = clock
@@ -170,7 +187,7 @@ class CallerStream:
             f"{subjects.base}.req.{request_id}.abort",
             self._body_subject,
             deadline_unix_ms,
-            options.offer_json,
+            options.upgrade_offer_json if upgrade else options.offer_json,
         )
         if len(self._start_payload) > options.max_payload:
             raise LocalProtocolError(
@@ -195,6 +212,9 @@ class CallerStream:
         now = clock()
         self.started_at = now
         self._last_publish_at = now
+        # Upgraded streams only: when we last sent the server anything on its up subject (our
+        # keepalives prove we are still there; the server gives up on a silent caller).
+        self._last_up_at = now
         self._last_frame_at = now
         self._retry_at: float | None = None
         self._first_frame_deadline = (
@@ -231,6 +251,8 @@ class CallerStream:
                 Publish(subject, codec.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary))
             )
             taken += n
+        if frames and self.upgrade:
+            self._last_up_at = self.clock()
         return frames, taken
 
     def mark_published(self) -> None:
@@ -247,6 +269,8 @@ class CallerStream:
         subject = self.up_subject or self._body_subject
         assert subject is not None, "request declared without a body"
         self.body_ended = True
+        if self.upgrade:
+            self._last_up_at = self.clock()
         return Publish(subject, codec.encode_frame(f.RequestEnd(self.request_id, self.send.next_seq)))
 
     def fail_body(self, code: str, message: str) -> Publish | None:
@@ -261,6 +285,8 @@ class CallerStream:
         grant = self.receive_window.on_consumed(n)
         if grant is None or self.up_subject is None or self.phase is not CallerPhase.RESPONDING:
             return None
+        if self.upgrade:
+            self._last_up_at = self.clock()
         return Publish(self.up_subject, codec.encode_frame(f.RequestCredit(self.request_id, grant)))
 
     def refresh_credit(self) -> Publish | None:
@@ -282,6 +308,8 @@ class CallerStream:
         if limit is None:
             return None
         ended = seq is not None and self.end_published
+        if self.upgrade:
+            self._last_up_at = self.clock()
         return Publish(
             self.up_subject, codec.encode_frame(f.RequestCredit(self.request_id, limit, seq, ended))
         )
@@ -362,6 +390,14 @@ class CallerStream:
         elif isinstance(frame, f.ResponseWhole):
             ext = frame.start.extensions
         opts = self.options
+        if self.upgrade and (ext is None or not ext.upgrade or ext.up_subject is None):
+            kind = "a plain v1 server" if ext is None else "a server without the upgrade extension"
+            raise self._fail(
+                UpgradeUnsupported(
+                    f"{kind} took this request: it cannot carry an upgraded stream (WebSocket); "
+                    "upgrade the daemon serving the host"
+                )
+            )
         if ext is not None and opts.fast_path:
             up = ext.up_subject
             if up is not None and not (
@@ -392,6 +428,10 @@ class CallerStream:
             self.chunk_limit = min(self.chunk_limit, max(1, self.send.credit // 2))
 
     def _on_response_start(self, frame: f.ResponseStart) -> ResponseHead:
+        if self.upgrade and frame.status == 101:
+            # The stream is open both ways now: its server->caller direction is the "body".
+            self.upgraded = True
+            return ResponseHead(frame.status, frame.status_text, frame.headers, True)
         has_body = not (
             self.method == "HEAD" or frame.status in NO_BODY_STATUSES or 100 <= frame.status < 200
         )
@@ -406,6 +446,8 @@ class CallerStream:
             raise self._fail(RemoteProtocolError("response.whole larger than our flow-control window"))
         start = frame.start
         status = start.status
+        if self.upgrade and status == 101:
+            raise self._fail(RemoteProtocolError("a 101 that opens a stream cannot come as response.whole"))
         has_body = not (self.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
         self.phase = CallerPhase.DONE
         if has_body:
@@ -456,7 +498,31 @@ class CallerStream:
             probe = self._probe_due()
             if probe is not None and probe < due:
                 due = probe
+        keepalive = self._keepalive_due()
+        if keepalive is not None and (due is None or keepalive < due):
+            due = keepalive
         return due
+
+    def _keepalive_due(self) -> float | None:
+        """Upgraded streams: when we owe the server a sign of life (we sent it nothing lately).
+
+        A quiet WebSocket may carry nothing our way for hours; the server must still tell a
+        caller that is gone from one that has nothing to say, so we speak up every heartbeat
+        interval (an unchanged credit limit: it grants nothing new).
+        """
+        interval = self._heartbeat_interval
+        if not self.upgrade or interval is None or self.up_subject is None:
+            return None
+        if self.phase is not CallerPhase.ACKED and self.phase is not CallerPhase.RESPONDING:
+            return None
+        return self._last_up_at + UPGRADED_KEEPALIVE_HEARTBEATS * interval
+
+    def _keepalive(self) -> Publish | None:
+        granted = self.receive_window.granted
+        if self.up_subject is None or granted is None:
+            return None
+        self._last_up_at = self.clock()
+        return Publish(self.up_subject, codec.encode_frame(f.RequestCredit(self.request_id, granted)))
 
     def _probe_due(self) -> float | None:
         """When to probe a silent server: two heartbeat intervals without a frame while the
@@ -514,7 +580,14 @@ class CallerStream:
             if probe_at is not None and now >= probe_at:
                 self._probed_at = now
                 probe = self._probe()
-                return [probe] if probe is not None else []
+                if probe is not None:
+                    if self.upgrade:
+                        self._last_up_at = now
+                    return [probe]
+        keepalive_at = self._keepalive_due()
+        if keepalive_at is not None and now >= keepalive_at:
+            keepalive = self._keepalive()
+            return [keepalive] if keepalive is not None else []
         return []
 
     def fail(self, error: TunnelError) -> TunnelError:

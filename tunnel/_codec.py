@@ -129,6 +129,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         heartbeat_ms=_positive_int(raw, "heartbeatMs", rid),
         max_frame=_positive_int(raw, "maxFrame", rid),
         whole=raw.get("wholeResponse") is True,
+        upgrade=raw.get("upgrade") is True,
     )
 
 
@@ -143,6 +144,7 @@ def _ack_extensions(raw: Any, rid: str) -> AckExtensions | None:
         heartbeat_ms=_positive_int(raw, "heartbeatMs", rid),
         max_frame=_positive_int(raw, "maxFrame", rid),
         up_subject=_optional(raw, "upSubject", str, rid),
+        upgrade=raw.get("upgrade") is True,
     )
 
 
@@ -548,6 +550,8 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
         out["upSubject"] = ext.up_subject
     if isinstance(ext, StartExtensions) and ext.whole:
         out["wholeResponse"] = True
+    if ext.upgrade:
+        out["upgrade"] = True
     return out
 
 

@@ -34,6 +34,11 @@ DEFERRED_ACK_DELAY: Final = 0.02
 DEFAULT_STALL_TIMEOUT: Final = 60.0
 # Caller: a response body silent this many server heartbeat intervals is probed (its end may be lost).
 PROBE_AFTER_HEARTBEATS: Final = 2.0
+# Upgraded streams: the caller sends a keepalive after this many heartbeat intervals of its own
+# silence, and the server gives up on a caller it has not heard from for PEER_SILENCE_HEARTBEATS
+# intervals (three keepalives lost in a row: the caller is gone, not quiet).
+UPGRADED_KEEPALIVE_HEARTBEATS: Final = 1.0
+PEER_SILENCE_HEARTBEATS: Final = 4.0
 # Server: a finished request's final frame is kept this long (bounded) to answer such a probe.
 FINAL_FRAME_TTL: Final = 60.0
 FINAL_FRAME_LIMIT: Final = 10_000

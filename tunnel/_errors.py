@@ -23,7 +23,9 @@ The tree::
     │                                                              e.g. tunnel_handler_error)
     ├── BufferLimitExceeded          tunnel_buffer_limit    502  (a plain v1 peer, which has no
     │                                                              flow control, ran too far ahead)
-    └── TunnelConnectionError        tunnel_connection_closed 502 (our NATS connection failed)
+    ├── TunnelConnectionError        tunnel_connection_closed 502 (our NATS connection failed)
+    └── UpgradeUnsupported           tunnel_upgrade_unsupported 502 (an upgrade asked of a server
+                                                                   that cannot carry one: plain v1)
 
 ``LocalProtocolError`` versus ``RemoteProtocolError`` follows h11: the first is a
 bug or bad input on our side, the second is the other end's fault.
@@ -51,6 +53,7 @@ class ErrorCode:
     OVERLOADED: Final = "tunnel_overloaded"
     BUFFER_LIMIT: Final = "tunnel_buffer_limit"
     STALLED: Final = "tunnel_stalled"
+    UPGRADE_UNSUPPORTED: Final = "tunnel_upgrade_unsupported"
 
 
 class TunnelError(Exception):
@@ -151,6 +154,14 @@ class TunnelConnectionError(TunnelError):
     """Our NATS connection is closed or failed while the request was in flight."""
 
     code = ErrorCode.CONNECTION_CLOSED
+    http_status = 502
+
+
+class UpgradeUnsupported(TunnelError):
+    """The caller asked for an upgraded stream (a WebSocket, say) and the server that took the
+    request cannot carry one: a plain v1 peer, or one without the ``upgrade`` extension."""
+
+    code = ErrorCode.UPGRADE_UNSUPPORTED
     http_status = 502
 
 

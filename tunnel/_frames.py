@@ -65,6 +65,7 @@ class StartExtensions:
     heartbeat_ms: int | None = None  # how often the caller wants proof of life
     max_frame: int | None = None  # largest NATS payload the caller's connection accepts
     whole: bool = False  # caller accepts response.whole frames
+    upgrade: bool = False  # this request asks for an upgraded stream (a 101 opens both directions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class AckExtensions:
     heartbeat_ms: int | None = None
     max_frame: int | None = None
     up_subject: str | None = None  # where body and credit frames go to reach this server
+    upgrade: bool = False  # the server can carry the upgraded stream the caller asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class Request:
         has_body: bool,
         deadline: float | None,
         on_consumed: Callable[[int], Awaitable[None]],
+        upgrade: bool = False,
     ) -> None:
         self.request_id = request_id
         self.hostname = hostname
@@ -57,6 +58,12 @@ class Request:
         self.has_body = has_body
         #: Monotonic (event loop) time by which the caller wants the answer, or None.
         self.deadline = deadline
+        #: The caller asked for an upgraded stream (``Upgrade: websocket``, say) and can take
+        #: one: answer ``Response(101, headers, body=<async iterator>)`` to open it. The
+        #: response body is then the stream's server->caller direction and ``stream()`` its
+        #: caller->server direction, both open at once; ending the response body ends the
+        #: stream. Any other status refuses the upgrade with an ordinary response.
+        self.upgrade = upgrade
         self._cancelled: asyncio.Event | None = None  # created on first use: most handlers never look
         self._is_cancelled = False
         self._chunks: deque[bytes] = deque()

@@ -20,9 +20,11 @@ from ._config import (
     DEFERRED_ACK_DELAY,
     MAX_HEARTBEAT_INTERVAL,
     MIN_HEARTBEAT_INTERVAL,
+    PEER_SILENCE_HEARTBEATS,
 )
 from ._errors import (
     DeadlineExceeded,
+    IdleTimeout,
     LocalProtocolError,
     RemoteProtocolError,
     StallTimeout,
@@ -159,6 +161,10 @@ class ServerStream:
             raise f.FrameError("request names subjects that are not its own", rid)
         offer = start.extensions if options.fast_path else None
         self.extended = offer is not None
+        #: The caller asked for an upgraded stream (and we can carry one: we said so in the ack).
+        #: A 101 then opens both directions; neither direction has a stall rule (a quiet
+        #: WebSocket is normal), and a caller silent past PEER_SILENCE_HEARTBEATS is gone.
+        self.upgrade = offer is not None and offer.upgrade
         self.reply_subject = start.reply_subject
         self.response_has_body = True
         # The negotiated limits depend only on the caller's offer (the same object for every
@@ -185,6 +191,7 @@ class ServerStream:
             now + DEFERRED_ACK_DELAY if self.extended and start.body_subject is None else None
         )
         self._last_sent_at = now
+        self._last_heard_at = now  # upgraded streams: the caller's last frame of any kind
         # Request-body progress: the last data frame, or the last grant that let the caller send more.
         self._body_progress_at = now
         self._credit_blocked_since: float | None = None
@@ -209,6 +216,7 @@ class ServerStream:
             heartbeat_ms=int(self.heartbeat_interval * 1000) if self.heartbeat_interval else None,
             max_frame=self.options.max_payload,
             up_subject=self.up_subject,
+            upgrade=self.upgrade,
         )
 
     def ack(self) -> Publish:
@@ -236,6 +244,8 @@ class ServerStream:
         return self._out(f.ResponseStart(self.request_id, status, headers, status_text, ext))
 
     def _allows_body(self, status: int) -> bool:
+        if status == 101 and self.upgrade:
+            return True  # the stream's server->caller direction
         return not (self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
 
     def whole_response(
@@ -244,6 +254,8 @@ class ServerStream:
         """The complete response as one message, when the caller offered it and it fits; else None."""
         if not self.offers_whole or self.phase is not ServerPhase.ACKED:
             return None
+        if status == 101 and self.upgrade:
+            return None  # a 101 opens a stream: never "complete in one message"
         if not isinstance(status, int) or not 100 <= status <= 599:
             raise LocalProtocolError(f"invalid status {status!r}")
         if not self._allows_body(status):
@@ -345,6 +357,8 @@ class ServerStream:
         if nxt is None:
             self._refuse(frame)
             return None
+        if self.upgrade:
+            self._last_heard_at = self.clock()
         self.body_phase = nxt
         return _RECEIVERS[frame.type](self, frame)
 
@@ -422,7 +436,7 @@ class ServerStream:
 
     def _body_stalled_since(self) -> float | None:
         """When the request body stopped moving although the caller could send, or None."""
-        if self.body_phase is not BodyPhase.OPEN:
+        if self.body_phase is not BodyPhase.OPEN or self.upgrade:
             return None
         window = self.receive_window
         if window.granted is not None and window.received_bytes >= window.granted:
@@ -442,9 +456,13 @@ class ServerStream:
             beat = self._last_sent_at + self.heartbeat_interval
             if due is None or beat < due:
                 due = beat
+        if self.upgrade and self.heartbeat_interval is not None:
+            gone = self._last_heard_at + PEER_SILENCE_HEARTBEATS * self.heartbeat_interval
+            if due is None or gone < due:
+                due = gone
         stall = self.options.stall_timeout
         if stall is not None:
-            if self._credit_blocked_since is not None:
+            if self._credit_blocked_since is not None and not self.upgrade:
                 at = self._credit_blocked_since + stall
                 if due is None or at < due:
                     due = at
@@ -462,9 +480,19 @@ class ServerStream:
         now = self.clock()
         if self.deadline is not None and now >= self.deadline:
             raise self._fail(DeadlineExceeded("the caller's deadline passed"))
+        if self.upgrade and self.heartbeat_interval is not None:
+            silent = now - self._last_heard_at
+            if silent >= PEER_SILENCE_HEARTBEATS * self.heartbeat_interval:
+                raise self._fail(
+                    IdleTimeout(f"the caller of an upgraded stream was silent {silent:.3g} s: it is gone")
+                )
         stall = self.options.stall_timeout
         if stall is not None:
-            if self._credit_blocked_since is not None and now - self._credit_blocked_since >= stall:
+            if (
+                self._credit_blocked_since is not None
+                and not self.upgrade
+                and now - self._credit_blocked_since >= stall
+            ):
                 raise self._fail(
                     StallTimeout(
                         f"the caller stopped granting flow-control credit: it read none of the response "

@@ -16,6 +16,7 @@ regenerate with::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -85,7 +86,13 @@ class FakeClock:
 
 
 def _caller(
-    *, fast_path: bool, has_body: bool, deadline: int | None = None, method: str = "POST"
+    *,
+    fast_path: bool,
+    has_body: bool,
+    deadline: int | None = None,
+    method: str = "POST",
+    upgrade: bool = False,
+    headers: f.Headers | None = None,
 ) -> CallerStream:
     options = CallerOptions(
         first_frame_timeout=30.0,
@@ -105,11 +112,12 @@ def _caller(
         reply_subject=SUBJECTS.client_reply(RID, CLIENT_ID),
         method=method,
         url="/api/items?tag=a&tag=b",
-        headers=HEADERS,
+        headers=HEADERS if headers is None else headers,
         has_body=has_body,
         options=options,
         clock=FakeClock(),
         deadline_unix_ms=deadline,
+        upgrade=upgrade,
     )
 
 
@@ -254,6 +262,39 @@ def _extended_server(clock: FakeClock | None = None) -> ServerStream:
     return _server(_v1_start(has_body=True, extensions=OFFER), fast_path=True, clock=clock)
 
 
+UPGRADE_HEADERS: f.Headers = [
+    ("upgrade", "websocket"),
+    ("connection", "Upgrade"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("sec-websocket-version", "13"),
+]
+
+
+def ext_request_start_upgrade() -> bytes:
+    caller = _caller(fast_path=True, has_body=True, method="GET", upgrade=True, headers=UPGRADE_HEADERS)
+    return caller.start().payload
+
+
+def _upgrade_server() -> ServerStream:
+    upgrade_offer = dataclasses.replace(OFFER, upgrade=True)
+    return _server(_v1_start(has_body=True, extensions=upgrade_offer), fast_path=True)
+
+
+def ext_response_ack_upgrade() -> bytes:
+    return _upgrade_server().ack().payload
+
+
+def ext_response_start_101() -> bytes:
+    server = _upgrade_server()
+    server.ack()
+    headers = [
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+    ]
+    return server.start_response(101, headers).payload
+
+
 def ext_response_ack() -> bytes:
     return _extended_server().ack().payload
 
@@ -365,6 +406,9 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/request.chunk.binary": (ext_request_chunk_binary, ".hex"),
     "ext/response.chunk.binary": (ext_response_chunk_binary, ".hex"),
     "ext/response.whole": (ext_response_whole, ".hex"),
+    "ext/request.start.upgrade": (ext_request_start_upgrade, ".json"),
+    "ext/response.ack.upgrade": (ext_response_ack_upgrade, ".json"),
+    "ext/response.start.101": (ext_response_start_101, ".json"),
 }
 
 

@@ -45,6 +45,7 @@ EXPECTED_PUBLIC_NAMES = {
     "TunnelServer",
     "TunnelTimeout",
     "TunnelUnreachable",
+    "UpgradeUnsupported",
     "check_headers",
     "client_for",
     "fetch",
@@ -80,7 +81,7 @@ def test_no_public_name_is_exported_without_being_in_all() -> None:
 
 # Add-ons with their own import cost (httpx, ASGI) or their own namespace stay public submodules,
 # imported on demand: ``from tunnel.httpx_transport import TunnelTransport``.
-PUBLIC_SUBMODULES = {"asgi", "backoff", "connect", "httpx_transport"}
+PUBLIC_SUBMODULES = {"asgi", "backoff", "connect", "httpx_transport", "websocket"}
 
 
 def test_implementation_modules_are_private() -> None:
@@ -94,7 +95,7 @@ def test_implementation_modules_are_private() -> None:
 def test_every_public_error_carries_a_stable_code_and_http_status() -> None:
     errors = [getattr(tunnel, name) for name in tunnel.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, tunnel.TunnelError)]
-    assert len(errors) == 13
+    assert len(errors) == 14
     for cls in errors:
         err = cls("message")
         assert isinstance(err.code, str) and err.code.startswith("tunnel_")

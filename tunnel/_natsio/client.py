@@ -67,6 +67,7 @@ class FetchOptions(TypedDict, total=False):
     first_frame_timeout: float | None
     idle_timeout: float | None
     timeouts: Timeouts | None
+    upgrade: bool
 
 
 _UNSET: Any = object()
@@ -135,6 +136,12 @@ class FetchResponse:
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 400
+
+    @property
+    def upgraded(self) -> bool:
+        """The server accepted an upgrade (101): the body is the stream's server->caller
+        direction, and the request body given to ``fetch`` its caller->server direction."""
+        return self._request.stream.upgraded
 
     def header(self, name: str, default: str | None = None) -> str | None:
         return first_header(self.headers, name, default)
@@ -621,6 +628,7 @@ class TunnelClient:
         first_frame_timeout: float | None = _UNSET,
         idle_timeout: float | None = _UNSET,
         timeouts: Timeouts | None = None,
+        upgrade: bool = False,
     ) -> FetchResponse:
         """Send one request; returns once the response head arrived.
 
@@ -631,6 +639,13 @@ class TunnelClient:
         Timeouts: ``timeouts`` replaces the client's :class:`Timeouts` for this request
         as a whole; ``timeout`` (total), ``first_frame_timeout`` and ``idle_timeout``
         override one of them (of ``timeouts`` when given), handy for one-off changes.
+
+        ``upgrade=True`` asks for an upgraded stream (send the ``Upgrade`` headers yourself,
+        or use :func:`tunnel.websocket.websocket_connect`). A 101 answer opens it: the
+        response body is the server's direction, ``body`` (an async iterable, pulled as the
+        stream goes) ours, and its end our half-close; ``aclose()`` ends both. Any other
+        status is an ordinary response. A server that cannot carry upgrades raises
+        :class:`tunnel.UpgradeUnsupported`.
         """
         parsed = self._urls.get(url) if isinstance(url, str) else None
         if parsed is None:
@@ -673,6 +688,7 @@ class TunnelClient:
             options=options,
             clock=loop.time,
             deadline_unix_ms=deadline_ms,
+            upgrade=upgrade,
         )
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req

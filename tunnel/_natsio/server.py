@@ -86,6 +86,7 @@ class _ServerRequest(TimedRequest):
             has_body=start.body_subject is not None,
             deadline=stream.deadline,
             on_consumed=self._on_consumed,
+            upgrade=stream.upgrade,
         )
         self.task: asyncio.Task[None] | None = None
         self.body_sub: Subscription | None = None
