@@ -26,6 +26,9 @@ moves bytes. Per connection:
   app behind the tunnel (``tunnel.asgi``) builds redirects and links to this listener, not
   to the tunnel host; this listener is the edge, so a client's own ``X-Forwarded-*`` and
   ``Forwarded`` headers are dropped, never passed on;
+- an upgrade request (``Connection: Upgrade`` + ``Upgrade: websocket``, no body) is sent
+  as an upgraded tunnel stream; after the desktop's ``101`` the connection is a raw byte
+  pipe both ways (:mod:`cli.forward_upgrade`); any other answer is an ordinary response;
 - a tunnel error before the response head becomes ``502`` (``504`` for the timeouts,
   ``400`` for a request the tunnel cannot express) with a one-line text body and the
   stable code in ``X-Tunnel-Error``; after the head, the connection is cut, so a client
@@ -47,6 +50,7 @@ import h11
 
 import tunnel
 
+from .forward_upgrade import UpgradedPipe, is_upgrade, switching_headers, upgrade_headers
 from .term import human_bytes
 
 __all__ = ["ERROR_HEADER", "HEADER_TIMEOUT", "HOP_BY_HOP", "KEEPALIVE_TIMEOUT", "Forwarder"]
@@ -342,6 +346,10 @@ class _Connection:
             if name.decode("latin-1").lower() not in dropped
         ]
         headers += _forwarded_headers(request, self.peer_ip)
+        pipe: UpgradedPipe | None = None
+        if is_upgrade(request):
+            headers += upgrade_headers(request)
+            pipe = UpgradedPipe(self.reader, self.writer)
         # h11 validated the framing headers: a body follows iff chunked or a length above 0.
         has_body = any(
             (name == b"content-length" and int(value) > 0) or name == b"transfer-encoding"
@@ -353,17 +361,21 @@ class _Connection:
             end = await self._next_event()
             if not isinstance(end, h11.EndOfMessage):
                 raise _CloseConnection("unexpected event after a body-less request")
+        body: AsyncIterator[bytes] | None = self._request_body() if has_body else None
         try:
             response = await self.fw.client.fetch(
                 f"tunnel://{self.fw.hostname}{target}",
                 method=method,
                 headers=headers,
-                body=self._request_body() if has_body else None,
-                timeout=self.fw.timeout,
+                body=pipe.browser_bytes() if pipe is not None else body,
+                timeout=self.fw.timeout if pipe is None else None,  # a WebSocket lives on
                 first_frame_timeout=self.fw.first_frame_timeout,
                 idle_timeout=self.fw.idle_timeout,
+                upgrade=pipe is not None,
             )
         except tunnel.TunnelError as exc:
+            if pipe is not None:
+                pipe.refused()
             if self.body_error is not None:
                 # The client's body was malformed (tunnel_body_error): the client's fault, a 400.
                 self._log(method, target, 400, started, note=f"bad request body: {self.body_error}")
@@ -375,6 +387,11 @@ class _Connection:
             with contextlib.suppress(h11.LocalProtocolError):
                 await self._simple(status, f"{exc.code}: {exc.message}\n", extra=[(ERROR_HEADER, exc.code)])
             return
+        if pipe is not None:
+            if response.status == 101:
+                await self._switch(response, pipe, method, target, started)
+                return
+            pipe.refused()
         progress = [0]
         try:
             await self._relay(response, progress)
@@ -386,6 +403,26 @@ class _Connection:
         finally:
             await response.aclose()  # aborts the desktop's handler if the body did not end
         self._log(method, target, response.status, started, size=progress[0])
+
+    async def _switch(
+        self, response: tunnel.FetchResponse, pipe: UpgradedPipe, method: str, target: str, started: float
+    ) -> None:
+        """Write the desktop's 101, then pipe bytes both ways until the stream ends."""
+        try:
+            await self._send(
+                h11.InformationalResponse(
+                    status_code=101, headers=switching_headers(response.headers), reason="Switching Protocols"
+                )
+            )
+        except (h11.LocalProtocolError, _CloseConnection) as exc:
+            pipe.refused()
+            await response.aclose()
+            self._log(method, target, 101, started, note=f"not switched: {exc}")
+            raise _CloseConnection("invalid 101 head from the desktop, or the client left") from None
+        pipe.switched(bytes(self.h11.trailing_data[0]))
+        problem = await pipe.relay(response)
+        note = f"upgraded: {human_bytes(pipe.up)} up, {human_bytes(pipe.down)} down"
+        self._log(method, target, 101, started, note=note + (f", cut: {problem}" if problem else ""))
 
     async def _request_body(self) -> AsyncIterator[bytes]:
         """The client's request body, read as the tunnel asks for it."""

@@ -5,6 +5,9 @@ second request, a header split by CR/LF, a target outside the base path), so the
 parses with h11 and records every request of every connection, including ones an attacker
 hid in a body. Paths under ``/raw/<name>`` answer with hand-written, possibly invalid bytes
 (see :data:`RAW_RESPONSES`) so hostile *responses* can be tested too.
+
+:class:`WebSocketEchoService` is the other kind: a real (aiohttp) WebSocket server for the
+upgrade tests of linkd's proxy and ``linkctl forward``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
+import aiohttp
 import h11
+from aiohttp import web
+
+from cli.nats_server import free_port
 
 LOOPBACK: Final = "127.0.0.1"
+MiB: Final = 1024 * 1024
 
 RAW_RESPONSES: Final[dict[str, bytes]] = {
     # A header value over the tunnel's 64 KiB limit.
@@ -134,3 +142,70 @@ def _raw_response(target: str) -> bytes | None:
     if index < 0:
         return None
     return RAW_RESPONSES.get(target[index + len(marker) :].split("?", 1)[0])
+
+
+@dataclass
+class WebSocketEchoService:
+    """A local aiohttp WebSocket service (a dev server's HMR socket) recording what reached it.
+
+    ``/ws/...`` accepts the ``vite-hmr`` subprotocol and echoes messages; the text
+    ``close-me`` makes it close with 4001 "bye", ``die`` makes it drop the TCP connection;
+    ``seen`` holds each handshake's raw path and headers, ``close_codes`` the close code each
+    socket ended with. ``/forbidden`` answers 403 with a body. Here aiohttp is the point:
+    a real WebSocket server, not a hand-written one.
+    """
+
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    close_codes: list[int | None] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def __aenter__(self) -> WebSocketEchoService:
+        self._runner = web.AppRunner(self.app(), handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/ws/{tail:.*}", self.websocket)
+        app.router.add_get("/forbidden", self.forbidden)
+        return app
+
+    async def forbidden(self, request: web.Request) -> web.Response:
+        return web.Response(status=403, text="origin not allowed")
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self.seen.append(
+            {
+                "path": request.raw_path,
+                "host": request.host,
+                "headers": [
+                    (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.raw_headers
+                ],
+            }
+        )
+        ws = web.WebSocketResponse(protocols=("vite-hmr",), max_msg_size=4 * MiB)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                if msg.data == "close-me":
+                    await ws.close(code=4001, message=b"bye")
+                    break
+                if msg.data == "die":
+                    assert request.transport is not None
+                    request.transport.abort()  # the service dies mid-socket
+                    return ws
+                await ws.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        self.close_codes.append(ws.close_code)
+        return ws

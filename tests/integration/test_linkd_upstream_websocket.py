@@ -15,11 +15,8 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp import web
 from nats.aio.client import Client
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
@@ -38,6 +35,7 @@ from linkd.run_events import MemoryEventSink
 from linkd.runs import RunManager
 from linkd.upstream import UpstreamProxy
 from tests.helpers import wait_until
+from tests.integration.recording_upstream import WebSocketEchoService
 from tests.integration.tunnel_harness import connect_peers, serving
 
 HOST = "desk-upstream-ws"
@@ -46,72 +44,19 @@ TIMEOUT = 10.0
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-@dataclass
-class EchoService:
-    """A local aiohttp service: ``/ws/...`` echoes WebSocket messages; ``/forbidden`` is 403."""
-
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    close_codes: list[tuple[int | None, str]] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/ws/{tail:.*}", self.websocket)
-        app.router.add_get("/forbidden", self.forbidden)
-        return app
-
-    async def forbidden(self, request: web.Request) -> web.Response:
-        return web.Response(status=403, text="origin not allowed")
-
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        self.seen.append(
-            {
-                "path": request.raw_path,
-                "host": request.host,
-                "headers": [
-                    (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.raw_headers
-                ],
-            }
-        )
-        ws = web.WebSocketResponse(protocols=("vite-hmr",), max_msg_size=4 * MiB)
-        await ws.prepare(request)
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                if msg.data == "close-me":
-                    await ws.close(code=4001, message=b"bye")
-                    break
-                if msg.data == "die":
-                    assert request.transport is not None
-                    request.transport.abort()  # the service dies mid-socket
-                    return ws
-                await ws.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
-        self.close_codes.append((ws.close_code, ""))
-        return ws
-
-
 @asynccontextmanager
 async def proxied(
     server: NatsServer, upstream_url: str | None = None
-) -> AsyncIterator[tuple[Client, EchoService]]:
-    service = EchoService()
-    runner = web.AppRunner(service.app(), handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", service.port).start()
-    proxy = UpstreamProxy(upstream_url or service.url + "/")
-    routes = LinkRoutes(RunManager({}, MemoryEventSink()), upstream=proxy)
-    try:
-        async with connect_peers(server) as peers, serving(peers.server_nc, HOST, routes):
-            yield peers.caller_nc, service
-            assert peers.errors == []
-    finally:
-        await proxy.aclose()
-        await runner.cleanup()
+) -> AsyncIterator[tuple[Client, WebSocketEchoService]]:
+    async with WebSocketEchoService() as service:
+        proxy = UpstreamProxy(upstream_url or service.url + "/")
+        routes = LinkRoutes(RunManager({}, MemoryEventSink()), upstream=proxy)
+        try:
+            async with connect_peers(server) as peers, serving(peers.server_nc, HOST, routes):
+                yield peers.caller_nc, service
+                assert peers.errors == []
+        finally:
+            await proxy.aclose()
 
 
 def handshake_headers(key: str, *, extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
@@ -251,7 +196,7 @@ async def test_messages_both_ways_path_subprotocol_and_the_clients_close_code(
             sock.half_close()
             assert await sock.next_event() is None  # the service closed its socket: the stream ended
             await wait_until(lambda: service.close_codes, message="the service never saw the close")
-            assert service.close_codes[0][0] == 4002
+            assert service.close_codes == [4002]
         finally:
             await sock.aclose()
 
