@@ -103,6 +103,15 @@ from ._handler import Headers, Request, Response
 from ._natsio.common import WireTap
 from ._natsio.server import TunnelServer
 from ._subjects import DEFAULT_PREFIX
+from ._ws_protocol import (
+    ABNORMAL_CLOSURE,
+    INTERNAL_ERROR,
+    NORMAL_CLOSURE,
+    accept_token,
+    split_tokens,
+    valid_key,
+)
+from .websocket import WebSocketChannel, WebSocketClosed
 
 if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
     from nats.aio.client import Client as NATS
@@ -112,6 +121,7 @@ __all__ = [
     "ASGIApp",
     "AsgiHandler",
     "AsgiTunnelServer",
+    "ClientDisconnected",
     "LifespanError",
     "LifespanMode",
     "asgi_handler",
@@ -450,6 +460,212 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class ClientDisconnected(OSError):
+    """``send()`` on a WebSocket whose client is gone (ASGI 2.4: an ``OSError`` subclass)."""
+
+
+def is_websocket_upgrade(request: Request) -> bool:
+    """An upgraded tunnel request asking for a WebSocket (RFC 6455 4.2.1: key and version 13)."""
+    if not request.upgrade:
+        return False
+    upgrade = [token.lower() for token in split_tokens(request.header_values("upgrade"))]
+    version = (request.header("sec-websocket-version") or "").strip()
+    return "websocket" in upgrade and version == "13" and valid_key(request.header("sec-websocket-key"))
+
+
+class _WebSocketCycle:
+    """One WebSocket connection: the ASGI ``websocket`` messages and the upgraded stream.
+
+    Before ``websocket.accept`` the tunnel request waits for an answer (101, 403 after a
+    ``websocket.close``, 500 if the application fails); after it, a
+    :class:`~tunnel.websocket.WebSocketChannel` carries the frames both ways.
+    """
+
+    def __init__(self, request: Request, scope: Scope) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.request = request
+        self.scope = scope
+        self.channel = WebSocketChannel(client=False)
+        self.app_task: asyncio.Task[None] | None = None
+        self.connect_sent = False
+        self.accepted = False
+        self.closed = False  # websocket.close sent, refused, or the client is gone
+        self.disconnected = False
+        self.answer: Response | None = None
+        self.head: asyncio.Future[None] = self._loop.create_future()
+        self._grace: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def run(self, app: ASGIApp) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            await self.channel.abort()
+            raise
+        except Exception:
+            if self.disconnected:
+                log.debug("ASGI WebSocket application failed after the client left", exc_info=True)
+            else:
+                log.error("Exception in ASGI application", exc_info=True)
+            if self.accepted:
+                await self._close(INTERNAL_ERROR, "")
+        else:
+            if not self.accepted and self.answer is None:
+                log.error(
+                    "ASGI WebSocket application returned without accepting or closing (%s)", self.request.path
+                )
+            elif self.accepted and not self.closed:
+                await self._close(NORMAL_CLOSURE, "")
+        finally:
+            self._finish()
+
+    async def receive(self) -> Message:
+        if not self.connect_sent:
+            self.connect_sent = True
+            return {"type": "websocket.connect"}
+        if not self.accepted:
+            if self.answer is None:
+                raise RuntimeError("ASGI WebSocket application called receive() before websocket.accept")
+            return {"type": "websocket.disconnect", "code": ABNORMAL_CLOSURE, "reason": ""}
+        try:
+            message = await self.channel.receive()
+        except WebSocketClosed as exc:
+            self.disconnected = True
+            self._start_grace()
+            return {"type": "websocket.disconnect", "code": exc.code, "reason": exc.reason}
+        if message.kind == "text":
+            return {"type": "websocket.receive", "text": message.data, "bytes": None}
+        return {"type": "websocket.receive", "bytes": message.data, "text": None}
+
+    async def send(self, message: Message) -> None:
+        mtype = message["type"]
+        if not self.accepted and self.answer is None:
+            if mtype == "websocket.accept":
+                self._accept(message)
+            elif mtype == "websocket.close":
+                self.closed = True
+                self._answer(Response(403, [("content-type", "text/plain"), ("content-length", "0")], b""))
+            else:
+                raise RuntimeError(
+                    f"Expected ASGI message 'websocket.accept' or 'websocket.close', but got '{mtype}'."
+                )
+            return
+        if self.closed or not self.accepted:
+            raise ClientDisconnected(f"cannot send '{mtype}': the WebSocket is closed")
+        if mtype == "websocket.send":
+            text, data = message.get("text"), message.get("bytes")
+            try:
+                if text is not None:
+                    await self.channel.send_text(str(text))
+                elif data is not None:
+                    await self.channel.send_bytes(data)
+                else:
+                    raise ValueError("websocket.send needs 'text' or 'bytes'")
+            except WebSocketClosed as exc:
+                self.closed = True
+                raise ClientDisconnected(f"the WebSocket is closed ({exc.code})") from exc
+        elif mtype == "websocket.close":
+            code = message.get("code") or NORMAL_CLOSURE
+            await self._close(int(code), str(message.get("reason") or ""))
+        else:
+            raise RuntimeError(
+                f"Expected ASGI message 'websocket.send' or 'websocket.close', but got '{mtype}'."
+            )
+
+    def _accept(self, message: Message) -> None:
+        subprotocol = message.get("subprotocol")
+        raw_headers = message.get("headers") or []
+        try:
+            extra = [
+                (bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw_headers
+            ]
+        except (TypeError, ValueError) as exc:
+            raise TypeError("websocket.accept 'headers' must be [bytes, bytes] pairs") from exc
+        key = self.request.header("sec-websocket-key") or ""
+        headers: Headers = [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-accept", accept_token(key.strip())),
+        ]
+        if subprotocol is not None:
+            headers.append(("sec-websocket-protocol", str(subprotocol)))
+        headers.extend(validate_headers(extra, error=ValueError))
+        self.accepted = True
+        self.channel.start(self.request.stream().__aiter__())
+        self._answer(Response(101, headers, self._frames()))
+        if self._watcher is None:
+            self._watcher = self._loop.create_task(self._watch_cancelled())
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        """The 101's body: the frames going to the client; its end ends the stream."""
+        try:
+            async for data in self.channel.outbound.chunks():
+                yield data
+        finally:
+            if not self.channel.proto.finished:
+                self.disconnect()  # the tunnel stopped pulling: the client is gone
+            elif not self.channel.reader_done.is_set():
+                # The body's end ends the stream both ways: the request side may never
+                # see its end, so its reader stops here.
+                self.channel.stop()
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.channel.close(code, reason)
+
+    def _answer(self, response: Response) -> None:
+        self.answer = response
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def response(self) -> Response:
+        if self.answer is not None:
+            return self.answer
+        headers = [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(_INTERNAL_ERROR_BODY))),
+        ]
+        return Response(500, headers, _INTERNAL_ERROR_BODY)
+
+    async def _watch_cancelled(self) -> None:
+        await self.request.cancelled.wait()
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """The client is gone (abort, tunnel failure): the application hears websocket.disconnect."""
+        if self.disconnected and self._grace is not None:
+            return
+        self.disconnected = True
+        self.channel.stop()
+        self._start_grace()
+
+    def _start_grace(self) -> None:
+        task = self.app_task
+        if task is not None and not task.done() and self._grace is None:
+            self._grace = self._loop.call_later(DISCONNECT_GRACE, self._cancel_app)
+
+    def _cancel_app(self) -> None:
+        task = self.app_task
+        if task is not None and not task.done():
+            log.warning(
+                "ASGI WebSocket application for %s still running %.0fs after the client left: cancelling it",
+                self.request.path,
+                DISCONNECT_GRACE,
+            )
+            task.cancel()
+
+    def _finish(self) -> None:
+        if not self.head.done():
+            self.head.set_result(None)
+        self.channel.outbound.end()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
+
+
 class _Lifespan:
     """The ASGI lifespan protocol, as uvicorn runs it ("auto": an app without it is fine)."""
 
@@ -642,7 +858,19 @@ class AsgiHandler:
             "extensions": {"tunnel": {"request_id": request.request_id}},
         }
 
+    def websocket_scope_for(self, request: Request) -> Scope:
+        """The ASGI websocket scope (spec 2.4) for a WebSocket upgrade request."""
+        scope = self.scope_for(request)
+        del scope["method"]
+        scope["type"] = "websocket"
+        scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+        scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
+        scope["subprotocols"] = split_tokens(request.header_values("sec-websocket-protocol"))
+        return scope
+
     async def __call__(self, request: Request) -> Response:
+        if is_websocket_upgrade(request):
+            return await self._websocket(request)
         cycle = _Cycle(request, self.scope_for(request))
         task = asyncio.get_running_loop().create_task(cycle.run(self.app))
         cycle.app_task = task
@@ -650,6 +878,19 @@ class AsgiHandler:
         task.add_done_callback(self._tasks.discard)
         try:
             await cycle.head
+        except asyncio.CancelledError:
+            cycle.disconnect()
+            raise
+        return cycle.response()
+
+    async def _websocket(self, request: Request) -> Response:
+        cycle = _WebSocketCycle(request, self.websocket_scope_for(request))
+        task = asyncio.get_running_loop().create_task(cycle.run(self.app))
+        cycle.app_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            await asyncio.wait((cycle.head,))
         except asyncio.CancelledError:
             cycle.disconnect()
             raise
