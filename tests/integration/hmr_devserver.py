@@ -63,7 +63,7 @@ class HandshakeSeen:
 
     path_qs: str
     protocols: str
-    host: str
+    forwarded_host: str  # X-Forwarded-Host: what the browser used, when a proxy passed it on
     accepted: bool
 
 
@@ -115,7 +115,11 @@ class DevServer:
         offered_header = request.headers.get("Sec-WebSocket-Protocol", "")
         offered = [p.strip() for p in offered_header.split(",")]
         accepted = SUBPROTOCOL in offered and request.query.get("client") == "1"
-        self.handshakes.append(HandshakeSeen(request.path_qs, offered_header, request.host, accepted))
+        self.handshakes.append(
+            HandshakeSeen(
+                request.path_qs, offered_header, request.headers.get("X-Forwarded-Host", ""), accepted
+            )
+        )
         if not accepted:
             raise web.HTTPBadRequest(text=f"HMR needs ?client=1 and the {SUBPROTOCOL} subprotocol\n")
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=None)
