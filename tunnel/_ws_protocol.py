@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from wsproto.connection import CLIENT, SERVER, Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError as WsprotoLocalError
 
 # RFC 6455 section 1.3: the GUID appended to Sec-WebSocket-Key for Sec-WebSocket-Accept.
@@ -102,6 +102,8 @@ class WebSocketProtocol:
         self.ended = False  # the byte stream from the peer ended
         self.failed = False  # we closed because of the peer's bytes (protocol error, too big)
         self._broken = False  # the peer's bytes could not be parsed: stop feeding them
+        self.pongs_received = 0
+        self.last_pong: bytes | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -190,6 +192,9 @@ class WebSocketProtocol:
                     pong = self._conn.send(event.response())
                     self._out.append(pong)
                     self._pending_control += len(pong)
+            elif isinstance(event, Pong):
+                self.pongs_received += 1
+                self.last_pong = bytes(event.payload)
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
                 if self._broken or self.finished:

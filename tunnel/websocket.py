@@ -386,6 +386,11 @@ class TunnelWebSocket:
         """Received bytes held by this socket, not yet handed to ``receive()``."""
         return self._channel.buffered
 
+    @property
+    def pongs_received(self) -> int:
+        """Pongs the server sent (answers to :meth:`ping`, or unsolicited heartbeats)."""
+        return self._channel.proto.pongs_received
+
     async def send_text(self, text: str) -> None:
         await self._channel.send_text(text)
 
