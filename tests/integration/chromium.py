@@ -88,8 +88,7 @@ class Page:
         self.browser = browser
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._load_events = 0
-        self._load_changed = asyncio.Event()
+        self._loaded: set[str] = set()  # loader ids whose document fired its load event
         self.log: deque[str] = deque(maxlen=_PAGE_LOG_LINES)
         self._reader = asyncio.create_task(self._read(), name="cdp-reader")
 
@@ -114,13 +113,14 @@ class Page:
         return result
 
     async def navigate(self, url: str, timeout: float = COMMAND_TIMEOUT) -> None:
-        """Open ``url`` and wait for its load event; BrowserError if the navigation failed."""
-        seen = self._load_events
+        """Open ``url`` and wait for the load event of that navigation's document (redirects
+        included), so nothing is evaluated in the page being left; BrowserError if it failed."""
         result = await self.send("Page.navigate", {"url": url})
         if result.get("errorText"):
             raise BrowserError(self.browser.describe(f"navigating to {url}: {result['errorText']}"))
+        loader = result.get("loaderId")
         await wait_until(
-            lambda: self._load_events > seen,
+            lambda: loader in self._loaded,
             timeout,
             message=lambda: self.browser.describe(f"{url} did not finish loading"),
         )
@@ -171,8 +171,8 @@ class Page:
                     future.set_exception(error)
 
     def _event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Page.loadEventFired":
-            self._load_events += 1
+        if method == "Page.lifecycleEvent" and params.get("name") == "load":
+            self._loaded.add(params.get("loaderId", ""))
         elif method == "Runtime.consoleAPICalled":
             args = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
             self.log.append(f"console.{params.get('type')}: {args}")
@@ -270,6 +270,7 @@ class Chromium:
         self.page = page
         for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
             await page.send(domain)
+        await page.send("Page.setLifecycleEventsEnabled", {"enabled": True})
         return page
 
     async def _read_stderr(self) -> None:
