@@ -44,7 +44,8 @@ Examples:
   curl -i http://127.0.0.1:9000/api/links/status
   curl -T big.iso http://127.0.0.1:9000/upload     # streamed, chunked or not
 
-Requests and responses stream both ways; connections are kept alive. A request the
+Requests and responses stream both ways; connections are kept alive; WebSockets
+(Upgrade, e.g. a dev server's hot reload) are piped through unchanged. A request the
 tunnel cannot deliver gets 502 (504 for a timeout) with the tunnel error code in the
 X-Tunnel-Error header, e.g. "X-Tunnel-Error: tunnel_unreachable" while the desktop
 is offline. A request with both Content-Length and Transfer-Encoding, or a malformed
