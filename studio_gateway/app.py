@@ -12,6 +12,9 @@ Routes:
   (200 even while NATS is down: restarting the gateway would not bring NATS back);
 - ``POST /api/links/session``: see :mod:`.sessions`;
 - ``GET /api/links/me``: see :mod:`.presence`;
+- ``POST /api/links/preview`` and every request for a preview host: see :mod:`.preview`
+  (a middleware in front of everything sends ``<label>.<GATEWAY_PREVIEW_DOMAIN>`` to the
+  desktop's preview, so no preview host ever reaches the API);
 - ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
   :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it).
 
@@ -42,6 +45,9 @@ from .config import GatewayConfig
 from .errors import GatewayRequestHandler, error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .presence import get_me
+from .preview.api import PREVIEW_PATH, create_preview
+from .preview.routing import preview_middleware
+from .preview.service import PREVIEW, PreviewService
 from .runs.api import add_routes as add_run_routes
 from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
@@ -85,8 +91,12 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     the daemon's own host prefix (e.g. run uplink subjects; see :mod:`contract.permissions`).
     """
     largest_body = max(CLIENT_MAX_SIZE, config.runs.max_body_bytes)
+    nats = GatewayNats(config)
+    preview = PreviewService(config, nats)
+    # The preview first: its hosts stream bodies of any size and never see the API's errors.
     app = web.Application(
-        middlewares=[error_middleware, declared_length_limit(largest_body)], client_max_size=CLIENT_MAX_SIZE
+        middlewares=[preview_middleware(preview), error_middleware, declared_length_limit(largest_body)],
+        client_max_size=CLIENT_MAX_SIZE,
     )
     app[CONFIG] = config
     app[VERIFIER] = TokenVerifier(config.auth)
@@ -94,7 +104,8 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     problem = minter.unavailable()
     if problem is not None:
         log.warning("link sessions will answer 503 %s: %s", *problem)
-    app[GATEWAY_NATS] = GatewayNats(config)
+    app[GATEWAY_NATS] = nats
+    app[PREVIEW] = preview
     app.cleanup_ctx.append(_nats_lifetime)
     attach_runs(app, config)
     # After NATS: cleanup runs in reverse, so deliveries drain before the connection closes.
@@ -103,6 +114,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     expect = expect_within(largest_body)
     app.router.add_post(SESSION_PATH, create_session, expect_handler=expect)
     app.router.add_get(ME_PATH, get_me)
+    app.router.add_post(PREVIEW_PATH, create_preview, expect_handler=expect)
     add_run_routes(app, expect_handler=expect)
     return app
 

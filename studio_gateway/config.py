@@ -33,6 +33,7 @@ import tunnel
 from contract.nats_jwt import JwtError, KeyKind, decode_jwt, is_public_key
 
 from . import nats_jwt
+from .preview.config import PreviewConfig
 from .settings import (
     DEFAULT_GATEWAY_HOST,
     DEFAULT_GATEWAY_PORT,
@@ -286,6 +287,7 @@ class GatewayConfig:
     presence_first_frame_timeout: float = DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT
     presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
     runs: RunsConfig = field(default_factory=RunsConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     @property
     def credential_mode(self) -> CredentialMode:
@@ -341,6 +343,7 @@ class GatewayConfig:
             host=values.value(GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
             port=values.value(GATEWAY_PORT),
             runs=RunsConfig.from_settings(values),
+            preview=PreviewConfig.from_settings(values),
         )
 
 

@@ -66,6 +66,12 @@ DEFAULT_RUNS_MAX_EVENT_BYTES: Final = 1024 * 1024
 DEFAULT_RUNS_HOST_STRAY_EVENTS: Final = 2000
 DEFAULT_RUNS_HOST_STRAY_WINDOW: Final = 60.0
 
+# Preview (see docs/preview.md): a ticket URL from POST /api/links/preview is good this long,
+# enough to open it right away, too short to be worth stealing from a log or a screen.
+DEFAULT_PREVIEW_TICKET_TTL: Final = 60.0
+# The preview cookie a ticket sets lasts a working day; a new ticket renews it.
+DEFAULT_PREVIEW_COOKIE_TTL: Final = 8 * 3600.0
+
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _TEN_YEARS: Final = 10 * 365 * 86400.0
@@ -401,6 +407,34 @@ RUNS_HOST_STRAY_WINDOW: Final = Seconds(
     high=_DAY,
 )
 
+GATEWAY_PREVIEW_DOMAIN: Final = Text(
+    "GATEWAY_PREVIEW_DOMAIN",
+    "--preview-domain",
+    "Serve desktop previews at <label>.DOMAIN ([http://|https://]host[:port]); unset: no previews.",
+)
+GATEWAY_PREVIEW_SECRET: Final = Text(
+    "GATEWAY_PREVIEW_SECRET",
+    "--preview-secret",
+    "Key signing preview tickets and cookies (>= 32 bytes, or a file); one per gateway fleet.",
+    default_help="random per process",
+)
+GATEWAY_PREVIEW_TICKET_TTL: Final = Seconds(
+    "GATEWAY_PREVIEW_TICKET_TTL_SECONDS",
+    "--preview-ticket-ttl",
+    "A preview ticket URL is good this long, s.",
+    default=DEFAULT_PREVIEW_TICKET_TTL,
+    low=5.0,
+    high=600.0,
+)
+GATEWAY_PREVIEW_COOKIE_TTL: Final = Seconds(
+    "GATEWAY_PREVIEW_COOKIE_TTL_SECONDS",
+    "--preview-cookie-ttl",
+    "The preview cookie a ticket sets lasts this long, s.",
+    default=DEFAULT_PREVIEW_COOKIE_TTL,
+    low=60.0,
+    high=7 * _DAY,
+)
+
 # Every setting, in the order ``studio-gateway serve --help`` lists them.
 SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[bool], ...]] = (
     GATEWAY_HOST,
@@ -435,6 +469,10 @@ SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[boo
     RUNS_MAX_EVENT_BYTES,
     RUNS_HOST_STRAY_EVENTS,
     RUNS_HOST_STRAY_WINDOW,
+    GATEWAY_PREVIEW_DOMAIN,
+    GATEWAY_PREVIEW_SECRET,
+    GATEWAY_PREVIEW_TICKET_TTL,
+    GATEWAY_PREVIEW_COOKIE_TTL,
 )
 
 
