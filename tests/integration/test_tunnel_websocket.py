@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -357,3 +359,24 @@ async def test_a_tunnel_client_and_prefix_are_accepted(nats_server: NatsServer) 
         ):
             await ws.send_text("via client")
             assert (await ws.receive()).data == "via client"
+
+
+def docs_section(title: str) -> str:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "tunnel.md").read_text()
+    return docs.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+async def test_the_docs_example_runs_and_prints_what_the_docs_say(nats_server: NatsServer) -> None:
+    """docs/tunnel.md's WebSockets script, run as a separate process against this nats-server."""
+    section = docs_section("WebSockets")
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    expected = section.split("```text\n", 1)[1].split("```", 1)[0]
+    assert "nats://127.0.0.1:4222" in script
+    script = script.replace("nats://127.0.0.1:4222", nats_server.url)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode() == expected
