@@ -17,8 +17,10 @@ limits=tunnel.Limits(window=1 << 20))``, ``tunnel.serve(nc, host, handler,
 config=tunnel.ServerConfig(max_concurrent=64))``.
 
 Add-ons live in public submodules, imported on demand: :mod:`tunnel.asgi`
-(serve an ASGI app), :mod:`tunnel.httpx_transport` (call tunnel URLs with httpx)
-and :mod:`tunnel.connect` (build a nats-py connection from creds/nkey/token).
+(serve an ASGI app, HTTP and WebSocket), :mod:`tunnel.httpx_transport` (call tunnel
+URLs with httpx), :mod:`tunnel.websocket` (WebSocket client over upgraded streams;
+``tunnel.websocket_connect`` loads it on first use) and :mod:`tunnel.connect` (build
+a nats-py connection from creds/nkey/token).
 
 Wire protocol: the reference ``tunnel.v1`` JSON frames, plus negotiated
 extensions (binary data frames, credit-based flow control, heartbeats).
@@ -30,6 +32,8 @@ package is typed (``py.typed``).
 """
 
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._config import (
     DEFAULT_FIRST_FRAME_TIMEOUT,
@@ -64,6 +68,19 @@ from ._handler import Handler, Request, Response
 from ._natsio.client import FetchResponse, TunnelClient, client_for, fetch, parse_tunnel_url
 from ._natsio.server import ServerStats, TunnelServer, serve
 from ._subjects import DEFAULT_PREFIX, HostSubjects, host_token
+
+if _TYPE_CHECKING:
+    from .websocket import websocket_connect
+
+
+def __getattr__(name: str) -> _Any:
+    """``websocket_connect`` is imported on first use: wsproto (and h11) cost ~50 ms at import."""
+    if name == "websocket_connect":
+        from .websocket import websocket_connect
+
+        return websocket_connect
+    raise AttributeError(f"module 'tunnel' has no attribute {name!r}")
+
 
 try:
     __version__: str = _metadata.version("natslink")
@@ -113,4 +130,5 @@ __all__ = [
     "logging_hook",
     "parse_tunnel_url",
     "serve",
+    "websocket_connect",
 ]
