@@ -7,13 +7,15 @@ changes the watched file on disk and waits until the page's DOM shows the new co
 the dev server's push crossed the tunnel to the browser. A ``ping`` from the page is
 answered ``pong`` (the browser-to-server direction).
 
-Paths tested, both ending at the desktop's linkd upstream proxy (:class:`linkd.upstream.UpstreamProxy`
-behind :class:`linkd.routes.LinkRoutes`, as ``linkd up --upstream`` serves it) -> dev server:
+The desktop is the real thing: a :class:`linkd.daemon.LinkDaemon` with ``upstream_url`` set
+(``linkd up --upstream <dev server>``), signed in to a real gateway on an operator-mode
+nats-server. Two ways in:
 
-- browser -> ``linkctl forward``'s listener (:class:`cli.local_proxy.Forwarder`, in-process)
-  -> tunnel;
-- browser -> the gateway's preview origin (``<label>.localhost``, signed in by the one-time
-  ticket URL of ``POST /api/links/preview``; see docs/preview.md) -> tunnel.
+- browser -> ``linkctl forward``'s listener (:class:`cli.local_proxy.Forwarder`, in-process,
+  on a NATS connection allowed to call desktops) -> tunnel -> linkd;
+- browser -> the gateway's preview origin ``http://<label>.localhost:<port>`` (Chromium
+  resolves ``*.localhost`` to loopback), signed in by the one-time ticket URL of
+  ``POST /api/links/preview`` (docs/preview.md) -> tunnel -> linkd.
 """
 
 from __future__ import annotations
@@ -21,54 +23,95 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+import nats
 import pytest
-from nats.aio.client import Client
+from nats.aio.client import Client, RawCredentials
 
 import tunnel
 from cli.local_proxy import Forwarder
-from cli.nats_server import NatsServer
-from linkd.routes import LinkRoutes
-from linkd.run_events import MemoryEventSink
-from linkd.runs import RunManager
-from linkd.upstream import UpstreamProxy
-from studio_gateway.hostnames import tunnel_hostname
+from linkd.daemon import LinkDaemon
+from tests.helpers import NatsServerFactory
 from tests.integration.chromium import Chromium, Page
-from tests.integration.gateway_harness import base_env, connect_daemon, running_gateway
+from tests.integration.gateway_harness import OperatorServer, start_operator_server
 from tests.integration.hmr_devserver import DevServer
-from tests.integration.tunnel_harness import connect_peers, serving
+from tests.integration.linkd_harness import (
+    EVENT_TIMEOUT,
+    LiveGateway,
+    daemon_settings,
+    live_gateway,
+    running_daemon,
+)
 
-HOST = "desk-hmr"
 USER = "dev@example.com"
 PAGE_TIMEOUT = 15.0
 
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Link:
+    """The gateway and the user's desktop (linkd with the dev server as its upstream)."""
+
+    gateway: LiveGateway
+    daemon: LinkDaemon
+    hostname: str
+    dev: DevServer
+    op: OperatorServer
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Path:
+    path = tmp_path / "App.vue"
+    path.write_text("v1")
+    return path
+
+
+@pytest.fixture
+async def link(nats_server_factory: NatsServerFactory, tmp_path: Path, watched: Path) -> AsyncIterator[Link]:
+    op = start_operator_server(nats_server_factory, tmp_path)
+    async with (
+        DevServer(watched) as dev,
+        live_gateway(op.env(GATEWAY_PREVIEW_DOMAIN="localhost")) as gw,
+        running_daemon(
+            tmp_path, gw.url, gw.token(USER), settings=daemon_settings(tmp_path, upstream_url=dev.url)
+        ) as desk,
+    ):
+        yield Link(gw, desk.daemon, desk.hostname, dev, op)
+
 
 @asynccontextmanager
-async def upstream_desktop(
-    nc: Client, hostname: str, dev: DevServer, prefix: str = tunnel.DEFAULT_PREFIX
-) -> AsyncIterator[None]:
-    """A desktop serving ``hostname`` with ``dev`` as its upstream, as ``linkd up --upstream`` does."""
-    proxy = UpstreamProxy(dev.url + "/")
-    routes = LinkRoutes(RunManager({}, MemoryEventSink()), upstream=proxy)
-    try:
-        async with serving(nc, hostname, routes, prefix=prefix):
-            yield
-    finally:
-        await proxy.aclose()
-
-
-@asynccontextmanager
-async def forward_listener(nc: Client, hostname: str) -> AsyncIterator[str]:
-    """``linkctl forward``'s listener to ``hostname`` on a free loopback port; yields its URL."""
+async def forward_listener(link: Link) -> AsyncIterator[str]:
+    """``linkctl forward``'s listener to the desktop on a free loopback port; yields its URL."""
+    nc: Client = await nats.connect(
+        link.op.server.url,
+        user_credentials=RawCredentials(link.op.gateway_creds.read_text()),
+        connect_timeout=EVENT_TIMEOUT,
+    )
     client = tunnel.TunnelClient(nc)
-    forwarder = Forwarder(client, hostname)
+    forwarder = Forwarder(client, link.hostname)
     listener = await forwarder.start("127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
     finally:
         await forwarder.close()
         await client.aclose()
+        await nc.close()
+
+
+async def preview_ticket(link: Link) -> str:
+    """The one-time ticket URL the app asks the gateway for (the user's own desktop)."""
+    headers = {"Authorization": f"Bearer {link.gateway.token(USER)}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{link.gateway.url}/api/links/preview", headers=headers, json={"path": "/"}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        url: str = (await resp.json())["url"]
+    return url
 
 
 async def hot_reload(page: Page, url: str, watched: Path, dev: DevServer) -> None:
@@ -102,45 +145,18 @@ async def hot_reload(page: Page, url: str, watched: Path, dev: DevServer) -> Non
     assert await page.text("state") == "open:vite-hmr"
 
 
-@pytest.fixture
-def watched(tmp_path: Path) -> Path:
-    path = tmp_path / "App.vue"
-    path.write_text("v1")
-    return path
+async def test_hmr_through_linkctl_forward(link: Link, watched: Path) -> None:
+    async with forward_listener(link) as url, Chromium.launch() as page:
+        await hot_reload(page, url + "/", watched, link.dev)
+        assert await page.evaluate("location.host") == url.removeprefix("http://")
 
 
-async def test_hmr_through_linkctl_forward(nats_server: NatsServer, watched: Path) -> None:
-    async with DevServer(watched) as dev, connect_peers(nats_server) as peers:
-        async with (
-            upstream_desktop(peers.server_nc, HOST, dev),
-            forward_listener(peers.caller_nc, HOST) as url,
-            Chromium.launch() as page,
-        ):
-            await hot_reload(page, url + "/", watched, dev)
-        assert peers.errors == []
-
-
-async def test_hmr_through_the_gateway_preview(nats_server: NatsServer, watched: Path) -> None:
-    """The preview origin ``http://<label>.localhost:<port>`` (Chromium resolves ``*.localhost`` to
-    loopback): the ticket URL from ``POST /api/links/preview`` sets the cookie, then the page and
-    its socket go through the gateway to the user's own desktop."""
-    env = base_env(NATS_URL=nats_server.url, GATEWAY_PREVIEW_DOMAIN="localhost")
-    async with DevServer(watched) as dev, running_gateway(env) as gw:
-        desk = await connect_daemon(nats_server.url)
-        try:
-            async with upstream_desktop(desk.nc, tunnel_hostname(USER), dev, gw.config.tunnel_prefix):
-                resp = await gw.client.post(
-                    "/api/links/preview", headers=gw.headers(USER), json={"path": "/"}
-                )
-                assert resp.status == 200, await resp.text()
-                ticket_url = (await resp.json())["url"]
-                assert ticket_url.startswith("http://p") and ".localhost:" in ticket_url
-                async with Chromium.launch() as page:
-                    await hot_reload(page, ticket_url, watched, dev)
-                    origin = await page.evaluate("location.origin")
-                    assert origin == ticket_url.split("/__natslink/")[0]
-                    # The preview cookie is the gateway's alone: the page's script cannot read it.
-                    assert await page.evaluate("document.cookie") == ""
-            assert desk.errors == []
-        finally:
-            await desk.nc.close()
+async def test_hmr_through_the_gateway_preview(link: Link, watched: Path) -> None:
+    ticket_url = await preview_ticket(link)
+    origin = ticket_url.split("/__natslink/", 1)[0]
+    assert origin.startswith("http://p") and origin.endswith(f".localhost:{link.gateway.port}"), origin
+    async with Chromium.launch() as page:
+        await hot_reload(page, ticket_url, watched, link.dev)
+        assert await page.evaluate("location.href") == origin + "/"  # the ticket redirected home
+        # The preview cookie is the gateway's alone (HttpOnly): the page's script cannot read it.
+        assert await page.evaluate("document.cookie") == ""
