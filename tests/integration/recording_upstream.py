@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -158,16 +159,17 @@ class WebSocketEchoService:
     seen: list[dict[str, Any]] = field(default_factory=list)
     close_codes: list[int | None] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    tls: ssl.SSLContext | None = None  # serve https with this server context
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     async def __aenter__(self) -> WebSocketEchoService:
         self._runner = web.AppRunner(self.app(), handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+        await web.TCPSite(self._runner, LOOPBACK, self.port, ssl_context=self.tls).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

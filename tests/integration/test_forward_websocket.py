@@ -231,6 +231,22 @@ async def test_bytes_sent_behind_the_head_reach_the_service_first_and_in_order(
         assert texts == ["early-1", "early-2"]
 
 
+async def test_the_browser_vanishing_closes_the_services_socket(nats_server: NatsServer) -> None:
+    async with chain(nats_server) as c, asyncio.timeout(20):
+        host, port = c.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = h11.Connection(h11.CLIENT).send(
+            h11.Request(method="GET", target="/ws/gone", headers=[("Host", "x"), *handshake_headers()])
+        )
+        assert head is not None
+        writer.write(head)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        await wait_until(lambda: c.service.seen)
+        writer.transport.abort()  # a tab killed: no close frame, a reset
+        await wait_until(lambda: c.service.close_codes, message="the service's socket was left open")
+        await wait_until(lambda: any('"GET /ws/gone" 101 upgraded: ' in line for line in c.log))
+
+
 async def test_smuggling_rules_hold_for_upgrade_requests(nats_server: NatsServer) -> None:
     async with chain(nats_server) as c, asyncio.timeout(20):
         request = (

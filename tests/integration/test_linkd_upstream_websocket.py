@@ -12,11 +12,15 @@ import base64
 import hashlib
 import json
 import os
+import ssl
+import subprocess
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
 from nats.aio.client import Client
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
@@ -30,6 +34,7 @@ from wsproto.events import (
 
 import tunnel
 from cli.nats_server import NatsServer, free_port
+from linkd import upstream_upgrade
 from linkd.routes import LinkRoutes
 from linkd.run_events import MemoryEventSink
 from linkd.runs import RunManager
@@ -46,9 +51,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 @asynccontextmanager
 async def proxied(
-    server: NatsServer, upstream_url: str | None = None
+    server: NatsServer, upstream_url: str | None = None, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[tuple[Client, WebSocketEchoService]]:
-    async with WebSocketEchoService() as service:
+    async with WebSocketEchoService(tls=tls) as service:
         proxy = UpstreamProxy(upstream_url or service.url + "/")
         routes = LinkRoutes(RunManager({}, MemoryEventSink()), upstream=proxy)
         try:
@@ -325,3 +330,60 @@ async def test_a_service_that_never_answers_the_upgrade_is_504(nats_server: Nats
             writer.close()
         listener.close()
         await proxy.aclose()
+
+
+async def test_the_caller_leaving_closes_the_services_socket(nats_server: NatsServer) -> None:
+    async with proxied(nats_server) as (nc, service), asyncio.timeout(20):
+        sock = TunnelSocket()
+        resp = await sock.open(nc, "/ws/a")
+        assert resp.status == 101
+        sock.send(Message(data="ping"))
+        assert await sock.message() == "ping"
+        await resp.aclose()  # abort: no close frame, the caller is just gone
+        await wait_until(lambda: service.close_codes, message="the service's socket was left open")
+        sock.half_close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    algorithm = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert), "-days", "1"]
+    subprocess.run(["openssl", "req", "-x509", *algorithm, *subject, *files], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_an_https_upstream_is_reached_over_verified_tls(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    async with proxied(nats_server, tls=server_tls) as (nc, service), asyncio.timeout(20):
+        assert service.url.startswith("https://")
+        # A certificate nobody vouches for: refused as the plain proxy refuses it.
+        sock = TunnelSocket()
+        resp = await sock.open(nc, "/ws/a")
+        try:
+            assert resp.status == 502
+            assert json.loads(await resp.read())["error"]["code"] == "upstream_unreachable"
+        finally:
+            await sock.aclose()
+        assert service.seen == []
+
+        trusting = upstream_upgrade._ssl_context()
+        trusting.load_verify_locations(cert)
+        monkeypatch.setattr(upstream_upgrade, "_ssl_context", lambda: trusting)
+        sock = TunnelSocket()
+        resp = await sock.open(nc, "/ws/tls?x=1")
+        try:
+            assert resp.status == 101
+            assert service.seen[0]["path"] == "/ws/tls?x=1"
+            sock.send(Message(data="over tls"))
+            assert await sock.message() == "over tls"
+            sock.send(CloseConnection(code=1000))
+            assert isinstance(await sock.next_event(), CloseConnection)
+            sock.half_close()  # over TLS there is no write_eof: the service's close ends it
+            assert await sock.next_event() is None
+        finally:
+            await sock.aclose()
