@@ -192,9 +192,9 @@ class WebSocketChannel:
         self.receive_high_water = receive_high_water
         self._inbox: deque[WebSocketMessage] = deque()
         self._inbox_bytes = 0
-        self._message_waiter: asyncio.Future[None] | None = None
+        # Tasks waiting for a message or for the close (several may wait: each has its own future).
+        self._waiters: set[asyncio.Future[None]] = set()
         self._space_waiter: asyncio.Future[None] | None = None
-        self._closing: asyncio.Future[None] | None = None
         self._send_lock = asyncio.Lock()
         self._discard = False  # we are closing: unread messages are dropped, the reader runs on
         self._reader: asyncio.Task[None] | None = None
@@ -266,9 +266,8 @@ class WebSocketChannel:
                     await closer()
 
     def _wake_receivers(self) -> None:
-        _wake(self._message_waiter)
-        if self.proto.closed:
-            _wake(self._closing)
+        for waiter in self._waiters:
+            _wake(waiter)
 
     # -- the application's side ---------------------------------------------------------
 
@@ -282,11 +281,16 @@ class WebSocketChannel:
                 return message
             if self.proto.closed or self.reader_done.is_set():
                 raise self.closed_error()
-            self._message_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._message_waiter
-            finally:
-                self._message_waiter = None
+            await self._wait_for_reader()
+
+    async def _wait_for_reader(self) -> None:
+        """Until the reader delivers something (a message, the close, its end)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
 
     async def send_text(self, text: str) -> None:
         await self._send(lambda: self.proto.send_text(text))
@@ -324,12 +328,8 @@ class WebSocketChannel:
             async with asyncio.timeout_at(deadline):
                 async with self._send_lock:
                     self.outbound.append(self.proto.close(code, reason))
-                if not self.proto.closed and not self.reader_done.is_set():
-                    self._closing = loop.create_future()
-                    try:
-                        await self._closing
-                    finally:
-                        self._closing = None
+                while not self.proto.closed and not self.reader_done.is_set():
+                    await self._wait_for_reader()
         if self.proto.close_code is None:
             self.proto.receive_data(None)  # no close frame in time: 1006
         self.outbound.end()

@@ -1,0 +1,137 @@
+"""``tunnel.websocket.WebSocketChannel`` over in-memory byte streams (no NATS, no sockets).
+
+Back-pressure both ways (a sender waits while its frames are not taken, the reader stops
+pulling while messages wait), close timing out to 1006, several receivers, a failed stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.helpers import wait_until
+from tunnel.websocket import WebSocketChannel, WebSocketClosed, WebSocketMessage
+
+
+class Pipe:
+    """Bytes one end writes and the other reads, counting what the reader pulled."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None | BaseException] = asyncio.Queue()
+        self.pulled = 0
+
+    async def reader(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            self.pulled += 1
+            yield item
+
+
+async def pump(source: AsyncIterator[bytes], pipe: Pipe) -> None:
+    async for data in source:
+        pipe.queue.put_nowait(data)
+    pipe.queue.put_nowait(None)
+
+
+def connected() -> tuple[WebSocketChannel, WebSocketChannel, list[asyncio.Task[None]]]:
+    client, server = WebSocketChannel(client=True), WebSocketChannel(client=False)
+    up, down = Pipe(), Pipe()
+    client.start(down.reader())
+    server.start(up.reader())
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(pump(client.outbound.chunks(), up)),
+        loop.create_task(pump(server.outbound.chunks(), down)),
+    ]
+    return client, server, tasks
+
+
+async def test_messages_both_ways_and_the_close_handshake() -> None:
+    client, server, tasks = connected()
+    await client.send_text("hi")
+    assert await server.receive() == WebSocketMessage("text", "hi")
+    await server.send_bytes(b"\x01")
+    assert await client.receive() == WebSocketMessage("binary", b"\x01")
+    await client.close(4000, "done", timeout=5)
+    assert (client.close_code, client.close_reason) == (4000, "done")
+    with pytest.raises(WebSocketClosed) as info:
+        await server.receive()
+    assert (info.value.code, info.value.reason) == (4000, "done")
+    await asyncio.gather(*tasks)
+    assert client.reader_done.is_set()
+
+
+async def test_several_receivers_all_hear_the_close() -> None:
+    client, server, tasks = connected()
+    receivers = [asyncio.create_task(client.receive()) for _ in range(3)]
+    await server.send_text("one")
+    await server.close(1001, timeout=5)
+    results = await asyncio.gather(*receivers, return_exceptions=True)
+    assert [r for r in results if isinstance(r, WebSocketMessage)] == [WebSocketMessage("text", "one")]
+    closed = [r for r in results if isinstance(r, WebSocketClosed)]
+    assert len(closed) == 2 and all(c.code == 1001 for c in closed)
+    await asyncio.gather(*tasks)
+
+
+async def test_a_sender_waits_while_its_frames_are_not_taken() -> None:
+    channel = WebSocketChannel(client=True, send_high_water=1000)
+    channel.start(Pipe().reader())
+    await channel.send_bytes(b"x" * 1500)  # admitted: the queue was below its mark
+    blocked = asyncio.create_task(channel.send_bytes(b"y"))
+    await wait_until(lambda: channel._send_lock.locked())
+    assert not blocked.done()
+    chunks = channel.outbound.chunks()
+    assert len(await anext(chunks)) > 1500  # taking the frame frees the queue
+    await asyncio.wait_for(blocked, 5)
+    assert await anext(chunks)
+    await channel.abort()
+
+
+async def test_the_reader_stops_pulling_while_messages_wait() -> None:
+    server = WebSocketChannel(client=False)
+    client = WebSocketChannel(client=True, receive_high_water=10_000)
+    pipe = Pipe()
+    client.start(pipe.reader())
+    for _ in range(100):
+        await server.send_bytes(b"z" * 1000)
+    chunks = server.outbound.chunks()
+    for _ in range(100):
+        pipe.queue.put_nowait(await anext(chunks))
+    await wait_until(lambda: pipe.pulled == 10)
+    assert client.buffered == 10_000
+    assert pipe.queue.qsize() == 90, "the reader waits for receive() before pulling more"
+    for _ in range(100):
+        assert await client.receive() == WebSocketMessage("binary", b"z" * 1000)
+    assert pipe.pulled == 100
+    await client.abort()
+
+
+async def test_close_without_an_answer_is_1006_after_the_timeout() -> None:
+    channel = WebSocketChannel(client=True)
+    channel.start(Pipe().reader())  # the peer never says anything
+    await channel.close(1000, timeout=0.05)
+    assert channel.close_code == 1006
+    with pytest.raises(WebSocketClosed) as info:
+        await channel.receive()
+    assert info.value.code == 1006
+    await channel.abort()
+
+
+async def test_a_failed_stream_is_1006_with_the_failure_as_cause() -> None:
+    channel = WebSocketChannel(client=True)
+    pipe = Pipe()
+    channel.start(pipe.reader())
+    failure = ConnectionResetError("gone")
+    pipe.queue.put_nowait(failure)
+    with pytest.raises(WebSocketClosed) as info:
+        await channel.receive()
+    assert info.value.code == 1006
+    assert info.value.__cause__ is failure
+    with pytest.raises(WebSocketClosed):
+        await channel.send_text("late")
