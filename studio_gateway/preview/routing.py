@@ -43,7 +43,14 @@ def preview_middleware(service: PreviewService) -> Middleware:
         domain = service.domain
         if domain is None or not in_preview_domain(request.host, domain.host):
             return await handler(request)
-        return await serve_preview(service, domain, request)
+        try:
+            return await serve_preview(service, domain, request)
+        except Exception as exc:
+            # The API's error middleware is behind this one: answer here, with a page, not JSON.
+            if isinstance(exc, ConnectionError) or request.writer.output_size > 0:
+                raise  # the browser left, or the response has started: nothing more to send
+            log.exception("preview request %s %s failed", request.method, request.path)
+            return page(500, "The gateway failed on this preview request.", "Reload to try again.")
 
     return middleware
 

@@ -163,6 +163,13 @@ def raw_answers(request: tunnel.Request) -> tunnel.Response | None:
             ],
             b"raw",
         )
+    if request.path == "/broken-body":
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"the first part"
+            raise RuntimeError("the desktop broke off")
+
+        return tunnel.Response(200, [("Content-Type", "text/plain")], body())
     return None
 
 
@@ -253,7 +260,7 @@ def op(nats_server_factory: NatsServerFactory, tmp_path: Path) -> OperatorServer
 async def preview_stack(op: OperatorServer, *users: str, **env: str) -> AsyncIterator[Stack]:
     async with AsyncExitStack() as exits:
         gw = await exits.enter_async_context(
-            running_gateway(op.env(GATEWAY_PREVIEW_DOMAIN=DOMAIN, RUNS_ENABLED="false", **env))
+            running_gateway(op.env(**{"GATEWAY_PREVIEW_DOMAIN": DOMAIN, "RUNS_ENABLED": "false", **env}))
         )
         desktops = {user: await exits.enter_async_context(desktop_of(gw, op, user)) for user in users}
         yield Stack(gw, desktops, exits)
@@ -479,6 +486,40 @@ async def test_what_the_desktop_gets_and_what_the_browser_gets_back(op: Operator
             assert resp.status == 200
 
 
+async def test_a_body_that_breaks_off_is_never_a_complete_one(op: OperatorServer) -> None:
+    async with preview_stack(op, "alice") as stack:
+        alice, origin = await stack.signed_in("alice")
+        async with alice.get(f"{origin}/broken-body") as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        async with alice.get(f"{origin}/page/after") as resp:  # the preview still works
+            assert resp.status == 200
+
+
+async def test_on_https_the_cookie_is_secure_and_host_prefixed(op: OperatorServer) -> None:
+    async with preview_stack(op, "alice", GATEWAY_PREVIEW_DOMAIN=f"https://{DOMAIN}") as stack:
+        link = await stack.preview_url("alice")
+        assert link["origin"].startswith(f"https://{label_for_user('alice')}.{DOMAIN}:")
+        plain = link["url"].replace("https://", "http://", 1)  # the test server speaks plain HTTP
+        async with browser() as session, session.get(plain, allow_redirects=False) as resp:
+            assert resp.status == 303
+            cookie = resp.headers["Set-Cookie"]
+            assert cookie.startswith("__Host-natslink_preview=v1.")
+            assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie
+            value = cookie.split(";", 1)[0].split("=", 1)[1]
+        async with browser() as session:
+            headers = {"Cookie": f"__Host-natslink_preview={value}"}
+            async with session.get(
+                f"{link['origin'].replace('https://', 'http://', 1)}/page/x", headers=headers
+            ) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["path"] == "/page/x"
+        got = dict(stack.desktops["alice"].seen[-1].headers)
+        assert "Cookie" not in got
+        assert got["X-Forwarded-Proto"] == "https"
+
+
 async def test_an_offline_desktop_is_a_502_page_naming_the_cause(op: OperatorServer) -> None:
     async with preview_stack(op) as stack:  # carol has no desktop connected
         link = await stack.preview_url("carol")
@@ -544,6 +585,28 @@ async def test_close_codes_and_reasons_travel_both_ways(op: OperatorServer) -> N
             await ws.send_str("die")
             msg = await ws.receive(timeout=EVENT_TIMEOUT)
             assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1014)
+
+
+async def test_a_browser_that_vanishes_is_going_away_for_the_desktop(op: OperatorServer) -> None:
+    async with preview_stack(op, "alice") as stack:
+        alice, origin = await stack.signed_in("alice")
+        dev = stack.desktops["alice"].dev
+        cookie = alice.cookie_jar.filter_cookies(aiohttp.client.URL(origin))["natslink_preview"].value
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.gw.client.port)
+        handshake = (
+            "GET /ws/gone HTTP/1.1\r\n"
+            f"Host: {origin.removeprefix('http://')}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: vite-hmr\r\nCookie: natslink_preview={cookie}\r\n\r\n"
+        )
+        writer.write(handshake.encode("ascii"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), EVENT_TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        await wait_until(lambda: dev.ws_seen, EVENT_TIMEOUT)
+        writer.transport.abort()  # no close frame: the tab crashed, the laptop slept
+        await wait_until(lambda: dev.ws_closes, EVENT_TIMEOUT)
+        assert dev.ws_closes == [(1001, "")]
 
 
 async def test_a_refused_desktop_handshake_is_its_status_and_other_origins_are_refused(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jwt
 import pytest
 
+import tunnel
 from studio_gateway.preview.headers import (
     cookie_values,
     is_gateway_token,
@@ -12,6 +13,7 @@ from studio_gateway.preview.headers import (
     response_headers,
     without_our_cookie,
 )
+from studio_gateway.preview.http_relay import tunnel_failure_page
 from studio_gateway.preview.ws_relay import BAD_GATEWAY, wire_code
 
 AUDIENCE = "studio-gateway"
@@ -140,3 +142,23 @@ def test_response_headers_towards_the_browser() -> None:
 )
 def test_close_codes_fit_for_the_wire(code: int | None, expected: int) -> None:
     assert wire_code(code, vanished=BAD_GATEWAY) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "words"),
+    [
+        (tunnel.TunnelUnreachable("nobody serves it"), 502, "tunnel_unreachable"),
+        (tunnel.NoFirstFrameTimeout("no first frame"), 504, "tunnel_no_first_frame"),
+        (tunnel.IdleTimeout("silent"), 504, "tunnel_idle_timeout"),
+        (tunnel.RemoteProtocolError("gap"), 502, "tunnel_protocol_error"),
+        (tunnel.LocalProtocolError("bad header"), 400, "tunnel_bad_request"),
+    ],
+)
+def test_tunnel_failures_are_text_pages_naming_the_cause(
+    error: tunnel.TunnelError, status: int, words: str
+) -> None:
+    response = tunnel_failure_page(error, "alice-host")
+    assert response.status == status
+    assert response.content_type == "text/plain"
+    assert response.text is not None and words in response.text
+    assert response.headers["Cache-Control"] == "no-store"
