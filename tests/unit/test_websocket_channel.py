@@ -19,7 +19,7 @@ class Pipe:
     """Bytes one end writes and the other reads, counting what the reader pulled."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self.pulled = 0
 
     async def reader(self) -> AsyncIterator[bytes]:
