@@ -28,6 +28,8 @@ status  meaning
 25      ``fetch``: ``tunnel_stalled`` (the desktop gave up on a stalled transfer)
 26      ``fetch``/``forward``: ``tunnel_upgrade_unsupported`` (an upgrade, such as a
         WebSocket, asked of a desktop whose daemon cannot carry one)
+27      ``fetch``: ``tunnel_integrity_error`` (the response body arrived corrupted
+        or truncated: its byte count or CRC-32 differs from what the desktop sent)
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -73,6 +75,8 @@ TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
     ErrorCode.STALLED: 25,
     # An upgrade (WebSocket) asked of a daemon that speaks only plain v1.
     ErrorCode.UPGRADE_UNSUPPORTED: 26,
+    # A body that arrived with another byte count or CRC-32 than its sender stated.
+    ErrorCode.INTEGRITY: 27,
     # A peer that judged our request malformed: a usage problem on our side.
     ErrorCode.BAD_REQUEST: USAGE,
 }

@@ -50,6 +50,7 @@ from ._events import (
     ResponseHead,
 )
 from ._flow import ReceiveWindow, SendCredit
+from ._integrity import ALGORITHM, BodyDigest, check_whole
 from ._subjects import HostSubjects, hostname_from_token
 
 # ----------------------------------------------------------------------------- caller
@@ -127,6 +128,7 @@ def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
         heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
         max_frame=options.max_payload,
         whole=True,
+        integrity=ALGORITHM,
     )
 
 
@@ -197,6 +199,9 @@ class CallerStream:
         # Negotiated after the first frame.
         self.binary = False
         self.heartbeats = False
+        # Integrity extension: running byte count and CRC-32 of each body direction (or None).
+        self.sent_digest: BodyDigest | None = None
+        self.received_digest: BodyDigest | None = None
         # The server's heartbeat interval (from its ack), and when we last probed a silence.
         self._heartbeat_interval: float | None = None
         self._probed_at: float | None = None
@@ -247,6 +252,8 @@ class CallerStream:
                 break
             piece = bytes(data[taken : taken + n])
             seq = self.send.spend(n)
+            if self.sent_digest is not None:
+                self.sent_digest.update(piece)
             frames.append(
                 Publish(subject, codec.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary))
             )
@@ -271,7 +278,13 @@ class CallerStream:
         self.body_ended = True
         if self.upgrade:
             self._last_up_at = self.clock()
-        return Publish(subject, codec.encode_frame(f.RequestEnd(self.request_id, self.send.next_seq)))
+        digest = self.sent_digest
+        end = (
+            f.RequestEnd(self.request_id, self.send.next_seq)
+            if digest is None
+            else f.RequestEnd(self.request_id, self.send.next_seq, digest.size, digest.crc)
+        )
+        return Publish(subject, codec.encode_frame(end))
 
     def fail_body(self, code: str, message: str) -> Publish | None:
         """Tell the server our request body failed (our iterator raised)."""
@@ -354,10 +367,14 @@ class CallerStream:
                 self.receive_window.on_chunk(frame.seq, len(frame.data))
             except TunnelError as exc:
                 raise self._fail(exc) from None
+            if self.received_digest is not None:
+                self.received_digest.update(frame.data)
             return DataReceived(frame.data)
         if isinstance(frame, f.ResponseEnd):
             try:
                 self.receive_window.on_end(frame.seq)
+                if self.received_digest is not None:
+                    self.received_digest.check(frame.size, frame.crc32, "response body")
             except TunnelError as exc:
                 raise self._fail(exc) from None
             return BodyEnded()
@@ -411,6 +428,9 @@ class CallerStream:
                 self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = ReceiveWindow(opts.window if up is not None else None)
+            if ext.integrity == ALGORITHM and up is not None:
+                self.sent_digest = BodyDigest()
+                self.received_digest = BodyDigest()
             peer_max = ext.max_frame or opts.max_payload
             frame_limit = min(opts.max_payload, peer_max)
         else:
@@ -449,6 +469,13 @@ class CallerStream:
         if self.upgrade and status == 101:
             raise self._fail(RemoteProtocolError("a 101 that opens a stream cannot come as response.whole"))
         has_body = not (self.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
+        if frame.crc32 is not None:
+            # The whole frame's head names no extensions; a server that has the integrity
+            # extension always puts the checksum there (an older one: none to check).
+            try:
+                check_whole(frame.data, frame.crc32)
+            except TunnelError as exc:
+                raise self._fail(exc) from None
         self.phase = CallerPhase.DONE
         if has_body:
             self.receive_window.received_bytes += len(frame.data)  # counted like chunks (diagnostics)

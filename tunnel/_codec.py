@@ -103,6 +103,22 @@ def _optional_seq(obj: dict[str, Any], rid: str) -> int | None:
     return None if seq is None else int(seq)
 
 
+def _optional_count(obj: dict[str, Any], key: str, rid: str, limit: int = MAX_SAFE_INT) -> int | None:
+    value = _optional(obj, key, int, rid)
+    if value is not None and not 0 <= value <= limit:
+        raise FrameError(f"field {key!r} out of range", rid)
+    return None if value is None else int(value)
+
+
+_MAX_CRC32: Final = 0xFFFFFFFF
+_MAX_INTEGRITY_NAME: Final = 32
+
+
+def _integrity(raw: dict[str, Any]) -> str | None:
+    value = raw.get("integrity")
+    return value if type(value) is str and len(value) <= _MAX_INTEGRITY_NAME else None
+
+
 def _positive_int(obj: dict[str, Any], key: str, rid: str | None) -> int | None:
     value = _optional(obj, key, int, rid)
     if value is not None and not 0 < value <= MAX_SAFE_INT:
@@ -130,6 +146,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         max_frame=_positive_int(raw, "maxFrame", rid),
         whole=raw.get("wholeResponse") is True,
         upgrade=raw.get("upgrade") is True,
+        integrity=_integrity(raw),
     )
 
 
@@ -145,6 +162,7 @@ def _ack_extensions(raw: Any, rid: str) -> AckExtensions | None:
         max_frame=_positive_int(raw, "maxFrame", rid),
         up_subject=_optional(raw, "upSubject", str, rid),
         upgrade=raw.get("upgrade") is True,
+        integrity=_integrity(raw),
     )
 
 
@@ -215,7 +233,7 @@ def _decode_whole(rest: bytes, rid: str) -> Frame:
         raise FrameError("response.whole head is not this request's response.start", rid)
     start = _d_response_start(head, rid)
     assert isinstance(start, ResponseStart)
-    return ResponseWhole(rid, start, rest[head_end:])
+    return ResponseWhole(rid, start, rest[head_end:], _optional_count(head, "crc32", rid, _MAX_CRC32))
 
 
 def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
@@ -279,11 +297,15 @@ def _d_chunk(o: dict[str, Any], rid: str) -> Frame:
 
 
 def _d_request_end(o: dict[str, Any], rid: str) -> Frame:
-    return RequestEnd(rid, _seq(o, rid))
+    return RequestEnd(
+        rid, _seq(o, rid), _optional_count(o, "bytes", rid), _optional_count(o, "crc32", rid, _MAX_CRC32)
+    )
 
 
 def _d_response_end(o: dict[str, Any], rid: str) -> Frame:
-    return ResponseEnd(rid, _seq(o, rid))
+    return ResponseEnd(
+        rid, _seq(o, rid), _optional_count(o, "bytes", rid), _optional_count(o, "crc32", rid, _MAX_CRC32)
+    )
 
 
 def _d_request_error(o: dict[str, Any], rid: str) -> Frame:
@@ -452,6 +474,7 @@ def _response_start_json(
     headers: Headers,
     status_text: str | None,
     extensions: AckExtensions | None,
+    crc32: int | None = None,
 ) -> bytes:
     parts = [
         '{"type":"response.start","requestId":',
@@ -464,6 +487,8 @@ def _response_start_json(
     parts += (',"headers":', _headers_json(headers))
     if extensions is not None:
         parts += (',"extensions":', _JSON_ENCODER.encode(_ext_to_json(extensions)))
+    if crc32 is not None:  # only in a response.whole head (integrity extension)
+        parts += (',"crc32":', str(int(crc32)))
     parts.append("}")
     return "".join(parts).encode("ascii")
 
@@ -477,12 +502,13 @@ def encode_whole(
     headers: Headers,
     status_text: str | None,
     data: bytes | bytearray | memoryview,
+    crc32: int | None = None,
 ) -> bytes:
     """``encode_frame(ResponseWhole(...))`` byte for byte, without building the frame objects.
 
     Hot path: every small response of an extended server goes through here.
     """
-    head = _response_start_json(request_id, status, headers, status_text, None)
+    head = _response_start_json(request_id, status, headers, status_text, None, crc32)
     return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, data))
 
 
@@ -506,7 +532,10 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
     if isinstance(frame, CHUNK_FRAMES):
         return encode_chunk(frame, binary)
     if isinstance(frame, ResponseWhole):
-        head = encode_frame(frame.start)
+        st = frame.start
+        head = _response_start_json(
+            st.request_id, st.status, st.headers, st.status_text, st.extensions, frame.crc32
+        )
         return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, frame.data))
     if isinstance(frame, RequestStart):
         return _encode_request_start(frame)
@@ -518,6 +547,10 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
             obj["extensions"] = _ext_to_json(frame.extensions)
     elif isinstance(frame, RequestEnd | ResponseEnd):
         obj["seq"] = frame.seq
+        if frame.size is not None:
+            obj["bytes"] = frame.size
+        if frame.crc32 is not None:
+            obj["crc32"] = frame.crc32
     elif isinstance(frame, RequestError | ResponseError):
         obj["code"] = frame.code
         obj["message"] = frame.message
@@ -552,6 +585,8 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
         out["wholeResponse"] = True
     if ext.upgrade:
         out["upgrade"] = True
+    if ext.integrity is not None:
+        out["integrity"] = ext.integrity
     return out
 
 

@@ -18,7 +18,9 @@ The tree::
     │                                                              granting credit or sending its body)
     ├── TunnelAborted                tunnel_aborted         499  (cancelled by a peer or by us)
     ├── RemoteProtocolError          tunnel_protocol_error  502  (the peer broke the protocol:
-    │                                                              gap, duplicate, bad frame)
+    │   │                                                          gap, duplicate, bad frame)
+    │   └── IntegrityError           tunnel_integrity_error (a body's byte count or CRC-32 at
+    │                                                              its end differs from what arrived)
     ├── RemoteError                  code sent by the peer  502  (response.error / request.error,
     │                                                              e.g. tunnel_handler_error)
     ├── BufferLimitExceeded          tunnel_buffer_limit    502  (a plain v1 peer, which has no
@@ -54,6 +56,7 @@ class ErrorCode:
     BUFFER_LIMIT: Final = "tunnel_buffer_limit"
     STALLED: Final = "tunnel_stalled"
     UPGRADE_UNSUPPORTED: Final = "tunnel_upgrade_unsupported"
+    INTEGRITY: Final = "tunnel_integrity_error"
 
 
 class TunnelError(Exception):
@@ -136,6 +139,13 @@ class RemoteProtocolError(TunnelError):
     http_status = 502
 
 
+class IntegrityError(RemoteProtocolError):
+    """A body arrived with another byte count or CRC-32 than its sender's end frame states:
+    corrupted or truncated somewhere between the two ends. Never delivered as success."""
+
+    code = ErrorCode.INTEGRITY
+
+
 class RemoteError(TunnelError):
     """The peer reported an error frame; ``code`` is the code it sent."""
 
@@ -174,6 +184,7 @@ _BY_CODE: dict[str, type[TunnelError]] = {
     ErrorCode.STALLED: StallTimeout,
     ErrorCode.ABORTED: TunnelAborted,
     ErrorCode.PROTOCOL_ERROR: RemoteProtocolError,
+    ErrorCode.INTEGRITY: IntegrityError,
 }
 
 

@@ -66,6 +66,7 @@ class StartExtensions:
     max_frame: int | None = None  # largest NATS payload the caller's connection accepts
     whole: bool = False  # caller accepts response.whole frames
     upgrade: bool = False  # this request asks for an upgraded stream (a 101 opens both directions)
+    integrity: str | None = None  # checksum the caller puts in its end frames and wants in ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class AckExtensions:
     max_frame: int | None = None
     up_subject: str | None = None  # where body and credit frames go to reach this server
     upgrade: bool = False  # the server can carry the upgraded stream the caller asked for
+    integrity: str | None = None  # checksum both ends then put in their end frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,9 @@ class RequestChunk:
 class RequestEnd:
     request_id: str
     seq: int
+    # With the integrity extension: the body's byte count and CRC-32 (JSON "bytes", "crc32").
+    size: int | None = None
+    crc32: int | None = None
     type: str = field(default="request.end", init=False)
 
 
@@ -162,6 +167,7 @@ class ResponseWhole:
     request_id: str
     start: ResponseStart
     data: bytes
+    crc32: int | None = None  # with the integrity extension: in the head, as "crc32"
     type: str = field(default="response.whole", init=False)
 
 
@@ -177,6 +183,8 @@ class ResponseChunk:
 class ResponseEnd:
     request_id: str
     seq: int
+    size: int | None = None
+    crc32: int | None = None
     type: str = field(default="response.end", init=False)
 
 

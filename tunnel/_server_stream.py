@@ -44,6 +44,7 @@ from ._events import (
     Publish,
 )
 from ._flow import ReceiveWindow, SendCredit
+from ._integrity import ALGORITHM, BodyDigest, crc32
 from ._subjects import HostSubjects
 
 # ----------------------------------------------------------------------------- server
@@ -101,6 +102,7 @@ class _ServerTerms:
     frame_limit: int
     chunk_limit: int
     offers_whole: bool
+    integrity: bool
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,7 +126,8 @@ def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_l
     if credit is not None:
         chunk_limit = min(chunk_limit, max(1, credit // 2))
     offers_whole = offer is not None and offer.whole and offer.binary
-    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole)
+    integrity = offer is not None and offer.integrity == ALGORITHM
+    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole, integrity)
 
 
 class ServerStream:
@@ -175,6 +178,10 @@ class ServerStream:
         self.frame_limit = terms.frame_limit
         self.chunk_limit = terms.chunk_limit
         self.offers_whole = terms.offers_whole
+        # Integrity extension: running byte count and CRC-32 of each body direction (or None).
+        self.integrity = terms.integrity
+        self.sent_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
+        self.received_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
         if offer is not None:
             self.up_subject: str | None = f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
@@ -217,6 +224,7 @@ class ServerStream:
             max_frame=self.options.max_payload,
             up_subject=self.up_subject,
             upgrade=self.upgrade,
+            integrity=ALGORITHM if self.integrity else None,
         )
 
     def ack(self) -> Publish:
@@ -269,7 +277,9 @@ class ServerStream:
         ):
             raise LocalProtocolError("invalid status text")
         # Encoded straight from the parts: no ResponseStart/ResponseWhole objects per response.
-        payload = codec.encode_whole(self.request_id, status, headers, status_text, data)
+        payload = codec.encode_whole(
+            self.request_id, status, headers, status_text, data, crc32(data) if self.integrity else None
+        )
         if len(payload) > self.frame_limit:
             return None
         self.phase = ServerPhase.DONE
@@ -294,6 +304,8 @@ class ServerStream:
                 break
             piece = bytes(data[taken : taken + n])
             seq = self.send.spend(n)
+            if self.sent_digest is not None:
+                self.sent_digest.update(piece)
             frames.append(
                 Publish(
                     self.reply_subject,
@@ -322,7 +334,10 @@ class ServerStream:
         if self.phase is not ServerPhase.RESPONDING:
             raise LocalProtocolError(f"cannot end response in phase {self.phase.value}")
         self.phase = ServerPhase.DONE
-        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq))
+        digest = self.sent_digest
+        if digest is None:
+            return self._out(f.ResponseEnd(self.request_id, self.send.next_seq))
+        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq, digest.size, digest.crc))
 
     def error_response(self, code: str, message: str) -> Publish | None:
         """An error frame for the caller, unless the response ended or the caller is gone."""
@@ -388,21 +403,27 @@ class ServerStream:
             self.receive_window.on_chunk(frame.seq, len(frame.data))
         except TunnelError as exc:
             raise self._fail(exc) from None
+        if self.received_digest is not None:
+            self.received_digest.update(frame.data)
         self._body_progress_at = self.clock()
         return DataReceived(frame.data)
 
     def _on_end(self, frame: f.Frame) -> Event:
         assert isinstance(frame, f.RequestEnd)
-        return self._on_request_end(frame)
+        return self._on_request_end(frame, check=True)
 
     def _on_request_error(self, frame: f.Frame) -> Event:
         assert isinstance(frame, f.RequestError)
         self.caller_gone = True
         return PeerFailed(self._fail(error_from_remote(frame.code, frame.message)))
 
-    def _on_request_end(self, frame: f.RequestEnd) -> Event:
+    def _on_request_end(self, frame: f.RequestEnd, *, check: bool) -> Event:
+        """The request body is complete; ``check``: against the checksum in the caller's end frame
+        (a presumed-lost end repaired from a credit report has none: its chunks are all here)."""
         try:
             self.receive_window.on_end(frame.seq)
+            if check and self.received_digest is not None:
+                self.received_digest.check(frame.size, frame.crc32, "request body")
         except TunnelError as exc:
             self.body_phase = BodyPhase.FAILED
             raise self._fail(exc) from None
@@ -431,7 +452,7 @@ class ServerStream:
                 # Every chunk arrived and the caller published its end before this: only the
                 # end frame was lost, and the body is complete. Repair it instead of stalling.
                 self._repaired_end_seq = frame.seq
-                return self._on_request_end(f.RequestEnd(self.request_id, frame.seq))
+                return self._on_request_end(f.RequestEnd(self.request_id, frame.seq), check=False)
         return CreditGranted()
 
     def _body_stalled_since(self) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,9 @@ V1_SERVER_BUILDERS: list[Callable[..., bytes]] = [
 # ----------------------------------------------------------------------------- extensions
 
 
-OFFER = f.StartExtensions(binary=True, window=WINDOW, heartbeat_ms=6666, max_frame=MAX_PAYLOAD, whole=True)
+OFFER = f.StartExtensions(
+    binary=True, window=WINDOW, heartbeat_ms=6666, max_frame=MAX_PAYLOAD, whole=True, integrity="crc32"
+)
 
 
 def ext_request_start_offer() -> bytes:
@@ -293,6 +296,21 @@ def ext_response_start_101() -> bytes:
         ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
     ]
     return server.start_response(101, headers).payload
+
+
+def ext_response_end_integrity() -> bytes:
+    server = _extended_server()
+    server.ack()
+    server.start_response(200, [("content-type", "text/plain")])
+    server.send_body(DATA)
+    return server.end_response().payload
+
+
+def ext_request_end_integrity() -> bytes:
+    caller = _caller(fast_path=True, has_body=True)
+    caller.receive(codec.decode_frame(_extended_server().ack().payload, RID))
+    caller.send_body(DATA)
+    return caller.end_body().payload
 
 
 def ext_response_ack() -> bytes:
@@ -409,6 +427,8 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/request.start.upgrade": (ext_request_start_upgrade, ".json"),
     "ext/response.ack.upgrade": (ext_response_ack_upgrade, ".json"),
     "ext/response.start.101": (ext_response_start_101, ".json"),
+    "ext/response.end.integrity": (ext_response_end_integrity, ".json"),
+    "ext/request.end.integrity": (ext_request_end_integrity, ".json"),
 }
 
 
@@ -534,8 +554,15 @@ def test_binary_golden_layouts_are_as_documented() -> None:
         "requestId": RID,
         "status": 200,
         "headers": [["content-type", "text/plain"]],
+        "crc32": zlib.crc32(DATA),  # the integrity extension: the body's CRC-32 in the head
     }
     assert whole[14 + head_length :] == DATA
+
+
+def test_integrity_end_frames_carry_the_byte_count_and_crc32_of_the_body() -> None:
+    for name in ("ext/request.end.integrity", "ext/response.end.integrity"):
+        end = json.loads(golden_path(name).read_bytes())
+        assert end["bytes"] == len(DATA) and end["crc32"] == zlib.crc32(DATA), name
 
 
 def test_extension_objects_are_as_documented() -> None:
@@ -546,6 +573,7 @@ def test_extension_objects_are_as_documented() -> None:
         "heartbeatMs": 6666,
         "maxFrame": MAX_PAYLOAD,
         "wholeResponse": True,
+        "integrity": "crc32",
     }
     ack = json.loads(golden_path("ext/response.ack").read_bytes())
     assert ack["extensions"] == {
@@ -554,6 +582,7 @@ def test_extension_objects_are_as_documented() -> None:
         "heartbeatMs": 6666,
         "maxFrame": MAX_PAYLOAD,
         "upSubject": SUBJECTS.server_up(RID, SERVER_ID),
+        "integrity": "crc32",
     }
 
 

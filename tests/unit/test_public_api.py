@@ -25,6 +25,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Handler",
     "HostSubjects",
     "IdleTimeout",
+    "IntegrityError",
     "Limits",
     "LocalProtocolError",
     "NoFirstFrameTimeout",
@@ -95,7 +96,7 @@ def test_implementation_modules_are_private() -> None:
 def test_every_public_error_carries_a_stable_code_and_http_status() -> None:
     errors = [getattr(tunnel, name) for name in tunnel.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, tunnel.TunnelError)]
-    assert len(errors) == 14
+    assert len(errors) == 15
     for cls in errors:
         err = cls("message")
         assert isinstance(err.code, str) and err.code.startswith("tunnel_")
