@@ -361,13 +361,17 @@ class _Connection:
             end = await self._next_event()
             if not isinstance(end, h11.EndOfMessage):
                 raise _CloseConnection("unexpected event after a body-less request")
-        body: AsyncIterator[bytes] | None = self._request_body() if has_body else None
+        body: AsyncIterator[bytes] | None = None
+        if pipe is not None:
+            body = pipe.browser_bytes()  # read only once the 101 is written
+        elif has_body:
+            body = self._request_body()
         try:
             response = await self.fw.client.fetch(
                 f"tunnel://{self.fw.hostname}{target}",
                 method=method,
                 headers=headers,
-                body=pipe.browser_bytes() if pipe is not None else body,
+                body=body,
                 timeout=self.fw.timeout if pipe is None else None,  # a WebSocket lives on
                 first_frame_timeout=self.fw.first_frame_timeout,
                 idle_timeout=self.fw.idle_timeout,
