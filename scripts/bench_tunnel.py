@@ -64,7 +64,7 @@ from cli.nats_server import NatsServer, NatsServerConfig, NatsServerError
 from linkd.upstream import UpstreamProxy
 from tunnel.asgi import Receive, Scope, Send, serve_asgi
 from tunnel.httpx_transport import TunnelTransport
-from tunnel.websocket import websocket_connect
+from tunnel.websocket import TunnelWebSocket, websocket_connect
 
 # --------------------------------------------------------------------------- shapes and settings
 
@@ -621,7 +621,7 @@ class DirectWs:
 class TunnelWs:
     """``tunnel.websocket`` over the tunnel to linkd's upstream proxy, then the same echo server."""
 
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, ws: TunnelWebSocket) -> None:
         self.ws = ws
 
     @classmethod
@@ -634,10 +634,9 @@ class TunnelWs:
     async def receive(self) -> str:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             message = await self.ws.receive()
-        if message.kind != "text":
+        if not isinstance(message.data, str):
             raise BenchError(f"tunnel WebSocket: {message.kind} instead of a text message")
-        text: str = message.data
-        return text
+        return message.data
 
     async def close(self) -> None:
         await self.ws.close()
