@@ -105,13 +105,14 @@ from ._natsio.server import TunnelServer
 from ._subjects import DEFAULT_PREFIX
 from ._ws_protocol import (
     ABNORMAL_CLOSURE,
+    GOING_AWAY,
     INTERNAL_ERROR,
     NORMAL_CLOSURE,
     accept_token,
     split_tokens,
     valid_key,
 )
-from .websocket import WebSocketChannel, WebSocketClosed
+from .websocket import CLOSE_TIMEOUT, WebSocketChannel, WebSocketClosed
 
 if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
     from nats.aio.client import Client as NATS
@@ -610,10 +611,14 @@ class _WebSocketCycle:
                 self.channel.stop()
 
     async def _close(self, code: int, reason: str) -> None:
+        await self.close(code, reason, CLOSE_TIMEOUT)
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        """The close handshake from the server's side (once)."""
         if self.closed:
             return
         self.closed = True
-        await self.channel.close(code, reason)
+        await self.channel.close(code, reason, timeout)
 
     def _answer(self, response: Response) -> None:
         self.answer = response
@@ -794,11 +799,28 @@ class AsgiHandler:
         self.state: dict[str, Any] = {}
         self._lifespan = _Lifespan(app, lifespan, self.state)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sockets: set[_WebSocketCycle] = set()
 
     @property
     def active(self) -> int:
         """Application tasks still running (requests, or work after the response, e.g. background tasks)."""
         return len(self._tasks)
+
+    @property
+    def websockets(self) -> int:
+        """WebSocket connections whose application is still running."""
+        return len(self._sockets)
+
+    async def close_websockets(
+        self, code: int = GOING_AWAY, reason: str = "server shutting down", timeout: float = CLOSE_TIMEOUT
+    ) -> None:
+        """Close every accepted WebSocket (close frame, then up to ``timeout`` s for the
+        client's); their applications hear ``websocket.disconnect``. For a server going away."""
+        cycles = [cycle for cycle in self._sockets if cycle.accepted and not cycle.closed]
+        if cycles:
+            await asyncio.gather(
+                *(cycle.close(code, reason, timeout) for cycle in cycles), return_exceptions=True
+            )
 
     async def startup(self) -> None:
         """Run lifespan startup; raises :class:`LifespanError` if the application reports failure."""
@@ -888,7 +910,9 @@ class AsgiHandler:
         task = asyncio.get_running_loop().create_task(cycle.run(self.app))
         cycle.app_task = task
         self._tasks.add(task)
+        self._sockets.add(cycle)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._sockets.discard(cycle))
         try:
             await asyncio.wait((cycle.head,))
         except asyncio.CancelledError:
@@ -922,7 +946,12 @@ class AsgiTunnelServer(TunnelServer):
         application tasks, then run lifespan shutdown (raises ``LifespanError`` if it fails)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await super().close(timeout)
+        # Open WebSockets never end by themselves: say goodbye (1001) while the drain waits.
+        goodbye = loop.create_task(self.asgi.close_websockets(timeout=min(timeout, CLOSE_TIMEOUT)))
+        try:
+            await super().close(timeout)
+        finally:
+            await goodbye
         if self._asgi_closed:
             return
         self._asgi_closed = True

@@ -300,3 +300,23 @@ async def test_the_client_vanishing_tells_the_app_1006(nats_server: NatsServer) 
         assert SEEN.disconnects == [(1006, "")]
         await wait_until(lambda: asgi_server.asgi.active == 0)
         await ws.close()
+
+
+async def test_closing_the_server_says_going_away_to_open_sockets(nats_server: NatsServer) -> None:
+    async with connect_peers(nats_server) as peers:
+        asgi_server = await serve_asgi(peers.server_nc, HOST, starlette_app)
+        ws = await websocket_connect(peers.caller_nc, f"{URL}/ws")
+        await ws.send_text("hi")
+        assert (await ws.receive()).data == "hi"
+        assert asgi_server.asgi.websockets == 1
+        await asgi_server.close(timeout=30)
+        # The app heard the client's echo of 1001 and returned: nothing was cut off.
+        assert SEEN.disconnects == [(1001, "server shutting down")]
+        assert asgi_server.asgi.active == 0
+        assert asgi_server.asgi.websockets == 0
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive()
+        assert (info.value.code, info.value.reason) == (1001, "server shutting down")
+        assert [m async for m in ws] == []  # 1001 ends iteration quietly
+        await ws.close()
+        assert peers.errors == []
