@@ -62,6 +62,8 @@ async def relay_http(
     except tunnel.TunnelError as exc:
         return tunnel_failure_page(exc, host)
     async with answer:  # leaving early (the browser went away) aborts the desktop's side
+        if answer.status < 200:  # 1xx is no final answer to a plain request (101 only upgrades)
+            return page(502, f"Your desktop answered {answer.status} to a plain request.")
         response = web.StreamResponse(status=answer.status, reason=answer.reason or None)
         for name, value in response_headers(answer.headers):
             response.headers.add(name, value)

@@ -45,6 +45,10 @@ def preview_middleware(service: PreviewService) -> Middleware:
             return await handler(request)
         try:
             return await serve_preview(service, domain, request)
+        except web.HTTPException as exc:
+            if request.writer.output_size > 0:
+                raise
+            return page(exc.status, exc.reason)
         except Exception as exc:
             # The API's error middleware is behind this one: answer here, with a page, not JSON.
             if isinstance(exc, ConnectionError) or request.writer.output_size > 0:

@@ -89,6 +89,8 @@ async def relay_websocket(
     request: web.Request, nc: NATS, *, prefix: str, host: str, headers: Headers
 ) -> web.StreamResponse:
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if not web.WebSocketResponse().can_prepare(request).ok:  # the browser's handshake, before the desktop's
+        return page(400, "This is no valid WebSocket handshake (Sec-WebSocket-Key and -Version 13 needed).")
     try:
         desktop = await websocket_connect(
             nc, f"tunnel://{host}{request.raw_path}", subprotocols=offered, headers=headers, prefix=prefix

@@ -634,6 +634,10 @@ async def test_a_refused_desktop_handshake_is_its_status_and_other_origins_are_r
             with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
                 await alice.ws_connect(f"{origin}/ws/x", origin=other)
             assert caught.value.status == 403, other
+        # A handshake aiohttp could not accept is refused before the desktop is asked.
+        bad = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "8"}
+        async with alice.get(f"{origin}/ws/x", headers=bad) as resp:
+            assert resp.status == 400
         # No cookie, no socket.
         async with browser() as stranger:
             with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
