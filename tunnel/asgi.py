@@ -81,6 +81,14 @@ What happens during a request:
 - HEAD and 1xx/204/205/304 responses carry no body: once the head is sent the
   caller has all it gets, so the application hears ``http.disconnect`` and its
   body messages are dropped (an endless stream answering a HEAD stops).
+
+WebSockets: an upgraded tunnel request with ``Upgrade: websocket``, a valid
+``Sec-WebSocket-Key`` and version 13 gets a ``websocket`` scope (ASGI spec 2.4: the
+http scope without ``method``, ``scheme`` ``ws``/``wss``, ``subprotocols``), run by
+``_WebSocketCycle`` on a :class:`tunnel.websocket.WebSocketChannel`. ``websocket.accept``
+answers 101, ``websocket.close`` before it 403, a failure before it 500 (after: close
+1011); the client leaving is ``websocket.disconnect`` 1006, and ``send()`` after that
+raises :class:`ClientDisconnected`. Closing the server closes open sockets with 1001.
 """
 
 from __future__ import annotations
