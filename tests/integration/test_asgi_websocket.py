@@ -320,3 +320,36 @@ async def test_closing_the_server_says_going_away_to_open_sockets(nats_server: N
         assert [m async for m in ws] == []  # 1001 ends iteration quietly
         await ws.close()
         assert peers.errors == []
+
+
+async def test_a_mebibyte_and_a_thousand_messages_through_starlette(nats_server: NatsServer) -> None:
+    async with (
+        served(nats_server, starlette_app) as (peers, _),
+        await websocket_connect(peers.caller_nc, f"{URL}/ws") as ws,
+    ):
+        big = bytes(range(256)) * 4096
+        await ws.send_bytes(big)
+        assert (await ws.receive()).data == big
+
+        async def send_all() -> None:
+            for i in range(1000):
+                await ws.send_text(str(i))
+
+        sender = asyncio.create_task(send_all())
+        assert [(await ws.receive()).data for _ in range(1000)] == [str(i) for i in range(1000)]
+        await sender
+
+
+async def test_the_app_task_dying_mid_socket_is_1006_for_the_client(nats_server: NatsServer) -> None:
+    async with served(nats_server, starlette_app) as (peers, asgi_server):
+        ws = await websocket_connect(peers.caller_nc, f"{URL}/ws", idle_timeout=1)
+        await ws.send_text("hi")
+        assert (await ws.receive()).data == "hi"
+        (task,) = asgi_server.asgi._tasks
+        task.cancel()
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            with pytest.raises(WebSocketClosed) as info:
+                await ws.receive()
+        assert info.value.code == 1006
+        await ws.close()
+        await wait_until(lambda: asgi_server.asgi.websockets == 0)
