@@ -56,16 +56,22 @@ def host_name(host_header: str | None) -> str | None:
 
 
 def in_preview_domain(host_header: str | None, domain_host: str) -> bool:
-    """True for the preview domain itself and every name under it: none of them is the API."""
+    """True for every name under the preview domain: none of them is the API.
+
+    The domain itself is not a preview host, so the API may live there (with
+    ``GATEWAY_PREVIEW_DOMAIN=localhost``, ``http://localhost:8080/api/...`` stays the API): it is
+    another origin than every preview, which is what keeps previews away from it.
+    """
     name = host_name(host_header)
-    return name is not None and (name == domain_host or name.endswith("." + domain_host))
+    return name is not None and name.endswith("." + domain_host)
 
 
 def preview_label_of(host_header: str | None, domain_host: str) -> str | None:
     """The label when ``host_header`` (``Host``, any port) is ``<label>.<domain_host>``, else None.
 
     Only exactly one well-formed label in front of the domain counts: ``a.b.<domain>``, the
-    bare domain or a label of another shape is no preview (the middleware answers 404 there).
+    bare domain or a label of another shape is no preview (the middleware answers 404 for the
+    names under the domain that are no preview).
     """
     name = host_name(host_header)
     if name is None:

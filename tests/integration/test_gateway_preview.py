@@ -401,6 +401,9 @@ async def test_preview_hosts_never_reach_the_gateway_api(op: OperatorServer) -> 
         async with alice.get(f"http://junk.{DOMAIN}:{port}/healthz") as resp:
             assert resp.status == 404
             assert resp.content_type == "text/plain"
+        # The domain itself is another origin than every preview: the API may live there.
+        async with alice.get(f"http://{DOMAIN}:{port}/healthz") as resp:
+            assert (await resp.json())["status"] == "ok"
         # On a preview host, /healthz is the dev server's path, not the gateway's route ...
         async with alice.get(f"{origin}/page/healthz") as resp:
             assert (await resp.json())["path"] == "/page/healthz"

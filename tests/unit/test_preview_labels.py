@@ -52,8 +52,10 @@ def test_preview_hosts_are_one_label_in_front_of_the_domain() -> None:
 
 
 def test_every_name_under_the_domain_is_preview_territory() -> None:
-    assert in_preview_domain("preview.localhost:1", "preview.localhost")
     assert in_preview_domain("junk.preview.localhost", "preview.localhost")
+    assert in_preview_domain("a.b.preview.localhost:1", "preview.localhost")
+    assert not in_preview_domain("preview.localhost:1", "preview.localhost")  # the API may live there
+    assert not in_preview_domain("localhost:8080", "localhost")
     assert not in_preview_domain("127.0.0.1:8080", "preview.localhost")
     assert not in_preview_domain("notpreview.localhost", "preview.localhost")
 
