@@ -204,7 +204,9 @@ class WebSocketProtocol:
     def _assemble(self, event: TextMessage | BytesMessage) -> WebSocketMessage | None:
         kind: Literal["text", "binary"] = "text" if isinstance(event, TextMessage) else "binary"
         self._kind = kind
-        self._size += len(event.data)
+        # Counted in bytes on the wire: a text part is UTF-8 there (up to 4 bytes a character).
+        data = event.data
+        self._size += len(data.encode("utf-8")) if isinstance(data, str) else len(data)
         if self._size > self.max_message_size:
             self._fail(MESSAGE_TOO_BIG, f"message over {self.max_message_size} bytes")
             return None

@@ -190,7 +190,7 @@ class WebSocketChannel:
         self.proto = WebSocketProtocol(client=client, max_message_size=max_message_size)
         self.outbound = _Outbound(send_high_water)
         self.receive_high_water = receive_high_water
-        self._inbox: deque[WebSocketMessage] = deque()
+        self._inbox: deque[tuple[WebSocketMessage, int]] = deque()  # with each one's size
         self._inbox_bytes = 0
         # Tasks waiting for a message or for the close (several may wait: each has its own future).
         self._waiters: set[asyncio.Future[None]] = set()
@@ -245,8 +245,9 @@ class WebSocketChannel:
                     break
                 for message in proto.receive_data(data):
                     if not self._discard:
-                        self._inbox.append(message)
-                        self._inbox_bytes += len(message.data)
+                        size = _size(message)
+                        self._inbox.append((message, size))
+                        self._inbox_bytes += size
                 self.outbound.append(proto.data_to_send())
                 if proto.finished:
                     self.outbound.end()
@@ -274,8 +275,8 @@ class WebSocketChannel:
     async def receive(self) -> WebSocketMessage:
         while True:
             if self._inbox:
-                message = self._inbox.popleft()
-                self._inbox_bytes -= len(message.data)
+                message, size = self._inbox.popleft()
+                self._inbox_bytes -= size
                 if self._inbox_bytes < self.receive_high_water:
                     _wake(self._space_waiter)
                 return message
@@ -354,6 +355,12 @@ class WebSocketChannel:
         if reader is not None and not reader.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait((reader,))
+
+
+def _size(message: WebSocketMessage) -> int:
+    """A message's size on the wire (text as UTF-8), for the receive high-water mark."""
+    data = message.data
+    return len(data.encode("utf-8")) if isinstance(data, str) else len(data)
 
 
 def _cancelling() -> bool:

@@ -176,3 +176,10 @@ def test_a_raw_client_connection_talks_to_our_server() -> None:
     raw = Connection(CLIENT)
     server = WebSocketProtocol(client=False)
     assert server.receive_data(raw.send(TextMessage(data="hi"))) == [WebSocketMessage("text", "hi")]
+
+
+def test_the_size_limit_counts_text_in_utf8_bytes() -> None:
+    client, server = pair(max_message_size=1000)
+    assert server.receive_data(client.send_text("é" * 500)) == [WebSocketMessage("text", "é" * 500)]
+    assert server.receive_data(client.send_text("é" * 501)) == []  # 501 characters, 1002 bytes
+    assert server.close_code == 1009
