@@ -86,9 +86,10 @@ WebSockets: an upgraded tunnel request with ``Upgrade: websocket``, a valid
 ``Sec-WebSocket-Key`` and version 13 gets a ``websocket`` scope (ASGI spec 2.4: the
 http scope without ``method``, ``scheme`` ``ws``/``wss``, ``subprotocols``), run by
 ``_WebSocketCycle`` on a :class:`tunnel.websocket.WebSocketChannel`. ``websocket.accept``
-answers 101, ``websocket.close`` before it 403, a failure before it 500 (after: close
-1011); the client leaving is ``websocket.disconnect`` 1006, and ``send()`` after that
-raises :class:`ClientDisconnected`. Closing the server closes open sockets with 1001.
+answers 101, ``websocket.close`` before it 403 (``websocket.http.response`` is offered:
+the app's own refusal), a failure before it 500 (after: close 1011); the client
+leaving is ``websocket.disconnect`` 1006, and ``send()`` after that raises
+:class:`ClientDisconnected`. Closing the server closes open sockets with 1001.
 """
 
 from __future__ import annotations
@@ -482,6 +483,15 @@ def is_websocket_upgrade(request: Request) -> bool:
     return "websocket" in upgrade and version == "13" and valid_key(request.header("sec-websocket-key"))
 
 
+def _header_pairs(raw: Any, where: str) -> Headers:
+    """ASGI ``[bytes, bytes]`` header pairs as checked tunnel headers."""
+    try:
+        headers = [(bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where} 'headers' must be [bytes, bytes] pairs") from exc
+    return validate_headers(headers, error=ValueError)
+
+
 class _WebSocketCycle:
     """One WebSocket connection: the ASGI ``websocket`` messages and the upgraded stream.
 
@@ -504,6 +514,8 @@ class _WebSocketCycle:
         self.head: asyncio.Future[None] = self._loop.create_future()
         self._grace: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # websocket.http.response.start seen: (status, headers, body parts so far)
+        self._denial: tuple[int, Headers, list[bytes]] | None = None
 
     async def run(self, app: ASGIApp) -> None:
         try:
@@ -548,16 +560,20 @@ class _WebSocketCycle:
 
     async def send(self, message: Message) -> None:
         mtype = message["type"]
+        if self._denial is not None:
+            self._deny(mtype, message)
+            return
         if not self.accepted and self.answer is None:
             if mtype == "websocket.accept":
                 self._accept(message)
             elif mtype == "websocket.close":
                 self.closed = True
                 self._answer(Response(403, [("content-type", "text/plain"), ("content-length", "0")], b""))
+            elif mtype == "websocket.http.response.start":
+                self._start_denial(message)
             else:
-                raise RuntimeError(
-                    f"Expected ASGI message 'websocket.accept' or 'websocket.close', but got '{mtype}'."
-                )
+                expected = "'websocket.accept', 'websocket.close' or 'websocket.http.response.start'"
+                raise RuntimeError(f"Expected ASGI message {expected}, but got '{mtype}'.")
             return
         if self.closed or not self.accepted:
             raise ClientDisconnected(f"cannot send '{mtype}': the WebSocket is closed")
@@ -581,15 +597,40 @@ class _WebSocketCycle:
                 f"Expected ASGI message 'websocket.send' or 'websocket.close', but got '{mtype}'."
             )
 
+    def _start_denial(self, message: Message) -> None:
+        """The ``websocket.http.response`` extension: refuse with an HTTP response of the app's."""
+        status = message["status"]
+        if (
+            not isinstance(status, int)
+            or isinstance(status, bool)
+            or not 200 <= status <= 599
+            or status == 101
+        ):
+            raise ValueError(f"invalid HTTP status {status!r} in websocket.http.response.start")
+        self._denial = (
+            status,
+            _header_pairs(message.get("headers") or [], "websocket.http.response.start"),
+            [],
+        )
+
+    def _deny(self, mtype: str, message: Message) -> None:
+        if self.answer is not None:
+            raise ClientDisconnected(f"cannot send '{mtype}': the denial response is complete")
+        if mtype != "websocket.http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'websocket.http.response.body', but got '{mtype}'.")
+        assert self._denial is not None
+        status, headers, parts = self._denial
+        body = message.get("body", b"")
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(f"websocket.http.response.body 'body' must be bytes, not {type(body).__name__}")
+        parts.append(bytes(body))
+        if not message.get("more_body", False):
+            self.closed = True
+            self._answer(Response(status, headers, b"".join(parts)))
+
     def _accept(self, message: Message) -> None:
         subprotocol = message.get("subprotocol")
-        raw_headers = message.get("headers") or []
-        try:
-            extra = [
-                (bytes(name).decode("latin-1"), bytes(value).decode("latin-1")) for name, value in raw_headers
-            ]
-        except (TypeError, ValueError) as exc:
-            raise TypeError("websocket.accept 'headers' must be [bytes, bytes] pairs") from exc
+        extra = _header_pairs(message.get("headers") or [], "websocket.accept")
         key = self.request.header("sec-websocket-key") or ""
         headers: Headers = [
             ("upgrade", "websocket"),
@@ -598,7 +639,7 @@ class _WebSocketCycle:
         ]
         if subprotocol is not None:
             headers.append(("sec-websocket-protocol", str(subprotocol)))
-        headers.extend(validate_headers(extra, error=ValueError))
+        headers.extend(extra)
         self.accepted = True
         self.channel.start(self.request.stream().__aiter__())
         self._answer(Response(101, headers, self._frames()))
@@ -896,6 +937,7 @@ class AsgiHandler:
         scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
         scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
         scope["subprotocols"] = split_tokens(request.header_values("sec-websocket-protocol"))
+        scope["extensions"]["websocket.http.response"] = {}
         return scope
 
     async def __call__(self, request: Request) -> Response:

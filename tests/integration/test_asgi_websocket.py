@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi import WebSocket as FastAPIWebSocket
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -82,6 +83,11 @@ async def ws_refuse(ws: WebSocket) -> None:
     await ws.close(code=1008)
 
 
+async def ws_deny(ws: WebSocket) -> None:
+    response = JSONResponse({"error": "who are you"}, status_code=401, headers={"www-authenticate": "Bearer"})
+    await ws.send_denial_response(response)
+
+
 async def ws_fail_before_accept(ws: WebSocket) -> None:
     raise RuntimeError("no accept for you")
 
@@ -105,6 +111,7 @@ starlette_app = Starlette(
         WebSocketRoute("/sub", ws_subprotocol),
         WebSocketRoute("/refuse", ws_refuse),
         WebSocketRoute("/fail", ws_fail_before_accept),
+        WebSocketRoute("/deny", ws_deny),
         WebSocketRoute("/late", ws_send_after_client_close),
     ]
 )
@@ -166,6 +173,7 @@ async def test_starlette_echo_text_and_binary_with_the_websocket_scope(nats_serv
     assert scope["subprotocols"] == []
     assert scope["http_version"] == "1.1"
     assert "method" not in scope
+    assert "websocket.http.response" in scope["extensions"]
     headers = dict(scope["headers"])
     assert headers[b"origin"] == b"http://127.0.0.1:5173"
     assert headers[b"upgrade"] == b"websocket"
@@ -249,6 +257,18 @@ async def test_close_before_accept_is_403(nats_server: NatsServer) -> None:
         with pytest.raises(WebSocketHandshakeError) as info:
             await websocket_connect(peers.caller_nc, f"{URL}/refuse")
         assert info.value.status == 403
+
+
+async def test_a_denial_response_reaches_the_client(nats_server: NatsServer) -> None:
+    """The ``websocket.http.response`` extension: the app refuses with its own HTTP response."""
+    async with served(nats_server, starlette_app) as (peers, asgi_server):
+        with pytest.raises(WebSocketHandshakeError) as info:
+            await websocket_connect(peers.caller_nc, f"{URL}/deny")
+        assert info.value.status == 401
+        assert info.value.body == b'{"error":"who are you"}'
+        assert ("www-authenticate", "Bearer") in info.value.headers
+        assert ("content-type", "application/json") in info.value.headers
+        await wait_until(lambda: asgi_server.asgi.active == 0)
 
 
 async def test_unknown_route_is_refused(nats_server: NatsServer) -> None:
