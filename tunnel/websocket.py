@@ -70,6 +70,18 @@ SEND_HIGH_WATER: Final = 256 * 1024
 RECEIVE_HIGH_WATER: Final = 256 * 1024
 #: How long ``close()`` waits for the peer's close frame and the end of the stream.
 CLOSE_TIMEOUT: Final = 5.0
+# Request headers websocket_connect sets itself; the caller's copies are dropped.
+_HANDSHAKE_HEADERS: Final = frozenset(
+    {
+        "upgrade",
+        "connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+    }
+)
 # How much of a refused handshake's body WebSocketHandshakeError keeps.
 _HANDSHAKE_BODY_LIMIT: Final = 64 * 1024
 
@@ -463,6 +475,10 @@ async def websocket_connect(
     server may stay silent at the tunnel level (it sends heartbeats) before the socket
     fails with 1006; None keeps the client's ``Timeouts.idle``. No total timeout applies.
 
+    ``headers`` go with the handshake (``origin``, cookies, ``x-forwarded-*``), except the
+    handshake's own (``upgrade``, ``connection``, ``sec-websocket-*``): those are dropped;
+    offer subprotocols with ``subprotocols``.
+
     Raises :class:`WebSocketHandshakeError` if the server answers anything but a valid
     101, and ``tunnel.UpgradeUnsupported`` if it cannot upgrade streams at all.
     """
@@ -479,7 +495,9 @@ async def websocket_connect(
     ]
     if offered:
         request_headers.append(("sec-websocket-protocol", ", ".join(offered)))
-    request_headers.extend(headers or ())
+    # The handshake's own headers are ours to set: a proxy passing its client's on must
+    # not send a second key, version or extension offer.
+    request_headers.extend((n, v) for n, v in headers or () if n.lower() not in _HANDSHAKE_HEADERS)
     channel = WebSocketChannel(client=True, max_message_size=max_message_size)
     # A WebSocket lives as long as both ends want: no total deadline, only liveness.
     timeouts = dataclasses.replace(

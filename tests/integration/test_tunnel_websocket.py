@@ -143,6 +143,31 @@ async def test_echo_text_binary_and_a_mebibyte(nats_server: NatsServer) -> None:
         assert peers.errors == []
 
 
+async def test_the_callers_copies_of_handshake_headers_are_dropped(nats_server: NatsServer) -> None:
+    """A proxy passing its client's headers on must not send a second key or offer."""
+    server = WsServer({"/echo": echo}, choose=lambda offered: offered[0] if offered else None)
+    client_headers = [
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "8"),
+        ("Sec-WebSocket-Protocol", "smuggled"),
+        ("sec-websocket-extensions", "permessage-deflate"),
+        ("Connection", "keep-alive"),
+        ("cookie", "a=1"),
+    ]
+    async with ws_server(nats_server, server) as peers:
+        async with await websocket_connect(
+            peers.caller_nc, f"{URL}/echo", subprotocols=["mine"], headers=client_headers
+        ) as ws:
+            assert ws.subprotocol == "mine"
+        request = server.requests[0]
+        for name in ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "connection"):
+            assert len(request.header_values(name)) == 1, name
+        assert request.header("sec-websocket-version") == "13"
+        assert request.header("sec-websocket-protocol") == "mine"
+        assert request.header_values("sec-websocket-extensions") == []
+        assert request.header("cookie") == "a=1"
+
+
 async def test_a_thousand_small_messages_each_way(nats_server: NatsServer) -> None:
     async with ws_server(nats_server, WsServer({"/echo": echo})) as peers:
         async with await websocket_connect(peers.caller_nc, f"{URL}/echo") as ws:
