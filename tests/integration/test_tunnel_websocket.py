@@ -331,6 +331,48 @@ async def test_a_slow_reader_holds_bounded_memory_and_gets_every_byte(nats_serve
     assert peak > window // 2, "the server really ran ahead of the reader"
 
 
+async def test_sending_waits_for_a_slow_server_and_nothing_is_lost(nats_server: NatsServer) -> None:
+    total, size = 32 * MiB, 256 * KiB
+    release = asyncio.Event()
+    got = hashlib.sha256()
+    counted = [0]
+
+    async def slow_sink(channel: WebSocketChannel) -> None:
+        await release.wait()
+        while True:
+            message = await channel.receive()  # WebSocketClosed at the client's close
+            assert isinstance(message.data, bytes)
+            got.update(message.data)
+            counted[0] += len(message.data)
+
+    server = WsServer({"/sink": slow_sink})
+    async with ws_server(nats_server, server) as peers:
+        client = tunnel.TunnelClient(peers.caller_nc)
+        window = client.limits.window
+        ws = await websocket_connect(client, f"{URL}/sink")
+        sent = hashlib.sha256()
+
+        async def send_all() -> None:
+            for i in range(total // size):
+                piece = i.to_bytes(4, "big") * (size // 4)
+                sent.update(piece)
+                await ws.send_bytes(piece)
+
+        sender = asyncio.create_task(send_all())
+        outbound = ws._channel.outbound
+        await wait_until(lambda: outbound.buffered >= outbound.high_water)  # the sender is held back
+        assert not sender.done()
+        assert outbound.buffered <= outbound.high_water + 2 * size
+        held = server.channels[0].buffered + sum(len(chunk) for chunk in server.requests[0]._chunks)
+        assert 0 < held <= window + RECEIVE_HIGH_WATER + 2 * size, held
+        release.set()
+        await asyncio.wait_for(sender, 30)
+        await ws.close()
+        await wait_until(lambda: counted[0] == total)
+        await client.aclose()
+    assert got.digest() == sent.digest()
+
+
 def server_stalled(channel: WebSocketChannel) -> bool:
     """The server's sends wait: its queue is full because the tunnel stopped taking bytes."""
     return channel.outbound.buffered >= channel.outbound.high_water
