@@ -103,6 +103,10 @@ class WebSocketProtocol:
         self.failed = False  # we closed because of the peer's bytes (protocol error, too big)
         self._broken = False  # the peer's bytes could not be parsed: stop feeding them
         self.pongs_received = 0
+        #: Set False by the I/O side while it cannot send: pings then go unanswered (RFC 6455
+        #: 5.5.3 allows answering only the latest), so a peer that pings without reading
+        #: cannot grow our outgoing queue.
+        self.answer_pings = True
         self.last_pong: bytes | None = None
 
     # -- state -------------------------------------------------------------------------
@@ -188,7 +192,11 @@ class WebSocketProtocol:
                 if message is not None:
                     messages.append(message)
             elif isinstance(event, Ping):
-                if self._conn.state is ConnectionState.OPEN and self._pending_control < _MAX_PENDING_CONTROL:
+                if (
+                    self.answer_pings
+                    and self._conn.state is ConnectionState.OPEN
+                    and self._pending_control < _MAX_PENDING_CONTROL
+                ):
                     pong = self._conn.send(event.response())
                     self._out.append(pong)
                     self._pending_control += len(pong)

@@ -255,6 +255,7 @@ class WebSocketChannel:
                     data = await anext(incoming)
                 except StopAsyncIteration:
                     break
+                proto.answer_pings = self.outbound.buffered < 2 * self.outbound.high_water
                 for message in proto.receive_data(data):
                     if not self._discard:
                         size = _size(message)

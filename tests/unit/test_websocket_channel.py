@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from wsproto.connection import SERVER, Connection
+from wsproto.events import Ping
 
 from tests.helpers import wait_until
 from tunnel.websocket import WebSocketChannel, WebSocketClosed, WebSocketMessage
@@ -135,3 +137,16 @@ async def test_a_failed_stream_is_1006_with_the_failure_as_cause() -> None:
     assert info.value.__cause__ is failure
     with pytest.raises(WebSocketClosed):
         await channel.send_text("late")
+
+
+async def test_pings_from_a_peer_that_does_not_read_do_not_grow_the_queue() -> None:
+    channel = WebSocketChannel(client=True, send_high_water=1000)
+    pipe = Pipe()
+    channel.start(pipe.reader())
+    peer = Connection(SERVER)
+    for _ in range(1000):  # nobody takes our frames: the pongs pile up to the limit only
+        pipe.queue.put_nowait(peer.send(Ping(payload=b"p" * 100)))
+    await wait_until(lambda: pipe.pulled == 1000)
+    assert channel.outbound.buffered < 2 * 1000 + 200
+    assert channel.outbound.buffered > 1000, "pings were answered while there was room"
+    await channel.abort()
