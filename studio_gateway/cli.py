@@ -66,6 +66,8 @@ METAVARS: Final = {
     "--jwt-algorithms": "ALGS",
     "--jwt-audience": "AUDIENCE",
     "--runs-runners": "NAMES",
+    "--preview-domain": "DOMAIN",
+    "--preview-secret": "SECRET|FILE",
 }
 
 T = TypeVar("T")

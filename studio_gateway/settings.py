@@ -410,7 +410,7 @@ RUNS_HOST_STRAY_WINDOW: Final = Seconds(
 GATEWAY_PREVIEW_DOMAIN: Final = Text(
     "GATEWAY_PREVIEW_DOMAIN",
     "--preview-domain",
-    "Serve desktop previews at <label>.DOMAIN ([http://|https://]host[:port]); unset: no previews.",
+    "Serve desktop previews at LABEL.DOMAIN ([http://|https://]host[:port]); unset: no previews.",
 )
 GATEWAY_PREVIEW_SECRET: Final = Text(
     "GATEWAY_PREVIEW_SECRET",
