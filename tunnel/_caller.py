@@ -101,21 +101,25 @@ class CallerOptions:
     max_payload: int
     heartbeat_interval: float
     fast_path: bool = True
+    presence_timeout: float | None = None
     # Derived once per options object (a client caches these): the extensions offered in every
     # request.start and their JSON text, so no request hashes or encodes them again.
     offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
     offer_json: str | None = field(init=False, repr=False, compare=False)
-    # The same offer with ``upgrade`` set, for the requests that ask for an upgraded stream.
-    upgrade_offer_json: str | None = field(init=False, repr=False, compare=False)
+    # The offer's JSON for each (upgrade, ack_now) a request may add to it.
+    offer_variants: dict[tuple[bool, bool], str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         offer = _offer_for(self)
         object.__setattr__(self, "offer", offer)
         object.__setattr__(self, "offer_json", None if offer is None else codec.extensions_json(offer))
-        upgrade = None if offer is None else dataclasses.replace(offer, upgrade=True)
-        object.__setattr__(
-            self, "upgrade_offer_json", None if upgrade is None else codec.extensions_json(upgrade)
-        )
+        variants = {}
+        if offer is not None:
+            for upgrade in (False, True):
+                for ack_now in (False, True):
+                    variant = dataclasses.replace(offer, upgrade=upgrade, ack_now=ack_now)
+                    variants[upgrade, ack_now] = codec.extensions_json(variant)
+        object.__setattr__(self, "offer_variants", variants)
 
 
 def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
@@ -160,6 +164,7 @@ class CallerStream:
         clock: Clock,
         deadline_unix_ms: int | None = None,
         upgrade: bool = False,
+        first_contact: bool = False,
     ) -> None:
         if upgrade and not options.fast_path:
             raise LocalProtocolError("an upgraded stream needs the protocol extensions (fast_path=True)")
@@ -169,6 +174,14 @@ class CallerStream:
         #: The server answered 101 to it: the response body and our request body are now the
         #: two directions of one stream.
         self.upgraded = False
+        #: This client has not seen the host serving lately: NATS's no-responders answer is
+        #: final at once (no daemon of it was just here to be reconnecting), and the server is
+        #: asked to ack at once so that a silence can be timed (see ``presence_check_due``).
+        self.first_contact = first_contact
+        #: Set by ``poll`` when the I/O layer should find out whether something other than a
+        #: server watches this host's subjects (then a silence means nobody serves it).
+        self.presence_check_pending = False
+        self._presence_checked = False
         self.subjects = subjects
         self.options = options
         self.clock = clock
@@ -189,7 +202,7 @@ class CallerStream:
             f"{subjects.base}.req.{request_id}.abort",
             self._body_subject,
             deadline_unix_ms,
-            options.upgrade_offer_json if upgrade else options.offer_json,
+            options.offer_variants.get((upgrade, first_contact)),
         )
         if len(self._start_payload) > options.max_payload:
             raise LocalProtocolError(
@@ -483,21 +496,46 @@ class CallerStream:
         return ResponseHead(status, start.status_text, start.headers, has_body, frame.data)
 
     def no_responders(self) -> Publish | None:
-        """NATS said nobody is subscribed: retry within the grace period, else fail."""
+        """NATS said nobody is subscribed: final at first contact; for a host seen serving
+        lately (its daemon may be reconnecting), retry within the grace period, then fail."""
         if self.phase is not CallerPhase.STARTING:
             return None
         now = self.clock()
-        if now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace:
+        if (
+            not self.first_contact
+            and now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace
+        ):
             self._retry_at = now + UNREACHABLE_RETRY_INTERVAL
             return None
+        raise self._fail(TunnelUnreachable(f"no server is serving {self._host_description()}"))
+
+    def _host_description(self) -> str:
         token = self.subjects.token
         try:
             host = hostname_from_token(token)
         except LocalProtocolError:
             host = "?"
+        return f"host {host!r} (host token {token}, prefix {self.subjects.prefix})"
+
+    def presence_check_due(self) -> float | None:
+        """First contact: when a start still unanswered (no frame, no no-responders) makes us
+        ask whether a non-server subscriber (a monitoring tap) is hiding NATS's answer."""
+        timeout = self.options.presence_timeout
+        if not self.first_contact or timeout is None or self._presence_checked:
+            return None
+        return self.started_at + timeout
+
+    def on_presence_check(self, watched_by_non_server: bool) -> None:
+        """The I/O layer's answer. Without such a watcher the interest NATS saw is a server's (a
+        slow one): keep waiting. With one, a server asked to ack at once would have by now."""
+        if self.phase is not CallerPhase.STARTING or not watched_by_non_server:
+            return
+        timeout = self.options.presence_timeout or 0.0
         raise self._fail(
             TunnelUnreachable(
-                f"no server is serving host {host!r} (host token {token}, prefix {self.subjects.prefix})"
+                f"no server answered for {self._host_description()} within {timeout * 1000:g} ms "
+                "(something that is not a server, such as a monitoring subscriber on the prefix, "
+                "receives its requests, so NATS cannot say that nobody serves it)"
             )
         )
 
@@ -517,6 +555,9 @@ class CallerStream:
             retry = self._retry_at or self._last_publish_at + self.options.republish_interval
             if due is None or retry < due:
                 due = retry
+            presence = self.presence_check_due()
+            if presence is not None and presence < due:
+                due = presence
         elif self._idle_applies():
             assert self.options.idle_timeout is not None
             idle = self._last_frame_at + self.options.idle_timeout
@@ -592,6 +633,10 @@ class CallerStream:
                         f"no frame from the server within {self.options.first_frame_timeout:g} s"
                     )
                 )
+            presence = self.presence_check_due()
+            if presence is not None and now >= presence:
+                self._presence_checked = True
+                self.presence_check_pending = True
             due = self._retry_at or self._last_publish_at + self.options.republish_interval
             if now >= due:
                 self._retry_at = None

@@ -147,6 +147,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         whole=raw.get("wholeResponse") is True,
         upgrade=raw.get("upgrade") is True,
         integrity=_integrity(raw),
+        ack_now=raw.get("ackNow") is True,
     )
 
 
@@ -587,6 +588,8 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
         out["upgrade"] = True
     if ext.integrity is not None:
         out["integrity"] = ext.integrity
+    if isinstance(ext, StartExtensions) and ext.ack_now:
+        out["ackNow"] = True
     return out
 
 

@@ -13,8 +13,14 @@ DEFAULT_FIRST_FRAME_TIMEOUT: Final = 30.0
 DEFAULT_IDLE_TIMEOUT: Final = 20.0
 # Reference callers republish an unanswered start every second (core NATS may drop it).
 DEFAULT_REPUBLISH_INTERVAL: Final = 1.0
-# A daemon that is (re)connecting gets this long before "nobody serves this host" is final.
-DEFAULT_UNREACHABLE_GRACE: Final = 0.2
+# A host this client saw serving lately gets this long before "nobody serves this host" is
+# final: its daemon may be reconnecting. A host not seen lately is reported at once.
+DEFAULT_UNREACHABLE_GRACE: Final = 1.0
+# "Lately": a host that answered this client within this many seconds.
+RECENTLY_SEEN: Final = 30.0
+# First contact with a host whose subjects someone else watches (a monitoring tap hides NATS's
+# no-responders answer): a server must answer within this long, or the host is unreachable.
+DEFAULT_PRESENCE_TIMEOUT: Final = 0.03
 # Pause between no-responders retries inside the grace period.
 UNREACHABLE_RETRY_INTERVAL: Final = 0.05
 # Flow-control window per direction: bounds buffered bytes per request, large
@@ -78,8 +84,14 @@ class Timeouts:
     - ``idle``: the longest silence (no data, no heartbeat) once a server answered
       (``tunnel_idle_timeout``: the server is gone);
     - ``total``: overall deadline, also sent to the server as ``deadlineUnixMs``;
-    - ``unreachable_grace``: how long "nobody serves this host" may last before it
-      is final, so a daemon that is reconnecting is not reported gone (0: at once);
+    - ``unreachable_grace``: for a host this client saw serving in the last 30 s, how
+      long "nobody serves this host" may last before it is final, so a daemon that is
+      reconnecting is not reported gone (0: at once). A host not seen lately is
+      reported unreachable at once, on NATS's no-responders answer;
+    - ``presence``: first contact with a host whose subjects a non-server subscriber
+      watches (a monitoring tap on the prefix hides the no-responders answer): a
+      server must answer within this long (it acks such a start at once), or the
+      host is unreachable;
     - ``republish_interval``: an unanswered start is published again this often
       (core NATS may drop it).
 
@@ -92,6 +104,7 @@ class Timeouts:
     total: float | None = None
     unreachable_grace: float = DEFAULT_UNREACHABLE_GRACE
     republish_interval: float = DEFAULT_REPUBLISH_INTERVAL
+    presence: float = DEFAULT_PRESENCE_TIMEOUT
 
     def __post_init__(self) -> None:
         for name in ("first_frame", "idle", "total"):
@@ -102,6 +115,8 @@ class Timeouts:
             raise ValueError(f"unreachable_grace must be 0 or more seconds, got {self.unreachable_grace!r}")
         if not self.republish_interval > 0:
             raise ValueError(f"republish_interval must be positive, got {self.republish_interval!r}")
+        if not self.presence > 0:
+            raise ValueError(f"presence must be positive, got {self.presence!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -67,6 +67,7 @@ class StartExtensions:
     whole: bool = False  # caller accepts response.whole frames
     upgrade: bool = False  # this request asks for an upgraded stream (a 101 opens both directions)
     integrity: str | None = None  # checksum the caller puts in its end frames and wants in ours
+    ack_now: bool = False  # first contact: ack at once (the caller is timing whether anyone serves)
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,9 @@ class ServerStream:
         # A body-less request from an extended caller is acked only if the handler is slow:
         # otherwise response.start (or response.whole) is the first frame.
         self.ack_due: float | None = (
-            now + DEFERRED_ACK_DELAY if self.extended and start.body_subject is None else None
+            now + DEFERRED_ACK_DELAY
+            if offer is not None and start.body_subject is None and not offer.ack_now
+            else None
         )
         self._last_sent_at = now
         self._last_heard_at = now  # upgraded streams: the caller's last frame of any kind

@@ -319,23 +319,42 @@ async def _never_called(req: tunnel.Request) -> tunnel.Response:
     raise AssertionError("no request should reach this host")
 
 
-async def test_unserved_host_fails_fast_with_tunnel_unreachable(nats_server: NatsServer) -> None:
-    """Default grace (0.2 s): a few quick retries, then tunnel_unreachable well under a second."""
+async def test_unserved_host_fails_at_once_with_tunnel_unreachable(nats_server: NatsServer) -> None:
+    """A host this client never saw serving: NATS's no-responders answer is final at once."""
     async with connect_peers(nats_server) as p, serving(p.server_nc, "someone-else.example", _never_called):
         taps = _StartCounter()
         client = tunnel.TunnelClient(p.caller_nc, wire_tap=taps)
-        assert client.timeouts.unreachable_grace == tunnel.DEFAULT_UNREACHABLE_GRACE == 0.2
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        assert client.timeouts.unreachable_grace == tunnel.DEFAULT_UNREACHABLE_GRACE == 1.0
         with pytest.raises(tunnel.TunnelUnreachable) as info:
             await client.fetch(f"tunnel://{HOST}/status")
-        elapsed = loop.time() - began
-    assert elapsed < 0.8
     assert info.value.code == "tunnel_unreachable"
     assert info.value.http_status == 503
     assert repr(HOST) in info.value.message, info.value.message  # names the host, not just its token
-    assert taps.starts >= 2, "the start must be retried within the grace period"
+    assert taps.starts == 1, "first contact: no retries, no grace"
     assert client.in_flight == 0
+
+
+async def _served_then_gone(p: Any, client: tunnel.TunnelClient) -> None:
+    """The client sees HOST serving once, then its server leaves."""
+    async with serving(p.server_nc, HOST, _answer_ok), await client.fetch(f"tunnel://{HOST}/status") as resp:
+        assert await resp.read() == b"ok"
+
+
+async def _answer_ok(req: tunnel.Request) -> tunnel.Response:
+    return tunnel.Response(200, [], b"ok")
+
+
+async def test_a_host_seen_lately_gets_the_grace_to_reconnect_then_fails(nats_server: NatsServer) -> None:
+    async with connect_peers(nats_server) as p:
+        taps = _StartCounter()
+        client = tunnel.TunnelClient(
+            p.caller_nc, wire_tap=taps, timeouts=tunnel.Timeouts(unreachable_grace=0.3)
+        )
+        await _served_then_gone(p, client)
+        starts_before = taps.starts
+        with pytest.raises(tunnel.TunnelUnreachable):
+            await client.fetch(f"tunnel://{HOST}/status")
+    assert taps.starts - starts_before >= 2, "a host seen lately is retried within the grace"
 
 
 async def test_unserved_host_with_zero_grace_fails_at_once(nats_server: NatsServer) -> None:
@@ -344,17 +363,16 @@ async def test_unserved_host_with_zero_grace_fails_at_once(nats_server: NatsServ
         client = tunnel.TunnelClient(
             p.caller_nc, timeouts=tunnel.Timeouts(unreachable_grace=0), wire_tap=taps
         )
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        await _served_then_gone(p, client)
+        starts_before = taps.starts
         with pytest.raises(tunnel.TunnelUnreachable):
             await client.fetch(f"tunnel://{HOST}/status")
-        elapsed = loop.time() - began
-    assert elapsed < 0.3
-    assert taps.starts == 1
+    assert taps.starts - starts_before == 1
 
 
-async def test_server_starting_within_the_grace_period_is_reached(nats_server: NatsServer) -> None:
-    """The daemon subscribes ~50 ms after the fetch began (after the first retry): it gets the request."""
+async def test_a_server_back_within_the_grace_period_is_reached(nats_server: NatsServer) -> None:
+    """A daemon seen lately resubscribes ~50 ms after the fetch began (after the first retry): it
+    gets the request, as after a reconnect."""
     calls: list[str] = []
 
     async def handler(req: tunnel.Request) -> tunnel.Response:
@@ -362,11 +380,12 @@ async def test_server_starting_within_the_grace_period_is_reached(nats_server: N
         return tunnel.Response(200, [], b"late but here")
 
     async with connect_peers(nats_server) as p:
-        taps = _StartCounter(signal_at=2)
+        taps = _StartCounter(signal_at=3)
         client = tunnel.TunnelClient(p.caller_nc, wire_tap=taps)
-        fetch = asyncio.create_task(client.fetch(f"tunnel://{HOST}/status"))
+        await _served_then_gone(p, client)  # start 1
+        fetch = asyncio.create_task(client.fetch(f"tunnel://{HOST}/status"))  # start 2
         async with asyncio.timeout(EVENT_TIMEOUT):
-            await taps.reached.wait()  # first retry published: ~50 ms in, nobody has answered yet
+            await taps.reached.wait()  # start 3, the first retry: nobody has answered yet
             assert not fetch.done()
             server = await tunnel.serve(p.server_nc, HOST, handler)
             try:

@@ -54,7 +54,10 @@ EXPECTED_PUBLIC_NAMES = {
     "logging_hook",
     "parse_tunnel_url",
     "serve",
+    "websocket_connect",
 }
+# Names tunnel/__init__.py resolves on first use (module __getattr__): not in vars(tunnel) until then.
+LAZY_NAMES = {"websocket_connect"}
 
 
 def test_all_is_exactly_the_public_names() -> None:
@@ -77,7 +80,7 @@ def test_no_public_name_is_exported_without_being_in_all() -> None:
         for name, value in vars(tunnel).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
-    assert public == set(tunnel.__all__)
+    assert public - LAZY_NAMES == set(tunnel.__all__) - LAZY_NAMES
 
 
 # Add-ons with their own import cost (httpx, ASGI) or their own namespace stay public submodules,

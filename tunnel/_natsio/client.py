@@ -15,7 +15,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Coroutine, Iterable
 from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
@@ -27,7 +27,14 @@ from nats.errors import Error as NatsError
 from .. import _codec as codec
 from .. import _frames as f
 from .._caller import CallerOptions, CallerPhase, CallerStream
-from .._config import LegacyClientKwargs, Limits, Timeouts, client_config, heartbeat_interval_for
+from .._config import (
+    RECENTLY_SEEN,
+    LegacyClientKwargs,
+    Limits,
+    Timeouts,
+    client_config,
+    heartbeat_interval_for,
+)
 from .._diagnostics import (
     OUTCOME_OK,
     REQUEST_ENDED,
@@ -250,6 +257,8 @@ class _ClientRequest(TimedRequest):
         except TunnelError as exc:
             await self._abort_with(exc)
             return
+        if was_starting and self.stream.phase is not CallerPhase.STARTING:
+            self.client._saw_serving(self.hostname)
         # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
         if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
             if self.body is not None:
@@ -301,7 +310,23 @@ class _ClientRequest(TimedRequest):
         except TunnelError as exc:
             self._fail_and_abort_soon(exc)
             return None
+        if self.stream.presence_check_pending:
+            self.stream.presence_check_pending = False
+            self.client._spawn(self._check_presence())
         return self.stream.next_deadline()
+
+    async def _check_presence(self) -> None:
+        """First contact and silence: is a non-server subscriber hiding NATS's no-responders?"""
+        try:
+            watched = await self.client._watched_by_non_server(self.stream.subjects)
+        except TunnelError:
+            return  # cannot tell: wait as before (the first-frame timeout still ends it)
+        if self.released:
+            return
+        try:
+            self.stream.on_presence_check(watched)
+        except TunnelError as exc:
+            await self._abort_with(exc)
 
     # -- failure paths ------------------------------------------------------------
 
@@ -541,6 +566,11 @@ class TunnelClient:
         self._options: dict[tuple[float | None, ...], CallerOptions] = {}
         self.on_event = on_event
         self.stats = TunnelCounters()
+        # When each host last answered this client (first frames): a host seen lately may be
+        # reconnecting when NATS says nobody serves it; any other host is reported at once.
+        self._seen: dict[str, float] = {}
+        # Per host token: (checked at, whether a non-server subscriber watches its subjects).
+        self._watchers: dict[str, tuple[float, bool]] = {}
 
     # The attributes ``timeouts`` and ``limits`` replace: read-only, deprecated (one release).
 
@@ -672,6 +702,7 @@ class TunnelClient:
         subjects = self._subjects_for(hostname)
         request_id = new_request_id()
         options = self._options_for(first, idle, total, base)
+        first_contact = self._first_contact(hostname, loop.time())
         deadline_ms = int((time.time() + total) * 1000) if total else None
         stream = CallerStream(
             request_id=request_id,
@@ -689,6 +720,7 @@ class TunnelClient:
             clock=loop.time,
             deadline_unix_ms=deadline_ms,
             upgrade=upgrade,
+            first_contact=first_contact,
         )
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req
@@ -714,6 +746,56 @@ class TunnelClient:
             raise
         return FetchResponse(req, head)
 
+    def _saw_serving(self, hostname: str) -> None:
+        if len(self._seen) >= HOST_CACHE_SIZE:
+            self._seen.clear()
+        self._seen[hostname] = asyncio.get_running_loop().time()
+
+    def _first_contact(self, hostname: str, now: float) -> bool:
+        seen = self._seen.get(hostname)
+        return seen is None or now - seen > RECENTLY_SEEN
+
+    async def _watched_by_non_server(self, subjects: HostSubjects) -> bool:
+        """Does something other than a server receive this host's subjects (a monitoring tap)?
+
+        Deterministic, no timing: publish with a reply to a subject of the host that no server
+        ever subscribes (the v1 body subject of a request id nobody has), then flush. NATS
+        answers no-responders before it answers a PING that follows the PUB, and nats-py queues
+        that answer before it completes the flush: no answer queued means someone has interest.
+        """
+        now = asyncio.get_running_loop().time()
+        cached = self._watchers.get(subjects.token)
+        if cached is not None and now - cached[0] < RECENTLY_SEEN:
+            return cached[1]
+        probe_id = new_request_id()
+        # An inbox of its own: NATS sends no-responders once, to one subscription matching the
+        # reply subject, so it must not be one our reply wildcard also matches.
+        reply = self.nc.new_inbox()
+        try:
+            sub = await self.nc.subscribe(reply)  # no callback: its queue counts answers exactly
+            try:
+                await self.nc.publish(subjects.body(probe_id), b"", reply=reply)
+                # Twice: nats-py writes a flush's PING straight to the socket, ahead of a PUB
+                # still in its buffer; the first flush gets the PUB written, and the second
+                # PING follows it, so its PONG comes after NATS's answer to the PUB.
+                await self.nc.flush()
+                await self.nc.flush()
+                watched = sub.pending_msgs == 0
+            finally:
+                with contextlib.suppress(NatsError, OSError):
+                    await sub.unsubscribe()
+        except (NatsError, OSError) as exc:
+            raise map_nats_error(exc) from exc
+        if len(self._watchers) >= HOST_CACHE_SIZE:
+            self._watchers.clear()
+        self._watchers[subjects.token] = (now, watched)
+        return watched
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _unsubscribe_soon(self, sub: Subscription) -> None:
         async def unsubscribe() -> None:
             with contextlib.suppress(NatsError, OSError):
@@ -735,7 +817,7 @@ class TunnelClient:
         self, first: float | None, idle: float | None, total: float | None, timeouts: Timeouts
     ) -> CallerOptions:
         grace, republish = timeouts.unreachable_grace, timeouts.republish_interval
-        key = (first, idle, total, grace, republish, self.nc.max_payload)
+        key = (first, idle, total, grace, republish, timeouts.presence, self.nc.max_payload)
         options = self._options.get(key)
         if options is None:
             if len(self._options) >= HOST_CACHE_SIZE:
@@ -751,6 +833,7 @@ class TunnelClient:
                 max_payload=self.nc.max_payload,
                 heartbeat_interval=heartbeat_interval_for(idle),
                 fast_path=self.fast_path,
+                presence_timeout=timeouts.presence,
             )
         return options
 

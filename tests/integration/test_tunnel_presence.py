@@ -1,0 +1,130 @@
+"""Offline detection without a fixed grace, through a real nats-server.
+
+- First contact with a host nobody serves: NATS's no-responders answer is final at once.
+- A monitoring subscriber on the prefix hides that answer; the caller finds out that such a
+  watcher exists (deterministically: a probe subject no server subscribes, plus a flush) and
+  then gives the host its presence timeout (a server acks a first-contact start at once).
+- None of it may report a live host offline: first contacts with a served host under a tap,
+  and a daemon rotating its connection make-before-break while probes run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+import tunnel
+from cli.nats_server import NatsServer
+from tests.helpers import wait_until
+from tests.integration.tunnel_harness import EVENT_TIMEOUT, WireLog, connect_peers, serving
+from tunnel import _frames as frames
+
+HOST = "desk.example"
+
+
+async def ok(request: tunnel.Request) -> tunnel.Response:
+    return tunnel.Response(200, [("content-type", "text/plain")], b"here")
+
+
+async def test_a_monitoring_tap_does_not_turn_offline_into_a_first_frame_timeout(
+    nats_server: NatsServer,
+) -> None:
+    async with connect_peers(nats_server) as peers:
+        tap_nc = await peers.connect(nats_server.url, "monitoring-tap")
+        seen: list[str] = []
+
+        async def record(msg: object) -> None:
+            seen.append(getattr(msg, "subject", ""))
+
+        await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>", cb=record)
+        await tap_nc.flush()
+        client = tunnel.TunnelClient(peers.caller_nc)  # first_frame timeout: the default 30 s
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(tunnel.TunnelUnreachable) as caught:
+            await client.fetch(f"tunnel://{HOST}/status")
+        elapsed = loop.time() - began
+        assert "monitoring" in caught.value.message and repr(HOST) in caught.value.message
+        assert elapsed < 1.0, f"took {elapsed:.3f} s: the tap was not detected"
+        assert any(s.endswith(".request") for s in seen), "the tap really saw the request"
+
+
+async def test_first_contacts_with_a_served_host_under_a_tap_are_never_reported_offline(
+    nats_server: NatsServer,
+) -> None:
+    wire = WireLog()
+    async with connect_peers(nats_server) as peers, serving(peers.server_nc, HOST, ok, wire_tap=wire):
+        tap_nc = await peers.connect(nats_server.url, "monitoring-tap")
+        await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
+        await tap_nc.flush()
+        for _ in range(50):  # a fresh client each time: every request is a first contact
+            client = tunnel.TunnelClient(peers.caller_nc)
+            async with await client.fetch(f"tunnel://{HOST}/status") as resp:
+                assert await resp.read() == b"here"
+            await client.aclose()
+        # Asked to, the server acked each first contact at once instead of after 20 ms.
+        acks = [fr for fr in wire.frames() if isinstance(fr, frames.ResponseAck)]
+        assert len(acks) == 50
+
+
+async def test_a_host_seen_lately_is_answered_without_an_extra_ack(nats_server: NatsServer) -> None:
+    wire = WireLog()
+    async with connect_peers(nats_server) as peers, serving(peers.server_nc, HOST, ok, wire_tap=wire):
+        client = tunnel.TunnelClient(peers.caller_nc)
+        for _ in range(3):
+            async with await client.fetch(f"tunnel://{HOST}/status") as resp:
+                assert await resp.read() == b"here"
+        kinds = [type(fr).__name__ for fr in wire.frames()]
+        # First contact: ack at once, then the one-message answer; after that one message each.
+        assert kinds == ["ResponseAck", "ResponseWhole", "ResponseWhole", "ResponseWhole"], kinds
+        await client.aclose()
+
+
+async def test_no_false_offline_while_the_daemon_rotates_its_connection_make_before_break(
+    nats_server: NatsServer,
+) -> None:
+    """100 rotations (a new connection serves, then the old one closes) with probes running
+    from a long-lived client and from fresh ones: every probe is answered."""
+    async with connect_peers(nats_server) as peers:
+        current = await peers.connect(nats_server.url, "desktop-0")
+        server = await tunnel.serve(current, HOST, ok)
+        failures: list[BaseException] = []
+        answered = 0
+        stop = asyncio.Event()
+        steady = tunnel.TunnelClient(peers.caller_nc)
+
+        async def probe_forever(fresh: bool) -> None:
+            nonlocal answered
+            while not stop.is_set():
+                client = tunnel.TunnelClient(peers.caller_nc) if fresh else steady
+                try:
+                    async with await client.fetch(f"tunnel://{HOST}/status") as resp:
+                        assert await resp.read() == b"here"
+                    answered += 1
+                except tunnel.TunnelError as exc:
+                    failures.append(exc)
+                finally:
+                    if fresh:
+                        await client.aclose()
+
+        def _more_than(floor: int) -> Callable[[], bool]:
+            return lambda: answered > floor
+
+        probes = [asyncio.create_task(probe_forever(fresh)) for fresh in (False, True, True)]
+        try:
+            for i in range(100):
+                nxt = await peers.connect(nats_server.url, f"desktop-{i + 1}")
+                new_server = await tunnel.serve(nxt, HOST, ok)  # make ...
+                await server.close(timeout=EVENT_TIMEOUT)  # ... before break
+                await current.close()
+                server, current = new_server, nxt
+                await wait_until(_more_than(answered), EVENT_TIMEOUT, message="probes stopped")
+        finally:
+            stop.set()
+            await asyncio.gather(*probes)
+            await server.close()
+            await steady.aclose()
+        assert failures == [], failures[:3]
+        assert answered >= 100
