@@ -182,6 +182,9 @@ class CallerStream:
         #: server watches this host's subjects (then a silence means nobody serves it).
         self.presence_check_pending = False
         self._presence_checked = False
+        #: Set by ``poll`` when a plain v1 server (no heartbeats) was silent for the idle timeout:
+        #: the I/O layer should check that the host still has a server (``on_liveness_check``).
+        self.liveness_check_pending = False
         self.subjects = subjects
         self.options = options
         self.clock = clock
@@ -517,6 +520,18 @@ class CallerStream:
             host = "?"
         return f"host {host!r} (host token {token}, prefix {self.subjects.prefix})"
 
+    def on_liveness_check(self, host_has_server: bool) -> None:
+        """The I/O layer's answer about a silent plain v1 server: gone only if no server of the
+        host is subscribed any more (NATS said no-responders to a probe on its abort subject)."""
+        if self.finished or host_has_server:
+            return
+        raise self._fail(
+            IdleTimeout(
+                f"the server of this request left: {self._host_description()} has no server any more "
+                f"(a plain v1 server sends no heartbeats, so its silence alone is not taken as gone)"
+            )
+        )
+
     def presence_check_due(self) -> float | None:
         """First contact: when a start still unanswered (no frame, no no-responders) makes us
         ask whether a non-server subscriber (a monitoring tap) is hiding NATS's answer."""
@@ -645,6 +660,13 @@ class CallerStream:
         elif self._idle_applies():
             assert self.options.idle_timeout is not None
             if now - self._last_frame_at >= self.options.idle_timeout:
+                if not self.heartbeats:
+                    # A plain v1 server sends no heartbeats: its silence proves nothing (an SSE
+                    # stream may be quiet for minutes). Ask the I/O layer whether the host still
+                    # has a server at all, and check again after another idle period.
+                    self._last_frame_at = now
+                    self.liveness_check_pending = True
+                    return []
                 raise self._fail(
                     IdleTimeout(f"server silent for {self.options.idle_timeout:g} s (no data, no heartbeat)")
                 )

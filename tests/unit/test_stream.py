@@ -638,9 +638,22 @@ def test_idle_timeout_does_not_apply_before_the_response_from_a_v1_server() -> N
     link.to_caller([link.server.start_response(200, [])])
     clock.advance(1.999)
     assert link.caller.poll() == []
+    assert not link.caller.liveness_check_pending
     clock.advance(0.001)
-    with pytest.raises(IdleTimeout):
-        link.caller.poll()
+    # Silence from a server without heartbeats is not death: the I/O layer is asked to check
+    # that the host still has a server, once per idle period.
+    assert link.caller.poll() == []
+    assert link.caller.liveness_check_pending
+    link.caller.liveness_check_pending = False
+    link.caller.on_liveness_check(True)  # it does: the stream goes on
+    assert not link.caller.finished
+    assert link.caller.next_deadline() == clock.now + 2.0
+    clock.advance(2.0)
+    link.caller.poll()
+    assert link.caller.liveness_check_pending
+    with pytest.raises(IdleTimeout, match="has no server any more"):
+        link.caller.on_liveness_check(False)
+    assert link.caller.phase is CallerPhase.FAILED
 
 
 def test_idle_timeout_applies_before_the_response_once_heartbeats_are_negotiated() -> None:

@@ -45,7 +45,15 @@ from .._diagnostics import (
     emit,
 )
 from .._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, TunnelAborted, TunnelError
-from .._events import BodyEnded, CreditGranted, DataReceived, HeartbeatReceived, PeerFailed, ResponseHead
+from .._events import (
+    BodyEnded,
+    CreditGranted,
+    DataReceived,
+    HeartbeatReceived,
+    PeerFailed,
+    Publish,
+    ResponseHead,
+)
 from .._headers import all_headers, first_header
 from .._subjects import (
     DEFAULT_PREFIX,
@@ -313,7 +321,23 @@ class _ClientRequest(TimedRequest):
         if self.stream.presence_check_pending:
             self.stream.presence_check_pending = False
             self.client._spawn(self._check_presence())
+        if self.stream.liveness_check_pending:
+            self.stream.liveness_check_pending = False
+            self.client._spawn(self._check_liveness())
         return self.stream.next_deadline()
+
+    async def _check_liveness(self) -> None:
+        """A plain v1 server was silent for the idle timeout: does its host still have a server?"""
+        try:
+            present = await self.client._host_has_server(self.stream.subjects)
+        except TunnelError:
+            return  # cannot tell: our own connection's trouble ends the request by itself
+        if self.released:
+            return
+        try:
+            self.stream.on_liveness_check(present)
+        except TunnelError as exc:
+            await self._abort_with(exc)
 
     async def _check_presence(self) -> None:
         """First contact and silence: is a non-server subscriber hiding NATS's no-responders?"""
@@ -758,38 +782,52 @@ class TunnelClient:
     async def _watched_by_non_server(self, subjects: HostSubjects) -> bool:
         """Does something other than a server receive this host's subjects (a monitoring tap)?
 
-        Deterministic, no timing: publish with a reply to a subject of the host that no server
-        ever subscribes (the v1 body subject of a request id nobody has), then flush. NATS
-        answers no-responders before it answers a PING that follows the PUB, and nats-py queues
-        that answer before it completes the flush: no answer queued means someone has interest.
+        Deterministic, no timing (see ``_has_interest``): the subject is one of the host's that no
+        server ever subscribes (the v1 body subject of a request id nobody has).
         """
         now = asyncio.get_running_loop().time()
         cached = self._watchers.get(subjects.token)
         if cached is not None and now - cached[0] < RECENTLY_SEEN:
             return cached[1]
+        watched = await self._has_interest(subjects.body(new_request_id()), b"")
+        if len(self._watchers) >= HOST_CACHE_SIZE:
+            self._watchers.clear()
+        self._watchers[subjects.token] = (now, watched)
+        return watched
+
+    async def _host_has_server(self, subjects: HostSubjects) -> bool:
+        """Does any server of this host still listen? Every server subscribes ``P.req.*.abort``,
+        so NATS answers no-responders to an abort (of a request id nobody has) only when none
+        is left. A harmless frame: servers drop aborts of ids they never saw."""
         probe_id = new_request_id()
+        frame = codec.encode_frame(f.Abort(probe_id, "liveness probe"))
+        return await self._has_interest(subjects.abort(probe_id), frame)
+
+    async def _has_interest(self, subject: str, payload: bytes) -> bool:
+        """Whether NATS has a subscriber for ``subject``, without timing anything.
+
+        Publish with a reply inbox, then flush: NATS answers no-responders before it answers a
+        PING that follows the PUB, and nats-py queues that answer before it completes the
+        flush, so no answer queued means someone has interest.
+        """
         # An inbox of its own: NATS sends no-responders once, to one subscription matching the
         # reply subject, so it must not be one our reply wildcard also matches.
         reply = self.nc.new_inbox()
         try:
             sub = await self.nc.subscribe(reply)  # no callback: its queue counts answers exactly
             try:
-                await self.nc.publish(subjects.body(probe_id), b"", reply=reply)
+                await self.publisher.send(Publish(subject, payload, reply))  # wire taps see it too
                 # Twice: nats-py writes a flush's PING straight to the socket, ahead of a PUB
                 # still in its buffer; the first flush gets the PUB written, and the second
                 # PING follows it, so its PONG comes after NATS's answer to the PUB.
                 await self.nc.flush()
                 await self.nc.flush()
-                watched = sub.pending_msgs == 0
+                return sub.pending_msgs == 0
             finally:
                 with contextlib.suppress(NatsError, OSError):
                     await sub.unsubscribe()
         except (NatsError, OSError) as exc:
             raise map_nats_error(exc) from exc
-        if len(self._watchers) >= HOST_CACHE_SIZE:
-            self._watchers.clear()
-        self._watchers[subjects.token] = (now, watched)
-        return watched
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
