@@ -53,6 +53,7 @@ SLOW_FILES = frozenset(
         "test_runs_e2e_bench.py",
         "test_nats_cluster.py",
         "test_wheel_install.py",
+        "test_tunnel_v1_pacing_full.py",
     }
 )
 

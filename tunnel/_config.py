@@ -60,6 +60,11 @@ EARLY_ABORT_TTL: Final = 10.0
 # Server: handlers running at once per served host; more requests are answered at once with
 # HTTP 503 + Retry-After (handler not run), so a flood cannot exhaust the daemon.
 DEFAULT_MAX_CONCURRENT: Final = 256
+# Server: a plain v1 caller (no credit) gets this many response-body bytes at full speed, then
+# DEFAULT_V1_PACE bytes/s, so NATS never holds more for it than its slow-consumer limit
+# (64 MiB by default) while it reads at 10 MB/s or faster.
+DEFAULT_V1_BURST: Final = 16 * 1024 * 1024
+DEFAULT_V1_PACE: Final = 8 * 1024 * 1024
 # Server: the Retry-After (seconds) of that 503.
 BUSY_RETRY_AFTER: Final = 1
 
@@ -154,7 +159,11 @@ class ServerConfig:
     - ``max_concurrent``: handlers running at once; a request beyond it is answered
       at once with HTTP 503 + Retry-After, so a flood cannot exhaust the server;
     - ``fast_path``: accept the extensions callers offer (binary frames, credit,
-      heartbeats, one-message responses); ``False`` answers as a reference v1 server.
+      heartbeats, one-message responses); ``False`` answers as a reference v1 server;
+    - ``v1_pace``, ``v1_burst``: a plain v1 caller has no flow control and cannot say how
+      fast it reads, while NATS cuts a caller that falls more than its slow-consumer limit
+      (64 MiB by default) behind: such a caller gets ``v1_burst`` bytes of a response body
+      at full speed, then ``v1_pace`` bytes per second (``None``: unpaced).
     """
 
     window: int = DEFAULT_WINDOW
@@ -162,8 +171,13 @@ class ServerConfig:
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     fast_path: bool = True
+    v1_pace: float | None = DEFAULT_V1_PACE
+    v1_burst: int = DEFAULT_V1_BURST
 
     def __post_init__(self) -> None:
+        if self.v1_pace is not None and not self.v1_pace > 0:
+            raise ValueError(f"v1_pace must be positive bytes/s or None, got {self.v1_pace!r}")
+        _check_positive_int("v1_burst", self.v1_burst)
         _check_positive_int("window", self.window)
         _check_positive_int("max_chunk", self.max_chunk)
         if self.stall_timeout is not None and not self.stall_timeout > 0:

@@ -131,3 +131,40 @@ class ReceiveWindow:
         if self.granted is None or self.buffered > 0:
             return None
         return self.granted
+
+
+class Pacer:
+    """A token bucket for a receiver that cannot say how fast it reads (a plain v1 caller).
+
+    Without credit, a server would send as fast as it can, and NATS buffers what the caller
+    has not read yet for it, up to its slow-consumer limit (64 MiB by default), then cuts the
+    caller's connection, and the request waits forever. So: ``burst`` bytes at full speed,
+    then ``rate`` bytes per second. Times are plain numbers (the caller's clock).
+    """
+
+    __slots__ = ("_at", "_level", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._level = float(burst)  # bytes that may go now
+        self._at = now
+
+    def available(self, now: float) -> int:
+        self._refill(now)
+        return int(self._level)
+
+    def spend(self, n: int, now: float) -> None:
+        self._refill(now)
+        self._level -= n
+
+    def delay_for(self, n: int, now: float) -> float:
+        """Seconds until ``n`` bytes (at most a burst) may go."""
+        self._refill(now)
+        missing = min(n, self.burst) - self._level
+        return max(0.0, missing / self.rate)
+
+    def _refill(self, now: float) -> None:
+        if now > self._at:
+            self._level = min(float(self.burst), self._level + (now - self._at) * self.rate)
+            self._at = now

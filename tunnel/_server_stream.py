@@ -43,7 +43,7 @@ from ._events import (
     PeerFailed,
     Publish,
 )
-from ._flow import ReceiveWindow, SendCredit
+from ._flow import Pacer, ReceiveWindow, SendCredit
 from ._integrity import ALGORITHM, BodyDigest, crc32
 from ._subjects import HostSubjects
 
@@ -91,6 +91,10 @@ class ServerOptions:
     max_payload: int
     stall_timeout: float | None
     fast_path: bool = True
+    # A plain v1 caller reads at an unknown speed: after ``v1_burst`` bytes at full speed its
+    # response body goes at ``v1_pace`` bytes/s (None: unpaced). See :class:`_flow.Pacer`.
+    v1_pace: float | None = None
+    v1_burst: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,11 @@ class ServerStream:
             self.up_subject = None
             self.send = SendCredit(None)
             self.receive_window = ReceiveWindow(None)
+        self.pacer: Pacer | None = (
+            Pacer(options.v1_pace, options.v1_burst, clock())
+            if offer is None and options.v1_pace is not None
+            else None
+        )
         self.acked = False
         now = self.created_at = clock()
         # A body-less request from an extended caller is acked only if the handler is slow:
@@ -300,8 +309,10 @@ class ServerStream:
         frames: list[Publish] = []
         taken = 0
         total = len(data)
+        pacer = self.pacer
+        allowed = self.send.available() if pacer is None else pacer.available(self.clock())
         while taken < total:
-            n = min(total - taken, self.chunk_limit, self.send.available())
+            n = min(total - taken, self.chunk_limit, allowed - taken)
             if n <= 0:
                 break
             piece = bytes(data[taken : taken + n])
@@ -318,12 +329,21 @@ class ServerStream:
         now = self.clock()
         if frames:
             self._last_sent_at = now
-        if taken < total:
+        if pacer is not None:
+            pacer.spend(taken, now)  # waiting for the pace is not waiting for the caller: no stall
+        elif taken < total:
             if self._credit_blocked_since is None:
                 self._credit_blocked_since = now
         else:
             self._credit_blocked_since = None
         return frames, taken
+
+    def pace_delay(self, pending: int) -> float:
+        """Seconds the I/O layer should wait before offering ``pending`` more body bytes
+        (0: send now or wait for credit as usual). Only a paced plain v1 caller waits here."""
+        if self.pacer is None:
+            return 0.0
+        return self.pacer.delay_for(min(pending, self.chunk_limit), self.clock())
 
     def mark_published(self) -> None:
         """The I/O layer handed every body frame built so far to NATS, in order.

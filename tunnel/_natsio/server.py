@@ -245,6 +245,10 @@ class _ServerRequest(TimedRequest):
             self.stream.mark_published()
             view = view[taken:]
             if view:
+                pause = self.stream.pace_delay(len(view))
+                if pause > 0:
+                    await asyncio.sleep(pause)  # a plain v1 caller: the pace NATS can deliver at
+                    continue
                 self.timer.arm(self.stream.next_deadline())  # credit-stall deadline
                 await self._wait_credit()
 
@@ -371,6 +375,8 @@ class TunnelServer:
                 max_payload=nc.max_payload,
                 stall_timeout=config.stall_timeout,
                 fast_path=config.fast_path,
+                v1_pace=config.v1_pace,
+                v1_burst=config.v1_burst,
             ),
             max_concurrent=config.max_concurrent,
             clock=time.monotonic,  # until start() hands over the running loop's clock
