@@ -104,15 +104,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, Literal, Unpack
 from urllib.parse import quote, unquote
 
-from ._config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CHUNK, LegacyServerKwargs, ServerConfig, server_config
-from ._diagnostics import EventHook
-from ._errors import TunnelError
-from ._frames import validate_headers
-from ._handler import Headers, Request, Response
-from ._natsio.common import WireTap
-from ._natsio.server import TunnelServer
-from ._subjects import DEFAULT_PREFIX
-from ._ws_protocol import (
+from .._config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CHUNK,
+    LegacyServerKwargs,
+    ServerConfig,
+    server_config,
+)
+from .._diagnostics import EventHook
+from .._errors import TunnelError
+from .._frames import validate_headers
+from .._handler import Headers, Request, Response
+from .._natsio.common import WireTap
+from .._natsio.server import TunnelServer
+from .._subjects import DEFAULT_PREFIX
+from .._ws_protocol import (
     ABNORMAL_CLOSURE,
     GOING_AWAY,
     INTERNAL_ERROR,
@@ -121,7 +127,7 @@ from ._ws_protocol import (
     split_tokens,
     valid_key,
 )
-from .websocket import CLOSE_TIMEOUT, WebSocketChannel, WebSocketClosed
+from ..websocket import CLOSE_TIMEOUT, WebSocketChannel, WebSocketClosed
 
 if TYPE_CHECKING:  # nats-py is imported at runtime only under tunnel/_natsio
     from nats.aio.client import Client as NATS
