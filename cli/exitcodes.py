@@ -30,6 +30,7 @@ status  meaning
         WebSocket, asked of a desktop whose daemon cannot carry one)
 27      ``fetch``: ``tunnel_integrity_error`` (the response body arrived corrupted
         or truncated: its byte count or CRC-32 differs from what the desktop sent)
+28      ``tunnel_permission_denied`` (NATS refused a subscription a server needs)
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -77,6 +78,9 @@ TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
     ErrorCode.UPGRADE_UNSUPPORTED: 26,
     # A body that arrived with another byte count or CRC-32 than its sender stated.
     ErrorCode.INTEGRITY: 27,
+    # Set-up, not transport: NATS refused a subscription serving needs (linkctl serves nothing,
+    # but the code must not collide with another's status).
+    ErrorCode.PERMISSION_DENIED: 28,
     # A peer that judged our request malformed: a usage problem on our side.
     ErrorCode.BAD_REQUEST: USAGE,
 }

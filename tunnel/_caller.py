@@ -433,8 +433,11 @@ class CallerStream:
             )
         if ext is not None and opts.fast_path:
             up = ext.up_subject
+            head = f"{self.subjects.base}.req.{self.request_id}."
             if up is not None and not (
-                self.subjects.owns(up) and up.startswith(self.subjects.base + f".req.{self.request_id}.up.")
+                # Its own (``up.<server>``), or the body subject: a server under the reference
+                # daemon permissions may subscribe nothing else.
+                (up.startswith(head + "up.") and self.subjects.owns(up)) or up == head + "body"
             ):
                 raise self._fail(RemoteProtocolError("server named an up subject outside its request"))
             self.up_subject = up

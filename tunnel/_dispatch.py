@@ -200,6 +200,10 @@ class ServerDispatcher(Generic[H]):
         """Read time from ``clock`` from now on (the I/O layer's event loop, once it runs)."""
         self.clock = self.seen.clock = self.early_aborts.clock = self.finals.clock = clock
 
+    def use_reference_permissions(self, *, replies: bool, up_via_body: bool) -> None:
+        """Fit what the connection may do (found out by the I/O layer when it subscribed)."""
+        self.options = replace(self.options, reference_replies=replies, up_via_body=up_via_body)
+
     def set_max_payload(self, max_payload: int) -> None:
         """The connection's payload limit (it changes when it reconnects to another server)."""
         if max_payload != self.options.max_payload:
@@ -271,13 +275,14 @@ class ServerDispatcher(Generic[H]):
         rid = frame.request_id
         if not self.subjects.request_subject_ok(frame.reply_subject, rid):
             return ()
+        reply = self.subjects.reply(rid) if self.options.reference_replies else frame.reply_subject
         if frame.extensions is not None and self.options.fast_path:
             answer: f.Frame = f.ResponseError(
                 rid, ErrorCode.PROTOCOL_ERROR, "the response was already sent and did not arrive; retry"
             )
         else:
             answer = f.ResponseAck(rid)
-        return (Publish(frame.reply_subject, codec.encode_frame(answer)),)
+        return (Publish(reply, codec.encode_frame(answer)),)
 
     def _busy(self, stream: ServerStream) -> tuple[Publish, ...]:
         body = json.dumps(

@@ -26,8 +26,10 @@ The tree::
     ├── BufferLimitExceeded          tunnel_buffer_limit    502  (a plain v1 peer, which has no
     │                                                              flow control, ran too far ahead)
     ├── TunnelConnectionError        tunnel_connection_closed 502 (our NATS connection failed)
-    └── UpgradeUnsupported           tunnel_upgrade_unsupported 502 (an upgrade asked of a server
-                                                                   that cannot carry one: plain v1)
+    ├── UpgradeUnsupported           tunnel_upgrade_unsupported 502 (an upgrade asked of a server
+    │                                                              that cannot carry one: plain v1)
+    └── PermissionDenied             tunnel_permission_denied 403 (NATS refused a subscription a
+                                                                   server needs: serve() fails)
 
 ``LocalProtocolError`` versus ``RemoteProtocolError`` follows h11: the first is a
 bug or bad input on our side, the second is the other end's fault.
@@ -57,6 +59,7 @@ class ErrorCode:
     STALLED: Final = "tunnel_stalled"
     UPGRADE_UNSUPPORTED: Final = "tunnel_upgrade_unsupported"
     INTEGRITY: Final = "tunnel_integrity_error"
+    PERMISSION_DENIED: Final = "tunnel_permission_denied"
 
 
 class TunnelError(Exception):
@@ -173,6 +176,14 @@ class UpgradeUnsupported(TunnelError):
 
     code = ErrorCode.UPGRADE_UNSUPPORTED
     http_status = 502
+
+
+class PermissionDenied(TunnelError):
+    """NATS refused a subscription the server needs (its credentials do not allow serving the
+    host): ``serve()`` raises it instead of reporting success and never answering."""
+
+    code = ErrorCode.PERMISSION_DENIED
+    http_status = 403
 
 
 _BY_CODE: dict[str, type[TunnelError]] = {

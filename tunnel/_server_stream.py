@@ -95,6 +95,11 @@ class ServerOptions:
     # response body goes at ``v1_pace`` bytes/s (None: unpaced). See :class:`_flow.Pacer`.
     v1_pace: float | None = None
     v1_burst: int = 0
+    # The reference daemon permissions (publish ``P.req.*.reply`` only; subscribe
+    # ``P.req.*.body``, not ``P.req.*.up.<server>``): answer on the reference reply subject
+    # whatever the caller named, and take extension frames on the body subject.
+    reference_replies: bool = False
+    up_via_body: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +177,7 @@ class ServerStream:
         #: A 101 then opens both directions; neither direction has a stall rule (a quiet
         #: WebSocket is normal), and a caller silent past PEER_SILENCE_HEARTBEATS is gone.
         self.upgrade = offer is not None and offer.upgrade
-        self.reply_subject = start.reply_subject
+        self.reply_subject = head + "reply" if options.reference_replies else start.reply_subject
         self.response_has_body = True
         # The negotiated limits depend only on the caller's offer (the same object for every
         # request of one caller: see _codec._start_ext) and our options: computed once each.
@@ -187,7 +192,7 @@ class ServerStream:
         self.sent_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
         self.received_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
         if offer is not None:
-            self.up_subject: str | None = f"{head}up.{server_id}"
+            self.up_subject: str | None = f"{head}body" if options.up_via_body else f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
             self.receive_window = ReceiveWindow(options.window)
         else:

@@ -139,6 +139,10 @@ class HostSubjects:
     def server_up(self, request_id: str, server_id: str) -> str:
         return f"{self.base}.req.{request_id}.up.{server_id}"
 
+    @property
+    def all_bodies(self) -> str:
+        return f"{self.base}.req.*.body"
+
     def all_server_up(self, server_id: str) -> str:
         return f"{self.base}.req.*.up.{server_id}"
 
@@ -154,6 +158,12 @@ class HostSubjects:
     def owns(self, subject: str) -> bool:
         """True when ``subject`` lies under this host's prefix."""
         return subject.startswith(self.base + ".")
+
+
+def reference_reply_wildcard(prefix: str) -> str:
+    """The reference reply subject of every request to any host (``P.req.<id>.reply``): where a
+    server that may publish nothing else (the reference daemon permissions) answers."""
+    return f"{prefix}.host.*.req.*.reply"
 
 
 def client_reply_wildcard(prefix: str, client_id: str) -> str:

@@ -29,6 +29,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Limits",
     "LocalProtocolError",
     "NoFirstFrameTimeout",
+    "PermissionDenied",
     "RemoteError",
     "RemoteProtocolError",
     "Request",
@@ -99,7 +100,7 @@ def test_implementation_modules_are_private() -> None:
 def test_every_public_error_carries_a_stable_code_and_http_status() -> None:
     errors = [getattr(tunnel, name) for name in tunnel.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, tunnel.TunnelError)]
-    assert len(errors) == 15
+    assert len(errors) == 16
     for cls in errors:
         err = cls("message")
         assert isinstance(err.code, str) and err.code.startswith("tunnel_")

@@ -3,6 +3,9 @@
 One wildcard subscription per client receives the frames of every request it
 has in flight (``<prefix>.host.*.req.*.reply.<clientId>``) and hands them to
 the request's sans-IO ``CallerStream`` by request id: no per-request SUB/UNSUB.
+A second one (``<prefix>.host.*.req.*.reply``) hears servers that may answer only
+on the reference reply subject (the reference daemon permissions); frames of
+request ids that are not ours are dropped.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from .._subjects import (
     new_request_id,
     normalize_hostname,
     parse_request_subject,
+    reference_reply_wildcard,
     validate_prefix,
 )
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
@@ -539,7 +543,7 @@ async def _iter_body(body: Body) -> AsyncIterator[bytes]:
 class TunnelClient:
     """Calls ``tunnel://`` URLs over one NATS connection; holds defaults for every fetch.
 
-    Cheap to keep for the life of the connection: it owns one wildcard subscription.
+    Cheap to keep for the life of the connection: it owns two wildcard subscriptions.
 
     - ``prefix``: the subject prefix servers listen under (an address, like the host);
     - ``timeouts``: :class:`Timeouts` for every fetch (each fetch may override them);
@@ -582,6 +586,7 @@ class TunnelClient:
         self.publisher = Publisher(nc, wire_tap)
         self._streams: dict[str, _ClientRequest] = {}
         self._sub: Subscription | None = None
+        self._reference_sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
         self._hosts: dict[str, HostSubjects] = {}
         self._urls: dict[str, tuple[str, str]] = {}
@@ -641,6 +646,11 @@ class TunnelClient:
         async with self._sub_lock:
             if self._sub is None:
                 try:
+                    # A server under the reference daemon permissions may publish only to
+                    # P.req.<id>.reply, whatever reply subject we named: hear those too.
+                    self._reference_sub = await self.nc.subscribe(
+                        reference_reply_wildcard(self.prefix), cb=self._on_message
+                    )
                     self._sub = await self.nc.subscribe(
                         client_reply_wildcard(self.prefix, self.client_id), cb=self._on_message
                     )
@@ -879,10 +889,11 @@ class TunnelClient:
         """Abort everything in flight and drop the subscription."""
         for req in list(self._streams.values()):
             await req.close()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(NatsError, OSError):
-                await sub.unsubscribe()
+        for sub in (self._sub, self._reference_sub):
+            if sub is not None:
+                with contextlib.suppress(NatsError, OSError):
+                    await sub.unsubscribe()
+        self._sub = self._reference_sub = None
 
     async def __aenter__(self) -> TunnelClient:
         return self

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Coroutine, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Unpack
 
 from nats.aio.client import Client as NATS
@@ -40,7 +40,7 @@ from .._diagnostics import (
     emit,
 )
 from .._dispatch import ServerDispatcher, ServerStats
-from .._errors import ErrorCode, LocalProtocolError, TunnelAborted, TunnelError
+from .._errors import ErrorCode, LocalProtocolError, PermissionDenied, TunnelAborted, TunnelError
 from .._events import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish
 from .._handler import Handler, Request, Response
 from .._server_stream import ServerOptions, ServerStream
@@ -385,6 +385,8 @@ class TunnelServer:
         self.stats: ServerStats = self.dispatch.stats
         self._subs: list[Subscription] = []
         self._request_sub: Subscription | None = None
+        # Under the reference daemon permissions: P.req.*.body for every request's body frames.
+        self._body_wildcard: Subscription | None = None
         self._closing = False
         self._last_malformed_log = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -420,20 +422,96 @@ class TunnelServer:
         loop = asyncio.get_running_loop()
         self._timers = TimerHub(loop)
         self.dispatch.use_clock(loop.time)  # every deadline in the loop's time, like its timers
+        subjects = self.subjects
         try:
-            self._request_sub = await self.nc.subscribe(
-                self.subjects.request, queue=self.subjects.queue_group, cb=self._on_start
+            self._request_sub = await self._subscribe_required(
+                subjects.request, self._on_start, queue=subjects.queue_group
             )
-            self._subs = [
-                self._request_sub,
-                await self.nc.subscribe(self.subjects.all_aborts, cb=self._on_abort),
-                await self.nc.subscribe(self.subjects.all_server_up(self.server_id), cb=self._on_up),
-            ]
-            # A flush right after SUB can be overtaken by its PING: yield first, then flush.
-            await asyncio.sleep(0)
-            await self.nc.flush()
+            self._subs = [self._request_sub]
+            self._subs.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
+            up = await self._subscribe_checked(subjects.all_server_up(self.server_id), self._on_up)
+            if up is None:
+                # The reference daemon permissions: body subjects only, one wildcard for all.
+                self._body_wildcard = await self._subscribe_required(subjects.all_bodies, self._on_body)
+                self._subs.append(self._body_wildcard)
+            else:
+                self._subs.append(up)
+            probe = subjects.client_reply(new_endpoint_id(), "permission-check")
+            replies_free = await self._may_publish(probe)
         except (NatsError, OSError) as exc:
+            for sub in self._subs:
+                with contextlib.suppress(NatsError, OSError):
+                    await sub.unsubscribe()
+            self._subs = []
             raise map_nats_error(exc) from exc
+        except PermissionDenied:
+            for sub in self._subs:
+                with contextlib.suppress(NatsError, OSError):
+                    await sub.unsubscribe()
+            self._subs = []
+            raise
+        if up is None or not replies_free:
+            self.dispatch.use_reference_permissions(replies=not replies_free, up_via_body=up is None)
+            log.info(
+                "serving %s under restricted NATS permissions: %s",
+                self.hostname,
+                "; ".join(
+                    part
+                    for part in (
+                        "body and credit frames on P.req.*.body" if up is None else "",
+                        "answers on the reference reply subject P.req.<id>.reply" if not replies_free else "",
+                    )
+                    if part
+                ),
+            )
+
+    async def _subscribe_required(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        """Subscribe, or raise :class:`PermissionDenied` when NATS refuses."""
+        sub = await self._subscribe_checked(subject, cb, queue=queue)
+        if sub is None:
+            raise PermissionDenied(
+                f"NATS refused the subscription to {subject}: these credentials may not serve "
+                f"{self.hostname!r} (see the NATS server's permissions for this user)"
+            )
+        return sub
+
+    async def _subscribe_checked(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription | None:
+        """Subscribe and make sure NATS accepted it (None: refused). A refused subscription is
+        only an asynchronous -ERR: a server that ignored it would report success and never answer.
+        """
+        before = self.nc.last_error
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        if await self._refused(before, "subscription to", subject) is None:
+            return sub
+        with contextlib.suppress(NatsError, OSError):
+            await sub.unsubscribe()
+        return None
+
+    async def _may_publish(self, subject: str) -> bool:
+        """Whether NATS lets this connection publish to ``subject`` (an empty message nobody reads)."""
+        before = self.nc.last_error
+        await self.nc.publish(subject, b"")
+        return await self._refused(before, "publish to", subject) is None
+
+    async def _refused(self, before: Exception | None, what: str, subject: str) -> str | None:
+        """The permissions violation NATS reported for ``what`` ``subject``, if any.
+
+        Two flushes: nats-py writes a flush's PING ahead of commands still in its buffer, so
+        only the second PING surely follows ours, and the -ERR comes before its PONG.
+        """
+        await self.nc.flush()
+        await self.nc.flush()
+        error = self.nc.last_error
+        if error is None or error is before:
+            return None
+        text = str(error).lower()
+        if "permissions violation" in text and what in text and subject.lower() in text:
+            return str(error)
+        return None
 
     async def close(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         """Stop taking requests, let in-flight ones finish for up to ``timeout`` s, then cancel the rest."""
@@ -533,7 +611,7 @@ class TunnelServer:
                 TunnelEvent(REQUEST_STARTED, "server", self.hostname, rid, frame.method, req.request.path),
             )
         try:
-            if frame.body_subject is not None and stream.up_subject is None:
+            if frame.body_subject is not None and stream.up_subject is None and self._body_wildcard is None:
                 req.body_sub = await self.nc.subscribe(frame.body_subject, cb=self._on_v1_body)
             if stream.ack_now:
                 await self.publisher.send(stream.ack())
@@ -565,6 +643,12 @@ class TunnelServer:
             await req.on_frame(frame)
 
     async def _on_up(self, msg: Msg) -> None:
+        await self._on_request_frame(
+            msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
+        )
+
+    async def _on_body(self, msg: Msg) -> None:
+        """The body-subject wildcard (reference permissions): v1 bodies and extension frames."""
         await self._on_request_frame(
             msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
         )
