@@ -89,6 +89,8 @@ BULK_MESSAGE_BYTES = 64 * 1024
 TUNNEL_HOST = "bench.local"
 # The same handler, served with our extensions switched off: plain v1 JSON frames (base64 bodies,
 # no credit, no heartbeats, no one-message responses), to show what the fast path gains.
+# A v1 caller has no credit, so the server sends it 16 MiB at full speed and then paces at
+# 8 MiB/s (tunnel._config DEFAULT_V1_BURST/PACE): past 16 MiB the v1 download measures that pace.
 V1_HOST = "bench-v1.local"
 # The ASGI app's host: httpx -> TunnelTransport -> tunnel -> serve_asgi -> app.
 ASGI_HOST = "bench-asgi.local"
