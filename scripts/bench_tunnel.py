@@ -1227,7 +1227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark the tunnel against raw nats-py request/reply and pub/sub "
         "on a nats-server it starts itself (loopback, free port).",
-        epilog="MB/s = 10**6 bytes/s. Figures are medians over the rounds; progress goes to stderr.",
+        epilog="MB/s = 10**6 bytes/s. Figures are medians over the rounds (counts: sums); "
+        "progress goes to stderr.",
     )
     parser.add_argument("--quick", action="store_true", help="few iterations (~10 s): a smoke check only")
     parser.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
