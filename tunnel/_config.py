@@ -19,8 +19,11 @@ DEFAULT_UNREACHABLE_GRACE: Final = 1.0
 # "Lately": a host that answered this client within this many seconds.
 RECENTLY_SEEN: Final = 30.0
 # First contact with a host whose subjects someone else watches (a monitoring tap hides NATS's
-# no-responders answer): a server must answer within this long, or the host is unreachable.
-DEFAULT_PRESENCE_TIMEOUT: Final = 0.03
+# no-responders answer): a server must ack within this long, or the host is unreachable. A
+# live server acks from its NATS callback within a millisecond or two, but its event loop may
+# stall (a garbage collection, a CPU-bound handler): 30 ms reported such a host offline, so
+# the default leaves room for a 0.1-0.2 s stall. Lower it where speed matters more.
+DEFAULT_PRESENCE_TIMEOUT: Final = 0.25
 # Pause between no-responders retries inside the grace period.
 UNREACHABLE_RETRY_INTERVAL: Final = 0.05
 # Flow-control window per direction: bounds buffered bytes per request, large

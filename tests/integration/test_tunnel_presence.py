@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 
+import nats
 import pytest
 
 import tunnel
@@ -128,3 +131,56 @@ async def test_no_false_offline_while_the_daemon_rotates_its_connection_make_bef
             await steady.aclose()
         assert failures == [], failures[:3]
         assert answered >= 100
+
+
+async def test_a_first_contact_under_a_tap_waits_out_a_server_whose_loop_stalls(
+    nats_server: NatsServer,
+) -> None:
+    """The server runs in its own thread and event loop; a CPU-bound handler stalls that loop for
+    0.1 s while a first contact arrives (with a tap present): the host is busy, not offline."""
+    entered = threading.Event()
+    ready = threading.Event()
+    stopper: list[Callable[[], None]] = []
+
+    async def handler(request: tunnel.Request) -> tunnel.Response:
+        if request.path == "/stall":
+            entered.set()
+            time.sleep(0.1)  # noqa: ASYNC251  (the stall itself: a GC pause, a busy machine)
+        return tunnel.Response(200, [], b"here")
+
+    def desktop() -> None:
+        async def run() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            stopper.append(lambda: loop.call_soon_threadsafe(stop.set))
+            nc = await nats.connect(nats_server.url)
+            server = await tunnel.serve(nc, HOST, handler)
+            ready.set()
+            await stop.wait()
+            await server.close(timeout=1.0)
+            await nc.close()
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=desktop, name="stalling-desktop")
+    thread.start()
+    try:
+        await wait_until(ready.is_set, EVENT_TIMEOUT, message="desktop never served")
+        async with connect_peers(nats_server) as peers:
+            tap_nc = await peers.connect(nats_server.url, "monitoring-tap")
+            await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
+            await tap_nc.flush()
+            busy = tunnel.TunnelClient(peers.caller_nc)
+            stalling = asyncio.create_task(busy.fetch(f"tunnel://{HOST}/stall"))
+            await wait_until(entered.is_set, EVENT_TIMEOUT, message="the stall never began")
+            fresh = tunnel.TunnelClient(peers.caller_nc)  # first contact, during the stall
+            async with await fresh.fetch(f"tunnel://{HOST}/status") as resp:
+                assert await resp.read() == b"here"
+            async with await stalling as resp:
+                assert await resp.read() == b"here"
+            await fresh.aclose()
+            await busy.aclose()
+    finally:
+        for stop in stopper:
+            stop()
+        thread.join(EVENT_TIMEOUT)
