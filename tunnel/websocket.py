@@ -68,6 +68,8 @@ __all__ = [
 SEND_HIGH_WATER: Final = 256 * 1024
 #: Received message bytes waiting for ``receive()`` before the reader stops pulling.
 RECEIVE_HIGH_WATER: Final = 256 * 1024
+#: Frames queued together leave as one piece of at most this many bytes (one tunnel data frame).
+BATCH_BYTES: Final = 64 * 1024
 #: How long ``close()`` waits for the peer's close frame and the end of the stream.
 CLOSE_TIMEOUT: Final = 5.0
 # Request headers websocket_connect sets itself; the caller's copies are dropped.
@@ -152,11 +154,26 @@ class _Outbound:
             finally:
                 self._space = None
 
+    def _take_batch(self) -> bytes:
+        """Every frame queued so far (up to BATCH_BYTES) as one piece: one tunnel data frame, one
+        NATS message for a burst of small WebSocket messages instead of one each."""
+        items = self._items
+        first = items.popleft()
+        if not items or len(first) >= BATCH_BYTES:
+            return first
+        batch = [first]
+        size = len(first)
+        while items and size + len(items[0]) <= BATCH_BYTES:
+            data = items.popleft()
+            batch.append(data)
+            size += len(data)
+        return b"".join(batch)
+
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             while True:
                 if self._items:
-                    data = self._items.popleft()
+                    data = self._take_batch()
                     self.buffered -= len(data)
                     if self.buffered < self.high_water:
                         _wake(self._space)

@@ -14,7 +14,7 @@ from wsproto.connection import SERVER, Connection
 from wsproto.events import Ping
 
 from tests.helpers import wait_until
-from tunnel.websocket import WebSocketChannel, WebSocketClosed, WebSocketMessage
+from tunnel.websocket import BATCH_BYTES, WebSocketChannel, WebSocketClosed, WebSocketMessage
 
 
 class Pipe:
@@ -103,8 +103,12 @@ async def test_the_reader_stops_pulling_while_messages_wait() -> None:
     for _ in range(100):
         await server.send_bytes(b"z" * 1000)
     chunks = server.outbound.chunks()
-    for _ in range(100):
-        pipe.queue.put_nowait(await anext(chunks))
+    wire = b""
+    while len(wire) < 100 * 1004:  # 100 frames of 1000 bytes (4-byte header each); batched on the way
+        wire += await anext(chunks)
+    assert len(wire) == 100 * 1004
+    for i in range(100):  # fed to the reader one frame per piece
+        pipe.queue.put_nowait(wire[i * 1004 : (i + 1) * 1004])
     await wait_until(lambda: pipe.pulled == 10)
     assert client.buffered == 10_000
     assert pipe.queue.qsize() == 90, "the reader waits for receive() before pulling more"
@@ -150,3 +154,19 @@ async def test_pings_from_a_peer_that_does_not_read_do_not_grow_the_queue() -> N
     assert channel.outbound.buffered < 2 * 1000 + 200
     assert channel.outbound.buffered > 1000, "pings were answered while there was room"
     await channel.abort()
+
+
+async def test_a_burst_of_small_messages_leaves_as_one_piece() -> None:
+    """Queued frames are handed to the tunnel together: one data frame (one NATS message) for a
+    burst, not one per WebSocket message; a batch never exceeds BATCH_BYTES."""
+    server = WebSocketChannel(client=False)
+    for _ in range(100):
+        await server.send_text("hi")
+    chunks = server.outbound.chunks()
+    first = await anext(chunks)
+    assert len(first) == 100 * 4  # 100 frames: 2-byte header + "hi"
+    for _ in range(40):
+        await server.send_bytes(b"x" * 4000)
+    sizes = [len(await anext(chunks)) for _ in range(3)]
+    assert all(size <= BATCH_BYTES for size in sizes) and sum(sizes) == 40 * 4004
+    await server.abort()
