@@ -25,6 +25,12 @@ The daemon's request inbox is ``P.host.<token>.inbox`` (JetStream publish acks
 arrive there), so its credential never needs ``_INBOX.>``.
 
 The gateway creates the stream ``RUN_STREAM`` capturing ``P.host.*.runs.*``.
+
+A ``done`` event with ``status: "failed"`` may name why in ``failureKind`` (one of
+:data:`DAEMON_FAILURE_KINDS`); the run's failure kind is then that one, otherwise
+``run_failed``. :data:`DAEMON_RESTARTED`: the daemon was restarted (a crash, SIGKILL, a
+reboot) while the run worked, and the run's runner cannot resume (docs/runs.md, "Daemon
+restarts").
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from typing import Any, Final
 import tunnel
 
 __all__ = [
+    "DAEMON_FAILURE_KINDS",
+    "DAEMON_RESTARTED",
+    "FAILURE_KIND_FIELD",
     "RUN_ID_PATTERN",
     "RUN_STREAM",
     "RunSubject",
@@ -51,7 +60,15 @@ __all__ = [
 ]
 
 RUN_STREAM: Final = "LINK_RUNS"
+# The done event's field naming a failure kind, and the kinds a daemon may name there.
+FAILURE_KIND_FIELD: Final = "failureKind"
+DAEMON_RESTARTED: Final = "daemon_restarted"
+DAEMON_FAILURE_KINDS: Final = frozenset({DAEMON_RESTARTED})
 RUN_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Failure kinds a daemon may name in a failed run's ``done`` event (``"failureKind"``); the
+# gateway's projector takes the kind from this list and records anything else as ``run_failed``.
+DAEMON_RESTARTED: Final = "daemon_restarted"
+DESKTOP_FAILURE_KINDS: Final[tuple[str, ...]] = ("run_failed", DAEMON_RESTARTED)
 _RUNS_SEGMENT: Final = "runs"
 _INBOX_SEGMENT: Final = "inbox"
 
