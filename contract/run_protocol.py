@@ -65,10 +65,6 @@ FAILURE_KIND_FIELD: Final = "failureKind"
 DAEMON_RESTARTED: Final = "daemon_restarted"
 DAEMON_FAILURE_KINDS: Final = frozenset({DAEMON_RESTARTED})
 RUN_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Failure kinds a daemon may name in a failed run's ``done`` event (``"failureKind"``); the
-# gateway's projector takes the kind from this list and records anything else as ``run_failed``.
-DAEMON_RESTARTED: Final = "daemon_restarted"
-DESKTOP_FAILURE_KINDS: Final[tuple[str, ...]] = ("run_failed", DAEMON_RESTARTED)
 _RUNS_SEGMENT: Final = "runs"
 _INBOX_SEGMENT: Final = "inbox"
 
