@@ -3,9 +3,10 @@
 For ``<label>.<preview domain>`` (any port): the ticket path redeems a ticket; every other
 request needs the preview cookie of the user whose desktop has that label (401 without a
 valid one, 403 for someone else's), must not come from another preview's page (its
-``Origin``; a WebSocket only from its own), must not be under the daemon's own
-``/api/links/`` (404), and then goes to the desktop: upgraded to a WebSocket, or as HTTP.
-Any other name under the preview domain is a 404 page. Other hosts go on to the API.
+``Origin``, or ``Sec-Fetch-Site`` for all but navigations; a WebSocket only from its own),
+must not be under the daemon's own ``/api/links/`` (404), and then goes to the desktop:
+upgraded to a WebSocket, or as HTTP. Any other name under the preview domain is a 404 page.
+Other hosts go on to the API.
 """
 
 from __future__ import annotations
@@ -164,7 +165,18 @@ def authorize(service: PreviewService, label: str, request: web.Request) -> Gran
 def _from_elsewhere(request: web.Request, label: str, domain: PreviewDomain, *, websocket: bool) -> bool:
     """True for a request another preview's page made (its ``Origin``), and for a WebSocket
     from any page but this preview's own: sibling previews are same-site, so SameSite cookies
-    alone would let one user's page call (or hijack a socket of) another's desktop."""
+    alone would let one user's page call (or hijack a socket of) another's desktop.
+
+    ``Origin`` misses some: a ``<script src>`` sends none, and a POST the sibling redirects
+    here from its own origin sends ``Origin: null``. The browser's ``Sec-Fetch-Site`` says
+    where each came from: from another site or a sibling (``same-site``), only a navigation
+    with GET or HEAD (the app opening its preview, a link) is let through.
+    """
+    site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+    if site in ("same-site", "cross-site"):
+        mode = request.headers.get("Sec-Fetch-Mode", "").strip().lower()
+        if mode != "navigate" or request.method not in ("GET", "HEAD"):
+            return True
     origin = request.headers.get("Origin")
     if origin is None:
         return False

@@ -647,3 +647,48 @@ async def test_a_refused_desktop_handshake_is_its_status_and_other_origins_are_r
                 await stranger.ws_connect(f"{origin}/ws/x")
             assert caught.value.status == 401
         assert len(stack.desktops["alice"].dev.ws_seen) == 0
+
+
+async def test_requests_another_preview_makes_the_browser_send_are_refused(op: OperatorServer) -> None:
+    """Sibling previews are same-site, so the browser sends this preview's (SameSite=Lax) cookie
+    on requests another user's page makes, some without any ``Origin`` (a ``<script src>``) or
+    with ``Origin: null`` (a POST redirected from the sibling's own origin): its
+    ``Sec-Fetch-Site`` gives them away. Navigations from the app (same-site) still land."""
+    async with preview_stack(op, "alice") as stack:
+        alice, origin = await stack.signed_in("alice")
+        desktop = stack.desktops["alice"]
+        before = len(desktop.seen)  # the landing page
+        attacks = {
+            # bob's page: <script src="alice's preview/page/secret.js">: the classic no-Origin XSSI.
+            "script include": ("GET", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}),
+            # bob's page POSTs to bob's own origin, which 307s to alice's: the Origin becomes null.
+            "redirected POST": (
+                "POST",
+                {"Origin": "null", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"},
+            ),
+            # The same as a top-level form POST (a navigation, but no GET).
+            "redirected form": (
+                "POST",
+                {"Origin": "null", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"},
+            ),
+            "cross-site fetch": ("GET", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}),
+        }
+        for name, (method, headers) in attacks.items():
+            async with alice.request(method, f"{origin}/page/secret", headers=headers, data=b"x") as resp:
+                assert resp.status == 403, name
+        assert [r.path for r in desktop.seen[before:]] == []
+        fine = {
+            # The app (same-site to its previews) opens the preview in a tab or an iframe.
+            "navigation from the app": ("GET", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}),
+            # A page of the preview's own with Referrer-Policy: no-referrer posts to itself.
+            "own POST, no referrer": (
+                "POST",
+                {"Origin": "null", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"},
+            ),
+            "typed into the address bar": ("GET", {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}),
+            "a browser without fetch metadata": ("POST", {}),
+        }
+        for name, (method, headers) in fine.items():
+            async with alice.request(method, f"{origin}/page/ok", headers=headers, data=b"x") as resp:
+                assert resp.status == 200, name
+        assert len(desktop.seen) == before + len(fine)
