@@ -373,3 +373,22 @@ async def test_the_app_task_dying_mid_socket_is_1006_for_the_client(nats_server:
         assert info.value.code == 1006
         await ws.close()
         await wait_until(lambda: asgi_server.asgi.websockets == 0)
+
+
+async def test_a_long_close_reason_is_cut_and_a_bad_close_code_is_1011(nats_server: NatsServer) -> None:
+    """An app closing with a reason longer than a close frame holds (say ``str(exc)``) still closes
+    with its code, the reason cut to 123 bytes of UTF-8; a code no endpoint may send fails the app
+    (ValueError), which closes with 1011: the client gets a close frame either way, never 1006."""
+    async with served(nats_server, starlette_app) as (peers, _):
+        ws = await websocket_connect(peers.caller_nc, f"{URL}/ws")
+        await ws.send_text("close:4001:" + "é" * 100)  # 200 bytes of UTF-8
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive()
+        assert (info.value.code, info.value.reason) == (4001, "é" * 61)
+        await ws.close()
+        ws = await websocket_connect(peers.caller_nc, f"{URL}/ws")
+        await ws.send_text("close:1006:not on the wire")
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive()
+        assert info.value.code == 1011
+        await ws.close()

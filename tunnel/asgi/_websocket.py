@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 from .. import asgi
 from .._frames import validate_headers
@@ -17,6 +17,7 @@ from .._ws_protocol import (
     NORMAL_CLOSURE,
     accept_token,
     split_tokens,
+    valid_close_code,
     valid_key,
 )
 from ..websocket import CLOSE_TIMEOUT, WebSocketChannel, WebSocketClosed
@@ -24,6 +25,9 @@ from ._http import _INTERNAL_ERROR_BODY
 from ._types import ASGIApp, Message, Scope
 
 log = logging.getLogger("tunnel.asgi")
+
+# A close frame holds 125 bytes of payload: the code takes 2, the reason the rest.
+MAX_REASON_BYTES: Final = 123
 
 
 class ClientDisconnected(OSError):
@@ -37,6 +41,11 @@ def is_websocket_upgrade(request: Request) -> bool:
     upgrade = [token.lower() for token in split_tokens(request.header_values("upgrade"))]
     version = (request.header("sec-websocket-version") or "").strip()
     return "websocket" in upgrade and version == "13" and valid_key(request.header("sec-websocket-key"))
+
+
+def _fit_reason(reason: str) -> str:
+    """``reason`` cut to the 123 bytes of UTF-8 a close frame holds (whole characters)."""
+    return reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
 def _header_pairs(raw: Any, where: str) -> Headers:
@@ -219,11 +228,19 @@ class _WebSocketCycle:
         await self.close(code, reason, CLOSE_TIMEOUT)
 
     async def close(self, code: int, reason: str, timeout: float) -> None:
-        """The close handshake from the server's side (once)."""
+        """The close handshake from the server's side (once).
+
+        A code no endpoint may send is the app's error (ValueError, before anything is marked
+        closed, so its failure still closes with 1011); a reason longer than a close frame
+        holds is cut to 123 bytes of UTF-8 (apps pass ``str(exc)``): either way the client
+        gets a close frame, never a silent 1006.
+        """
         if self.closed:
             return
+        if not valid_close_code(code):
+            raise ValueError(f"not a close code an endpoint may send: {code}")
         self.closed = True
-        await self.channel.close(code, reason, timeout)
+        await self.channel.close(code, _fit_reason(reason), timeout)
 
     def _answer(self, response: Response) -> None:
         self.answer = response
