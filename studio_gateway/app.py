@@ -16,7 +16,8 @@ Routes:
   (a middleware in front of everything sends ``<label>.<GATEWAY_PREVIEW_DOMAIN>`` to the
   desktop's preview, so no preview host ever reaches the API);
 - ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
-  :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it).
+  :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it);
+- ``GET /api/admin/runs/dead-letters``: see :mod:`.runs.admin` (a token with scope ``runs:admin``).
 
 Limits on requests: a declared ``Content-Length`` over the largest body any route takes
 (``RUNS_MAX_BODY_BYTES``, at least 64 KiB) is ``413`` at once, before auth; each route then
@@ -48,6 +49,7 @@ from .presence import get_me
 from .preview.api import PREVIEW_PATH, create_preview
 from .preview.routing import preview_middleware
 from .preview.service import PREVIEW, PreviewService
+from .runs.admin import add_routes as add_run_admin_routes
 from .runs.api import add_routes as add_run_routes
 from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
@@ -116,6 +118,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     app.router.add_get(ME_PATH, get_me)
     app.router.add_post(PREVIEW_PATH, create_preview, expect_handler=expect)
     add_run_routes(app, expect_handler=expect)
+    add_run_admin_routes(app)
     return app
 
 

@@ -53,6 +53,7 @@ from .settings import (
     DEFAULT_RUNS_MAX_EVENTS_PER_RUN,
     DEFAULT_RUNS_OUTPUT_MAX_BYTES,
     DEFAULT_RUNS_REPLICAS,
+    DEFAULT_RUNS_RESUME_WINDOW,
     DEFAULT_RUNS_RETENTION,
     DEFAULT_RUNS_STREAM_MAX_AGE,
     DEFAULT_SESSION_TTL_SECONDS,
@@ -86,6 +87,7 @@ from .settings import (
     RUNS_OUTPUT_MAX_BYTES,
     RUNS_REAPER_INTERVAL,
     RUNS_REPLICAS,
+    RUNS_RESUME_WINDOW,
     RUNS_RETENTION,
     RUNS_RUNNERS,
     RUNS_STREAM_MAX_AGE,
@@ -205,6 +207,8 @@ class RunsConfig:
     output_max_bytes: int = DEFAULT_RUNS_OUTPUT_MAX_BYTES
     retention: float = DEFAULT_RUNS_RETENTION
     liveness_timeout: float = DEFAULT_RUNS_LIVENESS_TIMEOUT
+    # A silent run is `stalled` this long before it fails desktop_lost (0: at once).
+    resume_window: float = DEFAULT_RUNS_RESUME_WINDOW
     # None: REAPER_SCANS_PER_LIVENESS_TIMEOUT scans per liveness timeout, within REAPER_SCAN_INTERVAL_BOUNDS.
     reaper_interval: float | None = None
     dispatch_timeout: float = DEFAULT_RUNS_DISPATCH_TIMEOUT
@@ -258,6 +262,7 @@ class RunsConfig:
             output_max_bytes=values.value(RUNS_OUTPUT_MAX_BYTES),
             retention=values.value(RUNS_RETENTION),
             liveness_timeout=liveness,
+            resume_window=values.value(RUNS_RESUME_WINDOW),
             reaper_interval=interval,
             dispatch_timeout=values.value(RUNS_DISPATCH_TIMEOUT),
             keepalive=values.value(RUNS_KEEPALIVE),

@@ -45,6 +45,9 @@ DEFAULT_RUNS_OUTPUT_MAX_BYTES: Final = 1024 * 1024
 DEFAULT_RUNS_RETENTION: Final = 7 * 24 * 3600.0
 # A running run whose desktop sent nothing (linkd sends heartbeats) for this long is desktop_lost.
 DEFAULT_RUNS_LIVENESS_TIMEOUT: Final = 60.0
+# ... it is `stalled` first (a closed lid, lost Wi-Fi): resumed when its events flow again within
+# this window, else failed desktop_lost (0: no window, desktop_lost at the liveness timeout).
+DEFAULT_RUNS_RESUME_WINDOW: Final = 15 * 60.0
 # Unless RUNS_REAPER_INTERVAL_SECONDS says otherwise, the reaper scans this many times per liveness
 # timeout, but never more often or more rarely than these bounds.
 REAPER_SCANS_PER_LIVENESS_TIMEOUT: Final = 10
@@ -339,6 +342,15 @@ RUNS_LIVENESS_TIMEOUT: Final = Seconds(
     low=0.5,
     high=_DAY,
 )
+RUNS_RESUME_WINDOW: Final = Seconds(
+    "RUNS_RESUME_WINDOW_SECONDS",
+    "--runs-resume-window",
+    "A silent run is stalled this long (resumed if its desktop comes back) before it fails "
+    "as desktop_lost, s; 0: no resume window.",
+    default=DEFAULT_RUNS_RESUME_WINDOW,
+    low=0.0,
+    high=7 * _DAY,
+)
 RUNS_REAPER_INTERVAL: Final = Seconds(
     "RUNS_REAPER_INTERVAL_SECONDS",
     "--runs-reaper-interval",
@@ -461,6 +473,7 @@ SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[boo
     RUNS_OUTPUT_MAX_BYTES,
     RUNS_RETENTION,
     RUNS_LIVENESS_TIMEOUT,
+    RUNS_RESUME_WINDOW,
     RUNS_REAPER_INTERVAL,
     RUNS_DISPATCH_TIMEOUT,
     RUNS_KEEPALIVE,

@@ -28,6 +28,12 @@ Series (all per gateway instance):
 - ``studio_runs_quota_exceeded_total``: times a host went over its quota of events for runs
   it does not have (its events purged, its active runs failed as ``quota_exceeded``);
 - ``studio_runs_reaper_errors_total``: reaper passes (or runs within one) that failed;
+- ``studio_runs_stalled``: runs ``stalled`` at this instance's last reaper pass (every instance
+  sees all runs: do not sum this one); ``studio_runs_stalls_total``: runs this instance's reaper
+  marked stalled; ``studio_runs_resumed_total``: stalled runs this instance's projector resumed;
+  ``studio_runs_resume_expired_total``: runs failed ``desktop_lost`` past the resume window;
+- ``studio_runs_dead_letters_total``: events this instance's projector parked in the dead-letter
+  bucket (their apply step raised on every one of ``MAX_POISON_DELIVERIES`` deliveries);
 - ``studio_runs_ready`` (1 while runs work on this instance: set up, and the projector and the
   reaper healthy, as ``/healthz`` says), ``studio_runs_dispatch_in_flight``.
 """
@@ -84,6 +90,27 @@ class RunMetrics:
         )
         self.reaper_errors = r.register(
             Counter("studio_runs_reaper_errors_total", "Reaper passes, or runs in one, that failed.")
+        )
+        self.stalled = r.register(
+            Gauge("studio_runs_stalled", "Runs stalled (desktop silent, within the resume window) now.")
+        )
+        self.stalls = r.register(
+            Counter("studio_runs_stalls_total", "Runs this instance's reaper marked stalled.")
+        )
+        self.resumed = r.register(
+            Counter("studio_runs_resumed_total", "Stalled runs resumed by their events flowing again.")
+        )
+        self.resume_expired = r.register(
+            Counter(
+                "studio_runs_resume_expired_total",
+                "Runs failed as desktop_lost because their resume window passed.",
+            )
+        )
+        self.dead_letters = r.register(
+            Counter(
+                "studio_runs_dead_letters_total",
+                "Run events parked in the dead-letter bucket (their apply step kept raising).",
+            )
         )
         self.ready = r.register(
             Gauge("studio_runs_ready", "1 while runs work on this instance (set up and healthy), else 0.")

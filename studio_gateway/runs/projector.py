@@ -30,6 +30,17 @@ acks), and retried as the run moves on; after ``HOLD_MAX`` it is given back to
 JetStream. Events of other fences, of hosts other than the run owner's (taken
 from the subject, never the payload), of ended runs, of unknown runs and
 malformed ones are acknowledged and counted, never applied.
+
+A *poison* event is one whose apply step raises (a bug, or a payload nothing foresaw): not a
+NATS or JetStream failure, which is only retried. It is handed back with a delay; once it was
+delivered ``MAX_POISON_DELIVERIES`` times (JetStream's count, the same on every instance) and
+still raises, its message is parked in the dead-letter bucket
+(:meth:`.RunStore.put_dead_letter`), acknowledged, counted, and its run fails as
+``event_rejected``: it would otherwise wait for that event forever.
+
+Applying an event to a ``stalled`` run resumes it (``in_progress``), unless its resume window
+is over: then the run fails as ``desktop_lost`` here (the reaper would, a scan later) and the
+event is ignored, so late events never revive it.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from contract.run_protocol import parse_event, parse_run_subject, split_events
@@ -53,7 +65,7 @@ from .health import Health
 from .host_feeds import HostFeeds
 from .metrics import RunMetrics
 from .pull_feed import stored_at
-from .state import RunState, apply_event, terminate
+from .state import Decision, RunState, apply_event, resume_expired, terminate
 from .store import Conflict, RunStore
 from .stray_watch import StrayWatch
 from .tenant_limits import LookupBudget, StrayCounter
@@ -90,6 +102,14 @@ LOOKBACK_UNKNOWN: Final = 30 * 60.0
 REFRESH_INTERVAL: Final = 0.1
 # Ended runs remembered (run id -> host), so their late events need no state read.
 ENDED_RUNS: Final = 4096
+# An event whose apply step raised on this many deliveries is parked as a dead letter.
+MAX_POISON_DELIVERIES: Final = 5
+# A poison suspect comes back after this long (a bug fixed by a rolling restart may cure it).
+POISON_DELAY: Final = 0.2
+# The bytes of a dead letter's message kept in its record (a run event is at most 1 MiB).
+DEAD_LETTER_DATA_MAX: Final = 64 * 1024
+# Failures that say nothing about the event: NATS or JetStream not answering, a lost race.
+TRANSIENT_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError, Conflict)
 
 
 def keep_decision(state: RunState, event: dict[str, Any], size: int, cap: int) -> tuple[bool, RunState]:
@@ -467,7 +487,7 @@ class Projector:
             await self._apply_group(run_id, sorted(items, key=lambda i: i.seq))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except TRANSIENT_ERRORS as exc:
             self.metrics.projector_errors.inc(kind="apply")
             if self.health.ok:
                 log.exception("projector: cannot apply events of run %s; they will be redelivered", run_id)
@@ -475,6 +495,94 @@ class Projector:
             self._cache.pop(run_id, None)
             for item in items:
                 await self._give_back(item, ERROR_DELAY)
+        except Exception as exc:
+            # Not NATS: something about these events. One alone, it is the poison; several, each
+            # is tried alone so that only the one(s) raising are suspected.
+            self._cache.pop(run_id, None)
+            if len(items) == 1:
+                await self._poisoned(run_id, items[0], exc)
+            else:
+                for item in sorted(items, key=lambda i: i.seq):
+                    await self._guarded(run_id, [item])
+
+    async def _poisoned(self, run_id: str, item: _Item, exc: BaseException) -> None:
+        """``item``'s apply step raised: hand it back, or park it and fail its run."""
+        self.metrics.projector_errors.inc(kind="poison")
+        try:
+            deliveries = int(item.msg.metadata.num_delivered or 1)
+        except Exception:
+            deliveries = 1
+        if deliveries < MAX_POISON_DELIVERIES:
+            log.warning(
+                "run %s: applying event seq %s raised %r (delivery %d of %d before it is dead-lettered)",
+                run_id,
+                item.seq,
+                exc,
+                deliveries,
+                MAX_POISON_DELIVERIES,
+                extra={"run_id": run_id},
+            )
+            await self._give_back(item, POISON_DELAY)
+            return
+        try:
+            await self._dead_letter(run_id, item, exc, deliveries)
+        except TRANSIENT_ERRORS as error:
+            log.warning("run %s: cannot park a dead letter (%r); it comes back", run_id, error)
+            await self._give_back(item, ERROR_DELAY)
+
+    async def _dead_letter(self, run_id: str, item: _Item, exc: BaseException, deliveries: int) -> None:
+        msg = item.msg
+        try:
+            stream_seq = int(msg.metadata.sequence.stream)
+        except Exception:
+            stream_seq = 0
+        now = self.now_ms()
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        record = {
+            "runId": run_id,
+            "hostToken": item.host_token,
+            "subject": msg.subject,
+            "streamSeq": stream_seq,
+            "seq": item.seq,
+            "deliveries": deliveries,
+            "error": error,
+            "storedAt": int(item.stream_time * 1000) if item.stream_time is not None else None,
+            "deadAt": now,
+            "data": msg.data[:DEAD_LETTER_DATA_MAX].decode("utf-8", "replace"),
+            "truncated": len(msg.data) > DEAD_LETTER_DATA_MAX,
+        }
+        await self.store.put_dead_letter(run_id, stream_seq, record)
+        self.metrics.dead_letters.inc()
+        log.error(
+            "run %s: event seq %s (stream seq %d) raised on %d deliveries (%s); parked in the "
+            "dead-letter bucket, the run fails as event_rejected",
+            run_id,
+            item.seq,
+            stream_seq,
+            deliveries,
+            error,
+            extra={"run_id": run_id},
+        )
+        reason = (
+            f"event seq {item.seq} (stream seq {stream_seq}) could not be applied ({error}) after "
+            f"{deliveries} deliveries; it is kept as a dead letter"
+        )
+        try:
+            written, _ = await self.store.modify(
+                run_id,
+                lambda state: terminate(
+                    state, "failed", now_ms=now, failure_kind="event_rejected", reason=reason
+                ),
+            )
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:  # the run's state itself cannot be read: the letter is parked all the same
+            log.exception("run %s: cannot fail the run after parking its dead letter", run_id)
+            written = None
+        if written is not None:
+            self.metrics.run_finished(written.status, written.failure_kind)
+        self._run_ended(run_id, item.host_token)
+        await self._settle(item, "dead_letter")
 
     async def _load(self, run_id: str) -> tuple[RunState, int] | None:
         cached = self._cache.get(run_id)
@@ -515,19 +623,19 @@ class Projector:
             ignored: list[tuple[_Item, str]] = []
             early: list[_Item] = []
             kept: list[_Item] = []
+            poison: list[tuple[_Item, Exception]] = []
             now = self.now_ms()
+            expired = resume_expired(current, now)
+            if expired:
+                current = self._expire(current, now)
             for item in items:
-                decision = apply_event(
-                    current,
-                    item.event,
-                    host_token=item.host_token,
-                    now_ms=now,
-                    event_time_ms=int(item.stream_time * 1000) if item.stream_time is not None else None,
-                )
+                try:
+                    decision, keep = self._decide(current, item, now)
+                except Exception as exc:  # the event's own fault: see _poisoned
+                    poison.append((item, exc))
+                    continue
                 if decision.outcome == "applied" and decision.state is not None:
-                    keep, current = keep_decision(
-                        decision.state, item.event, item.size, self.store.config.output_max_bytes
-                    )
+                    current = decision.state
                     if keep:
                         kept.append(item)
                     applied.append(item)
@@ -550,7 +658,7 @@ class Projector:
                     f"(RUNS_MAX_EVENTS_PER_RUN); the stream refuses more of them",
                 )
                 current = ended if ended is not None else current
-            if applied:
+            if applied or expired:
                 # Kept copies first (one idempotent write per run and turn), then the state that counts them.
                 if kept:
                     await self.store.keep_events(run_id, [(i.seq, i.event) for i in kept])
@@ -565,7 +673,13 @@ class Projector:
                     await self.store.mark_inactive(run_id)
                 else:
                     self._remember(current, new_revision)
-                stream_time = applied[-1].stream_time
+                if expired:
+                    self.metrics.resume_expired.inc()
+                    log.warning("run %s: events came after its resume window; failed desktop_lost", run_id)
+                elif state.status == "stalled" and applied:
+                    self.metrics.resumed.inc()
+                    log.info("run %s resumed: its desktop's events flow again", run_id)
+                stream_time = applied[-1].stream_time if applied else None
                 if stream_time is not None:
                     self.metrics.event_applied_at(stream_time)
                 for item in applied:
@@ -577,8 +691,36 @@ class Projector:
             if wrong_host:
                 await self.count_strays(items[0].host_token, wrong_host)
             await self._hold(run_id, early)
+            for item, error in poison:
+                await self._poisoned(run_id, item, error)
             return
         raise Conflict(f"{run_id}: too many concurrent writers")
+
+    def _decide(self, state: RunState, item: _Item, now: int) -> tuple[Decision, bool]:
+        """What ``item`` does to ``state``, and whether to keep it for export (pure; may raise)."""
+        decision = apply_event(
+            state,
+            item.event,
+            host_token=item.host_token,
+            now_ms=now,
+            event_time_ms=int(item.stream_time * 1000) if item.stream_time is not None else None,
+        )
+        if decision.outcome != "applied" or decision.state is None:
+            return decision, False
+        keep, after = keep_decision(decision.state, item.event, item.size, self.store.config.output_max_bytes)
+        return Decision("applied", after), keep
+
+    def _expire(self, state: RunState, now: int) -> RunState:
+        """A stalled run past its resume window: failed desktop_lost, whatever events come now."""
+        ended = terminate(
+            state,
+            "failed",
+            now_ms=now,
+            failure_kind="desktop_lost",
+            reason="the desktop's events came back after the resume window (RUNS_RESUME_WINDOW_SECONDS) "
+            "had passed; the run had failed as desktop_lost",
+        )
+        return ended if ended is not None else state
 
     async def _hold(self, run_id: str, items: list[_Item]) -> None:
         """Keep early events (unacknowledged) for a retry; give back the ones held too long."""

@@ -16,6 +16,13 @@ waits for is missing from the stream for good (later ones arrived, that one neve
 did): then the run can never complete, and it fails as ``events_lost``.
 Once failed, the run is terminal: late events cannot bring it back (the projector
 ignores them).
+
+A run the verdict says is ``desktop_lost`` is not failed at once while
+``RUNS_RESUME_WINDOW_SECONDS`` > 0: it is ``stalled`` first (a closed lid, lost Wi-Fi: the
+daemon's outbox keeps its events), since the moment it became silent for the liveness
+timeout until that moment plus the window (both stored, so every instance agrees). The
+projector resumes it when its events flow again; past the deadline the reaper fails it as
+``desktop_lost``, and the projector refuses to resume it too.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from contract.run_protocol import RUN_STREAM, parse_event, split_events
 from ..config import RunsConfig
 from .health import Health
 from .metrics import RunMetrics
-from .state import RunState, terminate
+from .state import RunState, resume_expired, stall, terminate
 from .store import Conflict, RunStore
 
 __all__ = ["Reaper", "silent_for"]
@@ -71,6 +78,8 @@ class Reaper:
         self.now_ms = now_ms
         # Active entries whose run did not exist at the last pass.
         self._missing: set[str] = set()
+        # Runs seen stalled in the current pass (the gauge is set at its end).
+        self._stalled: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -95,6 +104,7 @@ class Reaper:
         reaped: list[str] = []
         missing: set[str] = set()
         failed: list[str] = []
+        self._stalled = set()
         for run_id in await self.store.active_ids():
             try:
                 verdict = await self._judge(run_id, missing)
@@ -107,6 +117,7 @@ class Reaper:
             if verdict:
                 reaped.append(run_id)
         self._missing = missing
+        self.metrics.stalled.set(len(self._stalled))
         if failed:
             self.health.trouble(
                 "reaper", f"the reaper cannot judge {len(failed)} active run(s), e.g. {failed[0]}"
@@ -128,14 +139,26 @@ class Reaper:
             return False
         state, revision = loaded
         now = self.now_ms()
+        if state.status == "stalled":
+            self._stalled.add(run_id)
         limit = deadline_seconds(state, self.config)
         silence = silent_for(state, now)
-        if silence < limit:
+        if resume_expired(state, now):
+            verdict: tuple[str, str] | None = ("desktop_lost", self._expired_reason(state, silence))
+        elif silence < limit:
             return False
-        verdict = await self._verdict(state, now, limit, silence)
+        else:
+            verdict = await self._verdict(state, now, limit, silence)
         if verdict is None:
             return False
         kind, reason = verdict
+        expired = kind == "desktop_lost" and self.config.resume_window > 0
+        if expired and not resume_expired(state, now):
+            since = state.liveness_reference() + int(limit * 1000)
+            deadline = since + int(self.config.resume_window * 1000)
+            if now < deadline:
+                return await self._stall(state, revision, now, since, deadline)
+            reason = self._expired_reason(state, silence)
         new = terminate(
             state,
             "failed",
@@ -151,10 +174,41 @@ class Reaper:
         except Conflict:
             return False  # something happened to the run meanwhile; the next pass looks again
         await self.store.mark_inactive(run_id)
+        self._stalled.discard(run_id)
         self.metrics.reaped.inc()
+        if expired:
+            self.metrics.resume_expired.inc()
         self.metrics.run_finished(new.status, new.failure_kind)
         log.warning("run %s reaped: %s", run_id, reason)
         return True
+
+    async def _stall(self, state: RunState, revision: int, now: int, since: int, deadline: int) -> bool:
+        """Mark a silent run ``stalled`` until ``deadline``; False (it is not reaped)."""
+        new = stall(state, now_ms=now, since_ms=since, deadline_ms=deadline)
+        if new is None:
+            return False
+        try:
+            await self.store.write(new, revision)
+        except Conflict:
+            return False  # an event or a verdict came first; the next pass looks again
+        self._stalled.add(state.run_id)
+        self.metrics.stalls.inc()
+        log.warning(
+            "run %s stalled: the desktop sent nothing for %.1f s; it resumes if its events flow "
+            "again within %g s (RUNS_RESUME_WINDOW_SECONDS), else it fails as desktop_lost",
+            state.run_id,
+            (now - state.liveness_reference()) / 1000,
+            self.config.resume_window,
+            extra={"run_id": state.run_id},
+        )
+        return False
+
+    def _expired_reason(self, state: RunState, silence: float) -> str:
+        return (
+            f"the desktop sent nothing for {silence:.1f} s, past the liveness timeout "
+            f"({self.config.liveness_timeout:g} s) and the resume window "
+            f"({self.config.resume_window:g} s); it is gone or disconnected"
+        )
 
     async def _next_event_stored(self, state: RunState) -> bool:
         """Whether the stream holds the event the projector needs next (seq = applied + 1)."""

@@ -15,7 +15,10 @@ Rules:
   and events from a subject of another host than the run owner's are ignored;
 - only a ``done`` event ends a run from the desktop's side; the gateway ends one
   itself (dispatch failure, reaper, cancel) with :func:`terminate`, which also
-  bumps the fence, so late events of the old execution are ignored.
+  bumps the fence, so late events of the old execution are ignored;
+- a run whose desktop went silent is ``stalled`` (:func:`stall`), not ended: the next
+  applied event resumes it (``in_progress``), unless its resume deadline passed
+  (:func:`resume_expired`): then it fails ``desktop_lost`` and stays failed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final, Literal
+
+from contract.run_protocol import DAEMON_FAILURE_KINDS, FAILURE_KIND_FIELD
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -34,11 +39,13 @@ __all__ = [
     "RunState",
     "apply_event",
     "mark_dispatched",
+    "resume_expired",
+    "stall",
     "terminate",
 ]
 
-Status = Literal["dispatching", "in_progress", "completed", "failed", "cancelled"]
-ACTIVE_STATUSES: Final = frozenset({"dispatching", "in_progress"})
+Status = Literal["dispatching", "in_progress", "stalled", "completed", "failed", "cancelled"]
+ACTIVE_STATUSES: Final = frozenset({"dispatching", "in_progress", "stalled"})
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 FAILURE_KINDS: Final = (
     "desktop_unreachable",
@@ -50,6 +57,8 @@ FAILURE_KINDS: Final = (
     "run_failed",
     "event_limit",
     "quota_exceeded",
+    "event_rejected",
+    *sorted(DAEMON_FAILURE_KINDS),
 )
 EVENT_TYPES: Final = frozenset({"stage", "output", "heartbeat", "done"})
 # What an event's handling came to; the projector counts each in /metrics.
@@ -78,6 +87,8 @@ _PUBLIC: Final = {
     "updatedAt": "updated_at",
     "lastEventAt": "last_event_at",
     "finishedAt": "finished_at",
+    "stalledSince": "stalled_since",
+    "resumeDeadline": "resume_deadline",
 }
 _INTERNAL: Final = {
     "hostToken": "host_token",
@@ -117,6 +128,9 @@ class RunState:
     # Events kept in the output bucket (for export after the stream's retention).
     kept_bytes: int = 0
     kept_truncated: bool = False
+    # While ``stalled``: since when (ms), and when it fails desktop_lost unless events flow again.
+    stalled_since: int | None = None
+    resume_deadline: int | None = None
 
     @property
     def terminal(self) -> bool:
@@ -193,8 +207,8 @@ def apply_event(
         "updated_at": now_ms,
         "last_event_at": event_time_ms if event_time_ms is not None else now_ms,
     }
-    if state.status == "dispatching":
-        changes["status"] = "in_progress"
+    if state.status in ("dispatching", "stalled"):
+        changes.update(status="in_progress", stalled_since=None, resume_deadline=None)
     if kind == "stage":
         stage = _text(event.get("stage"), MAX_STAGE_LENGTH)
         if stage is not None:
@@ -210,7 +224,8 @@ def apply_event(
         reason = _text(event.get("reason"), MAX_REASON_LENGTH)
         changes.update(status=status, final_seq=seq, finished_at=now_ms)
         if status == "failed":
-            changes["failure_kind"] = "run_failed"
+            named = event.get(FAILURE_KIND_FIELD)
+            changes["failure_kind"] = named if named in DAEMON_FAILURE_KINDS else "run_failed"
             changes["failure_reason"] = reason or "the run failed on the desktop"
         elif status == "cancelled":
             changes["failure_reason"] = reason
@@ -224,7 +239,7 @@ def mark_dispatched(state: RunState, *, now_ms: int) -> RunState | None:
     counts from its last event, so the write would say nothing new and only race the
     projector's compare-and-set (a conflict costs it a read and a second write).
     """
-    if state.terminal or (state.status == "in_progress" and state.seq > 0):
+    if state.terminal or state.status == "stalled" or (state.status == "in_progress" and state.seq > 0):
         return None
     changes: dict[str, Any] = {"dispatched_at": state.dispatched_at or now_ms, "updated_at": now_ms}
     if state.status == "dispatching":
@@ -254,9 +269,29 @@ def terminate(
     return replace(
         state,
         status=status,
+        stalled_since=None,
+        resume_deadline=None,
         fence=state.fence + 1,
         failure_kind=failure_kind if status == "failed" else None,
         failure_reason=reason[:MAX_REASON_LENGTH] if reason else None,
         finished_at=now_ms,
         updated_at=now_ms,
     )
+
+
+def stall(state: RunState, *, now_ms: int, since_ms: int, deadline_ms: int) -> RunState | None:
+    """The desktop went silent: ``stalled`` until ``deadline_ms`` (None when nothing changes).
+
+    Why not failed at once: a laptop's lid closes, Wi-Fi drops, and the daemon's outbox still
+    holds every event; the run goes on when they flow again (see :func:`apply_event`).
+    """
+    if state.terminal or state.status == "stalled":
+        return None
+    return replace(
+        state, status="stalled", stalled_since=since_ms, resume_deadline=deadline_ms, updated_at=now_ms
+    )
+
+
+def resume_expired(state: RunState, now_ms: int) -> bool:
+    """True when a stalled run's resume window is over: it may only fail now, never resume."""
+    return state.status == "stalled" and state.resume_deadline is not None and now_ms >= state.resume_deadline

@@ -15,6 +15,10 @@
   written with the run, kept as long as the run state; ``GET /api/runs`` lists a user's
   keys (one stream-info request) newest first and reads the states of one page
   (runs created before this index existed are not in it);
+- bucket ``LINK_RUN_DEAD_LETTERS``: run events the projector could not apply (its apply step
+  raised on each of several deliveries), one key ``<runId>.<stream seq>`` each (two instances
+  parking the same message write the same key), kept as long as run state; an operator lists
+  them (``GET /api/admin/runs/dead-letters``);
 - durable pull consumers ``LINK_RUNS_H_<hash of the host token>``, one per host with active
   runs, filtered to that host's subjects and shared by every gateway instance's projector,
   which takes turns between hosts (see :mod:`.projector`); created when a host gets a run,
@@ -56,6 +60,7 @@ from .state import RunState
 
 __all__ = [
     "ACTIVE_BUCKET",
+    "DEAD_LETTER_BUCKET",
     "HOST_CONSUMER_PREFIX",
     "OUTPUT_BUCKET",
     "PROJECTOR_DURABLE",
@@ -75,6 +80,7 @@ STATE_BUCKET: Final = "LINK_RUN_STATE"
 OUTPUT_BUCKET: Final = "LINK_RUN_OUTPUT"
 ACTIVE_BUCKET: Final = "LINK_RUN_ACTIVE"
 USER_INDEX_BUCKET: Final = "LINK_RUN_BY_USER"
+DEAD_LETTER_BUCKET: Final = "LINK_RUN_DEAD_LETTERS"
 # The created-at part of an index key: ms since the epoch, zero-padded so keys sort by time.
 _CREATED_DIGITS: Final = 15
 # The single projector consumer of earlier versions (replaced by one per host; deleted at set-up).
@@ -323,6 +329,7 @@ class RunStore:
         self._output: KeyValue | None = None
         self._active: KeyValue | None = None
         self._by_user: KeyValue | None = None
+        self._dead: KeyValue | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -336,6 +343,7 @@ class RunStore:
             (OUTPUT_BUCKET, config.retention),
             (ACTIVE_BUCKET, None),
             (USER_INDEX_BUCKET, config.retention),
+            (DEAD_LETTER_BUCKET, config.retention),
         ):
             stream = _kv_stream_config(bucket, max_age=max_age, replicas=config.replicas)
             done[bucket] = await ensure_stream(js, stream)
@@ -343,6 +351,7 @@ class RunStore:
         self._output = await js.key_value(OUTPUT_BUCKET)
         self._active = await js.key_value(ACTIVE_BUCKET)
         self._by_user = await js.key_value(USER_INDEX_BUCKET)
+        self._dead = await js.key_value(DEAD_LETTER_BUCKET)
         if await self._drop_shared_projector_consumer():
             done[PROJECTOR_DURABLE] = "deleted"
         return done
@@ -627,3 +636,28 @@ class RunStore:
                     if isinstance(event, dict) and isinstance(event.get("seq"), int):
                         by_seq.setdefault(int(event["seq"]), event)
         return [by_seq[seq] for seq in sorted(by_seq)]
+
+    # ------------------------------------------------------------------ dead letters
+
+    async def put_dead_letter(self, run_id: str, stream_seq: int, record: dict[str, Any]) -> None:
+        """Park one message the projector could not apply (idempotent: one key per message)."""
+        assert self._dead is not None
+        body = json.dumps(record, separators=(",", ":"), default=repr).encode()
+        await self._dead.put(f"{run_id}.{stream_seq}", body)
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every parked message's record, oldest first (by when it was parked)."""
+        reader = await EventReader.open(
+            self.nc, self.js, f"KV_{DEAD_LETTER_BUCKET}", f"$KV.{DEAD_LETTER_BUCKET}.>"
+        )
+        try:
+            msgs = await reader.snapshot()
+        finally:
+            await reader.close()
+        records: list[dict[str, Any]] = []
+        for msg in msgs:
+            with contextlib.suppress(ValueError):
+                record = json.loads(msg.data)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records

@@ -131,7 +131,9 @@ async def test_out_of_order_events_are_applied_in_seq_order(js_server: NatsServe
 async def test_reaper_fails_a_silent_run_and_a_late_event_cannot_revive_it(js_server: NatsServer) -> None:
     desktop = await accepting_desktop(js_server.url, "ivan")
     try:
-        async with runs_gateway(js_server.url, liveness_timeout=1.5) as gw:
+        # No resume window: silent past the liveness timeout is desktop_lost at once (the stalled
+        # state in between is tested in test_gateway_runs_stalled.py).
+        async with runs_gateway(js_server.url, liveness_timeout=1.5, resume_window=0) as gw:
             run_id = await gw.start_run("ivan", {"runner": "echo"})
             await wait_until(lambda: len(desktop.work) == 1, 5.0)
             await publish_event(desktop.nc, desktop.hostname, run_id, 1, "stage", stage="working")
@@ -277,8 +279,8 @@ async def test_reapers_on_two_instances_fail_a_silent_run_exactly_once(js_server
     desktop = await accepting_desktop(js_server.url, "xena")
     try:
         async with (
-            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05) as a,
-            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05) as b,
+            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05, resume_window=0) as a,
+            runs_gateway(js_server.url, liveness_timeout=1.0, reaper_interval=0.05, resume_window=0) as b,
         ):
             run_ids = [await a.start_run("xena", {"runner": "echo"}) for _ in range(5)]
             for run_id in run_ids:

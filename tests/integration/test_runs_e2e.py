@@ -42,6 +42,9 @@ LIVENESS_SECONDS: Final = 3.0
 GATEWAY_ENV: Final = {
     "RUNS_LIVENESS_TIMEOUT_SECONDS": str(LIVENESS_SECONDS),
     "RUNS_REAPER_INTERVAL_SECONDS": "0.25",
+    # No resume window: a silent desktop's run fails desktop_lost at the liveness timeout (the
+    # stalled state in between: test_gateway_runs_stalled.py).
+    "RUNS_RESUME_WINDOW_SECONDS": "0",
 }
 ALICE: Final = "alice@example.com"  # the shared desktop
 BOB: Final = "bob@example.com"  # a desktop that gets SIGKILLed

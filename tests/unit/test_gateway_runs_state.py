@@ -139,7 +139,7 @@ def test_state_json_round_trip_and_public_shape() -> None:
     assert set(public) == {
         "runId", "threadId", "userId", "hostname", "runner", "title", "status", "stage", "fence", "seq",
         "finalSeq", "outputBytes", "failureKind", "failureReason", "createdAt", "updatedAt", "lastEventAt",
-        "finishedAt",
+        "finishedAt", "stalledSince", "resumeDeadline",
     }  # fmt: skip
     assert "hostToken" not in public and public["failureKind"] == "run_failed"
     with pytest.raises(ValueError):
