@@ -2,7 +2,8 @@
 
 ``GET /api/runs/{id}/events?after=N`` (and ``Last-Event-ID: N``) replays every event with
 ``seq > N`` and stays live until the run is terminal, then sends one ``end`` message with
-the final run state. :func:`follow` remembers the last ``seq`` it yielded; when the
+the final run state; ``state`` messages in between (no seq) say the run stalled or resumed.
+:func:`follow` remembers the last ``seq`` it yielded; when the
 connection breaks (reset, idle timeout, a gateway restarting, a 5xx from a proxy) it
 reconnects with that number, drops anything it already yielded, and refuses a gap (an
 event missing in between is an error, never silent loss). Reconnects back off and give
@@ -25,10 +26,12 @@ from . import exitcodes
 from .gateway_api import GatewayApiError, GatewayClient
 from .sse import SseError, SseParser
 
-__all__ = ["END", "EVENT", "Item", "StreamDropped", "follow", "run_path"]
+__all__ = ["END", "EVENT", "STATE", "Item", "StreamDropped", "follow", "run_path"]
 
 EVENT: Final = "event"
 END: Final = "end"
+# A change of the live run's state (stalled, resumed): data is the run state, no seq.
+STATE: Final = "state"
 # Reconnect back-off: quick first (a blip), then at most every few seconds.
 FIRST_RETRY_DELAY: Final = 0.2
 MAX_RETRY_DELAY: Final = 5.0
@@ -42,7 +45,7 @@ class StreamDropped(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """``kind`` EVENT: ``data`` is one run event; ``kind`` END: ``data`` is the final run state."""
+    """``kind`` EVENT: ``data`` is one run event; END: the final run state; STATE: the run state now."""
 
     kind: str
     data: dict[str, Any]
@@ -96,6 +99,9 @@ async def follow(
                         if message.event == END:
                             yield Item(END, _decode(message.data, "a final run state"))
                             return
+                        if message.event == STATE:
+                            yield Item(STATE, _decode(message.data, "a run state"))
+                            continue
                         event = _decode(message.data, "a run event")
                         seq = event.get("seq")
                         if not isinstance(seq, int) or isinstance(seq, bool):

@@ -1,4 +1,4 @@
-"""``linkctl runs send|list|show|attach|cancel``: work for your desktop, through the gateway.
+"""``linkctl runs send|list|show|attach|cancel|dead-letters``: work for your desktop, through the gateway.
 
 Human output on a terminal: the run's own output on stdout (so it can be piped), status
 lines on stderr, colour only on a tty. ``--json`` prints JSON for scripts: the gateway's
@@ -22,6 +22,7 @@ import typer
 
 from . import exitcodes
 from .common import CliError, run, stop_on_signals
+from .dead_letters import DEAD_LETTERS_EPILOG, dead_letters_command
 from .gateway_api import (
     DEFAULT_GATEWAY,
     GatewayClient,
@@ -30,7 +31,7 @@ from .gateway_api import (
     GatewayTokenOpt,
     LegacyTokenOpt,
 )
-from .run_stream import DEFAULT_GIVE_UP_AFTER, END, Item, follow, run_path
+from .run_stream import DEFAULT_GIVE_UP_AFTER, END, STATE, Item, follow, run_path
 from .term import Painter, human_bytes
 
 __all__ = ["exit_status_for", "parse_input", "register", "render_row", "render_state"]
@@ -42,6 +43,7 @@ _STATUS_STYLE: Final = {
     "cancelled": ("yellow",),
     "dispatching": ("cyan",),
     "in_progress": ("cyan",),
+    "stalled": ("yellow",),
 }
 # The gateway's page size bounds (GET /api/runs?limit=N).
 LIST_DEFAULT_LIMIT: Final = 20
@@ -62,6 +64,7 @@ Examples:
   linkctl runs show RUN_ID
   linkctl runs attach RUN_ID                 # live output; survives dropped connections
   linkctl runs cancel RUN_ID
+  linkctl runs dead-letters                  # operators: events the gateway could not apply
 
 Every command takes --gateway URL (LINKCTL_GATEWAY) and --gateway-token TOKEN (LINKCTL_TOKEN).
 """
@@ -150,6 +153,8 @@ def render_state(state: dict[str, Any], paint: Painter) -> str:
         rows.append(("finished", _when(state.get("finishedAt")) + (f"  (took {took})" if took else "")))
     elif state.get("lastEventAt") is not None:
         rows.append(("last event", _when(state.get("lastEventAt"))))
+    if status == "stalled":
+        rows.append(("stalled", stalled_note(state)))
     why = ending(state)
     if why:
         rows.append(("failure" if status == "failed" else "reason", why))
@@ -168,6 +173,14 @@ def render_row(state: dict[str, Any], paint: Painter) -> str:
     if state.get("title"):
         cells.append(" ".join(str(state["title"]).split()))  # one line, whatever the title holds
     return "  ".join(cells)
+
+
+def stalled_note(state: dict[str, Any]) -> str:
+    """Since when a stalled run's desktop is silent, and until when it may come back."""
+    return (
+        f"since {_when(state.get('stalledSince'))}: the desktop is silent; the run resumes if its "
+        f"events flow again by {_when(state.get('resumeDeadline'))}, else it fails as desktop_lost"
+    )
 
 
 def ending(state: dict[str, Any]) -> str:
@@ -208,10 +221,16 @@ class _Printer:
 
     def item(self, item: Item) -> None:
         if self.as_json:
-            doc = {"type": "end", "run": item.data} if item.kind == END else item.data
+            doc = {"type": item.kind, "run": item.data} if item.kind in (END, STATE) else item.data
             print(json.dumps(doc), flush=True)
             return
         if item.kind == END:
+            return
+        if item.kind == STATE:
+            if item.data.get("status") == "stalled":
+                self.note(f"· stalled {stalled_note(item.data)}")
+            else:
+                self.note(f"· resumed ({item.data.get('status')})")
             return
         event = item.data
         kind = event.get("type")
@@ -261,6 +280,8 @@ async def attach(
             printer.item(item)
             if item.kind == END:
                 final = item.data
+            elif item.kind == STATE:
+                continue
             else:
                 last = int(item.data["seq"])
                 if item.data.get("type") == "done":
@@ -600,4 +621,5 @@ def register(app: typer.Typer) -> None:
         ("cancel", cancel_command),
     ):
         runs_app.command(name, epilog=_EPILOGS[name] + "\n" + EXIT_STATUS)(func)
+    runs_app.command("dead-letters", epilog=DEAD_LETTERS_EPILOG + "\n" + EXIT_STATUS)(dead_letters_command)
     app.add_typer(runs_app, name="runs")

@@ -388,6 +388,7 @@ async def _stream_live(
     done_at: float | None = None
     last_write = last_refresh = loop.time()
     recheck_at = math.inf
+    stalled_shown = False  # whether the reader was last told the run is stalled
     try:
         # The state may have moved between the first read and the subscription.
         await watch.refresh(store)
@@ -395,6 +396,10 @@ async def _stream_live(
             current = watch.state
             if current.terminal and next_seq > current.seq:
                 return current
+            if not current.terminal and (current.status == "stalled") != stalled_shown:
+                stalled_shown = current.status == "stalled"
+                await response.write(fmt.state(current.public()))
+                last_write = loop.time()
             now = loop.time()
             if current.terminal:
                 ended_at = ended_at or now

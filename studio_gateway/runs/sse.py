@@ -8,8 +8,11 @@ browser's ``EventSource`` resumes with ``Last-Event-ID`` by itself::
     data: {"runId": "...", "seq": 3, "type": "output", ...}
 
 then exactly one ``event: end`` (no id) whose data is the final run state, and
-``: keepalive`` comments while idle. NDJSON (``application/x-ndjson``): one event per
-line, the last line ``{"type": "end", "run": {...}}``.
+``: keepalive`` comments while idle. While the run is live, an ``event: state`` (no id) with
+the run state says when it became ``stalled`` and when it left that state (no id, so a
+reconnecting ``EventSource`` resumes by seq as before). NDJSON (``application/x-ndjson``): one
+event per line, ``{"type": "state", "run": {...}}`` for a state change, the last line
+``{"type": "end", "run": {...}}``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class EventFormat:
             return raw + b"\n"
         kind = event.get("type", "message")
         return f"id: {event.get('seq')}\nevent: {kind}\ndata: ".encode() + raw + b"\n\n"
+
+    def state(self, state: Mapping[str, Any]) -> bytes:
+        """The run's state changed in a way a reader should see now (stalled, resumed)."""
+        if self.media_type == NDJSON:
+            return (_json({"type": "state", "run": state}) + "\n").encode()
+        return f"event: state\ndata: {_json(state)}\n\n".encode()
 
     def end(self, state: Mapping[str, Any]) -> bytes:
         if self.media_type == NDJSON:
