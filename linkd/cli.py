@@ -345,7 +345,12 @@ async def _serve(
     from .daemon import LinkDaemon
     from .uplink import JetStreamUplink
 
-    uplink = JetStreamUplink() if settings.uplink else None
+    journal = None
+    if settings.uplink and settings.journal:
+        from .journal import open_journal
+
+        journal = open_journal(settings.state_dir)
+    uplink = JetStreamUplink(journal=journal) if settings.uplink else None
     sink: EventSink = uplink if uplink is not None else MemoryEventSink()
     file_sink = JsonlFileSink(events_file) if events_file is not None else None
     if file_sink is not None:
@@ -539,6 +544,8 @@ def _describe(doc: dict[str, Any]) -> list[str]:
             f"  run uplink:  {uplink.get('state')}, {uplink.get('outbox', 0)} event(s) waiting, "
             f"{uplink.get('delivered', 0)} delivered"
         )
+        if uplink.get("journal"):
+            lines.append(f"  journal:     {uplink['journal']}")
     for run in runs:
         if isinstance(run, dict):
             lines.append(

@@ -10,6 +10,8 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     json_logs = false                         # --json-logs / LINKD_JSON_LOGS
     nats_transport = "auto"       # or standard, websocket (--nats-transport / LINKD_NATS_TRANSPORT)
     uplink = true                 # run events to the gateway's JetStream stream (--no-uplink / LINKD_UPLINK)
+    journal = true                # keep unacknowledged run events on disk (LINKD_JOURNAL; see linkd.journal)
+    state_dir = "~/.local/state/natslink"   # the journal's directory (LINKD_STATE_DIR; see linkd.dirs)
     insecure_file_store = false   # where no OS keyring exists: secrets in 0600 files
                                   # (--insecure-file-store / LINKD_INSECURE_FILE_STORE; `linkd login`
                                   # with it also remembers it for `linkd up`)
@@ -24,6 +26,8 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     [runners.http]              # the `http` runner: POSTs the input, streams the answer
     endpoint = "http://127.0.0.1:11434/api/generate"   # LINKD_HTTP_RUNNER_URL
     timeout = 600               # seconds for the whole call (0: none)
+    resumable = false           # true: the endpoint's answer is the same for the same input, so a
+                                # restarted daemon asks again and continues after what it had sent
 
     [runners.command.build]     # the `command` runner, template "build"
     argv = ["make", "build"]    # or: command = "make build" (split like a shell, never run by one)
@@ -31,6 +35,10 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     input = "stdin"             # how the work item's input reaches it: "stdin" or "env" ($LINKD_INPUT)
     timeout = 3600              # seconds (0: none); the run fails when it is exceeded
     env = { RUST_LOG = "info" } # extra environment
+    resumable = false           # true: same input, same output (idempotent); a restarted daemon runs
+                                # it again and continues after the output it had already sent
+                                # (docs/runs.md, "Daemon restarts"); false: such a run fails
+                                # `daemon_restarted`
 
 Command templates exist only here: a work item names a template and supplies
 input *data*; it can never add arguments or choose the program.
@@ -47,7 +55,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from .dirs import config_dir, runtime_dir
+from .dirs import config_dir, runtime_dir, state_dir
 from .errors import LinkdError
 
 __all__ = [
@@ -94,12 +102,15 @@ class CommandTemplate:
     input_mode: InputMode = "stdin"
     timeout: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # Same input, same output: a restarted daemon may run it again and skip what it already sent.
+    resumable: bool = False
 
 
 @dataclass(frozen=True)
 class HttpRunnerConfig:
     endpoint: str
     timeout: float | None = DEFAULT_HTTP_RUNNER_TIMEOUT
+    resumable: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,9 @@ class Settings:
     nats_transport: Transport = "auto"
     # Run events go to JetStream (the durable uplink); off: they stay in memory (a gateway without runs).
     uplink: bool = True
+    # Unacknowledged run events are kept on disk (linkd.journal), in state_dir.
+    journal: bool = True
+    state_dir: Path = field(default_factory=lambda: state_dir())
     runners: RunnerSettings = field(default_factory=RunnerSettings)
     config_file: Path | None = None
     # None: not set by a flag, LINKD_INSECURE_FILE_STORE or the config file (then what the
@@ -253,6 +267,8 @@ _FIELDS: Final = {
     "json_logs": _Field("json_logs", "--json-logs", "LINKD_JSON_LOGS"),
     "nats_transport": _Field("nats_transport", "--nats-transport", "LINKD_NATS_TRANSPORT"),
     "uplink": _Field("uplink", "--uplink", "LINKD_UPLINK"),
+    "journal": _Field("journal", "--journal", "LINKD_JOURNAL"),
+    "state_dir": _Field("state_dir", "--state-dir", "LINKD_STATE_DIR"),
     "insecure_file_store": _Field(
         "insecure_file_store", "--insecure-file-store", "LINKD_INSECURE_FILE_STORE"
     ),
@@ -267,8 +283,8 @@ _RUNNER_ENV: Final = {
     "max_concurrent": "LINKD_MAX_RUNS",
 }
 _RUNNER_FLAGS: Final = {"heartbeat_interval": "--heartbeat-interval"}
-_HTTP_KEYS: Final = frozenset({"endpoint", "timeout"})
-_COMMAND_KEYS: Final = frozenset({"argv", "command", "cwd", "input", "timeout", "env"})
+_HTTP_KEYS: Final = frozenset({"endpoint", "timeout", "resumable"})
+_COMMAND_KEYS: Final = frozenset({"argv", "command", "cwd", "input", "timeout", "env", "resumable"})
 
 
 class _Sources:
@@ -365,7 +381,8 @@ def _command_template(name: str, table: Mapping[str, Any], where: str) -> Comman
         isinstance(k, str) and isinstance(v, str) for k, v in env_table.items()
     ):
         raise LinkdError(f"{where}.env must be a table of strings")
-    return CommandTemplate(name, argv, cwd, input_mode, timeout, dict(env_table))
+    resumable = _bool(table["resumable"], f"{where}.resumable") if "resumable" in table else False
+    return CommandTemplate(name, argv, cwd, input_mode, timeout, dict(env_table), resumable)
 
 
 def _runner_settings(sources: _Sources) -> RunnerSettings:
@@ -410,7 +427,10 @@ def _runner_settings(sources: _Sources) -> RunnerSettings:
         timeout = DEFAULT_HTTP_RUNNER_TIMEOUT if "timeout" not in http_table else None
         if "timeout" in http_table:
             timeout = _optional_timeout(http_table["timeout"], f"{where}.http.timeout")
-        http = HttpRunnerConfig(endpoint, timeout)
+        resumable = (
+            _bool(http_table["resumable"], f"{where}.http.resumable") if "resumable" in http_table else False
+        )
+        http = HttpRunnerConfig(endpoint, timeout, resumable)
     elif http_table:
         raise LinkdError(f"{where}.http needs an endpoint")
     return RunnerSettings(mock, heartbeat, max_concurrent, kill_grace, commands, http)
@@ -442,6 +462,8 @@ def load_settings(
         json_logs=sources.pick("json_logs", _bool, False),
         nats_transport=sources.pick("nats_transport", _transport, "auto"),
         uplink=sources.pick("uplink", _bool, True),
+        journal=sources.pick("journal", _bool, True),
+        state_dir=sources.pick("state_dir", _path, state_dir(env)),
         runners=_runner_settings(sources),
         config_file=path if file_data or explicit is not None else None,
         insecure_file_store=sources.pick("insecure_file_store", _bool, None),

@@ -31,6 +31,13 @@
 - Stop (SIGINT/SIGTERM): stop taking requests, let in-flight ones finish up to the
   drain timeout while every run is cancelled (each ends ``cancelled``), close.
 
+Restarts and sleep (docs/runs.md, "Daemon restarts"): with a journaled uplink, ``run()``
+first queues what the journal held unacknowledged (same message ids), then resumes or ends
+(``daemon_restarted``) the runs it found unfinished, before connecting. A periodic check
+notices the machine's own sleep (:mod:`linkd.sleep`): "woke after N s of sleep", then a
+credential that expired meanwhile is replaced (a new session), a valid one is refreshed at
+once (a new connection: make-before-break), and the uplink retries at once.
+
 Every state change is one log line on ``linkd.state`` (see :mod:`linkd.logs`),
 and the status file (``linkd status``) is rewritten.
 
@@ -76,8 +83,10 @@ from .logs import STATE_LOGGER
 from .routes import LinkRoutes
 from .run_events import EventSink, MemoryEventSink
 from .runners import build_runners
-from .runs import RunManager
+from .runners.base import WorkItem
+from .runs import RunManager, item_to_dict
 from .session import GatewayClient, GatewayError, LinkSession
+from .sleep import CHECK_INTERVAL, SleepDetector
 from .status_file import remove_status, write_status
 from .uplink import JetStreamUplink
 from .upstream import UpstreamProxy
@@ -231,6 +240,7 @@ class LinkDaemon:
             heartbeat_interval=settings.runners.heartbeat_interval,
             max_concurrent=settings.runners.max_concurrent,
             on_change=self._write_status,
+            on_start=self._journal_run,
         )
         self.upstream = UpstreamProxy(settings.upstream_url) if settings.upstream_url else None
         self.routes = LinkRoutes(self.runs, upstream=self.upstream, machine_name=machine_name)
@@ -248,6 +258,11 @@ class LinkDaemon:
         self.nc: NATS | None = None
         self.server: tunnel.TunnelServer | None = None
         self.refreshes = 0
+        self.reconnects = 0  # NATS reconnects and new connections after the first
+        self.sleeps = 0
+        self._connections = 0
+        self._woke = asyncio.Event()
+        self._slept = 0.0
         self._stop = asyncio.Event()
         self._stop_reason = "stop requested"
         self._current: _Serving | None = None  # what self.session/nc/server describe
@@ -267,11 +282,48 @@ class LinkDaemon:
 
     async def run(self) -> None:
         status_task = asyncio.ensure_future(self._status_loop())
+        sleep_task = asyncio.ensure_future(self._sleep_watch())
         try:
+            await self._recover()
             await self._lifecycle()
         finally:
             status_task.cancel()
+            sleep_task.cancel()
             await self._shutdown()
+
+    # ------------------------------------------------------------------ restarts and sleep
+
+    async def _recover(self) -> None:
+        """What a previous daemon left in the journal: its unacked events go again, its runs go on or end."""
+        uplink = self.uplink
+        journal = uplink.journal if uplink is not None else None
+        if uplink is None or journal is None:
+            return
+        uplink.restore()
+        runs = journal.unfinished_runs()
+        if runs:
+            await self.runs.recover(runs)
+
+    def _journal_run(self, item: WorkItem, execution: str, resumable: bool) -> None:
+        journal = self.uplink.journal if self.uplink is not None else None
+        if journal is not None:
+            journal.start_run(item_to_dict(item), item.fence, execution, resumable=resumable)
+
+    async def _sleep_watch(self) -> None:
+        detector = SleepDetector(time.monotonic(), time.time())
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL)
+            slept = detector.check(time.monotonic(), time.time())
+            if slept is not None:
+                self._on_wake(slept)
+
+    def _on_wake(self, slept: float) -> None:
+        self.sleeps += 1
+        self._slept = slept
+        log.info("woke after %.0f s of sleep", slept, extra={"event": "woke", "slept": round(slept, 1)})
+        self._woke.set()
+        if self.uplink is not None:
+            self.uplink.wake()
 
     # ------------------------------------------------------------------ reporting
 
@@ -324,6 +376,10 @@ class LinkDaemon:
             "inFlightRequests": self._in_flight(),
             "runs": [info.summary() for info in self.runs.active()],
             "uplink": self.uplink.status() if self.uplink is not None else None,
+            "reconnects": self.reconnects,
+            "sleeps": self.sleeps,
+            "runsResumed": self.runs.resumes,
+            "runsEndedDaemonRestarted": self.runs.restart_failures,
         }
 
     def _in_flight(self) -> int:
@@ -391,6 +447,9 @@ class LinkDaemon:
         if serving is None:
             return None
         await self._make_current(serving)
+        self._connections += 1
+        if self._connections > 1:
+            self.reconnects += 1
         online_at = time.monotonic()
         self._set(State.ONLINE, f"online as {session.hostname}", expires_at=_iso(session.expires_at))
         reason = await self._supervise(serving)
@@ -468,6 +527,7 @@ class LinkDaemon:
 
         async def reconnected() -> None:
             if current():
+                self.reconnects += 1
                 self._set(State.ONLINE, f"online as {serving.session.hostname}")
 
         async def on_closed() -> None:
@@ -533,9 +593,16 @@ class LinkDaemon:
                 t for t in (refresh_at, None if expiry is None else expiry + EXPIRY_GRACE) if t is not None
             ]
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
-            await _wait_any(self._stop, serving.closed, timeout=timeout)
+            await _wait_any(self._stop, serving.closed, self._woke, timeout=timeout)
             if self._stop.is_set():
                 return self._stop_reason
+            if self._woke.is_set():
+                # Monotonic deadlines stood still during the sleep: judge the credential by the wall clock.
+                self._woke.clear()
+                expires_at = serving.session.expires_at
+                if expires_at is not None and time.time() >= expires_at - EXPIRY_GRACE:
+                    return f"the NATS credentials expired during {self._slept:.0f} s of sleep"
+                refresh_at = time.monotonic()  # a new credential and a new connection now
             if serving.closed.is_set() or nc.is_closed:
                 return _closed_reason(nc, session)
             now = time.monotonic()

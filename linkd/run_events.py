@@ -24,6 +24,11 @@ from a single writer task, in order: a producer being cancelled (a cancelled
 runner, say) never interrupts a sink call half-way or reorders events. Output
 bigger than :data:`MAX_OUTPUT_CHARS` is split into several ``output`` events, so
 every event fits in one NATS message.
+
+With a durable sink (``sink.durable``: the uplink with a journal) each event is on disk
+before the producer goes on (``stage``/``output``/``heartbeat`` return only once the sink
+took it), so a crash loses nothing the runner produced. A recorder may also continue an
+execution after a restart (``first_seq``, ``execution``): the same ids, seq going on.
 """
 
 from __future__ import annotations
@@ -184,6 +189,10 @@ class TeeSink:
     def __init__(self, *sinks: EventSink) -> None:
         self.sinks = sinks
 
+    @property
+    def durable(self) -> bool:
+        return any(getattr(sink, "durable", False) for sink in self.sinks)
+
     async def emit(self, run_id: str, fence: Fence, event: RunEvent) -> None:
         for sink in self.sinks:
             await sink.emit(run_id, fence, event)
@@ -200,15 +209,26 @@ class RunRecorder:
     """Numbers one run's events and delivers them to the sink in order, from one writer task."""
 
     def __init__(
-        self, sink: EventSink, run_id: str, fence: Fence, *, queue_limit: int = RECORDER_QUEUE_LIMIT
+        self,
+        sink: EventSink,
+        run_id: str,
+        fence: Fence,
+        *,
+        queue_limit: int = RECORDER_QUEUE_LIMIT,
+        last_seq: int = 0,
+        execution: str | None = None,
     ):
         self.sink = sink
         self.run_id = run_id
         self.fence = fence
-        self.seq = 0
-        self.execution = secrets.token_hex(8)
+        self.seq = last_seq
+        self.execution = execution or secrets.token_hex(8)
         self.lost = 0
         self.finished = False
+        # Producers wait until the sink took each event (it is on disk then).
+        self._sync = bool(getattr(sink, "durable", False))
+        self._written = last_seq
+        self._progress = asyncio.Event()
         self._queue: asyncio.Queue[RunEvent | None] = asyncio.Queue()
         self._limit = queue_limit
         self._space = asyncio.Event()
@@ -245,7 +265,10 @@ class RunRecorder:
             await self._space.wait()
         if self.finished:
             raise RuntimeError(f"run {self.run_id} is finished; no more events")
-        self._enqueue(kind, data)
+        seq = self._enqueue(kind, data).seq
+        while self._sync and self._written < seq and not self._writer.done():
+            self._progress.clear()
+            await self._progress.wait()
 
     def _enqueue(self, kind: EventType, data: dict[str, Any]) -> RunEvent:
         # No await between numbering and queueing: seq order is queue order.
@@ -264,12 +287,15 @@ class RunRecorder:
             if self._queue.qsize() < self._limit:
                 self._space.set()
             if event is None:
+                self._progress.set()
                 return
             try:
                 await self.sink.emit(self.run_id, self.fence, event)
             except Exception:
                 self.lost += 1
                 log.exception("run %s: event seq %d was not accepted by the sink", self.run_id, event.seq)
+            self._written = event.seq
+            self._progress.set()
 
     async def aclose(self) -> None:
         """Stop the writer without a done event (only for teardown after a crash)."""
@@ -277,3 +303,4 @@ class RunRecorder:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        self._progress.set()  # a producer waiting for the writer goes on

@@ -15,6 +15,12 @@ Idempotency (the dispatcher may retry a delivery it is unsure about):
 Cancellation cancels the runner's task (a runner cleans up in its ``finally``: a
 command's process group is terminated); a second cancel escalates (SIGKILL).
 On shutdown every run is cancelled and ends ``cancelled``.
+
+After a crash (docs/runs.md, "Daemon restarts") the daemon hands the runs its journal
+found unfinished to :meth:`RunManager.recover`: a run whose runner can resume
+(``runner.resumable(item)``) is run again, continuing the same execution (seq and
+message ids go on; what it had produced is dropped by :class:`~linkd.resume.ResumeFilter`);
+any other is ended at once ``failed`` with ``failureKind: daemon_restarted``.
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .run_events import EventSink, Fence, RunRecorder, TerminalStatus
-from .runners.base import Output, RunFailed, Runner, Stage, WorkItem
+from contract.run_protocol import DAEMON_RESTARTED, FAILURE_KIND_FIELD
 
-__all__ = ["RunInfo", "RunManager", "SubmitOutcome", "SubmitResult"]
+from .journal import JournaledRun
+from .resume import Progress, ResumeFilter
+from .run_events import EventSink, Fence, RunRecorder, TerminalStatus
+from .runners.base import Output, RunFailed, Runner, RunnerEvent, Stage, WorkItem
+
+__all__ = ["RunInfo", "RunManager", "SubmitOutcome", "SubmitResult", "item_from_dict", "item_to_dict"]
 
 log = logging.getLogger("linkd.runs")
 
@@ -42,6 +52,34 @@ FINISHED_MEMORY: Final = 10_000
 # for the escalated (second) cancel and the final done events.
 SHUTDOWN_GRACE_SHARE: Final = 0.75
 MIN_ESCALATION: Final = 0.1
+
+
+def item_to_dict(item: WorkItem) -> dict[str, Any]:
+    """The work item as the journal keeps it (the ``POST /api/links/work`` body's names)."""
+    return {
+        "runId": item.run_id,
+        "threadId": item.thread_id,
+        "userId": item.user_id,
+        "fence": item.fence,
+        "runner": item.runner,
+        "input": item.input,
+    }
+
+
+def item_from_dict(data: Mapping[str, Any]) -> WorkItem:
+    """The inverse of :func:`item_to_dict`; ``KeyError`` when a field is missing."""
+    return WorkItem(
+        str(data["runId"]),
+        str(data["threadId"]),
+        str(data["userId"]),
+        data["fence"],
+        str(data["runner"]),
+        data.get("input"),
+    )
+
+
+# Called when a run execution starts, before its first event: (item, execution, resumable).
+RunStarted = Callable[[WorkItem, str, bool], None]
 
 
 class SubmitOutcome(enum.Enum):
@@ -93,12 +131,16 @@ class RunManager:
         heartbeat_interval: float = 10.0,
         max_concurrent: int = 8,
         on_change: Callable[[], None] | None = None,
+        on_start: RunStarted | None = None,
     ) -> None:
         self.runners = dict(runners)
         self.sink = sink
         self.heartbeat_interval = heartbeat_interval
         self.max_concurrent = max_concurrent
         self.on_change = on_change
+        self.on_start = on_start
+        self.resumes = 0  # runs continued after a daemon restart
+        self.restart_failures = 0  # runs ended daemon_restarted
         self._active: dict[str, RunInfo] = {}
         self._finished: OrderedDict[str, RunInfo] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,14 +178,7 @@ class RunManager:
             return SubmitResult(SubmitOutcome.CLOSED)
         if len(self._active) >= self.max_concurrent:
             return SubmitResult(SubmitOutcome.BUSY)
-        runner = self.runners[item.runner]
-        info = RunInfo(item, time.time())
-        self._active[item.run_id] = info
-        info.task = asyncio.get_running_loop().create_task(
-            self._execute(info, runner), name=f"run-{item.run_id}"
-        )
-        self._tasks.add(info.task)
-        info.task.add_done_callback(self._tasks.discard)
+        self._launch(item, self.runners[item.runner], None)
         log.info(
             "run %s started (%s runner)",
             item.run_id,
@@ -152,6 +187,71 @@ class RunManager:
         )
         self._changed()
         return SubmitResult(SubmitOutcome.STARTED)
+
+    def _launch(self, item: WorkItem, runner: Runner, resumed: JournaledRun | None) -> RunInfo:
+        info = RunInfo(item, time.time())
+        self._active[item.run_id] = info
+        info.task = asyncio.get_running_loop().create_task(
+            self._execute(info, runner, resumed), name=f"run-{item.run_id}"
+        )
+        self._tasks.add(info.task)
+        info.task.add_done_callback(self._tasks.discard)
+        return info
+
+    def can_resume(self, run: JournaledRun) -> WorkItem | None:
+        """The work item to run again for ``run``, or None when it must end ``daemon_restarted``."""
+        if not run.resumable or run.item is None:
+            return None
+        try:
+            item = item_from_dict(run.item)
+        except (KeyError, TypeError, ValueError):
+            return None
+        runner = self.runners.get(item.runner)
+        check = getattr(runner, "resumable", None)
+        if runner is None or item.run_id != run.run_id or not callable(check):
+            return None
+        try:
+            return item if check(item) else None
+        except Exception:
+            return None
+
+    async def recover(self, runs: list[JournaledRun]) -> None:
+        """The runs a crashed daemon left unfinished: resume each that can, end the others at once."""
+        for run in runs:
+            item = self.can_resume(run)
+            if item is not None and not self._closed:
+                self.resumes += 1
+                self._launch(item, self.runners[item.runner], run)
+                log.info(
+                    "run %s resumed after a daemon restart, after seq %d (%s runner)",
+                    run.run_id,
+                    run.last_seq,
+                    item.runner,
+                    extra={"event": "run_resumed", "run_id": run.run_id, "seq": run.last_seq},
+                )
+                continue
+            await self._end_restarted(run)
+        self._changed()
+
+    async def _end_restarted(self, run: JournaledRun) -> None:
+        recorder = RunRecorder(
+            self.sink, run.run_id, run.fence, last_seq=run.last_seq, execution=run.execution
+        )
+        reason = "the desktop daemon was restarted while the run worked, and its runner cannot resume"
+        await recorder.done("failed", reason=reason, **{FAILURE_KIND_FIELD: DAEMON_RESTARTED})
+        self.restart_failures += 1
+        if run.item is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                info = RunInfo(item_from_dict(run.item), time.time(), status="failed", reason=reason)
+                info.recorder = recorder
+                self._finished[run.run_id] = info
+        log.warning(
+            "run %s ended failed (%s): the daemon was restarted while it worked, after seq %d",
+            run.run_id,
+            DAEMON_RESTARTED,
+            run.last_seq,
+            extra={"event": "run_ended", "run_id": run.run_id, "status": "failed", "seq": recorder.seq},
+        )
 
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo | None:
         """Cancel a running run (again: escalate); returns it, or None when it is not running."""
@@ -186,15 +286,27 @@ class RunManager:
 
     # ------------------------------------------------------------------ execution
 
-    async def _execute(self, info: RunInfo, runner: Runner) -> None:
+    async def _execute(self, info: RunInfo, runner: Runner, resumed: JournaledRun | None = None) -> None:
         item = info.item
-        recorder = info.recorder = RunRecorder(self.sink, item.run_id, item.fence)
+        if resumed is None:
+            recorder = info.recorder = RunRecorder(self.sink, item.run_id, item.fence)
+            if self.on_start is not None:
+                check = getattr(runner, "resumable", None)
+                try:
+                    self.on_start(item, recorder.execution, bool(callable(check) and check(item)))
+                except Exception:
+                    log.exception("run %s: cannot journal its start", item.run_id)
+        else:
+            recorder = info.recorder = RunRecorder(
+                self.sink, item.run_id, item.fence, last_seq=resumed.last_seq, execution=resumed.execution
+            )
         status: TerminalStatus = "completed"
         reason: str | None = None
         details: dict[str, Any] = {}
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(recorder))
         try:
-            info.work = asyncio.get_running_loop().create_task(self._drive(recorder, runner, item))
+            progress = resumed.progress if resumed is not None else None
+            info.work = asyncio.get_running_loop().create_task(self._drive(recorder, runner, item, progress))
             if info.cancel_reason is not None:
                 info.work.cancel()
             await asyncio.wait([info.work])
@@ -242,10 +354,22 @@ class RunManager:
                 )
                 self._changed()
 
-    async def _drive(self, recorder: RunRecorder, runner: Runner, item: WorkItem) -> None:
-        await recorder.stage("starting-run", runner=item.runner)
-        async with contextlib.aclosing(runner.run(item)) as events:
-            async for event in events:
+    async def _drive(
+        self, recorder: RunRecorder, runner: Runner, item: WorkItem, resumed: Progress | None
+    ) -> None:
+        skip: ResumeFilter | None = None
+        if resumed is None:
+            await recorder.stage("starting-run", runner=item.runner)
+            source = runner.run(item)
+        else:
+            skip = ResumeFilter(resumed)
+            resume = getattr(runner, "resume", None)
+            source = resume(item, resumed) if callable(resume) else runner.run(item)
+        async with contextlib.aclosing(source) as events:
+            async for produced in events:
+                event: RunnerEvent | None = produced if skip is None else skip.take(produced)
+                if event is None:
+                    continue
                 if isinstance(event, Output):
                     await recorder.output(event.data, event.stream)
                 elif isinstance(event, Stage):

@@ -36,6 +36,12 @@ waits for JetStream's publish ack:
   (batches cut smaller, a single bigger event cut to fit).
 - :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
   and logs what is left.
+- Durable with a :class:`~linkd.journal.Journal`: ``emit`` journals the event on disk
+  before it returns (before the runner goes on), an event leaves the journal when its
+  ack (of its batch) arrived, and :meth:`JetStreamUplink.restore` queues what a previous
+  daemon left unacknowledged, with the same message ids. The journal holds exactly what
+  the outbox holds, so the outbox's bounds bound it too. A journal that fails to write
+  (disk full) is dropped with one error line: delivery goes on from memory.
 
 De-duplication holds within the stream's duplicate window (the gateway's
 ``RUNS_DUPLICATE_WINDOW_SECONDS``): an event stored whose ack was lost, and
@@ -59,6 +65,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from sqlite3 import Error as SqliteError
 from typing import Any, Final
 
 from nats.aio.client import Client as NATS
@@ -70,6 +78,7 @@ import tunnel
 from contract.run_protocol import is_valid_run_id, run_event_subject
 from tunnel.backoff import Backoff
 
+from .journal import Journal
 from .run_events import DONE, Fence, RunEvent
 
 __all__ = [
@@ -190,6 +199,7 @@ class OutboxEntry:
     # The message it went out in, with the entries after it (kept for retries: same batch, same id).
     batch: list[OutboxEntry] | None = None
     version: int = 0  # of its place in the ready heap (older places are stale)
+    journal_id: int | None = None  # its row in the journal (durable uplinks)
 
     @property
     def msg_id(self) -> str:
@@ -225,6 +235,8 @@ class Outbox:
     _order: itertools.count[int] = field(default_factory=itertools.count)
     nbytes: int = 0
     acked_total: int = 0
+    # Called with the entries that leave for good (acked, discarded, refused): the journal forgets them.
+    on_removed: Callable[[list[OutboxEntry]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.max_events < 1 or self.max_bytes < 1 or self.window < 1:
@@ -340,7 +352,16 @@ class Outbox:
             entry.state, entry.token = _ACKED, None
         self.acked_total += len(entries)
         self._trim()
+        self._gone(entries)
         return entries[0]
+
+    def _gone(self, entries: list[OutboxEntry]) -> None:
+        if self.on_removed is not None and entries:
+            self.on_removed(entries)
+
+    def oldest(self) -> OutboxEntry | None:
+        """The oldest entry not yet acked."""
+        return next((e for e in self._entries if e.state != _ACKED), None)
 
     def _trim(self) -> None:
         while self._entries and self._entries[0].state == _ACKED:
@@ -352,6 +373,7 @@ class Outbox:
             raise RuntimeError("only the entry from next_to_send() can be discarded")
         self._unqueue(entry, _ACKED)
         self._trim()
+        self._gone([entry])
 
     def failed(self, token: str) -> OutboxEntry | None:
         """The publish under ``token`` failed: send its events again (same ids) before newer ones."""
@@ -376,19 +398,20 @@ class Outbox:
 
     def refuse_run(self, run_id: str) -> int:
         """Drop every event of ``run_id`` not delivered yet (the stream refuses the run for good)."""
-        dropped = 0
+        gone: list[OutboxEntry] = []
         for token, entries in list(self._in_flight.items()):
             if entries[0].event.run_id == run_id:  # a message carries one run's events only
                 del self._in_flight[token]
                 for entry in entries:
                     entry.state, entry.token = _ACKED, None
-                dropped += len(entries)
+                gone.extend(entries)
         for entry in self._entries:
             if entry.event.run_id == run_id and entry.state == _QUEUED:
                 self._unqueue(entry, _ACKED)
-                dropped += 1
+                gone.append(entry)
         self._trim()
-        return dropped
+        self._gone(gone)
+        return len(gone)
 
     def expire(self, now: float) -> list[OutboxEntry]:
         """Events whose ack is overdue go back to the queue; returns them."""
@@ -449,10 +472,14 @@ class JetStreamUplink:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         retry: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
     ) -> None:
         if ack_timeout <= 0:
             raise ValueError("ack_timeout must be positive")
-        self.outbox = Outbox(max_events, max_bytes, window)
+        self.outbox = Outbox(max_events, max_bytes, window, on_removed=self._forget)
+        self.journal = journal
+        self.journal_path: Path | None = journal.path if journal is not None else None
+        self.restored = 0  # events a previous daemon left unacknowledged, queued again at start
         self.ack_timeout = ack_timeout
         self.retry = retry if retry is not None else Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
         self.clock = clock
@@ -478,6 +505,63 @@ class JetStreamUplink:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def durable(self) -> bool:
+        """Events are on disk when ``emit`` returns (a producer may wait for that)."""
+        return self.journal is not None
+
+    def restore(self) -> int:
+        """Queue the events the journal held when opened (a previous daemon's unacked ones); how many."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        now, wall = self.clock(), time.time()
+        restored = journal.restored_events()
+        for item in restored:
+            entry = self.outbox.add(item.event, item.payload)
+            entry.journal_id = item.id
+            entry.added = now - max(0.0, wall - item.added)
+        if restored:
+            self.restored += len(restored)
+            self._empty.clear()
+            self._kick()
+            log.info(
+                "run uplink: %d event(s) of %d run(s) from the journal are published again",
+                len(restored),
+                len({item.event.run_id for item in restored}),
+                extra={"event": "uplink_restored", "events": len(restored)},
+            )
+        return len(restored)
+
+    def wake(self) -> None:
+        """Try again at once, whatever the backoff (the machine woke up, a new connection came)."""
+        self._fresh_start(self.clock())
+        self._kick()
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        log.error(
+            "the run journal %s cannot be written (%s); run events are kept in memory only from now on",
+            self.journal_path,
+            exc,
+            extra={"event": "journal_failed"},
+        )
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            with contextlib.suppress(Exception):
+                journal.close()
+
+    def _forget(self, entries: list[OutboxEntry]) -> None:
+        """Entries left the outbox for good: they leave the journal too."""
+        if self.journal is None:
+            return
+        ids = [e.journal_id for e in entries if e.journal_id is not None]
+        if not ids:
+            return
+        try:
+            self.journal.remove(ids, {e.event.run_id for e in entries if e.event.type == DONE})
+        except SqliteError as exc:
+            self._journal_failed(exc)
+
     async def emit(self, run_id: str, fence: Fence, event: RunEvent) -> None:
         """Queue ``event``; waits while the outbox is full (except for ``done``)."""
         if not is_valid_run_id(run_id) or event.run_id != run_id:
@@ -491,7 +575,14 @@ class JetStreamUplink:
             await self._room.wait()
         if self._closed:
             raise UplinkClosed(f"the run uplink is closed; event {event.message_id} was not queued")
-        self.outbox.add(event, payload).added = self.clock()
+        journal_id: int | None = None
+        if self.journal is not None:
+            try:
+                journal_id = self.journal.append(event, payload)
+            except SqliteError as exc:
+                self._journal_failed(exc)
+        entry = self.outbox.add(event, payload)
+        entry.added, entry.journal_id = self.clock(), journal_id
         self._empty.clear()
         self._kick()
 
@@ -538,12 +629,21 @@ class JetStreamUplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._drop_link()
+        journal, self.journal = self.journal, None
+        if journal is not None:  # what is left in it goes out after the next start
+            with contextlib.suppress(SqliteError):
+                journal.close()
 
     def status(self) -> dict[str, Any]:
         """For the status file: how much waits and why."""
+        oldest = self.outbox.oldest()
         return {
             "state": self._state(),
             "outbox": len(self.outbox),
+            "outboxBytes": self.outbox.nbytes,
+            "oldestUnackedSeconds": round(max(0.0, self.clock() - oldest.added), 3) if oldest else None,
+            "journal": str(self.journal_path) if self.journal is not None else None,
+            "restored": self.restored,
             "inFlight": self.outbox.in_flight,
             "delivered": self.outbox.acked_total,
             "retries": self.retries,
@@ -733,6 +833,11 @@ class JetStreamUplink:
         run_id = entry.event.run_id
         self._refused_runs.add(run_id)
         dropped = self.outbox.refuse_run(run_id)
+        if self.journal is not None:
+            try:
+                self.journal.forget_run(run_id)
+            except SqliteError as exc:
+                self._journal_failed(exc)
         self.dropped += dropped
         log.error(
             "run %s: %s; its %d undelivered event(s) are dropped and later ones will be",

@@ -175,6 +175,14 @@ class CommandRunner:
     def validate(self, input: Any) -> None:
         self._parse(input)
 
+    def resumable(self, item: WorkItem) -> bool:
+        """The template says it is idempotent (``resumable = true``): run it again after a restart."""
+        try:
+            template, _ = self._parse(item.input)
+        except InvalidInput:
+            return False
+        return template.resumable
+
     def _environment(self, template: CommandTemplate, item: WorkItem, data: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(template.env)

@@ -38,6 +38,10 @@ class HttpRunner:
         self.config = config
         self._transport = transport
 
+    def resumable(self, item: WorkItem) -> bool:
+        """Only when the user configured the endpoint ``resumable`` (same input, same answer)."""
+        return self.config.resumable
+
     def validate(self, input: Any) -> None:
         try:
             size = len(json.dumps(input).encode("utf-8"))

@@ -177,6 +177,10 @@ async def test_a_1000_chunk_run_lands_in_the_stream_exactly_once_in_order_and_fa
                 "delivered": final_seq,
                 "retries": 0,
                 "lastError": None,
+                "outboxBytes": 0,
+                "oldestUnackedSeconds": None,
+                "journal": None,
+                "restored": 0,
             }
 
         # The same number of events as plain sequential js.publish calls (ack awaited each time).
