@@ -225,7 +225,8 @@ def apply_event(
         changes.update(status=status, final_seq=seq, finished_at=now_ms)
         if status == "failed":
             named = event.get(FAILURE_KIND_FIELD)
-            changes["failure_kind"] = named if named in DAEMON_FAILURE_KINDS else "run_failed"
+            known = isinstance(named, str) and named in DAEMON_FAILURE_KINDS
+            changes["failure_kind"] = named if known else "run_failed"
             changes["failure_reason"] = reason or "the run failed on the desktop"
         elif status == "cancelled":
             changes["failure_reason"] = reason
