@@ -163,6 +163,14 @@ def raw_answers(request: tunnel.Request) -> tunnel.Response | None:
             ],
             b"raw",
         )
+    if request.path in ("/short-length", "/long-length"):
+        # A desktop whose Content-Length disagrees with its body (the tunnel does not check).
+        declared = "100" if request.path == "/short-length" else "4"
+
+        async def lying() -> AsyncIterator[bytes]:
+            yield b"ten bytes!"
+
+        return tunnel.Response(200, [("Content-Type", "text/plain"), ("Content-Length", declared)], lying())
     if request.path == "/broken-body":
 
         async def body() -> AsyncIterator[bytes]:
@@ -498,6 +506,22 @@ async def test_a_body_that_breaks_off_is_never_a_complete_one(op: OperatorServer
                 await resp.read()
         async with alice.get(f"{origin}/page/after") as resp:  # the preview still works
             assert resp.status == 200
+
+
+async def test_a_content_length_the_body_breaks_never_looks_complete(op: OperatorServer) -> None:
+    """A desktop's body shorter than its Content-Length would leave the browser's kept-alive
+    connection waiting for bytes that belong to the next response; a longer one would be cut
+    to a body that looks complete. Either way the browser must see a broken body."""
+    async with preview_stack(op, "alice") as stack:
+        alice, origin = await stack.signed_in("alice")
+        for path in ("/short-length", "/long-length"):
+            async with asyncio.timeout(EVENT_TIMEOUT), alice.get(f"{origin}{path}") as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        async with alice.get(f"{origin}/page/after") as resp:  # the preview still works
+            assert resp.status == 200
+            assert (await resp.json())["path"] == "/page/after"
 
 
 async def test_on_https_the_cookie_is_secure_and_host_prefixed(op: OperatorServer) -> None:

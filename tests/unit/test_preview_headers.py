@@ -13,7 +13,7 @@ from studio_gateway.preview.headers import (
     response_headers,
     without_our_cookie,
 )
-from studio_gateway.preview.http_relay import tunnel_failure_page
+from studio_gateway.preview.http_relay import declared_length, tunnel_failure_page
 from studio_gateway.preview.ws_relay import BAD_GATEWAY, wire_code
 
 AUDIENCE = "studio-gateway"
@@ -162,3 +162,12 @@ def test_tunnel_failures_are_text_pages_naming_the_cause(
     assert response.content_type == "text/plain"
     assert response.text is not None and words in response.text
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_declared_length_is_one_non_negative_integer() -> None:
+    assert declared_length([("X", "1")]) is None
+    assert declared_length([("content-length", "10")]) == 10
+    assert declared_length([("Content-Length", "10, 10"), ("content-length", "10")]) == 10
+    for bad in (["10, 11"], ["10", "11"], ["-1"], ["1e3"], [""], ["١٢"]):
+        with pytest.raises(ValueError):
+            declared_length([("Content-Length", value) for value in bad])
