@@ -625,7 +625,10 @@ class Projector:
             kept: list[_Item] = []
             poison: list[tuple[_Item, Exception]] = []
             now = self.now_ms()
-            expired = resume_expired(current, now)
+            # Judged by when JetStream stored the events: ones the desktop sent in time resume the
+            # run even if this projector comes to them late.
+            stored = [int(i.stream_time * 1000) for i in items if i.stream_time is not None]
+            expired = resume_expired(current, min(stored, default=now))
             if expired:
                 current = self._expire(current, now)
             for item in items:

@@ -144,7 +144,7 @@ class Reaper:
         limit = deadline_seconds(state, self.config)
         silence = silent_for(state, now)
         if resume_expired(state, now):
-            verdict: tuple[str, str] | None = ("desktop_lost", self._expired_reason(state, silence))
+            verdict: tuple[str, str] | None = await self._expired_verdict(state, silence)
         elif silence < limit:
             return False
         else:
@@ -202,6 +202,16 @@ class Reaper:
             extra={"run_id": state.run_id},
         )
         return False
+
+    async def _expired_verdict(self, state: RunState, silence: float) -> tuple[str, str] | None:
+        """A stalled run past its deadline: desktop_lost, unless the desktop's events were stored
+        in time and only the projector is behind (it resumes the run then)."""
+        newest = await self._newest_unapplied(state)
+        deadline = state.resume_deadline
+        in_time = newest is not None and deadline is not None and newest[0] <= deadline
+        if in_time and await self._next_event_stored(state):
+            return None
+        return "desktop_lost", self._expired_reason(state, silence)
 
     def _expired_reason(self, state: RunState, silence: float) -> str:
         return (
