@@ -22,8 +22,9 @@ local service, and h11 (client role) writes the request head and reads the answe
   (bounded) and is written to the service first, in order, after the 101;
 - the service closing its socket ends the stream; the caller's half-close
   (``request.stream()`` ends) half-closes the socket (``write_eof``; over TLS the socket
-  stays open until the service closes it); the caller vanishing (the handler is
-  cancelled, the body closed) closes the socket;
+  stays open until the service closes it); the caller vanishing or the request failing
+  (``request.cancelled``) closes the socket, even before the tunnel started reading the
+  stream (a 101 that could not be delivered);
 - any other answer (404, 403, 426, 500, ...) is relayed as that HTTP response, its body
   streamed like the plain proxy's; unreachable: ``502 upstream_unreachable``; no head in
   time: ``504 upstream_timeout``; an unusable head: ``502 upstream_error``.
@@ -188,11 +189,34 @@ async def open_upgraded(
         body: UpgradedStream | RefusalBody = UpgradedStream(
             reader, writer, bytes(first), request.stream(), base_url
         )
+        _close_when_cancelled(request, body)
         return tunnel.Response(101, response_headers, body, reason)
     if request.method == "HEAD" or status in _NO_BODY_STATUS:
         writer.close()
         return tunnel.Response(status, response_headers, None, reason)
-    return tunnel.Response(status, response_headers, RefusalBody(conn, reader, writer, base_url), reason)
+    body = RefusalBody(conn, reader, writer, base_url)
+    _close_when_cancelled(request, body)
+    return tunnel.Response(status, response_headers, body, reason)
+
+
+# Watchers of requests whose body holds a socket (strong references: asyncio keeps weak ones).
+_WATCHERS: set[asyncio.Task[None]] = set()
+
+
+def _close_when_cancelled(request: tunnel.Request, body: UpgradedStream | RefusalBody) -> None:
+    """Close ``body`` (its socket) if the request fails or is aborted, even if the tunnel never
+    started reading it: a failure between the handler's return and the head going out (the
+    101 too large for the NATS server, the caller gone) closes no body, and the service would
+    keep a socket nobody reads open for as long as it likes."""
+
+    async def watch() -> None:
+        await request.cancelled.wait()
+        await body.aclose()
+
+    task = asyncio.get_running_loop().create_task(watch(), name="linkd-upgrade-watch")
+    _WATCHERS.add(task)
+    task.add_done_callback(_WATCHERS.discard)
+    body.watcher = task
 
 
 async def _read_answer(
@@ -235,6 +259,7 @@ class UpgradedStream:
         self._base_url = base_url
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
+        self.watcher: asyncio.Task[None] | None = None  # closes us if the request fails first
 
     def __aiter__(self) -> UpgradedStream:
         return self
@@ -284,6 +309,7 @@ class UpgradedStream:
         if self._closed:
             return
         self._closed = True
+        _stop_watcher(self.watcher)
         pump, self._pump = self._pump, None
         if pump is not None and pump is not asyncio.current_task():
             pump.cancel()
@@ -303,6 +329,7 @@ class RefusalBody:
         self._writer = writer
         self._base_url = base_url
         self._closed = False
+        self.watcher: asyncio.Task[None] | None = None  # closes us if the request fails first
 
     def __aiter__(self) -> RefusalBody:
         return self
@@ -331,4 +358,10 @@ class RefusalBody:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            _stop_watcher(self.watcher)
             self._writer.close()
+
+
+def _stop_watcher(watcher: asyncio.Task[None] | None) -> None:
+    if watcher is not None and watcher is not asyncio.current_task():
+        watcher.cancel()
