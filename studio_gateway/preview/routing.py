@@ -165,7 +165,9 @@ def authorize(service: PreviewService, label: str, request: web.Request) -> Gran
 def _from_elsewhere(request: web.Request, label: str, domain: PreviewDomain, *, websocket: bool) -> bool:
     """True for a request another preview's page made (its ``Origin``), and for a WebSocket
     from any page but this preview's own: sibling previews are same-site, so SameSite cookies
-    alone would let one user's page call (or hijack a socket of) another's desktop.
+    alone would let one user's page call (or hijack a socket of) another's desktop. Own means
+    the whole origin: the label, the preview domain's scheme and the port the browser used
+    (a page injected into plain http, or another server's on another port, is not the preview).
 
     ``Origin`` misses some: a ``<script src>`` sends none, and a POST the sibling redirects
     here from its own origin sends ``Origin: null``. The browser's ``Sec-Fetch-Site`` says
@@ -181,10 +183,26 @@ def _from_elsewhere(request: web.Request, label: str, domain: PreviewDomain, *, 
     if origin is None:
         return False
     try:
-        origin_host = urlsplit(origin).netloc
+        parts = urlsplit(origin.strip().lower())
+        origin_port = parts.port
     except ValueError:
         return True
-    own = preview_label_of(origin_host, domain.host) == label
+    own = (
+        preview_label_of(parts.netloc, domain.host) == label
+        and parts.scheme == domain.scheme
+        and (origin_port or _DEFAULT_PORTS[domain.scheme]) == _port_of(request.host, domain.scheme)
+    )
     if websocket:
         return not own
-    return in_preview_domain(origin_host, domain.host) and not own
+    return in_preview_domain(parts.netloc, domain.host) and not own
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _port_of(host_header: str | None, scheme: str) -> int | None:
+    """The port in ``Host`` (the one the browser used), the scheme's default without one."""
+    tail = (host_header or "").rpartition(":")[2] if ":" in (host_header or "") else ""
+    if not tail:
+        return _DEFAULT_PORTS[scheme]
+    return int(tail) if tail.isascii() and tail.isdigit() else None

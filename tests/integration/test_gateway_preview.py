@@ -657,7 +657,11 @@ async def test_a_refused_desktop_handshake_is_its_status_and_other_origins_are_r
             assert await resp.text() == "origin not allowed"
             assert resp.headers["X-Why"] == "origin"
         # A socket opened by any other page than the preview's own (cross-site WebSocket hijacking).
-        for other in ("http://evil.example", origin_of(stack, "bob"), "null"):
+        # The preview's own host under another scheme or port is another origin (a page a
+        # network attacker injected into plain http, another server on the machine).
+        port = stack.gw.client.port
+        same_label = (origin.replace("http://", "https://"), origin.replace(f":{port}", f":{port + 1}"))
+        for other in ("http://evil.example", origin_of(stack, "bob"), "null", *same_label):
             with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
                 await alice.ws_connect(f"{origin}/ws/x", origin=other)
             assert caught.value.status == 403, other
