@@ -18,6 +18,7 @@ from typing import Final
 from . import _codec as codec
 from . import _frames as f
 from ._config import (
+    FIRST_CONTACT_RETRY,
     PROBE_AFTER_HEARTBEATS,
     UNREACHABLE_RETRY_INTERVAL,
     UPGRADED_KEEPALIVE_HEARTBEATS,
@@ -182,6 +183,7 @@ class CallerStream:
         #: server watches this host's subjects (then a silence means nobody serves it).
         self.presence_check_pending = False
         self._presence_checked = False
+        self._first_contact_retried = False
         #: Set by ``poll`` when a plain v1 server (no heartbeats) was silent for the idle timeout:
         #: the I/O layer should check that the host still has a server (``on_liveness_check``).
         self.liveness_check_pending = False
@@ -507,10 +509,15 @@ class CallerStream:
         if self.phase is not CallerPhase.STARTING:
             return None
         now = self.clock()
-        if (
-            not self.first_contact
-            and now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace
-        ):
+        if self.first_contact:
+            # One quick second look: a server that subscribed a moment ago may not be known yet
+            # to the NATS node we talk to (interest travels between cluster nodes) or its SUB
+            # may still be in its client's buffer. Then it is final: milliseconds, not a grace.
+            if not self._first_contact_retried:
+                self._first_contact_retried = True
+                self._retry_at = now + FIRST_CONTACT_RETRY
+                return None
+        elif now - self.started_at + UNREACHABLE_RETRY_INTERVAL <= self.options.unreachable_grace:
             self._retry_at = now + UNREACHABLE_RETRY_INTERVAL
             return None
         raise self._fail(TunnelUnreachable(f"no server is serving {self._host_description()}"))

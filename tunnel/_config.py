@@ -16,6 +16,9 @@ DEFAULT_REPUBLISH_INTERVAL: Final = 1.0
 # A host this client saw serving lately gets this long before "nobody serves this host" is
 # final: its daemon may be reconnecting. A host not seen lately is reported at once.
 DEFAULT_UNREACHABLE_GRACE: Final = 1.0
+# First contact: no-responders is looked at once more after this long (a server that subscribed
+# a moment ago may not be known yet to every node of a cluster), then it is final.
+FIRST_CONTACT_RETRY: Final = 0.003
 # "Lately": a host that answered this client within this many seconds.
 RECENTLY_SEEN: Final = 30.0
 # First contact with a host whose subjects someone else watches (a monitoring tap hides NATS's

@@ -164,9 +164,11 @@ async def test_credential_is_refused_every_subject_of_another_host_and_that_host
             assert (status, body) == (200, "bob")
             await daemon.nc.flush()
             assert received_by_alice == []
-            # Serving Bob's host with Alice's credential fails too (the request subscription is refused).
+            # Serving Bob's host with Alice's credential fails too (the request subscription is
+            # refused), loudly: serve() raises instead of returning a server that never answers.
             errors_before = len(daemon.errors)
-            await tunnel.serve(daemon.nc, bob_host, bob_handler)
+            with pytest.raises(tunnel.PermissionDenied):
+                await tunnel.serve(daemon.nc, bob_host, bob_handler)
             await wait_until(lambda: len(daemon.errors) > errors_before, EVENT_TIMEOUT)
             assert f'subscription to "{bob_p.request}"'.lower() in daemon.errors[errors_before]
         finally:
@@ -295,7 +297,8 @@ async def test_a_user_cannot_obtain_a_session_for_another_users_host(op: Operato
         # The server agrees: serving the victim's host with this credential is refused.
         daemon = await connect_daemon(op.server.url, **creds_auth(session["credentials"]["creds"]))
         try:
-            await serve_status(daemon.nc, victim_host)
+            with pytest.raises(tunnel.PermissionDenied, match=victim_host):
+                await serve_status(daemon.nc, victim_host)  # loudly: not a server that never answers
             await daemon.wait_error("permissions violation for subscription")
         finally:
             await daemon.nc.close()

@@ -516,6 +516,12 @@ async def test_lost_one_message_response_is_reported_at_the_first_republish_not_
     republish = 0.3
 
     async def handler(req: tunnel.Request) -> tunnel.Response:
+        if req.path == "/warm-up":
+
+            async def streamed() -> AsyncIterator[bytes]:
+                yield b"streamed"  # not a one-message answer: the tap lets it through
+
+            return tunnel.Response(200, [], streamed())
         return tunnel.Response(200, [], b"small")
 
     loop = asyncio.get_running_loop()
@@ -524,12 +530,15 @@ async def test_lost_one_message_response_is_reported_at_the_first_republish_not_
             client_nc,
             timeouts=tunnel.Timeouts(idle=0.5, first_frame=first_frame, republish_interval=republish),
         )
+        # Not a first contact (whose start asks for an ack at once): the host answered lately.
+        async with await client.fetch("tunnel://lost-whole.test/warm-up") as warm:
+            assert await warm.read() == b"streamed"
         began = loop.time()
         with pytest.raises(tunnel.RemoteProtocolError) as caught:
             await client.fetch("tunnel://lost-whole.test/small")
         waited = loop.time() - began
         assert caught.value.code == "tunnel_protocol_error"
-        assert server.stats.completed == 1  # the answer was produced, and lost
+        assert server.stats.completed == 2  # the warm-up, and the answer that was produced and lost
         assert server.stats.repeated_starts >= 1
     assert waited <= republish + DEAD_PEER_SLACK
     assert client.in_flight == 0

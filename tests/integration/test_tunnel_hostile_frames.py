@@ -722,6 +722,8 @@ class FakeServer:
             await self.nc.subscribe(SUBJECTS.request, queue=SUBJECTS.queue_group, cb=self._on_start),
             await self.nc.subscribe(SUBJECTS.all_aborts, cb=self._on_abort),
         ]
+        # Twice: nats-py writes a flush's PING ahead of SUBs still in its buffer.
+        await self.nc.flush()
         await self.nc.flush()
 
     async def _on_start(self, msg: Msg) -> None:

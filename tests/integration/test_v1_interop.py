@@ -726,13 +726,13 @@ async def test_our_clients_overall_timeout_applies_to_a_v1_server_and_aborts_it(
     assert_plain_v1(server.log, allowed_extra={("request.start", ("extensions",))})
 
 
-async def test_our_client_expects_no_heartbeats_from_a_v1_server_but_times_out_an_idle_body(
+async def test_our_client_expects_no_heartbeats_from_a_v1_server_and_checks_it_is_still_there(
     nats_server: NatsServer, prefix: str
 ) -> None:
-    """A v1 server sends nothing between ack and response.start: silence there is normal.
-
-    Once the body flows, the idle timeout applies again (and the server is told).
-    """
+    """A v1 server sends nothing between ack and response.start, nor while its body is quiet:
+    silence is normal. Each idle period of silence the caller checks that the host still has a
+    server (an abort of an id nobody has, with a reply inbox); only when none is left does the
+    request fail with tunnel_idle_timeout."""
     idle = 0.25
 
     async def one_then_silence() -> AsyncIterator[bytes]:
@@ -743,18 +743,26 @@ async def test_our_client_expects_no_heartbeats_from_a_v1_server_but_times_out_a
         await asyncio.sleep(3 * idle)  # a slow handler, longer than the idle timeout
         return V1Reply(200, body=one_then_silence())
 
-    async with connect_peers(nats_server) as p, v1_serving(p.server_nc, handler, prefix) as server:
+    async with connect_peers(nats_server) as p:
+        server_nc = await p.connect(nats_server.url, "v1-daemon")
+        server = await V1Server(server_nc, HOST, handler, prefix=prefix).start()
         client = tunnel.TunnelClient(p.caller_nc, prefix=prefix, timeouts=tunnel.Timeouts(idle=idle))
         async with asyncio.timeout(EVENT_TIMEOUT):
             resp = await client.fetch(f"tunnel://{HOST}/slow")
             body = resp.aiter_bytes()
             assert await anext(body) == b"first"
-            with pytest.raises(tunnel.IdleTimeout):
-                await anext(body)
             rid = resp.request_id
-            await wait_until(lambda: rid in server.cancelled, message="idle abort did not reach the server")
+            reading = asyncio.ensure_future(anext(body))
+            # Quiet for several idle periods: each answered by a liveness probe, not a failure.
+            await wait_until(lambda: len([a for a in server.aborts if a[0] != rid]) >= 3)
+            assert not reading.done()
+            assert all(reason == "liveness probe" for _, reason in server.aborts)
+            # The daemon goes away without a word: the next probe finds nobody.
+            await server_nc.close()
+            with pytest.raises(tunnel.IdleTimeout, match="has no server any more"):
+                await reading
         await client.aclose()
-    assert server.aborts == [(rid, "tunnel_idle_timeout")]
+    assert rid not in server.cancelled  # the server was never told to stop: it was gone
     assert_plain_v1(server.log, allowed_extra={("request.start", ("extensions",))})
 
 

@@ -679,6 +679,8 @@ class V1Server:
             await self.nc.subscribe(f"{self.base}.req.*.abort", cb=self._on_abort),
             await self.nc.subscribe(f"{self.base}.>", cb=self._spy),
         ]
+        # Twice: nats-py writes a flush's PING ahead of SUBs still in its buffer.
+        await self.nc.flush()
         await self.nc.flush()
         return self
 

@@ -288,6 +288,10 @@ class _ClientRequest(TimedRequest):
             if not event.has_body or event.complete_body is not None:
                 self.ended = True
                 self.release()
+            elif not self.stream.heartbeats:
+                # A plain v1 server: its idle deadline starts only now (nothing was armed while
+                # it was busy before the response, since silence then is normal).
+                self.timer.arm(self.stream.next_deadline())
             if not self.head.done():
                 self.head.set_result(event)
         elif isinstance(event, BodyEnded):

@@ -436,8 +436,11 @@ class TunnelServer:
                 self._subs.append(self._body_wildcard)
             else:
                 self._subs.append(up)
-            probe = subjects.client_reply(new_endpoint_id(), "permission-check")
-            replies_free = await self._may_publish(probe)
+            # Only a restricted permission set (no up subscription) is asked whether it may
+            # publish to shared reply subjects: the probe is a message taps would see.
+            replies_free = up is not None or await self._may_publish(
+                subjects.client_reply(new_endpoint_id(), "permission-check")
+            )
         except (NatsError, OSError) as exc:
             for sub in self._subs:
                 with contextlib.suppress(NatsError, OSError):
