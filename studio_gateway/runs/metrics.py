@@ -13,7 +13,8 @@ Series (all per gateway instance):
   result: ``applied``, ``duplicate``, ``gap`` (retried later), ``stale_fence``,
   ``wrong_host``, ``terminal`` (late, after the run ended), ``unknown_run``, ``stray`` (for a
   run its host does not have, dropped without a state read), ``stale_read`` (the index says
-  active but the state read found nothing: a lagging replica; given back, retried), ``invalid``;
+  active but the state read found nothing: a lagging replica; given back, retried), ``invalid``,
+  ``dead_letter`` (a poison event parked, see ``studio_runs_dead_letters_total``);
 - ``studio_runs_projector_pending``: events in the projector's consumer not yet delivered
   (from the last message's metadata);
 - ``studio_runs_projector_lag_seconds``: now minus the stream time of the last event applied;
@@ -23,7 +24,8 @@ Series (all per gateway instance):
 - ``studio_runs_projector_errors_total{kind}``: projector failures by kind (``unavailable``:
   its consumer not served for a while, e.g. a leader election or a dead node;
   ``consumer_gone``: deleted; ``open``: could not open or re-create it; ``fetch``; ``apply``:
-  a state write failed, the events are redelivered);
+  a state write failed, the events are redelivered; ``poison``: an event's apply step raised,
+  once per delivery);
 - ``studio_runs_projector_restarts_total``: host feeds the projector re-opened after one failed;
 - ``studio_runs_quota_exceeded_total``: times a host went over its quota of events for runs
   it does not have (its events purged, its active runs failed as ``quota_exceeded``);
