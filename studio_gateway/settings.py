@@ -43,7 +43,7 @@ DEFAULT_RUNS_REPLICAS: Final = 1
 DEFAULT_RUNS_OUTPUT_MAX_BYTES: Final = 1024 * 1024
 # Run state and kept events live this long in their key-value buckets.
 DEFAULT_RUNS_RETENTION: Final = 7 * 24 * 3600.0
-# A running run whose desktop sent nothing (linkd sends heartbeats) for this long is desktop_lost.
+# A running run whose desktop sent nothing (linkd sends heartbeats) for this long is stalled ...
 DEFAULT_RUNS_LIVENESS_TIMEOUT: Final = 60.0
 # ... it is `stalled` first (a closed lid, lost Wi-Fi): resumed when its events flow again within
 # this window, else failed desktop_lost (0: no window, desktop_lost at the liveness timeout).
@@ -337,7 +337,7 @@ RUNS_RETENTION: Final = Seconds(
 RUNS_LIVENESS_TIMEOUT: Final = Seconds(
     "RUNS_LIVENESS_TIMEOUT_SECONDS",
     "--runs-liveness-timeout",
-    "A run silent this long fails as desktop_lost, s.",
+    "A run silent this long is stalled (desktop_lost after --runs-resume-window), s.",
     default=DEFAULT_RUNS_LIVENESS_TIMEOUT,
     low=0.5,
     high=_DAY,
