@@ -43,10 +43,10 @@ DEFAULT_RUNS_REPLICAS: Final = 1
 DEFAULT_RUNS_OUTPUT_MAX_BYTES: Final = 1024 * 1024
 # Run state and kept events live this long in their key-value buckets.
 DEFAULT_RUNS_RETENTION: Final = 7 * 24 * 3600.0
-# A running run whose desktop sent nothing (linkd sends heartbeats) for this long is stalled ...
+# A running run whose desktop sent nothing (linkd sends heartbeats) for this long is `stalled` ...
 DEFAULT_RUNS_LIVENESS_TIMEOUT: Final = 60.0
-# ... it is `stalled` first (a closed lid, lost Wi-Fi): resumed when its events flow again within
-# this window, else failed desktop_lost (0: no window, desktop_lost at the liveness timeout).
+# ... (a closed lid, lost Wi-Fi): resumed when its events flow again within this window, else
+# failed desktop_lost (0: no window, desktop_lost at the liveness timeout).
 DEFAULT_RUNS_RESUME_WINDOW: Final = 15 * 60.0
 # Unless RUNS_REAPER_INTERVAL_SECONDS says otherwise, the reaper scans this many times per liveness
 # timeout, but never more often or more rarely than these bounds.
