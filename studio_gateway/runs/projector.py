@@ -552,7 +552,6 @@ class Projector:
             "truncated": len(msg.data) > DEAD_LETTER_DATA_MAX,
         }
         await self.store.put_dead_letter(run_id, stream_seq, record)
-        self.metrics.dead_letters.inc()
         log.error(
             "run %s: event seq %s (stream seq %d) raised on %d deliveries (%s); parked in the "
             "dead-letter bucket, the run fails as event_rejected",
@@ -581,6 +580,7 @@ class Projector:
             written = None
         if written is not None:
             self.metrics.run_finished(written.status, written.failure_kind)
+        self.metrics.dead_letters.inc()  # counted once it is parked for good (a retry rewrites its key)
         self._run_ended(run_id, item.host_token)
         await self._settle(item, "dead_letter")
 
