@@ -18,7 +18,15 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Coroutine, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import urlsplit
 
@@ -326,37 +334,31 @@ class _ClientRequest(TimedRequest):
         except TunnelError as exc:
             self._fail_and_abort_soon(exc)
             return None
-        if self.stream.presence_check_pending:
-            self.stream.presence_check_pending = False
-            self.client._spawn(self._check_presence())
-        if self.stream.liveness_check_pending:
-            self.stream.liveness_check_pending = False
-            self.client._spawn(self._check_liveness())
-        return self.stream.next_deadline()
+        stream = self.stream
+        client = self.client
+        if stream.presence_check_pending:
+            # First contact and silence: is a non-server subscriber hiding NATS's no-responders?
+            stream.presence_check_pending = False
+            client._spawn(
+                self._check(client._watched_by_non_server(stream.subjects), stream.on_presence_check)
+            )
+        if stream.liveness_check_pending:
+            # A plain v1 server was silent for the idle timeout: does its host still have a server?
+            stream.liveness_check_pending = False
+            client._spawn(self._check(client._host_has_server(stream.subjects), stream.on_liveness_check))
+        return stream.next_deadline()
 
-    async def _check_liveness(self) -> None:
-        """A plain v1 server was silent for the idle timeout: does its host still have a server?"""
+    async def _check(self, question: Awaitable[bool], answer: Callable[[bool], None]) -> None:
+        """Ask NATS ``question`` and hand the answer to the stream (which may fail the request).
+        When NATS cannot be asked, nothing changes: the request's own timeouts still end it."""
         try:
-            present = await self.client._host_has_server(self.stream.subjects)
+            result = await question
         except TunnelError:
-            return  # cannot tell: our own connection's trouble ends the request by itself
+            return
         if self.released:
             return
         try:
-            self.stream.on_liveness_check(present)
-        except TunnelError as exc:
-            await self._abort_with(exc)
-
-    async def _check_presence(self) -> None:
-        """First contact and silence: is a non-server subscriber hiding NATS's no-responders?"""
-        try:
-            watched = await self.client._watched_by_non_server(self.stream.subjects)
-        except TunnelError:
-            return  # cannot tell: wait as before (the first-frame timeout still ends it)
-        if self.released:
-            return
-        try:
-            self.stream.on_presence_check(watched)
+            answer(result)
         except TunnelError as exc:
             await self._abort_with(exc)
 
