@@ -12,11 +12,14 @@ synchronous on the event loop on purpose: each is short, and doing them in order
 the journal's order the emit order.
 
 Tables: ``events`` (one row per unacknowledged event: its wire payload, ``run_id``, ``seq``,
-when it was journaled) and ``runs`` (one row per run not yet fully delivered: fence,
-``execution`` (the random part of the message ids, so a re-publish has the *same* ids), the
-work item, the last seq, the runner's :class:`~linkd.resume.Progress`, whether ``done`` was
-journaled, whether the runner can resume). A run's row goes when its ``done`` was journaled
-and none of its events is left.
+``execution`` (the random part of the message ids, so a re-publish has the *same* ids), when
+it was journaled, and the run's :class:`~linkd.resume.Progress` after it) and ``runs`` (one
+row per run execution not yet fully delivered: the work item, whether its runner can resume,
+and a checkpoint: the last seq, progress and ``done`` of its events already acknowledged).
+One event is one ``INSERT`` (the run's state travels with it); the checkpoint moves when
+acknowledged events are deleted (``DELETE ... RETURNING``, once per ack), and a run's row goes
+when its ``done`` was acknowledged. What a run reached is its newest journaled event, else
+its checkpoint.
 
 A journal that cannot be read (not a database, truncated, a failed integrity check, rows
 that do not parse) is moved aside as ``<name>.corrupt-<UTC timestamp>`` with one error line
@@ -54,8 +57,8 @@ SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS events ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, seq INTEGER NOT NULL,"
-    " added REAL NOT NULL, payload BLOB NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS events_run ON events (run_id)",
+    " execution TEXT NOT NULL, added REAL NOT NULL, done INTEGER NOT NULL, progress TEXT NOT NULL,"
+    " payload BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS runs ("
     " run_id TEXT PRIMARY KEY, fence TEXT NOT NULL, execution TEXT NOT NULL, item TEXT,"
     " resumable INTEGER NOT NULL DEFAULT 0, last_seq INTEGER NOT NULL DEFAULT 0,"
@@ -120,6 +123,10 @@ class Journal:
         self._restored_events = events
         self._restored_runs = runs
         self._progress: dict[str, Progress] = {r.run_id: r.progress for r in runs}
+        # Events journaled per run (so "none left" needs no index on events.run_id).
+        self._live: dict[str, int] = {}
+        for item in events:
+            self._live[item.event.run_id] = self._live.get(item.event.run_id, 0) + 1
         self.moved_aside: Path | None = None
 
     # ------------------------------------------------------------------ opening
@@ -152,6 +159,9 @@ class Journal:
     def _load(cls, path: Path) -> Journal:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
+            # Small pages: a commit writes whole pages to the WAL, and an event is ~100-200 bytes
+            # (only takes effect for a new file). No index besides the row id, for the same reason.
+            db.execute("PRAGMA page_size=1024")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             check = db.execute("PRAGMA quick_check").fetchone()
@@ -163,36 +173,7 @@ class Journal:
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            executions: dict[str, str] = {}
-            runs: list[JournaledRun] = []
-            for run_id, fence, execution, item, resumable, last_seq, progress, finished in db.execute(
-                "SELECT run_id, fence, execution, item, resumable, last_seq, progress, finished FROM runs"
-            ):
-                executions[run_id] = execution
-                if finished:
-                    continue
-                parsed_item = json.loads(item) if item else None
-                if parsed_item is not None and not isinstance(parsed_item, dict):
-                    raise ValueError("a journaled work item is not an object")
-                runs.append(
-                    JournaledRun(
-                        run_id,
-                        json.loads(fence),
-                        execution,
-                        parsed_item,
-                        bool(resumable),
-                        int(last_seq),
-                        Progress.from_json(progress),
-                    )
-                )
-            events = [
-                JournaledEvent(
-                    row_id, event_from_payload(payload, executions.get(run_id, "")), payload, added
-                )
-                for row_id, run_id, payload, added in db.execute(
-                    "SELECT id, run_id, payload, added FROM events ORDER BY id"
-                )
-            ]
+            events, runs = _read(db)
         except BaseException:
             db.close()
             raise
@@ -222,55 +203,62 @@ class Journal:
         )
 
     def append(self, event: RunEvent, payload: bytes) -> int:
-        """Journal one event (committed when this returns); its row id."""
+        """Journal one event (committed when this returns: one INSERT, autocommit); its row id."""
         progress = self._progress.setdefault(event.run_id, Progress())
         progress.advance(event)
-        finished = int(event.type == DONE)
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            cursor = db.execute(
-                "INSERT INTO events (run_id, seq, added, payload) VALUES (?, ?, ?, ?)",
-                (event.run_id, event.seq, time.time(), payload),
-            )
-            db.execute(
-                "INSERT INTO runs (run_id, fence, execution, last_seq, progress, finished) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
-                "last_seq=excluded.last_seq, progress=excluded.progress, finished=excluded.finished",
-                (
-                    event.run_id,
-                    json.dumps(event.fence),
-                    event.execution,
-                    event.seq,
-                    progress.to_json(),
-                    finished,
-                ),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if finished:
+        done = event.type == DONE
+        if done:
             self._progress.pop(event.run_id, None)
+        cursor = self._db.execute(
+            "INSERT INTO events (run_id, seq, execution, added, done, progress, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.run_id, event.seq, event.execution, time.time(), int(done), progress.to_json(), payload),
+        )
         row_id = cursor.lastrowid
         assert row_id is not None
+        self._live[event.run_id] = self._live.get(event.run_id, 0) + 1
         return row_id
 
-    def remove(self, ids: Iterable[int], run_ids: Iterable[str] = ()) -> None:
-        """These events were acknowledged (or given up); runs in ``run_ids`` that are over go too."""
+    def remove(self, ids: Iterable[int]) -> None:
+        """These events were acknowledged (or given up): they go, their runs' checkpoints move on,
+        and a run whose ``done`` went is forgotten."""
         id_list = list(ids)
+        if not id_list:
+            return
         db = self._db
         db.execute("BEGIN")
         try:
+            reached: dict[str, tuple[int, str, str, int, str]] = {}
+            done_runs: set[str] = set()
             for start in range(0, len(id_list), 500):
                 chunk = id_list[start : start + 500]
-                db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            for run_id in set(run_ids):
+                rows = db.execute(
+                    f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING run_id, seq, execution, progress, done, json_extract(payload, '$.fence')",
+                    chunk,
+                ).fetchall()
+                for run_id, seq, execution, progress, done, fence in rows:
+                    left = self._live.get(run_id, 1) - 1
+                    if left > 0:
+                        self._live[run_id] = left
+                    else:
+                        self._live.pop(run_id, None)
+                    if done:
+                        done_runs.add(run_id)
+                    if run_id not in reached or seq > reached[run_id][0]:
+                        reached[run_id] = (seq, execution, progress, done, json.dumps(fence))
+            for run_id, (seq, execution, progress, _, fence) in reached.items():
+                # Acks may come out of order: the checkpoint only moves forward, and "done" sticks.
                 db.execute(
-                    "DELETE FROM runs WHERE run_id = ? AND finished = 1 "
-                    "AND NOT EXISTS (SELECT 1 FROM events WHERE run_id = ?)",
-                    (run_id, run_id),
+                    "INSERT INTO runs (run_id, fence, execution, last_seq, progress, finished) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
+                    "last_seq=max(runs.last_seq, excluded.last_seq), "
+                    "progress=iif(excluded.last_seq > runs.last_seq, excluded.progress, runs.progress), "
+                    "finished=max(runs.finished, excluded.finished)",
+                    (run_id, fence, execution, seq, progress, int(run_id in done_runs)),
                 )
+                if run_id not in self._live:
+                    db.execute("DELETE FROM runs WHERE run_id = ? AND finished = 1", (run_id,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -279,6 +267,7 @@ class Journal:
     def forget_run(self, run_id: str) -> None:
         """Nothing more of ``run_id`` will be journaled or resumed (its events are refused for good)."""
         self._progress.pop(run_id, None)
+        self._live.pop(run_id, None)
         self._db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
         self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
@@ -291,6 +280,50 @@ class Journal:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _read(db: sqlite3.Connection) -> tuple[list[JournaledEvent], list[JournaledRun]]:
+    """Everything the journal holds: the events in order, and the runs without a ``done``."""
+    checkpoints: dict[str, tuple[Any, ...]] = {}
+    for row in db.execute(
+        "SELECT run_id, fence, execution, item, resumable, last_seq, progress, finished FROM runs"
+    ):
+        checkpoints[row[0]] = row[1:]
+    events: list[JournaledEvent] = []
+    newest: dict[str, tuple[RunEvent, str, bool]] = {}  # run -> (its last event, progress, done)
+    for row_id, run_id, execution, added, done, progress, payload in db.execute(
+        "SELECT id, run_id, execution, added, done, progress, payload FROM events ORDER BY id"
+    ):
+        event = event_from_payload(payload, execution)
+        if event.run_id != run_id:
+            raise ValueError("a journaled event is filed under another run")
+        events.append(JournaledEvent(row_id, event, payload, added))
+        newest[run_id] = (event, progress, bool(done))
+    runs: list[JournaledRun] = []
+    for run_id in dict.fromkeys([*checkpoints, *newest]):
+        fence_text, execution, item_text, resumable, last_seq, progress, finished = checkpoints.get(
+            run_id, ("null", "", None, 0, 0, None, 0)
+        )
+        fence = json.loads(fence_text)
+        if run_id in newest:
+            event, newest_progress, newest_done = newest[run_id]
+            fence, execution = event.fence, event.execution
+            finished = finished or newest_done
+            if event.seq > last_seq:
+                last_seq, progress = event.seq, newest_progress
+        if finished:
+            continue
+        item = json.loads(item_text) if item_text else None
+        if item is not None and not isinstance(item, dict):
+            raise ValueError("a journaled work item is not an object")
+        if fence is None and item is not None:
+            fence = item.get("fence")
+        runs.append(
+            JournaledRun(
+                run_id, fence, execution, item, bool(resumable), int(last_seq), Progress.from_json(progress)
+            )
+        )
+    return events, runs
 
 
 def open_journal(directory: Path) -> Journal | None:

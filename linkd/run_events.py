@@ -25,10 +25,11 @@ runner, say) never interrupts a sink call half-way or reorders events. Output
 bigger than :data:`MAX_OUTPUT_CHARS` is split into several ``output`` events, so
 every event fits in one NATS message.
 
-With a durable sink (``sink.durable``: the uplink with a journal) each event is on disk
-before the producer goes on (``stage``/``output``/``heartbeat`` return only once the sink
-took it), so a crash loses nothing the runner produced. A recorder may also continue an
-execution after a restart (``first_seq``, ``execution``): the same ids, seq going on.
+A durable sink (the uplink with a journal) has a synchronous ``persist(event)``: the
+recorder calls it as it numbers each event, so the event is on disk before the producer
+goes on (``stage``/``output``/``heartbeat`` return), and a crash loses nothing the runner
+produced; ``emit`` follows from the writer task as usual. A recorder may also continue an
+execution after a restart (``last_seq``, ``execution``): the same ids, seq going on.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -189,9 +190,12 @@ class TeeSink:
     def __init__(self, *sinks: EventSink) -> None:
         self.sinks = sinks
 
-    @property
-    def durable(self) -> bool:
-        return any(getattr(sink, "durable", False) for sink in self.sinks)
+    def persist(self, event: RunEvent) -> None:
+        """Hand ``event`` to every sink that keeps events on disk before they are emitted."""
+        for sink in self.sinks:
+            persist = getattr(sink, "persist", None)
+            if callable(persist):
+                persist(event)
 
     async def emit(self, run_id: str, fence: Fence, event: RunEvent) -> None:
         for sink in self.sinks:
@@ -225,10 +229,9 @@ class RunRecorder:
         self.execution = execution or secrets.token_hex(8)
         self.lost = 0
         self.finished = False
-        # Producers wait until the sink took each event (it is on disk then).
-        self._sync = bool(getattr(sink, "durable", False))
-        self._written = last_seq
-        self._progress = asyncio.Event()
+        # A durable sink journals each event as it is numbered (see the module doc).
+        persist = getattr(sink, "persist", None)
+        self._persist: Callable[[RunEvent], None] | None = persist if callable(persist) else None
         self._queue: asyncio.Queue[RunEvent | None] = asyncio.Queue()
         self._limit = queue_limit
         self._space = asyncio.Event()
@@ -265,10 +268,7 @@ class RunRecorder:
             await self._space.wait()
         if self.finished:
             raise RuntimeError(f"run {self.run_id} is finished; no more events")
-        seq = self._enqueue(kind, data).seq
-        while self._sync and self._written < seq and not self._writer.done():
-            self._progress.clear()
-            await self._progress.wait()
+        self._enqueue(kind, data)
 
     def _enqueue(self, kind: EventType, data: dict[str, Any]) -> RunEvent:
         # No await between numbering and queueing: seq order is queue order.
@@ -276,6 +276,8 @@ class RunRecorder:
         event = RunEvent(
             self.run_id, self.fence, self.seq, kind, int(time.time() * 1000), data, self.execution
         )
+        if self._persist is not None:
+            self._persist(event)
         self._queue.put_nowait(event)
         if self._queue.qsize() >= self._limit:
             self._space.clear()
@@ -287,15 +289,12 @@ class RunRecorder:
             if self._queue.qsize() < self._limit:
                 self._space.set()
             if event is None:
-                self._progress.set()
                 return
             try:
                 await self.sink.emit(self.run_id, self.fence, event)
             except Exception:
                 self.lost += 1
                 log.exception("run %s: event seq %d was not accepted by the sink", self.run_id, event.seq)
-            self._written = event.seq
-            self._progress.set()
 
     async def aclose(self) -> None:
         """Stop the writer without a done event (only for teardown after a crash)."""
@@ -303,4 +302,3 @@ class RunRecorder:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        self._progress.set()  # a producer waiting for the writer goes on

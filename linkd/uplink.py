@@ -36,12 +36,16 @@ waits for JetStream's publish ack:
   (batches cut smaller, a single bigger event cut to fit).
 - :meth:`JetStreamUplink.aclose` flushes what it can within the shutdown budget
   and logs what is left.
-- Durable with a :class:`~linkd.journal.Journal`: ``emit`` journals the event on disk
-  before it returns (before the runner goes on), an event leaves the journal when its
-  ack (of its batch) arrived, and :meth:`JetStreamUplink.restore` queues what a previous
-  daemon left unacknowledged, with the same message ids. The journal holds exactly what
-  the outbox holds, so the outbox's bounds bound it too. A journal that fails to write
-  (disk full) is dropped with one error line: delivery goes on from memory.
+- Durable with a :class:`~linkd.journal.Journal`: :meth:`JetStreamUplink.persist` journals
+  an event on disk as the run's recorder numbers it (before the runner goes on; ``emit``
+  journals what did not come that way). An event leaves the journal once its ack (of its
+  batch) arrived, in groups (at most ``FORGET_EVENTS`` events or ``FORGET_DELAY`` after
+  the ack, one transaction each; a crash in between re-sends a few acked events, which the
+  stream's duplicate window drops). :meth:`JetStreamUplink.restore` queues what a previous
+  daemon left unacknowledged, with the same message ids. The journal holds what the outbox
+  holds plus what the runs' recorders queue for it (at most ``RECORDER_QUEUE_LIMIT`` per
+  run), so the same bounds and back-pressure hold. A journal that fails to write (disk
+  full) is dropped with one error line: delivery goes on from memory.
 
 De-duplication holds within the stream's duplicate window (the gateway's
 ``RUNS_DUPLICATE_WINDOW_SECONDS``): an event stored whose ack was lost, and
@@ -124,6 +128,9 @@ MIN_MESSAGE_BYTES: Final = 256
 # JetStream error codes that no retry can change (see the module doc).
 SUBJECT_FULL: Final = 10077  # maximum messages per subject exceeded (the run's event limit)
 TOO_BIG: Final = 10054  # message size exceeds maximum allowed
+# Acked events leave the journal in groups, at most this many or this long after their ack.
+FORGET_EVENTS: Final = 512
+FORGET_DELAY: Final = 0.05
 # Shutdown with nothing to deliver to: still try this long.
 MIN_FLUSH: Final = 0.05
 
@@ -480,6 +487,10 @@ class JetStreamUplink:
         self.journal = journal
         self.journal_path: Path | None = journal.path if journal is not None else None
         self.restored = 0  # events a previous daemon left unacknowledged, queued again at start
+        # Journaled by persist() and not yet emitted: message id -> (journal row, payload).
+        self._journaled: dict[str, tuple[int, bytes]] = {}
+        self._acked_rows: list[int] = []  # acked, to be deleted from the journal (see FORGET_DELAY)
+        self._forget_timer: asyncio.TimerHandle | None = None
         self.ack_timeout = ack_timeout
         self.retry = retry if retry is not None else Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP)
         self.clock = clock
@@ -533,6 +544,16 @@ class JetStreamUplink:
             )
         return len(restored)
 
+    def persist(self, event: RunEvent) -> None:
+        """Journal ``event`` now (synchronously: it is on disk when this returns); ``emit`` follows."""
+        if self.journal is None or event.run_id in self._refused_runs:
+            return
+        payload = encode_event(event)
+        try:
+            self._journaled[event.uplink_id] = (self.journal.append(event, payload), payload)
+        except SqliteError as exc:
+            self._journal_failed(exc)
+
     def wake(self) -> None:
         """Try again at once, whatever the backoff (the machine woke up, a new connection came)."""
         self._fresh_start(self.clock())
@@ -551,14 +572,24 @@ class JetStreamUplink:
                 journal.close()
 
     def _forget(self, entries: list[OutboxEntry]) -> None:
-        """Entries left the outbox for good: they leave the journal too."""
+        """Entries left the outbox for good: they leave the journal too, soon, in a group."""
         if self.journal is None:
             return
-        ids = [e.journal_id for e in entries if e.journal_id is not None]
-        if not ids:
+        self._acked_rows.extend(e.journal_id for e in entries if e.journal_id is not None)
+        if len(self._acked_rows) >= FORGET_EVENTS:
+            self._forget_now()
+        elif self._acked_rows and self._forget_timer is None:
+            self._forget_timer = asyncio.get_running_loop().call_later(FORGET_DELAY, self._forget_now)
+
+    def _forget_now(self) -> None:
+        if self._forget_timer is not None:
+            self._forget_timer.cancel()
+            self._forget_timer = None
+        rows, self._acked_rows = self._acked_rows, []
+        if self.journal is None or not rows:
             return
         try:
-            self.journal.remove(ids, {e.event.run_id for e in entries if e.event.type == DONE})
+            self.journal.remove(rows)
         except SqliteError as exc:
             self._journal_failed(exc)
 
@@ -566,17 +597,21 @@ class JetStreamUplink:
         """Queue ``event``; waits while the outbox is full (except for ``done``)."""
         if not is_valid_run_id(run_id) or event.run_id != run_id:
             raise ValueError(f"invalid run id {run_id!r} for event {event.message_id}")
+        journaled = self._journaled.pop(event.uplink_id, None)
         if run_id in self._refused_runs:
             self.dropped += 1  # the stream takes no more of this run's events
+            if journaled is not None and self.journal is not None:
+                with contextlib.suppress(SqliteError):
+                    self.journal.remove([journaled[0]])
             return
-        payload = encode_event(event)
+        payload = journaled[1] if journaled is not None else encode_event(event)
         while not self._closed and event.type != DONE and not self.outbox.has_room(len(payload)):
             self._room.clear()
             await self._room.wait()
         if self._closed:
             raise UplinkClosed(f"the run uplink is closed; event {event.message_id} was not queued")
-        journal_id: int | None = None
-        if self.journal is not None:
+        journal_id = journaled[0] if journaled is not None else None
+        if journal_id is None and self.journal is not None:
             try:
                 journal_id = self.journal.append(event, payload)
             except SqliteError as exc:
@@ -629,6 +664,7 @@ class JetStreamUplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._drop_link()
+        self._forget_now()
         journal, self.journal = self.journal, None
         if journal is not None:  # what is left in it goes out after the next start
             with contextlib.suppress(SqliteError):

@@ -20,6 +20,11 @@ this process. Figures (median over ``--rounds``):
   publish -> ordered push consumer receipt. Event ``ts`` has millisecond
   resolution, so end-to-end latencies carry up to 1 ms of rounding (upwards).
 
+- the cost of linkd's durable outbox (``linkd.journal``): the throughput run again, in the
+  same round, on a second daemon started with ``journal = false`` (events kept in memory
+  only). Reported: events/s and the daemon's emit rate with and without the journal, and
+  their ratio (with / without: 1.0 means the journal costs nothing).
+
 Ratios are end-to-end / raw (throughput: lower than 1 is the cost of the product;
 latency: above 1 is the added delay). Nothing here asserts speed.
 """
@@ -53,6 +58,8 @@ from nats.aio.msg import Msg  # noqa: E402
 from tests.integration.runs_harness import RunsApi, RunsStack  # noqa: E402
 
 USER: Final = "bench-runs@example.com"
+# The A/B daemon: the same settings without the on-disk journal.
+USER_NO_JOURNAL: Final = "bench-runs-no-journal@example.com"
 RAW_STREAM: Final = "BENCH_RAW"
 RAW_SUBJECT: Final = "bench.raw"
 MOCK_CHUNKS: Final = 3
@@ -62,6 +69,7 @@ EVENTS_PER_MOCK_RUN: Final = MOCK_CHUNKS + 4
 RAW_PAYLOAD_BYTES: Final = 120
 RUN_TIMEOUT: Final = 120.0
 LINKD_TOML: Final = "drain_timeout = 3\n[runners]\nheartbeat_interval = 5\nmax_concurrent = 64\n"
+LINKD_TOML_NO_JOURNAL: Final = "journal = false\n" + LINKD_TOML
 
 
 class BenchError(RuntimeError):
@@ -317,7 +325,16 @@ FIGURES: Final = (
 )
 
 
-async def one_round(settings: Settings, api: RunsApi, raw: RawJetStream) -> dict[str, tuple[float, float]]:
+# The journal's cost: (with the journal, without it), the same throughput run on two daemons.
+JOURNAL_FIGURES: Final = (
+    ("journal_events_per_s", "events/s, daemon -> attached SSE client"),
+    ("journal_emit_per_s", "daemon emit rate (by event ts)"),
+)
+
+
+async def one_round(
+    settings: Settings, api: RunsApi, raw: RawJetStream, api_no_journal: RunsApi
+) -> dict[str, tuple[float, float]]:
     """Every figure once, as (end to end, raw baseline), measured back to back."""
     result: dict[str, tuple[float, float]] = {}
     result["runs_per_s_c1"] = (
@@ -331,6 +348,9 @@ async def one_round(settings: Settings, api: RunsApi, raw: RawJetStream) -> dict
     received, emitted = await e2e_throughput(api, settings.throughput_events)
     result["events_per_s"] = (received, await raw.throughput(settings.throughput_events))
     result["daemon_emit_per_s"] = (emitted, emitted)  # context: how fast linkd produced them
+    received_nj, emitted_nj = await e2e_throughput(api_no_journal, settings.throughput_events)
+    result["journal_events_per_s"] = (received, received_nj)
+    result["journal_emit_per_s"] = (emitted, emitted_nj)
     e2e = await e2e_latencies(api, settings.latency_events, settings.latency_delay_ms)
     base = await raw.latencies(settings.latency_events, settings.latency_delay_ms)
     if not e2e or not base:
@@ -345,21 +365,27 @@ async def run_bench(settings: Settings, workdir: Path) -> dict[str, Any]:
     try:
         # No --events-file: it is the tests' desktop-side record, a file write per event, not the product.
         daemon = await asyncio.to_thread(stack.daemon, USER, config_toml=LINKD_TOML, events_file=False)
+        plain = await asyncio.to_thread(
+            stack.daemon, USER_NO_JOURNAL, config_toml=LINKD_TOML_NO_JOURNAL, events_file=False
+        )
         limits = httpx.Limits(max_connections=settings.concurrency * 2 + 8)
         async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
             api = stack.api(USER, http)
+            api_no_journal = stack.api(USER_NO_JOURNAL, http)
             raw = await RawJetStream.open(stack.nats.url, stack.nats.admin_creds("bench-raw"))
             try:
                 # Warm-up: connections, the stream consumer, Python's first-call costs.
                 await e2e_runs_per_second(api, 2, 1)
+                await e2e_runs_per_second(api_no_journal, 2, 1)
                 await raw.round_trips(2, 1)
                 rounds = []
                 for _ in range(settings.rounds):
-                    rounds.append(await one_round(settings, api, raw))
+                    rounds.append(await one_round(settings, api, raw, api_no_journal))
             finally:
                 await raw.close()
-        if not daemon.running:
-            raise BenchError(f"linkd died during the benchmark:\n{daemon.log_tail()}")
+        for process in (daemon, plain):
+            if not process.running:
+                raise BenchError(f"linkd died during the benchmark:\n{process.log_tail()}")
     except Exception:
         print(stack.diagnostics(), file=sys.stderr)  # which process said what, for the failure
         raise
@@ -381,6 +407,14 @@ async def run_bench(settings: Settings, workdir: Path) -> dict[str, Any]:
         result[f"raw_{figure.key}"] = statistics.median(base)
         result[f"ratio_{figure.key}"] = statistics.median(ratios)
         result["samples"][figure.key] = {"e2e": e2e, "raw": base, "ratio": ratios}
+    for key, _ in JOURNAL_FIGURES:
+        with_journal = [r[key][0] for r in rounds]
+        without = [r[key][1] for r in rounds]
+        ratios = [a / b if b else float("nan") for a, b in zip(with_journal, without, strict=True)]
+        result[key] = statistics.median(with_journal)
+        result[f"{key}_no_journal"] = statistics.median(without)
+        result[f"ratio_{key}"] = statistics.median(ratios)
+        result["samples"][key] = {"journal": with_journal, "no_journal": without, "ratio": ratios}
     return result
 
 
@@ -396,6 +430,11 @@ def print_human(result: dict[str, Any]) -> None:
         print(f"  {figure.label:<42} {e2e:>9.1f} {unit:<2} {raw:>11.1f} {unit:<2} {ratio:>6.2f}x")
     label = "(daemon emit rate during the throughput run, by event ts)"
     print(f"  {label:<58} {result['daemon_emit_per_s']:>9.1f} /s")
+    print("  journal cost (the throughput run, same round, a daemon with `journal = false`):")
+    print(f"  {'figure':<42} {'journal':>12} {'no journal':>14} {'ratio':>7}")
+    for key, label in JOURNAL_FIGURES:
+        on, off, ratio = result[key], result[f"{key}_no_journal"], result[f"ratio_{key}"]
+        print(f"  {label:<42} {on:>9.1f} /s {off:>11.1f} /s {ratio:>6.2f}x")
     if any(result["anomalies"].values()):
         print(f"  anomalies: {result['anomalies']} (SSE end before the run state was terminal)")
     print(

@@ -106,12 +106,37 @@ def test_acked_events_leave_and_a_delivered_run_is_forgotten(tmp_path: Path) -> 
     done_id = journal.append(done, encode_event(done))
     journal.remove(ids[:1])
     assert journal.counts()[0] == 2
-    journal.remove([ids[1], done_id], ["r1"])
+    journal.remove([ids[1], done_id])
     assert journal.counts() == (0, 0)
     journal.close()
     again = journal_at(tmp_path)
     assert again.restored_events() == [] and again.unfinished_runs() == []
+    assert again._db.execute("SELECT count(*) FROM runs").fetchone()[0] == 0  # the run is forgotten
     again.close()
+
+
+def test_acks_out_of_order_keep_what_the_run_reached(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.start_run(ITEM, 1, "exec-r1", resumable=True)
+    ids = [journal.append(e, encode_event(e)) for e in (ev(1, "stage"), ev(2, "stage"), ev(3), ev(4))]
+    journal.remove(ids[2:])  # seq 3-4 acked before 1-2 (another batch)
+    journal.close()
+    again = journal_at(tmp_path)
+    (run,) = again.unfinished_runs()
+    assert run.last_seq == 4 and run.progress == Progress(stages=1, chars={"stdout": 16})
+    assert [r.event.seq for r in again.restored_events()] == [1, 2]
+    again.remove([r.id for r in again.restored_events()])  # the checkpoint does not move back
+    again.close()
+    third = journal_at(tmp_path)
+    (run,) = third.unfinished_runs()
+    assert run.last_seq == 4 and run.progress.stages == 1 and run.item == ITEM
+    # A done acked before the events ahead of it: the run is over, never "unfinished".
+    done = ev(5, "done", finalSeq=5, status="completed")
+    third.remove([third.append(done, encode_event(done))])
+    third.close()
+    fourth = journal_at(tmp_path)
+    assert fourth.unfinished_runs() == []
+    fourth.close()
 
 
 def test_a_run_with_its_done_journaled_is_not_unfinished(tmp_path: Path) -> None:
@@ -224,14 +249,20 @@ async def test_the_uplink_journals_before_emit_returns_and_bounds_hold(tmp_path:
     done = ev(4, "done", finalSeq=4, status="completed")
     await uplink.emit("r1", 1, done)  # done is always admitted
     assert journal.counts()[0] == 4
+    # What a recorder persisted as it numbered the event is not journaled twice by emit.
+    fifth = ev(1, "done", run_id="r2", finalSeq=1, status="completed")  # done: admitted though full
+    uplink.persist(fifth)
+    assert journal.counts()[0] == 5
+    await uplink.emit("r2", 1, fifth)
+    assert journal.counts()[0] == 5
     status = uplink.status()
     assert status["journal"] == str(tmp_path / JOURNAL_FILE_NAME)
-    assert status["outbox"] == 4 and status["outboxBytes"] == uplink.outbox.nbytes > 0
+    assert status["outbox"] == 5 and status["outboxBytes"] == uplink.outbox.nbytes > 0
     await uplink.aclose(0.05)  # nothing to deliver to: everything stays journaled
 
     again = journal_at(tmp_path)
     restarted = JetStreamUplink(journal=again)
-    assert restarted.restore() == 4
-    assert [e.event.seq for e in restarted.outbox._entries] == [1, 2, 3, 4]
+    assert restarted.restore() == 5
+    assert [e.event.seq for e in restarted.outbox._entries] == [1, 2, 3, 4, 1]
     assert all(e.journal_id is not None for e in restarted.outbox._entries)
     await restarted.aclose(0.05)
