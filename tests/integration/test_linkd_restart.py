@@ -45,6 +45,14 @@ TICKER: Final = (
 COMMAND_TOML: Final = DEFAULT_LINKD_TOML + (
     f'[runners.command.ticker]\nargv = [{json.dumps(sys.executable)}, "-c", {json.dumps(TICKER)}]\n'
 )
+# An idempotent command the user marked resumable: 150 numbered lines, the same every time.
+COUNTER: Final = (
+    "import time\nfor i in range(150):\n    print(f'line {i}', flush=True)\n    time.sleep(0.02)\n"
+)
+RESUMABLE_TOML: Final = DEFAULT_LINKD_TOML + (
+    f'[runners.command.counter]\nargv = [{json.dumps(sys.executable)}, "-c", {json.dumps(COUNTER)}]\n'
+    "resumable = true\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -215,4 +223,28 @@ async def test_a_corrupt_journal_is_moved_aside_and_the_daemon_serves(
         mock_chunk("chunk", i, None) for i in range(5)
     )
     assert (await api.get(first))["status"] == "completed"  # nothing else lost
+    daemon.stop()
+
+
+async def test_sigkill_mid_resumable_command_run_continues_after_what_it_sent(
+    stack: RunsStack, http: httpx.AsyncClient
+) -> None:
+    user = "resume-command@example.com"
+    daemon = await asyncio.to_thread(stack.daemon, user, config_toml=RESUMABLE_TOML)
+    api = stack.api(user, http)
+    run_id = (await api.create("command", {"template": "counter"}))["runId"]
+    await api.wait_state(run_id, lambda s: (s["seq"] or 0) >= 20, RUN_TIMEOUT, "the run never got going")
+    daemon.kill()
+    await daemon.astart()
+
+    state = await api.wait_terminal(run_id, RUN_TIMEOUT)
+    assert state["status"] == "completed", state
+    events = await api.export(run_id)
+    assert_contiguous(events)
+    output = "".join(e["data"] for e in events if e["type"] == "output")
+    assert output == "".join(f"line {i}\n" for i in range(150))  # each line once, in order
+    stages = [e["stage"] for e in events if e["type"] == "stage"]
+    assert stages == ["starting-run", "preparing", "running"], stages
+    (resumed,) = records(daemon, "run_resumed")
+    assert resumed["run_id"] == run_id
     daemon.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,49 @@ async def test_the_uplink_journals_before_emit_returns_and_bounds_hold(tmp_path:
     assert [e.event.seq for e in restarted.outbox._entries] == [1, 2, 3, 4, 1]
     assert all(e.journal_id is not None for e in restarted.outbox._entries)
     await restarted.aclose(0.05)
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def test_resumable_is_the_users_choice_per_command_template_and_http_runner(tmp_path: Path) -> None:
+    from linkd.config import load_settings
+    from linkd.runners import CommandRunner, HttpRunner
+    from linkd.runners.base import WorkItem
+
+    config = tmp_path / "linkd.toml"
+    config.write_text(
+        "journal = false\n"
+        "[runners.command.build]\nargv = ['make']\nresumable = true\n"
+        "[runners.command.deploy]\nargv = ['deploy']\n"
+        "[runners.http]\nendpoint = 'http://127.0.0.1:1/x'\nresumable = true\n"
+    )
+    settings = load_settings({}, {"HOME": str(tmp_path)}, config_path=config)
+    assert settings.journal is False
+    commands = settings.runners.commands
+    assert commands["build"].resumable and not commands["deploy"].resumable
+    runner = CommandRunner(commands)
+
+    def item(input: object) -> WorkItem:
+        return WorkItem("r", "t", "u", 1, "command", input)
+
+    assert runner.resumable(item({"template": "build"}))
+    assert not runner.resumable(item({"template": "deploy"}))
+    assert not runner.resumable(item({"template": "nope"}))
+    assert settings.runners.http is not None and HttpRunner(settings.runners.http).resumable(item({}))
+    config.write_text("[runners.command.x]\nargv = ['x']\nresumable = 'maybe'\n")
+    with pytest.raises(Exception, match="resumable"):
+        load_settings({}, {"HOME": str(tmp_path)}, config_path=config)
+
+
+def test_the_state_dir_outlives_a_reboot_and_follows_a_profile(tmp_path: Path) -> None:
+    from linkd.dirs import state_dir
+
+    home = str(tmp_path)
+    assert state_dir({"LINKD_STATE_DIR": "/srv/linkd"}) == Path("/srv/linkd")
+    assert state_dir({"LINKD_CONFIG_DIR": "/p/conf", "HOME": home}) == Path("/p/conf/state")
+    if sys.platform not in ("win32", "darwin"):
+        assert (
+            state_dir({"HOME": home, "XDG_RUNTIME_DIR": "/run/user/1"}) == tmp_path / ".local/state/natslink"
+        )
+        assert state_dir({"HOME": home, "XDG_STATE_HOME": "/xdg"}) == Path("/xdg/natslink")
