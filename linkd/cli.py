@@ -545,7 +545,16 @@ def _describe(doc: dict[str, Any]) -> list[str]:
             f"{uplink.get('delivered', 0)} delivered"
         )
         if uplink.get("journal"):
-            lines.append(f"  journal:     {uplink['journal']}")
+            lines.append(
+                f"  journal:     {uplink['journal']} ({uplink.get('outboxBytes', 0)} bytes waiting, "
+                f"oldest {uplink.get('oldestUnackedSeconds') or 0:g}s)"
+            )
+    if doc.get("runsResumed") or doc.get("runsEndedDaemonRestarted") or doc.get("reconnects"):
+        lines.append(
+            f"  restarts:    {doc.get('runsResumed', 0)} run(s) resumed, "
+            f"{doc.get('runsEndedDaemonRestarted', 0)} ended daemon_restarted; "
+            f"{doc.get('reconnects', 0)} reconnect(s), {doc.get('sleeps', 0)} sleep(s)"
+        )
     for run in runs:
         if isinstance(run, dict):
             lines.append(
