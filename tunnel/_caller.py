@@ -268,13 +268,15 @@ class CallerStream:
             n = min(total - taken, self.chunk_limit, self.send.available())
             if n <= 0:
                 break
-            piece = bytes(data[taken : taken + n])
+            piece = data[taken : taken + n]
             seq = self.send.spend(n)
             if self.sent_digest is not None:
                 self.sent_digest.update(piece)
-            frames.append(
-                Publish(subject, codec.encode_chunk(f.RequestChunk(self.request_id, seq, piece), self.binary))
-            )
+            if self.binary:
+                payload = codec.encode_binary_chunk(False, seq, piece)
+            else:
+                payload = codec.encode_chunk(f.RequestChunk(self.request_id, seq, bytes(piece)), False)
+            frames.append(Publish(subject, payload))
             taken += n
         if frames and self.upgrade:
             self._last_up_at = self.clock()

@@ -513,6 +513,16 @@ def encode_whole(
     return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, data))
 
 
+def encode_binary_chunk(response: bool, seq: int, data: bytes | bytearray | memoryview) -> bytes:
+    """``encode_chunk`` of a binary data frame straight from a slice of the sender's buffer.
+
+    Bulk hot path: one copy of the data (into the frame), where building a frame object would
+    copy it twice (a slice to ``bytes``, then the concatenation); ~0.2 ms per 256 KiB chunk.
+    """
+    kind = KIND_RESPONSE_CHUNK if response else KIND_REQUEST_CHUNK
+    return _BINARY_HEADER.pack(BINARY_MAGIC, kind, seq) + data
+
+
 def encode_chunk(frame: ChunkFrame, binary: bool) -> bytes:
     """Encode a data frame: raw bytes behind a 10-byte header, or v1 JSON+base64url."""
     if binary:

@@ -320,16 +320,15 @@ class ServerStream:
             n = min(total - taken, self.chunk_limit, allowed - taken)
             if n <= 0:
                 break
-            piece = bytes(data[taken : taken + n])
+            piece = data[taken : taken + n]
             seq = self.send.spend(n)
             if self.sent_digest is not None:
                 self.sent_digest.update(piece)
-            frames.append(
-                Publish(
-                    self.reply_subject,
-                    codec.encode_chunk(f.ResponseChunk(self.request_id, seq, piece), self.binary),
-                )
-            )
+            if self.binary:
+                payload = codec.encode_binary_chunk(True, seq, piece)
+            else:
+                payload = codec.encode_chunk(f.ResponseChunk(self.request_id, seq, bytes(piece)), False)
+            frames.append(Publish(self.reply_subject, payload))
             taken += n
         now = self.clock()
         if frames:
