@@ -161,9 +161,11 @@ async def _relay(browser: web.WebSocketResponse, desktop: TunnelWebSocket, host:
         for task in (upward, downward):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if desktop.close_code is None:
-            with contextlib.suppress(Exception):
-                await desktop.close(GOING_AWAY, timeout=CLOSE_TIMEOUT)
+        # Every way out ends the desktop's stream, also when its close frame already came: a
+        # desktop that closed but never ends its stream would otherwise keep it (and the
+        # subscription) for as long as it sends heartbeats. (Closing twice is harmless.)
+        with contextlib.suppress(Exception):
+            await desktop.close(GOING_AWAY, timeout=CLOSE_TIMEOUT)
         log.debug("preview WebSocket to %s ended", host)
 
 

@@ -24,6 +24,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from wsproto import ConnectionType as WsType
+from wsproto.connection import Connection as WsConnection
+from wsproto.events import BytesMessage, CloseConnection
 
 import tunnel
 from linkd.routes import LinkRoutes
@@ -42,6 +45,7 @@ from tests.integration.gateway_harness import (
     running_gateway,
     start_operator_server,
 )
+from tunnel.websocket import accept_token, new_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,8 +152,15 @@ class Desktop:
     seen: list[tunnel.Request] = field(default_factory=list)
 
 
+# Tunnel answers a test installs for one path (a desktop misbehaving in that test's way).
+RAW_HANDLERS: dict[str, Any] = {}
+
+
 def raw_answers(request: tunnel.Request) -> tunnel.Response | None:
     """Answers the tunnel handler gives itself (not through linkd's proxy, which filters)."""
+    if request.path in RAW_HANDLERS:
+        answer: tunnel.Response = RAW_HANDLERS[request.path](request)
+        return answer
     if request.path == "/raw-headers":
         return tunnel.Response(
             200,
@@ -720,3 +731,75 @@ async def test_requests_another_preview_makes_the_browser_send_are_refused(op: O
             async with alice.request(method, f"{origin}/page/ok", headers=headers, data=b"x") as resp:
                 assert resp.status == 200, name
         assert len(desktop.seen) == before + len(fine)
+
+
+async def test_a_desktop_that_closes_and_never_ends_its_stream_is_let_go(op: OperatorServer) -> None:
+    """The desktop sends a large message and a close frame but never ends its tunnel stream
+    (its heartbeats keep it alive). The browser's message going up meets the close while the
+    large message is stuck on the browser's full socket; then the browser reads everything
+    and gets the close. The gateway must still end the desktop's stream (abort it), or it
+    holds the stream, and its subscription, for as long as the desktop likes."""
+    replied = asyncio.Event()  # the gateway answered the desktop's close frame
+    cancelled = asyncio.Event()  # the gateway ended the desktop's stream (aborted it)
+
+    def hostile(request: tunnel.Request) -> tunnel.Response:
+        frames = WsConnection(WsType.SERVER)
+
+        async def watch_up() -> None:
+            async for data in request.stream():
+                frames.receive_data(data)
+                if any(isinstance(event, CloseConnection) for event in frames.events()):
+                    replied.set()
+
+        async def down() -> AsyncIterator[bytes]:
+            up = asyncio.create_task(watch_up())
+            try:
+                yield frames.send(BytesMessage(data=b"b" * (8 * MiB)))  # more than the sockets hold
+                yield frames.send(CloseConnection(code=4000, reason="bye"))
+                await asyncio.Event().wait()  # the stream never ends by itself
+            finally:  # the tunnel server aborted the stream: it cancels this body
+                up.cancel()
+                cancelled.set()
+
+        key = (request.header("sec-websocket-key") or "").strip()
+        headers = [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-accept", accept_token(key)),
+        ]
+        return tunnel.Response(101, headers, down())
+
+    RAW_HANDLERS["/ws-hostile"] = hostile
+    try:
+        async with preview_stack(op, "alice") as stack:
+            alice, origin = await stack.signed_in("alice")
+            cookie = alice.cookie_jar.filter_cookies(aiohttp.client.URL(origin))["natslink_preview"].value
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.gw.client.port)
+            writer.write(
+                (
+                    "GET /ws-hostile HTTP/1.1\r\n"
+                    f"Host: {origin.removeprefix('http://')}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {new_key()}\r\nSec-WebSocket-Version: 13\r\n"
+                    f"Cookie: natslink_preview={cookie}\r\n\r\n"
+                ).encode("ascii")
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), EVENT_TIMEOUT)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            await asyncio.wait_for(replied.wait(), EVENT_TIMEOUT)  # the desktop's close is in
+            browser_frames = WsConnection(WsType.CLIENT)
+            writer.write(browser_frames.send(BytesMessage(data=b"up")))  # meets that close
+            await writer.drain()
+            closes: list[CloseConnection] = []
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                while not closes:  # the browser reads at last: the large message, then the close
+                    data = await reader.read(1024 * 1024)
+                    assert data, "the gateway closed the browser's connection without a close frame"
+                    browser_frames.receive_data(data)
+                    closes += [e for e in browser_frames.events() if isinstance(e, CloseConnection)]
+            assert (closes[0].code, closes[0].reason) == (4000, "bye")
+            writer.write(browser_frames.send(closes[0].response()))  # the browser's close reply
+            await asyncio.wait_for(cancelled.wait(), 3 * EVENT_TIMEOUT)
+            writer.close()
+    finally:
+        RAW_HANDLERS.clear()
