@@ -84,6 +84,10 @@ async def serve_preview(
     if _from_elsewhere(request, label, domain, websocket=websocket):
         return page(403, "This request came from another page than the preview's own, and was refused.")
     raw_path = request.raw_path.split("?", 1)[0]
+    if not raw_path.startswith("/"):
+        # Absolute form (``GET http://host/path``, what a client says to a proxy) or ``*``: the
+        # relays append the raw target to the tunnel URL, and the checks here are on paths.
+        return page(400, "The request target must be a path (origin form).")
     if raw_path.startswith(RESERVED_PREFIX) or unquote(raw_path).lower().startswith(RESERVED_PREFIX):
         return page(404, "Not found.", f"Paths under {RESERVED_PREFIX} belong to the desktop daemon itself.")
     nc = service.nats.nc

@@ -430,7 +430,19 @@ async def test_preview_hosts_never_reach_the_gateway_api(op: OperatorServer) -> 
         for path in ("/api/links/status", "/api/links%2Fstatus", "/API/links/status"):
             async with alice.get(f"{origin}{path}") as resp:
                 assert resp.status == 404, path
+        # The absolute form (a request to a proxy) is no way around that check either.
+        cookie = alice.cookie_jar.filter_cookies(aiohttp.client.URL(origin))["natslink_preview"].value
+        for target in (f"{origin}/api/links/status", f"{origin}/page/x"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"GET {target} HTTP/1.1\r\nHost: {origin.removeprefix('http://')}\r\n"
+                f"Cookie: natslink_preview={cookie}\r\nConnection: close\r\n\r\n".encode("ascii")
+            )
+            answer = await asyncio.wait_for(reader.read(), EVENT_TIMEOUT)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert all(not r.path.lower().startswith("/api/links") for r in stack.desktops["alice"].seen)
+        assert all(r.url.startswith("/") for r in stack.desktops["alice"].seen)
         # Another preview's page may not call this one.
         sibling = origin_of(stack, "bob")
         async with alice.post(f"{origin}/page/x", headers={"Origin": sibling}, data=b"x") as resp:
