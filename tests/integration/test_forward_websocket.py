@@ -292,11 +292,17 @@ async def test_the_linkctl_forward_process_carries_a_websocket(nats_server: Nats
                 c = Chain(url, url.replace("http://", "ws://"), service, [])
                 async with aiohttp.ClientSession() as session:
                     await exchange(session, c)
+                # The line is logged once the stream ended (the service closed its socket after
+                # the close handshake): wait for it before Ctrl-C, which would cut the stream.
+                seen = b""
+                while b'"GET /ws/hmr%2Fx?token=a%26b&x=1&x=2" 101 upgraded: ' not in seen:
+                    line = await proc.stderr.readline()
+                    assert line, f"linkctl forward exited: {seen.decode()}"
+                    seen += line
                 proc.send_signal(2)  # Ctrl-C
-                rest = (await proc.stderr.read()).decode()
+                rest = seen.decode() + (await proc.stderr.read()).decode()
                 assert await proc.wait() == 0, rest
                 assert "Traceback" not in rest, rest
-                assert '"GET /ws/hmr%2Fx?token=a%26b&x=1&x=2" 101 upgraded: ' in rest, rest
         finally:
             if proc.returncode is None:
                 proc.kill()
