@@ -94,9 +94,11 @@ class WebSocketProtocol:
         self.max_message_size = max_message_size
         self._out: list[bytes] = []
         self._pending_control = 0
-        self._parts: list[str | bytes] = []
+        # The message being reassembled, as the bytes of the wire (text as UTF-8): one growing
+        # buffer, so a message sent as millions of empty or 1-byte fragments costs its bytes,
+        # not a Python object per fragment.
+        self._message = bytearray()
         self._kind: Literal["text", "binary"] | None = None
-        self._size = 0
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = False  # the byte stream from the peer ended
@@ -133,7 +135,7 @@ class WebSocketProtocol:
     @property
     def buffered(self) -> int:
         """Bytes of the message being reassembled."""
-        return self._size
+        return len(self._message)
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -214,21 +216,18 @@ class WebSocketProtocol:
         self._kind = kind
         # Counted in bytes on the wire: a text part is UTF-8 there (up to 4 bytes a character).
         data = event.data
-        self._size += len(data.encode("utf-8")) if isinstance(data, str) else len(data)
-        if self._size > self.max_message_size:
+        part = data.encode("utf-8") if isinstance(data, str) else data
+        if len(self._message) + len(part) > self.max_message_size:
             self._fail(MESSAGE_TOO_BIG, f"message over {self.max_message_size} bytes")
             return None
-        self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+        self._message += part
         if not event.message_finished:
             return None
-        parts, self._parts = self._parts, []
-        self._size = 0
+        message, self._message = bytes(self._message), bytearray()
         self._kind = None
         if kind == "text":
-            return WebSocketMessage("text", "".join(part for part in parts if isinstance(part, str)))
-        return WebSocketMessage(
-            "binary", b"".join(part for part in parts if isinstance(part, bytes | bytearray))
-        )
+            return WebSocketMessage("text", message.decode("utf-8"))  # wsproto checked the UTF-8
+        return WebSocketMessage("binary", message)
 
     def _on_close(self, event: CloseConnection) -> None:
         state = self._conn.state
@@ -258,6 +257,5 @@ class WebSocketProtocol:
         self._out.append(self.close(code, reason_bytes.decode("utf-8", "ignore")))
 
     def _drop_partial(self) -> None:
-        self._parts = []
-        self._size = 0
+        self._message = bytearray()
         self._kind = None

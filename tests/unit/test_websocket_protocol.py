@@ -183,3 +183,18 @@ def test_the_size_limit_counts_text_in_utf8_bytes() -> None:
     assert server.receive_data(client.send_text("é" * 500)) == [WebSocketMessage("text", "é" * 500)]
     assert server.receive_data(client.send_text("é" * 501)) == []  # 501 characters, 1002 bytes
     assert server.close_code == 1009
+
+
+def test_a_flood_of_empty_or_tiny_fragments_costs_only_its_bytes() -> None:
+    """The message is reassembled in one buffer: millions of empty continuation frames hold no
+    memory, and 1-byte fragments hold one byte each, until max_message_size closes with 1009."""
+    limit = 64 * 1024
+    empty = WebSocketProtocol(client=True, max_message_size=limit)
+    empty.receive_data(b"\x01\x00")  # a text message begins: an empty first fragment, not final
+    empty.receive_data(b"\x00\x00" * 200_000)  # empty continuations, none of them final
+    assert empty.close_code is None and empty.buffered == 0
+    assert empty.receive_data(b"\x80\x02hi") == [WebSocketMessage("text", "hi")]  # and it still ends
+    tiny = WebSocketProtocol(client=True, max_message_size=limit)
+    tiny.receive_data(b"\x02\x01x" + b"\x00\x01x" * (limit + 10))  # a binary message, 1-byte fragments
+    assert tiny.close_code == 1009
+    assert tiny.buffered <= limit
