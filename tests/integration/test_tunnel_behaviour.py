@@ -839,3 +839,26 @@ async def test_a_timed_out_response_read_aborts_and_never_looks_like_the_end_of_
         await asyncio.wait_for(handler_cancelled.wait(), EVENT_TIMEOUT)
         await wait_until(lambda: server.in_flight == 0 and client.in_flight == 0)
     assert p.errors == []
+
+
+async def test_a_response_body_is_closed_even_when_its_head_never_goes_out(nats_server: NatsServer) -> None:
+    """An invalid head (here a header value with CR LF): the handler fails, and the body it
+    returned is closed at once (its upstream socket or file released), never left to the GC."""
+    closed = asyncio.Event()
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield b"never sent"
+            finally:
+                closed.set()
+
+        gen = body()
+        await anext(gen)  # started, as a proxy's relay is once it has the upstream's head
+        return tunnel.Response(200, [("x-bad", "a\r\nb")], gen)
+
+    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler):
+        with pytest.raises(tunnel.RemoteError) as caught:
+            await tunnel.TunnelClient(p.caller_nc).fetch(f"tunnel://{HOST}/bad-head")
+        assert caught.value.code == "tunnel_handler_error"
+        await asyncio.wait_for(closed.wait(), EVENT_TIMEOUT)

@@ -98,6 +98,7 @@ class _ServerRequest(TimedRequest):
         self.released = False
         self.status: int | None = None
         self.started_at = loop.time() if now is None else now
+        self._body_taken = False  # the response body is in _send_body's hands (it closes it)
 
     async def _on_consumed(self, n: int) -> None:
         grant = self.stream.consumed(n)
@@ -167,28 +168,12 @@ class _ServerRequest(TimedRequest):
             if isinstance(body, str):
                 body = body.encode("utf-8")
             try:
-                whole = None
-                if body is None or isinstance(body, _BYTES_LIKE):
-                    whole = self.stream.whole_response(
-                        response.status, response.headers, response.status_text, body or b""
-                    )
-                if whole is not None:
-                    self.status = response.status
-                    stats.bytes_out += self.stream.send.sent_bytes  # the body's bytes (not the frame's)
-                    await self.server.publisher.send(whole)
-                    stats.completed += 1
-                    return
-                start = self.stream.start_response(response.status, response.headers, response.status_text)
-            except LocalProtocolError as exc:
-                raise TypeError(f"handler returned an invalid response: {exc.message}") from exc
-            self.status = response.status
-            await self.server.publisher.send(start)
-            await self._send_body(body)
-            if not self.stream.finished:
-                end = self.stream.end_response()
-                self.server.dispatch.remember_final(self.stream.request_id, end)
-                await self.server.publisher.send(end)
-                stats.completed += 1
+                await self._respond(response, body)
+            finally:
+                if not isinstance(body, _BYTES_LIKE) and body is not None and not self._body_taken:
+                    # The head never went out (invalid, refused by NATS, or the request ended
+                    # first): the body's own cleanup still runs now (an upstream socket, a file).
+                    await _close_body(body)
         except asyncio.CancelledError:
             pass  # aborted, timed out or server closing: fail() already told whoever needed telling
         except TunnelError as exc:
@@ -203,6 +188,34 @@ class _ServerRequest(TimedRequest):
                 self.release_now()
             else:
                 await self.release()
+
+    async def _respond(self, response: Response, body: object) -> None:
+        """Send the head (or the whole answer in one message), then the body."""
+        stats = self.server.stats
+        try:
+            whole = None
+            if body is None or isinstance(body, _BYTES_LIKE):
+                whole = self.stream.whole_response(
+                    response.status, response.headers, response.status_text, body or b""
+                )
+            if whole is not None:
+                self.status = response.status
+                stats.bytes_out += self.stream.send.sent_bytes  # the body's bytes (not the frame's)
+                await self.server.publisher.send(whole)
+                stats.completed += 1
+                return
+            start = self.stream.start_response(response.status, response.headers, response.status_text)
+        except LocalProtocolError as exc:
+            raise TypeError(f"handler returned an invalid response: {exc.message}") from exc
+        self.status = response.status
+        await self.server.publisher.send(start)
+        self._body_taken = True  # from here _send_body closes it, whatever happens
+        await self._send_body(body)
+        if not self.stream.finished:
+            end = self.stream.end_response()
+            self.server.dispatch.remember_final(self.stream.request_id, end)
+            await self.server.publisher.send(end)
+            stats.completed += 1
 
     async def _send_body(self, body: object) -> None:
         if body is None:
