@@ -109,6 +109,7 @@ async def _forward(
     idle_timeout: float,
     header_timeout: float,
     quiet: bool,
+    allowed_hosts: frozenset[str],
 ) -> int:
     async with nats_connection(nats, name="linkctl-forward") as nc:
         client = tunnel.TunnelClient(nc, prefix=nats.prefix)
@@ -120,6 +121,7 @@ async def _forward(
             idle_timeout=idle_timeout,
             header_timeout=header_timeout,
             log=None if quiet else _access_log,
+            allowed_hosts=allowed_hosts,
         )
         host, port = listen
         try:
@@ -155,6 +157,15 @@ def forward_command(
         Opt("--listen", "-l", metavar="[HOST:]PORT", help="Local address to serve HTTP on (port 0: any)."),
     ] = DEFAULT_LISTEN,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No per-request log lines.")] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        Opt(
+            "--allow-host",
+            metavar="NAME",
+            help="Also answer requests whose Host is NAME (repeatable; '*': any). Loopback names "
+            "and IP addresses always pass; other names are refused (403) as DNS rebinding.",
+        ),
+    ] = None,
     timeout: Annotated[
         float | None,
         Opt(
@@ -219,6 +230,7 @@ def forward_command(
             idle_timeout=idle_timeout,
             header_timeout=header_timeout,
             quiet=quiet,
+            allowed_hosts=frozenset(allow_host or ()),
         )
     )
     raise typer.Exit(status)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -130,6 +131,30 @@ def _origin_form(target: str) -> str:
     return target
 
 
+def _unexpected_host(request: h11.Request, allowed: frozenset[str]) -> str | None:
+    """The request's Host name when it is not one this listener answers to, else None.
+
+    Loopback names (``localhost``, ``*.localhost``) and IP literals always pass: a browser
+    pointed at this port uses one of them, and a page on another name that reaches it did so
+    by DNS rebinding. ``allowed`` adds names (``--allow-host``), ``*`` allows any.
+    """
+    if "*" in allowed:
+        return None
+    raw = next((value for name, value in request.headers if name == b"host"), b"")
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not name or name == "localhost" or name.endswith(".localhost") or name in allowed:
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
 class Forwarder:
     """Serves HTTP/1.1 connections by forwarding every request to ``tunnel://hostname``."""
 
@@ -144,8 +169,11 @@ class Forwarder:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         log: Log | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.client = client
+        # Host names (lower case) a request may name besides loopback ones; "*": any.
+        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
         self.hostname = hostname
         self.timeout = timeout
         self.first_frame_timeout = first_frame_timeout
@@ -332,6 +360,19 @@ class _Connection:
         if method == "CONNECT":
             await self._simple(405, "CONNECT is not supported: this forwards plain HTTP\n", close=True)
             self._log(method, target, 405, started, note="CONNECT refused")
+            return
+        refused_host = _unexpected_host(request, self.fw.allowed_hosts)
+        if refused_host is not None:
+            # DNS rebinding: a web page whose name now resolves to 127.0.0.1 reaches this port,
+            # and the desktop's dev server (which sees its own Host, not this one) cannot refuse it.
+            await self._simple(
+                403,
+                f"forward: Host {refused_host!r} is not allowed here (DNS rebinding protection): "
+                "use localhost or an IP address, or start linkctl forward with "
+                f"--allow-host {refused_host}\n",
+                close=True,
+            )
+            self._log(method, target, 403, started, note=f"refused Host {refused_host!r}")
             return
         problem = _framing_problem(request)
         if problem is not None:

@@ -102,16 +102,16 @@ def responses(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
-SMUGGLED: Final = b"GET /SMUGGLED1 HTTP/1.1\r\nHost: x\r\n\r\n"
+SMUGGLED: Final = b"GET /SMUGGLED1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
 @pytest.mark.parametrize(
     "head",
     [
-        b"POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-        b"POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"POST /front HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /front HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /front HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        b"POST /front HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /front HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n",
     ],
     ids=["cl-then-te", "te-then-cl", "cl-0", "te-in-http-1.0"],
 )
@@ -135,7 +135,7 @@ async def test_content_length_with_transfer_encoding_is_400_closes_and_nothing_r
     ids=["first-chunk", "second-chunk"],
 )
 async def test_a_bad_chunk_size_is_400_not_502_and_the_connection_closes(rig: Rig, body: bytes) -> None:
-    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     data = await rig.raw(head + body + SMUGGLED)
     assert responses(data) == [b"HTTP/1.1 400 Bad Request"], data
     assert b"bad request body" in data
@@ -150,7 +150,7 @@ async def dribble(port: int, started: float) -> tuple[bytes, float]:
     Returns what it read and when the forwarder closed the connection (seconds after ``started``).
     """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+    head = b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 10_000
     read = asyncio.ensure_future(reader.read())  # to EOF
 
     try:
@@ -222,7 +222,7 @@ def test_linkctl_forward_header_timeout_flag_cuts_a_slow_head_with_408(nats_serv
         host, port = forward.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT) as sock:
             started = time.monotonic()
-            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n")  # and nothing more
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -231,3 +231,26 @@ def test_linkctl_forward_header_timeout_flag_cuts_a_slow_head_with_408(nats_serv
     finally:
         assert forward.stop() == 0
     assert any("408 request head incomplete after 0.5 s" in line for line in forward.stderr_lines)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"evil.example", b"evil.example:8080", b"127.0.0.1.nip.io:9000"],
+    ids=["name", "name-port", "rebind"],
+)
+async def test_a_host_name_that_is_not_loopback_is_refused_as_dns_rebinding(rig: Rig, host: bytes) -> None:
+    """A page on evil.example whose name now resolves to 127.0.0.1 reaches this port; the
+    desktop's dev server sees its own Host and could not refuse it, so the forwarder does."""
+    data = await rig.raw(b"GET /secret HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert responses(data) == [b"HTTP/1.1 403 Forbidden"], data
+    assert b"--allow-host" in data and b"DNS rebinding" in data
+    await rig.served_after()
+    assert rig.desktop.paths == ["/after"]
+
+
+@pytest.mark.parametrize(
+    "host", [b"localhost:8080", b"app.localhost", b"127.0.0.1:9", b"[::1]:9", b"192.168.1.20:8080"]
+)
+async def test_loopback_names_and_ip_addresses_pass(rig: Rig, host: bytes) -> None:
+    data = await rig.raw(b"GET /ok HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    assert responses(data) == [b"HTTP/1.1 200 OK"], data

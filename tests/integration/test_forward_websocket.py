@@ -216,7 +216,7 @@ async def test_bytes_sent_behind_the_head_reach_the_service_first_and_in_order(
 ) -> None:
     async with chain(nats_server) as c, asyncio.timeout(20):
         head = h11.Connection(h11.CLIENT).send(
-            h11.Request(method="GET", target="/ws/early", headers=[("Host", "x"), *handshake_headers()])
+            h11.Request(method="GET", target="/ws/early", headers=[("Host", "localhost"), *handshake_headers()])
         )
         assert head is not None
         frames = Connection(ConnectionType.CLIENT)
@@ -236,7 +236,7 @@ async def test_the_browser_vanishing_closes_the_services_socket(nats_server: Nat
         host, port = c.url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         head = h11.Connection(h11.CLIENT).send(
-            h11.Request(method="GET", target="/ws/gone", headers=[("Host", "x"), *handshake_headers()])
+            h11.Request(method="GET", target="/ws/gone", headers=[("Host", "localhost"), *handshake_headers()])
         )
         assert head is not None
         writer.write(head)
@@ -250,7 +250,7 @@ async def test_the_browser_vanishing_closes_the_services_socket(nats_server: Nat
 async def test_smuggling_rules_hold_for_upgrade_requests(nats_server: NatsServer) -> None:
     async with chain(nats_server) as c, asyncio.timeout(20):
         request = (
-            b"GET /ws/a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"GET /ws/a HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         )
         received = await asyncio.to_thread(_raw_exchange, c.url, request, b"\r\n\r\n")

@@ -236,7 +236,7 @@ def test_expect_100_continue_is_answered_before_the_body(stack: Stack) -> None:
     host, port = stack.forward.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
         conn = h11.Connection(h11.CLIENT)
-        head = [("host", "x"), ("content-length", "5"), ("expect", "100-continue")]
+        head = [("host", "localhost"), ("content-length", "5"), ("expect", "100-continue")]
         sock.sendall(conn.send(h11.Request(method="PUT", target="/echo", headers=head)))
         # Nothing of the body is sent until the listener says so.
         (interim,) = _h11_events(conn, sock, h11.InformationalResponse)
