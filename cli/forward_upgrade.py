@@ -25,24 +25,11 @@ from typing import Final
 import h11
 
 import tunnel
+from contract.http_headers import HOP_BY_HOP, connection_named
 
 __all__ = ["UpgradedPipe", "is_upgrade", "switching_headers", "upgrade_headers"]
 
 READ_SIZE: Final = 64 * 1024
-# Response headers of a 101 that describe the connection; the switch itself is kept.
-_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "content-length",
-    }
-)
 
 
 def _tokens(request: h11.Request, name: bytes) -> list[bytes]:
@@ -77,11 +64,8 @@ def upgrade_headers(request: h11.Request) -> list[tuple[str, str]]:
 def switching_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The desktop's 101 headers for the browser: ``Upgrade`` and ``Sec-WebSocket-*`` as sent,
     ``Connection: Upgrade``, other hop-by-hop headers (and those ``Connection`` named) dropped."""
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    drop = (_HOP_BY_HOP | named) - {"upgrade"}
+    # The switch itself (Upgrade) is kept; nothing is framed after a 101 (no Content-Length).
+    drop = (HOP_BY_HOP | connection_named(headers) | {"content-length"}) - {"upgrade"}
     out = [(name, value) for name, value in headers if name.lower() not in drop]
     out.append(("connection", "Upgrade"))
     return out

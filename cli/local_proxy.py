@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import h11
 
 import tunnel
+from contract.http_headers import HOP_BY_HOP as CONNECTION_HEADERS
 
 from .forward_upgrade import UpgradedPipe, is_upgrade, switching_headers, upgrade_headers
 from .term import human_bytes
@@ -59,19 +60,7 @@ __all__ = ["ERROR_HEADER", "HEADER_TIMEOUT", "HOP_BY_HOP", "KEEPALIVE_TIMEOUT", 
 ERROR_HEADER: Final = "x-tunnel-error"
 # Connection-level headers (RFC 9110 7.6.1 and friends) are never forwarded; "expect" is
 # answered here; "host" names this listener, not the desktop.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+HOP_BY_HOP: Final = CONNECTION_HEADERS
 REQUEST_ONLY_DROPPED: Final = frozenset(
     # x-forwarded-*: set by this listener alone (the edge), never taken from a client.
     {"host", "expect", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded"}

@@ -11,4 +11,5 @@ here import only the stdlib, :mod:`tunnel`, ``nkeys`` and ``nacl`` (all in the d
 - :mod:`.permissions` -- the NATS subjects a daemon credential is granted.
 - :mod:`.runner_inputs` -- the runner inputs both ends check (``mock``), the same way.
 - :mod:`.logs` -- the JSON log line schema of the gateway and the daemon.
+- :mod:`.http_headers` -- the connection-level (hop-by-hop) HTTP headers every proxy drops.
 """

@@ -34,6 +34,8 @@ from typing import Final
 import httpx
 
 import tunnel
+from contract.http_headers import HOP_BY_HOP as CONNECTION_HEADERS
+from contract.http_headers import connection_named
 
 from .upstream_body import BodyLengthMismatch, declared_length, length_checked
 from .upstream_path import InvalidTarget, check_target
@@ -44,20 +46,7 @@ __all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "ups
 
 log = logging.getLogger("linkd.upstream")
 
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+HOP_BY_HOP: Final = CONNECTION_HEADERS  # the contract's list, under its old name here
 # Local services answer in milliseconds, but may think (a build, a model) before the head.
 CONNECT_TIMEOUT: Final = 5.0
 RESPONSE_HEAD_TIMEOUT: Final = 300.0
@@ -69,11 +58,7 @@ def filter_headers(
     headers: list[tuple[str, str]], *, extra_drop: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """``headers`` without hop-by-hop ones (and those named in ``Connection``), order kept."""
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    drop = HOP_BY_HOP | named | extra_drop
+    drop = HOP_BY_HOP | connection_named(headers) | extra_drop
     return [
         (name, value)
         for name, value in headers

@@ -44,6 +44,7 @@ import h11
 import httpx
 
 import tunnel
+from contract.http_headers import HOP_BY_HOP, connection_named
 
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
 
@@ -54,21 +55,6 @@ log = logging.getLogger("linkd.upstream")
 READ_SIZE: Final = 64 * 1024
 # A response head larger than this is not one a dev server sends (the tunnel carries 512 headers).
 MAX_HEAD_SIZE: Final = 256 * 1024
-# Connection-level response headers (as the plain proxy drops them); a 101 keeps the switch.
-_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
@@ -85,11 +71,7 @@ def answer_headers(headers: list[tuple[str, str]], *, switching: bool) -> list[t
     exactly ``Upgrade`` and a ``Content-Length`` is dropped (nothing is framed after a 101);
     ``Sec-WebSocket-*`` are end-to-end headers and stay either way.
     """
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    drop = _HOP_BY_HOP | named
+    drop = HOP_BY_HOP | connection_named(headers)
     if switching:
         drop = (drop - {"upgrade"}) | {"content-length"}
     out = [

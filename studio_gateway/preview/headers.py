@@ -24,6 +24,8 @@ from typing import Final
 
 import jwt
 
+from contract.http_headers import HOP_BY_HOP, connection_named
+
 __all__ = [
     "COOKIE_NAMES",
     "HOP_BY_HOP",
@@ -35,20 +37,6 @@ __all__ = [
     "without_our_cookie",
 ]
 
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # On https the cookie has the __Host- prefix: browsers then refuse it with a Domain attribute
 # (so a sibling preview cannot toss one at us) and without Secure and Path=/.
 SECURE_COOKIE: Final = "__Host-natslink_preview"
@@ -108,14 +96,6 @@ def is_gateway_token(authorization: str, audience: str) -> bool:
     return aud == audience or (isinstance(aud, list) and audience in aud)
 
 
-def _connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return named
-
-
 def request_headers(
     headers: Iterable[tuple[str, str]],
     *,
@@ -127,7 +107,7 @@ def request_headers(
 ) -> Headers:
     """The browser's headers as the desktop gets them (see the module docstring), order kept."""
     items = list(headers)
-    drop = HOP_BY_HOP | _connection_named(items) | _FORWARDING | {"host"}
+    drop = HOP_BY_HOP | connection_named(items) | _FORWARDING | {"host"}
     out: Headers = []
     for name, value in items:
         lower = name.lower()
@@ -152,7 +132,7 @@ def request_headers(
 def response_headers(headers: Iterable[tuple[str, str]]) -> Headers:
     """The desktop's response headers as the browser gets them, order kept."""
     items = list(headers)
-    drop = HOP_BY_HOP | _connection_named(items)
+    drop = HOP_BY_HOP | connection_named(items)
     out: Headers = []
     for name, value in items:
         lower = name.lower()
