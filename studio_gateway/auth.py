@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -108,14 +108,19 @@ class TokenVerifier:
 VERIFIER: Final = web.AppKey("studio_gateway.verifier", TokenVerifier)
 
 
-def issue_token(config: AuthConfig, user_id: str, ttl: float = DEFAULT_TOKEN_TTL_SECONDS) -> str:
-    """A token this gateway accepts, for development (needs the shared secret)."""
+def issue_token(
+    config: AuthConfig, user_id: str, ttl: float = DEFAULT_TOKEN_TTL_SECONDS, scopes: Sequence[str] = ()
+) -> str:
+    """A token this gateway accepts, for development (needs the shared secret); ``scopes`` go
+    in its ``scope`` claim (space-separated, OAuth 2 style), e.g. ``runs:admin``."""
     if config.secret is None:
         raise ConfigError("GATEWAY_JWT_SECRET", "issuing tokens needs the shared secret (HS256)")
     if not user_id or len(user_id) > MAX_USER_ID_LENGTH:
         raise ValueError(f"user id must be 1..{MAX_USER_ID_LENGTH} characters")
     now = int(time.time())
-    claims = {"sub": user_id, "aud": config.audience, "iat": now, "exp": now + int(ttl)}
+    claims: dict[str, object] = {"sub": user_id, "aud": config.audience, "iat": now, "exp": now + int(ttl)}
+    if scopes:
+        claims["scope"] = " ".join(scopes)
     return jwt.encode(claims, config.secret, algorithm=config.algorithms[0])
 
 

@@ -292,12 +292,21 @@ def issue_token_command(
     ttl: Annotated[
         int, Opt("--ttl", metavar="SECONDS", help="Lifetime in seconds.", min=1)
     ] = DEFAULT_TOKEN_TTL_SECONDS,
+    scope: Annotated[
+        list[str] | None,
+        Opt(
+            "--scope",
+            metavar="SCOPE",
+            help="Add SCOPE to the token's scope claim (repeatable), e.g. runs:admin for "
+            "GET /api/admin/runs/dead-letters.",
+        ),
+    ] = None,
     **parsed: object,
 ) -> None:
     """Print a development bearer token for USER that this gateway accepts."""
     # Issuing needs the secret: a verify-only GATEWAY_JWT_PUBLIC_KEY is no option here, so not given.
     try:
-        token = issue_token(AuthConfig.from_settings(_Parsed(parsed)), user, ttl)
+        token = issue_token(AuthConfig.from_settings(_Parsed(parsed)), user, ttl, scope or ())
     except ConfigError as exc:
         _config_error(exc)
     except ValueError as exc:

@@ -70,6 +70,22 @@ def test_issue_token_prints_a_token_the_gateway_accepts() -> None:
     assert "Traceback" not in missing.stderr
 
 
+def test_issue_token_adds_scopes_for_operators() -> None:
+    proc = run_cli(
+        "issue-token",
+        "--user",
+        "ops",
+        "--scope",
+        "runs:admin",
+        "--scope",
+        "x",
+        env={"GATEWAY_JWT_SECRET": SECRET},
+    )
+    assert proc.returncode == 0, proc.stderr
+    user = TokenVerifier(AuthConfig(secret=SECRET)).verify(proc.stdout.strip())
+    assert user.claims["scope"] == "runs:admin x"
+
+
 def test_serve_answers_on_a_real_port_logs_json_and_stops_cleanly_on_sigterm(
     nats_server_factory: NatsServerFactory, tmp_path: Path
 ) -> None:
