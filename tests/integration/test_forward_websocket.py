@@ -216,7 +216,9 @@ async def test_bytes_sent_behind_the_head_reach_the_service_first_and_in_order(
 ) -> None:
     async with chain(nats_server) as c, asyncio.timeout(20):
         head = h11.Connection(h11.CLIENT).send(
-            h11.Request(method="GET", target="/ws/early", headers=[("Host", "localhost"), *handshake_headers()])
+            h11.Request(
+                method="GET", target="/ws/early", headers=[("Host", "localhost"), *handshake_headers()]
+            )
         )
         assert head is not None
         frames = Connection(ConnectionType.CLIENT)
@@ -236,7 +238,9 @@ async def test_the_browser_vanishing_closes_the_services_socket(nats_server: Nat
         host, port = c.url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         head = h11.Connection(h11.CLIENT).send(
-            h11.Request(method="GET", target="/ws/gone", headers=[("Host", "localhost"), *handshake_headers()])
+            h11.Request(
+                method="GET", target="/ws/gone", headers=[("Host", "localhost"), *handshake_headers()]
+            )
         )
         assert head is not None
         writer.write(head)
