@@ -9,6 +9,7 @@ seconds; the slow tier repeats it with the defaults and 256 MiB (test_tunnel_v1_
 from __future__ import annotations
 
 import asyncio
+import json
 
 import tunnel
 from tests.helpers import NatsServerFactory, wait_until
@@ -39,21 +40,48 @@ async def test_a_slow_v1_caller_gets_a_big_body_byte_exact_without_being_cut(
         assert peers.errors == []
 
 
-async def test_unpaced_the_same_caller_is_cut_as_a_slow_consumer(
+async def test_unpaced_a_caller_that_falls_behind_is_cut_as_a_slow_consumer(
     nats_server_factory: NatsServerFactory,
 ) -> None:
-    """The control: the setup above really does cut a caller that is sent too much."""
+    """The control: unpaced, a plain v1 caller that does not keep up is cut by nats-server.
+
+    The caller is a raw NATS connection that sends a reference v1 start and then reads nothing
+    (a stand-in for any caller slower than the sender): deterministic, unlike a slow reader
+    sharing this process's event loop with the sender."""
     server = nats_server_factory(extra_conf=SMALL_PENDING)
     transfer = Transfer()
-    total = 24 * MiB
     config = tunnel.ServerConfig(v1_pace=None)
+    subjects = tunnel.HostSubjects.for_host(HOST)
+    rid = "0123456789abcdef0123456789abcdef"
+    reply = subjects.reply(rid)
+    start = json.dumps(
+        {
+            "type": "request.start",
+            "protocol": "tunnel.v1",
+            "requestId": rid,
+            "method": "GET",
+            "url": "/big",
+            "headers": [],
+            "replySubject": reply,
+            "abortSubject": subjects.abort(rid),
+        }
+    ).encode()
     async with (
         connect_peers(server) as peers,
-        serving(peers.server_nc, HOST, big_body_handler(total, transfer), config=config),
+        serving(peers.server_nc, HOST, big_body_handler(24 * MiB, transfer), config=config),
     ):
-        reader = asyncio.create_task(
-            read_slowly(peers.caller_nc, f"tunnel://{HOST}/big", total, 4 * MiB, transfer)
-        )
-        await wait_until(lambda: "Slow Consumer" in server.log_text(), timeout=10.0)
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            await reader.readline()  # INFO
+            writer.write(
+                b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n'
+                + f"SUB {reply} 1\r\n".encode()
+                + f"PUB {subjects.request} {reply} {len(start)}\r\n".encode()
+                + start
+                + b"\r\n"
+            )
+            await writer.drain()
+            # ... and never read again: NATS holds what the server sends until its limit.
+            await wait_until(lambda: "Slow Consumer" in server.log_text(), timeout=10.0)
+        finally:
+            writer.close()
