@@ -218,6 +218,7 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
                 ok += 1
                 spanning["upload"] += d.daemon.refreshes > before
 
+        names = ("probing", "probing", "working", "streaming", "uploading")
         results = await asyncio.gather(
             keep_probing(),
             keep_probing(),
@@ -226,9 +227,11 @@ async def test_short_ttl_credentials_rotate_for_30s_with_zero_failed_requests(
             keep_uploading(),
             return_exceptions=True,
         )
-        for result in results:
+        for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
-                failures.append(repr(result))
+                # Which loop, when, and how the refreshes went: a failure here is rare and needs all three.
+                at = loop.time() - end + duration
+                failures.append(f"{at:.2f}s: {name}: {result!r}; daemon: {d.messages()[-6:]}")
         refreshes = d.daemon.refreshes
         print(
             f"\n{ok} requests OK ({spanning} across a refresh), {len(failures)} failed, "
