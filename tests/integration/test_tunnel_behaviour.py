@@ -862,3 +862,25 @@ async def test_a_response_body_is_closed_even_when_its_head_never_goes_out(nats_
             await tunnel.TunnelClient(p.caller_nc).fetch(f"tunnel://{HOST}/bad-head")
         assert caught.value.code == "tunnel_handler_error"
         await asyncio.wait_for(closed.wait(), EVENT_TIMEOUT)
+
+
+async def test_serve_subscribes_its_request_subject_last(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the request subscription exists, starts arrive and are acked naming our up subject:
+    a body sent there before that subscription existed would be lost (a caller's upload then
+    waits, and fails when the server is later closed). So it must come last."""
+    async with connect_peers(nats_server) as p:
+        order: list[str] = []
+        real_subscribe = p.server_nc.subscribe
+
+        async def recording_subscribe(subject: str, *args: Any, **kwargs: Any) -> Any:
+            order.append(subject)
+            return await real_subscribe(subject, *args, **kwargs)
+
+        monkeypatch.setattr(p.server_nc, "subscribe", recording_subscribe)
+        async with serving(p.server_nc, HOST, _answer_ok):
+            subjects = tunnel.HostSubjects.for_host(HOST)
+            assert order[-1] == subjects.request, order
+            assert subjects.all_aborts in order[:-1]
+            assert any(".up." in subject for subject in order[:-1]), order

@@ -431,43 +431,45 @@ class TunnelServer:
         return len(self.dispatch.active)
 
     async def start(self) -> None:
-        """Subscribe; on return the NATS server knows us, so callers never see no-responders."""
+        """Subscribe; on return the NATS server knows us, so callers never see no-responders.
+
+        The request subscription comes last: once it exists, callers' starts reach us and we
+        answer naming our up subject, so that subscription (and what the permissions allow,
+        which decides the subjects we name) must be settled before any start can arrive.
+        """
         loop = asyncio.get_running_loop()
         self._timers = TimerHub(loop)
         self.dispatch.use_clock(loop.time)  # every deadline in the loop's time, like its timers
         subjects = self.subjects
+        others: list[Subscription] = []
         try:
-            self._request_sub = await self._subscribe_required(
-                subjects.request, self._on_start, queue=subjects.queue_group
-            )
-            self._subs = [self._request_sub]
-            self._subs.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
+            others.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
             up = await self._subscribe_checked(subjects.all_server_up(self.server_id), self._on_up)
             if up is None:
                 # The reference daemon permissions: body subjects only, one wildcard for all.
                 self._body_wildcard = await self._subscribe_required(subjects.all_bodies, self._on_body)
-                self._subs.append(self._body_wildcard)
+                others.append(self._body_wildcard)
             else:
-                self._subs.append(up)
+                others.append(up)
             # Only a restricted permission set (no up subscription) is asked whether it may
             # publish to shared reply subjects: the probe is a message taps would see.
             replies_free = up is not None or await self._may_publish(
                 subjects.client_reply(new_endpoint_id(), "permission-check")
             )
-        except (NatsError, OSError) as exc:
-            for sub in self._subs:
+            if up is None or not replies_free:
+                self.dispatch.use_reference_permissions(replies=not replies_free, up_via_body=up is None)
+            self._request_sub = await self._subscribe_required(
+                subjects.request, self._on_start, queue=subjects.queue_group
+            )
+        except (NatsError, OSError, PermissionDenied) as exc:
+            for sub in others:
                 with contextlib.suppress(NatsError, OSError):
                     await sub.unsubscribe()
-            self._subs = []
+            if isinstance(exc, PermissionDenied):
+                raise
             raise map_nats_error(exc) from exc
-        except PermissionDenied:
-            for sub in self._subs:
-                with contextlib.suppress(NatsError, OSError):
-                    await sub.unsubscribe()
-            self._subs = []
-            raise
+        self._subs = [self._request_sub, *others]
         if up is None or not replies_free:
-            self.dispatch.use_reference_permissions(replies=not replies_free, up_via_body=up is None)
             log.info(
                 "serving %s under restricted NATS permissions: %s",
                 self.hostname,
