@@ -452,7 +452,7 @@ class CallerStream:
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = ReceiveWindow(opts.window if up is not None else None)
             if ext.integrity == ALGORITHM and up is not None:
-                self.sent_digest = BodyDigest()
+                self.sent_digest = BodyDigest() if self.has_body else None
                 self.received_digest = BodyDigest()
             peer_max = ext.max_frame or opts.max_payload
             frame_limit = min(opts.max_payload, peer_max)

@@ -187,10 +187,14 @@ class ServerStream:
         self.frame_limit = terms.frame_limit
         self.chunk_limit = terms.chunk_limit
         self.offers_whole = terms.offers_whole
-        # Integrity extension: running byte count and CRC-32 of each body direction (or None).
+        # Integrity extension: running byte count and CRC-32 of each body direction (or None):
+        # the request body's if there is one; the response body's once a streamed response starts
+        # (a one-message answer carries the CRC of its data, no running digest).
         self.integrity = terms.integrity
-        self.sent_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
-        self.received_digest: BodyDigest | None = BodyDigest() if terms.integrity else None
+        self.sent_digest: BodyDigest | None = None
+        self.received_digest: BodyDigest | None = (
+            BodyDigest() if terms.integrity and start.body_subject is not None else None
+        )
         if offer is not None:
             self.up_subject: str | None = f"{head}body" if options.up_via_body else f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
@@ -261,6 +265,8 @@ class ServerStream:
             raise LocalProtocolError("invalid status text")
         self.phase = ServerPhase.RESPONDING
         self.response_has_body = self._allows_body(status)
+        if self.integrity:
+            self.sent_digest = BodyDigest()
         # Always repeat the negotiation: if the ack was lost, this is the caller's first frame.
         ext = self._ack_extensions()
         self.acked = True

@@ -278,7 +278,7 @@ class _ClientRequest(TimedRequest):
             await self._abort_with(exc)
             return
         if was_starting and self.stream.phase is not CallerPhase.STARTING:
-            self.client._saw_serving(self.hostname)
+            self.client._saw_serving(self.hostname, self.stream.clock())
         # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
         if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
             if self.body is not None:
@@ -786,10 +786,10 @@ class TunnelClient:
             raise
         return FetchResponse(req, head)
 
-    def _saw_serving(self, hostname: str) -> None:
+    def _saw_serving(self, hostname: str, now: float) -> None:
         if len(self._seen) >= HOST_CACHE_SIZE:
             self._seen.clear()
-        self._seen[hostname] = asyncio.get_running_loop().time()
+        self._seen[hostname] = now
 
     def _first_contact(self, hostname: str, now: float) -> bool:
         seen = self._seen.get(hostname)
