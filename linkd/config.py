@@ -9,6 +9,10 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     status_file = "/run/user/1000/natslink/linkd-status.json"   # --status-file / LINKD_STATUS_FILE
     json_logs = false                         # --json-logs / LINKD_JSON_LOGS
     nats_transport = "auto"       # or standard, websocket (--nats-transport / LINKD_NATS_TRANSPORT)
+    nats_ca = "~/natslink-ca.pem" # trust this CA (PEM) for tls:// and wss:// NATS URLs instead of
+                                  # the system store (--nats-ca / LINKD_NATS_CA)
+    nats_cert = "~/client.pem"    # client certificate where NATS requires one (mTLS)
+    nats_key = "~/client.key"     # (--nats-cert / LINKD_NATS_CERT, --nats-key / LINKD_NATS_KEY)
     uplink = true                 # run events to the gateway's JetStream stream (--no-uplink / LINKD_UPLINK)
     journal = true                # keep unacknowledged run events on disk (LINKD_JOURNAL; see linkd.journal)
     state_dir = "~/.local/state/natslink"   # the journal's directory (LINKD_STATE_DIR; see linkd.dirs)
@@ -133,6 +137,10 @@ class Settings:
     status_file: Path = field(default_factory=lambda: default_status_file())
     json_logs: bool = False
     nats_transport: Transport = "auto"
+    # TLS for the NATS connection (tunnel.tls.TLSConfig): a private CA, a client certificate (mTLS).
+    nats_ca: Path | None = None
+    nats_cert: Path | None = None
+    nats_key: Path | None = None
     # Run events go to JetStream (the durable uplink); off: they stay in memory (a gateway without runs).
     uplink: bool = True
     # Unacknowledged run events are kept on disk (linkd.journal), in state_dir.
@@ -236,6 +244,10 @@ def _path(value: object, where: str) -> Path:
     return Path(str(value).strip()).expanduser()
 
 
+def _optional_path(value: object, where: str) -> Path | None:
+    return _path(value, where)
+
+
 def _transport(value: object, where: str) -> Transport:
     text = str(value).strip().lower()
     if text not in _TRANSPORTS:
@@ -266,6 +278,9 @@ _FIELDS: Final = {
     "status_file": _Field("status_file", "--status-file", "LINKD_STATUS_FILE"),
     "json_logs": _Field("json_logs", "--json-logs", "LINKD_JSON_LOGS"),
     "nats_transport": _Field("nats_transport", "--nats-transport", "LINKD_NATS_TRANSPORT"),
+    "nats_ca": _Field("nats_ca", "--nats-ca", "LINKD_NATS_CA"),
+    "nats_cert": _Field("nats_cert", "--nats-cert", "LINKD_NATS_CERT"),
+    "nats_key": _Field("nats_key", "--nats-key", "LINKD_NATS_KEY"),
     "uplink": _Field("uplink", "--uplink", "LINKD_UPLINK"),
     "journal": _Field("journal", "--journal", "LINKD_JOURNAL"),
     "state_dir": _Field("state_dir", "--state-dir", "LINKD_STATE_DIR"),
@@ -461,6 +476,9 @@ def load_settings(
         status_file=sources.pick("status_file", _path, default_status_file(env)),
         json_logs=sources.pick("json_logs", _bool, False),
         nats_transport=sources.pick("nats_transport", _transport, "auto"),
+        nats_ca=sources.pick("nats_ca", _optional_path, None),
+        nats_cert=sources.pick("nats_cert", _optional_path, None),
+        nats_key=sources.pick("nats_key", _optional_path, None),
         uplink=sources.pick("uplink", _bool, True),
         journal=sources.pick("journal", _bool, True),
         state_dir=sources.pick("state_dir", _path, state_dir(env)),

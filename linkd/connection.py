@@ -31,6 +31,7 @@ from contract.nats_jwt import CONNECTION_TYPE_STANDARD, CONNECTION_TYPE_WEBSOCKE
 from contract.run_protocol import uplink_inbox_prefix
 from tunnel.backoff import ReconnectPolicy
 from tunnel.connect import connect
+from tunnel.tls import TLSConfig
 
 from .config import Transport
 from .errors import LinkdError
@@ -118,13 +119,15 @@ async def open_connection(
     policy: ReconnectPolicy,
     *,
     transport: Transport = "auto",
+    tls: TLSConfig | None = None,
     name: str = "linkd",
     disconnected_cb: Callback | None = None,
     reconnected_cb: Callback | None = None,
     closed_cb: Callback | None = None,
     error_cb: ErrorCallback | None = None,
 ) -> NATS:
-    """Connect for ``session`` (raises ``tunnel.connect.NatsConnectError`` / ``NatsAuthError``)."""
+    """Connect for ``session`` (raises ``tunnel.connect.NatsConnectError`` / ``NatsAuthError`` /
+    ``NatsTLSError``); ``tls`` trusts a private CA and presents a client certificate (linkd.tls)."""
     urls = choose_urls(session, transport)
     subjects = tunnel.HostSubjects.for_host(session.hostname, session.prefix)
     options: dict[str, Any] = {
@@ -135,6 +138,7 @@ async def open_connection(
         "reconnected_cb": reconnected_cb,
         "closed_cb": closed_cb,
         "error_cb": error_cb,
+        "tls": tls,
     }
     if session.token is not None:
         return await connect(urls, token=session.token, **options)

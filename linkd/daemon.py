@@ -73,6 +73,7 @@ from nats.errors import Error as NatsError
 import tunnel
 from tunnel.backoff import Backoff
 from tunnel.connect import NatsAuthError, NatsConnectError
+from tunnel.tls import TLSProblem, classify_tls_error
 
 from . import __version__
 from .config import Settings
@@ -88,6 +89,7 @@ from .runs import RunManager, item_to_dict
 from .session import GatewayClient, GatewayError, LinkSession
 from .sleep import CHECK_INTERVAL, SleepDetector
 from .status_file import remove_status, write_status
+from .tls import CA_HINT, CERT_HINT, nats_tls, tls_error_line
 from .uplink import JetStreamUplink
 from .upstream import UpstreamProxy
 
@@ -376,11 +378,19 @@ class LinkDaemon:
             "inFlightRequests": self._in_flight(),
             "runs": [info.summary() for info in self.runs.active()],
             "uplink": self.uplink.status() if self.uplink is not None else None,
+            # Why the daemon is not online (a certificate problem names its fix); None while online.
+            "offlineReason": self._offline_reason(),
             "reconnects": self.reconnects,
             "sleeps": self.sleeps,
             "runsResumed": self.runs.resumes,
             "runsEndedDaemonRestarted": self.runs.restart_failures,
         }
+
+    def _offline_reason(self) -> str | None:
+        for state in (State.OFFLINE, State.RECONNECTING):
+            if self.state is state:
+                return self.message.removeprefix(f"{state.value}: ")
+        return None
 
     def _in_flight(self) -> int:
         """Requests being served: on the current connection and on those still draining."""
@@ -535,6 +545,10 @@ class LinkDaemon:
 
         async def on_error(exc: Exception) -> None:
             text = str(exc) or type(exc).__name__
+            problem = classify_tls_error(exc)
+            if problem is not None and current() and self.state is State.RECONNECTING:
+                where = _server_url(serving.nc)
+                self._set(State.RECONNECTING, f"reconnecting: {_tls_line(where, problem)}")
             if "permissions violation" in text.lower():
                 detail_log.warning("NATS refused an operation: %s", text)
 
@@ -545,6 +559,7 @@ class LinkDaemon:
             Identity(self.own_seed),
             reconnect_policy(),
             transport=self.settings.nats_transport,
+            tls=nats_tls(self.settings),
             name=f"linkd {session.hostname}",
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
@@ -775,7 +790,23 @@ def _refresh_at(session: LinkSession) -> float | None:
     return None if lifetime is None else session.received_at + refresh_delay(lifetime)
 
 
+def _server_url(nc: NATS | None) -> str:
+    """scheme://host:port of the server nats-py is (re)connecting to, without user info."""
+    srv = getattr(nc, "_current_server", None) if nc is not None else None
+    uri = getattr(srv, "uri", None)
+    if uri is None or uri.hostname is None:
+        return "NATS"
+    return f"{uri.scheme}://{uri.hostname}:{uri.port}" if uri.port else f"{uri.scheme}://{uri.hostname}"
+
+
+def _tls_line(where: str, problem: TLSProblem) -> str:
+    return f"nats {where}: {problem.reason}: {problem.fix(ca=CA_HINT, cert=CERT_HINT)}"
+
+
 def _connect_failure(exc: BaseException) -> str:
+    tls_line = tls_error_line(exc)
+    if tls_line is not None:
+        return tls_line
     if isinstance(exc, NatsAuthError):
         return "NATS refused the credentials from the gateway (authorization violation)"
     return str(exc)

@@ -13,10 +13,16 @@ would otherwise loop forever on creds text without a JWT header line).
 
 The first connect tries each server a couple of times and fails with
 :class:`NatsConnectError` (:class:`NatsAuthError` when a server refused our
-credentials). Once connected, the connection reconnects forever, with a short
-jittered wait (a :class:`tunnel.backoff.ReconnectPolicy`), and resubscribes by itself.
+credentials, :class:`NatsTLSError` when the TLS handshake failed: unknown CA, wrong host
+name, expired certificate, client certificate required). Once connected, the connection
+reconnects forever, with a short jittered wait (a :class:`tunnel.backoff.ReconnectPolicy`),
+and resubscribes by itself.
 Disconnects, reconnects and errors are logged on ``tunnel.connect``; your own callbacks
 (sync or async) run after that.
+
+TLS (``tls://`` and ``wss://`` URLs, or a server that requires TLS): ``tls=TLSConfig(ca=...,
+cert=..., key=...)`` trusts a private CA and presents a client certificate (mTLS); see
+:mod:`tunnel.tls`. Without it the system's CA store is used.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import inspect
 import logging
 import os
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -38,6 +45,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 from .backoff import ReconnectPolicy
+from .tls import TLSConfig, TLSProblem, classify_tls_error
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -47,6 +55,7 @@ __all__ = [
     "RECONNECT_TIME_WAIT",
     "NatsAuthError",
     "NatsConnectError",
+    "NatsTLSError",
     "connect",
     "parse_creds",
 ]
@@ -96,6 +105,15 @@ class NatsConnectError(ConnectionError):
 
 class NatsAuthError(NatsConnectError):
     """A NATS server refused our credentials (authorization violation)."""
+
+
+class NatsTLSError(NatsConnectError):
+    """The TLS handshake with the NATS server failed; ``problem`` says why, ``where`` names the URL(s)."""
+
+    def __init__(self, message: str, *, where: str, problem: TLSProblem) -> None:
+        super().__init__(message)
+        self.where = where
+        self.problem = problem
 
 
 def parse_creds(text: str) -> tuple[str, str]:
@@ -268,6 +286,7 @@ async def connect(
     token: str | None = None,
     name: str | None = None,
     inbox_prefix: str | None = None,
+    tls: TLSConfig | ssl.SSLContext | None = None,
     error_cb: ErrorCallback | None = None,
     disconnected_cb: EventCallback | None = None,
     reconnected_cb: EventCallback | None = None,
@@ -321,6 +340,12 @@ async def connect(
         options["token"] = token
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
+    if isinstance(tls, ssl.SSLContext):
+        options["tls"] = tls
+    elif tls is not None:
+        options["tls"] = tls.context()  # built once: every reconnect reuses it
+        if tls.hostname is not None:
+            options["tls_hostname"] = tls.hostname
     if _supports("reconnect_to_server_handler"):
         options["reconnect_to_server_handler"] = _reconnect_policy()
     # The reconnect policy applies once connected (the first connect always fails fast).
@@ -349,6 +374,11 @@ async def connect(
         cause: BaseException = exc
         if isinstance(exc, NoServersError) and cbs.last_error is not None:
             cause = cbs.last_error  # why the last attempt failed, not just "no servers"
+        problem = classify_tls_error(cause)
+        if problem is not None:
+            raise NatsTLSError(
+                f"cannot connect to NATS at {where}: {problem.reason}", where=where, problem=problem
+            ) from exc
         raise NatsConnectError(f"cannot connect to NATS at {where}: {_describe(cause)}") from exc
     # Connected: from now on reconnect (forever, unless overridden). nats-py reads these
     # options at each disconnect, so changing them here is how its first connect and its

@@ -86,7 +86,7 @@ def test_no_public_name_is_exported_without_being_in_all() -> None:
 
 # Add-ons with their own import cost (httpx, ASGI) or their own namespace stay public submodules,
 # imported on demand: ``from tunnel.httpx_transport import TunnelTransport``.
-PUBLIC_SUBMODULES = {"asgi", "backoff", "connect", "httpx_transport", "websocket"}
+PUBLIC_SUBMODULES = {"asgi", "backoff", "connect", "httpx_transport", "tls", "websocket"}
 
 
 def test_implementation_modules_are_private() -> None:
