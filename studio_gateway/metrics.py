@@ -1,92 +1,89 @@
-"""A tiny Prometheus registry: counters, gauges and histograms rendered as text format 0.0.4.
+"""Prometheus metrics on ``prometheus_client``, with a keyword-label call style.
 
-Hand-written because the gateway needs a dozen series, not a dependency. Values
-are per gateway instance (Prometheus sums them across instances). Label values
-are escaped; metric and label names are fixed in code.
+Each metric here wraps a ``prometheus_client`` metric so call sites read
+``counter.inc(result="applied")`` rather than ``counter.labels(result="applied").inc()``,
+and a :class:`Registry` owns one ``CollectorRegistry`` per application (tests run many
+gateways in one process: nothing here touches the library's global default registry).
+
+The library does the exposition: text 0.0.4 by default and OpenMetrics 1.0.0 when the
+scrape's ``Accept`` asks for it (:meth:`Registry.exposition`), with its escaping, its
+``_created`` series and process metrics (:meth:`Registry.add_process_collectors`).
+Counters are declared by their exposed name (``..._total``); the library strips and
+re-appends the suffix itself.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, TypeVar
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Registry"]
+import prometheus_client
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-LabelKey = tuple[str, ...]
+__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "Counter", "Gauge", "Histogram", "Registry"]
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_value(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
+DEFAULT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _Metric:
-    kind = "untyped"
+    """Name, help and label names; bound to a ``CollectorRegistry`` by :meth:`Registry.register`."""
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.help = help_text
         self.labelnames = tuple(labelnames)
+        self._registry: CollectorRegistry | None = None
 
-    def _key(self, labels: dict[str, str]) -> LabelKey:
+    def _bind(self, registry: CollectorRegistry) -> None:
+        raise NotImplementedError
+
+    def _child(self, metric: MetricWrapperBase, labels: dict[str, str]) -> MetricWrapperBase:
         if set(labels) != set(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
+        if not self.labelnames:
+            return metric
+        return metric.labels(**{k: str(v) for k, v in labels.items()})
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def _sample(self, suffix: str, labels: dict[str, str]) -> float | None:
+        if self._registry is None:
+            return None
+        return self._registry.get_sample_value(self._base + suffix, {k: str(v) for k, v in labels.items()})
 
-    def samples(self) -> Iterable[str]:
-        raise NotImplementedError
+    @property
+    def _base(self) -> str:
+        return self.name
 
 
 class Counter(_Metric):
     """A value that only goes up."""
 
-    kind = "counter"
-
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelKey, float] = {}
-        if not self.labelnames:
-            self._values[()] = 0.0
+        self._metric = prometheus_client.Counter(name, help_text, self.labelnames, registry=None)
+
+    @property
+    def _base(self) -> str:
+        return self.name.removesuffix("_total")
+
+    def _bind(self, registry: CollectorRegistry) -> None:
+        registry.register(self._metric)
+        self._registry = registry
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter cannot go down")
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(self._metric, labels).inc(amount)  # type: ignore[attr-defined]
 
     def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterable[str]:
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.labelnames, key)} {_format_value(value)}"
+        return self._sample("_total", labels) or 0.0
 
 
-class Gauge(_Metric):
-    """A value that goes up and down; or read from ``source`` at render time."""
-
-    kind = "gauge"
+class Gauge(_Metric, Collector):
+    """A value that goes up and down; or read from ``source`` at scrape time (no sample while
+    ``source`` returns None: an unknown value is absent, not zero)."""
 
     def __init__(
         self,
@@ -97,34 +94,37 @@ class Gauge(_Metric):
         source: Callable[[], float | None] | None = None,
     ) -> None:
         super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelKey, float] = {}
+        self._metric = prometheus_client.Gauge(name, help_text, self.labelnames, registry=None)
         self.source = source
 
+    def _bind(self, registry: CollectorRegistry) -> None:
+        registry.register(self)
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.help, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            yield from self._metric.collect()
+            return
+        family = GaugeMetricFamily(self.name, self.help)
+        value = self.source()
+        if value is not None:
+            family.samples.append(Sample(self.name, {}, float(value)))
+        yield family
+
     def set(self, value: float, **labels: str) -> None:
-        self._values[self._key(labels)] = float(value)
+        self._child(self._metric, labels).set(value)  # type: ignore[attr-defined]
 
     def value(self, **labels: str) -> float | None:
         if self.source is not None:
             return self.source()
-        return self._values.get(self._key(labels))
-
-    def samples(self) -> Iterable[str]:
-        if self.source is not None:
-            value = self.source()
-            if value is not None:
-                yield f"{self.name} {_format_value(value)}"
-            return
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.labelnames, key)} {_format_value(value)}"
-
-
-DEFAULT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        return self._sample("", labels)
 
 
 class Histogram(_Metric):
     """Observations counted in cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
 
     def __init__(
         self,
@@ -134,53 +134,48 @@ class Histogram(_Metric):
         *,
         buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> None:
-        if "le" in labelnames:
-            raise ValueError("'le' is reserved for histogram buckets")
         super().__init__(name, help_text, labelnames)
         self.buckets = tuple(sorted(buckets))
-        self._counts: dict[LabelKey, list[int]] = {}
-        self._sums: dict[LabelKey, float] = {}
+        self._metric = prometheus_client.Histogram(
+            name, help_text, self.labelnames, registry=None, buckets=self.buckets
+        )
+
+    def _bind(self, registry: CollectorRegistry) -> None:
+        registry.register(self._metric)
+        self._registry = registry
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[i] += 1
-        counts[-1] += 1
-        self._sums[key] = self._sums.get(key, 0.0) + value
+        self._child(self._metric, labels).observe(value)  # type: ignore[attr-defined]
 
     def count(self, **labels: str) -> int:
-        counts = self._counts.get(self._key(labels))
-        return counts[-1] if counts else 0
-
-    def samples(self) -> Iterable[str]:
-        for key, counts in sorted(self._counts.items()):
-            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-                le = f'le="{_format_value(bound)}"'
-                yield f"{self.name}_bucket{_labels(self.labelnames, key, le)} {count}"
-            yield f"{self.name}_sum{_labels(self.labelnames, key)} {_format_value(self._sums[key])}"
-            yield f"{self.name}_count{_labels(self.labelnames, key)} {counts[-1]}"
+        return int(self._sample("_count", labels) or 0)
 
 
 M = TypeVar("M", bound=_Metric)
 
 
 class Registry:
-    """Metrics by name, rendered in registration order."""
+    """One application's metrics: a ``CollectorRegistry`` of its own."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
+        self.collector_registry = CollectorRegistry(auto_describe=True)
 
     def register(self, metric: M) -> M:
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name} is registered already")
-        self._metrics[metric.name] = metric
+        """Add ``metric`` (ValueError if its name is taken); returns it for one-line declarations."""
+        metric._bind(self.collector_registry)
         return metric
 
+    def add_process_collectors(self) -> None:
+        """CPU, memory, file descriptors and start time of this process, and the Python version."""
+        prometheus_client.ProcessCollector(registry=self.collector_registry)
+        prometheus_client.PlatformCollector(registry=self.collector_registry)
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The scrape body and its content type: OpenMetrics if ``accept`` asks for it, else
+        text 0.0.4."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.collector_registry), content_type
+
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics.values():
-            lines.extend(metric.header())
-            lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+        """Text format 0.0.4."""
+        return prometheus_client.generate_latest(self.collector_registry).decode()

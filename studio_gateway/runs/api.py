@@ -42,7 +42,6 @@ from contract.runner_inputs import InvalidRunInput, check_input
 from ..auth import User, authenticated
 from ..bodies import BodyError, ExpectHandler, read_json_object
 from ..errors import json_error
-from ..metrics import CONTENT_TYPE
 from ..tasks import stop_tasks
 from .pull_feed import ConsumerGone
 from .service import RUNS, RunsService
@@ -519,8 +518,9 @@ def _limit(state: RunState) -> int | None:
 
 
 async def get_metrics(request: web.Request) -> web.StreamResponse:
-    text = request.app[RUNS].metrics.render()
-    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE, **_NO_STORE})
+    """Text 0.0.4, or OpenMetrics when the scrape's ``Accept`` asks for it."""
+    body, content_type = request.app[RUNS].metrics.registry.exposition(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type, **_NO_STORE})
 
 
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = None) -> None:

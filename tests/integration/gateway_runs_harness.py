@@ -38,6 +38,7 @@ from studio_gateway.natsconn import GATEWAY_NATS
 from studio_gateway.runs.service import RUNS, RunsService
 from tests.helpers import wait_until
 from tests.integration.gateway_harness import SECRET
+from tests.prom import sample_value
 
 TIMEOUT = 10.0
 
@@ -125,11 +126,8 @@ class RunsGateway:
         return await resp.text()
 
     async def metric(self, sample: str) -> float:
-        """The value of one sample line (``name{labels}``), 0 when absent."""
-        for line in (await self.metrics()).splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        """The value of one sample (``name{labels}``, any label order), 0 when absent."""
+        return sample_value(await self.metrics(), sample) or 0.0
 
 
 @asynccontextmanager

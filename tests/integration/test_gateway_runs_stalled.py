@@ -28,6 +28,7 @@ import pytest
 from linkd.runners.mock import mock_chunk
 from tests.helpers import wait_until
 from tests.integration.runs_harness import LinkdProcess, RunsApi, RunsStack, SseMessage
+from tests.prom import sample_value
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -75,10 +76,7 @@ def frozen(daemon: LinkdProcess) -> Iterator[float]:
 
 async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> float:
     text = (await http.get(f"{stack.gateways[0].url}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample_value(text, sample) or 0.0
 
 
 def expected_output(count: int) -> str:

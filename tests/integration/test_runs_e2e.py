@@ -33,6 +33,7 @@ from tests.integration.runs_harness import (
     RunsStack,
     SseMessage,
 )
+from tests.prom import sample_value
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -174,10 +175,10 @@ async def uplink_events(
     With ``at_least``: whether the sum reached it (for polling).
     """
     total = 0.0
-    prefix = f'studio_runs_uplink_events_total{{result="{result}"}} '
+    sample = f'studio_runs_uplink_events_total{{result="{result}"}}'
     for gateway in stack.gateways:
         text = (await http.get(f"{gateway.url}/metrics")).text
-        total += sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+        total += sample_value(text, sample) or 0.0
     return total if at_least is None else total >= at_least
 
 

@@ -13,6 +13,7 @@ from studio_gateway.dispatch import classify_error, error_fields, rejection
 from studio_gateway.metrics import Counter, Gauge, Histogram, Registry
 from studio_gateway.runs.metrics import RunMetrics
 from studio_gateway.runs.sse import NDJSON, SSE, EventFormat, choose_format, ordered_events, parse_after
+from tests.prom import parse_samples, sample_value
 
 
 def test_sse_messages_have_id_event_and_one_data_line() -> None:
@@ -86,14 +87,23 @@ def test_metrics_text_format() -> None:
     histogram.observe(0.05)
     histogram.observe(0.5)
     histogram.observe(5)
-    text = registry.render()
-    assert "# TYPE x_total counter\n" in text
-    assert 'x_total{kind="a\\"b\\\\c\\n"} 1\n' in text and 'x_total{kind="plain"} 2\n' in text
-    assert "x_level 2.5\n" in text
-    assert 'x_seconds_bucket{le="0.1"} 1\n' in text and 'x_seconds_bucket{le="1"} 2\n' in text
-    assert 'x_seconds_bucket{le="+Inf"} 3\n' in text and "x_seconds_count 3\n" in text
-    assert "x_seconds_sum 5.55\n" in text
-    assert gauge.value() == 2.5
+    for accept, openmetrics in ((None, False), ("application/openmetrics-text; version=1.0.0", True)):
+        body, content_type = registry.exposition(accept)
+        assert content_type.startswith(
+            "application/openmetrics-text; version=1.0.0" if openmetrics else "text/plain; version=0.0.4"
+        )
+        text = body.decode()
+        parsed = parse_samples(text, openmetrics=openmetrics)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in parsed}
+        assert samples[("x_total", (("kind", 'a"b\\c\n'),))] == 1
+        assert samples[("x_total", (("kind", "plain"),))] == 2
+        assert samples[("x_level", ())] == 2.5
+        assert samples[("x_seconds_bucket", (("le", "0.1"),))] == 1
+        assert samples[("x_seconds_bucket", (("le", "1.0"),))] == 2
+        assert samples[("x_seconds_bucket", (("le", "+Inf"),))] == 3
+        assert samples[("x_seconds_count", ())] == 3
+        assert samples[("x_seconds_sum", ())] == pytest.approx(5.55)
+    assert gauge.value() == 2.5 and histogram.count() == 3 and counter.value(kind="plain") == 2
     with pytest.raises(ValueError):
         counter.inc(-1, kind="a")
     with pytest.raises(ValueError):
@@ -108,9 +118,9 @@ def test_run_metrics_series() -> None:
     metrics.run_finished("completed", None)
     metrics.uplink_events.inc(result="stale_fence")
     text = metrics.render()
-    assert 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"} 1' in text
-    assert 'studio_runs_finished_total{status="completed",failure_kind=""} 1' in text
-    assert 'studio_runs_uplink_events_total{result="stale_fence"} 1' in text
+    assert sample_value(text, 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}') == 1
+    assert sample_value(text, 'studio_runs_finished_total{status="completed",failure_kind=""}') == 1
+    assert sample_value(text, 'studio_runs_uplink_events_total{result="stale_fence"}') == 1
     assert "studio_runs_projector_lag_seconds" in text  # HELP/TYPE even before any event
 
 
