@@ -76,6 +76,7 @@ from tunnel.connect import NatsAuthError, NatsConnectError
 from tunnel.tls import TLSProblem, classify_tls_error
 
 from . import __version__
+from .access_log import subscribe_access_log
 from .config import Settings
 from .connection import Identity, open_connection, reconnect_policy
 from .credentials_store import public_key_of
@@ -90,6 +91,7 @@ from .session import GatewayClient, GatewayError, LinkSession
 from .sleep import CHECK_INTERVAL, SleepDetector
 from .status_file import remove_status, write_status
 from .tls import CA_HINT, CERT_HINT, nats_tls, tls_error_line
+from .traffic import Traffic
 from .uplink import JetStreamUplink
 from .upstream import UpstreamProxy
 
@@ -246,6 +248,11 @@ class LinkDaemon:
         )
         self.upstream = UpstreamProxy(settings.upstream_url) if settings.upstream_url else None
         self.routes = LinkRoutes(self.runs, upstream=self.upstream, machine_name=machine_name)
+        # Every tunnelled request recorded (linkd.traffic); bodies only when a viewer wants them
+        # (the inspector sets traffic.capture_bodies). The access log is one observer.
+        self.traffic = Traffic(capture_bodies=False)
+        subscribe_access_log(self.traffic)
+        self.handler = self.traffic.wrap(self.routes)
         self.own_seed = own_seed
         self.public_key = public_key_of(own_seed) if own_seed else None
         self.retry_backoff = (
@@ -568,7 +575,7 @@ class LinkDaemon:
         )
         try:
             serving.server = await tunnel.serve(
-                serving.nc, session.hostname, self.routes, prefix=session.prefix
+                serving.nc, session.hostname, self.handler, prefix=session.prefix
             )
             # serve() returns once NATS knows the subscriptions; one more round trip costs
             # little and makes that certain (a flush can be overtaken by the SUB it should follow).
