@@ -477,6 +477,13 @@ def up(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log library details too (= --log-level debug).")
     ] = False,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One log line per tunnelled request (method, path, status, bytes, ms).",
+        ),
+    ] = True,
     insecure_file_store: InsecureOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -510,6 +517,10 @@ def up(
     seed = load_or_create_seed(store) if store is not None else generate_seed()
     _check_not_running(settings)
     configure_logging(json_logs=settings.json_logs, level=_log_level(ctx, log_level, verbose))
+    if not access_log:
+        from .access_log import ACCESS_LOGGER
+
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)  # the daemon then subscribes none
     if store is None:
         logging.getLogger("linkd").warning("no keyring: using a temporary NATS key for this run")
     try:
