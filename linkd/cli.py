@@ -636,6 +636,12 @@ def status(
         raise typer.Exit(EXIT_NOT_RUNNING)
 
 
+# ------------------------------------------------------------------------------ service, doctor
+
+from .service_cli import service_app  # noqa: E402  (registered here: it reuses _describe lazily)
+
+app.add_typer(service_app, name="service")
+
 # ------------------------------------------------------------------------------ entry point
 
 
