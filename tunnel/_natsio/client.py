@@ -78,6 +78,7 @@ from .._subjects import (
     validate_prefix,
 )
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
+from .direct import subscribe_direct
 
 Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
 HeadersArg = Iterable[tuple[str, str]] | dict[str, str] | None
@@ -270,12 +271,13 @@ class _ClientRequest(TimedRequest):
 
     # -- frames from the demultiplexer ------------------------------------------
 
-    async def on_frame(self, frame: f.Frame) -> None:
+    def on_frame(self, frame: f.Frame) -> None:
+        """Apply one frame; synchronous (it runs in nats-py's read loop): waits go to tasks."""
         was_starting = self.stream.phase is CallerPhase.STARTING
         try:
             event = self.stream.receive(frame)
         except TunnelError as exc:
-            await self._abort_with(exc)
+            self._fail_and_abort_soon(exc)
             return
         if was_starting and self.stream.phase is not CallerPhase.STARTING:
             self.client._saw_serving(self.hostname, self.stream.clock())
@@ -311,8 +313,7 @@ class _ClientRequest(TimedRequest):
         elif isinstance(event, HeartbeatReceived):
             refresh = self.stream.refresh_credit()
             if refresh is not None:
-                with contextlib.suppress(TunnelError):
-                    await self.client.publisher.send(refresh)
+                self.client.publisher.send_soon([refresh])
         elif isinstance(event, PeerFailed):
             self._set_error(event.error)
             self.release()
@@ -654,16 +655,17 @@ class TunnelClient:
                 try:
                     # A server under the reference daemon permissions may publish only to
                     # P.req.<id>.reply, whatever reply subject we named: hear those too.
-                    self._reference_sub = await self.nc.subscribe(
-                        reference_reply_wildcard(self.prefix), cb=self._on_message
+                    self._reference_sub = await subscribe_direct(
+                        self.nc, reference_reply_wildcard(self.prefix), self._on_message
                     )
-                    self._sub = await self.nc.subscribe(
-                        client_reply_wildcard(self.prefix, self.client_id), cb=self._on_message
+                    self._sub = await subscribe_direct(
+                        self.nc, client_reply_wildcard(self.prefix, self.client_id), self._on_message
                     )
                 except (NatsError, OSError) as exc:
                     raise map_nats_error(exc) from exc
 
-    async def _on_message(self, msg: Msg) -> None:
+    def _on_message(self, msg: Msg) -> None:
+        """A frame for one of our requests, handled where nats-py reads it (see ``direct``)."""
         parsed = parse_request_subject(msg.subject, self.prefix)
         if parsed is None:
             return
@@ -683,9 +685,9 @@ class TunnelClient:
             frame = codec.decode_frame(msg.data, request_id)
         except f.FrameError as exc:
             self.stats.frames_dropped += 1
-            await req._abort_with(RemoteProtocolError(f"malformed frame from server: {exc.message}"))
+            req._fail_and_abort_soon(RemoteProtocolError(f"malformed frame from server: {exc.message}"))
             return
-        await req.on_frame(frame)
+        req.on_frame(frame)
 
     async def fetch(
         self,
@@ -773,7 +775,7 @@ class TunnelClient:
             if not self.shared_replies:
                 try:
                     # Same connection: NATS sees this SUB before the start we publish next.
-                    req.sub = await self.nc.subscribe(stream.reply_subject, cb=self._on_message)
+                    req.sub = await subscribe_direct(self.nc, stream.reply_subject, self._on_message)
                 except (NatsError, OSError) as exc:
                     raise map_nats_error(exc) from exc
             await self.publisher.send(stream.start())
