@@ -83,7 +83,6 @@ _LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
 # distribution; tests/unit/test_dependencies.py keeps it equal to the extra). A desktop-only
 # install (``pip install natslink``) lacks PyJWT at least, and ``dev``/``demo`` say so up front.
 GATEWAY_IMPORTS: Final = {
-    "aiohttp": "aiohttp",
     "jwt": "pyjwt",
     "cryptography": "cryptography",
     "prometheus_client": "prometheus-client",

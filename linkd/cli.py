@@ -473,6 +473,33 @@ def up(
             show_default=False,
         ),
     ] = None,
+    inspect: Annotated[
+        bool | None,
+        typer.Option(
+            "--inspect/--no-inspect",
+            help="The request inspector: a page on 127.0.0.1 listing recent tunnelled requests, with "
+            "Replay (default on; env LINKD_INSPECT; docs/inspector.md).",
+            show_default=False,
+        ),
+    ] = None,
+    inspect_port: Annotated[
+        int | None,
+        typer.Option(
+            "--inspect-port",
+            metavar="PORT",
+            help="The inspector's loopback port (default 4041; 0: any free one; env LINKD_INSPECT_PORT).",
+            show_default=False,
+        ),
+    ] = None,
+    inspect_size: Annotated[
+        int | None,
+        typer.Option(
+            "--inspect-size",
+            metavar="N",
+            help="How many recent requests the inspector keeps (default 200; env LINKD_INSPECT_SIZE).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevelOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log library details too (= --log-level debug).")
@@ -498,6 +525,9 @@ def up(
         "uplink": uplink,
         "heartbeat_interval": heartbeat_interval,
         "insecure_file_store": insecure_file_store,
+        "inspect": inspect,
+        "inspect_port": inspect_port,
+        "inspect_size": inspect_size,
     }
     settings = load_settings(flags, config_path=config)
     url = settings.gateway_url or read_login_gateway()
@@ -547,6 +577,9 @@ def _describe(doc: dict[str, Any]) -> list[str]:
         )
     if doc.get("upstream"):
         lines.append(f"  upstream:    {doc['upstream']}")
+    inspector = doc.get("inspector")
+    if isinstance(inspector, dict) and inspector.get("url"):
+        lines.append(f"  inspector:   {inspector['url']}")
     runs = doc.get("runs") or []
     lines.append(f"  in flight:   {doc.get('inFlightRequests', 0)} request(s), {len(runs)} run(s)")
     uplink = doc.get("uplink")
@@ -638,9 +671,13 @@ def status(
 
 # ------------------------------------------------------------------------------ service, doctor
 
-from .service_cli import service_app  # noqa: E402  (registered here: it reuses _describe lazily)
+from .service_cli import service_app  # noqa: E402  (registered last: it reuses _describe lazily)
 
 app.add_typer(service_app, name="service")
+
+from .doctor import DOCTOR_EPILOG, doctor  # noqa: E402
+
+app.command("doctor", epilog=DOCTOR_EPILOG)(doctor)
 
 # ------------------------------------------------------------------------------ entry point
 

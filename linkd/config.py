@@ -16,6 +16,9 @@ The config file is TOML, ``linkd.toml`` in the config dir (see :mod:`linkd.dirs`
     uplink = true                 # run events to the gateway's JetStream stream (--no-uplink / LINKD_UPLINK)
     journal = true                # keep unacknowledged run events on disk (LINKD_JOURNAL; see linkd.journal)
     state_dir = "~/.local/state/natslink"   # the journal's directory (LINKD_STATE_DIR; see linkd.dirs)
+    inspect = true                # the request inspector page (--inspect/--no-inspect / LINKD_INSPECT)
+    inspect_port = 4041           # its loopback port, 0: any (--inspect-port / LINKD_INSPECT_PORT)
+    inspect_size = 200            # requests it keeps (--inspect-size / LINKD_INSPECT_SIZE)
     insecure_file_store = false   # where no OS keyring exists: secrets in 0600 files
                                   # (--insecure-file-store / LINKD_INSECURE_FILE_STORE; `linkd login`
                                   # with it also remembers it for `linkd up`)
@@ -87,6 +90,9 @@ DEFAULT_MAX_CONCURRENT_RUNS: Final = 8
 # A cancelled command gets this long to exit after SIGTERM before SIGKILL.
 DEFAULT_KILL_GRACE: Final = 5.0
 DEFAULT_HTTP_RUNNER_TIMEOUT: Final = 600.0
+# The request inspector (linkd.inspector, docs/inspector.md): next to ngrok's 4040, on loopback.
+DEFAULT_INSPECT_PORT: Final = 4041
+DEFAULT_INSPECT_SIZE: Final = 200
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
@@ -151,6 +157,10 @@ class Settings:
     # None: not set by a flag, LINKD_INSECURE_FILE_STORE or the config file (then what the
     # last `linkd login` used decides).
     insecure_file_store: bool | None = None
+    # The request inspector: off for a daemon built in code, on for `linkd up` (load_settings).
+    inspect: bool = False
+    inspect_port: int = DEFAULT_INSPECT_PORT
+    inspect_size: int = DEFAULT_INSPECT_SIZE
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -287,6 +297,9 @@ _FIELDS: Final = {
     "insecure_file_store": _Field(
         "insecure_file_store", "--insecure-file-store", "LINKD_INSECURE_FILE_STORE"
     ),
+    "inspect": _Field("inspect", "--inspect", "LINKD_INSPECT"),
+    "inspect_port": _Field("inspect_port", "--inspect-port", "LINKD_INSPECT_PORT"),
+    "inspect_size": _Field("inspect_size", "--inspect-size", "LINKD_INSPECT_SIZE"),
 }
 _TOP_KEYS: Final = frozenset(_FIELDS) | {"runners"}
 _RUNNER_KEYS: Final = frozenset(
@@ -485,4 +498,7 @@ def load_settings(
         runners=_runner_settings(sources),
         config_file=path if file_data or explicit is not None else None,
         insecure_file_store=sources.pick("insecure_file_store", _bool, None),
+        inspect=sources.pick("inspect", _bool, True),
+        inspect_port=sources.pick("inspect_port", _int(0, 65535), DEFAULT_INSPECT_PORT),
+        inspect_size=sources.pick("inspect_size", _int(1, 100_000), DEFAULT_INSPECT_SIZE),
     )

@@ -81,6 +81,7 @@ from .config import Settings
 from .connection import Identity, open_connection, reconnect_policy
 from .credentials_store import public_key_of
 from .errors import LinkdError
+from .inspector.daemon_side import DaemonInspector
 from .logs import STATE_LOGGER
 from .routes import LinkRoutes
 from .run_events import EventSink, MemoryEventSink
@@ -253,6 +254,17 @@ class LinkDaemon:
         self.traffic = Traffic(capture_bodies=False)
         subscribe_access_log(self.traffic)
         self.handler = self.traffic.wrap(self.routes)
+        # The request inspector (linkd.inspector): a loopback page over the recent requests.
+        self.inspector = (
+            DaemonInspector(
+                self.traffic,
+                port=settings.inspect_port,
+                size=settings.inspect_size,
+                upstream_url=settings.upstream_url,
+            )
+            if settings.inspect
+            else None
+        )
         self.own_seed = own_seed
         self.public_key = public_key_of(own_seed) if own_seed else None
         self.retry_backoff = (
@@ -290,6 +302,8 @@ class LinkDaemon:
         return self._stop.is_set()
 
     async def run(self) -> None:
+        if self.inspector is not None:
+            await self.inspector.start()
         status_task = asyncio.ensure_future(self._status_loop())
         sleep_task = asyncio.ensure_future(self._sleep_watch())
         try:
@@ -299,6 +313,8 @@ class LinkDaemon:
             status_task.cancel()
             sleep_task.cancel()
             await self._shutdown()
+            if self.inspector is not None:
+                await self.inspector.close()
 
     # ------------------------------------------------------------------ restarts and sleep
 
@@ -389,6 +405,7 @@ class LinkDaemon:
             "offlineReason": self._offline_reason(),
             "reconnects": self.reconnects,
             "sleeps": self.sleeps,
+            "inspector": self.inspector.status() if self.inspector is not None else None,
             "runsResumed": self.runs.resumes,
             "runsEndedDaemonRestarted": self.runs.restart_failures,
         }
