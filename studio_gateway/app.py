@@ -17,7 +17,8 @@ Routes:
   desktop's preview, so no preview host ever reaches the API);
 - ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
   :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it);
-- ``GET /api/admin/runs/dead-letters``: see :mod:`.runs.admin` (a token with scope ``runs:admin``).
+- ``GET /api/admin/runs/dead-letters``: see :mod:`.runs.admin` (a token with scope ``runs:admin``);
+- ``GET /api/admin/processors``: see :mod:`.runs.processors`; ``/api/webhooks...``: see :mod:`.webhooks`.
 
 Limits on requests: a declared ``Content-Length`` over the largest body any route takes
 (``RUNS_MAX_BODY_BYTES``, at least 64 KiB) is ``413`` at once, before auth; each route then
@@ -51,9 +52,11 @@ from .preview.routing import preview_middleware
 from .preview.service import PREVIEW, PreviewService
 from .runs.admin import add_routes as add_run_admin_routes
 from .runs.api import add_routes as add_run_routes
+from .runs.processors.service import attach as attach_processors
 from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
 from .sessions import MINTER, SessionMinter, create_session
+from .webhooks.service import attach as attach_webhooks
 
 __all__ = ["CONFIG", "GatewayRunner", "create_app", "run_app"]
 
@@ -119,6 +122,9 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     app.router.add_post(PREVIEW_PATH, create_preview, expect_handler=expect)
     add_run_routes(app, expect_handler=expect)
     add_run_admin_routes(app)
+    # Processors over the run stream, and the webhooks (one of them): after runs, stopped before.
+    attach_processors(app, config)
+    attach_webhooks(app, config)
     return app
 
 

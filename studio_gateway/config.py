@@ -34,6 +34,7 @@ from contract.nats_jwt import JwtError, KeyKind, decode_jwt, is_public_key
 
 from . import nats_jwt
 from .preview.config import PreviewConfig
+from .runs.processors.config import ProcessorsConfig
 from .settings import (
     DEFAULT_GATEWAY_HOST,
     DEFAULT_GATEWAY_PORT,
@@ -97,6 +98,7 @@ from .settings import (
     SettingValues,
     Text,
 )
+from .webhooks.config import WebhooksConfig
 
 __all__ = [
     "DEFAULT_GATEWAY_HOST",
@@ -293,6 +295,8 @@ class GatewayConfig:
     presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
     runs: RunsConfig = field(default_factory=RunsConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     @property
     def credential_mode(self) -> CredentialMode:
@@ -349,6 +353,8 @@ class GatewayConfig:
             port=values.value(GATEWAY_PORT),
             runs=RunsConfig.from_settings(values),
             preview=PreviewConfig.from_settings(values),
+            processors=ProcessorsConfig.from_settings(values),
+            webhooks=WebhooksConfig.from_settings(values),
         )
 
 

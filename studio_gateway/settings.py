@@ -69,6 +69,17 @@ DEFAULT_RUNS_MAX_EVENT_BYTES: Final = 1024 * 1024
 DEFAULT_RUNS_HOST_STRAY_EVENTS: Final = 2000
 DEFAULT_RUNS_HOST_STRAY_WINDOW: Final = 60.0
 
+# Processors (docs/runs.md, "Processors"): a claim on a side effect whose claimer vanished is
+# taken over after this.
+DEFAULT_RUNS_PROCESSOR_LEASE: Final = 30.0
+# Webhooks: attempts and age before a delivery is failed for good; the retry delays (doubling,
+# with jitter) and one POST's timeout.
+DEFAULT_WEBHOOKS_MAX_ATTEMPTS: Final = 10
+DEFAULT_WEBHOOKS_MAX_AGE: Final = 24 * 3600.0
+DEFAULT_WEBHOOKS_RETRY_BASE: Final = 5.0
+DEFAULT_WEBHOOKS_RETRY_MAX: Final = 3600.0
+DEFAULT_WEBHOOKS_TIMEOUT: Final = 10.0
+
 # Preview (see docs/preview.md): a ticket URL from POST /api/links/preview is good this long,
 # enough to open it right away, too short to be worth stealing from a log or a screen.
 DEFAULT_PREVIEW_TICKET_TTL: Final = 60.0
@@ -418,6 +429,72 @@ RUNS_HOST_STRAY_WINDOW: Final = Seconds(
     low=1.0,
     high=_DAY,
 )
+RUNS_PROCESSORS: Final = Text(
+    "RUNS_PROCESSORS",
+    "--runs-processors",
+    "More run processors, comma-separated module:attribute (docs/runs.md, Processors).",
+    default="",
+)
+RUNS_PROCESSOR_LEASE: Final = Seconds(
+    "RUNS_PROCESSOR_LEASE_SECONDS",
+    "--runs-processor-lease",
+    "A processor's claim on a side effect that never completed is taken over after this, s.",
+    default=DEFAULT_RUNS_PROCESSOR_LEASE,
+    low=0.1,
+    high=_DAY,
+)
+WEBHOOKS_ALLOW_HTTP: Final = Switch(
+    "WEBHOOKS_ALLOW_HTTP",
+    "--webhooks-allow-http/--no-webhooks-allow-http",
+    "Accept http:// webhook URLs (else https only).",
+    default=False,
+)
+WEBHOOKS_ALLOW_PRIVATE: Final = Switch(
+    "WEBHOOKS_ALLOW_PRIVATE",
+    "--webhooks-allow-private/--no-webhooks-allow-private",
+    "Deliver webhooks to loopback, private and link-local addresses (off: SSRF guard).",
+    default=False,
+)
+WEBHOOKS_MAX_ATTEMPTS: Final = Whole(
+    "WEBHOOKS_MAX_ATTEMPTS",
+    "--webhooks-max-attempts",
+    "A delivery that failed this many times is failed for good.",
+    default=DEFAULT_WEBHOOKS_MAX_ATTEMPTS,
+    low=1,
+    high=1000,
+)
+WEBHOOKS_MAX_AGE: Final = Seconds(
+    "WEBHOOKS_MAX_AGE_SECONDS",
+    "--webhooks-max-age",
+    "A delivery not delivered this long after its event is failed for good, s.",
+    default=DEFAULT_WEBHOOKS_MAX_AGE,
+    low=1.0,
+    high=30 * _DAY,
+)
+WEBHOOKS_RETRY_BASE: Final = Seconds(
+    "WEBHOOKS_RETRY_BASE_SECONDS",
+    "--webhooks-retry-base",
+    "First retry delay of a webhook delivery, doubling per attempt (with jitter), s.",
+    default=DEFAULT_WEBHOOKS_RETRY_BASE,
+    low=0.01,
+    high=_DAY,
+)
+WEBHOOKS_RETRY_MAX: Final = Seconds(
+    "WEBHOOKS_RETRY_MAX_SECONDS",
+    "--webhooks-retry-max",
+    "Longest delay between two attempts of a webhook delivery, s.",
+    default=DEFAULT_WEBHOOKS_RETRY_MAX,
+    low=0.01,
+    high=_DAY,
+)
+WEBHOOKS_TIMEOUT: Final = Seconds(
+    "WEBHOOKS_TIMEOUT_SECONDS",
+    "--webhooks-timeout",
+    "One webhook POST may take this long, s.",
+    default=DEFAULT_WEBHOOKS_TIMEOUT,
+    low=0.1,
+    high=300.0,
+)
 
 GATEWAY_PREVIEW_DOMAIN: Final = Text(
     "GATEWAY_PREVIEW_DOMAIN",
@@ -482,6 +559,15 @@ SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[boo
     RUNS_MAX_EVENT_BYTES,
     RUNS_HOST_STRAY_EVENTS,
     RUNS_HOST_STRAY_WINDOW,
+    RUNS_PROCESSORS,
+    RUNS_PROCESSOR_LEASE,
+    WEBHOOKS_ALLOW_HTTP,
+    WEBHOOKS_ALLOW_PRIVATE,
+    WEBHOOKS_MAX_ATTEMPTS,
+    WEBHOOKS_MAX_AGE,
+    WEBHOOKS_RETRY_BASE,
+    WEBHOOKS_RETRY_MAX,
+    WEBHOOKS_TIMEOUT,
     GATEWAY_PREVIEW_DOMAIN,
     GATEWAY_PREVIEW_SECRET,
     GATEWAY_PREVIEW_TICKET_TTL,

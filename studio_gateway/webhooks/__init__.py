@@ -1,0 +1,1 @@
+"""Durable, signed webhooks for run events (docs/runs.md, "Webhooks")."""
