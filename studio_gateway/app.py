@@ -15,8 +15,9 @@ Routes:
 - ``POST /api/links/preview`` and every request for a preview host: see :mod:`.preview`
   (a middleware in front of everything sends ``<label>.<GATEWAY_PREVIEW_DOMAIN>`` to the
   desktop's preview, so no preview host ever reaches the API);
-- ``/api/runs...``, ``/api/threads/{threadId}/messages`` and ``GET /metrics``: see
-  :mod:`.runs.api` (the run machinery, :mod:`.runs.service`, starts after NATS and stops before it);
+- ``/api/runs...`` and ``/api/threads/{threadId}/messages``: see :mod:`.runs.api` (the run
+  machinery, :mod:`.runs.service`, starts after NATS and stops before it);
+- ``GET /metrics``: Prometheus/OpenMetrics, see :mod:`.telemetry` (token or loopback only);
 - ``GET /api/admin/runs/dead-letters``: see :mod:`.runs.admin` (a token with scope ``runs:admin``);
 - ``GET /api/admin/processors``: see :mod:`.runs.processors`; ``/api/webhooks...``: see :mod:`.webhooks`.
 
@@ -57,6 +58,7 @@ from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
 from .sessions import MINTER, SessionMinter, create_session
 from .webhooks.service import attach as attach_webhooks
+from .telemetry import GATEWAY_METRICS, METRICS_TOKEN, GatewayMetrics, get_metrics
 
 __all__ = ["CONFIG", "GatewayRunner", "create_app", "run_app"]
 
@@ -112,7 +114,17 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     app[GATEWAY_NATS] = nats
     app[PREVIEW] = preview
     app.cleanup_ctx.append(_nats_lifetime)
-    attach_runs(app, config)
+    runs = attach_runs(app, config)
+    # One registry per application: the run series and the gateway's own.
+    app[GATEWAY_METRICS] = metrics = GatewayMetrics(
+        runs.metrics.registry, nats_connected=lambda: nats.available
+    )
+    nats.on_tunnel_event = metrics.tunnel_event
+    nats.on_connection_event = metrics.nats_event
+    if config.metrics_token:
+        app[METRICS_TOKEN] = config.metrics_token
+    else:
+        log.info("/metrics answers loopback peers only (GATEWAY_METRICS_TOKEN is not set)")
     # After NATS: cleanup runs in reverse, so deliveries drain before the connection closes.
     app.cleanup_ctx.append(runs_lifetime)
     app.router.add_get("/healthz", healthz)
@@ -125,6 +137,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     # Processors over the run stream, and the webhooks (one of them): after runs, stopped before.
     attach_processors(app, config)
     attach_webhooks(app, config)
+    app.router.add_get("/metrics", get_metrics)
     return app
 
 

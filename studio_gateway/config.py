@@ -63,6 +63,7 @@ from .settings import (
     GATEWAY_JWT_AUDIENCE,
     GATEWAY_JWT_PUBLIC_KEY,
     GATEWAY_JWT_SECRET,
+    GATEWAY_METRICS_TOKEN,
     GATEWAY_PORT,
     NATS_ACCOUNT_JWT,
     NATS_ACCOUNT_SIGNING_KEY,
@@ -293,6 +294,8 @@ class GatewayConfig:
     port: int = DEFAULT_GATEWAY_PORT
     presence_first_frame_timeout: float = DEFAULT_PRESENCE_FIRST_FRAME_TIMEOUT
     presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
+    # GATEWAY_METRICS_TOKEN: a /metrics scrape sends it as a bearer token (None: loopback only).
+    metrics_token: str | None = field(default=None, repr=False)
     runs: RunsConfig = field(default_factory=RunsConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
@@ -351,11 +354,16 @@ class GatewayConfig:
             tunnel_prefix=prefix,
             host=values.value(GATEWAY_HOST).strip() or DEFAULT_GATEWAY_HOST,
             port=values.value(GATEWAY_PORT),
+            metrics_token=_metrics_token(values),
             runs=RunsConfig.from_settings(values),
             preview=PreviewConfig.from_settings(values),
             processors=ProcessorsConfig.from_settings(values),
             webhooks=WebhooksConfig.from_settings(values),
         )
+
+
+# A guessable scrape token would be no protection.
+MIN_METRICS_TOKEN_LENGTH: Final = 16
 
 
 def allowed_connection_types(public_urls: tuple[str, ...]) -> tuple[str, ...]:
@@ -385,6 +393,15 @@ def _read_value(values: SettingValues, setting: Text) -> str | None:
         except OSError as exc:
             raise ConfigError(setting.env, f"cannot read {path}: {exc.strerror}") from None
     return raw
+
+
+def _metrics_token(values: SettingValues) -> str | None:
+    token = _read_value(values, GATEWAY_METRICS_TOKEN)
+    if token is not None and len(token) < MIN_METRICS_TOKEN_LENGTH:
+        raise ConfigError(
+            GATEWAY_METRICS_TOKEN.env, f"too short: use at least {MIN_METRICS_TOKEN_LENGTH} random characters"
+        )
+    return token
 
 
 def _url_list(values: SettingValues, setting: Text) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +55,10 @@ class GatewayNats:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.reason = "not connected to NATS yet"
+        # Observers (the gateway's metrics): its tunnel client's events, and "disconnected" /
+        # "reconnected" of the connection.
+        self.on_tunnel_event: tunnel.EventHook | None = None
+        self.on_connection_event: Callable[[str], None] | None = None
 
     @property
     def nc(self) -> NATS | None:
@@ -117,6 +122,8 @@ class GatewayNats:
                     list(self.config.nats_urls),
                     name=CONNECTION_NAME,
                     closed_cb=self._on_closed,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
                     **self._auth,
                 )
             except NatsAuthError as exc:
@@ -138,11 +145,20 @@ class GatewayNats:
                 timeouts=tunnel.Timeouts(
                     first_frame=self.config.presence_first_frame_timeout, total=self.config.presence_timeout
                 ),
+                on_event=self.on_tunnel_event,
             )
             self.reason = "connected"
             if attempt > 1:
                 log.info("connected to NATS after %d attempts", attempt)
             return
+
+    async def _on_disconnected(self) -> None:
+        if self.on_connection_event is not None and not self._closing:
+            self.on_connection_event("disconnected")
+
+    async def _on_reconnected(self) -> None:
+        if self.on_connection_event is not None:
+            self.on_connection_event("reconnected")
 
     async def _on_closed(self) -> None:
         """nats-py gave up on the connection (e.g. the server rejected it): start over."""

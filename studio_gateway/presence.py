@@ -16,6 +16,7 @@ is down; an unexpected failure of the probe is ``error`` (and a logged traceback
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from contract import presence
 from .auth import User, authenticated
 from .hostnames import tunnel_hostname
 from .natsconn import GATEWAY_NATS
+from .telemetry import GATEWAY_METRICS
 
 __all__ = ["get_me", "probe_host"]
 
@@ -46,9 +48,13 @@ async def get_me(request: web.Request, user: User) -> web.StreamResponse:
     hostname = tunnel_hostname(user.id)
     nats = request.app[GATEWAY_NATS]
     client = nats.client
+    started = time.monotonic()
     if not nats.available or client is None:
         result = presence.offline(hostname, "nats_unavailable", nats.unavailable_reason())
     else:
         result = await probe_host(client, hostname)
+    request.app[GATEWAY_METRICS].presence_probe(
+        "online" if result.online else result.reason or "offline", time.monotonic() - started
+    )
     log.debug("presence probe", extra={"tunnel_hostname": hostname, "online": result.online})
     return web.json_response(result.as_json(), headers={"Cache-Control": "no-store"})

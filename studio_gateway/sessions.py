@@ -59,6 +59,7 @@ from .config import CredentialMode, GatewayConfig
 from .errors import json_error
 from .hostnames import tunnel_hostname
 from .natsconn import GATEWAY_NATS
+from .telemetry import GATEWAY_METRICS
 
 __all__ = ["MINTER", "SessionMinter", "create_session"]
 
@@ -189,6 +190,12 @@ async def _read_public_key(request: web.Request) -> str | web.Response | None:
 
 @authenticated
 async def create_session(request: web.Request, user: User) -> web.StreamResponse:
+    response = await _create_session(request, user)
+    request.app[GATEWAY_METRICS].session_answered(response)
+    return response
+
+
+async def _create_session(request: web.Request, user: User) -> web.Response:
     minter = request.app[MINTER]
     problem = minter.unavailable()
     if problem is not None:

@@ -295,6 +295,12 @@ GATEWAY_JWT_ALGORITHMS: Final = Text(
 GATEWAY_JWT_AUDIENCE: Final = Text(
     "GATEWAY_JWT_AUDIENCE", "--jwt-audience", "Required token audience.", default=DEFAULT_JWT_AUDIENCE
 )
+GATEWAY_METRICS_TOKEN: Final = Text(
+    "GATEWAY_METRICS_TOKEN",
+    "--metrics-token",
+    "Bearer token a /metrics scrape must send (>= 16 characters, or a file).",
+    default_help="unset: /metrics answers loopback peers only",
+)
 RUNS_ENABLED: Final = Switch(
     "RUNS_ENABLED", "--runs/--no-runs", "Serve /api/runs (needs JetStream).", default=True
 )
@@ -542,6 +548,7 @@ SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[boo
     GATEWAY_JWT_PUBLIC_KEY,
     GATEWAY_JWT_ALGORITHMS,
     GATEWAY_JWT_AUDIENCE,
+    GATEWAY_METRICS_TOKEN,
     RUNS_ENABLED,
     RUNS_RUNNERS,
     RUNS_STREAM_MAX_AGE,

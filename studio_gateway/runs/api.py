@@ -11,7 +11,7 @@
   ends, always closing with one ``end`` message carrying the final state;
 - ``GET /api/runs/{id}/export``: NDJSON of every event;
 - ``POST /api/runs/{id}/cancel`` -> ``202``; ``409 run_finished`` when it already ended;
-- ``GET /metrics``: Prometheus text (no auth).
+- ``GET /metrics`` (the run series among the gateway's): see :mod:`studio_gateway.telemetry`.
 
 Errors: ``400 invalid_json`` (also for JSON nested deeper than 64 levels), ``400 invalid_body``
 (a malformed chunked body), ``413 payload_too_large`` (at once when the declared length is over
@@ -517,12 +517,6 @@ def _limit(state: RunState) -> int | None:
     return state.seq if state.terminal else None
 
 
-async def get_metrics(request: web.Request) -> web.StreamResponse:
-    """Text 0.0.4, or OpenMetrics when the scrape's ``Accept`` asks for it."""
-    body, content_type = request.app[RUNS].metrics.registry.exposition(request.headers.get("Accept"))
-    return web.Response(body=body, headers={"Content-Type": content_type, **_NO_STORE})
-
-
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = None) -> None:
     """The runs routes; ``expect_handler`` answers ``Expect: 100-continue`` on those with a body."""
     app.router.add_post("/api/runs", post_run, expect_handler=expect_handler)
@@ -534,4 +528,3 @@ def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = N
     app.router.add_get("/api/runs/{runId}/events", run_events)
     app.router.add_get("/api/runs/{runId}/export", export_run)
     app.router.add_post("/api/runs/{runId}/cancel", cancel_run, expect_handler=expect_handler)
-    app.router.add_get("/metrics", get_metrics)
