@@ -102,9 +102,14 @@ def current_exchange() -> Exchange | None:
     return _current.get()
 
 
-def note_error(code: str, detail: str | None = None) -> None:
-    """Record why the current request failed (its first noted cause wins); no-op when unrecorded."""
-    exchange = _current.get()
+def note_error(code: str, detail: str | None = None, *, exchange: Exchange | None = None) -> None:
+    """Record why the current request (or ``exchange``) failed; the first cause wins; no-op when unrecorded.
+
+    ``exchange``: for code that runs after the handler returned (a response body), which
+    kept :func:`current_exchange` from the handler's call.
+    """
+    if exchange is None:
+        exchange = _current.get()
     if exchange is not None and exchange.error is None:
         exchange.error = code
         exchange.error_detail = detail

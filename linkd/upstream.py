@@ -18,10 +18,17 @@
 - ``X-Forwarded-Host`` (the tunnel hostname unless the caller set one),
   ``X-Forwarded-Proto`` and ``X-Forwarded-For`` as the caller sent them, and
   ``Via: 1.1 linkd`` are added for the local service.
+- A request with a body goes to :mod:`linkd.upstream_upload` instead of httpx: same
+  path, header and length rules, but the answer is read while the body goes up, so a
+  service that refuses early (``501``/``413`` before reading a 5 MB upload, then closing)
+  is answered with its own response, not a ``502``.
 - Upstream not reachable: ``502 {"error": {"code": "upstream_unreachable", ...}}``;
   no response head in time: ``504 upstream_timeout``; other failures before the
   response started: ``502 upstream_error``. A failure in the middle of a response
-  body ends the tunnel request with an error, never with a silently short body.
+  body ends the tunnel request with an error, never with a silently short body. Each
+  failure is logged once (WARNING, logger ``linkd.upstream``: the upstream URL and the
+  exception chain's reason) and noted on the request's traffic record
+  (:func:`linkd.traffic.note_error`), so the access log line names its code.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ import tunnel
 from contract.http_headers import HOP_BY_HOP as CONNECTION_HEADERS
 from contract.http_headers import connection_named
 
+from .traffic import Exchange, current_exchange, note_error
 from .upstream_body import BodyLengthMismatch, declared_length, length_checked
 from .upstream_path import InvalidTarget, check_target
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
 from .upstream_upgrade import open_upgraded
+from .upstream_upload import describe, send_with_body
 
 __all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "upstream_url"]
 
@@ -89,6 +98,7 @@ def header_bytes(value: str) -> bytes:
 
 
 def _error(status: int, code: str, message: str) -> tunnel.Response:
+    note_error(code, message)
     body = json.dumps({"error": {"code": code, "message": message}})
     return tunnel.Response(status, [("content-type", "application/json")], body)
 
@@ -152,10 +162,21 @@ class UpstreamProxy:
                 connect_timeout=CONNECT_TIMEOUT,
                 head_timeout=self.head_timeout,
             )
-        content: AsyncIterator[bytes] | None = request.stream() if request.has_body else None
+        if request.has_body:
+            # The answer is read while the body goes up (an early 501/413 passes through).
+            return await send_with_body(
+                request,
+                base=self.base,
+                base_url=self.base_url,
+                target=url.raw_path,
+                headers=sent_headers,
+                length=length,
+                connect_timeout=CONNECT_TIMEOUT,
+                head_timeout=self.head_timeout,
+            )
+        content: AsyncIterator[bytes] | None = None
         if length is not None:
-            # Forward the declared length (some local services refuse chunked uploads), but
-            # only ever send exactly that many bytes: a body that disagrees is refused.
+            # A declared length on a request without a body: only 0 holds.
             content = length_checked(content, length)
         upstream_request = self.client.build_request(
             request.method, url, headers=sent_headers, content=content
@@ -167,12 +188,17 @@ class UpstreamProxy:
         except BodyLengthMismatch as exc:
             return _error(400, "content_length_mismatch", str(exc))
         except httpx.ConnectError as exc:
+            log.warning("upstream %s is unreachable: %s", self.base_url, describe(exc))
             return _error(502, "upstream_unreachable", f"cannot connect to {self.base_url}: {_reason(exc)}")
         except httpx.TimeoutException as exc:
+            log.warning("upstream %s did not answer in time: %s", self.base_url, describe(exc))
             return _error(
                 504, "upstream_timeout", f"{self.base_url} did not answer in time ({type(exc).__name__})"
             )
         except httpx.HTTPError as exc:
+            log.warning(
+                "upstream %s: %s %s failed: %s", self.base_url, request.method, request.path, describe(exc)
+            )
             return _error(502, "upstream_error", f"request to {self.base_url} failed: {_reason(exc)}")
         try:
             status = checked_status(response.status_code)
@@ -187,18 +213,21 @@ class UpstreamProxy:
         if request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             await response.aclose()
             return tunnel.Response(status, headers, None, reason)
-        body = _relay(response, self.base_url)
+        body = _relay(response, self.base_url, current_exchange())
         return tunnel.Response(status, headers, body, reason)
 
 
-async def _relay(response: httpx.Response, base_url: str) -> AsyncIterator[bytes]:
+async def _relay(response: httpx.Response, base_url: str, exchange: Exchange | None) -> AsyncIterator[bytes]:
     try:
         async for block in response.aiter_raw():
             if block:
                 yield block
     except httpx.HTTPError as exc:
         # The caller must see a failed request (a typed tunnel error), never a short body.
-        log.warning("upstream %s broke off a response body: %s", base_url, _reason(exc))
+        log.warning("upstream %s broke off a response body: %s", base_url, describe(exc))
+        note_error(
+            "upstream_error", f"the local service broke off the response: {describe(exc)}", exchange=exchange
+        )
         raise tunnel.TunnelError(
             f"the local service broke off the response ({type(exc).__name__})",
             code=tunnel.ErrorCode.HANDLER_ERROR,
