@@ -671,9 +671,13 @@ def status(
 
 # ------------------------------------------------------------------------------ service, doctor
 
-from .service_cli import service_app  # noqa: E402  (registered here: it reuses _describe lazily)
+from .service_cli import service_app  # noqa: E402  (registered last: it reuses _describe lazily)
 
 app.add_typer(service_app, name="service")
+
+from .doctor import DOCTOR_EPILOG, doctor  # noqa: E402
+
+app.command("doctor", epilog=DOCTOR_EPILOG)(doctor)
 
 # ------------------------------------------------------------------------------ entry point
 
