@@ -10,7 +10,12 @@
   event sink. Redelivery of the same ``runId`` and fence -> ``202`` with
   ``duplicate: true`` and nothing new runs.
 - ``POST /api/links/control`` with ``{runId, action: "cancel"}`` -> ``202`` (cancelling),
-  ``200`` when it already ended cancelled, ``404 unknown_run``, ``409 run_finished``.
+  ``200`` when it already ended cancelled, ``404 unknown_run``, ``409 run_finished``;
+  with ``{runId, action: "context"|"signal", messageId, context|signal}`` (shapes:
+  :mod:`contract.run_messages`) -> ``202 {runId, action, messageId, status: "delivered",
+  duplicate}``, ``404 unknown_run``, ``409 run_finished``, ``409 message_not_accepted``
+  (with ``accepts``), ``422 invalid_control``. The status document's ``messageKinds`` maps
+  each runner to the message kinds it takes.
 - anything else under ``/api/links/``: ``404``; any other path: the ``--upstream``
   proxy when configured, else ``404``.
 
@@ -35,11 +40,19 @@ from typing import Any, Final
 
 import tunnel
 from contract.routes import CONTROL_PATH, RESERVED_PREFIX, STATUS_PATH, WORK_PATH
+from contract.run_messages import (
+    CONTEXT,
+    MESSAGE_ACTIONS,
+    InvalidMessage,
+    check_context,
+    is_message_id,
+    parse_signal,
+)
 
 from . import __version__
 from .run_events import Fence
-from .runners.base import InvalidInput, Runner, WorkItem
-from .runs import RunManager, SubmitOutcome
+from .runners.base import InvalidInput, RunMessage, Runner, WorkItem, message_kinds
+from .runs import DeliverOutcome, RunManager, SubmitOutcome
 from .upstream import UpstreamProxy
 
 __all__ = [
@@ -49,7 +62,8 @@ __all__ = [
 ]
 
 MAX_WORK_BYTES: Final = 1024 * 1024
-MAX_CONTROL_BYTES: Final = 16 * 1024
+# A control request: a cancel, or a message (context up to 64 KiB as JSON, see contract.run_messages).
+MAX_CONTROL_BYTES: Final = 128 * 1024
 MAX_ID_LENGTH: Final = 256
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _JSON: Final = [("content-type", "application/json"), ("cache-control", "no-store")]
@@ -174,12 +188,18 @@ class LinkRoutes:
             features.append("upstream")
         return sorted(self.runs.runners) + features
 
+    def message_kinds(self) -> dict[str, list[str]]:
+        """Each runner that takes messages while it runs, with the kinds it takes."""
+        kinds = {name: sorted(message_kinds(runner)) for name, runner in self.runs.runners.items()}
+        return {name: names for name, names in kinds.items() if names}
+
     def status_document(self, tunnel_hostname: str) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "hostname": self.machine_name() or "unknown",
             "tunnelHostname": tunnel_hostname,
             "capabilities": self.capabilities(),
             "cliVersion": __version__,
+            "messageKinds": self.message_kinds(),
         }
         command = self.runs.runners.get("command")
         templates = getattr(command, "templates", None)
@@ -240,8 +260,12 @@ class LinkRoutes:
                 422, "invalid_control", "runId: required, 1..128 characters of A-Z a-z 0-9 _ -", field="runId"
             )
         action = payload.get("action")
+        if action in MESSAGE_ACTIONS:
+            return self._message(run_id, str(action), payload)
         if action != "cancel":
-            raise Problem(422, "invalid_control", 'action: must be "cancel"', field="action")
+            raise Problem(
+                422, "invalid_control", 'action: must be "cancel", "context" or "signal"', field="action"
+            )
         reason = payload.get("reason")
         reason_text = reason if isinstance(reason, str) and reason.strip() else "cancelled by request"
         info = self.runs.cancel(run_id, reason_text[:500])
@@ -255,3 +279,31 @@ class LinkRoutes:
         raise Problem(
             409, "run_finished", f"run {run_id} already ended: {finished.status}", runStatus=finished.status
         )
+
+    def _message(self, run_id: str, action: str, payload: Mapping[str, Any]) -> tunnel.Response:
+        message_id = payload.get("messageId")
+        if not is_message_id(message_id):
+            raise Problem(422, "invalid_control", "messageId: required, msg_<32 hex>", field="messageId")
+        assert isinstance(message_id, str)
+        try:
+            if action == CONTEXT:
+                content: Any = check_context(payload.get(CONTEXT))
+            else:
+                raw = payload.get(action)
+                if not isinstance(raw, Mapping):
+                    raise InvalidMessage(action, "required, a JSON object")
+                content = parse_signal(raw).as_json()
+        except InvalidMessage as exc:
+            raise Problem(422, "invalid_control", str(exc), field=exc.field) from None
+        result = self.runs.deliver(run_id, RunMessage(message_id, action, content))
+        answer = {"runId": run_id, "action": action, "messageId": message_id}
+        if result.outcome in (DeliverOutcome.DELIVERED, DeliverOutcome.DUPLICATE):
+            duplicate = result.outcome is DeliverOutcome.DUPLICATE
+            return _json(202, {**answer, "status": "delivered", "duplicate": duplicate})
+        if result.outcome is DeliverOutcome.UNKNOWN:
+            raise Problem(404, "unknown_run", f"no run {run_id} on this desktop")
+        if result.outcome is DeliverOutcome.FINISHED:
+            raise Problem(
+                409, "run_finished", f"run {run_id} already ended: {result.status}", runStatus=result.status
+            )
+        raise Problem(409, "message_not_accepted", result.reason, accepts=list(result.accepts))

@@ -16,6 +16,12 @@ Cancellation cancels the runner's task (a runner cleans up in its ``finally``: a
 command's process group is terminated); a second cancel escalates (SIGKILL).
 On shutdown every run is cancelled and ends ``cancelled``.
 
+Messages to a running run (context, signals: :meth:`RunManager.deliver`) go to its runner
+when the runner declares that kind; each message id is delivered once per run (the ids of
+the last :data:`MESSAGE_MEMORY` messages of each run are kept, also after it ended), so a
+gateway that resends after a crash gets ``duplicate`` instead of a second delivery. The set
+lives in memory: a daemon restart forgets it (a resumed run may see a resent message again).
+
 After a crash (docs/runs.md, "Daemon restarts") the daemon hands the runs its journal
 found unfinished to :meth:`RunManager.recover`: a run whose runner can resume
 (``runner.resumable(item)``) is run again, continuing the same execution (seq and
@@ -40,9 +46,28 @@ from contract.run_protocol import DAEMON_RESTARTED, FAILURE_KIND_FIELD
 from .journal import JournaledRun
 from .resume import Progress, ResumeFilter
 from .run_events import EventSink, Fence, RunRecorder, TerminalStatus
-from .runners.base import Output, RunFailed, Runner, RunnerEvent, Stage, WorkItem
+from .runners.base import (
+    MessageRefused,
+    Output,
+    RunFailed,
+    RunMessage,
+    Runner,
+    RunnerEvent,
+    Stage,
+    WorkItem,
+    message_kinds,
+)
 
-__all__ = ["RunInfo", "RunManager", "SubmitOutcome", "SubmitResult", "item_from_dict", "item_to_dict"]
+__all__ = [
+    "DeliverOutcome",
+    "DeliverResult",
+    "RunInfo",
+    "RunManager",
+    "SubmitOutcome",
+    "SubmitResult",
+    "item_from_dict",
+    "item_to_dict",
+]
 
 log = logging.getLogger("linkd.runs")
 
@@ -52,6 +77,8 @@ FINISHED_MEMORY: Final = 10_000
 # for the escalated (second) cancel and the final done events.
 SHUTDOWN_GRACE_SHARE: Final = 0.75
 MIN_ESCALATION: Final = 0.1
+# Message ids remembered per run for de-duplication.
+MESSAGE_MEMORY: Final = 1024
 
 
 def item_to_dict(item: WorkItem) -> dict[str, Any]:
@@ -97,6 +124,22 @@ class SubmitResult:
     fence: Fence | None = None  # for conflicts: the fence that is running
 
 
+class DeliverOutcome(enum.Enum):
+    DELIVERED = "delivered"
+    DUPLICATE = "duplicate"
+    UNKNOWN = "unknown"
+    FINISHED = "finished"
+    NOT_ACCEPTED = "not_accepted"
+
+
+@dataclass(frozen=True)
+class DeliverResult:
+    outcome: DeliverOutcome
+    status: str | None = None  # the run's status (finished runs)
+    reason: str = ""  # why a message was not accepted
+    accepts: tuple[str, ...] = ()  # the kinds the run's runner takes
+
+
 @dataclass
 class RunInfo:
     item: WorkItem
@@ -108,6 +151,8 @@ class RunInfo:
     work: asyncio.Task[None] | None = field(default=None, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     recorder: RunRecorder | None = field(default=None, repr=False)
+    # Ids of the messages delivered to this run (bounded, oldest forgotten first).
+    messages: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -141,6 +186,7 @@ class RunManager:
         self.on_start = on_start
         self.resumes = 0  # runs continued after a daemon restart
         self.restart_failures = 0  # runs ended daemon_restarted
+        self.messages_delivered = 0  # context and signals handed to runners
         self._active: dict[str, RunInfo] = {}
         self._finished: OrderedDict[str, RunInfo] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -264,6 +310,48 @@ class RunManager:
         if info.work is not None and not info.work.done():
             info.work.cancel()
         return info
+
+    def deliver(self, run_id: str, message: RunMessage) -> DeliverResult:
+        """Hand a context or signal to the run's runner, once per message id."""
+        info = self._active.get(run_id)
+        if info is None:
+            finished = self._finished.get(run_id)
+            if finished is None:
+                return DeliverResult(DeliverOutcome.UNKNOWN)
+            if message.message_id in finished.messages:
+                return DeliverResult(DeliverOutcome.DUPLICATE, status=finished.status)
+            return DeliverResult(DeliverOutcome.FINISHED, status=finished.status)
+        if message.message_id in info.messages:
+            return DeliverResult(DeliverOutcome.DUPLICATE, status=info.status)
+        runner = self.runners.get(info.item.runner)
+        kinds = tuple(sorted(message_kinds(runner)))
+        if message.kind not in kinds:
+            reason = f"the {info.item.runner} runner takes no {message.kind} messages"
+            return DeliverResult(DeliverOutcome.NOT_ACCEPTED, reason=reason, accepts=kinds)
+        deliver = getattr(runner, "deliver", None)
+        try:
+            if not callable(deliver):
+                raise MessageRefused(f"the {info.item.runner} runner cannot take messages")
+            deliver(info.item, message)
+        except MessageRefused as exc:
+            return DeliverResult(DeliverOutcome.NOT_ACCEPTED, reason=str(exc), accepts=kinds)
+        except Exception:
+            log.exception("run %s: the runner failed to take message %s", run_id, message.message_id)
+            return DeliverResult(
+                DeliverOutcome.NOT_ACCEPTED, reason="the runner failed to take the message", accepts=kinds
+            )
+        info.messages[message.message_id] = None
+        while len(info.messages) > MESSAGE_MEMORY:
+            info.messages.popitem(last=False)
+        self.messages_delivered += 1
+        log.info(
+            "run %s: %s %s delivered",
+            run_id,
+            message.kind,
+            message.message_id,
+            extra={"event": "run_message", "run_id": run_id, "kind": message.kind},
+        )
+        return DeliverResult(DeliverOutcome.DELIVERED, status=info.status)
 
     async def shutdown(self, timeout: float, reason: str = "the desktop daemon is shutting down") -> None:
         """Refuse new runs, cancel the running ones and wait (bounded) until each wrote its ``done``."""

@@ -11,6 +11,12 @@ once with a failure kind saying why:
 
 Shutdown drains: :meth:`Dispatcher.drain` waits for deliveries in flight and fails
 the ones that cannot finish, so no accepted run is left ``dispatching`` by us.
+
+Each work item is an outbound message of kind ``kickoff`` (:mod:`.runs.messages`): with a
+:class:`KickoffTracker` set, the dispatcher records it ``queued``/``sent`` before the send and
+``acknowledged``/``failed`` after; a resend after a gateway crash passes the message id again.
+Messages to a running run (context, signals: :mod:`contract.run_messages`) and cancels go
+through :func:`send_control_body` on the control route.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import tunnel
 from contract.routes import CONTROL_PATH, WORK_PATH
@@ -34,10 +40,12 @@ __all__ = [
     "ControlResult",
     "DeliveryFailure",
     "Dispatcher",
+    "KickoffTracker",
     "classify_error",
     "error_fields",
     "rejection",
     "send_control",
+    "send_control_body",
 ]
 
 log = logging.getLogger("studio_gateway.dispatch")
@@ -98,32 +106,67 @@ async def _read_bounded(response: tunnel.FetchResponse) -> bytes:
 
 @dataclass(frozen=True)
 class ControlResult:
-    """How the desktop answered a cancel: ``status`` None when it could not be asked."""
+    """How the desktop answered a control request: ``status`` None when it could not be asked.
+
+    ``answer``: the desktop's JSON answer (an object; ``{}`` when it was not one); ``message``:
+    its error message, for a non-2xx answer.
+    """
 
     status: int | None
     code: str | None = None
     failure: DeliveryFailure | None = None
+    answer: dict[str, Any] | None = None
+    message: str = ""
 
 
 async def send_control(
     client: tunnel.TunnelClient, hostname: str, run_id: str, reason: str, timeout: float
 ) -> ControlResult:
-    body = json.dumps({"runId": run_id, "action": "cancel", "reason": reason}).encode()
+    body = {"runId": run_id, "action": "cancel", "reason": reason}
+    return await send_control_body(client, hostname, body, timeout)
+
+
+async def send_control_body(
+    client: tunnel.TunnelClient, hostname: str, body: dict[str, Any], timeout: float
+) -> ControlResult:
+    """POST one control request (a cancel, a context, a signal) to the desktop serving ``hostname``."""
     try:
         async with await client.fetch(
             f"tunnel://{hostname}{CONTROL_PATH}",
             method="POST",
             headers=[("content-type", "application/json")],
-            body=body,
+            body=json.dumps(body, separators=(",", ":")).encode(),
             timeout=timeout,
             first_frame_timeout=timeout,
             idle_timeout=timeout,
         ) as response:
-            answer = await _read_bounded(response)
-            code = error_fields(answer)[0] if response.status >= 300 else None
-            return ControlResult(response.status, code)
+            raw = await _read_bounded(response)
+            code, message = error_fields(raw) if response.status >= 300 else (None, "")
+            return ControlResult(response.status, code, answer=_json_object(raw), message=message)
     except Exception as exc:
         return ControlResult(None, failure=classify_error(exc))
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class KickoffTracker(Protocol):
+    """Records a work item as an outbound message (see :mod:`.runs.outbound`); never raises."""
+
+    async def kickoff_sending(self, state: RunState, work_input: Any, message_id: str | None) -> str | None:
+        """Record the work item ``sent`` (creating it ``queued`` first when ``message_id`` is None)."""
+        ...
+
+    async def kickoff_answered(
+        self, state: RunState, message_id: str, failure: DeliveryFailure | None
+    ) -> None:
+        """Record how the desktop answered (``failure`` None: it accepted the work item)."""
+        ...
 
 
 class Dispatcher:
@@ -141,22 +184,41 @@ class Dispatcher:
         self.now_ms = now_ms
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.tracker: KickoffTracker | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def submit(self, store: RunStore, client: tunnel.TunnelClient, state: RunState, work_input: Any) -> None:
+    def submit(
+        self,
+        store: RunStore,
+        client: tunnel.TunnelClient,
+        state: RunState,
+        work_input: Any,
+        *,
+        message_id: str | None = None,
+    ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self.deliver(store, client, state, work_input), name=f"dispatch-{state.run_id}"
+            self.deliver(store, client, state, work_input, message_id=message_id),
+            name=f"dispatch-{state.run_id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def deliver(
-        self, store: RunStore, client: tunnel.TunnelClient, state: RunState, work_input: Any
+        self,
+        store: RunStore,
+        client: tunnel.TunnelClient,
+        state: RunState,
+        work_input: Any,
+        *,
+        message_id: str | None = None,
     ) -> None:
-        """Deliver one work item and record the outcome in the run state."""
+        """Deliver one work item and record the outcome in the run state (and its message)."""
+        tracker = self.tracker
+        if tracker is not None:
+            message_id = await tracker.kickoff_sending(state, work_input, message_id)
         item = {
             "runId": state.run_id,
             "threadId": state.thread_id,
@@ -185,12 +247,16 @@ class Dispatcher:
                 "dispatch_error", "the gateway stopped before the work item was confirmed delivered"
             )
             await self._record(store, client, state, failure, started)
+            if tracker is not None and message_id is not None:
+                await tracker.kickoff_answered(state, message_id, failure)
             raise
         except Exception as exc:
             if not isinstance(exc, tunnel.TunnelError):
                 log.exception("dispatch of run %s failed unexpectedly", state.run_id)
             failure = classify_error(exc)
         await self._record(store, client, state, failure, started)
+        if tracker is not None and message_id is not None:
+            await tracker.kickoff_answered(state, message_id, failure)
 
     async def _record(
         self,

@@ -10,6 +10,11 @@ A runner is an object with a ``name`` and two methods:
   Cancellation is ``asyncio`` cancellation of the task iterating it, or
   ``aclose()`` of the generator: either way its ``finally`` blocks must release
   what it holds (processes, connections) before returning.
+
+A runner may also take messages while a run works (context and signals, see
+:mod:`contract.run_messages`): it lists the kinds in ``message_kinds`` and takes each with
+``deliver(item, message)``, which must not block (queue it, append it to a file) and raises
+:class:`MessageRefused` when it cannot take it now. A runner without ``message_kinds`` takes none.
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from contract.runner_inputs import InvalidRunInput
 
 from ..run_events import Fence
 
-__all__ = ["InvalidInput", "Output", "RunFailed", "Runner", "RunnerEvent", "Stage", "WorkItem"]
+__all__ = [
+    "InvalidInput",
+    "MessageRefused",
+    "Output",
+    "RunFailed",
+    "RunMessage",
+    "Runner",
+    "RunnerEvent",
+    "Stage",
+    "WorkItem",
+    "message_kinds",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +83,28 @@ class RunFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.details = details
+
+
+@dataclass(frozen=True, slots=True)
+class RunMessage:
+    """A context or signal for a running run; ``content``: the context, or the signal's JSON."""
+
+    message_id: str
+    kind: str
+    content: Any
+
+    def as_json(self) -> dict[str, Any]:
+        return {"messageId": self.message_id, "kind": self.kind, self.kind: self.content}
+
+
+class MessageRefused(Exception):
+    """The runner cannot take this message now (answered ``409 message_not_accepted``)."""
+
+
+def message_kinds(runner: object) -> frozenset[str]:
+    """The message kinds ``runner`` takes (none unless it declares ``message_kinds``)."""
+    kinds = getattr(runner, "message_kinds", None)
+    return frozenset(kinds) if isinstance(kinds, frozenset | set | tuple | list) else frozenset()
 
 
 class Runner(Protocol):

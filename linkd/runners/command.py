@@ -18,6 +18,15 @@ events, line by line. Cancelling the run, or a template timeout, sends SIGTERM t
 the whole process group, then SIGKILL after the grace period; so does the end of
 the main process, for anything it left running in its group. A non-zero exit
 status ends the run ``failed`` with ``exitCode``.
+
+Messages while it runs (context and signals, ``POST /api/runs/{id}/context|signals``): the
+process finds the path of an append-only file in ``LINKD_MESSAGES_FILE`` (created empty
+before it starts, in a private temporary directory, removed after the run). Each message
+the desktop accepts is appended as one JSON line, ``{"messageId", "kind": "context",
+"context": ...}`` or ``{"messageId", "kind": "signal", "signal": {"signalType", "severity",
+"payload"}}``, and flushed before the desktop acknowledges it; a program that cares tails the
+file (stdin stays what it was: the input, then end of file). Once the process has exited, a
+message is refused (``409 message_not_accepted``).
 """
 
 from __future__ import annotations
@@ -27,15 +36,22 @@ import codecs
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ..config import CommandTemplate
-from .base import InvalidInput, Output, RunFailed, RunnerEvent, Stage, WorkItem
+from contract.run_messages import CONTEXT, SIGNAL
 
-__all__ = ["MAX_ENV_INPUT_BYTES", "CommandRunner", "terminate_process_group"]
+from ..config import CommandTemplate
+from .base import InvalidInput, MessageRefused, Output, RunFailed, RunMessage, RunnerEvent, Stage, WorkItem
+
+__all__ = ["MAX_ENV_INPUT_BYTES", "MESSAGES_FILE_ENV", "CommandRunner", "terminate_process_group"]
+
+# The environment variable naming the run's messages file (see the module doc).
+MESSAGES_FILE_ENV: Final = "LINKD_MESSAGES_FILE"
 
 # Linux refuses one environment string longer than 128 KiB (MAX_ARG_STRLEN); stay well below.
 MAX_ENV_INPUT_BYTES: Final = 100_000
@@ -138,10 +154,25 @@ async def _write_stdin(stdin: asyncio.StreamWriter | None, data: bytes) -> None:
 
 class CommandRunner:
     name: Final = "command"
+    message_kinds: Final = frozenset({CONTEXT, SIGNAL})
 
     def __init__(self, templates: Mapping[str, CommandTemplate], *, kill_grace: float = 5.0) -> None:
         self.templates = dict(templates)
         self.kill_grace = kill_grace
+        # The messages file of each run whose process is running.
+        self._message_files: dict[str, Path] = {}
+
+    def deliver(self, item: WorkItem, message: RunMessage) -> None:
+        """Append ``message`` to the run's messages file as one JSON line (flushed)."""
+        path = self._message_files.get(item.run_id)
+        if path is None:
+            raise MessageRefused("the command is not running (it has not started yet, or it exited)")
+        line = json.dumps(message.as_json(), separators=(",", ":"), ensure_ascii=False) + "\n"
+        try:
+            with path.open("a", encoding="utf-8") as out:
+                out.write(line)
+        except OSError as exc:
+            raise MessageRefused(f"cannot write the messages file ({exc.strerror or exc})") from None
 
     def _parse(self, input: Any) -> tuple[CommandTemplate, str]:
         if not isinstance(input, Mapping):
@@ -190,6 +221,7 @@ class CommandRunner:
         env["LINKD_THREAD_ID"] = item.thread_id
         env["LINKD_TEMPLATE"] = template.name
         env.pop("LINKD_INPUT", None)
+        env.pop(MESSAGES_FILE_ENV, None)
         if template.input_mode == "env":
             env["LINKD_INPUT"] = data
         return env
@@ -201,6 +233,11 @@ class CommandRunner:
         if not cwd.is_dir():
             raise RunFailed(f"the working directory of template {template.name!r} does not exist: {cwd}")
         use_stdin = template.input_mode == "stdin"
+        messages_dir = Path(tempfile.mkdtemp(prefix="linkd-messages-"))
+        messages_file = messages_dir / "messages.jsonl"
+        messages_file.touch(mode=0o600)
+        env = self._environment(template, item, data)
+        env[MESSAGES_FILE_ENV] = str(messages_file)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *template.argv,
@@ -208,11 +245,13 @@ class CommandRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=cwd,
-                env=self._environment(template, item, data),
+                env=env,
                 start_new_session=True,
             )
         except OSError as exc:
+            shutil.rmtree(messages_dir, ignore_errors=True)
             raise RunFailed(f"cannot start {template.argv[0]!r}: {exc.strerror or exc}") from None
+        self._message_files[item.run_id] = messages_file
         queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=256)
         helpers = [
             asyncio.create_task(_read_lines(proc.stdout, "stdout", queue)),
@@ -252,9 +291,11 @@ class CommandRunner:
                     except TimeoutError:
                         timed_out = True
         finally:
+            self._message_files.pop(item.run_id, None)
             try:
                 await terminate_process_group(proc, self.kill_grace)
             finally:  # even when a second cancel cut the grace short
+                shutil.rmtree(messages_dir, ignore_errors=True)
                 for task in helpers:
                     task.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)

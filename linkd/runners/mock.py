@@ -6,6 +6,10 @@ string, else its JSON text.
 ``mock`` input: see :mod:`contract.runner_inputs` (the gateway checks it the same way at
 ``POST /api/runs``). Output: ``count`` chunks, ``mock_chunk(prefix, i, chunkBytes)``.
 
+``mock`` takes context and signals while it runs: each becomes one ``output`` event on the
+stream ``messages``, its data the message as one JSON line (``{"messageId", "kind", "context"
+| "signal"}``), so tests and demos see exactly what reached the runner, and how often.
+
 Same input, same output, always: both can resume after a daemon restart (the daemon runs
 them again and drops what was sent; ``mock`` skips its delays for that part).
 """
@@ -17,14 +21,18 @@ import json
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Final
 
+from contract.run_messages import CONTEXT, SIGNAL
 from contract.runner_inputs import MockInput
 
-from .base import Output, RunFailed, RunnerEvent, Stage, WorkItem
+from .base import Output, RunFailed, RunMessage, RunnerEvent, Stage, WorkItem
 
 if TYPE_CHECKING:
     from ..resume import Progress
 
-__all__ = ["EchoRunner", "MockRunner", "mock_chunk"]
+__all__ = ["MESSAGES_STREAM", "EchoRunner", "MockRunner", "mock_chunk"]
+
+# The output stream mock writes the messages it received to.
+MESSAGES_STREAM: Final = "messages"
 
 
 class EchoRunner:
@@ -50,8 +58,20 @@ def mock_chunk(prefix: str, index: int, chunk_bytes: int | None) -> str:
     return text
 
 
+def _message_output(message: RunMessage) -> Output:
+    return Output(json.dumps(message.as_json(), separators=(",", ":")) + "\n", MESSAGES_STREAM)
+
+
 class MockRunner:
     name: Final = "mock"
+    message_kinds: Final = frozenset({CONTEXT, SIGNAL})
+
+    def __init__(self) -> None:
+        self._inboxes: dict[str, asyncio.Queue[RunMessage]] = {}
+
+    def deliver(self, item: WorkItem, message: RunMessage) -> None:
+        """Queue ``message`` for the run; it becomes an output event at its next step."""
+        self._inboxes.setdefault(item.run_id, asyncio.Queue()).put_nowait(message)
 
     def validate(self, input: Any) -> None:
         MockInput.parse(input)
@@ -65,19 +85,39 @@ class MockRunner:
 
     async def run(self, item: WorkItem, *, fast_chars: int = 0) -> AsyncGenerator[RunnerEvent, None]:
         spec = MockInput.parse(item.input)
-        yield Stage("preparing")
-        yield Stage("running")
-        produced = 0
-        for index in range(spec.count):
-            chunk = mock_chunk(spec.prefix, index, spec.chunk_bytes)
-            produced += len(chunk)
-            if produced <= fast_chars:
+        inbox = self._inboxes.setdefault(item.run_id, asyncio.Queue())
+        try:
+            yield Stage("preparing")
+            yield Stage("running")
+            produced = 0
+            for index in range(spec.count):
+                chunk = mock_chunk(spec.prefix, index, spec.chunk_bytes)
+                produced += len(chunk)
+                if produced <= fast_chars:
+                    yield Output(chunk)
+                    continue
+                if spec.delay_ms:
+                    async for message in _pause(inbox, spec.delay_ms / 1000):
+                        yield _message_output(message)
+                else:
+                    await asyncio.sleep(0)  # stay cancellable and fair even with no delay
+                while not inbox.empty():
+                    yield _message_output(inbox.get_nowait())
                 yield Output(chunk)
-                continue
-            if spec.delay_ms:
-                await asyncio.sleep(spec.delay_ms / 1000)
-            else:
-                await asyncio.sleep(0)  # stay cancellable and fair even with no delay
-            yield Output(chunk)
-        if spec.fail is not None:
-            raise RunFailed(spec.fail)
+            while not inbox.empty():
+                yield _message_output(inbox.get_nowait())
+            if spec.fail is not None:
+                raise RunFailed(spec.fail)
+        finally:
+            self._inboxes.pop(item.run_id, None)
+
+
+async def _pause(inbox: asyncio.Queue[RunMessage], seconds: float) -> AsyncGenerator[RunMessage, None]:
+    """Wait ``seconds``, handing out each message that arrives meanwhile at once."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while (remaining := end - loop.time()) > 0:
+        try:
+            yield await asyncio.wait_for(inbox.get(), remaining)
+        except TimeoutError:
+            return

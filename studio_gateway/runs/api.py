@@ -5,13 +5,16 @@
 - ``POST /api/threads/{threadId}/messages``: the same, in that thread;
 - ``GET /api/runs?limit=N&before=CURSOR``: the caller's own runs, newest first,
   ``{runs: [<run state>...], next: <cursor> | null}`` (limit 1..100, default 20);
-- ``GET /api/runs/{id}``: the run state;
+- ``GET /api/runs/{id}``: the run state (``?include=messages``: with its outbound messages' summary);
 - ``GET /api/runs/{id}/events?after=N`` (or ``Last-Event-ID``): SSE, or NDJSON with
   ``Accept: application/x-ndjson`` (see :mod:`.sse`); replay, then live until the run
   ends, always closing with one ``end`` message carrying the final state;
 - ``GET /api/runs/{id}/export``: NDJSON of every event;
 - ``POST /api/runs/{id}/cancel`` -> ``202``; ``409 run_finished`` when it already ended;
-- ``GET /metrics`` (the run series among the gateway's): see :mod:`studio_gateway.telemetry`.
+- ``POST /api/runs/validate``, ``POST /api/runs/{id}/context``, ``POST /api/runs/{id}/signals``,
+  ``GET /api/runs/{id}/messages``, ``POST /api/runs/{id}/projection/rebuild``: see
+  :mod:`.message_api`;
+- ``GET /metrics``: Prometheus text (no auth).
 
 Errors: ``400 invalid_json`` (also for JSON nested deeper than 64 levels), ``400 invalid_body``
 (a malformed chunked body), ``413 payload_too_large`` (at once when the declared length is over
@@ -37,14 +40,13 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from contract.run_protocol import is_valid_run_id, parse_event, split_events
-from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..auth import User, authenticated
 from ..bodies import BodyError, ExpectHandler, read_json_object
 from ..errors import json_error
 from ..tasks import stop_tasks
 from .pull_feed import ConsumerGone
-from .service import RUNS, RunsService
+from .service import RUNS, RequestRefused, RunsService, parse_run_request, parse_thread_id
 from .sse import NDJSON, EventFormat, choose_format, ordered_events, parse_after
 from .state import RunState
 from .store import EventReader, RunStore
@@ -53,7 +55,6 @@ __all__ = ["add_routes"]
 
 log = logging.getLogger("studio_gateway.runs_api")
 
-MAX_TITLE_LENGTH: Final = 200
 LIST_DEFAULT_LIMIT: Final = 20
 LIST_MAX_LIMIT: Final = 100
 # A list cursor: ``<createdAt ms, 15 digits>.<runId>`` (see RunStore.list_user_runs).
@@ -107,41 +108,31 @@ async def _json_body(request: web.Request, limit: int, *, optional: bool = False
 
 
 def _thread_id(value: object) -> str:
-    if not isinstance(value, str) or not is_valid_run_id(value):
-        raise _field("threadId", "1..128 characters of A-Z a-z 0-9 _ -")
-    return value
+    try:
+        return parse_thread_id(value)
+    except RequestRefused as exc:
+        raise _refused(exc) from None
+
+
+def _refused(exc: RequestRefused) -> _Invalid:
+    return _Invalid(json_error(exc.status, exc.code, exc.message, **exc.details))
 
 
 async def _create(request: web.Request, user: User, path_thread: str | None) -> web.StreamResponse:
     try:
         service, store = _store(request)
         payload = await _json_body(request, service.runs.max_body_bytes)
-        runner = payload.get("runner")
-        if not isinstance(runner, str) or not runner.strip():
-            raise _field("runner", "required, the name of a runner")
-        allowed = service.runs.runners
-        if runner not in allowed:
-            return json_error(
-                422,
-                "unknown_runner",
-                f"no runner {runner[:64]!r} on this gateway (available: {', '.join(allowed)})",
-                field="runner",
-                runners=list(allowed),
-            )
         try:
-            check_input(runner, payload.get("input"))  # the shape both ends know (mock); 422 now, not later
-        except InvalidRunInput as exc:
-            raise _field("input", str(exc)) from None
-        thread = path_thread
-        if thread is None and payload.get("threadId") is not None:
-            thread = _thread_id(payload["threadId"])
-        title = payload.get("title")
-        if title is not None:
-            if not isinstance(title, str) or len(title) > MAX_TITLE_LENGTH:
-                raise _field("title", f"a string of at most {MAX_TITLE_LENGTH} characters")
-            title = title.strip() or None
+            checked = parse_run_request(payload, service.runs.runners, path_thread)
+        except RequestRefused as exc:
+            raise _refused(exc) from None
         state = await service.create_run(
-            store, user.id, runner=runner, work_input=payload.get("input"), thread_id=thread, title=title
+            store,
+            user.id,
+            runner=checked.runner,
+            work_input=checked.work_input,
+            thread_id=checked.thread_id,
+            title=checked.title,
         )
     except _Invalid as exc:
         return exc.response
@@ -226,10 +217,16 @@ async def _owned(request: web.Request, user: User) -> tuple[RunsService, RunStor
 @_nats_errors
 async def get_run(request: web.Request, user: User) -> web.StreamResponse:
     try:
-        _, _, state = await _owned(request, user)
+        service, _, state = await _owned(request, user)
     except _Invalid as exc:
         return exc.response
-    return web.json_response(state.public(), headers=_NO_STORE)
+    document = state.public()
+    if "messages" in request.query.getall("include", []):
+        # Opt-in: the plain document stays the one the event stream's `end` carries.
+        summary = await service.message_summary(state)
+        if summary is not None:
+            document["messages"] = summary
+    return web.json_response(document, headers=_NO_STORE)
 
 
 @authenticated
@@ -517,6 +514,12 @@ def _limit(state: RunState) -> int | None:
     return state.seq if state.terminal else None
 
 
+async def get_metrics(request: web.Request) -> web.StreamResponse:
+    """Text 0.0.4, or OpenMetrics when the scrape's ``Accept`` asks for it."""
+    body, content_type = request.app[RUNS].metrics.registry.exposition(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type, **_NO_STORE})
+
+
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = None) -> None:
     """The runs routes; ``expect_handler`` answers ``Expect: 100-continue`` on those with a body."""
     app.router.add_post("/api/runs", post_run, expect_handler=expect_handler)
@@ -528,3 +531,7 @@ def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = N
     app.router.add_get("/api/runs/{runId}/events", run_events)
     app.router.add_get("/api/runs/{runId}/export", export_run)
     app.router.add_post("/api/runs/{runId}/cancel", cancel_run, expect_handler=expect_handler)
+    from .message_api import add_routes as add_message_routes  # its handlers use this module's helpers
+
+    add_message_routes(app, expect_handler=expect_handler)
+    app.router.add_get("/metrics", get_metrics)

@@ -8,7 +8,11 @@
 - the :class:`~.projector.Projector` and :class:`~.reaper.Reaper` loops (restarted
   when the NATS connection is replaced);
 - the :class:`~..dispatch.Dispatcher` (drained on shutdown);
-- the operations the HTTP handlers call: create, read, cancel, list events.
+- the :class:`~.outbound.Outbound` messages (context, signals, the work item, cancels:
+  tracked in ``LINK_RUN_MESSAGES``, resent by every instance's loop when a gateway died);
+- the operations the HTTP handlers call: create, validate, read, cancel, message, rebuild,
+  list events. :func:`parse_run_request` holds the checks ``POST /api/runs`` and
+  ``POST /api/runs/validate`` share.
 """
 
 from __future__ import annotations
@@ -18,29 +22,43 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
 
 import tunnel
-from contract.run_protocol import parse_event, split_events
+from contract.run_protocol import is_valid_run_id, parse_event, split_events
+from contract.runner_inputs import InvalidRunInput, check_input
 
 from ..config import GatewayConfig
 from ..dispatch import Dispatcher, send_control
 from ..hostnames import tunnel_hostname
 from ..natsconn import GATEWAY_NATS, GatewayNats
+from ..presence import probe_host
 from ..tasks import stop_tasks
 from .health import Health
+from .messages import MESSAGES_BUCKET, MessageStore, summarize
 from .metrics import RunMetrics
+from .outbound import Outbound, PostOutcome
 from .projector import Projector
 from .reaper import Reaper
 from .sse import ordered_events
 from .state import RunState, terminate
 from .store import RunStore
 
-__all__ = ["RUNS", "CancelOutcome", "RunsService", "runs_lifetime"]
+__all__ = [
+    "MAX_TITLE_LENGTH",
+    "RUNS",
+    "CancelOutcome",
+    "RequestRefused",
+    "RunRequest",
+    "RunsService",
+    "parse_run_request",
+    "parse_thread_id",
+    "runs_lifetime",
+]
 
 log = logging.getLogger("studio_gateway.runs")
 
@@ -61,6 +79,70 @@ def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
 
+MAX_TITLE_LENGTH: Final = 200
+
+
+class RequestRefused(Exception):
+    """A run request (or validation) refused: the HTTP status, error code and details to answer."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _field(field: str, message: str) -> RequestRefused:
+    return RequestRefused(422, "invalid_field", f"{field}: {message}", field=field)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A checked ``POST /api/runs`` body."""
+
+    runner: str
+    work_input: Any
+    thread_id: str | None
+    title: str | None
+
+
+def parse_thread_id(value: object) -> str:
+    if not isinstance(value, str) or not is_valid_run_id(value):
+        raise _field("threadId", "1..128 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+def parse_run_request(
+    payload: Mapping[str, Any], runners: Sequence[str], path_thread: str | None = None
+) -> RunRequest:
+    """The checks of ``POST /api/runs`` that need no desktop (validate runs them too)."""
+    runner = payload.get("runner")
+    if not isinstance(runner, str) or not runner.strip():
+        raise _field("runner", "required, the name of a runner")
+    if runner not in runners:
+        raise RequestRefused(
+            422,
+            "unknown_runner",
+            f"no runner {runner[:64]!r} on this gateway (available: {', '.join(runners)})",
+            field="runner",
+            runners=list(runners),
+        )
+    try:
+        check_input(runner, payload.get("input"))  # the shape both ends know (mock); 422 now, not later
+    except InvalidRunInput as exc:
+        raise _field("input", str(exc)) from None
+    thread = path_thread
+    if thread is None and payload.get("threadId") is not None:
+        thread = parse_thread_id(payload["threadId"])
+    title = payload.get("title")
+    if title is not None:
+        if not isinstance(title, str) or len(title) > MAX_TITLE_LENGTH:
+            raise _field("title", f"a string of at most {MAX_TITLE_LENGTH} characters")
+        title = title.strip() or None
+    return RunRequest(runner, payload.get("input"), thread, title)
+
+
 @dataclass(frozen=True)
 class CancelOutcome:
     """What ``POST /api/runs/{id}/cancel`` answers."""
@@ -77,6 +159,7 @@ class RunsService:
         self.metrics = metrics or RunMetrics()
         self.dispatcher = Dispatcher(self.metrics, self.runs.dispatch_timeout)
         self._store: RunStore | None = None
+        self._outbound: Outbound | None = None
         self._projector: Projector | None = None
         self._task: asyncio.Task[None] | None = None
         self.reason = "runs are starting (waiting for NATS and JetStream)"
@@ -96,6 +179,14 @@ class RunsService:
         if store is None or not self.nats.available or store.nc is not self.nats.nc:
             return None
         return store
+
+    @property
+    def outbound(self) -> Outbound | None:
+        """The outbound messages while runs work (None: see :attr:`reason`)."""
+        outbound = self._outbound
+        if outbound is None or self.store is None or outbound.store is not self.store:
+            return None
+        return outbound
 
     @property
     def working(self) -> bool:
@@ -139,8 +230,10 @@ class RunsService:
                 await asyncio.sleep(0.05)
                 continue
             store = RunStore(nc, self.runs, self.config.tunnel_prefix)
+            messages = MessageStore(nc, store.js, replicas=self.runs.replicas, retention=self.runs.retention)
             try:
                 self.setup_result = await store.setup()
+                self.setup_result[MESSAGES_BUCKET] = await messages.setup()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -153,10 +246,20 @@ class RunsService:
             delay = SETUP_RETRY_DELAY
             log.info("runs ready", extra={"setup": self.setup_result})
             self._store = store
+            self._outbound = outbound = Outbound(
+                store,
+                messages,
+                lambda: self.nats.client,
+                self.dispatcher,
+                self.runs.dispatch_timeout,
+                on_result=self._message_result,
+            )
+            self.dispatcher.tracker = outbound
             self.reason = "ready"
             self._ready.set()
             self._projector = projector = Projector(store, self.metrics, health=self.health)
             loops = [
+                asyncio.get_running_loop().create_task(outbound.run(), name="runs-outbound"),
                 asyncio.get_running_loop().create_task(projector.run(), name="runs-projector"),
                 asyncio.get_running_loop().create_task(
                     Reaper(store, self.metrics, self.runs, health=self.health).run(), name="runs-reaper"
@@ -173,6 +276,8 @@ class RunsService:
             finally:
                 await stop_tasks(loops)
                 self._store = None
+                self._outbound = None
+                self.dispatcher.tracker = None
                 self._ready.clear()
                 self.health.clear()
             self.reason = "runs are restarting (the NATS connection changed)"
@@ -229,10 +334,14 @@ class RunsService:
             return _finished(state)
         client = self.nats.client
         result = None
+        outbound = self.outbound
+        message_id = await outbound.cancel_queued(state, reason) if outbound is not None else None
         if client is not None:
             result = await send_control(
                 client, state.hostname, state.run_id, reason, self.runs.dispatch_timeout
             )
+        if outbound is not None:
+            await outbound.cancel_answered(state, message_id, result)
         if result is not None and result.status in (200, 202):
             self.metrics.cancels.inc(outcome="requested")
             return CancelOutcome(202, {"runId": state.run_id, "status": state.status, "cancel": "requested"})
@@ -278,6 +387,79 @@ class RunsService:
         self.metrics.cancels.inc(outcome="gateway")
         self.metrics.run_finished(written.status, written.failure_kind)
         return CancelOutcome(202, {"runId": state.run_id, "status": written.status, "cancel": "gateway"})
+
+    # ------------------------------------------------------------------ messages, validate
+
+    def _message_result(self, kind: str, result: str) -> None:
+        """Metrics hook of :class:`Outbound`: each send's outcome by message kind."""
+
+    def signal_posted(self, signal_type: str, severity: str) -> None:
+        """Metrics hook: a signal the desktop took."""
+
+    async def post_message(
+        self, state: RunState, kind: str, content: Any, idempotency_key: str | None
+    ) -> PostOutcome:
+        outbound = self.outbound
+        if outbound is None:
+            raise RequestRefused(503, "runs_unavailable", self.unavailable_reason())
+        return await outbound.post(state, kind, content, idempotency_key)
+
+    async def messages(self, state: RunState) -> list[dict[str, Any]]:
+        outbound = self.outbound
+        if outbound is None:
+            raise RequestRefused(503, "runs_unavailable", self.unavailable_reason())
+        return await outbound.messages.list_run(state.run_id)
+
+    async def message_summary(self, state: RunState) -> dict[str, Any] | None:
+        """The run's ``messages`` summary (None while the messages bucket is not reachable)."""
+        outbound = self.outbound
+        if outbound is None:
+            return None
+        return summarize(await outbound.messages.list_run(state.run_id))
+
+    async def validate(self, user_id: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """What ``POST /api/runs`` with ``payload`` would do, without doing it (raises RequestRefused)."""
+        request = parse_run_request(payload, self.runs.runners)
+        hostname = tunnel_hostname(user_id)
+        client = self.nats.client
+        if client is None or not self.nats.available:
+            raise RequestRefused(503, "runs_unavailable", self.unavailable_reason())
+        found = await probe_host(client, hostname)
+        if not found.online:
+            if found.reason in ("not_connected", "timeout"):
+                raise RequestRefused(
+                    409,
+                    "desktop_unreachable",
+                    "no desktop is connected for this account (is `linkd up` running?)",
+                    presence=found.as_json(),
+                )
+            raise RequestRefused(
+                502,
+                "presence_unknown",
+                f"the desktop's presence is unknown ({found.reason})",
+                presence=found.as_json(),
+            )
+        if request.runner not in found.capabilities:
+            raise RequestRefused(
+                422,
+                "unknown_runner",
+                f"the desktop has no runner {request.runner!r} "
+                f"(it offers: {', '.join(found.capabilities) or 'none'})",
+                field="runner",
+                runners=list(found.capabilities),
+            )
+        return {
+            "ok": True,
+            "runner": request.runner,
+            "threadId": request.thread_id,
+            "title": request.title,
+            "wouldDispatchTo": {
+                "tunnelHostname": hostname,
+                "hostname": found.hostname,
+                "cliVersion": found.cli_version,
+                "latencyMs": found.latency_ms,
+            },
+        }
 
     async def collect_events(self, store: RunStore, state: RunState) -> list[dict[str, Any]]:
         """Every applied event of the run, from the stream, or from the kept copy after retention."""

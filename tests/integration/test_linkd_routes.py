@@ -85,6 +85,7 @@ async def test_status(nats_server: NatsServer) -> None:
             "capabilities": ["command", "echo", "mock", "cancel"],
             "cliVersion": doc["cliVersion"],
             "commandTemplates": ["hello"],
+            "messageKinds": {"command": ["context", "signal"], "mock": ["context", "signal"]},
         }
         status, _, doc = await d.call("HEAD", "/api/links/status")
         assert (status, doc) == (200, None)
