@@ -253,7 +253,16 @@ class LinkRoutes:
         raise Problem(503, "shutting_down", "the desktop daemon is shutting down")
 
     async def _control(self, request: tunnel.Request) -> tunnel.Response:
-        payload = await _read_json_object(request, MAX_CONTROL_BYTES)
+        return await self.answer_control(await _read_json_object(request, MAX_CONTROL_BYTES))
+
+    async def answer_control(self, payload: Mapping[str, Any]) -> tunnel.Response:
+        """The answer to one control request's JSON body (errors as answers, not exceptions)."""
+        try:
+            return self._answer_control(payload)
+        except Problem as problem:
+            return problem.response()
+
+    def _answer_control(self, payload: Mapping[str, Any]) -> tunnel.Response:
         run_id = payload.get("runId")
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
             raise Problem(
