@@ -82,11 +82,7 @@ _LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
 # What the gateway imports beyond the base install: the ``gateway`` extra (import name ->
 # distribution; tests/unit/test_dependencies.py keeps it equal to the extra). A desktop-only
 # install (``pip install natslink``) lacks PyJWT at least, and ``dev``/``demo`` say so up front.
-GATEWAY_IMPORTS: Final = {
-    "jwt": "pyjwt",
-    "cryptography": "cryptography",
-    "prometheus_client": "prometheus-client",
-}
+GATEWAY_IMPORTS: Final = {"jwt": "pyjwt", "cryptography": "cryptography"}
 LOCAL_EXTRA_HINT: Final = "pip install 'natslink[local]'"
 
 

@@ -83,6 +83,7 @@ from .credentials_store import public_key_of
 from .errors import LinkdError
 from .inspector.daemon_side import DaemonInspector
 from .logs import STATE_LOGGER
+from .metrics import LinkdMetrics
 from .routes import LinkRoutes
 from .run_events import EventSink, MemoryEventSink
 from .runners import build_runners
@@ -254,6 +255,8 @@ class LinkDaemon:
         self.traffic = Traffic(capture_bodies=False)
         subscribe_access_log(self.traffic)
         self.handler = self.traffic.wrap(self.routes)
+        # Prometheus metrics (linkd.metrics): the traffic, and this daemon's state when scraped.
+        self.metrics = LinkdMetrics(self.traffic, self)
         # The request inspector (linkd.inspector): a loopback page over the recent requests.
         self.inspector = (
             DaemonInspector(
@@ -261,6 +264,7 @@ class LinkDaemon:
                 port=settings.inspect_port,
                 size=settings.inspect_size,
                 upstream_url=settings.upstream_url,
+                metrics=self.metrics.exposition,
             )
             if settings.inspect
             else None
