@@ -14,6 +14,7 @@ import logging
 import re
 from typing import Final
 
+from .inspector.redact import redact_target
 from .traffic import Exchange, ExchangeEvent, Traffic
 
 __all__ = ["ACCESS_LOGGER", "AccessLog", "format_size", "subscribe_access_log"]
@@ -47,8 +48,9 @@ class AccessLog:
             return
         ms = round(exchange.duration_ms or 0.0, 1)
         status = "-" if exchange.status is None else str(exchange.status)
+        target = redact_target(exchange.target)  # ?token=... is a credential (linkd.inspector.redact)
         line = (
-            f"{_printable(exchange.method)} {_printable(exchange.target)} {status} "
+            f"{_printable(exchange.method)} {_printable(target)} {status} "
             f"{format_size(exchange.request_bytes)} in {format_size(exchange.response_bytes)} out {ms}ms"
         )
         if exchange.upgraded:
@@ -61,7 +63,7 @@ class AccessLog:
             extra={
                 "event": "access",
                 "method": exchange.method,
-                "path": exchange.target,
+                "path": target,
                 "status": exchange.status,
                 "bytesIn": exchange.request_bytes,
                 "bytesOut": exchange.response_bytes,

@@ -28,6 +28,8 @@ from tests.integration.linkd_harness import EVENT_TIMEOUT, daemon_settings, live
 
 USER = "dev@example.com"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+LOGIN_TOKEN = "upstream-issued-s3cr3t-token-0f9e"
+LOGIN_COOKIE = "upstream-session-s3cr3t-7a7a"
 
 
 @dataclass
@@ -57,6 +59,11 @@ class EchoUpstream:
             return web.Response(body=PNG, content_type="image/png")
         if request.path == "/fail":
             return web.json_response({"error": "down for maintenance"}, status=503)
+        if request.path == "/login":  # answers with credentials of its own
+            return web.json_response(
+                {"access_token": LOGIN_TOKEN, "user": "ann"},
+                headers={"Set-Cookie": f"sid={LOGIN_COOKIE}; HttpOnly", "X-Refresh-Token": LOGIN_TOKEN},
+            )
         answer = {
             "method": request.method,
             "path": request.path_qs,
