@@ -23,8 +23,6 @@ from contract.run_protocol import RUN_STREAM
 __all__ = ["CONSUMER_PREFIX", "consumer_name", "ensure_consumer"]
 
 CONSUMER_PREFIX = "LINK_PROC_"
-# An instance that took a message and died: JetStream hands it to another after this.
-ACK_WAIT = 30.0
 MAX_ACK_PENDING = 1024
 _CONSUMER_EXISTS = (10148, 10013)
 
@@ -34,9 +32,13 @@ def consumer_name(processor: str) -> str:
 
 
 async def ensure_consumer(
-    js: JetStreamContext, processor: str, subject: str, *, replicas: int, description: str
+    js: JetStreamContext, processor: str, subject: str, *, replicas: int, ack_wait: float, description: str
 ) -> str:
-    """The processor's durable consumer (created from the start of retention if missing)."""
+    """The processor's durable consumer (created from the start of retention if missing).
+
+    ``ack_wait`` (the anchors' lease, ``RUNS_PROCESSOR_LEASE_SECONDS``): an instance that took a
+    message and died has it handed to another after this. Set when the consumer is created.
+    """
     name = consumer_name(processor)
     try:
         await js.consumer_info(RUN_STREAM, name)
@@ -48,7 +50,7 @@ async def ensure_consumer(
         durable_name=name,
         description=description[:200],
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=ACK_WAIT,
+        ack_wait=ack_wait,
         deliver_policy=api.DeliverPolicy.ALL,
         filter_subject=subject,
         max_ack_pending=MAX_ACK_PENDING,

@@ -81,6 +81,7 @@ class ProcessorRunner:
                     self.processor.name,
                     self.subject,
                     replicas=self.replicas,
+                    ack_wait=self.ctx.anchors.lease,
                     description=f"run processor {self.processor.name}",
                 )
                 feed = await PullFeed.open(

@@ -1,0 +1,111 @@
+"""Webhooks across a gateway SIGKILL: real gateway processes, a real receiver, JetStream.
+
+The receiver holds the first delivery's request open; the gateway sending it is SIGKILLed
+mid-delivery (the POST arrived, its result was never recorded), and a pending retry of the
+others waits in the bucket. A new gateway process takes the killed one's claim over once its
+lease ran out and sends that delivery again, with the same id: the deduplicating receiver sees
+each delivery id once, its raw count shows the one repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from cli.nats_server import NatsServer, free_port
+from tests.faults.killable_processes import GatewayProcess
+from tests.helpers import NatsServerFactory, wait_until
+from tests.integration.gateway_runs_harness import accepting_desktop, publish_event
+from tests.integration.runs_harness import SECRET
+from tests.integration.webhook_receiver import WebhookReceiver
+
+pytestmark = pytest.mark.timeout(120)
+
+USER = "frank"
+STAGES = 5
+
+
+async def test_a_gateway_killed_mid_delivery_another_delivers_each_id_once(
+    nats_server_factory: NatsServerFactory,
+) -> None:
+    server: NatsServer = nats_server_factory(jetstream=True)
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "NATS_URL": server.url,
+        "WEBHOOKS_ALLOW_HTTP": "true",
+        "WEBHOOKS_ALLOW_PRIVATE": "true",
+        "WEBHOOKS_RETRY_BASE_SECONDS": "0.2",
+        "WEBHOOKS_RETRY_MAX_SECONDS": "1",
+        "WEBHOOKS_TIMEOUT_SECONDS": "2",  # a claim lasts 2 + 5 s
+    }
+    first, second = GatewayProcess(env), GatewayProcess(env)
+    receiver = WebhookReceiver(free_port(), hang_first=True)
+    await receiver.start()
+    desktop = await accepting_desktop(server.url, USER)
+    try:
+        await first.start()
+        auth = {"Authorization": f"Bearer {first.token(USER)}"}
+        async with httpx.AsyncClient(headers=auth, trust_env=False, timeout=30) as http:
+
+            async def ready(url: str) -> bool:
+                return bool((await http.get(f"{url}/healthz")).json().get("runs") == "ready")
+
+            await wait_until(lambda: ready(first.url), 30, interval=0.1)
+            created = await http.post(f"{first.url}/api/runs", json={"runner": "mock"})
+            assert created.status_code == 202, created.text
+            run_id = created.json()["runId"]
+            await wait_until(lambda: len(desktop.work) == 1, 20)
+
+            async def register() -> dict[str, Any] | None:
+                resp = await http.post(
+                    f"{first.url}/api/webhooks", json={"url": receiver.url, "eventTypes": ["stage", "done"]}
+                )
+                return resp.json() if resp.status_code == 201 else None  # 503 until the buckets exist
+
+            hook = await wait_until(register, 20, interval=0.1)
+            receiver.secrets.append(hook["secret"])
+            for seq in range(1, STAGES + 1):
+                await publish_event(desktop.nc, desktop.hostname, run_id, seq, "stage", stage=f"s{seq}")
+            await publish_event(
+                desktop.nc,
+                desktop.hostname,
+                run_id,
+                STAGES + 1,
+                "done",
+                finalSeq=STAGES + 1,
+                status="completed",
+            )
+            total = STAGES + 1
+            # Every delivery reached the receiver once; the first one's request is held open.
+            await wait_until(
+                lambda: len(receiver.raw) >= total, 30, message=lambda: f"{len(receiver.raw)} receipts"
+            )
+            held = receiver.raw[0].delivery
+            await first.kill()
+            receiver.release()  # from now on every request is answered (the held one's gateway is gone)
+            await second.start()
+
+            async def listed() -> list[dict[str, Any]] | None:
+                resp = await http.get(f"{second.url}/api/webhooks/{hook['id']}/deliveries")
+                if resp.status_code != 200:
+                    return None
+                rows: list[dict[str, Any]] = resp.json()["deliveries"]
+                done = len(rows) == total and all(r["status"] == "succeeded" for r in rows)
+                return rows if done else None
+
+            rows = await wait_until(listed, 40, interval=0.2)
+            assert {r["id"] for r in rows} == set(receiver.unique) and len(receiver.unique) == total
+            assert all(r.valid for r in receiver.raw)
+            repeats = [r.delivery for r in receiver.raw].count(held)
+            assert repeats == 2, [r.delivery for r in receiver.raw]
+            assert len(receiver.raw) == total + 1
+            print(
+                f"raw receipts {len(receiver.raw)}, unique delivery ids {len(receiver.unique)} (one resent)"
+            )
+    finally:
+        await desktop.close()
+        await receiver.stop()
+        await asyncio.gather(first.stop(), second.stop())
