@@ -1,6 +1,6 @@
 """What ``linkd service install`` writes and runs: a systemd user unit or a launchd agent plist.
 
-Pure functions (no file or process I/O), so the generated text is tested on any platform:
+Functions that write nothing and run nothing, so the generated text is tested on any platform:
 :func:`plan_install` turns the ``linkd up`` command line and the environment into a
 :class:`ServicePlan` (the file, its content, the commands that load it); :mod:`linkd.service_cli`
 writes it and runs the commands.
@@ -12,8 +12,9 @@ writes it and runs the commands.
   {``SuccessfulExit``: false}: restarted when it fails), logs in ``~/Library/Logs/linkd/``;
   loaded with ``launchctl bootstrap gui/<uid>``.
 
-Secrets never go into these files: the daemon reads its token and key from the keyring (or the
-opted-in file store), as ``linkd up`` does in a terminal.
+The ``LINKD_*`` settings set in the installing shell go into the file too (paths made
+absolute: :data:`SETTING_ENV_VARS`). Secrets never do: the daemon reads its token and key from
+the keyring (or the opted-in file store), as ``linkd up`` does in a terminal.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Final, Literal
 
 __all__ = [
     "LAUNCHD_LABEL",
-    "PATH_ENV_VARS",
+    "SETTING_ENV_VARS",
     "SYSTEMD_UNIT_NAME",
     "Platform",
     "ServicePlan",
@@ -51,15 +52,50 @@ LAUNCHD_LABEL: Final = "com.natslink.linkd"
 RESTART_SECONDS: Final = 10
 # SIGTERM drains for up to --drain-timeout (default 10 s); the service manager waits this long.
 STOP_TIMEOUT_SECONDS: Final = 30
-# linkd's own directory settings (no secrets): a service started by systemd/launchd does not see
-# the shell's environment, so these are written into the unit when set at install time.
-# XDG_CONFIG_HOME/XDG_STATE_HOME move linkd's default dirs too (systemd does not set them).
-PATH_ENV_VARS: Final = (
+# The environment settings of `linkd up` (never LINKD_TOKEN, a secret): a service started by
+# systemd/launchd does not see the shell's environment, so the ones set at install time are
+# written into the unit. XDG_CONFIG_HOME/XDG_STATE_HOME move linkd's default dirs (systemd does
+# not set them).
+SETTING_ENV_VARS: Final = (
     "LINKD_CONFIG_DIR",
     "LINKD_RUNTIME_DIR",
     "LINKD_STATE_DIR",
+    "LINKD_STATUS_FILE",
+    "LINKD_GATEWAY",
+    "LINKD_UPSTREAM",
+    "LINKD_NATS_TRANSPORT",
+    "LINKD_NATS_CA",
+    "LINKD_NATS_CERT",
+    "LINKD_NATS_KEY",
+    "LINKD_DRAIN_TIMEOUT",
+    "LINKD_JSON_LOGS",
+    "LINKD_LOG_LEVEL",
+    "LINKD_UPLINK",
+    "LINKD_JOURNAL",
+    "LINKD_INSECURE_FILE_STORE",
+    "LINKD_MOCK_RUNNERS",
+    "LINKD_HEARTBEAT_INTERVAL",
+    "LINKD_MAX_RUNS",
+    "LINKD_HTTP_RUNNER_URL",
+    "LINKD_INSPECT",
+    "LINKD_INSPECT_PORT",
+    "LINKD_INSPECT_SIZE",
     "XDG_CONFIG_HOME",
     "XDG_STATE_HOME",
+)
+# Those holding a path: made absolute (the service's working directory is not the shell's).
+PATH_ENV_VARS: Final = frozenset(
+    {
+        "LINKD_CONFIG_DIR",
+        "LINKD_RUNTIME_DIR",
+        "LINKD_STATE_DIR",
+        "LINKD_STATUS_FILE",
+        "LINKD_NATS_CA",
+        "LINKD_NATS_CERT",
+        "LINKD_NATS_KEY",
+        "XDG_CONFIG_HOME",
+        "XDG_STATE_HOME",
+    }
 )
 
 
@@ -141,7 +177,11 @@ def systemd_quote(arg: str) -> str:
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment the service needs that the service manager would not give it."""
-    env = {name: environ[name].strip() for name in PATH_ENV_VARS if environ.get(name, "").strip()}
+    env: dict[str, str] = {}
+    for name in SETTING_ENV_VARS:
+        value = environ.get(name, "").strip()
+        if value:
+            env[name] = os.path.abspath(os.path.expanduser(value)) if name in PATH_ENV_VARS else value
     env["PYTHONUNBUFFERED"] = "1"  # log lines reach the journal / log file as they happen
     return env
 

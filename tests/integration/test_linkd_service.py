@@ -85,7 +85,12 @@ def unit_path(home: Path) -> Path:
     return home / "xdg-config" / "systemd" / "user" / "linkd.service"
 
 
-def test_dry_run_prints_the_unit_and_commands_and_writes_nothing(home: Path, tmp_path: Path) -> None:
+def test_dry_run_prints_the_unit_and_commands_and_writes_nothing(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LINKD_NATS_CA", "certs/ca.pem")  # a setting from the shell, made absolute
+    monkeypatch.setenv("LINKD_RUN_ID", "r-1")  # not a setting: stays out
     result = run("service", "install", "--dry-run", "--upstream", UPSTREAM, "--", "--drain-timeout", "30")
     assert result.exit_code == 0, result.output
     program = linkd_program()[0]
@@ -98,7 +103,9 @@ def test_dry_run_prints_the_unit_and_commands_and_writes_nothing(home: Path, tmp
     assert (
         "Would run:\n  systemctl --user daemon-reload\n  systemctl --user enable --now linkd.service\n"
     ) in out
-    assert "secret-token" not in out  # LINKD_TOKEN never reaches the unit
+    assert f"Environment=LINKD_NATS_CA={tmp_path / 'certs' / 'ca.pem'}\n" in out
+    assert "secret-token" not in out and "LINKD_TOKEN" not in out  # never a secret in the unit
+    assert "LINKD_RUN_ID" not in out
     assert not unit_path(home).exists() and calls(tmp_path) == []
 
 
