@@ -31,6 +31,7 @@ status  meaning
 27      ``fetch``: ``tunnel_integrity_error`` (the response body arrived corrupted
         or truncated: its byte count or CRC-32 differs from what the desktop sent)
 28      ``tunnel_permission_denied`` (NATS refused a subscription a server needs)
+29      ``inspect``: linkd's inspector cannot be reached or read
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -57,6 +58,7 @@ DEMO_FAILED: Final = 9
 HTTP_ERROR: Final = 22
 WRITE_ERROR: Final = 23
 UNKNOWN_TUNNEL_ERROR: Final = 24
+INSPECTOR_UNREACHABLE: Final = 29
 INTERRUPTED: Final = 130
 
 TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
