@@ -31,6 +31,7 @@ __all__ = [
     "NatsServerError",
     "NatsServerNotFound",
     "NatsServerStartError",
+    "NatsServerTLS",
     "detached_popen_kwargs",
     "find_nats_server_binary",
     "free_port",
@@ -129,6 +130,30 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class NatsServerTLS:
+    """TLS for the client port and the websocket listener (PEM file paths).
+
+    ``ca``: the CA that client certificates must chain to; ``verify``: require a client
+    certificate (mTLS). Clients then dial ``tls://`` and ``wss://`` URLs.
+    """
+
+    cert: str
+    key: str
+    ca: str | None = None
+    verify: bool = False
+
+    def render(self) -> str:
+        parts = [f"cert_file: {_conf_str(self.cert)}", f"key_file: {_conf_str(self.key)}"]
+        if self.ca is not None:
+            parts.append(f"ca_file: {_conf_str(self.ca)}")
+        if self.verify:
+            parts.append("verify: true")
+        # A failed handshake is logged at once, not after nats-server's default 2 s wait.
+        parts.append("timeout: 2")
+        return "tls { " + ", ".join(parts) + " }"
+
+
 @dataclass
 class NatsServerConfig:
     """What to put in the generated config file.
@@ -158,6 +183,8 @@ class NatsServerConfig:
     # Raw text appended to the config (operator/JWT mode, clusters, leafnodes, ...).
     extra_conf: str = ""
     debug: bool = False
+    # TLS on the client port and the websocket listener (None: plain text, nats:// and ws://).
+    tls: NatsServerTLS | None = None
 
 
 def _conf_str(value: str) -> str:
@@ -244,13 +271,15 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://{_hostport(self.host, self._port)}"
+        scheme = "tls" if self.config.tls is not None else "nats"
+        return f"{scheme}://{_hostport(self.host, self._port)}"
 
     @property
     def websocket_url(self) -> str | None:
         if self._websocket_port is None:
             return None
-        return f"ws://{_hostport(self.host, self._websocket_port)}"
+        scheme = "wss" if self.config.tls is not None else "ws"
+        return f"{scheme}://{_hostport(self.host, self._websocket_port)}"
 
     @property
     def monitor_url(self) -> str | None:
@@ -438,9 +467,12 @@ class NatsServer:
             lines.append(f"authorization {{ token: {_conf_str(cfg.token)} }}")
         if self._monitor_port is not None:
             lines.append(f"http: {_conf_str(_hostport(cfg.host, self._monitor_port))}")
+        if cfg.tls is not None:
+            lines.append(cfg.tls.render())
         if self._websocket_port is not None:
+            ws_tls = cfg.tls.render() if cfg.tls is not None else "no_tls: true"
             lines.append(
-                f"websocket {{ host: {_conf_str(cfg.host)}, port: {self._websocket_port}, no_tls: true }}"
+                f"websocket {{ host: {_conf_str(cfg.host)}, port: {self._websocket_port}, {ws_tls} }}"
             )
         if cfg.jetstream:
             store = cfg.store_dir if cfg.store_dir is not None else str(tmpdir / "jetstream-store")

@@ -27,8 +27,10 @@ cert=..., key=...)`` trusts a private CA and presents a client certificate (mTLS
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import inspect
 import logging
 import os
@@ -87,6 +89,10 @@ INITIAL_CONNECT_RETRIES: Final = 1
 # Outgoing bytes buffered while reconnecting (nats-py default 2 MiB): one tunnel
 # window's worth, so an in-flight body survives a short blip.
 PENDING_SIZE: Final = 2 * 1024 * 1024
+# Closing a client whose first connect failed: at once normally, but after a failed TLS upgrade
+# nats-py waits forever for the plain stream's close (its protocol was swapped out by start_tls;
+# the socket itself is already closed), so that wait is cut short.
+FAILED_CLOSE_TIMEOUT: Final = 0.25
 
 _JWT_BEGIN: Final = "-----BEGIN NATS USER JWT-----"
 _JWT_END: Final = "------END NATS USER JWT------"
@@ -364,7 +370,8 @@ async def connect(
     try:
         await nc.connect(**options)
     except (NatsError, OSError, TimeoutError) as exc:
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), FAILED_CLOSE_TIMEOUT)
         where = ", ".join(redact_url(server) for server in servers)
         if "authorization violation" in str(exc).lower():
             raise NatsAuthError(
@@ -375,6 +382,8 @@ async def connect(
         if isinstance(exc, NoServersError) and cbs.last_error is not None:
             cause = cbs.last_error  # why the last attempt failed, not just "no servers"
         problem = classify_tls_error(cause)
+        if problem is None and _client_cert_missing(nc, tls, cause):
+            problem = TLSProblem.of("client_cert_required", _describe(cause))
         if problem is not None:
             raise NatsTLSError(
                 f"cannot connect to NATS at {where}: {problem.reason}", where=where, problem=problem
@@ -389,6 +398,18 @@ async def connect(
     url = nc.connected_url
     log.info("connected to NATS at %s", _public_netloc(url))
     return nc
+
+
+def _client_cert_missing(nc: NATS, tls: TLSConfig | ssl.SSLContext | None, cause: BaseException) -> bool:
+    """The connection dropped right after TLS to a server that verifies clients, and we have no cert.
+
+    With TLS 1.3 the server checks the client certificate after the client's handshake is done,
+    so its "certificate required" alert races our first write: we may read the alert, or only a
+    reset or a broken pipe. The server's INFO (``tls_verify``) tells which it was.
+    """
+    info = getattr(nc, "_server_info", None) or {}
+    has_cert = isinstance(tls, ssl.SSLContext) or (tls is not None and tls.cert is not None)
+    return bool(info.get("tls_verify")) and not has_cert and isinstance(cause, ConnectionError | ssl.SSLError)
 
 
 def redact_url(url: str) -> str:

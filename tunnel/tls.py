@@ -141,6 +141,10 @@ class TLSProblem:
     reason: str
     detail: str = ""
 
+    @classmethod
+    def of(cls, kind: TLSProblemKind, detail: str = "") -> TLSProblem:
+        return cls(kind, _REASONS[kind], detail)
+
     def fix(self, *, ca: str, cert: str, hostname: str = "") -> str:
         """The fix, naming the caller's own settings.
 
@@ -183,6 +187,9 @@ def classify_tls_error(exc: BaseException | None) -> TLSProblem | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
+        carried = getattr(current, "problem", None)  # tunnel.connect.NatsTLSError
+        if isinstance(carried, TLSProblem):
+            return carried
         problem = _classify_one(current)
         if problem is not None:
             return problem
@@ -238,4 +245,4 @@ def _verify_kind(code: int | None, message: str) -> TLSProblemKind:
 
 
 def _problem(kind: TLSProblemKind, detail: str) -> TLSProblem:
-    return TLSProblem(kind, _REASONS[kind], detail)
+    return TLSProblem.of(kind, detail)
