@@ -1,4 +1,5 @@
-"""``linkctl runs send|list|show|attach|cancel|dead-letters``: work for your desktop, through the gateway.
+"""``linkctl runs send|list|show|attach|cancel|dead-letters`` (and ``context|signal|messages|validate``,
+:mod:`.run_messages`): work for your desktop, through the gateway.
 
 Human output on a terminal: the run's own output on stdout (so it can be piped), status
 lines on stderr, colour only on a tty. ``--json`` prints JSON for scripts: the gateway's
@@ -64,6 +65,9 @@ Examples:
   linkctl runs show RUN_ID
   linkctl runs attach RUN_ID                 # live output; survives dropped connections
   linkctl runs cancel RUN_ID
+  linkctl runs context RUN_ID '"a note"'    # talk to a running run (also: signal)
+  linkctl runs messages RUN_ID               # what was sent to the desktop, and its status
+  linkctl runs validate mock '{"count": 3}'  # check a request without sending it
   linkctl runs dead-letters                  # operators: events the gateway could not apply
 
 Every command takes --gateway URL (LINKCTL_GATEWAY) and --gateway-token TOKEN (LINKCTL_TOKEN).
@@ -72,6 +76,7 @@ Every command takes --gateway URL (LINKCTL_GATEWAY) and --gateway-token TOKEN (L
 EXIT_STATUS: Final = """\b
 Exit status:
      0  done (attach: the run completed)
+     1  validate: the desktop is offline
      2  usage error; the gateway unreachable or refusing the token; invalid input (422)
      3  the gateway answered an unexpected error
      4  no such run (or not yours)
@@ -622,4 +627,7 @@ def register(app: typer.Typer) -> None:
     ):
         runs_app.command(name, epilog=_EPILOGS[name] + "\n" + EXIT_STATUS)(func)
     runs_app.command("dead-letters", epilog=DEAD_LETTERS_EPILOG + "\n" + EXIT_STATUS)(dead_letters_command)
+    from .run_messages import register as register_messages  # it uses parse_input from here
+
+    register_messages(runs_app, EXIT_STATUS)
     app.add_typer(runs_app, name="runs")
