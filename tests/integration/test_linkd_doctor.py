@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from cli.nats_server import free_port
+from linkd.credentials_store import TOKEN_KEY, file_store
 from linkd.doctor import CHECKS, EXIT_CHECK_FAILED
+from linkd.login_state import write_login
 from tests.helpers import NatsServerFactory
 from tests.integration.doctor_support import (
     doctor,
@@ -149,3 +151,42 @@ async def test_a_clock_an_hour_behind_the_jwt_fails_with_the_fix(op: OperatorSer
         code, checks, ok = await doctor_json(env)
         assert code == EXIT_CHECK_FAILED and ok is False and checks["clock"]["status"] == "fail"
         assert checks["session"]["status"] == "ok"
+
+
+async def test_a_refused_token_fails_the_session_check(op: OperatorServer, tmp_path: Path) -> None:
+    env = subprocess_env(tmp_path)
+    async with live_gateway(op.env()) as gw:
+        store_login(tmp_path, env, gw.url, "not-a-token-the-gateway-made")
+        code, checks, ok = await doctor_json(env)
+        assert code == EXIT_CHECK_FAILED and ok is False
+        assert checks["gateway"]["status"] == "ok"
+        session = checks["session"]
+        assert session["status"] == "fail"
+        assert session["detail"].startswith("the gateway refused the API token")
+        assert session["fix"] == f"log in again: linkd login --gateway {gw.url}"
+        assert checks["nats"]["status"] == "skip"
+
+
+async def test_no_keyring_names_the_file_store_and_a_remembered_file_store_passes(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = subprocess_env(tmp_path, PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")
+    write_login(url, env)
+    code, out, _ = await doctor(env)
+    assert code == EXIT_CHECK_FAILED
+    assert lines(out)["keyring"] == (
+        "FAIL  keyring   no OS keyring backend is available on this machine; fix: install and unlock a "
+        "keyring (GNOME Keyring or KWallet via Secret Service), or log in with: linkd login "
+        "--insecure-file-store"
+    )
+    assert lines(out)["login"].startswith("skip  login     gateway ")
+
+    # What `linkd login --insecure-file-store` leaves: the choice remembered, the token in a 0600 file.
+    write_login(url, env, file_store=True)
+    file_store(env).set(TOKEN_KEY, "a-token")
+    code, checks, _ = await doctor_json(env)
+    assert checks["keyring"]["status"] == "ok"
+    assert checks["keyring"]["detail"] == (
+        f"no OS keyring; secrets in {file_store(env).directory} (0600, remembered from `linkd login`)"
+    )
+    assert checks["login"]["status"] == "ok"
+    assert code == EXIT_CHECK_FAILED and checks["gateway"]["status"] == "fail"  # nothing listens there

@@ -10,6 +10,7 @@ parsed back with ``plistlib``. HOME and XDG_CONFIG_HOME point into ``tmp_path``.
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import shutil
@@ -23,6 +24,7 @@ from typer.testing import CliRunner, Result
 from linkd.cli import app
 from linkd.service_cli import EXIT_MANAGER_FAILED, EXIT_MANAGER_UNAVAILABLE, EXIT_UNSUPPORTED
 from linkd.service_unit import LAUNCHD_LABEL, linkd_program, systemd_quote
+from linkd.status_file import write_status
 from tests.linkd_support import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell scripts as fake tools")
@@ -267,3 +269,19 @@ def test_the_real_command_prints_one_line_and_no_traceback(home: Path, tmp_path:
     assert proc.returncode == EXIT_MANAGER_UNAVAILABLE, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert unit_path(home).exists()
+
+
+def test_status_shows_the_daemons_status_file(home: Path, tmp_path: Path) -> None:
+    assert run("service", "install").exit_code == 0
+    write_status(
+        tmp_path / "run" / "linkd-status.json",
+        {"pid": os.getpid(), "version": "9.9", "state": "online", "message": "online as alice-x1"},
+    )
+    result = run("service", "status")
+    assert result.exit_code == 0, result.output
+    running = f"linkd is running (pid {os.getpid()}, version 9.9)\n  state:       online as alice-x1"
+    assert running in result.output
+    doc = json.loads(run("service", "status", "--json").output)
+    assert doc["installed"] is True and doc["enabled"] == "enabled" and doc["active"] == "active"
+    assert doc["daemon"]["running"] is True and doc["daemon"]["state"] == "online"
+    assert doc["file"] == str(unit_path(home))
