@@ -35,6 +35,7 @@ import nats.js.errors
 
 from ..tasks import stop_tasks
 from .config import WebhooksConfig
+from .metrics import WebhookMetrics
 from .signing import DELIVERY_HEADER, SIGNATURE_HEADER, sign
 from .store import WebhookStore
 from .urls import GuardedResolver
@@ -64,12 +65,19 @@ def retry_delay(attempts: int, base: float, cap: float, rng: random.Random | Non
 
 
 class DeliveryScheduler:
-    def __init__(self, store: WebhookStore, config: WebhooksConfig, instance: str) -> None:
+    def __init__(
+        self,
+        store: WebhookStore,
+        config: WebhooksConfig,
+        instance: str,
+        metrics: WebhookMetrics | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.instance = instance
         self.pending: dict[str, tuple[dict[str, Any], int]] = {}
         self.results: dict[str, int] = {"succeeded": 0, "retry": 0, "failed": 0}
+        self.metrics = metrics
         self._wake = asyncio.Event()
         self._busy: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -177,6 +185,8 @@ class DeliveryScheduler:
             result.update(status="pending", nextAttemptAt=done + int(delay * 1000))
             outcome = "retry"
         self.results[outcome] += 1
+        if self.metrics is not None:
+            self.metrics.deliveries.inc(result=outcome)
         try:
             await self.store.update_delivery(result, revision)
         except nats.js.errors.KeyWrongLastSequenceError:

@@ -14,6 +14,7 @@ from ..config import GatewayConfig
 from ..runs.processors.service import PROCESSORS, ProcessorsService
 from ..runs.store import RunStore
 from ..tasks import stop_tasks
+from .metrics import WebhookMetrics
 from .processor import WebhookProcessor
 from .scheduler import DeliveryScheduler
 from .signing import new_secret
@@ -36,6 +37,7 @@ class WebhooksService:
         self._nc_store: RunStore | None = None
         self.scheduler: DeliveryScheduler | None = None
         self._task: asyncio.Task[None] | None = None
+        self.metrics = WebhookMetrics(processors.runs.metrics.registry)
 
     @property
     def store(self) -> WebhookStore | None:
@@ -60,7 +62,7 @@ class WebhooksService:
         self._nc_store = run_store
         if self._task is not None:
             await stop_tasks([self._task])
-        self.scheduler = DeliveryScheduler(store, self.config, self.processors.instance)
+        self.scheduler = DeliveryScheduler(store, self.config, self.processors.instance, self.metrics)
         self._task = asyncio.get_running_loop().create_task(
             self._schedule(self.scheduler), name="webhook-scheduler"
         )

@@ -128,3 +128,11 @@ async def test_a_processor_added_later_catches_up_once_per_event(
         assert rows["counting"]["pending"] == 0
         assert rows["counting"]["handledHere"] == len(expected)
         assert rows["projector"]["checkpoint"].startswith("LINK_RUNS_H_")
+        events = await gw.metric('studio_processor_events_total{processor="counting"}')
+        assert events == len(expected)
+
+        async def gauge_drained() -> bool:
+            text = await gw.metrics()
+            return 'studio_processor_pending{processor="counting"} 0.0' in text
+
+        await wait_until(gauge_drained, 10, interval=0.2)

@@ -130,6 +130,7 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             resp = await gw.client.delete(f"/api/webhooks/{hook['id']}", headers=gw.headers("alice"))
             assert resp.status == 204
             assert len(receiver.raw) == 2
+            assert await gw.metric('studio_webhook_deliveries_total{result="succeeded"}') == 2
         finally:
             await desktop.close()
 
@@ -199,6 +200,8 @@ async def test_a_permanently_failing_url_ends_failed(js_server: NatsServer) -> N
             assert row["nextAttemptAt"] is None
             assert len(receiver.raw) == 3 and len({r.delivery for r in receiver.raw}) == 1
             assert all(r.valid for r in receiver.raw)
+            assert await gw.metric('studio_webhook_deliveries_total{result="retry"}') == 2
+            assert await gw.metric('studio_webhook_deliveries_total{result="failed"}') == 1
         finally:
             await desktop.close()
 

@@ -26,6 +26,7 @@ from .anchors import AnchorBusy
 from .base import Processor, RunEvent
 from .context import ProcessorContext
 from .feed import consumer_name, ensure_consumer
+from .metrics import ProcessorMetrics
 
 __all__ = ["MAX_DELIVERIES", "ProcessorRunner"]
 
@@ -40,7 +41,15 @@ REOPEN_DELAY: Final = (0.2, 5.0)
 
 
 class ProcessorRunner:
-    def __init__(self, processor: Processor, ctx: ProcessorContext, *, prefix: str, replicas: int) -> None:
+    def __init__(
+        self,
+        processor: Processor,
+        ctx: ProcessorContext,
+        *,
+        prefix: str,
+        replicas: int,
+        metrics: ProcessorMetrics | None = None,
+    ) -> None:
         self.processor = processor
         self.ctx = ctx
         self.prefix = prefix
@@ -49,6 +58,7 @@ class ProcessorRunner:
         self.handled = 0  # events handled by this instance
         self.errors: dict[str, int] = {}
         self.last_stored_at: float | None = None
+        self.metrics = metrics
 
     @property
     def name(self) -> str:
@@ -60,6 +70,8 @@ class ProcessorRunner:
 
     def _error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        if self.metrics is not None:
+            self.metrics.errors.inc(processor=self.name, kind=kind)
 
     async def lag(self) -> tuple[int, float]:
         """(events not yet acknowledged by any instance, age in s of the last one this one handled)."""
@@ -126,6 +138,8 @@ class ProcessorRunner:
                     continue
                 await self.processor.handle(event, self.ctx)
                 self.handled += 1
+                if self.metrics is not None:
+                    self.metrics.events.inc(processor=self.name)
         except AnchorBusy as busy:
             await msg.nak(delay=max(0.1, busy.retry_in))
             return

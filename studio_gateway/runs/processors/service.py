@@ -30,6 +30,7 @@ from .anchors import ANCHOR_BUCKET, Anchors
 from .base import Processor, check_name
 from .context import ProcessorContext
 from .feed import consumer_name
+from .metrics import LAG_INTERVAL, ProcessorMetrics
 from .projector import CHECKPOINT, PROJECTOR_NAME, projector_lag
 from .runner import ProcessorRunner
 
@@ -88,6 +89,7 @@ class ProcessorsService:
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.on_ready: list[Callable[[RunStore], Any]] = []
+        self.metrics = ProcessorMetrics(runs.metrics.registry)
         for spec in config.processors.extra:
             self.register(load_processor(spec))
 
@@ -179,10 +181,13 @@ class ProcessorsService:
                     anchors_kv, processor.name, owner=self.instance, lease=self.config.processors.lease
                 ),
             )
-            runner = ProcessorRunner(processor, ctx, prefix=store.prefix, replicas=replicas)
+            runner = ProcessorRunner(
+                processor, ctx, prefix=store.prefix, replicas=replicas, metrics=self.metrics
+            )
             self.runners[processor.name] = runner
             tasks.append(loop.create_task(runner.run(), name=f"processor-{processor.name}"))
         self._js = js
+        tasks.append(loop.create_task(self._measure(), name="processor-lag"))
         self.ready.set()
         log.info("processors running: %s", ", ".join(p.name for p in self.processors) or "(none)")
         started = time.monotonic()
@@ -198,6 +203,19 @@ class ProcessorsService:
                         ) from task.exception()
         finally:
             await stop_tasks(tasks)
+
+    async def _measure(self) -> None:
+        """Refresh the lag gauges (JetStream's view of each checkpoint) every ``LAG_INTERVAL``."""
+        while True:
+            try:
+                for lag in await self.lags():
+                    self.metrics.pending.set(lag.pending, processor=lag.name)
+                    self.metrics.lag_seconds.set(round(lag.age, 3), processor=lag.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # JetStream busy or away: the next round tells
+                log.debug("processor lag: %r", exc)
+            await asyncio.sleep(LAG_INTERVAL)
 
 
 PROCESSORS: Final = web.AppKey("studio_gateway.processors", ProcessorsService)
