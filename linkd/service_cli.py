@@ -111,8 +111,10 @@ def _shell(command: Sequence[str]) -> str:
     return shlex.join(command)
 
 
-def _manual(plan: ServicePlan) -> str:
-    return " && ".join(_shell(c) for c in (*plan.commands, *plan.after))
+def _manual(plan: ServicePlan, *, removing: bool = False) -> str:
+    """The commands to run by hand (uninstall: with the file's removal in its place)."""
+    remove = [("rm", "-f", str(plan.path))] if removing else []
+    return " && ".join(_shell(c) for c in (*plan.commands, *remove, *plan.after))
 
 
 def _bus_unreachable(output: str) -> bool:
@@ -144,21 +146,23 @@ def _first_line(text: str) -> str:
     return ""
 
 
-def _run_all(plan: ServicePlan, commands: Sequence[Sequence[str]], tolerant: frozenset[int]) -> None:
+def _run_all(
+    plan: ServicePlan, commands: Sequence[Sequence[str]], tolerant: frozenset[int], *, removing: bool = False
+) -> None:
     """Run ``commands`` in order; one clear line and a distinct status when the manager fails."""
     for index, command in enumerate(commands):
         result = _run(command)
         if result is None:
             _die(
-                f"{command[0]} not found, so nothing was started; the file is {plan.path}: "
-                f"run by hand: {_manual(plan)}",
+                f"{command[0]} not found; the file is {plan.path}: run by hand: "
+                f"{_manual(plan, removing=removing)}",
                 EXIT_MANAGER_UNAVAILABLE,
             )
         output = (result.stderr or "") + (result.stdout or "")
         if result.returncode != 0 and _bus_unreachable(output):
             _die(
                 f"cannot reach the user's service manager ({_first_line(output)}); the file is "
-                f"{plan.path}: in a login session, run: {_manual(plan)}",
+                f"{plan.path}: in a login session, run: {_manual(plan, removing=removing)}",
                 EXIT_MANAGER_UNAVAILABLE,
             )
         if result.returncode != 0 and index not in tolerant:
@@ -323,7 +327,7 @@ def uninstall(dry_run: DryRunOption = False, platform: PlatformOption = None) ->
     if not plan.path.exists():
         typer.echo(f"linkd service is not installed (no {plan.path})")
         return
-    _run_all(plan, plan.commands, plan.tolerant)
+    _run_all(plan, plan.commands, plan.tolerant, removing=True)
     plan.path.unlink(missing_ok=True)
     typer.echo(f"Removed {plan.path}")
     _run_all(plan, plan.after, frozenset(range(len(plan.after))))

@@ -285,3 +285,20 @@ def test_status_shows_the_daemons_status_file(home: Path, tmp_path: Path) -> Non
     assert doc["installed"] is True and doc["enabled"] == "enabled" and doc["active"] == "active"
     assert doc["daemon"]["running"] is True and doc["daemon"]["state"] == "online"
     assert doc["file"] == str(unit_path(home))
+
+
+def test_uninstall_without_systemctl_keeps_the_unit_and_names_every_step(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run("service", "install").exit_code == 0
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    result = run("service", "uninstall")
+    assert result.exit_code == EXIT_MANAGER_UNAVAILABLE
+    assert unit_path(home).exists()  # a service that may still run keeps its file
+    assert result.stderr == (
+        f"linkd: error: systemctl not found; the file is {unit_path(home)}: run by hand: "
+        f"systemctl --user disable --now linkd.service && rm -f {unit_path(home)} && "
+        "systemctl --user daemon-reload\n"
+    )
