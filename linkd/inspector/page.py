@@ -27,7 +27,7 @@ PAGE: Final = r"""<!doctype html>
   }
   header h1 { font-size:15px; margin:0 12px 0 0; }
   header .live { color:var(--mute); margin-left:auto; }
-  main { display:grid; grid-template-columns: minmax(420px, 1fr) 2fr; height: calc(100vh - 42px); }
+  main { display:grid; grid-template-columns: minmax(600px, 1fr) 1.6fr; height: calc(100vh - 42px); }
   #list { overflow:auto; border-right:1px solid var(--line); background:#fff; }
   table { border-collapse:collapse; width:100%; }
   th, td { text-align:left; padding:4px 8px; border-bottom:1px solid var(--line); white-space:nowrap; }
@@ -56,7 +56,7 @@ PAGE: Final = r"""<!doctype html>
     white-space:normal; word-break:break-all; font-family: ui-monospace, monospace; font-size:12px;
     padding:2px 6px;
   }
-  .headers td:first-child { color:var(--mute); width:30%; }
+  .headers td:first-child { color:var(--mute); width:32%; word-break:normal; }
   pre {
     background:#f6f8fa; border:1px solid var(--line); padding:8px; white-space:pre-wrap;
     word-break:break-all; max-height:40vh; overflow:auto; margin:0; font-size:12px;
@@ -86,7 +86,7 @@ PAGE: Final = r"""<!doctype html>
   <div id="list">
     <table id="requests">
       <thead><tr><th>Time</th><th>Method</th><th>Path</th><th class="num">Status</th>
-        <th class="num">Duration</th><th class="num">TTFB</th><th class="num">Bytes in/out</th></tr></thead>
+        <th class="num">Duration</th><th class="num">TTFB</th><th class="num">In / out</th></tr></thead>
       <tbody></tbody>
     </table>
     <div class="empty" id="no-requests">No requests yet: they appear here as they cross the link.</div>
@@ -152,7 +152,7 @@ function render() {
   body.replaceChildren(frag);
   $("no-requests").hidden = rows.size > 0;
 }
-function queueRender() { if (!renderQueued) { renderQueued = true; requestAnimationFrame(render); } }
+function queueRender() { if (!renderQueued) { renderQueued = true; setTimeout(render, 0); } }
 function upsert(r) {
   rows.set(r.id, r);
   if (rows.size > 1000) {
