@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -409,17 +411,37 @@ async def _upstream_check(settings: Settings, timeout: float) -> Check:
     return Check("upstream", "ok", f"{url} accepts connections")
 
 
+def _unexpected(name: str, exc: Exception) -> Check:
+    """A check that crashed is one failed line too (a doctor must not end in a traceback)."""
+    detail = str(exc) or type(exc).__name__
+    return Check(name, "fail", f"the check itself failed ({type(exc).__name__}: {detail})", "report this")
+
+
 async def run_checks(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> list[Check]:
     """Every check in :data:`CHECKS` order (``timeout``: seconds per network step)."""
     state = _State()
-    checks = [_keyring_check(settings, state), _login_check(settings, state)]
-    checks.append(await _gateway_check(state, timeout))
-    checks.append(await _session_check(state, timeout))
-    checks.append(await _nats_check(settings, state, timeout))
-    jwt = state.session.jwt if state.session is not None else None
-    date_offset = time.monotonic() - state.date_seen_at if state.date_seen_at is not None else 0.0
-    checks.append(clock_check(jwt, state.gateway_date, time.time(), date_offset=date_offset))
-    checks.append(await _upstream_check(settings, timeout))
+
+    def clock() -> Check:
+        jwt = state.session.jwt if state.session is not None else None
+        offset = time.monotonic() - state.date_seen_at if state.date_seen_at is not None else 0.0
+        return clock_check(jwt, state.gateway_date, time.time(), date_offset=offset)
+
+    steps: list[tuple[str, Callable[[], Check | Awaitable[Check]]]] = [
+        ("keyring", lambda: _keyring_check(settings, state)),
+        ("login", lambda: _login_check(settings, state)),
+        ("gateway", lambda: _gateway_check(state, timeout)),
+        ("session", lambda: _session_check(state, timeout)),
+        ("nats", lambda: _nats_check(settings, state, timeout)),
+        ("clock", clock),
+        ("upstream", lambda: _upstream_check(settings, timeout)),
+    ]
+    checks: list[Check] = []
+    for name, step in steps:
+        try:
+            result = step()
+            checks.append(await result if inspect.isawaitable(result) else result)
+        except Exception as exc:
+            checks.append(_unexpected(name, exc))
     return checks
 
 

@@ -1,11 +1,18 @@
-"""``linkd doctor``'s clock check and line format, with JWTs the test makes (no I/O)."""
+"""``linkd doctor``'s clock check, line format and crash guard, with JWTs the test makes (no network)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
+import linkd.doctor as doctor_module
 from contract.nats_jwt import b64url
-from linkd.doctor import CLOCK_FIX, Check, clock_check
+from linkd.config import Settings
+from linkd.doctor import CHECKS, CLOCK_FIX, Check, clock_check, run_checks
+from tests.linkd_support import MemoryKeyring, isolated_env
+
+__all__ = ["isolated_env"]
 
 NOW = 1_800_000_000.0
 
@@ -54,3 +61,19 @@ def test_nothing_to_compare_is_a_skip() -> None:
 def test_one_line_per_check() -> None:
     assert Check("upstream", "warn", "down", "start it").line() == "WARN  upstream  down; fix: start it"
     assert Check("login", "ok", "fine").line() == "ok    login     fine"
+
+
+async def test_a_crashing_check_is_a_failed_line_and_the_rest_still_run(
+    isolated_env: MemoryKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("keyring exploded")
+
+    monkeypatch.setattr(doctor_module, "keyring_usable", broken)
+    checks = await run_checks(Settings())
+    assert [c.name for c in checks] == list(CHECKS)
+    assert checks[0] == Check(
+        "keyring", "fail", "the check itself failed (RuntimeError: keyring exploded)", "report this"
+    )
+    assert checks[1].status == "fail" and checks[1].detail == "no gateway URL: not logged in"
+    assert {c.status for c in checks[2:]} == {"skip"}
