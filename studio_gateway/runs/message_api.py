@@ -98,7 +98,7 @@ async def _post_message(request: web.Request, user: User, kind: str) -> web.Stre
             raise _refused(exc) from None
     except _Invalid as exc:
         return exc.response
-    if kind == SIGNAL and outcome.http_status == 202:
+    if kind == SIGNAL and outcome.http_status == 202 and not outcome.body.get("idempotentReplay"):
         service.signal_posted(str(content["signalType"]), str(content["severity"]))
     return web.json_response(outcome.body, status=outcome.http_status, headers=_NO_STORE)
 

@@ -129,6 +129,34 @@ class RunMetrics:
             )
         )
 
+        # Messages to desktops (docs/runs.md, "Messages to a running run"): each send's outcome
+        # (acknowledged, failed, unknown: resent later), the desktops' acknowledgements (duplicate:
+        # the desktop had the message id already), resends, and signals the desktop took.
+        self.messages_outbound = r.register(
+            Counter(
+                "studio_runs_messages_outbound_total",
+                "Messages sent to desktops (kickoff, context, signal, cancel), by outcome.",
+                ("kind", "result"),
+            )
+        )
+        self.messages_acks = r.register(
+            Counter(
+                "studio_runs_messages_acks_total",
+                "Acknowledgements from desktops, by message kind and whether it was a duplicate.",
+                ("kind", "duplicate"),
+            )
+        )
+        self.messages_resent = r.register(
+            Counter("studio_runs_messages_resent_total", "Pending messages this instance sent again.")
+        )
+        self.signals = r.register(
+            Counter(
+                "studio_runs_signals_total",
+                "Signals desktops took, by type (the first 100 types; then 'other') and severity.",
+                ("signal_type", "severity"),
+            )
+        )
+
     def _lag(self) -> float | None:
         if self._last_event_time is None:
             return None

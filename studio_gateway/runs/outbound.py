@@ -126,7 +126,7 @@ class Outbound:
         dispatcher: Dispatcher,
         timeout: float,
         *,
-        on_result: Callable[[str, str], None] | None = None,
+        on_result: Callable[[str, str, bool], None] | None = None,
     ) -> None:
         self.store = store
         self.messages = messages
@@ -134,8 +134,8 @@ class Outbound:
         self.dispatcher = dispatcher
         self.timeout = timeout
         self.resend_after_ms = int((timeout + RESEND_MARGIN) * 1000)
-        # (kind, result) of every send: the metrics hook.
-        self.on_result = on_result or (lambda kind, result: None)
+        # (kind, result, duplicate) of every send: the metrics hook.
+        self.on_result = on_result or (lambda kind, result, duplicate: None)
         self.resent = 0
 
     # ------------------------------------------------------------------ context and signals
@@ -241,20 +241,22 @@ class Outbound:
     ) -> dict[str, Any] | None:
         now = _now_ms()
         if status == SENT:  # outcome unknown: note why, keep it pending for a resend
-            self.on_result(kind, "unknown")
+            self.on_result(kind, "unknown", False)
             return await self.messages.update(
                 state.run_id,
                 message_id,
                 lambda r: {**r, "lastError": error} if r.get("status") == SENT else None,
             )
-        self.on_result(kind, status)
-        return await self.messages.update(
+        written = await self.messages.update(
             state.run_id,
             message_id,
             lambda r: transition(
                 r, status, now_ms=now, error=error, http_status=http_status, duplicate=duplicate
             ),
         )
+        if written is not None:  # counted once, by the instance that recorded it
+            self.on_result(kind, status, duplicate)
+        return written
 
     # ------------------------------------------------------------------ cancels
 
@@ -342,6 +344,7 @@ class Outbound:
                 continue
             claimed += 1
             self.resent += 1
+            self.on_result(str(record.get("kind")), "resent", False)
             log.info("run %s: resending %s message %s", run_id, record.get("kind"), message_id)
             if record.get("kind") == "kickoff":
                 await self._resend_kickoff(state, record)

@@ -68,6 +68,8 @@ MAX_SETUP_RETRY_DELAY: Final = 10.0
 SUPERVISE_INTERVAL: Final = 0.5
 # Deliveries in flight get this long on shutdown (beyond it, they fail as dispatch_error).
 DRAIN_TIMEOUT: Final = 5.0
+# Distinct signal types counted by name in /metrics; the rest count as "other".
+MAX_SIGNAL_TYPE_LABELS: Final = 100
 
 
 def _now_ms() -> int:
@@ -160,6 +162,7 @@ class RunsService:
         self.dispatcher = Dispatcher(self.metrics, self.runs.dispatch_timeout)
         self._store: RunStore | None = None
         self._outbound: Outbound | None = None
+        self._signal_types: set[str] = set()
         self._projector: Projector | None = None
         self._task: asyncio.Task[None] | None = None
         self.reason = "runs are starting (waiting for NATS and JetStream)"
@@ -390,11 +393,24 @@ class RunsService:
 
     # ------------------------------------------------------------------ messages, validate
 
-    def _message_result(self, kind: str, result: str) -> None:
+    def _message_result(self, kind: str, result: str, duplicate: bool) -> None:
         """Metrics hook of :class:`Outbound`: each send's outcome by message kind."""
+        if result == "resent":
+            self.metrics.messages_resent.inc()
+            return
+        self.metrics.messages_outbound.inc(kind=kind, result=result)
+        if result == "acknowledged":
+            self.metrics.messages_acks.inc(kind=kind, duplicate="true" if duplicate else "false")
 
     def signal_posted(self, signal_type: str, severity: str) -> None:
-        """Metrics hook: a signal the desktop took."""
+        """Metrics hook: a signal the desktop took (signal types are the user's: bounded label set)."""
+        known = self._signal_types
+        if signal_type not in known:
+            if len(known) >= MAX_SIGNAL_TYPE_LABELS:
+                signal_type = "other"
+            else:
+                known.add(signal_type)
+        self.metrics.signals.inc(signal_type=signal_type, severity=severity)
 
     async def post_message(
         self, state: RunState, kind: str, content: Any, idempotency_key: str | None

@@ -147,6 +147,10 @@ async def test_context_and_signal_reach_the_mock_run_once_with_idempotent_retrie
     # Another user sees nothing; an operator sees the list.
     status, other = await get(gw, "bob", f"/api/runs/{run_id}/messages")
     assert status == 404 and other["error"]["code"] == "run_not_found"
+    metric = gw.metric
+    assert await metric('studio_runs_messages_outbound_total{kind="context",result="acknowledged"}') == 2
+    assert await metric('studio_runs_messages_acks_total{kind="kickoff",duplicate="false"}') == 1
+    assert await metric('studio_runs_signals_total{signal_type="build.progress",severity="warning"}') == 1
     admin = issue_token(gw.config.auth, "ops", 300, scopes=["runs:admin"])
     status, seen = await get(gw, "ops", f"/api/runs/{run_id}/messages", token=admin)
     assert status == 200 and len(seen["messages"]) == 5
