@@ -13,8 +13,10 @@ status  meaning
         is not a status document, NATS dropped)
 3       gateway commands (``session``, ``runs``, ``status --gateway``): the gateway
         answered with an error this command cannot act on (5xx, malformed answer)
-4       ``runs``: no such run (or it belongs to another user)
-5       ``runs cancel``: the run had already finished
+4       ``runs``: no such run (or it belongs to another user); ``webhooks``: no such
+        webhook
+5       ``runs cancel``: the run had already finished; ``webhooks add``: too many
+        webhooks
 6       ``runs attach`` / ``send --attach``: the run ended ``failed``
 7       ``runs attach`` / ``send --attach``: the run ended ``cancelled``
 8       ``dev`` / ``demo``: a part of the local stack did not start or died

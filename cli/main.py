@@ -18,12 +18,23 @@ from typing import Annotated, Any, Final
 import typer
 from typer.core import TyperGroup
 
-from . import demo, dev, exitcodes, fetch, forward, inspect, runs, session, status
+from . import demo, dev, exitcodes, fetch, forward, inspect, runs, services, session, status, webhooks
 from .common import LOG_LEVELS, CliError, configure_logging, parse_log_level, version
 
 __all__ = ["COMMAND_MODULES", "app", "main"]
 
-COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (fetch, status, forward, session, runs, dev, demo, inspect)
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (
+    fetch,
+    status,
+    forward,
+    session,
+    runs,
+    webhooks,
+    dev,
+    demo,
+    inspect,
+    services,
+)
 
 HELP: Final = """\
 Inspect and reach linked desktops over the NATS tunnel, send them work through the

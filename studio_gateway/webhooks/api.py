@@ -3,7 +3,7 @@
 - ``POST /api/webhooks`` ``{url, runId?, eventTypes?}`` -> ``201 {id, url, runId, eventTypes,
   createdAt, secret}`` (the secret only here); ``eventTypes`` default ``["done"]``;
 - ``GET /api/webhooks[?runId=ID]`` -> ``200 {"webhooks": [...]}`` (no secrets);
-- ``DELETE /api/webhooks/{id}`` -> ``204``; ``404 webhook_not_found``;
+- ``DELETE /api/webhooks/{id}`` -> ``200 {id, removed: true}``; ``404 webhook_not_found``;
 - ``GET /api/webhooks/{id}/deliveries`` -> ``200 {"deliveries": [...]}``, oldest first.
 """
 
@@ -148,7 +148,7 @@ async def delete_webhook(request: web.Request, user: User) -> web.StreamResponse
         await store.remove_webhook(user.id, webhook_id)
     except (nats.errors.Error, TimeoutError):
         return json_error(503, "runs_unavailable", _UNAVAILABLE)
-    return web.Response(status=204)
+    return web.json_response({"id": webhook_id, "removed": True})
 
 
 @authenticated

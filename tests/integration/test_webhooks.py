@@ -128,7 +128,7 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             resp = await gw.client.delete(f"/api/webhooks/{hook['id']}", headers=gw.headers("bob"))
             assert resp.status == 404
             resp = await gw.client.delete(f"/api/webhooks/{hook['id']}", headers=gw.headers("alice"))
-            assert resp.status == 204
+            assert resp.status == 200 and (await resp.json()) == {"id": hook["id"], "removed": True}
             assert len(receiver.raw) == 2
             assert await gw.metric('studio_webhook_deliveries_total{result="succeeded"}') == 2
         finally:
