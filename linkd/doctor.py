@@ -65,6 +65,7 @@ __all__ = [
     "Check",
     "clock_check",
     "doctor",
+    "report",
     "run_checks",
 ]
 
@@ -457,6 +458,16 @@ def _summary(checks: list[Check]) -> str:
     return f"no check failed{warnings}"
 
 
+def report(checks: list[Check], *, as_json: bool = False) -> tuple[str, int]:
+    """(what ``linkd doctor`` prints, its exit status) for ``checks``."""
+    failed = any(c.status == "fail" for c in checks)
+    if as_json:
+        text = json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2)
+    else:
+        text = "\n".join([*(c.line() for c in checks), _summary(checks)])
+    return text, EXIT_CHECK_FAILED if failed else 0
+
+
 def _option(flag: str, metavar: str, text: str) -> Any:
     return typer.Option(flag, metavar=metavar, help=text, show_default=False)
 
@@ -503,16 +514,10 @@ def doctor(
     }
     settings = load_settings(flags, config_path=config)
     checks = asyncio.run(run_checks(settings, timeout=max(0.1, timeout)))
-    failed = any(c.status == "fail" for c in checks)
-    if as_json:
-        doc = {"ok": not failed, "checks": [asdict(c) for c in checks]}
-        typer.echo(json.dumps(doc, indent=2))
-    else:
-        for check in checks:
-            typer.echo(check.line())
-        typer.echo(_summary(checks))
-    if failed:
-        raise typer.Exit(EXIT_CHECK_FAILED)
+    text, status = report(checks, as_json=as_json)
+    typer.echo(text)
+    if status:
+        raise typer.Exit(status)
 
 
 DOCTOR_EPILOG: Final = (

@@ -1,4 +1,5 @@
-"""Shared pieces of the ``linkd doctor`` tests: the CLI as a process, a stored login, a stand-in gateway.
+"""Shared pieces of the ``linkd doctor`` tests: the CLI as a process or in-process, a stored
+login, a stand-in gateway.
 
 The stand-in gateway is a few lines of aiohttp for what the real one cannot be made to do on
 purpose (a clock an hour ahead, NATS URLs of a TLS server it does not itself use); its session
@@ -20,11 +21,13 @@ from aiohttp import web
 
 from cli.nats_server import free_port
 from contract.nats_jwt import CONNECTION_TYPE_STANDARD
+from linkd.config import load_settings
 from linkd.credentials_store import SERVICE_NAME, TOKEN_KEY
-from linkd.doctor import CHECKS
+from linkd.doctor import CHECKS, report, run_checks
 from linkd.login_state import write_login
 from studio_gateway.nats_jwt import encode_jwt, user_claims
 from tests.integration.gateway_harness import OperatorServer
+from tests.linkd_support import MemoryKeyring
 
 TIMEOUT = 30.0  # a cold Python start of the CLI under a loaded machine is part of it
 
@@ -54,6 +57,25 @@ async def doctor_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, d
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in doc["checks"])
     assert err == ""
     return code, {c["name"]: c for c in doc["checks"]}, doc["ok"]
+
+
+async def diagnose(**flags: object) -> tuple[int, str, dict[str, dict[str, Any]]]:
+    """``linkd doctor`` in-process (with the ``isolated_env`` fixture's keyring and dirs; no cold
+    start of the CLI): (exit status, the text, the checks of the --json document by name)."""
+    checks = await run_checks(load_settings(flags))
+    text, code = report(checks)
+    doc_text, json_code = report(checks, as_json=True)
+    doc = json.loads(doc_text)
+    assert json_code == code and doc["ok"] == (code == 0)
+    assert [c["name"] for c in doc["checks"]] == list(CHECKS), doc
+    assert all(set(c) == {"name", "status", "detail", "fix"} for c in doc["checks"])
+    return code, text, {c["name"]: c for c in doc["checks"]}
+
+
+def remember_login(backend: MemoryKeyring, gateway_url: str, token: str) -> None:
+    """``linkd login`` in-process: the URL in login.json, the token in the test's keyring."""
+    write_login(gateway_url)
+    backend.set_password(SERVICE_NAME, TOKEN_KEY, token)
 
 
 def store_login(tmp_path: Path, env: dict[str, str], gateway_url: str, token: str | None) -> None:

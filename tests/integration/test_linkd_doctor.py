@@ -1,11 +1,12 @@
-"""``linkd doctor`` as the user runs it: a separate process against a real gateway and a real
-operator-mode nats-server; each check made to fail on purpose gives its line, fix, JSON and
-exit status.
+"""``linkd doctor`` against a real gateway and a real operator-mode nats-server; each check made
+to fail on purpose gives its line, fix, JSON and exit status.
 
-Secrets go to a file-backed test keyring (``tests.linkd_support.FileKeyring``). The clock test
-serves a stand-in gateway (a few lines of aiohttp) whose session JWT the test signs with an
-``iat`` an hour in the future, as a desktop whose clock is an hour behind would see it; the NATS
-server it points at is still the real one.
+Two tests run the CLI as the user does (a separate process, secrets in a file-backed test
+keyring: ``tests.linkd_support.FileKeyring``); the others run the same checks and the same
+report in-process (``doctor_support.diagnose``: no cold start of Python per case), with the
+``isolated_env`` fixture's in-memory keyring. The clock test serves a stand-in gateway whose
+session JWT the test signs with an ``iat`` an hour in the future, as a desktop whose clock is an
+hour behind would see it; the NATS server it points at is still the real one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+import keyring
+import keyring.backends.fail
 import pytest
 
 from cli.nats_server import free_port
@@ -22,16 +25,20 @@ from linkd.doctor import CHECKS, EXIT_CHECK_FAILED
 from linkd.login_state import write_login
 from tests.helpers import NatsServerFactory
 from tests.integration.doctor_support import (
+    diagnose,
     doctor,
     doctor_json,
     lines,
     listening,
+    remember_login,
     stand_in_gateway,
     store_login,
 )
 from tests.integration.gateway_harness import OperatorServer, start_operator_server
 from tests.integration.linkd_harness import live_gateway
-from tests.linkd_support import subprocess_env
+from tests.linkd_support import MemoryKeyring, isolated_env, subprocess_env
+
+__all__ = ["isolated_env"]
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(sys.platform == "win32", reason="POSIX")]
 
@@ -39,6 +46,9 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(sys.platform == "win32
 @pytest.fixture
 def op(nats_server_factory: NatsServerFactory, tmp_path: Path) -> OperatorServer:
     return start_operator_server(nats_server_factory, tmp_path)
+
+
+# ------------------------------------------------------------------------------ the CLI process
 
 
 async def test_all_checks_pass_with_a_login_a_gateway_and_an_upstream(
@@ -64,114 +74,109 @@ async def test_all_checks_pass_with_a_login_a_gateway_and_an_upstream(
         assert all(c["fix"] is None for c in checks.values())
 
 
-async def test_no_login_names_linkd_login(op: OperatorServer, tmp_path: Path) -> None:
-    env = subprocess_env(tmp_path)
-    async with live_gateway(op.env()) as gw:
-        code, out, _ = await doctor(env, "--gateway", gw.url)
-        assert code == EXIT_CHECK_FAILED
-        assert lines(out)["login"].startswith("FAIL  login     no gateway token in the OS keyring")
-        assert lines(out)["login"].endswith(
-            f"; fix: run: linkd login --gateway {gw.url} (or set LINKD_TOKEN)"
-        )
-        assert lines(out)["gateway"].startswith("ok ")  # the gateway is still checked
-
-        code, checks, ok = await doctor_json(env, "--gateway", gw.url)
-        assert code == EXIT_CHECK_FAILED and ok is False
-        assert checks["login"]["status"] == "fail"
-        assert checks["login"]["fix"] == f"run: linkd login --gateway {gw.url} (or set LINKD_TOKEN)"
-        assert checks["session"]["status"] == "skip" and checks["nats"]["status"] == "skip"
-
-
 async def test_gateway_down_names_the_url(tmp_path: Path) -> None:
     env = subprocess_env(tmp_path)
     url = f"http://127.0.0.1:{free_port()}"
     store_login(tmp_path, env, url, "some-token")
-    code, checks, ok = await doctor_json(env)
-    assert code == EXIT_CHECK_FAILED and ok is False
-    assert checks["login"]["status"] == "ok"
-    gateway = checks["gateway"]
-    assert gateway["status"] == "fail" and gateway["detail"].startswith(f"{url} is unreachable")
-    assert gateway["fix"] == (
-        f"start the gateway, or check its URL (--gateway, LINKD_GATEWAY or linkd login --gateway; now {url})"
+    code, out, err = await doctor(env)
+    assert code == EXIT_CHECK_FAILED and err == ""
+    found = lines(out)
+    assert found["login"] == f"ok    login     logged in to {url}"
+    assert found["gateway"].startswith(f"FAIL  gateway   {url} is unreachable (")
+    assert found["gateway"].endswith(
+        f"; fix: start the gateway, or check its URL (--gateway, LINKD_GATEWAY or linkd login --gateway; "
+        f"now {url})"
     )
-    assert checks["session"]["status"] == "skip"
-
-    code, out, _ = await doctor(env)
-    assert code == EXIT_CHECK_FAILED
-    assert lines(out)["gateway"].startswith(f"FAIL  gateway   {url} is unreachable")
-    assert "; fix: start the gateway" in lines(out)["gateway"]
+    assert found["session"] == "skip  session   needs a login and a reachable gateway"
+    assert out.splitlines()[-1] == "1 check(s) failed"
 
 
-async def test_nats_port_closed(op: OperatorServer, tmp_path: Path) -> None:
-    env = subprocess_env(tmp_path)
+# ------------------------------------------------------------------------------ in-process
+
+
+async def test_no_login_names_linkd_login(op: OperatorServer, isolated_env: MemoryKeyring) -> None:
+    async with live_gateway(op.env()) as gw:
+        code, out, checks = await diagnose(gateway=gw.url)
+        assert code == EXIT_CHECK_FAILED
+        assert lines(out)["login"].startswith("FAIL  login     no gateway token in the OS keyring")
+        fix = f"run: linkd login --gateway {gw.url} (or set LINKD_TOKEN)"
+        assert lines(out)["login"].endswith(f"; fix: {fix}")
+        assert checks["gateway"]["status"] == "ok"  # the gateway is still checked
+        assert checks["login"]["fix"] == fix
+        assert checks["session"]["status"] == "skip" and checks["nats"]["status"] == "skip"
+
+
+async def test_nats_port_closed(op: OperatorServer, isolated_env: MemoryKeyring) -> None:
     closed = f"nats://127.0.0.1:{free_port()}"
     async with live_gateway(op.env(NATS_PUBLIC_URL=closed)) as gw:
-        store_login(tmp_path, env, gw.url, gw.token("alice"))
-        code, checks, ok = await doctor_json(env)
-        assert code == EXIT_CHECK_FAILED and ok is False
+        remember_login(isolated_env, gw.url, gw.token("alice"))
+        code, out, checks = await diagnose()
+        assert code == EXIT_CHECK_FAILED
         assert checks["session"]["status"] == "ok"
         nats = checks["nats"]
         assert nats["status"] == "fail" and nats["detail"].startswith(f"cannot connect to NATS at {closed}")
         assert nats["fix"].startswith(
             f"check that nats-server runs and that this computer can reach {closed}"
         )
+        assert lines(out)["nats"].startswith(f"FAIL  nats      cannot connect to NATS at {closed}")
         assert checks["clock"]["status"] == "ok"  # the session JWT was still compared
 
 
-async def test_upstream_down_is_a_warning(op: OperatorServer, tmp_path: Path) -> None:
-    env = subprocess_env(tmp_path)
+async def test_upstream_down_is_a_warning(op: OperatorServer, isolated_env: MemoryKeyring) -> None:
     upstream = f"http://127.0.0.1:{free_port()}"
     async with live_gateway(op.env()) as gw:
-        store_login(tmp_path, env, gw.url, gw.token("alice"))
-        code, out, _ = await doctor(env, "--upstream", upstream)
+        remember_login(isolated_env, gw.url, gw.token("alice"))
+        code, out, checks = await diagnose(upstream=upstream)
         assert code == 0, out
         assert lines(out)["upstream"] == (
             f"WARN  upstream  {upstream} refused the connection; fix: start your dev server or change "
             "--upstream (LINKD_UPSTREAM, upstream in linkd.toml)"
         )
         assert out.splitlines()[-1] == "no check failed, 1 warning(s)"
-        code, checks, ok = await doctor_json(env, "--upstream", upstream)
-        assert code == 0 and ok is True and checks["upstream"]["status"] == "warn"
+        assert checks["upstream"]["status"] == "warn"
 
 
-async def test_a_clock_an_hour_behind_the_jwt_fails_with_the_fix(op: OperatorServer, tmp_path: Path) -> None:
-    env = subprocess_env(tmp_path)
+async def test_a_clock_an_hour_behind_the_jwt_fails_with_the_fix(
+    op: OperatorServer, isolated_env: MemoryKeyring
+) -> None:
     async with stand_in_gateway(op, skew=3600) as url:
-        store_login(tmp_path, env, url, "any-token")
-        code, out, _ = await doctor(env)
+        remember_login(isolated_env, url, "any-token")
+        code, out, checks = await diagnose()
         assert code == EXIT_CHECK_FAILED, out
         clock = lines(out)["clock"]
         seconds = re.match(r"FAIL  clock     this computer's clock is (\d+) s behind the gateway's \(", clock)
         assert seconds is not None, clock
         assert 3500 < int(seconds.group(1)) <= 3600  # the hour, less the seconds the check took
         assert clock.endswith(
-            "; fix: " + "set this computer's clock right: turn on network time (Linux: "
+            "; fix: set this computer's clock right: turn on network time (Linux: "
             "timedatectl set-ntp true; macOS and Windows: Date & Time settings)"
         )
-        code, checks, ok = await doctor_json(env)
-        assert code == EXIT_CHECK_FAILED and ok is False and checks["clock"]["status"] == "fail"
-        assert checks["session"]["status"] == "ok"
+        assert checks["clock"]["status"] == "fail" and checks["session"]["status"] == "ok"
 
 
-async def test_a_refused_token_fails_the_session_check(op: OperatorServer, tmp_path: Path) -> None:
-    env = subprocess_env(tmp_path)
+async def test_a_refused_token_fails_the_session_check(
+    op: OperatorServer, isolated_env: MemoryKeyring
+) -> None:
     async with live_gateway(op.env()) as gw:
-        store_login(tmp_path, env, gw.url, "not-a-token-the-gateway-made")
-        code, checks, ok = await doctor_json(env)
-        assert code == EXIT_CHECK_FAILED and ok is False
+        remember_login(isolated_env, gw.url, "not-a-token-the-gateway-made")
+        code, out, checks = await diagnose()
+        assert code == EXIT_CHECK_FAILED
         assert checks["gateway"]["status"] == "ok"
         session = checks["session"]
         assert session["status"] == "fail"
         assert session["detail"].startswith("the gateway refused the API token")
         assert session["fix"] == f"log in again: linkd login --gateway {gw.url}"
+        assert lines(out)["session"].endswith(f"; fix: log in again: linkd login --gateway {gw.url}")
         assert checks["nats"]["status"] == "skip"
 
 
-async def test_no_keyring_names_the_file_store_and_a_remembered_file_store_passes(tmp_path: Path) -> None:
+async def test_no_keyring_names_the_file_store_and_a_remembered_file_store_passes(
+    isolated_env: MemoryKeyring,
+) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    env = subprocess_env(tmp_path, PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")
-    write_login(url, env)
-    code, out, _ = await doctor(env)
+    keyring.set_keyring(keyring.backends.fail.Keyring())  # the fixture puts its own back
+    write_login(url)
+    code, out, checks = await diagnose()
     assert code == EXIT_CHECK_FAILED
     assert lines(out)["keyring"] == (
         "FAIL  keyring   no OS keyring backend is available on this machine; fix: install and unlock a "
@@ -181,12 +186,12 @@ async def test_no_keyring_names_the_file_store_and_a_remembered_file_store_passe
     assert lines(out)["login"].startswith("skip  login     gateway ")
 
     # What `linkd login --insecure-file-store` leaves: the choice remembered, the token in a 0600 file.
-    write_login(url, env, file_store=True)
-    file_store(env).set(TOKEN_KEY, "a-token")
-    code, checks, _ = await doctor_json(env)
+    write_login(url, file_store=True)
+    file_store().set(TOKEN_KEY, "a-token")
+    code, _, checks = await diagnose()
     assert checks["keyring"]["status"] == "ok"
     assert checks["keyring"]["detail"] == (
-        f"no OS keyring; secrets in {file_store(env).directory} (0600, remembered from `linkd login`)"
+        f"no OS keyring; secrets in {file_store().directory} (0600, remembered from `linkd login`)"
     )
     assert checks["login"]["status"] == "ok"
     assert code == EXIT_CHECK_FAILED and checks["gateway"]["status"] == "fail"  # nothing listens there

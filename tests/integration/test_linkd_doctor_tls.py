@@ -17,10 +17,19 @@ from cli.nats_server import NatsServerTLS
 from linkd.doctor import EXIT_CHECK_FAILED
 from studio_gateway.nats_jwt import OperatorSetup
 from tests.helpers import NatsServerFactory
-from tests.integration.doctor_support import doctor, doctor_json, lines, stand_in_gateway, store_login
+from tests.integration.doctor_support import (
+    diagnose,
+    doctor,
+    lines,
+    remember_login,
+    stand_in_gateway,
+    store_login,
+)
 from tests.integration.gateway_harness import OperatorServer
-from tests.linkd_support import subprocess_env
+from tests.linkd_support import MemoryKeyring, isolated_env, subprocess_env
 from tests.tls_certs import TestCerts, make_certs
+
+__all__ = ["isolated_env"]
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(sys.platform == "win32", reason="POSIX")]
 
@@ -42,26 +51,28 @@ def tls_op(nats_server_factory: NatsServerFactory, tmp_path: Path, certs: TestCe
 
 
 async def test_tls_verified_with_the_private_ca_and_unknown_ca_without_it(
-    tls_op: OperatorServer, certs: TestCerts, tmp_path: Path
+    tls_op: OperatorServer, certs: TestCerts, tmp_path: Path, isolated_env: MemoryKeyring
 ) -> None:
     assert tls_op.server.url.startswith("tls://")
-    env = subprocess_env(tmp_path)
+    port = tls_op.server.url.rsplit(":", 1)[1]
     async with stand_in_gateway(tls_op) as url:
-        store_login(tmp_path, env, url, "any-token")
-        code, out, _ = await doctor(env, "--nats-ca", str(certs.ca))
+        remember_login(isolated_env, url, "any-token")
+        code, out, _ = await diagnose(nats_ca=str(certs.ca))
         assert code == 0, out
-        port = tls_op.server.url.rsplit(":", 1)[1]
         assert lines(out)["nats"] == f"ok    nats      connected to tls://127.0.0.1:{port} with TLS verified"
 
-        code, out, _ = await doctor(env)  # the system CA store does not know the test's CA
+        code, _, checks = await diagnose(nats_ca=str(certs.other_ca))  # the wrong CA
         assert code == EXIT_CHECK_FAILED
-        line = lines(out)["nats"]
-        assert line == (
+        assert checks["nats"]["status"] == "fail" and "unknown CA" in checks["nats"]["detail"]
+        assert checks["nats"]["fix"].startswith("pass --nats-ca FILE")
+
+        # As the user runs it, without --nats-ca: the system CA store does not know the test's CA.
+        env = subprocess_env(tmp_path)
+        store_login(tmp_path, env, url, "any-token")
+        code, out, err = await doctor(env)
+        assert code == EXIT_CHECK_FAILED and err == ""
+        assert lines(out)["nats"] == (
             f"FAIL  nats      tls://127.0.0.1:{port}: certificate signed by an unknown CA; fix: pass "
             "--nats-ca FILE (or LINKD_NATS_CA, nats_ca in linkd.toml) with the CA that signed the "
             "server's certificate"
         )
-        code, checks, ok = await doctor_json(env, "--nats-ca", str(certs.other_ca))
-        assert code == EXIT_CHECK_FAILED and ok is False
-        assert checks["nats"]["status"] == "fail" and "unknown CA" in checks["nats"]["detail"]
-        assert checks["nats"]["fix"].startswith("pass --nats-ca FILE")
