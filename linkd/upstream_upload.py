@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
@@ -70,6 +71,9 @@ def describe(exc: BaseException) -> str:
         text = str(current) or type(current).__name__
         if isinstance(current, OSError) and current.strerror:
             text = current.strerror
+            if current.errno and os.strerror(current.errno) not in text:
+                # asyncio's "Connect call failed (host, port)" alone hides the reason.
+                text = f"{os.strerror(current.errno)} ({text})"
         if text not in parts:
             parts.append(text)
         current = current.__cause__ or current.__context__
