@@ -41,6 +41,7 @@ from .logs import LOG_LEVELS, configure_logging
 from .run_events import EventSink, JsonlFileSink, MemoryEventSink, TeeSink
 from .session import GatewayClient, GatewayError
 from .status_file import pid_alive, read_status
+from .tls import nats_tls
 
 __all__ = ["app", "main"]
 
@@ -445,6 +446,34 @@ def up(
             show_default=False,
         ),
     ] = None,
+    nats_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--nats-ca",
+            metavar="FILE",
+            help="Trust this CA (PEM) for tls:// and wss:// NATS URLs instead of the system's "
+            "(env LINKD_NATS_CA).",
+            show_default=False,
+        ),
+    ] = None,
+    nats_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--nats-cert",
+            metavar="FILE",
+            help="Client certificate (PEM) for NATS servers that require one, mTLS (env LINKD_NATS_CERT).",
+            show_default=False,
+        ),
+    ] = None,
+    nats_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--nats-key",
+            metavar="FILE",
+            help="The client certificate's key (env LINKD_NATS_KEY).",
+            show_default=False,
+        ),
+    ] = None,
     events_file: Annotated[
         Path | None,
         typer.Option(
@@ -522,6 +551,9 @@ def up(
         "drain_timeout": drain_timeout,
         "status_file": status_file,
         "nats_transport": nats_transport,
+        "nats_ca": nats_ca,
+        "nats_cert": nats_cert,
+        "nats_key": nats_key,
         "uplink": uplink,
         "heartbeat_interval": heartbeat_interval,
         "insecure_file_store": insecure_file_store,
@@ -530,6 +562,7 @@ def up(
         "inspect_size": inspect_size,
     }
     settings = load_settings(flags, config_path=config)
+    nats_tls(settings)  # a missing or malformed CA/certificate file fails now, in one line
     url = settings.gateway_url or read_login_gateway()
     if url is None:
         _fail("no gateway: run 'linkd login --gateway URL' first (or pass --gateway)")

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import tunnel
 from contract.nats_jwt import JwtError, KeyKind, decode_jwt, is_public_key
+from tunnel.tls import TLSConfig
 
 from . import nats_jwt
 from .preview.config import PreviewConfig
@@ -67,7 +68,10 @@ from .settings import (
     GATEWAY_PORT,
     NATS_ACCOUNT_JWT,
     NATS_ACCOUNT_SIGNING_KEY,
+    NATS_CA,
+    NATS_CERT,
     NATS_CREDS,
+    NATS_KEY,
     NATS_OPERATOR_JWT,
     NATS_PUBLIC_URL,
     NATS_TOKEN,
@@ -285,6 +289,8 @@ class GatewayConfig:
     nats_urls: tuple[str, ...] = (DEFAULT_NATS_URL,)
     nats_creds: str | None = None
     nats_token: str | None = field(default=None, repr=False)
+    # NATS_CA / NATS_CERT / NATS_KEY: TLS for the gateway's own connection (None: system CAs).
+    nats_tls: TLSConfig | None = None
     public_urls: tuple[str, ...] = ()
     tunnel_public_enabled: bool = True
     session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS
@@ -335,6 +341,7 @@ class GatewayConfig:
             raise ConfigError(NATS_CREDS.env, "set either NATS_CREDS or NATS_TOKEN, not both")
         if nats_creds is not None and "-----BEGIN" not in nats_creds and not Path(nats_creds).is_file():
             raise ConfigError(NATS_CREDS.env, f"no such credentials file: {nats_creds}")
+        nats_tls = _nats_tls(values)
         prefix = values.value(TUNNEL_PREFIX).strip()
         try:
             tunnel.HostSubjects.for_host("probe", prefix)
@@ -347,6 +354,7 @@ class GatewayConfig:
             nats_urls=nats_urls,
             nats_creds=nats_creds,
             nats_token=nats_token,
+            nats_tls=nats_tls,
             public_urls=public_urls,
             tunnel_public_enabled=values.value(NATS_TUNNEL_PUBLIC_ENABLED),
             session_ttl_seconds=values.value(NATS_TUNNEL_SESSION_TTL_SECONDS),
@@ -379,6 +387,22 @@ def allowed_connection_types(public_urls: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------ parsing helpers
+
+
+def _nats_tls(values: SettingValues) -> TLSConfig | None:
+    """NATS_CA / NATS_CERT / NATS_KEY as a TLSConfig, its files read once now (ConfigError if bad)."""
+    ca, cert, key = ((values.given(s) or "").strip() or None for s in (NATS_CA, NATS_CERT, NATS_KEY))
+    if ca is None and cert is None and key is None:
+        return None
+    if key is not None and cert is None:
+        raise ConfigError(NATS_KEY.env, "NATS_KEY needs NATS_CERT (the client certificate)")
+    config = TLSConfig(ca=ca, cert=cert, key=key)
+    try:
+        config.context()
+    except ValueError as exc:
+        variable = NATS_CA.env if ca is not None and "CA file" in str(exc) else NATS_CERT.env
+        raise ConfigError(variable, str(exc)) from None
+    return config
 
 
 def _read_value(values: SettingValues, setting: Text) -> str | None:

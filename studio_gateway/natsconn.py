@@ -25,7 +25,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 import tunnel
-from tunnel.connect import NatsAuthError, NatsConnectError, connect, parse_creds
+from tunnel.connect import NatsAuthError, NatsConnectError, NatsTLSError, connect, parse_creds
 
 from .config import ConfigError, GatewayConfig
 
@@ -39,6 +39,11 @@ FIRST_RETRY_DELAY: Final = 0.5
 MAX_RETRY_DELAY: Final = 10.0
 # Refused credentials will not fix themselves quickly; retry rarely (they may be rotated).
 AUTH_RETRY_DELAY: Final = 30.0
+# A certificate problem needs someone to change a certificate or a setting: retry at a calm pace.
+TLS_RETRY_DELAY: Final = 10.0
+# How the gateway's TLS settings are named in a fix.
+TLS_CA_HINT: Final = "NATS_CA (--nats-ca FILE)"
+TLS_CERT_HINT: Final = "NATS_CERT and NATS_KEY (--nats-cert FILE --nats-key FILE)"
 # Closing must not hang shutdown when the server is gone.
 CLOSE_TIMEOUT: Final = 5.0
 CONNECTION_NAME: Final = "studio-gateway"
@@ -121,6 +126,7 @@ class GatewayNats:
                 nc = await connect(
                     list(self.config.nats_urls),
                     name=CONNECTION_NAME,
+                    tls=self.config.nats_tls,
                     closed_cb=self._on_closed,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
@@ -130,6 +136,15 @@ class GatewayNats:
                 self.reason = "NATS refused the gateway's own credentials (NATS_CREDS / NATS_TOKEN)"
                 log.error("%s; retrying in %.0f s", exc, AUTH_RETRY_DELAY)
                 await asyncio.sleep(AUTH_RETRY_DELAY)
+                continue
+            except NatsTLSError as exc:
+                problem = exc.problem
+                fix = problem.fix(ca=TLS_CA_HINT, cert=TLS_CERT_HINT)
+                self.reason = f"the gateway's NATS connection failed TLS: {problem.reason}"
+                log.error(
+                    "nats %s: %s: %s; retrying every %.0f s", exc.where, problem.reason, fix, TLS_RETRY_DELAY
+                )
+                await asyncio.sleep(TLS_RETRY_DELAY)
                 continue
             except NatsConnectError as exc:
                 self.reason = "the gateway cannot reach NATS"

@@ -257,6 +257,14 @@ NATS_URL: Final = Text(
 )
 NATS_CREDS: Final = Text("NATS_CREDS", "--nats-creds", "The gateway's own NATS .creds file (operator mode).")
 NATS_TOKEN: Final = Text("NATS_TOKEN", "--nats-token", "NATS token (token mode: also handed to daemons).")
+# TLS for the gateway's own NATS connection (tls:// or wss:// NATS_URL): a private CA, mTLS.
+NATS_CA: Final = Text(
+    "NATS_CA", "--nats-ca", "CA file (PEM) trusted for the gateway's tls:// or wss:// NATS_URL."
+)
+NATS_CERT: Final = Text(
+    "NATS_CERT", "--nats-cert", "Client certificate (PEM) where NATS requires one (mTLS)."
+)
+NATS_KEY: Final = Text("NATS_KEY", "--nats-key", "The client certificate's key (PEM).")
 NATS_PUBLIC_URL: Final = Text(
     "NATS_PUBLIC_URL", "--public-url", "NATS URL(s) daemons connect to, comma-separated."
 )
@@ -537,6 +545,9 @@ SETTINGS: Final[tuple[Setting[str] | Setting[int] | Setting[float] | Setting[boo
     NATS_URL,
     NATS_CREDS,
     NATS_TOKEN,
+    NATS_CA,
+    NATS_CERT,
+    NATS_KEY,
     NATS_PUBLIC_URL,
     NATS_TUNNEL_PUBLIC_ENABLED,
     NATS_TUNNEL_SESSION_TTL_SECONDS,
