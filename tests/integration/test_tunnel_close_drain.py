@@ -10,9 +10,9 @@ nats-py would otherwise subscribe it again on the next reconnect.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from nats.aio.msg import Msg
 
 import tunnel
 import tunnel._natsio.server as server_module
@@ -30,16 +30,20 @@ async def _echo_path(req: tunnel.Request) -> tunnel.Response:
 
 
 class GatedServer(tunnel.TunnelServer):
-    """Takes start frames off its subscription only once ``gate`` is set: the rest queue up."""
+    """Starts reach it at once (in nats-py's read loop), but what they need on the wire before
+    their handler runs (the ack a request body waits for) waits for ``gate``: the requests are
+    ours, not yet running, while close() begins."""
 
     gate: asyncio.Event
 
-    async def _on_start(self, msg: Msg) -> None:
+    async def _accept(self, req: Any, publishes: list[Any], needs_body_sub: bool) -> None:
         await self.gate.wait()
-        await super()._on_start(msg)
+        await super()._accept(req, publishes, needs_body_sub)
 
 
-async def test_closing_server_serves_the_starts_queued_in_its_subscription(nats_server: NatsServer) -> None:
+async def test_closing_server_serves_the_starts_it_already_received(
+    nats_server: NatsServer,
+) -> None:
     GatedServer.gate = asyncio.Event()
     async with connect_peers(nats_server) as p:
         server = await tunnel.serve(p.server_nc, HOST, _echo_path, server_class=GatedServer)
@@ -49,10 +53,14 @@ async def test_closing_server_serves_the_starts_queued_in_its_subscription(nats_
         client = tunnel.TunnelClient(
             p.caller_nc, timeouts=tunnel.Timeouts(republish_interval=60.0, first_frame=EVENT_TIMEOUT)
         )
-        fetches = [asyncio.ensure_future(client.fetch(f"tunnel://{HOST}/{i}")) for i in range(QUEUED)]
+        fetches = [
+            asyncio.ensure_future(client.fetch(f"tunnel://{HOST}/{i}", method="POST", body=b"x"))
+            for i in range(QUEUED)
+        ]
         await wait_until(lambda: request_sub.delivered == QUEUED, message="the starts never arrived")
         closing = asyncio.ensure_future(server.close(timeout=EVENT_TIMEOUT))
-        await asyncio.sleep(0)  # close() is now draining, with every start still queued
+        # close() has drained its start subscription, with every request accepted and none running.
+        await wait_until(lambda: request_sub._id not in p.server_nc._subs, message="the drain never ended")
         GatedServer.gate.set()
         await closing
         for i, fetch in enumerate(fetches):

@@ -5,8 +5,8 @@ task of its own drains: one queue round trip and one event-loop pass per message
 our code sees it. nats-py's own ``request()`` avoids that by resolving a future in its read
 loop. The tunnel's reply frames need no more than that: decoding a frame and updating a
 stream is synchronous work of a few microseconds, and what must wait (a publish) is handed
-to a task. So the caller's reply subscriptions deliver each message to a plain function,
-called where nats-py would have queued it.
+to a task. So the caller's reply subscriptions and the server's start subscription deliver each
+message to a plain function, called where nats-py would have queued it.
 
 nats-py has no public call for this. The one private detail used is the subscription's
 ``_pending_queue``: a subscription made without a callback starts no task and only ever
@@ -68,19 +68,20 @@ class _DirectDelivery:
         return None
 
 
-async def subscribe_direct(nc: NATS, subject: str, deliver: Deliver) -> Subscription:
-    """Subscribe ``subject`` with ``deliver`` called for each message in nats-py's read loop.
+async def subscribe_direct(nc: NATS, subject: str, deliver: Deliver, *, queue: str = "") -> Subscription:
+    """Subscribe ``subject`` (in queue group ``queue``) with ``deliver`` called for each message
+    in nats-py's read loop.
 
     ``deliver`` must not block; it may schedule tasks.
     """
-    sub = await nc.subscribe(subject)  # no callback: nats-py starts no task for it
-    queue: Any = getattr(sub, "_pending_queue", None)
-    if not isinstance(queue, asyncio.Queue) or not hasattr(sub, "_pending_size"):
+    sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task for it
+    pending: Any = getattr(sub, "_pending_queue", None)
+    if not isinstance(pending, asyncio.Queue) or not hasattr(sub, "_pending_size"):
         await sub.unsubscribe()
-        return await nc.subscribe(subject, cb=_as_callback(deliver))
+        return await nc.subscribe(subject, queue=queue, cb=_as_callback(deliver))
     sub._pending_queue = _DirectDelivery(sub, deliver)  # type: ignore[assignment]
-    while not queue.empty():  # anything that arrived before the swap, in order
-        msg = queue.get_nowait()
+    while not pending.empty():  # anything that arrived before the swap, in order
+        msg = pending.get_nowait()
         sub._pending_size -= len(msg.data)
         deliver(msg)
     return sub

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -52,6 +52,7 @@ from .._subjects import (
     parse_request_subject,
 )
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, map_nats_error
+from .direct import subscribe_direct
 
 __all__ = ["ServerStats", "TunnelServer", "serve"]
 
@@ -403,6 +404,7 @@ class TunnelServer:
         self._closing = False
         self._last_malformed_log = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        self._accepting: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
 
     # The config's fields, read-only: a server's options are fixed once it is built.
@@ -459,7 +461,7 @@ class TunnelServer:
             if up is None or not replies_free:
                 self.dispatch.use_reference_permissions(replies=not replies_free, up_via_body=up is None)
             self._request_sub = await self._subscribe_required(
-                subjects.request, self._on_start, queue=subjects.queue_group
+                subjects.request, self._on_start, queue=subjects.queue_group, direct=True
             )
         except (NatsError, OSError, PermissionDenied) as exc:
             for sub in others:
@@ -484,10 +486,18 @@ class TunnelServer:
             )
 
     async def _subscribe_required(
-        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+        self,
+        subject: str,
+        cb: Callable[[Msg], Awaitable[None]] | Callable[[Msg], None],
+        *,
+        queue: str = "",
+        direct: bool = False,
     ) -> Subscription:
-        """Subscribe, or raise :class:`PermissionDenied` when NATS refuses."""
-        sub = await self._subscribe_checked(subject, cb, queue=queue)
+        """Subscribe, or raise :class:`PermissionDenied` when NATS refuses.
+
+        ``direct``: ``cb`` is synchronous and runs in nats-py's read loop (see ``direct``).
+        """
+        sub = await self._subscribe_checked(subject, cb, queue=queue, direct=direct)
         if sub is None:
             raise PermissionDenied(
                 f"NATS refused the subscription to {subject}: these credentials may not serve "
@@ -496,13 +506,21 @@ class TunnelServer:
         return sub
 
     async def _subscribe_checked(
-        self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+        self,
+        subject: str,
+        cb: Callable[[Msg], Awaitable[None]] | Callable[[Msg], None],
+        *,
+        queue: str = "",
+        direct: bool = False,
     ) -> Subscription | None:
         """Subscribe and make sure NATS accepted it (None: refused). A refused subscription is
         only an asynchronous -ERR: a server that ignored it would report success and never answer.
         """
         before = self.nc.last_error
-        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        if direct:
+            sub = await subscribe_direct(self.nc, subject, cast(Callable[[Msg], None], cb), queue=queue)
+        else:
+            sub = await self.nc.subscribe(subject, queue=queue, cb=cast(Callable[[Msg], Awaitable[None]], cb))
         if await self._refused(before, "subscription to", subject) is None:
             return sub
         with contextlib.suppress(NatsError, OSError):
@@ -539,6 +557,8 @@ class TunnelServer:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout
         await self._stop_taking_requests(timeout)
+        if self._accepting:  # starts that arrived before the UNSUB, still acking: let them run
+            await asyncio.wait(list(self._accepting), timeout=max(0.0, give_up_at - loop.time()))
         tasks = [r.task for r in self.dispatch.active.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, give_up_at - loop.time()))
@@ -605,42 +625,78 @@ class TunnelServer:
 
     # -- message handlers --------------------------------------------------------------
 
-    async def _on_start(self, msg: Msg) -> None:
+    def _on_start(self, msg: Msg) -> None:
+        """A message on the request subject, handled where nats-py reads it (see ``direct``).
+
+        The usual start (an extended caller's, no body, not a first contact) needs no
+        publish before its handler runs, so the handler task starts from here. Anything that
+        must publish or subscribe first (answers, an immediate ack, a v1 body subscription)
+        continues in one task, in the same order as before.
+        """
         dispatch = self.dispatch
         if dispatch.options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
             dispatch.set_max_payload(self.nc.max_payload)
         answer = dispatch.on_start(msg.data, msg.reply)
         if answer.malformed is not None:
             self._malformed(msg.subject, answer.malformed)
-        if answer.publishes:
-            with contextlib.suppress(TunnelError):
-                await self.publisher.send_all(list(answer.publishes))
         stream = answer.stream
         if stream is None:
+            if answer.publishes:
+                self._spawn(self._send_all_quietly(list(answer.publishes)))
             return
         loop = asyncio.get_running_loop()
         req = _ServerRequest(self, stream, loop, stream.created_at)
         dispatch.admit(req)
-        rid = stream.request_id
         frame = stream.start_frame
         if self.on_event is not None:
             emit(
                 self.on_event,
-                TunnelEvent(REQUEST_STARTED, "server", self.hostname, rid, frame.method, req.request.path),
+                TunnelEvent(
+                    REQUEST_STARTED,
+                    "server",
+                    self.hostname,
+                    stream.request_id,
+                    frame.method,
+                    req.request.path,
+                ),
             )
+        needs_body_sub = (
+            frame.body_subject is not None and stream.up_subject is None and self._body_wildcard is None
+        )
+        if answer.publishes or needs_body_sub or stream.ack_now:
+            task = loop.create_task(self._accept(req, list(answer.publishes), needs_body_sub))
+            self._accepting.add(task)  # close() waits for these: their requests are ours
+            task.add_done_callback(self._accepting.discard)
+            return
+        self._run(req, loop)
+
+    async def _accept(self, req: _ServerRequest, publishes: list[Publish], needs_body_sub: bool) -> None:
+        """What a start needs on the wire before its handler runs."""
+        stream = req.stream
+        if publishes:
+            await self._send_all_quietly(publishes)
         try:
-            if frame.body_subject is not None and stream.up_subject is None and self._body_wildcard is None:
-                req.body_sub = await self.nc.subscribe(frame.body_subject, cb=self._on_v1_body)
+            if needs_body_sub:
+                body_subject = stream.start_frame.body_subject
+                assert body_subject is not None
+                req.body_sub = await self.nc.subscribe(body_subject, cb=self._on_v1_body)
             if stream.ack_now:
                 await self.publisher.send(stream.ack())
         except (NatsError, OSError, TunnelError) as exc:
-            log.warning("could not accept request %s: %s", rid, exc)
+            log.warning("could not accept request %s: %s", stream.request_id, exc)
             await req.release()
             return
+        self._run(req, asyncio.get_running_loop())
+
+    def _run(self, req: _ServerRequest, loop: asyncio.AbstractEventLoop) -> None:
         if self._timers is None:
             self._timers = TimerHub(loop)
-        self._timers.add(req, stream.next_deadline())
+        self._timers.add(req, req.stream.next_deadline())
         req.task = loop.create_task(req.run(self.handler))
+
+    async def _send_all_quietly(self, publishes: list[Publish]) -> None:
+        with contextlib.suppress(TunnelError):
+            await self.publisher.send_all(publishes)
 
     async def _on_abort(self, msg: Msg) -> None:
         parsed = parse_request_subject(msg.subject, self.subjects.prefix)
