@@ -36,6 +36,7 @@ from .service_unit import (
     plan_uninstall,
 )
 from .status_file import pid_alive, read_status
+from .tls import nats_tls
 
 __all__ = [
     "EXIT_MANAGER_FAILED",
@@ -183,30 +184,30 @@ def _write_file(path: Path, content: bytes) -> None:
     tmp.replace(path)
 
 
+# install flag -> `linkd up` flag, for the settings passed on as given.
+_PASSED_ON: Final = {
+    "gateway": "--gateway",
+    "upstream": "--upstream",
+    "nats_transport": "--nats-transport",
+    "nats_ca": "--nats-ca",
+    "nats_cert": "--nats-cert",
+    "nats_key": "--nats-key",
+}
+
+
 def _up_command(
-    *,
-    gateway: str | None,
-    upstream: str | None,
-    nats_transport: str | None,
-    insecure_file_store: bool | None,
-    log_level: str | None,
-    config: Path | None,
-    up_args: Sequence[str],
+    flags: dict[str, Any], *, log_level: str | None, config: Path | None, up_args: Sequence[str]
 ) -> list[str]:
-    """``linkd up`` with the install's settings: checked as ``linkd up`` would, no secrets."""
+    """``linkd up`` with the install's settings: checked as ``linkd up`` would, no secrets, paths
+    absolute (the service does not start in the shell's directory)."""
     for arg in up_args:
         if arg.split("=", 1)[0] in SECRET_FLAGS:
             raise LinkdError(
                 f"{arg.split('=', 1)[0]} would put a secret into the service file; store the token "
                 "with `linkd login` instead"
             )
-    flags = {
-        "gateway": gateway,
-        "upstream": upstream,
-        "nats_transport": nats_transport,
-        "insecure_file_store": insecure_file_store,
-    }
     settings = load_settings(flags, config_path=config)  # a bad URL or config file fails here
+    nats_tls(settings)  # and an unreadable CA or certificate file
     if log_level is not None and log_level.strip().lower() not in LOG_LEVELS:
         raise LinkdError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     command = [*linkd_program()]
@@ -215,14 +216,15 @@ def _up_command(
     command.append("up")
     if settings.config_file is not None:
         command += ["--config", os.path.abspath(settings.config_file)]
-    if gateway is not None:
-        command += ["--gateway", gateway.strip()]
-    if upstream is not None:
-        command += ["--upstream", upstream.strip()]
-    if nats_transport is not None:
-        command += ["--nats-transport", nats_transport.strip()]
-    if insecure_file_store is not None:
-        command.append("--insecure-file-store" if insecure_file_store else "--no-insecure-file-store")
+    for key, flag in _PASSED_ON.items():
+        value = flags.get(key)
+        if isinstance(value, Path):
+            command += [flag, os.path.abspath(value.expanduser())]
+        elif value is not None:
+            command += [flag, str(value).strip()]
+    insecure = flags.get("insecure_file_store")
+    if insecure is not None:
+        command.append("--insecure-file-store" if insecure else "--no-insecure-file-store")
     return [*command, *up_args]
 
 
@@ -256,6 +258,18 @@ def install(
         str | None,
         typer.Option("--nats-transport", metavar="MODE", help="As `linkd up`.", show_default=False),
     ] = None,
+    nats_ca: Annotated[
+        Path | None,
+        typer.Option("--nats-ca", metavar="FILE", help="As `linkd up --nats-ca`.", show_default=False),
+    ] = None,
+    nats_cert: Annotated[
+        Path | None,
+        typer.Option("--nats-cert", metavar="FILE", help="As `linkd up --nats-cert`.", show_default=False),
+    ] = None,
+    nats_key: Annotated[
+        Path | None,
+        typer.Option("--nats-key", metavar="FILE", help="As `linkd up --nats-key`.", show_default=False),
+    ] = None,
     insecure_file_store: Annotated[
         bool | None,
         typer.Option(
@@ -279,15 +293,16 @@ def install(
     target = _platform(platform)
     _refuse_windows(target)
     try:
-        command = _up_command(
-            gateway=gateway,
-            upstream=upstream,
-            nats_transport=nats_transport,
-            insecure_file_store=insecure_file_store,
-            log_level=log_level,
-            config=config,
-            up_args=up_args or [],
-        )
+        flags = {
+            "gateway": gateway,
+            "upstream": upstream,
+            "nats_transport": nats_transport,
+            "nats_ca": nats_ca,
+            "nats_cert": nats_cert,
+            "nats_key": nats_key,
+            "insecure_file_store": insecure_file_store,
+        }
+        command = _up_command(flags, log_level=log_level, config=config, up_args=up_args or [])
     except LinkdError as exc:
         _die(str(exc), 2)
     plan = plan_install(target, command, os.environ, _uid())

@@ -26,6 +26,7 @@ from linkd.service_cli import EXIT_MANAGER_FAILED, EXIT_MANAGER_UNAVAILABLE, EXI
 from linkd.service_unit import LAUNCHD_LABEL, linkd_program, systemd_quote
 from linkd.status_file import write_status
 from tests.linkd_support import REPO_ROOT
+from tests.tls_certs import make_certs
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell scripts as fake tools")
 
@@ -91,6 +92,7 @@ def test_dry_run_prints_the_unit_and_commands_and_writes_nothing(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    make_certs(tmp_path / "certs")  # install reads the CA file, as `linkd up` does
     monkeypatch.setenv("LINKD_NATS_CA", "certs/ca.pem")  # a setting from the shell, made absolute
     monkeypatch.setenv("LINKD_RUN_ID", "r-1")  # not a setting: stays out
     result = run("service", "install", "--dry-run", "--upstream", UPSTREAM, "--", "--drain-timeout", "30")
@@ -302,3 +304,16 @@ def test_uninstall_without_systemctl_keeps_the_unit_and_names_every_step(
         f"systemctl --user disable --now linkd.service && rm -f {unit_path(home)} && "
         "systemctl --user daemon-reload\n"
     )
+
+
+def test_tls_settings_are_checked_and_passed_on_as_absolute_paths(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certs(tmp_path / "tls")
+    monkeypatch.chdir(tmp_path)
+    result = run("service", "install", "--dry-run", "--nats-ca", "tls/ca.pem")
+    assert result.exit_code == 0, result.output
+    assert f"ExecStart={linkd_program()[0]} up --nats-ca {certs.ca}\n" in result.output
+    missing = run("service", "install", "--dry-run", "--nats-ca", "nowhere.pem")
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith("linkd: error: cannot read the TLS CA file nowhere.pem")
