@@ -314,9 +314,12 @@ def install(
             typer.echo(f"  {_shell(cmd)}")
         typer.echo(f"Logs: {plan.logs}")
         return
-    _write_file(plan.path, plan.content)
-    if target == "macos":
-        (plan.path.parent.parent / "Logs" / "linkd").mkdir(parents=True, exist_ok=True)
+    try:
+        _write_file(plan.path, plan.content)
+        if target == "macos":  # launchd does not create the log directory
+            (plan.path.parent.parent / "Logs" / "linkd").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _die(f"cannot write {exc.filename or plan.path}: {exc.strerror or exc}", 2)
     typer.echo(f"Wrote {plan.path}")
     _run_all(plan, plan.commands, plan.tolerant)
     typer.echo(
@@ -343,7 +346,10 @@ def uninstall(dry_run: DryRunOption = False, platform: PlatformOption = None) ->
         typer.echo(f"linkd service is not installed (no {plan.path})")
         return
     _run_all(plan, plan.commands, plan.tolerant, removing=True)
-    plan.path.unlink(missing_ok=True)
+    try:
+        plan.path.unlink(missing_ok=True)
+    except OSError as exc:
+        _die(f"cannot remove {plan.path}: {exc.strerror or exc}", 2)
     typer.echo(f"Removed {plan.path}")
     _run_all(plan, plan.after, frozenset(range(len(plan.after))))
 

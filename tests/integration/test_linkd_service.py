@@ -317,3 +317,12 @@ def test_tls_settings_are_checked_and_passed_on_as_absolute_paths(
     missing = run("service", "install", "--dry-run", "--nats-ca", "nowhere.pem")
     assert missing.exit_code == 2
     assert missing.stderr.startswith("linkd: error: cannot read the TLS CA file nowhere.pem")
+
+
+def test_an_unwritable_unit_directory_is_one_line(home: Path) -> None:
+    blocker = home / "xdg-config"
+    blocker.write_text("a file where a directory should be", encoding="utf-8")
+    result = run("service", "install")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"linkd: error: cannot write {blocker}")
+    assert result.stderr.count("\n") == 1
