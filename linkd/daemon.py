@@ -80,6 +80,7 @@ from .access_log import subscribe_access_log
 from .config import Settings
 from .connection import Identity, open_connection, reconnect_policy
 from .credentials_store import public_key_of
+from .discovery import DesktopDiscovery
 from .errors import LinkdError
 from .inspector.daemon_side import DaemonInspector
 from .logs import STATE_LOGGER
@@ -257,6 +258,13 @@ class LinkDaemon:
         self.handler = self.traffic.wrap(self.routes)
         # Prometheus metrics (linkd.metrics): the traffic, and this daemon's state when scraped.
         self.metrics = LinkdMetrics(self.traffic, self)
+        # NATS micro discovery for this host (linkd.discovery), on the current connection.
+        self.discovery = DesktopDiscovery(
+            traffic=self.metrics.stats,
+            status=self.status_document,
+            machine=machine_name(),
+            version=__version__,
+        )
         # The request inspector (linkd.inspector): a loopback page over the recent requests.
         self.inspector = (
             DaemonInspector(
@@ -510,13 +518,14 @@ class LinkDaemon:
         await self._connection_changed(serving.nc)
 
     async def _connection_changed(self, nc: NATS | None) -> None:
-        """Tell the uplink and ``on_connection`` which connection is current."""
+        """Tell the uplink, discovery and ``on_connection`` which connection is current."""
         if self.uplink is not None:
             session = self.session
             if nc is None or session is None:
                 self.uplink.attach(None)
             else:
                 self.uplink.attach(nc, tunnel.HostSubjects.for_host(session.hostname, session.prefix))
+        await self.discovery.attach(nc, self.session)
         if self.on_connection is None:
             return
         try:

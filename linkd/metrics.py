@@ -58,7 +58,7 @@ class RequestStats:
     def observe(self, exchange: Exchange) -> None:
         self.requests += 1
         self.processing_ns += int((exchange.duration_ms or 0.0) * 1_000_000)
-        if exchange.error is not None or (exchange.status or 0) >= 500 or exchange.status is None:
+        if exchange.error is not None or exchange.status is None:  # an upstream's 5xx is its answer
             self.errors += 1
             self.last_error = exchange.error or f"status {exchange.status}"
 

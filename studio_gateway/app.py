@@ -39,12 +39,14 @@ from typing import Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+import tunnel
 from contract.permissions import GrantProvider
 from contract.routes import ME_PATH, SESSION_PATH
 
 from .auth import VERIFIER, TokenVerifier
 from .bodies import declared_length_limit, expect_within
 from .config import GatewayConfig
+from .discovery import GatewayDiscovery
 from .errors import GatewayRequestHandler, error_middleware
 from .natsconn import GATEWAY_NATS, GatewayNats
 from .presence import get_me
@@ -57,8 +59,8 @@ from .runs.processors.service import attach as attach_processors
 from .runs.service import RUNS, runs_lifetime
 from .runs.service import attach as attach_runs
 from .sessions import MINTER, SessionMinter, create_session
-from .webhooks.service import attach as attach_webhooks
 from .telemetry import GATEWAY_METRICS, METRICS_TOKEN, GatewayMetrics, get_metrics
+from .webhooks.service import attach as attach_webhooks
 
 __all__ = ["CONFIG", "GatewayRunner", "create_app", "run_app"]
 
@@ -71,8 +73,13 @@ CLIENT_MAX_SIZE: Final = 64 * 1024
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     """Liveness, and what works right now: an operator sees why runs answer 503 without a token."""
-    nats = request.app[GATEWAY_NATS]
-    runs = request.app[RUNS]
+    return web.json_response(health(request.app))
+
+
+def health(app: web.Application) -> dict[str, str]:
+    """The ``/healthz`` document (also the gateway's discovery ``health`` endpoint)."""
+    nats = app[GATEWAY_NATS]
+    runs = app[RUNS]
     body = {"status": "ok", "nats": "connected" if nats.available else "disconnected"}
     if not runs.runs.enabled:
         body["runs"] = "disabled"
@@ -81,7 +88,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     else:
         body["runs"] = "unavailable"
         body["runsReason"] = runs.unavailable_reason()
-    return web.json_response(body)
+    return body
 
 
 async def _nats_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -121,6 +128,7 @@ def create_app(config: GatewayConfig, *, extra_grants: tuple[GrantProvider, ...]
     )
     nats.on_tunnel_event = metrics.tunnel_event
     nats.on_connection_event = metrics.nats_event
+    nats.on_connected = GatewayDiscovery(lambda: health(app), tunnel.__version__).attach
     if config.metrics_token:
         app[METRICS_TOKEN] = config.metrics_token
     else:

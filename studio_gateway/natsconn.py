@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,6 +64,8 @@ class GatewayNats:
         # "reconnected" of the connection.
         self.on_tunnel_event: tunnel.EventHook | None = None
         self.on_connection_event: Callable[[str], None] | None = None
+        # Called with each new connection once it is up (the gateway's service discovery).
+        self.on_connected: Callable[[NATS], Awaitable[None]] | None = None
 
     @property
     def nc(self) -> NATS | None:
@@ -163,6 +165,8 @@ class GatewayNats:
                 on_event=self.on_tunnel_event,
             )
             self.reason = "connected"
+            if self.on_connected is not None:
+                await self.on_connected(nc)
             if attempt > 1:
                 log.info("connected to NATS after %d attempts", attempt)
             return

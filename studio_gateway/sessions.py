@@ -29,8 +29,8 @@ Response 200::
 
 The user JWT is signed by the account signing key, expires after
 ``NATS_TUNNEL_SESSION_TTL_SECONDS``, may only use the listed connection types, and
-may only do what serving its own host and publishing its own runs' events needs
-(see :mod:`contract.permissions`).
+may only do what serving its own host, publishing its own runs' events and answering
+service discovery for its own host need (see :mod:`contract.permissions`, :mod:`contract.discovery`).
 
 Errors: 401 (see :mod:`.auth`); 400 ``invalid_body`` (not a JSON object, over 16 KiB, or
 nested deeper than 64 levels: :mod:`.bodies`) / ``invalid_public_key``;
@@ -49,6 +49,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from contract.discovery import RESPONSE_PERMISSION, discovery_grant
 from contract.nats_jwt import KeyKind, is_public_key
 from contract.permissions import DEFAULT_GRANTS, GrantProvider, daemon_permissions
 
@@ -144,7 +145,11 @@ class SessionMinter:
         if public_key is None:
             key = nats_jwt.new_key(KeyKind.USER)
             public_key, seed = key.public_key, key.seed
-        grant = daemon_permissions(hostname, self.config.tunnel_prefix, extra=self.extra_grants)
+        # Discovery first (contract.discovery: its own $SRV name, answered through the response
+        # permission), then the tunnel rules and the extras, all confined to this host.
+        grant = discovery_grant(hostname, self.config.tunnel_prefix) + daemon_permissions(
+            hostname, self.config.tunnel_prefix, extra=self.extra_grants
+        )
         claims = nats_jwt.user_claims(
             public_key,
             f"linkd {hostname}",
@@ -155,6 +160,7 @@ class SessionMinter:
             tags=[f"host:{hostname}"],
             limits=DAEMON_USER_LIMITS,
         )
+        claims["nats"]["resp"] = dict(RESPONSE_PERMISSION)
         claims["iat"] = issued
         jwt = nats_jwt.encode_jwt(claims, self._signing_kp)
         if seed is None:

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 import tunnel
+from contract.discovery import RESPONSE_PERMISSION, discovery_grant
 from contract.permissions import PermissionGrant
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
@@ -72,12 +73,16 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
         assert before + TTL <= claims["exp"] <= int(time.time()) + TTL
         assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"])) == session["expiresAt"]
         base = tunnel.HostSubjects.for_host(host).base
-        # The tunnel rules, then the run uplink (its own runs' events, JetStream acks in its own inbox).
+        # Discovery of its own host (contract.discovery), the tunnel rules, then the run uplink
+        # (its own runs' events, JetStream acks in its own inbox).
+        discovery = discovery_grant(host)
         assert claims["nats"]["pub"] == {
-            "allow": [f"{base}.req.*.reply", f"{base}.req.*.reply.*", f"{base}.runs.*"]
+            "allow": [*discovery.publish, f"{base}.req.*.reply", f"{base}.req.*.reply.*", f"{base}.runs.*"]
         }
+        assert claims["nats"]["resp"] == RESPONSE_PERMISSION
         assert claims["nats"]["sub"] == {
             "allow": [
+                *discovery.subscribe,
                 f"{base}.request",
                 f"{base}.req.*.abort",
                 f"{base}.req.*.body",
