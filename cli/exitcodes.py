@@ -6,7 +6,7 @@ status  meaning
 0       success (``fetch``: the response arrived, whatever its HTTP status unless
         ``--fail``; ``status``: the desktop is online)
 1       ``status``: the desktop is offline (nobody serves the host, or it did not
-        answer in time)
+        answer in time); ``services``: no service answered within ``--timeout``
 2       usage or set-up error: bad flag, URL, header or file; NATS unreachable or
         refusing the credentials; the gateway unreachable or refusing the token;
         ``status``: the probe itself failed (the desktop answered something that
