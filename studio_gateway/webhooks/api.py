@@ -96,6 +96,7 @@ async def create_webhook(request: web.Request, user: User) -> web.StreamResponse
             "createdAt": int(time.time() * 1000),
         }
         await store.add_webhook(record)
+        service.registered(record)
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("POST %s: NATS failed: %r", request.path, exc)
         return json_error(503, "runs_unavailable", _UNAVAILABLE)
@@ -146,6 +147,7 @@ async def delete_webhook(request: web.Request, user: User) -> web.StreamResponse
         store = request.app[WEBHOOKS].store
         assert store is not None
         await store.remove_webhook(user.id, webhook_id)
+        request.app[WEBHOOKS].processor.index.remove(webhook_id)
     except (nats.errors.Error, TimeoutError):
         return json_error(503, "runs_unavailable", _UNAVAILABLE)
     return web.json_response({"id": webhook_id, "removed": True})

@@ -1,13 +1,14 @@
 """The webhook processor: turns run events into delivery records (sending is :mod:`.scheduler`'s).
 
-For each event of a type some webhook wants: the run's owner is read from the run state (once
-per run, cached: a run's owner never changes) and the event is dropped unless the subject's host
-is that owner's (a desktop publishes only under its own host, so only its own runs' events
-reach its users' webhooks). Each of the owner's webhooks that matches (its ``runId``, if any,
-and ``eventTypes``) and existed when JetStream stored the event gets one delivery record,
-created with ``kv.create`` under an id derived from (webhook, event): the record is the anchor,
-so a replay, a redelivery, a re-published copy of the event or a second instance never makes a
-second delivery.
+For each event of a type some webhook wants: the event's host (its subject) is looked up in the
+in-memory :class:`~.index.WebhookIndex` (no webhook of that host's user: done, no I/O); else the
+run's owner is read from the run state (once per run, cached: a run's owner never changes) and
+the event is dropped unless the subject's host is that owner's (a desktop publishes only under
+its own host, so only its own runs' events reach its users' webhooks). Each of the owner's
+webhooks that matches (its ``runId``, if any, and ``eventTypes``) and existed when JetStream
+stored the event gets one delivery record, created with ``kv.create`` under an id derived from
+(webhook, event): the record is the anchor, so a replay, a redelivery, a re-published copy of
+the event or a second instance never makes a second delivery.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Final
 from ..runs.processors.base import Processor, RunEvent
 from ..runs.processors.context import ProcessorContext
 from ..runs.store import user_index_token
+from .index import WebhookIndex
 from .store import WebhookStore
 
 __all__ = ["EVENT_TYPES", "WebhookProcessor", "delivery_id"]
@@ -42,6 +44,7 @@ class WebhookProcessor(Processor):
 
     def __init__(self) -> None:
         self.store: WebhookStore | None = None
+        self.index = WebhookIndex()
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (user, host token)
         self.created = 0
 
@@ -60,15 +63,18 @@ class WebhookProcessor(Processor):
 
     async def handle(self, event: RunEvent, ctx: ProcessorContext) -> None:
         store = self.store
-        if store is None:
-            raise RuntimeError("the webhook store is not open yet")
+        if store is None or not self.index.ready.is_set():
+            raise RuntimeError("the webhooks are not loaded yet")  # handed back, retried
+        hooks = self.index.for_host(event.host_token)
+        if not hooks:
+            return  # nobody on this host has a webhook
         owner = await self._owner(event, ctx)
         if owner is None or owner[1] != event.host_token:
             return  # an unknown run, or another host's: never a webhook
         user_id = owner[0]
         stored_ms = int((event.stored_at or time.time()) * 1000)
-        for hook in await store.user_webhooks(user_id):
-            if hook.get("runId") not in (None, event.run_id):
+        for hook in hooks:
+            if hook.get("userId") != user_id or hook.get("runId") not in (None, event.run_id):
                 continue
             if event.type not in hook.get("eventTypes", DEFAULT_EVENT_TYPES):
                 continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -37,6 +37,7 @@ class WebhooksService:
         self._nc_store: RunStore | None = None
         self.scheduler: DeliveryScheduler | None = None
         self._task: asyncio.Task[None] | None = None
+        self._index_task: asyncio.Task[None] | None = None
         self.metrics = WebhookMetrics(processors.runs.metrics.registry)
 
     @property
@@ -60,9 +61,9 @@ class WebhooksService:
         self.processor.store = store
         self._store = store
         self._nc_store = run_store
-        if self._task is not None:
-            await stop_tasks([self._task])
+        await stop_tasks([t for t in (self._task, self._index_task) if t is not None])
         self.scheduler = DeliveryScheduler(store, self.config, self.processors.instance, self.metrics)
+        self._index_task = asyncio.get_running_loop().create_task(self._follow(store), name="webhook-index")
         self._task = asyncio.get_running_loop().create_task(
             self._schedule(self.scheduler), name="webhook-scheduler"
         )
@@ -77,10 +78,23 @@ class WebhooksService:
                 log.warning("webhook scheduler stopped: %r; restarting", exc)
             await asyncio.sleep(1.0)
 
+    async def _follow(self, store: WebhookStore) -> None:
+        while True:
+            try:
+                await self.processor.index.run(store.webhooks)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("webhook index watch stopped: %r; restarting", exc)
+            await asyncio.sleep(1.0)
+
+    def registered(self, record: dict[str, Any]) -> None:
+        """A webhook was stored here: index it now (the watch brings it to the other instances)."""
+        self.processor.index.add(record)
+
     async def close(self) -> None:
-        if self._task is not None:
-            await stop_tasks([self._task])
-            self._task = None
+        await stop_tasks([t for t in (self._task, self._index_task) if t is not None])
+        self._task = self._index_task = None
 
 
 WEBHOOKS: Final = web.AppKey("studio_gateway.webhooks", WebhooksService)

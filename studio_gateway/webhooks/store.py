@@ -70,7 +70,7 @@ class WebhookStore:
         key = f"{user_index_token(user_id)}.{webhook_id}"
         if await self._get(self.webhooks, key) is None:
             return False
-        await self.js.purge_stream(f"KV_{WEBHOOK_BUCKET}", subject=f"$KV.{WEBHOOK_BUCKET}.{key}")
+        await self.webhooks.purge(key)  # a purge marker: every instance's watch sees it
         return True
 
     # ------------------------------------------------------------------ deliveries
@@ -92,7 +92,7 @@ class WebhookStore:
     async def delivery(self, webhook_id: str, delivery_id: str) -> tuple[dict[str, Any], int] | None:
         try:
             entry = await self.deliveries.get(f"{webhook_id}.{delivery_id}")
-        except nats.js.errors.KeyNotFoundError:
+        except nats.js.errors.NotFoundError:  # missing, deleted or purged
             return None
         if not entry.value:
             return None
@@ -112,7 +112,7 @@ class WebhookStore:
     async def _get(self, kv: KeyValue, key: str) -> dict[str, Any] | None:
         try:
             entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+        except nats.js.errors.NotFoundError:  # missing, deleted or purged
             return None
         if not entry.value:
             return None

@@ -130,7 +130,14 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             resp = await gw.client.delete(f"/api/webhooks/{hook['id']}", headers=gw.headers("alice"))
             assert resp.status == 200 and (await resp.json()) == {"id": hook["id"], "removed": True}
             assert len(receiver.raw) == 2
-            assert await gw.metric('studio_webhook_deliveries_total{result="succeeded"}') == 2
+            # A removed webhook gets nothing more: a later event reaches only a webhook added since.
+            _, later = await register(gw, "alice", {"url": receiver.url + "?later", "eventTypes": ["stage"]})
+            receiver.secrets.append(later["secret"])
+            await publish_event(desktop.nc, desktop.hostname, run_id, 3, "stage", stage="late")
+            await wait_until(lambda: len(receiver.unique) >= 3, TIMEOUT)
+            assert len(await deliveries(gw, "alice", later["id"])) == 1
+            assert len(receiver.raw) == 3
+            assert await gw.metric('studio_webhook_deliveries_total{result="succeeded"}') == 3
         finally:
             await desktop.close()
 

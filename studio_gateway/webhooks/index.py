@@ -1,0 +1,70 @@
+"""Every webhook by its user's tunnel host, in memory, from a watch on ``LINK_WEBHOOKS``.
+
+The webhook processor sees every run event; the subject names the host, and a host is one
+user's (``tunnel_hostname(user id)``). With this index an event of a host whose user has no
+webhook costs a dictionary lookup, not a read (a desktop flooding its subjects costs the
+webhooks nothing). A webhook registered on this instance is added at once; on the others the
+watch brings it within milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+import tunnel
+
+from ..hostnames import tunnel_hostname
+
+__all__ = ["WebhookIndex"]
+
+
+def host_token_of(user_id: str) -> str:
+    return tunnel.host_token(tunnel_hostname(user_id))
+
+
+class WebhookIndex:
+    def __init__(self) -> None:
+        self._by_host: dict[str, dict[str, dict[str, Any]]] = {}
+        self._host_of: dict[str, str] = {}  # webhook id -> host token
+        self.ready = asyncio.Event()  # the bucket's content was read once
+
+    def for_host(self, host_token: str) -> list[dict[str, Any]]:
+        return list(self._by_host.get(host_token, {}).values())
+
+    def add(self, record: dict[str, Any]) -> None:
+        host = host_token_of(str(record["userId"]))
+        self._by_host.setdefault(host, {})[str(record["id"])] = record
+        self._host_of[str(record["id"])] = host
+
+    def remove(self, webhook_id: str) -> None:
+        host = self._host_of.pop(webhook_id, None)
+        if host is not None:
+            hooks = self._by_host.get(host, {})
+            hooks.pop(webhook_id, None)
+            if not hooks:
+                self._by_host.pop(host, None)
+
+    async def run(self, kv: KeyValue) -> None:
+        """Follow the bucket until cancelled (raises when the watch fails: the owner restarts it)."""
+        watcher = await kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    self.ready.set()
+                    continue
+                webhook_id = entry.key.rsplit(".", 1)[-1]
+                if entry.operation is not None or not entry.value:
+                    self.remove(webhook_id)
+                    continue
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    record = json.loads(entry.value)
+                    self.add(record)
+        finally:
+            self.ready.clear()
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
