@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - another typer: flags and env vars are 
 
 import tunnel
 from contract.logs import JsonFormatter
-from tunnel.connect import NatsAuthError, NatsConnectError, connect, parse_creds
+from tunnel.connect import NatsAuthError, NatsConnectError, NatsTLSError, connect, parse_creds
+from tunnel.tls import TLSConfig
 
 from . import exitcodes
 
@@ -64,6 +65,12 @@ DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 NATS_URL_ENV: Final = "LINKCTL_NATS_URL"
 NATS_CREDS_ENV: Final = "LINKCTL_NATS_CREDS"
 NATS_TOKEN_ENV: Final = "LINKCTL_NATS_TOKEN"
+NATS_CA_ENV: Final = "LINKCTL_NATS_CA"
+NATS_CERT_ENV: Final = "LINKCTL_NATS_CERT"
+NATS_KEY_ENV: Final = "LINKCTL_NATS_KEY"
+# How a certificate problem's fix names linkctl's TLS settings.
+TLS_CA_HINT: Final = f"--nats-ca FILE (or {NATS_CA_ENV})"
+TLS_CERT_HINT: Final = f"--nats-cert FILE --nats-key FILE (or {NATS_CERT_ENV} and {NATS_KEY_ENV})"
 PREFIX_ENV: Final = "LINKCTL_TUNNEL_PREFIX"
 NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
@@ -137,6 +144,39 @@ TokenOpt = Annotated[
         rich_help_panel=NATS_PANEL,
     ),
 ]
+NatsCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--nats-ca",
+        metavar="FILE",
+        envvar=NATS_CA_ENV,
+        help="Trust this CA (PEM) for tls:// and wss:// NATS URLs instead of the system's.",
+        show_default=False,
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+NatsCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--nats-cert",
+        metavar="FILE",
+        envvar=NATS_CERT_ENV,
+        help="Client certificate (PEM) for NATS servers that require one (mTLS).",
+        show_default=False,
+        rich_help_panel=NATS_PANEL,
+    ),
+]
+NatsKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--nats-key",
+        metavar="FILE",
+        envvar=NATS_KEY_ENV,
+        help="The client certificate's key (PEM).",
+        show_default=False,
+        rich_help_panel=NATS_PANEL,
+    ),
+]
 PrefixOpt = Annotated[
     str,
     typer.Option(
@@ -187,16 +227,25 @@ def _check_nats_url(raw: str) -> str:
 
 @dataclass(frozen=True)
 class NatsOptions:
-    """Validated ``--nats``/``--creds``/``--token``/``--prefix``."""
+    """Validated ``--nats``/``--creds``/``--token``/``--prefix`` and the TLS files (``--nats-ca``...)."""
 
     urls: tuple[str, ...]
     creds: Path | None = None
     token: str | None = None
     prefix: str = tunnel.DEFAULT_PREFIX
+    tls: TLSConfig | None = None
 
     @classmethod
     def from_flags(
-        cls, nats: str, creds: Path | None, token: str | None, prefix: str = tunnel.DEFAULT_PREFIX
+        cls,
+        nats: str,
+        creds: Path | None,
+        token: str | None,
+        prefix: str = tunnel.DEFAULT_PREFIX,
+        *,
+        nats_ca: Path | None = None,
+        nats_cert: Path | None = None,
+        nats_key: Path | None = None,
     ) -> NatsOptions:
         urls = tuple(_check_nats_url(part) for part in nats.split(",") if part.strip())
         if not urls:
@@ -224,11 +273,32 @@ class NatsOptions:
             raise CliError(
                 f"--prefix: {prefix!r} is not a subject prefix (dot-separated tokens, no wildcards)"
             ) from None
-        return cls(urls=urls, creds=creds, token=token or None, prefix=prefix)
+        tls = tls_options(nats_ca, nats_cert, nats_key)
+        return cls(urls=urls, creds=creds, token=token or None, prefix=prefix, tls=tls)
 
     @property
     def display(self) -> str:
         return ",".join(self.urls)
+
+
+def tls_options(ca: Path | None, cert: Path | None, key: Path | None) -> TLSConfig | None:
+    """``--nats-ca``/``--nats-cert``/``--nats-key`` as a TLSConfig, the files read now (CliError if bad)."""
+    if ca is None and cert is None and key is None:
+        return None
+    if key is not None and cert is None:
+        raise CliError(f"--nats-key needs --nats-cert ({NATS_CERT_ENV}): the client certificate")
+    config = TLSConfig(ca=ca, cert=cert, key=key)
+    try:
+        config.context()
+    except ValueError as exc:
+        flag = "--nats-ca" if ca is not None and "CA file" in str(exc) else "--nats-cert"
+        raise CliError(f"{flag}: {exc}") from None
+    return config
+
+
+def tls_error_line(exc: NatsTLSError) -> str:
+    """``nats <url>: <reason>: <fix>``, the fix naming linkctl's flags and variables."""
+    return f"nats {exc.where}: {exc.problem.reason}: {exc.problem.fix(ca=TLS_CA_HINT, cert=TLS_CERT_HINT)}"
 
 
 def parameter_source(parameter: str) -> str | None:
@@ -305,7 +375,10 @@ async def nats_connection(options: NatsOptions, name: str = "linkctl") -> AsyncI
             creds=options.creds,
             token=options.token,
             name=name,
+            tls=options.tls,
         )
+    except NatsTLSError as exc:  # a certificate problem: say which, and which flag fixes it
+        raise CliError(tls_error_line(exc), exitcodes.TLS_ERROR) from None
     except NatsAuthError as exc:  # connected, and refused: the credentials, not the URL
         message = str(exc).removesuffix("; check the credentials")
         raise CliError(f"{message}; {_credentials_hint(options)}") from None

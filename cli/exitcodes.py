@@ -33,6 +33,8 @@ status  meaning
 27      ``fetch``: ``tunnel_integrity_error`` (the response body arrived corrupted
         or truncated: its byte count or CRC-32 differs from what the desktop sent)
 28      ``tunnel_permission_denied`` (NATS refused a subscription a server needs)
+29      NATS over TLS: a certificate problem (unknown CA, wrong host name, expired,
+        client certificate required); the line names the URL and the flag that fixes it
 29      ``inspect``: linkd's inspector cannot be reached or read
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
@@ -61,6 +63,8 @@ HTTP_ERROR: Final = 22
 WRITE_ERROR: Final = 23
 UNKNOWN_TUNNEL_ERROR: Final = 24
 INSPECTOR_UNREACHABLE: Final = 29
+# A TLS handshake with NATS failed on a certificate (unknown CA, host name, expiry, mTLS).
+TLS_ERROR: Final = 29
 INTERRUPTED: Final = 130
 
 TUNNEL_ERROR_EXIT: Final[dict[str, int]] = {
@@ -104,6 +108,7 @@ def describe() -> str:
         ("22", "--fail and an HTTP status of 400 or more"),
         ("23", "the output could not be written"),
         ("24", "another tunnel error code"),
+        ("29", "NATS TLS: a certificate problem (unknown CA, host name, expired, client cert)"),
         ("130", "interrupted"),
     ]
     rows.sort(key=lambda row: int(row[0]))

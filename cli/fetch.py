@@ -28,6 +28,9 @@ from .common import (
     DEFAULT_NATS_URL,
     CliError,
     CredsOpt,
+    NatsCaOpt,
+    NatsCertOpt,
+    NatsKeyOpt,
     NatsOptions,
     NatsUrlOpt,
     PrefixOpt,
@@ -425,6 +428,9 @@ def fetch_command(
     creds: CredsOpt = None,
     token: TokenOpt = None,
     prefix: PrefixOpt = tunnel.DEFAULT_PREFIX,
+    nats_ca: NatsCaOpt = None,
+    nats_cert: NatsCertOpt = None,
+    nats_key: NatsKeyOpt = None,
 ) -> None:
     """Send one HTTP request to a linked desktop and stream the response, like curl."""
     request = build_request(
@@ -444,7 +450,9 @@ def fetch_command(
         idle_timeout=idle_timeout,
     )
     try:
-        options = NatsOptions.from_flags(nats, creds, token, prefix)
+        options = NatsOptions.from_flags(
+            nats, creds, token, prefix, nats_ca=nats_ca, nats_cert=nats_cert, nats_key=nats_key
+        )
         status = run(fetch(request, options))
     finally:
         request.close()

@@ -21,6 +21,9 @@ from .common import (
     DEFAULT_NATS_URL,
     CliError,
     CredsOpt,
+    NatsCaOpt,
+    NatsCertOpt,
+    NatsKeyOpt,
     NatsOptions,
     NatsUrlOpt,
     PrefixOpt,
@@ -207,6 +210,9 @@ def forward_command(
     creds: CredsOpt = None,
     token: TokenOpt = None,
     prefix: PrefixOpt = tunnel.DEFAULT_PREFIX,
+    nats_ca: NatsCaOpt = None,
+    nats_cert: NatsCertOpt = None,
+    nats_key: NatsKeyOpt = None,
 ) -> None:
     """Serve HTTP on a local port and forward every request over the tunnel to HOST."""
     hostname = check_host(host)
@@ -219,7 +225,9 @@ def forward_command(
     ):
         if value is not None and value <= 0:
             raise CliError(f"{flag}: must be more than 0 seconds (got {value:g})")
-    options = NatsOptions.from_flags(nats, creds, token, prefix)
+    options = NatsOptions.from_flags(
+        nats, creds, token, prefix, nats_ca=nats_ca, nats_cert=nats_cert, nats_key=nats_key
+    )
     status = run(
         _forward(
             hostname,

@@ -28,6 +28,9 @@ from .common import (
     DEFAULT_NATS_URL,
     CliError,
     CredsOpt,
+    NatsCaOpt,
+    NatsCertOpt,
+    NatsKeyOpt,
     NatsOptions,
     NatsUrlOpt,
     PrefixOpt,
@@ -340,6 +343,9 @@ def status_command(
     creds: CredsOpt = None,
     token: TokenOpt = None,
     prefix: PrefixOpt = tunnel.DEFAULT_PREFIX,
+    nats_ca: NatsCaOpt = None,
+    nats_cert: NatsCertOpt = None,
+    nats_key: NatsKeyOpt = None,
 ) -> None:
     """Probe a linked desktop: online or offline, its hostname, capabilities, version, latency."""
     if gateway is None and host is None:
@@ -359,7 +365,9 @@ def status_command(
             )
         gateway_options = GatewayOptions.from_flags(gateway, gateway_token)
         raise typer.Exit(run(_status_via_gateway(gateway_options, timeout, watch, count, as_json)))
-    options = NatsOptions.from_flags(nats, creds, token, prefix)
+    options = NatsOptions.from_flags(
+        nats, creds, token, prefix, nats_ca=nats_ca, nats_cert=nats_cert, nats_key=nats_key
+    )
     raise typer.Exit(run(_status(hostname, options, timeout, watch, count, as_json)))
 
 
