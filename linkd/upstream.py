@@ -49,7 +49,7 @@ from .upstream_body import BodyLengthMismatch, declared_length, length_checked
 from .upstream_path import InvalidTarget, check_target
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
 from .upstream_upgrade import open_upgraded
-from .upstream_upload import describe, send_with_body
+from .upstream_upload import ConnectionPool, describe, send_with_body
 
 __all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "upstream_url"]
 
@@ -126,8 +126,10 @@ class UpstreamProxy:
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=20),
         )
         self._netloc = self.base.netloc.decode("ascii")
+        self.upload_pool = ConnectionPool()  # keep-alive for requests with a body (linkd.upstream_upload)
 
     async def aclose(self) -> None:
+        self.upload_pool.close()
         await self.client.aclose()
 
     def _request_headers(self, request: tunnel.Request) -> list[tuple[bytes, bytes]]:
@@ -173,6 +175,7 @@ class UpstreamProxy:
                 length=length,
                 connect_timeout=CONNECT_TIMEOUT,
                 head_timeout=self.head_timeout,
+                pool=self.upload_pool,
             )
         content: AsyncIterator[bytes] | None = None
         if length is not None:

@@ -27,8 +27,12 @@ first decides:
   the head went out: the connection is aborted, so the service never sees a complete
   request, and the caller's response fails).
 
-The connection is not reused: requests with a body are few next to GETs, and a loopback
-connect costs well under a millisecond.
+Connections are kept alive between such requests (:class:`ConnectionPool`): one whose
+request and answer both ended cleanly goes back to a small pool, is watched while idle
+(any byte or the close the service sends makes it unusable: a late ``408``, a keep-alive
+timeout) and is reused only within :data:`MAX_IDLE_SECONDS` (servers such as Node's
+close idle connections after 5 s). Without reuse, a busy form-posting app would leave a
+socket in TIME_WAIT per request and could run out of local ports.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ import contextlib
 import json
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Final
 
 import h11
@@ -51,11 +58,14 @@ from .upstream_body import BodyLengthMismatch, length_checked
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
 from .upstream_upgrade import MAX_HEAD_SIZE, READ_SIZE, _ssl_context, answer_headers
 
-__all__ = ["UploadAnswerBody", "describe", "send_with_body"]
+__all__ = ["ConnectionPool", "UploadAnswerBody", "describe", "send_with_body"]
 
 log = logging.getLogger("linkd.upstream")
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+MAX_IDLE: Final = 10  # idle connections kept per upstream
+MAX_IDLE_SECONDS: Final = 2.0  # reused only this soon: under every common keep-alive timeout
+DRAIN_GRACE: Final = 1.0  # at the answer's end, for the upload's last drain (else not reused)
 
 # Tasks of uploads whose answer is being relayed (asyncio keeps only weak references).
 _TASKS: set[asyncio.Task[None]] = set()
@@ -86,6 +96,65 @@ def _error(status: int, code: str, message: str) -> tunnel.Response:
     return tunnel.Response(status, [("content-type", "application/json")], body)
 
 
+@dataclass(slots=True)
+class _Link:
+    """One connection to the service and its h11 state."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection
+    idle_since: float = 0.0
+    watcher: asyncio.Task[bytes] | None = None
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to the service, for requests with a body."""
+
+    def __init__(self, max_idle: int = MAX_IDLE, max_idle_seconds: float = MAX_IDLE_SECONDS) -> None:
+        self.max_idle = max_idle
+        self.max_idle_seconds = max_idle_seconds
+        self.reused = 0  # connections taken again (for tests and curiosity)
+        self._idle: deque[_Link] = deque()
+        self._closed = False
+
+    def put(self, link: _Link) -> None:
+        """Keep ``link`` (its request and answer both ended cleanly) for the next request."""
+        if self._closed or len(self._idle) >= self.max_idle:
+            link.writer.close()
+            return
+        link.conn.start_next_cycle()
+        link.idle_since = time.monotonic()
+        # Anything the service sends while idle (a byte, its close) makes the link unusable.
+        link.watcher = asyncio.get_running_loop().create_task(link.reader.read(1), name="linkd-idle-watch")
+        self._idle.append(link)
+
+    async def take(self) -> _Link | None:
+        """The most recently used idle link still fit for a request, else None."""
+        now = time.monotonic()
+        while self._idle:
+            link = self._idle.pop()
+            watcher, link.watcher = link.watcher, None
+            quiet = watcher is not None and not watcher.done()
+            if watcher is not None:
+                watcher.cancel()  # a read cancelled while waiting consumes nothing
+                # ...and the reader takes a new read only once that one is over.
+                await asyncio.wait([watcher])
+                quiet = quiet and watcher.cancelled()
+            if quiet and now - link.idle_since <= self.max_idle_seconds and not link.writer.is_closing():
+                self.reused += 1
+                return link
+            link.writer.close()
+        return None
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            link = self._idle.pop()
+            if link.watcher is not None:
+                link.watcher.cancel()
+            link.writer.close()
+
+
 async def send_with_body(
     request: tunnel.Request,
     *,
@@ -96,11 +165,13 @@ async def send_with_body(
     length: int | None,
     connect_timeout: float,
     head_timeout: float,
+    pool: ConnectionPool | None = None,
 ) -> tunnel.Response:
     """Send ``request`` and its body to the service at ``base``; its answer as soon as it has one.
 
     ``target`` is the raw path + query, ``headers`` what the plain proxy sends (hop-by-hop
-    ones dropped), ``length`` the declared Content-Length (None: chunked).
+    ones dropped), ``length`` the declared Content-Length (None: chunked); ``pool`` keeps
+    connections alive between requests.
     """
     out = list(headers)
     if length is None:
@@ -119,21 +190,24 @@ async def send_with_body(
                 pass
         except BodyLengthMismatch as exc:
             return _error(400, "content_length_mismatch", str(exc))
-    host = base.host
-    port = base.port or (443 if base.scheme == "https" else 80)
-    context = _ssl_context() if base.scheme == "https" else None
-    try:
-        async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
-            )
-    except TimeoutError:
-        log.warning("upstream %s: no connection within %ss", base_url, connect_timeout)
-        return _error(504, "upstream_timeout", f"{base_url} did not answer in time (connect timeout)")
-    except OSError as exc:
-        log.warning("upstream %s is unreachable: %s", base_url, describe(exc))
-        return _error(502, "upstream_unreachable", f"cannot connect to {base_url}: {describe(exc)}")
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
+    link = await pool.take() if pool is not None else None
+    if link is None:
+        host = base.host
+        port = base.port or (443 if base.scheme == "https" else 80)
+        context = _ssl_context() if base.scheme == "https" else None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
+                )
+        except TimeoutError:
+            log.warning("upstream %s: no connection within %ss", base_url, connect_timeout)
+            return _error(504, "upstream_timeout", f"{base_url} did not answer in time (connect timeout)")
+        except OSError as exc:
+            log.warning("upstream %s is unreachable: %s", base_url, describe(exc))
+            return _error(502, "upstream_unreachable", f"cannot connect to {base_url}: {describe(exc)}")
+        link = _Link(reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE))
+    reader, writer, conn = link.reader, link.writer, link.conn
     writer.write(conn.send(head) or b"")
     upload = asyncio.create_task(_upload(conn, writer, content), name="linkd-upstream-upload")
     _TASKS.add(upload)
@@ -168,7 +242,7 @@ async def send_with_body(
     if request.method == "HEAD" or status in _NO_BODY_STATUS:
         _abort(writer, upload)
         return tunnel.Response(status, response_headers, None, reason)
-    body = UploadAnswerBody(conn, reader, writer, upload, base_url, head_timeout)
+    body = UploadAnswerBody(link, upload, base_url, head_timeout, pool)
     body.watch(request)
     return tunnel.Response(status, response_headers, body, reason)
 
@@ -241,16 +315,17 @@ class UploadAnswerBody:
 
     def __init__(
         self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        link: _Link,
         upload: asyncio.Task[None],
         base_url: str,
         read_timeout: float,
+        pool: ConnectionPool | None = None,
     ) -> None:
-        self._conn = conn
-        self._reader = reader
-        self._writer = writer
+        self._link = link
+        self._conn = link.conn
+        self._reader = link.reader
+        self._writer = link.writer
+        self._pool = pool
         self._upload = upload
         self._base_url = base_url
         self._read_timeout = read_timeout
@@ -297,13 +372,35 @@ class UploadAnswerBody:
                 if event.data:
                     return bytes(event.data)
                 continue
-            await self.aclose()  # EndOfMessage (or the end of a close-delimited body)
+            await self.aclose(ended=True)  # EndOfMessage (or the end of a close-delimited body)
         raise StopAsyncIteration
 
-    async def aclose(self) -> None:
+    def _reusable(self) -> bool:
+        """Both the request and the answer ended cleanly, and neither side asked to close."""
+        upload = self._upload
+        return (
+            self._pool is not None
+            and upload.done()
+            and not upload.cancelled()
+            and upload.exception() is None
+            and self._conn.our_state is h11.DONE
+            and self._conn.their_state is h11.DONE
+            and self._conn.trailing_data == (b"", False)  # nothing came behind the answer
+        )
+
+    async def aclose(self, *, ended: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
+        if ended and not self._upload.done() and self._conn.our_state is h11.DONE:
+            # The body's end is written; the upload only waits for its last drain.
+            await asyncio.wait([self._upload], timeout=DRAIN_GRACE)
+        if ended and self._pool is not None and self._reusable():
+            watcher = self._watcher
+            if watcher is not None and watcher is not asyncio.current_task():
+                watcher.cancel()
+            self._pool.put(self._link)
+            return
         watcher = self._watcher
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
