@@ -7,6 +7,9 @@ waits; its record stays ``sent``; the other gateway's resend loop finds it and s
 again with the same message id; the desktop answers ``duplicate`` and the message is
 ``acknowledged`` (two attempts). The mock run's output shows the message once, and a retry
 of the POST with the same idempotency key at the surviving gateway sends nothing new.
+
+The same for a work item (``kickoff``) that never reached the desktop: its gateway dies
+waiting; the other one delivers it again with the same message id, and the run completes.
 """
 
 from __future__ import annotations
@@ -144,6 +147,80 @@ async def test_a_gateway_killed_between_send_and_ack_the_other_completes_deliver
             ]
     finally:
         hold.release.set()
+        await first.stop()
+        await second.stop()
+        await desktop.close()
+
+
+class SwallowFirstWork:
+    """The desktop's routes, except that the first work item is taken and never answered (lost)."""
+
+    def __init__(self, routes: LinkRoutes) -> None:
+        self.routes = routes
+        self.seen = asyncio.Event()
+        self.release = asyncio.Event()
+        self.work_requests = 0
+
+    async def __call__(self, request: tunnel.Request) -> tunnel.Response:
+        if request.path != "/api/links/work":
+            return await self.routes(request)
+        self.work_requests += 1
+        if self.work_requests == 1:
+            self.seen.set()
+            await self.release.wait()
+            return tunnel.Response(503, [], b"")
+        return await self.routes(request)
+
+
+async def test_a_work_item_whose_gateway_died_is_delivered_by_the_other(
+    nats_server_factory: NatsServerFactory,
+) -> None:
+    server: NatsServer = nats_server_factory(jetstream=True)
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "NATS_URL": server.url,
+        "RUNS_DISPATCH_TIMEOUT_SECONDS": DISPATCH_TIMEOUT,
+        # Longer than the resend takes: the reaper must not end the run as dispatch_error first.
+        "RUNS_LIVENESS_TIMEOUT_SECONDS": "60",
+    }
+    first, second = GatewayProcess(env), GatewayProcess(env)
+    desktop = await start_desktop(server.url, USER, runners={"mock": MockRunner()})
+    assert desktop.runs is not None
+    swallow = SwallowFirstWork(LinkRoutes(desktop.runs))
+    await desktop.server.close()
+    desktop.server = await tunnel.serve(desktop.nc, tunnel_hostname(USER), swallow)
+    try:
+        await asyncio.gather(first.start(), second.start())
+        auth = {"Authorization": f"Bearer {first.token(USER)}"}
+        async with (
+            httpx.AsyncClient(base_url=first.url, headers=auth, trust_env=False, timeout=30) as a,
+            httpx.AsyncClient(base_url=second.url, headers=auth, trust_env=False, timeout=30) as b,
+        ):
+
+            async def runs_ready() -> bool:
+                docs = [(await c.get("/healthz")).json() for c in (a, b)]
+                return all(doc.get("runs") == "ready" for doc in docs)
+
+            await wait_until(runs_ready, 20.0, interval=0.1, message="runs never ready on both gateways")
+            created = await a.post("/api/runs", json={"runner": "mock", "input": {"count": 3}})
+            assert created.status_code == 202, created.text
+            run_id = created.json()["runId"]
+            await asyncio.wait_for(swallow.seen.wait(), 20.0)
+            await first.kill()  # the work item is on its way; nobody will answer it
+
+            async def completed() -> dict[str, Any] | None:
+                doc = (await b.get(f"/api/runs/{run_id}")).json()
+                return doc if doc["status"] in ("completed", "failed", "cancelled") else None
+
+            await wait_until(completed, 40.0, interval=0.2, message="the run never ended")
+            state = await completed()
+            assert state is not None and state["status"] == "completed", state
+            listing = (await b.get(f"/api/runs/{run_id}/messages")).json()
+            kickoff = [m for m in listing["messages"] if m["kind"] == "kickoff"]
+            assert len(kickoff) == 1 and kickoff[0]["status"] == "acknowledged", kickoff
+            assert kickoff[0]["attempts"] == 2 and swallow.work_requests == 2
+    finally:
+        swallow.release.set()
         await first.stop()
         await second.stop()
         await desktop.close()
