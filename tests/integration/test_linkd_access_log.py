@@ -115,8 +115,16 @@ async def local_service() -> AsyncIterator[str]:
     async def echo(request: web.Request) -> web.Response:
         return web.Response(body=await request.read())
 
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
     app = web.Application()
     app.router.add_get("/hello", hello)
+    app.router.add_get("/ws", ws_echo)
     app.router.add_post("/echo", echo)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
@@ -165,8 +173,12 @@ async def test_json_access_lines_with_fields_and_no_secrets(op: OperatorServer, 
             status, _ = await fetch(gw, f"tunnel://{host}/api/links/status")
             assert status == 200
             await wait_until(lambda: len(daemon.access()) >= 3, TIMEOUT, message=lambda: daemon.lines[-10:])
+            async with await tunnel.websocket_connect(gw.nc, f"tunnel://{host}/ws") as ws:
+                await ws.send_text("ws-message-1234")
+                assert (await ws.receive()).data == "ws-message-1234"
+            await wait_until(lambda: len(daemon.access()) >= 4, TIMEOUT, message=lambda: daemon.lines[-10:])
 
-            hello, echo, probe = daemon.access()[:3]
+            hello, echo, probe, upgraded = daemon.access()[:4]
             assert hello["level"] == "info" and hello["event"] == "access"
             fields = ("method", "path", "status", "bytesIn", "bytesOut", "route", "error")
             assert {k: hello[k] for k in fields} == {
@@ -187,6 +199,10 @@ async def test_json_access_lines_with_fields_and_no_secrets(op: OperatorServer, 
                 len(SECRET_BODY),
             )
             assert (probe["path"], probe["route"], probe["status"]) == ("/api/links/status", "status", 200)
+            # The WebSocket's line comes at the stream's end, with the bytes of both ways (frames).
+            assert (upgraded["path"], upgraded["status"], upgraded["error"]) == ("/ws", 101, None)
+            assert min(upgraded["bytesIn"], upgraded["bytesOut"]) > len("ws-message-1234")
+            assert upgraded["message"].endswith(" upgraded")
         secrets_seen = "\n".join(daemon.lines)
         # No service behind the upstream URL: the request fails, one warning names the upstream and why.
         dead = f"http://127.0.0.1:{free_port()}"
