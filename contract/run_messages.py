@@ -51,7 +51,7 @@ SEVERITIES: Final = ("info", "warning", "error", "critical")
 # A signal type: a short dotted name, e.g. "build.progress" or "user_note".
 SIGNAL_TYPE_PATTERN: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 MESSAGE_ID_PATTERN: Final = re.compile(r"msg_[0-9a-f]{32}")
-# Bounds, as compact JSON: a message fits the daemon's control body limit with room to spare.
+# Bounds, as compact ASCII JSON: a message fits the daemon's control body limit with room to spare.
 MAX_CONTEXT_BYTES: Final = 64 * 1024
 MAX_SIGNAL_PAYLOAD_BYTES: Final = 16 * 1024
 
@@ -75,7 +75,9 @@ class Signal:
 
 
 def _size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """Bytes on the wire: compact JSON with non-ASCII escaped (what the gateway sends; never
+    fails on a lone surrogate, which UTF-8 cannot encode)."""
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 def new_message_id() -> str:

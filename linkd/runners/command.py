@@ -167,7 +167,7 @@ class CommandRunner:
         path = self._message_files.get(item.run_id)
         if path is None:
             raise MessageRefused("the command is not running (it has not started yet, or it exited)")
-        line = json.dumps(message.as_json(), separators=(",", ":"), ensure_ascii=False) + "\n"
+        line = json.dumps(message.as_json(), separators=(",", ":")) + "\n"
         try:
             with path.open("a", encoding="utf-8") as out:
                 out.write(line)

@@ -71,7 +71,7 @@ _ORDER: Final = {QUEUED: 0, SENT: 1, ACKNOWLEDGED: 2, FAILED: 2}
 
 def content_digest(kind: str, content: Any) -> str:
     """What a retried POST must repeat to reuse an idempotency key: kind and content."""
-    text = json.dumps([kind, content], separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    text = json.dumps([kind, content], separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -292,4 +292,4 @@ class MessageStore:
 
 
 def _encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(record, separators=(",", ":")).encode()  # ASCII: a lone surrogate cannot break it

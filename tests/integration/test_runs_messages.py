@@ -116,7 +116,9 @@ async def test_context_and_signal_reach_the_mock_run_once_with_idempotent_retrie
     status, sig_again = await post(gw, "alice", f"/api/runs/{run_id}/signals", signal)
     assert status == 202 and sig_again["messageId"] == sig["messageId"]
     # Without a key, a second identical context is a second message.
-    status, second = await post(gw, "alice", f"/api/runs/{run_id}/context", {"context": {"doc": [1, 2]}})
+    status, second = await post(
+        gw, "alice", f"/api/runs/{run_id}/context", {"context": {"doc": [1, 2], "t": "ü\ud800"}}
+    )
     assert status == 202 and second["messageId"] != first["messageId"]
 
     await finish(gw, run_id)
@@ -126,7 +128,7 @@ async def test_context_and_signal_reach_the_mock_run_once_with_idempotent_retrie
         (sig["messageId"], "signal"),
         (second["messageId"], "context"),
     ]
-    assert got[0]["context"] == "hello" and got[2]["context"] == {"doc": [1, 2]}
+    assert got[0]["context"] == "hello" and got[2]["context"] == {"doc": [1, 2], "t": "ü\ud800"}
     assert got[1]["signal"] == {"signalType": "build.progress", "severity": "warning", "payload": {"pct": 40}}
 
     status, listing = await get(gw, "alice", f"/api/runs/{run_id}/messages")

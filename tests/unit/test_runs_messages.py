@@ -38,6 +38,8 @@ def test_signal_and_context_checks() -> None:
             parse_signal(bad)
         assert info.value.field == field
     assert check_context("text") == "text"
+    assert check_context("\ud800") == "\ud800"  # a lone surrogate (valid JSON text) is no crash
+    assert content_digest("context", "\ud800") != content_digest("context", "x")
     with pytest.raises(InvalidMessage):
         check_context(None)
     with pytest.raises(InvalidMessage):
