@@ -59,6 +59,8 @@ class DaemonInspector:
             url = await server.start()
         except OSError as exc:
             await server.close()
+            self._unsubscribe()  # no page: nothing to record for
+            self.traffic.capture_bodies = False
             why = "the port is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             log.warning(
                 "inspector: cannot listen on %s:%d (%s); running without it (see --inspect-port)",

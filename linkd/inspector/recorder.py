@@ -86,7 +86,7 @@ class Recorder:
     def newest(self, where: Filter | None = None, limit: int | None = None) -> Iterator[Entry]:
         """Newest first, those ``where`` matches, at most ``limit``."""
         count = 0
-        for entry in reversed(list(self._entries.values())):
+        for entry in reversed(self._entries.values()):
             if limit is not None and count >= limit:
                 return
             if where is None or where.matches(entry.exchange):

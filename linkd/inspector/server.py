@@ -127,11 +127,8 @@ class InspectorServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        if self.port == 0:
-            server = site._server  # the port the OS chose
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.port = int(sockets[0].getsockname()[1])
+        if self.port == 0:  # the port the OS chose
+            self.port = int(runner.addresses[0][1])
         return self.url
 
     async def close(self) -> None:
