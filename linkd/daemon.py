@@ -325,6 +325,7 @@ class LinkDaemon:
             status_task.cancel()
             sleep_task.cancel()
             await self._shutdown()
+            await self.discovery.close()
             if self.inspector is not None:
                 await self.inspector.close()
 

@@ -114,10 +114,19 @@ class DesktopDiscovery:
         self.machine = machine
         self.version = version
         self.service: DesktopService | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
 
     async def attach(self, nc: NATS | None, session: LinkSession | None) -> None:
-        """Serve discovery on ``nc`` for ``session``'s host (None: stop). Never raises."""
-        await self.close()
+        """Serve discovery on ``nc`` for ``session``'s host (None: stop). Never raises.
+
+        The previous connection's service stops in the background: that connection may be
+        draining its requests, and a credential rotation must not wait for it.
+        """
+        previous, self.service = self.service, None
+        if previous is not None:
+            task = asyncio.ensure_future(_stop(previous))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         if nc is None or session is None:
             return
         if not discovery_permitted(session):
@@ -146,6 +155,8 @@ class DesktopDiscovery:
         service, self.service = self.service, None
         if service is not None:
             await _stop(service)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
 
     async def _status(self, request: Request) -> None:
         await request.respond(json.dumps(self.status()).encode())
