@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from typing import Final
@@ -46,6 +47,7 @@ import httpx
 import tunnel
 from contract.http_headers import HOP_BY_HOP, connection_named
 
+from .traffic import note_error
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
 
 __all__ = ["RefusalBody", "UpgradedStream", "answer_headers", "open_upgraded"]
@@ -59,6 +61,7 @@ _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
 def _error(status: int, code: str, message: str) -> tunnel.Response:
+    note_error(code, message)  # the request's traffic record (the access line names the code)
     body = json.dumps({"error": {"code": code, "message": message}})
     return tunnel.Response(status, [("content-type", "application/json")], body)
 
@@ -137,8 +140,10 @@ async def open_upgraded(
                 host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
             )
     except TimeoutError:
+        log.warning("upstream %s: no connection for an upgrade within %ss", base_url, connect_timeout)
         return _error(504, "upstream_timeout", f"{base_url} did not answer in time (connect timeout)")
     except OSError as exc:
+        log.warning("upstream %s is unreachable for an upgrade: %s", base_url, _os_reason(exc))
         return _error(502, "upstream_unreachable", f"cannot connect to {base_url}: {exc.strerror or exc}")
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
     try:
@@ -149,6 +154,7 @@ async def open_upgraded(
             answer = await _read_answer(conn, reader)
     except TimeoutError:
         writer.close()
+        log.warning("upstream %s did not answer an upgrade within %ss", base_url, head_timeout)
         return _error(504, "upstream_timeout", f"{base_url} did not answer the upgrade in time")
     except (OSError, h11.ProtocolError) as exc:
         writer.close()
@@ -179,6 +185,14 @@ async def open_upgraded(
     body = RefusalBody(conn, reader, writer, base_url)
     _close_when_cancelled(request, body)
     return tunnel.Response(status, response_headers, body, reason)
+
+
+def _os_reason(exc: OSError) -> str:
+    """``Connection refused (Connect call failed ...)``: asyncio's text alone hides the errno's meaning."""
+    text = exc.strerror or str(exc)
+    if exc.errno and os.strerror(exc.errno) not in text:
+        return f"{os.strerror(exc.errno)} ({text})"
+    return text
 
 
 # Watchers of requests whose body holds a socket (strong references: asyncio keeps weak ones).

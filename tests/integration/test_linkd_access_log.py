@@ -28,6 +28,7 @@ from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_harness import OperatorServer, start_operator_server
 from tests.integration.linkd_harness import LiveGateway, live_gateway
 from tests.linkd_support import subprocess_env
+from tunnel.websocket import WebSocketHandshakeError
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
@@ -218,6 +219,14 @@ async def test_json_access_lines_with_fields_and_no_secrets(op: OperatorServer, 
             assert [w["level"] for w in warnings] == ["warning"]
             assert len(warnings) == 1 and dead in warnings[0]["message"]
             assert "refused" in warnings[0]["message"].lower(), warnings[0]["message"]
+            # A WebSocket (a dev server's HMR socket) to the dead service: the same line and warning.
+            with pytest.raises(WebSocketHandshakeError):
+                await tunnel.websocket_connect(gw.nc, f"tunnel://{host}/hmr")
+            await wait_until(lambda: len(daemon.access()) >= 2, TIMEOUT, message=lambda: daemon.lines[-10:])
+            hmr = daemon.access()[1]
+            assert (hmr["path"], hmr["error"]) == ("/hmr", "upstream_unreachable")
+            warnings = [w["message"] for w in daemon.json_lines() if w.get("logger") == "linkd.upstream"]
+            assert len(warnings) == 2 and dead in warnings[1] and "refused" in warnings[1].lower()
     assert "hdr-secret" not in secrets_seen and "body-secret" not in secrets_seen
     assert "secret" not in "\n".join(daemon.lines)
 
