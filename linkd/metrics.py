@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import prometheus_client
 from prometheus_client.exposition import choose_encoder
@@ -141,19 +141,34 @@ class LinkdMetrics:
             r.register(_DaemonCollector(daemon))
         prometheus_client.ProcessCollector(registry=r)
         prometheus_client.PlatformCollector(registry=r)
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self.unsubscribe: Callable[[], None] = traffic.subscribe(self.observe)
 
     def observe(self, event: ExchangeEvent, exchange: Exchange) -> None:
         """The traffic observer: counts each exchange once, when it finished."""
         if event != "finished":
             return
-        route = exchange.route
         self.stats.observe(exchange)
-        self.requests.labels(route, _code_class(exchange.status)).inc()
-        self.request_bytes.labels(route).inc(exchange.request_bytes)
-        self.response_bytes.labels(route).inc(exchange.response_bytes)
+        # Label lookups cost more than the counting: the children are cached (bounded: five
+        # routes, six status classes).
+        key = (exchange.route, _code_class(exchange.status))
+        children = self._children.get(key)
+        if children is None:
+            route = exchange.route
+            children = self._children[key] = (
+                self.requests.labels(route, key[1]),
+                self.request_bytes.labels(route),
+                self.response_bytes.labels(route),
+                self.duration.labels(route),
+            )
+        requests, request_bytes, response_bytes, duration = children
+        requests.inc()
+        if exchange.request_bytes:
+            request_bytes.inc(exchange.request_bytes)
+        if exchange.response_bytes:
+            response_bytes.inc(exchange.response_bytes)
         if exchange.duration_ms is not None:
-            self.duration.labels(route).observe(exchange.duration_ms / 1000.0)
+            duration.observe(exchange.duration_ms / 1000.0)
         if exchange.error is not None:
             self.errors.labels(exchange.error).inc()
 
