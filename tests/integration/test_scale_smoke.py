@@ -1,0 +1,114 @@
+"""Smoke test of scripts/scale.py at N=20: the plumbing works and every figure is there.
+
+The script starts a real operator-mode nats-server, a real gateway and two desktop
+processes of real LinkDaemons, so this is an end-to-end run at small N. No assertion on
+latency or memory (a shared 2-core machine): what can fail is a figure that silently came
+out empty, a broken invariant (a probe unanswered, a request failing untyped, a run that
+never ended), credentials that never refreshed, or a process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "scale.py"
+RUN_TIMEOUT = 180.0
+
+STEP_FIGURES = (
+    ("online_seconds",),
+    ("probe", "p50_ms"),
+    ("probe", "p99_ms"),
+    ("probe", "gateway_probe_p99_ms"),
+    ("request", "p50_ms"),
+    ("request", "p99_ms"),
+    ("runs", "per_s"),
+    ("runs", "dispatch_p99_ms"),
+    ("runs", "end_to_end_p99_ms"),
+    ("refreshes", "per_s"),
+    ("cpu_percent", "gateway"),
+    ("resources", "gateway_rss_bytes"),
+    ("resources", "gateway_bytes_per_desktop"),
+    ("resources", "desktop_bytes_per_desktop"),
+    ("resources", "nats_bytes_per_desktop"),
+    ("resources", "nats", "connections"),
+    ("resources", "nats", "subscriptions"),
+    ("resources", "nats", "jetstream_storage_bytes"),
+    ("load_average",),
+)
+
+
+def _dig(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = doc
+    for key in path:
+        value = value[key]
+    return value
+
+
+def _processes_running(fragment: str) -> list[int]:
+    """Pids whose command line contains ``fragment`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_scale_script_at_twenty_desktops() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--desktops",
+            "20",
+            "--steps",
+            "10,20",
+            "--per-process",
+            "10",
+            "--duration-per-step",
+            "3",
+            "--session-ttl",
+            "10",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert result["completed"] is True and result["stopped_reason"] is None
+    assert result["config"]["desktop_processes"] == 2
+    assert [s["desktops"] for s in result["steps"]] == [10, 20]
+    for step in result["steps"]:
+        assert step["online"] == step["desktops"], step["not_online"]
+        for path in STEP_FIGURES:
+            assert _dig(step, path) is not None, f"N={step['desktops']}: {'.'.join(path)} is missing"
+        assert step["invariants"] == {
+            "every_probe_answered": True,
+            "every_request_answered_or_typed": True,
+            "every_run_terminal": True,
+        }, (step["probe"], step["request"], step["runs"])
+        assert step["probe"]["ok"] == step["probe"]["count"] > 0
+        assert step["runs"]["completed"] == step["runs"]["created"] > 0
+        assert step["resources"]["nats"]["connections"] >= step["desktops"]
+        assert len(step["resources"]["desktop_process_rss_bytes"]) == 2
+    # Ten-second credentials: every desktop refreshed at least once, none failed.
+    last = result["steps"][-1]
+    assert last["refreshes"]["total_so_far"] >= 20
+    assert all(s["refreshes"]["failed"] == 0 for s in result["steps"])
+    assert result["goals"]["at_desktops"] == 20 and result["goals"]["invariants_held"] is True
+    # Nothing left behind: no desktop process of this run (the script kills them at the end).
+    assert _processes_running(str(SCRIPT.with_name("scale_worker.py"))) == []
