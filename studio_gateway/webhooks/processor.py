@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Final
 
+from ..runs.processors.anchors import RetryLater
 from ..runs.processors.base import Processor, RunEvent
 from ..runs.processors.context import ProcessorContext
 from ..runs.store import user_index_token
@@ -64,7 +65,7 @@ class WebhookProcessor(Processor):
     async def handle(self, event: RunEvent, ctx: ProcessorContext) -> None:
         store = self.store
         if store is None or not self.index.ready.is_set():
-            raise RuntimeError("the webhooks are not loaded yet")  # handed back, retried
+            raise RetryLater("the webhooks are not loaded yet", 1.0)
         hooks = self.index.for_host(event.host_token)
         if not hooks:
             return  # nobody on this host has a webhook

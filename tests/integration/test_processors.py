@@ -116,7 +116,7 @@ async def test_a_processor_added_later_catches_up_once_per_event(
             lag = {x.name: x for x in await service.lags()}["counting"]
             return lag.pending == 0
 
-        await wait_until(drained, 10, interval=0.1)
+        await wait_until(drained, 30, interval=0.1)
         kv = await service.runners["counting"].ctx.js.key_value(ANCHOR_BUCKET)
         done = [k for k in await kv.keys() if k.startswith("counting.")]
         assert len(done) == len(expected)
@@ -126,13 +126,15 @@ async def test_a_processor_added_later_catches_up_once_per_event(
         rows = {row["name"]: row for row in (await resp.json())["processors"]}
         assert set(rows) >= {"projector", "webhooks", "counting"}
         assert rows["counting"]["pending"] == 0
-        assert rows["counting"]["handledHere"] == len(expected)
+        # handle() calls: each event at least once (a redelivery under load calls it again; the
+        # anchors keep its effect single, which the file above shows).
+        assert rows["counting"]["handledHere"] >= len(expected)
         assert rows["projector"]["checkpoint"].startswith("LINK_RUNS_H_")
         events = await gw.metric('studio_processor_events_total{processor="counting"}')
-        assert events == len(expected)
+        assert events >= len(expected)
 
         async def gauge_drained() -> bool:
             text = await gw.metrics()
             return 'studio_processor_pending{processor="counting"} 0.0' in text
 
-        await wait_until(gauge_drained, 10, interval=0.2)
+        await wait_until(gauge_drained, 30, interval=0.2)

@@ -36,7 +36,7 @@ from typing import Any, Final
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-__all__ = ["ANCHOR_BUCKET", "AnchorBusy", "AnchorOutcome", "Anchors"]
+__all__ = ["ANCHOR_BUCKET", "AnchorBusy", "AnchorOutcome", "Anchors", "RetryLater"]
 
 log = logging.getLogger("studio_gateway.processors")
 
@@ -44,12 +44,19 @@ ANCHOR_BUCKET: Final = "LINK_RUN_ANCHORS"
 _KEY_SAFE: Final = re.compile(r"[-/_=.a-zA-Z0-9]{1,200}")
 
 
-class AnchorBusy(Exception):
+class RetryLater(Exception):
+    """Raised by ``handle``: not now (not an error, never counted towards dropping the event)."""
+
+    def __init__(self, why: str, retry_in: float) -> None:
+        super().__init__(why)
+        self.retry_in = retry_in
+
+
+class AnchorBusy(RetryLater):
     """Another caller holds a fresh claim on this effect: try the event again after ``retry_in``."""
 
     def __init__(self, key: str, retry_in: float) -> None:
-        super().__init__(f"effect {key} is being performed elsewhere; retry in {retry_in:.1f} s")
-        self.retry_in = retry_in
+        super().__init__(f"effect {key} is being performed elsewhere; retry in {retry_in:.1f} s", retry_in)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 - ``studio_processor_events_total{processor}``: events this instance's processor handled;
 - ``studio_processor_errors_total{processor,kind}``: ``handle`` (the event is retried),
+  ``nats`` (NATS or JetStream failed during ``handle``: retried, never dropped),
   ``poison`` (dropped after ``MAX_DELIVERIES``), ``feed`` (the consumer was lost and reopened);
 - ``studio_processor_pending{processor}``: events its checkpoint has not passed yet (JetStream's
   count, the same on every instance: do not sum), the projector's over its host consumers;

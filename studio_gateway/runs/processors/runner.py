@@ -2,9 +2,10 @@
 
 Every instance runs every processor on the same durable consumer (:mod:`.feed`), so they share
 the work. Per message (one or several events of one run): each event of a wanted type is
-handled in order; all handled -> acknowledged. An :class:`~.anchors.AnchorBusy` (another
-instance is performing that effect) hands the message back until the claim's lease ends; any
-other exception hands it back with a backoff (0.2 s doubling to 10 s) and is counted, and after
+handled in order; all handled -> acknowledged. A :class:`~.anchors.RetryLater` (e.g.
+:class:`~.anchors.AnchorBusy`: another instance is performing that effect) hands the message
+back for its ``retry_in``, and so does a NATS or JetStream failure (after 1 s); any other
+exception hands it back with a backoff (0.2 s doubling to 10 s) and is counted, and after
 ``MAX_DELIVERIES`` deliveries the message is terminated (logged, counted as ``poison``): one bad
 event must not hold a processor back for ever.
 """
@@ -17,12 +18,13 @@ import logging
 import time
 from typing import Final
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from contract.run_protocol import RUN_STREAM, parse_event, parse_run_subject, split_events
 
 from ..pull_feed import ConsumerGone, PullFeed, stored_at
-from .anchors import AnchorBusy
+from .anchors import RetryLater
 from .base import Processor, RunEvent
 from .context import ProcessorContext
 from .feed import consumer_name, ensure_consumer
@@ -38,6 +40,7 @@ GIVE_UP: Final = 10.0
 FETCH_TIMEOUT: Final = 1.0
 MAX_DELIVERIES: Final = 20
 REOPEN_DELAY: Final = (0.2, 5.0)
+NATS_RETRY: Final = 1.0
 
 
 class ProcessorRunner:
@@ -140,11 +143,18 @@ class ProcessorRunner:
                 self.handled += 1
                 if self.metrics is not None:
                     self.metrics.events.inc(processor=self.name)
-        except AnchorBusy as busy:
-            await msg.nak(delay=max(0.1, busy.retry_in))
+        except RetryLater as later:
+            await msg.nak(delay=max(0.1, later.retry_in))
             return
         except asyncio.CancelledError:
             raise
+        except (nats.errors.Error, TimeoutError) as exc:
+            # JetStream busy or away (a leader election, a lost connection): retried, never dropped.
+            self._error("nats")
+            log.debug("processor %s: stream seq %d: %r; retried", self.name, meta.sequence.stream, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=NATS_RETRY)
+            return
         except Exception as exc:
             delivered = int(meta.num_delivered or 1)
             if delivered >= MAX_DELIVERIES:
