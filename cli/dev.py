@@ -84,6 +84,7 @@ def stack_options(
     ready_timeout: float,
     cluster: int = 1,
     upstream: str | None = None,
+    tls: bool = False,
 ) -> StackOptions:
     for flag, port in (("--nats-port", nats_port), ("--websocket-port", websocket_port)):
         if not 0 <= port <= 65535:
@@ -98,6 +99,8 @@ def stack_options(
         raise CliError(f"--cluster: give 1 to {MAX_CLUSTER} nats-server nodes (got {cluster})")
     if upstream is not None:
         upstream = _check_upstream(upstream)
+    if tls and cluster > 1:
+        raise CliError("--tls runs a single nats-server for now: leave out --cluster")
     return StackOptions(
         state_dir=state_dir.expanduser().resolve(),
         user=user.strip(),
@@ -107,6 +110,7 @@ def stack_options(
         ready_timeout=ready_timeout,
         cluster=cluster,
         upstream=upstream,
+        tls=tls,
     )
 
 
@@ -187,6 +191,9 @@ def summary(stack: LocalStack) -> dict[str, Any]:
             "websocketUrl": stack.websocket_url,
             "monitorUrl": stack.monitor_url,
             "creds": str(stack.state_dir / "linkctl.creds"),
+            # With --tls: the dev CA (--nats-ca / LINKCTL_NATS_CA) and what linkd is handed.
+            "ca": str(stack.ca_file) if stack.ca_file is not None else None,
+            "publicUrl": stack.public_nats_url,
             "pid": pids.get("nats-server"),
             "log": str(stack.state_dir / "nats" / "nats-server.log"),
         },
@@ -253,6 +260,8 @@ def print_summary(stack: LocalStack, paint: Painter, *, next_steps: bool = True)
             for node in nats["nodes"]
         ]
         logs = str(stack.cluster_dir / "n*" / "nats-server.log")
+    if nats["ca"] is not None:
+        rows.append(("", f"TLS: trust {nats['ca']}; linkd connects to {nats['publicUrl']}"))
     rows += [
         ("gateway", f"{gw['url']}  pid {gw['pid']}"),
         ("linkd", f"pid {info['linkd']['pid']}  online as {host} (desktop {stack.desktop_hostname!r})"),
@@ -269,6 +278,8 @@ def print_summary(stack: LocalStack, paint: Painter, *, next_steps: bool = True)
     out += [f"  {paint(name.ljust(12), 'dim')} {value}" for name, value in rows]
     if next_steps:
         creds = nats["creds"]
+        if nats["ca"] is not None:
+            creds = f"{creds} --nats-ca {nats['ca']}"
         out += [
             "",
             paint("Use it from another terminal:", "bold"),
@@ -352,6 +363,15 @@ def dev_command(
             show_default=False,
         ),
     ] = None,
+    tls: Annotated[
+        bool,
+        Opt(
+            "--tls",
+            help="The production shape: TLS on the NATS port and wss on its websocket port (a dev CA in "
+            "the state dir's tls/, trusted by the gateway, linkd and the printed linkctl commands); "
+            "linkd connects over wss://.",
+        ),
+    ] = False,
 ) -> None:
     """Run nats-server, the gateway and linkd for a dev user on this machine until Ctrl-C."""
     options = stack_options(
@@ -363,6 +383,7 @@ def dev_command(
         ready_timeout,
         cluster,
         upstream,
+        tls,
     )
     progress = sys.stderr if as_json else sys.stdout
     paint = Painter.for_stream(sys.stdout)

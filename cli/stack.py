@@ -12,6 +12,7 @@ Layout of the state directory (private, 0700)::
     nats-cluster-N/n1..nN/    the same per node with ``--cluster N`` (N > 1): one store per size
     gateway/                  gateway.creds, gateway.log
     linkd/                    linkd's config dir (file secret store, login.json), status file, linkd.log
+    tls/                      with ``--tls``: the dev CA and nats-server's certificate (cli.dev_tls)
     .lock                     held while a stack runs there (one stack per directory)
 
 Keys are kept between runs so an exported token stays valid and JetStream data survives a
@@ -44,6 +45,7 @@ from .nats_server import (
     NatsServer,
     NatsServerConfig,
     NatsServerError,
+    NatsServerTLS,
     detached_popen_kwargs,
     free_port,
 )
@@ -142,6 +144,9 @@ class StackOptions:
     cluster: int = 1
     # linkd's --upstream: the local web service the desktop serves through the tunnel.
     upstream: str | None = None
+    # The production shape: nats-server with TLS on the client port and wss on its websocket
+    # listener, a dev CA (tls/ in the state dir) trusted by every client through its setting.
+    tls: bool = False
 
     @property
     def runs_replicas(self) -> int:
@@ -288,6 +293,8 @@ class LocalStack:
     token: str = ""
     tunnel_hostname: str = ""
     desktop_hostname: str = ""
+    # With --tls: the dev CA every client is told to trust.
+    ca_file: Path | None = None
     started_in: float = 0.0
     _lock: IO[str] | None = None
     _keys: Keys | None = None
@@ -341,7 +348,9 @@ class LocalStack:
             return
         assert self._keys is not None
         since = time.monotonic()
-        self.say("  ..  nats-server  starting (operator mode, JetStream, websocket)")
+        tls = self._dev_tls()
+        shape = "TLS and wss" if tls is not None else "websocket"
+        self.say(f"  ..  nats-server  starting (operator mode, JetStream, {shape})")
         try:
             server = NatsServer(
                 NatsServerConfig(
@@ -352,6 +361,7 @@ class LocalStack:
                     extra_conf=self._keys.setup.server_conf(),
                     server_name="linkctl-dev",
                     detached=True,
+                    tls=tls,
                 )
             )
         except NatsServerError as exc:  # not installed
@@ -368,6 +378,27 @@ class LocalStack:
         self.monitor_url = server.monitor_url
         write_private(self.state_dir / "linkctl.creds", self._keys.setup.user_creds("linkctl"))
         self._step("nats-server", f"{server.url} (pid {server.pid})", since)
+
+    def _dev_tls(self) -> NatsServerTLS | None:
+        """With --tls: the dev CA and server certificate (made once, kept in tls/)."""
+        if not self.options.tls:
+            return None
+        from .dev_tls import ensure_dev_certs
+
+        certs = ensure_dev_certs(self.state_dir / "tls")
+        self.ca_file = certs.ca
+        return NatsServerTLS(str(certs.server_cert), str(certs.server_key))
+
+    @property
+    def public_nats_url(self) -> str:
+        """What the gateway hands to linkd: with --tls the wss:// listener, as in production
+        (WEBSOCKET-only credentials); else every node's nats:// URL."""
+        if self.options.tls and self.websocket_url is not None:
+            return self.websocket_url
+        return self.nats_url
+
+    def _ca_env(self, variable: str) -> dict[str, str]:
+        return {variable: str(self.ca_file)} if self.ca_file is not None else {}
 
     @property
     def cluster_dir(self) -> Path:
@@ -458,7 +489,8 @@ class LocalStack:
                 # On a cluster: every node's URL, so the gateway and (through its sessions) linkd
                 # fail over to another node.
                 "NATS_URL": self.nats_url,
-                "NATS_PUBLIC_URL": self.nats_url,
+                "NATS_PUBLIC_URL": self.public_nats_url,
+                **self._ca_env("NATS_CA"),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -511,6 +543,7 @@ class LocalStack:
                 "LINKD_INSECURE_FILE_STORE": "1",
                 # Never the user's OS keyring: the dev login must not replace a real one.
                 "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring",
+                **self._ca_env("LINKD_NATS_CA"),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -582,6 +615,8 @@ class LocalStack:
             f"export LINKCTL_NATS_URL={self.nats_url}",
             f"export LINKCTL_NATS_CREDS={self.state_dir / 'linkctl.creds'}",
         ]
+        if self.ca_file is not None:
+            lines.append(f"export LINKCTL_NATS_CA={self.ca_file}")
         write_private(self.state_dir / "dev.env", "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ watch and stop
