@@ -443,11 +443,13 @@ RUNS_HOST_STRAY_WINDOW: Final = Seconds(
     low=1.0,
     high=_DAY,
 )
+
 RUNS_PROCESSORS: Final = Text(
     "RUNS_PROCESSORS",
     "--runs-processors",
     "More run processors, comma-separated module:attribute (docs/runs.md, Processors).",
     default="",
+    default_help="none",
 )
 RUNS_PROCESSOR_LEASE: Final = Seconds(
     "RUNS_PROCESSOR_LEASE_SECONDS",

@@ -69,7 +69,7 @@ class WebhooksService:
         )
 
     async def _schedule(self, scheduler: DeliveryScheduler) -> None:
-        while True:
+        while scheduler.store is self._store:  # a new connection brings a new scheduler
             try:
                 await scheduler.run()
             except asyncio.CancelledError:
@@ -79,7 +79,7 @@ class WebhooksService:
             await asyncio.sleep(1.0)
 
     async def _follow(self, store: WebhookStore) -> None:
-        while True:
+        while store is self._store:
             try:
                 await self.processor.index.run(store.webhooks)
             except asyncio.CancelledError:
