@@ -33,6 +33,10 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 4041
 MAX_LIMIT: Final = 1000
 KEEPALIVE_INTERVAL: Final = 15.0
+# The stream writes at most this often: what happened meanwhile goes in one write, each exchange
+# once in its latest state (a busy link costs the daemon a few writes a second, not three per
+# request; the page is still live well within a second).
+STREAM_BATCH: Final = 0.1
 MAX_REPLAY_BODY: Final = 1024 * 1024
 _LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 _SECURITY_HEADERS: Final = {
@@ -221,6 +225,7 @@ class InspectorServer:
                 except TimeoutError:
                     await response.write(b": keepalive\n\n")
                     continue
+                await asyncio.sleep(STREAM_BATCH)
                 ids = [first]
                 while not watcher.queue.empty():
                     ids.append(watcher.queue.get_nowait())
