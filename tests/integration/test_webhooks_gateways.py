@@ -21,10 +21,12 @@ from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import accepting_desktop, publish_event
 from tests.integration.runs_harness import SECRET
 from tests.integration.webhook_receiver import WebhookReceiver
+from tests.prom import sample_value
 
 pytestmark = pytest.mark.timeout(120)
 
 USER = "frank"
+SUCCEEDED = 'studio_webhook_deliveries_total{result="succeeded"}'
 STAGES = 5
 
 
@@ -105,6 +107,68 @@ async def test_a_gateway_killed_mid_delivery_another_delivers_each_id_once(
             print(
                 f"raw receipts {len(receiver.raw)}, unique delivery ids {len(receiver.unique)} (one resent)"
             )
+    finally:
+        await desktop.close()
+        await receiver.stop()
+        await asyncio.gather(first.stop(), second.stop())
+
+
+async def test_two_gateways_send_each_delivery_once(nats_server_factory: NatsServerFactory) -> None:
+    """Both instances run the webhook processor and a scheduler: the claims (compare-and-set)
+    let exactly one of them send each delivery, with nobody dying: raw receipts = unique ids."""
+    server: NatsServer = nats_server_factory(jetstream=True)
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "NATS_URL": server.url,
+        "WEBHOOKS_ALLOW_HTTP": "true",
+        "WEBHOOKS_ALLOW_PRIVATE": "true",
+    }
+    first, second = GatewayProcess(env), GatewayProcess(env)
+    receiver = WebhookReceiver(free_port())
+    await receiver.start()
+    desktop = await accepting_desktop(server.url, USER)
+    try:
+        await asyncio.gather(first.start(), second.start())
+        auth = {"Authorization": f"Bearer {first.token(USER)}"}
+        async with httpx.AsyncClient(headers=auth, trust_env=False, timeout=30) as http:
+
+            async def ready() -> bool:
+                docs = [(await http.get(f"{g.url}/healthz")).json() for g in (first, second)]
+                return all(doc.get("runs") == "ready" for doc in docs)
+
+            await wait_until(ready, 30, interval=0.1)
+            created = await http.post(f"{first.url}/api/runs", json={"runner": "mock"})
+            run_id = created.json()["runId"]
+            await wait_until(lambda: len(desktop.work) == 1, 20)
+
+            async def register() -> dict[str, Any] | None:
+                resp = await http.post(
+                    f"{second.url}/api/webhooks", json={"url": receiver.url, "eventTypes": ["stage"]}
+                )
+                return resp.json() if resp.status_code == 201 else None
+
+            hook = await wait_until(register, 20, interval=0.1)
+            receiver.secrets.append(hook["secret"])
+            total = 40
+            for seq in range(1, total + 1):
+                await publish_event(desktop.nc, desktop.hostname, run_id, seq, "stage", stage=f"s{seq}")
+            await wait_until(
+                lambda: len(receiver.unique) >= total, 30, message=lambda: f"{len(receiver.unique)}"
+            )
+
+            async def all_succeeded() -> bool:
+                resp = await http.get(f"{first.url}/api/webhooks/{hook['id']}/deliveries")
+                rows = resp.json()["deliveries"]
+                return len(rows) == total and all(r["status"] == "succeeded" for r in rows)
+
+            await wait_until(all_succeeded, 20, interval=0.2)
+            assert len(receiver.raw) == total and all(r.valid for r in receiver.raw)
+            sent = [
+                sample_value((await http.get(f"{g.url}/metrics")).text, SUCCEEDED) or 0.0
+                for g in (first, second)
+            ]
+            assert sum(sent) == total, sent  # each delivery sent by one instance, once
+            print(f"two gateways: {total} deliveries, sent per instance {sent}, raw {len(receiver.raw)}")
     finally:
         await desktop.close()
         await receiver.stop()
