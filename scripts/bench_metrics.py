@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nats
-from bench_traffic import answer, latency, throughput
 
 import tunnel
 from cli.nats_server import NatsServer, NatsServerConfig
@@ -34,6 +32,7 @@ from linkd.access_log import ACCESS_LOGGER, AccessLog
 from linkd.logs import HumanFormatter
 from linkd.metrics import LinkdMetrics
 from linkd.traffic import Traffic
+from scripts.bench_traffic import answer, latency, throughput
 
 MODES = ("access", "metrics")
 
