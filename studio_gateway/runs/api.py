@@ -14,7 +14,7 @@
 - ``POST /api/runs/validate``, ``POST /api/runs/{id}/context``, ``POST /api/runs/{id}/signals``,
   ``GET /api/runs/{id}/messages``, ``POST /api/runs/{id}/projection/rebuild``: see
   :mod:`.message_api`;
-- ``GET /metrics``: Prometheus text (no auth).
+- ``GET /metrics`` (the run series among the gateway's): see :mod:`studio_gateway.telemetry`.
 
 Errors: ``400 invalid_json`` (also for JSON nested deeper than 64 levels), ``400 invalid_body``
 (a malformed chunked body), ``413 payload_too_large`` (at once when the declared length is over
@@ -514,12 +514,6 @@ def _limit(state: RunState) -> int | None:
     return state.seq if state.terminal else None
 
 
-async def get_metrics(request: web.Request) -> web.StreamResponse:
-    """Text 0.0.4, or OpenMetrics when the scrape's ``Accept`` asks for it."""
-    body, content_type = request.app[RUNS].metrics.registry.exposition(request.headers.get("Accept"))
-    return web.Response(body=body, headers={"Content-Type": content_type, **_NO_STORE})
-
-
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = None) -> None:
     """The runs routes; ``expect_handler`` answers ``Expect: 100-continue`` on those with a body."""
     app.router.add_post("/api/runs", post_run, expect_handler=expect_handler)
@@ -534,4 +528,3 @@ def add_routes(app: web.Application, *, expect_handler: ExpectHandler | None = N
     from .message_api import add_routes as add_message_routes  # its handlers use this module's helpers
 
     add_message_routes(app, expect_handler=expect_handler)
-    app.router.add_get("/metrics", get_metrics)
