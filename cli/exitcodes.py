@@ -35,7 +35,7 @@ status  meaning
 28      ``tunnel_permission_denied`` (NATS refused a subscription a server needs)
 29      NATS over TLS: a certificate problem (unknown CA, wrong host name, expired,
         client certificate required); the line names the URL and the flag that fixes it
-29      ``inspect``: linkd's inspector cannot be reached or read
+30      ``inspect``: linkd's inspector cannot be reached or read
 130     interrupted (Ctrl-C) while a request was in flight
 ======  ==========================================================================
 
@@ -62,7 +62,7 @@ DEMO_FAILED: Final = 9
 HTTP_ERROR: Final = 22
 WRITE_ERROR: Final = 23
 UNKNOWN_TUNNEL_ERROR: Final = 24
-INSPECTOR_UNREACHABLE: Final = 29
+INSPECTOR_UNREACHABLE: Final = 30
 # A TLS handshake with NATS failed on a certificate (unknown CA, host name, expiry, mTLS).
 TLS_ERROR: Final = 29
 INTERRUPTED: Final = 130

@@ -43,7 +43,7 @@ Examples:
 Exit status:
      0  done (--no-follow)
      2  usage error (bad --status or --url)
-    29  the inspector cannot be reached or read (is `linkd up` running with its inspector?)
+    30  the inspector cannot be reached or read (is `linkd up` running with its inspector?)
    130  interrupted (Ctrl-C)
 """
 

@@ -4,7 +4,7 @@
 operator-mode nats-server, a real upstream); ``linkd up`` prints the inspector's URL and
 ``linkd status`` shows it; requests sent through the tunnel are then listed by ``linkctl
 inspect`` (lines and NDJSON, filters, --follow until Ctrl-C), and an unreachable inspector is
-one line and exit status 29.
+one line and exit status 30.
 """
 
 from __future__ import annotations
