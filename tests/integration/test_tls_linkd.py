@@ -169,7 +169,7 @@ async def test_an_unknown_ca_keeps_linkd_offline_saying_why_until_the_ca_file_is
 @pytest.mark.parametrize(
     ("which", "reason"),
     [
-        ("expired", "the server's certificate has expired: renew the server's certificate"),
+        # (an expired certificate: see the reconnect test below)
         (
             "wrong_host",
             "the server's certificate is not valid for this host name: "
@@ -202,3 +202,39 @@ async def test_linkd_up_with_an_unreadable_ca_file_fails_at_once_in_one_line(tmp
     )
     assert code == 2, (out, err)
     assert err.strip() == f"linkd: error: cannot read the TLS CA file {missing}: No such file or directory"
+
+
+async def test_a_server_certificate_that_expires_under_a_connected_linkd_is_named_while_it_reconnects(
+    nats_server_factory: NatsServerFactory, op: TLSOperator, tmp_path: Path
+) -> None:
+    good = op.server(nats_server_factory)  # the gateway's own connection stays on this one
+    served = op.server(nats_server_factory)  # linkd's, restarted with an expired certificate
+    env = subprocess_env(tmp_path, LINKD_NATS_CA=str(op.certs.ca))
+    async with live_gateway(op.gateway_env(good, served.url)) as gw:
+        await login(gw, env, "alice")
+        async with linkd_up(env) as daemon:
+            await daemon.wait_state("online")
+            valid_tls = served.config.tls
+            assert valid_tls is not None
+            served.stop()
+            served.config.tls = NatsServerTLS(
+                str(op.certs.expired_cert), str(op.certs.expired_key), ca=str(op.certs.ca)
+            )
+            served.start()
+            found = await wait_offline_reason(env, daemon, "expired")
+            assert (
+                found
+                == f"nats {served.url}: the server's certificate has expired: renew the server's certificate"
+            )
+            assert status_file(env)["state"] == "reconnecting"
+            # Renewed: linkd's own reconnects find it, no restart.
+            served.stop()
+            served.config.tls = valid_tls
+            served.start()
+            await wait_until(
+                lambda: status_file(env).get("state") == "online",
+                TIMEOUT,
+                message=lambda: f"{daemon.states()[-3:]} / {daemon.stderr[-5:]}",
+            )
+            assert status_file(env)["natsUrl"] == served.url
+            assert not any("Traceback" in line for line in daemon.stderr), daemon.stderr
