@@ -162,8 +162,9 @@ async def child(*args: str) -> AsyncIterator[Child]:
 
 async def view(url: str, seen: list[int]) -> None:
     """The open page: read the inspector's event stream until cancelled."""
+    forever = aiohttp.ClientTimeout(total=None)  # aiohttp's default ends a session after 5 minutes
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(timeout=forever) as session,
         session.get(f"{url.rstrip('/')}/api/requests/stream") as resp,
     ):
         async for line in resp.content:
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (NatsServerError, RuntimeError, OSError, tunnel.TunnelError) as exc:
-        log(f"bench_inspector: failed: {exc}")
+        log(f"bench_inspector: failed: {exc!r}")
         return 1
     finally:
         server.close()
