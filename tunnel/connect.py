@@ -39,6 +39,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import nkeys
 from nats.aio.client import Client as NATS
@@ -47,7 +48,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 from .backoff import ReconnectPolicy
-from .tls import TLSConfig, TLSProblem, classify_tls_error
+from .tls import TLSConfig, TLSProblem, classify_tls_error, quiet_asyncio_tls_eof_warning
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -346,6 +347,8 @@ async def connect(
         options["token"] = token
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
+    if tls is not None or any(urlsplit(u).scheme in ("tls", "wss") for u in servers):
+        quiet_asyncio_tls_eof_warning()
     if isinstance(tls, ssl.SSLContext):
         options["tls"] = tls
     elif tls is not None:

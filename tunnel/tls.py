@@ -18,6 +18,7 @@ transport hands the same context to aiohttp), so one context serves both URL kin
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "TLSProblem",
     "TLSProblemKind",
     "classify_tls_error",
+    "quiet_asyncio_tls_eof_warning",
     "tls_context",
 ]
 
@@ -60,6 +62,27 @@ _REASONS: Final[dict[TLSProblemKind, str]] = {
     "not_tls": "the server does not speak TLS on this port",
     "handshake_failed": "the TLS handshake failed",
 }
+
+
+# asyncio logs this at WARNING whenever a TLS peer closes a connection read through a
+# StreamReaderProtocol (which nats-py's TLS transport is): harmless, and on a CLI's stderr it
+# reads like an error after a request that worked.
+_ASYNCIO_TLS_EOF_NOISE: Final = "returning true from eof_received() has no effect when using ssl"
+
+
+class _DropTLSEofNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _ASYNCIO_TLS_EOF_NOISE
+
+
+_EOF_FILTER: Final = _DropTLSEofNoise()
+
+
+def quiet_asyncio_tls_eof_warning() -> None:
+    """Drop asyncio's one harmless warning about TLS connections closed by the peer (idempotent)."""
+    logger = logging.getLogger("asyncio")
+    if _EOF_FILTER not in logger.filters:
+        logger.addFilter(_EOF_FILTER)
 
 
 @dataclass(frozen=True)

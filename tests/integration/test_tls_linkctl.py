@@ -99,6 +99,7 @@ async def test_status_and_fetch_over_tls_with_the_private_ca(
         code, out, err = await linkctl("fetch", f"tunnel://{HOST}/hello", **env)
         assert code == exitcodes.OK, err
         assert out == "over tls /hello"
+        assert err == ""  # not even asyncio's warning about the server closing the TLS stream
 
 
 @pytest.mark.parametrize(
