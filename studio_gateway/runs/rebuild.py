@@ -10,6 +10,10 @@ limit), a ``stalled`` status while no newer event came, and the export bookkeepi
 (``keptBytes``). Timestamps keep their stored value when it is set: the projector's clock,
 not the events', wrote them.
 
+Events applied beyond the stored state's ``seq`` (the projector had not got to them, or the
+stored ``seq`` was wrong) are also kept for export, as the projector keeps what it applies:
+it will see them as duplicates.
+
 Safe while the projector runs: the result is written with compare-and-set on the state's
 revision; on a conflict everything is read again and recomputed. Idempotent: a state that
 already is what the events say is not written (``changed: {}``).
@@ -108,6 +112,20 @@ def field_diff(before: RunState, after: RunState) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _ahead(
+    current: RunState, rebuilt: RunState, events: list[tuple[dict[str, Any], int | None]]
+) -> list[tuple[int, dict[str, Any]]]:
+    """The events the rebuild applied beyond what the stored state had (heartbeats aside)."""
+    if rebuilt.seq <= current.seq:
+        return []
+    picked: dict[int, dict[str, Any]] = {}
+    for event, _ in events:
+        seq = _seq(event)
+        if current.seq < seq <= rebuilt.seq and event.get("type") != "heartbeat":
+            picked.setdefault(seq, event)
+    return sorted(picked.items())
+
+
 @dataclass(frozen=True)
 class RebuildResult:
     state: RunState
@@ -155,6 +173,12 @@ async def rebuild(store: RunStore, run_id: str) -> RebuildResult | None:
             changed.pop("updatedAt", None)
         if not changed:
             return RebuildResult(current, {}, len(events), attempt)
+        ahead = _ahead(current, rebuilt, events)
+        if ahead:
+            # Events the projector had not applied yet: it will see them as duplicates and not
+            # keep them for export, so the rebuild keeps them (as the projector would have).
+            # (keptBytes is left alone: with a corrupted seq they may be kept already.)
+            await store.keep_events(run_id, ahead)
         try:
             await store.write(rebuilt, revision)
         except Conflict:

@@ -255,3 +255,26 @@ async def test_rebuild_restores_a_corrupted_state(gw: RunsGateway, desk: Desktop
     assert status == 200 and body["changed"] == {}
     status, body = await post(gw, "bob", f"/api/runs/{run_id}/projection/rebuild", {})
     assert status == 404
+
+
+async def test_rebuild_while_the_projector_writes_never_loses_progress(
+    gw: RunsGateway, desk: Desktop
+) -> None:
+    run_id = await gw.start_run("alice", {"runner": "mock", "input": {"count": 60, "delayMs": 10}})
+    await gw.wait_status("alice", run_id, {"in_progress"})
+    seqs = []
+    for _ in range(8):  # rebuilds racing the projector's writes: compare-and-set on both sides
+        status, body = await post(gw, "alice", f"/api/runs/{run_id}/projection/rebuild", {})
+        assert status == 200, body
+        seqs.append(body["state"]["seq"])
+    assert seqs == sorted(seqs)  # never behind an earlier answer
+    final = await gw.wait_status("alice", run_id, {"completed"})
+    events = await gw.export("alice", run_id)
+    assert final["seq"] == final["finalSeq"] == len(events)
+    # What the rebuilds applied ahead of the projector is kept for export all the same.
+    store = gw.service.store
+    assert store is not None
+    kept = {e["seq"] for e in await store.kept_events(run_id)}
+    assert kept >= {e["seq"] for e in events if e["type"] != "heartbeat"}
+    status, body = await post(gw, "alice", f"/api/runs/{run_id}/projection/rebuild", {})
+    assert status == 200 and body["changed"] == {}, body
