@@ -278,3 +278,17 @@ async def test_rebuild_while_the_projector_writes_never_loses_progress(
     assert kept >= {e["seq"] for e in events if e["type"] != "heartbeat"}
     status, body = await post(gw, "alice", f"/api/runs/{run_id}/projection/rebuild", {})
     assert status == 200 and body["changed"] == {}, body
+
+
+async def test_a_desktop_gone_mid_run_makes_the_message_failed_desktop_unreachable(
+    js_server: NatsServer, gw: RunsGateway
+) -> None:
+    desktop = await start_desktop(js_server.url, "frank", runners={"mock": MockRunner()})
+    run_id = await gw.start_run("frank", SLOW_MOCK)
+    await gw.wait_status("frank", run_id, {"in_progress"})
+    await desktop.close()  # the run is still in_progress on the gateway (until the reaper judges it)
+    status, body = await post(gw, "frank", f"/api/runs/{run_id}/signals", {"signalType": "hello"})
+    assert status == 503 and body["error"]["code"] == "desktop_unreachable", body
+    status, listing = await get(gw, "frank", f"/api/runs/{run_id}/messages")
+    signal = [m for m in listing["messages"] if m["kind"] == "signal"]
+    assert [(m["status"], m["httpStatus"], m["attempts"]) for m in signal] == [("failed", 503, 1)]
