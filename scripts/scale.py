@@ -510,6 +510,7 @@ async def measure_step(
     workers = procs.workers
     progress(f"step N={n}: bringing desktops online")
     began = time.monotonic()
+    cpu_began = procs.cpu_times()
     grown = await asyncio.gather(
         *(
             w.call(
@@ -520,6 +521,8 @@ async def measure_step(
         )
     )
     online_seconds = time.monotonic() - began
+    # Who paid for bringing them online (minting, JWT checks, connects, subscriptions).
+    step["online_cpu_percent"] = cpu_percent(cpu_began, procs.cpu_times(), online_seconds)
     online = sum(g["online"] for g in grown)
     step["online"] = online
     step["online_seconds"] = round(online_seconds, 2)
@@ -530,6 +533,12 @@ async def measure_step(
     step["not_online"] = dict(not_online.most_common(5))
     progress(f"step N={n}: {online}/{n} online after {online_seconds:.1f}s")
     if online < n:
+        stats = await worker_stats(workers)
+        step["desktop_states"] = _merge_states(stats)
+        step["desktop_reconnects"] = sum(s["reconnects"] for s in stats)
+        step["desktop_loop_lag_p99_ms"] = [s.get("loop_lag_p99_ms") for s in stats]
+        step["desktop_loop_lag_max_ms"] = [s.get("loop_lag_max_ms") for s in stats]
+        step["load_average"] = [round(x, 2) for x in os.getloadavg()]
         step["resources"] = await resources(procs, gateway_baseline)
         return step
 
@@ -605,6 +614,9 @@ async def measure_step(
             "total_so_far": sum(s["refreshes"] for s in stats_after),
         },
         desktop_states=_merge_states(stats_after),
+        desktop_reconnects=sum(s["reconnects"] for s in stats_after),
+        desktop_loop_lag_p99_ms=[s.get("loop_lag_p99_ms") for s in stats_after],
+        desktop_loop_lag_max_ms=[s.get("loop_lag_max_ms") for s in stats_after],
         cpu_percent=cpu_percent(cpu_before, cpu_after, window),
         load_average=[round(x, 2) for x in os.getloadavg()],
     )
@@ -843,6 +855,110 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _kib(value: Any) -> str:
+    return "-" if value is None else f"{value / 1024:.1f}"
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def _online_cpu(cpu: dict[str, Any]) -> str:
+    nats_side = sum(v or 0 for v in cpu["nats"])
+    desktops = sum(v or 0 for v in cpu["desktops"])
+    return f"{nats_side:.0f} / {cpu['gateway']} / {desktops:.0f}"
+
+
+def _fds(fds: dict[str, Any]) -> str:
+    return f"{' / '.join(str(v) for v in fds['nats'])} / {fds['gateway']}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Every figure per step as a Markdown table (docs/scaling.md)."""
+    done = [s for s in result["steps"] if "probe" in s]
+    rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+        (
+            "desktops online / time to bring the step online (s)",
+            lambda s: f"{s['online']} / {s['online_seconds']}",
+        ),
+        ("new desktops online per second", lambda s: s["new_desktops_per_s"]),
+        ("presence probe p50 / p99 (ms)", lambda s: f"{s['probe']['p50_ms']} / {s['probe']['p99_ms']}"),
+        (
+            "  gateway's own probe p50 / p99 (ms)",
+            lambda s: f"{s['probe']['gateway_probe_p50_ms']} / {s['probe']['gateway_probe_p99_ms']}",
+        ),
+        ("probes answered", lambda s: f"{s['probe']['ok']}/{s['probe']['count']}"),
+        ("tunnel request p50 / p99 (ms)", lambda s: f"{s['request']['p50_ms']} / {s['request']['p99_ms']}"),
+        ("requests answered", lambda s: f"{s['request']['ok']}/{s['request']['count']}"),
+        ("runs completed / created", lambda s: f"{s['runs']['completed']}/{s['runs']['created']}"),
+        ("runs/s", lambda s: s["runs"]["per_s"]),
+        ("run dispatch p99 (ms, bucket bound)", lambda s: s["runs"]["dispatch_p99_ms"]),
+        (
+            "run POST-to-terminal p50 / p99 (ms)",
+            lambda s: f"{s['runs']['end_to_end_p50_ms']} / {s['runs']['end_to_end_p99_ms']}",
+        ),
+        (
+            "credential refreshes/s (failed)",
+            lambda s: f"{s['refreshes']['per_s']} ({s['refreshes']['failed']})",
+        ),
+        (
+            "nats-server RSS (MiB, per node)",
+            lambda s: " / ".join(_mib(v) for v in s["resources"]["nats_rss_bytes"]),
+        ),
+        (
+            "nats-server RSS per desktop (KiB, all nodes)",
+            lambda s: _kib(s["resources"]["nats_bytes_per_desktop"]),
+        ),
+        ("gateway RSS (MiB)", lambda s: _mib(s["resources"]["gateway_rss_bytes"])),
+        ("gateway RSS growth per desktop (KiB)", lambda s: _kib(s["resources"]["gateway_bytes_per_desktop"])),
+        (
+            "desktop processes RSS (MiB each)",
+            lambda s: " / ".join(_mib(v) for v in s["resources"]["desktop_process_rss_bytes"]),
+        ),
+        (
+            "desktop process RSS per desktop (KiB)",
+            lambda s: _kib(s["resources"]["desktop_bytes_per_desktop"]),
+        ),
+        ("CPU % nats-server (per node)", lambda s: " / ".join(str(v) for v in s["cpu_percent"]["nats"])),
+        ("CPU % gateway", lambda s: s["cpu_percent"]["gateway"]),
+        ("CPU % desktop processes", lambda s: " / ".join(str(v) for v in s["cpu_percent"]["desktops"])),
+        ("CPU % caller", lambda s: s["cpu_percent"]["caller"]),
+        (
+            "desktop processes' event-loop lag p99 (ms each)",
+            lambda s: " / ".join(str(v) for v in s["desktop_loop_lag_p99_ms"]),
+        ),
+        ("desktop reconnects + new connections so far", lambda s: s["desktop_reconnects"]),
+        (
+            "CPU % while bringing online: nats / gateway / desktops",
+            lambda s: _online_cpu(s["online_cpu_percent"]),
+        ),
+        ("NATS client connections", lambda s: s["resources"]["nats"]["connections"]),
+        ("NATS subscriptions", lambda s: s["resources"]["nats"]["subscriptions"]),
+        ("NATS slow consumers", lambda s: s["resources"]["nats"]["slow_consumers"]),
+        (
+            "open fds: nats (per node) / gateway",
+            lambda s: _fds(s["resources"]["fds"]),
+        ),
+        (
+            "JetStream storage (KiB, all nodes)",
+            lambda s: _kib(s["resources"]["nats"]["jetstream_storage_bytes"]),
+        ),
+        ("JetStream consumers", lambda s: s["resources"]["nats"]["jetstream_consumers"]),
+        ("load average (1 min)", lambda s: s["load_average"][0]),
+    ]
+    lines = ["| N | " + " | ".join(str(s["desktops"]) for s in done) + " |"]
+    lines.append("|---|" + "---|" * len(done))
+    for label, get in rows:
+        cells = []
+        for step in done:
+            try:
+                cells.append(str(get(step)))
+            except (KeyError, TypeError, IndexError):
+                cells.append("-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_steps(text: str) -> list[int]:
     try:
         steps = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -871,6 +987,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with everything on stdout")
     parser.add_argument("--plot", type=Path, help="write the curves as PNG here (needs matplotlib)")
+    parser.add_argument("--markdown", action="store_true", help="print the table of every figure (Markdown)")
+    parser.add_argument("--from-json", type=Path, help="no run: plot/tabulate a saved --json output")
     args = parser.parse_args(argv)
     if args.desktops < 1 or args.per_process < 1:
         parser.error("--desktops and --per-process must be positive")
@@ -898,6 +1016,13 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("scale: --plot needs matplotlib (pip install -e '.[dev]')", file=sys.stderr)
             return 2
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        if args.plot is not None:
+            plot(saved, args.plot)
+        if args.markdown:
+            print(markdown_table(saved))
+        return 0
     raise_nofile()  # children inherit it: nats-server, the gateway, the desktop processes
     workdir = Path(tempfile.mkdtemp(prefix="scale-"))
     result: dict[str, Any] = {
@@ -937,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"plot written to {args.plot}")
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.markdown:
+        print(markdown_table(result))
     else:
         for step in result["steps"]:
             if "probe" in step:

@@ -58,6 +58,9 @@ from studio_gateway.config import AuthConfig  # noqa: E402
 __all__ = ["raise_nofile", "user_id"]
 
 DEFAULT_CONNECT_WINDOW: Final = 100
+# Event-loop lag: one timer every LAG_TICK seconds, the last LAG_SAMPLES kept (~1 minute).
+LAG_TICK: Final = 0.1
+LAG_SAMPLES: Final = 600
 POOL_CONNECTIONS: Final = 64
 
 
@@ -149,6 +152,22 @@ class Fleet:
         )
         self.desktops: list[Desktop] = []
         self.events: collections.Counter[str] = collections.Counter()
+        self.lags: collections.deque[float] = collections.deque(maxlen=LAG_SAMPLES)
+
+    async def watch_loop_lag(self) -> None:
+        """How late a timer fires here: the lag every desktop of this process sees (its flushes
+        time out when it nears their 5 s, see linkd.daemon.SUBSCRIBE_BARRIER)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_TICK
+            await asyncio.sleep(LAG_TICK)
+            self.lags.append(max(0.0, loop.time() - due))
+
+    def lag_ms(self, q: float) -> float | None:
+        if not self.lags:
+            return None
+        ordered = sorted(self.lags)
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
     async def grow(self, target: int, deadline: float) -> dict[str, Any]:
         started = time.monotonic()
@@ -189,6 +208,9 @@ class Fleet:
             "refreshes": sum(d.daemon.refreshes for d in self.desktops),
             "refresh_failed": self.events["refresh_failed"],
             "reconnects": sum(d.daemon.reconnects for d in self.desktops),
+            "loop_lag_p50_ms": self.lag_ms(0.5),
+            "loop_lag_p99_ms": self.lag_ms(0.99),
+            "loop_lag_max_ms": self.lag_ms(1.0),
             "not_online": dict(
                 collections.Counter(
                     d.daemon.message for d in self.desktops if d.daemon.state is not State.ONLINE
@@ -213,6 +235,7 @@ async def main() -> None:
     raise_nofile()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     fleet = Fleet()
+    lag_watch = asyncio.ensure_future(fleet.watch_loop_lag())
     reader = await _stdin_lines()
     while True:
         line = await reader.readline()
@@ -230,6 +253,7 @@ async def main() -> None:
         else:
             _answer({"error": f"unknown command {cmd!r}"})
     # The parent kills us; a graceful stop of thousands of daemons is not what is measured.
+    lag_watch.cancel()
     os._exit(0)
 
 
