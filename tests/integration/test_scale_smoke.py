@@ -10,8 +10,10 @@ never ended), credentials that never refreshed, or a process left behind.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +52,25 @@ def _dig(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def _processes_running(fragment: str) -> list[int]:
-    """Pids whose command line contains ``fragment`` (from /proc)."""
+def _processes_tagged(tag: str) -> list[int]:
+    """Pids whose environment holds ``SCALE_TEST_TAG=<tag>`` (inherited from the script: ours only)."""
+    marker = f"SCALE_TEST_TAG={tag}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if fragment in cmdline:
+        if marker in environ:
             found.append(int(entry.name))
     return found
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_scale_script_at_twenty_desktops() -> None:
+    tag = uuid.uuid4().hex
     done = subprocess.run(
         [
             sys.executable,
@@ -86,6 +90,7 @@ def test_scale_script_at_twenty_desktops() -> None:
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
+        env={**os.environ, "SCALE_TEST_TAG": tag},
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)
@@ -110,5 +115,5 @@ def test_scale_script_at_twenty_desktops() -> None:
     assert last["refreshes"]["total_so_far"] >= 20
     assert all(s["refreshes"]["failed"] == 0 for s in result["steps"])
     assert result["goals"]["at_desktops"] == 20 and result["goals"]["invariants_held"] is True
-    # Nothing left behind: no desktop process of this run (the script kills them at the end).
-    assert _processes_running(str(SCRIPT.with_name("scale_worker.py"))) == []
+    # Nothing left behind: no process of this run (desktops, gateway, nats-server) outlives it.
+    assert _processes_tagged(tag) == []
