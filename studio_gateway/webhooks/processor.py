@@ -49,6 +49,10 @@ class WebhookProcessor(Processor):
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (user, host token)
         self.created = 0
 
+    def wants_host(self, host_token: str) -> bool:
+        # Until the index is loaded every host may matter (handle() then asks to retry later).
+        return not self.index.ready.is_set() or self.index.has_host(host_token)
+
     async def _owner(self, event: RunEvent, ctx: ProcessorContext) -> tuple[str, str] | None:
         owner = self._owners.get(event.run_id)
         if owner is None:

@@ -54,6 +54,10 @@ class Processor(abc.ABC):
     def wants(self, event_type: str) -> bool:
         return self.event_types is None or event_type in self.event_types
 
+    def wants_host(self, host_token: str) -> bool:
+        """Whether events of this host matter at all: False acknowledges them unread (cheap)."""
+        return True
+
     async def start(self, ctx: ProcessorContext) -> None:  # noqa: B027 - optional hook
         """Called once per feed before the first event (open buckets, warm caches)."""
 

@@ -21,7 +21,7 @@ from typing import Final
 import nats.errors
 from nats.aio.msg import Msg
 
-from contract.run_protocol import RUN_STREAM, parse_event, parse_run_subject, split_events
+from contract.run_protocol import RUN_STREAM, RunSubject, parse_event, parse_run_subject, split_events
 
 from ..pull_feed import ConsumerGone, PullFeed, stored_at
 from .anchors import RetryLater
@@ -110,7 +110,7 @@ class ProcessorRunner:
                 while True:
                     msgs = await feed.fetch(BATCH, FETCH_TIMEOUT)
                     if msgs:
-                        await asyncio.gather(*(self._message(msg) for msg in msgs))
+                        await self._batch(msgs)
                         delay = REOPEN_DELAY[0]
             except asyncio.CancelledError:
                 raise
@@ -127,11 +127,21 @@ class ProcessorRunner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, REOPEN_DELAY[1])
 
-    async def _message(self, msg: Msg) -> None:
-        subject = parse_run_subject(msg.subject, self.prefix)
-        if subject is None:
-            await msg.ack()
-            return
+    async def _batch(self, msgs: list[Msg]) -> None:
+        """Messages of hosts the processor ignores are acknowledged unread; the rest handled at once."""
+        wanted: list[tuple[Msg, RunSubject]] = []
+        for msg in msgs:
+            subject = parse_run_subject(msg.subject, self.prefix)
+            if subject is None or not self.processor.wants_host(subject.host_token):
+                await msg.ack()
+            else:
+                wanted.append((msg, subject))
+        if len(wanted) == 1:
+            await self._message(*wanted[0])
+        elif wanted:
+            await asyncio.gather(*(self._message(msg, subject) for msg, subject in wanted))
+
+    async def _message(self, msg: Msg, subject: RunSubject) -> None:
         meta = msg.metadata
         when = stored_at(msg)
         try:
