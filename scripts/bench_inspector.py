@@ -11,7 +11,7 @@ that answers 100 bytes:
 - ``off``: ``linkd up --no-inspect`` (the traffic record without body capture, no observer);
 - ``control``: a second ``off`` process: its ratio to ``off`` is the noise floor of the run;
 - ``on``: the inspector running (body capture, the ring, the loopback server), nobody watching;
-- ``viewed``: the same with the page open (a client here reads its event stream all along).
+- ``viewed``: the same with the page open (a fifth process reads its event stream all along).
 
 Per round, each host (in rotating order) gets ``--requests`` small GETs from 32 concurrent
 workers here. Two figures per batch:
@@ -160,16 +160,31 @@ async def child(*args: str) -> AsyncIterator[Child]:
             await proc.wait()
 
 
-async def view(url: str, seen: list[int]) -> None:
-    """The open page: read the inspector's event stream until cancelled."""
+async def run_viewer(url: str) -> None:
+    """The open page, in its own process (as a browser is): read the inspector's event stream
+    until stdin closes, then print how many events arrived."""
+    stop = _stop_event()
+    seen = 0
     forever = aiohttp.ClientTimeout(total=None)  # aiohttp's default ends a session after 5 minutes
     async with (
         aiohttp.ClientSession(timeout=forever) as session,
         session.get(f"{url.rstrip('/')}/api/requests/stream") as resp,
     ):
-        async for line in resp.content:
-            if line.startswith(b"data: "):
-                seen[0] += 1
+        _ready("reading")
+
+        async def read() -> None:
+            nonlocal seen
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    seen += 1
+
+        reader = asyncio.ensure_future(read())
+        await stop.wait()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await reader
+    sys.stdout.write(f"{seen}\n")
+    sys.stdout.flush()
 
 
 async def batch(client: tunnel.TunnelClient, host: str, count: int) -> float:
@@ -273,8 +288,7 @@ async def run(url: str, rounds: int, requests: int) -> dict[str, dict[str, float
         nc = NATS()
         await nc.connect(url, name="bench-inspector-requester")
         client = tunnel.TunnelClient(nc)
-        seen = [0]
-        viewer = asyncio.ensure_future(view(daemons["viewed"].line, seen))
+        viewer = await stack.enter_async_context(child("--role", "viewer", "--url", daemons["viewed"].line))
         rps: dict[str, list[float]] = {host: [] for host in HOSTS}
         cpu: dict[str, list[float]] = {host: [] for host in HOSTS}
         try:
@@ -291,12 +305,12 @@ async def run(url: str, rounds: int, requests: int) -> dict[str, dict[str, float
                     + ", ".join(f"{h} {rps[h][-1]:.0f} req/s {cpu[h][-1]:.0f} us CPU/req" for h in HOSTS)
                 )
         finally:
-            viewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
-                await viewer
             await client.aclose()
             await nc.close()
-        if seen[0] == 0:
+        assert viewer.proc.stdin is not None and viewer.proc.stdout is not None
+        viewer.proc.stdin.close()
+        seen = int((await asyncio.wait_for(viewer.proc.stdout.readline(), 10)).strip() or 0)
+        if seen == 0:
             raise RuntimeError("the viewer never received an event: the 'viewed' figures would be wrong")
         return {
             host: {
@@ -311,7 +325,7 @@ async def run(url: str, rounds: int, requests: int) -> dict[str, dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--role", choices=("requester", "upstream", "daemon"), default="requester")
+    parser.add_argument("--role", choices=("requester", "upstream", "daemon", "viewer"), default="requester")
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -324,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.role == "upstream":
         asyncio.run(run_upstream())
+        return 0
+    if args.role == "viewer":
+        asyncio.run(run_viewer(args.url))
         return 0
     if args.role == "daemon":
         asyncio.run(run_daemon(args.url, args.host, args.upstream))
