@@ -706,6 +706,7 @@ async def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -
         "request_rate": args.request_rate,
         "run_rate": args.run_rate,
         "connect_window": args.connect_window,
+        "hold": args.hold,
         "mock_input": MOCK_INPUT,
     }
     progress(f"starting nats-server{f' cluster of {args.cluster}' if args.cluster else ''} and the gateway")
@@ -755,6 +756,20 @@ async def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -
                     progress(result["stopped_reason"])
                     return
                 progress(step_line(step))
+            if args.hold > 0:
+                # The same N again after a while: the credentials of the first steps' desktops are
+                # being refreshed by then (at ~60-75% of --session-ttl), which the fleet lives with.
+                n = steps[-1]
+                progress(f"holding {n} desktops for {args.hold:g}s, then measuring again")
+                await asyncio.sleep(args.hold)
+                step = await measure_step(n, args, procs, caller, gateway_baseline, n)
+                step["held_seconds"] = args.hold
+                result["steps"].append(step)
+                if step["online"] < n:
+                    result["stopped_reason"] = f"only {step['online']} of {n} desktops stayed online"
+                    progress(result["stopped_reason"])
+                    return
+                progress(step_line(step))
         result["completed"] = True
     finally:
         for worker in procs.workers:
@@ -782,10 +797,11 @@ def step_line(step: dict[str, Any]) -> str:
 
 
 def goals(result: dict[str, Any]) -> dict[str, Any]:
-    done = [s for s in result["steps"] if "probe" in s]
+    done = [s for s in result["steps"] if "probe" in s and "held_seconds" not in s]
     if not done:
         return {}
     last = done[-1]
+    held = [s for s in result["steps"] if "probe" in s and "held_seconds" in s]
     gateway_per = [s["resources"]["gateway_bytes_per_desktop"] for s in done]
     return {
         "at_desktops": last["desktops"],
@@ -801,7 +817,17 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         "gateway_bytes_per_desktop_curve": dict(zip([s["desktops"] for s in done], gateway_per, strict=True)),
         "probe_p99_curve": {s["desktops"]: s["probe"]["p99_ms"] for s in done},
         "request_p99_curve": {s["desktops"]: s["request"]["p99_ms"] for s in done},
-        "invariants_held": all(all(s["invariants"].values()) for s in done),
+        "invariants_held": all(all(s["invariants"].values()) for s in [*done, *held]),
+        "after_hold": {
+            "desktops": held[-1]["desktops"],
+            "held_seconds": held[-1]["held_seconds"],
+            "probe_p99_ms": held[-1]["probe"]["p99_ms"],
+            "request_p99_ms": held[-1]["request"]["p99_ms"],
+            "refreshes_per_s": held[-1]["refreshes"]["per_s"],
+            "gateway_bytes_per_desktop": held[-1]["resources"]["gateway_bytes_per_desktop"],
+        }
+        if held
+        else None,
     }
 
 
@@ -812,7 +838,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [s for s in result["steps"] if "probe" in s]
+    done = [s for s in result["steps"] if "probe" in s and "held_seconds" not in s]
     xs = [s["desktops"] for s in done]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(xs, [s["probe"]["p99_ms"] for s in done], "o-", label="presence probe p99 (gateway HTTP)")
@@ -946,7 +972,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("JetStream consumers", lambda s: s["resources"]["nats"]["jetstream_consumers"]),
         ("load average (1 min)", lambda s: s["load_average"][0]),
     ]
-    lines = ["| N | " + " | ".join(str(s["desktops"]) for s in done) + " |"]
+    heads = [
+        f"{s['desktops']} after {s['held_seconds']:g} s" if "held_seconds" in s else str(s["desktops"])
+        for s in done
+    ]
+    lines = ["| N | " + " | ".join(heads) + " |"]
     lines.append("|---|" + "---|" * len(done))
     for label, get in rows:
         cells = []
@@ -979,6 +1009,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="the whole run ends by then (seconds)")
     parser.add_argument("--online-timeout", type=float, default=900.0, help="bringing one step online (s)")
     parser.add_argument("--session-ttl", type=int, default=300, help="link session lifetime (s)")
+    parser.add_argument(
+        "--hold", type=float, default=0.0, help="then keep the largest N this long and measure it again (s)"
+    )
     parser.add_argument("--probe-rate", type=float, default=20.0, help="presence probes per second")
     parser.add_argument("--request-rate", type=float, default=20.0, help="tunnel requests per second")
     parser.add_argument("--run-rate", type=float, default=2.0, help="mock runs per second")

@@ -85,6 +85,8 @@ def test_scale_script_at_twenty_desktops() -> None:
             "3",
             "--session-ttl",
             "10",
+            "--hold",
+            "1",
             "--json",
         ],
         capture_output=True,
@@ -96,7 +98,9 @@ def test_scale_script_at_twenty_desktops() -> None:
     result = json.loads(done.stdout)
     assert result["completed"] is True and result["stopped_reason"] is None
     assert result["config"]["desktop_processes"] == 2
-    assert [s["desktops"] for s in result["steps"]] == [10, 20]
+    # The two steps, then N=20 again after holding it (--hold).
+    assert [s["desktops"] for s in result["steps"]] == [10, 20, 20]
+    assert result["steps"][-1]["held_seconds"] == 1
     for step in result["steps"]:
         assert step["online"] == step["desktops"], step["not_online"]
         for path in STEP_FIGURES:
@@ -115,5 +119,6 @@ def test_scale_script_at_twenty_desktops() -> None:
     assert last["refreshes"]["total_so_far"] >= 20
     assert all(s["refreshes"]["failed"] == 0 for s in result["steps"])
     assert result["goals"]["at_desktops"] == 20 and result["goals"]["invariants_held"] is True
+    assert result["goals"]["after_hold"]["desktops"] == 20
     # Nothing left behind: no process of this run (desktops, gateway, nats-server) outlives it.
     assert _processes_tagged(tag) == []
