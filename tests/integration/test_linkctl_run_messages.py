@@ -65,7 +65,7 @@ async def test_context_signal_messages_and_validate(gw: RunsGateway, desk: Deskt
     code, _, err = await linkctl(gw, "runs", "validate", "mock", '{"count": -2}')
     assert code == exitcodes.USAGE and "invalid_field" in err
 
-    run_id = await gw.start_run("erin", {"runner": "mock", "input": {"count": 400, "delayMs": 50}})
+    run_id = await gw.start_run("erin", {"runner": "mock", "input": {"count": 4000, "delayMs": 50}})
     await gw.wait_status("erin", run_id, {"in_progress"})
     code, out, err = await linkctl(gw, "runs", "context", run_id, "--text", "use staging", "--key", "c1")
     assert code == exitcodes.OK, err

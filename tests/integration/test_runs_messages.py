@@ -27,7 +27,7 @@ from tests.integration.gateway_runs_harness import Desktop, RunsGateway, runs_ga
 
 pytestmark = pytest.mark.timeout(60)
 
-SLOW_MOCK = {"runner": "mock", "input": {"count": 400, "delayMs": 50}}
+SLOW_MOCK = {"runner": "mock", "input": {"count": 4000, "delayMs": 50}}
 
 
 @pytest.fixture

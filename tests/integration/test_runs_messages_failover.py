@@ -91,7 +91,7 @@ async def test_a_gateway_killed_between_send_and_ack_the_other_completes_deliver
 
             await wait_until(runs_ready, 20.0, interval=0.1, message="runs never ready on both gateways")
             created = await a.post(
-                "/api/runs", json={"runner": "mock", "input": {"count": 600, "delayMs": 50}}
+                "/api/runs", json={"runner": "mock", "input": {"count": 4000, "delayMs": 50}}
             )
             assert created.status_code == 202, created.text
             run_id = created.json()["runId"]
