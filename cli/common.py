@@ -367,8 +367,14 @@ def check_host(host: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def nats_connection(options: NatsOptions, name: str = "linkctl") -> AsyncIterator[NATS]:
-    """A NATS connection for the command; any failure to connect is a one-line :class:`CliError`."""
+async def nats_connection(
+    options: NatsOptions, name: str = "linkctl", *, inbox_prefix: str | None = None
+) -> AsyncIterator[NATS]:
+    """A NATS connection for the command; any failure to connect is a one-line :class:`CliError`.
+
+    ``inbox_prefix``: where replies come back, for credentials that may only hear their own.
+    """
+    extra: dict[str, Any] = {} if inbox_prefix is None else {"inbox_prefix": inbox_prefix}
     try:
         nc = await connect(
             list(options.urls),
@@ -376,6 +382,7 @@ async def nats_connection(options: NatsOptions, name: str = "linkctl") -> AsyncI
             token=options.token,
             name=name,
             tls=options.tls,
+            **extra,
         )
     except NatsTLSError as exc:  # a certificate problem: say which, and which flag fixes it
         raise CliError(tls_error_line(exc), exitcodes.TLS_ERROR) from None

@@ -17,7 +17,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -29,18 +29,21 @@ import tunnel
 from contract.discovery import GATEWAY_SERVICE, SRV_PREFIX, desktop_service_name
 from contract.nats_jwt import JwtError, decode_jwt
 from contract.run_protocol import uplink_inbox_prefix
-from tunnel.connect import NatsAuthError, NatsConnectError, connect, parse_creds
+from tunnel.connect import parse_creds
 
 from . import exitcodes
 from .common import (
     DEFAULT_NATS_URL,
-    NATS_URL_ENV,
     CliError,
     CredsOpt,
+    NatsCaOpt,
+    NatsCertOpt,
+    NatsKeyOpt,
     NatsOptions,
     NatsUrlOpt,
     PrefixOpt,
     TokenOpt,
+    nats_connection,
     run,
 )
 
@@ -173,27 +176,12 @@ async def discover(nc: NATS, *, own_host: str | None, timeout: float) -> list[In
     return sorted(instances.values(), key=lambda i: (i.name != GATEWAY_SERVICE, i.name, i.id))
 
 
-@contextlib.asynccontextmanager
-async def _connection(options: NatsOptions, own_host: str | None) -> AsyncIterator[NATS]:
-    """Like :func:`cli.common.nats_connection`, with a desktop credential's own inbox prefix."""
-    extra: dict[str, Any] = {}
+def _connection(options: NatsOptions, own_host: str | None) -> contextlib.AbstractAsyncContextManager[NATS]:
+    """The command's connection; a desktop credential hears replies on its own inbox prefix only."""
+    inbox = None
     if own_host is not None:
-        extra["inbox_prefix"] = uplink_inbox_prefix(tunnel.HostSubjects.for_host(own_host, options.prefix))
-    try:
-        nc = await connect(
-            list(options.urls), creds=options.creds, token=options.token, name="linkctl services", **extra
-        )
-    except NatsAuthError as exc:
-        raise CliError(f"{exc} (--creds / --token)") from None
-    except NatsConnectError as exc:
-        raise CliError(f"{exc} (set --nats or {NATS_URL_ENV})") from None
-    except ValueError as exc:
-        raise CliError(f"--creds: {exc}") from None
-    try:
-        yield nc
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
+        inbox = uplink_inbox_prefix(tunnel.HostSubjects.for_host(own_host, options.prefix))
+    return nats_connection(options, "linkctl services", inbox_prefix=inbox)
 
 
 def _table(instances: Sequence[Instance]) -> str:
@@ -227,6 +215,9 @@ def register(app: typer.Typer) -> None:
         creds: CredsOpt = None,
         token: TokenOpt = None,
         prefix: PrefixOpt = tunnel.DEFAULT_PREFIX,
+        nats_ca: NatsCaOpt = None,
+        nats_cert: NatsCertOpt = None,
+        nats_key: NatsKeyOpt = None,
         timeout: Annotated[
             float,
             typer.Option("--timeout", metavar="SECONDS", min=0.05, help="How long to wait for answers."),
@@ -234,7 +225,9 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="One JSON array of the instances.")] = False,
     ) -> None:
         """List the NATS micro services (linked desktops, gateways) this credential may see."""
-        options = NatsOptions.from_flags(nats, creds, token, prefix)
+        options = NatsOptions.from_flags(
+            nats, creds, token, prefix, nats_ca=nats_ca, nats_cert=nats_cert, nats_key=nats_key
+        )
         own_host = credential_host(options.creds)
 
         async def main() -> list[Instance]:

@@ -150,3 +150,19 @@ async def test_an_unreadable_ca_file_is_a_usage_error(tmp_path: Path) -> None:
         err
         == f"linkctl: error: --nats-ca: cannot read the TLS CA file {missing}: No such file or directory\n"
     )
+
+
+async def test_services_over_tls_trusts_the_private_ca_and_names_a_missing_one(
+    nats_server_factory: NatsServerFactory, certs: TestCerts
+) -> None:
+    """`linkctl services` takes the same TLS flags: with the CA it connects (nothing answers on a
+    bare server: exit 'offline'), without it the certificate line and exit 29."""
+    server = tls_server(nats_server_factory, certs)
+    code, out, err = await linkctl(
+        "services", "--nats", server.url, "--nats-ca", str(certs.ca), "--timeout", "0.2"
+    )
+    assert code == exitcodes.OFFLINE, (out, err)
+    assert "no answer" in err and "Traceback" not in err
+    code, out, err = await linkctl("services", "--nats", server.url, "--timeout", "0.2")
+    assert code == exitcodes.TLS_ERROR, (out, err)
+    assert err == f"linkctl: error: nats {server.url}: certificate signed by an unknown CA: {CA_FIX}\n"
