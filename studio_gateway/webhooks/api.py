@@ -97,6 +97,10 @@ async def create_webhook(request: web.Request, user: User) -> web.StreamResponse
         }
         await store.add_webhook(record)
         service.registered(record)
+        try:  # the webhook processor's consumer delivers this host's events from now on
+            await service.processors.reconcile(service.processor.name)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("webhook %s: the processor's filters follow within 5 s (%r)", record["id"], exc)
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("POST %s: NATS failed: %r", request.path, exc)
         return json_error(503, "runs_unavailable", _UNAVAILABLE)

@@ -33,6 +33,9 @@ class WebhookIndex:
         self._host_of: dict[str, str] = {}  # webhook id -> host token
         self.ready = asyncio.Event()  # the bucket's content was read once
 
+    def hosts(self) -> list[str]:
+        return list(self._by_host)
+
     def has_host(self, host_token: str) -> bool:
         return host_token in self._by_host
 

@@ -49,6 +49,15 @@ class WebhookProcessor(Processor):
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (user, host token)
         self.created = 0
 
+    async def start(self, ctx: ProcessorContext) -> None:
+        await self.index.ready.wait()  # the consumer's filters come from it
+
+    def subject_filters(self, prefix: str) -> list[str] | None:
+        """Only the hosts whose users have webhooks: JetStream does not deliver the others' events."""
+        if not self.index.ready.is_set():
+            return None
+        return [f"{prefix}.host.{host}.runs.*" for host in self.index.hosts()]
+
     def wants_host(self, host_token: str) -> bool:
         # Until the index is loaded every host may matter (handle() then asks to retry later).
         return not self.index.ready.is_set() or self.index.has_host(host_token)

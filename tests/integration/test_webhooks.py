@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+import tunnel
 from cli.nats_server import NatsServer, free_port
+from contract.run_protocol import RUN_STREAM
+from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.runs.processors.service import PROCESSORS
 from studio_gateway.webhooks.service import WEBHOOKS
 from tests.helpers import NatsServerFactory, wait_until
@@ -96,6 +99,11 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             # Another user's webhook never sees alice's runs; a run-scoped one of alice's another run none.
             _, bob = await register(gw, "bob", {"url": receiver.url, "eventTypes": ["stage", "done"]})
             _, other = await register(gw, "alice", {"url": receiver.url, "runId": "run_other"})
+            # JetStream delivers the webhook processor the events of those two users' hosts only.
+            js = gw.app[PROCESSORS].runners["webhooks"].ctx.js
+            info = await js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
+            hosts = {s.split(".host.")[1].split(".")[0] for s in info.config.filter_subjects or []}
+            assert hosts == {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}, info.config
             await publish_event(desktop.nc, desktop.hostname, run_id, 1, "stage", stage="working")
             await publish_event(
                 desktop.nc, desktop.hostname, run_id, 2, "done", finalSeq=2, status="completed"

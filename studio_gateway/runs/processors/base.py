@@ -58,6 +58,12 @@ class Processor(abc.ABC):
         """Whether events of this host matter at all: False acknowledges them unread (cheap)."""
         return True
 
+    def subject_filters(self, prefix: str) -> list[str] | None:
+        """The run subjects wanted right now, when that changes while running (None: static,
+        :attr:`subject_filter`). The runner keeps the consumer's filters in step (added at once,
+        removed after a grace period), so JetStream does not even deliver the other hosts' events."""
+        return None
+
     async def start(self, ctx: ProcessorContext) -> None:  # noqa: B027 - optional hook
         """Called once per feed before the first event (open buckets, warm caches)."""
 

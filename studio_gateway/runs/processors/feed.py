@@ -20,19 +20,63 @@ from nats.js import JetStreamContext, api
 
 from contract.run_protocol import RUN_STREAM
 
-__all__ = ["CONSUMER_PREFIX", "consumer_name", "ensure_consumer"]
+__all__ = [
+    "CONSUMER_PREFIX",
+    "consumer_filters",
+    "consumer_name",
+    "ensure_consumer",
+    "no_host_subject",
+    "set_consumer_filters",
+]
 
 CONSUMER_PREFIX = "LINK_PROC_"
 MAX_ACK_PENDING = 1024
 _CONSUMER_EXISTS = (10148, 10013)
+# The host token of :func:`no_host_subject` (never base64url of a host name: no padding there).
+NO_HOST = "__none__"
 
 
 def consumer_name(processor: str) -> str:
     return CONSUMER_PREFIX + processor
 
 
+def no_host_subject(prefix: str) -> str:
+    """A run subject no desktop publishes to (host tokens are base64url of a host name): the
+    filter of a consumer that wants no host right now."""
+    return f"{prefix}.host.{NO_HOST}.runs.{NO_HOST}"
+
+
+def _filters(config: api.ConsumerConfig) -> list[str]:
+    if config.filter_subjects:
+        return list(config.filter_subjects)
+    return [config.filter_subject] if config.filter_subject else []
+
+
+async def consumer_filters(js: JetStreamContext, processor: str) -> list[str]:
+    """The subjects the processor's consumer delivers now."""
+    info = await js.consumer_info(RUN_STREAM, consumer_name(processor))
+    return _filters(info.config)
+
+
+async def set_consumer_filters(js: JetStreamContext, processor: str, subjects: list[str]) -> None:
+    """Change what the consumer delivers (an update of the same durable: its position stays)."""
+    info = await js.consumer_info(RUN_STREAM, consumer_name(processor))
+    config = info.config
+    if len(subjects) == 1:
+        config.filter_subject, config.filter_subjects = subjects[0], None
+    else:
+        config.filter_subject, config.filter_subjects = None, list(subjects)
+    await js.add_consumer(RUN_STREAM, config)
+
+
 async def ensure_consumer(
-    js: JetStreamContext, processor: str, subject: str, *, replicas: int, ack_wait: float, description: str
+    js: JetStreamContext,
+    processor: str,
+    subjects: list[str],
+    *,
+    replicas: int,
+    ack_wait: float,
+    description: str,
 ) -> str:
     """The processor's durable consumer (created from the start of retention if missing).
 
@@ -52,7 +96,8 @@ async def ensure_consumer(
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=ack_wait,
         deliver_policy=api.DeliverPolicy.ALL,
-        filter_subject=subject,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=list(subjects) if len(subjects) > 1 else None,
         max_ack_pending=MAX_ACK_PENDING,
         max_deliver=-1,
         max_waiting=512,

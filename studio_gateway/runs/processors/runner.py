@@ -27,7 +27,13 @@ from ..pull_feed import ConsumerGone, PullFeed, stored_at
 from .anchors import RetryLater
 from .base import Processor, RunEvent
 from .context import ProcessorContext
-from .feed import consumer_name, ensure_consumer
+from .feed import (
+    consumer_filters,
+    consumer_name,
+    ensure_consumer,
+    no_host_subject,
+    set_consumer_filters,
+)
 from .metrics import ProcessorMetrics
 
 __all__ = ["MAX_DELIVERIES", "ProcessorRunner"]
@@ -41,6 +47,11 @@ FETCH_TIMEOUT: Final = 1.0
 MAX_DELIVERIES: Final = 20
 REOPEN_DELAY: Final = (0.2, 5.0)
 NATS_RETRY: Final = 1.0
+# Dynamic filters (Processor.subject_filters): the consumer's are compared this often, and a subject
+# no longer wanted is removed this long after this instance last wanted it (or first saw it in the
+# consumer's filters): an instance whose view lags by milliseconds never removes what another added.
+FILTER_CHECK: Final = 5.0
+FILTER_GRACE: Final = 30.0
 
 
 class ProcessorRunner:
@@ -62,6 +73,10 @@ class ProcessorRunner:
         self.errors: dict[str, int] = {}
         self.last_stored_at: float | None = None
         self.metrics = metrics
+        self._wanted_at: dict[str, float] = {}  # dynamic filters: subject -> last time wanted here
+        self._applied: list[str] | None = None
+        self._next_check = 0.0
+        self._filter_lock = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -94,7 +109,7 @@ class ProcessorRunner:
                 await ensure_consumer(
                     self.ctx.js,
                     self.processor.name,
-                    self.subject,
+                    self._initial_filters(),
                     replicas=self.replicas,
                     ack_wait=self.ctx.anchors.lease,
                     description=f"run processor {self.processor.name}",
@@ -108,6 +123,11 @@ class ProcessorRunner:
                     give_up_after=GIVE_UP,
                 )
                 while True:
+                    try:
+                        await self.reconcile_filters()
+                    except (nats.errors.Error, TimeoutError) as exc:  # the next round tries again
+                        self._error("filters")
+                        log.debug("processor %s: filters: %r", self.name, exc)
                     msgs = await feed.fetch(BATCH, FETCH_TIMEOUT)
                     if msgs:
                         await self._batch(msgs)
@@ -126,6 +146,37 @@ class ProcessorRunner:
                         await feed.unsubscribe()
             await asyncio.sleep(delay)
             delay = min(delay * 2, REOPEN_DELAY[1])
+
+    def _initial_filters(self) -> list[str]:
+        wanted = self.processor.subject_filters(self.prefix)
+        if wanted is None:
+            return [self.subject]
+        return sorted(wanted) or [no_host_subject(self.prefix)]
+
+    async def reconcile_filters(self, *, now: bool = False) -> None:
+        """Bring a dynamic consumer's filters in step with what the processor wants (see
+        ``FILTER_GRACE``); cheap when nothing changed. ``now``: compare with the consumer at once."""
+        wanted = self.processor.subject_filters(self.prefix)
+        if wanted is None:
+            return
+        async with self._filter_lock:
+            clock = asyncio.get_running_loop().time()
+            for subject in wanted:
+                self._wanted_at[subject] = clock
+            desired = sorted(wanted)
+            if not now and desired == self._applied and clock < self._next_check:
+                return
+            self._next_check = clock + FILTER_CHECK
+            none = no_host_subject(self.prefix)
+            current = [s for s in await consumer_filters(self.ctx.js, self.name) if s != none]
+            for subject in current:
+                self._wanted_at.setdefault(subject, clock)  # first seen: its grace starts now
+            keep = {s for s in current if clock - self._wanted_at[s] < FILTER_GRACE}
+            target = sorted(set(wanted) | keep) or [none]
+            if sorted(current or [none]) != target:
+                await set_consumer_filters(self.ctx.js, self.name, target)
+                log.info("processor %s: now filtering %d subject(s)", self.name, len(target))
+            self._applied = desired
 
     async def _batch(self, msgs: list[Msg]) -> None:
         """Messages of hosts the processor ignores are acknowledged unread; the rest handled at once."""

@@ -131,6 +131,12 @@ class ProcessorsService:
             )
         return rows
 
+    async def reconcile(self, name: str) -> None:
+        """Bring the processor's consumer filters in step now (its subject_filters changed)."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            await runner.reconcile_filters(now=True)
+
     # ------------------------------------------------------------------ lifetime
 
     def start(self) -> None:
