@@ -36,6 +36,7 @@ from .messages import (
     ACKNOWLEDGED,
     FAILED,
     PENDING_STATUSES,
+    QUEUED,
     SENT,
     MessageStore,
     content_digest,
@@ -223,7 +224,11 @@ class Outbound:
         return await self._finish(state, message_id, status, error, http_status, duplicate, kind)
 
     def _claim(self, record: dict[str, Any], now: int, *, stale_only: bool) -> dict[str, Any] | None:
+        """The record claimed for a send: a first send takes a queued one only (a concurrent POST
+        with the same idempotency key finds it sent and sends nothing); a resend a stale one."""
         if record.get("status") not in PENDING_STATUSES:
+            return None
+        if not stale_only and record.get("status") != QUEUED:
             return None
         if stale_only and now - int(record.get("updatedAt") or 0) < self.resend_after_ms:
             return None

@@ -11,6 +11,7 @@ state.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -296,3 +297,18 @@ async def test_a_desktop_gone_mid_run_makes_the_message_failed_desktop_unreachab
         assert [(m["status"], m["httpStatus"], m["attempts"]) for m in signal] == [("failed", 503, 1)]
     finally:
         await desktop.close()
+
+
+async def test_concurrent_posts_with_one_key_send_one_message_once(gw: RunsGateway, desk: Desktop) -> None:
+    run_id = await running(gw, desk)
+    body = {"context": "together", "idempotencyKey": "same"}
+    answers = await asyncio.gather(
+        *(post(gw, "alice", f"/api/runs/{run_id}/context", body) for _ in range(6))
+    )
+    assert {status for status, _ in answers} == {202}, answers
+    assert len({answer["messageId"] for _, answer in answers}) == 1
+    _, listing = await get(gw, "alice", f"/api/runs/{run_id}/messages")
+    contexts = [m for m in listing["messages"] if m["kind"] == "context"]
+    assert len(contexts) == 1 and contexts[0]["attempts"] == 1
+    await finish(gw, run_id)
+    assert [m["context"] for m in await exported_messages(gw, run_id)] == ["together"]
