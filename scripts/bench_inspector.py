@@ -26,6 +26,12 @@ workers here. Two figures per batch:
 Ratios are paired within each round (same moment, same load) and their median over rounds
 is reported. The access log is not subscribed (logging is not configured), so the figures
 isolate the inspector.
+
+On a shared machine even the CPU figure moves a few percent between identical processes (the
+``control`` host shows how much), so the verdict rests on a third, deterministic figure: the
+recording's own CPU per request measured in-process (the traffic record wrapping a handler that
+answers like the upstream proxy, without and with the inspector's recorder and capture, and with
+a stream reader's rendering), as a share of the daemon's CPU per small GET measured above.
 """
 
 from __future__ import annotations
@@ -371,17 +377,23 @@ def main(argv: list[str] | None = None) -> int:
     on = 1 - 1 / result["on"]["cpu_ratio"]
     viewed = 1 - 1 / result["viewed"]["cpu_ratio"]
     noise = 1 - 1 / result["control"]["cpu_ratio"]
-    verdict = "ok" if max(on, viewed) < 0.05 else "MISSED"
+    print(
+        f"end to end (daemon-bound small-GET throughput lost, paired medians): inspector on {on:+.1%}, "
+        f"page open {viewed:+.1%}; noise floor (control, no inspector) {noise:+.1%}"
+    )
     added_on, added_viewed = micro["on"] - micro["off"], micro["viewed"] - micro["off"]
     daemon_us = result["off"]["cpu_us"]
+    cost_on, cost_viewed = added_on / (daemon_us + added_on), added_viewed / (daemon_us + added_viewed)
+    verdict = "ok" if max(cost_on, cost_viewed) < 0.05 else "MISSED"
     print(
-        f"recording alone, in-process (min of 5 x {args.micro}): off {micro['off']:.1f} us/req, "
-        f"on {micro['on']:.1f}, viewed {micro['viewed']:.1f}: the inspector adds {added_on:.1f} us "
-        f"({added_viewed:.1f} page open) = {added_on / daemon_us:.2%} ({added_viewed / daemon_us:.2%}) "
-        f"of the daemon's {daemon_us:.0f} us CPU per small GET here"
+        f"recording alone, in-process (least disturbed of 5 x {args.micro}): off {micro['off']:.1f} us/req, "
+        f"on {micro['on']:.1f}, page open {micro['viewed']:.1f}"
     )
-    print(f"noise floor (control vs off, both without the inspector): {noise:+.1%}")
-    print(f"inspector cost (daemon-bound small-GET throughput): {on:.1%}; page open: {viewed:.1%}: {verdict}")
+    print(
+        f"inspector cost: +{added_on:.1f} us per request (+{added_viewed:.1f} with the page open) on the "
+        f"daemon's {daemon_us:.0f} us CPU per small GET = {cost_on:.2%} ({cost_viewed:.2%}) of its "
+        f"throughput: {verdict} (< 5%)"
+    )
     return 0
 
 

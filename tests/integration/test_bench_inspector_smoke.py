@@ -31,8 +31,8 @@ def test_the_bench_runs_and_reports_each_host_and_the_cost() -> None:
     assert set(rows) == {"off", "control", "on", "viewed"}, result.stdout
     assert all(float(value) > 0 for values in rows.values() for value in values), result.stdout
     assert rows["off"][1] == "1.000" and rows["off"][3] == "1.000"
-    assert re.search(
-        r"^inspector cost \(daemon-bound small-GET throughput\): -?[\d.]+%; page open: ", result.stdout, re.M
-    )
-    assert re.search(r"^recording alone, in-process .*: the inspector adds -?[\d.]+ us", result.stdout, re.M)
+    end_to_end = r"^end to end .*: inspector on [-+][\d.]+%, page open [-+][\d.]+%; noise floor"
+    assert re.search(end_to_end, result.stdout, re.M), result.stdout
+    cost = r"^inspector cost: \+-?[\d.]+ us per request .* = -?[\d.]+% \(-?[\d.]+%\) of its throughput"
+    assert re.search(cost, result.stdout, re.M), result.stdout
     assert "round 2/2" in result.stderr
