@@ -32,7 +32,7 @@ from .messages import summarize
 from .rebuild import rebuild
 from .service import RequestRefused, RunsService
 from .state import RunState
-from .store import RunStore
+from .store import Conflict, RunStore
 
 __all__ = ["add_routes"]
 
@@ -152,7 +152,12 @@ async def rebuild_projection(request: web.Request, user: User) -> web.StreamResp
         _, store, state = await _owned_or_admin(request, user)
     except _Invalid as exc:
         return exc.response
-    result = await rebuild(store, state.run_id)
+    try:
+        result = await rebuild(store, state.run_id)
+    except Conflict:
+        return json_error(
+            409, "rebuild_conflict", "the run's state kept changing during the rebuild; try again"
+        )
     if result is None:
         return json_error(404, "run_not_found", f"no run {state.run_id!r}")
     body = {

@@ -159,8 +159,22 @@ async def _stored_events(store: RunStore, state: RunState) -> list[tuple[dict[st
     return events
 
 
+def _consistent_so_far(current: RunState, events: list[tuple[dict[str, Any], int | None]]) -> bool:
+    """Whether the stored state is exactly what the events up to its own seq say: then anything
+    more is events the projector has not applied yet (it is behind, not wrong)."""
+    upto = [(event, at) for event, at in events if _seq(event) <= current.seq]
+    diff = field_diff(current, rebuild_state(current, upto))
+    diff.pop("updatedAt", None)
+    return not diff
+
+
 async def rebuild(store: RunStore, run_id: str) -> RebuildResult | None:
-    """Rebuild one run's state (None: no such run); raises :class:`Conflict` after many losses."""
+    """Rebuild one run's state (None: no such run); raises :class:`Conflict` after many losses.
+
+    A state that was right all along for what it had applied, on a run whose projector keeps
+    writing (every attempt lost to it), is left to the projector: ``changed`` is ``{}``.
+    """
+    projector_busy = False
     for attempt in range(1, ATTEMPTS + 1):
         loaded = await store.load(run_id)
         if loaded is None:
@@ -182,10 +196,15 @@ async def rebuild(store: RunStore, run_id: str) -> RebuildResult | None:
         try:
             await store.write(rebuilt, revision)
         except Conflict:
+            projector_busy = _consistent_so_far(current, events)
             continue
         if rebuilt.terminal:
             await store.mark_inactive(run_id)
         elif current.terminal:
             await store.mark_active(run_id, rebuilt.host_token)
         return RebuildResult(rebuilt, changed, len(events), attempt)
+    if projector_busy:
+        loaded = await store.load(run_id)
+        if loaded is not None:
+            return RebuildResult(loaded[0], {}, 0, ATTEMPTS)
     raise Conflict(f"{run_id}: the state kept changing during the rebuild")

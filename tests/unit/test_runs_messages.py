@@ -201,3 +201,12 @@ def test_rebuild_keeps_what_the_gateway_decided() -> None:
     assert (
         rebuild_state(replace(state(), dispatched_at=None, status="dispatching"), []).status == "dispatching"
     )
+
+
+def test_a_state_behind_but_right_is_consistent_so_far() -> None:
+    from studio_gateway.runs.rebuild import _consistent_so_far
+
+    stored = events("stage", "output", "output", "done")
+    behind = rebuild_state(state(), stored[:2])  # the projector applied two of four
+    assert behind.seq == 2 and _consistent_so_far(behind, stored)
+    assert not _consistent_so_far(replace(behind, output_bytes=99), stored)  # wrong: rebuild writes
