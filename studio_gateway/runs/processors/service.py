@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import nats.js.errors
 from aiohttp import web
 from nats.js import JetStreamContext, api
 
@@ -108,7 +109,10 @@ class ProcessorsService:
             return []
         out = [ProcessorLag(PROJECTOR_NAME, *await projector_lag(js))]
         for name, runner in list(self.runners.items()):
-            out.append(ProcessorLag(name, *await runner.lag()))
+            try:
+                out.append(ProcessorLag(name, *await runner.lag()))
+            except nats.js.errors.NotFoundError:
+                continue  # its consumer is not created yet (the processor is starting)
         return out
 
     def describe(self) -> list[dict[str, Any]]:
@@ -175,7 +179,7 @@ class ProcessorsService:
         for hook in self.on_ready:
             await hook(store)
         loop = asyncio.get_running_loop()
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         for processor in self.processors:
             ctx = ProcessorContext(
                 processor=processor.name,
@@ -199,9 +203,7 @@ class ProcessorsService:
         started = time.monotonic()
         try:
             while self.runs.store is store:
-                done, _ = await asyncio.wait(tasks, timeout=0.5) if tasks else (set(), set())
-                if not tasks:
-                    await asyncio.sleep(0.5)
+                done, _ = await asyncio.wait(tasks, timeout=0.5)
                 for task in done:
                     if not task.cancelled() and task.exception() is not None:
                         raise RuntimeError(
