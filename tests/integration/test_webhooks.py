@@ -241,3 +241,34 @@ async def test_urls_the_settings_do_not_allow_are_refused(js_server: NatsServer)
         assert status == 422 and body["error"]["field"] == "eventTypes"
         status, body = await register(gw, "erin", {"url": "https://hooks.example.com/x"})
         assert status == 201 and body["eventTypes"] == ["done"] and body["runId"] is None
+
+
+async def test_a_removed_webhooks_pending_delivery_ends_failed(js_server: NatsServer) -> None:
+    env = {**TEST_ENV, "WEBHOOKS_MAX_ATTEMPTS": "100"}
+    async with webhook_gateway(js_server.url, env) as gw:
+        desktop = await accepting_desktop(js_server.url, "gina")
+        try:
+            run_id = await started_run(gw, desktop, "gina")
+            _, hook = await register(gw, "gina", {"url": f"http://127.0.0.1:{free_port()}/hook"})
+            await publish_event(
+                desktop.nc, desktop.hostname, run_id, 1, "done", finalSeq=1, status="completed"
+            )
+
+            async def failing() -> dict[str, Any] | None:
+                rows = await deliveries(gw, "gina", hook["id"])
+                return rows[0] if rows and rows[0]["attempts"] >= 1 else None
+
+            row = await wait_until(failing, TIMEOUT)
+            resp = await gw.client.delete(f"/api/webhooks/{hook['id']}", headers=gw.headers("gina"))
+            assert resp.status == 200
+            store = gw.app[WEBHOOKS].store
+            assert store is not None
+
+            async def ended() -> dict[str, Any] | None:
+                found = await store.delivery(hook["id"], row["id"])
+                return found[0] if found and found[0]["status"] == "failed" else None
+
+            record = await wait_until(ended, TIMEOUT)
+            assert record["lastError"] == "webhook_deleted" and record["attempts"] >= 2
+        finally:
+            await desktop.close()
