@@ -32,6 +32,7 @@ from studio_gateway.runs.projector import MAX_POISON_DELIVERIES
 from studio_gateway.settings import DEFAULT_JWT_AUDIENCE
 from tests.helpers import wait_until
 from tests.integration.runs_harness import REPO_ROOT, SECRET, LinkdProcess, RunsStack
+from tests.prom import sample_value
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -67,10 +68,8 @@ def operator_token(scope: str = OPERATOR_SCOPE) -> str:
 
 async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> float:
     text = (await http.get(f"{stack.gateways[0].url}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    value = sample_value(text, sample)  # by name and label set: the exposition sorts labels
+    return 0.0 if value is None else value
 
 
 async def publish_as_desktop(stack: RunsStack, http: httpx.AsyncClient, run_id: str, event: Any) -> None:
