@@ -12,5 +12,10 @@ Modules, one job each:
 - ``tenant_limits`` (per-host budgets and quotas, pure) and ``stray_watch`` (events of hosts
   without active runs): one desktop's flood costs the others nothing;
 - ``reaper``: fails runs that can no longer finish; ``health``: ``/healthz``'s runs verdict;
-- ``sse``: SSE/NDJSON formatting; ``metrics``: the run series of ``GET /metrics``.
+- ``sse``: SSE/NDJSON formatting; ``metrics``: the run series of ``GET /metrics``;
+- ``messages`` (the outbound message records in ``LINK_RUN_MESSAGES``), ``outbound`` (sending,
+  acknowledging and resending them), ``message_api`` (``/context``, ``/signals``,
+  ``/messages``, ``/validate``) and ``rebuild`` (a run's state recomputed from its events);
+- ``processors``: the processor framework over the run stream (checkpoints, anchors); the
+  projector is registered on it, and the webhooks (:mod:`studio_gateway.webhooks`) are one.
 """
