@@ -4,10 +4,12 @@ bodies are shown, and what a replay sends (secrets restored, edits kept)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from linkd.config import DEFAULT_INSPECT_PORT, Settings, load_settings
+from linkd.daemon import LinkDaemon
 from linkd.inspector import DEFAULT_PORT, REDACTED, Recorder, ReplayExchange, host_allowed
 from linkd.inspector.redact import (
     is_secret_header,
@@ -18,6 +20,7 @@ from linkd.inspector.redact import (
 )
 from linkd.inspector.replay import ReplayEdits, Replayer, ReplayRefused
 from linkd.inspector.views import Filter, body_view, detail, hex_dump, looks_text, summary
+from linkd.session import GatewayClient
 
 
 def exchange(
@@ -341,3 +344,18 @@ def test_settings_defaults_and_sources(tmp_path: object) -> None:
     assert (from_env.inspect, from_env.inspect_port, from_env.inspect_size) == (False, 0, 5)
     flags = load_settings({"inspect_port": 5000}, {**empty, "LINKD_INSPECT_PORT": "6000"})
     assert flags.inspect_port == 5000
+
+
+def test_a_daemon_without_the_inspector_captures_nothing_and_reports_none(tmp_path: Path) -> None:
+    settings = Settings(status_file=tmp_path / "status.json", inspect=False)
+    daemon = LinkDaemon(settings, GatewayClient("http://127.0.0.1:9", lambda: "t"), own_seed=None)
+    assert daemon.inspector is None and daemon.traffic.capture_bodies is False
+    assert daemon.status_document()["inspector"] is None
+    on = LinkDaemon(
+        Settings(status_file=tmp_path / "status.json", inspect=True, inspect_port=0),
+        GatewayClient("http://127.0.0.1:9", lambda: "t"),
+        own_seed=None,
+    )
+    assert on.inspector is not None and on.traffic.capture_bodies is True
+    assert on.status_document()["inspector"] is None  # not listening until run() starts it
+    assert load_settings({"inspect": False}, {"HOME": "/nonexistent"}).inspect is False
