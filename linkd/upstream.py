@@ -33,7 +33,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
@@ -48,8 +47,9 @@ from .traffic import Exchange, current_exchange, note_error
 from .upstream_body import BodyLengthMismatch, declared_length, length_checked
 from .upstream_path import InvalidTarget, check_target
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
+from .upstream_socket import describe, error_response
 from .upstream_upgrade import open_upgraded
-from .upstream_upload import ConnectionPool, describe, send_with_body
+from .upstream_upload import ConnectionPool, send_with_body
 
 __all__ = ["HOP_BY_HOP", "UpstreamProxy", "filter_headers", "header_bytes", "upstream_url"]
 
@@ -97,12 +97,6 @@ def header_bytes(value: str) -> bytes:
         return value.encode("utf-8")
 
 
-def _error(status: int, code: str, message: str) -> tunnel.Response:
-    note_error(code, message)
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return tunnel.Response(status, [("content-type", "application/json")], body)
-
-
 class UpstreamProxy:
     """A ``tunnel`` handler forwarding to ``base_url``; ``await aclose()`` when done."""
 
@@ -146,14 +140,14 @@ class UpstreamProxy:
         try:
             url = upstream_url(self.base, request.url)
         except InvalidTarget as exc:
-            return _error(
+            return error_response(
                 400, "bad_request_target", f"the request target must be a safe path and query: {exc}"
             )
         try:
             sent_headers = self._request_headers(request)
             length = declared_length(sent_headers)
         except (ValueError, UnicodeError) as exc:
-            return _error(400, "bad_request_header", str(exc))
+            return error_response(400, "bad_request_header", str(exc))
         if request.upgrade and request.header("upgrade"):
             return await open_upgraded(
                 request,
@@ -189,20 +183,22 @@ class UpstreamProxy:
         try:
             response = await self.client.send(upstream_request, stream=True)
         except BodyLengthMismatch as exc:
-            return _error(400, "content_length_mismatch", str(exc))
+            return error_response(400, "content_length_mismatch", str(exc))
         except httpx.ConnectError as exc:
             log.warning("upstream %s is unreachable: %s", self.base_url, describe(exc))
-            return _error(502, "upstream_unreachable", f"cannot connect to {self.base_url}: {_reason(exc)}")
+            return error_response(
+                502, "upstream_unreachable", f"cannot connect to {self.base_url}: {_reason(exc)}"
+            )
         except httpx.TimeoutException as exc:
             log.warning("upstream %s did not answer in time: %s", self.base_url, describe(exc))
-            return _error(
+            return error_response(
                 504, "upstream_timeout", f"{self.base_url} did not answer in time ({type(exc).__name__})"
             )
         except httpx.HTTPError as exc:
             log.warning(
                 "upstream %s: %s %s failed: %s", self.base_url, request.method, request.path, describe(exc)
             )
-            return _error(502, "upstream_error", f"request to {self.base_url} failed: {_reason(exc)}")
+            return error_response(502, "upstream_error", f"request to {self.base_url} failed: {_reason(exc)}")
         try:
             status = checked_status(response.status_code)
             reason = checked_reason(response.reason_phrase)
@@ -212,7 +208,7 @@ class UpstreamProxy:
         except BadUpstreamResponse as exc:
             await response.aclose()
             log.warning("upstream %s sent an unusable response head: %s", self.base_url, exc)
-            return _error(502, "upstream_error", f"{self.base_url} sent an unusable response: {exc}")
+            return error_response(502, "upstream_error", f"{self.base_url} sent an unusable response: {exc}")
         if request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             await response.aclose()
             return tunnel.Response(status, headers, None, reason)

@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import ssl
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -47,23 +44,14 @@ import httpx
 import tunnel
 from contract.http_headers import HOP_BY_HOP, connection_named
 
-from .traffic import note_error
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
+from .upstream_socket import MAX_HEAD_SIZE, READ_SIZE, UpstreamConnectFailed, error_response, open_connection
 
 __all__ = ["RefusalBody", "UpgradedStream", "answer_headers", "open_upgraded"]
 
 log = logging.getLogger("linkd.upstream")
 
-READ_SIZE: Final = 64 * 1024
-# A response head larger than this is not one a dev server sends (the tunnel carries 512 headers).
-MAX_HEAD_SIZE: Final = 256 * 1024
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-
-
-def _error(status: int, code: str, message: str) -> tunnel.Response:
-    note_error(code, message)  # the request's traffic record (the access line names the code)
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return tunnel.Response(status, [("content-type", "application/json")], body)
 
 
 def answer_headers(headers: list[tuple[str, str]], *, switching: bool) -> list[tuple[str, str]]:
@@ -85,13 +73,6 @@ def answer_headers(headers: list[tuple[str, str]], *, switching: bool) -> list[t
     if switching:
         out.append(("Connection", "Upgrade"))
     return out
-
-
-def _ssl_context() -> ssl.SSLContext:
-    """What the httpx path verifies with (certifi, no environment), speaking HTTP/1.1 only."""
-    context = httpx.create_ssl_context(trust_env=False)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 def _upgrade_head(request: tunnel.Request, target: bytes, headers: list[tuple[bytes, bytes]]) -> h11.Request:
@@ -130,21 +111,11 @@ async def open_upgraded(
     try:
         head = _upgrade_head(request, target, headers)
     except (ValueError, h11.LocalProtocolError) as exc:
-        return _error(400, "bad_request_header", str(exc))
-    host = base.host
-    port = base.port or (443 if base.scheme == "https" else 80)
-    context = _ssl_context() if base.scheme == "https" else None
+        return error_response(400, "bad_request_header", str(exc))
     try:
-        async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
-            )
-    except TimeoutError:
-        log.warning("upstream %s: no connection for an upgrade within %ss", base_url, connect_timeout)
-        return _error(504, "upstream_timeout", f"{base_url} did not answer in time (connect timeout)")
-    except OSError as exc:
-        log.warning("upstream %s is unreachable for an upgrade: %s", base_url, _os_reason(exc))
-        return _error(502, "upstream_unreachable", f"cannot connect to {base_url}: {exc.strerror or exc}")
+        reader, writer = await open_connection(base, base_url, connect_timeout, purpose=" for an upgrade")
+    except UpstreamConnectFailed as exc:
+        return exc.response
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
     try:
         writer.write(conn.send(head) or b"")
@@ -155,11 +126,11 @@ async def open_upgraded(
     except TimeoutError:
         writer.close()
         log.warning("upstream %s did not answer an upgrade within %ss", base_url, head_timeout)
-        return _error(504, "upstream_timeout", f"{base_url} did not answer the upgrade in time")
+        return error_response(504, "upstream_timeout", f"{base_url} did not answer the upgrade in time")
     except (OSError, h11.ProtocolError) as exc:
         writer.close()
         log.warning("upstream %s failed an upgrade request: %s", base_url, exc)
-        return _error(502, "upstream_error", f"upgrade request to {base_url} failed: {exc}")
+        return error_response(502, "upstream_error", f"upgrade request to {base_url} failed: {exc}")
     except BaseException:  # cancelled: the caller is gone
         writer.close()
         raise
@@ -171,7 +142,7 @@ async def open_upgraded(
     except BadUpstreamResponse as exc:
         writer.close()
         log.warning("upstream %s sent an unusable upgrade answer: %s", base_url, exc)
-        return _error(502, "upstream_error", f"{base_url} sent an unusable response: {exc}")
+        return error_response(502, "upstream_error", f"{base_url} sent an unusable response: {exc}")
     if status == 101:
         first, _ = conn.trailing_data
         body: UpgradedStream | RefusalBody = UpgradedStream(
@@ -185,14 +156,6 @@ async def open_upgraded(
     body = RefusalBody(conn, reader, writer, base_url)
     _close_when_cancelled(request, body)
     return tunnel.Response(status, response_headers, body, reason)
-
-
-def _os_reason(exc: OSError) -> str:
-    """``Connection refused (Connect call failed ...)``: asyncio's text alone hides the errno's meaning."""
-    text = exc.strerror or str(exc)
-    if exc.errno and os.strerror(exc.errno) not in text:
-        return f"{os.strerror(exc.errno)} ({text})"
-    return text
 
 
 # Watchers of requests whose body holds a socket (strong references: asyncio keeps weak ones).

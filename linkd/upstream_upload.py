@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -56,9 +54,17 @@ import tunnel
 from .traffic import current_exchange, note_error
 from .upstream_body import BodyLengthMismatch, length_checked
 from .upstream_response import BadUpstreamResponse, checked_reason, checked_response_headers, checked_status
-from .upstream_upgrade import MAX_HEAD_SIZE, READ_SIZE, _ssl_context, answer_headers
+from .upstream_socket import (
+    MAX_HEAD_SIZE,
+    READ_SIZE,
+    UpstreamConnectFailed,
+    describe,
+    error_response,
+    open_connection,
+)
+from .upstream_upgrade import answer_headers
 
-__all__ = ["ConnectionPool", "UploadAnswerBody", "describe", "send_with_body"]
+__all__ = ["ConnectionPool", "UploadAnswerBody", "send_with_body"]
 
 log = logging.getLogger("linkd.upstream")
 
@@ -69,31 +75,6 @@ DRAIN_GRACE: Final = 1.0  # at the answer's end, for the upload's last drain (el
 
 # Tasks of uploads whose answer is being relayed (asyncio keeps only weak references).
 _TASKS: set[asyncio.Task[None]] = set()
-
-
-def describe(exc: BaseException) -> str:
-    """The reason behind ``exc``: its message and those of its causes, without repeats."""
-    parts: list[str] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current) or type(current).__name__
-        if isinstance(current, OSError) and current.strerror:
-            text = current.strerror
-            if current.errno and os.strerror(current.errno) not in text:
-                # asyncio's "Connect call failed (host, port)" alone hides the reason.
-                text = f"{os.strerror(current.errno)} ({text})"
-        if text not in parts:
-            parts.append(text)
-        current = current.__cause__ or current.__context__
-    return ": ".join(parts)
-
-
-def _error(status: int, code: str, message: str) -> tunnel.Response:
-    note_error(code, message)
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return tunnel.Response(status, [("content-type", "application/json")], body)
 
 
 @dataclass(slots=True)
@@ -179,7 +160,7 @@ async def send_with_body(
     try:
         head = h11.Request(method=request.method, target=target, headers=out)
     except h11.LocalProtocolError as exc:
-        return _error(400, "bad_request_header", str(exc))
+        return error_response(400, "bad_request_header", str(exc))
     content: AsyncIterator[bytes] = request.stream()
     if length is not None:
         content = length_checked(content, length)
@@ -189,23 +170,13 @@ async def send_with_body(
             async for _ in content:
                 pass
         except BodyLengthMismatch as exc:
-            return _error(400, "content_length_mismatch", str(exc))
+            return error_response(400, "content_length_mismatch", str(exc))
     link = await pool.take() if pool is not None else None
     if link is None:
-        host = base.host
-        port = base.port or (443 if base.scheme == "https" else 80)
-        context = _ssl_context() if base.scheme == "https" else None
         try:
-            async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
-                )
-        except TimeoutError:
-            log.warning("upstream %s: no connection within %ss", base_url, connect_timeout)
-            return _error(504, "upstream_timeout", f"{base_url} did not answer in time (connect timeout)")
-        except OSError as exc:
-            log.warning("upstream %s is unreachable: %s", base_url, describe(exc))
-            return _error(502, "upstream_unreachable", f"cannot connect to {base_url}: {describe(exc)}")
+            reader, writer = await open_connection(base, base_url, connect_timeout)
+        except UpstreamConnectFailed as exc:
+            return exc.response
         link = _Link(reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE))
     reader, writer, conn = link.reader, link.writer, link.conn
     writer.write(conn.send(head) or b"")
@@ -217,15 +188,17 @@ async def send_with_body(
         answer = await _await_answer(answer_task, upload, head_timeout)
     except BodyLengthMismatch as exc:
         _abort(writer, upload)
-        return _error(400, "content_length_mismatch", str(exc))
+        return error_response(400, "content_length_mismatch", str(exc))
     except TimeoutError:
         _abort(writer, upload)
         log.warning("upstream %s: no response head within %ss of the request's end", base_url, head_timeout)
-        return _error(504, "upstream_timeout", f"{base_url} did not answer in time (no response head)")
+        return error_response(
+            504, "upstream_timeout", f"{base_url} did not answer in time (no response head)"
+        )
     except (OSError, h11.ProtocolError, EOFError) as exc:
         _abort(writer, upload)
         log.warning("upstream %s: %s %s failed: %s", base_url, request.method, request.path, describe(exc))
-        return _error(502, "upstream_error", f"request to {base_url} failed: {describe(exc)}")
+        return error_response(502, "upstream_error", f"request to {base_url} failed: {describe(exc)}")
     except BaseException:  # cancelled (the caller left) or the caller's body failed
         _abort(writer, upload)
         answer_task.cancel()
@@ -238,7 +211,7 @@ async def send_with_body(
     except BadUpstreamResponse as exc:
         _abort(writer, upload)
         log.warning("upstream %s sent an unusable response head: %s", base_url, exc)
-        return _error(502, "upstream_error", f"{base_url} sent an unusable response: {exc}")
+        return error_response(502, "upstream_error", f"{base_url} sent an unusable response: {exc}")
     if request.method == "HEAD" or status in _NO_BODY_STATUS:
         _abort(writer, upload)
         return tunnel.Response(status, response_headers, None, reason)

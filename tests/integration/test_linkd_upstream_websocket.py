@@ -34,7 +34,7 @@ from wsproto.events import (
 
 import tunnel
 from cli.nats_server import NatsServer, free_port
-from linkd import upstream_upgrade
+from linkd import upstream_socket
 from linkd.routes import LinkRoutes
 from linkd.run_events import MemoryEventSink
 from linkd.runs import RunManager
@@ -371,9 +371,9 @@ async def test_an_https_upstream_is_reached_over_verified_tls(
             await sock.aclose()
         assert service.seen == []
 
-        trusting = upstream_upgrade._ssl_context()
+        trusting = upstream_socket.ssl_context()
         trusting.load_verify_locations(cert)
-        monkeypatch.setattr(upstream_upgrade, "_ssl_context", lambda: trusting)
+        monkeypatch.setattr(upstream_socket, "ssl_context", lambda: trusting)
         sock = TunnelSocket()
         resp = await sock.open(nc, "/ws/tls?x=1")
         try:
