@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from .store import JS_API, JS_TIMEOUT, _kv_stream_config, ensure_stream
+from .store import bucket_keys, ensure_stream, kv_stream_config
 
 __all__ = [
     "ACKNOWLEDGED",
@@ -166,7 +166,7 @@ class MessageStore:
         self._kv: KeyValue | None = None
 
     async def setup(self) -> str:
-        config = _kv_stream_config(MESSAGES_BUCKET, max_age=self.retention, replicas=self.replicas)
+        config = kv_stream_config(MESSAGES_BUCKET, max_age=self.retention, replicas=self.replicas)
         done = await ensure_stream(self.js, config)
         self._kv = await self.js.key_value(MESSAGES_BUCKET)
         return done
@@ -277,18 +277,7 @@ class MessageStore:
 
     async def _keys(self, pattern: str) -> list[str]:
         """Keys matching ``pattern``, from stream info (filtered by the server; no consumer)."""
-        head = f"$KV.{MESSAGES_BUCKET}."
-        request = f"{JS_API}.STREAM.INFO.KV_{MESSAGES_BUCKET}"
-        keys: list[str] = []
-        while True:
-            body = json.dumps({"subjects_filter": f"{head}{pattern}", "offset": len(keys)}).encode()
-            answer = json.loads((await self.nc.request(request, body, timeout=JS_TIMEOUT)).data)
-            if "error" in answer:
-                raise nats.js.errors.APIError.from_error(answer["error"])
-            subjects = (answer.get("state") or {}).get("subjects") or {}
-            keys.extend(subject[len(head) :] for subject in subjects)
-            if not subjects or len(keys) >= int(answer.get("total") or 0):
-                return keys
+        return await bucket_keys(self.nc, MESSAGES_BUCKET, pattern)
 
 
 def _encode(record: dict[str, Any]) -> bytes:

@@ -148,7 +148,7 @@ class SnapshotIncomplete(TimeoutError):
     """
 
 
-def _kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> api.StreamConfig:
+def kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> api.StreamConfig:
     """The stream behind a key-value bucket, as nats-py's ``create_key_value`` builds it."""
     return api.StreamConfig(
         name=f"KV_{bucket}",
@@ -167,6 +167,26 @@ def _kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> a
         num_replicas=replicas,
         storage=api.StorageType.FILE,
     )
+
+
+async def bucket_keys(nc: NATS, bucket: str, pattern: str) -> list[str]:
+    """The keys of ``bucket`` matching ``pattern``: its subjects, from stream info (no consumer
+    needed; filtered by the server, unlike nats-py's ``KeyValue.keys``, which reads every key).
+
+    Stream info lists at most a page of subjects per answer; the rest come with ``offset``.
+    """
+    head = f"$KV.{bucket}."
+    request = f"{JS_API}.STREAM.INFO.KV_{bucket}"
+    keys: list[str] = []
+    while True:
+        body = json.dumps({"subjects_filter": f"{head}{pattern}", "offset": len(keys)}).encode()
+        answer = json.loads((await nc.request(request, body, timeout=JS_TIMEOUT)).data)
+        if "error" in answer:
+            raise nats.js.errors.APIError.from_error(answer["error"])
+        subjects = (answer.get("state") or {}).get("subjects") or {}
+        keys.extend(subject[len(head) :] for subject in subjects)
+        if not subjects or len(keys) >= int(answer.get("total") or 0):
+            return keys
 
 
 def runs_stream_config(config: RunsConfig, prefix: str) -> api.StreamConfig:
@@ -345,7 +365,7 @@ class RunStore:
             (USER_INDEX_BUCKET, config.retention),
             (DEAD_LETTER_BUCKET, config.retention),
         ):
-            stream = _kv_stream_config(bucket, max_age=max_age, replicas=config.replicas)
+            stream = kv_stream_config(bucket, max_age=max_age, replicas=config.replicas)
             done[bucket] = await ensure_stream(js, stream)
         self._state = await js.key_value(STATE_BUCKET)
         self._output = await js.key_value(OUTPUT_BUCKET)
@@ -575,23 +595,7 @@ class RunStore:
         return await self._bucket_keys(ACTIVE_BUCKET, ">")
 
     async def _bucket_keys(self, bucket: str, pattern: str) -> list[str]:
-        """The keys of ``bucket`` matching ``pattern``: its subjects, from stream info (no consumer
-        needed; filtered by the server, unlike nats-py's ``KeyValue.keys``, which reads every key).
-
-        Stream info lists at most a page of subjects per answer; the rest come with ``offset``.
-        """
-        head = f"$KV.{bucket}."
-        request = f"{JS_API}.STREAM.INFO.KV_{bucket}"
-        ids: list[str] = []
-        while True:
-            body = json.dumps({"subjects_filter": f"{head}{pattern}", "offset": len(ids)}).encode()
-            answer = json.loads((await self.nc.request(request, body, timeout=JS_TIMEOUT)).data)
-            if "error" in answer:
-                raise nats.js.errors.APIError.from_error(answer["error"])
-            subjects = (answer.get("state") or {}).get("subjects") or {}
-            ids.extend(subject[len(head) :] for subject in subjects)
-            if not subjects or len(ids) >= int(answer.get("total") or 0):
-                return ids
+        return await bucket_keys(self.nc, bucket, pattern)
 
     # ------------------------------------------------------------------ events
 

@@ -21,8 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from ..runs.processors.service import kv_stream_config
-from ..runs.store import ensure_stream, user_index_token
+from ..runs.store import bucket_keys, ensure_stream, kv_stream_config, user_index_token
 
 __all__ = ["DELIVERY_BUCKET", "WEBHOOK_BUCKET", "WebhookStore"]
 
@@ -121,15 +120,4 @@ class WebhookStore:
 
     async def _keys(self, bucket: str, pattern: str) -> list[str]:
         """Keys matching ``pattern``, filtered by the server (stream info subjects, paged)."""
-        head = f"$KV.{bucket}."
-        request = f"$JS.API.STREAM.INFO.KV_{bucket}"
-        keys: list[str] = []
-        while True:
-            body = json.dumps({"subjects_filter": f"{head}{pattern}", "offset": len(keys)}).encode()
-            answer = json.loads((await self.nc.request(request, body, timeout=JS_TIMEOUT)).data)
-            if "error" in answer:
-                raise nats.js.errors.APIError.from_error(answer["error"])
-            subjects = (answer.get("state") or {}).get("subjects") or {}
-            keys.extend(subject[len(head) :] for subject in subjects)
-            if not subjects or len(keys) >= int(answer.get("total") or 0):
-                return keys
+        return await bucket_keys(self.nc, bucket, pattern)

@@ -21,12 +21,12 @@ from typing import Any, Final
 
 import nats.js.errors
 from aiohttp import web
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from ...config import GatewayConfig
 from ...tasks import stop_tasks
 from ..service import RUNS, RunsService
-from ..store import RunStore, ensure_stream
+from ..store import RunStore, ensure_stream, kv_stream_config
 from .anchors import ANCHOR_BUCKET, Anchors
 from .base import Processor, check_name
 from .context import ProcessorContext
@@ -53,23 +53,6 @@ def load_processor(spec: str) -> Processor:
     if not isinstance(processor, Processor):
         raise ValueError(f"{spec!r} is not a Processor")
     return processor
-
-
-def kv_stream_config(bucket: str, *, max_age: float | None, replicas: int) -> api.StreamConfig:
-    """The stream behind a key-value bucket, as nats-py's ``create_key_value`` builds it."""
-    return api.StreamConfig(
-        name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
-        allow_direct=True,
-        allow_rollup_hdrs=True,
-        deny_delete=True,
-        discard=api.DiscardPolicy.NEW,
-        duplicate_window=min(120.0, max_age) if max_age else 120.0,
-        max_age=max_age,
-        max_msgs_per_subject=1,
-        num_replicas=replicas,
-        storage=api.StorageType.FILE,
-    )
 
 
 @dataclass(frozen=True)
