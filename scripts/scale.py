@@ -494,8 +494,9 @@ def share(n: int, workers: int, index: int) -> int:
     return len(range(index, n, workers))
 
 
-async def worker_stats(workers: list[Worker]) -> list[dict[str, Any]]:
-    return list(await asyncio.gather(*(w.call({"cmd": "stats"}, WORKER_REPLY_TIMEOUT) for w in workers)))
+async def worker_stats(workers: list[Worker], *, reset_lag: bool = False) -> list[dict[str, Any]]:
+    command = {"cmd": "stats", "reset_lag": reset_lag}
+    return list(await asyncio.gather(*(w.call(command, WORKER_REPLY_TIMEOUT) for w in workers)))
 
 
 async def measure_step(
@@ -543,7 +544,7 @@ async def measure_step(
         return step
 
     caller.desktops = n
-    stats_before = await worker_stats(workers)
+    stats_before = await worker_stats(workers, reset_lag=True)  # the lag of this window only
     cpu_before = procs.cpu_times()
     metrics_before = dispatch_buckets(await gateway_metrics(caller))
     probes, requests = CallStats(), CallStats()
@@ -845,9 +846,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.plot(xs, [s["probe"]["p50_ms"] for s in done], "o--", label="presence probe p50")
     left.plot(xs, [s["request"]["p99_ms"] for s in done], "s-", label="tunnel request p99")
     left.plot(xs, [s["request"]["p50_ms"] for s in done], "s--", label="tunnel request p50")
+    lags = [
+        max((v for v in s.get("desktop_loop_lag_p99_ms") or [] if v is not None), default=None) for s in done
+    ]
+    if any(v is not None for v in lags):
+        left.plot(xs, lags, "x:", color="grey", label="desktop processes' event-loop lag p99")
     left.axhline(GOAL_PROBE_P99_MS, color="grey", lw=0.8, ls=":")
     left.axhline(GOAL_REQUEST_P99_MS, color="grey", lw=0.8, ls=":")
     left.set_xscale("log")
+    left.set_yscale("log")
     left.set_xlabel("connected desktops (N)")
     left.set_ylabel("ms")
     left.set_title("latency")

@@ -17,7 +17,7 @@ Protocol with the parent (JSON lines; commands on stdin, answers on stdout, logs
 - ``{"cmd": "grow", "to": K, "deadline": S}``: start desktops until K run here, wait (up to S
   seconds) until every one of them is online; answers ``{"desktops", "online", "seconds",
   "not_online": {message: count}}``;
-- ``{"cmd": "stats"}``: ``{"desktops", "online", "states", "refreshes", "refresh_failed",
+- ``{"cmd": "stats", "reset_lag": bool}``: ``{"desktops", "online", "states", "refreshes", "refresh_failed",
   "reconnects", "not_online"}``;
 - ``{"cmd": "stop"}``: answers ``{"stopped": true}`` and exits (the parent SIGKILLs anyway).
 
@@ -253,6 +253,8 @@ async def main() -> None:
             _answer(await fleet.grow(int(command["to"]), float(command.get("deadline", 600))))
         elif cmd == "stats":
             _answer(fleet.stats())
+            if command.get("reset_lag"):  # a measurement window starts: lag from now on only
+                fleet.lags.clear()
         elif cmd == "stop":
             _answer({"stopped": True})
             break
