@@ -42,6 +42,8 @@ STEP_FIGURES = (
     ("resources", "nats", "subscriptions"),
     ("resources", "nats", "jetstream_storage_bytes"),
     ("load_average",),
+    ("desktop_loop_lag_p99_ms",),
+    ("online_cpu_percent", "gateway"),
 )
 
 
@@ -114,6 +116,7 @@ def test_scale_script_at_twenty_desktops() -> None:
         assert step["runs"]["completed"] == step["runs"]["created"] > 0
         assert step["resources"]["nats"]["connections"] >= step["desktops"]
         assert len(step["resources"]["desktop_process_rss_bytes"]) == 2
+        assert all(lag is not None for lag in step["desktop_loop_lag_p99_ms"])
     # Ten-second credentials: every desktop refreshed at least once, none failed.
     last = result["steps"][-1]
     assert last["refreshes"]["total_so_far"] >= 20
