@@ -51,7 +51,7 @@ from ._events import (
     ResponseHead,
 )
 from ._flow import ReceiveWindow, SendCredit
-from ._integrity import ALGORITHM, BodyDigest, check_whole
+from ._integrity import PREFERRED, BodyDigest, check_whole
 from ._subjects import HostSubjects, hostname_from_token
 
 # ----------------------------------------------------------------------------- caller
@@ -133,7 +133,7 @@ def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
         heartbeat_ms=max(1, int(options.heartbeat_interval * 1000)),
         max_frame=options.max_payload,
         whole=True,
-        integrity=ALGORITHM,
+        integrity=PREFERRED,
     )
 
 
@@ -302,7 +302,7 @@ class CallerStream:
         end = (
             f.RequestEnd(self.request_id, self.send.next_seq)
             if digest is None
-            else f.RequestEnd(self.request_id, self.send.next_seq, digest.size, digest.crc)
+            else f.RequestEnd(self.request_id, self.send.next_seq, digest.size, digest.result())
         )
         return Publish(subject, codec.encode_frame(end))
 
@@ -394,7 +394,7 @@ class CallerStream:
             try:
                 self.receive_window.on_end(frame.seq)
                 if self.received_digest is not None:
-                    self.received_digest.check(frame.size, frame.crc32, "response body")
+                    self.received_digest.check(frame.size, frame.checksum, "response body")
             except TunnelError as exc:
                 raise self._fail(exc) from None
             return BodyEnded()
@@ -451,9 +451,9 @@ class CallerStream:
                 self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = ReceiveWindow(opts.window if up is not None else None)
-            if ext.integrity == ALGORITHM and up is not None:
-                self.sent_digest = BodyDigest() if self.has_body else None
-                self.received_digest = BodyDigest()
+            if ext.integrity is not None and ext.integrity == PREFERRED and up is not None:
+                self.sent_digest = BodyDigest(PREFERRED) if self.has_body else None
+                self.received_digest = BodyDigest(PREFERRED)
             peer_max = ext.max_frame or opts.max_payload
             frame_limit = min(opts.max_payload, peer_max)
         else:
@@ -492,11 +492,11 @@ class CallerStream:
         if self.upgrade and status == 101:
             raise self._fail(RemoteProtocolError("a 101 that opens a stream cannot come as response.whole"))
         has_body = not (self.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
-        if frame.crc32 is not None:
+        if frame.checksum is not None:
             # The whole frame's head names no extensions; a server that has the integrity
             # extension always puts the checksum there (an older one: none to check).
             try:
-                check_whole(frame.data, frame.crc32)
+                check_whole(frame.data, frame.checksum)
             except TunnelError as exc:
                 raise self._fail(exc) from None
         self.phase = CallerPhase.DONE

@@ -34,6 +34,7 @@ from ._frames import (
     URL_FORBIDDEN,
     Abort,
     AckExtensions,
+    Checksum,
     ChunkFrame,
     Frame,
     FrameError,
@@ -110,8 +111,23 @@ def _optional_count(obj: dict[str, Any], key: str, rid: str, limit: int = MAX_SA
     return None if value is None else int(value)
 
 
-_MAX_CRC32: Final = 0xFFFFFFFF
+_MAX_CHECKSUM: Final = 0xFFFFFFFF
 _MAX_INTEGRITY_NAME: Final = 32
+# The checksum fields an end frame or a response.whole head may carry (integrity extension).
+_CHECKSUM_FIELDS: Final = ("crc32c", "crc32")
+
+
+def _checksum(obj: dict[str, Any], rid: str) -> Checksum | None:
+    if "crc32c" not in obj and "crc32" not in obj:  # hot path: most frames carry none
+        return None
+    found: Checksum | None = None
+    for name in _CHECKSUM_FIELDS:
+        value = _optional_count(obj, name, rid, _MAX_CHECKSUM)
+        if value is not None:
+            if found is not None:
+                raise FrameError("more than one checksum", rid)
+            found = Checksum(name, value)
+    return found
 
 
 def _integrity(raw: dict[str, Any]) -> str | None:
@@ -234,7 +250,7 @@ def _decode_whole(rest: bytes, rid: str) -> Frame:
         raise FrameError("response.whole head is not this request's response.start", rid)
     start = _d_response_start(head, rid)
     assert isinstance(start, ResponseStart)
-    return ResponseWhole(rid, start, rest[head_end:], _optional_count(head, "crc32", rid, _MAX_CRC32))
+    return ResponseWhole(rid, start, rest[head_end:], _checksum(head, rid))
 
 
 def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
@@ -298,15 +314,11 @@ def _d_chunk(o: dict[str, Any], rid: str) -> Frame:
 
 
 def _d_request_end(o: dict[str, Any], rid: str) -> Frame:
-    return RequestEnd(
-        rid, _seq(o, rid), _optional_count(o, "bytes", rid), _optional_count(o, "crc32", rid, _MAX_CRC32)
-    )
+    return RequestEnd(rid, _seq(o, rid), _optional_count(o, "bytes", rid), _checksum(o, rid))
 
 
 def _d_response_end(o: dict[str, Any], rid: str) -> Frame:
-    return ResponseEnd(
-        rid, _seq(o, rid), _optional_count(o, "bytes", rid), _optional_count(o, "crc32", rid, _MAX_CRC32)
-    )
+    return ResponseEnd(rid, _seq(o, rid), _optional_count(o, "bytes", rid), _checksum(o, rid))
 
 
 def _d_request_error(o: dict[str, Any], rid: str) -> Frame:
@@ -475,7 +487,7 @@ def _response_start_json(
     headers: Headers,
     status_text: str | None,
     extensions: AckExtensions | None,
-    crc32: int | None = None,
+    checksum: Checksum | None = None,
 ) -> bytes:
     parts = [
         '{"type":"response.start","requestId":',
@@ -488,8 +500,8 @@ def _response_start_json(
     parts += (',"headers":', _headers_json(headers))
     if extensions is not None:
         parts += (',"extensions":', _JSON_ENCODER.encode(_ext_to_json(extensions)))
-    if crc32 is not None:  # only in a response.whole head (integrity extension)
-        parts += (',"crc32":', str(int(crc32)))
+    if checksum is not None:  # only in a response.whole head (integrity extension)
+        parts += (',"', checksum.algorithm, '":', str(int(checksum.value)))
     parts.append("}")
     return "".join(parts).encode("ascii")
 
@@ -503,13 +515,13 @@ def encode_whole(
     headers: Headers,
     status_text: str | None,
     data: bytes | bytearray | memoryview,
-    crc32: int | None = None,
+    checksum: Checksum | None = None,
 ) -> bytes:
     """``encode_frame(ResponseWhole(...))`` byte for byte, without building the frame objects.
 
     Hot path: every small response of an extended server goes through here.
     """
-    head = _response_start_json(request_id, status, headers, status_text, None, crc32)
+    head = _response_start_json(request_id, status, headers, status_text, None, checksum)
     return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, data))
 
 
@@ -545,7 +557,7 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
     if isinstance(frame, ResponseWhole):
         st = frame.start
         head = _response_start_json(
-            st.request_id, st.status, st.headers, st.status_text, st.extensions, frame.crc32
+            st.request_id, st.status, st.headers, st.status_text, st.extensions, frame.checksum
         )
         return b"".join((_WHOLE_PREFIX, _WHOLE_HEAD_LENGTH.pack(len(head)), head, frame.data))
     if isinstance(frame, RequestStart):
@@ -560,8 +572,8 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         obj["seq"] = frame.seq
         if frame.size is not None:
             obj["bytes"] = frame.size
-        if frame.crc32 is not None:
-            obj["crc32"] = frame.crc32
+        if frame.checksum is not None:
+            obj[frame.checksum.algorithm] = frame.checksum.value
     elif isinstance(frame, RequestError | ResponseError):
         obj["code"] = frame.code
         obj["message"] = frame.message

@@ -19,7 +19,7 @@ The tree::
     ├── TunnelAborted                tunnel_aborted         499  (cancelled by a peer or by us)
     ├── RemoteProtocolError          tunnel_protocol_error  502  (the peer broke the protocol:
     │   │                                                          gap, duplicate, bad frame)
-    │   └── IntegrityError           tunnel_integrity_error (a body's byte count or CRC-32 at
+    │   └── IntegrityError           tunnel_integrity_error (a body's byte count or checksum at
     │                                                              its end differs from what arrived)
     ├── RemoteError                  code sent by the peer  502  (response.error / request.error,
     │                                                              e.g. tunnel_handler_error)
@@ -143,7 +143,7 @@ class RemoteProtocolError(TunnelError):
 
 
 class IntegrityError(RemoteProtocolError):
-    """A body arrived with another byte count or CRC-32 than its sender's end frame states:
+    """A body arrived with another byte count or checksum than its sender's end frame states:
     corrupted or truncated somewhere between the two ends. Never delivered as success."""
 
     code = ErrorCode.INTEGRITY

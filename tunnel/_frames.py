@@ -98,6 +98,15 @@ class RequestStart:
 
 
 @dataclass(frozen=True, slots=True)
+class Checksum:
+    """A body's checksum in an end frame or a ``response.whole`` head (integrity extension):
+    the JSON field is named after the algorithm (``"crc32c"`` or ``"crc32"``)."""
+
+    algorithm: str
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
 class RequestChunk:
     request_id: str
     seq: int
@@ -109,9 +118,9 @@ class RequestChunk:
 class RequestEnd:
     request_id: str
     seq: int
-    # With the integrity extension: the body's byte count and CRC-32 (JSON "bytes", "crc32").
+    # With the integrity extension: the body's byte count and checksum (JSON "bytes", "crc32c").
     size: int | None = None
-    crc32: int | None = None
+    checksum: Checksum | None = None
     type: str = field(default="request.end", init=False)
 
 
@@ -168,7 +177,7 @@ class ResponseWhole:
     request_id: str
     start: ResponseStart
     data: bytes
-    crc32: int | None = None  # with the integrity extension: in the head, as "crc32"
+    checksum: Checksum | None = None  # with the integrity extension: in the head, as "crc32c"
     type: str = field(default="response.whole", init=False)
 
 
@@ -185,7 +194,7 @@ class ResponseEnd:
     request_id: str
     seq: int
     size: int | None = None
-    crc32: int | None = None
+    checksum: Checksum | None = None
     type: str = field(default="response.end", init=False)
 
 

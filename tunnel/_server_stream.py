@@ -44,7 +44,7 @@ from ._events import (
     Publish,
 )
 from ._flow import Pacer, ReceiveWindow, SendCredit
-from ._integrity import ALGORITHM, BodyDigest, crc32
+from ._integrity import BodyDigest, checksum, supported
 from ._subjects import HostSubjects
 
 # ----------------------------------------------------------------------------- server
@@ -111,7 +111,7 @@ class _ServerTerms:
     frame_limit: int
     chunk_limit: int
     offers_whole: bool
-    integrity: bool
+    integrity: str | None  # the checksum both ends put in their end frames, if any
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,7 +135,7 @@ def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_l
     if credit is not None:
         chunk_limit = min(chunk_limit, max(1, credit // 2))
     offers_whole = offer is not None and offer.whole and offer.binary
-    integrity = offer is not None and offer.integrity == ALGORITHM
+    integrity = offer.integrity if offer is not None and supported(offer.integrity) else None
     return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole, integrity)
 
 
@@ -193,7 +193,7 @@ class ServerStream:
         self.integrity = terms.integrity
         self.sent_digest: BodyDigest | None = None
         self.received_digest: BodyDigest | None = (
-            BodyDigest() if terms.integrity and start.body_subject is not None else None
+            BodyDigest(terms.integrity) if terms.integrity and start.body_subject is not None else None
         )
         if offer is not None:
             self.up_subject: str | None = f"{head}body" if options.up_via_body else f"{head}up.{server_id}"
@@ -244,7 +244,7 @@ class ServerStream:
             max_frame=self.options.max_payload,
             up_subject=self.up_subject,
             upgrade=self.upgrade,
-            integrity=ALGORITHM if self.integrity else None,
+            integrity=self.integrity,
         )
 
     def ack(self) -> Publish:
@@ -266,7 +266,7 @@ class ServerStream:
         self.phase = ServerPhase.RESPONDING
         self.response_has_body = self._allows_body(status)
         if self.integrity:
-            self.sent_digest = BodyDigest()
+            self.sent_digest = BodyDigest(self.integrity)
         # Always repeat the negotiation: if the ack was lost, this is the caller's first frame.
         ext = self._ack_extensions()
         self.acked = True
@@ -300,7 +300,12 @@ class ServerStream:
             raise LocalProtocolError("invalid status text")
         # Encoded straight from the parts: no ResponseStart/ResponseWhole objects per response.
         payload = codec.encode_whole(
-            self.request_id, status, headers, status_text, data, crc32(data) if self.integrity else None
+            self.request_id,
+            status,
+            headers,
+            status_text,
+            data,
+            checksum(self.integrity, data) if self.integrity else None,
         )
         if len(payload) > self.frame_limit:
             return None
@@ -369,7 +374,7 @@ class ServerStream:
         digest = self.sent_digest
         if digest is None:
             return self._out(f.ResponseEnd(self.request_id, self.send.next_seq))
-        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq, digest.size, digest.crc))
+        return self._out(f.ResponseEnd(self.request_id, self.send.next_seq, digest.size, digest.result()))
 
     def error_response(self, code: str, message: str) -> Publish | None:
         """An error frame for the caller, unless the response ended or the caller is gone."""
@@ -455,7 +460,7 @@ class ServerStream:
         try:
             self.receive_window.on_end(frame.seq)
             if check and self.received_digest is not None:
-                self.received_digest.check(frame.size, frame.crc32, "request body")
+                self.received_digest.check(frame.size, frame.checksum, "request body")
         except TunnelError as exc:
             self.body_phase = BodyPhase.FAILED
             raise self._fail(exc) from None

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 
 from tunnel import _codec as codec
@@ -253,7 +253,7 @@ V1_SERVER_BUILDERS: list[Callable[..., bytes]] = [
 
 
 OFFER = f.StartExtensions(
-    binary=True, window=WINDOW, heartbeat_ms=6666, max_frame=MAX_PAYLOAD, whole=True, integrity="crc32"
+    binary=True, window=WINDOW, heartbeat_ms=6666, max_frame=MAX_PAYLOAD, whole=True, integrity="crc32c"
 )
 
 
@@ -554,15 +554,15 @@ def test_binary_golden_layouts_are_as_documented() -> None:
         "requestId": RID,
         "status": 200,
         "headers": [["content-type", "text/plain"]],
-        "crc32": zlib.crc32(DATA),  # the integrity extension: the body's CRC-32 in the head
+        "crc32c": google_crc32c.value(DATA),  # the integrity extension: the body's CRC-32C in the head
     }
     assert whole[14 + head_length :] == DATA
 
 
-def test_integrity_end_frames_carry_the_byte_count_and_crc32_of_the_body() -> None:
+def test_integrity_end_frames_carry_the_byte_count_and_crc32c_of_the_body() -> None:
     for name in ("ext/request.end.integrity", "ext/response.end.integrity"):
         end = json.loads(golden_path(name).read_bytes())
-        assert end["bytes"] == len(DATA) and end["crc32"] == zlib.crc32(DATA), name
+        assert end["bytes"] == len(DATA) and end["crc32c"] == google_crc32c.value(DATA), name
 
 
 def test_extension_objects_are_as_documented() -> None:
@@ -573,7 +573,7 @@ def test_extension_objects_are_as_documented() -> None:
         "heartbeatMs": 6666,
         "maxFrame": MAX_PAYLOAD,
         "wholeResponse": True,
-        "integrity": "crc32",
+        "integrity": "crc32c",
     }
     ack = json.loads(golden_path("ext/response.ack").read_bytes())
     assert ack["extensions"] == {
@@ -582,7 +582,7 @@ def test_extension_objects_are_as_documented() -> None:
         "heartbeatMs": 6666,
         "maxFrame": MAX_PAYLOAD,
         "upSubject": SUBJECTS.server_up(RID, SERVER_ID),
-        "integrity": "crc32",
+        "integrity": "crc32c",
     }
 
 

@@ -1,14 +1,18 @@
 """The integrity extension in the sans-IO state machines: each body direction's byte count and
-CRC-32 travel in its end frame (in the head of a response.whole), and any difference from
-what arrived fails the request with ``IntegrityError`` instead of completing it."""
+checksum (CRC-32C, or CRC-32 where a peer offers only that) travel in its end frame (in the head
+of a response.whole), and any difference from what arrived fails the request with
+``IntegrityError`` instead of completing it."""
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
+import google_crc32c
 import pytest
 
-from tests.unit.test_stream import FakeClock, Link, body_bytes, connect, consume_all, data_of
+from tests.unit.test_stream import RID, FakeClock, Link, body_bytes, connect, consume_all, data_of
+from tunnel import _caller as caller_module
 from tunnel import _codec as codec
 from tunnel import _frames as f
 from tunnel._caller import CallerPhase
@@ -45,14 +49,14 @@ def test_both_directions_are_checked_and_an_intact_exchange_completes() -> None:
     assert data_of(events) == download and isinstance(events[-1], BodyEnded)
     assert link.caller.phase is CallerPhase.DONE
     end = link.to_caller_frames[-1]
-    assert isinstance(end, f.ResponseEnd) and end.size == len(download) and end.crc32 is not None
+    assert isinstance(end, f.ResponseEnd) and end.size == len(download) and end.checksum is not None
 
 
 def test_one_flipped_response_byte_fails_the_request_at_its_end() -> None:
     link = connect(FakeClock())
     start, *chunks, end = respond(link, body_bytes(30_000))
     link.to_caller([start, *chunks[:-1], flip_one_byte(chunks[-1])])  # delivered, not yet trusted
-    with pytest.raises(IntegrityError, match="arrived corrupted: CRC-32") as caught:
+    with pytest.raises(IntegrityError, match="arrived corrupted: crc32c") as caught:
         link.to_caller([end])
     assert caught.value.code == "tunnel_integrity_error"
     assert isinstance(caught.value, RemoteProtocolError)
@@ -93,7 +97,7 @@ def test_a_whole_response_carries_its_checksum_in_its_head() -> None:
     whole = link.server.whole_response(200, [], None, b"small and whole")
     assert whole is not None
     frame = codec.decode_frame(whole.payload, link.caller.request_id)
-    assert isinstance(frame, f.ResponseWhole) and frame.crc32 is not None
+    assert isinstance(frame, f.ResponseWhole) and frame.checksum is not None
     (head,) = link.to_caller([whole])
     assert isinstance(head, ResponseHead) and head.complete_body == b"small and whole"
 
@@ -109,7 +113,7 @@ def test_plain_v1_peers_exchange_no_checksums() -> None:
     assert link.caller.received_digest is None and link.server.sent_digest is None
     link.to_caller(respond(link, b"v1 body"))
     end = link.to_caller_frames[-1]
-    assert isinstance(end, f.ResponseEnd) and end.size is None and end.crc32 is None
+    assert isinstance(end, f.ResponseEnd) and end.size is None and end.checksum is None
     assert link.caller.phase is CallerPhase.DONE
 
 
@@ -124,3 +128,54 @@ def test_a_request_end_repaired_from_a_credit_report_completes_without_a_checksu
     report = f.RequestCredit(link.caller.request_id, link.caller.receive_window.granted or 1, 1, True)
     assert link.server.receive(report) == BodyEnded()
     consume_all(link.caller, [])
+
+
+def test_the_caller_offers_crc32c_and_the_server_acks_it() -> None:
+    link = connect(FakeClock(), method="POST", has_body=True)
+    assert link.caller.sent_digest is not None and link.caller.sent_digest.algorithm == "crc32c"
+    assert link.server.integrity == "crc32c"
+    download = body_bytes(9_000, seed=5)
+    link.to_caller(respond(link, download))
+    end = link.to_caller_frames[-1]
+    assert isinstance(end, f.ResponseEnd)
+    assert end.checksum == f.Checksum("crc32c", google_crc32c.value(download))
+
+
+def test_a_caller_that_offers_crc32_gets_crc32_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller without a compiled CRC-32C offers zlib's CRC-32; the server follows its offer."""
+    monkeypatch.setattr(caller_module, "PREFERRED", "crc32")
+    link = connect(FakeClock(), method="PUT", has_body=True)
+    assert link.server.integrity == "crc32"
+    upload = body_bytes(7_000, seed=6)
+    frames, _ = link.caller.send_body(upload)
+    events = link.to_server([*frames, link.caller.end_body()])
+    assert data_of(events) == upload
+    download = body_bytes(5_000, seed=7)
+    assert data_of(link.to_caller(respond(link, download))) == download
+    end = link.to_caller_frames[-1]
+    assert isinstance(end, f.ResponseEnd) and end.checksum == f.Checksum("crc32", zlib.crc32(download))
+    assert link.caller.phase is CallerPhase.DONE
+
+
+def test_an_unknown_checksum_offer_is_not_acked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(caller_module, "PREFERRED", "sha3-512")
+    link = connect(FakeClock(), method="POST", has_body=True)
+    assert link.server.integrity is None and link.server.received_digest is None
+    assert link.caller.sent_digest is None and link.caller.received_digest is None
+    link.to_caller(respond(link, b"unchecked"))
+    assert link.caller.phase is CallerPhase.DONE
+
+
+def test_an_end_frame_with_the_other_checksum_fails_the_request() -> None:
+    link = connect(FakeClock())
+    start, chunk, _ = respond(link, b"agreed on crc32c")
+    other = f.ResponseEnd(link.caller.request_id, 1, 16, f.Checksum("crc32", zlib.crc32(b"agreed on crc32c")))
+    end = Publish(link.caller.reply_subject, codec.encode_frame(other))
+    with pytest.raises(IntegrityError, match="without the byte count and checksum both ends agreed on"):
+        link.to_caller([start, chunk, end])
+
+
+def test_an_end_frame_with_two_checksums_is_malformed() -> None:
+    raw = b'{"type":"response.end","requestId":"%s","seq":1,"bytes":1,"crc32":1,"crc32c":2}' % RID.encode()
+    with pytest.raises(f.FrameError, match="more than one checksum"):
+        codec.decode_frame(raw, RID)
