@@ -156,6 +156,25 @@ async def collect_sse(
     raise AssertionError(f"the event stream closed without an end message after {len(messages)} events")
 
 
+async def settled_end(
+    api: RunsApi, run_id: str, final: dict[str, Any], events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``end`` message's state; in docs/runs.md's one exception, the state once projected.
+
+    The exception: the projector more than 5 s behind a ``done`` the reader already got (the
+    gateway's DONE_GRACE) ends the stream with the state as it is, not yet terminal. A burst
+    of 600-1000 events on a loaded 2-core machine does that (seen: the projector at seq 847 of
+    1004 when the stream ended). Only that case is let through: the stream did end with the
+    ``done`` and the state was behind it; the state it then reaches is checked like any other.
+    """
+    if final["status"] in TERMINAL:
+        return final
+    assert events and events[-1]["type"] == "done", f"non-terminal end without a done: {final}"
+    assert final["status"] == "in_progress" and (final["seq"] or 0) < events[-1]["seq"], final
+    print(f"the end came with the state at seq {final['seq']} of {events[-1]['seq']}: projector behind")
+    return await api.wait_terminal(run_id, RUN_TIMEOUT)
+
+
 def check_sse_framing(messages: list[SseMessage]) -> list[dict[str, Any]]:
     """``id`` is the event's seq and ``event`` its type; returns the event payloads."""
     events: list[dict[str, Any]] = []
@@ -272,8 +291,9 @@ async def test_thousand_chunks_attach_mid_run_on_second_gateway(
     )
     assert at_attach["status"] == "in_progress", f"attach was not mid-run: {at_attach}"
 
-    messages, final = await collect_sse(api1, run_id)
+    messages, end = await collect_sse(api1, run_id)
     events = check_sse_framing(messages)
+    final = await settled_end(api1, run_id, end, events)
     expected = expected_output(count)
     assert_complete_run(final, events, expected)
     assert final["title"] == "thousand" and final["runner"] == "mock" and final["hostname"] == alice.hostname
@@ -383,9 +403,10 @@ async def test_gateway_sigkill_mid_run_other_instance_completes_it(
 
     try:
         # A client attached to the survivor watches the whole run across the crash.
-        messages, final = await collect_sse(api1, run_id, on_message=kill_mid_stream)
+        messages, end = await collect_sse(api1, run_id, on_message=kill_mid_stream)
         assert killed.is_set() and not victim.running
         events = check_sse_framing(messages)
+        final = await settled_end(api1, run_id, end, events)
         assert_complete_run(final, events, expected_output(count))
         assert_same_events(events, alice.events(run_id))
         assert await api1.export(run_id) == events
