@@ -6,7 +6,10 @@ A daemon credential is confined to its own host prefix ``P`` (see docs/protocol.
   ``P.req.*.body`` (plain v1 request bodies) and ``P.req.*.up.*`` (extension
   body/credit frames addressed to one server instance);
 - publish ``P.req.*.reply`` and ``P.req.*.reply.*`` (its answers, to reference
-  and shared-reply callers).
+  and shared-reply callers);
+- subscribe the host's readiness subject ``<prefix>_ready.<token>``, the one subject
+  outside ``P`` (on purpose: a monitoring tap on the prefix must not hide it; callers
+  ask NATS whether it is held to tell an offline host from a slow one).
 
 Everything else is denied by omission: allow-lists only, so another host's
 subjects, ``>`` and ``_INBOX.>`` are all out of reach. The callers' own reply
@@ -82,7 +85,13 @@ def tunnel_grant(subjects: tunnel.HostSubjects) -> PermissionGrant:
     base = subjects.base
     return PermissionGrant(
         publish=(f"{base}.req.*.reply", f"{base}.req.*.reply.*"),
-        subscribe=(subjects.request, subjects.all_aborts, f"{base}.req.*.body", f"{base}.req.*.up.*"),
+        subscribe=(
+            subjects.request,
+            subjects.all_aborts,
+            f"{base}.req.*.body",
+            f"{base}.req.*.up.*",
+            subjects.ready,
+        ),
     )
 
 

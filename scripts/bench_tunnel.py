@@ -401,11 +401,10 @@ class Ceiling:
 
 CEILINGS: tuple[Ceiling, ...] = (
     Ceiling("offline_ms", "offline host -> TunnelUnreachable", "tunnel_offline_ms", 5.0, False),
-    # Under a tap only a timeout can tell (docs/protocol.md §3): the default Timeouts.presence
-    # (250 ms) leaves room for a server whose event loop stalls; 30 ms reported such hosts
-    # offline. The 50 ms is reachable with Timeouts(presence=0.03), at that risk.
+    # Under a tap NATS's no-responders is hidden; the host's readiness subject (outside the
+    # prefix) tells after Timeouts.presence (30 ms) whether a server is there (docs/protocol.md §3).
     Ceiling(
-        "offline_tapped_ms", "the same under a tap on <prefix>.>", "tunnel_offline_tapped_ms", 300.0, False
+        "offline_tapped_ms", "the same under a tap on <prefix>.>", "tunnel_offline_tapped_ms", 50.0, False
     ),
     Ceiling("false_offline", "served host reported offline", "tunnel_false_offline", 0, True),
     Ceiling("false_offline_tapped", "the same, a tap on <prefix>.>", "tunnel_false_offline_tapped", 0, True),

@@ -90,6 +90,19 @@ CALLER_TRANSITIONS: Final[dict[tuple[CallerPhase, str], CallerPhase]] = {
 }
 
 
+class PresenceEvidence(enum.Enum):
+    """What NATS says about a silent host on first contact (see ``CallerStream.on_presence_check``)."""
+
+    #: Nothing but servers subscribes the host's subjects: the interest NATS saw is a (slow) server's.
+    UNWATCHED = "unwatched"
+    #: Something else watches them, and a server holds the host's readiness subject.
+    SERVER_READY = "server_ready"
+    #: Something else watches them, and nobody holds the readiness subject (nor taps those).
+    NO_SERVER = "no_server"
+    #: Something else watches them, and NATS cannot tell about readiness (tapped, or refused).
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class CallerOptions:
     first_frame_timeout: float | None
@@ -103,6 +116,7 @@ class CallerOptions:
     heartbeat_interval: float
     fast_path: bool = True
     presence_timeout: float | None = None
+    presence_fallback: float | None = None
     # Derived once per options object (a client caches these): the extensions offered in every
     # request.start and their JSON text, so no request hashes or encodes them again.
     offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
@@ -183,6 +197,8 @@ class CallerStream:
         #: server watches this host's subjects (then a silence means nobody serves it).
         self.presence_check_pending = False
         self._presence_checked = False
+        #: NATS could not tell whether a server is ready: a server must answer by then.
+        self._presence_deadline: float | None = None
         self._first_contact_retried = False
         #: Set by ``poll`` when a plain v1 server (no heartbeats) was silent for the idle timeout:
         #: the I/O layer should check that the host still has a server (``on_liveness_check``).
@@ -552,19 +568,26 @@ class CallerStream:
             return None
         return self.started_at + timeout
 
-    def on_presence_check(self, watched_by_non_server: bool) -> None:
-        """The I/O layer's answer. Without such a watcher the interest NATS saw is a server's (a
-        slow one): keep waiting. With one, a server asked to ack at once would have by now."""
-        if self.phase is not CallerPhase.STARTING or not watched_by_non_server:
+    def on_presence_check(self, evidence: PresenceEvidence) -> None:
+        """The I/O layer's answer. Unwatched, the interest NATS saw is a (slow) server's; a
+        server holding the readiness subject is there too: keep waiting. Nobody holding it: a
+        plain server without one would have acked by now, so nobody serves the host. NATS
+        cannot tell: a server gets until ``presence_fallback`` to answer."""
+        if self.phase is not CallerPhase.STARTING:
             return
-        timeout = self.options.presence_timeout or 0.0
-        raise self._fail(
-            TunnelUnreachable(
-                f"no server answered for {self._host_description()} within {timeout * 1000:g} ms "
-                "(something that is not a server, such as a monitoring subscriber on the prefix, "
-                "receives its requests, so NATS cannot say that nobody serves it)"
+        if evidence is PresenceEvidence.NO_SERVER:
+            timeout = self.options.presence_timeout or 0.0
+            raise self._fail(
+                TunnelUnreachable(
+                    f"nobody serves {self._host_description()}: no server holds its readiness "
+                    f"subject and none answered within {timeout * 1000:g} ms (a subscriber that is "
+                    "not a server, such as a monitoring tap on the prefix, receives its requests, "
+                    "so NATS cannot say so itself)"
+                )
             )
-        )
+        if evidence is PresenceEvidence.UNKNOWN:
+            fallback = self.options.presence_fallback or self.options.presence_timeout or 0.0
+            self._presence_deadline = self.started_at + fallback
 
     # -- timers -----------------------------------------------------------------
 
@@ -583,6 +606,9 @@ class CallerStream:
             if due is None or retry < due:
                 due = retry
             presence = self.presence_check_due()
+            if presence is not None and presence < due:
+                due = presence
+            presence = self._presence_deadline
             if presence is not None and presence < due:
                 due = presence
         elif self._idle_applies():
@@ -664,6 +690,15 @@ class CallerStream:
             if presence is not None and now >= presence:
                 self._presence_checked = True
                 self.presence_check_pending = True
+            if self._presence_deadline is not None and now >= self._presence_deadline:
+                fallback = self.options.presence_fallback or self.options.presence_timeout or 0.0
+                raise self._fail(
+                    TunnelUnreachable(
+                        f"no server answered for {self._host_description()} within {fallback * 1000:g} ms "
+                        "(something that is not a server, such as a monitoring subscriber on the "
+                        "prefix, receives its requests, so NATS cannot say that nobody serves it)"
+                    )
+                )
             due = self._retry_at or self._last_publish_at + self.options.republish_interval
             if now >= due:
                 self._retry_at = None

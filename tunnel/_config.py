@@ -22,11 +22,16 @@ FIRST_CONTACT_RETRY: Final = 0.003
 # "Lately": a host that answered this client within this many seconds.
 RECENTLY_SEEN: Final = 30.0
 # First contact with a host whose subjects someone else watches (a monitoring tap hides NATS's
-# no-responders answer): a server must ack within this long, or the host is unreachable. A
-# live server acks from its NATS callback within a millisecond or two, but its event loop may
-# stall (a garbage collection, a CPU-bound handler): 30 ms reported such a host offline, so
-# the default leaves room for a 0.1-0.2 s stall. Lower it where speed matters more.
-DEFAULT_PRESENCE_TIMEOUT: Final = 0.25
+# no-responders answer): after this long without a frame the caller asks NATS whether one of
+# our servers holds the host's readiness subject (outside the prefix, so a tap on the prefix
+# does not hide it). Nobody there: unreachable at once, unless a plain server without one
+# (a reference peer, or ours under the reference permissions) acks within this long.
+DEFAULT_PRESENCE_TIMEOUT: Final = 0.03
+# The same when NATS cannot tell (the readiness subjects are tapped too, or we may not publish
+# there): a server must ack within this long. A live server acks within a millisecond or two,
+# but its event loop may stall (a garbage collection, a CPU-bound handler): 30 ms reported such
+# a host offline, so this leaves room for a 0.1-0.2 s stall.
+DEFAULT_PRESENCE_FALLBACK: Final = 0.25
 # Pause between no-responders retries inside the grace period.
 UNREACHABLE_RETRY_INTERVAL: Final = 0.05
 # Flow-control window per direction: bounds buffered bytes per request, large
@@ -100,9 +105,11 @@ class Timeouts:
       reconnecting is not reported gone (0: at once). A host not seen lately is
       reported unreachable at once, on NATS's no-responders answer;
     - ``presence``: first contact with a host whose subjects a non-server subscriber
-      watches (a monitoring tap on the prefix hides the no-responders answer): a
-      server must answer within this long (it acks such a start at once), or the
-      host is unreachable;
+      watches (a monitoring tap on the prefix hides the no-responders answer): after this
+      long without a frame, NATS is asked whether a server holds the host's readiness
+      subject; if none does (and nothing taps those subjects), the host is unreachable;
+    - ``presence_fallback``: the same when NATS cannot tell (the readiness subjects are
+      tapped too): a server must answer within this long (it acks such a start at once);
     - ``republish_interval``: an unanswered start is published again this often
       (core NATS may drop it).
 
@@ -116,6 +123,7 @@ class Timeouts:
     unreachable_grace: float = DEFAULT_UNREACHABLE_GRACE
     republish_interval: float = DEFAULT_REPUBLISH_INTERVAL
     presence: float = DEFAULT_PRESENCE_TIMEOUT
+    presence_fallback: float = DEFAULT_PRESENCE_FALLBACK
 
     def __post_init__(self) -> None:
         for name in ("first_frame", "idle", "total"):
@@ -128,6 +136,11 @@ class Timeouts:
             raise ValueError(f"republish_interval must be positive, got {self.republish_interval!r}")
         if not self.presence > 0:
             raise ValueError(f"presence must be positive, got {self.presence!r}")
+        if not self.presence_fallback >= self.presence:
+            raise ValueError(
+                f"presence_fallback must be at least presence ({self.presence!r}), "
+                f"got {self.presence_fallback!r}"
+            )
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -10,6 +10,11 @@ are ``P.request`` (queue group ``tunnel_v1_host_<token>``), ``P.req.<id>.body``,
 - ``P.req.<id>.up.<serverId>``: body and credit frames to the one server that
   acked the request, read from one wildcard subscription ``P.req.*.up.<serverId>``.
 
+One subject lies outside the prefix on purpose: the readiness subject
+``<prefix>_ready.<token>``, which each of our servers holds while it takes requests.
+A monitoring tap on ``<prefix>.>`` (which hides NATS's no-responders answer) does
+not match it, so a caller can still ask NATS whether a server is there.
+
 Hostnames are case-insensitive (DNS rules), so the token is built from the
 lowercased name: ``Desk.Example`` and ``desk.example`` are the same host.
 """
@@ -112,6 +117,11 @@ class HostSubjects:
         return cls(validate_prefix(prefix), host_token(hostname))
 
     @property
+    def ready(self) -> str:
+        """The readiness subject: held by each of our servers of this host while it serves."""
+        return f"{self.prefix}_ready.{self.token}"
+
+    @property
     def queue_group(self) -> str:
         return f"tunnel_v1_host_{self.token}"
 
@@ -158,6 +168,12 @@ class HostSubjects:
     def owns(self, subject: str) -> bool:
         """True when ``subject`` lies under this host's prefix."""
         return subject.startswith(self.base + ".")
+
+
+def unheld_ready_subject(prefix: str) -> str:
+    """A readiness subject no server holds: interest there means the readiness subjects are
+    tapped too, so interest in a host's own says nothing."""
+    return f"{prefix}_ready.probe-{new_endpoint_id()}"
 
 
 def reference_reply_wildcard(prefix: str) -> str:

@@ -72,7 +72,8 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
         assert claims["nats"]["issuer_account"] == op.setup.account.public_key
         assert before + TTL <= claims["exp"] <= int(time.time()) + TTL
         assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"])) == session["expiresAt"]
-        base = tunnel.HostSubjects.for_host(host).base
+        subjects = tunnel.HostSubjects.for_host(host)
+        base = subjects.base
         # Discovery of its own host (contract.discovery), the tunnel rules, then the run uplink
         # (its own runs' events, JetStream acks in its own inbox).
         discovery = discovery_grant(host)
@@ -87,6 +88,7 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
                 f"{base}.req.*.abort",
                 f"{base}.req.*.body",
                 f"{base}.req.*.up.*",
+                subjects.ready,
                 f"{base}.inbox.>",
             ]
         }

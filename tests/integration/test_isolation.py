@@ -119,8 +119,9 @@ async def watch(gw: Gateway, subject: str) -> list[str]:
         lambda s: f"{s.base}.>",
         lambda s: f"{uplink_inbox_prefix(s)}.>",
         lambda s: f"{s.base}.runs.*",
+        lambda s: s.ready,
     ],
-    ids=["request", "aborts", "v1-bodies", "up-frames", "whole-host", "uplink-inbox", "runs"],
+    ids=["request", "aborts", "v1-bodies", "up-frames", "whole-host", "uplink-inbox", "runs", "readiness"],
 )
 async def test_daemon_cannot_subscribe_to_another_hosts_tunnel_subjects(
     op: OperatorServer, pick: Callable[[tunnel.HostSubjects], str]

@@ -885,6 +885,8 @@ async def test_serve_subscribes_its_request_subject_last(
         monkeypatch.setattr(p.server_nc, "subscribe", recording_subscribe)
         async with serving(p.server_nc, HOST, _answer_ok):
             subjects = tunnel.HostSubjects.for_host(HOST)
-            assert order[-1] == subjects.request, order
-            assert subjects.all_aborts in order[:-1]
-            assert any(".up." in subject for subject in order[:-1]), order
+            # The request subscription comes after everything a start needs; the readiness
+            # subject after it (held only while requests can arrive).
+            assert order[-2:] == [subjects.request, subjects.ready], order
+            assert subjects.all_aborts in order[:-2]
+            assert any(".up." in subject for subject in order[:-2]), order

@@ -10,6 +10,7 @@ which our callers also listen on. Credentials that may not even take requests ma
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -91,7 +92,8 @@ async def test_a_daemon_under_the_reference_permissions_serves_python_and_v1_cal
             await client.aclose()
         # The daemon never tripped a permission (its fallbacks are checked at serve(), once each).
         denied_at_serve = [e for e in daemon.errors if "permissions violation" in e.lower()]
-        assert len(denied_at_serve) == 2, daemon.errors  # the up subscription, the reply publish
+        # The up subscription, the reply publish, the readiness subscription.
+        assert len(denied_at_serve) == 3, daemon.errors
     finally:
         await server.close()
         await daemon.nc.close()
@@ -110,3 +112,58 @@ async def test_serve_fails_loudly_when_it_may_not_take_requests(op: OperatorServ
         assert caught.value.code == "tunnel_permission_denied"
     finally:
         await daemon.nc.close()
+
+
+async def test_under_a_tap_a_daemon_without_its_readiness_subject_still_answers_first_contacts(
+    op: OperatorServer,
+) -> None:
+    """No readiness subject (refused): a caller under a tap gives the host Timeouts.presence to ack
+    a first contact, which a server does at once."""
+    daemon = await connect_daemon(
+        op.server.url, **creds_auth(op.setup.user_creds("daemon", permissions=reference_daemon_permissions()))
+    )
+    caller_nc = await _caller(op)
+    tap_nc = await _caller(op)
+    server = await tunnel.serve(daemon.nc, HOST, handler)
+    try:
+        await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
+        await tap_nc.flush()
+        for _ in range(10):  # a fresh client each time: every request is a first contact
+            client = tunnel.TunnelClient(caller_nc)
+            async with await client.fetch(f"tunnel://{HOST}/small") as resp:
+                assert await resp.read() == b"small"
+            await client.aclose()
+    finally:
+        await server.close()
+        for nc in (daemon.nc, caller_nc, tap_nc):
+            await nc.close()
+
+
+async def test_a_caller_that_may_not_ask_about_readiness_falls_back_to_the_longer_wait(
+    op: OperatorServer,
+) -> None:
+    """NATS refuses the caller's readiness probe: it cannot tell, so an offline host under a tap
+    is reported after Timeouts.presence_fallback, not after 30 ms and not at the first-frame
+    timeout."""
+    prefix = tunnel.DEFAULT_PREFIX
+    caller_perms = {"pub": {"allow": [f"{prefix}.>"]}, "sub": {"allow": [f"{prefix}.>", "_INBOX.>"]}}
+    caller_nc = (
+        await connect_daemon(
+            op.server.url, **creds_auth(op.setup.user_creds("narrow", permissions=caller_perms))
+        )
+    ).nc
+    tap_nc = await _caller(op)
+    try:
+        await tap_nc.subscribe(f"{prefix}.>")
+        await tap_nc.flush()
+        client = tunnel.TunnelClient(caller_nc)
+        timeouts = tunnel.Timeouts(presence=0.03, presence_fallback=0.4)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(tunnel.TunnelUnreachable, match="within 400 ms"):
+            await client.fetch(f"tunnel://{HOST}/small", timeouts=timeouts)
+        assert 0.4 <= loop.time() - began < 5.0
+        await client.aclose()
+    finally:
+        await caller_nc.close()
+        await tap_nc.close()

@@ -45,11 +45,19 @@ def test_defaults_are_the_documented_ones() -> None:
     # unreachable_grace was 0.2 s for every host; since it applies only to hosts seen serving
     # lately (others are reported at once) it bridges a whole daemon reconnect: 1 s.
     assert tunnel.Timeouts() == tunnel.Timeouts(
-        first_frame=30.0, idle=20.0, total=None, unreachable_grace=1.0, republish_interval=1.0, presence=0.25
+        first_frame=30.0,
+        idle=20.0,
+        total=None,
+        unreachable_grace=1.0,
+        republish_interval=1.0,
+        presence=0.03,
+        presence_fallback=0.25,
     )
     assert tunnel.Timeouts().first_frame == tunnel.DEFAULT_FIRST_FRAME_TIMEOUT
     assert tunnel.Timeouts().idle == tunnel.DEFAULT_IDLE_TIMEOUT
     assert tunnel.Timeouts().unreachable_grace == tunnel.DEFAULT_UNREACHABLE_GRACE
+    with pytest.raises(ValueError, match="presence_fallback must be at least presence"):
+        tunnel.Timeouts(presence=0.5, presence_fallback=0.25)
     assert tunnel.Limits() == tunnel.Limits(window=2 * 1024 * 1024, max_chunk=256 * 1024)
     assert (tunnel.Limits().window, tunnel.Limits().max_chunk) == (
         tunnel.DEFAULT_WINDOW,

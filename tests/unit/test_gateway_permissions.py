@@ -33,6 +33,7 @@ def test_the_grant_is_exactly_the_tunnel_servers_subjects() -> None:
         f"{base}.req.*.abort",
         f"{base}.req.*.body",
         f"{base}.req.*.up.*",
+        f"_tunnel.v1_ready.{subjects.token}",  # outside the prefix on purpose (a tap must not hide it)
     )
     assert grant.as_claims() == {
         "pub": {"allow": list(grant.publish)},
@@ -49,6 +50,7 @@ def test_what_a_server_does_for_its_own_host_is_allowed() -> None:
         subjects.all_aborts,
         subjects.body(rid),
         subjects.all_server_up(server_id),
+        subjects.ready,
     ):
         assert allowed(grant.subscribe, subject), subject
     for subject in (subjects.reply(rid), subjects.client_reply(rid, client_id)):
@@ -66,6 +68,7 @@ def test_nothing_of_another_host_or_outside_the_tunnel_is_allowed() -> None:
         other.server_up(rid, "s1"),
         other.reply(rid),
         other.client_reply(rid, "c1"),
+        other.ready,
         "_INBOX.abc",
         "$JS.API.INFO",
         "runs.x",
@@ -82,7 +85,9 @@ def test_nothing_of_another_host_or_outside_the_tunnel_is_allowed() -> None:
 def test_hostnames_are_case_insensitive_and_the_prefix_is_respected() -> None:
     assert daemon_permissions("Desk-1") == daemon_permissions("desk-1")
     custom = daemon_permissions("desk-1", "acme.tunnel")
-    assert all(s.startswith("acme.tunnel.host.") for s in custom.publish + custom.subscribe)
+    assert all(
+        s.startswith(("acme.tunnel.host.", "acme.tunnel_ready.")) for s in custom.publish + custom.subscribe
+    )
 
 
 def test_extension_providers_add_subjects_under_the_hosts_own_prefix_only() -> None:

@@ -171,7 +171,9 @@ def test_daemon_grant_includes_the_run_uplink_under_its_own_host_only() -> None:
     assert f"{base}.runs.*" not in grant.publish  # not without the provider...
     grant = daemon_permissions("alice-abc", extra=DEFAULT_GRANTS)
     assert f"{base}.runs.*" in grant.publish and f"{base}.inbox.>" in grant.subscribe
-    assert all(s.startswith(base + ".") for s in (*grant.publish, *grant.subscribe))
+    subjects = tunnel.HostSubjects.for_host("alice-abc")
+    # Everything under the host's prefix, but its readiness subject (outside it on purpose).
+    assert all(s.startswith(base + ".") or s == subjects.ready for s in (*grant.publish, *grant.subscribe))
 
 
 async def test_stop_tasks_stops_a_task_that_swallows_a_cancel() -> None:

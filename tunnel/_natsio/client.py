@@ -37,7 +37,7 @@ from nats.errors import Error as NatsError
 
 from .. import _codec as codec
 from .. import _frames as f
-from .._caller import CallerOptions, CallerPhase, CallerStream
+from .._caller import CallerOptions, CallerPhase, CallerStream, PresenceEvidence
 from .._config import (
     RECENTLY_SEEN,
     LegacyClientKwargs,
@@ -75,6 +75,7 @@ from .._subjects import (
     normalize_hostname,
     parse_request_subject,
     reference_reply_wildcard,
+    unheld_ready_subject,
     validate_prefix,
 )
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
@@ -103,6 +104,8 @@ _UNSET: Any = object()
 _TEXT_OR_BYTES = (str, bytes, bytearray, memoryview)
 # Per-client caches of host subjects and option objects; cleared when full (cheap, bounded).
 HOST_CACHE_SIZE = 4096
+# What a presence or liveness question answers (a bool or a PresenceEvidence).
+_Answer = TypeVar("_Answer")
 
 
 _PLAIN_HOST_RE = re.compile(r"[a-z0-9][a-z0-9.-]*", re.ASCII)
@@ -338,18 +341,17 @@ class _ClientRequest(TimedRequest):
         stream = self.stream
         client = self.client
         if stream.presence_check_pending:
-            # First contact and silence: is a non-server subscriber hiding NATS's no-responders?
+            # First contact and silence: is a non-server subscriber hiding NATS's no-responders,
+            # and if so, does a server hold the host's readiness subject?
             stream.presence_check_pending = False
-            client._spawn(
-                self._check(client._watched_by_non_server(stream.subjects), stream.on_presence_check)
-            )
+            client._spawn(self._check(client._presence_evidence(stream.subjects), stream.on_presence_check))
         if stream.liveness_check_pending:
             # A plain v1 server was silent for the idle timeout: does its host still have a server?
             stream.liveness_check_pending = False
             client._spawn(self._check(client._host_has_server(stream.subjects), stream.on_liveness_check))
         return stream.next_deadline()
 
-    async def _check(self, question: Awaitable[bool], answer: Callable[[bool], None]) -> None:
+    async def _check(self, question: Awaitable[_Answer], answer: Callable[[_Answer], None]) -> None:
         """Ask NATS ``question`` and hand the answer to the stream (which may fail the request).
         When NATS cannot be asked, nothing changes: the request's own timeouts still end it."""
         try:
@@ -607,6 +609,8 @@ class TunnelClient:
         self._seen: dict[str, float] = {}
         # Per host token: (checked at, whether a non-server subscriber watches its subjects).
         self._watchers: dict[str, tuple[float, bool]] = {}
+        # Per prefix: (checked at, whether something taps readiness subjects no server holds).
+        self._ready_tapped: dict[str, tuple[float, bool]] = {}
 
     # The attributes ``timeouts`` and ``limits`` replace: read-only, deprecated (one release).
 
@@ -797,6 +801,43 @@ class TunnelClient:
         seen = self._seen.get(hostname)
         return seen is None or now - seen > RECENTLY_SEEN
 
+    async def _presence_evidence(self, subjects: HostSubjects) -> PresenceEvidence:
+        """What NATS can say about a silent host (see ``CallerStream.on_presence_check``).
+
+        Three interest checks at once (each deterministic, see ``_has_interest``): the host's
+        subjects watched by a non-server; the readiness namespace tapped (a subject in it that
+        no server holds); the host's own readiness subject held.
+        """
+        before = self.nc.last_error
+        watched, ready_tapped, ready = await asyncio.gather(
+            self._watched_by_non_server(subjects),
+            self._ready_subjects_tapped(subjects.prefix),
+            self._has_interest(subjects.ready, b""),
+        )
+        if not watched:
+            return PresenceEvidence.UNWATCHED
+        error = self.nc.last_error
+        refused = (
+            error is not None
+            and error is not before
+            and "permissions violation" in str(error).lower()
+            and f"{subjects.prefix}_ready.".lower() in str(error).lower()
+        )
+        if ready_tapped or refused:  # interest there proves nothing: NATS cannot tell
+            return PresenceEvidence.UNKNOWN
+        return PresenceEvidence.SERVER_READY if ready else PresenceEvidence.NO_SERVER
+
+    async def _ready_subjects_tapped(self, prefix: str) -> bool:
+        """Does something subscribe readiness subjects no server holds (a tap on ``>``)? Cached
+        like the watchers: a tap is an operator's, it comes and goes rarely."""
+        now = asyncio.get_running_loop().time()
+        cached = self._ready_tapped.get(prefix)
+        if cached is not None and now - cached[0] < RECENTLY_SEEN:
+            return cached[1]
+        tapped = await self._has_interest(unheld_ready_subject(prefix), b"")
+        self._ready_tapped[prefix] = (now, tapped)
+        return tapped
+
     async def _watched_by_non_server(self, subjects: HostSubjects) -> bool:
         """Does something other than a server receive this host's subjects (a monitoring tap)?
 
@@ -873,7 +914,8 @@ class TunnelClient:
         self, first: float | None, idle: float | None, total: float | None, timeouts: Timeouts
     ) -> CallerOptions:
         grace, republish = timeouts.unreachable_grace, timeouts.republish_interval
-        key = (first, idle, total, grace, republish, timeouts.presence, self.nc.max_payload)
+        presence, fallback = timeouts.presence, timeouts.presence_fallback
+        key = (first, idle, total, grace, republish, presence, fallback, self.nc.max_payload)
         options = self._options.get(key)
         if options is None:
             if len(self._options) >= HOST_CACHE_SIZE:
@@ -890,6 +932,7 @@ class TunnelClient:
                 heartbeat_interval=heartbeat_interval_for(idle),
                 fast_path=self.fast_path,
                 presence_timeout=timeouts.presence,
+                presence_fallback=timeouts.presence_fallback,
             )
         return options
 

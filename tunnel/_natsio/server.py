@@ -399,6 +399,9 @@ class TunnelServer:
         self.stats: ServerStats = self.dispatch.stats
         self._subs: list[Subscription] = []
         self._request_sub: Subscription | None = None
+        # The host's readiness subject (outside the prefix: see _subjects), held while we take
+        # requests; None where the permissions refuse it.
+        self._ready_sub: Subscription | None = None
         # Under the reference daemon permissions: P.req.*.body for every request's body frames.
         self._body_wildcard: Subscription | None = None
         self._closing = False
@@ -471,6 +474,20 @@ class TunnelServer:
                 raise
             raise map_nats_error(exc) from exc
         self._subs = [self._request_sub, *others]
+        # After the request subscription (and dropped before it): a caller that finds it held
+        # under a monitoring tap waits for our answer instead of reporting the host offline.
+        with contextlib.suppress(NatsError, OSError):
+            self._ready_sub = await self._subscribe_checked(
+                subjects.ready, _ignore_readiness_probe, direct=True
+            )
+        if self._ready_sub is None:
+            log.info(
+                "serving %s without its readiness subject %s (refused by the NATS permissions): "
+                "callers behind a monitoring subscriber on the prefix wait up to "
+                "Timeouts.presence_fallback before they report it offline",
+                self.hostname,
+                subjects.ready,
+            )
         if up is None or not replies_free:
             log.info(
                 "serving %s under restricted NATS permissions: %s",
@@ -576,6 +593,10 @@ class TunnelServer:
         their callers would wait for a republish (about a second) to reach another server of
         the queue group, which is what a credential rotation's make-before-break hands over to.
         """
+        ready, self._ready_sub = self._ready_sub, None
+        if ready is not None:
+            with contextlib.suppress(NatsError, OSError):
+                await ready.unsubscribe()
         sub, self._request_sub = self._request_sub, None
         try:
             if sub is not None and not await self._drain(sub, min(budget, REQUEST_DRAIN_LIMIT)):
@@ -796,3 +817,7 @@ async def serve(
     )
     await server.start()
     return server
+
+
+def _ignore_readiness_probe(msg: Msg) -> None:
+    """Callers only ask NATS whether the readiness subject is held; nothing to answer."""
