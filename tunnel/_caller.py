@@ -467,7 +467,7 @@ class CallerStream:
                 self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = ReceiveWindow(opts.window if up is not None else None)
-            if ext.integrity is not None and ext.integrity == PREFERRED and up is not None:
+            if ext.integrity == PREFERRED and up is not None:
                 self.sent_digest = BodyDigest(PREFERRED) if self.has_body else None
                 self.received_digest = BodyDigest(PREFERRED)
             peer_max = ext.max_frame or opts.max_payload
