@@ -11,7 +11,7 @@ Response 200::
       "connection": {
         "urls": ["wss://nats.example.com"],          # NATS_PUBLIC_URL, in order
         "allowedConnectionTypes": ["WEBSOCKET"],     # wss/ws only -> WEBSOCKET; nats/tls -> + STANDARD
-        "tunnelPrefix": "_tunnel.v1"                 # subject prefix to serve under
+        "tunnelPrefix": "tunnel.v1"                  # subject prefix to serve under
       },
       "credentials": {...},      # operator mode, see below
       "token": "...",            # token mode instead of "credentials"

@@ -69,7 +69,7 @@ from ._frames import check_headers
 from ._handler import Handler, Request, Response
 from ._natsio.client import FetchResponse, TunnelClient, client_for, fetch, parse_tunnel_url
 from ._natsio.server import ServerStats, TunnelServer, serve
-from ._subjects import DEFAULT_PREFIX, HostSubjects, host_token
+from ._subjects import DEFAULT_PREFIX, LEGACY_PREFIX, HostSubjects, host_token
 
 if _TYPE_CHECKING:
     from .websocket import websocket_connect
@@ -96,6 +96,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_UNREACHABLE_GRACE",
     "DEFAULT_WINDOW",
+    "LEGACY_PREFIX",
     "BufferLimitExceeded",
     "DeadlineExceeded",
     "ErrorCode",

@@ -30,7 +30,10 @@ from typing import Final
 
 from ._errors import LocalProtocolError
 
-DEFAULT_PREFIX: Final = "_tunnel.v1"
+# The current reference's prefix. Older reference versions (and deployments made with them) use
+# "_tunnel.v1": pass prefix="_tunnel.v1" (linkctl --prefix, the gateway's TUNNEL_PREFIX) for those.
+DEFAULT_PREFIX: Final = "tunnel.v1"
+LEGACY_PREFIX: Final = "_tunnel.v1"
 # Hostnames longer than a DNS name are almost certainly a mistake or an attack.
 MAX_HOSTNAME_LENGTH: Final = 253
 # Request ids are random; this bounds what we accept from the network.

@@ -22,6 +22,8 @@ from collections import Counter
 import nats
 from nats.aio.msg import Msg
 
+import tunnel
+
 ACK_WAIT = 30.0
 FLUSH_EVERY = 2000
 
@@ -78,7 +80,7 @@ def main() -> int:
     parser.add_argument("host")
     parser.add_argument("count", type=int)
     parser.add_argument("--run")
-    parser.add_argument("--prefix", default="_tunnel.v1")
+    parser.add_argument("--prefix", default=tunnel.DEFAULT_PREFIX)
     args = parser.parse_args()
     result = asyncio.run(flood(args.url, args.host, args.count, args.run, args.prefix))
     print(json.dumps(result), flush=True)

@@ -247,7 +247,7 @@ async def test_stream_and_buckets_are_created_idempotently_and_follow_the_settin
         assert str(getattr(info.config.storage, "value", info.config.storage)) == "file"
         for bucket in (STATE_BUCKET, OUTPUT_BUCKET, ACTIVE_BUCKET):
             await js.stream_info(f"KV_{bucket}")
-        store = RunStore(nc, RunsConfig(stream_max_age=600, duplicate_window=30), "_tunnel.v1")
+        store = RunStore(nc, RunsConfig(stream_max_age=600, duplicate_window=30), tunnel.DEFAULT_PREFIX)
         result = await store.setup()
         assert result[RUN_STREAM] == "updated"
         info = await js.stream_info(RUN_STREAM)
@@ -348,7 +348,7 @@ async def test_active_index_lists_runs_without_a_consumer_and_the_reaper_drops_o
     nc = await nats.connect(js_server.url)
     try:
         config = RunsConfig(liveness_timeout=60)
-        store = RunStore(nc, config, "_tunnel.v1")
+        store = RunStore(nc, config, tunnel.DEFAULT_PREFIX)
         await store.setup()
         ids = [f"run_{i:032x}" for i in range(30)]
         await asyncio.gather(*(store.mark_active(run_id, "aG9zdA") for run_id in ids))
@@ -374,7 +374,7 @@ async def test_a_run_left_dispatching_by_a_dead_gateway_fails_as_dispatch_error(
     nc = await nats.connect(js_server.url)
     try:
         config = RunsConfig(liveness_timeout=2, dispatch_timeout=3)
-        store = RunStore(nc, config, "_tunnel.v1")
+        store = RunStore(nc, config, tunnel.DEFAULT_PREFIX)
         await store.setup()
         created = int(time.time() * 1000) - 6_000  # past dispatch timeout + liveness
         hostname = tunnel_hostname("rita")

@@ -61,7 +61,7 @@ async def test_minted_credential_serves_its_own_host_and_the_gateway_reaches_it(
         assert session["connection"] == {
             "urls": [op.server.url],
             "allowedConnectionTypes": ["STANDARD", "WEBSOCKET"],
-            "tunnelPrefix": "_tunnel.v1",
+            "tunnelPrefix": tunnel.DEFAULT_PREFIX,
         }
         assert set(session) == {"connection", "credentials", "expiresAt", "tunnelHostname"}
         assert set(session["credentials"]) == {"jwt", "creds"}
@@ -129,7 +129,7 @@ async def test_credential_is_refused_every_subject_of_another_host_and_that_host
             elif msg.subject == alice_p.reply("marker"):
                 alice_marker.set()
 
-        observer = await gw.nc.subscribe("_tunnel.v1.>", cb=observe)
+        observer = await gw.nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>", cb=observe)
         bob_daemon_requests: list[str] = []
 
         async def bob_handler(request: tunnel.Request) -> tunnel.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import tunnel
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.nats_jwt import KeyKind, new_key
 from tests.helpers import NatsServerFactory, wait_until
@@ -30,7 +31,7 @@ async def test_token_mode_session_returns_the_token_and_the_daemon_serves_with_i
             "connection": {
                 "urls": [server.url],
                 "allowedConnectionTypes": ["STANDARD", "WEBSOCKET"],
-                "tunnelPrefix": "_tunnel.v1",
+                "tunnelPrefix": tunnel.DEFAULT_PREFIX,
             },
             "token": TOKEN,
             "expiresAt": None,

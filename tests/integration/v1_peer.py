@@ -43,7 +43,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-DEFAULT_PREFIX = "_tunnel.v1"
+DEFAULT_PREFIX = "tunnel.v1"  # the current reference's; older ones used "_tunnel.v1"
 PROTOCOL = "tunnel.v1"
 # The reference caller sends at most this much body per request.chunk.
 MAX_REQUEST_CHUNK = 64 * 1024

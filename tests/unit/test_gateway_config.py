@@ -36,7 +36,7 @@ def test_defaults() -> None:
     assert config.public_urls == ()
     assert config.tunnel_public_enabled is True
     assert config.session_ttl_seconds == DEFAULT_SESSION_TTL_SECONDS
-    assert config.tunnel_prefix == "_tunnel.v1"
+    assert config.tunnel_prefix == "tunnel.v1"
     assert config.credential_mode is CredentialMode.NONE
     assert config.auth == AuthConfig(secret=SECRET, algorithms=("HS256",), audience="studio-gateway")
     assert SECRET not in repr(config)

@@ -33,7 +33,7 @@ def test_the_grant_is_exactly_the_tunnel_servers_subjects() -> None:
         f"{base}.req.*.abort",
         f"{base}.req.*.body",
         f"{base}.req.*.up.*",
-        f"_tunnel.v1_ready.{subjects.token}",  # outside the prefix on purpose (a tap must not hide it)
+        f"tunnel.v1_ready.{subjects.token}",  # outside the prefix on purpose (a tap must not hide it)
     )
     assert grant.as_claims() == {
         "pub": {"allow": list(grant.publish)},

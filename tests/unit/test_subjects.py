@@ -11,6 +11,7 @@ import pytest
 from tunnel._errors import LocalProtocolError
 from tunnel._subjects import (
     DEFAULT_PREFIX,
+    LEGACY_PREFIX,
     MAX_HOSTNAME_LENGTH,
     HostSubjects,
     client_reply_wildcard,
@@ -130,7 +131,7 @@ def test_invalid_host_token_cannot_be_reversed() -> None:
 
 
 def test_default_prefix_is_the_reference_one() -> None:
-    assert DEFAULT_PREFIX == "_tunnel.v1"
+    assert DEFAULT_PREFIX == "tunnel.v1"  # the current reference; older ones used LEGACY_PREFIX
 
 
 @pytest.mark.parametrize(
@@ -145,8 +146,9 @@ def test_invalid_prefixes_are_rejected(prefix: str) -> None:
 
 def test_subject_builders_follow_the_reference_layout() -> None:
     s = HostSubjects.for_host("desk.example")
-    p = "_tunnel.v1.host.ZGVzay5leGFtcGxl"
+    p = "tunnel.v1.host.ZGVzay5leGFtcGxl"
     assert s.base == p
+    assert HostSubjects.for_host("desk.example", LEGACY_PREFIX).base == "_" + p
     assert s.request == f"{p}.request"
     assert s.queue_group == "tunnel_v1_host_ZGVzay5leGFtcGxl"
     assert s.body(RID) == f"{p}.req.{RID}.body"
@@ -212,7 +214,7 @@ def test_client_reply_wildcard_matches_nothing_else() -> None:
     assert not subject_matches(wildcard, s.client_reply(RID, "anotherclient"))
     for subject in (s.request, s.body(RID), s.reply(RID), s.abort(RID), s.server_up(RID, CLIENT)):
         assert not subject_matches(wildcard, subject), subject
-    other_prefix = HostSubjects.for_host("desk.example", "tunnel.v1")
+    other_prefix = HostSubjects.for_host("desk.example", LEGACY_PREFIX)
     assert not subject_matches(wildcard, other_prefix.client_reply(RID, CLIENT))
 
 
@@ -230,21 +232,21 @@ def test_parse_request_subject_splits_every_per_request_subject() -> None:
 
 
 def test_parse_request_subject_with_a_custom_prefix() -> None:
-    s = HostSubjects.for_host("desk.example", "tunnel.v1")
-    assert parse_request_subject(s.abort(RID), "tunnel.v1") == (s.token, RID, "abort")
+    s = HostSubjects.for_host("desk.example", LEGACY_PREFIX)
+    assert parse_request_subject(s.abort(RID), LEGACY_PREFIX) == (s.token, RID, "abort")
     assert parse_request_subject(s.abort(RID), DEFAULT_PREFIX) is None
 
 
 @pytest.mark.parametrize(
     "subject",
     [
-        "_tunnel.v1.host.ZGVzay5leGFtcGxl.request",
-        "_tunnel.v1.host.ZGVzay5leGFtcGxl",
-        "_tunnel.v1.host.ZGVzay5leGFtcGxl.req",
-        f"_tunnel.v1.host.ZGVzay5leGFtcGxl.req.{RID}",
-        f"_tunnel.v1.host.ZGVzay5leGFtcGxl.rq.{RID}.reply",
+        "tunnel.v1.host.ZGVzay5leGFtcGxl.request",
+        "tunnel.v1.host.ZGVzay5leGFtcGxl",
+        "tunnel.v1.host.ZGVzay5leGFtcGxl.req",
+        f"tunnel.v1.host.ZGVzay5leGFtcGxl.req.{RID}",
+        f"tunnel.v1.host.ZGVzay5leGFtcGxl.rq.{RID}.reply",
         f"other.v1.host.ZGVzay5leGFtcGxl.req.{RID}.reply",
-        f"_tunnel.v1.hosts.ZGVzay5leGFtcGxl.req.{RID}.reply",
+        f"tunnel.v1.hosts.ZGVzay5leGFtcGxl.req.{RID}.reply",
         "",
     ],
 )
@@ -264,7 +266,7 @@ def test_owns_every_subject_under_the_host_prefix() -> None:
 def test_owns_nothing_outside_the_host_prefix() -> None:
     s = HostSubjects.for_host("desk.example")
     longer = HostSubjects(s.prefix, s.token + "x")  # a token that merely starts with ours
-    other_prefix = HostSubjects.for_host("desk.example", "tunnel.v1")
+    other_prefix = HostSubjects.for_host("desk.example", LEGACY_PREFIX)
     for subject in [
         s.base,
         s.base + "x.req.a.reply",
