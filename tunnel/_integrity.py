@@ -32,8 +32,13 @@ Buffer = bytes | bytearray | memoryview
 
 
 def _crc32c(data: Buffer, start: int = 0) -> int:
-    # google-crc32c takes read-only buffers without a release hook only: bytes.
-    value: int = google_crc32c.extend(start, data if type(data) is bytes else bytes(data))
+    # google-crc32c takes bytes only (no buffer with a release hook). A view of a whole bytes
+    # object (what a sender slices off a body piece it sends in one frame) needs no copy.
+    if isinstance(data, memoryview) and type(data.obj) is bytes and len(data.obj) == data.nbytes:
+        data = data.obj
+    elif type(data) is not bytes:
+        data = bytes(data)
+    value: int = google_crc32c.extend(start, data)
     return value
 
 

@@ -18,6 +18,7 @@ from tunnel import _frames as f
 from tunnel._caller import CallerPhase
 from tunnel._errors import IntegrityError, RemoteProtocolError
 from tunnel._events import BodyEnded, Publish, ResponseHead
+from tunnel._integrity import BodyDigest
 from tunnel._server_stream import ServerPhase
 
 
@@ -179,3 +180,21 @@ def test_an_end_frame_with_two_checksums_is_malformed() -> None:
     raw = b'{"type":"response.end","requestId":"%s","seq":1,"bytes":1,"crc32":1,"crc32c":2}' % RID.encode()
     with pytest.raises(f.FrameError, match="more than one checksum"):
         codec.decode_frame(raw, RID)
+
+
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32"])
+def test_a_running_checksum_is_the_same_over_bytes_views_and_bytearrays(algorithm: str) -> None:
+    data = body_bytes(70_000, seed=8)
+    whole = BodyDigest(algorithm)
+    whole.update(data)
+    pieces = BodyDigest(algorithm)
+    view = memoryview(data)
+    pieces.update(view[:10])  # a slice: copied for google-crc32c, which takes bytes only
+    pieces.update(view[10:20_000])
+    pieces.update(bytearray(data[20_000:50_000]))
+    pieces.update(memoryview(bytearray(data))[50_000:])
+    assert pieces.size == whole.size == len(data) and pieces.value == whole.value
+    assert BodyDigest(algorithm).value == 0
+    full_view = BodyDigest(algorithm)
+    full_view.update(memoryview(data))  # a view of a whole bytes object: no copy, same value
+    assert full_view.value == whole.value
