@@ -40,6 +40,10 @@ DEFAULT_WINDOW: Final = 2 * 1024 * 1024
 # Largest data frame: big frames amortise per-message cost, but stay well under
 # the NATS default max_payload (1 MiB) and a quarter of the window so credit flows.
 DEFAULT_MAX_CHUNK: Final = 256 * 1024
+# Body pieces a sender has ready at once are joined into one frame up to this many bytes (see
+# _natsio/coalesce.py). Not up to max_chunk: joining 64 KiB pieces into 256 KiB frames cost the
+# sender ~18% more CPU per MiB (the join is a copy) and saved the receiver nothing measurable.
+COALESCE_LIMIT: Final = 64 * 1024
 # Heartbeats: several per idle timeout; bounded so a caller cannot make a server spam.
 HEARTBEATS_PER_IDLE_TIMEOUT: Final = 3
 MIN_HEARTBEAT_INTERVAL: Final = 0.05

@@ -39,6 +39,7 @@ from .. import _codec as codec
 from .. import _frames as f
 from .._caller import CallerOptions, CallerPhase, CallerStream, PresenceEvidence
 from .._config import (
+    COALESCE_LIMIT,
     RECENTLY_SEEN,
     LegacyClientKwargs,
     Limits,
@@ -78,6 +79,7 @@ from .._subjects import (
     unheld_ready_subject,
     validate_prefix,
 )
+from .coalesce import coalesced
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
 from .direct import subscribe_direct
 
@@ -396,8 +398,15 @@ class _ClientRequest(TimedRequest):
     # -- request body -----------------------------------------------------------------
 
     async def _send_body(self) -> None:
+        body = self.body
+        # Pieces the caller's iterator has ready at once go out together, up to one frame.
+        pieces = (
+            coalesced(aiter(body), min(self.stream.chunk_limit, COALESCE_LIMIT), _piece_bytes)
+            if isinstance(body, AsyncIterable)
+            else _iter_body(body)
+        )
         try:
-            async for piece in _iter_body(self.body):
+            async for piece in pieces:
                 view = memoryview(piece)
                 while view:
                     if self.error is not None:
@@ -427,6 +436,8 @@ class _ClientRequest(TimedRequest):
                 with contextlib.suppress(TunnelError):
                     await self.client.publisher.send(fail)
             await self._abort_with(err)
+        finally:
+            await pieces.aclose()  # may hold a started read of the caller's iterator
 
     async def _wait_credit(self) -> None:
         if self.stream.send.available() > 0 or self.error is not None:
@@ -532,7 +543,12 @@ class _ClientRequest(TimedRequest):
             self._upload.cancel()
 
 
-async def _iter_body(body: Body) -> AsyncIterator[bytes]:
+def _piece_bytes(piece: Any) -> bytes:
+    """One piece of a caller's body as bytes of its own (the caller may reuse its buffer)."""
+    return bytes(piece) if piece else b""
+
+
+async def _iter_body(body: Body) -> AsyncGenerator[bytes, None]:
     if body is None:
         return
     if isinstance(body, str):

@@ -24,6 +24,7 @@ from nats.errors import Error as NatsError
 from .. import _codec as codec
 from .. import _frames as f
 from .._config import (
+    COALESCE_LIMIT,
     DEFAULT_DRAIN_TIMEOUT,
     REQUEST_DRAIN_LIMIT,
     LegacyServerKwargs,
@@ -51,6 +52,7 @@ from .._subjects import (
     new_endpoint_id,
     parse_request_subject,
 )
+from .coalesce import coalesced
 from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, map_nats_error
 from .direct import subscribe_direct
 
@@ -231,12 +233,15 @@ class _ServerRequest(TimedRequest):
             await self._send_bytes(memoryview(body))
         elif isinstance(body, AsyncIterable):
             iterator = aiter(body)
+            # Pieces the handler has ready at once go out together, up to one frame.
+            pieces = coalesced(iterator, min(self.stream.chunk_limit, COALESCE_LIMIT), _as_bytes)
             try:
-                async for piece in iterator:
-                    await self._send_bytes(memoryview(_as_bytes(piece)))
+                async for piece in pieces:
+                    await self._send_bytes(memoryview(piece))
             finally:
                 # Aborted, stalled or failed mid-stream: let the body's own cleanup run now
                 # (close a file, an upstream response), not whenever the garbage collector gets to it.
+                await pieces.aclose()
                 await _close_body(iterator)
         elif isinstance(body, Iterable):
             sync_iterator = iter(body)
