@@ -16,6 +16,7 @@ import nats
 import pytest
 from nats.aio.client import RawCredentials
 
+import tunnel
 from cli import exitcodes
 from studio_gateway.hostnames import tunnel_hostname
 from tests.helpers import NatsServerFactory
@@ -96,7 +97,11 @@ async def test_session_shows_decoded_claims_and_masks_secrets(op: OperatorServer
         claims = doc["claims"]
         assert claims["nats"]["allowed_connection_types"] == ["STANDARD", "WEBSOCKET"]
         granted = claims["nats"]["pub"]["allow"] + claims["nats"]["sub"]["allow"]
-        assert all(".host." in s or s.startswith("$SRV.") for s in granted)
+        # Host-scoped, plus the host's own readiness subject (the one grant outside its prefix,
+        # contract/permissions.py), subscribe only.
+        ready = tunnel.HostSubjects.for_host(host).ready
+        assert ready in claims["nats"]["sub"]["allow"] and ready not in claims["nats"]["pub"]["allow"]
+        assert all(".host." in s or s.startswith("$SRV.") or s == ready for s in granted), granted
         assert 590 <= claims["exp"] - claims["iat"] <= 600
 
         code, out, _ = await linkctl("session", "--gateway", gw.url, token=token)
