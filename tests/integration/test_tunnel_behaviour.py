@@ -338,6 +338,9 @@ async def _served_then_gone(p: Any, client: tunnel.TunnelClient) -> None:
     """The client sees HOST serving once, then its server leaves."""
     async with serving(p.server_nc, HOST, _answer_ok), await client.fetch(f"tunnel://{HOST}/status") as resp:
         assert await resp.read() == b"ok"
+    # The server's UNSUBs leave on its own connection: make sure NATS has them before the caller's
+    # next start (else that start can reach the old subscription and no no-responders comes).
+    await p.server_nc.flush()
 
 
 async def _answer_ok(req: tunnel.Request) -> tunnel.Response:
