@@ -9,8 +9,10 @@ verbs PING, INFO and STATS.
 Tenancy (operator mode; :func:`discovery_grant` is added to every minted credential):
 
 - a desktop credential may *subscribe* the broadcast verbs (``$SRV.PING`` ...), its own
-  name's subjects and its own status endpoint: it answers operators (whose credentials
-  may publish anything) and its own tenant, and it can be sent nothing about another host;
+  name's subjects (``$SRV.*.<name>`` and ``$SRV.*.<name>.*``: two wildcards, not six subjects,
+  because the whole JWT must fit nats-server's 4 KiB CONNECT line) and its own status
+  endpoint: it answers operators (whose credentials may publish anything) and its own tenant,
+  and it can be sent nothing about another host;
 - it may *publish* only its own name's subjects and the gateway's PING/INFO: a tenant's
   ``linkctl services`` (the same credential) can ask about its own desktop and the gateway,
   never broadcast (``$SRV.PING`` is denied: no other desktop ever hears the tenant) and
@@ -75,7 +77,9 @@ def status_subject(subjects: tunnel.HostSubjects) -> str:
 def discovery_grant(hostname: str, prefix: str = tunnel.DEFAULT_PREFIX) -> PermissionGrant:
     """What a desktop credential needs to answer discovery, and to ask about itself and the gateway."""
     name = desktop_service_name(hostname)
-    own = tuple(s for verb in VERBS for s in (f"{SRV_PREFIX}.{verb}.{name}", f"{SRV_PREFIX}.{verb}.{name}.*"))
+    # Its own name under any verb: two subjects instead of six. Each holds the host token, and
+    # the whole user JWT travels in the CONNECT line, which nats-server caps at 4 KiB by default.
+    own = (f"{SRV_PREFIX}.*.{name}", f"{SRV_PREFIX}.*.{name}.*")
     broadcast = tuple(f"{SRV_PREFIX}.{verb}" for verb in VERBS)
     gateway = tuple(
         s

@@ -16,6 +16,7 @@ from contract.permissions import daemon_permissions
 from linkd.discovery import discovery_permitted
 from linkd.session import LinkSession
 from studio_gateway import nats_jwt
+from tests.unit.test_gateway_permissions import allowed
 
 
 def test_service_names_are_valid_micro_names_and_one_per_host() -> None:
@@ -36,9 +37,10 @@ def test_a_desktop_may_publish_only_its_own_name_and_the_gateways_ping_and_info(
     assert not {"$SRV.PING", "$SRV.INFO", "$SRV.STATS", ">", "$SRV.>"} & set(alice.publish)
     assert not any(s.startswith(f"$SRV.STATS.{GATEWAY_SERVICE}") for s in alice.publish)
     # It answers broadcasts (operators) and its own name; its status endpoint is under its host.
-    assert {"$SRV.PING", "$SRV.INFO", "$SRV.STATS", f"$SRV.PING.{mine}", f"$SRV.STATS.{mine}.*"} <= set(
-        alice.subscribe
-    )
+    assert {"$SRV.PING", "$SRV.INFO", "$SRV.STATS"} <= set(alice.subscribe)
+    for subject in (f"$SRV.PING.{mine}", f"$SRV.INFO.{mine}.x", f"$SRV.STATS.{mine}.*"):
+        assert allowed(alice.subscribe, subject) and allowed(alice.publish, subject), subject
+        assert not allowed(bob.subscribe, subject) and not allowed(bob.publish, subject), subject
     status = status_subject(tunnel.HostSubjects.for_host("alice-1"))
     assert tunnel.HostSubjects.for_host("alice-1").owns(status) and status in alice.subscribe
 
