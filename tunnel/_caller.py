@@ -586,8 +586,10 @@ class CallerStream:
                 )
             )
         if evidence is PresenceEvidence.UNKNOWN:
-            fallback = self.options.presence_fallback or self.options.presence_timeout or 0.0
-            self._presence_deadline = self.started_at + fallback
+            self._presence_deadline = self.started_at + self._presence_fallback()
+
+    def _presence_fallback(self) -> float:
+        return self.options.presence_fallback or self.options.presence_timeout or 0.0
 
     # -- timers -----------------------------------------------------------------
 
@@ -691,10 +693,10 @@ class CallerStream:
                 self._presence_checked = True
                 self.presence_check_pending = True
             if self._presence_deadline is not None and now >= self._presence_deadline:
-                fallback = self.options.presence_fallback or self.options.presence_timeout or 0.0
+                fallback_ms = self._presence_fallback() * 1000
                 raise self._fail(
                     TunnelUnreachable(
-                        f"no server answered for {self._host_description()} within {fallback * 1000:g} ms "
+                        f"no server answered for {self._host_description()} within {fallback_ms:g} ms "
                         "(something that is not a server, such as a monitoring subscriber on the "
                         "prefix, receives its requests, so NATS cannot say that nobody serves it)"
                     )

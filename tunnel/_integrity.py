@@ -47,8 +47,6 @@ _FUNCTIONS: Final[dict[str, Callable[[Buffer, int], int]]] = {
     "crc32c": _crc32c,
     "crc32": zlib.crc32,
 }
-#: What this build accepts, most preferred first.
-SUPPORTED: Final = tuple(_FUNCTIONS)
 #: What a caller offers: CRC-32C where it runs in C, else CRC-32.
 PREFERRED: Final = "crc32c" if google_crc32c.implementation == "c" else "crc32"
 

@@ -80,7 +80,17 @@ from .._subjects import (
     validate_prefix,
 )
 from .coalesce import coalesced
-from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, log, map_nats_error, status_of
+from .common import (
+    LazyTimer,
+    Publisher,
+    TimedRequest,
+    TimerHub,
+    WireTap,
+    log,
+    map_nats_error,
+    permission_refused,
+    status_of,
+)
 from .direct import subscribe_direct
 
 Body = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes] | None
@@ -832,27 +842,27 @@ class TunnelClient:
         )
         if not watched:
             return PresenceEvidence.UNWATCHED
-        error = self.nc.last_error
-        refused = (
-            error is not None
-            and error is not before
-            and "permissions violation" in str(error).lower()
-            and f"{subjects.prefix}_ready.".lower() in str(error).lower()
-        )
+        refused = permission_refused(self.nc.last_error, before, "publish to", f"{subjects.prefix}_ready.")
         if ready_tapped or refused:  # interest there proves nothing: NATS cannot tell
             return PresenceEvidence.UNKNOWN
         return PresenceEvidence.SERVER_READY if ready else PresenceEvidence.NO_SERVER
 
     async def _ready_subjects_tapped(self, prefix: str) -> bool:
-        """Does something subscribe readiness subjects no server holds (a tap on ``>``)? Cached
-        like the watchers: a tap is an operator's, it comes and goes rarely."""
+        """Does something subscribe readiness subjects no server holds (a tap on ``>``)?"""
+        return await self._cached_interest(self._ready_tapped, prefix, unheld_ready_subject(prefix))
+
+    async def _cached_interest(self, cache: dict[str, tuple[float, bool]], key: str, subject: str) -> bool:
+        """``_has_interest`` remembered per key for RECENTLY_SEEN: taps are an operator's and come
+        and go rarely; the cache is bounded like the others."""
         now = asyncio.get_running_loop().time()
-        cached = self._ready_tapped.get(prefix)
+        cached = cache.get(key)
         if cached is not None and now - cached[0] < RECENTLY_SEEN:
             return cached[1]
-        tapped = await self._has_interest(unheld_ready_subject(prefix), b"")
-        self._ready_tapped[prefix] = (now, tapped)
-        return tapped
+        interest = await self._has_interest(subject, b"")
+        if len(cache) >= HOST_CACHE_SIZE:
+            cache.clear()
+        cache[key] = (now, interest)
+        return interest
 
     async def _watched_by_non_server(self, subjects: HostSubjects) -> bool:
         """Does something other than a server receive this host's subjects (a monitoring tap)?
@@ -860,15 +870,7 @@ class TunnelClient:
         Deterministic, no timing (see ``_has_interest``): the subject is one of the host's that no
         server ever subscribes (the v1 body subject of a request id nobody has).
         """
-        now = asyncio.get_running_loop().time()
-        cached = self._watchers.get(subjects.token)
-        if cached is not None and now - cached[0] < RECENTLY_SEEN:
-            return cached[1]
-        watched = await self._has_interest(subjects.body(new_request_id()), b"")
-        if len(self._watchers) >= HOST_CACHE_SIZE:
-            self._watchers.clear()
-        self._watchers[subjects.token] = (now, watched)
-        return watched
+        return await self._cached_interest(self._watchers, subjects.token, subjects.body(new_request_id()))
 
     async def _host_has_server(self, subjects: HostSubjects) -> bool:
         """Does any server of this host still listen? Every server subscribes ``P.req.*.abort``,

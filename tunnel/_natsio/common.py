@@ -177,3 +177,12 @@ def status_of(msg: Any) -> str | None:
         return None
     status = headers.get("Status")
     return status if isinstance(status, str) else None
+
+
+def permission_refused(error: Exception | None, before: Exception | None, what: str, subject: str) -> bool:
+    """Whether ``error`` (the connection's ``last_error``, which was ``before``) is NATS refusing
+    ``what`` (``"publish to"``, ``"subscription to"``) a subject that contains ``subject``."""
+    if error is None or error is before:
+        return False
+    text = str(error).lower()
+    return "permissions violation" in text and what in text and subject.lower() in text

@@ -53,7 +53,15 @@ from .._subjects import (
     parse_request_subject,
 )
 from .coalesce import coalesced
-from .common import LazyTimer, Publisher, TimedRequest, TimerHub, WireTap, map_nats_error
+from .common import (
+    LazyTimer,
+    Publisher,
+    TimedRequest,
+    TimerHub,
+    WireTap,
+    map_nats_error,
+    permission_refused,
+)
 from .direct import subscribe_direct
 
 __all__ = ["ServerStats", "TunnelServer", "serve"]
@@ -564,12 +572,7 @@ class TunnelServer:
         await self.nc.flush()
         await self.nc.flush()
         error = self.nc.last_error
-        if error is None or error is before:
-            return None
-        text = str(error).lower()
-        if "permissions violation" in text and what in text and subject.lower() in text:
-            return str(error)
-        return None
+        return str(error) if permission_refused(error, before, what, subject) else None
 
     async def close(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         """Stop taking requests, let in-flight ones finish for up to ``timeout`` s, then cancel the rest."""
