@@ -117,6 +117,7 @@ class CallerOptions:
     fast_path: bool = True
     presence_timeout: float | None = None
     presence_fallback: float | None = None
+    max_window: int | None = None  # None: the window never grows
     # Derived once per options object (a client caches these): the extensions offered in every
     # request.start and their JSON text, so no request hashes or encodes them again.
     offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
@@ -466,7 +467,11 @@ class CallerStream:
             if ext.heartbeat_ms is not None and up is not None:
                 self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
-            self.receive_window = ReceiveWindow(opts.window if up is not None else None)
+            self.receive_window = (
+                ReceiveWindow(opts.window, max_window=opts.max_window)
+                if up is not None
+                else ReceiveWindow(None)
+            )
             if ext.integrity == PREFERRED and up is not None:
                 self.sent_digest = BodyDigest(PREFERRED) if self.has_body else None
                 self.received_digest = BodyDigest(PREFERRED)

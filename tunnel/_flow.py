@@ -9,6 +9,10 @@ arrive), so bytes buffered on the receiving side never exceed the window, and a
 slow reader slows the sender instead of making NATS drop messages.
 
 ``None`` as a window means "no flow control" (a plain v1 peer).
+
+The window grows while the reader keeps up (see ``ReceiveWindow.on_consumed``): on a fast
+path a fixed window, not the CPU, limited bulk transfers (credit arrives a loop pass or two
+after the bytes were read), while a slow reader never earns a larger one.
 """
 
 from __future__ import annotations
@@ -71,21 +75,30 @@ class ReceiveWindow:
     __slots__ = (
         "buffer_limit",
         "buffered",
+        "caught_up",
         "consumed_since_grant",
         "expected_seq",
         "granted",
+        "max_window",
         "received_bytes",
         "window",
     )
 
-    def __init__(self, window: int | None, buffer_limit: int = UNFLOWED_BUFFER_LIMIT) -> None:
-        self.window = window
+    def __init__(
+        self,
+        window: int | None,
+        buffer_limit: int = UNFLOWED_BUFFER_LIMIT,
+        max_window: int | None = None,
+    ) -> None:
+        self.window = window  # the credit the peer may be ahead of our reads (grows, see on_consumed)
+        self.max_window = window if window is None or max_window is None else max(window, max_window)
         self.buffer_limit = buffer_limit
         self.expected_seq = 0
         self.received_bytes = 0
         self.buffered = 0  # received but not yet consumed by the application
         self.granted = window  # total credit given to the peer so far
         self.consumed_since_grant = 0
+        self.caught_up = False  # the reader emptied the buffer since the last grant
 
     def on_chunk(self, seq: int, n: int) -> None:
         """Validate one incoming data frame: contiguous seq, within credit."""
@@ -115,13 +128,28 @@ class ReceiveWindow:
             )
 
     def on_consumed(self, n: int) -> int | None:
-        """The application took ``n`` bytes; returns the new total limit to grant, if one is due."""
-        self.buffered -= n
-        if self.window is None or self.granted is None:
+        """The application took ``n`` bytes; returns the new total limit to grant, if one is due.
+
+        If the reader emptied the buffer since the last grant, the grant also doubles the
+        window, up to ``max_window``: the reader was waiting for bytes that credit held back,
+        so the window, not the reader, limited the transfer (receive-window tuning, as TCP
+        does it). A reader slower than the sender never empties its buffer, so its window
+        stays; none ever holds more than ``max_window``.
+        """
+        buffered = self.buffered = self.buffered - n
+        window = self.window
+        if window is None or self.granted is None:
             return None
+        if buffered == 0:
+            self.caught_up = True
         self.consumed_since_grant += n
-        if self.consumed_since_grant >= self.window * GRANT_THRESHOLD_FRACTION:
-            self.granted = min(self.granted + self.consumed_since_grant, MAX_CREDIT)
+        if self.consumed_since_grant >= window * GRANT_THRESHOLD_FRACTION:
+            growth = 0
+            if self.caught_up and self.max_window is not None:
+                growth = min(window, self.max_window - window)
+                self.window = window + growth
+            self.caught_up = False
+            self.granted = min(self.granted + self.consumed_since_grant + growth, MAX_CREDIT)
             self.consumed_since_grant = 0
             return self.granted
         return None

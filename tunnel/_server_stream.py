@@ -100,6 +100,7 @@ class ServerOptions:
     # whatever the caller named, and take extension frames on the body subject.
     reference_replies: bool = False
     up_via_body: bool = False
+    max_window: int | None = None  # None: the request-body window never grows
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ class ServerStream:
         if offer is not None:
             self.up_subject: str | None = f"{head}body" if options.up_via_body else f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
-            self.receive_window = ReceiveWindow(options.window)
+            self.receive_window = ReceiveWindow(options.window, max_window=options.max_window)
         else:
             self.up_subject = None
             self.send = SendCredit(None)

@@ -2,7 +2,8 @@
 
 Bodies are generated and hashed chunk by chunk on both ends (never held whole in
 memory); flow control is checked from the inside: the bytes a receiver holds but has
-not handed to its application never exceed the window it granted.
+not handed to its application never exceed the window it granted (which grows while
+the reader keeps up, never past its ``max_window``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ HOST = "bulk.example"
 BIG = 100 * MiB
 # Small windows make the bound meaningful: far below the body size, a few frames deep.
 WINDOW = MiB
+MAX_WINDOW = 4 * MiB
 # Points (bytes consumed) where the reader stops until the sender has used all its credit.
 PAUSE_AT = (10 * MiB, 50 * MiB, 90 * MiB)
 # Whole-transfer budget: ~0.5 s locally; generous for a loaded 2-core machine.
@@ -43,9 +45,9 @@ async def test_100mib_download_is_byte_exact_and_caller_buffer_stays_within_its_
     received = sha256()
     total = 0
     max_queued = 0
-    held_at_pauses: list[int] = []
+    held_at_pauses: list[tuple[int, int]] = []  # (bytes held, the window they were granted under)
     async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler):
-        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=WINDOW))
+        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=WINDOW, max_window=MAX_WINDOW))
         async with asyncio.timeout(BIG_TIMEOUT):
             async with await client.fetch(f"tunnel://{HOST}/download") as resp:
                 request = resp._request
@@ -66,14 +68,17 @@ async def test_100mib_download_is_byte_exact_and_caller_buffer_stays_within_its_
                             message="server did not use its credit",
                         )
                         held = sum(len(c) for c in request.chunks)
-                        held_at_pauses.append(held)
+                        held_at_pauses.append((held, window.window))
                         max_queued = max(max_queued, held)
     assert total == BIG
     assert received.hexdigest() == sent.hexdigest()
-    assert max_queued <= WINDOW
+    assert max_queued <= MAX_WINDOW
     assert len(held_at_pauses) == len(PAUSE_AT)
-    # The window really filled while the reader was paused: the bound, not luck, held the data back.
-    assert all(WINDOW // 2 <= held <= WINDOW for held in held_at_pauses), held_at_pauses
+    # The window really filled while the reader was paused: the bound, not luck, held the data
+    # back (at least half of it: a grant is due once half the window was read).
+    assert all(w // 2 <= held <= w <= MAX_WINDOW for held, w in held_at_pauses), held_at_pauses
+    # Between the pauses the reader kept up, and the window grew for it.
+    assert window.window > WINDOW
     assert p.errors == []
 
 
@@ -82,7 +87,7 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
 ) -> None:
     servers: list[tunnel.TunnelServer] = []
     max_queued = 0
-    held_at_pauses: list[int] = []
+    held_at_pauses: list[tuple[int, int]] = []  # (bytes held, the window they were granted under)
     problems: list[BaseException] = []
 
     async def handler(req: tunnel.Request) -> tunnel.Response:
@@ -105,7 +110,7 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
                         message="caller did not use its credit",
                     )
                     held = sum(len(c) for c in req._chunks)
-                    held_at_pauses.append(held)
+                    held_at_pauses.append((held, window.window))
                     max_queued = max(max_queued, held)
         except BaseException as exc:
             problems.append(exc)
@@ -115,7 +120,9 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
     sent = sha256()
     async with (
         connect_peers(nats_server) as p,
-        serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(window=WINDOW)) as server,
+        serving(
+            p.server_nc, HOST, handler, config=tunnel.ServerConfig(window=WINDOW, max_window=MAX_WINDOW)
+        ) as server,
     ):
         servers.append(server)
         client = tunnel.TunnelClient(p.caller_nc)
@@ -128,9 +135,9 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
     assert resp.status == 200
     assert resp.header("x-length") == str(BIG)
     assert resp.header("x-sha256") == sent.hexdigest()
-    assert max_queued <= WINDOW
+    assert max_queued <= MAX_WINDOW
     assert len(held_at_pauses) == len(PAUSE_AT)
-    assert all(WINDOW // 2 <= held <= WINDOW for held in held_at_pauses), held_at_pauses
+    assert all(w // 2 <= held <= w <= MAX_WINDOW for held, w in held_at_pauses), held_at_pauses
     assert p.errors == []
 
 
@@ -151,7 +158,9 @@ async def test_slow_reader_gets_every_byte_without_slow_consumers(nats_server: N
         connect_peers(nats_server) as p,
         serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_chunk=64 * KiB)),
     ):
-        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=window))
+        # A fixed window (it would grow whenever the reader caught up with the bursty sender).
+        limits = tunnel.Limits(window=window, max_window=window)
+        client = tunnel.TunnelClient(p.caller_nc, limits=limits)
         async with asyncio.timeout(BIG_TIMEOUT):
             async with await client.fetch(f"tunnel://{HOST}/slow") as resp:
                 request = resp._request

@@ -59,10 +59,13 @@ def test_defaults_are_the_documented_ones() -> None:
     with pytest.raises(ValueError, match="presence_fallback must be at least presence"):
         tunnel.Timeouts(presence=0.5, presence_fallback=0.25)
     assert tunnel.Limits() == tunnel.Limits(window=2 * 1024 * 1024, max_chunk=256 * 1024)
-    assert (tunnel.Limits().window, tunnel.Limits().max_chunk) == (
+    assert (tunnel.Limits().window, tunnel.Limits().max_chunk, tunnel.Limits().max_window) == (
         tunnel.DEFAULT_WINDOW,
         tunnel.DEFAULT_MAX_CHUNK,
+        tunnel.DEFAULT_MAX_WINDOW,
     )
+    assert tunnel.DEFAULT_MAX_WINDOW == 16 * 1024 * 1024
+    assert tunnel.ServerConfig().max_window == tunnel.DEFAULT_MAX_WINDOW
     assert tunnel.ServerConfig() == tunnel.ServerConfig(
         window=2 * 1024 * 1024, max_chunk=256 * 1024, stall_timeout=60.0, max_concurrent=256, fast_path=True
     )
@@ -87,7 +90,9 @@ def test_a_client_and_a_server_built_without_options_use_the_defaults() -> None:
         (lambda: tunnel.Limits(window=0), "window"),
         (lambda: tunnel.Limits(max_chunk=-5), "max_chunk"),
         (lambda: tunnel.Limits(window=1.5), "window"),  # type: ignore[arg-type]
+        (lambda: tunnel.Limits(max_window=0), "max_window"),
         (lambda: tunnel.ServerConfig(window=0), "window"),
+        (lambda: tunnel.ServerConfig(max_window=-1), "max_window"),
         (lambda: tunnel.ServerConfig(max_chunk=0), "max_chunk"),
         (lambda: tunnel.ServerConfig(stall_timeout=0), "stall_timeout"),
         (lambda: tunnel.ServerConfig(max_concurrent=0), "max_concurrent"),
@@ -127,16 +132,20 @@ def test_the_objects_take_effect_in_what_the_client_and_server_send() -> None:
     timeouts = tunnel.Timeouts(
         first_frame=3.0, idle=4.0, total=5.0, unreachable_grace=0, republish_interval=0.5
     )
-    client = tunnel.TunnelClient(_nc(), timeouts=timeouts, limits=tunnel.Limits(window=4096, max_chunk=1024))
+    client = tunnel.TunnelClient(
+        _nc(), timeouts=timeouts, limits=tunnel.Limits(window=4096, max_chunk=1024, max_window=65536)
+    )
     options = client._options_for(timeouts.first_frame, timeouts.idle, timeouts.total, client.timeouts)
     assert (options.first_frame_timeout, options.idle_timeout, options.total_timeout) == (3.0, 4.0, 5.0)
     assert (options.unreachable_grace, options.republish_interval) == (0, 0.5)
     assert (options.window, options.max_chunk, options.max_payload) == (4096, 1024, MAX_PAYLOAD)
+    assert options.max_window == 65536
     config = tunnel.ServerConfig(
-        window=8192, max_chunk=512, stall_timeout=7.0, max_concurrent=3, fast_path=False
+        window=8192, max_chunk=512, stall_timeout=7.0, max_concurrent=3, fast_path=False, max_window=32768
     )
     server = tunnel.TunnelServer(_nc(), "desk.example", _handler, config=config)
     assert server.config is config
+    assert server.dispatch.options.max_window == 32768
     assert (
         server.window,
         server.max_chunk,

@@ -225,3 +225,85 @@ def test_the_current_limit_is_repeated_only_when_nothing_waits_unread() -> None:
     window.on_consumed(60)
     assert window.regrant() == 160
     assert ReceiveWindow(None).regrant() is None
+
+
+# --------------------------------------------------------------------------- window growth
+
+
+def test_a_reader_that_empties_its_buffer_doubles_the_window_at_the_next_grant() -> None:
+    window = ReceiveWindow(100, max_window=400)
+    window.on_chunk(0, 50)
+    assert window.on_consumed(50) == 100 + 50 + 100  # caught up: the consumed bytes, plus 100 more
+    assert window.window == 200
+    window.on_chunk(1, 200)  # the peer may use all of it: 250 in all
+    with pytest.raises(RemoteProtocolError):
+        window.on_chunk(2, 1)
+
+
+def test_the_window_grows_no_further_than_max_window() -> None:
+    window = ReceiveWindow(100, max_window=300)
+    sizes = []
+    for seq in range(6):
+        room = window.granted - window.received_bytes
+        window.on_chunk(seq, room)
+        window.on_consumed(room)  # read everything at once: always caught up
+        sizes.append(window.window)
+    assert sizes == [200, 300, 300, 300, 300, 300]
+    assert window.granted - window.received_bytes == 300
+
+
+def test_a_reader_behind_its_sender_keeps_its_window() -> None:
+    """The sender refills the window before the reader ever empties it: no growth."""
+    window = ReceiveWindow(100, max_window=10_000)
+    window.on_chunk(0, 100)
+    seq = 1
+    for _ in range(50):
+        grant = window.on_consumed(50)  # the reader takes half; half is still unread
+        assert grant is not None
+        window.on_chunk(seq, grant - window.received_bytes)  # the sender uses all new credit at once
+        seq += 1
+        assert window.buffered == 100
+    assert window.window == 100
+
+
+def test_catching_up_once_grows_the_window_once() -> None:
+    window = ReceiveWindow(100, max_window=10_000)
+    window.on_chunk(0, 100)
+    window.on_consumed(100)  # caught up; this grant doubles
+    assert window.window == 200
+    window.on_chunk(1, 200)
+    window.on_consumed(100)  # half of the new window read, half still buffered: no growth
+    assert window.window == 200
+
+
+def test_without_max_window_or_below_window_the_window_is_fixed() -> None:
+    for window in (ReceiveWindow(100), ReceiveWindow(100, max_window=50)):
+        window.on_chunk(0, 100)
+        assert window.on_consumed(100) == 200
+        assert window.window == 100
+
+
+def test_sender_and_a_fast_reader_agree_as_the_window_grows() -> None:
+    """Credit grows with the window, the sender may use it, and no more is ever buffered."""
+    send = SendCredit(1000)
+    receive = ReceiveWindow(1000, max_window=8000)
+    to_send = 200_000
+    pending: list[int] = []
+    delivered = 0
+    peak = 0
+    while delivered < to_send:
+        while send.available() > 0 and delivered + sum(pending) < to_send:
+            n = min(300, send.available(), to_send - delivered - sum(pending))
+            receive.on_chunk(send.spend(n), n)
+            pending.append(n)
+        peak = max(peak, receive.buffered)
+        while pending:  # a fast reader: takes everything there is
+            n = pending.pop(0)
+            delivered += n
+            grant = receive.on_consumed(n)
+            if grant is not None:
+                send.grant(grant)
+    receive.on_end(send.next_seq)
+    assert receive.received_bytes == to_send == send.sent_bytes
+    assert receive.window == 8000
+    assert peak <= 8000

@@ -18,6 +18,7 @@ EXPECTED_PUBLIC_NAMES = {
     "DEFAULT_PREFIX",
     "LEGACY_PREFIX",
     "DEFAULT_UNREACHABLE_GRACE",
+    "DEFAULT_MAX_WINDOW",
     "DEFAULT_WINDOW",
     "DeadlineExceeded",
     "ErrorCode",

@@ -945,6 +945,7 @@ class TunnelClient:
                 republish_interval=republish,
                 unreachable_grace=grace,
                 window=self.limits.window,
+                max_window=self.limits.max_window,
                 max_chunk=self.limits.max_chunk,
                 max_payload=self.nc.max_payload,
                 heartbeat_interval=heartbeat_interval_for(idle),

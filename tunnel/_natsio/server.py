@@ -398,6 +398,7 @@ class TunnelServer:
             server_id=self.server_id,
             options=ServerOptions(
                 window=config.window,
+                max_window=config.max_window,
                 max_chunk=config.max_chunk,
                 max_payload=nc.max_payload,
                 stall_timeout=config.stall_timeout,
