@@ -165,6 +165,20 @@ class Request:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _detach(self) -> None:
+        """The server is done with this request: drop its callback (a reference cycle).
+
+        The server's request object holds this one and the callback holds it back, so
+        without this every request would wait for the cyclic garbage collector (measured: a
+        dozen objects per request, ~10% of a small request's CPU in collections). Credit for
+        what is read afterwards is owed to nobody.
+        """
+        self._on_consumed = _owed_to_nobody
+
+
+async def _owed_to_nobody(n: int) -> None:
+    """What reading costs once the request is over: nothing to grant."""
+
 
 class _BodyReader:
     """The iterator ``Request.stream()`` returns: every read is a fresh, cancel-safe call."""

@@ -161,6 +161,7 @@ class LazyTimer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self._on_fire = _fires_no_more  # the callback's owner holds this timer: break the cycle
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -168,6 +169,11 @@ class LazyTimer:
     def _fire(self) -> None:
         self._handle = None
         self.arm(self._on_fire())
+
+
+def _fires_no_more() -> None:
+    """A cancelled timer's callback."""
+    return None
 
 
 def status_of(msg: Any) -> str | None:

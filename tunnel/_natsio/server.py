@@ -293,6 +293,7 @@ class _ServerRequest(TimedRequest):
         if not self.released:
             self.released = True
             self._cancel_timer()
+            self.request._detach()
             server = self.server
             server.dispatch.release(self.stream.request_id)
             stats = server.stats
