@@ -50,7 +50,7 @@ from ._events import (
     Publish,
     ResponseHead,
 )
-from ._flow import ReceiveWindow, SendCredit
+from ._flow import GrowthBudget, ReceiveWindow, SendCredit
 from ._integrity import PREFERRED, BodyDigest, check_whole
 from ._subjects import HostSubjects, hostname_from_token
 
@@ -118,6 +118,8 @@ class CallerOptions:
     presence_timeout: float | None = None
     presence_fallback: float | None = None
     max_window: int | None = None  # None: the window never grows
+    # Shared by every request of one client (mutable: not part of equality or hashing).
+    growth_budget: GrowthBudget | None = field(default=None, compare=False)
     # Derived once per options object (a client caches these): the extensions offered in every
     # request.start and their JSON text, so no request hashes or encodes them again.
     offer: f.StartExtensions | None = field(init=False, repr=False, compare=False)
@@ -512,7 +514,7 @@ class CallerStream:
                 self._heartbeat_interval = ext.heartbeat_ms / 1000
             self.send = SendCredit(ext.window if up is not None else None)
             self.receive_window = (
-                ReceiveWindow(opts.window, max_window=opts.max_window)
+                ReceiveWindow(opts.window, max_window=opts.max_window, budget=opts.growth_budget)
                 if up is not None
                 else ReceiveWindow(None)
             )

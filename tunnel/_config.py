@@ -41,6 +41,9 @@ DEFAULT_WINDOW: Final = 2 * 1024 * 1024
 # loopback: a fixed 2 MiB window held 64 MiB transfers to ~0.72 of raw NATS in each direction
 # (credit came back too late), 8-16 MiB to ~0.9. A reader that falls behind never grows it.
 DEFAULT_MAX_WINDOW: Final = 16 * 1024 * 1024
+# How far all windows of one server (or client) may grow past their initial size together:
+# what stalled handlers could hold beyond the initial windows (see _flow.GrowthBudget).
+DEFAULT_WINDOW_BUDGET: Final = 64 * 1024 * 1024
 # Largest data frame: big frames amortise per-message cost, but stay well under
 # the NATS default max_payload (1 MiB) and a quarter of the window so credit flows.
 DEFAULT_MAX_CHUNK: Final = 256 * 1024
@@ -156,6 +159,11 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Sizes that bound what a caller holds per request, in bytes.
@@ -165,6 +173,8 @@ class Limits:
     - ``max_window``: what the window may grow to while we read as fast as bytes come
       (never below ``window``): a reader buffers at most this much, and one that falls
       behind keeps the window it has;
+    - ``window_budget``: how far the windows of all this client's requests may grow past
+      ``window`` together (bytes; 0: windows never grow);
     - ``max_chunk``: largest request-body data frame we send (the connection's
       ``max_payload`` bounds it too).
     """
@@ -172,11 +182,13 @@ class Limits:
     window: int = DEFAULT_WINDOW
     max_chunk: int = DEFAULT_MAX_CHUNK
     max_window: int = DEFAULT_MAX_WINDOW
+    window_budget: int = DEFAULT_WINDOW_BUDGET
 
     def __post_init__(self) -> None:
         _check_positive_int("window", self.window)
         _check_positive_int("max_chunk", self.max_chunk)
         _check_positive_int("max_window", self.max_window)
+        _check_non_negative_int("window_budget", self.window_budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,9 @@ class ServerConfig:
     - ``window``: flow-control window offered to callers for request bodies at first;
     - ``max_window``: what that window may grow to while the handler reads as fast as
       bytes come (never below ``window``): bytes buffered per request at most;
+    - ``window_budget``: how far the windows of all requests in flight may grow past
+      ``window`` together (bytes; 0: windows never grow), so handlers that stall after
+      their windows grew hold at most ``max_concurrent * window`` plus this;
     - ``max_chunk``: largest response-body data frame, in bytes;
     - ``stall_timeout``: seconds a request may wait for credit or body bytes before
       the caller is presumed gone (``tunnel_stalled``; ``None``: wait forever);
@@ -207,9 +222,11 @@ class ServerConfig:
     v1_pace: float | None = DEFAULT_V1_PACE
     v1_burst: int = DEFAULT_V1_BURST
     max_window: int = DEFAULT_MAX_WINDOW
+    window_budget: int = DEFAULT_WINDOW_BUDGET
 
     def __post_init__(self) -> None:
         _check_positive_int("max_window", self.max_window)
+        _check_non_negative_int("window_budget", self.window_budget)
         if self.v1_pace is not None and not self.v1_pace > 0:
             raise ValueError(f"v1_pace must be positive bytes/s or None, got {self.v1_pace!r}")
         _check_positive_int("v1_burst", self.v1_burst)

@@ -69,16 +69,43 @@ class SendCredit:
         self.limit = min(max(self.limit, limit), MAX_CREDIT)
 
 
+class GrowthBudget:
+    """How far all windows of one server (or one client) may grow past their initial size.
+
+    Growth costs nothing while readers keep up, but a handler that stalls after its window
+    grew holds up to ``max_window`` per request: shared among every request in flight, this
+    bounds that at ``limit`` bytes beyond the initial windows. Spent growth comes back when
+    a request ends (:meth:`ReceiveWindow.release`).
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> int:
+        """Up to ``n`` bytes of growth; what is left of the budget."""
+        n = max(0, min(n, self.limit - self.used))
+        self.used += n
+        return n
+
+    def give_back(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
 class ReceiveWindow:
     """Sequence checks and credit accounting for data we receive."""
 
     __slots__ = (
+        "budget",
         "buffer_limit",
         "buffered",
         "caught_up",
         "consumed_since_grant",
         "expected_seq",
         "granted",
+        "grown",
         "max_window",
         "received_bytes",
         "window",
@@ -89,9 +116,12 @@ class ReceiveWindow:
         window: int | None,
         buffer_limit: int = UNFLOWED_BUFFER_LIMIT,
         max_window: int | None = None,
+        budget: GrowthBudget | None = None,
     ) -> None:
         self.window = window  # the credit the peer may be ahead of our reads (grows, see on_consumed)
         self.max_window = window if window is None or max_window is None else max(window, max_window)
+        self.budget = budget
+        self.grown = 0  # taken from the budget so far
         self.buffer_limit = buffer_limit
         self.expected_seq = 0
         self.received_bytes = 0
@@ -134,7 +164,8 @@ class ReceiveWindow:
         window, up to ``max_window``: the reader was waiting for bytes that credit held back,
         so the window, not the reader, limited the transfer (receive-window tuning, as TCP
         does it). A reader slower than the sender never empties its buffer, so its window
-        stays; none ever holds more than ``max_window``.
+        stays; none ever holds more than ``max_window``, and all windows sharing a
+        :class:`GrowthBudget` grow no more than it allows in all.
         """
         buffered = self.buffered = self.buffered - n
         window = self.window
@@ -145,14 +176,25 @@ class ReceiveWindow:
         self.consumed_since_grant += n
         if self.consumed_since_grant >= window * GRANT_THRESHOLD_FRACTION:
             growth = 0
-            if self.caught_up and self.max_window is not None:
+            if self.caught_up and self.max_window is not None and window < self.max_window:
                 growth = min(window, self.max_window - window)
+                if self.budget is not None:
+                    growth = self.budget.take(growth)
+                    self.grown += growth
                 self.window = window + growth
             self.caught_up = False
             self.granted = min(self.granted + self.consumed_since_grant + growth, MAX_CREDIT)
             self.consumed_since_grant = 0
             return self.granted
         return None
+
+    def release(self) -> None:
+        """The stream is over: return its growth to the budget, and grow no more."""
+        self.max_window = self.window
+        if self.budget is not None:
+            self.budget.give_back(self.grown)
+            self.grown = 0
+            self.budget = None
 
     def regrant(self) -> int | None:
         """The current limit again, when the sender may be stuck on a lost grant (nothing buffered)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from . import _codec as codec
@@ -43,7 +43,7 @@ from ._events import (
     PeerFailed,
     Publish,
 )
-from ._flow import Pacer, ReceiveWindow, SendCredit
+from ._flow import GrowthBudget, Pacer, ReceiveWindow, SendCredit
 from ._integrity import BodyDigest, checksum, supported
 from ._subjects import HostSubjects
 
@@ -101,6 +101,8 @@ class ServerOptions:
     reference_replies: bool = False
     up_via_body: bool = False
     max_window: int | None = None  # None: the request-body window never grows
+    # Shared by every request of one server (mutable: not part of equality or hashing).
+    growth_budget: GrowthBudget | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +240,9 @@ class ServerStream:
         if offer is not None:
             self.up_subject: str | None = f"{head}body" if options.up_via_body else f"{head}up.{server_id}"
             self.send = SendCredit(offer.window)
-            self.receive_window = ReceiveWindow(options.window, max_window=options.max_window)
+            self.receive_window = ReceiveWindow(
+                options.window, max_window=options.max_window, budget=options.growth_budget
+            )
         else:
             self.up_subject = None
             self.send = SendCredit(None)

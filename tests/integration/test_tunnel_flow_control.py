@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import NatsServerFactory, wait_until
@@ -22,6 +24,7 @@ from tests.integration.tunnel_harness import (
     serving,
     sha256,
 )
+from tunnel._flow import ReceiveWindow
 
 HOST = "bulk.example"
 BIG = 100 * MiB
@@ -77,8 +80,10 @@ async def test_100mib_download_is_byte_exact_and_caller_buffer_stays_within_its_
     # The window really filled while the reader was paused: the bound, not luck, held the data
     # back (at least half of it: a grant is due once half the window was read).
     assert all(w // 2 <= held <= w <= MAX_WINDOW for held, w in held_at_pauses), held_at_pauses
-    # Between the pauses the reader kept up, and the window grew for it.
+    # Between the pauses the reader kept up, and the window grew for it; at the end the
+    # growth went back to the client's budget.
     assert window.window > WINDOW
+    assert client._growth_budget.used == 0
     assert p.errors == []
 
 
@@ -138,6 +143,46 @@ async def test_100mib_upload_is_byte_exact_and_server_buffer_stays_within_its_wi
     assert max_queued <= MAX_WINDOW
     assert len(held_at_pauses) == len(PAUSE_AT)
     assert all(w // 2 <= held <= w <= MAX_WINDOW for held, w in held_at_pauses), held_at_pauses
+    budget = servers[0].dispatch.options.growth_budget
+    assert budget is not None and budget.used == 0  # every request's growth came back
+    assert p.errors == []
+
+
+@pytest.mark.parametrize("budget", [0, WINDOW])
+async def test_concurrent_downloads_grow_their_windows_within_the_clients_budget(
+    nats_server: NatsServer, budget: int
+) -> None:
+    size = 32 * MiB
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], hashed_body(size, sha256()))
+
+    limits = tunnel.Limits(window=WINDOW, max_window=MAX_WINDOW, window_budget=budget)
+    windows: list[ReceiveWindow] = []
+    peak_used = 0
+    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler):
+        client = tunnel.TunnelClient(p.caller_nc, limits=limits)
+
+        async def download() -> int:
+            nonlocal peak_used
+            total = 0
+            async with await client.fetch(f"tunnel://{HOST}/download") as resp:
+                windows.append(resp._request.stream.receive_window)
+                async for chunk in resp.aiter_bytes():
+                    total += len(chunk)
+                    # What the windows in flight have grown by, together, right now.
+                    peak_used = max(peak_used, sum(w.grown for w in windows))
+            return total
+
+        async with asyncio.timeout(BIG_TIMEOUT):
+            totals = await asyncio.gather(*(download() for _ in range(3)))
+        assert client._growth_budget.used == 0
+        await client.aclose()
+    assert totals == [size] * 3
+    # Together the windows in flight grew by no more than the budget, and a budget of 0
+    # kept every window at its initial size.
+    assert peak_used <= budget
+    assert peak_used > 0 if budget else all(w.window == WINDOW for w in windows)
     assert p.errors == []
 
 

@@ -66,6 +66,8 @@ def test_defaults_are_the_documented_ones() -> None:
     )
     assert tunnel.DEFAULT_MAX_WINDOW == 16 * 1024 * 1024
     assert tunnel.ServerConfig().max_window == tunnel.DEFAULT_MAX_WINDOW
+    assert tunnel.Limits().window_budget == tunnel.ServerConfig().window_budget == 64 * 1024 * 1024
+    assert tunnel.Limits(window_budget=0).window_budget == 0  # windows never grow
     assert tunnel.ServerConfig() == tunnel.ServerConfig(
         window=2 * 1024 * 1024, max_chunk=256 * 1024, stall_timeout=60.0, max_concurrent=256, fast_path=True
     )
@@ -93,6 +95,8 @@ def test_a_client_and_a_server_built_without_options_use_the_defaults() -> None:
         (lambda: tunnel.Limits(max_window=0), "max_window"),
         (lambda: tunnel.ServerConfig(window=0), "window"),
         (lambda: tunnel.ServerConfig(max_window=-1), "max_window"),
+        (lambda: tunnel.Limits(window_budget=-1), "window_budget"),
+        (lambda: tunnel.ServerConfig(window_budget=True), "window_budget"),
         (lambda: tunnel.ServerConfig(max_chunk=0), "max_chunk"),
         (lambda: tunnel.ServerConfig(stall_timeout=0), "stall_timeout"),
         (lambda: tunnel.ServerConfig(max_concurrent=0), "max_concurrent"),
@@ -146,6 +150,8 @@ def test_the_objects_take_effect_in_what_the_client_and_server_send() -> None:
     server = tunnel.TunnelServer(_nc(), "desk.example", _handler, config=config)
     assert server.config is config
     assert server.dispatch.options.max_window == 32768
+    budget = server.dispatch.options.growth_budget
+    assert budget is not None and budget.limit == tunnel.DEFAULT_WINDOW_BUDGET
     assert (
         server.window,
         server.max_chunk,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunnel._errors import BufferLimitExceeded, LocalProtocolError, RemoteProtocolError
-from tunnel._flow import GRANT_THRESHOLD_FRACTION, MAX_CREDIT, ReceiveWindow, SendCredit
+from tunnel._flow import GRANT_THRESHOLD_FRACTION, MAX_CREDIT, GrowthBudget, ReceiveWindow, SendCredit
 
 # --------------------------------------------------------------------------- SendCredit
 
@@ -307,3 +307,45 @@ def test_sender_and_a_fast_reader_agree_as_the_window_grows() -> None:
     assert receive.received_bytes == to_send == send.sent_bytes
     assert receive.window == 8000
     assert peak <= 8000
+
+
+def test_windows_sharing_a_budget_grow_no_further_than_it_allows_in_all() -> None:
+    budget = GrowthBudget(150)
+    first = ReceiveWindow(100, max_window=1000, budget=budget)
+    second = ReceiveWindow(100, max_window=1000, budget=budget)
+    first.on_chunk(0, 100)
+    assert first.on_consumed(100) == 300  # grew by 100 (the budget had it)
+    second.on_chunk(0, 100)
+    assert second.on_consumed(100) == 250  # only 50 left to grow by
+    assert (first.window, second.window, budget.used) == (200, 150, 150)
+    first.on_chunk(1, 200)
+    assert first.on_consumed(200) == 500  # caught up again, but the budget is spent: no growth
+    assert first.window == 200
+
+
+def test_a_released_window_returns_its_growth_and_grows_no_more() -> None:
+    budget = GrowthBudget(1000)
+    window = ReceiveWindow(100, max_window=1000, budget=budget)
+    window.on_chunk(0, 100)
+    window.on_consumed(100)
+    assert budget.used == 100
+    window.on_chunk(1, 200)  # still unread when the stream ends
+    window.release()
+    window.release()  # twice is harmless
+    assert budget.used == 0
+    window.on_consumed(200)  # the application drains what it holds afterwards
+    assert (window.window, budget.used) == (200, 0)
+
+
+def test_a_budget_of_zero_keeps_every_window_fixed() -> None:
+    window = ReceiveWindow(100, max_window=1000, budget=GrowthBudget(0))
+    window.on_chunk(0, 100)
+    assert window.on_consumed(100) == 200
+    assert window.window == 100
+
+
+def test_a_budget_never_goes_negative() -> None:
+    budget = GrowthBudget(10)
+    assert budget.take(-5) == 0
+    budget.give_back(7)
+    assert budget.used == 0

@@ -20,6 +20,7 @@ EXPECTED_PUBLIC_NAMES = {
     "DEFAULT_UNREACHABLE_GRACE",
     "DEFAULT_MAX_WINDOW",
     "DEFAULT_WINDOW",
+    "DEFAULT_WINDOW_BUDGET",
     "DeadlineExceeded",
     "ErrorCode",
     "EventHook",

@@ -66,6 +66,7 @@ from .._events import (
     Publish,
     ResponseHead,
 )
+from .._flow import GrowthBudget
 from .._headers import all_headers, first_header
 from .._subjects import (
     DEFAULT_PREFIX,
@@ -516,6 +517,7 @@ class _ClientRequest(TimedRequest):
         client = self.client
         client._streams.pop(self.stream.request_id, None)
         stream = self.stream
+        stream.receive_window.release()  # its window's growth goes back to the client's budget
         stats = client.stats
         stats.active = len(client._streams)
         error = stream.error if stream.phase is CallerPhase.FAILED else None
@@ -628,6 +630,8 @@ class TunnelClient:
         self._background: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
         self._options: dict[tuple[float | None, ...], CallerOptions] = {}
+        # Shared by all this client's requests: see Limits.window_budget.
+        self._growth_budget = GrowthBudget(self.limits.window_budget)
         self.on_event = on_event
         self.stats = TunnelCounters()
         # When each host last answered this client (first frames): a host seen lately may be
@@ -946,6 +950,7 @@ class TunnelClient:
                 unreachable_grace=grace,
                 window=self.limits.window,
                 max_window=self.limits.max_window,
+                growth_budget=self._growth_budget,
                 max_chunk=self.limits.max_chunk,
                 max_payload=self.nc.max_payload,
                 heartbeat_interval=heartbeat_interval_for(idle),

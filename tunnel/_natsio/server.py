@@ -43,6 +43,7 @@ from .._diagnostics import (
 from .._dispatch import ServerDispatcher, ServerStats
 from .._errors import ErrorCode, LocalProtocolError, PermissionDenied, TunnelAborted, TunnelError
 from .._events import BodyEnded, CreditGranted, DataReceived, PeerFailed, Publish
+from .._flow import GrowthBudget
 from .._handler import Handler, Request, Response
 from .._server_stream import ServerOptions, ServerStream
 from .._subjects import (
@@ -294,6 +295,7 @@ class _ServerRequest(TimedRequest):
             self.released = True
             self._cancel_timer()
             self.request._detach()
+            self.stream.receive_window.release()  # its window's growth goes back to the budget
             server = self.server
             server.dispatch.release(self.stream.request_id)
             stats = server.stats
@@ -400,6 +402,7 @@ class TunnelServer:
             options=ServerOptions(
                 window=config.window,
                 max_window=config.max_window,
+                growth_budget=GrowthBudget(config.window_budget),
                 max_chunk=config.max_chunk,
                 max_payload=nc.max_payload,
                 stall_timeout=config.stall_timeout,
