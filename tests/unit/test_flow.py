@@ -190,31 +190,37 @@ def test_buffered_bytes_track_received_minus_consumed() -> None:
     assert window.received_bytes == 600
 
 
-def test_sender_and_receiver_agree_over_a_long_transfer() -> None:
-    """A sender that obeys its credit never overruns a receiver that grants as it consumes."""
-    window_size = 1000
-    send = SendCredit(window_size)
-    receive = ReceiveWindow(window_size)
-    to_send = 25_000
+def _transfer(send: SendCredit, receive: ReceiveWindow, to_send: int, *, read_all: bool) -> int:
+    """Move ``to_send`` bytes in frames of up to 300 under credit; returns the most ever buffered.
+
+    Each round the sender spends all its credit, then the application reads one frame, or
+    everything there is (``read_all``); grants flow back as they come due.
+    """
     pending: list[int] = []
     delivered = 0
+    peak = 0
     while delivered < to_send:
-        sent_in_round = 0
         while send.available() > 0 and delivered + sum(pending) < to_send:
             n = min(300, send.available(), to_send - delivered - sum(pending))
-            seq = send.spend(n)
-            receive.on_chunk(seq, n)
+            receive.on_chunk(send.spend(n), n)
             pending.append(n)
-            sent_in_round += n
-        assert receive.buffered <= window_size
-        # The application reads one frame at a time; grants flow back.
-        n = pending.pop(0)
-        delivered += n
-        grant = receive.on_consumed(n)
-        if grant is not None:
-            send.grant(grant)
+        peak = max(peak, receive.buffered)
+        for _ in range(len(pending) if read_all else 1):
+            n = pending.pop(0)
+            delivered += n
+            grant = receive.on_consumed(n)
+            if grant is not None:
+                send.grant(grant)
     receive.on_end(send.next_seq)
     assert receive.received_bytes == to_send == send.sent_bytes
+    return peak
+
+
+def test_sender_and_receiver_agree_over_a_long_transfer() -> None:
+    """A sender that obeys its credit never overruns a receiver that grants as it consumes."""
+    receive = ReceiveWindow(1000)
+    assert _transfer(SendCredit(1000), receive, 25_000, read_all=False) <= 1000
+    assert receive.window == 1000
 
 
 def test_the_current_limit_is_repeated_only_when_nothing_waits_unread() -> None:
@@ -285,28 +291,9 @@ def test_without_max_window_or_below_window_the_window_is_fixed() -> None:
 
 def test_sender_and_a_fast_reader_agree_as_the_window_grows() -> None:
     """Credit grows with the window, the sender may use it, and no more is ever buffered."""
-    send = SendCredit(1000)
     receive = ReceiveWindow(1000, max_window=8000)
-    to_send = 200_000
-    pending: list[int] = []
-    delivered = 0
-    peak = 0
-    while delivered < to_send:
-        while send.available() > 0 and delivered + sum(pending) < to_send:
-            n = min(300, send.available(), to_send - delivered - sum(pending))
-            receive.on_chunk(send.spend(n), n)
-            pending.append(n)
-        peak = max(peak, receive.buffered)
-        while pending:  # a fast reader: takes everything there is
-            n = pending.pop(0)
-            delivered += n
-            grant = receive.on_consumed(n)
-            if grant is not None:
-                send.grant(grant)
-    receive.on_end(send.next_seq)
-    assert receive.received_bytes == to_send == send.sent_bytes
+    assert _transfer(SendCredit(1000), receive, 200_000, read_all=True) <= 8000
     assert receive.window == 8000
-    assert peak <= 8000
 
 
 def test_windows_sharing_a_budget_grow_no_further_than_it_allows_in_all() -> None:
