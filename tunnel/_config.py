@@ -159,6 +159,19 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_max_window(value: int | None) -> None:
+    if value is not None:
+        _check_positive_int("max_window", value)
+
+
+def _effective_max_window(window: int, max_window: int | None) -> int:
+    """An unset ``max_window``: growth by default, but a window someone chose stays fixed
+    (it was set to bound memory before windows could grow)."""
+    if max_window is not None:
+        return max(window, max_window)
+    return DEFAULT_MAX_WINDOW if window == DEFAULT_WINDOW else window
+
+
 def _check_non_negative_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -170,25 +183,32 @@ class Limits:
 
     - ``window``: flow-control window offered to the server: response bytes it may
       send ahead of our reads at first;
-    - ``max_window``: what the window may grow to while we read as fast as bytes come
-      (never below ``window``): a reader buffers at most this much, and one that falls
-      behind keeps the window it has;
+    - ``max_window``: what the window may grow to (doubling) whenever we read everything
+      that came and waited for more; a reader never buffers more than this. Unset: 16 MiB
+      with the default ``window``, and ``window`` itself (a fixed window) when you chose
+      one, so a window set to bound memory still does;
     - ``window_budget``: how far the windows of all this client's requests may grow past
-      ``window`` together (bytes; 0: windows never grow);
+      ``window`` together, counting what has arrived and is not read yet (bytes; 0:
+      windows never grow);
     - ``max_chunk``: largest request-body data frame we send (the connection's
       ``max_payload`` bounds it too).
     """
 
     window: int = DEFAULT_WINDOW
     max_chunk: int = DEFAULT_MAX_CHUNK
-    max_window: int = DEFAULT_MAX_WINDOW
+    max_window: int | None = None  # None: see above (``effective_max_window``)
     window_budget: int = DEFAULT_WINDOW_BUDGET
 
     def __post_init__(self) -> None:
         _check_positive_int("window", self.window)
         _check_positive_int("max_chunk", self.max_chunk)
-        _check_positive_int("max_window", self.max_window)
+        _check_max_window(self.max_window)
         _check_non_negative_int("window_budget", self.window_budget)
+
+    @property
+    def effective_max_window(self) -> int:
+        """What the window may grow to, with an unset ``max_window`` filled in."""
+        return _effective_max_window(self.window, self.max_window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +216,15 @@ class ServerConfig:
     """How a server treats the requests it serves: ``serve(nc, host, handler, config=...)``.
 
     - ``window``: flow-control window offered to callers for request bodies at first;
-    - ``max_window``: what that window may grow to while the handler reads as fast as
-      bytes come (never below ``window``): bytes buffered per request at most;
-    - ``window_budget``: how far the windows of all requests in flight may grow past
-      ``window`` together (bytes; 0: windows never grow), so handlers that stall after
-      their windows grew hold at most ``max_concurrent * window`` plus this;
+    - ``max_window``: what that window may grow to (doubling) whenever the handler read
+      everything that came and waited for more: request-body bytes buffered per request at
+      most. Unset: 16 MiB with the default ``window``, and ``window`` itself (a fixed
+      window) when you chose one;
+    - ``window_budget``: how far the request-body windows of all requests in flight may
+      grow past ``window`` together (bytes; 0: windows never grow), so handlers of callers
+      with flow control that stall after their windows grew hold at most
+      ``max_concurrent * window`` plus this. (A plain v1 caller has no flow control: its
+      upload is refused past 64 MiB unread, per request.);
     - ``max_chunk``: largest response-body data frame, in bytes;
     - ``stall_timeout``: seconds a request may wait for credit or body bytes before
       the caller is presumed gone (``tunnel_stalled``; ``None``: wait forever);
@@ -221,11 +245,16 @@ class ServerConfig:
     fast_path: bool = True
     v1_pace: float | None = DEFAULT_V1_PACE
     v1_burst: int = DEFAULT_V1_BURST
-    max_window: int = DEFAULT_MAX_WINDOW
+    max_window: int | None = None  # None: see above (``effective_max_window``)
     window_budget: int = DEFAULT_WINDOW_BUDGET
 
+    @property
+    def effective_max_window(self) -> int:
+        """What the request-body window may grow to, with an unset ``max_window`` filled in."""
+        return _effective_max_window(self.window, self.max_window)
+
     def __post_init__(self) -> None:
-        _check_positive_int("max_window", self.max_window)
+        _check_max_window(self.max_window)
         _check_non_negative_int("window_budget", self.window_budget)
         if self.v1_pace is not None and not self.v1_pace > 0:
             raise ValueError(f"v1_pace must be positive bytes/s or None, got {self.v1_pace!r}")

@@ -108,6 +108,7 @@ class ReceiveWindow:
         "grown",
         "max_window",
         "received_bytes",
+        "released",
         "window",
     )
 
@@ -122,6 +123,7 @@ class ReceiveWindow:
         self.max_window = window if window is None or max_window is None else max(window, max_window)
         self.budget = budget
         self.grown = 0  # taken from the budget so far
+        self.released = False
         self.buffer_limit = buffer_limit
         self.expected_seq = 0
         self.received_bytes = 0
@@ -173,6 +175,8 @@ class ReceiveWindow:
             return None
         if buffered == 0:
             self.caught_up = True
+            if self.released:
+                self._give_back()
         self.consumed_since_grant += n
         if self.consumed_since_grant >= window * GRANT_THRESHOLD_FRACTION:
             growth = 0
@@ -189,8 +193,22 @@ class ReceiveWindow:
         return None
 
     def release(self) -> None:
-        """The stream is over: return its growth to the budget, and grow no more."""
+        """The stream is over: grow no more, and return the growth to the budget once the
+        application holds nothing unread (the budget bounds what is held, so bytes that
+        arrived under a grown window still count until they are read or discarded)."""
         self.max_window = self.window
+        self.released = True
+        if self.buffered <= 0:
+            self._give_back()
+
+    def discard(self) -> None:
+        """The application dropped what it had not read (it closed the stream, or took the
+        whole buffer at once)."""
+        self.buffered = 0
+        if self.released:
+            self._give_back()
+
+    def _give_back(self) -> None:
         if self.budget is not None:
             self.budget.give_back(self.grown)
             self.grown = 0

@@ -203,9 +203,9 @@ async def test_slow_reader_gets_every_byte_without_slow_consumers(nats_server: N
         connect_peers(nats_server) as p,
         serving(p.server_nc, HOST, handler, config=tunnel.ServerConfig(max_chunk=64 * KiB)),
     ):
-        # A fixed window (it would grow whenever the reader caught up with the bursty sender).
-        limits = tunnel.Limits(window=window, max_window=window)
-        client = tunnel.TunnelClient(p.caller_nc, limits=limits)
+        # A window chosen without a max_window stays fixed.
+        client = tunnel.TunnelClient(p.caller_nc, limits=tunnel.Limits(window=window))
+        assert client.limits.effective_max_window == window
         async with asyncio.timeout(BIG_TIMEOUT):
             async with await client.fetch(f"tunnel://{HOST}/slow") as resp:
                 request = resp._request
@@ -259,4 +259,37 @@ async def test_small_max_payload_server_still_moves_10mib_both_ways(
         # Frames are sized to the limit, not tiny: 10 MiB in a few hundred messages, not thousands.
         data_frames = [pub for pub in wire.published if pub.payload[:1] == b"\x00"]
         assert len(data_frames) <= 2 * size // (max_payload // 2)
+    assert p.errors == []
+
+
+async def test_growth_comes_back_when_a_response_is_read_whole_or_closed_unread(
+    nats_server: NatsServer,
+) -> None:
+    """The budget counts bytes that arrived under a grown window until they are read or dropped."""
+    size = 16 * MiB
+
+    async def handler(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], hashed_body(size, sha256()))
+
+    async with connect_peers(nats_server) as p, serving(p.server_nc, HOST, handler):
+        limits = tunnel.Limits(window=WINDOW, max_window=MAX_WINDOW)
+        client = tunnel.TunnelClient(p.caller_nc, limits=limits)
+        budget = client._growth_budget
+        async with asyncio.timeout(BIG_TIMEOUT):
+            # Read half, then stop: what is held (grown or not) is returned when we close.
+            resp = await client.fetch(f"tunnel://{HOST}/half")
+            window = resp._request.stream.receive_window
+            read = 0
+            async for chunk in resp.aiter_bytes():
+                read += len(chunk)
+                if read >= size // 2:
+                    break
+            assert budget.used == window.grown  # this request's growth, still counted
+            await resp.aclose()
+            assert budget.used == 0
+            # Read whole at once: the same.
+            resp = await client.fetch(f"tunnel://{HOST}/whole")
+            assert len(await resp.read()) == size
+            assert budget.used == 0
+        await client.aclose()
     assert p.errors == []

@@ -308,7 +308,7 @@ async def test_a_slow_reader_holds_bounded_memory_and_gets_every_byte(nats_serve
         # The window grows while the reader keeps up (between the slow reads): bounded by this.
         limits = tunnel.Limits(max_window=2 * tunnel.DEFAULT_WINDOW)
         client = tunnel.TunnelClient(peers.caller_nc, limits=limits)
-        window = limits.max_window
+        window = limits.effective_max_window
         ws = await websocket_connect(client, f"{URL}/fire")
         received = hashlib.sha256()
         count = 0

@@ -59,15 +59,21 @@ def test_defaults_are_the_documented_ones() -> None:
     with pytest.raises(ValueError, match="presence_fallback must be at least presence"):
         tunnel.Timeouts(presence=0.5, presence_fallback=0.25)
     assert tunnel.Limits() == tunnel.Limits(window=2 * 1024 * 1024, max_chunk=256 * 1024)
-    assert (tunnel.Limits().window, tunnel.Limits().max_chunk, tunnel.Limits().max_window) == (
+    assert (tunnel.Limits().window, tunnel.Limits().max_chunk, tunnel.Limits().effective_max_window) == (
         tunnel.DEFAULT_WINDOW,
         tunnel.DEFAULT_MAX_CHUNK,
         tunnel.DEFAULT_MAX_WINDOW,
     )
     assert tunnel.DEFAULT_MAX_WINDOW == 16 * 1024 * 1024
-    assert tunnel.ServerConfig().max_window == tunnel.DEFAULT_MAX_WINDOW
+    assert tunnel.ServerConfig().effective_max_window == tunnel.DEFAULT_MAX_WINDOW
     assert tunnel.Limits().window_budget == tunnel.ServerConfig().window_budget == 64 * 1024 * 1024
     assert tunnel.Limits(window_budget=0).window_budget == 0  # windows never grow
+    # A window someone chose stays fixed unless they say how far it may grow.
+    assert tunnel.Limits(window=65536).effective_max_window == 65536
+    assert tunnel.Limits(window=65536, max_window=1 << 20).effective_max_window == 1 << 20
+    assert tunnel.Limits(window=1 << 20, max_window=65536).effective_max_window == 1 << 20  # never below
+    assert tunnel.ServerConfig(window=65536).effective_max_window == 65536
+    assert tunnel.Limits(window=tunnel.DEFAULT_WINDOW).effective_max_window == tunnel.DEFAULT_MAX_WINDOW
     assert tunnel.ServerConfig() == tunnel.ServerConfig(
         window=2 * 1024 * 1024, max_chunk=256 * 1024, stall_timeout=60.0, max_concurrent=256, fast_path=True
     )

@@ -310,7 +310,7 @@ def test_windows_sharing_a_budget_grow_no_further_than_it_allows_in_all() -> Non
     assert first.window == 200
 
 
-def test_a_released_window_returns_its_growth_and_grows_no_more() -> None:
+def test_a_released_window_returns_its_growth_once_nothing_is_unread_and_grows_no_more() -> None:
     budget = GrowthBudget(1000)
     window = ReceiveWindow(100, max_window=1000, budget=budget)
     window.on_chunk(0, 100)
@@ -319,9 +319,34 @@ def test_a_released_window_returns_its_growth_and_grows_no_more() -> None:
     window.on_chunk(1, 200)  # still unread when the stream ends
     window.release()
     window.release()  # twice is harmless
-    assert budget.used == 0
-    window.on_consumed(200)  # the application drains what it holds afterwards
+    assert budget.used == 100  # the bytes that came under the grown window are still held
+    window.on_consumed(150)
+    assert budget.used == 100
+    window.on_consumed(50)  # the application drained the rest: nothing is held any more
     assert (window.window, budget.used) == (200, 0)
+
+
+def test_a_window_released_with_nothing_unread_returns_its_growth_at_once() -> None:
+    budget = GrowthBudget(1000)
+    window = ReceiveWindow(100, max_window=1000, budget=budget)
+    window.on_chunk(0, 100)
+    window.on_consumed(100)
+    window.release()
+    assert budget.used == 0
+
+
+def test_discarding_what_is_unread_returns_the_growth_of_a_released_window() -> None:
+    budget = GrowthBudget(1000)
+    window = ReceiveWindow(100, max_window=1000, budget=budget)
+    window.on_chunk(0, 100)
+    window.on_consumed(100)
+    window.on_chunk(1, 150)
+    window.discard()  # not released yet: the stream goes on, nothing to give back
+    assert (window.buffered, budget.used) == (0, 100)
+    window.on_chunk(2, 50)
+    window.release()
+    window.discard()
+    assert budget.used == 0
 
 
 def test_a_budget_of_zero_keeps_every_window_fixed() -> None:

@@ -206,6 +206,7 @@ class FetchResponse:
             chunks = request.chunks
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
+            request.stream.receive_window.discard()  # read at once: nothing is held any more
             return data
         return b"".join([chunk async for chunk in request.iter_body()])
 
@@ -503,6 +504,7 @@ class _ClientRequest(TimedRequest):
             abort = self.stream.abort("caller closed the response")
             self._set_error(TunnelAborted("response closed by the caller"))
             self.release()
+            self.stream.receive_window.discard()  # what is unread will not be read
             if abort is not None:
                 with contextlib.suppress(TunnelError):
                     await self.client.publisher.send(abort)
@@ -517,7 +519,8 @@ class _ClientRequest(TimedRequest):
         client = self.client
         client._streams.pop(self.stream.request_id, None)
         stream = self.stream
-        stream.receive_window.release()  # its window's growth goes back to the client's budget
+        # Its window's growth goes back to the client's budget once nothing received is unread.
+        stream.receive_window.release()
         stats = client.stats
         stats.active = len(client._streams)
         error = stream.error if stream.phase is CallerPhase.FAILED else None
@@ -949,7 +952,7 @@ class TunnelClient:
                 republish_interval=republish,
                 unreachable_grace=grace,
                 window=self.limits.window,
-                max_window=self.limits.max_window,
+                max_window=self.limits.effective_max_window,
                 growth_budget=self._growth_budget,
                 max_chunk=self.limits.max_chunk,
                 max_payload=self.nc.max_payload,

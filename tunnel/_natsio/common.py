@@ -95,7 +95,8 @@ class TimedRequest:
     def timer(self) -> LazyTimer:
         """Created on first use: most requests end before TimerHub's first tick needs it."""
         if self._timer is None:
-            self._timer = LazyTimer(self._loop, self._on_timer)
+            # After release, one that never fires (and holds no callback back to us).
+            self._timer = LazyTimer(self._loop, _fires_no_more if self.released else self._on_timer)
             self._timer.cancelled = self.released  # as if release() had cancelled it
         return self._timer
 

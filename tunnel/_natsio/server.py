@@ -295,7 +295,11 @@ class _ServerRequest(TimedRequest):
             self.released = True
             self._cancel_timer()
             self.request._detach()
-            self.stream.receive_window.release()  # its window's growth goes back to the budget
+            # Its window's growth goes back to the budget: the handler is done, so whatever
+            # body it left unread will never be read.
+            window = self.stream.receive_window
+            window.release()
+            window.discard()
             server = self.server
             server.dispatch.release(self.stream.request_id)
             stats = server.stats
@@ -401,7 +405,7 @@ class TunnelServer:
             server_id=self.server_id,
             options=ServerOptions(
                 window=config.window,
-                max_window=config.max_window,
+                max_window=config.effective_max_window,
                 growth_budget=GrowthBudget(config.window_budget),
                 max_chunk=config.max_chunk,
                 max_payload=nc.max_payload,
