@@ -1,4 +1,5 @@
-"""The caller's reply subscriptions hand each message over in nats-py's read loop (no queue, no task).
+"""The caller's reply and the server's start and up subscriptions hand each message over in
+nats-py's read loop (no queue, no task).
 
 Checked against a real nats-server: order kept, no subscription task, nats-py's pending
 counters stay at zero (so a long, fast reply stream is never cut as a slow consumer), a
@@ -86,6 +87,30 @@ async def test_tunnel_replies_use_the_direct_path(nats_server: NatsServer) -> No
         assert (response.status, await response.read()) == (200, b"here")
         reply_subs = [s for s in cnc._subs.values() if s.subject.endswith(".reply") or "reply" in s.subject]
         assert reply_subs and all(s._wait_for_msgs_task is None for s in reply_subs)
+        await client.aclose()
+        await server.close()
+    finally:
+        await cnc.close()
+        await snc.close()
+
+
+async def test_request_body_frames_reach_the_server_on_the_direct_path(nats_server: NatsServer) -> None:
+    """Upload chunks go from nats-py's read loop to the handler: no subscription task, no queue."""
+
+    async def count(request: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], str(len(await request.read())).encode())
+
+    snc = await nats.connect(nats_server.url)
+    cnc = await nats.connect(nats_server.url)
+    try:
+        server = await tunnel.serve(snc, "direct.example", count)
+        client = tunnel.TunnelClient(cnc)
+        body = bytes(3 * 1024 * 1024)
+        response = await client.fetch("tunnel://direct.example/", method="PUT", body=body)
+        assert (response.status, await response.read()) == (200, str(len(body)).encode())
+        up_subs = [s for s in snc._subs.values() if ".up." in s.subject]
+        assert len(up_subs) == 1 and up_subs[0]._wait_for_msgs_task is None
+        assert up_subs[0].pending_bytes == 0
         await client.aclose()
         await server.close()
     finally:

@@ -5,8 +5,8 @@ task of its own drains: one queue round trip and one event-loop pass per message
 our code sees it. nats-py's own ``request()`` avoids that by resolving a future in its read
 loop. The tunnel's reply frames need no more than that: decoding a frame and updating a
 stream is synchronous work of a few microseconds, and what must wait (a publish) is handed
-to a task. So the caller's reply subscriptions and the server's start subscription deliver each
-message to a plain function, called where nats-py would have queued it.
+to a task. So the caller's reply subscriptions and the server's start and up (request-body)
+subscriptions deliver each message to a plain function, called where nats-py would have queued it.
 
 nats-py has no public call for this. The one private detail used is the subscription's
 ``_pending_queue``: a subscription made without a callback starts no task and only ever

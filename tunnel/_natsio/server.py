@@ -71,6 +71,8 @@ log = logging.getLogger("tunnel.server")
 
 # Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+# What a caller may send on a body or up subject.
+_BODY_FRAMES = (f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
 # Warn about malformed frames at most this often; count all of them.
 MALFORMED_LOG_INTERVAL = 1.0
 
@@ -118,12 +120,22 @@ class _ServerRequest(TimedRequest):
             await self.server.publisher.send(grant)
 
     async def on_frame(self, frame: f.Frame) -> None:
+        failure = self.apply(frame)
+        if failure is not None:
+            error, notify = failure
+            await self.fail(error, notify=notify)
+
+    def apply(self, frame: f.Frame) -> tuple[TunnelError, bool] | None:
+        """Apply one caller frame; synchronous, so it can run in nats-py's read loop.
+
+        Returns what the request must then fail with (the error, and whether to tell the
+        caller), which needs a publish and so is left to the caller of this method.
+        """
         try:
             event = self.stream.receive(frame)
         except TunnelError as exc:
             self.server.stats.protocol_errors += 1
-            await self.fail(exc, notify=True)
-            return
+            return exc, True
         if isinstance(event, DataReceived):
             self.server.stats.bytes_in += len(event.data)
             self.request._feed(event.data)
@@ -135,7 +147,8 @@ class _ServerRequest(TimedRequest):
             self._wake_credit_waiter()
         elif isinstance(event, PeerFailed):
             self.server.stats.aborted += 1
-            await self.fail(event.error, notify=False)
+            return event.error, False
+        return None
 
     def _wake_credit_waiter(self) -> None:
         if self._credit is not None and not self._credit.done():
@@ -471,10 +484,14 @@ class TunnelServer:
         others: list[Subscription] = []
         try:
             others.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
-            up = await self._subscribe_checked(subjects.all_server_up(self.server_id), self._on_up)
+            up = await self._subscribe_checked(
+                subjects.all_server_up(self.server_id), self._on_up, direct=True
+            )
             if up is None:
                 # The reference daemon permissions: body subjects only, one wildcard for all.
-                self._body_wildcard = await self._subscribe_required(subjects.all_bodies, self._on_body)
+                self._body_wildcard = await self._subscribe_required(
+                    subjects.all_bodies, self._on_body, direct=True
+                )
                 others.append(self._body_wildcard)
             else:
                 others.append(up)
@@ -754,16 +771,47 @@ class TunnelServer:
         if req is not None:
             await req.on_frame(frame)
 
-    async def _on_up(self, msg: Msg) -> None:
-        await self._on_request_frame(
-            msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
-        )
+    def _on_up(self, msg: Msg) -> None:
+        """Frames on our up subjects, handled where nats-py reads them (see ``direct``): a
+        request-body chunk reaches the handler with no queue and no task hop on the way."""
+        self._on_request_frame_now(msg)
 
-    async def _on_body(self, msg: Msg) -> None:
+    def _on_body(self, msg: Msg) -> None:
         """The body-subject wildcard (reference permissions): v1 bodies and extension frames."""
-        await self._on_request_frame(
-            msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
-        )
+        self._on_request_frame_now(msg)
+
+    def _on_request_frame_now(self, msg: Msg) -> None:
+        """``_on_request_frame`` for a direct subscription: whatever must publish (an answer to
+        a stray probe, failing the request) continues in a task."""
+        parsed = parse_request_subject(msg.subject, self.subjects.prefix)
+        if parsed is None:
+            self._malformed(msg.subject, "unexpected subject")
+            return
+        rid = parsed[1]
+        req = self.dispatch.active.get(rid)
+        if req is None:
+            final = self.dispatch.on_stray(rid, msg.data)  # a probe after we finished, or a late frame
+            if final is not None:
+                self._spawn(self._send_quietly(final))
+            return
+        try:
+            frame = codec.decode_frame(msg.data, rid)
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)
+            self.stats.protocol_errors += 1
+            self._spawn(req.fail(exc, notify=True))
+            return
+        if not isinstance(frame, _BODY_FRAMES):
+            self._malformed(msg.subject, f"{frame.type} on a body subject")
+            self.stats.protocol_errors += 1
+            self._spawn(
+                req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
+            )
+            return
+        failure = req.apply(frame)
+        if failure is not None:
+            error, notify = failure
+            self._spawn(req.fail(error, notify=notify))
 
     async def _on_v1_body(self, msg: Msg) -> None:
         await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError))
