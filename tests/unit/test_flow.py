@@ -310,11 +310,18 @@ def test_windows_sharing_a_budget_grow_no_further_than_it_allows_in_all() -> Non
     assert first.window == 200
 
 
-def test_a_released_window_returns_its_growth_once_nothing_is_unread_and_grows_no_more() -> None:
+def _grown_once() -> tuple[GrowthBudget, ReceiveWindow]:
+    """A window of 100 that caught up once and grew to 200, taking 100 from a budget of 1000."""
     budget = GrowthBudget(1000)
     window = ReceiveWindow(100, max_window=1000, budget=budget)
     window.on_chunk(0, 100)
     window.on_consumed(100)
+    assert (window.window, budget.used) == (200, 100)
+    return budget, window
+
+
+def test_a_released_window_returns_its_growth_once_nothing_is_unread_and_grows_no_more() -> None:
+    budget, window = _grown_once()
     assert budget.used == 100
     window.on_chunk(1, 200)  # still unread when the stream ends
     window.release()
@@ -327,19 +334,13 @@ def test_a_released_window_returns_its_growth_once_nothing_is_unread_and_grows_n
 
 
 def test_a_window_released_with_nothing_unread_returns_its_growth_at_once() -> None:
-    budget = GrowthBudget(1000)
-    window = ReceiveWindow(100, max_window=1000, budget=budget)
-    window.on_chunk(0, 100)
-    window.on_consumed(100)
+    budget, window = _grown_once()
     window.release()
     assert budget.used == 0
 
 
 def test_discarding_what_is_unread_returns_the_growth_of_a_released_window() -> None:
-    budget = GrowthBudget(1000)
-    window = ReceiveWindow(100, max_window=1000, budget=budget)
-    window.on_chunk(0, 100)
-    window.on_consumed(100)
+    budget, window = _grown_once()
     window.on_chunk(1, 150)
     window.discard()  # not released yet: the stream goes on, nothing to give back
     assert (window.buffered, budget.used) == (0, 100)

@@ -71,8 +71,9 @@ log = logging.getLogger("tunnel.server")
 
 # Prebuilt: an inline ``A | B`` in isinstance builds the union on every call (hot path).
 _BYTES_LIKE = (bytes, bytearray, memoryview)
-# What a caller may send on a body or up subject.
-_BODY_FRAMES = (f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
+# What a caller may send on a body or up subject (a plain v1 caller: no credit frames).
+_BODY_FRAMES: tuple[type[f.Frame], ...] = (f.RequestChunk, f.RequestEnd, f.RequestError, f.RequestCredit)
+_V1_BODY_FRAMES: tuple[type[f.Frame], ...] = (f.RequestChunk, f.RequestEnd, f.RequestError)
 # Warn about malformed frames at most this often; count all of them.
 MALFORMED_LOG_INTERVAL = 1.0
 
@@ -774,15 +775,16 @@ class TunnelServer:
     def _on_up(self, msg: Msg) -> None:
         """Frames on our up subjects, handled where nats-py reads them (see ``direct``): a
         request-body chunk reaches the handler with no queue and no task hop on the way."""
-        self._on_request_frame_now(msg)
+        self._on_request_frame_now(msg, _BODY_FRAMES)
 
     def _on_body(self, msg: Msg) -> None:
         """The body-subject wildcard (reference permissions): v1 bodies and extension frames."""
-        self._on_request_frame_now(msg)
+        self._on_request_frame_now(msg, _BODY_FRAMES)
 
-    def _on_request_frame_now(self, msg: Msg) -> None:
-        """``_on_request_frame`` for a direct subscription: whatever must publish (an answer to
-        a stray probe, failing the request) continues in a task."""
+    def _on_request_frame_now(self, msg: Msg, allowed: tuple[type[f.Frame], ...]) -> None:
+        """One frame from a caller on a body or up subject; synchronous, so it can run in
+        nats-py's read loop. Whatever must publish (an answer to a stray probe, failing the
+        request) continues in a task."""
         parsed = parse_request_subject(msg.subject, self.subjects.prefix)
         if parsed is None:
             self._malformed(msg.subject, "unexpected subject")
@@ -801,7 +803,7 @@ class TunnelServer:
             self.stats.protocol_errors += 1
             self._spawn(req.fail(exc, notify=True))
             return
-        if not isinstance(frame, _BODY_FRAMES):
+        if not isinstance(frame, allowed):
             self._malformed(msg.subject, f"{frame.type} on a body subject")
             self.stats.protocol_errors += 1
             self._spawn(
@@ -814,33 +816,8 @@ class TunnelServer:
             self._spawn(req.fail(error, notify=notify))
 
     async def _on_v1_body(self, msg: Msg) -> None:
-        await self._on_request_frame(msg, allowed=(f.RequestChunk, f.RequestEnd, f.RequestError))
-
-    async def _on_request_frame(self, msg: Msg, allowed: tuple[type, ...]) -> None:
-        parsed = parse_request_subject(msg.subject, self.subjects.prefix)
-        if parsed is None:
-            self._malformed(msg.subject, "unexpected subject")
-            return
-        rid = parsed[1]
-        req = self.dispatch.active.get(rid)
-        if req is None:
-            final = self.dispatch.on_stray(rid, msg.data)  # a probe after we finished, or a late frame
-            if final is not None:
-                await self._send_quietly(final)
-            return
-        try:
-            frame = codec.decode_frame(msg.data, rid)
-        except f.FrameError as exc:
-            self._malformed(msg.subject, exc.message)
-            self.stats.protocol_errors += 1
-            await req.fail(exc, notify=True)
-            return
-        if not isinstance(frame, allowed):
-            self._malformed(msg.subject, f"{frame.type} on a body subject")
-            self.stats.protocol_errors += 1
-            await req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
-            return
-        await req.on_frame(frame)
+        """A plain v1 caller's own body subject (no credit frames there)."""
+        self._on_request_frame_now(msg, _V1_BODY_FRAMES)
 
     async def _send_quietly(self, pub: Publish) -> None:
         with contextlib.suppress(TunnelError):
