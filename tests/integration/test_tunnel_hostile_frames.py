@@ -478,6 +478,41 @@ async def test_malformed_frame_on_an_up_subject_fails_only_that_request(
     await assert_still_serves(client, crash_log)
 
 
+async def test_a_burst_of_bad_frames_read_at_once_gets_one_error_frame(
+    server: tunnel.TunnelServer,
+    client: tunnel.TunnelClient,
+    raw: Client,
+    app: App,
+    crash_log: CrashLog,
+) -> None:
+    """Up frames are handled in nats-py's read loop, where failing (a publish) waits for a task:
+    the frames read with the first bad one must not fail the request again."""
+    victim = asyncio.create_task(client.fetch(f"tunnel://{HOST}/hang?name=burst"))
+    victim_req = await app.arrival("burst")
+    rid = victim_req.request_id
+    replies = await raw.subscribe(SUBJECTS.client_reply(rid, client.client_id))
+    await raw.flush()
+    before = server.stats.malformed_frames
+    bad = [make(rid) for make in UP_GARBAGE.values()]
+    await publish_all(raw, SUBJECTS.server_up(rid, server.server_id), bad)
+    with pytest.raises(tunnel.RemoteProtocolError):
+        await asyncio.wait_for(victim, NOTICE_WITHIN)
+    await wait_until(lambda: server.in_flight == 0)
+    await server.nc.flush()  # whatever the server published for the victim has reached NATS
+    await raw.flush()
+    kinds = []
+    while True:
+        try:
+            msg = await replies.next_msg(timeout=0.01)
+        except nats.errors.TimeoutError:
+            break
+        kinds.append(json.loads(msg.data)["type"] if msg.data[:1] == b"{" else "binary")
+    assert kinds.count("response.error") == 1, kinds
+    assert server.stats.malformed_frames == before + 1  # the rest were dropped with the request
+    await replies.unsubscribe()
+    await assert_still_serves(client, crash_log)
+
+
 @pytest.mark.parametrize("garbage", list(UP_GARBAGE), ids=list(UP_GARBAGE))
 async def test_malformed_frame_on_a_v1_body_subject_fails_that_request_with_protocol_error(
     server: tunnel.TunnelServer,

@@ -114,6 +114,7 @@ class _ServerRequest(TimedRequest):
         self.status: int | None = None
         self.started_at = loop.time() if now is None else now
         self._body_taken = False  # the response body is in _send_body's hands (it closes it)
+        self.failing = False  # fail_soon() was called: later frames are dropped
 
     async def _on_consumed(self, n: int) -> None:
         grant = self.stream.consumed(n)
@@ -150,6 +151,18 @@ class _ServerRequest(TimedRequest):
             self.server.stats.aborted += 1
             return event.error, False
         return None
+
+    def fail_soon(self, error: TunnelError, *, notify: bool) -> None:
+        """``fail()`` from synchronous code (nats-py's read loop): the stream and the handler's
+        request fail now, the rest (telling the caller, releasing) in a task. Once only, so
+        a burst of bad frames read together gets one error frame, as it did when each
+        frame waited for the last one's handling."""
+        if self.failing:
+            return
+        self.failing = True
+        self.stream.fail(error)
+        self.request._fail(error)
+        self.server._spawn(self.fail(error, notify=notify))
 
     def _wake_credit_waiter(self) -> None:
         if self._credit is not None and not self._credit.done():
@@ -796,24 +809,24 @@ class TunnelServer:
             if final is not None:
                 self._spawn(self._send_quietly(final))
             return
+        if req.failing:
+            return  # failing already (see fail_soon): what else it sent changes nothing
         try:
             frame = codec.decode_frame(msg.data, rid)
         except f.FrameError as exc:
             self._malformed(msg.subject, exc.message)
             self.stats.protocol_errors += 1
-            self._spawn(req.fail(exc, notify=True))
+            req.fail_soon(exc, notify=True)
             return
         if not isinstance(frame, allowed):
             self._malformed(msg.subject, f"{frame.type} on a body subject")
             self.stats.protocol_errors += 1
-            self._spawn(
-                req.fail(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
-            )
+            req.fail_soon(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
             return
         failure = req.apply(frame)
         if failure is not None:
             error, notify = failure
-            self._spawn(req.fail(error, notify=notify))
+            req.fail_soon(error, notify=notify)
 
     async def _on_v1_body(self, msg: Msg) -> None:
         """A plain v1 caller's own body subject (no credit frames there)."""
