@@ -64,6 +64,7 @@ from .common import (
     permission_refused,
 )
 from .direct import subscribe_direct
+from .eager import EagerStarter
 
 __all__ = ["ServerStats", "TunnelServer", "serve"]
 
@@ -458,6 +459,7 @@ class TunnelServer:
         self._background: set[asyncio.Task[None]] = set()
         self._accepting: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
+        self._starter: EagerStarter | None = None
 
     # The config's fields, read-only: a server's options are fixed once it is built.
     @property
@@ -758,10 +760,20 @@ class TunnelServer:
         self._run(req, asyncio.get_running_loop())
 
     def _run(self, req: _ServerRequest, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the handler at once, until it first waits (see ``eager``): a quick answer goes
+        out from here, with no task and no loop pass before it."""
+        starter = self._starter
+        if starter is None:
+            starter = self._starter = EagerStarter(loop)
+        task = starter.start(req.run(self.handler))
+        if task is None:
+            return
+        req.task = task
+        if req.released:
+            return
         if self._timers is None:
             self._timers = TimerHub(loop)
         self._timers.add(req, req.stream.next_deadline())
-        req.task = loop.create_task(req.run(self.handler))
 
     async def _send_all_quietly(self, publishes: list[Publish]) -> None:
         with contextlib.suppress(TunnelError):
