@@ -64,7 +64,6 @@ from .common import (
     permission_refused,
 )
 from .direct import subscribe_direct
-from .eager import EagerStarter
 
 __all__ = ["ServerStats", "TunnelServer", "serve"]
 
@@ -215,7 +214,14 @@ class _ServerRequest(TimedRequest):
                     # first): the body's own cleanup still runs now (an upstream socket, a file).
                     await _close_body(body)
         except asyncio.CancelledError:
-            pass  # aborted, timed out or server closing: fail() already told whoever needed telling
+            # Aborted, timed out or server closing: fail() already told whoever needed telling.
+            # Cancelled by anything else (the handler's own code, a library it uses), nobody
+            # did, and the caller would wait out its timeouts for an answer that never comes.
+            if not self.stream.finished:
+                stats.handler_errors += 1
+                log.warning("handler for %s %s was cancelled", self.request.method, self.request.path)
+                error = TunnelError("the handler was cancelled", code=ErrorCode.HANDLER_ERROR)
+                await self.fail(error, notify=True)
         except TunnelError as exc:
             await self.fail(exc, notify=True)
         except Exception as exc:
@@ -459,7 +465,6 @@ class TunnelServer:
         self._background: set[asyncio.Task[None]] = set()
         self._accepting: set[asyncio.Task[None]] = set()
         self._timers: TimerHub | None = None
-        self._starter: EagerStarter | None = None
 
     # The config's fields, read-only: a server's options are fixed once it is built.
     @property
@@ -760,20 +765,10 @@ class TunnelServer:
         self._run(req, asyncio.get_running_loop())
 
     def _run(self, req: _ServerRequest, loop: asyncio.AbstractEventLoop) -> None:
-        """Run the handler at once, until it first waits (see ``eager``): a quick answer goes
-        out from here, with no task and no loop pass before it."""
-        starter = self._starter
-        if starter is None:
-            starter = self._starter = EagerStarter(loop)
-        task = starter.start(req.run(self.handler))
-        if task is None:
-            return
-        req.task = task
-        if req.released:
-            return
         if self._timers is None:
             self._timers = TimerHub(loop)
         self._timers.add(req, req.stream.next_deadline())
+        req.task = loop.create_task(req.run(self.handler))
 
     async def _send_all_quietly(self, publishes: list[Publish]) -> None:
         with contextlib.suppress(TunnelError):
