@@ -47,7 +47,7 @@ async def test_a_handler_timeout_cancels_the_handler_and_never_the_connections_r
     async def handler(req: tunnel.Request) -> tunnel.Response:
         if req.path == "/slow":
             try:
-                async with asyncio.timeout(0.02):  # entered in the handler's first, inline step
+                async with asyncio.timeout(0.02):  # remembers the current task: the handler's own
                     await asyncio.get_running_loop().create_future()  # never done
             except TimeoutError:
                 return tunnel.Response(504, [], b"gave up")
