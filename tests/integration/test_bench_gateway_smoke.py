@@ -7,13 +7,13 @@ stray output breaking ``--json``.
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.bench_scripts import is_positive_number, run_json
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_gateway.py"
 RUN_TIMEOUT = 120.0
@@ -27,30 +27,16 @@ FIGURE_KEYS = (
 )
 
 
-def _is_positive_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-
-
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_quick_json_run_reports_every_figure_as_one_json_object() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == 0, f"bench failed (rc {proc.returncode}):\n{proc.stderr}"
-    result = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    result = run_json("bench_gateway.py", "--quick", timeout=RUN_TIMEOUT)
     assert result["quick"] is True
     rounds = result["rounds"]
     assert isinstance(rounds, int) and rounds >= 2
     for key in FIGURE_KEYS:
-        assert _is_positive_number(result[key]), f"{key} = {result[key]!r}"
+        assert is_positive_number(result[key]), f"{key} = {result[key]!r}"
         samples = result["samples"][key]
-        assert len(samples) == rounds and all(_is_positive_number(v) for v in samples), key
+        assert len(samples) == rounds and all(is_positive_number(v) for v in samples), key
     # Offline is answered by the no-responders fast path, well under a second.
     assert result["me_offline_p99_ms"] < 1000
 

@@ -7,13 +7,13 @@ measurement that silently produced nothing, or stray output breaking ``--json``.
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.bench_scripts import is_positive_number, run_json
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_tunnel.py"
 RUN_TIMEOUT = 120.0
@@ -77,27 +77,12 @@ TARGET_KEYS = (
 COUNT_KEYS = ("tunnel_false_offline", "tunnel_false_offline_tapped")
 
 
-def _is_positive_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-
-
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_quick_json_run_reports_every_figure_as_one_json_object() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", "--rounds", "2"],  # 2: medians still over rounds
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == 0, f"bench failed (rc {proc.returncode}):\n{proc.stderr}"
-    # --json: stdout is exactly one JSON object (json.loads rejects anything around it).
-    result = json.loads(proc.stdout)
-    assert isinstance(result, dict)
+    # --rounds 2: every figure is still a median over rounds.
+    result = run_json("bench_tunnel.py", "--quick", "--rounds", "2", timeout=RUN_TIMEOUT)
     for key in (*FIGURE_KEYS, *RATIO_KEYS):
-        assert _is_positive_number(result.get(key)), f"{key} = {result.get(key)!r}"
+        assert is_positive_number(result.get(key)), f"{key} = {result.get(key)!r}"
     for key in TARGET_KEYS:
         assert isinstance(result.get(key), bool), f"{key} = {result.get(key)!r}"
     for key in COUNT_KEYS:
@@ -109,7 +94,7 @@ def test_quick_json_run_reports_every_figure_as_one_json_object() -> None:
     assert isinstance(rounds, int) and rounds >= 2
     for key in FIGURE_KEYS:
         samples = result["samples"][key]
-        assert len(samples) == rounds and all(_is_positive_number(v) for v in samples), key
+        assert len(samples) == rounds and all(is_positive_number(v) for v in samples), key
     # The ratios are computed from the reported medians, not from something else.
     assert result["ratio_get_p50"] == pytest.approx(result["tunnel_get_p50_ms"] / result["raw_req_p50_ms"])
     # Each bulk direction against the raw figure for that direction.

@@ -6,39 +6,25 @@ No assertion on speed (timing on a shared machine is noise): what can fail is th
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.bench_scripts import is_positive_number, run_json
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_runs.py"
 RUN_TIMEOUT = 150.0
 FIGURES = ("runs_per_s_c1", "runs_per_s_c16", "events_per_s", "latency_p50_ms", "latency_p99_ms")
 
 
-def _positive(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-
-
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_quick_json_run_reports_every_figure_next_to_its_raw_baseline() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)  # exactly one JSON document on stdout
+    result = run_json("bench_runs.py", "--quick", timeout=RUN_TIMEOUT)
     for key in FIGURES:
         for name in (key, f"raw_{key}", f"ratio_{key}"):
-            assert _positive(result[name]), (name, result[name])
+            assert is_positive_number(result[name]), (name, result[name])
     assert result["rounds"] == 1 and result["quick"] is True
     assert result["latency_p99_ms"] >= result["latency_p50_ms"]
 
