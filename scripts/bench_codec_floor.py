@@ -260,6 +260,8 @@ def main() -> int:
     if args.role == "responder":
         asyncio.run(responder(args.url))
         return 0
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     rounds = args.rounds or (2 if args.quick else 5)
     count, seconds = (200, 0.3) if args.quick else (3000, 2.0)
     server = NatsServer(NatsServerConfig(monitor_port=None))
@@ -273,6 +275,7 @@ def main() -> int:
         )
         assert proc.stdin is not None and proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
+            proc.kill()
             print("the responder did not start", file=sys.stderr)
             return 1
         try:

@@ -7,9 +7,12 @@ fails), or stray output breaking ``--json``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.integration.bench_scripts import is_positive_number, run_json
+from tests.integration.bench_scripts import SCRIPTS, is_positive_number, run_json
 
 RUN_TIMEOUT = 120.0
 VARIANTS = ("raw", "json", "json_start", "binary")
@@ -26,3 +29,15 @@ def test_quick_json_run_reports_every_variant_against_raw() -> None:
         assert result[f"{name}_rps_ratio"] == pytest.approx(result[f"{name}_rps"] / result["raw_rps"])
     assert result["rounds"] == 2 and result["quick"] is True
     assert all(len(values) == 2 for values in result["samples"].values())
+
+
+def test_zero_rounds_is_a_usage_error_not_a_silent_default() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_codec_floor.py"), "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--rounds must be at least 1" in proc.stderr
