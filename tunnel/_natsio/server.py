@@ -506,12 +506,12 @@ class TunnelServer:
         try:
             others.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
             up = await self._subscribe_checked(
-                subjects.all_server_up(self.server_id), self._on_up, direct=True
+                subjects.all_server_up(self.server_id), self._on_body_frame, direct=True
             )
             if up is None:
                 # The reference daemon permissions: body subjects only, one wildcard for all.
                 self._body_wildcard = await self._subscribe_required(
-                    subjects.all_bodies, self._on_body, direct=True
+                    subjects.all_bodies, self._on_body_frame, direct=True
                 )
                 others.append(self._body_wildcard)
             else:
@@ -792,13 +792,10 @@ class TunnelServer:
         if req is not None:
             await req.on_frame(frame)
 
-    def _on_up(self, msg: Msg) -> None:
-        """Frames on our up subjects, handled where nats-py reads them (see ``direct``): a
-        request-body chunk reaches the handler with no queue and no task hop on the way."""
-        self._on_request_frame_now(msg, _BODY_FRAMES)
-
-    def _on_body(self, msg: Msg) -> None:
-        """The body-subject wildcard (reference permissions): v1 bodies and extension frames."""
+    def _on_body_frame(self, msg: Msg) -> None:
+        """Frames on our up subjects, or on the body-subject wildcard under the reference
+        permissions (v1 bodies and extension frames there), handled where nats-py reads them
+        (see ``direct``): a request-body chunk reaches the handler with no queue and no task hop."""
         self._on_request_frame_now(msg, _BODY_FRAMES)
 
     def _on_request_frame_now(self, msg: Msg, allowed: tuple[type[f.Frame], ...]) -> None:
