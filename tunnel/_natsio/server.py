@@ -121,11 +121,15 @@ class _ServerRequest(TimedRequest):
         if grant is not None:
             await self.server.publisher.send(grant)
 
-    async def on_frame(self, frame: f.Frame) -> None:
+    def on_frame(self, frame: f.Frame) -> None:
+        """Apply one caller frame where nats-py read it; failing the request (a publish) goes
+        to a task (``fail_soon``). Frames for a request already failing are dropped."""
+        if self.failing:
+            return
         failure = self.apply(frame)
         if failure is not None:
             error, notify = failure
-            await self.fail(error, notify=notify)
+            self.fail_soon(error, notify=notify)
 
     def apply(self, frame: f.Frame) -> tuple[TunnelError, bool] | None:
         """Apply one caller frame; synchronous, so it can run in nats-py's read loop.
@@ -504,7 +508,7 @@ class TunnelServer:
         subjects = self.subjects
         others: list[Subscription] = []
         try:
-            others.append(await self._subscribe_required(subjects.all_aborts, self._on_abort))
+            others.append(await self._subscribe_required(subjects.all_aborts, self._on_abort, direct=True))
             up = await self._subscribe_checked(
                 subjects.all_server_up(self.server_id), self._on_body_frame, direct=True
             )
@@ -774,7 +778,9 @@ class TunnelServer:
         with contextlib.suppress(TunnelError):
             await self.publisher.send_all(publishes)
 
-    async def _on_abort(self, msg: Msg) -> None:
+    def _on_abort(self, msg: Msg) -> None:
+        """Aborts are handled where nats-py reads them, like starts (see ``direct``): an abort
+        NATS delivered before its start is remembered before that start is handled."""
         parsed = parse_request_subject(msg.subject, self.subjects.prefix)
         if parsed is None or not is_valid_request_id(parsed[1]):
             self._malformed(msg.subject, "abort on an unexpected subject")
@@ -790,7 +796,7 @@ class TunnelServer:
             return
         req = self.dispatch.on_abort(rid)
         if req is not None:
-            await req.on_frame(frame)
+            req.on_frame(frame)
 
     def _on_body_frame(self, msg: Msg) -> None:
         """Frames on our up subjects, or on the body-subject wildcard under the reference
@@ -827,10 +833,7 @@ class TunnelServer:
             self.stats.protocol_errors += 1
             req.fail_soon(f.FrameError(f"{frame.type} not allowed on a body subject", rid), notify=True)
             return
-        failure = req.apply(frame)
-        if failure is not None:
-            error, notify = failure
-            req.fail_soon(error, notify=notify)
+        req.on_frame(frame)
 
     async def _on_v1_body(self, msg: Msg) -> None:
         """A plain v1 caller's own body subject (no credit frames there)."""
