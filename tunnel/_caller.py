@@ -151,6 +151,7 @@ def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
         max_frame=options.max_payload,
         whole=True,
         integrity=PREFERRED,
+        binary_head=True,
     )
 
 
@@ -175,6 +176,7 @@ class CallerStream:
         "_first_contact_retried",
         "_first_frame_deadline",
         "_heartbeat_interval",
+        "_json_start_parts",
         "_last_frame_at",
         "_last_publish_at",
         "_last_up_at",
@@ -188,6 +190,8 @@ class CallerStream:
         "body_ended",
         "chunk_limit",
         "clock",
+        "compact_start",
+        "compact_start_unanswered",
         "end_published",
         "error",
         "first_contact",
@@ -205,6 +209,7 @@ class CallerStream:
         "request_id",
         "send",
         "sent_digest",
+        "server_takes_compact_starts",
         "started_at",
         "subjects",
         "up_subject",
@@ -227,6 +232,7 @@ class CallerStream:
         deadline_unix_ms: int | None = None,
         upgrade: bool = False,
         first_contact: bool = False,
+        compact_start: bool = False,
     ) -> None:
         if upgrade and not options.fast_path:
             raise LocalProtocolError("an upgraded stream needs the protocol extensions (fast_path=True)")
@@ -260,18 +266,30 @@ class CallerStream:
         self.error: TunnelError | None = None
         self._abort_sent = False
         self._body_subject = subjects.body(request_id) if has_body else None
-        # Encoded from the parts (no RequestStart object); byte-identical to encode_frame of one.
-        self._start_payload = codec.encode_request_start(
-            request_id,
-            method,
-            url,
-            headers,
-            reply_subject,
-            f"{subjects.base}.req.{request_id}.abort",
-            self._body_subject,
-            deadline_unix_ms,
-            options.offer_variants.get((upgrade, first_contact)),
-        )
+        #: The start goes compact (binary): the I/O layer knows the host takes them. Never on
+        #: first contact (its ack tells whether the host does) nor without extensions.
+        self.compact_start = compact_start and not first_contact and options.offer is not None
+        #: A compact start went unanswered for a republish interval and went again as JSON.
+        self.compact_start_unanswered = False
+        #: What the server's first frame said about compact starts (see ``_first_frame``).
+        self.server_takes_compact_starts = False
+        self._json_start_parts: tuple[str, f.Headers, int | None] | None = None
+        if self.compact_start:
+            try:
+                self._start_payload = codec.encode_compact_start(
+                    request_id,
+                    method,
+                    url,
+                    headers,
+                    has_body,
+                    deadline_unix_ms,
+                    options.offer_variants[upgrade, False],
+                )
+                self._json_start_parts = (url, headers, deadline_unix_ms)
+            except UnicodeEncodeError:  # unvalidated text: JSON carries it as escapes
+                self.compact_start = False
+        if not self.compact_start:
+            self._start_payload = self._json_start(url, headers, deadline_unix_ms)
         if len(self._start_payload) > options.max_payload:
             raise LocalProtocolError(
                 f"request head is {len(self._start_payload)} bytes, over the connection's "
@@ -309,6 +327,30 @@ class CallerStream:
         self._total_deadline = now + options.total_timeout if options.total_timeout else None
 
     # -- outgoing ---------------------------------------------------------------
+
+    def _json_start(self, url: str, headers: f.Headers, deadline_unix_ms: int | None) -> bytes:
+        """The JSON start, encoded from the parts (byte-identical to encode_frame of one)."""
+        rid = self.request_id
+        return codec.encode_request_start(
+            rid,
+            self.method,
+            url,
+            headers,
+            self.reply_subject,
+            f"{self.subjects.base}.req.{rid}.abort",
+            self._body_subject,
+            deadline_unix_ms,
+            self.options.offer_variants.get((self.upgrade, self.first_contact)),
+        )
+
+    def _fall_back_to_json_start(self) -> None:
+        """A compact start got no frame: the host may have an older server that drops them."""
+        assert self._json_start_parts is not None
+        payload = self._json_start(*self._json_start_parts)
+        if len(payload) <= self.options.max_payload:
+            self._start_payload = payload
+            self.compact_start = False
+            self.compact_start_unanswered = True
 
     def start(self) -> Publish:
         """The start frame; published with a NATS reply so no-responders reaches us."""
@@ -490,6 +532,11 @@ class CallerStream:
         elif isinstance(frame, f.ResponseWhole):
             ext = frame.start.extensions
         opts = self.options
+        if type(frame) is f.ResponseWhole:
+            # Only a compact head says: a JSON one (to our binaryHead offer) is an older server's.
+            self.server_takes_compact_starts = frame.compact_head and frame.binary_start
+        else:
+            self.server_takes_compact_starts = ext is not None and ext.binary_start
         if self.upgrade and (ext is None or not ext.upgrade or ext.up_subject is None):
             kind = "a plain v1 server" if ext is None else "a server without the upgrade extension"
             raise self._fail(
@@ -550,7 +597,8 @@ class CallerStream:
         return ResponseHead(frame.status, frame.status_text, frame.headers, has_body)
 
     def _on_whole(self, frame: f.ResponseWhole) -> ResponseHead:
-        if not self.options.fast_path:
+        offer = self.options.offer
+        if offer is None or (frame.compact_head and not offer.binary_head):
             raise self._fail(RemoteProtocolError("response.whole from a server we did not offer it to"))
         if len(frame.data) > self.options.window:
             raise self._fail(RemoteProtocolError("response.whole larger than our flow-control window"))
@@ -754,6 +802,8 @@ class CallerStream:
                 )
             due = self._retry_at or self._last_publish_at + self.options.republish_interval
             if now >= due:
+                if self.compact_start and self._retry_at is None:
+                    self._fall_back_to_json_start()
                 self._retry_at = None
                 self._last_publish_at = now
                 return [self.start()]

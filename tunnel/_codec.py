@@ -13,6 +13,7 @@ import base64
 import binascii
 import functools
 import json
+import re
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -24,10 +25,15 @@ from ._frames import (
     CODE_RE,
     HEADER_VALUE_FORBIDDEN,
     KIND_REQUEST_CHUNK,
+    KIND_REQUEST_START,
     KIND_RESPONSE_CHUNK,
     KIND_RESPONSE_WHOLE,
+    KIND_RESPONSE_WHOLE_COMPACT,
     MAX_ERROR_CODE_LENGTH,
     MAX_ERROR_MESSAGE_LENGTH,
+    MAX_HEADER_COUNT,
+    MAX_HEADER_NAME_LENGTH,
+    MAX_HEADER_VALUE_LENGTH,
     MAX_SAFE_INT,
     METHOD_RE,
     PROTOCOL,
@@ -164,6 +170,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         upgrade=raw.get("upgrade") is True,
         integrity=_integrity(raw),
         ack_now=raw.get("ackNow") is True,
+        binary_head=raw.get("binaryHead") is True,
     )
 
 
@@ -180,6 +187,7 @@ def _ack_extensions(raw: Any, rid: str) -> AckExtensions | None:
         up_subject=_optional(raw, "upSubject", str, rid),
         upgrade=raw.get("upgrade") is True,
         integrity=_integrity(raw),
+        binary_start=raw.get("binaryStart") is True,
     )
 
 
@@ -219,6 +227,11 @@ def decode_frame(payload: bytes, subject_request_id: str | None = None) -> Frame
 def _decode_binary(payload: bytes, rid: str | None) -> Frame:
     if rid is None:
         raise FrameError("binary frame on a subject without a request id")
+    if len(payload) > 1 and payload[1] >= KIND_REQUEST_START:  # compact frames: no seq field
+        if payload[1] == KIND_RESPONSE_WHOLE_COMPACT:
+            return _decode_compact_whole(payload, rid)
+        if payload[1] == KIND_REQUEST_START:
+            raise FrameError("a compact request.start belongs on the request subject", rid)
     if len(payload) < BINARY_HEADER_SIZE:
         raise FrameError("truncated binary frame", rid)
     _, kind, seq = _BINARY_HEADER.unpack_from(payload)
@@ -251,6 +264,192 @@ def _decode_whole(rest: bytes, rid: str) -> Frame:
     start = _d_response_start(head, rid)
     assert isinstance(start, ResponseStart)
     return ResponseWhole(rid, start, rest[head_end:], _checksum(head, rid))
+
+
+# --------------------------------------------------------------------------- compact frames
+#
+# Negotiated per host (``binaryStart``) and per request (``binaryHead``), see docs/protocol.md
+# section 2. Text fields are UTF-8, each ended by NUL (no field can hold one: ids, methods and
+# header names are tokens; URLs, header values, status texts and JSON text forbid it), so one
+# split reads them all, and one regex checks a whole header block.
+
+_COMPACT_START: Final = struct.Struct(">BBBQ")  # magic, kind, flags, deadlineUnixMs
+START_HAS_BODY: Final = 0x01
+START_HAS_DEADLINE: Final = 0x02
+_START_FLAGS: Final = START_HAS_BODY | START_HAS_DEADLINE
+
+_COMPACT_WHOLE: Final = struct.Struct(">BBBHII")  # magic, kind, flags, status, checksum, headLength
+WHOLE_CRC32C: Final = 0x01
+WHOLE_CRC32: Final = 0x02
+WHOLE_STATUS_TEXT: Final = 0x04
+WHOLE_BINARY_START: Final = 0x08  # the server also takes compact starts
+_WHOLE_FLAGS: Final = WHOLE_CRC32C | WHOLE_CRC32 | WHOLE_STATUS_TEXT | WHOLE_BINARY_START
+_CHECKSUM_FLAGS: Final = {"crc32c": WHOLE_CRC32C, "crc32": WHOLE_CRC32}
+
+_TOKEN_CHARS: Final = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+# A whole header block: name NUL value NUL, repeated; bounded like validate_headers.
+_HEADER_BLOCK_RE: Final = re.compile(
+    f"(?:[{_TOKEN_CHARS}]{{1,{MAX_HEADER_NAME_LENGTH}}}\x00[^\r\n\x00]{{0,{MAX_HEADER_VALUE_LENGTH}}}\x00)*"
+)
+
+
+def _header_block(headers: Headers) -> str:
+    return "".join([f"{name}\x00{value}\x00" for name, value in headers])
+
+
+def _parse_header_block(block: str, rid: str) -> Headers:
+    if not block:
+        return []
+    if block.count("\x00") > 2 * MAX_HEADER_COUNT:
+        raise FrameError(f"more than {MAX_HEADER_COUNT} headers", rid)
+    if _HEADER_BLOCK_RE.fullmatch(block) is None:
+        raise FrameError("invalid header block", rid)
+    items = iter(block.split("\x00"))  # the trailing "" after the last NUL pairs with nothing
+    return list(zip(items, items, strict=False))
+
+
+def encode_compact_start(
+    request_id: str,
+    method: str,
+    url: str,
+    headers: Headers,
+    has_body: bool,
+    deadline_unix_ms: int | None,
+    extensions_text: str,
+) -> bytes:
+    """A compact ``request.start``: what ``encode_request_start`` says, minus the subjects
+    (the reply subject is the message's NATS reply; abort and body follow from the id)."""
+    flags = (START_HAS_BODY if has_body else 0) | (0 if deadline_unix_ms is None else START_HAS_DEADLINE)
+    text = f"{request_id}\x00{method}\x00{url}\x00{extensions_text}\x00{_header_block(headers)}"
+    return _COMPACT_START.pack(BINARY_MAGIC, KIND_REQUEST_START, flags, deadline_unix_ms or 0) + text.encode()
+
+
+def is_compact_start(payload: bytes) -> bool:
+    return len(payload) > 1 and payload[0] == BINARY_MAGIC and payload[1] == KIND_REQUEST_START
+
+
+def decode_compact_start(payload: bytes, reply_subject: str, host_base: str) -> RequestStart:
+    """A compact ``request.start`` from the request subject, checked like a JSON one.
+
+    ``reply_subject`` is the message's NATS reply; ``host_base`` is ``P`` (the abort and body
+    subjects are ``P.req.<id>.abort`` and ``P.req.<id>.body``).
+    """
+    if len(payload) < _COMPACT_START.size:
+        raise FrameError("truncated compact request.start")
+    _, kind, flags, deadline = _COMPACT_START.unpack_from(payload)
+    if kind != KIND_REQUEST_START:
+        raise FrameError(f"binary frame kind {kind} on the request subject")
+    try:
+        text = payload[_COMPACT_START.size :].decode()
+    except UnicodeDecodeError as exc:
+        raise FrameError("compact request.start is not valid UTF-8") from exc
+    fields = text.split("\x00", 4)
+    if len(fields) != 5:
+        raise FrameError("compact request.start has too few fields")
+    rid, method, url, ext_text, block = fields
+    if not is_valid_request_id(rid):
+        raise FrameError("missing or invalid requestId")
+    if flags & ~_START_FLAGS:
+        raise FrameError(f"unknown compact request.start flags {flags:#x}", rid)
+    if deadline > MAX_SAFE_INT or (deadline and not flags & START_HAS_DEADLINE):
+        raise FrameError("deadlineUnixMs invalid", rid)
+    if not METHOD_RE.fullmatch(method):
+        raise FrameError(f"invalid HTTP method {method[:64]!r}", rid)
+    if not url.startswith("/") or len(url) > 64 * 1024 or URL_FORBIDDEN.search(url):
+        raise FrameError("invalid request target", rid)
+    head = f"{host_base}.req.{rid}."
+    return RequestStart(
+        rid,
+        method,
+        url,
+        _parse_header_block(block, rid),
+        reply_subject,
+        head + "abort",
+        head + "body" if flags & START_HAS_BODY else None,
+        deadline if flags & START_HAS_DEADLINE else None,
+        _compact_start_ext(ext_text, rid),
+    )
+
+
+def _compact_start_ext(text: str, rid: str) -> StartExtensions:
+    try:
+        return _compact_start_ext_cached(text)
+    except FrameError as exc:
+        raise FrameError(exc.message, rid) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _compact_start_ext_cached(text: str) -> StartExtensions:
+    """A caller sends the same offer every time: parse each distinct text once."""
+    try:
+        raw = _JSON_DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("compact request.start extensions are not valid JSON") from exc
+    ext = _start_extensions(raw, "cache")
+    if ext is None:
+        raise FrameError("a compact request.start needs its extensions")
+    return ext
+
+
+def encode_compact_whole(
+    status: int,
+    headers: Headers,
+    status_text: str | None,
+    data: bytes | bytearray | memoryview,
+    checksum: Checksum | None,
+    binary_start: bool,
+) -> bytes:
+    """A ``response.whole`` with a compact head (the caller offered ``binaryHead``)."""
+    flags = WHOLE_BINARY_START if binary_start else 0
+    block = _header_block(headers)
+    if status_text is not None:
+        flags |= WHOLE_STATUS_TEXT
+        block = f"{status_text}\x00{block}"
+    value = 0
+    if checksum is not None:
+        flags |= _CHECKSUM_FLAGS[checksum.algorithm]
+        value = checksum.value
+    head = block.encode()
+    prefix = _COMPACT_WHOLE.pack(BINARY_MAGIC, KIND_RESPONSE_WHOLE_COMPACT, flags, status, value, len(head))
+    return b"".join((prefix, head, data))
+
+
+def _decode_compact_whole(payload: bytes, rid: str) -> Frame:
+    if len(payload) < _COMPACT_WHOLE.size:
+        raise FrameError("truncated response.whole frame", rid)
+    _, _, flags, status, value, head_length = _COMPACT_WHOLE.unpack_from(payload)
+    if flags & ~_WHOLE_FLAGS or (flags & WHOLE_CRC32C and flags & WHOLE_CRC32):
+        raise FrameError(f"invalid response.whole flags {flags:#x}", rid)
+    if not 100 <= status <= 599:
+        raise FrameError("status missing or out of range", rid)
+    head_end = _COMPACT_WHOLE.size + head_length
+    if head_end > len(payload):
+        raise FrameError("response.whole head longer than the frame", rid)
+    try:
+        block = payload[_COMPACT_WHOLE.size : head_end].decode()
+    except UnicodeDecodeError as exc:
+        raise FrameError("response.whole head is not valid UTF-8", rid) from exc
+    status_text = None
+    if flags & WHOLE_STATUS_TEXT:
+        status_text, found, block = block.partition("\x00")
+        if not found or len(status_text) > 1024 or HEADER_VALUE_FORBIDDEN.search(status_text):
+            raise FrameError("invalid statusText", rid)
+    checksum = None
+    if flags & WHOLE_CRC32C:
+        checksum = Checksum("crc32c", value)
+    elif flags & WHOLE_CRC32:
+        checksum = Checksum("crc32", value)
+    elif value:
+        raise FrameError("response.whole checksum without its algorithm", rid)
+    start = ResponseStart(rid, status, _parse_header_block(block, rid), status_text)
+    return ResponseWhole(
+        rid,
+        start,
+        payload[head_end:],
+        checksum,
+        compact_head=True,
+        binary_start=bool(flags & WHOLE_BINARY_START),
+    )
 
 
 def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
@@ -556,6 +755,10 @@ def encode_frame(frame: Frame, binary: bool = False) -> bytes:
         return encode_chunk(frame, binary)
     if isinstance(frame, ResponseWhole):
         st = frame.start
+        if frame.compact_head:
+            return encode_compact_whole(
+                st.status, st.headers, st.status_text, frame.data, frame.checksum, frame.binary_start
+            )
         head = _response_start_json(
             st.request_id, st.status, st.headers, st.status_text, st.extensions, frame.checksum
         )
@@ -610,8 +813,13 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
         out["upgrade"] = True
     if ext.integrity is not None:
         out["integrity"] = ext.integrity
-    if isinstance(ext, StartExtensions) and ext.ack_now:
-        out["ackNow"] = True
+    if isinstance(ext, StartExtensions):
+        if ext.ack_now:
+            out["ackNow"] = True
+        if ext.binary_head:
+            out["binaryHead"] = True
+    elif ext.binary_start:
+        out["binaryStart"] = True
     return out
 
 

@@ -21,6 +21,9 @@ DEFAULT_UNREACHABLE_GRACE: Final = 1.0
 FIRST_CONTACT_RETRY: Final = 0.003
 # "Lately": a host that answered this client within this many seconds.
 RECENTLY_SEEN: Final = 30.0
+# A compact request.start that went unanswered (it may have reached an older server sharing
+# the queue group, which drops it) makes the caller send JSON starts to that host this long.
+COMPACT_START_COOLDOWN: Final = 60.0
 # First contact with a host whose subjects someone else watches (a monitoring tap hides NATS's
 # no-responders answer): after this long without a frame the caller asks NATS whether one of
 # our servers holds the host's readiness subject (outside the prefix, so a tap on the prefix

@@ -214,7 +214,10 @@ class ServerDispatcher(Generic[H]):
     def on_start(self, data: bytes, reply: str = "") -> StartAnswer:
         """Decide what one message on the request subject gets (``reply``: its NATS reply)."""
         try:
-            frame = codec.decode_frame(data)
+            if self.options.compact_frames and codec.is_compact_start(data):
+                frame: f.Frame = codec.decode_compact_start(data, reply, self.subjects.base)
+            else:
+                frame = codec.decode_frame(data)
         except f.FrameError as exc:
             return StartAnswer(self._reject_malformed(data, reply, exc), malformed=exc.message)
         if not isinstance(frame, f.RequestStart):

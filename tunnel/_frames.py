@@ -23,6 +23,9 @@ BINARY_MAGIC: Final = 0x00
 KIND_REQUEST_CHUNK: Final = 0x01
 KIND_RESPONSE_CHUNK: Final = 0x02
 KIND_RESPONSE_WHOLE: Final = 0x03
+# Compact frames (negotiated: ``binaryStart`` / ``binaryHead``); their own layouts, no seq.
+KIND_REQUEST_START: Final = 0x04
+KIND_RESPONSE_WHOLE_COMPACT: Final = 0x05
 BINARY_HEADER_SIZE: Final = 10  # magic, kind, seq:u64be
 
 # Headers: bounded so a hostile frame cannot make us build huge lists.
@@ -68,6 +71,7 @@ class StartExtensions:
     upgrade: bool = False  # this request asks for an upgraded stream (a 101 opens both directions)
     integrity: str | None = None  # checksum the caller puts in its end frames and wants in ours
     ack_now: bool = False  # first contact: ack at once (the caller is timing whether anyone serves)
+    binary_head: bool = False  # caller accepts response.whole with a compact binary head
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class AckExtensions:
     up_subject: str | None = None  # where body and credit frames go to reach this server
     upgrade: bool = False  # the server can carry the upgraded stream the caller asked for
     integrity: str | None = None  # checksum both ends then put in their end frames
+    binary_start: bool = False  # the server takes compact binary request.start frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,10 @@ class ResponseWhole:
     start: ResponseStart
     data: bytes
     checksum: Checksum | None = None  # with the integrity extension: in the head, as "crc32c"
+    # The head was compact (binary, ``binaryHead``), and its server then also says whether it
+    # takes compact starts; a JSON head says nothing about that.
+    compact_head: bool = False
+    binary_start: bool = False
     type: str = field(default="response.whole", init=False)
 
 

@@ -101,6 +101,10 @@ class ServerOptions:
     reference_replies: bool = False
     up_via_body: bool = False
     max_window: int | None = None  # None: the request-body window never grows
+    # Compact frames (docs/protocol.md section 2): take binary request.start frames, and answer
+    # response.whole with a binary head to a caller that offers ``binaryHead``. Off: this
+    # server speaks as the versions before them did (tests use it as such an older server).
+    compact_frames: bool = True
     # Shared by every request of one server (mutable: not part of equality or hashing).
     growth_budget: GrowthBudget | None = field(default=None, compare=False)
 
@@ -114,6 +118,7 @@ class _ServerTerms:
     frame_limit: int
     chunk_limit: int
     offers_whole: bool
+    compact_head: bool  # response.whole goes with a binary head
     integrity: str | None  # the checksum both ends put in their end frames, if any
 
 
@@ -138,8 +143,15 @@ def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_l
     if credit is not None:
         chunk_limit = min(chunk_limit, max(1, credit // 2))
     offers_whole = offer is not None and offer.whole and offer.binary
+    compact_head = offers_whole and offer is not None and offer.binary_head and options.compact_frames
     integrity = offer.integrity if offer is not None and supported(offer.integrity) else None
-    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole, integrity)
+    return _ServerTerms(binary, heartbeat, frame_limit, chunk_limit, offers_whole, compact_head, integrity)
+
+
+def _check_status_text(status_text: str) -> None:
+    """What a caller accepts (CR, LF or NUL would split or cut a head; surrogates cannot travel)."""
+    if len(status_text) > 1024 or f.HEADER_VALUE_FORBIDDEN.search(status_text):
+        raise LocalProtocolError("invalid status text")
 
 
 class ServerStream:
@@ -159,6 +171,7 @@ class ServerStream:
         "caller_gone",
         "chunk_limit",
         "clock",
+        "compact_head",
         "created_at",
         "deadline",
         "error",
@@ -229,6 +242,7 @@ class ServerStream:
         self.frame_limit = terms.frame_limit
         self.chunk_limit = terms.chunk_limit
         self.offers_whole = terms.offers_whole
+        self.compact_head = terms.compact_head
         # Integrity extension: running byte count and CRC-32 of each body direction (or None):
         # the request body's if there is one; the response body's once a streamed response starts
         # (a one-message answer carries the CRC of its data, no running digest).
@@ -289,6 +303,7 @@ class ServerStream:
             up_subject=self.up_subject,
             upgrade=self.upgrade,
             integrity=self.integrity,
+            binary_start=self.options.compact_frames,
         )
 
     def ack(self) -> Publish:
@@ -303,10 +318,8 @@ class ServerStream:
         if not isinstance(status, int) or not 100 <= status <= 599:
             raise LocalProtocolError(f"invalid status {status!r}")
         headers = f.validate_headers(headers)
-        if status_text is not None and (
-            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
-        ):
-            raise LocalProtocolError("invalid status text")
+        if status_text is not None:
+            _check_status_text(status_text)
         self.phase = ServerPhase.RESPONDING
         self.response_has_body = self._allows_body(status)
         if self.integrity:
@@ -338,19 +351,14 @@ class ServerStream:
         if size > self.frame_limit or size > self.send.available():
             return None
         headers = f.validate_headers(headers)
-        if status_text is not None and (
-            len(status_text) > 1024 or "\r" in status_text or "\n" in status_text
-        ):
-            raise LocalProtocolError("invalid status text")
+        if status_text is not None:
+            _check_status_text(status_text)
         # Encoded straight from the parts: no ResponseStart/ResponseWhole objects per response.
-        payload = codec.encode_whole(
-            self.request_id,
-            status,
-            headers,
-            status_text,
-            data,
-            checksum(self.integrity, data) if self.integrity else None,
-        )
+        digest = checksum(self.integrity, data) if self.integrity else None
+        if self.compact_head:
+            payload = codec.encode_compact_whole(status, headers, status_text, data, digest, True)
+        else:
+            payload = codec.encode_whole(self.request_id, status, headers, status_text, data, digest)
         if len(payload) > self.frame_limit:
             return None
         self.phase = ServerPhase.DONE

@@ -204,6 +204,18 @@ def binary(kind: int, seq: int = 0, data: bytes = b"") -> bytes:
     return struct.pack(">BBQ", 0, kind, seq) + data
 
 
+def compact_start(*fields: str, flags: int = 0, deadline: int = 0, tail: bytes | None = None) -> bytes:
+    """A compact request.start (docs/protocol.md section 2): NUL-ended UTF-8 fields."""
+    body = tail if tail is not None else "".join(x + "\x00" for x in fields).encode()
+    return struct.pack(">BBBQ", 0, 4, flags, deadline) + body
+
+
+def compact_whole(flags: int = 0, status: int = 200, head: bytes = b"", data: bytes = b"") -> bytes:
+    """A response.whole with a compact head."""
+    return struct.pack(">BBBHII", 0, 5, flags, status, 0, len(head)) + head + data
+
+
+COMPACT_EXT: Final = '{"binaryData":true,"wholeResponse":true,"binaryHead":true}'
 RNG: Final = random.Random(0x5EED)
 VALID_START: Final = js(start())
 
@@ -284,6 +296,17 @@ BARRAGES: Final[dict[str, list[bytes]]] = {
         binary(3, 0, b"\x00\x00\x00\x02{}"),
         binary(9, 0, b"unknown kind"),
         binary(255, 2**64 - 1),
+    ],
+    "compact-starts": [
+        b"\x00\x04",
+        compact_start(tail=b"\xff\xfe\xfd"),
+        compact_start("hostile0", "GET", "/hello"),  # too few fields
+        compact_start("bad id", "GET", "/hello", COMPACT_EXT),
+        compact_start("hostile0", "GET", "/hello", COMPACT_EXT, flags=0xF0),
+        compact_start("hostile0", "GET", "/hello", "{broken"),
+        compact_start("hostile0", "GET", "/hello", COMPACT_EXT, "x", "a\r\nSet-Cookie: evil"),
+        compact_start("hostile0", "GET", "/hello", COMPACT_EXT, *(["x", "v"] * 600)),
+        compact_start("hostile0", "GET", "/hello", COMPACT_EXT),  # valid, but no reply subject
     ],
     "other-frame-types": [
         js({"type": "response.ack", "requestId": "hostile1"}),
@@ -702,6 +725,9 @@ MALICIOUS_ANSWERS: Final[dict[str, Answer]] = {
     "status-text-injection": lambda rid, s: [_response_start(rid, 200, statusText="OK\r\nX: y")],
     "unknown-binary-kind": lambda rid, s: [binary(9, 0, b"?")],
     "truncated-binary": lambda rid, s: [b"\x00\x02\x00\x00"],
+    "compact-whole-truncated": lambda rid, s: [b"\x00\x05\x00\x00"],
+    "compact-whole-header-injection": lambda rid, s: [compact_whole(head=b"x\x00a\r\nSet-Cookie: evil\x00")],
+    "compact-whole-unknown-flags": lambda rid, s: [compact_whole(flags=0x40)],
     "up-subject-outside-the-request": lambda rid, s: [
         js({"type": "response.ack", "requestId": rid, "extensions": {"upSubject": "evil.up"}})
     ],

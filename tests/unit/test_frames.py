@@ -361,7 +361,7 @@ def test_truncated_binary_frame_is_rejected(length: int) -> None:
         codec.decode_frame(payload, RID)
 
 
-@pytest.mark.parametrize("kind", [0, 4, 9, 0x7B, 0xFF])
+@pytest.mark.parametrize("kind", [0, 6, 9, 0x7B, 0xFF])
 def test_unknown_binary_kind_is_rejected(kind: int) -> None:
     with pytest.raises(f.FrameError, match="kind"):
         codec.decode_frame(bytes([0, kind]) + bytes(8) + b"data", RID)

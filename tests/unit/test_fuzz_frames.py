@@ -452,6 +452,14 @@ def valid_frames(draw: st.DrawFn) -> f.Frame:
         f.ResponseAck(rid, f.AckExtensions(True, 1024, 100, 2048, f"x.req.{rid}.up.s")),
         start,
         f.ResponseWhole(rid, start, data),
+        f.ResponseWhole(
+            rid,
+            dataclasses.replace(start, status_text=draw(st.sampled_from([None, "", "OK", "caf\u00e9"]))),
+            data,
+            draw(st.sampled_from([None, f.Checksum("crc32c", 0), f.Checksum("crc32", 2**32 - 1)])),
+            compact_head=True,
+            binary_start=draw(st.booleans()),
+        ),
     ]
     return draw(st.sampled_from(candidates))
 
@@ -459,6 +467,99 @@ def valid_frames(draw: st.DrawFn) -> f.Frame:
 @given(frame=valid_frames())
 def test_every_valid_frame_survives_encode_then_decode(frame: f.Frame) -> None:
     assert_round_trips(frame)
+
+
+# --------------------------------------------------------------------------- compact frames
+
+HOST_BASE: Final = "tunnel.v1.host.ZGVzaw"
+COMPACT_REPLY: Final = f"{HOST_BASE}.req.{RID}.reply.c1"
+_COMPACT_FIELD: Final = st.one_of(TOKENS, NASTY_TEXT, st.text(max_size=20))
+
+
+@st.composite
+def compact_starts(draw: st.DrawFn) -> bytes:
+    """Near-valid compact starts: plausible fields mixed with NULs, controls, bad JSON, odd
+    header counts, every flag and deadline, truncation."""
+    fields = [
+        draw(st.one_of(st.just(RID), REQUEST_IDS.map(str))),
+        draw(st.one_of(st.sampled_from(["GET", "POST"]), _COMPACT_FIELD)),
+        draw(st.one_of(st.just("/"), st.text(max_size=30).map(lambda t: "/" + t), _COMPACT_FIELD)),
+        draw(st.one_of(_extensions().map(json.dumps), st.text(max_size=30))),
+        *draw(st.lists(st.one_of(TOKENS, _COMPACT_FIELD), max_size=7)),
+    ]
+    tail = "".join(x + "\x00" for x in fields).encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 5)) == 0:
+        tail = tail[: draw(st.integers(0, len(tail)))]
+    flags = draw(st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(0, 255)))
+    deadline = draw(st.one_of(st.just(0), SEQS))
+    head = bytes([0, 4, flags]) + _u64(deadline)
+    return head[: draw(st.integers(0, len(head)))] + tail if draw(st.integers(0, 9)) == 0 else head + tail
+
+
+@given(payload=st.one_of(compact_starts(), st.binary(max_size=256).map(lambda b: b"\x00\x04" + b)))
+def test_compact_starts_decode_soundly_or_raise_frame_error(payload: bytes) -> None:
+    try:
+        frame = codec.decode_compact_start(payload, COMPACT_REPLY, HOST_BASE)
+    except f.FrameError as exc:
+        assert exc.code == "tunnel_protocol_error"
+        return
+    assert_sound(frame, None)
+    assert frame.extensions is not None
+    assert frame.reply_subject == COMPACT_REPLY
+    assert frame.abort_subject == f"{HOST_BASE}.req.{frame.request_id}.abort"
+    assert frame.body_subject in (None, f"{HOST_BASE}.req.{frame.request_id}.body")
+    # What it says survives a JSON start and back (the fallback carries the same request).
+    assert codec.decode_frame(codec.encode_frame(frame)) == frame
+
+
+@given(
+    method=TOKENS,
+    url=st.text(max_size=30).filter(lambda t: not re.search("[\x00-\x20\x7f\ud800-\udfff]", t)),
+    headers=HEADER_LISTS,
+    has_body=st.booleans(),
+    deadline=st.one_of(st.none(), st.integers(0, f.MAX_SAFE_INT)),
+)
+def test_every_valid_compact_start_survives_encode_then_decode(
+    method: str, url: str, headers: f.Headers, has_body: bool, deadline: int | None
+) -> None:
+    ext = f.StartExtensions(window=1024, whole=True, binary_head=True)
+    payload = codec.encode_compact_start(
+        RID, method, "/" + url, headers, has_body, deadline, codec.extensions_json(ext)
+    )
+    frame = codec.decode_compact_start(payload, COMPACT_REPLY, HOST_BASE)
+    assert (frame.method, frame.url, frame.headers) == (method, "/" + url, headers)
+    assert frame.body_subject is not None if has_body else frame.body_subject is None
+    assert (frame.deadline_unix_ms, frame.extensions) == (deadline, ext)
+
+
+@st.composite
+def compact_wholes(draw: st.DrawFn) -> bytes:
+    """Compact response.whole frames: every flag, status, checksum and head length."""
+    fields = draw(st.lists(st.one_of(TOKENS, _COMPACT_FIELD), max_size=7))
+    head = "".join(x + "\x00" for x in fields).encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 5)) == 0:
+        head = head[: draw(st.integers(0, len(head)))]
+    length = len(head) if draw(st.integers(0, 3)) else draw(st.integers(0, 2**32 - 1))
+    prefix = struct.pack(
+        ">BBBHII",
+        0,
+        5,
+        draw(st.one_of(st.sampled_from([0, 1, 4, 8, 13]), st.integers(0, 255))),
+        draw(st.one_of(st.integers(100, 599), st.integers(0, 2**16 - 1))),
+        draw(st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
+        length,
+    )
+    if draw(st.integers(0, 9)) == 0:
+        prefix = prefix[: draw(st.integers(0, len(prefix)))]
+    return prefix + head + draw(st.binary(max_size=64))
+
+
+@given(payload=compact_wholes())
+def test_compact_wholes_decode_soundly_or_raise_frame_error(payload: bytes) -> None:
+    frame = decode_or_frame_error(payload, RID)
+    if frame is not None:
+        assert isinstance(frame, f.ResponseWhole) and frame.compact_head
+        assert_round_trips(frame)
 
 
 # --------------------------------------------------------------------------- size and time bounds
@@ -494,6 +595,13 @@ def _pathological_payloads() -> dict[str, bytes]:
         ).encode(),
         "whole-with-huge-head": bytes([0, 3]) + _u64(0) + struct.pack(">I", ONE_MIB) + b"[" * ONE_MIB,
         "invalid-utf8": b'{"type":"abort","requestId":"' + b"\xff" * ONE_MIB + b'"}',
+        "compact-whole-many-headers": struct.pack(">BBBHII", 0, 5, 0, 200, 0, ONE_MIB)
+        + b"x\x00" * (ONE_MIB // 2),
+        "compact-whole-huge-value": struct.pack(">BBBHII", 0, 5, 0, 200, 0, ONE_MIB + 3)
+        + b"x\x00"
+        + b"v" * ONE_MIB
+        + b"\x00",
+        "compact-whole-all-nul": struct.pack(">BBBHII", 0, 5, 4, 200, 0, ONE_MIB) + b"\x00" * ONE_MIB,
     }
 
 
@@ -504,6 +612,34 @@ def test_pathological_megabyte_payloads_are_refused_quickly_and_within_bounded_m
     began = time.perf_counter()
     try:
         decode_or_frame_error(payload, RID if payload[:1] == b"\x00" else None)
+        took = time.perf_counter() - began
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert took < MAX_DECODE_SECONDS, f"{name}: {took:.2f} s"
+    assert peak < MAX_PEAK_MEMORY_FACTOR * len(payload), f"{name}: peak {peak / ONE_MIB:.1f} MiB"
+
+
+def _pathological_compact_starts() -> dict[str, bytes]:
+    head = struct.pack(">BBBQ", 0, 4, 0, 0) + f"{RID}\x00GET\x00/\x00{{}}\x00".encode()
+    return {
+        "all-nul": head + b"\x00" * ONE_MIB,
+        "many-headers": head + b"x\x00y\x00" * (ONE_MIB // 4),
+        "huge-value": head + b"x\x00" + b"v" * ONE_MIB + b"\x00",
+        "huge-url": struct.pack(">BBBQ", 0, 4, 0, 0) + f"{RID}\x00GET\x00/".encode() + b"u" * ONE_MIB,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_pathological_compact_starts()))
+def test_pathological_megabyte_compact_starts_are_refused_quickly_and_within_bounded_memory(
+    name: str,
+) -> None:
+    payload = _pathological_compact_starts()[name]
+    tracemalloc.start()
+    began = time.perf_counter()
+    try:
+        with pytest.raises(f.FrameError):
+            codec.decode_compact_start(payload, COMPACT_REPLY, HOST_BASE)
         took = time.perf_counter() - began
         _, peak = tracemalloc.get_traced_memory()
     finally:

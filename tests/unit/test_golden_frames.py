@@ -94,6 +94,7 @@ def _caller(
     method: str = "POST",
     upgrade: bool = False,
     headers: f.Headers | None = None,
+    compact_start: bool = False,
 ) -> CallerStream:
     options = CallerOptions(
         first_frame_timeout=30.0,
@@ -119,6 +120,7 @@ def _caller(
         clock=FakeClock(),
         deadline_unix_ms=deadline,
         upgrade=upgrade,
+        compact_start=compact_start,
     )
 
 
@@ -396,6 +398,19 @@ def ext_response_whole() -> bytes:
     return pub.payload
 
 
+def ext_request_start_compact() -> bytes:
+    caller = _caller(fast_path=True, has_body=True, deadline=DEADLINE_UNIX_MS, compact_start=True)
+    return caller.start().payload
+
+
+def ext_response_whole_compact() -> bytes:
+    offer = dataclasses.replace(OFFER, binary_head=True)
+    server = _server(_v1_start(has_body=False, extensions=offer), fast_path=True)
+    pub = server.whole_response(200, [("content-type", "text/plain")], "OK", DATA)
+    assert pub is not None
+    return pub.payload
+
+
 # name -> (builder, file suffix). JSON frames as text, binary ones as hex.
 BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "v1/request.start": (v1_request_start_no_body, ".json"),
@@ -424,6 +439,8 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/request.chunk.binary": (ext_request_chunk_binary, ".hex"),
     "ext/response.chunk.binary": (ext_response_chunk_binary, ".hex"),
     "ext/response.whole": (ext_response_whole, ".hex"),
+    "ext/request.start.compact": (ext_request_start_compact, ".hex"),
+    "ext/response.whole.compact": (ext_response_whole_compact, ".hex"),
     "ext/request.start.upgrade": (ext_request_start_upgrade, ".json"),
     "ext/response.ack.upgrade": (ext_response_ack_upgrade, ".json"),
     "ext/response.start.101": (ext_response_start_101, ".json"),
@@ -559,6 +576,43 @@ def test_binary_golden_layouts_are_as_documented() -> None:
     assert whole[14 + head_length :] == DATA
 
 
+def test_compact_golden_layouts_are_as_documented() -> None:
+    """docs/protocol.md section 2: the compact start and the compact response.whole head."""
+    start = bytes.fromhex(golden_path("ext/request.start.compact").read_text().strip())
+    # 0x00, kind 4, flags (1 body | 2 deadline), deadlineUnixMs u64be, then NUL-ended UTF-8 fields.
+    assert start[:11] == b"\x00\x04\x03" + DEADLINE_UNIX_MS.to_bytes(8, "big")
+    fields = start[11:].decode().split("\x00")
+    assert fields[-1] == ""
+    rid, method, url, extensions, *header_fields, _ = fields
+    assert (rid, method, url) == (RID, "POST", "/api/items?tag=a&tag=b")
+    offer = json.loads(golden_path("ext/request.start.offer").read_bytes())["extensions"]
+    assert json.loads(extensions) == offer
+    assert list(zip(header_fields[::2], header_fields[1::2], strict=True)) == HEADERS
+    # The subjects travel as the message's NATS reply (reply) or follow from the id (abort, body).
+    decoded = codec.decode_compact_start(start, SUBJECTS.client_reply(RID, CLIENT_ID), SUBJECTS.base)
+    assert decoded == f.RequestStart(
+        RID,
+        "POST",
+        "/api/items?tag=a&tag=b",
+        HEADERS,
+        SUBJECTS.client_reply(RID, CLIENT_ID),
+        SUBJECTS.abort(RID),
+        SUBJECTS.body(RID),
+        DEADLINE_UNIX_MS,
+        dataclasses.replace(OFFER, binary_head=True),
+    )
+
+    whole = bytes.fromhex(golden_path("ext/response.whole.compact").read_text().strip())
+    # 0x00, kind 5, flags (1 crc32c | 4 statusText | 8 takes compact starts), status u16be,
+    # checksum u32be, headLength u32be, head (NUL-ended: statusText, then name, value, ...), data.
+    assert whole[:3] == b"\x00\x05\x0d"
+    assert int.from_bytes(whole[3:5], "big") == 200
+    assert int.from_bytes(whole[5:9], "big") == google_crc32c.value(DATA)
+    head_length = int.from_bytes(whole[9:13], "big")
+    assert whole[13 : 13 + head_length] == b"OK\x00content-type\x00text/plain\x00"
+    assert whole[13 + head_length :] == DATA
+
+
 def test_integrity_end_frames_carry_the_byte_count_and_crc32c_of_the_body() -> None:
     for name in ("ext/request.end.integrity", "ext/response.end.integrity"):
         end = json.loads(golden_path(name).read_bytes())
@@ -574,6 +628,7 @@ def test_extension_objects_are_as_documented() -> None:
         "maxFrame": MAX_PAYLOAD,
         "wholeResponse": True,
         "integrity": "crc32c",
+        "binaryHead": True,
     }
     ack = json.loads(golden_path("ext/response.ack").read_bytes())
     assert ack["extensions"] == {
@@ -583,6 +638,7 @@ def test_extension_objects_are_as_documented() -> None:
         "maxFrame": MAX_PAYLOAD,
         "upSubject": SUBJECTS.server_up(RID, SERVER_ID),
         "integrity": "crc32c",
+        "binaryStart": True,
     }
 
 

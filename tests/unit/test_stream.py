@@ -1041,7 +1041,7 @@ def test_small_response_travels_as_one_whole_frame() -> None:
     link = connect(clock, ack=False)
     whole = link.server.whole_response(200, HEADERS, "OK", b"tiny body")
     assert whole is not None
-    assert whole.payload[:2] == b"\x00\x03"
+    assert whole.payload[:2] == b"\x00\x05"  # our caller offers binaryHead: a compact head
     assert link.to_caller([whole]) == [ResponseHead(200, "OK", HEADERS, True, b"tiny body")]
     assert link.caller.phase is CallerPhase.DONE
     assert link.server.phase is ServerPhase.DONE

@@ -38,6 +38,7 @@ from nats.errors import Error as NatsError
 from .. import _codec as codec
 from .. import _frames as f
 from .._caller import CallerOptions, CallerPhase, CallerStream, PresenceEvidence
+from .._compact_starts import CompactStarts
 from .._config import (
     COALESCE_LIMIT,
     RECENTLY_SEEN,
@@ -297,7 +298,7 @@ class _ClientRequest(TimedRequest):
             self._fail_and_abort_soon(exc)
             return
         if was_starting and self.stream.phase is not CallerPhase.STARTING:
-            self.client._saw_serving(self.hostname, self.stream.clock())
+            self.client._saw_serving(self.hostname, self.stream)
         # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
         if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
             if self.body is not None:
@@ -640,6 +641,7 @@ class TunnelClient:
         # When each host last answered this client (first frames): a host seen lately may be
         # reconnecting when NATS says nobody serves it; any other host is reported at once.
         self._seen: dict[str, float] = {}
+        self._compact_starts = CompactStarts(HOST_CACHE_SIZE)
         # Per host token: (checked at, whether a non-server subscriber watches its subjects).
         self._watchers: dict[str, tuple[float, bool]] = {}
         # Per prefix: (checked at, whether something taps readiness subjects no server holds).
@@ -800,6 +802,7 @@ class TunnelClient:
             deadline_unix_ms=deadline_ms,
             upgrade=upgrade,
             first_contact=first_contact,
+            compact_start=self._compact_starts.use(hostname),
         )
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req
@@ -825,10 +828,17 @@ class TunnelClient:
             raise
         return FetchResponse(req, head)
 
-    def _saw_serving(self, hostname: str, now: float) -> None:
+    def _saw_serving(self, hostname: str, stream: CallerStream) -> None:
+        """``stream`` got its first frame: the host is served, and its server told us whether
+        it takes compact starts."""
+        now = stream.clock()
         if len(self._seen) >= HOST_CACHE_SIZE:
             self._seen.clear()
         self._seen[hostname] = now
+        if stream.compact_start_unanswered:
+            self._compact_starts.unanswered(hostname, now)
+        else:
+            self._compact_starts.learn(hostname, stream.server_takes_compact_starts, now)
 
     def _first_contact(self, hostname: str, now: float) -> bool:
         seen = self._seen.get(hostname)
