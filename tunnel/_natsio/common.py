@@ -12,6 +12,7 @@ from nats.errors import Error as NatsError
 
 from .._errors import TunnelConnectionError
 from .._events import Publish
+from .direct_write import DirectWriter
 
 log = logging.getLogger("tunnel")
 
@@ -32,10 +33,14 @@ class Publisher:
         self.nc = nc
         self.tap = tap
         self._background: set[asyncio.Task[None]] = set()
+        self._direct = DirectWriter.for_client(nc)
 
     async def send(self, pub: Publish) -> None:
         try:
             if self.tap is None:
+                direct = self._direct
+                if direct is not None and direct.try_write(pub.subject, pub.reply, pub.payload):
+                    return
                 await self.nc.publish(pub.subject, pub.payload, reply=pub.reply)
             else:
                 for p in self.tap(pub):
