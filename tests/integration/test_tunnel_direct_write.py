@@ -1,9 +1,12 @@
-"""The first publish of each event-loop pass goes to the socket at once (tunnel._natsio.direct_write).
+"""Publishes written by tunnel._natsio.direct_write: at once on a quiet connection, else one
+write per event-loop pass.
 
-Checked against a real nats-server: a lone publish skips nats-py's pending list and flusher
-yet arrives; publishes mixed between the direct path and nats-py's keep their order, in one
-pass and across passes; a disconnected client's publishes go through nats-py's reconnect
-buffer and still arrive; a client without the known internals gets no direct writer.
+Checked against a real nats-server: a quiet connection's publish is written at once and a busy
+one's when the pass ends, and all arrive in order; publishes mixed between this path and
+nats-py's keep their order (mutation-checked: without the "nothing pending in nats-py" rule
+they do not); payloads over the server's max_payload or bulk-sized go through nats-py; a
+disconnected client's publishes go through nats-py's reconnect buffer and arrive; a client
+without the known internals gets no writer.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import nats
 from nats.aio.client import Client
 
 from cli.nats_server import NatsServer
-from tests.helpers import wait_until
+from tests.helpers import NatsServerFactory, wait_until
 from tunnel._events import Publish
 from tunnel._natsio.common import Publisher
-from tunnel._natsio.direct_write import DirectWriter
+from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
 
 
 async def collect(nc: Client, subject: str) -> list[bytes]:
@@ -31,26 +34,54 @@ async def collect(nc: Client, subject: str) -> list[bytes]:
     return seen
 
 
-async def test_a_lone_publish_is_written_at_once_and_arrives(nats_server: NatsServer) -> None:
+async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url)
     watcher = await nats.connect(nats_server.url)
     try:
-        seen = await collect(watcher, "dw.lone")
+        seen = await collect(watcher, "dw.pass")
         writer = DirectWriter.for_client(nc)
         assert writer is not None
         sent_before = nc.stats["out_msgs"]
-        assert writer.try_write("dw.lone", None, b"first")
-        assert nc._pending_data_size == 0 and nc.stats["out_msgs"] == sent_before + 1
-        assert not writer.try_write("dw.lone", None, b"second")  # one per pass: nats-py batches the rest
-        await asyncio.sleep(0)  # the next pass
+        assert writer.try_write("dw.pass", None, b"1")  # quiet: written at once
+        assert writer._collected == [] and nc._pending_data_size == 0
+        assert writer.try_write("dw.pass", "dw.reply", b"2")  # same pass: collected
+        assert len(writer._collected) == 1
+        await asyncio.sleep(0)  # the pass ends: "2" is written
+        assert writer._collected == []
+        assert writer.try_write("dw.pass", None, b"3")  # the last pass published twice: busy
+        assert len(writer._collected) == 1
         await asyncio.sleep(0)
-        assert writer.try_write("dw.lone", "dw.reply", b"third")
+        assert writer.try_write("dw.pass", None, b"4")  # the last pass published once: quiet again
+        assert writer._collected == []
+        assert nc.stats["out_msgs"] == sent_before + 4 and nc._pending_data_size == 0
         await nc.flush()
-        await wait_until(lambda: len(seen) == 2, message="both direct publishes")
-        assert seen == [b"first", b"third"]
+        await wait_until(lambda: len(seen) == 4, message="all four publishes")
+        assert seen == [b"1", b"2", b"3", b"4"]
     finally:
         await nc.close()
         await watcher.close()
+
+
+async def test_payloads_over_the_servers_max_payload_or_bulk_sized_are_left_to_nats_py(
+    nats_server_factory: NatsServerFactory,
+) -> None:
+    server = nats_server_factory(max_payload=4096)
+    nc = await nats.connect(server.url)
+    try:
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert nc.max_payload == 4096
+        assert not writer.try_write("dw.big", None, b"x" * 4097)  # nats-py refuses it (MaxPayloadError)
+        assert writer.try_write("dw.big", None, b"x" * 4096)
+    finally:
+        await nc.close()
+    nc = await nats.connect(nats_server_factory().url)
+    try:
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert not writer.try_write("dw.bulk", None, b"x" * (SMALL_PAYLOAD + 1))
+    finally:
+        await nc.close()
 
 
 async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsServer) -> None:
@@ -59,14 +90,16 @@ async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsSer
     try:
         seen = await collect(watcher, "dw.order")
         publisher = Publisher(nc)
-        count = 3_000
-        for i in range(count):
-            if i % 5 == 0:
-                await asyncio.sleep(0)  # a new pass: the direct path is open again
-            if i % 5 == 0 or i % 7 == 0:
-                await nc.publish("dw.order", str(i).encode())  # nats-py's pending list, not yet written
-            else:
-                await publisher.send(_pub("dw.order", i))
+        count = 3_000  # a multiple of 4
+        i = 0
+        while i < count:
+            await asyncio.sleep(0)  # a pass with one publish: the next pass starts quiet
+            await publisher.send(_pub("dw.order", i))
+            await asyncio.sleep(0)
+            await nc.publish("dw.order", str(i + 1).encode())  # nats-py's pending list, not yet written
+            await publisher.send(_pub("dw.order", i + 2))  # must not overtake it
+            await publisher.send(_pub("dw.order", i + 3))
+            i += 4
         await nc.flush()
         await wait_until(lambda: len(seen) == count, timeout=20, message=f"{count} messages")
         assert [int(d) for d in seen] == list(range(count))
@@ -99,6 +132,33 @@ async def test_publishes_while_disconnected_go_through_nats_py_and_arrive(nats_s
         await nc.flush()
         await wait_until(lambda: len(seen) == 2, timeout=10, message="both publishes")
         assert seen == [b"1", b"2"]
+    finally:
+        await nc.close()
+
+
+async def test_collected_publishes_go_to_nats_py_if_the_connection_drops_before_the_pass_ends(
+    nats_server: NatsServer,
+) -> None:
+    """White-box: the status flips between collecting and writing (as when nats-py's read loop
+    sees the socket close in the same pass); what was collected goes first into nats-py's buffer."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        seen = await collect(nc, "dw.drop")
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert writer.try_write("dw.drop", None, b"1")  # quiet: written at once
+        assert writer.try_write("dw.drop", None, b"2")  # collected
+        assert writer.try_write("dw.drop", None, b"3")
+        nc._pending.append(b"PUB dw.drop 1\r\n4\r\n")  # something nats-py had buffered
+        nc._pending_data_size += 14
+        nc._status = Client.RECONNECTING
+        await asyncio.sleep(0)  # the pass ends while "not connected"
+        assert writer._collected == []
+        assert [c.split(b"\r\n")[1] for c in nc._pending] == [b"2", b"3", b"4"]
+        nc._status = Client.CONNECTED
+        await nc.flush()
+        await wait_until(lambda: len(seen) == 4, message="all four publishes")
+        assert seen == [b"1", b"2", b"3", b"4"]
     finally:
         await nc.close()
 
