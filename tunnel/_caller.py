@@ -271,8 +271,9 @@ class CallerStream:
         self.compact_start = compact_start and not first_contact and options.offer is not None
         #: A compact start went unanswered for a republish interval and went again as JSON.
         self.compact_start_unanswered = False
-        #: What the server's first frame said about compact starts (see ``_first_frame``).
-        self.server_takes_compact_starts = False
+        #: What the server's first frame said about compact starts (see ``_first_frame``);
+        #: None: nothing (no first frame yet, or it was an error).
+        self.server_takes_compact_starts: bool | None = None
         self._json_start_parts: tuple[str, f.Headers, int | None] | None = None
         if self.compact_start:
             try:

@@ -149,13 +149,19 @@ def test_an_older_server_answers_a_json_head_which_says_it_takes_no_compact_star
     whole = answer.stream.whole_response(204, [], None, b"")
     assert whole is not None and whole.payload[:2] == b"\x00\x03"
     stream.receive(codec.decode_frame(whole.payload, RID))
-    assert stream.phase is CallerPhase.DONE and not stream.server_takes_compact_starts
+    assert stream.phase is CallerPhase.DONE and stream.server_takes_compact_starts is False
+
+
+def test_an_error_as_the_first_frame_says_nothing_about_compact_starts() -> None:
+    stream = caller(FakeClock())
+    stream.receive(f.ResponseError(RID, ErrorCode.HANDLER_ERROR, "boom"))
+    assert stream.server_takes_compact_starts is None
 
 
 def test_a_plain_v1_server_takes_no_compact_starts() -> None:
     stream = caller(FakeClock(), compact_start=False)
     stream.receive(f.ResponseAck(RID))
-    assert not stream.server_takes_compact_starts
+    assert stream.server_takes_compact_starts is False
 
 
 def test_the_compact_whole_head_carries_the_integrity_checksum_and_the_caller_checks_it() -> None:

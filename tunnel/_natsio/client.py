@@ -837,7 +837,7 @@ class TunnelClient:
         self._seen[hostname] = now
         if stream.compact_start_unanswered:
             self._compact_starts.unanswered(hostname, now)
-        else:
+        elif stream.server_takes_compact_starts is not None:  # an error first frame says nothing
             self._compact_starts.learn(hostname, stream.server_takes_compact_starts, now)
 
     def _first_contact(self, hostname: str, now: float) -> bool:
