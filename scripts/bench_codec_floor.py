@@ -11,11 +11,11 @@ flow control, timers, dispatch, tasks); only what goes on the wire changes:
   sends it (JSON, the extension offer, reply and abort subjects) and the responder decodes
   and validates it, answers a ``response.whole`` (JSON head, CRC32C) that the caller decodes
   and checks;
-- ``json_start``: the same JSON start, answered with the binary head sketched below;
-- ``binary``: a start and a head in a length-prefixed binary layout (a *sketch*, not part of
-  the protocol): method, URL and deadline in the start, the reply and abort subjects left to
-  be derived from the request id; status, headers and CRC32C in the head. Method and URL get
-  the same checks as in the codec.
+- ``json_start``: the same JSON start, answered with a compact head (``binaryHead``), as our
+  server answers a caller's first contact;
+- ``compact``: a compact start and a compact head (docs/protocol.md section 2), as our client
+  and server talk once the host said ``binaryStart``: the reply subject travels as the NATS
+  reply, abort and body follow from the request id.
 
 Sequential p50 and 32 concurrent callers' rate, interleaved rounds, medians; ratios against
 ``raw`` measured in the same run. If ``json`` alone is near a goal of ``bench_tunnel.py``, no
@@ -28,13 +28,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
-import google_crc32c
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -50,67 +48,12 @@ HEADERS = [("content-type", "application/octet-stream")]
 # What our client offers in every start (tunnel._caller), as JSON text.
 OFFER = (
     '{"binaryData":true,"window":2097152,"heartbeatMs":6666,"maxFrame":1048576,'
-    '"wholeResponse":true,"integrity":"crc32c"}'
+    '"wholeResponse":true,"integrity":"crc32c","binaryHead":true}'
 )
 SUBJECTS = HostSubjects.for_host("floor.example")
-VARIANTS = ("raw", "json", "json_start", "binary")
+VARIANTS = ("raw", "json", "json_start", "compact")
 CONCURRENCY = 32
 REQUEST_TIMEOUT = 5.0
-
-# The binary sketch. Start: magic, kind, request id (16 bytes), deadline (ms), window,
-# heartbeat (ms), method length; then method, u16 URL length, URL, u16 header count (0 here).
-_START = struct.Struct(">BB16sQIHB")
-# Head: magic, kind, status, CRC32C of the body; then u16 header count, each header as
-# u16-prefixed name and value; then the body.
-_HEAD = struct.Struct(">BBHI")
-_U16 = struct.Struct(">H")
-
-
-def binary_start(request_id: str, method: str, url: str, deadline_ms: int) -> bytes:
-    m, u = method.encode(), url.encode()
-    fixed = _START.pack(0, 0x10, bytes.fromhex(request_id), deadline_ms, 2097152, 6666, len(m))
-    return b"".join((fixed, m, _U16.pack(len(u)), u, _U16.pack(0)))
-
-
-def read_binary_start(data: bytes) -> tuple[str, str, str, int]:
-    _, _, rid, deadline_ms, _, _, method_length = _START.unpack_from(data)
-    offset = _START.size
-    method = data[offset : offset + method_length].decode()
-    offset += method_length
-    (url_length,) = _U16.unpack_from(data, offset)
-    offset += 2
-    url = data[offset : offset + url_length].decode()
-    if not frames.METHOD_RE.fullmatch(method) or not url.startswith("/") or frames.URL_FORBIDDEN.search(url):
-        raise ValueError("invalid method or URL")
-    return rid.hex(), method, url, deadline_ms
-
-
-def binary_whole(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    parts = [_HEAD.pack(0, 0x13, status, google_crc32c.value(body)), _U16.pack(len(headers))]
-    for name, value in headers:
-        n, v = name.encode(), value.encode()
-        parts += [_U16.pack(len(n)), n, _U16.pack(len(v)), v]
-    parts.append(body)
-    return b"".join(parts)
-
-
-def read_binary_whole(data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-    _, _, status, crc = _HEAD.unpack_from(data)
-    offset = _HEAD.size
-    (count,) = _U16.unpack_from(data, offset)
-    offset += 2
-    headers = []
-    for _ in range(count):
-        (n,) = _U16.unpack_from(data, offset)
-        name = data[offset + 2 : offset + 2 + n].decode()
-        offset += 2 + n
-        (v,) = _U16.unpack_from(data, offset)
-        headers.append((name, data[offset + 2 : offset + 2 + v].decode()))
-        offset += 2 + v
-    body = data[offset:]
-    if google_crc32c.value(body) != crc:
-        raise ValueError("checksum mismatch")
-    return status, headers, body
 
 
 def json_start(request_id: str) -> bytes:
@@ -119,6 +62,24 @@ def json_start(request_id: str) -> bytes:
     return codec.encode_request_start(
         request_id, "GET", "/small", [], base + "reply.c1", base + "abort", None, deadline_ms, OFFER
     )
+
+
+def compact_start(request_id: str) -> bytes:
+    deadline_ms = int((time.time() + 30) * 1000)
+    return codec.encode_compact_start(request_id, "GET", "/small", [], False, deadline_ms, OFFER)
+
+
+def compact_whole(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    return codec.encode_compact_whole(status, headers, None, body, checksum("crc32c", body), True)
+
+
+def read_whole(data: bytes, request_id: str) -> bytes:
+    """The body of a response.whole (either head), its checksum checked as the caller does."""
+    whole = codec.decode_frame(data, request_id)
+    assert isinstance(whole, frames.ResponseWhole)
+    if whole.checksum != checksum("crc32c", whole.data):
+        raise RuntimeError("checksum mismatch")
+    return whole.data
 
 
 # --------------------------------------------------------------------------- responder
@@ -145,18 +106,20 @@ async def responder(url: str) -> None:
         start = codec.decode_frame(msg.data)
         assert isinstance(start, frames.RequestStart)
         status, headers, body = await handler(start.method, start.url)
-        await nc.publish(msg.reply, binary_whole(status, headers, body))
+        await nc.publish(msg.reply, compact_whole(status, headers, body))
 
-    async def with_binary(msg: Msg) -> None:
-        _, method, target, _ = read_binary_start(msg.data)
-        status, headers, body = await handler(method, target)
-        await nc.publish(msg.reply, binary_whole(status, headers, body))
+    async def with_compact(msg: Msg) -> None:
+        # The reply here is nc.request's inbox, so its subject check (ServerStream's, as for a
+        # JSON start) is left out in both variants.
+        start = codec.decode_compact_start(msg.data, msg.reply, SUBJECTS.base)
+        status, headers, body = await handler(start.method, start.url)
+        await nc.publish(msg.reply, compact_whole(status, headers, body))
 
     for name, callback in (
         ("raw", raw),
         ("json", with_json),
         ("json_start", with_json_start),
-        ("binary", with_binary),
+        ("compact", with_compact),
     ):
         await nc.subscribe(f"floor.{name}", cb=callback)
     await nc.flush()
@@ -174,26 +137,22 @@ def operations(nc: NATS) -> dict[str, Callable[[], Awaitable[None]]]:
         if len(msg.data) != len(BODY):
             raise RuntimeError("raw echo answered the wrong size")
 
-    async def with_json() -> None:
-        rid = new_request_id()
-        msg = await nc.request("floor.json", json_start(rid), timeout=REQUEST_TIMEOUT)
-        whole = codec.decode_frame(msg.data, rid)
-        assert isinstance(whole, frames.ResponseWhole)
-        if whole.data != BODY or checksum("crc32c", whole.data) != whole.checksum:
-            raise RuntimeError("json variant answered the wrong body")
+    def variant(name: str, encode_start: Callable[[str], bytes]) -> Callable[[], Awaitable[None]]:
+        async def op() -> None:
+            rid = new_request_id()
+            # The reply inbox stands for our reply subject; a compact start's server reads it there.
+            msg = await nc.request(f"floor.{name}", encode_start(rid), timeout=REQUEST_TIMEOUT)
+            if read_whole(msg.data, rid) != BODY:
+                raise RuntimeError(f"{name} variant answered the wrong body")
 
-    async def with_json_start() -> None:
-        msg = await nc.request("floor.json_start", json_start(new_request_id()), timeout=REQUEST_TIMEOUT)
-        if read_binary_whole(msg.data)[2] != BODY:
-            raise RuntimeError("json_start variant answered the wrong body")
+        return op
 
-    async def with_binary() -> None:
-        start = binary_start(new_request_id(), "GET", "/small", int((time.time() + 30) * 1000))
-        msg = await nc.request("floor.binary", start, timeout=REQUEST_TIMEOUT)
-        if read_binary_whole(msg.data)[2] != BODY:
-            raise RuntimeError("binary variant answered the wrong body")
-
-    return {"raw": raw, "json": with_json, "json_start": with_json_start, "binary": with_binary}
+    return {
+        "raw": raw,
+        "json": variant("json", json_start),
+        "json_start": variant("json_start", json_start),
+        "compact": variant("compact", compact_start),
+    }
 
 
 async def p50_us(op: Callable[[], Awaitable[None]], count: int) -> float:

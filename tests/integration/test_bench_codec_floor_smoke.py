@@ -15,7 +15,7 @@ import pytest
 from tests.integration.bench_scripts import SCRIPTS, is_positive_number, run_json
 
 RUN_TIMEOUT = 120.0
-VARIANTS = ("raw", "json", "json_start", "binary")
+VARIANTS = ("raw", "json", "json_start", "compact")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
