@@ -373,7 +373,9 @@ def decode_compact_start(payload: bytes, reply_subject: str, host_base: str) -> 
 
 def _compact_start_ext(text: str, rid: str) -> StartExtensions:
     try:
-        return _compact_start_ext_cached(text)
+        if len(text) <= MAX_CACHED_OFFER:
+            return _compact_start_ext_cached(text)
+        return _compact_start_ext_cached.__wrapped__(text)
     except FrameError as exc:
         raise FrameError(exc.message, rid) from None
 
@@ -491,9 +493,34 @@ def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
     )
 
 
+#: Offers are cached only when small (ours is ~150 characters): a hostile caller must not make
+#: the cache keep 256 megabyte-sized texts alive.
+MAX_CACHED_OFFER: Final = 512
+# What an offer may hold and still be cached as a JSON object: known names; booleans and
+# integers (JSON integers have at most 4300 digits), and a short integrity name.
+_CACHEABLE_OFFER_KEYS: Final = frozenset(
+    (
+        "binaryData",
+        "window",
+        "heartbeatMs",
+        "maxFrame",
+        "wholeResponse",
+        "upgrade",
+        "integrity",
+        "ackNow",
+        "binaryHead",
+    )
+)
+
+
 def _start_ext(raw: Any, rid: str) -> StartExtensions | None:
     """A caller sends the same offer every time: parse each distinct offer once."""
-    if isinstance(raw, dict) and len(raw) <= 16:
+    if (
+        isinstance(raw, dict)
+        and raw.keys() <= _CACHEABLE_OFFER_KEYS
+        and all(type(v) is bool or type(v) is int or k == "integrity" for k, v in raw.items())
+        and len(str(raw.get("integrity", ""))) <= _MAX_INTEGRITY_NAME
+    ):
         try:
             return _start_ext_cached(tuple(raw.items()))
         except (TypeError, FrameError):

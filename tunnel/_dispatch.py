@@ -276,7 +276,7 @@ class ServerDispatcher(Generic[H]):
 
     def _finished_repeat(self, frame: f.RequestStart) -> tuple[Publish, ...]:
         rid = frame.request_id
-        if not self.subjects.request_subject_ok(frame.reply_subject, rid):
+        if not self.subjects.reply_subject_ok(frame.reply_subject, rid):
             return ()
         reply = self.subjects.reply(rid) if self.options.reference_replies else frame.reply_subject
         if frame.extensions is not None and self.options.fast_path:

@@ -221,7 +221,7 @@ class ServerStream:
         # One prefix string for the three subject checks (hot path: every request).
         head = f"{subjects.base}.req.{rid}."
         if (
-            not subjects.request_subject_ok(start.reply_subject, rid, head)
+            not subjects.reply_subject_ok(start.reply_subject, rid, head)
             or start.abort_subject != head + "abort"
             or (start.body_subject is not None and start.body_subject != head + "body")
         ):

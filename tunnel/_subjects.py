@@ -41,7 +41,7 @@ MAX_REQUEST_ID_LENGTH: Final = 128
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-_REQUEST_TAIL_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?")
+_REPLY_TAIL_RE: Final = re.compile(r"reply(?:\.[A-Za-z0-9_-]+)?")
 _HOST_FORBIDDEN_RE: Final = re.compile(r"[\s\x00-\x1f\x7f/?#@]")
 
 
@@ -159,14 +159,14 @@ class HostSubjects:
     def all_server_up(self, server_id: str) -> str:
         return f"{self.base}.req.*.up.{server_id}"
 
-    def request_subject_ok(self, subject: str, request_id: str, head: str | None = None) -> bool:
-        """A literal subject of this request (``P.req.<id>.<token>[.<token>]``), nothing else.
+    def reply_subject_ok(self, subject: str, request_id: str, head: str | None = None) -> bool:
+        """A reply subject of this request: ``P.req.<id>.reply`` or ``P.req.<id>.reply.<token>``.
 
         ``head``: ``P.req.<id>.`` when the caller already built it (saves a string per request).
         """
         if head is None:
             head = f"{self.base}.req.{request_id}."
-        return subject.startswith(head) and _REQUEST_TAIL_RE.fullmatch(subject, len(head)) is not None
+        return subject.startswith(head) and _REPLY_TAIL_RE.fullmatch(subject, len(head)) is not None
 
     def owns(self, subject: str) -> bool:
         """True when ``subject`` lies under this host's prefix."""

@@ -1,19 +1,24 @@
-"""Publishes written by tunnel._natsio.direct_write: at once on a quiet connection, else one
-write per event-loop pass.
+"""Publishes written by tunnel._natsio.direct_write: at once on a quiet connection, else once
+per event-loop pass.
 
 Checked against a real nats-server: a quiet connection's publish is written at once and a busy
 one's when the pass ends, and all arrive in order; publishes mixed between this path and
-nats-py's keep their order (mutation-checked: without the "nothing pending in nats-py" rule
-they do not); payloads over the server's max_payload or bulk-sized go through nats-py; a
-disconnected client's publishes go through nats-py's reconnect buffer and arrive; a client
-without the known internals gets no writer.
+nats-py's keep their order, also while nats-py's flusher waits for a full socket; with the
+server stopped, small publishes wait as nats-py makes them (no unbounded buffer); payloads
+over the server's max_payload or bulk-sized go through nats-py; a disconnected client's
+publishes go through nats-py's reconnect buffer and arrive; a client without the known
+internals gets no writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import signal
 
 import nats
+import pytest
 from nats.aio.client import Client
 
 from cli.nats_server import NatsServer
@@ -43,16 +48,16 @@ async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_s
         assert writer is not None
         sent_before = nc.stats["out_msgs"]
         assert writer.try_write("dw.pass", None, b"1")  # quiet: written at once
-        assert writer._collected == [] and nc._pending_data_size == 0
-        assert writer.try_write("dw.pass", "dw.reply", b"2")  # same pass: collected
-        assert len(writer._collected) == 1
+        assert nc._pending_data_size == 0
+        assert writer.try_write("dw.pass", "dw.reply", b"2")  # same pass: into nats-py's buffer
+        assert nc._pending_data_size > 0
         await asyncio.sleep(0)  # the pass ends: "2" is written
-        assert writer._collected == []
+        assert nc._pending_data_size == 0
         assert writer.try_write("dw.pass", None, b"3")  # the last pass published twice: busy
-        assert len(writer._collected) == 1
+        assert nc._pending_data_size > 0
         await asyncio.sleep(0)
         assert writer.try_write("dw.pass", None, b"4")  # the last pass published once: quiet again
-        assert writer._collected == []
+        assert nc._pending_data_size == 0
         assert nc.stats["out_msgs"] == sent_before + 4 and nc._pending_data_size == 0
         await nc.flush()
         await wait_until(lambda: len(seen) == 4, message="all four publishes")
@@ -136,30 +141,74 @@ async def test_publishes_while_disconnected_go_through_nats_py_and_arrive(nats_s
         await nc.close()
 
 
-async def test_collected_publishes_go_to_nats_py_if_the_connection_drops_before_the_pass_ends(
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+async def test_order_holds_while_nats_py_waits_for_a_full_socket(nats_server: NatsServer, seed: int) -> None:
+    """Small publishes through the writer and 200 KiB ones through nats-py (its flusher then
+    waits for the socket to drain, and may write before a pass ends): found by review, where
+    an earlier version reordered 2 of 5 such runs; these six caught it in each of 4 tries."""
+    rnd = random.Random(seed)
+    nc = await nats.connect(nats_server.url)
+    watcher = await nats.connect(nats_server.url, pending_size=1 << 30)
+    try:
+        steps = 400
+        seen: list[bytes] = []
+
+        async def on_msg(msg: nats.aio.msg.Msg) -> None:
+            seen.append(msg.data[:9])
+
+        await watcher.subscribe("dw.drain", cb=on_msg, pending_msgs_limit=10**7, pending_bytes_limit=1 << 31)
+        await watcher.flush()
+        publisher = Publisher(nc)
+        big = b"B" * (200 * 1024)
+        expected: list[bytes] = []
+        for i in range(steps):
+            await publisher.send(Publish("dw.drain", b"S%07da" % i))
+            await publisher.send(Publish("dw.drain", b"S%07db" % i))
+            if seed == 6:
+                await publisher.send(Publish("dw.drain", b"L%07d" % i + big))  # bulk: nats-py's path
+            else:
+                await nc.publish("dw.drain", b"L%07d" % i + big)  # another user of the connection
+            expected += [b"S%07da" % i, b"S%07db" % i, (b"L%07d" % i + big)[:9]]
+            for _ in range(rnd.randrange(4)):
+                await asyncio.sleep(0)
+        await nc.flush()
+        await wait_until(lambda: len(seen) == len(expected), timeout=30, message="every message")
+        assert seen == expected
+    finally:
+        await nc.close()
+        await watcher.close()
+
+
+async def test_small_publishes_wait_like_nats_py_when_the_server_stops_reading(
     nats_server: NatsServer,
 ) -> None:
-    """White-box: the status flips between collecting and writing (as when nats-py's read loop
-    sees the socket close in the same pass); what was collected goes first into nats-py's buffer."""
-    nc = await nats.connect(nats_server.url)
+    """Backpressure (found by review): with nats-server stopped, small publishes must not pile
+    up without bound in the transport; nats-py's pending_size makes the publisher wait."""
+    nc = await nats.connect(nats_server.url, pending_size=1 << 20, allow_reconnect=False, ping_interval=600)
+    publisher = Publisher(nc)
+    sent = 0
+    flooding = True
+
+    async def flood() -> None:
+        nonlocal sent
+        payload = b"x" * 8000
+        while flooding:  # (a flag: nats-py's _flush_pending swallows a cancellation)
+            await publisher.send(Publish("dw.flood", payload))
+            await publisher.send(Publish("dw.flood", payload))
+            sent += 2
+            await asyncio.sleep(0)
+
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    task = asyncio.get_running_loop().create_task(flood())
     try:
-        seen = await collect(nc, "dw.drop")
-        writer = DirectWriter.for_client(nc)
-        assert writer is not None
-        assert writer.try_write("dw.drop", None, b"1")  # quiet: written at once
-        assert writer.try_write("dw.drop", None, b"2")  # collected
-        assert writer.try_write("dw.drop", None, b"3")
-        nc._pending.append(b"PUB dw.drop 1\r\n4\r\n")  # something nats-py had buffered
-        nc._pending_data_size += 14
-        nc._status = Client.RECONNECTING
-        await asyncio.sleep(0)  # the pass ends while "not connected"
-        assert writer._collected == []
-        assert [c.split(b"\r\n")[1] for c in nc._pending] == [b"2", b"3", b"4"]
-        nc._status = Client.CONNECTED
-        await nc.flush()
-        await wait_until(lambda: len(seen) == 4, message="all four publishes")
-        assert seen == [b"1", b"2", b"3", b"4"]
+        await asyncio.sleep(1.5)  # a load window, not a synchronisation: the flood runs meanwhile
+        buffered = nc._transport._io_writer.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        assert buffered + nc._pending_data_size < 16 * 2**20, f"{sent} sent, {buffered} bytes buffered"
+        assert sent * 8000 < 64 * 2**20  # the publisher was made to wait
     finally:
+        flooding = False
+        os.kill(nats_server.pid, signal.SIGCONT)
+        await asyncio.wait_for(task, 30)  # the server reads again: the waiting publisher goes on
         await nc.close()
 
 

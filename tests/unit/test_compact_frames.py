@@ -12,6 +12,7 @@ malformed compact frame is a ``FrameError`` with the reason, never another excep
 from __future__ import annotations
 
 import dataclasses
+import json
 import struct
 from typing import Any
 
@@ -416,3 +417,21 @@ def test_encode_frame_of_a_decoded_compact_whole_gives_the_same_bytes() -> None:
     assert frame.start.status_text == "" and frame.start.headers == [("a", ""), ("b", "c")]
     assert codec.encode_frame(frame) == payload
     assert dataclasses.replace(frame, compact_head=False) != frame
+
+
+def test_hostile_offers_are_not_kept_in_the_offer_caches() -> None:
+    """Found by review: distinct megabyte-sized offers could pin 256 of them in each cache."""
+    compact_before = codec._compact_start_ext_cached.cache_info().currsize
+    json_before = codec._start_ext_cached.cache_info().currsize
+    for i in range(20):
+        offer = json.dumps({"binaryData": True, f"x{i}": "v" * 10_000})
+        start = codec.encode_compact_start(RID, "GET", "/", [], False, None, offer)
+        assert codec.decode_compact_start(start, REPLY, SUBJECTS.base).extensions is not None
+        frame = codec.decode_frame(
+            codec.encode_request_start(RID, "GET", "/", [], REPLY, SUBJECTS.abort(RID), None, None, offer)
+        )
+        assert isinstance(frame, f.RequestStart) and frame.extensions is not None
+    assert codec._compact_start_ext_cached.cache_info().currsize == compact_before
+    assert codec._start_ext_cached.cache_info().currsize == json_before
+    ours = caller_options().offer_json
+    assert ours is not None and len(ours) <= codec.MAX_CACHED_OFFER  # our own offer stays cached

@@ -301,3 +301,27 @@ def test_invalid_request_ids_are_refused(rid: Any) -> None:
 @pytest.mark.parametrize("rid", ["a", "A-z_0", "x" * 128, RID])
 def test_valid_request_ids_are_accepted(rid: str) -> None:
     assert is_valid_request_id(rid)
+
+
+def test_a_reply_subject_is_the_requests_reply_or_reply_with_one_token() -> None:
+    subjects = HostSubjects.for_host("desk.example")
+    rid = "0123456789abcdef0123456789abcdef"
+    base = f"{subjects.base}.req.{rid}"
+    for ok in (
+        f"{base}.reply",
+        f"{base}.reply.c11e47",
+        subjects.client_reply(rid, "c1"),
+        subjects.reply(rid),
+    ):
+        assert subjects.reply_subject_ok(ok, rid), ok
+    for bad in (
+        f"{base}.abort",  # the request's own abort subject: every server would read the answer
+        f"{base}.body",
+        f"{base}.up.s1",
+        f"{base}.reply.a.b",
+        f"{base}.reply.*",
+        f"{base}.replyx",
+        f"{subjects.base}.req.other.reply",
+        "_INBOX.x",
+    ):
+        assert not subjects.reply_subject_ok(bad, rid), bad

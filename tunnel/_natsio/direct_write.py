@@ -1,35 +1,38 @@
-"""Publishes written to the socket by us: at once when the connection is quiet, else one
-write per event-loop pass.
+"""Publishes written to the socket by us: at once when the connection is quiet, else once
+per event-loop pass.
 
-nats-py's ``publish`` appends the command to a pending list and kicks a flusher task through
-an ``asyncio.Queue`` with a fresh future; the flusher writes in a later event-loop pass. A lone
-message (a request's start, a small response) pays for the queue, the future, the task step
-and that extra pass: a measurable part of a small request's latency. Under load, though, one
-write for many messages is what keeps CPU low (on loopback a ``send`` costs the kernel's
-receive path too, several microseconds).
+nats-py's ``publish`` appends the command to its pending buffer and kicks a flusher task
+through an ``asyncio.Queue`` with a fresh future; the flusher writes in a later event-loop
+pass. A lone message (a request's start, a small response) pays for the queue, the future,
+the task step and that extra pass: a measurable part of a small request's latency. Under load,
+though, one write for many messages is what keeps CPU low (on loopback a ``send`` costs the
+kernel's receive path too, several microseconds).
 
-:class:`DirectWriter` does both. The publishes of one event-loop pass are collected and
-written together when the pass is over (a ``call_soon`` callback: one ``Handle`` instead of
-the queue, future and task step). The first publish of a pass is written at once instead when
-the previous pass that published had only that one: the connection is quiet (one request at a
-time), and waiting buys nothing.
+:class:`DirectWriter` does both. A publish is appended to nats-py's own pending buffer, and
+the buffer is written when the pass is over (a ``call_soon`` callback: one ``Handle`` instead
+of the queue, future and task step), unless nats-py's flusher wrote it first. The first
+publish of a pass is written at once instead when nats-py has nothing pending and the previous
+pass that published had only that one: the connection is quiet (one request at a time), and
+waiting buys nothing. Since everything else goes through nats-py's one buffer, in order, the
+order of publishes is nats-py's, whoever writes.
 
-Order is kept: a publish goes through nats-py instead whenever nats-py has anything pending,
-and what we collected is written before nats-py's flusher runs (our callback was scheduled
-first). When the connection is not plainly connected (reconnecting, draining), publishes go
-through nats-py, and anything collected when the pass ends goes to the front of nats-py's
-reconnect buffer.
+nats-py takes a publish as usual (``publish``: its limits and its waiting) when the connection
+is not plainly connected (reconnecting, draining: its buffer is resent after a reconnect),
+when the socket is behind (the transport holds unsent bytes: nats-py's flusher then waits for
+it to drain, and its ``pending_size`` limit makes publishers wait too, so the tunnel keeps that
+backpressure), for bulk-sized payloads, and for a subject nats-py would refuse.
 
 nats-py has no public call for this. The private details used are the client's ``_status``,
-``_pending``, ``_pending_data_size``, ``_transport`` (a ``TcpTransport``, plain or TLS) and
-``_max_payload``, and ``nats.protocol.command.pub_cmd``; :meth:`DirectWriter.for_client`
-checks them and returns None (every publish then goes through nats-py) if a nats-py release
-changes them.
+``_pending``, ``_pending_data_size``, ``_transport`` (a ``TcpTransport``, plain or TLS, and its
+``_io_writer``) and ``_max_payload``, and ``nats.protocol.command.pub_cmd``;
+:meth:`DirectWriter.for_client` checks them and returns None (every publish then goes through
+nats-py) if a nats-py release changes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
@@ -44,18 +47,19 @@ _CONNECTED: Any = getattr(Client, "CONNECTED", None)
 #: Larger payloads (bulk body frames) go through nats-py, whose flusher waits for the socket
 #: to drain: written by us they would pile up in the transport's buffer, copied once more.
 SMALL_PAYLOAD = 16 * 1024
+# What nats-py refuses in a subject (it would break the protocol line): empty, whitespace, CR/LF.
+_BAD_SUBJECT = re.compile(r"\s|^$")
 _NEEDED = ("_status", "_pending", "_pending_data_size", "_transport", "_max_payload", "stats")
 
 
 class DirectWriter:
-    """Writes ``nc``'s publishes itself: one write per event-loop pass, or at once when quiet."""
+    """Writes ``nc``'s publishes itself: once per event-loop pass, or at once when quiet."""
 
-    __slots__ = ("_collected", "_in_pass", "_loop", "_nc", "_quiet")
+    __slots__ = ("_in_pass", "_loop", "_nc", "_quiet")
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._collected: list[bytes] = []
         #: Publishes in the current pass (0: none yet, and no end-of-pass callback scheduled).
         self._in_pass = 0
         #: The last pass that published had one publish only.
@@ -70,31 +74,35 @@ class DirectWriter:
 
     def try_write(self, subject: str, reply: str | None, payload: bytes) -> bool:
         """Take the publish (written now or when the pass ends); False: publish it through
-        nats-py instead (not plainly connected, nats-py has something pending, too large)."""
+        nats-py instead (see the module docstring for when)."""
         nc: Any = self._nc
         size = len(payload)
         if (
             nc._status != _CONNECTED
-            or nc._pending_data_size
             or size > SMALL_PAYLOAD
             or size > nc._max_payload
+            or _BAD_SUBJECT.search(subject)
+            or (reply and _BAD_SUBJECT.search(reply))
         ):
             return False
         transport = nc._transport
         if type(transport).__name__ != "TcpTransport":
-            return False  # the WebSocket transport queues writes itself: leave it to nats-py
+            return False  # the WebSocket transport queues writes itself
+        writer = transport._io_writer
+        if writer is None or writer.transport.get_write_buffer_size():
+            return False  # the socket is behind: leave the waiting to nats-py
         command = pub_cmd(subject, reply or "", payload)
         if self._in_pass == 0:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._end_pass)
-            if self._quiet:
-                transport.write(command)
-            else:
-                self._collected.append(command)
-        else:
-            self._collected.append(command)
+            if self._quiet and not nc._pending_data_size:
+                writer.write(command)
+                command = b""
+        if command:
+            nc._pending.append(command)
+            nc._pending_data_size += len(command)
         self._in_pass += 1
         stats = nc.stats
         stats["out_msgs"] += 1
@@ -102,18 +110,16 @@ class DirectWriter:
         return True
 
     def _end_pass(self) -> None:
+        """Write what nats-py holds, as its flusher would (unless it did already)."""
         self._quiet = self._in_pass == 1
         self._in_pass = 0
-        collected = self._collected
-        if not collected:
-            return
-        self._collected = []
         nc: Any = self._nc
-        if nc._status == _CONNECTED:
-            if len(collected) == 1:
-                nc._transport.write(collected[0])
-            else:
-                nc._transport.writelines(collected)
-        else:  # published while connected, but the connection is gone now: nats-py resends
-            nc._pending[0:0] = collected
-            nc._pending_data_size += sum(map(len, collected))
+        if not nc._pending_data_size or nc._status != _CONNECTED:
+            return  # written already, or kept by nats-py to resend after a reconnect
+        pending = nc._pending
+        nc._pending = []
+        nc._pending_data_size = 0
+        if len(pending) == 1:
+            nc._transport.write(pending[0])
+        else:
+            nc._transport.writelines(pending)
