@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import google_crc32c
 import pytest
@@ -524,19 +524,23 @@ def test_server_v1_bytes_are_the_same_in_every_way_of_being_in_v1_mode(
     assert build(**variant) == build()
 
 
+# What the caller of ``_caller(has_body=True, deadline=DEADLINE_UNIX_MS)`` asks for, as a frame.
+BODY_DEADLINE_START: Final = f.RequestStart(
+    RID,
+    "POST",
+    "/api/items?tag=a&tag=b",
+    HEADERS,
+    SUBJECTS.client_reply(RID, CLIENT_ID),
+    SUBJECTS.abort(RID),
+    SUBJECTS.body(RID),
+    DEADLINE_UNIX_MS,
+)
+
+
 def test_stream_output_equals_encode_frame_of_the_same_frame() -> None:
     """The hand-built hot-path encoders agree with the generic encoder, byte for byte."""
     expected: dict[str, f.Frame] = {
-        "v1/request.start.body_deadline": f.RequestStart(
-            RID,
-            "POST",
-            "/api/items?tag=a&tag=b",
-            HEADERS,
-            SUBJECTS.client_reply(RID, CLIENT_ID),
-            SUBJECTS.abort(RID),
-            SUBJECTS.body(RID),
-            DEADLINE_UNIX_MS,
-        ),
+        "v1/request.start.body_deadline": BODY_DEADLINE_START,
         "v1/request.chunk": f.RequestChunk(RID, 0, DATA),
         "v1/request.end": f.RequestEnd(RID, 1),
         "v1/response.ack": f.ResponseAck(RID),
@@ -590,16 +594,8 @@ def test_compact_golden_layouts_are_as_documented() -> None:
     assert list(zip(header_fields[::2], header_fields[1::2], strict=True)) == HEADERS
     # The subjects travel as the message's NATS reply (reply) or follow from the id (abort, body).
     decoded = codec.decode_compact_start(start, SUBJECTS.client_reply(RID, CLIENT_ID), SUBJECTS.base)
-    assert decoded == f.RequestStart(
-        RID,
-        "POST",
-        "/api/items?tag=a&tag=b",
-        HEADERS,
-        SUBJECTS.client_reply(RID, CLIENT_ID),
-        SUBJECTS.abort(RID),
-        SUBJECTS.body(RID),
-        DEADLINE_UNIX_MS,
-        dataclasses.replace(OFFER, binary_head=True),
+    assert decoded == dataclasses.replace(
+        BODY_DEADLINE_START, extensions=dataclasses.replace(OFFER, binary_head=True)
     )
 
     whole = bytes.fromhex(golden_path("ext/response.whole.compact").read_text().strip())
