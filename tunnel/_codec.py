@@ -23,7 +23,6 @@ from ._frames import (
     BINARY_MAGIC,
     CHUNK_FRAMES,
     CODE_RE,
-    HEADER_VALUE_FORBIDDEN,
     KIND_REQUEST_CHUNK,
     KIND_REQUEST_START,
     KIND_RESPONSE_CHUNK,
@@ -37,7 +36,7 @@ from ._frames import (
     MAX_SAFE_INT,
     METHOD_RE,
     PROTOCOL,
-    URL_FORBIDDEN,
+    TOKEN_CHARS,
     Abort,
     AckExtensions,
     Checksum,
@@ -59,6 +58,8 @@ from ._frames import (
     ResponseStart,
     ResponseWhole,
     StartExtensions,
+    status_text_ok,
+    target_ok,
     validate_headers,
 )
 from ._subjects import is_valid_request_id
@@ -286,10 +287,9 @@ WHOLE_BINARY_START: Final = 0x08  # the server also takes compact starts
 _WHOLE_FLAGS: Final = WHOLE_CRC32C | WHOLE_CRC32 | WHOLE_STATUS_TEXT | WHOLE_BINARY_START
 _CHECKSUM_FLAGS: Final = {"crc32c": WHOLE_CRC32C, "crc32": WHOLE_CRC32}
 
-_TOKEN_CHARS: Final = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
 # A whole header block: name NUL value NUL, repeated; bounded like validate_headers.
 _HEADER_BLOCK_RE: Final = re.compile(
-    f"(?:[{_TOKEN_CHARS}]{{1,{MAX_HEADER_NAME_LENGTH}}}\x00[^\r\n\x00]{{0,{MAX_HEADER_VALUE_LENGTH}}}\x00)*"
+    f"(?:[{TOKEN_CHARS}]{{1,{MAX_HEADER_NAME_LENGTH}}}\x00[^\r\n\x00]{{0,{MAX_HEADER_VALUE_LENGTH}}}\x00)*"
 )
 
 
@@ -355,7 +355,7 @@ def decode_compact_start(payload: bytes, reply_subject: str, host_base: str) -> 
         raise FrameError("deadlineUnixMs invalid", rid)
     if not METHOD_RE.fullmatch(method):
         raise FrameError(f"invalid HTTP method {method[:64]!r}", rid)
-    if not url.startswith("/") or len(url) > 64 * 1024 or URL_FORBIDDEN.search(url):
+    if not target_ok(url):
         raise FrameError("invalid request target", rid)
     head = f"{host_base}.req.{rid}."
     return RequestStart(
@@ -372,17 +372,16 @@ def decode_compact_start(payload: bytes, reply_subject: str, host_base: str) -> 
 
 
 def _compact_start_ext(text: str, rid: str) -> StartExtensions:
+    """A caller sends the same offer every time: each distinct (small) text is parsed once."""
     try:
         if len(text) <= MAX_CACHED_OFFER:
             return _compact_start_ext_cached(text)
-        return _compact_start_ext_cached.__wrapped__(text)
+        return _parse_compact_offer(text)
     except FrameError as exc:
         raise FrameError(exc.message, rid) from None
 
 
-@functools.lru_cache(maxsize=256)
-def _compact_start_ext_cached(text: str) -> StartExtensions:
-    """A caller sends the same offer every time: parse each distinct text once."""
+def _parse_compact_offer(text: str) -> StartExtensions:
     try:
         raw = _JSON_DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
@@ -391,6 +390,9 @@ def _compact_start_ext_cached(text: str) -> StartExtensions:
     if ext is None:
         raise FrameError("a compact request.start needs its extensions")
     return ext
+
+
+_compact_start_ext_cached: Final = functools.lru_cache(maxsize=256)(_parse_compact_offer)
 
 
 def encode_compact_whole(
@@ -434,7 +436,7 @@ def _decode_compact_whole(payload: bytes, rid: str) -> Frame:
     status_text = None
     if flags & WHOLE_STATUS_TEXT:
         status_text, found, block = block.partition("\x00")
-        if not found or len(status_text) > 1024 or HEADER_VALUE_FORBIDDEN.search(status_text):
+        if not found or not status_text_ok(status_text):
             raise FrameError("invalid statusText", rid)
     checksum = None
     if flags & WHOLE_CRC32C:
@@ -469,7 +471,7 @@ def _d_request_start(o: dict[str, Any], rid: str) -> Frame:
         raise FrameError("replySubject or abortSubject missing or of the wrong type", rid)
     if not METHOD_RE.fullmatch(method):
         raise FrameError(f"invalid HTTP method {method[:64]!r}", rid)
-    if not url.startswith("/") or len(url) > 64 * 1024 or URL_FORBIDDEN.search(url):
+    if not target_ok(url):
         raise FrameError("invalid request target", rid)
     if headers:
         headers = validate_headers(headers, FrameError)
@@ -578,9 +580,7 @@ def _d_response_start(o: dict[str, Any], rid: str) -> Frame:
     if type(status) is not int or not 100 <= status <= 599:
         raise FrameError("status missing or out of range", rid)
     status_text = o.get("statusText")
-    if status_text is not None and (
-        type(status_text) is not str or len(status_text) > 1024 or HEADER_VALUE_FORBIDDEN.search(status_text)
-    ):
+    if status_text is not None and (type(status_text) is not str or not status_text_ok(status_text)):
         raise FrameError("invalid statusText", rid)
     headers = o.get("headers")
     if type(headers) is not list:

@@ -38,12 +38,16 @@ MAX_ERROR_CODE_LENGTH: Final = 128
 # JSON integers above this lose precision in JavaScript peers.
 MAX_SAFE_INT: Final = 2**53 - 1
 # Only plausible methods: an HTTP token, bounded.
-METHOD_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$")
-HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# The characters of an HTTP token (RFC 9110): methods and header names.
+TOKEN_CHARS: Final = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+METHOD_RE: Final = re.compile(f"^[{TOKEN_CHARS}]{{1,32}}$")
+HEADER_NAME_RE: Final = re.compile(f"^[{TOKEN_CHARS}]+$")
 # CR/LF/NUL would split or truncate HTTP headers; lone surrogates cannot be encoded as UTF-8.
 HEADER_VALUE_FORBIDDEN: Final = re.compile("[\r\n\x00\ud800-\udfff]")
 URL_FORBIDDEN: Final = re.compile("[\x00-\x20\x7f\ud800-\udfff]")
 CODE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]+$")
+MAX_TARGET_LENGTH: Final = 64 * 1024
+MAX_STATUS_TEXT_LENGTH: Final = 1024
 
 Headers = list[tuple[str, str]]
 
@@ -278,11 +282,21 @@ def validate_method(method: str) -> str:
 
 def validate_url(url: str) -> str:
     """The path+query that travels: must start with '/' and hold no whitespace or controls."""
-    if not isinstance(url, str) or not url.startswith("/") or len(url) > 64 * 1024:
+    if not isinstance(url, str) or not url.startswith("/") or len(url) > MAX_TARGET_LENGTH:
         raise LocalProtocolError(f"invalid request target {url!r}: must start with '/'")
     if URL_FORBIDDEN.search(url):
         raise LocalProtocolError("request target contains whitespace or control characters")
     return url
+
+
+def target_ok(url: str) -> bool:
+    """A request target a peer may send: path+query from '/', bounded, no whitespace or controls."""
+    return url.startswith("/") and len(url) <= MAX_TARGET_LENGTH and not URL_FORBIDDEN.search(url)
+
+
+def status_text_ok(text: str) -> bool:
+    """A status text that fits a head: bounded, no CR, LF or NUL, nothing UTF-8 cannot carry."""
+    return len(text) <= MAX_STATUS_TEXT_LENGTH and not HEADER_VALUE_FORBIDDEN.search(text)
 
 
 # isinstance with an inline ``A | B`` builds the union object on every call (3x slower):

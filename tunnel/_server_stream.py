@@ -150,7 +150,7 @@ def _server_terms(offer: f.StartExtensions | None, options: ServerOptions, rid_l
 
 def _check_status_text(status_text: str) -> None:
     """What a caller accepts (CR, LF or NUL would split or cut a head; surrogates cannot travel)."""
-    if len(status_text) > 1024 or f.HEADER_VALUE_FORBIDDEN.search(status_text):
+    if not f.status_text_ok(status_text):
         raise LocalProtocolError("invalid status text")
 
 

@@ -27,6 +27,7 @@ from tests.unit.test_stream import (
     SUBJECTS,
     FakeClock,
     caller_options,
+    make_caller,
     server_options,
 )
 from tunnel import _codec as codec
@@ -52,27 +53,13 @@ def caller(
     clock: FakeClock,
     *,
     compact_start: bool = True,
-    first_contact: bool = False,
-    has_body: bool = False,
-    method: str = "GET",
     url: str = "/items?q=caf%C3%A9",
-    headers: f.Headers | None = None,
     deadline_unix_ms: int | None = DEADLINE_MS,
-    **options: Any,
+    **kwargs: Any,
 ) -> CallerStream:
-    return CallerStream(
-        request_id=RID,
-        subjects=SUBJECTS,
-        reply_subject=REPLY,
-        method=method,
-        url=url,
-        headers=list(HEADERS if headers is None else headers),
-        has_body=has_body,
-        options=caller_options(**options),
-        clock=clock,
-        deadline_unix_ms=deadline_unix_ms,
-        first_contact=first_contact,
-        compact_start=compact_start,
+    """``make_caller`` with a compact start by default, a non-ASCII target and a deadline."""
+    return make_caller(
+        clock, compact_start=compact_start, url=url, deadline_unix_ms=deadline_unix_ms, **kwargs
     )
 
 

@@ -106,6 +106,9 @@ def make_caller(
     url: str = "/api/items?q=1",
     headers: f.Headers | None = None,
     request_id: str = RID,
+    deadline_unix_ms: int | None = None,
+    first_contact: bool = False,
+    compact_start: bool = False,
     **options: Any,
 ) -> CallerStream:
     return CallerStream(
@@ -118,6 +121,9 @@ def make_caller(
         has_body=has_body,
         options=caller_options(**options),
         clock=clock,
+        deadline_unix_ms=deadline_unix_ms,
+        first_contact=first_contact,
+        compact_start=compact_start,
     )
 
 

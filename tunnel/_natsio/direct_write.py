@@ -25,8 +25,9 @@ backpressure), for bulk-sized payloads, and for a subject nats-py would refuse.
 nats-py has no public call for this. The private details used are the client's ``_status``,
 ``_pending``, ``_pending_data_size``, ``_transport`` (a ``TcpTransport``, plain or TLS, and its
 ``_io_writer``) and ``_max_payload``, and ``nats.protocol.command.pub_cmd``;
-:meth:`DirectWriter.for_client` checks them and returns None (every publish then goes through
-nats-py) if a nats-py release changes them.
+:meth:`DirectWriter.for_client` checks the client's and returns None (every publish then goes
+through nats-py) if a nats-py release changes them; a transport without ``_io_writer`` leaves
+each publish to nats-py.
 """
 
 from __future__ import annotations
@@ -88,19 +89,19 @@ class DirectWriter:
         transport = nc._transport
         if type(transport).__name__ != "TcpTransport":
             return False  # the WebSocket transport queues writes itself
-        writer = transport._io_writer
+        writer = getattr(transport, "_io_writer", None)
         if writer is None or writer.transport.get_write_buffer_size():
             return False  # the socket is behind: leave the waiting to nats-py
         command = pub_cmd(subject, reply or "", payload)
-        if self._in_pass == 0:
+        first = self._in_pass == 0
+        if first:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._end_pass)
-            if self._quiet and not nc._pending_data_size:
-                writer.write(command)
-                command = b""
-        if command:
+        if first and self._quiet and not nc._pending_data_size:
+            writer.write(command)
+        else:
             nc._pending.append(command)
             nc._pending_data_size += len(command)
         self._in_pass += 1
