@@ -56,20 +56,30 @@ class WebhookIndex:
                 self._by_host.pop(host, None)
 
     async def run(self, kv: KeyValue) -> None:
-        """Follow the bucket until cancelled (raises when the watch fails: the owner restarts it)."""
+        """Follow the bucket until cancelled (raises when the watch fails: the owner restarts it).
+
+        Ready once the entry at the bucket's last sequence (read before the watch) is indexed,
+        not at nats-py's "no more pending" marker: that marker can come before entries the
+        watcher has already received. The last message per key arrives in stream order, and the
+        bucket keeps its last message (no max age; a delete leaves a marker).
+        """
+        state = (await kv.status()).stream_info.state
+        loaded_at = state.last_seq if state.messages else 0
+        if not loaded_at:
+            self.ready.set()
         watcher = await kv.watchall()
         try:
             async for entry in watcher:
                 if entry is None:
-                    self.ready.set()
                     continue
                 webhook_id = entry.key.rsplit(".", 1)[-1]
                 if entry.operation is not None or not entry.value:
                     self.remove(webhook_id)
-                    continue
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    record = json.loads(entry.value)
-                    self.add(record)
+                else:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        self.add(json.loads(entry.value))
+                if not self.ready.is_set() and (entry.revision or 0) >= loaded_at:
+                    self.ready.set()
         finally:
             self.ready.clear()
             with contextlib.suppress(Exception):

@@ -22,8 +22,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from cli.nats_cluster import NatsCluster, NatsClusterError
 from studio_gateway.nats_jwt import OperatorSetup
@@ -135,7 +136,19 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
             return True
 
         await wait_until(stream_added, FAILOVER_TIMEOUT, interval=0.1, message="JetStream never came up")
-        for n in range(10):
+
+        async def first_stored() -> bool:
+            # add_stream answers before the R3 group has surely elected a leader: until then a
+            # publish finds no responder (or times out). The message id makes a resend of one
+            # that was stored after all a duplicate the stream drops.
+            try:
+                await js.publish("orders.new", b"order-0", headers={"Nats-Msg-Id": "order-0"})
+            except (NoStreamResponseError, NatsTimeoutError):
+                return False
+            return True
+
+        await wait_until(first_stored, FAILOVER_TIMEOUT, interval=0.05, message="the stream took no message")
+        for n in range(1, 10):
             await js.publish("orders.new", b"order-%d" % n)
         await js.add_consumer("ORDERS", ConsumerConfig(durable_name="worker", num_replicas=3))
     leader = await asyncio.to_thread(cluster.wait_stream_leader, "ORDERS", account)

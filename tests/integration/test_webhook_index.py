@@ -1,0 +1,105 @@
+"""WebhookIndex says "ready" only once it holds every webhook the bucket had when it started.
+
+The webhook processor builds its consumer's subject filters from the index the moment it is
+ready, and drops the events of hosts the index does not know: an index that called itself
+ready early would lose those hosts' deliveries for good. nats-py's watcher can send its
+"nothing more" marker before entries it has already received (its consumer info shows nothing
+pending once all were delivered), so the index must not trust that marker. Real JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from cli.nats_server import NatsServer
+from studio_gateway.runs.store import kv_stream_config
+from studio_gateway.webhooks.index import WebhookIndex, host_token_of
+from studio_gateway.webhooks.store import WEBHOOK_BUCKET
+from tests.helpers import NatsServerFactory
+
+pytestmark = pytest.mark.timeout(60)
+
+USERS = 40
+HOOKS_PER_USER = 5
+
+
+@pytest.fixture
+async def bucket(nats_server_factory: NatsServerFactory) -> AsyncIterator[tuple[Client, KeyValue]]:
+    server: NatsServer = nats_server_factory(jetstream=True)
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(kv_stream_config(WEBHOOK_BUCKET, max_age=None, replicas=1))
+        yield nc, await js.key_value(WEBHOOK_BUCKET)
+    finally:
+        await nc.close()
+
+
+async def put_hooks(kv: KeyValue) -> dict[str, set[str]]:
+    """USERS x HOOKS_PER_USER webhooks; returns webhook ids by host token."""
+    by_host: dict[str, set[str]] = {}
+    for u in range(USERS):
+        user = f"user-{u}"
+        for h in range(HOOKS_PER_USER):
+            hook_id = f"wh_{u}_{h}"
+            await kv.put(f"u{u}.{hook_id}", json.dumps({"id": hook_id, "userId": user}).encode())
+            by_host.setdefault(host_token_of(user), set()).add(hook_id)
+    return by_host
+
+
+def snapshot(index: WebhookIndex) -> dict[str, set[str]]:
+    return {host: {h["id"] for h in index.for_host(host)} for host in index.hosts()}
+
+
+async def ready_snapshot(kv: KeyValue) -> dict[str, set[str]]:
+    """What the index holds at the instant it says ready (taken inside ready.set)."""
+    index = WebhookIndex()
+    seen: list[dict[str, set[str]]] = []
+    set_ready = index.ready.set
+
+    def record_then_set() -> None:
+        seen.append(snapshot(index))
+        set_ready()
+
+    index.ready.set = record_then_set  # type: ignore[method-assign]
+    task = asyncio.create_task(index.run(kv))
+    try:
+        await asyncio.wait_for(index.ready.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return seen[0]
+
+
+async def test_ready_means_every_stored_webhook_is_indexed(bucket: tuple[Client, KeyValue]) -> None:
+    _, kv = bucket
+    expected = await put_hooks(kv)
+    for _ in range(5):  # a fresh watch each time: the early marker is a race
+        assert await ready_snapshot(kv) == expected
+
+
+async def test_deleted_webhooks_are_gone_when_ready(bucket: tuple[Client, KeyValue]) -> None:
+    _, kv = bucket
+    expected = await put_hooks(kv)
+    # The bucket's last message is now a delete marker: ready must still come.
+    for host_hooks in list(expected.values())[:3]:
+        for hook_id in list(host_hooks):
+            u = hook_id.split("_")[1]
+            await kv.delete(f"u{u}.{hook_id}")
+    gone = list(expected)[:3]
+    assert await ready_snapshot(kv) == {h: ids for h, ids in expected.items() if h not in gone}
+
+
+async def test_an_empty_or_purged_bucket_is_ready_at_once(bucket: tuple[Client, KeyValue]) -> None:
+    nc, kv = bucket
+    assert await ready_snapshot(kv) == {}
+    await put_hooks(kv)
+    await nc.jetstream().purge_stream(f"KV_{WEBHOOK_BUCKET}")  # messages 0, last sequence > 0
+    assert await ready_snapshot(kv) == {}
