@@ -559,6 +559,18 @@ async def steady_state(
     )
 
 
+async def isolate(
+    stack: RunsStack[JetStreamCluster], caller: Any, consumer: str, kind: str
+) -> tuple[int, dict[str, int | None]]:
+    """:func:`arrange` until the victim holds only the ``kind`` role (a leader may move on its
+    own between placing and checking: place again)."""
+    for _ in range(3):
+        victim, found = await arrange(stack, caller, consumer, kind)
+        if victim_holds_only_its_role(kind, victim, found):
+            return victim, found
+    raise AssertionError(f"could not isolate the {kind} role on one node: {found}")
+
+
 async def kill_under_load(
     stack: RunsStack[JetStreamCluster], alice: LinkdProcess, http: httpx.AsyncClient, caller: Any, kind: str
 ) -> tuple[Load, dict[str, Any]]:
@@ -568,12 +580,7 @@ async def kill_under_load(
     api = stack.api(ALICE, http)
     consumer = host_consumer_name(tunnel.host_token(alice.hostname))
     await steady_state(stack, alice, api, consumer)
-    for _ in range(3):  # a leader may move on its own between placing and checking: place again
-        victim, found = await arrange(stack, caller, consumer, kind)
-        if victim_holds_only_its_role(kind, victim, found):
-            break
-    else:
-        raise AssertionError(f"could not isolate the {kind} role on one node: {found}")
+    victim, found = await isolate(stack, caller, consumer, kind)
     await wait_until(
         lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="gateways not ready before the kill"
     )
@@ -694,8 +701,7 @@ async def test_healthz_is_unavailable_while_the_run_stream_has_no_leader(
     api = stack.api(ALICE, http)
     consumer = host_consumer_name(tunnel.host_token(alice.hostname))
     await steady_state(stack, alice, api, consumer)
-    victim, found = await arrange(stack, caller, consumer, "stream-leader")
-    assert victim_holds_only_its_role("stream-leader", victim, found), found
+    victim, _ = await isolate(stack, caller, consumer, "stream-leader")
     await wait_until(
         lambda: runs_ready(stack, http), RECOVERY_TIMEOUT, message="gateways not ready before the kill"
     )
@@ -787,8 +793,7 @@ async def test_checking_a_host_consumer_during_its_election_does_not_wait_out_th
     host = tunnel.host_token(alice.hostname)
     consumer = host_consumer_name(host)
     await steady_state(stack, alice, api, consumer)
-    victim, found = await arrange(stack, caller, consumer, "consumer-leader")
-    assert victim_holds_only_its_role("consumer-leader", victim, found), found
+    victim, _ = await isolate(stack, caller, consumer, "consumer-leader")
     survivors = [url for i, url in enumerate(cluster.urls) if i != victim]
     nc = await connect(survivors, creds_text=cluster.admin_creds("repro"), name="repro")
     store = RunStore(nc, RunsConfig.from_env({"RUNS_REPLICAS": "3"}), tunnel.DEFAULT_PREFIX)

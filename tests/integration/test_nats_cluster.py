@@ -22,9 +22,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import ServiceUnavailableError
 
 from cli.nats_cluster import NatsCluster, NatsClusterError
 from studio_gateway.nats_jwt import OperatorSetup
@@ -64,6 +64,44 @@ async def connected(servers: list[str], **kwargs: Any) -> AsyncIterator[Client]:
 
 def _port(url: Any) -> int | None:
     return urlsplit(url if isinstance(url, str) else url.geturl()).port
+
+
+async def _add_stream_when_ready(js: JetStreamContext, config: StreamConfig) -> None:
+    """Add a replicated stream on a cluster that has just come up.
+
+    Right after the meta leader is agreed, an account's first request can still find JetStream
+    "not enabled for account" (10039) while the cluster enables it (the gateway retries its
+    set-up the same way).
+    """
+
+    async def added() -> bool:
+        try:
+            await js.add_stream(config)
+        except ServiceUnavailableError as exc:
+            if exc.err_code != JS_NOT_ENABLED_FOR_ACCOUNT:
+                raise
+            return False
+        return True
+
+    await wait_until(added, FAILOVER_TIMEOUT, interval=0.1, message="JetStream never came up")
+
+
+async def _publish_once(js: JetStreamContext, subject: str, payload: bytes, failures: list[str]) -> None:
+    """Publish until stored, exactly once: while a replicated stream has no leader (just created,
+    or its leader killed) a publish finds no responder or times out, and one that timed out may
+    still have been stored; its message id makes a resend a duplicate the stream drops."""
+
+    async def stored() -> bool:
+        try:
+            await js.publish(
+                subject, payload, timeout=REQUEST_TIMEOUT, headers={"Nats-Msg-Id": payload.decode()}
+            )
+        except NatsError as exc:
+            failures.append(type(exc).__name__)
+            return False
+        return True
+
+    await wait_until(stored, FAILOVER_TIMEOUT, interval=0.05, message=f"{payload!r} was never stored")
 
 
 def _route_names(cluster: NatsCluster, index: int) -> set[str]:
@@ -123,31 +161,8 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
         js = admin.jetstream(timeout=5.0)
         orders = StreamConfig(name="ORDERS", subjects=["orders.>"], num_replicas=3, storage=StorageType.FILE)
 
-        async def stream_added() -> bool:
-            # Right after the meta leader is agreed, an account's first request can still find
-            # JetStream "not enabled for account" (10039) while the cluster enables it: the
-            # gateway retries its set-up the same way.
-            try:
-                await js.add_stream(orders)
-            except ServiceUnavailableError as exc:
-                if exc.err_code != JS_NOT_ENABLED_FOR_ACCOUNT:
-                    raise
-                return False
-            return True
-
-        await wait_until(stream_added, FAILOVER_TIMEOUT, interval=0.1, message="JetStream never came up")
-
-        async def first_stored() -> bool:
-            # add_stream answers before the R3 group has surely elected a leader: until then a
-            # publish finds no responder (or times out). The message id makes a resend of one
-            # that was stored after all a duplicate the stream drops.
-            try:
-                await js.publish("orders.new", b"order-0", headers={"Nats-Msg-Id": "order-0"})
-            except (NoStreamResponseError, NatsTimeoutError):
-                return False
-            return True
-
-        await wait_until(first_stored, FAILOVER_TIMEOUT, interval=0.05, message="the stream took no message")
+        await _add_stream_when_ready(js, orders)
+        await _publish_once(js, "orders.new", b"order-0", [])
         for n in range(1, 10):
             await js.publish("orders.new", b"order-%d" % n)
         await js.add_consumer("ORDERS", ConsumerConfig(durable_name="worker", num_replicas=3))
@@ -164,19 +179,8 @@ async def test_operator_mode_r3_stream_survives_sigkill_of_its_leader(
         killed_at = time.monotonic()
         cluster.kill(leader)
 
-        failures: list[str] = []
-
-        async def published() -> bool:
-            try:
-                await js.publish("orders.new", b"order-after-kill", timeout=REQUEST_TIMEOUT)
-            except NatsError as exc:  # 503 no responders until a new leader, timeouts meanwhile
-                failures.append(type(exc).__name__)
-                return False
-            return True
-
-        await wait_until(
-            published, FAILOVER_TIMEOUT, interval=0.05, message="no publish succeeded after the leader died"
-        )
+        failures: list[str] = []  # 503 no responders until a new leader, timeouts meanwhile
+        await _publish_once(js, "orders.new", b"order-after-kill", failures)
         publish_ok = time.monotonic() - killed_at
         assert _port(nc.connected_url) != cluster.nodes[leader].port
         new_leader = await asyncio.to_thread(
@@ -270,9 +274,9 @@ async def test_jetstream_cluster_harness_keeps_serving_when_a_follower_dies(tmp_
             async with connected([url], user_credentials=str(nats_cluster.gateway_creds)) as nc:
                 assert nc.is_connected
         async with connected(nats_cluster.urls, user_credentials=str(creds)) as nc:
-            await nc.jetstream(timeout=5.0).add_stream(
-                StreamConfig(name="RUNS", subjects=["runs.>"], num_replicas=3)
-            )
+            js = nc.jetstream(timeout=5.0)
+            await _add_stream_when_ready(js, StreamConfig(name="RUNS", subjects=["runs.>"], num_replicas=3))
+            await _publish_once(js, "runs.x", b"0", [])  # the group has a leader
         leader = await asyncio.to_thread(
             nats_cluster.cluster.wait_stream_leader, "RUNS", nats_cluster.account
         )
@@ -282,8 +286,10 @@ async def test_jetstream_cluster_harness_keeps_serving_when_a_follower_dies(tmp_
         servers = [nats_cluster.urls[leader], *(u for i, u in enumerate(nats_cluster.urls) if i != leader)]
         async with connected(servers, user_credentials=str(creds), dont_randomize=True) as nc:
             js = nc.jetstream(timeout=5.0)
+            # Both followers hold the stream: the one left makes a quorum with the leader.
+            await asyncio.to_thread(nats_cluster.wait_in_sync, ["RUNS"])
             nats_cluster.kill(follower)
-            for n in range(5):
+            for n in range(1, 6):
                 ack = await js.publish("runs.x", b"%d" % n, timeout=REQUEST_TIMEOUT)
                 assert ack.seq == n + 1
             assert nats_cluster.stream_leader("RUNS") == leader

@@ -24,6 +24,7 @@ import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, WireLog, connect_peers, serving
+from tunnel import _codec as codec
 from tunnel import _frames as frames
 
 HOST = "desk.example"
@@ -59,8 +60,10 @@ async def test_a_monitoring_tap_does_not_turn_offline_into_a_first_frame_timeout
         took.sort()
         # Detected after Timeouts.presence (30 ms) plus three interest checks, not after the
         # fallback (250 ms) or the first-frame timeout (30 s).
+        # The slowest may have met a stall of a loaded machine; the message above already
+        # tells this path from the fallback.
         assert took[len(took) // 2] < 0.05, [f"{t * 1000:.1f} ms" for t in took]
-        assert took[-1] < 0.2, [f"{t * 1000:.1f} ms" for t in took]
+        assert took[-1] < 1.0, [f"{t * 1000:.1f} ms" for t in took]
 
 
 async def test_a_tap_on_everything_leaves_the_fallback_wait(nats_server: NatsServer) -> None:
@@ -105,15 +108,32 @@ async def test_first_contacts_with_a_served_host_under_a_tap_are_never_reported_
 
 async def test_a_host_seen_lately_is_answered_without_an_extra_ack(nats_server: NatsServer) -> None:
     wire = WireLog()
+    starts = WireLog()
     async with connect_peers(nats_server) as peers, serving(peers.server_nc, HOST, ok, wire_tap=wire):
-        client = tunnel.TunnelClient(peers.caller_nc)
+        client = tunnel.TunnelClient(peers.caller_nc, wire_tap=starts)
         for _ in range(3):
             async with await client.fetch(f"tunnel://{HOST}/status") as resp:
                 assert await resp.read() == b"here"
-        kinds = [type(fr).__name__ for fr in wire.frames()]
-        # First contact: ack at once, then the one-message answer; after that one message each.
-        assert kinds == ["ResponseAck", "ResponseWhole", "ResponseWhole", "ResponseWhole"], kinds
         await client.aclose()
+    # Only the first contact asks for an ack at once (later starts are compact: the server
+    # said it takes them).
+    asked = []
+    for pub in starts.published:
+        if pub.subject.endswith(".request"):
+            start = (
+                codec.decode_compact_start(pub.payload, pub.reply, pub.subject.removesuffix(".request"))
+                if codec.is_compact_start(pub.payload)
+                else codec.decode_frame(pub.payload)
+            )
+            assert isinstance(start, frames.RequestStart) and start.extensions is not None
+            asked.append(start.extensions.ack_now)
+    assert asked == [True, False, False]
+    # First contact: ack at once, then the one-message answer; after that one message each
+    # (a server also acks a request it has not answered within 20 ms: a stall of a loaded
+    # machine may add one, so only the first frame is held to being an ack).
+    kinds = [type(fr).__name__ for fr in wire.frames()]
+    assert kinds[0] == "ResponseAck", kinds
+    assert [k for k in kinds if k != "ResponseAck"] == ["ResponseWhole"] * 3, kinds
 
 
 async def test_no_false_offline_while_the_daemon_rotates_its_connection_make_before_break(

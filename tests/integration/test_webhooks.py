@@ -100,10 +100,18 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             _, bob = await register(gw, "bob", {"url": receiver.url, "eventTypes": ["stage", "done"]})
             _, other = await register(gw, "alice", {"url": receiver.url, "runId": "run_other"})
             # JetStream delivers the webhook processor the events of those two users' hosts only.
+            # (Registration brings the consumer's filters in step but does not wait for that.)
             js = gw.app[PROCESSORS].runners["webhooks"].ctx.js
-            info = await js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
-            hosts = {s.split(".host.")[1].split(".")[0] for s in info.config.filter_subjects or []}
-            assert hosts == {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}, info.config
+            wanted = {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}
+            filtered: set[str] = set()
+
+            async def filters_in_step() -> bool:
+                nonlocal filtered
+                info = await js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
+                filtered = {s.split(".host.")[1].split(".")[0] for s in info.config.filter_subjects or []}
+                return filtered == wanted
+
+            await wait_until(filters_in_step, TIMEOUT, message=lambda: f"filters on hosts {filtered}")
             await publish_event(desktop.nc, desktop.hostname, run_id, 1, "stage", stage="working")
             await publish_event(
                 desktop.nc, desktop.hostname, run_id, 2, "done", finalSeq=2, status="completed"
