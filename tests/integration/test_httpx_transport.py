@@ -30,6 +30,7 @@ from tests.integration.tunnel_harness import (
     serving,
 )
 from tunnel._events import Publish
+from tunnel._natsio.common import flush_everything
 from tunnel.httpx_transport import (
     HOP_BY_HOP_HEADERS,
     NotATunnelURL,
@@ -90,7 +91,7 @@ async def test_no_first_frame_is_a_connect_timeout_from_httpx_connect_timeout(
         # Something takes the request start (so it is not "unreachable") but never answers.
         subjects = tunnel.HostSubjects.for_host(HOST)
         black_hole = await peers.server_nc.subscribe(subjects.request, queue=subjects.queue_group)
-        await peers.server_nc.flush()
+        await flush_everything(peers.server_nc)
         started = loop.time()
         with pytest.raises(httpx.ConnectTimeout) as info:
             await client.get(f"{URL}/x")

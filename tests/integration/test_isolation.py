@@ -45,6 +45,7 @@ from tests.integration.gateway_harness import (
     serve_status,
     start_operator_server,
 )
+from tunnel._natsio.common import flush_everything
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,7 +79,7 @@ async def fence(daemon: Daemon, gw: Gateway, own: tunnel.HostSubjects) -> None:
         seen.set()
 
     sub = await gw.nc.subscribe(marker, cb=on_marker)
-    await gw.nc.flush()
+    await flush_everything(gw.nc)
     try:
 
         async def marker_seen() -> bool:
@@ -102,7 +103,7 @@ async def watch(gw: Gateway, subject: str) -> list[str]:
         seen.append(msg.subject)
 
     await gw.nc.subscribe(subject, cb=on_msg)
-    await gw.nc.flush()
+    await flush_everything(gw.nc)
     return seen
 
 
@@ -463,7 +464,7 @@ async def test_daemon_credentials_cap_subscriptions(op: OperatorServer) -> None:
         try:
             for i in range(DAEMON_MAX_SUBSCRIPTIONS + 8):
                 await daemon.nc.subscribe(f"{own.base}.req.{i}.body")
-            await daemon.nc.flush()
+            await flush_everything(daemon.nc)
             # The server refuses the extra ones (nats-py does not surface that -ERR): its own view.
             connz = op.server.monitor_json("connz?subs=1")
             held = [

@@ -30,6 +30,7 @@ from cli.nats_cluster import NatsCluster, NatsClusterError
 from studio_gateway.nats_jwt import OperatorSetup
 from tests.helpers import NatsClusterFactory, wait_until
 from tests.integration.runs_harness import JetStreamCluster
+from tunnel._natsio.common import flush_everything
 
 # nats-server's error code for a request of an account JetStream is not (yet) enabled for.
 JS_NOT_ENABLED_FOR_ACCOUNT = 10039
@@ -116,7 +117,7 @@ async def _cross_node_roundtrip(cluster: NatsCluster, **auth: Any) -> None:
         connected([cluster.urls[0]], **auth) as pub_nc,
     ):
         sub = await sub_nc.subscribe("cluster.echo")
-        await sub_nc.flush()
+        await flush_everything(sub_nc)
 
         async def delivered() -> bool:  # route subscription interest propagates asynchronously
             await pub_nc.publish("cluster.echo", b"ping")

@@ -29,6 +29,7 @@ from tests.integration.tunnel_harness import (
 from tunnel import _codec as codec
 from tunnel import _frames as frames
 from tunnel._events import Publish
+from tunnel._natsio.common import flush_everything
 from tunnel._subjects import parse_request_subject
 
 HOST = "desk.example"
@@ -340,7 +341,7 @@ async def _served_then_gone(p: Any, client: tunnel.TunnelClient) -> None:
         assert await resp.read() == b"ok"
     # The server's UNSUBs leave on its own connection: make sure NATS has them before the caller's
     # next start (else that start can reach the old subscription and no no-responders comes).
-    await p.server_nc.flush()
+    await flush_everything(p.server_nc)
 
 
 async def _answer_ok(req: tunnel.Request) -> tunnel.Response:

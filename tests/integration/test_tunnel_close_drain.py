@@ -20,6 +20,7 @@ from cli.nats_server import NatsServer
 from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, connect_peers
+from tunnel._natsio.common import flush_everything
 
 HOST = "drain.example"
 QUEUED = 20
@@ -86,7 +87,7 @@ async def test_a_drain_that_cannot_finish_still_removes_the_subscription(
         proxy.pass_through()
         proxy.reset_all()  # nats-py reconnects and re-subscribes what it still knows
         await wait_until(lambda: server_nc.is_connected and server_nc.stats["reconnects"] >= 1)
-        await server_nc.flush()
+        await flush_everything(server_nc)
         # Nobody serves the host now: the caller learns it at once instead of a first-frame timeout.
         client = tunnel.TunnelClient(p.caller_nc, timeouts=tunnel.Timeouts(unreachable_grace=0))
         with pytest.raises(tunnel.TunnelUnreachable):

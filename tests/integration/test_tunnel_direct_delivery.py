@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
+from tunnel._natsio.common import flush_everything
 from tunnel._natsio.direct import subscribe_direct
 
 
@@ -37,7 +38,7 @@ async def test_messages_arrive_in_order_without_a_task_or_pending_bytes(nats_ser
         assert sub._pending_size == 0 and sub.pending_msgs == 0
         await sub.unsubscribe()
         await nc.publish("direct.test", b"after")
-        await nc.flush()
+        await flush_everything(nc)
         assert len(seen) == count
     finally:
         await nc.close()
@@ -56,7 +57,7 @@ async def test_a_failing_handler_is_logged_and_the_connection_keeps_reading(nats
         await subscribe_direct(nc, "direct.fail", deliver)
         for data in (b"one", b"boom", b"two"):
             await nc.publish("direct.fail", data)
-        await nc.flush()
+        await flush_everything(nc)
         await wait_until(lambda: seen == [b"one", b"two"], message="the messages around the failure")
         assert nc.is_connected
     finally:
@@ -68,7 +69,7 @@ async def test_drain_of_a_direct_subscription_completes(nats_server: NatsServer)
     seen: list[bytes] = []
     await subscribe_direct(nc, "direct.drain", lambda msg: seen.append(msg.data))
     await nc.publish("direct.drain", b"last")
-    await nc.flush()
+    await flush_everything(nc)
     await wait_until(lambda: seen == [b"last"], message="the message")
     await nc.drain()  # waits on each subscription's pending queue: ours is always empty
     assert nc.is_closed

@@ -16,6 +16,7 @@ import asyncio
 import os
 import random
 import signal
+from typing import Any
 
 import nats
 import pytest
@@ -24,7 +25,7 @@ from nats.aio.client import Client
 from cli.nats_server import NatsServer
 from tests.helpers import NatsServerFactory, wait_until
 from tunnel._events import Publish
-from tunnel._natsio.common import Publisher
+from tunnel._natsio.common import Publisher, flush_everything
 from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
 
 
@@ -35,7 +36,7 @@ async def collect(nc: Client, subject: str) -> list[bytes]:
         seen.append(msg.data)
 
     await nc.subscribe(subject, cb=on_msg)
-    await nc.flush()
+    await flush_everything(nc)
     return seen
 
 
@@ -157,7 +158,7 @@ async def test_order_holds_while_nats_py_waits_for_a_full_socket(nats_server: Na
             seen.append(msg.data[:9])
 
         await watcher.subscribe("dw.drain", cb=on_msg, pending_msgs_limit=10**7, pending_bytes_limit=1 << 31)
-        await watcher.flush()
+        await flush_everything(watcher)
         publisher = Publisher(nc)
         big = b"B" * (200 * 1024)
         expected: list[bytes] = []
@@ -218,3 +219,23 @@ def test_a_client_without_the_known_internals_gets_no_direct_writer() -> None:
 
 def _pub(subject: str, i: int) -> Publish:
     return Publish(subject, str(i).encode())
+
+
+async def test_flush_everything_pings_after_a_sub_still_in_nats_py_buffer(nats_server: NatsServer) -> None:
+    """What a PONG proves: nats-py writes a flush's PING straight to the socket, so only a PING
+    written after the SUB (flush_everything's last) says NATS has the subscription."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        written: list[bytes] = []
+        transport: Any = nc._transport
+        write, writelines = transport.write, transport.writelines
+        transport.write = lambda data: (written.append(bytes(data)), write(data))[1]
+        transport.writelines = lambda chunks: (written.extend(bytes(c) for c in chunks), writelines(chunks))[
+            1
+        ]
+        await nc.subscribe("dw.sub")
+        await flush_everything(nc)
+        sub_at = next(i for i, data in enumerate(written) if data.startswith(b"SUB dw.sub"))
+        assert written[-1] == b"PING\r\n" and len(written) - 1 > sub_at, written
+    finally:
+        await nc.close()

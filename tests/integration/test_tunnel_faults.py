@@ -32,6 +32,7 @@ from cli.nats_server import NatsServer
 from tests.helpers import wait_until
 from tests.integration.tunnel_server_proc import started_subject
 from tunnel._events import Publish
+from tunnel._natsio.common import flush_everything
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 # Generous bound for "something that takes milliseconds locally" on a busy 2-core machine.
@@ -117,7 +118,7 @@ async def test_server_killed_after_ack_before_response_gives_idle_timeout_not_ha
     loop = asyncio.get_running_loop()
     async with server_process(nats_server.url, hostname) as proc:
         started = await client_nc.subscribe(started_subject(hostname))
-        await client_nc.flush()
+        await flush_everything(client_nc)
         client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle, first_frame=30.0))
         # Frames to the client, seen on its own connection: once the spy has the ack, so has the client.
         spy = await client_nc.subscribe(tunnel.HostSubjects.for_host(hostname).base + ".req.*.reply.>")
@@ -146,7 +147,7 @@ async def test_server_killed_mid_body_gives_idle_timeout_to_the_reader(
     loop = asyncio.get_running_loop()
     async with server_process(nats_server.url, hostname) as proc:
         started = await client_nc.subscribe(started_subject(hostname))
-        await client_nc.flush()
+        await flush_everything(client_nc)
         client = tunnel.TunnelClient(client_nc, timeouts=tunnel.Timeouts(idle=idle, first_frame=30.0))
         resp = await client.fetch(f"tunnel://{hostname}/stream-forever")
         assert resp.status == 200

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 import tunnel
 from cli.nats_server import NatsServer
 from tests.helpers import wait_until
+from tunnel._natsio.common import flush_everything
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 HOST: Final = "hostile.test"
@@ -364,7 +365,7 @@ OUTSIDE_WATCH: Final = ["evil.>", f"{OTHER.base}.>", f"{P}x.>", P]
 
 async def _watch(nc: Client, subjects: list[str]) -> list[Subscription]:
     subs = [await nc.subscribe(s) for s in subjects]
-    await nc.flush()
+    await flush_everything(nc)
     return subs
 
 
@@ -426,7 +427,7 @@ async def test_request_start_with_a_non_literal_reply_subject_is_dropped_as_malf
 ) -> None:
     """A reply subject must be one literal NATS subject: no wildcards, whitespace or empty tokens."""
     watcher = await raw.subscribe(f"{P}.>")
-    await raw.flush()
+    await flush_everything(raw)
     before = server.stats.malformed_frames
     await publish_all(raw, SUBJECTS.request, [js(start("nonliteral1", replySubject=reply))])
     await wait_malformed(server, before, 1)
@@ -514,7 +515,7 @@ async def test_a_burst_of_bad_frames_read_at_once_gets_one_error_frame(
     victim_req = await app.arrival("burst")
     rid = victim_req.request_id
     replies = await raw.subscribe(SUBJECTS.client_reply(rid, client.client_id))
-    await raw.flush()
+    await flush_everything(raw)
     before = server.stats.malformed_frames
     bad = [make(rid) for make in UP_GARBAGE.values()]
     await publish_all(raw, SUBJECTS.server_up(rid, server.server_id), bad)

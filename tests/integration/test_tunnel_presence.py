@@ -26,6 +26,7 @@ from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, WireLog, connect_peers, serving
 from tunnel import _codec as codec
 from tunnel import _frames as frames
+from tunnel._natsio.common import flush_everything
 
 HOST = "desk.example"
 
@@ -45,7 +46,7 @@ async def test_a_monitoring_tap_does_not_turn_offline_into_a_first_frame_timeout
             seen.append(getattr(msg, "subject", ""))
 
         await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>", cb=record)
-        await tap_nc.flush()
+        await flush_everything(tap_nc)
         loop = asyncio.get_running_loop()
         took: list[float] = []
         for _ in range(10):  # a fresh client each time (first_frame timeout: the default 30 s)
@@ -72,7 +73,7 @@ async def test_a_tap_on_everything_leaves_the_fallback_wait(nats_server: NatsSer
     async with connect_peers(nats_server) as peers:
         tap_nc = await peers.connect(nats_server.url, "firehose-tap")
         await tap_nc.subscribe(">")
-        await tap_nc.flush()
+        await flush_everything(tap_nc)
         client = tunnel.TunnelClient(peers.caller_nc)
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -95,7 +96,7 @@ async def test_first_contacts_with_a_served_host_under_a_tap_are_never_reported_
     async with connect_peers(nats_server) as peers, serving(peers.server_nc, HOST, ok, wire_tap=wire):
         tap_nc = await peers.connect(nats_server.url, "monitoring-tap")
         await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
-        await tap_nc.flush()
+        await flush_everything(tap_nc)
         for _ in range(50):  # a fresh client each time: every request is a first contact
             client = tunnel.TunnelClient(peers.caller_nc)
             async with await client.fetch(f"tunnel://{HOST}/status") as resp:
@@ -222,7 +223,7 @@ async def test_a_first_contact_under_a_tap_waits_out_a_server_whose_loop_stalls(
         async with connect_peers(nats_server) as peers:
             tap_nc = await peers.connect(nats_server.url, "monitoring-tap")
             await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
-            await tap_nc.flush()
+            await flush_everything(tap_nc)
             busy = tunnel.TunnelClient(peers.caller_nc)
             stalling = asyncio.create_task(busy.fetch(f"tunnel://{HOST}/stall"))
             await wait_until(entered.is_set, EVENT_TIMEOUT, message="the stall never began")

@@ -27,6 +27,7 @@ from tests.integration.gateway_harness import (
     start_operator_server,
 )
 from tests.integration.tunnel_harness import MiB
+from tunnel._natsio.common import flush_everything
 
 HOST = "desk.example"
 P = tunnel.HostSubjects.for_host(HOST).base
@@ -127,7 +128,7 @@ async def test_under_a_tap_a_daemon_without_its_readiness_subject_still_answers_
     server = await tunnel.serve(daemon.nc, HOST, handler)
     try:
         await tap_nc.subscribe(f"{tunnel.DEFAULT_PREFIX}.>")
-        await tap_nc.flush()
+        await flush_everything(tap_nc)
         for _ in range(10):  # a fresh client each time: every request is a first contact
             client = tunnel.TunnelClient(caller_nc)
             async with await client.fetch(f"tunnel://{HOST}/small") as resp:
@@ -155,7 +156,7 @@ async def test_a_caller_that_may_not_ask_about_readiness_falls_back_to_the_longe
     tap_nc = await _caller(op)
     try:
         await tap_nc.subscribe(f"{prefix}.>")
-        await tap_nc.flush()
+        await flush_everything(tap_nc)
         client = tunnel.TunnelClient(caller_nc)
         timeouts = tunnel.Timeouts(presence=0.03, presence_fallback=0.4)
         loop = asyncio.get_running_loop()

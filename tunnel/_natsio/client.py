@@ -88,6 +88,7 @@ from .common import (
     TimedRequest,
     TimerHub,
     WireTap,
+    flush_everything,
     log,
     map_nats_error,
     permission_refused,
@@ -911,11 +912,8 @@ class TunnelClient:
             sub = await self.nc.subscribe(reply)  # no callback: its queue counts answers exactly
             try:
                 await self.publisher.send(Publish(subject, payload, reply))  # wire taps see it too
-                # Twice: nats-py writes a flush's PING straight to the socket, ahead of a PUB
-                # still in its buffer; the first flush gets the PUB written, and the second
-                # PING follows it, so its PONG comes after NATS's answer to the PUB.
-                await self.nc.flush()
-                await self.nc.flush()
+                # Its PONG comes after NATS's answer to the PUB.
+                await flush_everything(self.nc)
                 return sub.pending_msgs == 0
             finally:
                 with contextlib.suppress(NatsError, OSError):

@@ -26,6 +26,18 @@ def map_nats_error(exc: BaseException) -> TunnelConnectionError:
     return TunnelConnectionError(f"NATS connection failed ({name}: {exc})")
 
 
+async def flush_everything(nc: NATS, timeout: int = 10) -> None:
+    """Return once NATS has processed every command ``nc`` sent so far (a SUB, a PUB).
+
+    One ``nc.flush()`` does not promise that: nats-py writes the flush's PING straight to the
+    socket, ahead of commands still in its buffer, so the PONG can come back before NATS has
+    seen a SUB made just before. The first flush gets those written (nats-py's flusher runs
+    before a PONG can arrive); the second PING follows them.
+    """
+    await nc.flush(timeout)
+    await nc.flush(timeout)
+
+
 class Publisher:
     """Sends ``Publish`` values on one connection, through the optional wire tap."""
 

@@ -60,6 +60,7 @@ from .common import (
     TimedRequest,
     TimerHub,
     WireTap,
+    flush_everything,
     map_nats_error,
     permission_refused,
 )
@@ -617,11 +618,9 @@ class TunnelServer:
     async def _refused(self, before: Exception | None, what: str, subject: str) -> str | None:
         """The permissions violation NATS reported for ``what`` ``subject``, if any.
 
-        Two flushes: nats-py writes a flush's PING ahead of commands still in its buffer, so
-        only the second PING surely follows ours, and the -ERR comes before its PONG.
+        NATS sends the -ERR before the PONG that ``flush_everything`` waits for.
         """
-        await self.nc.flush()
-        await self.nc.flush()
+        await flush_everything(self.nc)
         error = self.nc.last_error
         return str(error) if permission_refused(error, before, what, subject) else None
 
