@@ -65,10 +65,10 @@ class WebhookIndex:
         """
         state = (await kv.status()).stream_info.state
         loaded_at = state.last_seq if state.messages else 0
-        if not loaded_at:
-            self.ready.set()
         watcher = await kv.watchall()
         try:
+            if not loaded_at:
+                self.ready.set()
             async for entry in watcher:
                 if entry is None:
                     continue
