@@ -58,10 +58,13 @@ class WebhookIndex:
     async def run(self, kv: KeyValue) -> None:
         """Follow the bucket until cancelled (raises when the watch fails: the owner restarts it).
 
-        Ready once the entry at the bucket's last sequence (read before the watch) is indexed,
-        not at nats-py's "no more pending" marker: that marker can come before entries the
-        watcher has already received. The last message per key arrives in stream order, and the
-        bucket keeps its last message (no max age; a delete leaves a marker).
+        Ready once an entry says nothing was pending after it (``delta``: the server's count,
+        carried on the message), or once the entry at the bucket's last sequence (read before
+        the watch) is indexed, whichever comes first; not at nats-py's separate "no more
+        pending" marker, which can come before entries the watcher has already received. The
+        last message per key arrives in stream order, and the bucket keeps its last message (no
+        max age; a delete leaves a marker) unless an operator purges a subject: ``delta`` covers
+        that.
         """
         state = (await kv.status()).stream_info.state
         loaded_at = state.last_seq if state.messages else 0
@@ -78,7 +81,7 @@ class WebhookIndex:
                 else:
                     with contextlib.suppress(ValueError, KeyError, TypeError):
                         self.add(json.loads(entry.value))
-                if not self.ready.is_set() and (entry.revision or 0) >= loaded_at:
+                if not self.ready.is_set() and (entry.delta == 0 or (entry.revision or 0) >= loaded_at):
                     self.ready.set()
         finally:
             self.ready.clear()

@@ -102,7 +102,9 @@ async def _publish_once(js: JetStreamContext, subject: str, payload: bytes, fail
             return False
         return True
 
-    await wait_until(stored, FAILOVER_TIMEOUT, interval=0.05, message=f"{payload!r} was never stored")
+    await wait_until(
+        stored, FAILOVER_TIMEOUT, interval=0.05, message=lambda: f"{payload!r} was never stored: {failures}"
+    )
 
 
 def _route_names(cluster: NatsCluster, index: int) -> set[str]:

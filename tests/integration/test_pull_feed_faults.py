@@ -53,9 +53,13 @@ async def test_a_503_does_not_latch_the_feed_serves_once_the_consumer_is_there(n
     # while a consumer's new leader is being elected.
     feed = await PullFeed.open(nc, STREAM, "LATER", batch=8, expires=1.0)
     try:
-        asked_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        asked_at = loop.time()
         assert await feed.fetch(8, 0.3) == []
-        assert 0 < feed.unavailable_for() <= asyncio.get_running_loop().time() - asked_at
+        assert 0 < feed.unavailable_for() <= loop.time() - asked_at
+        since = loop.time() - feed.unavailable_for()
+        assert await feed.fetch(8, 0.3) == []  # more 503s: still unavailable since the first
+        assert abs((loop.time() - feed.unavailable_for()) - since) < 0.01
         assert feed.last_problem.startswith("503")
         await nc.jetstream().add_consumer(STREAM, _durable("LATER"))
         await nc.jetstream().publish("feedtest.a", b"one")

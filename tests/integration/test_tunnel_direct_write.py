@@ -115,12 +115,18 @@ async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsSer
 
 
 async def test_publishes_while_disconnected_go_through_nats_py_and_arrive(nats_server: NatsServer) -> None:
+    disconnected = asyncio.Event()
     reconnected = asyncio.Event()
+
+    async def on_disconnect() -> None:
+        disconnected.set()
 
     async def on_reconnect() -> None:
         reconnected.set()
 
-    nc = await nats.connect(nats_server.url, reconnect_time_wait=0.05, reconnected_cb=on_reconnect)
+    nc = await nats.connect(
+        nats_server.url, reconnect_time_wait=0.05, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect
+    )
     try:
         # The client's own subscription: on reconnect nats-py sends its SUBs before the
         # buffered publishes, so what was published while down is seen, in order.
@@ -128,10 +134,12 @@ async def test_publishes_while_disconnected_go_through_nats_py_and_arrive(nats_s
         writer = DirectWriter.for_client(nc)
         assert writer is not None
         publisher = Publisher(nc)
-        nats_server.restart()
-        await wait_until(lambda: not nc.is_connected, message="client noticed the restart")
+        # Down until told: a restart could be over before the client is seen disconnected.
+        nats_server.stop()
+        await asyncio.wait_for(disconnected.wait(), 10)
         assert not writer.try_write("dw.reconnect", None, b"while down")
         await publisher.send(Publish("dw.reconnect", b"1"))  # into nats-py's reconnect buffer
+        nats_server.start()
         await asyncio.wait_for(reconnected.wait(), 10)
         await asyncio.sleep(0)  # a new pass: the direct path is open again
         await publisher.send(Publish("dw.reconnect", b"2"))

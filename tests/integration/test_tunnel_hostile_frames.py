@@ -373,7 +373,7 @@ async def _assert_nothing_arrived(
     subs: list[Subscription], server_nc: Client, raw: Client, what: str
 ) -> None:
     # Barrier: whatever the server published before now has reached the watchers' connection.
-    await server_nc.flush()
+    await flush_everything(server_nc)
     await raw.flush()
     arrived = [(s.subject, s.pending_msgs) for s in subs if s.pending_msgs]
     assert arrived == [], f"the server published {what}: {arrived}"
@@ -432,7 +432,7 @@ async def test_request_start_with_a_non_literal_reply_subject_is_dropped_as_malf
     await publish_all(raw, SUBJECTS.request, [js(start("nonliteral1", replySubject=reply))])
     await wait_malformed(server, before, 1)
     await assert_still_serves(client, crash_log)
-    await server_nc.flush()
+    await flush_everything(server_nc)
     await raw.flush()
     published = []
     while watcher.pending_msgs:
@@ -784,9 +784,7 @@ class FakeServer:
             await self.nc.subscribe(SUBJECTS.request, queue=SUBJECTS.queue_group, cb=self._on_start),
             await self.nc.subscribe(SUBJECTS.all_aborts, cb=self._on_abort),
         ]
-        # Twice: nats-py writes a flush's PING ahead of SUBs still in its buffer.
-        await self.nc.flush()
-        await self.nc.flush()
+        await flush_everything(self.nc)  # NATS has the SUBs
 
     async def _on_start(self, msg: Msg) -> None:
         frame = json.loads(msg.data)

@@ -26,6 +26,7 @@ from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, WireLog, connect_peers, serving
 from tunnel import _codec as codec
 from tunnel import _frames as frames
+from tunnel._config import DEFERRED_ACK_DELAY
 from tunnel._natsio.common import flush_everything
 
 HOST = "desk.example"
@@ -61,10 +62,9 @@ async def test_a_monitoring_tap_does_not_turn_offline_into_a_first_frame_timeout
         took.sort()
         # Detected after Timeouts.presence (30 ms) plus three interest checks, not after the
         # fallback (250 ms) or the first-frame timeout (30 s).
-        # The slowest may have met a stall of a loaded machine; the message above already
-        # tells this path from the fallback.
+        # One of ten may have met a stall of a loaded machine.
         assert took[len(took) // 2] < 0.05, [f"{t * 1000:.1f} ms" for t in took]
-        assert took[-1] < 1.0, [f"{t * 1000:.1f} ms" for t in took]
+        assert sum(t >= 0.2 for t in took) <= 1, [f"{t * 1000:.1f} ms" for t in took]
 
 
 async def test_a_tap_on_everything_leaves_the_fallback_wait(nats_server: NatsServer) -> None:
@@ -110,11 +110,15 @@ async def test_first_contacts_with_a_served_host_under_a_tap_are_never_reported_
 async def test_a_host_seen_lately_is_answered_without_an_extra_ack(nats_server: NatsServer) -> None:
     wire = WireLog()
     starts = WireLog()
+    took: list[float] = []
     async with connect_peers(nats_server) as peers, serving(peers.server_nc, HOST, ok, wire_tap=wire):
         client = tunnel.TunnelClient(peers.caller_nc, wire_tap=starts)
+        loop = asyncio.get_running_loop()
         for _ in range(3):
+            began = loop.time()
             async with await client.fetch(f"tunnel://{HOST}/status") as resp:
                 assert await resp.read() == b"here"
+            took.append(loop.time() - began)
         await client.aclose()
     # Only the first contact asks for an ack at once (later starts are compact: the server
     # said it takes them).
@@ -129,12 +133,18 @@ async def test_a_host_seen_lately_is_answered_without_an_extra_ack(nats_server: 
             assert isinstance(start, frames.RequestStart) and start.extensions is not None
             asked.append(start.extensions.ack_now)
     assert asked == [True, False, False]
-    # First contact: ack at once, then the one-message answer; after that one message each
-    # (a server also acks a request it has not answered within 20 ms: a stall of a loaded
-    # machine may add one, so only the first frame is held to being an ack).
-    kinds = [type(fr).__name__ for fr in wire.frames()]
-    assert kinds[0] == "ResponseAck", kinds
-    assert [k for k in kinds if k != "ResponseAck"] == ["ResponseWhole"] * 3, kinds
+    # First contact: ack at once, then the one-message answer; after that one message each.
+    # A server also acks a request it has not answered within DEFERRED_ACK_DELAY: only a
+    # request that took that long (a stall of a loaded machine) may have one.
+    by_request: dict[str, list[str]] = {}
+    for fr in wire.frames():
+        by_request.setdefault(fr.request_id, []).append(type(fr).__name__)
+    answers = list(by_request.values())
+    assert answers[0] == ["ResponseAck", "ResponseWhole"], answers
+    for kinds, seconds in zip(answers[1:], took[1:], strict=True):
+        assert kinds == ["ResponseWhole"] or (
+            kinds == ["ResponseAck", "ResponseWhole"] and seconds >= DEFERRED_ACK_DELAY
+        ), (answers, took)
 
 
 async def test_no_false_offline_while_the_daemon_rotates_its_connection_make_before_break(

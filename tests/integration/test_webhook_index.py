@@ -103,3 +103,17 @@ async def test_an_empty_or_purged_bucket_is_ready_at_once(bucket: tuple[Client, 
     await put_hooks(kv)
     await nc.jetstream().purge_stream(f"KV_{WEBHOOK_BUCKET}")  # messages 0, last sequence > 0
     assert await ready_snapshot(kv) == {}
+
+
+async def test_ready_comes_when_the_last_message_was_purged_by_an_operator(
+    bucket: tuple[Client, KeyValue],
+) -> None:
+    nc, kv = bucket
+    expected = await put_hooks(kv)
+    last_user, last_hook = USERS - 1, f"wh_{USERS - 1}_{HOOKS_PER_USER - 1}"
+    # The bucket's last sequence is gone, other keys remain: that sequence never arrives.
+    await nc.jetstream().purge_stream(
+        f"KV_{WEBHOOK_BUCKET}", subject=f"$KV.{WEBHOOK_BUCKET}.u{last_user}.{last_hook}"
+    )
+    expected[host_token_of(f"user-{last_user}")].discard(last_hook)
+    assert await ready_snapshot(kv) == expected

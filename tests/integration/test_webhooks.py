@@ -100,7 +100,8 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             _, bob = await register(gw, "bob", {"url": receiver.url, "eventTypes": ["stage", "done"]})
             _, other = await register(gw, "alice", {"url": receiver.url, "runId": "run_other"})
             # JetStream delivers the webhook processor the events of those two users' hosts only.
-            # (Registration brings the consumer's filters in step but does not wait for that.)
+            # (Registration brings the consumer's filters in step, unless the processor's consumer
+            # is not up yet or the update times out: then the runner's periodic check does.)
             js = gw.app[PROCESSORS].runners["webhooks"].ctx.js
             wanted = {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}
             filtered: set[str] = set()
