@@ -237,10 +237,16 @@ async def test_flush_everything_pings_after_a_sub_still_in_nats_py_buffer(nats_s
         written: list[bytes] = []
         transport: Any = nc._transport
         write, writelines = transport.write, transport.writelines
-        transport.write = lambda data: (written.append(bytes(data)), write(data))[1]
-        transport.writelines = lambda chunks: (written.extend(bytes(c) for c in chunks), writelines(chunks))[
-            1
-        ]
+
+        def logged_write(data: bytes) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        def logged_writelines(chunks: list[bytes]) -> None:
+            written.extend(bytes(c) for c in chunks)
+            writelines(chunks)
+
+        transport.write, transport.writelines = logged_write, logged_writelines
         await nc.subscribe("dw.sub")
         await flush_everything(nc)
         sub_at = next(i for i, data in enumerate(written) if data.startswith(b"SUB dw.sub"))

@@ -19,9 +19,8 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 from cli.nats_server import NatsServer
-from studio_gateway.runs.store import kv_stream_config
 from studio_gateway.webhooks.index import WebhookIndex, host_token_of
-from studio_gateway.webhooks.store import WEBHOOK_BUCKET
+from studio_gateway.webhooks.store import WEBHOOK_BUCKET, WebhookStore
 from tests.helpers import NatsServerFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,22 +34,33 @@ async def bucket(nats_server_factory: NatsServerFactory) -> AsyncIterator[tuple[
     server: NatsServer = nats_server_factory(jetstream=True)
     nc = await nats.connect(server.url)
     try:
-        js = nc.jetstream()
-        await js.add_stream(kv_stream_config(WEBHOOK_BUCKET, max_age=None, replicas=1))
-        yield nc, await js.key_value(WEBHOOK_BUCKET)
+        store = await WebhookStore.open(nc, nc.jetstream(), replicas=1, retention=3600)
+        yield nc, store.webhooks
     finally:
         await nc.close()
+
+
+def user_of(u: int) -> str:
+    return f"user-{u}"
+
+
+def hook_id_of(u: int, h: int) -> str:
+    return f"wh_{u}_{h}"
+
+
+def hook_key(u: int, h: int) -> str:
+    """The webhook's key in the bucket (``<user token>.<webhook id>``; any token serves here)."""
+    return f"u{u}.{hook_id_of(u, h)}"
 
 
 async def put_hooks(kv: KeyValue) -> dict[str, set[str]]:
     """USERS x HOOKS_PER_USER webhooks; returns webhook ids by host token."""
     by_host: dict[str, set[str]] = {}
     for u in range(USERS):
-        user = f"user-{u}"
         for h in range(HOOKS_PER_USER):
-            hook_id = f"wh_{u}_{h}"
-            await kv.put(f"u{u}.{hook_id}", json.dumps({"id": hook_id, "userId": user}).encode())
-            by_host.setdefault(host_token_of(user), set()).add(hook_id)
+            record = {"id": hook_id_of(u, h), "userId": user_of(u)}
+            await kv.put(hook_key(u, h), json.dumps(record).encode())
+            by_host.setdefault(host_token_of(user_of(u)), set()).add(hook_id_of(u, h))
     return by_host
 
 
@@ -88,12 +98,12 @@ async def test_ready_means_every_stored_webhook_is_indexed(bucket: tuple[Client,
 async def test_deleted_webhooks_are_gone_when_ready(bucket: tuple[Client, KeyValue]) -> None:
     _, kv = bucket
     expected = await put_hooks(kv)
-    # The bucket's last message is now a delete marker: ready must still come.
-    for host_hooks in list(expected.values())[:3]:
-        for hook_id in list(host_hooks):
-            u = hook_id.split("_")[1]
-            await kv.delete(f"u{u}.{hook_id}")
-    gone = list(expected)[:3]
+    # Every webhook of the last three users: the bucket's last message is a delete marker,
+    # and ready must still come.
+    gone = {host_token_of(user_of(u)) for u in range(USERS - 3, USERS)}
+    for u in range(USERS - 3, USERS):
+        for h in range(HOOKS_PER_USER):
+            await kv.delete(hook_key(u, h))
     assert await ready_snapshot(kv) == {h: ids for h, ids in expected.items() if h not in gone}
 
 
@@ -110,10 +120,10 @@ async def test_ready_comes_when_the_last_message_was_purged_by_an_operator(
 ) -> None:
     nc, kv = bucket
     expected = await put_hooks(kv)
-    last_user, last_hook = USERS - 1, f"wh_{USERS - 1}_{HOOKS_PER_USER - 1}"
+    u, h = USERS - 1, HOOKS_PER_USER - 1  # the last one put
     # The bucket's last sequence is gone, other keys remain: that sequence never arrives.
     await nc.jetstream().purge_stream(
-        f"KV_{WEBHOOK_BUCKET}", subject=f"$KV.{WEBHOOK_BUCKET}.u{last_user}.{last_hook}"
+        f"KV_{WEBHOOK_BUCKET}", subject=f"$KV.{WEBHOOK_BUCKET}.{hook_key(u, h)}"
     )
-    expected[host_token_of(f"user-{last_user}")].discard(last_hook)
+    expected[host_token_of(user_of(u))].discard(hook_id_of(u, h))
     assert await ready_snapshot(kv) == expected

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from nats.js.errors import NotFoundError
 
 import tunnel
 from cli.nats_server import NatsServer, free_port
@@ -92,6 +93,20 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
         desktop = await accepting_desktop(js_server.url, "alice")
         try:
             run_id = await started_run(gw, desktop, "alice")
+
+            # The processor's consumer exists and its index is loaded: from here a registration
+            # brings the consumer's filters in step before it answers (checked at once below).
+            async def processor_up() -> bool:
+                runner = gw.app[PROCESSORS].runners.get("webhooks")
+                if runner is None or not gw.app[WEBHOOKS].processor.index.ready.is_set():
+                    return False
+                try:
+                    await runner.ctx.js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
+                except NotFoundError:
+                    return False
+                return True
+
+            await wait_until(processor_up, TIMEOUT, message="the webhook processor never came up")
             status, hook = await register(gw, "alice", {"url": receiver.url, "eventTypes": ["stage", "done"]})
             assert status == 201, hook
             assert hook["secret"].startswith("whsec_") and hook["eventTypes"] == ["done", "stage"]
@@ -100,19 +115,10 @@ async def test_deliveries_are_signed_and_listed(js_server: NatsServer) -> None:
             _, bob = await register(gw, "bob", {"url": receiver.url, "eventTypes": ["stage", "done"]})
             _, other = await register(gw, "alice", {"url": receiver.url, "runId": "run_other"})
             # JetStream delivers the webhook processor the events of those two users' hosts only.
-            # (Registration brings the consumer's filters in step, unless the processor's consumer
-            # is not up yet or the update times out: then the runner's periodic check does.)
             js = gw.app[PROCESSORS].runners["webhooks"].ctx.js
-            wanted = {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}
-            filtered: set[str] = set()
-
-            async def filters_in_step() -> bool:
-                nonlocal filtered
-                info = await js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
-                filtered = {s.split(".host.")[1].split(".")[0] for s in info.config.filter_subjects or []}
-                return filtered == wanted
-
-            await wait_until(filters_in_step, TIMEOUT, message=lambda: f"filters on hosts {filtered}")
+            info = await js.consumer_info(RUN_STREAM, "LINK_PROC_webhooks")
+            hosts = {s.split(".host.")[1].split(".")[0] for s in info.config.filter_subjects or []}
+            assert hosts == {tunnel.host_token(tunnel_hostname(u)) for u in ("alice", "bob")}, info.config
             await publish_event(desktop.nc, desktop.hostname, run_id, 1, "stage", stage="working")
             await publish_event(
                 desktop.nc, desktop.hostname, run_id, 2, "done", finalSeq=2, status="completed"
