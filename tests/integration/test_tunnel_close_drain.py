@@ -93,3 +93,32 @@ async def test_a_drain_that_cannot_finish_still_removes_the_subscription(
         with pytest.raises(tunnel.TunnelUnreachable):
             await client.fetch(f"tunnel://{HOST}/")
         await client.aclose()
+
+
+async def test_close_returns_only_after_nats_has_the_unsub(nats_server: NatsServer) -> None:
+    """nats-py's drain flushes with a PING written ahead of its UNSUB: its PONG proved nothing,
+    so close() could return with NATS still routing starts to the closed server (CI: a caller's
+    next start was lost there and cost a republish). A PING must follow the UNSUB."""
+    async with connect_peers(nats_server) as p:
+        server = await tunnel.serve(p.server_nc, HOST, _echo_path)
+        request_sub = server._request_sub
+        assert request_sub is not None
+        written: list[bytes] = []
+        transport: Any = p.server_nc._transport
+        write, writelines = transport.write, transport.writelines
+
+        def logged_write(data: bytes) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        def logged_writelines(chunks: list[bytes]) -> None:
+            written.extend(bytes(c) for c in chunks)
+            writelines(chunks)
+
+        transport.write, transport.writelines = logged_write, logged_writelines
+        await server.close(timeout=EVENT_TIMEOUT)
+        unsub = [b"UNSUB", str(request_sub._id).encode()]
+        first_unsub = next(i for i, data in enumerate(written) if data.split() == unsub)
+        assert b"PING\r\n" in written[first_unsub + 1 :], written
+        assert request_sub._id not in p.server_nc._subs
+    assert not p.errors

@@ -319,6 +319,41 @@ async def test_caller_leaving_early_cancels_the_handler_and_frees_the_slot(
         assert server.stats.completed == 0
 
 
+async def test_an_answer_that_ends_while_the_upload_waits_in_nats_py_is_the_answer(
+    nats_server: NatsServer, server_nc: Client
+) -> None:
+    """The response ends mid-upload: the caller gets that response, not a protocol error.
+
+    Ending the response cancels the upload, but nats-py swallows a cancellation that lands
+    while a publish waits for its flusher (``_flush_pending``); the upload went on and tried
+    to send body in phase ``done`` (CI: ``LocalProtocolError`` instead of the service's 501).
+    ``pending_size=1`` and a pass-through tap make every upload publish wait there.
+    """
+    refusal = b'{"error":"too large"}'
+
+    async def refuse_unread(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(413, [("Content-Type", "application/json")], refusal)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"u" * (64 * 1024)
+
+    nc = await nats.connect(
+        nats_server.url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT, pending_size=1
+    )
+    try:
+        async with serving(server_nc, "refuses-early.test", refuse_unread):
+            client = tunnel.TunnelClient(nc, wire_tap=lambda pub: [pub])
+            for _ in range(20):
+                async with asyncio.timeout(EVENT_TIMEOUT):
+                    resp = await client.fetch("tunnel://refuses-early.test/up", method="PUT", body=endless())
+                    assert (resp.status, await resp.read()) == (413, refusal)
+            assert client.in_flight == 0
+            assert dict(client.stats.outcomes) == {"ok": 20}
+    finally:
+        await nc.close()
+
+
 # --------------------------------------------------------------------------- lost and duplicated frames
 
 BODY_FRAMES: Final = 16

@@ -423,7 +423,7 @@ class _ClientRequest(TimedRequest):
             async for piece in pieces:
                 view = memoryview(piece)
                 while view:
-                    if self.error is not None:
+                    if not self._uploading():
                         return
                     frames, taken = self.stream.send_body(view)
                     await self.client.publisher.send_all(frames)
@@ -431,7 +431,7 @@ class _ClientRequest(TimedRequest):
                     view = view[taken:]
                     if view:
                         await self._wait_credit()
-            if self.error is None:
+            if self._uploading():
                 await self.client.publisher.send(self.stream.end_body())
                 self.stream.mark_published()
         except asyncio.CancelledError:
@@ -453,8 +453,17 @@ class _ClientRequest(TimedRequest):
         finally:
             await pieces.aclose()  # may hold a started read of the caller's iterator
 
+    def _uploading(self) -> bool:
+        """Is the request body still wanted? Not once the response has ended or failed.
+
+        ``release()`` cancels the upload then, but nats-py swallows a cancellation that lands
+        while a publish waits for its flusher (``Client._flush_pending``), so the upload
+        must also see for itself that it is over.
+        """
+        return self.error is None and self.stream.can_send_body
+
     async def _wait_credit(self) -> None:
-        if self.stream.send.available() > 0 or self.error is not None:
+        if self.stream.send.available() > 0 or not self._uploading():
             return
         self._credit = asyncio.get_running_loop().create_future()
         try:
@@ -552,6 +561,7 @@ class _ClientRequest(TimedRequest):
             self.client._unsubscribe_soon(self.sub)
             self.sub = None
         # Once the response is over, a still-running upload has nobody to read it.
+        self._wake_credit()
         if (
             self._upload is not None
             and not self._upload.done()

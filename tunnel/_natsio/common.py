@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from .._errors import TunnelConnectionError
@@ -36,6 +37,27 @@ async def flush_everything(nc: NATS, timeout: int = 10) -> None:
     """
     await nc.flush(timeout)
     await nc.flush(timeout)
+
+
+async def drain_subscription(nc: NATS, sub: Subscription) -> None:
+    """``sub.drain()`` that keeps its promise: when it returns, NATS has processed the UNSUB
+    and every message it delivered before was handed to the subscription's callback.
+
+    nats-py's own drain sends the UNSUB and one flush, whose PING goes out ahead of the UNSUB
+    (see :func:`flush_everything`). Its PONG can come back while NATS still delivers to the
+    subscription: nats-py then drops those messages (it has forgotten the subscription), and
+    NATS may route the next one to it after ``drain()`` returned. So the UNSUB goes first here,
+    confirmed by :func:`flush_everything` (whatever NATS sent before it is queued by then);
+    ``drain()`` then sends it again (NATS ignores an UNSUB for a subscription it no longer has)
+    and waits for the callback to take what was queued. Without the nats-py internals used
+    (``_send_unsubscribe``, ``_id``), it is nats-py's drain alone.
+    """
+    send_unsubscribe = getattr(nc, "_send_unsubscribe", None)
+    sid = getattr(sub, "_id", None)
+    if send_unsubscribe is not None and isinstance(sid, int) and not nc.is_closed:
+        await send_unsubscribe(sid)
+        await flush_everything(nc)
+    await sub.drain()  # type: ignore[no-untyped-call]
 
 
 class Publisher:

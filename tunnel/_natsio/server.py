@@ -60,6 +60,7 @@ from .common import (
     TimedRequest,
     TimerHub,
     WireTap,
+    drain_subscription,
     flush_everything,
     map_nats_error,
     permission_refused,
@@ -668,7 +669,7 @@ class TunnelServer:
         if limit <= 0 or not self.nc.is_connected:
             return False
         try:
-            await asyncio.wait_for(sub.drain(), limit)  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(drain_subscription(self.nc, sub), limit)
         except (NatsError, OSError, TimeoutError):
             return False
         except asyncio.CancelledError:  # close() cancelled mid-drain: still leave no zombie
