@@ -661,8 +661,7 @@ class JetStreamUplink:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])  # (raises nothing of the task's, passes on our own cancel)
         await self._drop_link()
         self._forget_now()
         journal, self.journal = self.journal, None
@@ -704,8 +703,13 @@ class JetStreamUplink:
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._deliver(), name="linkd-uplink")
 
+    def _is_closed(self) -> bool:
+        """(A call, not the attribute: ``_closed`` changes while ``_deliver`` awaits.)"""
+        return self._closed
+
     async def _deliver(self) -> None:
-        while True:
+        # Not only cancel() ends it: nats-py can swallow a cancel that lands in a publish.
+        while not self._is_closed():
             # One turn of the loop for the producers first: events emitted together go out together.
             await asyncio.sleep(0)
             self._wake.clear()
@@ -717,6 +721,8 @@ class JetStreamUplink:
                 log.exception("run uplink: unexpected error; retrying")
                 self._failure("internal", f"internal error ({type(exc).__name__})")
                 timeout = self._pause_until - self.clock()
+            if self._is_closed():
+                return
             if timeout is None or timeout > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):

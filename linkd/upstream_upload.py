@@ -38,7 +38,6 @@ socket in TIME_WAIT per request and could run out of local ports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -71,6 +70,7 @@ log = logging.getLogger("linkd.upstream")
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 MAX_IDLE: Final = 10  # idle connections kept per upstream
 MAX_IDLE_SECONDS: Final = 2.0  # reused only this soon: under every common keep-alive timeout
+CANCEL_GRACE: Final = 0.1  # for a cancelled upload to end before its socket is reset
 DRAIN_GRACE: Final = 1.0  # at the answer's end, for the upload's last drain (else not reused)
 
 # Tasks of uploads whose answer is being relayed (asyncio keeps only weak references).
@@ -239,6 +239,8 @@ async def _await_answer(
 async def _upload(conn: h11.Connection, writer: asyncio.StreamWriter, content: AsyncIterator[bytes]) -> None:
     """The request body into the socket, each write drained; then the body's end."""
     async for block in content:
+        if writer.is_closing():
+            return  # the answer ended or was abandoned (see UploadAnswerBody.aclose)
         if block:
             writer.write(conn.send(h11.Data(data=block)) or b"")
             await writer.drain()
@@ -380,6 +382,9 @@ class UploadAnswerBody:
         upload = self._upload
         if not upload.done():
             upload.cancel()  # the answer is complete (or abandoned): the rest of the body goes nowhere
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await upload
+            # Briefly: a cancel can be lost in nats-py (a credit publish in the request body);
+            # the socket's reset then stops the upload (at its next write, or its next block).
+            await asyncio.wait([upload], timeout=CANCEL_GRACE)
+            if not upload.done():
+                self._writer.transport.abort()
         self._writer.close()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 
 import tunnel
@@ -26,6 +27,7 @@ from linkd.run_events import MemoryEventSink
 from linkd.runs import RunManager
 from linkd.traffic import Exchange, ExchangeEvent, Traffic
 from linkd.upstream import UpstreamProxy
+from linkd.upstream_upload import send_with_body
 from tests.helpers import wait_until
 from tests.integration.tunnel_harness import connect_peers, serving
 
@@ -187,3 +189,54 @@ async def test_a_service_that_answers_nothing_is_a_logged_upstream_error(
     assert any(upstream.url in w and "PUT /x failed" in w for w in warnings), warnings
     access = [r for r in caplog.records if r.name == ACCESS_LOGGER]
     assert len(access) == 1 and access[0].getMessage().endswith("error=upstream_error")
+
+
+async def test_an_early_answer_ends_even_when_the_uploads_cancel_is_swallowed() -> None:
+    """Ending the answer cancels the upload; a cancel that lands in a credit publish of the
+    request body can be swallowed (nats-py does, in ``Client._flush_pending``). The upload then
+    went on feeding a service that does not read, and the answer's end waited for it."""
+    upstream = EarlyRefuser(413, "Payload Too Large", keep_open=True)
+    await upstream.start()
+    swallowed = 0
+
+    async def credit_that_swallows_a_cancel(_: int) -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.Event().wait()  # a credit publish waiting for nats-py's flusher
+        except asyncio.CancelledError:
+            swallowed += 1  # as nats-py does: the caller goes on as if not cancelled
+
+    request = tunnel.Request(
+        request_id="r1",
+        hostname=HOST,
+        method="PUT",
+        url="/up",
+        headers=[],
+        has_body=True,
+        deadline=None,
+        on_consumed=credit_that_swallows_a_cancel,
+    )
+    for _ in range(64):
+        request._feed(b"u" * (64 * 1024))  # the caller's body: more than any socket buffer takes
+    try:
+        resp = await send_with_body(
+            request,
+            base=httpx.URL(upstream.url),
+            base_url=upstream.url,
+            target=b"/up",
+            headers=[(b"host", b"svc")],
+            length=None,
+            connect_timeout=TIMEOUT,
+            head_timeout=TIMEOUT,
+        )
+        assert resp.status == 413
+        body = resp.body
+        assert isinstance(body, AsyncIterable)
+        async with asyncio.timeout(TIMEOUT):
+            got = b"".join([chunk async for chunk in body])
+        assert got == upstream.body
+        assert swallowed == 1  # the case this is about happened
+    finally:
+        upstream.release.set()
+        assert upstream.server is not None
+        upstream.server.close()

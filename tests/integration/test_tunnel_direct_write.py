@@ -253,3 +253,27 @@ async def test_flush_everything_pings_after_a_sub_still_in_nats_py_buffer(nats_s
         assert written[-1] == b"PING\r\n" and len(written) - 1 > sub_at, written
     finally:
         await nc.close()
+
+
+async def test_a_cancel_that_lands_in_a_nats_py_publish_is_not_lost(nats_server: NatsServer) -> None:
+    """nats-py's publish, waiting for its flusher (its buffer full), swallows CancelledError in
+    ``Client._flush_pending``; the Publisher raises it again. ``pending_size=1`` makes every
+    publish wait there: without the Publisher's check this loop would never end."""
+    nc = await nats.connect(nats_server.url, pending_size=1)
+    try:
+        publisher = Publisher(nc)
+        published = 0
+
+        async def publish_forever() -> None:
+            nonlocal published
+            while True:
+                await publisher.send(Publish("dw.cancel", b"x" * (SMALL_PAYLOAD + 1)))  # via nats-py
+                published += 1
+
+        task = asyncio.get_running_loop().create_task(publish_forever())
+        await wait_until(lambda: published >= 10)
+        task.cancel()
+        await asyncio.wait([task], timeout=5.0)
+        assert task.cancelled()
+    finally:
+        await nc.close()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -350,6 +350,62 @@ async def test_an_answer_that_ends_while_the_upload_waits_in_nats_py_is_the_answ
                     assert (resp.status, await resp.read()) == (413, refusal)
             assert client.in_flight == 0
             assert dict(client.stats.outcomes) == {"ok": 20}
+    finally:
+        await nc.close()
+
+
+async def test_handlers_of_callers_that_left_mid_download_end_and_close_their_bodies(
+    nats_server: NatsServer, client_nc: Client
+) -> None:
+    """A caller leaving fails the request and cancels its handler, which may be waiting inside
+    nats-py's publish (its buffer full: ``pending_size=1`` and a pass-through tap make every
+    body frame wait there), where the cancel is swallowed. The handler went on to wait for
+    credit that could never come: its task and its body (an upstream response) were kept."""
+    leaves = 20
+    closed = 0
+
+    class Body:
+        """A response body (4 MiB) with a cleanup, like an upstream response's."""
+
+        def __init__(self) -> None:
+            self.left = 4
+
+        def __iter__(self) -> Iterator[bytes]:
+            return self
+
+        def __next__(self) -> bytes:
+            if not self.left:
+                raise StopIteration
+            self.left -= 1
+            return b"d" * (1024 * 1024)
+
+        def close(self) -> None:
+            nonlocal closed
+            closed += 1
+
+    async def download(req: tunnel.Request) -> tunnel.Response:
+        return tunnel.Response(200, [], Body())
+
+    nc = await nats.connect(
+        nats_server.url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT, pending_size=1
+    )
+    try:
+        async with serving(
+            nc,
+            "leaves-mid-download.test",
+            download,
+            wire_tap=lambda pub: [pub],
+            config=tunnel.ServerConfig(max_chunk=16 * 1024),
+        ) as server:
+            window = 64 * 1024
+            client = tunnel.TunnelClient(client_nc, limits=tunnel.Limits(window=window, max_window=window))
+            for _ in range(leaves):
+                resp = await client.fetch("tunnel://leaves-mid-download.test/big")
+                assert len(await anext(resp.aiter_bytes())) > 0
+                await resp.aclose()
+            await wait_until(lambda: closed == leaves, timeout=EVENT_TIMEOUT, message=f"{closed} closed")
+            await wait_until(lambda: server.in_flight == 0, timeout=EVENT_TIMEOUT)
+            assert server.stats.aborted == leaves
     finally:
         await nc.close()
 

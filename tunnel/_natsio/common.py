@@ -70,17 +70,32 @@ class Publisher:
         self._direct = DirectWriter.for_client(nc)
 
     async def send(self, pub: Publish) -> None:
+        if self.tap is None:
+            direct = self._direct
+            if direct is not None and direct.try_write(pub.subject, pub.reply, pub.payload):
+                return
+            await self._publish(pub)
+        else:
+            for p in self.tap(pub):
+                await self._publish(p)
+
+    async def _publish(self, pub: Publish) -> None:
+        """nats-py's publish, except that a cancellation is never lost in it.
+
+        When its buffer is full, nats-py's publish waits for its flusher inside
+        ``Client._flush_pending``, which swallows ``CancelledError``: the cancelled task would go
+        on publishing as if nothing happened (an upload after its response ended, a handler
+        after its caller left, an ``asyncio.timeout`` that never fires). A cancel request that
+        arrived while publishing (``Task.cancelling()`` grew) is raised here instead.
+        """
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
-            if self.tap is None:
-                direct = self._direct
-                if direct is not None and direct.try_write(pub.subject, pub.reply, pub.payload):
-                    return
-                await self.nc.publish(pub.subject, pub.payload, reply=pub.reply)
-            else:
-                for p in self.tap(pub):
-                    await self.nc.publish(p.subject, p.payload, reply=p.reply)
+            await self.nc.publish(pub.subject, pub.payload, reply=pub.reply)
         except (NatsError, OSError) as exc:
             raise map_nats_error(exc) from exc
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError("cancelled while nats-py was publishing")
 
     async def send_all(self, pubs: Iterable[Publish]) -> None:
         for pub in pubs:

@@ -321,6 +321,9 @@ class _ServerRequest(TimedRequest):
                 await self._wait_credit()
 
     async def _wait_credit(self) -> None:
+        if self.stream.finished:
+            # fail() fails only a wait already begun: one begun after it would never end.
+            raise self.stream.error or TunnelAborted("request ended")
         if self.stream.send.available() > 0:
             return
         self._credit = asyncio.get_running_loop().create_future()
