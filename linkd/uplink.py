@@ -659,15 +659,17 @@ class JetStreamUplink:
                 extra={"event": "uplink_undelivered", "events": self.outbox.undelivered(), "runs": runs},
             )
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])  # (raises nothing of the task's, passes on our own cancel)
-        await self._drop_link()
-        self._forget_now()
-        journal, self.journal = self.journal, None
-        if journal is not None:  # what is left in it goes out after the next start
-            with contextlib.suppress(SqliteError):
-                journal.close()
+        try:
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])  # (raises nothing of the task's, passes on our own cancel)
+        finally:  # also when we are cancelled meanwhile: nothing calls aclose() twice
+            await self._drop_link()
+            self._forget_now()
+            journal, self.journal = self.journal, None
+            if journal is not None:  # what is left in it goes out after the next start
+                with contextlib.suppress(SqliteError):
+                    journal.close()
 
     def status(self) -> dict[str, Any]:
         """For the status file: how much waits and why."""

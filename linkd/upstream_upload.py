@@ -380,11 +380,13 @@ class UploadAnswerBody:
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
         upload = self._upload
-        if not upload.done():
-            upload.cancel()  # the answer is complete (or abandoned): the rest of the body goes nowhere
-            # Briefly: a cancel can be lost in nats-py (a credit publish in the request body);
-            # the socket's reset then stops the upload (at its next write, or its next block).
-            await asyncio.wait([upload], timeout=CANCEL_GRACE)
+        try:
+            if not upload.done():
+                upload.cancel()  # the answer is complete (or abandoned): the rest of the body goes nowhere
+                # Briefly: a cancel can be lost in nats-py (a credit publish in the request body);
+                # the socket's reset then stops the upload (at its next write, or its next block).
+                await asyncio.wait([upload], timeout=CANCEL_GRACE)
+        finally:  # also when we are cancelled meanwhile: nothing calls aclose() twice
             if not upload.done():
                 self._writer.transport.abort()
-        self._writer.close()
+            self._writer.close()

@@ -21,6 +21,7 @@ import pytest
 
 import tunnel
 from cli.nats_server import NatsServer
+from linkd import upstream_upload
 from linkd.access_log import ACCESS_LOGGER, AccessLog
 from linkd.routes import LinkRoutes
 from linkd.run_events import MemoryEventSink
@@ -201,10 +202,12 @@ async def test_an_early_answer_ends_even_when_the_uploads_cancel_is_swallowed() 
 
     async def credit_that_swallows_a_cancel(_: int) -> None:
         nonlocal swallowed
+        if swallowed:
+            return
         try:
             await asyncio.Event().wait()  # a credit publish waiting for nats-py's flusher
         except asyncio.CancelledError:
-            swallowed += 1  # as nats-py does: the caller goes on as if not cancelled
+            swallowed += 1  # as nats-py does: its caller goes on as if not cancelled
 
     request = tunnel.Request(
         request_id="r1",
@@ -218,6 +221,7 @@ async def test_an_early_answer_ends_even_when_the_uploads_cancel_is_swallowed() 
     )
     for _ in range(64):
         request._feed(b"u" * (64 * 1024))  # the caller's body: more than any socket buffer takes
+    uploads = {t for t in upstream_upload._TASKS if t.get_name() == "linkd-upstream-upload"}
     try:
         resp = await send_with_body(
             request,
@@ -230,12 +234,21 @@ async def test_an_early_answer_ends_even_when_the_uploads_cancel_is_swallowed() 
             head_timeout=TIMEOUT,
         )
         assert resp.status == 413
+        (upload,) = {t for t in upstream_upload._TASKS if t.get_name() == "linkd-upstream-upload"} - uploads
         body = resp.body
         assert isinstance(body, AsyncIterable)
-        async with asyncio.timeout(TIMEOUT):
-            got = b"".join([chunk async for chunk in body])
-        assert got == upstream.body
+
+        async def read_all() -> bytes:
+            return b"".join([chunk async for chunk in body])
+
+        # Waited for with asyncio.wait: a swallowed cancel must fail this test, not hang it.
+        reading = asyncio.get_running_loop().create_task(read_all())
+        await asyncio.wait([reading], timeout=TIMEOUT)
+        assert reading.done(), "the answer's end waited for the upload"
+        assert reading.result() == upstream.body
         assert swallowed == 1  # the case this is about happened
+        await asyncio.wait([upload], timeout=TIMEOUT)
+        assert upload.done(), "the upload went on after the answer ended"
     finally:
         upstream.release.set()
         assert upstream.server is not None

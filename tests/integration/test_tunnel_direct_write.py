@@ -21,11 +21,12 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.errors import FlushTimeoutError
 
 from cli.nats_server import NatsServer
 from tests.helpers import NatsServerFactory, wait_until
 from tunnel._events import Publish
-from tunnel._natsio.common import Publisher, flush_everything
+from tunnel._natsio.common import Publisher, flush_everything, round_trip
 from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
 
 
@@ -276,4 +277,39 @@ async def test_a_cancel_that_lands_in_a_nats_py_publish_is_not_lost(nats_server:
         await asyncio.wait([task], timeout=5.0)
         assert task.cancelled()
     finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("give_up", ["timeout", "cancel"])
+async def test_a_round_trip_given_up_leaves_the_connection_hearing(
+    nats_server: NatsServer, give_up: str
+) -> None:
+    """nats-py's flush cancels its PONG's future when it gives up (a timeout, a cancel) but
+    leaves it queued; the late PONG then stops nats-py's read loop and the connection hears
+    nothing more while it still looks connected. round_trip never cancels that future."""
+    nc = await nats.connect(nats_server.url)
+    other = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("dw.hearing")
+        await flush_everything(nc)
+        os.kill(nats_server.pid, signal.SIGSTOP)  # no PONG until it runs again
+        try:
+            if give_up == "timeout":
+                with pytest.raises(FlushTimeoutError):
+                    await round_trip(nc, timeout=0.2)
+            else:
+                task = asyncio.get_running_loop().create_task(round_trip(nc))
+                await asyncio.sleep(0)  # one pass: the task's first step writes its PING
+                task.cancel()
+                await asyncio.wait([task])
+                assert task.cancelled()
+        finally:
+            os.kill(nats_server.pid, signal.SIGCONT)
+        await wait_until(lambda: not nc._pongs, message="the late PONG never came")
+        await other.publish("dw.hearing", b"still hearing")
+        await flush_everything(other)
+        msg = await sub.next_msg(timeout=5.0)  # after the late PONG: nats-py read past it
+        assert msg.data == b"still hearing"
+    finally:
+        await other.close()
         await nc.close()

@@ -361,7 +361,7 @@ async def test_handlers_of_callers_that_left_mid_download_end_and_close_their_bo
     nats-py's publish (its buffer full: ``pending_size=1`` and a pass-through tap make every
     body frame wait there), where the cancel is swallowed. The handler went on to wait for
     credit that could never come: its task and its body (an upstream response) were kept."""
-    leaves = 20
+    leaves = 40
     closed = 0
 
     class Body:

@@ -10,9 +10,11 @@ from typing import Any, Protocol
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.errors import FlushTimeoutError
 
 from .._errors import TunnelConnectionError
 from .._events import Publish
+from .direct import is_direct
 from .direct_write import DirectWriter
 
 log = logging.getLogger("tunnel")
@@ -27,16 +29,37 @@ def map_nats_error(exc: BaseException) -> TunnelConnectionError:
     return TunnelConnectionError(f"NATS connection failed ({name}: {exc})")
 
 
-async def flush_everything(nc: NATS, timeout: int = 10) -> None:
+async def flush_everything(nc: NATS, timeout: float = 10) -> None:
     """Return once NATS has processed every command ``nc`` sent so far (a SUB, a PUB).
 
     One ``nc.flush()`` does not promise that: nats-py writes the flush's PING straight to the
     socket, ahead of commands still in its buffer, so the PONG can come back before NATS has
-    seen a SUB made just before. The first flush gets those written (nats-py's flusher runs
-    before a PONG can arrive); the second PING follows them.
+    seen a SUB made just before. The first round trip gets those written (nats-py's flusher
+    runs before a PONG can arrive); the second PING follows them.
     """
-    await nc.flush(timeout)
-    await nc.flush(timeout)
+    await round_trip(nc, timeout)
+    await round_trip(nc, timeout)
+
+
+async def round_trip(nc: NATS, timeout: float = 10) -> None:
+    """``nc.flush(timeout)`` (one PING and its PONG), except that giving up leaves nc working.
+
+    nats-py's flush cancels its PONG's future when it times out or is cancelled, but leaves it
+    queued: when that PONG comes after all, nats-py's read loop fails setting its result and
+    stops, and the connection hears nothing more while it still looks connected. Here the
+    future is only waited for, never cancelled, so a late PONG completes it harmlessly.
+    Without the nats-py internals used (``_send_ping``, ``_reading_task``), it is ``flush``.
+    """
+    send_ping = getattr(nc, "_send_ping", None)
+    reading = getattr(nc, "_reading_task", None)
+    if send_ping is None or reading is None or reading.done() or nc.is_closed:
+        await nc.flush(timeout)  # type: ignore[arg-type]  # (its errors, and its fallbacks)
+        return
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    await send_ping(pong)
+    done, _ = await asyncio.wait([pong], timeout=timeout)
+    if not done:
+        raise FlushTimeoutError
 
 
 async def drain_subscription(nc: NATS, sub: Subscription) -> None:
@@ -47,16 +70,20 @@ async def drain_subscription(nc: NATS, sub: Subscription) -> None:
     (see :func:`flush_everything`). Its PONG can come back while NATS still delivers to the
     subscription: nats-py then drops those messages (it has forgotten the subscription), and
     NATS may route the next one to it after ``drain()`` returned. So the UNSUB goes first here,
-    confirmed by :func:`flush_everything` (whatever NATS sent before it is queued by then);
-    ``drain()`` then sends it again (NATS ignores an UNSUB for a subscription it no longer has)
-    and waits for the callback to take what was queued. Without the nats-py internals used
-    (``_send_unsubscribe``, ``_id``), it is nats-py's drain alone.
+    confirmed by :func:`flush_everything` (whatever NATS sent before it has reached nats-py by
+    then). A direct subscription (:mod:`.direct`) has handled those already, in the read loop,
+    so it is simply forgotten (NATS ignores a second UNSUB for a subscription it no longer
+    has); any other is left to ``drain()`` to wait for its callback. Without the nats-py
+    internals used (``_send_unsubscribe``, ``_id``), it is nats-py's drain alone.
     """
     send_unsubscribe = getattr(nc, "_send_unsubscribe", None)
     sid = getattr(sub, "_id", None)
     if send_unsubscribe is not None and isinstance(sid, int) and not nc.is_closed:
         await send_unsubscribe(sid)
         await flush_everything(nc)
+        if is_direct(sub):
+            await sub.unsubscribe()
+            return
     await sub.drain()  # type: ignore[no-untyped-call]
 
 

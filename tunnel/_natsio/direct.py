@@ -92,3 +92,8 @@ def _as_callback(deliver: Deliver) -> Callable[[Msg], Any]:
         deliver(msg)
 
     return callback
+
+
+def is_direct(sub: Subscription) -> bool:
+    """Whether ``sub`` hands its messages on in nats-py's read loop (none waits in a queue)."""
+    return isinstance(getattr(sub, "_pending_queue", None), _DirectDelivery)
