@@ -123,3 +123,15 @@ def _describe(predicate: Callable[[], Any]) -> str:
         source = linecache.getline(code.co_filename, code.co_firstlineno).strip()
         return f"`{source}` at {where}" if source else f"a lambda at {where}"
     return f"{name}() at {where}"
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (SIGSTOP): ``kill`` returns before they are,
+    and meanwhile a thread of a multi-threaded server (nats-server) may still answer."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            continue  # a thread that just exited
+    return bool(states) and all(state in ("T", "t") for state in states)

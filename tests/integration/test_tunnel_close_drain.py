@@ -20,7 +20,7 @@ from cli.nats_server import NatsServer
 from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
 from tests.integration.tunnel_harness import EVENT_TIMEOUT, connect_peers
-from tunnel._natsio.common import flush_everything
+from tunnel._natsio.common import drain_subscription, flush_everything
 
 HOST = "drain.example"
 QUEUED = 20
@@ -121,4 +121,27 @@ async def test_close_returns_only_after_nats_has_the_unsub(nats_server: NatsServ
         first_unsub = next(i for i, data in enumerate(written) if data.split() == unsub)
         assert b"PING\r\n" in written[first_unsub + 1 :], written
         assert request_sub._id not in p.server_nc._subs
+    assert not p.errors
+
+
+async def test_draining_a_callback_subscription_hands_every_queued_message_to_its_callback(
+    nats_server: NatsServer,
+) -> None:
+    """drain_subscription on an ordinary (queued) subscription: what NATS delivered before the
+    UNSUB goes through the callback before it returns; then the subscription is gone."""
+    async with connect_peers(nats_server) as p:
+        got: list[bytes] = []
+
+        async def slow_callback(msg: Any) -> None:
+            await asyncio.sleep(0)  # (a callback that yields: messages wait in the queue)
+            got.append(msg.data)
+
+        sub = await p.server_nc.subscribe("drain.queued", cb=slow_callback)
+        await flush_everything(p.server_nc)
+        for i in range(50):
+            await p.caller_nc.publish("drain.queued", str(i).encode())
+        await flush_everything(p.caller_nc)  # NATS has routed all 50 before the UNSUB below
+        await drain_subscription(p.server_nc, sub)
+        assert got == [str(i).encode() for i in range(50)]
+        assert sub._id not in p.server_nc._subs
     assert not p.errors

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.errors import FlushTimeoutError
 
 from cli.nats_server import NatsServer
-from tests.helpers import NatsServerFactory, wait_until
+from tests.helpers import NatsServerFactory, process_stopped, wait_until
 from tunnel._events import Publish
 from tunnel._natsio.common import Publisher, flush_everything, round_trip
 from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
@@ -294,12 +294,14 @@ async def test_a_round_trip_given_up_leaves_the_connection_hearing(
         await flush_everything(nc)
         os.kill(nats_server.pid, signal.SIGSTOP)  # no PONG until it runs again
         try:
+            await wait_until(lambda: process_stopped(nats_server.pid))
             if give_up == "timeout":
                 with pytest.raises(FlushTimeoutError):
                     await round_trip(nc, timeout=0.2)
             else:
                 task = asyncio.get_running_loop().create_task(round_trip(nc))
                 await asyncio.sleep(0)  # one pass: the task's first step writes its PING
+                assert len(nc._pongs) == 1  # it did: a PONG is awaited
                 task.cancel()
                 await asyncio.wait([task])
                 assert task.cancelled()

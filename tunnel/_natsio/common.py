@@ -71,20 +71,24 @@ async def drain_subscription(nc: NATS, sub: Subscription) -> None:
     subscription: nats-py then drops those messages (it has forgotten the subscription), and
     NATS may route the next one to it after ``drain()`` returned. So the UNSUB goes first here,
     confirmed by :func:`flush_everything` (whatever NATS sent before it has reached nats-py by
-    then). A direct subscription (:mod:`.direct`) has handled those already, in the read loop,
-    so it is simply forgotten (NATS ignores a second UNSUB for a subscription it no longer
-    has); any other is left to ``drain()`` to wait for its callback. Without the nats-py
-    internals used (``_send_unsubscribe``, ``_id``), it is nats-py's drain alone.
+    then). A direct subscription (:mod:`.direct`) has handled those already, in the read loop;
+    any other has them in its queue, and its callback takes them first. Then the subscription
+    is forgotten (NATS ignores a second UNSUB for a subscription it no longer has). No nats-py
+    flush is involved: cut short, one would leave the connection deaf (see :func:`round_trip`).
+    Without the nats-py internals used (``_send_unsubscribe``, ``_id``, ``_pending_queue``),
+    it is nats-py's drain.
     """
     send_unsubscribe = getattr(nc, "_send_unsubscribe", None)
     sid = getattr(sub, "_id", None)
-    if send_unsubscribe is not None and isinstance(sid, int) and not nc.is_closed:
-        await send_unsubscribe(sid)
-        await flush_everything(nc)
-        if is_direct(sub):
-            await sub.unsubscribe()
-            return
-    await sub.drain()  # type: ignore[no-untyped-call]
+    queue = getattr(sub, "_pending_queue", None)
+    if send_unsubscribe is None or not isinstance(sid, int) or queue is None or nc.is_closed:
+        await sub.drain()  # type: ignore[no-untyped-call]
+        return
+    await send_unsubscribe(sid)
+    await flush_everything(nc)
+    if not is_direct(sub):
+        await queue.join()  # every queued message through the subscription's callback
+    await sub.unsubscribe()
 
 
 class Publisher:
