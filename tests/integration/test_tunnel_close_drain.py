@@ -19,7 +19,7 @@ import tunnel._natsio.server as server_module
 from cli.nats_server import NatsServer
 from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
-from tests.integration.tunnel_harness import EVENT_TIMEOUT, connect_peers
+from tests.integration.tunnel_harness import EVENT_TIMEOUT, connect_peers, log_writes
 from tunnel._natsio.common import drain_subscription, flush_everything
 
 HOST = "drain.example"
@@ -103,19 +103,7 @@ async def test_close_returns_only_after_nats_has_the_unsub(nats_server: NatsServ
         server = await tunnel.serve(p.server_nc, HOST, _echo_path)
         request_sub = server._request_sub
         assert request_sub is not None
-        written: list[bytes] = []
-        transport: Any = p.server_nc._transport
-        write, writelines = transport.write, transport.writelines
-
-        def logged_write(data: bytes) -> None:
-            written.append(bytes(data))
-            write(data)
-
-        def logged_writelines(chunks: list[bytes]) -> None:
-            written.extend(bytes(c) for c in chunks)
-            writelines(chunks)
-
-        transport.write, transport.writelines = logged_write, logged_writelines
+        written = log_writes(p.server_nc)
         await server.close(timeout=EVENT_TIMEOUT)
         unsub = [b"UNSUB", str(request_sub._id).encode()]
         first_unsub = next(i for i, data in enumerate(written) if data.split() == unsub)

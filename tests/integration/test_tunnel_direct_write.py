@@ -16,7 +16,6 @@ import asyncio
 import os
 import random
 import signal
-from typing import Any
 
 import nats
 import pytest
@@ -25,6 +24,7 @@ from nats.errors import FlushTimeoutError
 
 from cli.nats_server import NatsServer
 from tests.helpers import NatsServerFactory, process_stopped, wait_until
+from tests.integration.tunnel_harness import log_writes
 from tunnel._events import Publish
 from tunnel._natsio.common import Publisher, flush_everything, round_trip
 from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
@@ -235,19 +235,7 @@ async def test_flush_everything_pings_after_a_sub_still_in_nats_py_buffer(nats_s
     written after the SUB (flush_everything's last) says NATS has the subscription."""
     nc = await nats.connect(nats_server.url)
     try:
-        written: list[bytes] = []
-        transport: Any = nc._transport
-        write, writelines = transport.write, transport.writelines
-
-        def logged_write(data: bytes) -> None:
-            written.append(bytes(data))
-            write(data)
-
-        def logged_writelines(chunks: list[bytes]) -> None:
-            written.extend(bytes(c) for c in chunks)
-            writelines(chunks)
-
-        transport.write, transport.writelines = logged_write, logged_writelines
+        written = log_writes(nc)
         await nc.subscribe("dw.sub")
         await flush_everything(nc)
         sub_at = next(i for i, data in enumerate(written) if data.startswith(b"SUB dw.sub"))

@@ -126,3 +126,21 @@ async def hashed_body(total: int, digest: Any, chunk_size: int = MiB) -> AsyncIt
 
 def sha256() -> Any:
     return hashlib.sha256()
+
+
+def log_writes(nc: Client) -> list[bytes]:
+    """Every write ``nc`` makes to its socket from now on, in order (the commands on the wire)."""
+    written: list[bytes] = []
+    transport: Any = nc._transport
+    write, writelines = transport.write, transport.writelines
+
+    def logged_write(data: bytes) -> None:
+        written.append(bytes(data))
+        write(data)
+
+    def logged_writelines(chunks: list[bytes]) -> None:
+        written.extend(bytes(c) for c in chunks)
+        writelines(chunks)
+
+    transport.write, transport.writelines = logged_write, logged_writelines
+    return written
