@@ -48,8 +48,8 @@ async def _ignore_error(_: Exception) -> None:
 
 
 @contextlib.asynccontextmanager
-async def connected(url: str) -> AsyncIterator[Client]:
-    nc = await nats.connect(url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT)
+async def connected(url: str, **options: object) -> AsyncIterator[Client]:
+    nc = await nats.connect(url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT, **options)  # type: ignore[arg-type]
     try:
         yield nc
     finally:
@@ -338,20 +338,17 @@ async def test_an_answer_that_ends_while_the_upload_waits_in_nats_py_is_the_answ
         while True:
             yield b"u" * (64 * 1024)
 
-    nc = await nats.connect(
-        nats_server.url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT, pending_size=1
-    )
-    try:
-        async with serving(server_nc, "refuses-early.test", refuse_unread):
-            client = tunnel.TunnelClient(nc, wire_tap=lambda pub: [pub])
-            for _ in range(20):
-                async with asyncio.timeout(EVENT_TIMEOUT):
-                    resp = await client.fetch("tunnel://refuses-early.test/up", method="PUT", body=endless())
-                    assert (resp.status, await resp.read()) == (413, refusal)
-            assert client.in_flight == 0
-            assert dict(client.stats.outcomes) == {"ok": 20}
-    finally:
-        await nc.close()
+    async with (
+        connected(nats_server.url, pending_size=1) as nc,
+        serving(server_nc, "refuses-early.test", refuse_unread),
+    ):
+        client = tunnel.TunnelClient(nc, wire_tap=lambda pub: [pub])
+        for _ in range(20):
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                resp = await client.fetch("tunnel://refuses-early.test/up", method="PUT", body=endless())
+                assert (resp.status, await resp.read()) == (413, refusal)
+        assert client.in_flight == 0
+        assert dict(client.stats.outcomes) == {"ok": 20}
 
 
 async def test_handlers_of_callers_that_left_mid_download_end_and_close_their_bodies(
@@ -386,28 +383,27 @@ async def test_handlers_of_callers_that_left_mid_download_end_and_close_their_bo
     async def download(req: tunnel.Request) -> tunnel.Response:
         return tunnel.Response(200, [], Body())
 
-    nc = await nats.connect(
-        nats_server.url, error_cb=_ignore_error, connect_timeout=EVENT_TIMEOUT, pending_size=1
-    )
-    try:
-        async with serving(
+    async with (
+        connected(nats_server.url, pending_size=1) as nc,
+        serving(
             nc,
             "leaves-mid-download.test",
             download,
             wire_tap=lambda pub: [pub],
             config=tunnel.ServerConfig(max_chunk=16 * 1024),
-        ) as server:
-            window = 64 * 1024
-            client = tunnel.TunnelClient(client_nc, limits=tunnel.Limits(window=window, max_window=window))
-            for _ in range(leaves):
-                resp = await client.fetch("tunnel://leaves-mid-download.test/big")
-                assert len(await anext(resp.aiter_bytes())) > 0
-                await resp.aclose()
-            await wait_until(lambda: closed == leaves, timeout=EVENT_TIMEOUT, message=f"{closed} closed")
-            await wait_until(lambda: server.in_flight == 0, timeout=EVENT_TIMEOUT)
-            assert server.stats.aborted == leaves
-    finally:
-        await nc.close()
+        ) as server,
+    ):
+        window = 64 * 1024
+        client = tunnel.TunnelClient(client_nc, limits=tunnel.Limits(window=window, max_window=window))
+        for _ in range(leaves):
+            resp = await client.fetch("tunnel://leaves-mid-download.test/big")
+            assert len(await anext(resp.aiter_bytes())) > 0
+            await resp.aclose()
+        await wait_until(
+            lambda: closed == leaves, timeout=EVENT_TIMEOUT, message=lambda: f"{closed} of {leaves} closed"
+        )
+        await wait_until(lambda: server.in_flight == 0, timeout=EVENT_TIMEOUT)
+        assert server.stats.aborted == leaves
 
 
 # --------------------------------------------------------------------------- lost and duplicated frames
