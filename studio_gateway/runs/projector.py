@@ -670,18 +670,20 @@ class Projector:
                 except Conflict:
                     self._cache.pop(run_id, None)
                     continue
-                if current.terminal:
-                    self._run_ended(run_id, current.host_token)
-                    self.metrics.run_finished(current.status, current.failure_kind)
-                    await self.store.mark_inactive(run_id)
-                else:
-                    self._remember(current, new_revision)
+                # Counted as soon as the write is in (a reader may see the new state already),
+                # before the index's own write.
                 if expired:
                     self.metrics.resume_expired.inc()
                     log.warning("run %s: events came after its resume window; failed desktop_lost", run_id)
                 elif state.status == "stalled" and applied:
                     self.metrics.resumed.inc()
                     log.info("run %s resumed: its desktop's events flow again", run_id)
+                if current.terminal:
+                    self._run_ended(run_id, current.host_token)
+                    self.metrics.run_finished(current.status, current.failure_kind)
+                    await self.store.mark_inactive(run_id)
+                else:
+                    self._remember(current, new_revision)
                 stream_time = applied[-1].stream_time if applied else None
                 if stream_time is not None:
                     self.metrics.event_applied_at(stream_time)

@@ -173,13 +173,15 @@ class Reaper:
             await self.store.write(new, revision)
         except Conflict:
             return False  # something happened to the run meanwhile; the next pass looks again
-        await self.store.mark_inactive(run_id)
+        # Counted as soon as the write is in (a reader may see the failed run already), not
+        # after the index's own write.
         self._stalled.discard(run_id)
         self.metrics.reaped.inc()
         if expired:
             self.metrics.resume_expired.inc()
         self.metrics.run_finished(new.status, new.failure_kind)
         log.warning("run %s reaped: %s", run_id, reason)
+        await self.store.mark_inactive(run_id)
         return True
 
     async def _stall(self, state: RunState, revision: int, now: int, since: int, deadline: int) -> bool:

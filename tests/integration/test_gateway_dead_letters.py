@@ -72,6 +72,10 @@ async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> floa
     return 0.0 if value is None else value
 
 
+async def metric_at_least(stack: RunsStack, http: httpx.AsyncClient, sample: str, value: float) -> bool:
+    return await metric(stack, http, sample) >= value
+
+
 async def publish_as_desktop(stack: RunsStack, http: httpx.AsyncClient, run_id: str, event: Any) -> None:
     """A JetStream publish on the run's subject with a fresh session of the user's own desktop."""
     key = new_key(KeyKind.USER)
@@ -130,8 +134,11 @@ async def test_a_poison_event_is_dead_lettered_counted_listed_and_fails_its_run(
     assert state["status"] == "failed" and state["failureKind"] == "event_rejected", state
     assert "dead letter" in state["failureReason"] and "TypeError" in state["failureReason"], state
     assert state["fence"] == 2, state
+    # Counted once the gateway has its write's acknowledgement, which a reader may beat.
+    await wait_until(lambda: metric_at_least(stack, http, "studio_runs_dead_letters_total", 1), TIMEOUT)
     assert await metric(stack, http, "studio_runs_dead_letters_total") == 1
     finished = 'studio_runs_finished_total{status="failed",failure_kind="event_rejected"}'
+    await wait_until(lambda: metric_at_least(stack, http, finished, 1), TIMEOUT)
     assert await metric(stack, http, finished) == 1
 
     # Listed for an operator, with what it takes to look into it.

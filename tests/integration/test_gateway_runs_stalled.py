@@ -79,6 +79,20 @@ async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> floa
     return sample_value(text, sample) or 0.0
 
 
+async def settled_metric(stack: RunsStack, http: httpx.AsyncClient, sample: str, at_least: float) -> float:
+    """The sample once it reaches ``at_least`` (returned, so the caller can check it went no further).
+
+    A run's new state can be read before its gateway has counted it: the KV write is visible
+    to readers before its acknowledgement reaches the writer, which counts after that.
+    """
+
+    async def reached() -> bool:
+        return await metric(stack, http, sample) >= at_least
+
+    await wait_until(reached, TIMEOUT, message=f"{sample} never reached {at_least}")
+    return await metric(stack, http, sample)
+
+
 def expected_output(count: int) -> str:
     return "".join(mock_chunk("chunk", i, None) for i in range(count))
 
@@ -175,11 +189,10 @@ async def test_past_the_resume_window_the_run_is_lost_and_late_events_do_not_rev
     assert "resume window" in failed["failureReason"], failed
     assert failed["fence"] == 2 and failed["stalledSince"] is None, failed
     assert failed["finishedAt"] >= stalled["resumeDeadline"], (failed, stalled)
-    assert await metric(stack, http, "studio_runs_resume_expired_total") == expired_before + 1
-    assert (
-        await metric(stack, http, 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}')
-        >= 1
-    )
+    expired = await settled_metric(stack, http, "studio_runs_resume_expired_total", expired_before + 1)
+    assert expired == expired_before + 1
+    lost = 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}'
+    assert await settled_metric(stack, http, lost, 1) >= 1
 
     # Thawed, the daemon goes on publishing the run's events: they arrive, and change nothing.
     await wait_until(
