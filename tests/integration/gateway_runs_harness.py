@@ -129,6 +129,20 @@ class RunsGateway:
         """The value of one sample (``name{labels}``, any label order), 0 when absent."""
         return sample_value(await self.metrics(), sample) or 0.0
 
+    async def settled_metric(self, sample: str, at_least: float, timeout: float = TIMEOUT) -> float:
+        """The sample once it reaches ``at_least`` (returned, so the caller can check it went no further).
+
+        What a test sees first can come before this instance counts it: a run's state is visible
+        to readers before its KV write's acknowledgement reaches the writer, which counts after
+        that (or after the step that follows it).
+        """
+
+        async def reached() -> bool:
+            return await self.metric(sample) >= at_least
+
+        await wait_until(reached, timeout, message=f"{sample} never reached {at_least}")
+        return await self.metric(sample)
+
 
 @asynccontextmanager
 async def runs_gateway(

@@ -66,8 +66,9 @@ async def test_batches_overlapping_each_other_apply_each_event_once(js_server: N
             streamed = await gw.sse("ivy", run_id)
             assert [int(m["id"]) for m in streamed[:-1]] == list(range(1, 9))
             assert streamed[-1]["event"] == "end" and streamed[-1]["data"]["status"] == "completed"
-            assert await gw.metric('studio_runs_uplink_events_total{result="duplicate"}') == 2
-            assert await gw.metric('studio_runs_uplink_events_total{result="applied"}') == 8
+            # Counted after the run's write and its index's: a reader can see it completed first.
+            assert await gw.settled_metric('studio_runs_uplink_events_total{result="duplicate"}', 2) == 2
+            assert await gw.settled_metric('studio_runs_uplink_events_total{result="applied"}', 8) == 8
     finally:
         await desktop.close()
 

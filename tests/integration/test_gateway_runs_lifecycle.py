@@ -28,6 +28,8 @@ from studio_gateway.runs.state import RunState
 from studio_gateway.runs.store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
 from tests.helpers import NatsServerFactory, wait_until
 from tests.integration.gateway_runs_harness import (
+    TIMEOUT,
+    RunsGateway,
     accepting_desktop,
     publish_event,
     runs_env,
@@ -41,6 +43,20 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 def js_server(nats_server_factory: NatsServerFactory) -> NatsServer:
     return nats_server_factory(jetstream=True)
+
+
+async def settled_sum(sample: str, at_least: float, *gateways: RunsGateway) -> float:
+    """``sample`` summed over ``gateways`` once the sum reaches ``at_least`` (returned, so the
+    caller can check it went no further; see :meth:`RunsGateway.settled_metric`)."""
+
+    async def total() -> float:
+        return sum([await gw.metric(sample) for gw in gateways])
+
+    async def reached() -> bool:
+        return await total() >= at_least
+
+    await wait_until(reached, TIMEOUT, message=f"{sample} never reached {at_least}")
+    return await total()
 
 
 async def test_two_gateway_instances_share_runs_attach_on_the_other_one(js_server: NatsServer) -> None:
@@ -62,11 +78,10 @@ async def test_two_gateway_instances_share_runs_attach_on_the_other_one(js_serve
             assert await a.export("frank", run_id) == await b.export("frank", run_id)
             resumed = await a.sse("frank", run_id, query="?after=10")
             assert [m["data"] for m in resumed] == [m["data"] for m in live[10:]]
-            # Each event was applied once, by one of the two projectors.
-            applied = await a.metric('studio_runs_uplink_events_total{result="applied"}') + await b.metric(
-                'studio_runs_uplink_events_total{result="applied"}'
-            )
-            assert applied == seqs[-1]
+            # Each event was applied once, by one of the two projectors (counted after the run's
+            # write and its index's: a reader can see it completed first).
+            applied = 'studio_runs_uplink_events_total{result="applied"}'
+            assert await settled_sum(applied, seqs[-1], a, b) == seqs[-1]
     finally:
         await desktop.close()
 
@@ -95,7 +110,8 @@ async def test_stale_fence_and_other_host_events_are_ignored_and_counted(js_serv
             events = await gw.export("grace", run_id)
             assert [(e["seq"], e["type"]) for e in events] == [(1, "stage"), (2, "output"), (3, "done")]
             assert events[1]["data"] == "real\n"
-            assert await gw.metric('studio_runs_uplink_events_total{result="stale_fence"}') == 1
+            # Settled after the group's write (and its index's): a reader can see the run completed first.
+            assert await gw.settled_metric('studio_runs_uplink_events_total{result="stale_fence"}', 1) == 1
             # Mallory's host has no runs, so no consumer: its events never even reach a projector.
             assert await gw.metric('studio_runs_uplink_events_total{result="wrong_host"}') == 0
             assert await gw.metric('studio_runs_uplink_events_total{result="stray"}') == 0
@@ -117,13 +133,17 @@ async def test_out_of_order_events_are_applied_in_seq_order(js_server: NatsServe
             run_id = await gw.start_run("heidi", {"runner": "echo"})
             await wait_until(lambda: len(desktop.work) == 1, 5.0)
             host = desktop.hostname
-            for seq, data in ((2, "b"), (3, "c"), (1, "a")):
+            for seq, data in ((2, "b"), (3, "c")):
                 await publish_event(desktop.nc, host, run_id, seq, "output", data=data)
+            # Seen before seq 1 exists (sent with it, they would be sorted in one batch): held as a gap.
+            gap = 'studio_runs_uplink_events_total{result="gap"}'
+            assert await gw.settled_metric(gap, 1) >= 1
+            assert (await gw.get_run("heidi", run_id))["seq"] in (None, 0)
+            await publish_event(desktop.nc, host, run_id, 1, "output", data="a")
             await publish_event(desktop.nc, host, run_id, 4, "done", finalSeq=4, status="completed")
             state = await gw.wait_status("heidi", run_id, {"completed"})
             assert state["seq"] == 4 and state["outputBytes"] == 3
             assert [e.get("data") for e in await gw.export("heidi", run_id)][:3] == ["a", "b", "c"]
-            assert await gw.metric('studio_runs_uplink_events_total{result="gap"}') >= 1
     finally:
         await desktop.close()
 
@@ -154,11 +174,10 @@ async def test_reaper_fails_a_silent_run_and_a_late_event_cannot_revive_it(js_se
                 lambda: gw.metric('studio_runs_uplink_events_total{result="terminal"}'), 5.0, message="late"
             )
             assert await gw.get_run("ivan", run_id) == state
-            assert await gw.metric("studio_runs_reaped_total") == 1
-            assert (
-                await gw.metric('studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}')
-                == 1
-            )
+            # Counted once the reaper has its write's acknowledgement, which nothing above waits for.
+            assert await gw.settled_metric("studio_runs_reaped_total", 1) == 1
+            lost = 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}'
+            assert await gw.settled_metric(lost, 1) == 1
     finally:
         await desktop.close()
 
@@ -286,10 +305,10 @@ async def test_reapers_on_two_instances_fail_a_silent_run_exactly_once(js_server
             for run_id in run_ids:
                 state = await b.wait_status("xena", run_id, {"failed"}, timeout=8.0)
                 assert state["failureKind"] == "desktop_lost" and state["fence"] == 2
-            reaped = await a.metric("studio_runs_reaped_total") + await b.metric("studio_runs_reaped_total")
-            assert reaped == 5
+            # Counted once a reaper has its write's acknowledgement, which a reader may beat.
+            assert await settled_sum("studio_runs_reaped_total", 5, a, b) == 5
             lost = 'studio_runs_finished_total{status="failed",failure_kind="desktop_lost"}'
-            assert await a.metric(lost) + await b.metric(lost) == 5
+            assert await settled_sum(lost, 5, a, b) == 5
     finally:
         await desktop.close()
 

@@ -69,7 +69,8 @@ async def test_the_next_event_resumes_a_stalled_run_and_after_the_window_none_do
             resumed = await gw.wait_status("una", run_id, {"in_progress", "failed"})
             assert resumed["status"] == "in_progress" and resumed["seq"] == 2, resumed
             assert resumed["stalledSince"] is None and resumed["resumeDeadline"] is None, resumed
-            assert await gw.metric("studio_runs_resumed_total") == 1
+            # Counted once the write's acknowledgement is in, which a reader may beat.
+            assert await gw.settled_metric("studio_runs_resumed_total", 1) == 1
 
             # Past its window: the next event fails it instead, and is itself ignored.
             await stall_now(gw, run_id, -1)
@@ -78,7 +79,7 @@ async def test_the_next_event_resumes_a_stalled_run_and_after_the_window_none_do
             assert lost["status"] == "failed" and lost["failureKind"] == "desktop_lost", lost
             assert "resume window" in lost["failureReason"] and lost["fence"] == 2, lost
             assert lost["seq"] == 2 and lost["outputBytes"] == len("back\n"), lost
-            assert await gw.metric("studio_runs_resume_expired_total") == 1
+            assert await gw.settled_metric("studio_runs_resume_expired_total", 1) == 1
             assert await gw.metric("studio_runs_resumed_total") == 1
             assert [e["seq"] for e in await gw.export("una", run_id)] == [1, 2]
             # And so do the ones after it.

@@ -123,6 +123,10 @@ async def test_context_and_signal_reach_the_mock_run_once_with_idempotent_retrie
     assert status == 202 and second["messageId"] != first["messageId"]
 
     await finish(gw, run_id)
+    # The dispatcher records the kickoff's answer (then counts it) after the desktop took the work
+    # item, which nothing above waits for.
+    kickoff_acks = 'studio_runs_messages_acks_total{kind="kickoff",duplicate="false"}'
+    await gw.settled_metric(kickoff_acks, 1)
     got = await exported_messages(gw, run_id)
     assert [(m["messageId"], m["kind"]) for m in got] == [
         (first["messageId"], "context"),

@@ -215,8 +215,17 @@ async def test_a_work_item_whose_gateway_died_is_delivered_by_the_other(
             await wait_until(completed, 40.0, interval=0.2, message="the run never ended")
             state = await completed()
             assert state is not None and state["status"] == "completed", state
-            listing = (await b.get(f"/api/runs/{run_id}/messages")).json()
-            kickoff = [m for m in listing["messages"] if m["kind"] == "kickoff"]
+
+            # The dispatcher records the desktop's answer after its own state write: the run's
+            # events can complete it first.
+            async def kickoff_answered() -> list[dict[str, Any]] | None:
+                listing = (await b.get(f"/api/runs/{run_id}/messages")).json()
+                kickoff = [m for m in listing["messages"] if m["kind"] == "kickoff"]
+                return kickoff if kickoff and kickoff[0]["status"] not in ("queued", "sent") else None
+
+            kickoff = await wait_until(
+                kickoff_answered, 20.0, interval=0.1, message="the kickoff stayed sent"
+            )
             assert len(kickoff) == 1 and kickoff[0]["status"] == "acknowledged", kickoff
             assert kickoff[0]["attempts"] == 2 and swallow.work_requests == 2
     finally:
