@@ -80,6 +80,7 @@ from studio_gateway.runs.pull_feed import LOST_MARGIN
 from studio_gateway.runs.state import RunState
 from studio_gateway.runs.store import (
     ACTIVE_BUCKET,
+    CHECK_TIMEOUT,
     OUTPUT_BUCKET,
     PROJECTOR_EXPIRES,
     STATE_BUCKET,
@@ -808,7 +809,9 @@ async def test_checking_a_host_consumer_during_its_election_does_not_wait_out_th
         await asyncio.to_thread(cluster.restart, victim)
         await asyncio.to_thread(cluster.wait_in_sync, STREAMS, RECOVERY_TIMEOUT)
     print(f"\nensure_host_consumer took {took:.2f} s with the consumer's leader n{victim + 1} dead")
-    assert took < 2.0, f"ensure_host_consumer took {took:.2f} s while the consumer had no leader"
+    # Unanswered, the check takes its own CHECK_TIMEOUT (1 s); the bug took the JetStream
+    # timeout (5 s). Half-way (3 s), so a loaded machine's second of delay is not the bug.
+    assert took < CHECK_TIMEOUT + 2.0, f"ensure_host_consumer took {took:.2f} s with no consumer leader"
 
 
 async def test_a_burst_of_events_of_runs_the_index_has_not_seen_yet_is_not_dropped(

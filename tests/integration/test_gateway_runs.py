@@ -31,8 +31,12 @@ async def test_offline_desktop_202_then_failed_desktop_unreachable_within_a_seco
         status, body = await gw.post_run("nobody-home", {"runner": "echo", "input": "hi", "title": "t"})
         assert status == 202, body
         assert body["status"] == "dispatching" and body["runId"].startswith("run_")
-        state = await gw.wait_status("nobody-home", body["runId"], {"failed"}, timeout=1.0)
-        assert time.monotonic() - started < 1.0
+        state = await gw.wait_status("nobody-home", body["runId"], {"failed"}, timeout=5.0)
+        # Within a second by the gateway's own clock (creation to failure). Seen from here it adds
+        # the POST, the 20 ms polls and a loaded machine's delays: that bound only has to stay under
+        # the dispatch timeout (10 s), the slow path of a run nobody answers.
+        assert state["finishedAt"] - state["createdAt"] <= 1000, state
+        assert time.monotonic() - started < 5.0
         assert state["failureKind"] == "desktop_unreachable"
         assert "no desktop is connected" in state["failureReason"]
         assert state["finishedAt"] is not None and state["title"] == "t"

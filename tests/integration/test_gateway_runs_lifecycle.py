@@ -237,7 +237,9 @@ async def test_cancel_ends_the_run_at_the_gateway_when_the_desktop_is_gone_or_do
             await gone.server.close()  # the desktop disconnects
             started = time.monotonic()
             status, body = await gw.cancel("mia", second)
-            assert status == 202 and body["status"] == "cancelled" and time.monotonic() - started < 2.0
+            # A host seen serving lately gets the tunnel's 1 s unreachable grace before "gone", so
+            # ~1.1 s here; the slow path it guards against is the dispatch timeout (10 s).
+            assert status == 202 and body["status"] == "cancelled" and time.monotonic() - started < 5.0
             # Late events of the fenced-off execution are ignored.
             await publish_event(gone.nc, gone.hostname, second, 2, "done", finalSeq=2, status="completed")
             await wait_until(

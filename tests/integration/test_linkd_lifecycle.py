@@ -90,7 +90,10 @@ async def test_survives_a_nats_server_restart_without_a_daemon_restart(
                     return False
                 return True
 
-            await wait_until(probe_ok, timeout=5.0, interval=0.05, message="not probed OK within 5 s")
+            # The daemon's next reconnect attempt may be up to its backoff cap away (3 s + 1 s
+            # jitter, linkd.connection) once nats-server is back, on a loaded machine a slow start
+            # later still: 5 s left ~1 s for that. Twice the worst backoff, plus slack.
+            await wait_until(probe_ok, timeout=10.0, interval=0.05, message="not probed OK within 10 s")
             elapsed = time.monotonic() - back
             await d.wait_state(State.ONLINE)
             assert d.daemon.nc is first_nc, "the daemon reconnected the same connection (no restart)"

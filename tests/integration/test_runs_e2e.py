@@ -272,8 +272,13 @@ async def test_offline_desktop_fails_within_a_second(stack: RunsStack, http: htt
     assert state["status"] == "failed" and state["failureKind"] == "desktop_unreachable", state
     assert isinstance(state["failureReason"], str) and state["failureReason"], state
     assert state["finishedAt"] is not None and state["userId"] == OFFLINE, state
-    print(f"offline desktop: failed/desktop_unreachable {took * 1000:.0f} ms after POST")
-    assert took <= 1.0, f"took {took:.2f}s to fail an offline run"
+    failed_after_ms = state["finishedAt"] - state["createdAt"]
+    print(f"offline desktop: failed/desktop_unreachable {failed_after_ms} ms after creation ({took:.2f} s)")
+    # Within a second by the gateway's own clock (creation to failure). Seen from here it adds the
+    # POST, the 50 ms polls and a loaded machine's delays, so that bound only has to stay under the
+    # dispatch timeout (10 s), the slow path of a run nobody answers.
+    assert failed_after_ms <= 1000, f"the gateway took {failed_after_ms} ms to fail an offline run"
+    assert took < 5.0, f"took {took:.2f}s to see an offline run failed"
     # Any gateway instance tells the same story.
     assert (await api.with_base(stack.gateways[1].url).get(run_id))["failureKind"] == "desktop_unreachable"
 

@@ -86,7 +86,8 @@ async def test_a_drain_that_cannot_finish_still_removes_the_subscription(
         assert request_sub._id not in server_nc._subs, "the closed server's subscription would come back"
         proxy.pass_through()
         proxy.reset_all()  # nats-py reconnects and re-subscribes what it still knows
-        await wait_until(lambda: server_nc.is_connected and server_nc.stats["reconnects"] >= 1)
+        # nats-py waits out reconnect_time_wait (2 s, plus jitter) since its last attempt first.
+        await wait_until(lambda: server_nc.is_connected and server_nc.stats["reconnects"] >= 1, 10.0)
         await flush_everything(server_nc)
         # Nobody serves the host now: the caller learns it at once instead of a first-frame timeout.
         client = tunnel.TunnelClient(p.caller_nc, timeouts=tunnel.Timeouts(unreachable_grace=0))

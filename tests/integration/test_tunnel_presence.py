@@ -60,11 +60,12 @@ async def test_a_monitoring_tap_does_not_turn_offline_into_a_first_frame_timeout
             assert "readiness subject" in caught.value.message and repr(HOST) in caught.value.message
         assert any(s.endswith(".request") for s in seen), "the tap really saw the request"
         took.sort()
-        # Detected after Timeouts.presence (30 ms) plus three interest checks, not after the
-        # fallback (250 ms) or the first-frame timeout (30 s).
-        # One of ten may have met a stall of a loaded machine.
+        # Detected after Timeouts.presence (30 ms) plus three interest checks (~32-35 ms), not
+        # after the first-frame timeout (30 s); the message above already rules out the fallback
+        # (250 ms). The median stays under issue 16's 50 ms; two of ten may have met a stall of a
+        # loaded machine.
         assert took[len(took) // 2] < 0.05, [f"{t * 1000:.1f} ms" for t in took]
-        assert sum(t >= 0.2 for t in took) <= 1, [f"{t * 1000:.1f} ms" for t in took]
+        assert sum(t >= 0.25 for t in took) <= 2, [f"{t * 1000:.1f} ms" for t in took]
 
 
 async def test_a_tap_on_everything_leaves_the_fallback_wait(nats_server: NatsServer) -> None:

@@ -566,8 +566,10 @@ def test_compact_wholes_decode_soundly_or_raise_frame_error(payload: bytes) -> N
 # --------------------------------------------------------------------------- size and time bounds
 
 ONE_MIB: Final = 1024 * 1024
-# What one hostile 1 MiB payload (the NATS default max_payload) may cost to reject.
-MAX_DECODE_SECONDS: Final = 2.0
+# What one hostile 1 MiB payload (the NATS default max_payload) may cost to reject. The worst
+# (many tiny JSON objects) takes ~0.4 s here under tracemalloc, which multiplies allocation costs:
+# 2 s left a slower, loaded machine ~5x. A superlinear decoder would take minutes on 1 MiB.
+MAX_DECODE_SECONDS: Final = 5.0
 # JSON parsing builds Python objects before validation can refuse them: the cost is linear in
 # the payload, and this bounds the constant (measured worst case here: tiny objects, ~25x).
 MAX_PEAK_MEMORY_FACTOR: Final = 64
