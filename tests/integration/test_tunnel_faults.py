@@ -176,8 +176,10 @@ async def test_server_killed_mid_body_gives_idle_timeout_to_the_reader(
 async def test_handler_slower_than_idle_timeout_succeeds_thanks_to_heartbeats(
     server_nc: Client, client_nc: Client
 ) -> None:
-    handler_time = 2.0
-    idle = 0.6
+    # Heartbeats come every idle / 3: a stall of a loaded machine (caller and server share this
+    # process) up to ~0.6 s costs nothing; 0.6 s of idle left room for ~0.4 s only.
+    handler_time = 3.5
+    idle = 1.0
 
     async def handler(req: tunnel.Request) -> tunnel.Response:
         await asyncio.sleep(handler_time)  # the slow work under test
@@ -195,8 +197,8 @@ async def test_handler_slower_than_idle_timeout_succeeds_thanks_to_heartbeats(
 
 
 async def test_body_pausing_longer_than_idle_timeout_succeeds(server_nc: Client, client_nc: Client) -> None:
-    pause = 2.0
-    idle = 0.6
+    pause = 3.5
+    idle = 1.0  # heartbeats every ~0.33 s: see the test above
 
     async def body() -> AsyncIterator[bytes]:
         yield b"before the pause;"
