@@ -243,8 +243,9 @@ class CallerStream:
         #: two directions of one stream.
         self.upgraded = False
         #: This client has not seen the host serving lately: NATS's no-responders answer is
-        #: final at once (no daemon of it was just here to be reconnecting), and the server is
-        #: asked to ack at once so that a silence can be timed (see ``presence_check_due``).
+        #: final after one second look 1 ms later (no daemon of it was just here to be
+        #: reconnecting), and the server is asked to ack at once so that a silence can be timed
+        #: (see ``presence_check_due``).
         self.first_contact = first_contact
         #: Set by ``poll`` when the I/O layer should find out whether something other than a
         #: server watches this host's subjects (then a silence means nobody serves it).

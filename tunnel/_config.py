@@ -14,7 +14,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 20.0
 # Reference callers republish an unanswered start every second (core NATS may drop it).
 DEFAULT_REPUBLISH_INTERVAL: Final = 1.0
 # A host this client saw serving lately gets this long before "nobody serves this host" is
-# final: its daemon may be reconnecting. A host not seen lately is reported at once.
+# final: its daemon may be reconnecting. A host not seen lately is reported within a
+# millisecond or two (FIRST_CONTACT_RETRY).
 DEFAULT_UNREACHABLE_GRACE: Final = 1.0
 # First contact: no-responders is looked at once more after this long (a server that subscribed
 # a moment ago may not be known yet to every node of a cluster: interest typically crosses a

@@ -650,7 +650,7 @@ class TunnelClient:
         self.on_event = on_event
         self.stats = TunnelCounters()
         # When each host last answered this client (first frames): a host seen lately may be
-        # reconnecting when NATS says nobody serves it; any other host is reported at once.
+        # reconnecting when NATS says nobody serves it; any other host within a millisecond or two.
         self._seen: dict[str, float] = {}
         self._compact_starts = CompactStarts(HOST_CACHE_SIZE)
         # Per host token: (checked at, whether a non-server subscriber watches its subjects).
