@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cli.nats_cluster import NatsCluster
 from cli.nats_server import NatsServer
 
-__all__ = ["NatsClusterFactory", "NatsServerFactory", "wait_until", "wait_until_sync"]
+__all__ = ["NatsClusterFactory", "NatsServerFactory", "settled_value", "wait_until", "wait_until_sync"]
 
 # What a failure message shows of the last value the predicate returned.
 _LAST_VALUE_CHARS = 300
@@ -62,6 +62,23 @@ async def wait_until(
         if poll.done(value):
             return value
         await asyncio.sleep(interval)
+
+
+async def settled_value(
+    read: Callable[[], Awaitable[float]], at_least: float, timeout: float, *, what: str
+) -> float:
+    """``read()`` once it reaches ``at_least``, read again and returned, so the caller can check
+    it went no further (a counter that must move by exactly one, say).
+
+    For values updated a step after what a test observes: a run's new state is visible to
+    readers before its KV write's acknowledgement reaches the gateway that counts it.
+    """
+
+    async def reached() -> bool:
+        return await read() >= at_least
+
+    await wait_until(reached, timeout, message=f"{what} never reached {at_least}")
+    return await read()
 
 
 def wait_until_sync(

@@ -36,7 +36,7 @@ from studio_gateway.config import GatewayConfig
 from studio_gateway.hostnames import tunnel_hostname
 from studio_gateway.natsconn import GATEWAY_NATS
 from studio_gateway.runs.service import RUNS, RunsService
-from tests.helpers import wait_until
+from tests.helpers import settled_value, wait_until
 from tests.integration.gateway_harness import SECRET
 from tests.prom import sample_value
 
@@ -130,18 +130,8 @@ class RunsGateway:
         return sample_value(await self.metrics(), sample) or 0.0
 
     async def settled_metric(self, sample: str, at_least: float, timeout: float = TIMEOUT) -> float:
-        """The sample once it reaches ``at_least`` (returned, so the caller can check it went no further).
-
-        What a test sees first can come before this instance counts it: a run's state is visible
-        to readers before its KV write's acknowledgement reaches the writer, which counts after
-        that (or after the step that follows it).
-        """
-
-        async def reached() -> bool:
-            return await self.metric(sample) >= at_least
-
-        await wait_until(reached, timeout, message=f"{sample} never reached {at_least}")
-        return await self.metric(sample)
+        """The sample once it reaches ``at_least`` (see :func:`tests.helpers.settled_value`)."""
+        return await settled_value(lambda: self.metric(sample), at_least, timeout, what=sample)
 
 
 @asynccontextmanager

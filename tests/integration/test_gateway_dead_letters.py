@@ -30,7 +30,7 @@ from studio_gateway.nats_jwt import KeyKind, creds_text, new_key
 from studio_gateway.runs.admin import DEAD_LETTERS_PATH, OPERATOR_SCOPE
 from studio_gateway.runs.projector import MAX_POISON_DELIVERIES
 from studio_gateway.settings import DEFAULT_JWT_AUDIENCE
-from tests.helpers import wait_until
+from tests.helpers import settled_value, wait_until
 from tests.integration.runs_harness import REPO_ROOT, SECRET, LinkdProcess, RunsStack
 from tests.prom import sample_value
 
@@ -70,10 +70,6 @@ async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> floa
     text = (await http.get(f"{stack.gateways[0].url}/metrics")).text
     value = sample_value(text, sample)  # by name and label set: the exposition sorts labels
     return 0.0 if value is None else value
-
-
-async def metric_at_least(stack: RunsStack, http: httpx.AsyncClient, sample: str, value: float) -> bool:
-    return await metric(stack, http, sample) >= value
 
 
 async def publish_as_desktop(stack: RunsStack, http: httpx.AsyncClient, run_id: str, event: Any) -> None:
@@ -135,11 +131,10 @@ async def test_a_poison_event_is_dead_lettered_counted_listed_and_fails_its_run(
     assert "dead letter" in state["failureReason"] and "TypeError" in state["failureReason"], state
     assert state["fence"] == 2, state
     # Counted once the gateway has its write's acknowledgement, which a reader may beat.
-    await wait_until(lambda: metric_at_least(stack, http, "studio_runs_dead_letters_total", 1), TIMEOUT)
-    assert await metric(stack, http, "studio_runs_dead_letters_total") == 1
+    dead = "studio_runs_dead_letters_total"
+    assert await settled_value(lambda: metric(stack, http, dead), 1, TIMEOUT, what=dead) == 1
     finished = 'studio_runs_finished_total{status="failed",failure_kind="event_rejected"}'
-    await wait_until(lambda: metric_at_least(stack, http, finished, 1), TIMEOUT)
-    assert await metric(stack, http, finished) == 1
+    assert await settled_value(lambda: metric(stack, http, finished), 1, TIMEOUT, what=finished) == 1
 
     # Listed for an operator, with what it takes to look into it.
     url = f"{stack.gateways[0].url}{DEAD_LETTERS_PATH}"

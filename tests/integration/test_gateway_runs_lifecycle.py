@@ -26,7 +26,7 @@ from studio_gateway.runs.metrics import RunMetrics
 from studio_gateway.runs.reaper import Reaper
 from studio_gateway.runs.state import RunState
 from studio_gateway.runs.store import ACTIVE_BUCKET, OUTPUT_BUCKET, STATE_BUCKET, RunStore
-from tests.helpers import NatsServerFactory, wait_until
+from tests.helpers import NatsServerFactory, settled_value, wait_until
 from tests.integration.gateway_runs_harness import (
     TIMEOUT,
     RunsGateway,
@@ -47,16 +47,12 @@ def js_server(nats_server_factory: NatsServerFactory) -> NatsServer:
 
 async def settled_sum(sample: str, at_least: float, *gateways: RunsGateway) -> float:
     """``sample`` summed over ``gateways`` once the sum reaches ``at_least`` (returned, so the
-    caller can check it went no further; see :meth:`RunsGateway.settled_metric`)."""
+    caller can check it went no further; see :func:`tests.helpers.settled_value`)."""
 
     async def total() -> float:
         return sum([await gw.metric(sample) for gw in gateways])
 
-    async def reached() -> bool:
-        return await total() >= at_least
-
-    await wait_until(reached, TIMEOUT, message=f"{sample} never reached {at_least}")
-    return await total()
+    return await settled_value(total, at_least, TIMEOUT, what=f"{sample} summed")
 
 
 async def test_two_gateway_instances_share_runs_attach_on_the_other_one(js_server: NatsServer) -> None:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from linkd.runners.mock import mock_chunk
-from tests.helpers import wait_until
+from tests.helpers import settled_value, wait_until
 from tests.integration.runs_harness import LinkdProcess, RunsApi, RunsStack, SseMessage
 from tests.prom import sample_value
 
@@ -80,17 +80,8 @@ async def metric(stack: RunsStack, http: httpx.AsyncClient, sample: str) -> floa
 
 
 async def settled_metric(stack: RunsStack, http: httpx.AsyncClient, sample: str, at_least: float) -> float:
-    """The sample once it reaches ``at_least`` (returned, so the caller can check it went no further).
-
-    A run's new state can be read before its gateway has counted it: the KV write is visible
-    to readers before its acknowledgement reaches the writer, which counts after that.
-    """
-
-    async def reached() -> bool:
-        return await metric(stack, http, sample) >= at_least
-
-    await wait_until(reached, TIMEOUT, message=f"{sample} never reached {at_least}")
-    return await metric(stack, http, sample)
+    """The sample once it reaches ``at_least`` (see :func:`tests.helpers.settled_value`)."""
+    return await settled_value(lambda: metric(stack, http, sample), at_least, TIMEOUT, what=sample)
 
 
 def expected_output(count: int) -> str:
