@@ -1,13 +1,13 @@
 """Publishes written by tunnel._natsio.direct_write: at once on a quiet connection, else once
 per event-loop pass.
 
-Checked against a real nats-server: a quiet connection's publish is written at once and a busy
-one's when the pass ends, and all arrive in order; publishes mixed between this path and
-nats-py's keep their order, also while nats-py's flusher waits for a full socket; with the
-server stopped, small publishes wait as nats-py makes them (no unbounded buffer); payloads
-over the server's max_payload or bulk-sized go through nats-py; a disconnected client's
-publishes go through nats-py's reconnect buffer and arrive; a client without the known
-internals gets no writer.
+Checked against a real nats-server: a quiet connection's publish is written at once and a
+busy one's when the pass ends (a burst's also every BURST_PUBLISHES), and all arrive in
+order; publishes mixed between this path and nats-py's keep their order, also while
+nats-py's flusher waits for a full socket; with the server stopped, small publishes wait as
+nats-py makes them (no unbounded buffer); payloads over the server's max_payload or
+bulk-sized go through nats-py; a disconnected client's publishes go through nats-py's
+reconnect buffer and arrive; a client without the known internals gets no writer.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.helpers import NatsServerFactory, process_stopped, wait_until
 from tests.integration.tunnel_harness import log_writes
 from tunnel._events import Publish
 from tunnel._natsio.common import Publisher, flush_everything, round_trip
-from tunnel._natsio.direct_write import SMALL_PAYLOAD, DirectWriter
+from tunnel._natsio.direct_write import BURST_PUBLISHES, SMALL_PAYLOAD, DirectWriter
 
 
 async def collect(nc: Client, subject: str) -> list[bytes]:
@@ -64,6 +64,32 @@ async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_s
         await nc.flush()
         await wait_until(lambda: len(seen) == 4, message="all four publishes")
         assert seen == [b"1", b"2", b"3", b"4"]
+    finally:
+        await nc.close()
+        await watcher.close()
+
+
+async def test_a_burst_is_written_every_burst_publishes_not_only_when_the_pass_ends(
+    nats_server: NatsServer,
+) -> None:
+    """The peer starts on the first part of a burst while this side builds the rest."""
+    nc = await nats.connect(nats_server.url)
+    watcher = await nats.connect(nats_server.url)
+    try:
+        seen = await collect(watcher, "dw.burst")
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        total = 2 * BURST_PUBLISHES + 3
+        for i in range(total):  # one pass: no await in between
+            assert writer.try_write("dw.burst", None, str(i).encode())
+            in_buffer = nc._pending_data_size > 0
+            # Written at once (quiet), then the buffer at every BURST_PUBLISHES-th; held otherwise.
+            assert in_buffer == (i != 0 and (i + 1) % BURST_PUBLISHES != 0), i
+        await asyncio.sleep(0)  # the pass ends: the last three are written
+        assert nc._pending_data_size == 0
+        await nc.flush()
+        await wait_until(lambda: len(seen) == total, message="the whole burst")
+        assert seen == [str(i).encode() for i in range(total)]
     finally:
         await nc.close()
         await watcher.close()

