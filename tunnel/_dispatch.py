@@ -40,6 +40,7 @@ from ._config import (
 from ._diagnostics import TunnelCounters
 from ._errors import ErrorCode
 from ._events import Clock, Publish
+from ._record import record
 from ._server_stream import ServerOptions, ServerStream
 from ._subjects import HostSubjects, is_valid_request_id
 
@@ -140,7 +141,7 @@ class RecentFinals:
         return len(self._items)
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~0.3 µs more to build (every request)
+@record
 class StartAnswer:
     """What to do with one ``request.start``: send ``publishes`` (best effort), then, if
     ``stream`` is set, run a handler for it (after :meth:`ServerDispatcher.admit`).

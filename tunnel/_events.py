@@ -7,13 +7,11 @@ give these out; the I/O layer publishes each ``Publish`` and acts on each event.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from . import _frames as f
-from ._errors import (
-    TunnelError,
-)
+from ._errors import TunnelError
+from ._record import record
 
 Clock = Callable[[], float]
 
@@ -24,7 +22,7 @@ V1_MAX_CHUNK: Final = 64 * 1024
 NO_BODY_STATUSES: Final = frozenset({204, 205, 304})
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Publish:
     """One NATS message to send."""
 
@@ -36,12 +34,12 @@ class Publish:
 # ----------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Acked:
     """A server took the request; the request body may flow now."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseHead:
     status: int
     status_text: str | None
@@ -50,29 +48,29 @@ class ResponseHead:
     complete_body: bytes | None = None  # set when the whole body came with the head
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DataReceived:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BodyEnded:
     """The peer's body is complete (every frame arrived, in order)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CreditGranted:
     """We may send more body bytes."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PeerFailed:
     """The peer ended the stream with an error frame or an abort."""
 
     error: TunnelError
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HeartbeatReceived:
     """The server is alive but sent nothing else lately: it may be waiting on a lost grant."""
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
 from ._errors import LocalProtocolError, RemoteProtocolError
+from ._record import record
 
 PROTOCOL: Final = "tunnel.v1"
 
@@ -63,7 +64,7 @@ class FrameError(RemoteProtocolError):
 # --------------------------------------------------------------------------- frames
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StartExtensions:
     """What the caller offers in ``request.start``."""
 
@@ -78,7 +79,7 @@ class StartExtensions:
     binary_head: bool = False  # caller accepts response.whole with a compact binary head
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AckExtensions:
     """What the server accepts in ``response.ack`` (absent: plain v1)."""
 
@@ -92,7 +93,7 @@ class AckExtensions:
     binary_start: bool = False  # the server takes compact binary request.start frames
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestStart:
     request_id: str
     method: str
@@ -106,7 +107,7 @@ class RequestStart:
     type: str = field(default="request.start", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Checksum:
     """A body's checksum in an end frame or a ``response.whole`` head (integrity extension):
     the JSON field is named after the algorithm (``"crc32c"`` or ``"crc32"``)."""
@@ -115,7 +116,7 @@ class Checksum:
     value: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestChunk:
     request_id: str
     seq: int
@@ -123,7 +124,7 @@ class RequestChunk:
     type: str = field(default="request.chunk", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestEnd:
     request_id: str
     seq: int
@@ -133,7 +134,7 @@ class RequestEnd:
     type: str = field(default="request.end", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestError:
     request_id: str
     code: str
@@ -141,7 +142,7 @@ class RequestError:
     type: str = field(default="request.error", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestCredit:
     """The caller allows the server ``limit`` response-body bytes in total (cumulative).
 
@@ -161,14 +162,14 @@ class RequestCredit:
     type: str = field(default="request.credit", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseAck:
     request_id: str
     extensions: AckExtensions | None = None
     type: str = field(default="response.ack", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseStart:
     request_id: str
     status: int
@@ -179,7 +180,7 @@ class ResponseStart:
     type: str = field(default="response.start", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseWhole:
     """A complete small response in one message (extension, binary only)."""
 
@@ -194,7 +195,7 @@ class ResponseWhole:
     type: str = field(default="response.whole", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseChunk:
     request_id: str
     seq: int
@@ -202,7 +203,7 @@ class ResponseChunk:
     type: str = field(default="response.chunk", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseEnd:
     request_id: str
     seq: int
@@ -211,7 +212,7 @@ class ResponseEnd:
     type: str = field(default="response.end", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseError:
     request_id: str
     code: str
@@ -219,7 +220,7 @@ class ResponseError:
     type: str = field(default="response.error", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseCredit:
     """The server allows the caller ``limit`` request-body bytes in total (cumulative)."""
 
@@ -228,7 +229,7 @@ class ResponseCredit:
     type: str = field(default="response.credit", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResponseHeartbeat:
     """Proof of life; ``seq`` (optional, once the response body flows) is how many
     ``response.chunk`` frames the server has published, so a caller that received
@@ -239,7 +240,7 @@ class ResponseHeartbeat:
     type: str = field(default="response.heartbeat", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Abort:
     request_id: str
     reason: str | None = None
