@@ -274,11 +274,23 @@ CHUNK_FRAMES: Final = (RequestChunk, ResponseChunk)
 _NORMALISED_METHODS: Final = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"})
 
 
+# Methods already checked, and what each becomes: callers use a handful (every request).
+_CHECKED_METHODS: Final[dict[str, str]] = {}
+_CHECKED_METHODS_LIMIT: Final = 64
+
+
 def validate_method(method: str) -> str:
+    if type(method) is str:
+        checked = _CHECKED_METHODS.get(method)
+        if checked is not None:
+            return checked
     if not isinstance(method, str) or not METHOD_RE.fullmatch(method):
         raise LocalProtocolError(f"invalid HTTP method {method!r}")
     upper = method.upper()
-    return upper if upper in _NORMALISED_METHODS else method
+    result = upper if upper in _NORMALISED_METHODS else method
+    if len(_CHECKED_METHODS) < _CHECKED_METHODS_LIMIT:
+        _CHECKED_METHODS[method] = result
+    return result
 
 
 def validate_url(url: str) -> str:

@@ -117,6 +117,31 @@ async def test_payloads_over_the_servers_max_payload_or_bulk_sized_are_left_to_n
         await nc.close()
 
 
+@pytest.mark.parametrize(
+    ("subject", "reply"),
+    [
+        ("", None),
+        ("dw bad", None),
+        ("dw.bad\r\n", None),
+        ("dw.\u2028", None),
+        ("dw.ok", "re ply"),
+        ("dw.ok", "\t"),
+    ],
+)
+async def test_subjects_that_would_break_the_protocol_line_are_left_to_nats_py(
+    nats_server: NatsServer, subject: str, reply: str | None
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert not writer.try_write(subject, reply, b"x")
+        assert nc._pending_data_size == 0  # nothing written nor queued
+        assert writer.try_write("dw.ok", "dw.reply-1_x", b"x")  # a plain one is taken
+    finally:
+        await nc.close()
+
+
 async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url)
     watcher = await nats.connect(nats_server.url)

@@ -422,3 +422,43 @@ def test_hostile_offers_are_not_kept_in_the_offer_caches() -> None:
     assert codec._start_ext_cached.cache_info().currsize == json_before
     ours = caller_options().offer_json
     assert ours is not None and len(ours) <= codec.MAX_CACHED_OFFER  # our own offer stays cached
+
+
+def test_a_header_block_checked_once_is_not_shared_between_frames() -> None:
+    """Checked blocks are remembered (a server repeats its heads): each decode still gets its
+    own list, and a block that fails the check fails every time."""
+    whole = codec.encode_compact_whole(200, [("content-type", "text/plain")], None, b"x", None, False)
+    first = codec.decode_frame(whole, RID)
+    assert isinstance(first, f.ResponseWhole)
+    first.start.headers.append(("x-mutated", "1"))
+    second = codec.decode_frame(whole, RID)
+    assert isinstance(second, f.ResponseWhole)
+    assert second.start.headers == [("content-type", "text/plain")]
+    bad = codec.encode_compact_whole(200, [("bad name", "v")], None, b"x", None, False)
+    for _ in range(2):
+        with pytest.raises(f.FrameError, match="invalid header block"):
+            codec.decode_frame(bad, RID)
+
+
+def test_the_checked_header_blocks_stay_bounded() -> None:
+    for i in range(codec._CHECKED_BLOCKS_LIMIT + 10):
+        whole = codec.encode_compact_whole(200, [("x-n", str(i))], None, b"", None, False)
+        frame = codec.decode_frame(whole, RID)
+        assert isinstance(frame, f.ResponseWhole) and frame.start.headers == [("x-n", str(i))]
+    assert len(codec._CHECKED_BLOCKS) <= codec._CHECKED_BLOCKS_LIMIT
+    big = [("x-big", "v" * (codec._CHECKED_BLOCK_MAX_LENGTH + 1))]
+    before = dict(codec._CHECKED_BLOCKS)
+    codec.decode_frame(codec.encode_compact_whole(200, big, None, b"", None, False), RID)
+    assert before == codec._CHECKED_BLOCKS  # too long to keep
+
+
+def test_checked_methods_are_normalised_the_same_way_and_stay_bounded() -> None:
+    assert f.validate_method("get") == "GET" and f.validate_method("get") == "GET"
+    assert f.validate_method("PATCH") == "PATCH" and f.validate_method("patch") == "patch"
+    for bad in ("GET ", "", "G\r\nET", 7):
+        for _ in range(2):
+            with pytest.raises(LocalProtocolError):
+                f.validate_method(bad)  # type: ignore[arg-type]
+    for i in range(100):
+        assert f.validate_method(f"M{i}") == f"M{i}"
+    assert len(f._CHECKED_METHODS) <= f._CHECKED_METHODS_LIMIT
