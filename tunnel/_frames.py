@@ -293,23 +293,42 @@ def validate_method(method: str) -> str:
     return result
 
 
+# The checks below run on every request. For ASCII text (``isascii`` is a flag lookup) string
+# methods give the same answer as the regexes above in a fraction of the time: searching a
+# 30-character URL with URL_FORBIDDEN took ~0.9 us. Other text still goes through the regexes.
+
+
+def url_chars_ok(url: str) -> bool:
+    """No whitespace, control character or lone surrogate (``URL_FORBIDDEN``)."""
+    if url.isascii():
+        return url.isprintable() and " " not in url  # ASCII printable: 0x20-0x7e, then no 0x20
+    return URL_FORBIDDEN.search(url) is None
+
+
+def value_chars_ok(value: str) -> bool:
+    """No CR, LF, NUL or lone surrogate (``HEADER_VALUE_FORBIDDEN``): a header value or status text."""
+    if value.isascii():
+        return "\r" not in value and "\n" not in value and "\x00" not in value
+    return HEADER_VALUE_FORBIDDEN.search(value) is None
+
+
 def validate_url(url: str) -> str:
     """The path+query that travels: must start with '/' and hold no whitespace or controls."""
     if not isinstance(url, str) or not url.startswith("/") or len(url) > MAX_TARGET_LENGTH:
         raise LocalProtocolError(f"invalid request target {url!r}: must start with '/'")
-    if URL_FORBIDDEN.search(url):
+    if not url_chars_ok(url):
         raise LocalProtocolError("request target contains whitespace or control characters")
     return url
 
 
 def target_ok(url: str) -> bool:
     """A request target a peer may send: path+query from '/', bounded, no whitespace or controls."""
-    return url.startswith("/") and len(url) <= MAX_TARGET_LENGTH and not URL_FORBIDDEN.search(url)
+    return url.startswith("/") and len(url) <= MAX_TARGET_LENGTH and url_chars_ok(url)
 
 
 def status_text_ok(text: str) -> bool:
     """A status text that fits a head: bounded, no CR, LF or NUL, nothing UTF-8 cannot carry."""
-    return len(text) <= MAX_STATUS_TEXT_LENGTH and not HEADER_VALUE_FORBIDDEN.search(text)
+    return len(text) <= MAX_STATUS_TEXT_LENGTH and value_chars_ok(text)
 
 
 # isinstance with an inline ``A | B`` builds the union object on every call (3x slower):
@@ -332,7 +351,7 @@ def validate_headers(headers: Any, error: type[Exception] = LocalProtocolError) 
             raise error("header names and values must be strings")
         if len(name) > MAX_HEADER_NAME_LENGTH or not HEADER_NAME_RE.fullmatch(name):
             raise error(f"invalid header name {name[:64]!r}")
-        if len(value) > MAX_HEADER_VALUE_LENGTH or HEADER_VALUE_FORBIDDEN.search(value):
+        if len(value) > MAX_HEADER_VALUE_LENGTH or not value_chars_ok(value):
             raise error(f"invalid value for header {name!r}")
         out.append((name, value))
     return out

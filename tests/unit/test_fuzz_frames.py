@@ -651,3 +651,31 @@ def test_pathological_megabyte_compact_starts_are_refused_quickly_and_within_bou
             codec.decode_compact_start(payload, COMPACT_REPLY, HOST_BASE)
 
     assert_cheap(name, payload, decode)
+
+
+# The character checks' fast paths (string methods for ASCII text) must agree with the regexes.
+_CHECK_TEXT = st.text(
+    alphabet=st.one_of(
+        st.characters(max_codepoint=0x7F),
+        st.sampled_from(["\u00a0", "\u2028", "\u200b", "\ud800", "\udfff", "é", "\x85"]),
+    ),
+    max_size=40,
+)
+
+
+@given(_CHECK_TEXT)
+@example("")
+@example("/a b")
+@example("/a\x7f")
+@example("/café")
+def test_the_character_checks_agree_with_their_regexes(text: str) -> None:
+    assert f.url_chars_ok(text) == (f.URL_FORBIDDEN.search(text) is None)
+    assert f.value_chars_ok(text) == (f.HEADER_VALUE_FORBIDDEN.search(text) is None)
+
+
+def test_the_character_checks_agree_with_their_regexes_for_every_single_character() -> None:
+    for code in [*range(0x300), 0x2028, 0xD800, 0xDFFF, 0xFEFF]:
+        char = chr(code)
+        for text in (char, f"/x{char}y"):
+            assert f.url_chars_ok(text) == (f.URL_FORBIDDEN.search(text) is None), hex(code)
+            assert f.value_chars_ok(text) == (f.HEADER_VALUE_FORBIDDEN.search(text) is None), hex(code)
