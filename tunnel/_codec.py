@@ -299,10 +299,12 @@ def _header_block(headers: Headers) -> str:
 
 # Header blocks already checked, as pairs: a server sends the same few head blocks again and
 # again (checking one took ~1.7 us for a single header). Bounded in count and block size, so
-# a peer sending a new block each time only costs a lookup and, now and then, a clear.
+# a peer sending a new block each time only costs a lookup and, now and then, a clear. A block
+# that may carry a credential is never kept (its values would outlive the request in memory).
 _CHECKED_BLOCKS: Final[dict[str, tuple[tuple[str, str], ...]]] = {}
 _CHECKED_BLOCKS_LIMIT: Final = 256
 _CHECKED_BLOCK_MAX_LENGTH: Final = 1024
+_MAY_HOLD_A_SECRET: Final = re.compile("auth|cookie|token|secret|key|session|passw", re.IGNORECASE)
 
 
 def _parse_header_block(block: str, rid: str) -> Headers:
@@ -317,7 +319,7 @@ def _parse_header_block(block: str, rid: str) -> Headers:
         raise FrameError("invalid header block", rid)
     items = iter(block.split("\x00"))  # the trailing "" after the last NUL pairs with nothing
     pairs = list(zip(items, items, strict=False))
-    if len(block) <= _CHECKED_BLOCK_MAX_LENGTH:
+    if len(block) <= _CHECKED_BLOCK_MAX_LENGTH and _MAY_HOLD_A_SECRET.search(block) is None:
         if len(_CHECKED_BLOCKS) >= _CHECKED_BLOCKS_LIMIT:
             _CHECKED_BLOCKS.clear()
         _CHECKED_BLOCKS[block] = tuple(pairs)

@@ -440,6 +440,25 @@ def test_a_header_block_checked_once_is_not_shared_between_frames() -> None:
             codec.decode_frame(bad, RID)
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("authorization", "Bearer abc")],
+        [("Set-Cookie", "sid=1")],
+        [("x-api-key", "k")],
+        [("x-note", "my session id is 7")],
+        [("content-type", "text/plain"), ("Proxy-Authorization", "Basic eA==")],
+    ],
+)
+def test_a_header_block_that_may_hold_a_credential_is_never_kept(headers: list[tuple[str, str]]) -> None:
+    whole = codec.encode_compact_whole(200, headers, None, b"", None, False)
+    frame = codec.decode_frame(whole, RID)
+    assert isinstance(frame, f.ResponseWhole) and frame.start.headers == headers
+    start = codec.encode_compact_start(RID, "GET", "/", headers, False, None, "{}")
+    assert codec.decode_compact_start(start, REPLY, SUBJECTS.base).headers == headers
+    assert all(headers[-1][1] not in block for block in codec._CHECKED_BLOCKS)
+
+
 def test_the_checked_header_blocks_stay_bounded() -> None:
     for i in range(codec._CHECKED_BLOCKS_LIMIT + 10):
         whole = codec.encode_compact_whole(200, [("x-n", str(i))], None, b"", None, False)
