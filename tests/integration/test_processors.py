@@ -25,8 +25,11 @@ from contract.run_protocol import run_event_subject
 from studio_gateway.app import create_app
 from studio_gateway.auth import issue_token
 from studio_gateway.config import GatewayConfig
+from studio_gateway.runs.processors import runner as runner_module
 from studio_gateway.runs.processors.anchors import ANCHOR_BUCKET
-from studio_gateway.runs.processors.base import Processor
+from studio_gateway.runs.processors.base import Processor, RunEvent
+from studio_gateway.runs.processors.context import ProcessorContext
+from studio_gateway.runs.processors.feed import set_consumer_filters
 from studio_gateway.runs.processors.service import PROCESSORS
 from studio_gateway.runs.service import RUNS
 from studio_gateway.runs.store import bucket_keys
@@ -140,3 +143,60 @@ async def test_a_processor_added_later_catches_up_once_per_event(
             return 'studio_processor_pending{processor="counting"} 0.0' in text
 
         await wait_until(gauge_drained, 30, interval=0.2)
+
+
+class LateFilterProcessor(Processor):
+    """Wants one host's events, but only from its second look on: the webhook processor when a
+    webhook is registered while its consumer is being created."""
+
+    name = "late-filter"
+
+    def __init__(self, host_token: str) -> None:
+        self.host_token = host_token
+        self.asked = 0
+        self.keys: list[str] = []
+
+    def subject_filters(self, prefix: str) -> list[str] | None:
+        self.asked += 1
+        return [] if self.asked == 1 else [f"{prefix}.host.{self.host_token}.runs.*"]
+
+    async def handle(self, event: RunEvent, ctx: ProcessorContext) -> None:
+        self.keys.append(event.key)
+
+
+async def test_events_stored_while_a_new_host_is_added_to_the_filters_are_delivered(
+    js_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host added to a dynamic consumer's filters while a pull with the filters of before
+    is standing gets the events stored in between: JetStream does not move the consumer past
+    them (the webhook processor relies on it when a webhook is registered while its consumer
+    is being made). Checked while looking into a CI failure of the killed-gateway webhook test;
+    the filter update is held here until the events are stored, so the window is wide."""
+    url = js_server.url
+    async with runs_gateway(url):  # sets the stream up
+        pass
+    host = tunnel.HostSubjects.for_host("late-host")
+    updating = asyncio.Event()
+    stored = asyncio.Event()
+
+    async def held_update(js: Any, processor: str, subjects: list[str]) -> None:
+        if processor == LateFilterProcessor.name:
+            updating.set()
+            await stored.wait()
+        await set_consumer_filters(js, processor, subjects)
+
+    monkeypatch.setattr(runner_module, "set_consumer_filters", held_update)
+    processor = LateFilterProcessor(host.token)
+    async with runs_gateway_with(url, processor):
+        await asyncio.wait_for(updating.wait(), TIMEOUT)
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            for seq in (1, 2, 3):
+                event = {"runId": "run_late", "fence": 1, "seq": seq, "ts": 0, "type": "stage"}
+                await js.publish(run_event_subject(host, "run_late"), json.dumps(event).encode())
+        finally:
+            await nc.close()
+        stored.set()
+        await wait_until(lambda: len(processor.keys) >= 3, 20, message=lambda: f"{processor.keys}")
+    assert sorted(processor.keys) == [f"run_late.1.{seq}" for seq in (1, 2, 3)]

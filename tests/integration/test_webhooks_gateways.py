@@ -87,14 +87,28 @@ async def test_a_gateway_killed_mid_delivery_another_delivers_each_id_once(
             )
             held = receiver.raw[0].delivery
 
+            first_listing: list[Any] = []
+
             async def others_recorded() -> bool:
                 # The receiver answering is not the gateway recording it: killed before its
                 # write, a delivery is (rightly, at least once) sent again by the second gateway.
                 resp = await http.get(f"{first.url}/api/webhooks/{hook['id']}/deliveries")
                 rows = resp.json()["deliveries"] if resp.status_code == 200 else []
+                summary = [(r["id"][-6:], r["status"], r.get("attempts")) for r in rows]
+                first_listing[:] = [resp.status_code, summary]
                 return sum(r["status"] == "succeeded" for r in rows if r["id"] != held) == total - 1
 
-            await wait_until(others_recorded, 30, interval=0.1)
+            # On a timeout, what the gateway listed and what the receiver got (a CI run once
+            # waited 30 s here: the listing tells a delivery never made from one stuck).
+            await wait_until(
+                others_recorded,
+                30,
+                interval=0.1,
+                message=lambda: (
+                    f"listed {first_listing}; held {held[-6:]}; "
+                    f"received {[r.delivery[-6:] for r in receiver.raw]}"
+                ),
+            )
             await first.kill()
             receiver.release()  # from now on every request is answered (the held one's gateway is gone)
             await second.start()
