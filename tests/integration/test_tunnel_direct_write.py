@@ -13,9 +13,11 @@ reconnect buffer and arrive; a client without the known internals gets no writer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -41,11 +43,20 @@ async def collect(nc: Client, subject: str) -> list[bytes]:
     return seen
 
 
-async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_server: NatsServer) -> None:
-    nc = await nats.connect(nats_server.url)
-    watcher = await nats.connect(nats_server.url)
+@contextlib.asynccontextmanager
+async def watched(url: str, subject: str) -> AsyncIterator[tuple[Client, list[bytes]]]:
+    """A connection to publish on, and what a second connection receives on ``subject``."""
+    nc = await nats.connect(url)
+    watcher = await nats.connect(url)
     try:
-        seen = await collect(watcher, "dw.pass")
+        yield nc, await collect(watcher, subject)
+    finally:
+        await nc.close()
+        await watcher.close()
+
+
+async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_server: NatsServer) -> None:
+    async with watched(nats_server.url, "dw.pass") as (nc, seen):
         writer = DirectWriter.for_client(nc)
         assert writer is not None
         sent_before = nc.stats["out_msgs"]
@@ -64,19 +75,13 @@ async def test_a_quiet_connection_writes_at_once_a_busy_one_once_per_pass(nats_s
         await nc.flush()
         await wait_until(lambda: len(seen) == 4, message="all four publishes")
         assert seen == [b"1", b"2", b"3", b"4"]
-    finally:
-        await nc.close()
-        await watcher.close()
 
 
 async def test_a_burst_is_written_every_burst_publishes_not_only_when_the_pass_ends(
     nats_server: NatsServer,
 ) -> None:
     """The peer starts on the first part of a burst while this side builds the rest."""
-    nc = await nats.connect(nats_server.url)
-    watcher = await nats.connect(nats_server.url)
-    try:
-        seen = await collect(watcher, "dw.burst")
+    async with watched(nats_server.url, "dw.burst") as (nc, seen):
         writer = DirectWriter.for_client(nc)
         assert writer is not None
         total = 2 * BURST_PUBLISHES + 3
@@ -90,9 +95,6 @@ async def test_a_burst_is_written_every_burst_publishes_not_only_when_the_pass_e
         await nc.flush()
         await wait_until(lambda: len(seen) == total, message="the whole burst")
         assert seen == [str(i).encode() for i in range(total)]
-    finally:
-        await nc.close()
-        await watcher.close()
 
 
 async def test_payloads_over_the_servers_max_payload_or_bulk_sized_are_left_to_nats_py(
@@ -143,10 +145,7 @@ async def test_subjects_that_would_break_the_protocol_line_are_left_to_nats_py(
 
 
 async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsServer) -> None:
-    nc = await nats.connect(nats_server.url)
-    watcher = await nats.connect(nats_server.url)
-    try:
-        seen = await collect(watcher, "dw.order")
+    async with watched(nats_server.url, "dw.order") as (nc, seen):
         publisher = Publisher(nc)
         count = 3_000  # a multiple of 4
         i = 0
@@ -161,9 +160,6 @@ async def test_publishes_keep_their_order_across_both_paths(nats_server: NatsSer
         await nc.flush()
         await wait_until(lambda: len(seen) == count, timeout=20, message=f"{count} messages")
         assert [int(d) for d in seen] == list(range(count))
-    finally:
-        await nc.close()
-        await watcher.close()
 
 
 async def test_publishes_while_disconnected_go_through_nats_py_and_arrive(nats_server: NatsServer) -> None:
