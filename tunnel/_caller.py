@@ -152,6 +152,7 @@ def _offer_for(options: CallerOptions) -> f.StartExtensions | None:
         whole=True,
         integrity=PREFERRED,
         binary_head=True,
+        reply_batches=True,
     )
 
 
@@ -210,6 +211,7 @@ class CallerStream:
         "send",
         "sent_digest",
         "server_takes_compact_starts",
+        "server_takes_start_batches",
         "started_at",
         "subjects",
         "up_subject",
@@ -275,6 +277,9 @@ class CallerStream:
         #: What the server's first frame said about compact starts (see ``_first_frame``);
         #: None: nothing (no first frame yet, or it was an error).
         self.server_takes_compact_starts: bool | None = None
+        #: What its ack said about batches of compact starts (``startBatches``); None: nothing
+        #: (a ``response.whole`` does not say, nor does an error).
+        self.server_takes_start_batches: bool | None = None
         self._json_start_parts: tuple[str, f.Headers, int | None] | None = None
         if self.compact_start:
             try:
@@ -539,6 +544,8 @@ class CallerStream:
             self.server_takes_compact_starts = frame.compact_head and frame.binary_start
         else:
             self.server_takes_compact_starts = ext is not None and ext.binary_start
+            if isinstance(ext, f.AckExtensions):
+                self.server_takes_start_batches = ext.binary_start and ext.start_batches
         if self.upgrade and (ext is None or not ext.upgrade or ext.up_subject is None):
             kind = "a plain v1 server" if ext is None else "a server without the upgrade extension"
             raise self._fail(

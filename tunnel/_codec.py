@@ -172,6 +172,7 @@ def _start_extensions(raw: Any, rid: str) -> StartExtensions | None:
         integrity=_integrity(raw),
         ack_now=raw.get("ackNow") is True,
         binary_head=raw.get("binaryHead") is True,
+        reply_batches=raw.get("replyBatches") is True,
     )
 
 
@@ -189,6 +190,7 @@ def _ack_extensions(raw: Any, rid: str) -> AckExtensions | None:
         upgrade=raw.get("upgrade") is True,
         integrity=_integrity(raw),
         binary_start=raw.get("binaryStart") is True,
+        start_batches=raw.get("startBatches") is True,
     )
 
 
@@ -529,6 +531,7 @@ _CACHEABLE_OFFER_KEYS: Final = frozenset(
         "integrity",
         "ackNow",
         "binaryHead",
+        "replyBatches",
     )
 )
 
@@ -863,8 +866,13 @@ def _ext_to_json(ext: StartExtensions | AckExtensions) -> dict[str, Any]:
             out["ackNow"] = True
         if ext.binary_head:
             out["binaryHead"] = True
-    elif ext.binary_start:
-        out["binaryStart"] = True
+        if ext.reply_batches:
+            out["replyBatches"] = True
+    else:
+        if ext.binary_start:
+            out["binaryStart"] = True
+        if ext.start_batches:
+            out["startBatches"] = True
     return out
 
 

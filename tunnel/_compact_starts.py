@@ -5,6 +5,9 @@ a first contact always sends JSON, so its ack teaches the client before any comp
 goes out. Two daemons of different versions may share a host's queue group for a while (an
 upgrade), and an older one drops a compact start without a word: the caller then republishes
 it as JSON after the usual second, and this host gets JSON starts for a cooldown.
+
+Batches of compact starts (``startBatches``) are learnt from acks alone (a ``response.whole``
+does not say) and kept while the host takes compact starts: what ends those ends them too.
 """
 
 from __future__ import annotations
@@ -20,15 +23,22 @@ class CompactStarts:
         self.limit = limit
         self.cooldown = cooldown
         self._takes: set[str] = set()
+        self._batches: set[str] = set()
         self._refused_until: dict[str, float] = {}
 
     def use(self, host: str) -> bool:
         return host in self._takes
 
-    def learn(self, host: str, takes: bool, now: float) -> None:
-        """A server of ``host`` answered: ``takes`` is what its first frame said."""
+    def batch(self, host: str) -> bool:
+        """May starts to ``host`` go several to a message?"""
+        return host in self._batches
+
+    def learn(self, host: str, takes: bool, now: float, batches: bool | None = None) -> None:
+        """A server of ``host`` answered: ``takes`` is what its first frame said about compact
+        starts, ``batches`` what an ack said about batches of them (None: nothing)."""
         if not takes:
             self._takes.discard(host)
+            self._batches.discard(host)
             return
         until = self._refused_until.get(host)
         if until is not None:
@@ -38,11 +48,17 @@ class CompactStarts:
         if host not in self._takes:
             if len(self._takes) >= self.limit:
                 self._takes.clear()
+                self._batches.clear()
             self._takes.add(host)
+        if batches is True:
+            self._batches.add(host)
+        elif batches is False:
+            self._batches.discard(host)
 
     def unanswered(self, host: str, now: float) -> None:
         """A compact start to ``host`` got no frame within the republish interval."""
         self._takes.discard(host)
+        self._batches.discard(host)
         if len(self._refused_until) >= self.limit:
             self._refused_until.clear()
         self._refused_until[host] = now + self.cooldown

@@ -29,6 +29,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from . import _codec as codec
 from . import _frames as f
+from . import _start_batch as start_batch
 from ._config import (
     BUSY_RETRY_AFTER,
     EARLY_ABORT_TTL,
@@ -67,6 +68,9 @@ class ServerStats(TunnelCounters):
     overloaded: int = 0
     #: The most requests in flight at once so far (compare with ``TunnelServer.max_concurrent``).
     peak_active: int = 0
+    #: Messages that carried several starts at once (``startBatches``); their starts count in
+    #: ``requests`` one by one.
+    start_batches: int = 0
 
 
 class RecentIds:
@@ -261,6 +265,18 @@ class ServerDispatcher(Generic[H]):
             pub = stream.error_response(ErrorCode.TIMEOUT, "deadline passed before the request arrived")
             return StartAnswer(() if pub is None else (pub,))
         return StartAnswer(stream=stream)
+
+    def batched_starts(self, data: bytes) -> list[tuple[str, bytes]] | None:
+        """The ``(reply subject, compact start)`` pairs of a start batch (``startBatches``), or
+        None when ``data`` is not one: the message is then a single start.
+
+        Raises ``FrameError`` for a batch this server does not take or cannot read (it is
+        dropped whole: which of its starts could be trusted?)."""
+        if not start_batch.is_start_batch(data):
+            return None
+        if not (self.options.compact_frames and self.options.start_batches):
+            raise f.FrameError("a start batch, which this server does not take")
+        return start_batch.decode(data)
 
     def admit(self, handle: H) -> None:
         """Count ``handle``'s request in flight (at once after :meth:`on_start` gave its stream)."""

@@ -27,6 +27,13 @@ KIND_RESPONSE_WHOLE: Final = 0x03
 # Compact frames (negotiated: ``binaryStart`` / ``binaryHead``); their own layouts, no seq.
 KIND_REQUEST_START: Final = 0x04
 KIND_RESPONSE_WHOLE_COMPACT: Final = 0x05
+# Several frames in one message (negotiated): compact starts to one host (``startBatches``),
+# complete responses to one caller (``replyBatches``).
+KIND_START_BATCH: Final = 0x06
+KIND_REPLY_BATCH: Final = 0x07
+#: A sender batches at most a burst of frames (16); a receiver takes up to this many per batch.
+MAX_BATCHED_FRAMES: Final = 64
+MAX_BATCHED_STARTS: Final = MAX_BATCHED_FRAMES
 BINARY_HEADER_SIZE: Final = 10  # magic, kind, seq:u64be
 
 # Headers: bounded so a hostile frame cannot make us build huge lists.
@@ -77,6 +84,7 @@ class StartExtensions:
     integrity: str | None = None  # checksum the caller puts in its end frames and wants in ours
     ack_now: bool = False  # first contact: ack at once (the caller is timing whether anyone serves)
     binary_head: bool = False  # caller accepts response.whole with a compact binary head
+    reply_batches: bool = False  # caller takes several complete responses in one message
 
 
 @record
@@ -91,6 +99,7 @@ class AckExtensions:
     upgrade: bool = False  # the server can carry the upgraded stream the caller asked for
     integrity: str | None = None  # checksum both ends then put in their end frames
     binary_start: bool = False  # the server takes compact binary request.start frames
+    start_batches: bool = False  # ... and batches of them in one message (``startBatches``)
 
 
 @record

@@ -105,6 +105,12 @@ class ServerOptions:
     # response.whole with a binary head to a caller that offers ``binaryHead``. Off: this
     # server speaks as the versions before them did (tests use it as such an older server).
     compact_frames: bool = True
+    # Batches of compact starts in one message (``startBatches``, docs/protocol.md section 2).
+    # Off: as the versions before them (tests use it as such an older server).
+    start_batches: bool = True
+    # ... and complete responses to one caller in one message, to callers that offer
+    # ``replyBatches``. Off: as the versions before them.
+    reply_batches: bool = True
     # Shared by every request of one server (mutable: not part of equality or hashing).
     growth_budget: GrowthBudget | None = field(default=None, compare=False)
 
@@ -304,6 +310,7 @@ class ServerStream:
             upgrade=self.upgrade,
             integrity=self.integrity,
             binary_start=self.options.compact_frames,
+            start_batches=self.options.compact_frames and self.options.start_batches,
         )
 
     def ack(self) -> Publish:
@@ -334,6 +341,17 @@ class ServerStream:
         if status == 101 and self.upgrade:
             return True  # the stream's server->caller direction
         return not (self.start_frame.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200)
+
+    def reply_batch_key(self) -> str | None:
+        """What a complete response of this request has in common with those it may share a
+        message with (``replyBatches``): its reply subject's tail (``reply.<caller token>``:
+        one caller), or None when it must go alone (not offered; the reference reply subject,
+        which names no caller)."""
+        offer = self.start_frame.extensions
+        if offer is None or not offer.reply_batches or not self.options.reply_batches or self.upgrade:
+            return None
+        tail = self.reply_subject[len(self.subjects.base) + len(self.request_id) + 6 :]  # "<base>.req.<id>."
+        return tail if tail.startswith("reply.") else None
 
     def whole_response(
         self, status: int, headers: f.Headers, status_text: str | None, data: bytes | bytearray | memoryview

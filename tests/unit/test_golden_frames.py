@@ -28,6 +28,7 @@ import pytest
 
 from tunnel import _codec as codec
 from tunnel import _frames as f
+from tunnel import _start_batch as start_batch
 from tunnel._caller import CallerOptions, CallerStream
 from tunnel._events import Publish
 from tunnel._server_stream import ServerOptions, ServerStream
@@ -36,6 +37,7 @@ from tunnel._subjects import HostSubjects
 GOLDEN = Path(__file__).parent / "golden"
 
 RID = "0123456789abcdef0123456789abcdef"
+OTHER_RID = "fedcba9876543210fedcba9876543210"
 CLIENT_ID = "c11e47c11e47c11e"
 SERVER_ID = "5e7e75e7e75e7e75"
 SUBJECTS = HostSubjects.for_host("desk.example")
@@ -403,6 +405,27 @@ def ext_request_start_compact() -> bytes:
     return caller.start().payload
 
 
+# Two fixed compact starts (their own bytes are pinned by ext/request.start.compact): a batch
+# carries them as they are, so only the batch's layout is pinned here, not the caller's offer.
+BATCH_EXTENSIONS: Final = '{"binaryData":true,"wholeResponse":true}'
+BATCHED_STARTS: Final[tuple[tuple[str, str, f.Headers], ...]] = (
+    (RID, "/a", [("accept", "text/plain")]),
+    (OTHER_RID, "/b", []),
+)
+
+
+def ext_request_start_batch() -> bytes:
+    return start_batch.encode(
+        [
+            start_batch.entry(
+                SUBJECTS.client_reply(rid, CLIENT_ID),
+                codec.encode_compact_start(rid, "GET", url, headers, False, None, BATCH_EXTENSIONS),
+            )
+            for rid, url, headers in BATCHED_STARTS
+        ]
+    )
+
+
 def ext_response_whole_compact() -> bytes:
     offer = dataclasses.replace(OFFER, binary_head=True)
     server = _server(_v1_start(has_body=False, extensions=offer), fast_path=True)
@@ -440,6 +463,7 @@ BUILDERS: dict[str, tuple[Callable[[], bytes], str]] = {
     "ext/response.chunk.binary": (ext_response_chunk_binary, ".hex"),
     "ext/response.whole": (ext_response_whole, ".hex"),
     "ext/request.start.compact": (ext_request_start_compact, ".hex"),
+    "ext/request.start.batch": (ext_request_start_batch, ".hex"),
     "ext/response.whole.compact": (ext_response_whole_compact, ".hex"),
     "ext/request.start.upgrade": (ext_request_start_upgrade, ".json"),
     "ext/response.ack.upgrade": (ext_response_ack_upgrade, ".json"),
@@ -595,7 +619,7 @@ def test_compact_golden_layouts_are_as_documented() -> None:
     # The subjects travel as the message's NATS reply (reply) or follow from the id (abort, body).
     decoded = codec.decode_compact_start(start, SUBJECTS.client_reply(RID, CLIENT_ID), SUBJECTS.base)
     assert decoded == dataclasses.replace(
-        BODY_DEADLINE_START, extensions=dataclasses.replace(OFFER, binary_head=True)
+        BODY_DEADLINE_START, extensions=dataclasses.replace(OFFER, binary_head=True, reply_batches=True)
     )
 
     whole = bytes.fromhex(golden_path("ext/response.whole.compact").read_text().strip())
@@ -607,6 +631,35 @@ def test_compact_golden_layouts_are_as_documented() -> None:
     head_length = int.from_bytes(whole[9:13], "big")
     assert whole[13 : 13 + head_length] == b"OK\x00content-type\x00text/plain\x00"
     assert whole[13 + head_length :] == DATA
+
+
+def test_start_batch_golden_layout_is_as_documented() -> None:
+    """docs/protocol.md section 2 (``startBatches``): 0x00, kind 6, then per start
+    replyLength u16be, startLength u32be, the reply subject (UTF-8), the compact start."""
+    batch = bytes.fromhex(golden_path("ext/request.start.batch").read_text().strip())
+    assert batch[:2] == b"\x00\x06"
+    offset, entries = 2, []
+    while offset < len(batch):
+        reply_length = int.from_bytes(batch[offset : offset + 2], "big")
+        start_length = int.from_bytes(batch[offset + 2 : offset + 6], "big")
+        reply = batch[offset + 6 : offset + 6 + reply_length].decode()
+        start = batch[offset + 6 + reply_length : offset + 6 + reply_length + start_length]
+        assert len(start) == start_length
+        entries.append((reply, start))
+        offset += 6 + reply_length + start_length
+    assert offset == len(batch) and start_batch.decode(batch) == entries
+    for (reply, start), (rid, url, headers) in zip(entries, BATCHED_STARTS, strict=True):
+        assert reply == SUBJECTS.client_reply(rid, CLIENT_ID)
+        # 0x00, kind 4, flags 0 (no body, no deadline), deadline 0, then the NUL-ended fields.
+        assert start[:11] == b"\x00\x04\x00" + bytes(8)
+        decoded = codec.decode_compact_start(start, reply, SUBJECTS.base)
+        assert (decoded.request_id, decoded.method, decoded.url, decoded.headers) == (
+            rid,
+            "GET",
+            url,
+            headers,
+        )
+        assert decoded.body_subject is None and decoded.deadline_unix_ms is None
 
 
 def test_integrity_end_frames_carry_the_byte_count_and_crc32c_of_the_body() -> None:
@@ -625,6 +678,7 @@ def test_extension_objects_are_as_documented() -> None:
         "wholeResponse": True,
         "integrity": "crc32c",
         "binaryHead": True,
+        "replyBatches": True,
     }
     ack = json.loads(golden_path("ext/response.ack").read_bytes())
     assert ack["extensions"] == {
@@ -635,6 +689,7 @@ def test_extension_objects_are_as_documented() -> None:
         "upSubject": SUBJECTS.server_up(RID, SERVER_ID),
         "integrity": "crc32c",
         "binaryStart": True,
+        "startBatches": True,
     }
 
 

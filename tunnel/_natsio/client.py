@@ -37,6 +37,7 @@ from nats.errors import Error as NatsError
 
 from .. import _codec as codec
 from .. import _frames as f
+from .. import _reply_batch as reply_batch
 from .._caller import CallerOptions, CallerPhase, CallerStream, PresenceEvidence
 from .._compact_starts import CompactStarts
 from .._config import (
@@ -287,6 +288,9 @@ class _ClientRequest(TimedRequest):
         self.status: int | None = None
         self._loop = loop
         self._timer: LazyTimer | None = None
+        #: The requests whose starts went in the same message after ours (``startBatches``):
+        #: NATS's no-responders for it reaches our reply subject only.
+        self.batched_with: list[_ClientRequest] | None = None
 
     # -- frames from the demultiplexer ------------------------------------------
 
@@ -715,24 +719,57 @@ class TunnelClient:
                     raise map_nats_error(exc) from exc
 
     def _on_message(self, msg: Msg) -> None:
-        """A frame for one of our requests, handled where nats-py reads it (see ``direct``)."""
+        """A frame for one of our requests, or a batch of them (``replyBatches``), handled
+        where nats-py reads it (see ``direct``)."""
         parsed = parse_request_subject(msg.subject, self.prefix)
         if parsed is None:
             return
         token, request_id, _ = parsed
+        data = msg.data
+        if reply_batch.is_reply_batch(data):
+            self._on_reply_batch(token, data)
+            return
+        req = self._request_from(token, request_id)
+        if req is None:
+            return
+        if status_of(msg) == "503" and not data:
+            req.on_no_responders()
+            batched, req.batched_with = req.batched_with, None
+            for other in batched or ():  # nobody got the message: their starts are lost too
+                if not other.released:
+                    other.on_no_responders()
+            return
+        self._on_frame_bytes(req, request_id, data)
+
+    def _on_reply_batch(self, token: str, data: bytes) -> None:
+        """Complete responses of several of our requests to one host, in one message: each as
+        if it had come alone on its own reply subject (under the same host's prefix)."""
+        try:
+            frames = reply_batch.decode(data)
+        except f.FrameError as exc:
+            self.stats.frames_dropped += 1
+            log.warning("dropped a malformed reply batch from host token %s: %s", token, exc.message)
+            return
+        for request_id, frame in frames:
+            req = self._request_from(token, request_id)
+            if req is not None:
+                self._on_frame_bytes(req, request_id, frame)
+
+    def _request_from(self, token: str, request_id: str) -> _ClientRequest | None:
+        """The request a frame from host ``token`` is for, if it is ours and still going."""
         req = self._streams.get(request_id)
         if req is None:
-            return  # late frame of a finished request
+            return None  # late frame of a finished request
         if token != req.stream.subjects.token:
             # Only host H may publish under H's prefix: a frame from elsewhere is forged.
             self.stats.frames_dropped += 1
             log.warning("dropped a frame for request %s from the wrong host token %s", request_id, token)
-            return
-        if status_of(msg) == "503" and not msg.data:
-            req.on_no_responders()
-            return
+            return None
+        return req
+
+    def _on_frame_bytes(self, req: _ClientRequest, request_id: str, data: bytes) -> None:
         try:
-            frame = codec.decode_frame(msg.data, request_id)
+            frame = codec.decode_frame(data, request_id)
         except f.FrameError as exc:
             self.stats.frames_dropped += 1
             req._fail_and_abort_soon(RemoteProtocolError(f"malformed frame from server: {exc.message}"))
@@ -795,6 +832,7 @@ class TunnelClient:
         request_id = new_request_id()
         options = self._options_for(first, idle, total, base)
         first_contact = self._first_contact(hostname, loop.time())
+        compact = self._compact_starts.use(hostname)
         deadline_ms = int((time.time() + total) * 1000) if total else None
         stream = CallerStream(
             request_id=request_id,
@@ -813,7 +851,7 @@ class TunnelClient:
             deadline_unix_ms=deadline_ms,
             upgrade=upgrade,
             first_contact=first_contact,
-            compact_start=self._compact_starts.use(hostname),
+            compact_start=compact,
         )
         req = _ClientRequest(self, stream, hostname, body)
         self._streams[request_id] = req
@@ -829,7 +867,17 @@ class TunnelClient:
                     req.sub = await subscribe_direct(self.nc, stream.reply_subject, self._on_message)
                 except (NatsError, OSError) as exc:
                     raise map_nats_error(exc) from exc
-            await self.publisher.send(stream.start())
+            start = stream.start()
+            if stream.compact_start and body is None and not upgrade and self._compact_starts.batch(hostname):
+                lead = await self.publisher.send_batched(
+                    start, kind=f.KIND_START_BATCH, key=start.subject, label=stream.reply_subject, owner=req
+                )
+                if lead is not req:
+                    if lead.batched_with is None:
+                        lead.batched_with = []
+                    lead.batched_with.append(req)
+            else:
+                await self.publisher.send(start)
             self._timers.add(req, stream.next_deadline())
             head = await req.head
         except BaseException as exc:
@@ -849,7 +897,9 @@ class TunnelClient:
         if stream.compact_start_unanswered:
             self._compact_starts.unanswered(hostname, now)
         elif stream.server_takes_compact_starts is not None:  # an error first frame says nothing
-            self._compact_starts.learn(hostname, stream.server_takes_compact_starts, now)
+            self._compact_starts.learn(
+                hostname, stream.server_takes_compact_starts, now, stream.server_takes_start_batches
+            )
 
     def _first_contact(self, hostname: str, now: float) -> bool:
         seen = self._seen.get(hostname)

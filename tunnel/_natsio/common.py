@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
@@ -21,6 +21,7 @@ log = logging.getLogger("tunnel")
 
 #: Test-only fault hook: sees every outgoing frame and returns what to send instead.
 WireTap = Callable[[Publish], Iterable[Publish]]
+Owner = TypeVar("Owner")
 
 
 def map_nats_error(exc: BaseException) -> TunnelConnectionError:
@@ -109,6 +110,20 @@ class Publisher:
         else:
             for p in self.tap(pub):
                 await self._publish(p)
+
+    async def send_batched(self, pub: Publish, *, kind: int, key: str, label: str, owner: Owner) -> Owner:
+        """Send a frame that may share one message with those sent just before it (a start
+        batch or a reply batch, see ``direct_write``); returns the ``owner`` given with the
+        first frame of that message (``owner`` itself when it went first or alone)."""
+        direct = self._direct
+        if self.tap is None and direct is not None:
+            head = direct.try_write_batched(
+                pub.subject, pub.reply, pub.payload, kind=kind, key=key, label=label, owner=owner
+            )
+            if head is not None:
+                return head
+        await self.send(pub)
+        return owner
 
     async def _publish(self, pub: Publish) -> None:
         """nats-py's publish, except that a cancellation is never lost in it.

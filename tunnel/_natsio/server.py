@@ -253,7 +253,17 @@ class _ServerRequest(TimedRequest):
             if whole is not None:
                 self.status = response.status
                 stats.bytes_out += self.stream.send.sent_bytes  # the body's bytes (not the frame's)
-                await self.server.publisher.send(whole)
+                batch_key = self.stream.reply_batch_key()
+                if batch_key is None:
+                    await self.server.publisher.send(whole)
+                else:
+                    await self.server.publisher.send_batched(
+                        whole,
+                        kind=f.KIND_REPLY_BATCH,
+                        key=batch_key,
+                        label=self.stream.request_id,
+                        owner=self,
+                    )
                 stats.completed += 1
                 return
             start = self.stream.start_response(response.status, response.headers, response.status_text)
@@ -709,19 +719,34 @@ class TunnelServer:
     # -- message handlers --------------------------------------------------------------
 
     def _on_start(self, msg: Msg) -> None:
-        """A message on the request subject, handled where nats-py reads it (see ``direct``).
+        """A message on the request subject, handled where nats-py reads it (see ``direct``):
+        one start, or a batch of them (``startBatches``), each then on its own."""
+        dispatch = self.dispatch
+        if dispatch.options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
+            dispatch.set_max_payload(self.nc.max_payload)
+        data = msg.data
+        try:
+            batch = dispatch.batched_starts(data)
+        except f.FrameError as exc:
+            self._malformed(msg.subject, exc.message)
+            return
+        if batch is None:
+            self._start(msg.subject, data, msg.reply)
+            return
+        self.stats.start_batches += 1
+        for reply, start in batch:
+            self._start(msg.subject, start, reply)
 
-        The usual start (an extended caller's, no body, not a first contact) needs no
-        publish before its handler runs, so the handler task starts from here. Anything that
+    def _start(self, subject: str, data: bytes, reply: str) -> None:
+        """One start. The usual one (an extended caller's, no body, not a first contact) needs
+        no publish before its handler runs, so the handler task starts from here. Anything that
         must publish or subscribe first (answers, an immediate ack, a v1 body subscription)
         continues in one task, in the same order as before.
         """
         dispatch = self.dispatch
-        if dispatch.options.max_payload != self.nc.max_payload:  # reconnected to a server with other limits
-            dispatch.set_max_payload(self.nc.max_payload)
-        answer = dispatch.on_start(msg.data, msg.reply)
+        answer = dispatch.on_start(data, reply)
         if answer.malformed is not None:
-            self._malformed(msg.subject, answer.malformed)
+            self._malformed(subject, answer.malformed)
         stream = answer.stream
         if stream is None:
             if answer.publishes:
