@@ -18,6 +18,7 @@ _ENTRY: Final = struct.Struct(">HI")  # labelLength, frameLength
 #: What each frame adds to a batch besides its label and its own bytes.
 ENTRY_OVERHEAD: Final = _ENTRY.size
 MAX_LABEL_LENGTH: Final = 0xFFFF
+PREFIX_LENGTH: Final = 2  # magic, kind
 
 
 def prefix(kind: int) -> bytes:
@@ -47,7 +48,7 @@ def decode(payload: bytes, kind: int, what: str) -> list[tuple[str, bytes]]:
     if not is_batch(payload, kind):
         raise FrameError(f"not a {what}")
     pairs: list[tuple[str, bytes]] = []
-    offset = 2
+    offset = PREFIX_LENGTH
     end = len(payload)
     while offset < end:
         if len(pairs) == MAX_BATCHED_FRAMES:
@@ -71,4 +72,13 @@ def decode(payload: bytes, kind: int, what: str) -> list[tuple[str, bytes]]:
     return pairs
 
 
-__all__ = ["ENTRY_OVERHEAD", "MAX_LABEL_LENGTH", "decode", "encode", "entry", "is_batch", "prefix"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "MAX_LABEL_LENGTH",
+    "PREFIX_LENGTH",
+    "decode",
+    "encode",
+    "entry",
+    "is_batch",
+    "prefix",
+]

@@ -7,7 +7,10 @@ order; publishes mixed between this path and nats-py's keep their order, also wh
 nats-py's flusher waits for a full socket; with the server stopped, small publishes wait as
 nats-py makes them (no unbounded buffer); payloads over the server's max_payload or
 bulk-sized go through nats-py; a disconnected client's publishes go through nats-py's
-reconnect buffer and arrive; a client without the known internals gets no writer.
+reconnect buffer and arrive; a client without the known internals gets no writer. Frames
+of one batch share a message on the first one's subject and reply; anything else appended
+in between ends a batch (nothing changes order), and so do a burst and the server's
+max_payload.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import FlushTimeoutError
 
 from cli.nats_server import NatsServer
 from tests.helpers import NatsServerFactory, process_stopped, wait_until
 from tests.integration.tunnel_harness import log_writes
+from tunnel import _batches as batches
+from tunnel import _frames as f
 from tunnel._events import Publish
 from tunnel._natsio.common import Publisher, flush_everything, round_trip
 from tunnel._natsio.direct_write import BURST_PUBLISHES, SMALL_PAYLOAD, DirectWriter
@@ -350,3 +356,146 @@ async def test_a_round_trip_given_up_leaves_the_connection_hearing(
     finally:
         await other.close()
         await nc.close()
+
+
+# -- frames of many requests in one message (start and reply batches) ----------------------
+
+KIND = f.KIND_START_BATCH
+
+
+@contextlib.asynccontextmanager
+async def watched_messages(
+    url: str, subject: str, **options: object
+) -> AsyncIterator[tuple[Client, list[Msg]]]:
+    """Like ``watched``, keeping whole messages (subject, reply, data) in arrival order."""
+    nc = await nats.connect(url, **options)  # type: ignore[arg-type]
+    watcher = await nats.connect(url)
+    seen: list[Msg] = []
+
+    async def on_msg(msg: Msg) -> None:
+        seen.append(msg)
+
+    try:
+        await watcher.subscribe(subject, cb=on_msg)
+        await flush_everything(watcher)
+        yield nc, seen
+    finally:
+        await nc.close()
+        await watcher.close()
+
+
+def labels(msg: Msg) -> list[str]:
+    return [label for label, _ in batches.decode(msg.data, KIND, "batch")]
+
+
+def frames_in(msg: Msg) -> list[bytes]:
+    """The frames a message carries: those of a batch, or itself."""
+    if batches.is_batch(msg.data, KIND):
+        return [frame for _, frame in batches.decode(msg.data, KIND, "batch")]
+    return [msg.data]
+
+
+async def test_frames_of_one_batch_share_a_message_on_the_first_frames_subject_and_reply(
+    nats_server: NatsServer,
+) -> None:
+    async with watched_messages(nats_server.url, "dwb.>") as (nc, seen):
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        sent_before = nc.stats["out_msgs"]
+        assert writer.try_write("dwb.alone", None, b"quiet")  # a quiet pass's first: written at once
+        owners = [
+            writer.try_write_batched(
+                "dwb.start",
+                f"dwb.reply.{i}",
+                f"frame {i}".encode(),
+                kind=KIND,
+                key="dwb.start",
+                label=f"l{i}",
+                owner=i,
+            )
+            for i in range(5)
+        ]
+        assert owners == [0, 0, 0, 0, 0]  # each went in the message of the first
+        sent = nc.stats["out_msgs"]
+        await asyncio.sleep(0)  # the pass ends
+        await nc.flush()
+        await wait_until(lambda: len(seen) == 2, message="the quiet publish and the batch")
+        alone, batch = seen
+        assert alone.data == b"quiet"
+        assert (batch.subject, batch.reply) == ("dwb.start", "dwb.reply.0")
+        assert batches.decode(batch.data, KIND, "batch") == [
+            (f"l{i}", f"frame {i}".encode()) for i in range(5)
+        ]
+        assert sent == sent_before + 2  # two messages counted: the quiet one and the batch
+
+
+async def test_anything_else_in_between_ends_a_batch_so_nothing_changes_order(
+    nats_server: NatsServer,
+) -> None:
+    async with watched_messages(nats_server.url, "dwo.>") as (nc, seen):
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        publisher = Publisher(nc)
+        assert writer.try_write("dwo.first", None, b"quiet")
+
+        def batched(label: str, key: str = "dwo.start") -> str | None:
+            return writer.try_write_batched(
+                key, f"dwo.r.{label}", label.encode(), kind=KIND, key=key, label=label, owner=label
+            )
+
+        assert batched("a") == "a" and batched("b") == "a"
+        await publisher.send(Publish("dwo.other", b"between"))  # ends the batch
+        assert batched("c") == "c"  # alone: a new batch of its own
+        await nc.publish("dwo.nats_py", b"through nats-py")  # nats-py's own publish ends it too
+        assert batched("d") == "d" and batched("e", key="dwo.elsewhere") == "e"  # another key: another batch
+        await nc.flush()  # nats-py's PING after all of it
+        await wait_until(lambda: len(seen) == 7, message="all seven messages")
+        assert [m.subject for m in seen] == [
+            "dwo.first",
+            "dwo.start",
+            "dwo.other",
+            "dwo.start",
+            "dwo.nats_py",
+            "dwo.start",
+            "dwo.elsewhere",
+        ]
+        assert labels(seen[1]) == ["a", "b"]
+        assert [seen[3].data, seen[5].data, seen[6].data] == [b"c", b"d", b"e"]  # alone: plain frames
+
+
+async def test_a_batch_holds_at_most_a_burst_and_stays_under_the_servers_max_payload(
+    nats_server_factory: NatsServerFactory,
+) -> None:
+    server = nats_server_factory(max_payload=4096)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    async with watched_messages(server.url, "dwm.>", error_cb=on_error) as (nc, seen):
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert writer.try_write("dwm.first", None, b"quiet")
+        big = [f"{i:04d}".encode() + bytes(1500) for i in range(6)]  # two fit in 4 KiB, three do not
+        for i, frame in enumerate(big):
+            writer.try_write_batched("dwm.s", None, frame, kind=KIND, key="dwm.s", label=str(i), owner=i)
+        await asyncio.sleep(0)
+        small = 2 * BURST_PUBLISHES + 1
+        for i in range(small):
+            writer.try_write_batched(
+                "dwm.t", None, str(i).encode(), kind=KIND, key="dwm.t", label=str(i), owner=i
+            )
+        await asyncio.sleep(0)
+        await nc.flush()
+        await wait_until(
+            lambda: sum(len(frames_in(m)) for m in seen if m.subject == "dwm.t") == small, message="all"
+        )
+        assert not errors and nc.is_connected
+        sizes = [len(m.data) for m in seen]
+        assert max(sizes) <= 4096
+        in_big = [frames_in(m) for m in seen if m.subject == "dwm.s"]
+        assert [frame for batch in in_big for frame in batch] == big
+        assert [len(batch) for batch in in_big] == [2, 2, 2]
+        in_small = [frames_in(m) for m in seen if m.subject == "dwm.t"]
+        assert [frame for batch in in_small for frame in batch] == [str(i).encode() for i in range(small)]
+        assert max(len(batch) for batch in in_small) == BURST_PUBLISHES

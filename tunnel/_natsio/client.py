@@ -304,6 +304,7 @@ class _ClientRequest(TimedRequest):
             return
         if was_starting and self.stream.phase is not CallerPhase.STARTING:
             self.client._saw_serving(self.hostname, self.stream)
+            self.batched_with = None  # our start got through, so did the rest of its batch
         # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
         if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
             if self.body is not None:
@@ -530,6 +531,7 @@ class _ClientRequest(TimedRequest):
         if self.released:
             return
         self.released = True
+        self.batched_with = None  # (the others' objects need not live as long as ours)
         self._cancel_timer()
         client = self.client
         client._streams.pop(self.stream.request_id, None)

@@ -84,7 +84,7 @@ class DirectWriter:
         self._in_pass = 0
         #: The last pass that published had one publish only.
         self._quiet = True
-        #: The start batch that may still grow: nats-py's last pending command.
+        #: The batch that may still grow: nats-py's last pending command when it is one.
         self._batch: _OpenBatch | None = None
 
     @classmethod
@@ -130,11 +130,12 @@ class DirectWriter:
             and self._writable(subject, reply, len(payload))
             and batch.add(label, payload, min(SMALL_PAYLOAD, nc._max_payload))
         ):
-            command = pub_cmd(batch.subject, batch.reply or "", batch.payload())
-            grown = len(command) - len(batch.command)
+            payload = batch.payload()
+            command = pub_cmd(batch.subject, batch.reply or "", payload)
+            nc._pending_data_size += len(command) - len(batch.command)
             nc._pending[-1] = batch.command = command
-            nc._pending_data_size += grown
-            nc.stats["out_bytes"] += grown
+            nc.stats["out_bytes"] += len(payload) - batch.payload_size
+            batch.payload_size = len(payload)
             head: Owner = batch.owner
             self._count_publish()
             return head
@@ -226,6 +227,7 @@ class _OpenBatch:
         "key",
         "kind",
         "owner",
+        "payload_size",
         "pending",
         "reply",
         "size",
@@ -254,7 +256,8 @@ class _OpenBatch:
         # The first frame's entry is made when a second one joins (most frames stay alone).
         self.entries: list[bytes] = [first]
         self._first_label = label
-        self.size = 0
+        self.size = 0  # of the entries as a batch, once it is one
+        self.payload_size = len(first)  # of the message pending now
 
     def is_last_of(self, pending: list[bytes]) -> bool:
         """Still nats-py's last pending command (not written, nothing appended since)?"""
@@ -268,7 +271,7 @@ class _OpenBatch:
             return False
         if len(entries) == 1:
             entries[0] = batches.entry(self._first_label, entries[0])
-            self.size = 2 + len(entries[0])
+            self.size = batches.PREFIX_LENGTH + len(entries[0])
         entry = batches.entry(label, frame)
         if self.size + len(entry) > size_limit:
             return False
