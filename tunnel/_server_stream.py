@@ -348,7 +348,10 @@ class ServerStream:
         one caller), or None when it must go alone (not offered; the reference reply subject,
         which names no caller)."""
         offer = self.start_frame.extensions
-        if offer is None or not offer.reply_batches or not self.options.reply_batches or self.upgrade:
+        options = self.options
+        if offer is None or not offer.reply_batches or self.upgrade:
+            return None
+        if not (options.reply_batches and options.compact_frames):  # an older server: none
             return None
         tail = self.reply_subject[len(self.subjects.base) + len(self.request_id) + 6 :]  # "<base>.req.<id>."
         return tail if tail.startswith("reply.") else None

@@ -288,9 +288,9 @@ class _ClientRequest(TimedRequest):
         self.status: int | None = None
         self._loop = loop
         self._timer: LazyTimer | None = None
-        #: The requests whose starts went in the same message after ours (``startBatches``):
-        #: NATS's no-responders for it reaches our reply subject only.
-        self.batched_with: list[_ClientRequest] | None = None
+        #: The request id of the first start of the start batch ours went in (``startBatches``),
+        #: until the batch is known to have got through: see ``TunnelClient._start_batches``.
+        self.batch_lead: str | None = None
 
     # -- frames from the demultiplexer ------------------------------------------
 
@@ -304,7 +304,9 @@ class _ClientRequest(TimedRequest):
             return
         if was_starting and self.stream.phase is not CallerPhase.STARTING:
             self.client._saw_serving(self.hostname, self.stream)
-            self.batched_with = None  # our start got through, so did the rest of its batch
+            if self.batch_lead is not None:  # our start got through, so did the rest of its batch
+                self.client._start_batches.pop(self.batch_lead, None)
+                self.batch_lead = None
         # Any first frame (ack, start, whole) lets the request body flow, as in the reference caller.
         if was_starting and self.stream.phase is not CallerPhase.STARTING and not self.stream.finished:
             if self.body is not None:
@@ -531,7 +533,8 @@ class _ClientRequest(TimedRequest):
         if self.released:
             return
         self.released = True
-        self.batched_with = None  # (the others' objects need not live as long as ours)
+        if self.batch_lead is not None:
+            self.client._leave_start_batch(self)
         self._cancel_timer()
         client = self.client
         client._streams.pop(self.stream.request_id, None)
@@ -643,6 +646,10 @@ class TunnelClient:
         self.client_id = new_endpoint_id()
         self.publisher = Publisher(nc, wire_tap)
         self._streams: dict[str, _ClientRequest] = {}
+        #: Start batches not yet known to have got through: the first start's request id -> the
+        #: other requests in it. NATS's no-responders for the batch reaches the first start's
+        #: reply subject only, even when that request is over; these hear it from there.
+        self._start_batches: dict[str, list[_ClientRequest]] = {}
         self._sub: Subscription | None = None
         self._reference_sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
@@ -731,17 +738,45 @@ class TunnelClient:
         if reply_batch.is_reply_batch(data):
             self._on_reply_batch(token, data)
             return
-        req = self._request_from(token, request_id)
-        if req is None:
-            return
         if status_of(msg) == "503" and not data:
-            req.on_no_responders()
-            batched, req.batched_with = req.batched_with, None
-            for other in batched or ():  # nobody got the message: their starts are lost too
-                if not other.released:
-                    other.on_no_responders()
+            self._on_no_responders(token, request_id)
             return
-        self._on_frame_bytes(req, request_id, data)
+        req = self._request_from(token, request_id)
+        if req is not None:
+            self._on_frame_bytes(req, request_id, data)
+
+    def _on_no_responders(self, token: str, request_id: str) -> None:
+        """NATS said nobody got the start of ``request_id``: nor the others of its start batch,
+        if it led one (their reply subjects hear nothing), even when it is over itself."""
+        req = self._request_from(token, request_id)
+        if req is not None:
+            req.on_no_responders()
+        for other in self._start_batches.pop(request_id, ()):
+            if not other.released and other.stream.subjects.token == token:
+                other.batch_lead = None
+                other.on_no_responders()
+
+    def _join_start_batch(self, lead: _ClientRequest, req: _ClientRequest) -> None:
+        """``req``'s start went in the message of ``lead``'s (a start batch)."""
+        lead_id = lead.stream.request_id
+        others = self._start_batches.get(lead_id)
+        if others is None:  # (each entry lives no longer than a request of its batch)
+            others = self._start_batches[lead_id] = []
+            if not lead.released:
+                lead.batch_lead = lead_id
+        others.append(req)
+        req.batch_lead = lead_id
+
+    def _leave_start_batch(self, req: _ClientRequest) -> None:
+        """``req`` is over: its batch need not be remembered for it (nor at all once empty)."""
+        lead_id, req.batch_lead = req.batch_lead, None
+        others = self._start_batches.get(lead_id or "")
+        if lead_id is None or others is None:
+            return
+        if req in others:
+            others.remove(req)
+        if not others:
+            del self._start_batches[lead_id]
 
     def _on_reply_batch(self, token: str, data: bytes) -> None:
         """Complete responses of several of our requests to one host, in one message: each as
@@ -875,9 +910,7 @@ class TunnelClient:
                     start, kind=f.KIND_START_BATCH, key=start.subject, label=stream.reply_subject, owner=req
                 )
                 if lead is not req:
-                    if lead.batched_with is None:
-                        lead.batched_with = []
-                    lead.batched_with.append(req)
+                    self._join_start_batch(lead, req)
             else:
                 await self.publisher.send(start)
             self._timers.add(req, stream.next_deadline())

@@ -111,14 +111,23 @@ class Publisher:
             for p in self.tap(pub):
                 await self._publish(p)
 
-    async def send_batched(self, pub: Publish, *, kind: int, key: str, label: str, owner: Owner) -> Owner:
+    async def send_batched(
+        self, pub: Publish, *, kind: int, key: str, label: str, owner: Owner, size_limit: int | None = None
+    ) -> Owner:
         """Send a frame that may share one message with those sent just before it (a start
         batch or a reply batch, see ``direct_write``); returns the ``owner`` given with the
         first frame of that message (``owner`` itself when it went first or alone)."""
         direct = self._direct
         if self.tap is None and direct is not None:
             head = direct.try_write_batched(
-                pub.subject, pub.reply, pub.payload, kind=kind, key=key, label=label, owner=owner
+                pub.subject,
+                pub.reply,
+                pub.payload,
+                kind=kind,
+                key=key,
+                label=label,
+                owner=owner,
+                size_limit=size_limit,
             )
             if head is not None:
                 return head

@@ -109,11 +109,13 @@ class DirectWriter:
         key: str,
         label: str,
         owner: Owner,
+        size_limit: int | None = None,
     ) -> Owner | None:
         """Take a frame that may share a message with those just before it: a compact start
         to the same host (``kind`` start batch, ``key`` its subject, ``label`` its reply), a
         complete response to the same caller (reply batch, ``key`` the reply subject's tail,
-        ``label`` the request id). See the module docstring.
+        ``label`` the request id). See the module docstring. ``size_limit``: the most the
+        batch may hold besides NATS's own limit (the largest frame the receiver takes).
 
         Returns the ``owner`` given with the first frame of the message this one went in
         (``owner`` itself when it goes first or alone): a batch goes on that frame's subject,
@@ -128,7 +130,7 @@ class DirectWriter:
             and batch.key == key
             and batch.is_last_of(nc._pending)
             and self._writable(subject, reply, len(payload))
-            and batch.add(label, payload, min(SMALL_PAYLOAD, nc._max_payload))
+            and batch.add(label, payload, min(SMALL_PAYLOAD, nc._max_payload, size_limit or SMALL_PAYLOAD))
         ):
             payload = batch.payload()
             command = pub_cmd(batch.subject, batch.reply or "", payload)

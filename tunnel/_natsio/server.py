@@ -263,6 +263,7 @@ class _ServerRequest(TimedRequest):
                         key=batch_key,
                         label=self.stream.request_id,
                         owner=self,
+                        size_limit=self.stream.frame_limit,  # the caller's maxFrame too
                     )
                 stats.completed += 1
                 return
