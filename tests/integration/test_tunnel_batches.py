@@ -394,6 +394,8 @@ async def test_no_responders_for_a_start_batch_still_reaches_its_starts_when_the
         pytest.param(
             {"compact_frames": False, "start_batches": False, "reply_batches": False}, id="pre-compact"
         ),
+        # Compact frames off alone is a pre-compact server too: no batches either way.
+        pytest.param({"compact_frames": False}, id="compact-frames-off"),
     ],
 )
 async def test_an_older_server_gets_no_batches_and_sends_none(
@@ -417,22 +419,6 @@ async def test_an_older_server_gets_no_batches_and_sends_none(
     # The pre-batches server still takes compact starts: it is batches alone that stay off.
     assert (COMPACT_START in kinds) == older.get("compact_frames", True)
     assert server.stats.start_batches == 0 and server.stats.malformed_frames == 0
-
-
-async def test_a_server_without_compact_frames_sends_no_reply_batches(nats_server: NatsServer) -> None:
-    async with peers(nats_server.url) as (server_conn, caller), tapped(nats_server.url) as tap:
-        server = await tunnel.serve(server_conn.nc, HOST, echo_path)
-        server.dispatch.options = dataclasses.replace(server.dispatch.options, compact_frames=False)
-        try:
-            client = tunnel.TunnelClient(caller.nc)
-            await first_contact(client)
-            outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
-            await tap.caught_up(caller.nc, server_conn.nc)
-        finally:
-            await server.close(timeout=1.0)
-    assert outcomes == [(200, f"path /item/{i}".encode()) for i in range(BURST)]
-    kinds = tap.kinds()
-    assert START_BATCH not in kinds and REPLY_BATCH not in kinds, kinds
 
 
 async def test_a_plain_v1_caller_gets_no_reply_batches(nats_server: NatsServer) -> None:
