@@ -355,6 +355,45 @@ async def test_no_responders_for_a_start_batch_reaches_every_start_in_it(nats_se
     assert client.in_flight == 0
 
 
+async def test_a_no_responders_status_from_another_hosts_subject_leaves_a_batch_alone(
+    nats_server: NatsServer,
+) -> None:
+    """A 503 status on the lead's id under another host's prefix fails nothing and does not
+    make the client forget the batch (a real one for it must still reach every start)."""
+    release = asyncio.Event()
+
+    async def held(req: tunnel.Request) -> tunnel.Response:
+        if req.path != "/first":
+            await release.wait()
+        return tunnel.Response(200, [], req.path.encode())
+
+    async with peers(nats_server.url) as (server_conn, caller):
+        server = await tunnel.serve(server_conn.nc, HOST, held)
+        try:
+            client = tunnel.TunnelClient(caller.nc)
+            await first_contact(client)
+            tasks = [asyncio.ensure_future(client.fetch(f"tunnel://{HOST}/held/{i}")) for i in range(8)]
+            await asyncio.sleep(0)  # one pass: every fetch publishes its start
+            assert len(client._start_batches) == 1, "the burst did not go in one start batch"
+            (lead_id,) = client._start_batches
+            other_host = tunnel.HostSubjects.for_host("other.example", client.prefix)
+            forged = other_host.client_reply(lead_id, client.client_id)
+            await server_conn.nc.publish(forged, b"", headers={"Status": "503"})
+            await round_trip(server_conn.nc)
+            await round_trip(caller.nc)  # the forged status has reached the client by now
+            assert lead_id in client._start_batches
+            assert all(not task.done() for task in tasks)
+            release.set()
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                responses = await asyncio.gather(*tasks)
+            assert [r.status for r in responses] == [200] * 8
+            for r in responses:
+                await r.aclose()
+        finally:
+            release.set()
+            await server.close(timeout=1.0)
+
+
 async def test_no_responders_for_a_start_batch_still_reaches_its_starts_when_the_first_was_cancelled(
     nats_server: NatsServer,
 ) -> None:

@@ -499,3 +499,36 @@ async def test_a_batch_holds_at_most_a_burst_and_stays_under_the_servers_max_pay
         in_small = [frames_in(m) for m in seen if m.subject == "dwm.t"]
         assert [frame for batch in in_small for frame in batch] == [str(i).encode() for i in range(small)]
         assert max(len(batch) for batch in in_small) == BURST_PUBLISHES
+
+
+async def test_a_batch_does_not_outlive_its_pass_nor_stop_the_passes_that_follow(
+    nats_server: NatsServer,
+) -> None:
+    """The connection drops before a pass with a pending batch ends (nats-py keeps its buffer to
+    resend) and is back before nats-py's flusher ran: the next frame must not merge into that
+    batch with no end of pass to write it, which left every later publish waiting."""
+    async with watched_messages(nats_server.url, "dwr.>") as (nc, seen):
+        writer = DirectWriter.for_client(nc)
+        assert writer is not None
+        assert writer.try_write("dwr.first", None, b"quiet")
+        writer.try_write_batched("dwr.s", "dwr.r1", b"one", kind=KIND, key="dwr.s", label="1", owner=1)
+        nc._status = Client.RECONNECTING
+        await asyncio.sleep(0)  # the pass ends: nothing written while not connected
+        assert nc._pending_data_size > 0
+        nc._status = Client.CONNECTED
+        assert (
+            writer.try_write_batched("dwr.s", "dwr.r2", b"two", kind=KIND, key="dwr.s", label="2", owner=2)
+            == 2
+        )
+        await asyncio.sleep(0)  # this pass's end writes both
+        assert nc._pending_data_size == 0
+        assert writer.try_write("dwr.later", None, b"later")  # the last pass had one publish: at once
+        assert nc._pending_data_size == 0
+        await nc.flush()
+        await wait_until(lambda: len(seen) == 4, message="all four messages")
+        assert [(m.subject, m.data) for m in seen] == [
+            ("dwr.first", b"quiet"),
+            ("dwr.s", b"one"),
+            ("dwr.s", b"two"),
+            ("dwr.later", b"later"),
+        ]

@@ -751,8 +751,12 @@ class TunnelClient:
         req = self._request_from(token, request_id)
         if req is not None:
             req.on_no_responders()
-        for other in self._start_batches.pop(request_id, ()):
-            if not other.released and other.stream.subjects.token == token:
+        others = self._start_batches.get(request_id)
+        if not others or others[0].stream.subjects.token != token:
+            return  # no batch led by it, or not from its host (a batch goes to one host)
+        del self._start_batches[request_id]
+        for other in others:
+            if not other.released:
                 other.batch_lead = None
                 other.on_no_responders()
 

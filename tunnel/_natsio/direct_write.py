@@ -178,13 +178,7 @@ class DirectWriter:
             return None
         nc: Any = self._nc
         command = pub_cmd(subject, reply or "", payload)
-        first = self._in_pass == 0
-        if first:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._end_pass)
-        if first and self._quiet and not nc._pending_data_size:
+        if self._in_pass == 0 and self._quiet and not nc._pending_data_size:
             nc._transport._io_writer.write(command)
         else:
             nc._pending.append(command)
@@ -196,6 +190,12 @@ class DirectWriter:
         return command
 
     def _count_publish(self) -> None:
+        """One more publish in this pass (its first schedules the pass's end)."""
+        if self._in_pass == 0:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._end_pass)
         self._in_pass += 1
         if self._in_pass % BURST_PUBLISHES == 0 and self._nc._pending_data_size:
             self._write_pending()
@@ -204,6 +204,7 @@ class DirectWriter:
         """Write what nats-py holds, as its flusher would (unless it did already)."""
         self._quiet = self._in_pass == 1
         self._in_pass = 0
+        self._batch = None  # a batch never outlives its pass (nor holds its first request on)
         nc: Any = self._nc
         if not nc._pending_data_size or nc._status != _CONNECTED:
             return  # written already, or kept by nats-py to resend after a reconnect
