@@ -206,6 +206,35 @@ async def first_contact(client: tunnel.TunnelClient) -> None:
         await resp.read()
 
 
+async def burst_after_first_contact(
+    server_conn: Conn,
+    caller: Conn,
+    tap: Tap,
+    handler: tunnel.Handler = echo_path,
+    *,
+    server_options: dict[str, Any] | None = None,
+    forget_first_contact: bool = False,
+    **client_options: Any,
+) -> tuple[list[Outcome], tunnel.TunnelServer, tunnel.TunnelClient]:
+    """Serve the host (with ``server_options`` replaced, to play an older server), make the
+    first contact, then a burst of ``BURST`` GETs of ``/item/<i>``; the tap has caught up with
+    both connections when it returns (``forget_first_contact``: it keeps only the burst)."""
+    server = await tunnel.serve(server_conn.nc, HOST, handler)
+    if server_options:
+        server.dispatch.options = dataclasses.replace(server.dispatch.options, **server_options)
+    try:
+        client = tunnel.TunnelClient(caller.nc, **client_options)
+        await first_contact(client)
+        if forget_first_contact:
+            await tap.caught_up(caller.nc, server_conn.nc)
+            tap.clear()
+        outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
+        await tap.caught_up(caller.nc, server_conn.nc)
+    finally:
+        await server.close(timeout=1.0)
+    return outcomes, server, client
+
+
 def start_batch_sizes(payloads: list[bytes]) -> list[int]:
     """How many starts each message on the request subject carried."""
     return [len(start_batch.decode(p)) if start_batch.is_start_batch(p) else 1 for p in payloads]
@@ -242,16 +271,9 @@ async def test_a_burst_after_first_contact_goes_in_start_batches_and_comes_back_
     nats_server: NatsServer,
 ) -> None:
     async with peers(nats_server.url) as (server_conn, caller), tapped(nats_server.url) as tap:
-        server = await tunnel.serve(server_conn.nc, HOST, echo_path)
-        try:
-            client = tunnel.TunnelClient(caller.nc)
-            await first_contact(client)
-            await tap.caught_up(caller.nc, server_conn.nc)
-            tap.clear()
-            outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
-            await tap.caught_up(caller.nc, server_conn.nc)
-        finally:
-            await server.close(timeout=1.0)
+        outcomes, server, client = await burst_after_first_contact(
+            server_conn, caller, tap, forget_first_contact=True
+        )
         assert server_conn.trouble == [] and caller.trouble == []
     assert outcomes == [(200, f"path /item/{i}".encode()) for i in range(BURST)]
     starts = tap.on_request_subject()
@@ -441,15 +463,7 @@ async def test_an_older_server_gets_no_batches_and_sends_none(
     nats_server: NatsServer, older: dict[str, Any]
 ) -> None:
     async with peers(nats_server.url) as (server_conn, caller), tapped(nats_server.url) as tap:
-        server = await tunnel.serve(server_conn.nc, HOST, echo_path)
-        server.dispatch.options = dataclasses.replace(server.dispatch.options, **older)
-        try:
-            client = tunnel.TunnelClient(caller.nc)
-            await first_contact(client)
-            outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
-            await tap.caught_up(caller.nc, server_conn.nc)
-        finally:
-            await server.close(timeout=1.0)
+        outcomes, server, _ = await burst_after_first_contact(server_conn, caller, tap, server_options=older)
     assert outcomes == [(200, f"path /item/{i}".encode()) for i in range(BURST)]
     kinds = tap.kinds()
     assert START_BATCH not in kinds and REPLY_BATCH not in kinds, kinds
@@ -462,14 +476,7 @@ async def test_an_older_server_gets_no_batches_and_sends_none(
 
 async def test_a_plain_v1_caller_gets_no_reply_batches(nats_server: NatsServer) -> None:
     async with peers(nats_server.url) as (server_conn, caller), tapped(nats_server.url) as tap:
-        server = await tunnel.serve(server_conn.nc, HOST, echo_path)
-        try:
-            client = tunnel.TunnelClient(caller.nc, fast_path=False)
-            await first_contact(client)
-            outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
-            await tap.caught_up(caller.nc, server_conn.nc)
-        finally:
-            await server.close(timeout=1.0)
+        outcomes, server, _ = await burst_after_first_contact(server_conn, caller, tap, fast_path=False)
     assert outcomes == [(200, f"path /item/{i}".encode()) for i in range(BURST)]
     kinds = tap.kinds()
     assert REPLY_BATCH not in kinds and START_BATCH not in kinds, kinds
@@ -676,15 +683,8 @@ async def test_reply_batches_stay_under_the_callers_max_frame(nats_server: NatsS
         return tunnel.Response(200, [("x-pad", "p" * 1500)], req.url.encode())
 
     async with peers(nats_server.url) as (server_conn, caller), tapped(nats_server.url) as tap:
-        server = await tunnel.serve(server_conn.nc, HOST, padded)
-        try:
-            caller.nc._max_payload = max_frame  # what a caller on a NATS node with a smaller limit has
-            client = tunnel.TunnelClient(caller.nc)
-            await first_contact(client)
-            outcomes = await burst(client, [f"/item/{i}" for i in range(BURST)])
-            await tap.caught_up(caller.nc, server_conn.nc)
-        finally:
-            await server.close(timeout=1.0)
+        caller.nc._max_payload = max_frame  # what a caller on a NATS node with a smaller limit has
+        outcomes, _, _ = await burst_after_first_contact(server_conn, caller, tap, padded)
     assert outcomes == [(200, f"/item/{i}".encode()) for i in range(BURST)]
     replies = [data for _, data in tap.replies()]
     assert any(data.startswith(REPLY_BATCH) for data in replies)  # still batched, only smaller
